@@ -1,0 +1,217 @@
+//! Request and response bodies of the control API (HTTP/1.1 + JSON over TLS, ALPN
+//! `jaunt-control`). Keys travel as public keys only: clients send public keys and receive
+//! certificates, so private keys never leave the machine that made them.
+//!
+//! Paths (all under `/v1`): `GET /ping`, `POST /login`, `POST /join` need no client certificate;
+//! everything else needs one issued by the cluster (an `editor` user, the local admin identity,
+//! or a host for the host endpoints).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+
+/// ALPN protocol id of the control API, on the control port and through the engine.
+pub const ALPN_CONTROL: &str = "jaunt-control";
+
+/// `GET /v1/ping`: who this cluster is, and how to pin its CA.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PingResponse {
+    pub cluster_name: String,
+    pub version: String,
+    pub public_addr: String,
+    /// `sha256:<hex>` of the host CA's SubjectPublicKeyInfo.
+    pub host_ca_pin: String,
+    /// `otp` or `off`.
+    pub second_factor: String,
+}
+
+/// `POST /v1/login`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub user: String,
+    pub password: String,
+    #[serde(default)]
+    pub otp: Option<String>,
+    /// PEM SubjectPublicKeyInfo of the key the X.509 certificate is for.
+    pub tls_public_key: String,
+    /// OpenSSH public key line the SSH certificate is for.
+    pub ssh_public_key: String,
+    /// Requested lifetime; capped by the cluster default and the roles' `max_session_ttl`.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Certificates and trust anchors handed to a user or host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Certs {
+    pub identity: Identity,
+    /// PEM X.509 certificate.
+    pub tls_cert: String,
+    /// OpenSSH certificate line.
+    pub ssh_cert: String,
+    /// PEM of the host CA (servers users talk to present certificates from it).
+    pub host_ca_tls: String,
+    /// PEM of the user CA (what agents trust for user certificates).
+    pub user_ca_tls: String,
+    /// OpenSSH public key line of the host CA (for known_hosts `@cert-authority`).
+    pub host_ca_ssh: String,
+    /// OpenSSH public key line of the user CA (for sshd `TrustedUserCAKeys`).
+    pub user_ca_ssh: String,
+}
+
+/// `POST /v1/join`: a host proves a join token and receives host certificates.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    /// Requested host name; the host id is derived from it and returned.
+    pub host_name: String,
+    pub tls_public_key: String,
+    pub ssh_public_key: String,
+}
+
+/// `POST /v1/hosts/renew` (host mTLS): fresh host certificates for new public keys.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenewRequest {
+    pub tls_public_key: String,
+    pub ssh_public_key: String,
+}
+
+/// `POST /v1/users`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserAddRequest {
+    pub name: String,
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub logins: Vec<String>,
+    #[serde(default)]
+    pub db_users: Vec<String>,
+    #[serde(default)]
+    pub db_names: Vec<String>,
+    /// None: the server generates one and returns it.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// Answer to adding or resetting a user: what the person needs to log in.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserCredentials {
+    pub name: String,
+    /// Present when the server generated it.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Base32 TOTP secret and `otpauth://` URL, when the cluster requires a second factor.
+    #[serde(default)]
+    pub otp_secret: Option<String>,
+    #[serde(default)]
+    pub otp_url: Option<String>,
+}
+
+/// `POST /v1/users/NAME/reset`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UserResetRequest {
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// A user as listed (no secrets).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub traits: BTreeMap<String, Vec<String>>,
+    pub created: u64,
+    pub otp_enrolled: bool,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenAddRequest {
+    pub types: Vec<String>,
+    pub ttl_secs: u64,
+    #[serde(default)]
+    pub single_use: bool,
+    /// Chosen by the caller (`jaunt create -f token.yaml` with a name); generated if None.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// A join token as listed: the secret itself is stored hashed and never shown again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// First 16 hex digits of the token's SHA-256: enough to name it in `jaunt tokens rm`.
+    pub id: String,
+    pub types: Vec<String>,
+    pub expires: u64,
+    pub single_use: bool,
+    pub created: u64,
+}
+
+/// Answer to `POST /v1/tokens`: the only time the token is shown.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenAddResponse {
+    pub token: String,
+    pub info: TokenInfo,
+    /// Where agents should dial, and the pin they should check.
+    pub proxy_addr: String,
+    pub ca_pin: String,
+}
+
+/// A joined host as listed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub id: String,
+    pub name: String,
+    pub types: Vec<String>,
+    pub joined: u64,
+    pub last_seen: u64,
+    pub connected: bool,
+}
+
+/// `GET /v1/ca/TYPE`: a CA's public half in a ready-to-paste format.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaExport {
+    pub r#type: String,
+    pub text: String,
+}
+
+/// `POST /v1/ca/sign-host`: an OpenSSH host certificate for a key made on the caller's side.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignHostRequest {
+    pub host: String,
+    pub ssh_public_key: String,
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Answer to `POST /v1/ca/sign-host`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignHostResponse {
+    pub ssh_cert: String,
+}
+
+/// One CA's fingerprints, for `jaunt status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaInfo {
+    pub r#type: String,
+    pub fingerprint: String,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub cluster_name: String,
+    pub version: String,
+    pub public_addr: String,
+    /// `sha256:<hex>` of the host CA's SubjectPublicKeyInfo: what `--ca-pin` takes.
+    pub ca_pin: String,
+    pub cas: Vec<CaInfo>,
+    pub hosts: Vec<HostInfo>,
+}
+
+/// The body of every non-2xx answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

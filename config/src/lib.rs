@@ -1,0 +1,18 @@
+//! Jaunt's shared contract: what every process agrees on.
+//!
+//! - [`file`]: the `jaunt.yaml` schema (serde-facing `File*` types) and its validated form.
+//! - [`resource`]: dynamic resources in Teleport-like YAML (`kind`, `version`, `metadata`, `spec`).
+//! - [`yaml`]: YAML loading with errors that name the file, line, column and key path.
+//! - [`identity`]: the [`identity::Identity`] carried in certificates, and its X.509 and OpenSSH
+//!   encodings (one decoding function for engine and agent alike).
+//! - [`api`]: request and response bodies of the control API.
+//! - [`duration`]: human durations (`30m`, `12h`, `1h30m`).
+//!
+//! No I/O beyond reading a file, no runtime.
+
+pub mod api;
+pub mod duration;
+pub mod file;
+pub mod identity;
+pub mod resource;
+pub mod yaml;

@@ -1,0 +1,24 @@
+//! Jaunt's control plane: the slow path, and the `jaunt` binary's library.
+//!
+//! - [`store`]: SQLite (WAL, migrations) — users, roles, tokens, locks, CAs, hosts, audit.
+//! - [`ca`]: the user, host and database certificate authorities (X.509 + SSH).
+//! - [`auth`]: password hashing, TOTP, the failed-login limiter.
+//! - [`rbac`]: what a role grants at login and for admin verbs.
+//! - [`audit`]: audit events with stable codes.
+//! - [`service`]: the control API's handlers.
+//! - [`http`] / [`client`]: the API's transport (HTTP/1.1 + JSON over TLS, plain threads).
+//! - [`daemon`]: `jaunt start`.
+//! - [`profile`]: the user's `$JAUNT_HOME` (keys and certificates after `jaunt login`).
+//! - [`cli`]: the `jaunt` command line.
+
+pub mod audit;
+pub mod auth;
+pub mod ca;
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod http;
+pub mod profile;
+pub mod rbac;
+pub mod service;
+pub mod store;

@@ -1,0 +1,1135 @@
+//! The control API's handlers: one [`Control`] value holds the store, the CAs and the login
+//! limiter, and [`Control::handle`] maps a request to a response. Transport (TLS, HTTP parsing,
+//! the thread pool) is `http.rs`'s; storage is `store.rs`'s; signing is `ca.rs`'s.
+//!
+//! Authentication: `GET /v1/ping`, `POST /v1/login` and `POST /v1/join` are open; every other path
+//! needs a client certificate from the cluster's user or host CA (the TLS layer verified the
+//! chain; here the identity is decoded and checked against the role rules).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jaunt_config::api::*;
+use jaunt_config::identity::{unix_now, Identity, IdentityKind};
+use jaunt_config::resource::{Lock, LockTarget, Resource, Role, User};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Serialize;
+
+use crate::audit::{self, Audit};
+use crate::auth::{self, RateLimiter};
+use crate::ca::{self, Authorities, CaKind, CertAuthority};
+use crate::http::{Request, Response};
+use crate::rbac;
+use crate::store::{
+    AuditQuery, Store, StoredHost, StoredLock, StoredToken, StoredUser, TokenCheck,
+};
+
+/// Default lifetime of a user's certificates.
+pub const DEFAULT_USER_TTL_SECS: u64 = 12 * 3600;
+/// Default lifetime of a host's certificates: long, and renewed by the host well before expiry.
+pub const DEFAULT_HOST_TTL_SECS: u64 = 30 * 24 * 3600;
+/// Default lifetime of a join token.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 30 * 60;
+/// Longest join token lifetime accepted.
+pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+/// Name of the local administrator identity written to the data directory.
+pub const LOCAL_ADMIN: &str = "admin";
+/// Token types a join token may carry.
+pub const TOKEN_TYPES: &[&str] = &["node", "app", "db", "engine"];
+
+/// Settings the control service runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub cluster: String,
+    pub public_addr: String,
+    pub second_factor: bool,
+    pub user_ttl_secs: u64,
+    pub host_ttl_secs: u64,
+}
+
+/// The control plane's state and request handlers.
+pub struct Control {
+    pub settings: Settings,
+    pub store: Arc<Store>,
+    pub cas: Authorities,
+    pub audit: Audit,
+    limiter: RateLimiter,
+}
+
+/// A handler outcome: a response to send, built from `?`-propagated errors.
+type Reply = Result<Response, Response>;
+
+impl Control {
+    /// Loads or creates the CAs and the built-in roles, and returns a ready service.
+    pub fn bootstrap(store: Arc<Store>, settings: Settings) -> anyhow::Result<Control> {
+        let now = unix_now();
+        let load = |kind: CaKind| -> anyhow::Result<Arc<CertAuthority>> {
+            let stored = match store.get_ca(kind.name())? {
+                Some(s) => s,
+                None => {
+                    let fresh = CertAuthority::generate(kind, &settings.cluster, now)?;
+                    store.insert_ca_if_absent(&fresh.to_stored()?, now)?
+                }
+            };
+            Ok(Arc::new(CertAuthority::from_stored(kind, &stored)?))
+        };
+        let cas = Authorities {
+            user: load(CaKind::User)?,
+            host: load(CaKind::Host)?,
+            db: load(CaKind::Db)?,
+        };
+        for role in [Role::builtin_access(), Role::builtin_editor()] {
+            store.insert_role_if_absent(
+                &role.metadata.name,
+                &serde_json::to_string(&role)?,
+                now,
+            )?;
+        }
+        let audit = Audit::new(store.clone());
+        Ok(Control {
+            settings,
+            store,
+            cas,
+            audit,
+            limiter: RateLimiter::new(
+                RateLimiter::DEFAULT_MAX_FAILURES,
+                RateLimiter::DEFAULT_WINDOW_SECS,
+            ),
+        })
+    }
+
+    /// Routes one request.
+    pub fn handle(&self, req: &Request) -> Response {
+        let segments: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+        let result = match (req.method.as_str(), segments.as_slice()) {
+            ("GET", ["v1", "ping"]) => self.ping(),
+            ("POST", ["v1", "login"]) => self.login(req),
+            ("POST", ["v1", "join"]) => self.join(req),
+            _ => match self.caller(req) {
+                Ok(caller) => self.authenticated(req, &caller, &segments),
+                Err(r) => Err(r),
+            },
+        };
+        result.unwrap_or_else(|r| r)
+    }
+
+    fn authenticated(&self, req: &Request, caller: &Identity, seg: &[&str]) -> Reply {
+        match (req.method.as_str(), seg) {
+            ("GET", ["v1", "status"]) => self.status(caller),
+            ("GET", ["v1", "whoami"]) => Ok(Response::json(200, caller)),
+            ("POST", ["v1", "hosts", "renew"]) => self.renew(req, caller),
+            ("GET", ["v1", "hosts"]) => self.list_hosts(caller),
+            ("GET", ["v1", "users"]) => self.list_users(caller),
+            ("POST", ["v1", "users"]) => self.add_user(req, caller),
+            ("DELETE", ["v1", "users", name]) => self.delete_user(caller, name),
+            ("POST", ["v1", "users", name, "reset"]) => self.reset_user(req, caller, name),
+            ("GET", ["v1", "tokens"]) => self.list_tokens(caller),
+            ("POST", ["v1", "tokens"]) => self.add_token(req, caller),
+            ("DELETE", ["v1", "tokens", id]) => self.delete_token(caller, id),
+            ("GET", ["v1", "roles"]) => self.list_roles(caller),
+            ("DELETE", ["v1", "roles", name]) => self.delete_role(caller, name),
+            ("GET", ["v1", "locks"]) => self.list_locks(caller),
+            ("DELETE", ["v1", "locks", id]) => self.delete_lock(caller, id),
+            ("POST", ["v1", "resources"]) => self.create_resource(req, caller),
+            ("GET", ["v1", "ca", ty]) => self.export_ca(caller, ty),
+            ("POST", ["v1", "ca", "sign-host"]) => self.sign_host(req, caller),
+            ("GET", ["v1", "audit"]) => self.audit_search(req, caller),
+            _ => Err(Response::error(
+                404,
+                &format!("no such endpoint: {} {}", req.method, req.path),
+            )),
+        }
+    }
+
+    // ---- open endpoints ----
+
+    fn ping(&self) -> Reply {
+        Ok(Response::json(
+            200,
+            &PingResponse {
+                cluster_name: self.settings.cluster.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                public_addr: self.settings.public_addr.clone(),
+                host_ca_pin: self.cas.host.pin().to_string(),
+                second_factor: if self.settings.second_factor {
+                    "otp"
+                } else {
+                    "off"
+                }
+                .to_string(),
+            },
+        ))
+    }
+
+    fn login(&self, req: &Request) -> Reply {
+        let body: LoginRequest = req.json()?;
+        let now = unix_now();
+        let addr = req.peer.ip().to_string();
+        let user_key = format!("user:{}", body.user);
+        let addr_key = format!("addr:{addr}");
+        for key in [&user_key, &addr_key] {
+            if let Some(wait) = self.limiter.blocked(key, now) {
+                self.audit.emit(
+                    audit::LOGIN_FAILED,
+                    Some(&body.user),
+                    &serde_json::json!({
+                        "user": body.user, "addr": addr, "reason": "rate limited",
+                    }),
+                );
+                return Err(Response::error(
+                    429,
+                    &format!("too many failed logins; try again in {wait} s"),
+                ));
+            }
+        }
+        let stored = self.store.get_user(&body.user).map_err(internal)?;
+        let hash = stored
+            .as_ref()
+            .map_or(auth::dummy_hash(), |u| u.password_hash.as_str());
+        let password_ok = auth::verify_password(&body.password, hash) && stored.is_some();
+        let fail = |reason: &str, message: &str| {
+            self.limiter.fail(&user_key, now);
+            self.limiter.fail(&addr_key, now);
+            self.audit.emit(
+                audit::LOGIN_FAILED,
+                Some(&body.user),
+                &serde_json::json!({
+                    "user": body.user, "addr": addr, "reason": reason,
+                }),
+            );
+            Response::error(401, message)
+        };
+        let Some(stored) = stored.filter(|_| password_ok) else {
+            return Err(fail("bad password", "invalid user name or password"));
+        };
+        if self.settings.second_factor {
+            let Some(secret) = stored.otp_secret.as_deref() else {
+                return Err(fail("no second factor enrolled", "this user has no second factor enrolled; ask an admin to run `jaunt users reset`"));
+            };
+            match body.otp.as_deref() {
+                None | Some("") => {
+                    return Err(Response::error(
+                        401,
+                        "this cluster requires a one-time code: pass --otp CODE",
+                    ));
+                }
+                Some(code) if !auth::verify_otp(secret, code, now) => {
+                    return Err(fail("bad one-time code", "invalid one-time code"));
+                }
+                Some(_) => {}
+            }
+        }
+        let user = user_from_stored(&stored).map_err(internal)?;
+        let roles = self.roles_of(&user.spec.roles)?;
+        if let Some(lock) = self.matching_lock(&user.metadata.name, &user.spec.roles, now)? {
+            self.audit.emit(
+                audit::LOGIN_FAILED,
+                Some(&body.user),
+                &serde_json::json!({
+                    "user": body.user, "addr": addr, "reason": "locked", "lock": lock.0,
+                }),
+            );
+            return Err(Response::error(
+                403,
+                &format!("user {} is locked: {}", body.user, lock.1),
+            ));
+        }
+        self.limiter.clear(&user_key);
+        self.limiter.clear(&addr_key);
+        let ttl = rbac::cap_ttl(
+            &roles,
+            body.ttl_secs
+                .unwrap_or(self.settings.user_ttl_secs)
+                .min(self.settings.user_ttl_secs),
+        );
+        let identity = rbac::user_identity(&user, &roles, &self.settings.cluster, now, ttl);
+        let certs = self.issue(&identity, &body.tls_public_key, &body.ssh_public_key, &[])?;
+        self.audit.emit(audit::LOGIN_OK, Some(&body.user), &serde_json::json!({
+            "user": body.user, "addr": addr, "roles": identity.roles, "expires": identity.expires,
+        }));
+        Ok(Response::json(200, &certs))
+    }
+
+    fn join(&self, req: &Request) -> Reply {
+        let body: JoinRequest = req.json()?;
+        let now = unix_now();
+        let addr = req.peer.ip().to_string();
+        let addr_key = format!("addr:{addr}");
+        if let Some(wait) = self.limiter.blocked(&addr_key, now) {
+            return Err(Response::error(
+                429,
+                &format!("too many failed joins; try again in {wait} s"),
+            ));
+        }
+        valid_name("host name", &body.host_name)?;
+        let token = match self
+            .store
+            .redeem_token(&token_hash(&body.token), now)
+            .map_err(internal)?
+        {
+            TokenCheck::Valid(t) => t,
+            TokenCheck::Expired => {
+                self.limiter.fail(&addr_key, now);
+                return Err(Response::error(
+                    401,
+                    "join token expired; create a new one with `jaunt tokens add`",
+                ));
+            }
+            TokenCheck::Unknown => {
+                self.limiter.fail(&addr_key, now);
+                return Err(Response::error(
+                    401,
+                    "join token is not valid (unknown, removed or already used)",
+                ));
+            }
+        };
+        let id = random_hex(16).map_err(internal)?;
+        let identity = Identity {
+            kind: IdentityKind::Host,
+            name: id.clone(),
+            roles: token.types.clone(),
+            logins: vec![body.host_name.clone(), id.clone()],
+            db_users: vec![],
+            db_names: vec![],
+            traits: BTreeMap::new(),
+            cluster: self.settings.cluster.clone(),
+            not_before: now.saturating_sub(60),
+            expires: now + self.settings.host_ttl_secs,
+            permit_pty: false,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+        };
+        let certs = self.issue(
+            &identity,
+            &body.tls_public_key,
+            &body.ssh_public_key,
+            &[id.clone(), body.host_name.clone()],
+        )?;
+        self.store
+            .upsert_host(&StoredHost {
+                id: id.clone(),
+                name: body.host_name.clone(),
+                types: token.types.clone(),
+                joined: now,
+                last_seen: now,
+            })
+            .map_err(internal)?;
+        self.audit.emit(
+            audit::HOST_JOINED,
+            None,
+            &serde_json::json!({
+                "host_id": id, "host_name": body.host_name, "types": token.types, "addr": addr,
+            }),
+        );
+        Ok(Response::json(200, &certs))
+    }
+
+    // ---- authenticated endpoints ----
+
+    fn renew(&self, req: &Request, caller: &Identity) -> Reply {
+        if caller.kind != IdentityKind::Host {
+            return Err(Response::error(403, "only hosts renew host certificates"));
+        }
+        let body: RenewRequest = req.json()?;
+        let now = unix_now();
+        let identity = Identity {
+            not_before: now.saturating_sub(60),
+            expires: now + self.settings.host_ttl_secs,
+            ..caller.clone()
+        };
+        let certs = self.issue(
+            &identity,
+            &body.tls_public_key,
+            &body.ssh_public_key,
+            &identity.logins,
+        )?;
+        if let Some(mut host) = self.store.get_host(&caller.name).map_err(internal)? {
+            host.last_seen = now;
+            self.store.upsert_host(&host).map_err(internal)?;
+        }
+        Ok(Response::json(200, &certs))
+    }
+
+    fn status(&self, caller: &Identity) -> Reply {
+        self.require(caller, "node", "list")?;
+        let cas = CaKind::ALL
+            .iter()
+            .flat_map(|&k| {
+                let ca = self.cas.get(k);
+                [
+                    CaInfo {
+                        r#type: format!("{}-tls", k.name()),
+                        fingerprint: ca.pin().to_string(),
+                    },
+                    CaInfo {
+                        r#type: format!("{}-ssh", k.name()),
+                        fingerprint: ca.ssh_fingerprint(),
+                    },
+                ]
+            })
+            .collect();
+        Ok(Response::json(
+            200,
+            &StatusResponse {
+                cluster_name: self.settings.cluster.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                public_addr: self.settings.public_addr.clone(),
+                ca_pin: self.cas.host.pin().to_string(),
+                cas,
+                hosts: self.hosts()?,
+            },
+        ))
+    }
+
+    fn hosts(&self) -> Result<Vec<HostInfo>, Response> {
+        Ok(self
+            .store
+            .list_hosts()
+            .map_err(internal)?
+            .into_iter()
+            .map(|h| HostInfo {
+                id: h.id,
+                name: h.name,
+                types: h.types,
+                joined: h.joined,
+                last_seen: h.last_seen,
+                connected: false,
+            })
+            .collect())
+    }
+
+    fn list_hosts(&self, caller: &Identity) -> Reply {
+        self.require(caller, "node", "list")?;
+        Ok(Response::json(200, &self.hosts()?))
+    }
+
+    fn list_users(&self, caller: &Identity) -> Reply {
+        self.require(caller, "user", "list")?;
+        let users: Vec<UserInfo> = self
+            .store
+            .list_users()
+            .map_err(internal)?
+            .iter()
+            .filter_map(|s| {
+                let u = user_from_stored(s).ok()?;
+                Some(UserInfo {
+                    name: s.name.clone(),
+                    roles: u.spec.roles.clone(),
+                    traits: u.spec.traits.clone(),
+                    created: s.created,
+                    otp_enrolled: s.otp_secret.is_some(),
+                })
+            })
+            .collect();
+        Ok(Response::json(200, &users))
+    }
+
+    fn add_user(&self, req: &Request, caller: &Identity) -> Reply {
+        self.require(caller, "user", "create")?;
+        let body: UserAddRequest = req.json()?;
+        let mut traits = BTreeMap::new();
+        for (k, v) in [
+            ("logins", &body.logins),
+            ("db_users", &body.db_users),
+            ("db_names", &body.db_names),
+        ] {
+            if !v.is_empty() {
+                traits.insert(k.to_string(), v.clone());
+            }
+        }
+        let user = User::new(&body.name, body.roles.clone(), traits);
+        let creds = self.insert_user(caller, &user, body.password)?;
+        Ok(Response::json(200, &creds))
+    }
+
+    /// Creates `user` with `password` (or a generated one); answers with what the person needs.
+    fn insert_user(
+        &self,
+        caller: &Identity,
+        user: &User,
+        password: Option<String>,
+    ) -> Result<UserCredentials, Response> {
+        valid_name("user name", &user.metadata.name)?;
+        if user.spec.roles.is_empty() {
+            return Err(Response::error(
+                400,
+                "a user needs at least one role (--roles)",
+            ));
+        }
+        self.roles_of(&user.spec.roles)?;
+        let generated = password.is_none();
+        let password = match password {
+            Some(p) => p,
+            None => auth::random_password().map_err(internal)?,
+        };
+        let hash =
+            auth::hash_password(&password).map_err(|e| Response::error(400, &e.to_string()))?;
+        let otp_secret = if self.settings.second_factor {
+            Some(auth::new_otp_secret().map_err(internal)?)
+        } else {
+            None
+        };
+        let stored = StoredUser {
+            name: user.metadata.name.clone(),
+            spec: serde_json::to_string(user).map_err(internal)?,
+            password_hash: hash,
+            otp_secret: otp_secret.clone(),
+            created: unix_now(),
+        };
+        if !self.store.insert_user(&stored).map_err(internal)? {
+            return Err(Response::error(
+                409,
+                &format!("user {} already exists", user.metadata.name),
+            ));
+        }
+        self.audit.emit(
+            audit::USER_CREATED,
+            Some(&caller.name),
+            &serde_json::json!({
+                "user": caller.name, "name": user.metadata.name, "roles": user.spec.roles,
+            }),
+        );
+        self.credentials(
+            &user.metadata.name,
+            generated.then_some(password),
+            otp_secret,
+        )
+    }
+
+    fn credentials(
+        &self,
+        name: &str,
+        password: Option<String>,
+        otp_secret: Option<String>,
+    ) -> Result<UserCredentials, Response> {
+        let otp_url = match &otp_secret {
+            Some(s) => Some(
+                auth::otp_url(s, &format!("{name}@{}", self.settings.cluster)).map_err(internal)?,
+            ),
+            None => None,
+        };
+        Ok(UserCredentials {
+            name: name.to_string(),
+            password,
+            otp_secret,
+            otp_url,
+        })
+    }
+
+    fn delete_user(&self, caller: &Identity, name: &str) -> Reply {
+        self.require(caller, "user", "delete")?;
+        if !self.store.delete_user(name).map_err(internal)? {
+            return Err(Response::error(404, &format!("no such user: {name}")));
+        }
+        self.audit.emit(
+            audit::USER_DELETED,
+            Some(&caller.name),
+            &serde_json::json!({"user": caller.name, "name": name}),
+        );
+        Ok(Response::json(200, &serde_json::json!({"deleted": name})))
+    }
+
+    fn reset_user(&self, req: &Request, caller: &Identity, name: &str) -> Reply {
+        self.require(caller, "user", "update")?;
+        let body: UserResetRequest = if req.body.is_empty() {
+            UserResetRequest::default()
+        } else {
+            req.json()?
+        };
+        let generated = body.password.is_none();
+        let password = match body.password {
+            Some(p) => p,
+            None => auth::random_password().map_err(internal)?,
+        };
+        let hash =
+            auth::hash_password(&password).map_err(|e| Response::error(400, &e.to_string()))?;
+        let otp_secret = if self.settings.second_factor {
+            Some(auth::new_otp_secret().map_err(internal)?)
+        } else {
+            None
+        };
+        if !self
+            .store
+            .set_user_credentials(name, &hash, otp_secret.as_deref())
+            .map_err(internal)?
+        {
+            return Err(Response::error(404, &format!("no such user: {name}")));
+        }
+        self.audit.emit(
+            audit::USER_UPDATED,
+            Some(&caller.name),
+            &serde_json::json!({
+                "user": caller.name, "name": name, "change": "credentials reset",
+            }),
+        );
+        Ok(Response::json(
+            200,
+            &self.credentials(name, generated.then_some(password), otp_secret)?,
+        ))
+    }
+
+    fn list_tokens(&self, caller: &Identity) -> Reply {
+        self.require(caller, "token", "list")?;
+        let now = unix_now();
+        self.store.prune_tokens(now).map_err(internal)?;
+        let tokens: Vec<TokenInfo> = self
+            .store
+            .list_tokens()
+            .map_err(internal)?
+            .iter()
+            .map(token_info)
+            .collect();
+        Ok(Response::json(200, &tokens))
+    }
+
+    fn add_token(&self, req: &Request, caller: &Identity) -> Reply {
+        self.require(caller, "token", "create")?;
+        let body: TokenAddRequest = req.json()?;
+        Ok(Response::json(200, &self.insert_token(caller, body)?))
+    }
+
+    fn insert_token(
+        &self,
+        caller: &Identity,
+        body: TokenAddRequest,
+    ) -> Result<TokenAddResponse, Response> {
+        if body.types.is_empty() {
+            return Err(Response::error(
+                400,
+                "a token needs at least one type (--type node,app,db)",
+            ));
+        }
+        for t in &body.types {
+            if !TOKEN_TYPES.contains(&t.as_str()) {
+                return Err(Response::error(
+                    400,
+                    &format!(
+                        "unknown token type {t:?}: expected one of {}",
+                        TOKEN_TYPES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if body.ttl_secs == 0 || body.ttl_secs > MAX_TOKEN_TTL_SECS {
+            return Err(Response::error(
+                400,
+                &format!(
+                    "token ttl must be between 1s and {}h",
+                    MAX_TOKEN_TTL_SECS / 3600
+                ),
+            ));
+        }
+        let token = match body.token {
+            Some(t) if t.len() >= 16 => t,
+            Some(_) => {
+                return Err(Response::error(
+                    400,
+                    "a chosen token must be at least 16 characters",
+                ))
+            }
+            None => random_hex(16).map_err(internal)?,
+        };
+        let now = unix_now();
+        let stored = StoredToken {
+            hash: token_hash(&token),
+            types: body.types.clone(),
+            expires: now + body.ttl_secs,
+            single_use: body.single_use,
+            created: now,
+        };
+        if !self.store.insert_token(&stored).map_err(internal)? {
+            return Err(Response::error(409, "that token already exists"));
+        }
+        self.audit.emit(audit::TOKEN_CREATED, Some(&caller.name), &serde_json::json!({
+            "user": caller.name, "id": token_info(&stored).id, "types": body.types, "expires": stored.expires,
+        }));
+        Ok(TokenAddResponse {
+            token,
+            info: token_info(&stored),
+            proxy_addr: self.settings.public_addr.clone(),
+            ca_pin: self.cas.host.pin().to_string(),
+        })
+    }
+
+    fn delete_token(&self, caller: &Identity, id: &str) -> Reply {
+        self.require(caller, "token", "delete")?;
+        // Accept the listed id (a hash prefix) or the token itself.
+        let matching: Vec<StoredToken> = self.store.list_tokens().map_err(internal)?;
+        let by_secret = token_hash(id);
+        let targets: Vec<&StoredToken> = matching
+            .iter()
+            .filter(|t| t.hash == by_secret || (id.len() >= 8 && t.hash.starts_with(id)))
+            .collect();
+        match targets.as_slice() {
+            [] => Err(Response::error(404, &format!("no such token: {id}"))),
+            [one] => {
+                self.store
+                    .delete_tokens_by_prefix(&one.hash)
+                    .map_err(internal)?;
+                self.audit.emit(
+                    audit::TOKEN_DELETED,
+                    Some(&caller.name),
+                    &serde_json::json!({"user": caller.name, "id": token_info(one).id}),
+                );
+                Ok(Response::json(
+                    200,
+                    &serde_json::json!({"deleted": token_info(one).id}),
+                ))
+            }
+            _ => Err(Response::error(
+                409,
+                &format!("{id} matches several tokens; give more of the id"),
+            )),
+        }
+    }
+
+    fn list_roles(&self, caller: &Identity) -> Reply {
+        self.require(caller, "role", "list")?;
+        let roles: Vec<Role> = self
+            .store
+            .list_roles()
+            .map_err(internal)?
+            .iter()
+            .filter_map(|(_, spec)| serde_json::from_str(spec).ok())
+            .collect();
+        Ok(Response::json(200, &roles))
+    }
+
+    fn delete_role(&self, caller: &Identity, name: &str) -> Reply {
+        self.require(caller, "role", "delete")?;
+        let in_use: Vec<String> = self
+            .store
+            .list_users()
+            .map_err(internal)?
+            .iter()
+            .filter_map(|s| user_from_stored(s).ok())
+            .filter(|u| u.spec.roles.iter().any(|r| r == name))
+            .map(|u| u.metadata.name)
+            .collect();
+        if !in_use.is_empty() {
+            return Err(Response::error(
+                409,
+                &format!("role {name} is still assigned to: {}", in_use.join(", ")),
+            ));
+        }
+        if !self.store.delete_role(name).map_err(internal)? {
+            return Err(Response::error(404, &format!("no such role: {name}")));
+        }
+        self.audit.emit(
+            audit::ROLE_DELETED,
+            Some(&caller.name),
+            &serde_json::json!({"user": caller.name, "name": name}),
+        );
+        Ok(Response::json(200, &serde_json::json!({"deleted": name})))
+    }
+
+    fn list_locks(&self, caller: &Identity) -> Reply {
+        self.require(caller, "lock", "list")?;
+        let locks: Vec<Lock> = self
+            .store
+            .list_locks(unix_now())
+            .map_err(internal)?
+            .iter()
+            .filter_map(|l| serde_json::from_str(&l.spec).ok())
+            .collect();
+        Ok(Response::json(200, &locks))
+    }
+
+    fn delete_lock(&self, caller: &Identity, id: &str) -> Reply {
+        self.require(caller, "lock", "delete")?;
+        if !self.store.delete_lock(id).map_err(internal)? {
+            return Err(Response::error(404, &format!("no such lock: {id}")));
+        }
+        self.audit.emit(
+            audit::LOCK_DELETED,
+            Some(&caller.name),
+            &serde_json::json!({"user": caller.name, "id": id}),
+        );
+        Ok(Response::json(200, &serde_json::json!({"deleted": id})))
+    }
+
+    /// `jaunt create -f`: one resource (the CLI parsed the YAML and reported its errors with
+    /// lines; this re-validates, since the API is public).
+    fn create_resource(&self, req: &Request, caller: &Identity) -> Reply {
+        let resource: Resource = req.json()?;
+        let now = unix_now();
+        match resource {
+            Resource::Role(role) => {
+                self.require(caller, "role", "create")?;
+                valid_name("role name", &role.metadata.name)?;
+                let existed = self
+                    .store
+                    .get_role(&role.metadata.name)
+                    .map_err(internal)?
+                    .is_some();
+                self.store
+                    .put_role(
+                        &role.metadata.name,
+                        &serde_json::to_string(&role).map_err(internal)?,
+                        now,
+                    )
+                    .map_err(internal)?;
+                self.audit.emit(
+                    if existed {
+                        audit::ROLE_UPDATED
+                    } else {
+                        audit::ROLE_CREATED
+                    },
+                    Some(&caller.name),
+                    &serde_json::json!({
+                        "user": caller.name, "name": role.metadata.name,
+                    }),
+                );
+                Ok(Response::json(
+                    200,
+                    &serde_json::json!({"kind": "role", "name": role.metadata.name, "updated": existed}),
+                ))
+            }
+            Resource::User(user) => {
+                self.require(caller, "user", "create")?;
+                if self
+                    .store
+                    .get_user(&user.metadata.name)
+                    .map_err(internal)?
+                    .is_some()
+                {
+                    self.roles_of(&user.spec.roles)?;
+                    self.store
+                        .update_user_spec(
+                            &user.metadata.name,
+                            &serde_json::to_string(&user).map_err(internal)?,
+                        )
+                        .map_err(internal)?;
+                    self.audit.emit(audit::USER_UPDATED, Some(&caller.name), &serde_json::json!({
+                        "user": caller.name, "name": user.metadata.name, "roles": user.spec.roles,
+                    }));
+                    return Ok(Response::json(
+                        200,
+                        &serde_json::json!({"kind": "user", "name": user.metadata.name, "updated": true}),
+                    ));
+                }
+                let creds = self.insert_user(caller, &user, None)?;
+                Ok(Response::json(
+                    200,
+                    &serde_json::json!({"kind": "user", "name": user.metadata.name, "updated": false, "credentials": creds}),
+                ))
+            }
+            Resource::Token(token) => {
+                self.require(caller, "token", "create")?;
+                let resp = self.insert_token(
+                    caller,
+                    TokenAddRequest {
+                        types: token
+                            .spec
+                            .types
+                            .iter()
+                            .map(|t| format!("{t:?}").to_lowercase())
+                            .collect(),
+                        ttl_secs: token.spec.ttl.as_secs(),
+                        single_use: token.spec.single_use,
+                        token: Some(token.metadata.name.clone()).filter(|n| !n.is_empty()),
+                    },
+                )?;
+                Ok(Response::json(
+                    200,
+                    &serde_json::json!({"kind": "token", "token": resp.token, "info": resp.info}),
+                ))
+            }
+            Resource::Lock(lock) => {
+                self.require(caller, "lock", "create")?;
+                let id = if lock.metadata.name.is_empty() {
+                    random_hex(8).map_err(internal)?
+                } else {
+                    lock.metadata.name.clone()
+                };
+                let expires = lock.spec.ttl.as_ref().map(|t| now + t.as_secs());
+                let mut lock = lock;
+                lock.metadata.name = id.clone();
+                self.store
+                    .insert_lock(&StoredLock {
+                        id: id.clone(),
+                        spec: serde_json::to_string(&lock).map_err(internal)?,
+                        expires,
+                        created: now,
+                    })
+                    .map_err(internal)?;
+                self.audit.emit(
+                    audit::LOCK_CREATED,
+                    Some(&caller.name),
+                    &serde_json::json!({
+                        "user": caller.name, "id": id, "target": lock.spec.target,
+                    }),
+                );
+                Ok(Response::json(
+                    200,
+                    &serde_json::json!({"kind": "lock", "name": id}),
+                ))
+            }
+        }
+    }
+
+    fn export_ca(&self, caller: &Identity, ty: &str) -> Reply {
+        self.require(caller, "ca", "read")?;
+        let text = match ty {
+            "user-ssh" => format!("{}\n", self.cas.user.ssh_public_line()),
+            "host-ssh" => format!("@cert-authority * {}\n", self.cas.host.ssh_public_line()),
+            "user-tls" => self.cas.user.cert_pem().to_string(),
+            "host-tls" => self.cas.host.cert_pem().to_string(),
+            "db" | "db-tls" => self.cas.db.cert_pem().to_string(),
+            other => {
+                return Err(Response::error(400, &format!("unknown CA type {other:?}: expected user-ssh, host-ssh, user-tls, host-tls or db")));
+            }
+        };
+        Ok(Response::json(
+            200,
+            &CaExport {
+                r#type: ty.to_string(),
+                text,
+            },
+        ))
+    }
+
+    fn sign_host(&self, req: &Request, caller: &Identity) -> Reply {
+        self.require(caller, "ca", "create")?;
+        let body: SignHostRequest = req.json()?;
+        valid_name("host", &body.host)?;
+        let public = ssh_key::PublicKey::from_openssh(&body.ssh_public_key)
+            .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+        let now = unix_now();
+        let identity = Identity {
+            kind: IdentityKind::Host,
+            name: body.host.clone(),
+            roles: vec!["node".into()],
+            logins: vec![body.host.clone()],
+            db_users: vec![],
+            db_names: vec![],
+            traits: BTreeMap::new(),
+            cluster: self.settings.cluster.clone(),
+            not_before: now.saturating_sub(60),
+            expires: now
+                + body
+                    .ttl_secs
+                    .unwrap_or(self.settings.host_ttl_secs)
+                    .min(10 * 365 * 24 * 3600),
+            permit_pty: false,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+        };
+        let cert = self
+            .cas
+            .host
+            .sign_ssh(&identity, &public)
+            .map_err(internal)?;
+        self.audit.emit(audit::CERT_ISSUED, Some(&caller.name), &serde_json::json!({
+            "user": caller.name, "kind": "host-ssh", "host": body.host, "expires": identity.expires,
+        }));
+        Ok(Response::json(
+            200,
+            &SignHostResponse {
+                ssh_cert: cert.to_openssh().map_err(internal)?,
+            },
+        ))
+    }
+
+    fn audit_search(&self, req: &Request, caller: &Identity) -> Reply {
+        self.require(caller, "audit", "list")?;
+        let q = |k: &str| {
+            req.query
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let num = |k: &str| -> Result<Option<u64>, Response> {
+            q(k).map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| Response::error(400, &format!("{k} must be unix seconds")))
+            })
+            .transpose()
+        };
+        let query = AuditQuery {
+            since: num("since")?,
+            until: num("until")?,
+            r#type: q("type"),
+            user: q("user"),
+            limit: num("limit")?.unwrap_or(10_000).min(100_000) as usize,
+        };
+        let events: Vec<serde_json::Value> = self
+            .store
+            .audit_search(&query)
+            .map_err(internal)?
+            .into_iter()
+            .filter_map(|e| serde_json::from_str(&e.event).ok())
+            .collect();
+        Ok(Response::json(200, &events))
+    }
+
+    // ---- helpers ----
+
+    /// Signs X.509 and SSH certificates for `identity` over the caller's public keys.
+    fn issue(
+        &self,
+        identity: &Identity,
+        tls_public_pem: &str,
+        ssh_public: &str,
+        dns_names: &[String],
+    ) -> Result<Certs, Response> {
+        let spki = ca::spki_pem_to_der(tls_public_pem)
+            .map_err(|e| Response::error(400, &e.to_string()))?;
+        let ssh_public = ssh_key::PublicKey::from_openssh(ssh_public)
+            .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+        let ca = match identity.kind {
+            IdentityKind::User => &self.cas.user,
+            IdentityKind::Host => &self.cas.host,
+        };
+        let tls = ca
+            .sign_x509(identity, &spki, dns_names)
+            .map_err(|e| Response::error(400, &e.to_string()))?;
+        let ssh = ca.sign_ssh(identity, &ssh_public).map_err(internal)?;
+        self.audit.emit(audit::CERT_ISSUED, Some(&identity.name), &serde_json::json!({
+            "user": identity.name, "kind": identity.kind, "roles": identity.roles, "expires": identity.expires,
+        }));
+        Ok(Certs {
+            identity: identity.clone(),
+            tls_cert: ca::cert_pem(&tls),
+            ssh_cert: ssh.to_openssh().map_err(internal)?,
+            host_ca_tls: self.cas.host.cert_pem().to_string(),
+            user_ca_tls: self.cas.user.cert_pem().to_string(),
+            host_ca_ssh: self.cas.host.ssh_public_line(),
+            user_ca_ssh: self.cas.user.ssh_public_line(),
+        })
+    }
+
+    /// The caller's identity from its client certificate.
+    fn caller(&self, req: &Request) -> Result<Identity, Response> {
+        let Some(leaf) = req.peer_certs.first() else {
+            return Err(Response::error(401, "this endpoint needs a client certificate: run `jaunt login`, or pass --data-dir on the control host"));
+        };
+        let id = Identity::from_x509_der(leaf).map_err(|e| Response::error(401, &e.to_string()))?;
+        if id.cluster != self.settings.cluster {
+            return Err(Response::error(
+                401,
+                &format!(
+                    "certificate is for cluster {}, not {}",
+                    id.cluster, self.settings.cluster
+                ),
+            ));
+        }
+        id.check_valid_at(unix_now())
+            .map_err(|e| Response::error(401, &e.to_string()))?;
+        Ok(id)
+    }
+
+    /// Refuses unless one of the caller's roles allows `verb` on `resource` (and none denies it).
+    fn require(&self, caller: &Identity, resource: &str, verb: &str) -> Result<(), Response> {
+        if caller.kind == IdentityKind::Host {
+            return Err(Response::error(403, "hosts may not use admin endpoints"));
+        }
+        let roles = self.roles_of(&caller.roles)?;
+        if rbac::allows_rule(&roles, resource, verb) {
+            Ok(())
+        } else {
+            Err(Response::error(
+                403,
+                &format!(
+                    "access denied: none of your roles ({}) allows {verb} on {resource}",
+                    caller.roles.join(", ")
+                ),
+            ))
+        }
+    }
+
+    fn roles_of(&self, names: &[String]) -> Result<Vec<Role>, Response> {
+        names
+            .iter()
+            .map(|n| {
+                let spec = self
+                    .store
+                    .get_role(n)
+                    .map_err(internal)?
+                    .ok_or_else(|| Response::error(400, &format!("no such role: {n}")))?;
+                serde_json::from_str(&spec).map_err(internal)
+            })
+            .collect()
+    }
+
+    /// The first lock in force that targets this user or one of these roles, as (id, message).
+    fn matching_lock(
+        &self,
+        user: &str,
+        roles: &[String],
+        now: u64,
+    ) -> Result<Option<(String, String)>, Response> {
+        for l in self.store.list_locks(now).map_err(internal)? {
+            let Ok(lock) = serde_json::from_str::<Lock>(&l.spec) else {
+                continue;
+            };
+            let hit = match &lock.spec.target {
+                LockTarget::User(u) => u == user,
+                LockTarget::Role(r) => roles.contains(r),
+                LockTarget::Node(_) | LockTarget::Login(_) => false,
+            };
+            if hit {
+                let message = lock
+                    .spec
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "locked by an administrator".into());
+                return Ok(Some((l.id, message)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn user_from_stored(s: &StoredUser) -> Result<User, serde_json::Error> {
+    serde_json::from_str(&s.spec)
+}
+
+fn token_info(t: &StoredToken) -> TokenInfo {
+    TokenInfo {
+        id: t.hash.chars().take(16).collect(),
+        types: t.types.clone(),
+        expires: t.expires,
+        single_use: t.single_use,
+        created: t.created,
+    }
+}
+
+/// Hex SHA-256 of a join token: what the store keeps.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+fn random_hex(bytes: usize) -> Result<String, ring::error::Unspecified> {
+    let mut buf = vec![0u8; bytes];
+    SystemRandom::new().fill(&mut buf)?;
+    Ok(hex::encode(buf))
+}
+
+fn valid_name(what: &str, name: &str) -> Result<(), Response> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Response::error(
+            400,
+            &format!(
+                "invalid {what} {name:?}: use letters, digits, '.', '_', '-' or '@' (at most 253)"
+            ),
+        ))
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "control: internal error");
+    Response::error(500, &format!("internal error: {e}"))
+}
+
+/// Serializes `value` for a JSON response body.
+pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}

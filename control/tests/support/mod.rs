@@ -1,0 +1,254 @@
+//! Test harness: runs the real `jaunt` binary. A [`Cluster`] is a `jaunt start` process on
+//! ports picked by the kernel (port 0), ready once it has printed its banner; commands run with
+//! their own `$JAUNT_HOME` so tests never share a login.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a cluster may take to print its banner (a debug build hashes the admin password).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn jaunt_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_jaunt")
+}
+
+/// A running `jaunt start`.
+pub struct Cluster {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub home: PathBuf,
+    pub public_addr: String,
+    pub pin: String,
+    pub stdout_lines: Vec<String>,
+}
+
+impl Cluster {
+    /// `jaunt start --dev` on 127.0.0.1:0.
+    pub fn dev() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let args = vec![
+            "start".to_string(),
+            "--dev".to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--public-addr".to_string(),
+            "127.0.0.1:0".to_string(),
+        ];
+        Cluster::spawn(dir, data_dir, args)
+    }
+
+    /// `jaunt start --config FILE` with `yaml` as the config (`DATA_DIR` in it is replaced).
+    pub fn with_config(yaml: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let path = dir.path().join("jaunt.yaml");
+        std::fs::write(
+            &path,
+            yaml.replace("DATA_DIR", &data_dir.display().to_string()),
+        )
+        .unwrap();
+        let args = vec![
+            "start".to_string(),
+            "--config".to_string(),
+            path.display().to_string(),
+        ];
+        Cluster::spawn(dir, data_dir, args)
+    }
+
+    fn spawn(dir: tempfile::TempDir, data_dir: PathBuf, args: Vec<String>) -> Cluster {
+        let home = dir.path().join("home");
+        let mut child = Command::new(jaunt_bin())
+            .args(&args)
+            .env("JAUNT_HOME", &home)
+            .env_remove("JAUNT_DATA_DIR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let mut public_addr = None;
+        let mut pin = None;
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        let mut banner_done = false;
+        while !banner_done {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("jaunt start did not become ready; output so far: {lines:#?}");
+                }
+            };
+            if let Some(v) = line.trim().strip_prefix("public addr:") {
+                public_addr = Some(v.trim().to_string());
+            }
+            banner_done = line.starts_with("Admin commands on this host");
+            if let Some(v) = line.trim().strip_prefix("CA pin:") {
+                pin = Some(v.trim().to_string());
+            }
+            lines.push(line);
+        }
+        // Keep draining stdout so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        Cluster {
+            child,
+            dir,
+            data_dir,
+            home,
+            public_addr: public_addr.unwrap(),
+            pin: pin.unwrap(),
+            stdout_lines: lines,
+        }
+    }
+
+    /// Runs `jaunt ARGS` as a user of this cluster (own `$JAUNT_HOME`), with `stdin` piped in.
+    pub fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        run_jaunt(&self.home, args, stdin)
+    }
+
+    /// Runs an admin command with `--data-dir`.
+    pub fn admin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        let dd = self.data_dir.display().to_string();
+        all.push("--data-dir");
+        all.push(&dd);
+        run_jaunt(&self.home, &all, stdin)
+    }
+
+    /// `jaunt login` as `user` with `password`, pinning the CA.
+    pub fn login(&self, user: &str, password: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "login",
+            "--proxy",
+            &self.public_addr,
+            "--user",
+            user,
+            "--password-stdin",
+            "--ca-pin",
+            &self.pin,
+        ];
+        args.extend_from_slice(extra);
+        self.run(&args, Some(&format!("{password}\n")))
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.home.join("keys")
+    }
+
+    /// Sends SIGTERM, waits, and returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        // kill(1) keeps the tests free of unsafe code.
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// A new `jaunt start --dev` on an existing data directory (after a stop).
+    pub fn dev_on(data_dir: &Path) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let args = vec![
+            "start".to_string(),
+            "--dev".to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--public-addr".to_string(),
+            "127.0.0.1:0".to_string(),
+        ];
+        Cluster::spawn(dir, data_dir.to_path_buf(), args)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run_jaunt(home: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(jaunt_bin())
+        .args(args)
+        .env("JAUNT_HOME", home)
+        .env("HOME", home)
+        .env_remove("JAUNT_DATA_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Asserts success and returns stdout.
+#[track_caller]
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Asserts failure and returns stderr.
+#[track_caller]
+pub fn fails(o: Output) -> String {
+    assert!(
+        !o.status.success(),
+        "command unexpectedly succeeded\nstdout: {}",
+        stdout(&o)
+    );
+    stderr(&o)
+}
+
+/// Runs an external tool and returns its stdout, asserting success.
+#[track_caller]
+pub fn tool(program: &str, args: &[&str]) -> String {
+    let o = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        o.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}

@@ -1,0 +1,7 @@
+//! Jaunt data plane.
+
+pub mod hello;
+pub mod mux;
+pub mod route;
+pub mod server;
+pub mod tunnel;

@@ -1,0 +1,758 @@
+//! One connection on the public port, from accept to close.
+//!
+//! Phases, in order; each either hands the connection to the next or ends it with an [`End`]
+//! (counted once, in [`serve`]):
+//!
+//! 1. **Hello**: read the first bytes into a per-connection buffer bounded by
+//!    [`MAX_CLIENT_HELLO_BYTES`], calling [`hello::parse`] after every read, until the ClientHello
+//!    is complete or refused; [`route::decide`] then picks the route. The bytes are kept: they
+//!    are replayed to control or to the TLS acceptor.
+//! 2. **Route**:
+//!    - `Reject` / invalid hello: a fatal TLS alert ([`RejectReason::alert`]), or nothing for
+//!      non-TLS bytes, then close;
+//!    - `Control`: connect to control, write the bytes read so far, splice both ways untouched;
+//!    - `Web` / `App`: terminate TLS (no client auth), serve HTTP/1.1 (`http.rs`);
+//!    - `Tunnel`: terminate TLS (host certificate), send the tunnel hello, wrap the stream in a
+//!      [`Tunnel`] (server role), register it in the shard's table under the host id, and run
+//!      its driver in this connection's task until the tunnel ends;
+//!    - `Ssh` / `Postgres` / `Tcp`: terminate TLS (user certificate), read one dial request,
+//!      [`authorize`], find the agent's tunnel on this shard, open a stream with a
+//!      [`StreamHeader`], answer with a dial response, splice the TLS stream and the tunnel
+//!      stream ([`tunnel::splice`]).
+//!
+//! The handshake timeout covers phases 1 and 2 up to an established TLS session and a dial
+//! request; after that the idle timeout applies. Every connection also ends when its shard's
+//! drain deadline passes. Nothing here panics on peer input: every malformed byte becomes an
+//! [`End`] with a reason.
+
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_rustls::server::TlsStream;
+use glommio::net::TcpStream;
+use jaunt_config::identity::{unix_now, Identity, IdentityKind};
+
+use crate::hello::{self, Parse, MAX_CLIENT_HELLO_BYTES};
+use crate::mux::{self, Blame, Role};
+use crate::route::{self, RejectReason, Route};
+use crate::server::authorize::{authorize, DeniedKind};
+use crate::server::dial::{
+    DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello,
+};
+use crate::server::http::{self, PingBody, Response};
+use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed};
+use crate::server::metrics::{Direction, Refusal, RouteKind};
+use crate::server::shard::{ConnGuard, Shard};
+use crate::tunnel::{self, CloseReason, OpenError, Side, Tunnel};
+
+/// Bytes read per `read` while waiting for the ClientHello: a typical hello fits in one read.
+const HELLO_READ_CHUNK: usize = 4 * 1024;
+
+/// Bytes read per `read` while waiting for a dial request.
+const DIAL_READ_CHUNK: usize = 1024;
+
+/// Idle time allowed between two requests on a kept-alive web connection (capped by the
+/// configured idle timeout): browsers reuse connections within seconds, and an idle one holds
+/// TLS buffers for nothing.
+const HTTP_KEEP_ALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// Time allowed for a refusal (alert, dial response, HTTP error) to be written before the
+/// connection is dropped anyway.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// TLS alert `internal_error` (RFC 8446 §6.2): sent when control cannot be reached.
+const ALERT_INTERNAL_ERROR: u8 = 80;
+
+/// How a connection ended.
+#[derive(Debug)]
+enum End {
+    /// Served and closed normally.
+    Done,
+    /// Refused or cut off by the engine; counted by reason.
+    Refused(Refusal),
+    /// An I/O error ended it; logged with who is to blame, not counted as a refusal.
+    Failed(ConnError),
+}
+
+/// Errors that end a connection without being a refusal.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    /// The client's socket failed, or the client broke the protocol after routing.
+    #[error("client connection: {0}")]
+    Client(io::Error),
+    /// The other end (control, an agent's stream) failed.
+    #[error("upstream connection: {0}")]
+    Upstream(io::Error),
+    /// An agent tunnel ended with an error.
+    #[error("agent tunnel: {0}")]
+    Tunnel(CloseReason),
+}
+
+impl ConnError {
+    fn blame(&self) -> Blame {
+        match self {
+            ConnError::Client(_) | ConnError::Upstream(_) => Blame::Peer,
+            ConnError::Tunnel(reason) => reason.blame(),
+        }
+    }
+}
+
+/// The route with owned data: a [`Route`] borrows the ClientHello, which must not live across
+/// an await (it is ~1 KiB).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Routed {
+    Tunnel,
+    Control,
+    User(DialKind),
+    App(String),
+    Web,
+    Reject(RejectReason),
+}
+
+impl Routed {
+    fn kind(&self) -> Option<RouteKind> {
+        Some(match self {
+            Routed::Tunnel => RouteKind::Tunnel,
+            Routed::Control => RouteKind::Control,
+            Routed::User(DialKind::Ssh) => RouteKind::Ssh,
+            Routed::User(DialKind::Db) => RouteKind::Postgres,
+            Routed::User(DialKind::Tcp) => RouteKind::Tcp,
+            Routed::App(_) => RouteKind::App,
+            Routed::Web => RouteKind::Web,
+            Routed::Reject(_) => return None,
+        })
+    }
+}
+
+/// Routes `buf` if it holds a complete (or refused) ClientHello; `None` while more is needed.
+fn classify(buf: &[u8], public_host: &str) -> Option<Routed> {
+    match hello::parse(buf) {
+        Parse::NeedMore if buf.len() >= MAX_CLIENT_HELLO_BYTES => {
+            // hello.rs promises a final answer at the bound; refuse rather than loop if not.
+            Some(Routed::Reject(RejectReason::HelloTooLarge))
+        }
+        Parse::NeedMore => None,
+        Parse::Invalid(reason) => Some(Routed::Reject(reason)),
+        Parse::Done(hello) => Some(match route::decide(&hello, public_host) {
+            Route::Tunnel => Routed::Tunnel,
+            Route::Control => Routed::Control,
+            Route::Ssh => Routed::User(DialKind::Ssh),
+            Route::Postgres => Routed::User(DialKind::Db),
+            Route::Tcp => Routed::User(DialKind::Tcp),
+            Route::App { name } => Routed::App(name.to_owned()),
+            Route::Web => Routed::Web,
+            Route::Reject(reason) => Routed::Reject(reason),
+        }),
+    }
+}
+
+/// A fatal TLS alert record: content type 21, TLS 1.2 record version, level 2 (fatal).
+fn alert_record(description: u8) -> [u8; 7] {
+    [21, 3, 3, 0, 2, 2, description]
+}
+
+/// Counts the client socket's bytes into the shard's metrics for one route, and notes the time
+/// of the last byte for the idle timeout.
+struct RouteBytes {
+    shard: Rc<Shard>,
+    kind: RouteKind,
+    last_activity: Rc<Cell<Instant>>,
+}
+
+impl ByteSink for RouteBytes {
+    fn bytes(&self, from_peer: bool, n: usize) {
+        let direction = if from_peer {
+            Direction::FromClient
+        } else {
+            Direction::ToClient
+        };
+        self.shard.metrics.bytes(self.kind, direction, n as u64);
+        if n > 0 {
+            self.last_activity.set(Instant::now());
+        }
+    }
+}
+
+type Client = Counted<TcpStream, RouteBytes>;
+
+/// What every phase of one connection needs.
+struct Ctx<'a> {
+    shard: &'a Rc<Shard>,
+    conn_id: u64,
+    /// The client's address, for logs and the agent's audit.
+    peer: String,
+    accepted_at: Instant,
+    /// End of the handshake phase (ClientHello, TLS, dial request).
+    deadline: Instant,
+    /// Time of the last byte to or from the client.
+    last_activity: Rc<Cell<Instant>>,
+}
+
+/// Serves one accepted connection until it ends, then accounts for how it ended.
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard) {
+    let accepted_at = Instant::now();
+    let ctx = Ctx {
+        shard: &shard,
+        conn_id: guard.id,
+        peer: stream
+            .peer_addr()
+            .map_or_else(|_| "unknown".to_owned(), |a| a.to_string()),
+        accepted_at,
+        deadline: accepted_at + shard.config.handshake_timeout,
+        last_activity: Rc::new(Cell::new(accepted_at)),
+    };
+    let end = futures_lite::future::or(handle(&ctx, stream), async {
+        shard.abort.wait().await;
+        End::Refused(Refusal::DrainDeadline)
+    })
+    .await;
+    match end {
+        End::Done => {}
+        End::Refused(reason) => shard.metrics.refused(reason),
+        End::Failed(error) => tracing::debug!(
+            shard = shard.index,
+            conn = ctx.conn_id,
+            peer = %ctx.peer,
+            blame = ?error.blame(),
+            %error,
+            "connection failed"
+        ),
+    }
+    drop(guard);
+}
+
+async fn handle(ctx: &Ctx<'_>, mut stream: TcpStream) -> End {
+    let shard = ctx.shard;
+    let _ = stream.set_nodelay(true);
+    let mut hello = Vec::new();
+    let public_host = &shard.config.public_host;
+    let routed = match with_deadline(
+        ctx.deadline,
+        read_hello(&mut stream, &mut hello, public_host),
+    )
+    .await
+    {
+        Err(_) => return End::Refused(Refusal::HandshakeTimeout),
+        Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
+        // EOF before a complete ClientHello: a port scanner or a health check.
+        Ok(Ok(None)) => return End::Done,
+        Ok(Ok(Some(routed))) => routed,
+    };
+    let Some(kind) = routed.kind() else {
+        let Routed::Reject(reason) = routed else {
+            return End::Done;
+        };
+        return reject(stream, reason).await;
+    };
+    shard.metrics.accepted(kind);
+    shard
+        .metrics
+        .bytes(kind, Direction::FromClient, hello.len() as u64);
+    let client = Counted::new(
+        stream,
+        RouteBytes {
+            shard: Rc::clone(shard),
+            kind,
+            last_activity: Rc::clone(&ctx.last_activity),
+        },
+    );
+    match routed {
+        Routed::Control => pass_through(ctx, client, hello).await,
+        Routed::Web => web(ctx, client, hello, None).await,
+        Routed::App(name) => web(ctx, client, hello, Some(name)).await,
+        Routed::Tunnel => agent_tunnel(ctx, client, hello).await,
+        Routed::User(dial_kind) => user(ctx, client, hello, dial_kind).await,
+        Routed::Reject(_) => End::Done,
+    }
+}
+
+/// Reads until the ClientHello is complete or refused, keeping every byte in `buf`. `Ok(None)`
+/// on EOF before that.
+async fn read_hello(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    public_host: &str,
+) -> io::Result<Option<Routed>> {
+    loop {
+        let filled = buf.len();
+        let room = MAX_CLIENT_HELLO_BYTES
+            .saturating_sub(filled)
+            .min(HELLO_READ_CHUNK);
+        if room == 0 {
+            return Ok(Some(Routed::Reject(RejectReason::HelloTooLarge)));
+        }
+        buf.resize(filled + room, 0);
+        let n = match stream.read(&mut buf[filled..]).await {
+            Ok(n) => n,
+            Err(e) => {
+                buf.truncate(filled);
+                return Err(e);
+            }
+        };
+        buf.truncate(filled + n);
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some(routed) = classify(buf, public_host) {
+            return Ok(Some(routed));
+        }
+    }
+}
+
+async fn reject(mut stream: TcpStream, reason: RejectReason) -> End {
+    if let Some(description) = reason.alert() {
+        let deadline = Instant::now() + REFUSAL_WRITE_TIMEOUT;
+        let _ = with_deadline(deadline, stream.write_all(&alert_record(description))).await;
+    }
+    let _ = stream.close().await;
+    End::Refused(Refusal::Hello(reason))
+}
+
+/// Splices `client` and `upstream` until both directions finish, an error, or the idle timeout.
+async fn splice_with_idle<A, B>(ctx: &Ctx<'_>, client: A, upstream: B) -> End
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let idle = ctx.shard.config.idle_timeout;
+    ctx.last_activity.set(Instant::now());
+    let spliced = async {
+        match tunnel::splice(client, upstream).await {
+            Ok(_) => End::Done,
+            Err(e) => match e.side {
+                Side::A => End::Failed(ConnError::Client(e.source)),
+                Side::B => End::Failed(ConnError::Upstream(e.source)),
+            },
+        }
+    };
+    futures_lite::future::or(spliced, async {
+        idle_timeout(&ctx.last_activity, idle).await;
+        End::Refused(Refusal::IdleTimeout)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control: TLS pass-through
+
+async fn pass_through(ctx: &Ctx<'_>, mut client: Client, hello: Vec<u8>) -> End {
+    let shard = ctx.shard;
+    let addr = shard.config.control_addr;
+    let mut upstream = match with_deadline(ctx.deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(upstream)) => upstream,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_owned(),
+            };
+            tracing::warn!(shard = shard.index, %addr, error = %why, "control is unreachable");
+            let alert = alert_record(ALERT_INTERNAL_ERROR);
+            let deadline = Instant::now() + REFUSAL_WRITE_TIMEOUT;
+            let _ = with_deadline(deadline, client.write_all(&alert)).await;
+            return End::Refused(Refusal::ControlUnreachable);
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    match with_deadline(ctx.deadline, upstream.write_all(&hello)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return End::Failed(ConnError::Upstream(e)),
+        Err(_) => return End::Refused(Refusal::HandshakeTimeout),
+    }
+    drop(hello);
+    splice_with_idle(ctx, client, upstream).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS termination
+
+/// Terminates TLS with `acceptor` on a stream that first replays `hello`.
+async fn terminate(
+    ctx: &Ctx<'_>,
+    acceptor: &futures_rustls::TlsAcceptor,
+    client: Client,
+    hello: Vec<u8>,
+) -> Result<TlsStream<Prefixed<Client>>, End> {
+    let shard = ctx.shard;
+    match with_deadline(ctx.deadline, acceptor.accept(Prefixed::new(hello, client))).await {
+        Err(_) => Err(End::Refused(Refusal::HandshakeTimeout)),
+        Ok(Err(e)) => {
+            tracing::debug!(shard = shard.index, peer = %ctx.peer, error = %e, "TLS handshake failed");
+            Err(End::Refused(Refusal::TlsHandshake))
+        }
+        Ok(Ok(stream)) => {
+            shard.metrics.handshake(ctx.accepted_at.elapsed());
+            Ok(stream)
+        }
+    }
+}
+
+/// The verified client certificate's identity, if it is of `kind` and valid now.
+fn peer_identity<S>(
+    stream: &TlsStream<S>,
+    kind: IdentityKind,
+) -> Result<Identity, (Refusal, String)> {
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| {
+            (
+                Refusal::BadIdentity,
+                "a client certificate is required".to_owned(),
+            )
+        })?;
+    let identity = Identity::from_x509_der(leaf.as_ref())
+        .map_err(|e| (Refusal::BadIdentity, e.to_string()))?;
+    if identity.kind != kind {
+        let (want, got) = match kind {
+            IdentityKind::User => ("user", "host"),
+            IdentityKind::Host => ("host", "user"),
+        };
+        return Err((
+            Refusal::BadIdentity,
+            format!(
+                "this route needs a {want} certificate, but {:?} presented a {got} certificate",
+                identity.name
+            ),
+        ));
+    }
+    identity
+        .check_valid_at(unix_now())
+        .map_err(|e| (Refusal::IdentityExpired, e.to_string()))?;
+    Ok(identity)
+}
+
+/// Writes `bytes`, flushes and closes (TLS close_notify), bounded by [`REFUSAL_WRITE_TIMEOUT`].
+async fn write_and_close<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+    let deadline = Instant::now() + REFUSAL_WRITE_TIMEOUT;
+    let _ = with_deadline(deadline, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await?;
+        stream.close().await
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Web and apps
+
+async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, app: Option<String>) -> End {
+    let shard = ctx.shard;
+    let tls = shard.tls();
+    let mut stream = match terminate(ctx, &tls.web, client, hello).await {
+        Ok(stream) => stream,
+        Err(end) => return end,
+    };
+    drop(tls);
+    let ping = {
+        let snapshot = shard.snapshot();
+        PingBody {
+            cluster: if snapshot.cluster.is_empty() {
+                shard.config.cluster_name.clone()
+            } else {
+                snapshot.cluster.clone()
+            },
+            version: env!("CARGO_PKG_VERSION"),
+            public_addr: shard.config.public_host.clone(),
+        }
+    };
+    let respond = |head: &http::RequestHead| match &app {
+        Some(_) => Response::text(502, "app access arrives with the agent"),
+        None => http::web_response(head, &ping),
+    };
+    let idle = HTTP_KEEP_ALIVE_IDLE.min(shard.config.idle_timeout);
+    match http::serve(&mut stream, ctx.deadline, idle, &shard.draining, &respond).await {
+        http::ServeEnd::Closed | http::ServeEnd::Idle => End::Done,
+        http::ServeEnd::BadRequest(e) => {
+            tracing::debug!(shard = shard.index, peer = %ctx.peer, error = %e, "bad HTTP request");
+            End::Refused(Refusal::BadHttpRequest)
+        }
+        http::ServeEnd::Io(e) => End::Failed(ConnError::Client(e)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent tunnels
+
+/// Removes a tunnel from its shard's table when the connection carrying it ends, however it
+/// ends (including a drain abort that drops the task).
+struct Registration<'a> {
+    shard: &'a Shard,
+    host_id: String,
+    conn_id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.shard.unregister_tunnel(&self.host_id, self.conn_id);
+    }
+}
+
+async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
+    let shard = ctx.shard;
+    let tls = shard.tls();
+    let mut stream = match terminate(ctx, &tls.tunnel, client, hello).await {
+        Ok(stream) => stream,
+        Err(end) => return end,
+    };
+    drop(tls);
+    let identity = match peer_identity(&stream, IdentityKind::Host) {
+        Ok(identity) => identity,
+        Err((refusal, why)) => {
+            tracing::info!(shard = shard.index, peer = %ctx.peer, error = %why, "agent tunnel refused");
+            write_and_close(&mut stream, &[]).await;
+            return End::Refused(refusal);
+        }
+    };
+    let tunnel_hello = TunnelHello::new(shard.shard_count, shard.index).encode();
+    match with_deadline(ctx.deadline, async {
+        stream.write_all(&tunnel_hello).await?;
+        stream.flush().await
+    })
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
+        Err(_) => return End::Refused(Refusal::HandshakeTimeout),
+    }
+    let (tunnel, driver) = Tunnel::new(stream, Role::Server, mux::Config::default());
+    let host_id = identity.name;
+    // The table holds the only handle: when it lets go (replacement, drain) the tunnel drains.
+    shard.register_tunnel(&host_id, ctx.conn_id, tunnel);
+    let _registration = Registration {
+        shard,
+        host_id: host_id.clone(),
+        conn_id: ctx.conn_id,
+    };
+    tracing::info!(shard = shard.index, %host_id, peer = %ctx.peer, "agent tunnel open");
+    let reason = driver.await;
+    tracing::info!(shard = shard.index, %host_id, %reason, "agent tunnel closed");
+    if reason.is_graceful() || reason == CloseReason::PeerEof {
+        End::Done
+    } else {
+        End::Failed(ConnError::Tunnel(reason))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// User streams
+
+/// Counts one user stream in `jaunt_streams_open` while it lives.
+struct OpenStream<'a>(&'a Shard);
+
+impl<'a> OpenStream<'a> {
+    fn new(shard: &'a Shard) -> OpenStream<'a> {
+        shard.metrics.stream_opened();
+        OpenStream(shard)
+    }
+}
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.stream_closed();
+    }
+}
+
+async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind) -> End {
+    let shard = ctx.shard;
+    let tls = shard.tls();
+    let mut stream = match terminate(ctx, &tls.user, client, hello).await {
+        Ok(stream) => stream,
+        Err(end) => return end,
+    };
+    drop(tls);
+    let identity = peer_identity(&stream, IdentityKind::User);
+    // Bytes after the dial request are the user's protocol: they go to the target.
+    let mut early = Vec::new();
+    let request =
+        match with_deadline(ctx.deadline, read_dial_request(&mut stream, &mut early)).await {
+            Err(_) => return End::Refused(Refusal::HandshakeTimeout),
+            Ok(Err(ReadDialError::Io(e))) => return End::Failed(ConnError::Client(e)),
+            Ok(Err(ReadDialError::Eof)) => return End::Done,
+            Ok(Err(ReadDialError::Dial(e))) => {
+                let message = format!("bad dial request: {e}");
+                return refuse_dial(&mut stream, Refusal::BadDialRequest, &message).await;
+            }
+            Ok(Ok(request)) => request,
+        };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err((refusal, why)) => return refuse_dial(&mut stream, refusal, &why).await,
+    };
+    if request.kind != alpn_kind {
+        let message = format!(
+            "this connection negotiated {} but asked to dial a {} ({})",
+            alpn_kind.as_str(),
+            request.kind.noun(),
+            request.kind.as_str()
+        );
+        return refuse_dial(&mut stream, Refusal::BadDialRequest, &message).await;
+    }
+    let host_id = {
+        let snapshot = shard.snapshot();
+        match authorize(&snapshot, &identity, &request) {
+            Ok(target) => target.host_id.clone(),
+            Err(denied) => {
+                let refusal = match denied.kind {
+                    DeniedKind::UnknownTarget => Refusal::UnknownTarget,
+                    DeniedKind::Forbidden => Refusal::Forbidden,
+                };
+                tracing::info!(
+                    shard = shard.index,
+                    user = %identity.name,
+                    target = %request.target,
+                    reason = %denied,
+                    "dial denied"
+                );
+                return refuse_dial(&mut stream, refusal, &denied.message).await;
+            }
+        }
+    };
+    let noun = request.kind.noun();
+    // An agent keeps one tunnel per shard, so the tunnel is normally on this shard. Hopping to
+    // another shard's tunnel is not built yet: a missing local tunnel is "agent offline".
+    let Some(tunnel) = shard.tunnel(&host_id) else {
+        let message = format!(
+            "agent offline: {noun} {:?} is served by agent {host_id:?}, which has no tunnel to \
+             this engine (is the agent running and able to reach {}?)",
+            request.target, shard.config.public_host
+        );
+        return refuse_dial(&mut stream, Refusal::AgentOffline, &message).await;
+    };
+    let Some(header) =
+        StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer).encode()
+    else {
+        let message = "bad dial request: the certificate's identity is too large to forward";
+        return refuse_dial(&mut stream, Refusal::BadDialRequest, message).await;
+    };
+    let open_deadline = Instant::now() + shard.config.handshake_timeout;
+    let mut upstream = match with_deadline(open_deadline, tunnel.open(&header)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(OpenError::Refused { message })) => {
+            let message = format!(
+                "agent {host_id:?} could not connect to {noun} {:?}: {message}",
+                request.target
+            );
+            return refuse_dial(&mut stream, Refusal::DialFailed, &message).await;
+        }
+        Ok(Err(e)) => {
+            let message =
+                format!("agent offline: the tunnel to agent {host_id:?} failed ({e}); try again");
+            return refuse_dial(&mut stream, Refusal::AgentOffline, &message).await;
+        }
+        Err(_) => {
+            let message = format!(
+                "agent {host_id:?} did not answer within {:?} while connecting to {noun} {:?}",
+                shard.config.handshake_timeout, request.target
+            );
+            return refuse_dial(&mut stream, Refusal::DialFailed, &message).await;
+        }
+    };
+    drop(tunnel);
+    let _open = OpenStream::new(shard);
+    let connected = async {
+        stream.write_all(&DialResponse::ok().encode()).await?;
+        stream.flush().await?;
+        if !early.is_empty() {
+            upstream
+                .write_all(&early)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("upstream: {e}")))?;
+        }
+        Ok::<(), io::Error>(())
+    };
+    if let Err(e) = connected.await {
+        return End::Failed(ConnError::Client(e));
+    }
+    drop(early);
+    tracing::debug!(
+        shard = shard.index,
+        user = %identity.name,
+        target = %request.target,
+        %host_id,
+        "user stream connected"
+    );
+    splice_with_idle(ctx, stream, upstream).await
+}
+
+enum ReadDialError {
+    Io(io::Error),
+    Eof,
+    Dial(DialError),
+}
+
+/// Reads one dial request; bytes after it stay in `buf` (they belong to the user's protocol).
+async fn read_dial_request<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<DialRequest, ReadDialError> {
+    let mut chunk = [0u8; DIAL_READ_CHUNK];
+    loop {
+        match DialRequest::parse(buf) {
+            Ok(Some((request, used))) => {
+                buf.drain(..used);
+                return Ok(request);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ReadDialError::Dial(e)),
+        }
+        let n = stream.read(&mut chunk).await.map_err(ReadDialError::Io)?;
+        if n == 0 {
+            return Err(ReadDialError::Eof);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn refuse_dial<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    refusal: Refusal,
+    message: &str,
+) -> End {
+    write_and_close(stream, &DialResponse::error(message).encode()).await;
+    End::Refused(refusal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hello::test_support::rustls_hello;
+    use crate::route::{ALPN_CONTROL, ALPN_HTTP1, ALPN_SSH};
+
+    #[test]
+    fn classify_routes_complete_hellos_only() {
+        let hello = rustls_hello(Some("jaunt.test"), &[ALPN_SSH]);
+        for cut in 1..hello.len() {
+            assert_eq!(classify(&hello[..cut], "jaunt.test"), None, "cut {cut}");
+        }
+        assert_eq!(
+            classify(&hello, "jaunt.test"),
+            Some(Routed::User(DialKind::Ssh))
+        );
+        let control = rustls_hello(None, &[ALPN_CONTROL]);
+        assert_eq!(classify(&control, "jaunt.test"), Some(Routed::Control));
+        let app = rustls_hello(Some("grafana.jaunt.test"), &[ALPN_HTTP1]);
+        assert_eq!(
+            classify(&app, "jaunt.test"),
+            Some(Routed::App("grafana".into()))
+        );
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\n", "jaunt.test"),
+            Some(Routed::Reject(RejectReason::NotTls))
+        );
+        let unknown = rustls_hello(Some("jaunt.test"), &[b"foo"]);
+        assert_eq!(
+            classify(&unknown, "jaunt.test"),
+            Some(Routed::Reject(RejectReason::UnknownAlpn))
+        );
+    }
+
+    #[test]
+    fn alert_records_are_fatal_alerts() {
+        assert_eq!(alert_record(120), [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 120]);
+    }
+}

@@ -1,0 +1,563 @@
+//! Small wire messages of the public port, sans-IO: the user's dial request and the engine's dial
+//! response (`jaunt-ssh`, `jaunt-postgres`, `jaunt-tcp`), and the tunnel hello an agent receives
+//! right after its `jaunt-tunnel` handshake.
+//!
+//! Every message is one frame: a big-endian `u16` length, then that many bytes of UTF-8 JSON. A
+//! length of 0 or above the message's bound is refused before any JSON is read, so a peer can
+//! make the engine hold at most `2 + bound` bytes. The parsers are pure functions of a byte
+//! buffer that answer "need more" ([`Ok(None)`]), "here it is and this many bytes were used", or
+//! an error; bytes after the frame belong to the next protocol layer (the user's SSH or
+//! PostgreSQL bytes) and are never consumed. The client side (CLI, agent) uses the same types.
+//!
+//! ```text
+//! user → engine   DialRequest  {"kind":"ssh","target":"web1","login":"root"}
+//!                              {"kind":"db","target":"pg","db_user":"alice","db_name":"app"}
+//! engine → user   DialResponse {"ok":true}  |  {"ok":false,"error":"agent offline: ..."}
+//! engine → agent  TunnelHello  {"version":1,"shards":4,"shard":2}
+//! ```
+//!
+//! The engine then opens a tunnel stream whose OPEN carries a [`StreamHeader`]: the dial request
+//! plus who asked (unframed JSON: the mux frame carries its length).
+//!
+//! Unknown JSON fields are refused: clients and engines ship in one binary, and a field the
+//! engine does not know is a field it would not enforce.
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes of the length prefix of every message.
+pub const LENGTH_PREFIX_BYTES: usize = 2;
+
+/// Largest dial request body: a target, a login and two database names fit many times over; the
+/// same bound as a mux OPEN's dial header, since the request travels on to the agent.
+pub const MAX_DIAL_REQUEST_BYTES: usize = crate::mux::MAX_DIAL_HEADER_LEN;
+
+/// Largest dial response body. The error message is truncated to fit.
+pub const MAX_DIAL_RESPONSE_BYTES: usize = 2 * 1024;
+
+/// Longest error message in a dial response (bytes of UTF-8).
+pub const MAX_DIAL_ERROR_BYTES: usize = 1024;
+
+/// Largest tunnel hello body.
+pub const MAX_TUNNEL_HELLO_BYTES: usize = 1024;
+
+/// Longest target name: a DNS name (RFC 1035).
+pub const MAX_TARGET_BYTES: usize = 253;
+
+/// Longest login, database user or database name.
+pub const MAX_PRINCIPAL_BYTES: usize = 255;
+
+/// Version of the tunnel hello this engine sends.
+pub const TUNNEL_HELLO_VERSION: u16 = 1;
+
+/// What a user stream dials; must match the ALPN the connection arrived with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DialKind {
+    /// An SSH node (ALPN `jaunt-ssh`).
+    Ssh,
+    /// A PostgreSQL database (ALPN `jaunt-postgres`).
+    Db,
+    /// A TCP app (ALPN `jaunt-tcp`).
+    Tcp,
+}
+
+impl DialKind {
+    /// Stable label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DialKind::Ssh => "ssh",
+            DialKind::Db => "db",
+            DialKind::Tcp => "tcp",
+        }
+    }
+
+    /// What a person calls the target of this kind, for error messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            DialKind::Ssh => "node",
+            DialKind::Db => "database",
+            DialKind::Tcp => "app",
+        }
+    }
+}
+
+/// The first message of a user stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialRequest {
+    /// What is dialed.
+    pub kind: DialKind,
+    /// The node, database or app name.
+    pub target: String,
+    /// OS login (SSH; required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    /// Database user (databases; required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_user: Option<String>,
+    /// Database name (databases; optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_name: Option<String>,
+}
+
+/// The engine's answer to a [`DialRequest`]; after `ok: true` the stream carries the user's
+/// protocol bytes both ways.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialResponse {
+    /// Whether the stream is connected to the target.
+    pub ok: bool,
+    /// Why not, in words a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the engine tells an agent right after the tunnel handshake: how many shards this engine
+/// runs and which one accepted this tunnel, so the agent can keep one tunnel per shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelHello {
+    /// [`TUNNEL_HELLO_VERSION`].
+    pub version: u16,
+    /// Number of shards of this engine.
+    pub shards: usize,
+    /// Index of the shard that owns this tunnel, `< shards`.
+    pub shard: usize,
+}
+
+/// The dial header of a tunnel stream the engine opens for a user: what to dial, for whom.
+/// The agent refuses the open (with a readable reason) if it cannot reach the target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamHeader {
+    /// What is dialed.
+    pub kind: DialKind,
+    /// The node, database or app name.
+    pub target: String,
+    /// OS login (SSH).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    /// Database user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_user: Option<String>,
+    /// Database name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_name: Option<String>,
+    /// The user the engine authorized (the certificate's name).
+    pub user: String,
+    /// That user's roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The user's address as the engine saw it, for the audit log.
+    pub client_addr: String,
+}
+
+impl StreamHeader {
+    /// The header for `request`, made by `user` with `roles` from `client_addr`.
+    pub fn new(
+        request: &DialRequest,
+        user: &str,
+        roles: &[String],
+        client_addr: &str,
+    ) -> StreamHeader {
+        StreamHeader {
+            kind: request.kind,
+            target: request.target.clone(),
+            login: request.login.clone(),
+            db_user: request.db_user.clone(),
+            db_name: request.db_name.clone(),
+            user: user.to_owned(),
+            roles: roles.to_vec(),
+            client_addr: client_addr.to_owned(),
+        }
+    }
+
+    /// The header bytes, or `None` if they would exceed [`crate::mux::MAX_DIAL_HEADER_LEN`]
+    /// (a user with very many roles).
+    pub fn encode(&self) -> Option<Vec<u8>> {
+        let bytes = serde_json::to_vec(self).ok()?;
+        (bytes.len() <= crate::mux::MAX_DIAL_HEADER_LEN).then_some(bytes)
+    }
+
+    /// Reads a header (agent side).
+    pub fn parse(bytes: &[u8]) -> Result<StreamHeader, DialError> {
+        if bytes.len() > crate::mux::MAX_DIAL_HEADER_LEN {
+            return Err(DialError::TooLarge {
+                len: bytes.len(),
+                max: crate::mux::MAX_DIAL_HEADER_LEN,
+            });
+        }
+        serde_json::from_slice(bytes).map_err(json_error)
+    }
+}
+
+/// Why a message could not be read. Always the sender's fault; resending the same bytes cannot
+/// help.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DialError {
+    /// Length prefix 0.
+    #[error("empty message")]
+    Empty,
+    /// Length prefix above the message's bound.
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// Not the expected JSON.
+    #[error("malformed message: {0}")]
+    Json(String),
+    /// A field is missing, too long, or holds characters it may not.
+    #[error("invalid field `{field}`: {why}")]
+    Invalid {
+        /// The JSON field.
+        field: &'static str,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+/// Splits one length-prefixed frame off the front of `buf`: `Ok(None)` until it is complete,
+/// then the body and the bytes used (prefix included).
+pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, DialError> {
+    let Some(prefix) = buf.get(..LENGTH_PREFIX_BYTES) else {
+        return Ok(None);
+    };
+    let len = usize::from(u16::from_be_bytes([prefix[0], prefix[1]]));
+    if len == 0 {
+        return Err(DialError::Empty);
+    }
+    if len > max {
+        return Err(DialError::TooLarge { len, max });
+    }
+    let end = LENGTH_PREFIX_BYTES + len;
+    Ok(buf.get(LENGTH_PREFIX_BYTES..end).map(|body| (body, end)))
+}
+
+/// Frames `body` with its length prefix. `body` must be at most `u16::MAX` bytes (every message
+/// here is bounded far below that).
+fn frame(body: &[u8]) -> Vec<u8> {
+    debug_assert!(body.len() <= usize::from(u16::MAX));
+    let len = u16::try_from(body.len()).unwrap_or(u16::MAX);
+    let mut out = Vec::with_capacity(LENGTH_PREFIX_BYTES + body.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn json_error(e: serde_json::Error) -> DialError {
+    DialError::Json(e.to_string())
+}
+
+impl DialRequest {
+    /// Reads a dial request from the front of `buf` (see [`split_frame`]) and validates it.
+    pub fn parse(buf: &[u8]) -> Result<Option<(DialRequest, usize)>, DialError> {
+        let Some((body, used)) = split_frame(buf, MAX_DIAL_REQUEST_BYTES)? else {
+            return Ok(None);
+        };
+        let request: DialRequest = serde_json::from_slice(body).map_err(json_error)?;
+        request.validate()?;
+        Ok(Some((request, used)))
+    }
+
+    /// The framed bytes of this request.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing a struct of strings cannot fail.
+        frame(&serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Checks lengths and characters, and that the fields the kind needs are present.
+    pub fn validate(&self) -> Result<(), DialError> {
+        check_name("target", &self.target, MAX_TARGET_BYTES)?;
+        for (field, value) in [
+            ("login", &self.login),
+            ("db_user", &self.db_user),
+            ("db_name", &self.db_name),
+        ] {
+            if let Some(value) = value {
+                check_name(field, value, MAX_PRINCIPAL_BYTES)?;
+            }
+        }
+        match self.kind {
+            DialKind::Ssh if self.login.is_none() => Err(DialError::Invalid {
+                field: "login",
+                why: "an SSH dial needs a login",
+            }),
+            DialKind::Db if self.db_user.is_none() => Err(DialError::Invalid {
+                field: "db_user",
+                why: "a database dial needs a database user",
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A name is non-empty, bounded, and free of control characters (it ends up in logs and audit
+/// events).
+fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), DialError> {
+    if value.is_empty() {
+        return Err(DialError::Invalid {
+            field,
+            why: "empty",
+        });
+    }
+    if value.len() > max {
+        return Err(DialError::Invalid {
+            field,
+            why: "too long",
+        });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(DialError::Invalid {
+            field,
+            why: "contains control characters",
+        });
+    }
+    Ok(())
+}
+
+impl DialResponse {
+    /// The success answer.
+    pub fn ok() -> DialResponse {
+        DialResponse {
+            ok: true,
+            error: None,
+        }
+    }
+
+    /// A refusal; `message` is truncated to [`MAX_DIAL_ERROR_BYTES`] at a character boundary.
+    pub fn error(message: &str) -> DialResponse {
+        let mut end = message.len().min(MAX_DIAL_ERROR_BYTES);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        DialResponse {
+            ok: false,
+            error: Some(message[..end].to_owned()),
+        }
+    }
+
+    /// The framed bytes of this response.
+    pub fn encode(&self) -> Vec<u8> {
+        frame(&serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Reads a response from the front of `buf` (client side).
+    pub fn parse(buf: &[u8]) -> Result<Option<(DialResponse, usize)>, DialError> {
+        let Some((body, used)) = split_frame(buf, MAX_DIAL_RESPONSE_BYTES)? else {
+            return Ok(None);
+        };
+        let response: DialResponse = serde_json::from_slice(body).map_err(json_error)?;
+        Ok(Some((response, used)))
+    }
+}
+
+impl TunnelHello {
+    /// The hello of shard `shard` out of `shards`.
+    pub fn new(shards: usize, shard: usize) -> TunnelHello {
+        debug_assert!(shard < shards);
+        TunnelHello {
+            version: TUNNEL_HELLO_VERSION,
+            shards,
+            shard,
+        }
+    }
+
+    /// The framed bytes of this hello.
+    pub fn encode(&self) -> Vec<u8> {
+        frame(&serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Reads a hello from the front of `buf` (agent side).
+    pub fn parse(buf: &[u8]) -> Result<Option<(TunnelHello, usize)>, DialError> {
+        let Some((body, used)) = split_frame(buf, MAX_TUNNEL_HELLO_BYTES)? else {
+            return Ok(None);
+        };
+        let hello: TunnelHello = serde_json::from_slice(body).map_err(json_error)?;
+        if hello.shards == 0 || hello.shard >= hello.shards {
+            return Err(DialError::Invalid {
+                field: "shard",
+                why: "not below the shard count",
+            });
+        }
+        Ok(Some((hello, used)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        frame(body)
+    }
+
+    fn ssh(target: &str) -> DialRequest {
+        DialRequest {
+            kind: DialKind::Ssh,
+            target: target.to_owned(),
+            login: Some("root".to_owned()),
+            db_user: None,
+            db_name: None,
+        }
+    }
+
+    #[test]
+    fn request_round_trip_at_every_split() {
+        let request = DialRequest {
+            kind: DialKind::Db,
+            target: "pg-main".to_owned(),
+            login: None,
+            db_user: Some("alice".to_owned()),
+            db_name: Some("app".to_owned()),
+        };
+        let mut bytes = request.encode();
+        bytes.extend_from_slice(b"\x00\x00\x00\x08startup");
+        let frame_len = bytes.len() - 11;
+        for cut in 0..frame_len {
+            assert_eq!(DialRequest::parse(&bytes[..cut]), Ok(None), "cut {cut}");
+        }
+        assert_eq!(
+            DialRequest::parse(&bytes),
+            Ok(Some((request, frame_len))),
+            "the bytes after the frame are left alone"
+        );
+    }
+
+    #[test]
+    fn request_wire_format_is_the_documented_one() {
+        let bytes = ssh("web1").encode();
+        assert_eq!(&bytes[..2], &(bytes.len() as u16 - 2).to_be_bytes());
+        assert_eq!(
+            &bytes[2..],
+            br#"{"kind":"ssh","target":"web1","login":"root"}"#
+        );
+        let parsed = DialRequest::parse(&framed(br#"{"kind":"tcp","target":"grafana"}"#));
+        assert!(matches!(
+            parsed,
+            Ok(Some((
+                DialRequest {
+                    kind: DialKind::Tcp,
+                    ..
+                },
+                _
+            )))
+        ));
+    }
+
+    #[test]
+    fn bounds_are_checked_before_json() {
+        assert_eq!(DialRequest::parse(&[0, 0, b'{']), Err(DialError::Empty));
+        let len = (MAX_DIAL_REQUEST_BYTES + 1) as u16;
+        assert_eq!(
+            DialRequest::parse(&len.to_be_bytes()),
+            Err(DialError::TooLarge {
+                len: MAX_DIAL_REQUEST_BYTES + 1,
+                max: MAX_DIAL_REQUEST_BYTES
+            })
+        );
+        assert_eq!(
+            DialRequest::parse(&u16::MAX.to_be_bytes()).map(|_| ()),
+            Err(DialError::TooLarge {
+                len: 65535,
+                max: MAX_DIAL_REQUEST_BYTES
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_and_invalid_requests() {
+        let cases: [&[u8]; 9] = [
+            b"not json",
+            br#"{"kind":"ftp","target":"x"}"#,
+            br#"{"kind":"ssh"}"#,
+            br#"{"kind":"ssh","target":"web1","login":"root","extra":1}"#,
+            br#"{"kind":"ssh","target":"","login":"root"}"#,
+            br#"{"kind":"ssh","target":"web1"}"#,
+            br#"{"kind":"db","target":"pg"}"#,
+            br#"{"kind":"ssh","target":"web\n1","login":"root"}"#,
+            br#"[1,2,3]"#,
+        ];
+        for body in cases {
+            let result = DialRequest::parse(&framed(body));
+            assert!(
+                matches!(result, Err(DialError::Json(_) | DialError::Invalid { .. })),
+                "{:?}: {result:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let long = format!(
+            r#"{{"kind":"tcp","target":"{}"}}"#,
+            "a".repeat(MAX_TARGET_BYTES + 1)
+        );
+        assert_eq!(
+            DialRequest::parse(&framed(long.as_bytes())),
+            Err(DialError::Invalid {
+                field: "target",
+                why: "too long"
+            })
+        );
+    }
+
+    #[test]
+    fn response_round_trip_and_truncation() {
+        for response in [DialResponse::ok(), DialResponse::error("agent offline")] {
+            let bytes = response.encode();
+            assert_eq!(
+                DialResponse::parse(&bytes),
+                Ok(Some((response, bytes.len())))
+            );
+        }
+        assert_eq!(&DialResponse::ok().encode()[2..], br#"{"ok":true}"#);
+        assert_eq!(
+            &DialResponse::error("no").encode()[2..],
+            br#"{"ok":false,"error":"no"}"#
+        );
+        let long = "é".repeat(MAX_DIAL_ERROR_BYTES);
+        let response = DialResponse::error(&long);
+        let message = response.error.as_deref().unwrap_or_default();
+        assert!(message.len() <= MAX_DIAL_ERROR_BYTES && message.len() >= MAX_DIAL_ERROR_BYTES - 1);
+        assert!(response.encode().len() <= LENGTH_PREFIX_BYTES + MAX_DIAL_RESPONSE_BYTES);
+    }
+
+    #[test]
+    fn tunnel_hello_round_trip() {
+        let hello = TunnelHello::new(4, 3);
+        let bytes = hello.encode();
+        assert_eq!(&bytes[2..], br#"{"version":1,"shards":4,"shard":3}"#);
+        assert_eq!(TunnelHello::parse(&bytes), Ok(Some((hello, bytes.len()))));
+        assert_eq!(TunnelHello::parse(&bytes[..5]), Ok(None));
+        assert!(TunnelHello::parse(&framed(br#"{"version":1,"shards":2,"shard":2}"#)).is_err());
+        assert!(TunnelHello::parse(&framed(br#"{"version":1,"shards":0,"shard":0}"#)).is_err());
+    }
+
+    #[test]
+    fn stream_header_round_trip_and_bound() {
+        let header = StreamHeader::new(&ssh("web1"), "alice", &["access".into()], "192.0.2.1:5555");
+        let bytes = header.encode().unwrap_or_default();
+        assert_eq!(StreamHeader::parse(&bytes), Ok(header));
+        let many: Vec<String> = (0..1000).map(|i| format!("role-{i}")).collect();
+        assert_eq!(
+            StreamHeader::new(&ssh("web1"), "alice", &many, "x").encode(),
+            None
+        );
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 64) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8).collect();
+            let _ = DialRequest::parse(&bytes);
+            let _ = DialResponse::parse(&bytes);
+            let _ = TunnelHello::parse(&bytes);
+            let _ = StreamHeader::parse(&bytes);
+        }
+    }
+}

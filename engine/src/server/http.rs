@@ -1,0 +1,400 @@
+//! The engine's own HTTP/1.1, on a TLS stream the engine terminated: the web API's
+//! `GET /webapi/ping`, 404 for every other web path, and the placeholder 502 of web apps.
+//!
+//! Sans-IO pieces ([`parse_head`], [`Response::encode`], [`web_response`]) plus one small async
+//! loop ([`serve`]) that reads request heads with a bound, answers, and keeps the connection
+//! alive between requests up to the idle timeout. Request bodies are not supported: a request
+//! that announces one is answered and the connection closed (nothing here needs a body yet).
+//! Not here: the diag endpoint's HTTP (`diag.rs`, blocking, plain TCP), the web UI.
+
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use serde::Serialize;
+
+use crate::server::io::with_deadline;
+use crate::server::shard::Signal;
+
+/// Largest request head (request line and headers): browsers send 1–3 KiB; more is refused
+/// with 431 rather than buffered.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
+
+/// Most headers in one request.
+pub const MAX_REQUEST_HEADERS: usize = 48;
+
+/// What the engine needs from a request head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    /// `GET`, `HEAD`, ...
+    pub method: String,
+    /// Path and query as sent.
+    pub path: String,
+    /// Whether the client wants the connection kept open after the response.
+    pub keep_alive: bool,
+    /// Whether the request announces a body (which is not read).
+    pub has_body: bool,
+}
+
+/// Why a request head was refused (the client's fault).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    /// Longer than [`MAX_REQUEST_HEAD_BYTES`].
+    #[error("request head exceeds {MAX_REQUEST_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    /// Not HTTP/1.x, or more than [`MAX_REQUEST_HEADERS`] headers.
+    #[error("malformed request head")]
+    Malformed,
+}
+
+/// Parses a request head from the front of `buf`: `Ok(None)` until complete, then the head and
+/// the bytes it used.
+pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let used = match request.parse(buf) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD_BYTES => {
+            return Err(HttpError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(HttpError::Malformed),
+    };
+    if used > MAX_REQUEST_HEAD_BYTES {
+        return Err(HttpError::HeadTooLarge);
+    }
+    let version = request.version.unwrap_or(0);
+    let mut keep_alive = version >= 1;
+    let mut has_body = false;
+    for header in request.headers.iter() {
+        let value = std::str::from_utf8(header.value).unwrap_or("").trim();
+        if header.name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        } else if header.name.eq_ignore_ascii_case("content-length") {
+            has_body |= value != "0";
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            has_body = true;
+        }
+    }
+    Ok(Some((
+        RequestHead {
+            method: request.method.unwrap_or("").to_owned(),
+            path: request.path.unwrap_or("").to_owned(),
+            keep_alive: keep_alive && !has_body,
+            has_body,
+        },
+        used,
+    )))
+}
+
+/// A complete response with a small in-memory body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Send `Connection: close` and close after writing.
+    pub close: bool,
+}
+
+impl Response {
+    /// A JSON response.
+    pub fn json(status: u16, value: &impl Serialize) -> Response {
+        let mut body = serde_json::to_vec(value).unwrap_or_default();
+        body.push(b'\n');
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+            close: false,
+        }
+    }
+
+    /// A plain-text response.
+    pub fn text(status: u16, text: &str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: format!("{text}\n").into_bytes(),
+            close: false,
+        }
+    }
+
+    /// The response bytes; `head_only` omits the body (for `HEAD`).
+    pub fn encode(&self, head_only: bool) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\ncache-control: no-store\r\n{}\r\n",
+            self.status,
+            reason_phrase(self.status),
+            self.content_type,
+            self.body.len(),
+            if self.close { "connection: close\r\n" } else { "" },
+        )
+        .into_bytes();
+        if !head_only {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// Body of `GET /webapi/ping`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PingBody {
+    /// Cluster name.
+    pub cluster: String,
+    /// Engine version.
+    pub version: &'static str,
+    /// The public address clients use.
+    pub public_addr: String,
+}
+
+/// The web route's answer to one request.
+pub fn web_response(head: &RequestHead, ping: &PingBody) -> Response {
+    let path = head.path.split('?').next().unwrap_or("");
+    match (head.method.as_str(), path) {
+        ("GET" | "HEAD", "/webapi/ping") => Response::json(200, ping),
+        (_, "/webapi/ping") => Response::text(405, "method not allowed"),
+        _ => Response::text(404, "not found"),
+    }
+}
+
+/// How a [`serve`] loop ended.
+#[derive(Debug)]
+pub enum ServeEnd {
+    /// The client closed, asked to close, or the server was draining.
+    Closed,
+    /// No request within the idle timeout.
+    Idle,
+    /// The request head was refused (an error response was sent).
+    BadRequest(HttpError),
+    /// Reading or writing failed.
+    Io(std::io::Error),
+}
+
+/// Serves requests on `stream` with `respond` until the client closes, `idle` passes without a
+/// request, a head is refused, or the shard drains (`draining` fired: the response in progress
+/// is finished with `connection: close`, and a connection waiting for its next request is
+/// closed at once). The first request must arrive before `first_deadline`.
+pub async fn serve<S>(
+    stream: &mut S,
+    first_deadline: Instant,
+    idle: Duration,
+    draining: &Signal,
+    respond: &dyn Fn(&RequestHead) -> Response,
+) -> ServeEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let mut deadline = first_deadline;
+    loop {
+        let between_requests = buf.is_empty();
+        let next = futures_lite::future::or(
+            with_deadline(deadline, read_head(stream, &mut buf)),
+            async {
+                if between_requests {
+                    draining.wait().await;
+                    Ok(Ok(None))
+                } else {
+                    std::future::pending().await
+                }
+            },
+        );
+        let head = match next.await {
+            Err(_) => return ServeEnd::Idle,
+            Ok(Ok(Some(head))) => head,
+            Ok(Ok(None)) => return ServeEnd::Closed,
+            Ok(Err(ReadError::Http(e))) => {
+                let status = match e {
+                    HttpError::HeadTooLarge => 431,
+                    HttpError::Malformed => 400,
+                };
+                let mut response = Response::text(status, &e.to_string());
+                response.close = true;
+                let _ = stream.write_all(&response.encode(false)).await;
+                let _ = stream.close().await;
+                return ServeEnd::BadRequest(e);
+            }
+            Ok(Err(ReadError::Io(e))) => return ServeEnd::Io(e),
+        };
+        let mut response = respond(&head);
+        response.close |= !head.keep_alive || draining.is_fired();
+        let bytes = response.encode(head.method == "HEAD");
+        if let Err(e) = stream.write_all(&bytes).await {
+            return ServeEnd::Io(e);
+        }
+        if let Err(e) = stream.flush().await {
+            return ServeEnd::Io(e);
+        }
+        if response.close {
+            let _ = stream.close().await;
+            return ServeEnd::Closed;
+        }
+        deadline = Instant::now() + idle;
+    }
+}
+
+enum ReadError {
+    Http(HttpError),
+    Io(std::io::Error),
+}
+
+/// Reads until one request head is complete; keeps bytes after it (pipelining) in `buf`.
+/// `Ok(None)` on a clean EOF before any byte of a request.
+async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<Option<RequestHead>, ReadError> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        if !buf.is_empty() {
+            match parse_head(buf) {
+                Ok(Some((head, used))) => {
+                    buf.drain(..used);
+                    return Ok(Some(head));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ReadError::Http(e)),
+            }
+        }
+        let room = MAX_REQUEST_HEAD_BYTES
+            .saturating_sub(buf.len())
+            .min(chunk.len());
+        if room == 0 {
+            return Err(ReadError::Http(HttpError::HeadTooLarge));
+        }
+        let n = stream
+            .read(&mut chunk[..room])
+            .await
+            .map_err(ReadError::Io)?;
+        if n == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(ReadError::Http(HttpError::Malformed))
+            };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ping() -> PingBody {
+        PingBody {
+            cluster: "c".into(),
+            version: "0.1.0",
+            public_addr: "jaunt.test:3080".into(),
+        }
+    }
+
+    #[test]
+    fn parses_heads_incrementally() {
+        let req = b"GET /webapi/ping HTTP/1.1\r\nHost: x\r\n\r\nGET /next";
+        for cut in 0..38 {
+            assert_eq!(parse_head(&req[..cut]), Ok(None), "cut {cut}");
+        }
+        let (head, used) = parse_head(req)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(used, 38);
+        assert_eq!(head.method, "GET");
+        assert_eq!(head.path, "/webapi/ping");
+        assert!(head.keep_alive);
+        assert!(!head.has_body);
+    }
+
+    #[test]
+    fn connection_semantics() {
+        let close = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert_eq!(close.map(|h| h.map(|h| h.0.keep_alive)), Ok(Some(false)));
+        let old = parse_head(b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(old.map(|h| h.map(|h| h.0.keep_alive)), Ok(Some(false)));
+        let body = parse_head(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
+        assert_eq!(
+            body.map(|h| h.map(|h| (h.0.has_body, h.0.keep_alive))),
+            Ok(Some((true, false)))
+        );
+    }
+
+    #[test]
+    fn refuses_garbage_and_oversized_heads() {
+        assert_eq!(
+            parse_head(b"\x16\x03\x01garbage\r\n\r\n"),
+            Err(HttpError::Malformed)
+        );
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_REQUEST_HEAD_BYTES, b'a');
+        assert_eq!(parse_head(&big), Err(HttpError::HeadTooLarge));
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_REQUEST_HEADERS {
+            many.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse_head(&many), Err(HttpError::Malformed));
+    }
+
+    #[test]
+    fn web_routes() {
+        let head = |method: &str, path: &str| RequestHead {
+            method: method.into(),
+            path: path.into(),
+            keep_alive: true,
+            has_body: false,
+        };
+        let ok = web_response(&head("GET", "/webapi/ping?x=1"), &ping());
+        assert_eq!(ok.status, 200);
+        assert_eq!(
+            ok.body,
+            b"{\"cluster\":\"c\",\"version\":\"0.1.0\",\"public_addr\":\"jaunt.test:3080\"}\n"
+        );
+        assert_eq!(
+            web_response(&head("POST", "/webapi/ping"), &ping()).status,
+            405
+        );
+        assert_eq!(web_response(&head("GET", "/"), &ping()).status, 404);
+        assert_eq!(
+            web_response(&head("GET", "/webapi/pingx"), &ping()).status,
+            404
+        );
+    }
+
+    #[test]
+    fn response_encoding() {
+        let mut response = Response::text(404, "not found");
+        response.close = true;
+        let text = String::from_utf8(response.encode(false)).unwrap_or_default();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(text.contains("content-length: 10\r\n"));
+        assert!(text.contains("connection: close\r\n"));
+        assert!(text.ends_with("\r\n\r\nnot found\n"));
+        let head_only = String::from_utf8(response.encode(true)).unwrap_or_default();
+        assert!(head_only.ends_with("\r\n\r\n"));
+    }
+}

@@ -1,0 +1,191 @@
+//! Byte-moving helpers of the connection shell: [`Prefixed`] (replay the bytes read while
+//! routing, then read the socket), [`Counted`] (report a socket's bytes, for metrics and the
+//! idle timeout), [`idle_timeout`] and [`with_deadline`]. Splicing itself is
+//! [`crate::tunnel::splice`], shared with the agent.
+//!
+//! The wrappers are runtime-agnostic `futures_lite` I/O adapters; only the timers come from
+//! glommio.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+
+/// The deadline passed before the future completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimedOut;
+
+/// Runs `fut` until `deadline`; `Err(TimedOut)` if the deadline comes first (then `fut` is
+/// dropped). Must run on a glommio executor.
+pub async fn with_deadline<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, TimedOut> {
+    let timer = async {
+        let left = deadline.saturating_duration_since(Instant::now());
+        glommio::timer::Timer::new(left).await;
+        Err(TimedOut)
+    };
+    futures_lite::future::or(async { Ok(fut.await) }, timer).await
+}
+
+/// A stream that first yields `prefix` (bytes already read from `inner` while routing) and then
+/// reads `inner`. Writes go straight to `inner`. Used to hand a TLS acceptor a ClientHello the
+/// router has already consumed.
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// Replays `prefix`, then reads `inner`.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
+        Prefixed {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(rest) = this.prefix.get(this.at..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                // The ClientHello is not needed any more: give its memory back.
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
+/// Something that wants to hear about the bytes of one socket.
+pub trait ByteSink {
+    /// `n` bytes were read from (`from_peer`) or written to the socket.
+    fn bytes(&self, from_peer: bool, n: usize);
+}
+
+/// Wraps the client's socket and reports every byte read or written to `sink`, so byte metrics
+/// count what crossed the wire (TLS records included) the same way for every route, and the
+/// idle timeout sees activity in either direction.
+#[derive(Debug)]
+pub struct Counted<S, K> {
+    inner: S,
+    sink: K,
+}
+
+impl<S, K: ByteSink> Counted<S, K> {
+    /// Counts `inner`'s bytes into `sink`.
+    pub fn new(inner: S, sink: K) -> Counted<S, K> {
+        Counted { inner, sink }
+    }
+}
+
+impl<S: AsyncRead + Unpin, K: ByteSink + Unpin> AsyncRead for Counted<S, K> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        this.sink.bytes(true, n);
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl<S: AsyncWrite + Unpin, K: ByteSink + Unpin> AsyncWrite for Counted<S, K> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.sink.bytes(false, n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
+/// Completes once `last_activity` is older than `idle`: the idle timeout of a splice, raced
+/// against it. Whoever moves bytes refreshes `last_activity` (see [`Counted`]).
+pub async fn idle_timeout(last_activity: &Cell<Instant>, idle: Duration) {
+    loop {
+        let due = last_activity.get() + idle;
+        let now = Instant::now();
+        if now >= due {
+            return;
+        }
+        glommio::timer::Timer::new(due - now).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_lite::io::{AsyncReadExt, Cursor};
+
+    use super::*;
+
+    #[test]
+    fn prefixed_replays_then_reads_inner() {
+        futures_lite::future::block_on(async {
+            let mut stream = Prefixed::new(b"hello ".to_vec(), Cursor::new(b"world".to_vec()));
+            let mut small = [0u8; 4];
+            assert_eq!(stream.read(&mut small).await.ok(), Some(4));
+            assert_eq!(&small, b"hell");
+            let mut rest = Vec::new();
+            assert_eq!(stream.read_to_end(&mut rest).await.ok(), Some(7));
+            assert_eq!(rest, b"o world");
+        });
+    }
+
+    #[test]
+    fn prefixed_with_empty_prefix_is_transparent() {
+        futures_lite::future::block_on(async {
+            let mut stream = Prefixed::new(Vec::new(), Cursor::new(b"abc".to_vec()));
+            let mut all = Vec::new();
+            assert_eq!(stream.read_to_end(&mut all).await.ok(), Some(3));
+            assert_eq!(all, b"abc");
+        });
+    }
+}

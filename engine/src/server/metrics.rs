@@ -1,0 +1,600 @@
+//! Per-shard counters and their Prometheus text rendering.
+//!
+//! # Why single-writer atomics
+//!
+//! Each shard owns one [`ShardMetrics`]; only that shard's thread ever writes it, and the diag
+//! thread reads it when `/metrics` is scraped. A plain `Cell` would be cheapest but cannot be
+//! read from another thread without `unsafe` (forbidden in this workspace) or a hand-off on every
+//! scrape. So every field is an `AtomicU64` used as a *single-writer* cell: increments are a
+//! `Relaxed` load plus a `Relaxed` store (two plain `mov`s on x86-64 and aarch64, no `lock`
+//! prefix, no read-modify-write), which is correct only because there is one writer. The reader
+//! may see a slightly stale or mixed view across fields, which Prometheus tolerates. The struct is
+//! aligned to 128 bytes (two cache lines, the adjacent-line prefetch unit) so two shards'
+//! counters never share a line; within a shard, lines are touched by the owner and, rarely, by a
+//! scrape.
+//!
+//! Lives here: [`ShardMetrics`], the [`Refusal`] reasons with their stable labels, the route
+//! kinds, the handshake histogram buckets, and [`render`]. Not here: serving HTTP (`diag.rs`).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::route::{RejectReason, Route};
+
+/// A counter or gauge written by one thread only (see the module doc).
+#[derive(Debug, Default)]
+pub struct Cell64(AtomicU64);
+
+impl Cell64 {
+    /// Adds `n` (wrapping). Only the owning shard may call this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Subtracts `n`, saturating at 0. Only the owning shard may call this.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.saturating_sub(n), Ordering::Relaxed);
+    }
+
+    /// Overwrites the value. Only the owning shard may call this.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// Reads the value (any thread).
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Route kinds with their own counters: [`Route::as_str`] labels except `reject` (refusals are
+/// counted by reason instead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteKind {
+    /// `jaunt-tunnel`.
+    Tunnel,
+    /// `jaunt-control` pass-through.
+    Control,
+    /// `jaunt-ssh`.
+    Ssh,
+    /// `jaunt-postgres`.
+    Postgres,
+    /// `jaunt-tcp`.
+    Tcp,
+    /// Web app.
+    App,
+    /// Web UI/API.
+    Web,
+}
+
+impl RouteKind {
+    /// Every kind, in index order.
+    pub const ALL: [RouteKind; 7] = [
+        RouteKind::Tunnel,
+        RouteKind::Control,
+        RouteKind::Ssh,
+        RouteKind::Postgres,
+        RouteKind::Tcp,
+        RouteKind::App,
+        RouteKind::Web,
+    ];
+
+    /// The kind of a route; `None` for `Reject`.
+    pub fn of(route: &Route<'_>) -> Option<RouteKind> {
+        Some(match route {
+            Route::Tunnel => RouteKind::Tunnel,
+            Route::Control => RouteKind::Control,
+            Route::Ssh => RouteKind::Ssh,
+            Route::Postgres => RouteKind::Postgres,
+            Route::Tcp => RouteKind::Tcp,
+            Route::App { .. } => RouteKind::App,
+            Route::Web => RouteKind::Web,
+            Route::Reject(_) => return None,
+        })
+    }
+
+    /// Stable metric label (same as [`Route::as_str`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Tunnel => "tunnel",
+            RouteKind::Control => "control",
+            RouteKind::Ssh => "ssh",
+            RouteKind::Postgres => "postgres",
+            RouteKind::Tcp => "tcp",
+            RouteKind::App => "app",
+            RouteKind::Web => "web",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Byte direction, seen from the client of the public port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Bytes the client sent (ClientHello and TLS records included).
+    FromClient,
+    /// Bytes sent to the client.
+    ToClient,
+}
+
+impl Direction {
+    const ALL: [Direction; 2] = [Direction::FromClient, Direction::ToClient];
+
+    /// Stable metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::FromClient => "from_client",
+            Direction::ToClient => "to_client",
+        }
+    }
+}
+
+/// Why a connection was refused or cut off, with a stable metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The ClientHello was refused by the parser or the router.
+    Hello(RejectReason),
+    /// The shard already holds `max_connections_per_shard` connections.
+    TooManyConnections,
+    /// No complete ClientHello, TLS handshake or dial request within the handshake timeout.
+    HandshakeTimeout,
+    /// The TLS handshake failed (bad or missing client certificate, protocol error).
+    TlsHandshake,
+    /// The client certificate carries no usable Jaunt identity, or the wrong kind.
+    BadIdentity,
+    /// The identity is outside its validity window.
+    IdentityExpired,
+    /// The dial request was malformed, too large, or did not match the ALPN.
+    BadDialRequest,
+    /// The dial target is not registered.
+    UnknownTarget,
+    /// Roles or locks forbid the dial.
+    Forbidden,
+    /// No tunnel to the agent serving the target.
+    AgentOffline,
+    /// The agent refused the stream or did not answer in time (it could not reach the target).
+    DialFailed,
+    /// Control could not be reached for a pass-through.
+    ControlUnreachable,
+    /// An HTTP request head exceeded its bound or did not parse.
+    BadHttpRequest,
+    /// A spliced or keep-alive connection stayed silent for the idle timeout.
+    IdleTimeout,
+    /// Still open when the drain deadline of a shutdown passed.
+    DrainDeadline,
+}
+
+/// Limit and error refusals, after the [`RejectReason`]s, in index order.
+const OTHER_REFUSALS: [Refusal; 14] = [
+    Refusal::TooManyConnections,
+    Refusal::HandshakeTimeout,
+    Refusal::TlsHandshake,
+    Refusal::BadIdentity,
+    Refusal::IdentityExpired,
+    Refusal::BadDialRequest,
+    Refusal::UnknownTarget,
+    Refusal::Forbidden,
+    Refusal::AgentOffline,
+    Refusal::DialFailed,
+    Refusal::ControlUnreachable,
+    Refusal::BadHttpRequest,
+    Refusal::IdleTimeout,
+    Refusal::DrainDeadline,
+];
+
+/// Number of refusal reasons.
+pub const REFUSAL_COUNT: usize = RejectReason::ALL.len() + OTHER_REFUSALS.len();
+
+impl Refusal {
+    /// Every reason, in index order.
+    pub fn all() -> impl Iterator<Item = Refusal> {
+        RejectReason::ALL
+            .into_iter()
+            .map(Refusal::Hello)
+            .chain(OTHER_REFUSALS)
+    }
+
+    /// Stable metric label; the ClientHello ones are [`RejectReason::as_str`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Hello(reason) => reason.as_str(),
+            Refusal::TooManyConnections => "too_many_connections",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::BadIdentity => "bad_identity",
+            Refusal::IdentityExpired => "identity_expired",
+            Refusal::BadDialRequest => "bad_dial_request",
+            Refusal::UnknownTarget => "unknown_target",
+            Refusal::Forbidden => "forbidden",
+            Refusal::AgentOffline => "agent_offline",
+            Refusal::DialFailed => "dial_failed",
+            Refusal::ControlUnreachable => "control_unreachable",
+            Refusal::BadHttpRequest => "bad_http_request",
+            Refusal::IdleTimeout => "idle_timeout",
+            Refusal::DrainDeadline => "drain_deadline",
+        }
+    }
+
+    /// Position in [`Refusal::all`].
+    pub fn index(self) -> usize {
+        match self {
+            Refusal::Hello(reason) => reason.index(),
+            other => {
+                RejectReason::ALL.len()
+                    + OTHER_REFUSALS.iter().position(|r| *r == other).unwrap_or(0)
+            }
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the handshake histogram: from a local resumption (~0.1 ms) to the
+/// default handshake timeout (10 s).
+pub const HANDSHAKE_BUCKETS_SECONDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// One shard's counters (see the module doc for the single-writer rule).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    accepted: [Cell64; RouteKind::ALL.len()],
+    active: Cell64,
+    refused: [Cell64; REFUSAL_COUNT],
+    /// Per-bucket (not cumulative) counts; the last slot is `+Inf`.
+    handshake_buckets: [Cell64; HANDSHAKE_BUCKETS_SECONDS.len() + 1],
+    handshake_sum_micros: Cell64,
+    bytes: [[Cell64; 2]; RouteKind::ALL.len()],
+    tunnels: Cell64,
+    streams_open: Cell64,
+    cross_shard_hops: Cell64,
+    snapshot_version: Cell64,
+    snapshot_applied: AtomicBool,
+    listening: AtomicBool,
+}
+
+impl ShardMetrics {
+    /// A connection was routed to `kind`.
+    pub fn accepted(&self, kind: RouteKind) {
+        self.accepted[kind.index()].add(1);
+    }
+
+    /// Active connections: +1.
+    pub fn connection_opened(&self) {
+        self.active.add(1);
+    }
+
+    /// Active connections: −1.
+    pub fn connection_closed(&self) {
+        self.active.sub(1);
+    }
+
+    /// Connections currently open on this shard.
+    pub fn active(&self) -> u64 {
+        self.active.get()
+    }
+
+    /// A connection was refused or cut off.
+    pub fn refused(&self, reason: Refusal) {
+        if let Some(cell) = self.refused.get(reason.index()) {
+            cell.add(1);
+        }
+    }
+
+    /// How many connections were refused for `reason`.
+    pub fn refused_count(&self, reason: Refusal) -> u64 {
+        self.refused.get(reason.index()).map_or(0, Cell64::get)
+    }
+
+    /// A handshake (accept to TLS established) took `elapsed`.
+    pub fn handshake(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket = HANDSHAKE_BUCKETS_SECONDS
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(HANDSHAKE_BUCKETS_SECONDS.len());
+        self.handshake_buckets[bucket].add(1);
+        self.handshake_sum_micros
+            .add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// `n` bytes moved on a connection of `kind`.
+    pub fn bytes(&self, kind: RouteKind, direction: Direction, n: u64) {
+        self.bytes[kind.index()][direction as usize].add(n);
+    }
+
+    /// Tunnels registered on this shard.
+    pub fn set_tunnels(&self, n: u64) {
+        self.tunnels.set(n);
+    }
+
+    /// Streams open through this shard's tunnels: +1.
+    pub fn stream_opened(&self) {
+        self.streams_open.add(1);
+    }
+
+    /// Streams open through this shard's tunnels: −1.
+    pub fn stream_closed(&self) {
+        self.streams_open.sub(1);
+    }
+
+    /// A user connection was served through a tunnel owned by another shard.
+    pub fn cross_shard_hop(&self) {
+        self.cross_shard_hops.add(1);
+    }
+
+    /// A snapshot was applied.
+    pub fn snapshot_applied(&self, version: u64) {
+        self.snapshot_version.set(version);
+        self.snapshot_applied.store(true, Ordering::Release);
+    }
+
+    /// The version of the applied snapshot, if any.
+    pub fn snapshot_version(&self) -> Option<u64> {
+        self.snapshot_applied
+            .load(Ordering::Acquire)
+            .then(|| self.snapshot_version.get())
+    }
+
+    /// The listener is bound (`true`) or closed (`false`).
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::Release);
+    }
+
+    /// Whether the listener is bound.
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+}
+
+/// Renders every shard's counters in the Prometheus text exposition format (version 0.0.4).
+pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    // `write!` into a String cannot fail; the results are ignored on purpose.
+    family(
+        &mut out,
+        "jaunt_connections_accepted_total",
+        "counter",
+        "Connections routed, by shard and route.",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        for kind in RouteKind::ALL {
+            let v = shard.accepted[kind.index()].get();
+            let _ = writeln!(
+                out,
+                "jaunt_connections_accepted_total{{shard=\"{i}\",route=\"{}\"}} {v}",
+                kind.as_str()
+            );
+        }
+    }
+    family(
+        &mut out,
+        "jaunt_connections_active",
+        "gauge",
+        "Connections open, by shard.",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "jaunt_connections_active{{shard=\"{i}\"}} {}",
+            shard.active.get()
+        );
+    }
+    family(
+        &mut out,
+        "jaunt_connections_refused_total",
+        "counter",
+        "Connections refused or cut off, by shard and reason.",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        for reason in Refusal::all() {
+            let _ = writeln!(
+                out,
+                "jaunt_connections_refused_total{{shard=\"{i}\",reason=\"{}\"}} {}",
+                reason.as_str(),
+                shard.refused_count(reason)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "jaunt_handshake_seconds",
+        "histogram",
+        "Time from accept to an established TLS session, for routes that terminate TLS.",
+    );
+    let mut cumulative = 0u64;
+    for (b, le) in HANDSHAKE_BUCKETS_SECONDS.iter().enumerate() {
+        cumulative += shards
+            .iter()
+            .map(|s| s.handshake_buckets[b].get())
+            .sum::<u64>();
+        let _ = writeln!(
+            out,
+            "jaunt_handshake_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+        );
+    }
+    cumulative += shards
+        .iter()
+        .map(|s| s.handshake_buckets[HANDSHAKE_BUCKETS_SECONDS.len()].get())
+        .sum::<u64>();
+    let _ = writeln!(
+        out,
+        "jaunt_handshake_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
+    let sum_micros: u64 = shards.iter().map(|s| s.handshake_sum_micros.get()).sum();
+    let _ = writeln!(
+        out,
+        "jaunt_handshake_seconds_sum {}",
+        sum_micros as f64 / 1e6
+    );
+    let _ = writeln!(out, "jaunt_handshake_seconds_count {cumulative}");
+    family(
+        &mut out,
+        "jaunt_bytes_total",
+        "counter",
+        "Bytes moved, by route and direction (seen from the client).",
+    );
+    for kind in RouteKind::ALL {
+        for direction in Direction::ALL {
+            let v: u64 = shards
+                .iter()
+                .map(|s| s.bytes[kind.index()][direction as usize].get())
+                .sum();
+            let _ = writeln!(
+                out,
+                "jaunt_bytes_total{{route=\"{}\",direction=\"{}\"}} {v}",
+                kind.as_str(),
+                direction.as_str()
+            );
+        }
+    }
+    family(
+        &mut out,
+        "jaunt_tunnels",
+        "gauge",
+        "Agent tunnels, by shard.",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "jaunt_tunnels{{shard=\"{i}\"}} {}",
+            shard.tunnels.get()
+        );
+    }
+    family(
+        &mut out,
+        "jaunt_streams_open",
+        "gauge",
+        "User streams open through tunnels, by shard.",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "jaunt_streams_open{{shard=\"{i}\"}} {}",
+            shard.streams_open.get()
+        );
+    }
+    family(
+        &mut out,
+        "jaunt_cross_shard_hops_total",
+        "counter",
+        "User connections served through a tunnel owned by another shard.",
+    );
+    let hops: u64 = shards.iter().map(|s| s.cross_shard_hops.get()).sum();
+    let _ = writeln!(out, "jaunt_cross_shard_hops_total {hops}");
+    family(
+        &mut out,
+        "jaunt_snapshot_version",
+        "gauge",
+        "Version of the applied snapshot, by shard (0 before the first).",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "jaunt_snapshot_version{{shard=\"{i}\"}} {}",
+            shard.snapshot_version().unwrap_or(0)
+        );
+    }
+    out
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn refusal_indexes_are_dense_and_labels_unique() {
+        let all: Vec<Refusal> = Refusal::all().collect();
+        assert_eq!(all.len(), REFUSAL_COUNT);
+        for (i, reason) in all.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
+        let mut labels: Vec<&str> = all.iter().map(|r| r.as_str()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), REFUSAL_COUNT);
+    }
+
+    #[test]
+    fn route_kind_labels_match_route() {
+        for (kind, route) in RouteKind::ALL.iter().zip([
+            Route::Tunnel,
+            Route::Control,
+            Route::Ssh,
+            Route::Postgres,
+            Route::Tcp,
+            Route::App { name: "x" },
+            Route::Web,
+        ]) {
+            assert_eq!(RouteKind::of(&route), Some(*kind));
+            assert_eq!(kind.as_str(), route.as_str());
+        }
+        assert_eq!(RouteKind::of(&Route::Reject(RejectReason::NotTls)), None);
+    }
+
+    #[test]
+    fn render_shows_every_family_and_cumulative_buckets() {
+        let a = Arc::new(ShardMetrics::default());
+        let b = Arc::new(ShardMetrics::default());
+        a.accepted(RouteKind::Web);
+        a.refused(Refusal::Hello(RejectReason::UnknownAlpn));
+        b.refused(Refusal::Hello(RejectReason::UnknownAlpn));
+        b.refused(Refusal::HandshakeTimeout);
+        a.handshake(Duration::from_micros(300));
+        b.handshake(Duration::from_millis(3));
+        b.handshake(Duration::from_secs(60));
+        a.bytes(RouteKind::Control, Direction::FromClient, 517);
+        b.bytes(RouteKind::Control, Direction::FromClient, 3);
+        a.connection_opened();
+        a.connection_opened();
+        a.connection_closed();
+        b.snapshot_applied(7);
+        let text = render(&[a, b]);
+        for line in [
+            "jaunt_connections_accepted_total{shard=\"0\",route=\"web\"} 1",
+            "jaunt_connections_active{shard=\"0\"} 1",
+            "jaunt_connections_refused_total{shard=\"0\",reason=\"unknown_alpn\"} 1",
+            "jaunt_connections_refused_total{shard=\"1\",reason=\"unknown_alpn\"} 1",
+            "jaunt_connections_refused_total{shard=\"1\",reason=\"handshake_timeout\"} 1",
+            "jaunt_handshake_seconds_bucket{le=\"0.0005\"} 1",
+            "jaunt_handshake_seconds_bucket{le=\"0.005\"} 2",
+            "jaunt_handshake_seconds_bucket{le=\"10\"} 2",
+            "jaunt_handshake_seconds_bucket{le=\"+Inf\"} 3",
+            "jaunt_handshake_seconds_count 3",
+            "jaunt_bytes_total{route=\"control\",direction=\"from_client\"} 520",
+            "jaunt_tunnels{shard=\"1\"} 0",
+            "jaunt_streams_open{shard=\"0\"} 0",
+            "jaunt_cross_shard_hops_total 0",
+            "jaunt_snapshot_version{shard=\"0\"} 0",
+            "jaunt_snapshot_version{shard=\"1\"} 7",
+            "# TYPE jaunt_handshake_seconds histogram",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn shard_metrics_do_not_share_cache_lines() {
+        assert_eq!(std::mem::align_of::<ShardMetrics>(), 128);
+        assert_eq!(std::mem::size_of::<ShardMetrics>() % 128, 0);
+    }
+}

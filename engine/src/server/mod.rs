@@ -1,0 +1,476 @@
+//! The engine server: shards, listeners, ClientHello routing, control pass-through, the web
+//! ping, refusals, metrics. This file holds the public API `jaunt start` uses ([`Engine::start`],
+//! [`EngineConfig`], [`EngineHandle`], [`EngineError`]) and the boot sequence; the parts live in
+//! their own files:
+//!
+//! - `shard.rs`: one glommio executor per shard, its `SO_REUSEPORT` listener, mailbox, tunnel
+//!   table and drain;
+//! - `conn.rs`: one connection from ClientHello to close (the routing table's actions);
+//! - `io.rs`: prefix replay, byte counting, splice with idle timeout, deadlines;
+//! - `http.rs`: the web route's HTTP/1.1; `diag.rs`: `/metrics`, `/healthz`, `/readyz`;
+//! - `dial.rs`: the dial request/response and tunnel hello wire formats (sans-IO);
+//! - `authorize.rs`: the one authorization decision; `snapshot.rs`: what it reads;
+//! - `metrics.rs`: per-shard single-writer counters and the Prometheus text;
+//! - `tls.rs`: the three TLS configurations and their per-shard copies.
+//!
+//! Boot: validate the config; start shard 0 and wait until it listens (if `listen_addr` has port
+//! 0, its port becomes every other shard's); start the others the same way; start the snapshot
+//! feeder thread (one `Receiver` in, one mailbox per shard out) and the diag thread. Any failure
+//! stops what was started and returns an [`EngineError`] naming what to change.
+
+mod authorize;
+mod conn;
+mod diag;
+pub mod dial;
+mod http;
+mod io;
+pub mod metrics;
+mod shard;
+pub mod snapshot;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use authorize::{authorize, Denied, DeniedKind};
+pub use dial::{DialKind, DialRequest, DialResponse, TunnelHello};
+pub use snapshot::{Lock, Snapshot, Target, Targets};
+pub use tls::{TlsBuildError, TlsConfigs};
+
+use crate::mux::Blame;
+use diag::{Diag, DiagState};
+use metrics::ShardMetrics;
+use shard::{Command, MailboxSender, ShardBoot};
+
+/// Default handshake timeout: a ClientHello, a TLS handshake and a dial request take a few round
+/// trips; 10 s covers a slow mobile link and still frees a slowloris's slot quickly.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default idle timeout of spliced connections and tunnels: long enough for an idle shell over
+/// lunch, short enough that abandoned half-open connections do not pile up. Clients with
+/// keepalives (`ssh -o ServerAliveInterval`, the agent's pings) never reach it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+
+/// Default connection bound per shard: about 100 KiB each (TLS and splice buffers) keeps a
+/// full shard near 1 GiB.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SHARD: usize = 10_000;
+
+/// Default memory glommio registers per shard for its io_uring buffers. TCP does not use them
+/// (only file I/O does), and glommio locks three times this much per executor, so keep it at
+/// glommio's minimum.
+pub const DEFAULT_IO_MEMORY: usize = 64 << 10;
+
+/// Most shards one engine runs.
+pub const MAX_SHARDS: usize = 1024;
+
+/// How long [`EngineHandle::reload_tls`] waits for every shard to acknowledge.
+pub const COMMAND_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The engine's runtime configuration (validated by [`Engine::start`]).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The public port (every shard binds it with `SO_REUSEPORT`; port 0 picks one).
+    pub listen_addr: SocketAddr,
+    /// The cluster's public host name (a port is allowed and ignored for routing); SNI equal to
+    /// it is the web route, `<app>.<public_host>` an app.
+    pub public_host: String,
+    /// Cluster name for the web ping until a snapshot names it.
+    pub cluster_name: String,
+    /// Number of shards (glommio executors), 1..=[`MAX_SHARDS`].
+    pub shards: usize,
+    /// Pin shard `i` to the `i`-th online CPU when there are enough (else run unpinned).
+    pub pin_shards: bool,
+    /// io_uring buffer memory per shard (see [`DEFAULT_IO_MEMORY`]).
+    pub io_memory: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` for nowhere.
+    pub diag_addr: Option<SocketAddr>,
+    /// Where `jaunt-control` connections are passed through to.
+    pub control_addr: SocketAddr,
+    /// Accept to established TLS session (and dial request) bound.
+    pub handshake_timeout: Duration,
+    /// Silence bound of spliced connections and tunnels.
+    pub idle_timeout: Duration,
+    /// Connections one shard holds at most; more are refused at accept.
+    pub max_connections_per_shard: usize,
+}
+
+impl EngineConfig {
+    /// A configuration with the defaults above and one shard per available CPU.
+    pub fn new(
+        listen_addr: SocketAddr,
+        public_host: &str,
+        control_addr: SocketAddr,
+    ) -> EngineConfig {
+        EngineConfig {
+            listen_addr,
+            public_host: public_host.to_owned(),
+            cluster_name: String::new(),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pin_shards: true,
+            io_memory: DEFAULT_IO_MEMORY,
+            diag_addr: None,
+            control_addr,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections_per_shard: DEFAULT_MAX_CONNECTIONS_PER_SHARD,
+        }
+    }
+
+    fn validate(&self) -> Result<(), EngineError> {
+        let bad = |key: &'static str, message: String| Err(EngineError::Config { key, message });
+        if self.shards == 0 || self.shards > MAX_SHARDS {
+            return bad(
+                "engine.shards",
+                format!("must be 1..={MAX_SHARDS}, not {}", self.shards),
+            );
+        }
+        if self.public_host.trim().is_empty() {
+            return bad("public_addr", "must name the cluster's public host".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("engine.handshake_timeout", "must be above zero".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("engine.idle_timeout", "must be above zero".into());
+        }
+        if self.max_connections_per_shard == 0 {
+            return bad(
+                "engine.max_connections_per_shard",
+                "must be above zero".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Why the engine could not start or a command failed. [`EngineError::blame`] says whether the
+/// environment, the configuration or the engine itself is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A configuration value is out of range.
+    #[error("{key}: {message}")]
+    Config {
+        /// The config key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// glommio could not set up a shard's io_uring executor.
+    #[error(
+        "shard {shard}: cannot start its io_uring executor ({cause}). Each shard needs io_uring \
+         (kernel 5.8+, not disabled by `sysctl kernel.io_uring_disabled` or a seccomp profile) and \
+         at least 512 KiB of locked memory plus 3 x engine.io_memory, unless the process has \
+         CAP_IPC_LOCK: raise the limit (`ulimit -l`, systemd `LimitMEMLOCK=`, Docker \
+         `--ulimit memlock=`), or lower `engine.shards` or `engine.io_memory`"
+    )]
+    Runtime {
+        /// The shard.
+        shard: usize,
+        /// glommio's message.
+        cause: String,
+    },
+    /// A shard could not bind the public port.
+    #[error("shard {shard}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The shard.
+        shard: usize,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The diag endpoint could not bind.
+    #[error("diag endpoint: cannot listen on {addr}: {source}")]
+    DiagBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        /// The thread name.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A shard thread ended on its own (a bug).
+    #[error("shard {shard} stopped unexpectedly")]
+    ShardDied {
+        /// The shard.
+        shard: usize,
+    },
+    /// A shard did not acknowledge a command in time.
+    #[error("shard {shard} did not acknowledge within {timeout:?}")]
+    ShardUnresponsive {
+        /// The shard.
+        shard: usize,
+        /// How long we waited.
+        timeout: Duration,
+    },
+}
+
+impl EngineError {
+    fn runtime(shard: usize, error: &glommio::GlommioError<()>) -> EngineError {
+        EngineError::Runtime {
+            shard,
+            cause: error.to_string(),
+        }
+    }
+
+    /// Who is to blame: the configuration or the machine ([`Blame::Peer`], i.e. the operator,
+    /// outside the engine) or the engine itself ([`Blame::Local`]).
+    pub fn blame(&self) -> Blame {
+        match self {
+            EngineError::Config { .. }
+            | EngineError::Runtime { .. }
+            | EngineError::Bind { .. }
+            | EngineError::DiagBind { .. }
+            | EngineError::Thread { .. } => Blame::Peer,
+            EngineError::ShardDied { .. } | EngineError::ShardUnresponsive { .. } => Blame::Local,
+        }
+    }
+}
+
+/// What a shutdown did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still open at the drain deadline, closed then.
+    pub aborted_connections: u64,
+}
+
+/// Entry point.
+pub struct Engine;
+
+impl Engine {
+    /// Starts the shards, the snapshot feeder and the diag endpoint. Returns once every shard
+    /// listens; readiness (`/readyz`, [`EngineHandle::ready`]) also waits for the first snapshot
+    /// from `snapshots` to be applied everywhere.
+    pub fn start(
+        config: EngineConfig,
+        tls: TlsConfigs,
+        snapshots: crossbeam_channel::Receiver<Arc<Snapshot>>,
+    ) -> Result<EngineHandle, EngineError> {
+        config.validate()?;
+        let metrics: Vec<Arc<ShardMetrics>> = (0..config.shards)
+            .map(|_| Arc::new(ShardMetrics::default()))
+            .collect();
+        let cpus = shard_cpus(&config);
+        let mut handle = EngineHandle {
+            local_addr: config.listen_addr,
+            shards: Vec::with_capacity(config.shards),
+            state: Arc::new(DiagState {
+                shards: metrics.clone(),
+                draining: std::sync::atomic::AtomicBool::new(false),
+            }),
+            diag: None,
+            feeder: None,
+            stopped: false,
+        };
+        for (index, shard_metrics) in metrics.iter().enumerate() {
+            let (report_tx, report_rx) = std::sync::mpsc::channel();
+            let (mailbox_tx, mailbox) = shard::mailbox();
+            let thread = shard::spawn(ShardBoot {
+                index,
+                shard_count: config.shards,
+                config: config.clone(),
+                bind_addr: handle.local_addr,
+                placement: cpus.as_ref().and_then(|cpus| cpus.get(index).copied()),
+                tls: tls.clone(),
+                metrics: Arc::clone(shard_metrics),
+                mailbox,
+                report: report_tx,
+            })?;
+            handle.shards.push(ShardHandle {
+                mailbox: mailbox_tx,
+                thread: Some(thread),
+            });
+            match report_rx.recv() {
+                Ok(Ok(addr)) => handle.local_addr = addr,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(EngineError::ShardDied { shard: index }),
+            }
+        }
+        let mailboxes: Vec<MailboxSender> =
+            handle.shards.iter().map(|s| s.mailbox.clone()).collect();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let feeder = std::thread::Builder::new()
+            .name("jaunt-snapshots".into())
+            .spawn(move || feed_snapshots(&snapshots, &stop_rx, &mailboxes))
+            .map_err(|source| EngineError::Thread {
+                name: "jaunt-snapshots".into(),
+                source,
+            })?;
+        handle.feeder = Some((stop_tx, feeder));
+        if let Some(addr) = config.diag_addr {
+            handle.diag = Some(Diag::start(addr, Arc::clone(&handle.state))?);
+        }
+        tracing::info!(
+            addr = %handle.local_addr,
+            shards = config.shards,
+            diag = ?handle.diag_addr(),
+            "engine listening"
+        );
+        Ok(handle)
+    }
+}
+
+/// CPUs to pin shards to, or `None` to run them unpinned.
+fn shard_cpus(config: &EngineConfig) -> Option<Vec<usize>> {
+    if !config.pin_shards {
+        return None;
+    }
+    let online = glommio::CpuSet::online().ok()?;
+    let cpus: Vec<usize> = online.iter().map(|location| location.cpu).collect();
+    (cpus.len() >= config.shards).then_some(cpus)
+}
+
+/// The feeder thread: every snapshot from control goes to every shard's mailbox (the one apply
+/// path). Ends when control drops its sender or the engine stops.
+fn feed_snapshots(
+    snapshots: &crossbeam_channel::Receiver<Arc<Snapshot>>,
+    stop: &crossbeam_channel::Receiver<()>,
+    mailboxes: &[MailboxSender],
+) {
+    loop {
+        crossbeam_channel::select! {
+            recv(snapshots) -> snapshot => match snapshot {
+                Ok(snapshot) => {
+                    for mailbox in mailboxes {
+                        mailbox.send(Command::Snapshot(Arc::clone(&snapshot)));
+                    }
+                }
+                Err(_) => return,
+            },
+            recv(stop) -> _ => return,
+        }
+    }
+}
+
+struct ShardHandle {
+    mailbox: MailboxSender,
+    thread: Option<JoinHandle<u64>>,
+}
+
+/// A running engine. Dropping it shuts the engine down without a drain period.
+pub struct EngineHandle {
+    local_addr: SocketAddr,
+    shards: Vec<ShardHandle>,
+    state: Arc<DiagState>,
+    diag: Option<Diag>,
+    feeder: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
+    stopped: bool,
+}
+
+impl EngineHandle {
+    /// The address every shard listens on (the chosen port when `listen_addr` had port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The diag endpoint's address, if one is configured.
+    pub fn diag_addr(&self) -> Option<SocketAddr> {
+        self.diag.as_ref().map(Diag::addr)
+    }
+
+    /// Every shard listens and has applied a snapshot, and no shutdown has begun (what
+    /// `/readyz` answers).
+    pub fn ready(&self) -> bool {
+        self.state.ready()
+    }
+
+    /// The applied snapshot version of each shard (`None` before its first).
+    pub fn snapshot_versions(&self) -> Vec<Option<u64>> {
+        self.state
+            .shards
+            .iter()
+            .map(|s| s.snapshot_version())
+            .collect()
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        metrics::render(&self.state.shards)
+    }
+
+    /// SIGHUP: new handshakes use `tls`; live connections keep the certificates they started
+    /// with. Returns once every shard has switched.
+    pub fn reload_tls(&self, tls: TlsConfigs) -> Result<(), EngineError> {
+        let (ack_tx, ack_rx) = crossbeam_channel::bounded(self.shards.len());
+        for (index, shard) in self.shards.iter().enumerate() {
+            if !shard
+                .mailbox
+                .send(Command::ReloadTls(tls.clone(), ack_tx.clone()))
+            {
+                return Err(EngineError::ShardDied { shard: index });
+            }
+        }
+        let deadline = Instant::now() + COMMAND_ACK_TIMEOUT;
+        let mut acked = vec![false; self.shards.len()];
+        for _ in 0..self.shards.len() {
+            match ack_rx.recv_deadline(deadline) {
+                Ok(index) => {
+                    if let Some(slot) = acked.get_mut(index) {
+                        *slot = true;
+                    }
+                }
+                Err(_) => {
+                    let shard = acked.iter().position(|a| !a).unwrap_or(0);
+                    return Err(EngineError::ShardUnresponsive {
+                        shard,
+                        timeout: COMMAND_ACK_TIMEOUT,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM: stop accepting at once (the port closes), close agent tunnels, let open
+    /// connections finish until `drain_timeout`, then close the rest. Returns when every shard
+    /// has stopped.
+    pub fn shutdown(mut self, drain_timeout: Duration) -> Result<ShutdownReport, EngineError> {
+        self.stop(drain_timeout)
+    }
+
+    fn stop(&mut self, drain_timeout: Duration) -> Result<ShutdownReport, EngineError> {
+        if self.stopped {
+            return Ok(ShutdownReport::default());
+        }
+        self.stopped = true;
+        self.state.draining.store(true, Ordering::Release);
+        let drain_deadline = Instant::now() + drain_timeout;
+        for shard in &self.shards {
+            shard.mailbox.send(Command::Shutdown { drain_deadline });
+        }
+        let mut report = ShutdownReport::default();
+        let mut result = Ok(());
+        for (index, shard) in self.shards.iter_mut().enumerate() {
+            if let Some(thread) = shard.thread.take() {
+                match thread.join() {
+                    Ok(aborted) => report.aborted_connections += aborted,
+                    Err(_) => result = Err(EngineError::ShardDied { shard: index }),
+                }
+            }
+        }
+        if let Some((stop, feeder)) = self.feeder.take() {
+            drop(stop);
+            let _ = feeder.join();
+        }
+        if let Some(mut diag) = self.diag.take() {
+            diag.stop();
+        }
+        tracing::info!(aborted = report.aborted_connections, "engine stopped");
+        result.map(|()| report)
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.stop(Duration::ZERO);
+    }
+}

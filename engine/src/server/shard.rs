@@ -1,0 +1,633 @@
+//! One shard: a glommio executor on its own thread with its own `SO_REUSEPORT` listener, the
+//! connections it accepted, its tunnel table, its copy of the snapshot and TLS acceptors, and
+//! its mailbox from the engine handle.
+//!
+//! Shared nothing: everything in [`Shard`] is `Rc`/`Cell`/`RefCell`, touched only by the shard's
+//! thread. The only cross-thread paths are
+//! - the [`Mailbox`] (snapshots, TLS reloads, shutdown), a crossbeam channel plus a waker slot:
+//!   the sender pushes and wakes the mailbox task with a foreign wake (glommio forwards it to the
+//!   executor through its eventfd), so applying a snapshot costs no polling and never blocks I/O;
+//!   the slot's `Mutex` is taken once per command, never per connection;
+//! - [`ShardMetrics`], single-writer atomics read by the diag thread (see `metrics.rs`).
+//!
+//! Snapshot and TLS are swapped between connections: a connection clones the shard's current
+//! `Rc` once, when it needs it, and keeps that view for its lifetime; a swap replaces the shard's
+//! `Rc` and the old view is freed when its last connection ends.
+//!
+//! Lives here: boot ([`spawn`]), the accept loop with the per-shard connection limit, the apply
+//! path for commands, the tunnel table, and drain. Per-connection logic is in `conn.rs`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::server::metrics::{Refusal, ShardMetrics};
+use crate::server::snapshot::Snapshot;
+use crate::server::tls::{ShardTls, TlsConfigs};
+use crate::server::{conn, EngineConfig, EngineError};
+use crate::tunnel::Tunnel;
+
+/// How long a shard waits, after aborting the connections left at the drain deadline, for their
+/// tasks to finish before it stops its executor anyway (dropping whatever is left).
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+/// Back-off after a failed `accept` (e.g. `EMFILE`), so a shard out of descriptors does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------------------------
+// Mailbox
+
+/// What the engine handle tells a shard.
+pub(crate) enum Command {
+    /// Apply this snapshot (boot and live updates alike).
+    Snapshot(Arc<Snapshot>),
+    /// New handshakes use these configurations; acknowledge with the shard index.
+    ReloadTls(TlsConfigs, crossbeam_channel::Sender<usize>),
+    /// Stop accepting, drain until the deadline, stop.
+    Shutdown { drain_deadline: Instant },
+}
+
+#[derive(Default)]
+struct WakerSlot(Mutex<Option<Waker>>);
+
+impl WakerSlot {
+    fn take(&self) -> Option<Waker> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn set(&self, waker: &Waker) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+}
+
+/// The engine side of a shard's mailbox.
+#[derive(Clone)]
+pub(crate) struct MailboxSender {
+    /// `None` only inside `drop`.
+    tx: Option<crossbeam_channel::Sender<Command>>,
+    waker: Arc<WakerSlot>,
+}
+
+impl MailboxSender {
+    /// Queues `command` and wakes the shard. `false` if the shard is gone.
+    pub fn send(&self, command: Command) -> bool {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(command).is_ok());
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+        sent
+    }
+}
+
+impl Drop for MailboxSender {
+    fn drop(&mut self) {
+        // Disconnect first, then wake: the shard must see the disconnection when it runs.
+        drop(self.tx.take());
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The shard side of a mailbox.
+pub(crate) struct Mailbox {
+    rx: crossbeam_channel::Receiver<Command>,
+    waker: Arc<WakerSlot>,
+}
+
+/// A connected mailbox pair.
+pub(crate) fn mailbox() -> (MailboxSender, Mailbox) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let waker = Arc::new(WakerSlot::default());
+    (
+        MailboxSender {
+            tx: Some(tx),
+            waker: Arc::clone(&waker),
+        },
+        Mailbox { rx, waker },
+    )
+}
+
+impl Mailbox {
+    /// The next command; `None` once every sender is gone.
+    fn recv(&self) -> impl Future<Output = Option<Command>> + '_ {
+        std::future::poll_fn(move |cx| {
+            match self.rx.try_recv() {
+                Ok(command) => return Poll::Ready(Some(command)),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return Poll::Ready(None),
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
+            self.waker.set(cx.waker());
+            // A command sent between the first check and registering the waker found no waker.
+            match self.rx.try_recv() {
+                Ok(command) => Poll::Ready(Some(command)),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => Poll::Ready(None),
+                Err(crossbeam_channel::TryRecvError::Empty) => Poll::Pending,
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signal
+
+/// A one-shot, shard-local broadcast: once fired, every [`Signal::wait`] completes. Waiters hold
+/// one slot each (replaced, not appended, when re-polled), so a long-lived waiter polled many
+/// times costs one entry.
+#[derive(Default)]
+pub(crate) struct Signal {
+    fired: Cell<bool>,
+    next_key: Cell<u64>,
+    waiters: RefCell<HashMap<u64, Waker>>,
+}
+
+impl Signal {
+    pub fn fire(&self) {
+        if self.fired.replace(true) {
+            return;
+        }
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for (_, waker) in waiters {
+            waker.wake();
+        }
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    pub fn wait(&self) -> SignalWait<'_> {
+        SignalWait {
+            signal: self,
+            key: None,
+        }
+    }
+}
+
+pub(crate) struct SignalWait<'a> {
+    signal: &'a Signal,
+    key: Option<u64>,
+}
+
+impl Future for SignalWait<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.signal.fired.get() {
+            return Poll::Ready(());
+        }
+        let key = *this.key.get_or_insert_with(|| {
+            let key = this.signal.next_key.get();
+            this.signal.next_key.set(key.wrapping_add(1));
+            key
+        });
+        let mut waiters = this.signal.waiters.borrow_mut();
+        match waiters.get_mut(&key) {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            Some(w) => *w = cx.waker().clone(),
+            None => {
+                waiters.insert(key, cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for SignalWait<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            if let Ok(mut waiters) = self.signal.waiters.try_borrow_mut() {
+                waiters.remove(&key);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shard state
+
+/// A registered agent tunnel: the handle user streams open streams on. The connection task
+/// that carries it runs the tunnel's driver.
+pub(crate) struct TunnelEntry {
+    /// The connection that carries it.
+    pub conn_id: u64,
+    /// When it was registered.
+    pub since: Instant,
+    /// The tunnel.
+    pub tunnel: Tunnel,
+}
+
+/// One shard's state, owned by its thread.
+pub(crate) struct Shard {
+    pub index: usize,
+    pub shard_count: usize,
+    pub config: EngineConfig,
+    pub metrics: Arc<ShardMetrics>,
+    #[allow(
+        clippy::redundant_allocation,
+        reason = "the Rc is the point: connections clone a shard-local, non-atomic count instead \
+                  of the Arc's count, which every shard shares"
+    )]
+    snapshot: RefCell<Rc<Arc<Snapshot>>>,
+    tls: RefCell<Rc<ShardTls>>,
+    tunnels: RefCell<HashMap<String, TunnelEntry>>,
+    next_conn_id: Cell<u64>,
+    /// Fired when a shutdown begins: tunnels close, keep-alive connections finish their request.
+    pub draining: Signal,
+    /// Fired at the drain deadline: every connection still open ends now.
+    pub abort: Signal,
+    /// Fired when the last connection closes while draining.
+    all_closed: Signal,
+}
+
+impl Shard {
+    fn new(boot: &ShardBoot) -> Shard {
+        Shard {
+            index: boot.index,
+            shard_count: boot.shard_count,
+            config: boot.config.clone(),
+            metrics: Arc::clone(&boot.metrics),
+            snapshot: RefCell::new(Rc::new(Arc::new(Snapshot::default()))),
+            tls: RefCell::new(Rc::new(ShardTls::new(&boot.tls))),
+            tunnels: RefCell::new(HashMap::new()),
+            next_conn_id: Cell::new(0),
+            draining: Signal::default(),
+            abort: Signal::default(),
+            all_closed: Signal::default(),
+        }
+    }
+
+    /// The current snapshot view (a non-atomic `Rc` clone).
+    #[allow(clippy::redundant_allocation, reason = "see the `snapshot` field")]
+    pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
+        Rc::clone(&self.snapshot.borrow())
+    }
+
+    /// The current TLS acceptors.
+    pub fn tls(&self) -> Rc<ShardTls> {
+        Rc::clone(&self.tls.borrow())
+    }
+
+    /// The apply path, for boot and live updates alike: newer versions replace the current
+    /// view, older ones are ignored.
+    pub fn apply_snapshot(&self, snapshot: Arc<Snapshot>) {
+        if let Some(current) = self.metrics.snapshot_version() {
+            if snapshot.version < current {
+                tracing::warn!(
+                    shard = self.index,
+                    current,
+                    offered = snapshot.version,
+                    "ignoring an older snapshot"
+                );
+                return;
+            }
+        }
+        let version = snapshot.version;
+        *self.snapshot.borrow_mut() = Rc::new(snapshot);
+        self.metrics.snapshot_applied(version);
+        tracing::debug!(shard = self.index, version, "snapshot applied");
+    }
+
+    fn reload_tls(&self, configs: &TlsConfigs) {
+        *self.tls.borrow_mut() = Rc::new(ShardTls::new(configs));
+        tracing::info!(shard = self.index, "TLS configuration reloaded");
+    }
+
+    /// Registers `tunnel` from `host_id`, carried by connection `conn_id`. A previous tunnel of
+    /// the same host on this shard (the agent reconnected) is drained: its open streams finish,
+    /// new ones go to the new tunnel. A shard that is draining takes no new tunnel.
+    pub fn register_tunnel(&self, host_id: &str, conn_id: u64, tunnel: Tunnel) {
+        if self.draining.is_fired() {
+            tunnel.go_away();
+            return;
+        }
+        let previous = self.tunnels.borrow_mut().insert(
+            host_id.to_owned(),
+            TunnelEntry {
+                conn_id,
+                since: Instant::now(),
+                tunnel,
+            },
+        );
+        if let Some(previous) = previous {
+            tracing::info!(
+                shard = self.index,
+                host_id,
+                age = ?previous.since.elapsed(),
+                "agent reconnected: draining its previous tunnel"
+            );
+            previous.tunnel.go_away();
+        }
+        self.metrics.set_tunnels(self.tunnels.borrow().len() as u64);
+    }
+
+    /// Removes the tunnel of `host_id` if it is still the one carried by `conn_id`.
+    pub fn unregister_tunnel(&self, host_id: &str, conn_id: u64) {
+        let removed = {
+            let mut tunnels = self.tunnels.borrow_mut();
+            let removed = if tunnels.get(host_id).is_some_and(|t| t.conn_id == conn_id) {
+                tunnels.remove(host_id)
+            } else {
+                None
+            };
+            self.metrics.set_tunnels(tunnels.len() as u64);
+            removed
+        };
+        // Dropped outside the borrow: dropping the last handle of a tunnel drains it.
+        drop(removed);
+    }
+
+    /// This shard's tunnel from `host_id`, if it has one that is still open.
+    pub fn tunnel(&self, host_id: &str) -> Option<Tunnel> {
+        self.tunnels
+            .borrow()
+            .get(host_id)
+            .filter(|t| !t.tunnel.is_closed())
+            .map(|t| t.tunnel.clone())
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        let id = self.next_conn_id.get();
+        self.next_conn_id.set(id.wrapping_add(1));
+        id
+    }
+
+    fn connection_closed(&self) {
+        self.metrics.connection_closed();
+        if self.metrics.active() == 0 && self.draining.is_fired() {
+            self.all_closed.fire();
+        }
+    }
+
+    /// Stops everything: tunnels close, open connections get until `deadline` to finish, then
+    /// are aborted. Returns how many were aborted.
+    async fn drain(&self, deadline: Instant) -> u64 {
+        self.draining.fire();
+        let tunnels: Vec<Tunnel> = self
+            .tunnels
+            .borrow()
+            .values()
+            .map(|t| t.tunnel.clone())
+            .collect();
+        for tunnel in tunnels {
+            tunnel.go_away();
+        }
+        if self.metrics.active() == 0 {
+            return 0;
+        }
+        let _ = crate::server::io::with_deadline(deadline, self.all_closed.wait()).await;
+        let left = self.metrics.active();
+        if left > 0 {
+            tracing::warn!(
+                shard = self.index,
+                connections = left,
+                "drain deadline passed: closing the connections still open"
+            );
+            self.abort.fire();
+            let grace = Instant::now() + ABORT_GRACE;
+            let _ = crate::server::io::with_deadline(grace, self.all_closed.wait()).await;
+        }
+        left
+    }
+}
+
+/// Counts one connection as active for as long as it lives.
+pub(crate) struct ConnGuard {
+    shard: Rc<Shard>,
+    /// Shard-local connection id.
+    pub id: u64,
+}
+
+impl ConnGuard {
+    fn new(shard: &Rc<Shard>) -> ConnGuard {
+        shard.metrics.connection_opened();
+        ConnGuard {
+            shard: Rc::clone(shard),
+            id: shard.next_conn_id(),
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shard.connection_closed();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Boot
+
+/// Everything a shard thread needs.
+pub(crate) struct ShardBoot {
+    pub index: usize,
+    pub shard_count: usize,
+    pub config: EngineConfig,
+    pub bind_addr: SocketAddr,
+    pub placement: Option<usize>,
+    pub tls: TlsConfigs,
+    pub metrics: Arc<ShardMetrics>,
+    pub mailbox: Mailbox,
+    /// The bound address, or why the shard could not start.
+    pub report: std::sync::mpsc::Sender<Result<SocketAddr, EngineError>>,
+}
+
+/// Starts shard `boot.index` on a new thread. The thread reports on `boot.report` once it
+/// listens (or why it cannot), then serves until a `Shutdown` command or until every mailbox
+/// sender is gone; it returns how many connections the drain aborted.
+pub(crate) fn spawn(boot: ShardBoot) -> Result<std::thread::JoinHandle<u64>, EngineError> {
+    let index = boot.index;
+    std::thread::Builder::new()
+        .name(format!("jaunt-shard-{index}"))
+        .spawn(move || run(boot))
+        .map_err(|source| EngineError::Thread {
+            name: format!("jaunt-shard-{index}"),
+            source,
+        })
+}
+
+fn run(boot: ShardBoot) -> u64 {
+    let executor = match make_executor(&boot) {
+        Ok(executor) => executor,
+        Err(e) => {
+            let _ = boot.report.send(Err(e));
+            return 0;
+        }
+    };
+    executor.run(serve(boot))
+}
+
+fn make_executor(boot: &ShardBoot) -> Result<glommio::LocalExecutor, EngineError> {
+    let builder = |placement| {
+        LocalExecutorBuilder::new(placement)
+            .name(&format!("jaunt-shard-{}", boot.index))
+            .io_memory(boot.config.io_memory)
+    };
+    if let Some(cpu) = boot.placement {
+        match builder(Placement::Fixed(cpu)).make() {
+            Ok(executor) => return Ok(executor),
+            Err(e) => tracing::warn!(
+                shard = boot.index,
+                cpu,
+                error = %e,
+                "cannot pin the shard to its CPU; running it unpinned"
+            ),
+        }
+    }
+    builder(Placement::Unbound)
+        .make()
+        .map_err(|e| EngineError::runtime(boot.index, &e))
+}
+
+async fn serve(boot: ShardBoot) -> u64 {
+    let listener = match TcpListener::bind(boot.bind_addr) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = boot.report.send(Err(EngineError::Bind {
+                shard: boot.index,
+                addr: boot.bind_addr,
+                source: e.into(),
+            }));
+            return 0;
+        }
+    };
+    let local_addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            let _ = boot.report.send(Err(EngineError::Bind {
+                shard: boot.index,
+                addr: boot.bind_addr,
+                source: e.into(),
+            }));
+            return 0;
+        }
+    };
+    let shard = Rc::new(Shard::new(&boot));
+    shard.metrics.set_listening(true);
+    let _ = boot.report.send(Ok(local_addr));
+    tracing::info!(shard = shard.index, %local_addr, "shard listening");
+
+    let acceptor = glommio::spawn_local(accept_loop(Rc::clone(&shard), listener));
+    let deadline = loop {
+        match boot.mailbox.recv().await {
+            Some(Command::Snapshot(snapshot)) => shard.apply_snapshot(snapshot),
+            Some(Command::ReloadTls(configs, ack)) => {
+                shard.reload_tls(&configs);
+                let _ = ack.send(shard.index);
+            }
+            Some(Command::Shutdown { drain_deadline }) => break drain_deadline,
+            None => break Instant::now(),
+        }
+    };
+    // Dropping the accept task cancels it and closes this shard's listening socket.
+    drop(acceptor);
+    shard.metrics.set_listening(false);
+    let aborted = shard.drain(deadline).await;
+    tracing::info!(shard = shard.index, aborted, "shard stopped");
+    aborted
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let max = shard.config.max_connections_per_shard as u64;
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                if shard.metrics.active() >= max {
+                    shard.metrics.refused(Refusal::TooManyConnections);
+                    drop(stream);
+                    continue;
+                }
+                let guard = ConnGuard::new(&shard);
+                glommio::spawn_local(conn::serve(Rc::clone(&shard), stream, guard)).detach();
+            }
+            Err(e) => {
+                tracing::warn!(shard = shard.index, error = %e, "accept failed");
+                glommio::timer::Timer::new(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn executor() -> glommio::LocalExecutor {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(64 << 10)
+            .make()
+            .unwrap_or_else(|e| unreachable!("glommio executor: {e}"))
+    }
+
+    #[test]
+    fn signal_wakes_every_waiter_once_and_stays_fired() {
+        executor().run(async {
+            let signal = Rc::new(Signal::default());
+            let waiters: Vec<_> = (0..3)
+                .map(|_| {
+                    let signal = Rc::clone(&signal);
+                    glommio::spawn_local(async move { signal.wait().await })
+                })
+                .collect();
+            glommio::executor().yield_now().await;
+            assert_eq!(signal.waiters.borrow().len(), 3);
+            signal.fire();
+            for waiter in waiters {
+                waiter.await;
+            }
+            signal.wait().await;
+            assert!(signal.waiters.borrow().is_empty());
+        });
+    }
+
+    #[test]
+    fn dropped_waiters_leave_no_slot() {
+        executor().run(async {
+            let signal = Signal::default();
+            let polled = crate::server::io::with_deadline(
+                Instant::now() + Duration::from_millis(5),
+                signal.wait(),
+            )
+            .await;
+            assert!(polled.is_err());
+            assert!(signal.waiters.borrow().is_empty());
+        });
+    }
+
+    #[test]
+    fn mailbox_wakes_from_another_thread() {
+        let (tx, rx) = mailbox();
+        let sender = std::thread::spawn(move || {
+            for version in 1..=3 {
+                tx.send(Command::Snapshot(Arc::new(Snapshot {
+                    version,
+                    ..Snapshot::default()
+                })));
+            }
+        });
+        let versions = executor().run(async move {
+            let mut versions = Vec::new();
+            while let Some(command) = rx.recv().await {
+                if let Command::Snapshot(s) = command {
+                    versions.push(s.version);
+                }
+            }
+            versions
+        });
+        let _ = sender.join();
+        assert_eq!(versions, [1, 2, 3]);
+    }
+}

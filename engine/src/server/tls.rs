@@ -1,0 +1,144 @@
+//! TLS configurations of the public port: [`TlsConfigs`] (what the caller, who owns the CAs,
+//! hands the engine) and the per-shard acceptors built from it.
+//!
+//! Three server configurations, one per trust relationship:
+//! - `web`: no client authentication (web UI/API, web apps);
+//! - `user`: client certificate required, chaining to the user CA (`jaunt-ssh`,
+//!   `jaunt-postgres`, `jaunt-tcp`);
+//! - `tunnel`: client certificate required, chaining to the host CA (`jaunt-tunnel`).
+//!
+//! Each shard gets its own shallow copy of every `ServerConfig` with its own session cache:
+//! rustls' default `ServerSessionMemoryCache` is one `Mutex` shared by every clone of a config,
+//! which would put a contended lock on every handshake of every shard. A TLS 1.2 or stateful
+//! TLS 1.3 resumption therefore only succeeds on the shard that issued it; stateless tickets
+//! (when the caller installs a `Ticketer`, as [`TlsConfigs::build`] does) work on every shard.
+//! The engine also sets each copy's ALPN list to the protocols of its routes, since the routing
+//! table, not the caller, decides which protocol a config serves.
+//!
+//! The copies are wrapped in `Rc` per shard; a reload (SIGHUP) replaces them between
+//! connections, so new handshakes use the new certificates and live connections keep theirs.
+
+use std::sync::Arc;
+
+use futures_rustls::TlsAcceptor;
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::route::{ALPN_HTTP1, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL};
+
+/// Sessions each shard's cache remembers, per configuration (rustls' own default size).
+pub const SESSION_CACHE_ENTRIES: usize = 256;
+
+/// The three TLS server configurations of the public port (see the module doc). Built by the
+/// caller, who owns the CAs; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct TlsConfigs {
+    /// No client authentication.
+    pub web: Arc<ServerConfig>,
+    /// mTLS, user CA roots.
+    pub user: Arc<ServerConfig>,
+    /// mTLS, host CA roots.
+    pub tunnel: Arc<ServerConfig>,
+}
+
+/// Why [`TlsConfigs::build`] failed; the caller's certificates or roots are at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsBuildError {
+    /// A CA root could not be added.
+    #[error("a {which} CA root certificate is not usable: {source}")]
+    Root {
+        /// `user` or `host`.
+        which: &'static str,
+        /// What rustls said.
+        source: rustls::Error,
+    },
+    /// No roots for a configuration that requires client certificates.
+    #[error("no {which} CA roots: {which} certificates could never be verified")]
+    NoRoots {
+        /// `user` or `host`.
+        which: &'static str,
+    },
+    /// The client verifier could not be built.
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The server certificate or key was refused.
+    #[error("the server certificate or key is not usable: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+impl TlsConfigs {
+    /// Builds the three configurations from one server certificate chain and key (the public
+    /// address's certificate) and the user and host CA roots: ring only, TLS 1.3 and 1.2,
+    /// stateless session tickets.
+    pub fn build(
+        server_chain: Vec<CertificateDer<'static>>,
+        server_key: PrivateKeyDer<'static>,
+        user_roots: &[CertificateDer<'static>],
+        host_roots: &[CertificateDer<'static>],
+    ) -> Result<TlsConfigs, TlsBuildError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let versions: &[&rustls::SupportedProtocolVersion] =
+            &[&rustls::version::TLS13, &rustls::version::TLS12];
+        let ticketer = rustls::crypto::ring::Ticketer::new()?;
+
+        let mut web = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(versions)?
+            .with_no_client_auth()
+            .with_single_cert(server_chain.clone(), server_key.clone_key())?;
+        web.ticketer = Arc::clone(&ticketer);
+
+        let mtls = |which: &'static str, roots: &[CertificateDer<'static>]| {
+            if roots.is_empty() {
+                return Err(TlsBuildError::NoRoots { which });
+            }
+            let mut store = RootCertStore::empty();
+            for root in roots {
+                store
+                    .add(root.clone())
+                    .map_err(|source| TlsBuildError::Root { which, source })?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(store), Arc::clone(&provider))
+                    .build()?;
+            let mut config = ServerConfig::builder_with_provider(Arc::clone(&provider))
+                .with_protocol_versions(versions)?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(server_chain.clone(), server_key.clone_key())?;
+            config.ticketer = Arc::clone(&ticketer);
+            Ok(config)
+        };
+        let user = mtls("user", user_roots)?;
+        let tunnel = mtls("host", host_roots)?;
+        Ok(TlsConfigs {
+            web: Arc::new(web),
+            user: Arc::new(user),
+            tunnel: Arc::new(tunnel),
+        })
+    }
+}
+
+/// One shard's acceptors (see the module doc).
+pub(crate) struct ShardTls {
+    pub web: TlsAcceptor,
+    pub user: TlsAcceptor,
+    pub tunnel: TlsAcceptor,
+}
+
+impl ShardTls {
+    /// This shard's copies of `configs`.
+    pub fn new(configs: &TlsConfigs) -> ShardTls {
+        ShardTls {
+            web: acceptor(&configs.web, &[ALPN_HTTP1]),
+            user: acceptor(&configs.user, &[ALPN_SSH, ALPN_POSTGRES, ALPN_TCP]),
+            tunnel: acceptor(&configs.tunnel, &[ALPN_TUNNEL]),
+        }
+    }
+}
+
+fn acceptor(config: &Arc<ServerConfig>, alpn: &[&[u8]]) -> TlsAcceptor {
+    let mut copy = ServerConfig::clone(config);
+    copy.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+    copy.alpn_protocols = alpn.iter().map(|id| id.to_vec()).collect();
+    TlsAcceptor::from(Arc::new(copy))
+}

@@ -1,0 +1,1115 @@
+//! Integration tests of the engine server: a real [`Engine`] on 127.0.0.1 port 0 with throwaway
+//! rcgen certificates, driven by `openssl`, `curl`, rustls clients, a stand-in control (a rustls
+//! server on a std thread) and a stand-in agent (a glommio executor speaking the tunnel).
+//!
+//! No test orders events with a sleep: each waits for a condition (a metric, `/readyz`, an EOF)
+//! with a deadline.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should stop the test"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use jaunt_config::identity::{unix_now, Identity, IdentityKind};
+use jaunt_engine::mux::{self, Role};
+use jaunt_engine::route::{ALPN_CONTROL, ALPN_SSH, ALPN_TUNNEL};
+use jaunt_engine::server::dial::StreamHeader;
+use jaunt_engine::server::{
+    DialKind, DialRequest, DialResponse, Engine, EngineConfig, EngineHandle, Snapshot, Target,
+    Targets, TlsConfigs, TunnelHello,
+};
+use jaunt_engine::tunnel::Tunnel;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+const PUBLIC_HOST: &str = "localhost";
+const CLUSTER: &str = "test-cluster";
+/// Bound on every wait for a condition; generous for a loaded 2-core CI machine.
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// PKI
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Ca { issuer }
+    }
+
+    fn der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `names`.
+    fn server(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        set_validity(&mut params);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (vec![cert.der().clone(), self.der()], private_key(&key))
+    }
+
+    /// A client certificate carrying `identity`.
+    fn identity(
+        &self,
+        identity: &Identity,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let params = identity.x509_params([7; 16], &[]);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (vec![cert.der().clone()], private_key(&key))
+    }
+}
+
+fn set_validity(params: &mut CertificateParams) {
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_before = epoch + Duration::from_secs(unix_now() - 3600);
+    params.not_after = epoch + Duration::from_secs(unix_now() + 86400);
+}
+
+type CertAndKey = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn dup(cert: &CertAndKey) -> CertAndKey {
+    (cert.0.clone(), cert.1.clone_key())
+}
+
+fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
+}
+
+fn identity(kind: IdentityKind, name: &str) -> Identity {
+    let now = unix_now();
+    Identity {
+        kind,
+        name: name.into(),
+        roles: vec!["access".into()],
+        logins: vec!["root".into()],
+        db_users: vec![],
+        db_names: vec![],
+        traits: Default::default(),
+        cluster: CLUSTER.into(),
+        not_before: now - 60,
+        expires: now + 3600,
+        permit_pty: true,
+        permit_port_forwarding: false,
+        permit_agent_forwarding: false,
+    }
+}
+
+struct Pki {
+    web: Ca,
+    user: Ca,
+    host: Ca,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        Pki {
+            web: Ca::new("Jaunt Test Web CA"),
+            user: Ca::new("Jaunt Test User CA"),
+            host: Ca::new("Jaunt Test Host CA"),
+        }
+    }
+
+    fn tls_configs(&self, web: &Ca) -> TlsConfigs {
+        let (chain, key) = web.server(&[PUBLIC_HOST, "grafana.localhost", "127.0.0.1"]);
+        TlsConfigs::build(chain, key, &[self.user.der()], &[self.host.der()]).unwrap()
+    }
+
+    /// A rustls client trusting the engine's web CA, offering `alpn`, with an optional client
+    /// certificate.
+    fn client(
+        &self,
+        alpn: &[&[u8]],
+        cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> Arc<rustls::ClientConfig> {
+        client_config(&self.web, alpn, cert)
+    }
+}
+
+fn client_config(
+    trust: &Ca,
+    alpn: &[&[u8]],
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.der()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(config)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+struct Harness {
+    pki: Pki,
+    engine: Option<EngineHandle>,
+    snapshots: crossbeam_channel::Sender<Arc<Snapshot>>,
+    dir: tempfile::TempDir,
+    control: Option<StandInControl>,
+}
+
+struct Options {
+    shards: usize,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections_per_shard: usize,
+    send_snapshot: bool,
+    targets: Targets,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            shards: 2,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections_per_shard: 1000,
+            send_snapshot: true,
+            targets: Targets::default()
+                .with(DialKind::Ssh, "web1", Target::on_host("host-1"))
+                .with(DialKind::Ssh, "refuse-me", Target::on_host("host-1")),
+        }
+    }
+}
+
+impl Options {
+    fn start(self) -> Harness {
+        let pki = Pki::new();
+        let control = StandInControl::start();
+        let mut config =
+            EngineConfig::new("127.0.0.1:0".parse().unwrap(), PUBLIC_HOST, control.addr);
+        config.cluster_name = CLUSTER.into();
+        config.shards = self.shards;
+        config.pin_shards = false;
+        config.diag_addr = Some("127.0.0.1:0".parse().unwrap());
+        config.handshake_timeout = self.handshake_timeout;
+        config.idle_timeout = self.idle_timeout;
+        config.max_connections_per_shard = self.max_connections_per_shard;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let engine = Engine::start(config, pki.tls_configs(&pki.web), rx).unwrap();
+        let harness = Harness {
+            pki,
+            engine: Some(engine),
+            snapshots: tx,
+            dir: tempfile::tempdir().unwrap(),
+            control: Some(control),
+        };
+        if self.send_snapshot {
+            harness.send_snapshot(1, self.targets);
+            harness.wait_ready();
+        }
+        harness
+    }
+}
+
+impl Harness {
+    fn engine(&self) -> &EngineHandle {
+        self.engine.as_ref().unwrap()
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.engine().local_addr()
+    }
+
+    fn send_snapshot(&self, version: u64, targets: Targets) {
+        let snapshot = Snapshot {
+            version,
+            cluster: CLUSTER.into(),
+            user_ca_roots: vec![self.pki.user.der()],
+            host_ca_roots: vec![self.pki.host.der()],
+            targets,
+            ..Snapshot::default()
+        };
+        self.snapshots.send(Arc::new(snapshot)).unwrap();
+    }
+
+    fn diag(&self, path: &str) -> (u16, String) {
+        http_get(self.engine().diag_addr().unwrap(), path)
+    }
+
+    fn wait_ready(&self) {
+        wait_for("readyz 200", || self.diag("/readyz").0 == 200);
+    }
+
+    /// Sum of a metric's samples whose labels include every `labels` pair.
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let (status, text) = self.diag("/metrics");
+        assert_eq!(status, 200);
+        sum_metric(&text, name, labels)
+    }
+
+    fn wait_metric(&self, name: &str, labels: &[(&str, &str)], at_least: u64) {
+        wait_for(&format!("{name}{labels:?} >= {at_least}"), || {
+            self.metric(name, labels) >= at_least
+        });
+    }
+
+    fn write_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    fn tls_connect(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+        sni: &str,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        tls_connect(self.addr(), config, sni)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            let _ = engine.shutdown(Duration::ZERO);
+        }
+        drop(self.control.take());
+    }
+}
+
+fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    sni: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let conn = rustls::ClientConnection::new(config, ServerName::try_from(sni.to_owned()).unwrap())
+        .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| {
+                series_labels
+                    .split(',')
+                    .any(|l| l == format!("{k}=\"{v}\""))
+            });
+            all.then(|| value.parse::<f64>().ok().map(|v| v as u64))
+                .flatten()
+        })
+        .sum()
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: diag\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Reads until EOF or an error; true if the peer closed (EOF or reset) before `WAIT`.
+fn closed_by_peer(stream: &mut TcpStream) -> bool {
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The first flight of a rustls client with `alpn`: a real ClientHello.
+fn client_hello_bytes(pki: &Pki, alpn: &[&[u8]]) -> Vec<u8> {
+    let mut conn = rustls::ClientConnection::new(
+        pki.client(alpn, None),
+        ServerName::try_from(PUBLIC_HOST).unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stand-in control: a rustls server with its own certificate, ALPN jaunt-control, that answers
+// one line with `control:<line>`.
+
+struct StandInControl {
+    addr: SocketAddr,
+    ca: Ca,
+    leaf: CertificateDer<'static>,
+}
+
+impl StandInControl {
+    fn start() -> StandInControl {
+        let ca = Ca::new("Stand-in Control CA");
+        let (chain, key) = ca.server(&["control.test"]);
+        let leaf = chain[0].clone();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = vec![ALPN_CONTROL.to_vec()];
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                let config = Arc::clone(&config);
+                std::thread::spawn(move || {
+                    let conn = rustls::ServerConnection::new(config).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut line = String::new();
+                    if BufReader::new(&mut tls).read_line(&mut line).is_ok() && !line.is_empty() {
+                        let _ = tls.write_all(format!("control:{line}").as_bytes());
+                        let _ = tls.flush();
+                    }
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                });
+            }
+        });
+        StandInControl { addr, ca, leaf }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stand-in agent: dials the engine with a host certificate and ALPN jaunt-tunnel, reads the
+// tunnel hello, then accepts streams: `refuse-me` is refused, anything else gets a greeting line
+// naming the user and login, then an echo.
+
+struct StandInAgent {
+    hello: crossbeam_channel::Receiver<TunnelHello>,
+    done: crossbeam_channel::Receiver<()>,
+}
+
+impl StandInAgent {
+    fn start(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> StandInAgent {
+        let (hello_tx, hello) = crossbeam_channel::bounded(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .io_memory(64 << 10)
+                .make()
+                .unwrap();
+            executor.run(agent(addr, config, hello_tx));
+            let _ = done_tx.send(());
+        });
+        StandInAgent { hello, done }
+    }
+}
+
+async fn agent(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    hello_tx: crossbeam_channel::Sender<TunnelHello>,
+) {
+    let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = futures_rustls::TlsConnector::from(config);
+    let mut tls = connector
+        .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut len = [0u8; 2];
+    tls.read_exact(&mut len).await.unwrap();
+    let mut frame = len.to_vec();
+    frame.resize(2 + usize::from(u16::from_be_bytes(len)), 0);
+    tls.read_exact(&mut frame[2..]).await.unwrap();
+    let (hello, _) = TunnelHello::parse(&frame).unwrap().unwrap();
+    hello_tx.send(hello).unwrap();
+    let (tunnel, driver) = Tunnel::new(tls, Role::Client, mux::Config::default());
+    let driver = glommio::spawn_local(driver);
+    while let Some(incoming) = tunnel.accept().await {
+        let header = StreamHeader::parse(&incoming.header).unwrap();
+        if header.target == "refuse-me" {
+            incoming.refuse("connection refused by the test target");
+            continue;
+        }
+        let mut stream = incoming.accept().unwrap();
+        glommio::spawn_local(async move {
+            let greeting = format!(
+                "hello {} as {}\n",
+                header.user,
+                header.login.unwrap_or_default()
+            );
+            stream.write_all(greeting.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = stream.close().await;
+        })
+        .detach();
+    }
+    drop(tunnel);
+    let _ = driver.await;
+}
+
+/// Sends a dial request on a user connection and reads exactly the dial response (the target's
+/// bytes may follow it at once).
+fn dial(
+    tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    request: &DialRequest,
+) -> std::io::Result<DialResponse> {
+    tls.write_all(&request.encode())?;
+    tls.flush()?;
+    let mut frame = vec![0u8; 2];
+    tls.read_exact(&mut frame)?;
+    frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
+    tls.read_exact(&mut frame[2..])?;
+    let (response, used) = DialResponse::parse(&frame).unwrap().unwrap();
+    assert_eq!(used, frame.len());
+    Ok(response)
+}
+
+fn ssh_request(target: &str) -> DialRequest {
+    DialRequest {
+        kind: DialKind::Ssh,
+        target: target.into(),
+        login: Some("root".into()),
+        db_user: None,
+        db_name: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// (1) An unknown ALPN gets a no_application_protocol alert, from openssl and from rustls, and is
+/// counted as `unknown_alpn`.
+#[test]
+fn unknown_alpn_is_refused_with_an_alert_and_counted() {
+    let h = Options::default().start();
+    let port = h.addr().port();
+    let output = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-alpn", "foo", "-servername", PUBLIC_HOST])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("no application protocol"), "{text}");
+
+    let mut tls = h.tls_connect(h.pki.client(&[b"foo"], None), PUBLIC_HOST);
+    let err = tls
+        .write_all(b"x")
+        .and_then(|()| tls.flush())
+        .and_then(|()| {
+            let mut buf = [0u8; 1];
+            tls.read(&mut buf).map(|_| ())
+        });
+    let err = err.expect_err("the engine must refuse an unknown ALPN");
+    assert!(
+        err.to_string().contains("NoApplicationProtocol"),
+        "rustls should report the alert: {err}"
+    );
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "unknown_alpn")],
+        2,
+    );
+}
+
+/// (2) Non-TLS first bytes are refused without an alert and counted as `not_tls`.
+#[test]
+fn non_tls_bytes_are_closed_and_counted() {
+    let h = Options::default().start();
+    let mut tcp = TcpStream::connect(h.addr()).unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut received = Vec::new();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let _ = tcp.read_to_end(&mut received);
+    assert!(
+        received.is_empty(),
+        "no alert or HTTP answer for non-TLS bytes: {received:?}"
+    );
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "not_tls")],
+        1,
+    );
+}
+
+/// (3) curl gets the web ping JSON with SNI = the public host; other paths are 404.
+#[test]
+fn web_ping_over_curl() {
+    let h = Options::default().start();
+    let ca = h.write_file("ca.pem", &h.pki.web.pem());
+    let port = h.addr().port();
+    let url = |path: &str| format!("https://{PUBLIC_HOST}:{port}{path}");
+    let resolve = format!("{PUBLIC_HOST}:{port}:127.0.0.1");
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &resolve, &url("/webapi/ping")])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(body["cluster"], CLUSTER);
+    assert_eq!(body["public_addr"], PUBLIC_HOST);
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+        ])
+        .arg(&ca)
+        .args(["--resolve", &resolve, &url("/nope")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "404");
+    h.wait_metric("jaunt_connections_accepted_total", &[("route", "web")], 2);
+    h.wait_metric("jaunt_handshake_seconds_count", &[], 2);
+    assert!(
+        h.metric(
+            "jaunt_bytes_total",
+            &[("route", "web"), ("direction", "to_client")]
+        ) > 0
+    );
+}
+
+/// (4) jaunt-control is passed through byte for byte: the client completes a handshake with the
+/// stand-in control's certificate (which the engine does not have) and exchanges data.
+#[test]
+fn control_is_passed_through_untouched() {
+    let h = Options::default().start();
+    let control = h.control.as_ref().unwrap();
+    let config = client_config(&control.ca, &[ALPN_CONTROL], None);
+    let mut tls = h.tls_connect(config, "control.test");
+    tls.write_all(b"hello control\n").unwrap();
+    tls.flush().unwrap();
+    let mut answer = String::new();
+    BufReader::new(&mut tls).read_line(&mut answer).unwrap();
+    assert_eq!(answer, "control:hello control\n");
+    let leaf = tls.conn.peer_certificates().unwrap()[0].clone();
+    assert_eq!(
+        leaf, control.leaf,
+        "the client must see control's own certificate"
+    );
+    assert_eq!(tls.conn.alpn_protocol(), Some(ALPN_CONTROL));
+    h.wait_metric(
+        "jaunt_connections_accepted_total",
+        &[("route", "control")],
+        1,
+    );
+    assert!(
+        h.metric(
+            "jaunt_bytes_total",
+            &[("route", "control"), ("direction", "from_client")]
+        ) > 0
+    );
+}
+
+/// (5) A user with a valid certificate but no agent gets a readable refusal; an unknown target
+/// says so; without a client certificate the handshake fails.
+#[test]
+fn user_route_without_agent_answers_agent_offline() {
+    let h = Options::default().start();
+    let alice = h.pki.user.identity(&identity(IdentityKind::User, "alice"));
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
+    let response = dial(&mut tls, &ssh_request("web1")).unwrap();
+    assert!(!response.ok);
+    let error = response.error.unwrap();
+    assert!(error.starts_with("agent offline"), "{error}");
+    assert!(error.contains("host-1"), "{error}");
+
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
+    let response = dial(&mut tls, &ssh_request("web9")).unwrap();
+    assert_eq!(
+        response.error.as_deref(),
+        Some(r#"no such node "web9" in cluster "test-cluster""#)
+    );
+
+    // A host certificate is not a user certificate (and is not even issued by the user CA).
+    let host = h.pki.host.identity(&identity(IdentityKind::Host, "host-1"));
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(host)), PUBLIC_HOST);
+    assert!(dial(&mut tls, &ssh_request("web1")).is_err());
+
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], None), PUBLIC_HOST);
+    let result = dial(&mut tls, &ssh_request("web1"));
+    assert!(
+        result.is_err(),
+        "no client certificate must fail: {result:?}"
+    );
+
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "agent_offline")],
+        1,
+    );
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "unknown_target")],
+        1,
+    );
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "tls_handshake")],
+        2,
+    );
+}
+
+/// A user stream reaches a stand-in agent through its tunnel: dial, greeting, echo; an agent
+/// that refuses the stream produces a readable error; metrics count the tunnel and the stream.
+#[test]
+fn user_stream_is_spliced_through_the_agent_tunnel() {
+    let mut h = Options {
+        shards: 1,
+        ..Options::default()
+    }
+    .start();
+    let host = h.pki.host.identity(&identity(IdentityKind::Host, "host-1"));
+    let agent = StandInAgent::start(h.addr(), h.pki.client(&[ALPN_TUNNEL], Some(host)));
+    let hello = agent.hello.recv_timeout(WAIT).unwrap();
+    assert_eq!((hello.shards, hello.shard), (1, 0));
+    h.wait_metric("jaunt_tunnels", &[("shard", "0")], 1);
+
+    let alice = h.pki.user.identity(&identity(IdentityKind::User, "alice"));
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
+    let response = dial(&mut tls, &ssh_request("web1")).unwrap();
+    assert!(response.ok, "{response:?}");
+    let mut reader = BufReader::new(tls);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "hello alice as root\n");
+    reader.get_mut().write_all(b"ping\n").unwrap();
+    reader.get_mut().flush().unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "ping\n");
+    h.wait_metric("jaunt_streams_open", &[("shard", "0")], 1);
+    drop(reader);
+    wait_for("stream closed", || h.metric("jaunt_streams_open", &[]) == 0);
+
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(alice)), PUBLIC_HOST);
+    let response = dial(&mut tls, &ssh_request("refuse-me")).unwrap();
+    let error = response.error.unwrap_or_default();
+    assert!(
+        error.contains("connection refused by the test target"),
+        "{error}"
+    );
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "dial_failed")],
+        1,
+    );
+
+    // Shutdown drains the tunnel: the agent sees it end.
+    let engine = h.engine.take().unwrap();
+    engine.shutdown(Duration::from_secs(5)).unwrap();
+    agent.done.recv_timeout(WAIT).unwrap();
+}
+
+/// (6) /readyz is 503 until a snapshot is applied on every shard, then 200; /healthz is 200.
+#[test]
+fn readyz_flips_once_a_snapshot_is_applied() {
+    let h = Options {
+        send_snapshot: false,
+        ..Options::default()
+    }
+    .start();
+    assert_eq!(h.diag("/healthz").0, 200);
+    assert_eq!(h.diag("/readyz").0, 503);
+    assert!(!h.engine().ready());
+    h.send_snapshot(42, Targets::default());
+    h.wait_ready();
+    assert_eq!(h.engine().snapshot_versions(), vec![Some(42), Some(42)]);
+    h.wait_metric("jaunt_snapshot_version", &[("shard", "1")], 42);
+    // An older snapshot arriving late is ignored.
+    h.send_snapshot(41, Targets::default());
+    h.send_snapshot(43, Targets::default());
+    wait_for("version 43", || {
+        h.engine().snapshot_versions() == vec![Some(43), Some(43)]
+    });
+    assert_eq!(h.diag("/nope").0, 404);
+}
+
+/// (7) Shutdown returns promptly, closes the port, and aborts what is still open at the drain
+/// deadline.
+#[test]
+fn shutdown_is_prompt_and_closes_the_port() {
+    let mut h = Options::default().start();
+    let addr = h.addr();
+    // One connection that stays open: a pass-through to control that sends nothing after its
+    // ClientHello (the stand-in control waits for the rest of the handshake).
+    let mut held = TcpStream::connect(addr).unwrap();
+    held.write_all(&client_hello_bytes(&h.pki, &[ALPN_CONTROL]))
+        .unwrap();
+    h.wait_metric(
+        "jaunt_connections_accepted_total",
+        &[("route", "control")],
+        1,
+    );
+
+    let engine = h.engine.take().unwrap();
+    let started = Instant::now();
+    let report = engine.shutdown(Duration::from_millis(300)).unwrap();
+    let took = started.elapsed();
+    assert_eq!(report.aborted_connections, 1);
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    assert!(closed_by_peer(&mut held));
+    let refused = TcpStream::connect(addr);
+    assert!(refused.is_err(), "the port must be closed after shutdown");
+
+    // And with nothing open it is immediate.
+    let mut h2 = Options::default().start();
+    let engine = h2.engine.take().unwrap();
+    let started = Instant::now();
+    let report = engine.shutdown(Duration::from_secs(30)).unwrap();
+    assert_eq!(report.aborted_connections, 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// (8) A slowloris that sends half a ClientHello is closed after the handshake timeout.
+#[test]
+fn slowloris_is_closed_after_the_handshake_timeout() {
+    let h = Options {
+        handshake_timeout: Duration::from_millis(300),
+        ..Options::default()
+    }
+    .start();
+    let hello = client_hello_bytes(&h.pki, &[ALPN_SSH]);
+    let mut tcp = TcpStream::connect(h.addr()).unwrap();
+    tcp.write_all(&hello[..hello.len() / 2]).unwrap();
+    assert!(
+        closed_by_peer(&mut tcp),
+        "the engine must close a stalled handshake"
+    );
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "handshake_timeout")],
+        1,
+    );
+}
+
+/// A spliced connection that stays silent for the idle timeout is closed and counted.
+#[test]
+fn idle_spliced_connection_is_closed() {
+    let h = Options {
+        idle_timeout: Duration::from_millis(300),
+        ..Options::default()
+    }
+    .start();
+    // A ClientHello for control and then nothing: control answers with its first flight and
+    // waits for the client's, and the splice goes quiet.
+    let mut tcp = TcpStream::connect(h.addr()).unwrap();
+    tcp.write_all(&client_hello_bytes(&h.pki, &[ALPN_CONTROL]))
+        .unwrap();
+    assert!(
+        closed_by_peer(&mut tcp),
+        "the engine must close an idle splice"
+    );
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "idle_timeout")],
+        1,
+    );
+}
+
+/// A malformed ClientHello gets a decode_error alert and is counted as `malformed`.
+#[test]
+fn malformed_hello_gets_decode_error() {
+    let h = Options::default().start();
+    // One byte past the ClientHello inside its record.
+    let mut hello = client_hello_bytes(&h.pki, &[ALPN_SSH]);
+    let record_len = u16::from_be_bytes([hello[3], hello[4]]) + 1;
+    hello[3..5].copy_from_slice(&record_len.to_be_bytes());
+    hello.push(0);
+    let mut tcp = TcpStream::connect(h.addr()).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    tcp.write_all(&hello).unwrap();
+    let mut alert = Vec::new();
+    let _ = tcp.read_to_end(&mut alert);
+    assert_eq!(alert, [21, 3, 3, 0, 2, 2, 50], "a fatal decode_error alert");
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "malformed")],
+        1,
+    );
+}
+
+/// Connections beyond max_connections_per_shard are refused at once and counted.
+#[test]
+fn connection_limit_is_enforced_per_shard() {
+    let h = Options {
+        shards: 1,
+        max_connections_per_shard: 1,
+        ..Options::default()
+    }
+    .start();
+    let _first = TcpStream::connect(h.addr()).unwrap();
+    wait_for("one active connection", || {
+        h.metric("jaunt_connections_active", &[]) == 1
+    });
+    let mut second = TcpStream::connect(h.addr()).unwrap();
+    assert!(closed_by_peer(&mut second));
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "too_many_connections")],
+        1,
+    );
+}
+
+/// SIGHUP semantics: after reload_tls, new handshakes present the new certificate, and a
+/// connection established before keeps working.
+#[test]
+fn reload_tls_switches_new_handshakes_only() {
+    let h = Options::default().start();
+    let ping = b"GET /webapi/ping HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let read_response = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>| {
+        let mut head = String::new();
+        let mut reader = BufReader::new(tls);
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if let Some(v) = line.strip_prefix("content-length: ") {
+                length = v.trim().parse().unwrap();
+            }
+            head.push_str(&line);
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        Ok::<String, std::io::Error>(head)
+    };
+    let mut live = h.tls_connect(h.pki.client(&[], None), PUBLIC_HOST);
+    live.write_all(ping).unwrap();
+    assert!(read_response(&mut live)
+        .unwrap()
+        .starts_with("HTTP/1.1 200 OK"));
+
+    let new_web = Ca::new("Jaunt Test Web CA 2");
+    let mut early = h.tls_connect(client_config(&new_web, &[], None), PUBLIC_HOST);
+    let early = early
+        .write_all(ping)
+        .and_then(|()| read_response(&mut early));
+    assert!(
+        early.is_err(),
+        "the new CA must not verify the old certificate"
+    );
+
+    h.engine().reload_tls(h.pki.tls_configs(&new_web)).unwrap();
+    let mut fresh = h.tls_connect(client_config(&new_web, &[], None), PUBLIC_HOST);
+    fresh.write_all(ping).unwrap();
+    assert!(read_response(&mut fresh)
+        .unwrap()
+        .starts_with("HTTP/1.1 200 OK"));
+
+    live.write_all(ping).unwrap();
+    assert!(read_response(&mut live)
+        .unwrap()
+        .starts_with("HTTP/1.1 200 OK"));
+}
+
+/// Web apps answer 502 for now; unknown hosts are refused.
+#[test]
+fn app_route_answers_502_for_now() {
+    let h = Options::default().start();
+    let mut tls = h.tls_connect(h.pki.client(&[b"http/1.1"], None), "grafana.localhost");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: grafana.localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    let _ = tls.read_to_string(&mut response);
+    assert!(
+        response.starts_with("HTTP/1.1 502 Bad Gateway"),
+        "{response}"
+    );
+    assert!(
+        response.ends_with("app access arrives with the agent\n"),
+        "{response}"
+    );
+    h.wait_metric("jaunt_connections_accepted_total", &[("route", "app")], 1);
+}
+
+/// Metrics list every refusal reason from the start, so dashboards see zeros, not gaps.
+#[test]
+fn metrics_list_every_family_and_reason() {
+    let h = Options::default().start();
+    let (_, text) = h.diag("/metrics");
+    for family in [
+        "jaunt_connections_accepted_total",
+        "jaunt_connections_active",
+        "jaunt_connections_refused_total",
+        "jaunt_handshake_seconds",
+        "jaunt_bytes_total",
+        "jaunt_tunnels",
+        "jaunt_streams_open",
+        "jaunt_cross_shard_hops_total",
+        "jaunt_snapshot_version",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+    }
+    for reason in jaunt_engine::route::RejectReason::ALL {
+        assert!(
+            text.contains(&format!("shard=\"1\",reason=\"{}\"", reason.as_str())),
+            "{reason}"
+        );
+    }
+}
+
+/// Not enough locked memory is an error that says what to change, not a panic. Runs the engine
+/// in a child process (this test binary) under `prlimit`, since the limit is per process.
+#[test]
+fn low_memlock_is_a_helpful_error() {
+    if std::env::var_os("JAUNT_TEST_MEMLOCK_CHILD").is_some() {
+        let pki = Pki::new();
+        let config = EngineConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            PUBLIC_HOST,
+            "127.0.0.1:1".parse().unwrap(),
+        );
+        let (_tx, rx) = crossbeam_channel::unbounded();
+        match Engine::start(config, pki.tls_configs(&pki.web), rx) {
+            Ok(_) => println!("ENGINE-STARTED"),
+            Err(e) => println!("ENGINE-ERROR: {e}"),
+        }
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let output = Command::new("prlimit")
+        .arg("--memlock=65536:65536")
+        .arg(exe)
+        .args([
+            "--exact",
+            "low_memlock_is_a_helpful_error",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("JAUNT_TEST_MEMLOCK_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("ENGINE-ERROR: shard 0: cannot start its io_uring executor"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ulimit -l"), "{stdout}");
+    assert!(stdout.contains("LimitMEMLOCK="), "{stdout}");
+}
+
+#[test]
+fn half_closed_control_connection_still_gets_its_answer() {
+    // The client half-closes after its line; the pass-through forwards the FIN and still
+    // delivers control's answer.
+    let h = Options::default().start();
+    let control = h.control.as_ref().unwrap();
+    let config = client_config(&control.ca, &[ALPN_CONTROL], None);
+    let mut tls = h.tls_connect(config, "control.test");
+    tls.write_all(b"bye\n").unwrap();
+    tls.conn.send_close_notify();
+    tls.flush().unwrap();
+    tls.sock.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer);
+    assert_eq!(answer, "control:bye\n");
+}
