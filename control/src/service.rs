@@ -34,6 +34,8 @@ pub const DEFAULT_TOKEN_TTL_SECS: u64 = 30 * 60;
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
 /// Name of the local administrator identity written to the data directory.
 pub const LOCAL_ADMIN: &str = "admin";
+/// Store name of the app-access JWT signing key.
+pub const JWT_KEY_NAME: &str = "jwt";
 /// Token types a join token may carry.
 pub const TOKEN_TYPES: &[&str] = &["node", "app", "db", "engine"];
 
@@ -50,6 +52,8 @@ pub struct Settings {
 /// The control plane's state and request handlers.
 pub struct Control {
     pub settings: Settings,
+    /// PKCS#8 PEM of the ES256 key that signs app-access JWTs.
+    pub jwt_key_pem: String,
     pub store: Arc<Store>,
     pub cas: Authorities,
     pub audit: Audit,
@@ -78,6 +82,8 @@ impl Control {
             host: load(CaKind::Host)?,
             db: load(CaKind::Db)?,
         };
+        // The JWT signing key for app access (ES256), created with the CAs and kept with them.
+        let jwt_key = store.key_or_insert(JWT_KEY_NAME, &rcgen::KeyPair::generate()?.serialize_pem(), now)?;
         for role in [Role::builtin_access(), Role::builtin_editor()] {
             store.insert_role_if_absent(
                 &role.metadata.name,
@@ -88,6 +94,7 @@ impl Control {
         let audit = Audit::new(store.clone());
         Ok(Control {
             settings,
+            jwt_key_pem: jwt_key,
             store,
             cas,
             audit,

@@ -911,7 +911,8 @@ fn keepalive_pings_are_answered_and_a_silent_peer_is_declared_dead() {
         }
         for (conn, to_agent) in [(&mut engine, true), (&mut agent, false)] {
             let mut out = Vec::new();
-            if conn.poll_transmit(&mut out) > 0 && !(cut && !to_agent) {
+            // Always drain the core; once cut, the agent's bytes are lost on the way.
+            if conn.poll_transmit(&mut out) > 0 && (to_agent || !cut) {
                 wire.push((now + latency, to_agent, out));
             }
         }

@@ -1113,3 +1113,156 @@ fn half_closed_control_connection_still_gets_its_answer() {
     let _ = tls.read_to_string(&mut answer);
     assert_eq!(answer, "control:bye\n");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Measurements (ignored by default): `cargo test -p jaunt-engine --test server --release --
+// --ignored --nocapture measure`. They print numbers; they assert only that the work was done.
+
+/// Full TLS handshakes per second through the web route (one `GET /webapi/ping` per
+/// connection, `Connection: close`), from two client threads.
+#[test]
+#[ignore = "measurement"]
+fn measure_web_handshakes() {
+    for shards in [1, 2] {
+        let h = Options {
+            shards,
+            ..Options::default()
+        }
+        .start();
+        let config = h.pki.client(&[], None);
+        let addr = h.addr();
+        let per_thread = 400;
+        let started = Instant::now();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let config = Arc::clone(&config);
+                std::thread::spawn(move || {
+                    for _ in 0..per_thread {
+                        let mut tls = tls_connect(addr, Arc::clone(&config), PUBLIC_HOST);
+                        tls.write_all(
+                            b"GET /webapi/ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                        )
+                        .unwrap();
+                        let mut response = Vec::new();
+                        let _ = tls.read_to_end(&mut response);
+                        assert!(response.starts_with(b"HTTP/1.1 200"));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let took = started.elapsed();
+        let total = 2 * per_thread;
+        println!(
+            "web handshakes, {shards} shard(s): {total} in {took:?} = {:.0}/s",
+            total as f64 / took.as_secs_f64()
+        );
+        let (_, text) = h.diag("/metrics");
+        let count = sum_metric(&text, "jaunt_handshake_seconds_count", &[]);
+        let sum: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jaunt_handshake_seconds_sum "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        println!(
+            "  server-side accept-to-established: mean {:.0} us over {count}",
+            sum / count as f64 * 1e6
+        );
+    }
+}
+
+/// Bytes per second through the control pass-through and through a user stream in an agent
+/// tunnel (one connection each, one direction measured end to end).
+#[test]
+#[ignore = "measurement"]
+fn measure_splice_throughput() {
+    const TOTAL: usize = 256 << 20;
+    // Pass-through: a plain TCP sink stands in for control (the engine forwards bytes, it does
+    // not care that they are not TLS after the ClientHello).
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let (count_tx, count_rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let (mut conn, _) = sink.accept().unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut total = 0usize;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        count_tx.send(total).unwrap();
+    });
+    let pki = Pki::new();
+    let mut config = EngineConfig::new("127.0.0.1:0".parse().unwrap(), PUBLIC_HOST, sink_addr);
+    config.shards = 1;
+    config.pin_shards = false;
+    let (_tx, rx) = crossbeam_channel::unbounded();
+    let engine = Engine::start(config, pki.tls_configs(&pki.web), rx).unwrap();
+    let hello = client_hello_bytes(&pki, &[ALPN_CONTROL]);
+    let mut tcp = TcpStream::connect(engine.local_addr()).unwrap();
+    let chunk = vec![0x5au8; 256 << 10];
+    let started = Instant::now();
+    tcp.write_all(&hello).unwrap();
+    let mut sent = 0;
+    while sent < TOTAL {
+        tcp.write_all(&chunk).unwrap();
+        sent += chunk.len();
+    }
+    tcp.shutdown(Shutdown::Write).unwrap();
+    let received = count_rx.recv_timeout(Duration::from_secs(120)).unwrap();
+    let took = started.elapsed();
+    assert_eq!(received, TOTAL + hello.len());
+    println!(
+        "control pass-through: {} MiB in {took:?} = {:.0} MiB/s",
+        TOTAL >> 20,
+        (TOTAL >> 20) as f64 / took.as_secs_f64()
+    );
+    engine.shutdown(Duration::ZERO).unwrap();
+
+    // User stream: TLS (user cert) → engine → tunnel (TLS, mux) → stand-in agent, which echoes;
+    // a reader thread drains the echo.
+    let h = Options {
+        shards: 1,
+        ..Options::default()
+    }
+    .start();
+    let host = h.pki.host.identity(&identity(IdentityKind::Host, "host-1"));
+    let agent = StandInAgent::start(h.addr(), h.pki.client(&[ALPN_TUNNEL], Some(host)));
+    agent.hello.recv_timeout(WAIT).unwrap();
+    h.wait_metric("jaunt_tunnels", &[("shard", "0")], 1);
+    let alice = h.pki.user.identity(&identity(IdentityKind::User, "alice"));
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(alice)), PUBLIC_HOST);
+    assert!(dial(&mut tls, &ssh_request("web1")).unwrap().ok);
+    let mut greeting = String::new();
+    let mut reader = BufReader::new(tls);
+    reader.read_line(&mut greeting).unwrap();
+    let mut tls = reader.into_inner();
+    let total = TOTAL / 4;
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut received = 0;
+    let mut buf = vec![0u8; 256 << 10];
+    // Interleave writes and reads on one thread: the echo can only run one window ahead.
+    tls.sock.set_nonblocking(false).unwrap();
+    while received < total {
+        if sent < total && sent - received < (1 << 20) {
+            tls.write_all(&chunk[..64 << 10]).unwrap();
+            tls.flush().unwrap();
+            sent += 64 << 10;
+            continue;
+        }
+        let n = tls.read(&mut buf).unwrap();
+        assert!(n > 0);
+        received += n;
+    }
+    let took = started.elapsed();
+    println!(
+        "user stream via tunnel (echo): {} MiB each way in {took:?} = {:.0} MiB/s each way",
+        total >> 20,
+        (total >> 20) as f64 / took.as_secs_f64()
+    );
+}
