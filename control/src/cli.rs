@@ -365,6 +365,7 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             user_ttl_secs: crate::service::DEFAULT_USER_TTL_SECS,
             host_ttl_secs: crate::service::DEFAULT_HOST_TTL_SECS,
             dev: true,
+            engine: daemon::EngineSettings::dev(args.diag_addr.clone()),
         }
     } else {
         let Some(path) = args.config else {
@@ -396,6 +397,21 @@ fn daemon_config_from_file(
         user_ttl_secs: control.user_cert_ttl.as_secs(),
         host_ttl_secs: control.host_cert_ttl.as_secs(),
         dev: false,
+        engine: daemon::EngineSettings {
+            shards: engine
+                .shards
+                .resolve(std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .get(),
+            io_memory: usize::try_from(engine.io_memory_bytes).unwrap_or(usize::MAX),
+            diag_addr: Some(engine.diag_addr.to_string()),
+            handshake_timeout: engine.handshake_timeout.as_std(),
+            idle_timeout: engine.idle_timeout.as_std(),
+            max_connections_per_shard: engine.max_connections_per_shard as usize,
+            tls_files: engine
+                .tls
+                .as_ref()
+                .map(|t| (t.cert_file.clone(), t.key_file.clone())),
+        },
     })
 }
 

@@ -1,18 +1,20 @@
-//! `jaunt start`: open the store, load or create the CAs, serve the control API, and stop
-//! cleanly on SIGTERM or SIGINT.
+//! `jaunt start`: open the store, load or create the CAs, serve the control API, start the
+//! engine on the public port, and stop cleanly on SIGTERM or SIGINT.
 //!
-//! Listeners: the control API always listens on `control.listen_addr` (mTLS, ALPN
-//! `jaunt-control`). Until the engine serves the public port, the same API is also served
-//! directly on the public address, so `jaunt login --proxy PUBLIC_ADDR` works in both worlds:
-//! clients always offer ALPN `jaunt-control`, which the engine passes through untouched.
+//! Listeners: the control API listens on `control.listen_addr` (mTLS, ALPN `jaunt-control`); the
+//! engine owns the public port and passes ALPN `jaunt-control` through to it byte for byte, so
+//! `jaunt login --proxy PUBLIC_ADDR` reaches control through the engine. Control feeds the engine
+//! immutable snapshots (CA roots, roles, locks) over a crossbeam channel: once at boot and again
+//! after every change.
 //!
 //! Files written to the data directory: `jaunt.db` (the store), `control.addr` and `public.addr`
 //! (the bound addresses, so port 0 works), `admin/` (the local admin identity the admin verbs use
 //! on this host) and, in dev mode, `admin-password` (0600).
 
-use std::net::{TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use jaunt_config::api::{Certs, ALPN_CONTROL};
@@ -45,6 +47,38 @@ pub struct DaemonConfig {
     pub user_ttl_secs: u64,
     pub host_ttl_secs: u64,
     pub dev: bool,
+    pub engine: EngineSettings,
+}
+
+/// The engine's part of the daemon config.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub shards: usize,
+    pub io_memory: usize,
+    pub diag_addr: Option<String>,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections_per_shard: usize,
+    /// An operator-provided certificate and key for the public port (e.g. a public CA's);
+    /// otherwise the host CA issues one.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+}
+
+impl EngineSettings {
+    /// Defaults for a dev cluster: one shard per CPU (at most two: dev clusters share the
+    /// machine with their users), no diagnostics endpoint unless asked for.
+    pub fn dev(diag_addr: Option<String>) -> EngineSettings {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        EngineSettings {
+            shards: cpus.clamp(1, 2),
+            io_memory: jaunt_engine::server::DEFAULT_IO_MEMORY,
+            diag_addr,
+            handshake_timeout: jaunt_engine::server::DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: jaunt_engine::server::DEFAULT_IDLE_TIMEOUT,
+            max_connections_per_shard: jaunt_engine::server::DEFAULT_MAX_CONNECTIONS_PER_SHARD,
+            tls_files: None,
+        }
+    }
 }
 
 /// Runs until SIGTERM or SIGINT; returns after a clean shutdown.
@@ -54,15 +88,15 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         Store::open(&cfg.data_dir.join("jaunt.db"))
             .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
     );
-    let public_listener = bind(&cfg.public_listen, "public address")?;
-    let public_bound = public_listener.local_addr()?;
-    let public_addr = advertised(&cfg.public_addr, public_bound.port());
     let control_listener = bind(&cfg.control_listen, "control.listen_addr")?;
     let control_bound = control_listener.local_addr()?;
+    let public_listen = resolve(&cfg.public_listen, "engine.listen_addr")?;
+    // With port 0 the engine picks the port; the advertised address is fixed up once it has.
+    let public_addr_hint = cfg.public_addr.clone();
 
     let settings = Settings {
         cluster: cfg.cluster.clone(),
-        public_addr: public_addr.clone(),
+        public_addr: public_addr_hint.clone(),
         second_factor: cfg.second_factor,
         user_ttl_secs: cfg.user_ttl_secs,
         host_ttl_secs: cfg.host_ttl_secs,
@@ -75,7 +109,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     };
 
     // The control API's server certificate, from the host CA, for every name it is reached by.
-    let host = host_part(&public_addr);
+    let host = host_part(&public_addr_hint);
     let mut names = vec![
         host.to_string(),
         "localhost".to_string(),
@@ -110,7 +144,48 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         control.cas.user.cert_der().clone(),
         control.cas.host.cert_der().clone(),
     ];
-    let tls = http::server_config(chain, server_keys.tls_private_der()?, client_roots)?;
+    let server_key = server_keys.tls_private_der()?;
+    let tls = http::server_config(chain.clone(), server_key.clone_key(), client_roots)?;
+
+    let control_server = {
+        let control = control.clone();
+        let handler: Arc<dyn Fn(&http::Request) -> http::Response + Send + Sync> =
+            Arc::new(move |req: &http::Request| control.handle(req));
+        http::serve(control_listener, tls, handler, Limits::default())?
+    };
+
+    // The engine: the public port.
+    let (engine_chain, engine_key) = match &cfg.engine.tls_files {
+        Some((cert, key)) => load_tls_files(cert, key)?,
+        None => (chain, server_key),
+    };
+    let engine_tls = jaunt_engine::server::TlsConfigs::build(
+        engine_chain,
+        engine_key,
+        std::slice::from_ref(control.cas.user.cert_der()),
+        std::slice::from_ref(control.cas.host.cert_der()),
+    )?;
+    let mut engine_config =
+        jaunt_engine::server::EngineConfig::new(public_listen, host, control_bound);
+    engine_config.cluster_name = cfg.cluster.clone();
+    engine_config.shards = cfg.engine.shards;
+    engine_config.io_memory = cfg.engine.io_memory;
+    engine_config.diag_addr = cfg
+        .engine
+        .diag_addr
+        .as_deref()
+        .map(|a| resolve(a, "engine.diag_addr"))
+        .transpose()?;
+    engine_config.handshake_timeout = cfg.engine.handshake_timeout;
+    engine_config.idle_timeout = cfg.engine.idle_timeout;
+    engine_config.max_connections_per_shard = cfg.engine.max_connections_per_shard;
+    let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded(16);
+    control.set_snapshot_sender(snapshot_tx);
+    control.publish_snapshot();
+    let engine = jaunt_engine::server::Engine::start(engine_config, engine_tls, snapshot_rx)
+        .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
+    let public_addr = advertised(&public_addr_hint, engine.local_addr().port());
+    control.set_public_addr(&public_addr);
 
     write_admin_identity(&control, &cfg, &control_bound.to_string())?;
     profile::write_private(
@@ -122,33 +197,58 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         format!("{public_addr}\n").as_bytes(),
     )?;
 
-    let handler: Arc<dyn Fn(&http::Request) -> http::Response + Send + Sync> = {
-        let control = control.clone();
-        Arc::new(move |req: &http::Request| control.handle(req))
-    };
-    let control_server = http::serve(
-        control_listener,
-        tls.clone(),
-        handler.clone(),
-        Limits::default(),
-    )?;
-    let public_server = http::serve(public_listener, tls, handler, Limits::default())?;
-
     print_banner(
         &cfg,
+        engine.diag_addr(),
         &public_addr,
         &control_bound.to_string(),
         control.cas.host.pin(),
         admin_password.as_deref(),
     );
-    tracing::info!(public = %public_bound, control = %control_bound, alpn = ALPN_CONTROL, "jaunt started");
+    tracing::info!(public = %engine.local_addr(), control = %control_bound, alpn = ALPN_CONTROL, "jaunt started");
 
     wait_for_shutdown_signal()?;
-    tracing::info!("shutting down");
-    public_server.shutdown();
+    tracing::info!("shutting down: draining the engine");
+    match engine.shutdown(DRAIN_TIMEOUT) {
+        Ok(report) if report.aborted_connections > 0 => {
+            tracing::warn!(
+                aborted = report.aborted_connections,
+                "drain timeout cut connections"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "engine shutdown"),
+    }
     control_server.shutdown();
     println!("jaunt stopped");
     Ok(())
+}
+
+/// How long SIGTERM lets live sessions finish before cutting them.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn resolve(addr: &str, what: &str) -> anyhow::Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("{what} {addr}: cannot resolve"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{what} {addr}: resolves to no address"))
+}
+
+fn load_tls_files(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<(
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+)> {
+    use rustls_pki_types::pem::PemObject;
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .map_err(|e| anyhow::anyhow!("engine.tls.cert_file {}: {e:?}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("engine.tls.cert_file {}: {e:?}", cert.display()))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("engine.tls.key_file {}: {e:?}", key.display()))?;
+    Ok((chain, key))
 }
 
 fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -254,6 +354,7 @@ fn write_admin_identity(
 
 fn print_banner(
     cfg: &DaemonConfig,
+    diag: Option<SocketAddr>,
     public_addr: &str,
     control_addr: &str,
     pin: &str,
@@ -265,6 +366,9 @@ fn print_banner(
     println!("  control API:  {control_addr}");
     println!("  data dir:     {}", cfg.data_dir.display());
     println!("  CA pin:       {pin}");
+    if let Some(diag) = diag {
+        println!("  metrics:      http://{diag}/metrics");
+    }
     if admin_password.is_some() {
         let pw = cfg.data_dir.join("admin-password");
         println!();

@@ -7,7 +7,10 @@
 //! chain; here the identity is decoded and checked against the role rules).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use jaunt_engine::server::Snapshot;
 
 use jaunt_config::api::*;
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
@@ -58,6 +61,11 @@ pub struct Control {
     pub cas: Authorities,
     pub audit: Audit,
     limiter: RateLimiter,
+    /// The advertised public address (known for sure once the engine has bound its port).
+    public_addr: RwLock<String>,
+    /// Where snapshots for the engine go, once it runs.
+    snapshots: Mutex<Option<crossbeam_channel::Sender<Arc<Snapshot>>>>,
+    snapshot_version: AtomicU64,
 }
 
 /// A handler outcome: a response to send, built from `?`-propagated errors.
@@ -83,7 +91,11 @@ impl Control {
             db: load(CaKind::Db)?,
         };
         // The JWT signing key for app access (ES256), created with the CAs and kept with them.
-        let jwt_key = store.key_or_insert(JWT_KEY_NAME, &rcgen::KeyPair::generate()?.serialize_pem(), now)?;
+        let jwt_key = store.key_or_insert(
+            JWT_KEY_NAME,
+            &rcgen::KeyPair::generate()?.serialize_pem(),
+            now,
+        )?;
         for role in [Role::builtin_access(), Role::builtin_editor()] {
             store.insert_role_if_absent(
                 &role.metadata.name,
@@ -93,15 +105,105 @@ impl Control {
         }
         let audit = Audit::new(store.clone());
         Ok(Control {
+            public_addr: RwLock::new(settings.public_addr.clone()),
             settings,
             jwt_key_pem: jwt_key,
             store,
             cas,
             audit,
+            snapshots: Mutex::new(None),
+            snapshot_version: AtomicU64::new(0),
             limiter: RateLimiter::new(
                 RateLimiter::DEFAULT_MAX_FAILURES,
                 RateLimiter::DEFAULT_WINDOW_SECS,
             ),
+        })
+    }
+
+    /// The advertised public address (HOST:PORT).
+    pub fn public_addr(&self) -> String {
+        self.public_addr
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records the public address once the engine has bound its port.
+    pub fn set_public_addr(&self, addr: &str) {
+        if let Ok(mut a) = self.public_addr.write() {
+            *a = addr.to_string();
+        }
+    }
+
+    /// Connects the engine's snapshot feed.
+    pub fn set_snapshot_sender(&self, tx: crossbeam_channel::Sender<Arc<Snapshot>>) {
+        if let Ok(mut s) = self.snapshots.lock() {
+            *s = Some(tx);
+        }
+    }
+
+    /// Builds a whole snapshot (CA roots, roles, locks) from the store and hands it to the
+    /// engine. Snapshots are complete values, so a dropped one is repaired by the next.
+    pub fn publish_snapshot(&self) {
+        let snapshot = match self.build_snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot: cannot build from the store");
+                return;
+            }
+        };
+        let Ok(guard) = self.snapshots.lock() else {
+            return;
+        };
+        if let Some(tx) = guard.as_ref() {
+            if let Err(e) = tx.try_send(Arc::new(snapshot)) {
+                tracing::warn!(error = %e, "snapshot: the engine's feed is full or gone; the next change resends everything");
+            }
+        }
+    }
+
+    fn build_snapshot(&self) -> anyhow::Result<Snapshot> {
+        let now = unix_now();
+        let roles = self
+            .store
+            .list_roles()?
+            .into_iter()
+            .filter_map(|(name, spec)| Some((name, serde_json::from_str(&spec).ok()?)))
+            .collect();
+        let locks = self
+            .store
+            .list_locks(now)?
+            .into_iter()
+            .filter_map(|l| {
+                let lock: Lock = serde_json::from_str(&l.spec).ok()?;
+                let mut out = jaunt_engine::server::Lock {
+                    name: l.id.clone(),
+                    message: lock
+                        .spec
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "locked by an administrator".into()),
+                    expires: l.expires,
+                    ..Default::default()
+                };
+                match &lock.spec.target {
+                    LockTarget::User(u) => out.user = Some(u.clone()),
+                    LockTarget::Role(r) => out.role = Some(r.clone()),
+                    LockTarget::Node(n) => out.target = Some(n.clone()),
+                    // Login locks are enforced by the authorization issue's matcher.
+                    LockTarget::Login(_) => return None,
+                }
+                Some(out)
+            })
+            .collect();
+        Ok(Snapshot {
+            version: self.snapshot_version.fetch_add(1, Ordering::Relaxed) + 1,
+            cluster: self.settings.cluster.clone(),
+            user_ca_roots: vec![self.cas.user.cert_der().clone()],
+            host_ca_roots: vec![self.cas.host.cert_der().clone()],
+            roles,
+            locks,
+            targets: Default::default(),
         })
     }
 
@@ -156,7 +258,7 @@ impl Control {
             &PingResponse {
                 cluster_name: self.settings.cluster.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                public_addr: self.settings.public_addr.clone(),
+                public_addr: self.public_addr(),
                 host_ca_pin: self.cas.host.pin().to_string(),
                 second_factor: if self.settings.second_factor {
                     "otp"
@@ -380,7 +482,7 @@ impl Control {
             &StatusResponse {
                 cluster_name: self.settings.cluster.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                public_addr: self.settings.public_addr.clone(),
+                public_addr: self.public_addr(),
                 ca_pin: self.cas.host.pin().to_string(),
                 cas,
                 hosts: self.hosts()?,
@@ -653,7 +755,7 @@ impl Control {
         Ok(TokenAddResponse {
             token,
             info: token_info(&stored),
-            proxy_addr: self.settings.public_addr.clone(),
+            proxy_addr: self.public_addr(),
             ca_pin: self.cas.host.pin().to_string(),
         })
     }
@@ -776,6 +878,7 @@ impl Control {
                         now,
                     )
                     .map_err(internal)?;
+                self.publish_snapshot();
                 self.audit.emit(
                     if existed {
                         audit::ROLE_UPDATED
@@ -860,6 +963,7 @@ impl Control {
                         created: now,
                     })
                     .map_err(internal)?;
+                self.publish_snapshot();
                 self.audit.emit(
                     audit::LOCK_CREATED,
                     Some(&caller.name),

@@ -133,6 +133,59 @@ fn dev_cluster_login_status_and_certificates() {
 }
 
 #[test]
+fn the_engine_serves_the_public_port() {
+    let c = Cluster::dev();
+    // Web endpoint through the engine, TLS from the host CA.
+    let ca = c.dir.path().join("host-ca.pem");
+    std::fs::write(
+        &ca,
+        ok(c.admin(&["ca", "export", "--type", "host-tls"], None)),
+    )
+    .unwrap();
+    let port = c.public_addr.rsplit_once(':').unwrap().1;
+    let ping = tool(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &format!("127.0.0.1:{port}:127.0.0.1"),
+            &format!("https://127.0.0.1:{port}/webapi/ping"),
+        ],
+    );
+    assert!(ping.contains("dev.jaunt.local"), "{ping}");
+    // Diagnostics: ready, and the refusal of an unknown ALPN is counted.
+    let diag = c.diag_addr().expect("banner prints the metrics address");
+    let ready = tool(
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{diag}/readyz"),
+        ],
+    );
+    assert_eq!(ready, "200");
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &c.public_addr, "-alpn", "not-jaunt"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ALPN protocol: not-jaunt"));
+    let metrics = tool("curl", &["-sS", &format!("http://{diag}/metrics")]);
+    // Summed over shards: the kernel picks the shard.
+    let n: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("jaunt_connections_refused_total") && l.contains("unknown_alpn"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(n >= 1.0, "unknown_alpn refusals counted: {metrics}");
+}
+
+#[test]
 fn wrong_password_is_refused_and_rate_limited() {
     let c = Cluster::dev();
     add_alice(&c);

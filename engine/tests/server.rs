@@ -722,6 +722,18 @@ fn user_route_without_agent_answers_agent_offline() {
         Some(r#"no such node "web9" in cluster "test-cluster""#)
     );
 
+    // The dial kind must match the ALPN.
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
+    let db = DialRequest {
+        kind: DialKind::Db,
+        target: "pg".into(),
+        login: None,
+        db_user: Some("alice".into()),
+        db_name: None,
+    };
+    let error = dial(&mut tls, &db).unwrap().error.unwrap_or_default();
+    assert!(error.contains("negotiated ssh"), "{error}");
+
     // A host certificate is not a user certificate (and is not even issued by the user CA).
     let host = h.pki.host.identity(&identity(IdentityKind::Host, "host-1"));
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(host)), PUBLIC_HOST);
@@ -782,6 +794,23 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
     h.wait_metric("jaunt_streams_open", &[("shard", "0")], 1);
     drop(reader);
     wait_for("stream closed", || h.metric("jaunt_streams_open", &[]) == 0);
+
+    // Bytes sent right behind the dial request (before its answer) reach the target.
+    let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
+    tls.write_all(&[ssh_request("web1").encode(), b"early\n".to_vec()].concat())
+        .unwrap();
+    tls.flush().unwrap();
+    let mut frame = [0u8; 2 + 11];
+    tls.read_exact(&mut frame).unwrap();
+    assert_eq!(&frame[2..], br#"{"ok":true}"#);
+    let mut reader = BufReader::new(tls);
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "hello alice as root\n");
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "early\n");
+    drop(reader);
 
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(alice)), PUBLIC_HOST);
     let response = dial(&mut tls, &ssh_request("refuse-me")).unwrap();

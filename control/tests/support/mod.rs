@@ -40,8 +40,22 @@ impl Cluster {
             data_dir.display().to_string(),
             "--public-addr".to_string(),
             "127.0.0.1:0".to_string(),
+            "--diag-addr".to_string(),
+            "127.0.0.1:0".to_string(),
         ];
         Cluster::spawn(dir, data_dir, args)
+    }
+
+    /// The engine's diagnostics address from the banner, if it printed one.
+    pub fn diag_addr(&self) -> Option<String> {
+        self.stdout_lines.iter().find_map(|l| {
+            l.trim().strip_prefix("metrics:").map(|v| {
+                v.trim()
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/metrics")
+                    .to_string()
+            })
+        })
     }
 
     /// `jaunt start --config FILE` with `yaml` as the config (`DATA_DIR` in it is replaced).

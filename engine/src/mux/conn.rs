@@ -461,9 +461,12 @@ impl Conn {
             .min(s.send_credit as usize)
             .min(conn_credit)
             .min(space);
-        if n < data.len() && !s.blocked {
+        if n < data.len() {
             s.blocked = true;
-            self.blocked.push(id.0);
+            if !s.listed {
+                s.listed = true;
+                self.blocked.push(id.0);
+            }
         }
         if n > 0 {
             // n ≤ both credits, which are u32.
@@ -882,15 +885,23 @@ impl Conn {
                 .ok_or(ProtocolError::WindowOverflow { id })
         };
         if id == 0 {
+            let was_exhausted = self.conn_send_credit == 0;
             self.conn_send_credit = add(self.conn_send_credit)?;
-            self.wake_blocked();
+            // Only a stream that ran the tunnel credit to zero can be waiting for it, so a flood
+            // of small tunnel updates costs no list walks.
+            if was_exhausted {
+                self.wake_blocked();
+            }
             return Ok(());
         }
+        let can_queue = self.conn_send_credit > 0 && self.send_space() > 0;
         match self.streams.get_mut(&id) {
             Some(s) => {
                 s.send_credit = add(s.send_credit)?;
-                if s.blocked {
-                    self.wake_blocked();
+                // Wake just this stream; its list entry goes at the next sweep.
+                if s.blocked && !s.send_finished && can_queue {
+                    s.blocked = false;
+                    self.events.push_back(Event::Writable { id: StreamId(id) });
                 }
                 Ok(())
             }
@@ -926,9 +937,12 @@ impl Conn {
             return Ok(());
         }
         if let Some(previous) = self.goaway_recv {
-            if last > previous {
-                return Err(ProtocolError::GoAwayIncreased { previous, last });
+            // A repeat must say the same: a moving target would make us rescan every stream per
+            // 20-byte frame.
+            if last != previous {
+                return Err(ProtocolError::GoAwayChanged { previous, last });
             }
+            return Ok(());
         }
         self.goaway_recv = Some(last);
         self.events.push_back(Event::GoAway {
@@ -1055,16 +1069,16 @@ impl Conn {
             let Some(s) = streams.get_mut(&id) else {
                 return false;
             };
-            if !s.blocked || s.send_finished {
-                s.blocked = false;
-                return false;
+            let waiting = s.blocked && !s.send_finished;
+            if waiting && !(can_queue && s.send_credit > 0) {
+                return true;
             }
-            if can_queue && s.send_credit > 0 {
-                s.blocked = false;
+            if waiting {
                 events.push_back(Event::Writable { id: StreamId(id) });
-                return false;
             }
-            true
+            s.blocked = false;
+            s.listed = false;
+            false
         });
     }
 
@@ -1212,13 +1226,24 @@ impl Conn {
             assert!(!s.is_done(), "stream {id} is done but still live");
             assert!(!s.fin_signaled || (s.recv_fin && s.recv.is_empty()));
             assert!(s.recv.is_empty() || s.readable_signaled);
-            assert!(!s.blocked || self.blocked.contains(&id));
+            assert!(!s.blocked || s.listed);
+            assert!(!s.listed || self.blocked.contains(&id));
             assert!(!s.update_queued || self.window_updates.contains(&id));
             // Compaction keeps the allocation within the window plus one frame.
             assert!(s.recv.allocated() <= INITIAL_STREAM_WINDOW as usize + MAX_FRAME_PAYLOAD);
             buffered += s.recv.len();
         }
         assert_eq!(buffered, self.conn_buffered);
+        let live_entries = self
+            .blocked
+            .iter()
+            .filter(|id| self.streams.contains_key(id))
+            .count();
+        let listed = self.streams.values().filter(|s| s.listed).count();
+        assert_eq!(
+            live_entries, listed,
+            "the blocked list holds each listed stream once"
+        );
         let rx_remaining = match self.rx {
             Rx::Data { remaining, .. } => u64::from(remaining),
             _ => 0,
@@ -1681,17 +1706,18 @@ mod tests {
                 |e| matches!(e, E::NotUtf8 { .. }),
             ),
             (
-                "goaway raised",
+                "goaway changed",
                 wire(|w| {
                     encode::go_away(w, 1, ErrorCode::NO_ERROR, "");
-                    encode::go_away(w, 3, ErrorCode::NO_ERROR, "");
+                    encode::go_away(w, 1, ErrorCode::NO_ERROR, "a repeat is fine");
+                    encode::go_away(w, 0, ErrorCode::NO_ERROR, "");
                 }),
                 |e| {
                     matches!(
                         e,
-                        E::GoAwayIncreased {
+                        E::GoAwayChanged {
                             previous: 1,
-                            last: 3
+                            last: 0
                         }
                     )
                 },

@@ -129,9 +129,9 @@ pub enum ProtocolError {
         /// The frame type.
         kind: FrameType,
     },
-    /// A GOAWAY raising the last stream id of an earlier one.
-    #[error("GOAWAY raised the last stream id from {previous} to {last}")]
-    GoAwayIncreased {
+    /// A second graceful GOAWAY with another last stream id than the first.
+    #[error("GOAWAY changed the last stream id from {previous} to {last}")]
+    GoAwayChanged {
         /// The earlier last stream id.
         previous: u32,
         /// The new one.
@@ -168,7 +168,7 @@ impl ProtocolError {
             | DataBeforeOpenResult { .. }
             | UnexpectedOpenResult { .. }
             | NotUtf8 { .. }
-            | GoAwayIncreased { .. } => ErrorCode::PROTOCOL,
+            | GoAwayChanged { .. } => ErrorCode::PROTOCOL,
         }
     }
 }

@@ -373,7 +373,12 @@ pub mod encode {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic, clippy::type_complexity, reason = "tests")]
+#[allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::type_complexity,
+    reason = "tests"
+)]
 mod tests {
     use super::*;
 

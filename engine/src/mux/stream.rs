@@ -34,8 +34,11 @@ pub(crate) struct Stream {
     pub(crate) recv: RecvBuf,
     /// A `Readable` event is outstanding (cleared when the buffer is read empty).
     pub(crate) readable_signaled: bool,
-    /// A `send` was short; the stream is on the blocked list awaiting a `Writable` event.
+    /// A `send` was short: a `Writable` event is owed once it can send again.
     pub(crate) blocked: bool,
+    /// The stream is on the blocked list (kept apart from `blocked` so that a wake-up by its own
+    /// WINDOW_UPDATE need not search the list, and the list never holds it twice).
+    pub(crate) listed: bool,
     /// The stream is on the window-update list.
     pub(crate) update_queued: bool,
 }
@@ -53,6 +56,7 @@ impl Stream {
             recv: RecvBuf::default(),
             readable_signaled: false,
             blocked: false,
+            listed: false,
             update_queued: false,
         }
     }

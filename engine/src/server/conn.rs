@@ -654,19 +654,17 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
     };
     drop(tunnel);
     let _open = OpenStream::new(shard);
-    let connected = async {
+    let answered = async {
         stream.write_all(&DialResponse::ok().encode()).await?;
-        stream.flush().await?;
-        if !early.is_empty() {
-            upstream
-                .write_all(&early)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("upstream: {e}")))?;
-        }
-        Ok::<(), io::Error>(())
+        stream.flush().await
     };
-    if let Err(e) = connected.await {
+    if let Err(e) = answered.await {
         return End::Failed(ConnError::Client(e));
+    }
+    if !early.is_empty() {
+        if let Err(e) = upstream.write_all(&early).await {
+            return End::Failed(ConnError::Upstream(e));
+        }
     }
     drop(early);
     tracing::debug!(

@@ -40,7 +40,6 @@ pub use dial::{DialKind, DialRequest, DialResponse, TunnelHello};
 pub use snapshot::{Lock, Snapshot, Target, Targets};
 pub use tls::{TlsBuildError, TlsConfigs};
 
-use crate::mux::Blame;
 use diag::{Diag, DiagState};
 use metrics::ShardMetrics;
 use shard::{Command, MailboxSender, ShardBoot};
@@ -146,8 +145,8 @@ impl EngineConfig {
     }
 }
 
-/// Why the engine could not start or a command failed. [`EngineError::blame`] says whether the
-/// environment, the configuration or the engine itself is at fault.
+/// Why the engine could not start or a command failed. [`EngineError::culprit`] says whether
+/// the operator (configuration, machine limits) or the engine itself is at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// A configuration value is out of range.
@@ -222,18 +221,41 @@ impl EngineError {
         }
     }
 
-    /// Who is to blame: the configuration or the machine ([`Blame::Peer`], i.e. the operator,
-    /// outside the engine) or the engine itself ([`Blame::Local`]).
-    pub fn blame(&self) -> Blame {
+    /// Who is to blame: the operator (configuration, limits, a busy port) or the engine (a
+    /// bug).
+    pub fn culprit(&self) -> Culprit {
         match self {
             EngineError::Config { .. }
             | EngineError::Runtime { .. }
             | EngineError::Bind { .. }
             | EngineError::DiagBind { .. }
-            | EngineError::Thread { .. } => Blame::Peer,
-            EngineError::ShardDied { .. } | EngineError::ShardUnresponsive { .. } => Blame::Local,
+            | EngineError::Thread { .. } => Culprit::Operator,
+            EngineError::ShardDied { .. } | EngineError::ShardUnresponsive { .. } => {
+                Culprit::Engine
+            }
         }
     }
+
+    /// Whether trying again unchanged may succeed (a port being released, a busy shard, a
+    /// transient thread limit).
+    pub fn retry_helps(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Bind { .. }
+                | EngineError::DiagBind { .. }
+                | EngineError::Thread { .. }
+                | EngineError::ShardUnresponsive { .. }
+        )
+    }
+}
+
+/// Who an [`EngineError`] blames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Culprit {
+    /// The configuration or the machine: change something, then start again.
+    Operator,
+    /// The engine itself: a bug.
+    Engine,
 }
 
 /// What a shutdown did.
