@@ -1,1 +1,47 @@
-//! Jaunt agent: joins with a token, keeps reverse tunnels to the engine, serves resources (filled in by the agent issue).
+//! Jaunt's agent: runs next to private resources, dials OUT to the engine's public port (TLS,
+//! ALPN `jaunt-tunnel`, its host certificate), keeps one tunnel per engine shard, and serves the
+//! user streams the engine opens on those tunnels.
+//!
+//! What lives here: the runtime ([`run`], [`AgentCommand`]), its settings ([`AgentSettings`],
+//! [`client_config`]), the reconnect schedule ([`backoff`]), the shard covering logic
+//! ([`coverage`]) and the stream handlers (`serve`). What does not: joining and certificate
+//! renewal (the `jaunt agent` command in the control crate drives those and hands the results
+//! in), the mux and the wire formats (`jaunt_engine::mux`, `jaunt_engine::tunnel`,
+//! `jaunt_engine::server::dial`, `jaunt_engine::tunnel::agent_hello`).
+//!
+//! # Protocol, agent side
+//!
+//! ```text
+//! agent → engine   TCP connect to proxy_addr, TLS (SNI server_name, ALPN jaunt-tunnel,
+//!                  client certificate = host certificate)
+//! engine → agent   TunnelHello {"version":1,"shards":N,"shard":i}      (u16 length + JSON)
+//! agent            shard i already has a tunnel?  → close_notify, close; dial again
+//!                  shard count ≠ N (engine restarted)? → keep this one, drain the others
+//! agent → engine   AgentHello {"version":1,"name":..,"labels":..,"resources":[..]}
+//! both             mux (engine Role::Server opens streams; agent Role::Client accepts)
+//! engine → agent   OPEN with a StreamHeader {"kind":"ssh","target":"node1","user":..}
+//! agent            connect to the local service, accept and splice — or refuse with a reason
+//! ```
+//!
+//! Dialing repeats (bounded per round) until every shard `0..N` has a tunnel; failures and lost
+//! tunnels back off with full jitter ([`backoff`]).
+
+pub mod backoff;
+pub mod coverage;
+mod dial;
+mod error;
+mod net;
+mod runtime;
+mod serve;
+mod settings;
+
+pub use backoff::{
+    BackoffConfig, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_HEALTHY_AFTER,
+};
+pub use error::{AgentError, Blame, TunnelError};
+pub use net::MAX_CONCURRENT_LOOKUPS;
+pub use runtime::{run, AgentCommand, AGENT_IO_MEMORY};
+pub use settings::{
+    client_config, AgentSettings, Timeouts, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_LOCAL_CONNECT_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+};

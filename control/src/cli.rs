@@ -80,8 +80,84 @@ enum Command {
     /// Search the audit log (admin).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// SSH to a node through the cluster with the system `ssh` and your certificate.
+    #[command(trailing_var_arg = true)]
+    Ssh {
+        /// Port of the node's sshd as the agent sees it (passed to ssh; the agent decides).
+        #[arg(short = 'p', long)]
+        port: Option<u16>,
+        /// LOGIN@NODE
+        destination: String,
+        /// Command to run instead of a shell (after `--` if it has flags).
+        #[arg(allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Copy files to or from a node with the system `scp` (NODE:PATH as with scp; -r etc. pass through).
+    #[command(trailing_var_arg = true)]
+    Scp {
+        /// Arguments for scp, e.g. `-r ./dir root@node1:/tmp/`.
+        #[arg(allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+    /// Run an agent: join with a token (once), dial out to the proxy, serve SSH, apps and
+    /// databases from this host.
+    Agent(AgentArgs),
+    /// Local proxies and pipes through the cluster.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// The cluster's public address.
+    #[arg(long, value_name = "HOST:PORT")]
+    proxy: String,
+    /// Join token (from `jaunt tokens add`); needed only the first time.
+    #[arg(long, env = "JAUNT_TOKEN", conflicts_with = "token_file")]
+    token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Join only a cluster whose CA has this pin (printed by `jaunt tokens add`).
+    #[arg(long, value_name = "sha256:HEX", conflicts_with = "insecure")]
+    ca_pin: Option<String>,
+    /// Join without checking the cluster's CA (dangerous: throwaway test clusters only).
+    #[arg(long)]
+    insecure: bool,
+    /// This node's name (what users dial); default: the host name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Labels, e.g. env=prod,team=db.
+    #[arg(long, default_value = "")]
+    labels: String,
+    /// Serve SSH by forwarding to this local sshd.
+    #[arg(long, value_name = "HOST:PORT")]
+    ssh: Option<String>,
+    /// Serve an app: NAME=http://HOST:PORT or NAME=tcp://HOST:PORT (repeatable).
+    #[arg(long = "app", value_name = "NAME=URI")]
+    apps: Vec<String>,
+    /// Serve a database: NAME=postgres://HOST:PORT (repeatable).
+    #[arg(long = "db", value_name = "NAME=URI")]
+    dbs: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProxyCommand {
+    /// A stdin/stdout pipe to a node's sshd: the ProxyCommand `jaunt ssh` gives ssh.
+    Ssh {
+        /// LOGIN@NODE[:PORT] (ssh's `%r@%h:%p`).
+        target: String,
+    },
+    /// A local listener that forwards every connection to a TCP app through the cluster.
+    Tcp {
+        /// The app's name.
+        name: String,
+        /// Local port (0 or absent: any free port, printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -300,6 +376,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(f) => status(data_dir.as_deref(), f.format),
+        Command::Ssh {
+            port,
+            destination,
+            command,
+        } => ssh(port, &destination, &command),
+        Command::Scp { args } => scp(&args),
+        Command::Agent(args) => agent(args, data_dir).map(|()| ExitCode::SUCCESS),
+        Command::Proxy(ProxyCommand::Ssh { target }) => {
+            proxy_ssh(&target).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Proxy(ProxyCommand::Tcp { name, port }) => {
+            proxy_tcp(&name, port).map(|()| ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("jaunt {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -352,6 +441,79 @@ fn default_dev_data_dir() -> PathBuf {
         .join("jaunt")
 }
 
+/// Default data directory of an agent started from flags.
+fn default_agent_data_dir() -> PathBuf {
+    default_dev_data_dir().join("agent")
+}
+
+fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    // The flags become an agent config section, so flags and files share one validation.
+    let mut yaml = format!("agent:\n  proxy_addr: {}\n", quote(&args.proxy));
+    if let Some(name) = &args.name {
+        let _ = writeln!(yaml, "  name: {}", quote(name));
+    }
+    let labels = crate::agent_cmd::parse_labels(&args.labels)?;
+    if !labels.is_empty() {
+        yaml.push_str("  labels:\n");
+        for (k, v) in &labels {
+            let _ = writeln!(yaml, "    {}: {}", quote(k), quote(v));
+        }
+    }
+    yaml.push_str("  services:\n");
+    if let Some(ssh) = &args.ssh {
+        let _ = writeln!(yaml, "    ssh: {{ addr: {} }}", quote(ssh));
+    }
+    if !args.apps.is_empty() {
+        yaml.push_str("    apps:\n");
+        for a in &args.apps {
+            let (n, u) = crate::agent_cmd::parse_named(a, "--app")?;
+            let _ = writeln!(
+                yaml,
+                "      - {{ name: {}, uri: {} }}",
+                quote(&n),
+                quote(&u)
+            );
+        }
+    }
+    if !args.dbs.is_empty() {
+        yaml.push_str("    dbs:\n");
+        for d in &args.dbs {
+            let (n, u) = crate::agent_cmd::parse_named(d, "--db")?;
+            let _ = writeln!(
+                yaml,
+                "      - {{ name: {}, uri: {} }}",
+                quote(&n),
+                quote(&u)
+            );
+        }
+    }
+    let config = jaunt_config::file::parse("flags", &yaml).map_err(|e| anyhow!("{e}"))?;
+    let Some(agent) = config.agent else {
+        bail!("internal: no agent section built from flags")
+    };
+    let token = match (args.token, args.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(&f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let opts = crate::agent_cmd::AgentOptions {
+        proxy: agent.proxy_addr.to_string(),
+        token,
+        ca_pin: args.ca_pin,
+        insecure: args.insecure,
+        data_dir: data_dir.unwrap_or_else(default_agent_data_dir),
+        name: agent.name.clone(),
+    };
+    crate::agent_cmd::run(&agent, opts)
+}
+
 fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = if args.dev {
         let data_dir = data_dir.unwrap_or_else(default_dev_data_dir);
@@ -372,6 +534,32 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             bail!("say what to run: `jaunt start --dev` for a dev cluster, or `jaunt start --config jaunt.yaml`");
         };
         let config = jaunt_config::file::load(&path).map_err(|e| anyhow!("{e}"))?;
+        if config.control.is_none() && config.engine.is_none() {
+            if let Some(agent) = &config.agent {
+                let token = match &agent.token {
+                    Some(jaunt_config::file::TokenSource::Value(t)) => Some(t.clone()),
+                    Some(jaunt_config::file::TokenSource::File(f)) => Some(
+                        std::fs::read_to_string(f)
+                            .with_context(|| format!("agent.token_file {}", f.display()))?
+                            .trim()
+                            .to_string(),
+                    ),
+                    None => None,
+                };
+                let opts = crate::agent_cmd::AgentOptions {
+                    proxy: agent.proxy_addr.to_string(),
+                    token,
+                    ca_pin: agent.ca_pin.map(|p| format!("sha256:{}", hex::encode(p.0))),
+                    insecure: false,
+                    data_dir: data_dir.unwrap_or_else(|| config.data_dir.clone()),
+                    name: agent.name.clone(),
+                };
+                return crate::agent_cmd::run(agent, opts);
+            }
+        }
+        if config.agent.is_some() {
+            bail!("running an agent in the same process as control is not supported yet: start the agent with its own config");
+        }
         daemon_config_from_file(config, data_dir)?
     };
     daemon::run(cfg)
@@ -556,6 +744,130 @@ fn status(data_dir: Option<&Path>, format: Format) -> anyhow::Result<ExitCode> {
     println!("  proxy:     {}", info.proxy);
     print_identity(&profile, &info.identity);
     Ok(ExitCode::SUCCESS)
+}
+
+// ---- resource access ----
+
+/// `ssh` options that make the system client use the Jaunt certificate, trust the cluster's
+/// host CA and reach the node through `jaunt proxy ssh`.
+fn ssh_options(profile: &Profile, user: &str) -> anyhow::Result<Vec<String>> {
+    let exe = std::env::current_exe().context("locating the jaunt binary")?;
+    let key = profile.ssh_key_path(user);
+    if !key.exists() {
+        bail!("no SSH key in {}: run `jaunt login`", profile.dir.display());
+    }
+    Ok(vec![
+        "-o".into(),
+        format!(
+            "ProxyCommand={} proxy ssh %r@%h:%p",
+            shell_quote(&exe.display().to_string())
+        ),
+        "-o".into(),
+        format!(
+            "UserKnownHostsFile={}",
+            profile.known_hosts_path().display()
+        ),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        "GlobalKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        "IdentityAgent=none".into(),
+        "-i".into(),
+        key.display().to_string(),
+        "-o".into(),
+        format!("CertificateFile={}", profile.ssh_cert_path(user).display()),
+    ])
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn run_child(mut cmd: std::process::Command, what: &str) -> anyhow::Result<ExitCode> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {what}: is OpenSSH's client installed?"))?;
+    Ok(ExitCode::from(
+        u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+    ))
+}
+
+fn ssh(port: Option<u16>, destination: &str, command: &[String]) -> anyhow::Result<ExitCode> {
+    let profile = Profile::user_default();
+    let (_, info) = crate::access::Dialer::from_profile(&profile)?;
+    if !destination.contains('@') {
+        bail!("say which login to use: jaunt ssh LOGIN@{destination}");
+    }
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.args(ssh_options(&profile, &info.user)?);
+    if let Some(p) = port {
+        cmd.args(["-p", &p.to_string()]);
+    }
+    cmd.arg(destination);
+    cmd.args(command);
+    run_child(cmd, "ssh")
+}
+
+fn scp(args: &[String]) -> anyhow::Result<ExitCode> {
+    let profile = Profile::user_default();
+    let (_, info) = crate::access::Dialer::from_profile(&profile)?;
+    let mut cmd = std::process::Command::new("scp");
+    cmd.args(ssh_options(&profile, &info.user)?);
+    cmd.args(args);
+    run_child(cmd, "scp")
+}
+
+fn proxy_ssh(target: &str) -> anyhow::Result<()> {
+    let (login, rest) = target
+        .split_once('@')
+        .ok_or_else(|| anyhow!("expected LOGIN@NODE[:PORT], got {target:?}"))?;
+    // The port is the agent's business (it knows where its sshd listens); accept and ignore it.
+    let node = rest.rsplit_once(':').map_or(rest, |(h, p)| {
+        if p.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            rest
+        }
+    });
+    let (dialer, _) = crate::access::Dialer::from_profile(&Profile::user_default())?;
+    let request = jaunt_engine::server::dial::DialRequest {
+        kind: jaunt_engine::server::dial::DialKind::Ssh,
+        target: node.to_string(),
+        login: Some(login.to_string()),
+        db_user: None,
+        db_name: None,
+    };
+    let session = dialer.dial(&request)?;
+    crate::access::pipe_stdio(session)
+}
+
+fn proxy_tcp(name: &str, port: u16) -> anyhow::Result<()> {
+    let (dialer, _) = crate::access::Dialer::from_profile(&Profile::user_default())?;
+    let request = jaunt_engine::server::dial::DialRequest {
+        kind: jaunt_engine::server::dial::DialKind::Tcp,
+        target: name.to_string(),
+        login: None,
+        db_user: None,
+        db_name: None,
+    };
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    println!(
+        "Proxying {name} on 127.0.0.1:{}",
+        listener.local_addr()?.port()
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    crate::access::serve_local(listener, std::sync::Arc::new(dialer), request)
 }
 
 // ---- admin connection ----

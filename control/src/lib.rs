@@ -9,8 +9,11 @@
 //! - [`http`] / [`client`]: the API's transport (HTTP/1.1 + JSON over TLS, plain threads).
 //! - [`daemon`]: `jaunt start`.
 //! - [`profile`]: the user's `$JAUNT_HOME` (keys and certificates after `jaunt login`).
+//! - [`access`]: the user's side of resource access (dial through the engine, carry bytes).
 //! - [`cli`]: the `jaunt` command line.
 
+pub mod access;
+pub mod agent_cmd;
 pub mod audit;
 pub mod auth;
 pub mod ca;

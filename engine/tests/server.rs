@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use jaunt_engine::mux::{self, Role};
-use jaunt_engine::route::{ALPN_CONTROL, ALPN_SSH, ALPN_TUNNEL};
+use jaunt_engine::route::{ALPN_CONTROL, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL};
 use jaunt_engine::server::dial::StreamHeader;
 use jaunt_engine::server::{
-    DialKind, DialRequest, DialResponse, Engine, EngineConfig, EngineHandle, Snapshot, Target,
-    Targets, TlsConfigs, TunnelHello,
+    DialKind, DialRequest, DialResponse, Engine, EngineConfig, EngineHandle, InventoryEvent,
+    Snapshot, Target, Targets, TlsConfigs, TunnelHello,
 };
+use jaunt_engine::tunnel::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
 use jaunt_engine::tunnel::Tunnel;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -198,6 +199,7 @@ struct Options {
     max_connections_per_shard: usize,
     send_snapshot: bool,
     targets: Targets,
+    inventory: Option<crossbeam_channel::Sender<InventoryEvent>>,
 }
 
 impl Default for Options {
@@ -211,6 +213,7 @@ impl Default for Options {
             targets: Targets::default()
                 .with(DialKind::Ssh, "web1", Target::on_host("host-1"))
                 .with(DialKind::Ssh, "refuse-me", Target::on_host("host-1")),
+            inventory: None,
         }
     }
 }
@@ -228,6 +231,7 @@ impl Options {
         config.handshake_timeout = self.handshake_timeout;
         config.idle_timeout = self.idle_timeout;
         config.max_connections_per_shard = self.max_connections_per_shard;
+        config.inventory = self.inventory;
         let (tx, rx) = crossbeam_channel::unbounded();
         let engine = Engine::start(config, pki.tls_configs(&pki.web), rx).unwrap();
         let harness = Harness {
@@ -299,6 +303,48 @@ impl Harness {
         sni: &str,
     ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
         tls_connect(self.addr(), config, sni)
+    }
+
+    /// A client config for an agent with host id `host_id`.
+    fn agent_config(&self, host_id: &str) -> Arc<rustls::ClientConfig> {
+        let host = self
+            .pki
+            .host
+            .identity(&identity(IdentityKind::Host, host_id));
+        self.pki.client(&[ALPN_TUNNEL], Some(host))
+    }
+
+    /// A client config for user alice offering `alpn`.
+    fn alice(&self, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let alice = self
+            .pki
+            .user
+            .identity(&identity(IdentityKind::User, "alice"));
+        self.pki.client(&[alpn], Some(alice))
+    }
+
+    /// Dials `request` as alice on a new connection; the response and the connection.
+    fn dial_as_alice(
+        &self,
+        request: &DialRequest,
+    ) -> (
+        DialResponse,
+        rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    ) {
+        let alpn = match request.kind {
+            DialKind::Ssh => ALPN_SSH,
+            DialKind::Db => ALPN_POSTGRES,
+            DialKind::Tcp => ALPN_TCP,
+        };
+        let mut tls = self.tls_connect(self.alice(alpn), PUBLIC_HOST);
+        let response = dial(&mut tls, request).unwrap();
+        (response, tls)
+    }
+
+    /// The error of dialing `request` as alice (empty if it succeeded).
+    fn dial_error(&self, request: &DialRequest) -> String {
+        let (response, _) = self.dial_as_alice(request);
+        response.error.unwrap_or_default()
     }
 }
 
@@ -452,37 +498,106 @@ impl StandInControl {
 
 // ---------------------------------------------------------------------------------------------
 // Stand-in agent: dials the engine with a host certificate and ALPN jaunt-tunnel, reads the
-// tunnel hello, then accepts streams: `refuse-me` is refused, anything else gets a greeting line
-// naming the user and login, then an echo.
+// tunnel hello, sends its AgentHello (or, for a shard it already covers, closes cleanly: a
+// duplicate), then accepts streams: `refuse-me` is refused; an `ssh` stream gets a greeting line
+// naming the user, the login and the agent's tag, then an echo; any other stream is a pure echo.
+// `stop` drops every tunnel at once, like a killed agent.
+
+/// What a stand-in agent saw.
+#[derive(Debug)]
+enum AgentEvent {
+    /// A tunnel was established on this shard.
+    Tunnel(TunnelHello),
+    /// The shard already had one of ours: closed cleanly after the tunnel hello.
+    Duplicate(TunnelHello),
+}
 
 struct StandInAgent {
     hello: crossbeam_channel::Receiver<TunnelHello>,
+    events: crossbeam_channel::Receiver<AgentEvent>,
     done: crossbeam_channel::Receiver<()>,
+    stop: crossbeam_channel::Sender<()>,
+}
+
+/// How a stand-in agent behaves.
+#[derive(Clone)]
+struct AgentPlan {
+    hello: AgentHello,
+    /// Tag in ssh greetings, to tell two agents apart.
+    tag: &'static str,
+    /// Keep dialing until every shard has a tunnel (else stop after the first tunnel).
+    cover_all: bool,
+}
+
+impl AgentPlan {
+    /// One tunnel, announcing `node` and the given TCP apps.
+    fn new(node: &str, tcp_apps: &[&str]) -> AgentPlan {
+        AgentPlan {
+            hello: agent_hello(node, tcp_apps),
+            tag: "agent",
+            cover_all: false,
+        }
+    }
+}
+
+fn agent_hello(node: &str, tcp_apps: &[&str]) -> AgentHello {
+    let mut resources = vec![Resource {
+        kind: ResourceKind::Node,
+        name: node.into(),
+        labels: [("os".to_owned(), "linux".to_owned())].into(),
+        protocol: ResourceProtocol::Ssh,
+    }];
+    resources.extend(tcp_apps.iter().map(|app| Resource {
+        kind: ResourceKind::Tcp,
+        name: (*app).into(),
+        labels: Default::default(),
+        protocol: ResourceProtocol::Tcp,
+    }));
+    AgentHello::new(
+        node,
+        [("env".to_owned(), "test".to_owned())].into(),
+        resources,
+    )
 }
 
 impl StandInAgent {
-    fn start(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> StandInAgent {
-        let (hello_tx, hello) = crossbeam_channel::bounded(1);
+    fn start(addr: SocketAddr, config: Arc<rustls::ClientConfig>, plan: AgentPlan) -> StandInAgent {
+        let (hello_tx, hello) = crossbeam_channel::unbounded();
+        let (events_tx, events) = crossbeam_channel::unbounded();
         let (done_tx, done) = crossbeam_channel::bounded(1);
+        let (stop, stop_rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
             let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
                 .io_memory(64 << 10)
                 .make()
                 .unwrap();
-            executor.run(agent(addr, config, hello_tx));
+            executor.run(agent(addr, config, plan, hello_tx, events_tx, stop_rx));
             let _ = done_tx.send(());
         });
-        StandInAgent { hello, done }
+        StandInAgent {
+            hello,
+            events,
+            done,
+            stop,
+        }
+    }
+
+    /// Every event so far (none are waited for).
+    fn drain_events(&self) -> Vec<AgentEvent> {
+        self.events.try_iter().collect()
     }
 }
 
-async fn agent(
+/// Connects and reads the tunnel hello.
+async fn tunnel_connect(
     addr: SocketAddr,
-    config: Arc<rustls::ClientConfig>,
-    hello_tx: crossbeam_channel::Sender<TunnelHello>,
+    config: &Arc<rustls::ClientConfig>,
+) -> (
+    futures_rustls::client::TlsStream<glommio::net::TcpStream>,
+    TunnelHello,
 ) {
     let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
-    let connector = futures_rustls::TlsConnector::from(config);
+    let connector = futures_rustls::TlsConnector::from(Arc::clone(config));
     let mut tls = connector
         .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
         .await
@@ -493,9 +608,56 @@ async fn agent(
     frame.resize(2 + usize::from(u16::from_be_bytes(len)), 0);
     tls.read_exact(&mut frame[2..]).await.unwrap();
     let (hello, _) = TunnelHello::parse(&frame).unwrap().unwrap();
-    hello_tx.send(hello).unwrap();
-    let (tunnel, driver) = Tunnel::new(tls, Role::Client, mux::Config::default());
-    let driver = glommio::spawn_local(driver);
+    (tls, hello)
+}
+
+async fn agent(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    plan: AgentPlan,
+    hello_tx: crossbeam_channel::Sender<TunnelHello>,
+    events: crossbeam_channel::Sender<AgentEvent>,
+    stop: crossbeam_channel::Receiver<()>,
+) {
+    let mut covered = std::collections::BTreeSet::new();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (mut tls, hello) = tunnel_connect(addr, &config).await;
+        if !covered.insert(hello.shard) {
+            tls.close().await.unwrap();
+            events.send(AgentEvent::Duplicate(hello)).unwrap();
+            continue;
+        }
+        tls.write_all(&plan.hello.encode().unwrap()).await.unwrap();
+        tls.flush().await.unwrap();
+        hello_tx.send(hello).unwrap();
+        events.send(AgentEvent::Tunnel(hello)).unwrap();
+        let (tunnel, driver) = Tunnel::new(tls, Role::Client, mux::Config::default());
+        let driver = glommio::spawn_local(driver);
+        let serving = glommio::spawn_local(serve_tunnel(tunnel, plan.tag));
+        tasks.push((serving, driver));
+        if !plan.cover_all || covered.len() == hello.shards {
+            break;
+        }
+    }
+    let ended = async {
+        for (serving, driver) in tasks {
+            serving.await;
+            let _ = driver.await;
+        }
+    };
+    let stopped = async {
+        // The stop channel is a crossbeam one (the test thread is not an executor): check it
+        // between short timers.
+        while stop.try_recv().is_err() {
+            glommio::timer::Timer::new(Duration::from_millis(5)).await;
+        }
+    };
+    // On stop, the tasks are dropped: their drivers and sockets go without a goodbye.
+    futures_lite::future::or(ended, stopped).await;
+}
+
+async fn serve_tunnel(tunnel: Tunnel, tag: &'static str) {
     while let Some(incoming) = tunnel.accept().await {
         let header = StreamHeader::parse(&incoming.header).unwrap();
         if header.target == "refuse-me" {
@@ -504,13 +666,15 @@ async fn agent(
         }
         let mut stream = incoming.accept().unwrap();
         glommio::spawn_local(async move {
-            let greeting = format!(
-                "hello {} as {}\n",
-                header.user,
-                header.login.unwrap_or_default()
-            );
-            stream.write_all(greeting.as_bytes()).await.unwrap();
-            let mut buf = [0u8; 1024];
+            if header.kind == DialKind::Ssh {
+                let greeting = format!(
+                    "hello {} as {} via {tag}\n",
+                    header.user,
+                    header.login.unwrap_or_default()
+                );
+                stream.write_all(greeting.as_bytes()).await.unwrap();
+            }
+            let mut buf = vec![0u8; 64 << 10];
             loop {
                 match stream.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
@@ -525,8 +689,6 @@ async fn agent(
         })
         .detach();
     }
-    drop(tunnel);
-    let _ = driver.await;
 }
 
 /// Sends a dial request on a user connection and reads exactly the dial response (the target's
@@ -551,6 +713,16 @@ fn ssh_request(target: &str) -> DialRequest {
         kind: DialKind::Ssh,
         target: target.into(),
         login: Some("root".into()),
+        db_user: None,
+        db_name: None,
+    }
+}
+
+fn tcp_request(target: &str) -> DialRequest {
+    DialRequest {
+        kind: DialKind::Tcp,
+        target: target.into(),
+        login: None,
         db_user: None,
         db_name: None,
     }
@@ -712,8 +884,10 @@ fn user_route_without_agent_answers_agent_offline() {
     let response = dial(&mut tls, &ssh_request("web1")).unwrap();
     assert!(!response.ok);
     let error = response.error.unwrap();
-    assert!(error.starts_with("agent offline"), "{error}");
-    assert!(error.contains("host-1"), "{error}");
+    assert!(
+        error.starts_with(r#"agent for node "web1" is offline: agent "host-1""#),
+        "{error}"
+    );
 
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
     let response = dial(&mut tls, &ssh_request("web9")).unwrap();
@@ -772,8 +946,13 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
         ..Options::default()
     }
     .start();
-    let host = h.pki.host.identity(&identity(IdentityKind::Host, "host-1"));
-    let agent = StandInAgent::start(h.addr(), h.pki.client(&[ALPN_TUNNEL], Some(host)));
+    // The agent announces node1 only: web1 and refuse-me reach it through the snapshot's
+    // targets (control's registrations).
+    let agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-1"),
+        AgentPlan::new("node1", &[]),
+    );
     let hello = agent.hello.recv_timeout(WAIT).unwrap();
     assert_eq!((hello.shards, hello.shard), (1, 0));
     h.wait_metric("jaunt_tunnels", &[("shard", "0")], 1);
@@ -785,7 +964,7 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
     let mut reader = BufReader::new(tls);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    assert_eq!(line, "hello alice as root\n");
+    assert_eq!(line, "hello alice as root via agent\n");
     reader.get_mut().write_all(b"ping\n").unwrap();
     reader.get_mut().flush().unwrap();
     line.clear();
@@ -806,7 +985,7 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
     let mut reader = BufReader::new(tls);
     line.clear();
     reader.read_line(&mut line).unwrap();
-    assert_eq!(line, "hello alice as root\n");
+    assert_eq!(line, "hello alice as root via agent\n");
     line.clear();
     reader.read_line(&mut line).unwrap();
     assert_eq!(line, "early\n");
@@ -829,6 +1008,579 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
     let engine = h.engine.take().unwrap();
     engine.shutdown(Duration::from_secs(5)).unwrap();
     agent.done.recv_timeout(WAIT).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing to agents' announced resources
+
+/// Bytes of the echo test's pattern: a xorshift stream with a prime period, so no buffer or
+/// frame size lines up with it.
+const PATTERN_PERIOD: usize = 1_048_573;
+const PATTERN_CHUNK: usize = 64 << 10;
+
+fn pattern_block() -> &'static [u8] {
+    static BLOCK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BLOCK.get_or_init(|| {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut out = Vec::with_capacity(PATTERN_PERIOD + PATTERN_CHUNK + 8);
+        while out.len() < PATTERN_PERIOD {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        out.truncate(PATTERN_PERIOD);
+        out.extend_from_within(..PATTERN_CHUNK);
+        out
+    })
+}
+
+fn pattern(offset: u64, len: usize) -> &'static [u8] {
+    let start = (offset % PATTERN_PERIOD as u64) as usize;
+    &pattern_block()[start..start + len]
+}
+
+/// On its own executor thread: connects as a user with `config`, dials `request`, then writes
+/// `total` pattern bytes (in chunks of varying size, then a half-close) while reading the echo
+/// back and checking every byte. Returns the time the echo took.
+fn echo_through_engine(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    request: DialRequest,
+    total: u64,
+) -> Duration {
+    std::thread::spawn(move || {
+        let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(64 << 10)
+            .make()
+            .unwrap();
+        executor.run(async move {
+            let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let connector = futures_rustls::TlsConnector::from(config);
+            let mut tls = connector
+                .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
+                .await
+                .unwrap();
+            tls.write_all(&request.encode()).await.unwrap();
+            tls.flush().await.unwrap();
+            let mut frame = vec![0u8; 2];
+            tls.read_exact(&mut frame).await.unwrap();
+            frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
+            tls.read_exact(&mut frame[2..]).await.unwrap();
+            let (response, _) = DialResponse::parse(&frame).unwrap().unwrap();
+            assert!(response.ok, "{response:?}");
+            let (mut reader, mut writer) = futures_lite::io::split(tls);
+            let started = Instant::now();
+            let write = async {
+                const SIZES: [usize; 5] = [PATTERN_CHUNK, 1000, 16 << 10, 7, 40_000];
+                let mut offset = 0u64;
+                for i in 0.. {
+                    if offset == total {
+                        break;
+                    }
+                    let len = SIZES[i % SIZES.len()].min((total - offset) as usize);
+                    writer.write_all(pattern(offset, len)).await.unwrap();
+                    offset += len as u64;
+                }
+                writer.close().await.unwrap();
+            };
+            let read = async {
+                let mut buf = vec![0u8; PATTERN_CHUNK];
+                let mut offset = 0u64;
+                loop {
+                    let n = reader.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return offset;
+                    }
+                    assert!(
+                        buf[..n] == *pattern(offset, n),
+                        "corrupt echo: {n} bytes at offset {offset}"
+                    );
+                    offset += n as u64;
+                }
+            };
+            let ((), echoed) = futures_lite::future::zip(write, read).await;
+            assert_eq!(echoed, total, "echoed byte count");
+            started.elapsed()
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+fn recv_inventory(rx: &crossbeam_channel::Receiver<InventoryEvent>) -> InventoryEvent {
+    rx.recv_timeout(WAIT).expect("an inventory event")
+}
+
+/// A stream to a TCP app the agent announced (no snapshot target anywhere) reaches the agent's
+/// echo, and 100 MiB come back intact.
+#[test]
+fn announced_tcp_app_echoes_100_mib() {
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        ..Options::default()
+    }
+    .start();
+    let _agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan::new("node7", &["echo"]),
+    );
+    assert!(matches!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    let total = 100 << 20;
+    let took = echo_through_engine(h.addr(), h.alice(ALPN_TCP), tcp_request("echo"), total);
+    eprintln!(
+        "tcp app echo through engine + tunnel: 100 MiB each way in {:.2} s = {:.0} MiB/s",
+        took.as_secs_f64(),
+        100.0 / took.as_secs_f64()
+    );
+    h.wait_metric(
+        "jaunt_bytes_total",
+        &[("route", "tcp"), ("direction", "from_client")],
+        total,
+    );
+    wait_for("stream closed", || h.metric("jaunt_streams_open", &[]) == 0);
+}
+
+/// The life of an agent as routing sees it: its tunnel comes up (inventory event, inventory
+/// view), its node and app are dialable by name and kind, unknown names are refused readably,
+/// and once it dies the same dial says `no such node` promptly (or, when control still lists
+/// the node, that its agent is offline); the inventory says it is down.
+#[test]
+fn agent_resources_route_until_the_agent_goes() {
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        ..Options::default()
+    }
+    .start();
+    let agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan::new("node7", &["echo"]),
+    );
+    match recv_inventory(&inventory) {
+        InventoryEvent::TunnelUp {
+            shard,
+            host_id,
+            name,
+            labels,
+            resources,
+        } => {
+            assert_eq!(
+                (shard, host_id.as_str(), name.as_str()),
+                (0, "host-7", "node7")
+            );
+            assert_eq!(labels.get("env").map(String::as_str), Some("test"));
+            assert_eq!(resources, agent_hello("node7", &["echo"]).resources);
+        }
+        other => panic!("expected TunnelUp, got {other:?}"),
+    }
+    let listed = h.engine().inventory();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].host_id, "host-7");
+    assert_eq!(listed[0].name, "node7");
+    assert_eq!(listed[0].shards, vec![0]);
+    assert_eq!(listed[0].resources.len(), 2);
+    h.wait_metric("jaunt_tunnels", &[("shard", "0")], 1);
+
+    // The node by name, over ssh.
+    let (response, tls) = h.dial_as_alice(&ssh_request("node7"));
+    assert!(response.ok, "{response:?}");
+    let mut greeting = String::new();
+    BufReader::new(tls).read_line(&mut greeting).unwrap();
+    assert_eq!(greeting, "hello alice as root via agent\n");
+
+    // Names are per kind: node7 is not an app, echo is not a node.
+    assert_eq!(
+        h.dial_error(&tcp_request("node7")),
+        r#"no such app "node7" in cluster "test-cluster""#
+    );
+    assert_eq!(
+        h.dial_error(&ssh_request("echo")),
+        r#"no such node "echo" in cluster "test-cluster""#
+    );
+    assert_eq!(
+        h.dial_error(&ssh_request("x")),
+        r#"no such node "x" in cluster "test-cluster""#
+    );
+
+    // The agent dies without a goodbye.
+    agent.stop.send(()).unwrap();
+    agent.done.recv_timeout(WAIT).unwrap();
+    let died = Instant::now();
+    assert_eq!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelDown {
+            shard: 0,
+            host_id: "host-7".into()
+        }
+    );
+    let mut error = String::new();
+    wait_for("the dead agent's node to be gone", || {
+        error = h.dial_error(&ssh_request("node7"));
+        !error.is_empty()
+    });
+    assert_eq!(error, r#"no such node "node7" in cluster "test-cluster""#);
+    assert!(
+        died.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        died.elapsed()
+    );
+    assert!(h.engine().inventory().is_empty());
+    assert_eq!(h.metric("jaunt_tunnels", &[]), 0);
+
+    // Control still registers the node: its agent is offline, which the user is told.
+    h.send_snapshot(
+        2,
+        Targets::default().with(DialKind::Ssh, "node7", Target::on_host("host-7")),
+    );
+    wait_for("snapshot 2", || {
+        h.engine().snapshot_versions() == vec![Some(2)]
+    });
+    let error = h.dial_error(&ssh_request("node7"));
+    assert!(
+        error.starts_with(r#"agent for node "node7" is offline: agent "host-7" has no tunnel"#),
+        "{error}"
+    );
+    h.wait_metric(
+        "jaunt_dial_misses_total",
+        &[("reason", "unknown_target")],
+        4,
+    );
+    h.wait_metric("jaunt_dial_misses_total", &[("reason", "agent_offline")], 1);
+    assert!(inventory.try_recv().is_err(), "no more events");
+}
+
+/// An agent that dials until it has a tunnel to every shard (closing the duplicates cleanly)
+/// is reachable from every shard; the duplicates are counted.
+#[test]
+fn an_agent_covering_every_shard_is_reachable_from_each() {
+    let h = Options {
+        shards: 2,
+        targets: Targets::default(),
+        ..Options::default()
+    }
+    .start();
+    let agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan {
+            cover_all: true,
+            ..AgentPlan::new("node7", &["echo"])
+        },
+    );
+    let mut shards = Vec::new();
+    while shards.len() < 2 {
+        shards.push(agent.hello.recv_timeout(WAIT).unwrap().shard);
+    }
+    shards.sort_unstable();
+    assert_eq!(shards, vec![0, 1]);
+    wait_for("a tunnel on each shard", || {
+        h.metric("jaunt_tunnels", &[("shard", "0")]) == 1
+            && h.metric("jaunt_tunnels", &[("shard", "1")]) == 1
+    });
+    let mut duplicates = 0;
+    for event in agent.drain_events() {
+        match event {
+            AgentEvent::Tunnel(hello) => assert!(shards.contains(&hello.shard)),
+            AgentEvent::Duplicate(hello) => {
+                assert!(shards.contains(&hello.shard));
+                duplicates += 1;
+            }
+        }
+    }
+    h.wait_metric("jaunt_tunnels_duplicate_total", &[], duplicates);
+    assert_eq!(h.metric("jaunt_tunnels_duplicate_total", &[]), duplicates);
+    assert_eq!(h.engine().inventory()[0].shards, vec![0, 1]);
+    // Whichever shard a user lands on, the dial is served there.
+    for _ in 0..12 {
+        let (response, _) = h.dial_as_alice(&tcp_request("echo"));
+        assert!(response.ok, "{response:?}");
+    }
+    assert_eq!(
+        h.metric("jaunt_cross_shard_hops_total", &[("result", "miss")]),
+        0
+    );
+}
+
+/// With the agent's only tunnel on another shard, a dial is refused with a retry hint and
+/// counted as a missed cross-shard hop.
+#[test]
+fn a_dial_on_a_shard_without_the_agent_says_retry() {
+    let h = Options {
+        shards: 2,
+        targets: Targets::default(),
+        ..Options::default()
+    }
+    .start();
+    let agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan::new("node7", &["echo"]),
+    );
+    let shard = agent.hello.recv_timeout(WAIT).unwrap().shard;
+    h.wait_metric("jaunt_tunnels", &[("shard", &shard.to_string())], 1);
+    // SO_REUSEPORT spreads connections by hash: 64 tries land on both shards.
+    let (mut served, mut missed) = (0, 0);
+    for _ in 0..64 {
+        let error = h.dial_error(&tcp_request("echo"));
+        if error.is_empty() {
+            served += 1;
+        } else {
+            assert_eq!(
+                error,
+                r#"agent for app "echo" is offline on this shard: agent "host-7" has tunnels to other shards of this engine only; retrying may help"#
+            );
+            missed += 1;
+        }
+        if served > 0 && missed > 0 {
+            break;
+        }
+    }
+    assert!(served > 0 && missed > 0, "served {served}, missed {missed}");
+    h.wait_metric("jaunt_cross_shard_hops_total", &[("result", "miss")], 1);
+    h.wait_metric("jaunt_dial_misses_total", &[("reason", "other_shard")], 1);
+}
+
+/// The same host registering a second tunnel on a shard (a restarted agent) replaces the first:
+/// the older drains and ends, dials go to the newer, control hears no TunnelDown.
+#[test]
+fn a_restarted_agent_replaces_its_tunnel() {
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        ..Options::default()
+    }
+    .start();
+    let old = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan {
+            tag: "old",
+            ..AgentPlan::new("node7", &[])
+        },
+    );
+    assert!(matches!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    let new = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan {
+            tag: "new",
+            ..AgentPlan::new("node7", &["echo"])
+        },
+    );
+    match recv_inventory(&inventory) {
+        InventoryEvent::TunnelUp { resources, .. } => assert_eq!(resources.len(), 2),
+        other => panic!("expected TunnelUp, got {other:?}"),
+    }
+    h.wait_metric("jaunt_tunnels_replaced_total", &[("shard", "0")], 1);
+    old.done.recv_timeout(WAIT).unwrap();
+    wait_for("only the new tunnel's connection", || {
+        h.metric("jaunt_connections_active", &[]) == 1
+    });
+    assert_eq!(h.metric("jaunt_tunnels", &[]), 1);
+    let (response, tls) = h.dial_as_alice(&ssh_request("node7"));
+    assert!(response.ok, "{response:?}");
+    let mut greeting = String::new();
+    BufReader::new(tls).read_line(&mut greeting).unwrap();
+    assert_eq!(greeting, "hello alice as root via new\n");
+    assert!(h.dial_error(&tcp_request("echo")).is_empty());
+    assert!(
+        inventory.try_recv().is_err(),
+        "no TunnelDown for a replacement"
+    );
+    assert_eq!(h.engine().inventory()[0].resources.len(), 2);
+    drop(new);
+}
+
+/// A tunnel the agent closes cleanly right after the tunnel hello (it already covers that
+/// shard) is counted as a duplicate: not a refusal, not registered, not logged as a failure.
+/// An agent hello that does not parse is refused and counted.
+#[test]
+fn a_duplicate_tunnel_is_counted_not_an_error() {
+    log_capture::install();
+    let h = Options {
+        shards: 1,
+        ..Options::default()
+    }
+    .start();
+    let config = h.agent_config("host-7");
+    let addr = h.addr();
+    let (shard, peer) = on_executor(move || async move {
+        let (mut tls, hello) = tunnel_connect(addr, &config).await;
+        let peer = tls.get_ref().0.local_addr().unwrap();
+        tls.close().await.unwrap();
+        // The engine closes its side too, cleanly.
+        let mut rest = Vec::new();
+        tls.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        (hello.shard, peer)
+    });
+    h.wait_metric(
+        "jaunt_tunnels_duplicate_total",
+        &[("shard", &shard.to_string())],
+        1,
+    );
+    wait_for("the duplicate's connection closed", || {
+        h.metric("jaunt_connections_active", &[]) == 0
+    });
+    assert_eq!(h.metric("jaunt_tunnels", &[]), 0);
+    assert_eq!(h.metric("jaunt_connections_refused_total", &[]), 0);
+    assert!(h.engine().inventory().is_empty());
+    let peer = peer.to_string();
+    let about_it: Vec<_> = log_capture::events()
+        .into_iter()
+        .filter(|e| e.fields.get("peer") == Some(&peer))
+        .collect();
+    assert!(
+        about_it
+            .iter()
+            .any(|e| e.message == "duplicate agent tunnel closed by the agent"),
+        "{about_it:?}"
+    );
+    assert!(
+        about_it
+            .iter()
+            .all(|e| e.level > tracing::Level::INFO && !e.message.contains("failed")),
+        "a duplicate is logged at debug only: {about_it:?}"
+    );
+
+    // A hello that is not JSON.
+    let config = h.agent_config("host-7");
+    on_executor(move || async move {
+        let (mut tls, _) = tunnel_connect(addr, &config).await;
+        tls.write_all(b"\x00\x05hello").await.unwrap();
+        tls.flush().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest).await;
+    });
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "bad_agent_hello")],
+        1,
+    );
+    assert_eq!(h.metric("jaunt_tunnels", &[]), 0);
+}
+
+/// Runs `body` on a fresh glommio executor on its own thread; returns its result.
+fn on_executor<F, Fut, T>(body: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    std::thread::spawn(move || {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(64 << 10)
+            .make()
+            .unwrap()
+            .run(body())
+    })
+    .join()
+    .unwrap()
+}
+
+/// A process-wide `tracing` subscriber that records every event, so a test can check what the
+/// engine logged about one connection (identified by its `peer` field).
+mod log_capture {
+    use std::collections::BTreeMap;
+    use std::fmt::Debug;
+    use std::sync::{Mutex, OnceLock};
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata, Subscriber};
+
+    #[derive(Clone, Debug)]
+    pub struct Captured {
+        pub level: Level,
+        pub message: String,
+        pub fields: BTreeMap<String, String>,
+    }
+
+    fn store() -> &'static Mutex<Vec<Captured>> {
+        static EVENTS: OnceLock<Mutex<Vec<Captured>>> = OnceLock::new();
+        EVENTS.get_or_init(|| Mutex::new(Vec::new()))
+    }
+
+    /// Installs the subscriber (once per process; later calls do nothing).
+    pub fn install() {
+        static INSTALLED: OnceLock<()> = OnceLock::new();
+        INSTALLED.get_or_init(|| {
+            let _ = tracing::subscriber::set_global_default(Capture);
+        });
+    }
+
+    /// Everything recorded so far.
+    pub fn events() -> Vec<Captured> {
+        store().lock().unwrap().clone()
+    }
+
+    struct Capture;
+
+    #[derive(Default)]
+    struct Fields {
+        message: String,
+        fields: BTreeMap<String, String>,
+    }
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+            self.record_str(field, &format!("{value:?}"));
+        }
+
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "message" {
+                self.message = value.to_owned();
+            } else {
+                self.fields
+                    .insert(field.name().to_owned(), value.to_owned());
+            }
+        }
+    }
+
+    impl Subscriber for Capture {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+        fn event(&self, event: &Event<'_>) {
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            store().lock().unwrap().push(Captured {
+                level: *event.metadata().level(),
+                message: fields.message,
+                fields: fields.fields,
+            });
+        }
+
+        fn enter(&self, _: &Id) {}
+
+        fn exit(&self, _: &Id) {}
+    }
 }
 
 /// (6) /readyz is 503 until a snapshot is applied on every shard, then 200; /healthz is 200.
@@ -1067,8 +1819,12 @@ fn metrics_list_every_family_and_reason() {
         "jaunt_handshake_seconds",
         "jaunt_bytes_total",
         "jaunt_tunnels",
+        "jaunt_tunnels_duplicate_total",
+        "jaunt_tunnels_replaced_total",
         "jaunt_streams_open",
+        "jaunt_dial_misses_total",
         "jaunt_cross_shard_hops_total",
+        "jaunt_inventory_events_dropped_total",
         "jaunt_snapshot_version",
     ] {
         assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
@@ -1259,8 +2015,11 @@ fn measure_splice_throughput() {
         ..Options::default()
     }
     .start();
-    let host = h.pki.host.identity(&identity(IdentityKind::Host, "host-1"));
-    let agent = StandInAgent::start(h.addr(), h.pki.client(&[ALPN_TUNNEL], Some(host)));
+    let agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-1"),
+        AgentPlan::new("node1", &[]),
+    );
     agent.hello.recv_timeout(WAIT).unwrap();
     h.wait_metric("jaunt_tunnels", &[("shard", "0")], 1);
     let alice = h.pki.user.identity(&identity(IdentityKind::User, "alice"));

@@ -2,9 +2,10 @@
 //! control, the transmit queues, keepalive and the tunnel's phases (open → draining → closed).
 //!
 //! The wire format and the rules are documented in `mod.rs`; the byte layout of frames lives in
-//! `frame.rs` and per-stream state in `stream.rs`. No socket, no clock, no allocation per DATA
-//! frame: payload goes straight from the input slice into the stream's buffer, and sends are
-//! encoded once into a queue that `poll_transmit` hands over (by swap when it can).
+//! `frame.rs`, per-stream state in `stream.rs` and the transmit queue in `tx.rs`. No socket, no
+//! clock, no allocation per DATA frame: payload goes straight from the input slice (or the
+//! socket, through `input_buf`) into the stream's buffer, and sends are encoded once, in place,
+//! into a queue that the writer takes batches from (`transmit_buf`) without another copy.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -12,14 +13,12 @@ use std::time::Instant;
 use super::error::{CloseReason, MuxError, ProtocolError};
 use super::frame::{encode, ControlFrame, FrameType, Header, FLAG_FIN, HEADER_LEN};
 use super::stream::{OpenState, Stream};
+use super::tx::{Reservation, TxQueue};
 use super::{
     Config, ErrorCode, Event, Role, StreamId, CONN_WINDOW, DIRECT_INPUT_MIN, INITIAL_STREAM_WINDOW,
     INPUT_BUF_LEN, MAX_DIAL_HEADER_LEN, MAX_FRAME_PAYLOAD, MAX_OPEN_ERROR_LEN,
     MAX_QUEUED_CONTROL_FRAMES, MAX_QUEUED_EVENTS, MAX_SEND_QUEUE_BYTES, MAX_STREAMS, MAX_WINDOW,
 };
-
-/// Offset of the flags byte inside a frame header.
-const FLAGS_OFFSET: usize = 5;
 
 /// One tunnel's multiplexer state. See the module docs of [`crate::mux`] for how to drive it.
 #[derive(Debug)]
@@ -63,11 +62,10 @@ pub struct Conn {
     /// Encoded control frames, written before anything else.
     control_out: Vec<u8>,
     control_frames: usize,
-    /// Encoded DATA frames in send order.
-    data_out: Vec<u8>,
-    /// Offset in `data_out` and stream of the newest DATA frame, which later sends on the same
-    /// stream extend and `finish` marks with FIN.
-    last_data_frame: Option<(usize, u32)>,
+    /// DATA frames in send order, and the batch being written.
+    tx: TxQueue,
+    /// What the last `send_buf` handed out, until `send_commit`.
+    send_target: Option<Reservation>,
     /// Streams with a WINDOW_UPDATE due (materialized by `poll_transmit`; may hold closed ids).
     window_updates: Vec<u32>,
     /// Pong to send, answering the peer's latest PING (one slot: a ping flood costs nothing).
@@ -129,8 +127,8 @@ impl Conn {
             expect_bulk: false,
             control_out: Vec::new(),
             control_frames: 0,
-            data_out: Vec::new(),
-            last_data_frame: None,
+            tx: TxQueue::default(),
+            send_target: None,
             window_updates: Vec::new(),
             pong: None,
             ping_out: None,
@@ -207,6 +205,7 @@ impl Conn {
             Rx::Header | Rx::Control { .. } => InputTarget::Scratch { len: INPUT_BUF_LEN },
         };
         self.input_target = Some(target);
+        self.send_target = None;
         match target {
             InputTarget::Stream { id, len } => match self.streams.get_mut(&id) {
                 Some(s) => s.recv.spare(len),
@@ -267,60 +266,87 @@ impl Conn {
     }
 
     /// Appends every frame ready to go to `out` and returns how many bytes it appended: control
-    /// frames first, then window updates, then DATA in send order. When `out` is empty on entry
-    /// and only data is queued, the queue is swapped into `out` without copying (the caller's
-    /// buffer becomes the next queue, so keep reusing one `Vec`).
+    /// frames first, then window updates, then DATA in send order. This copies the queued
+    /// frames; [`Conn::transmit_buf`] hands them out in place. Mixing the two is fine: the rest
+    /// of a batch taken with `transmit_buf` comes first.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
         let start = out.len();
-        if !self.control_out.is_empty() {
-            out.extend_from_slice(&self.control_out);
-            self.control_out.clear();
+        loop {
+            let batch = self.transmit_buf();
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len();
+            out.extend_from_slice(batch);
+            self.transmit_advance(n);
+        }
+        out.len() - start
+    }
+
+    /// Zero-copy output, the alternative to [`Conn::poll_transmit`]: the bytes to write to the
+    /// socket next, straight from the core's queue; empty when nothing is due. Write what the
+    /// socket takes, then report it with [`Conn::transmit_advance`]; until the batch is all
+    /// written, `transmit_buf` returns the rest of it (frames are never cut by frames queued
+    /// meanwhile). When a batch is done, the next one is every frame ready by then: control
+    /// frames first, then window updates, then DATA in send order, so many small frames share
+    /// one write and one TLS record. The queue sending more frees room for [`Conn::send`], and
+    /// may emit [`Event::Writable`].
+    pub fn transmit_buf(&mut self) -> &[u8] {
+        if self.tx.in_flight() == 0 {
+            if self.closed.is_none() {
+                self.queue_due_frames();
+            }
+            self.tx.seal(&mut self.control_out);
             self.control_frames = 0;
-        }
-        if self.closed.is_none() {
-            if let Some(opaque) = self.pong.take() {
-                encode::ping(out, true, opaque);
+            if self.closed.is_none() {
+                self.wake_blocked();
             }
-            if let Some(seq) = self.ping_out.take() {
-                encode::ping(out, false, seq.to_be_bytes());
-            }
-            if self.conn_update_due() {
-                encode::window_update(out, 0, self.conn_recv_unacked);
-                self.conn_recv_window += self.conn_recv_unacked;
-                self.conn_recv_unacked = 0;
-            }
-            for id in self.window_updates.drain(..) {
-                let Some(s) = self.streams.get_mut(&id) else {
-                    continue;
-                };
-                s.update_queued = false;
-                if !s.recv_fin && s.recv_unacked > 0 {
-                    encode::window_update(out, id, s.recv_unacked);
-                    s.recv_window += s.recv_unacked;
-                    s.recv_unacked = 0;
-                }
-            }
-        }
-        if !self.data_out.is_empty() {
-            if out.is_empty() {
-                std::mem::swap(out, &mut self.data_out);
-            } else {
-                out.extend_from_slice(&self.data_out);
-                self.data_out.clear();
-            }
-            self.last_data_frame = None;
-        }
-        if self.closed.is_none() {
-            self.wake_blocked();
         }
         self.settle();
-        out.len() - start
+        self.tx.batch()
+    }
+
+    /// Marks the first `n` bytes of the last [`Conn::transmit_buf`] as written (clamped to what
+    /// it returned); returns how many.
+    pub fn transmit_advance(&mut self, n: usize) -> usize {
+        let n = self.tx.advance(n);
+        self.settle();
+        n
+    }
+
+    /// Encodes the pong, ping and window updates that are due behind the control frames.
+    fn queue_due_frames(&mut self) {
+        let update_due = self.conn_update_due();
+        let out = &mut self.control_out;
+        if let Some(opaque) = self.pong.take() {
+            encode::ping(out, true, opaque);
+        }
+        if let Some(seq) = self.ping_out.take() {
+            encode::ping(out, false, seq.to_be_bytes());
+        }
+        if update_due {
+            encode::window_update(out, 0, self.conn_recv_unacked);
+            self.conn_recv_window += self.conn_recv_unacked;
+            self.conn_recv_unacked = 0;
+        }
+        for id in self.window_updates.drain(..) {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.update_queued = false;
+            if !s.recv_fin && s.recv_unacked > 0 {
+                encode::window_update(out, id, s.recv_unacked);
+                s.recv_window += s.recv_unacked;
+                s.recv_unacked = 0;
+            }
+        }
     }
 
     /// Whether [`Conn::poll_transmit`] may have something to write (conservative).
     pub fn has_pending_transmit(&self) -> bool {
         !self.control_out.is_empty()
-            || !self.data_out.is_empty()
+            || self.tx.queued() > 0
+            || self.tx.in_flight() > 0
             || (self.closed.is_none()
                 && (self.pong.is_some()
                     || self.ping_out.is_some()
@@ -473,8 +499,79 @@ impl Conn {
             s.send_credit -= n as u32;
             self.conn_send_credit -= n as u32;
             let (payload, _) = data.split_at(n);
-            self.queue_data(id.0, payload);
+            self.tx.push(id.0, payload);
         }
+        self.settle();
+        Ok(n)
+    }
+
+    /// Zero-copy send, the alternative to [`Conn::send`]: room for up to `max` bytes of the
+    /// stream's data, right inside the transmit queue (after a frame header reserved in place),
+    /// to read the bytes into, e.g. straight from the user's socket; then
+    /// [`Conn::send_commit`] with how many were written. The room is at most the stream's and
+    /// the tunnel's credit, the send queue's free space and one DATA frame's payload
+    /// ([`MAX_FRAME_PAYLOAD`]); call again for more. Empty room (for `max > 0`) means no credit
+    /// or space: it arms an [`Event::Writable`], like a short `send`. Call `send_commit` next:
+    /// any other call except `poll_event` and the getters voids the room. Errors as `send`.
+    pub fn send_buf(&mut self, id: StreamId, max: usize) -> Result<&mut [u8], MuxError> {
+        self.ensure_open()?;
+        let space = self.send_space();
+        let conn_credit = self.conn_send_credit as usize;
+        let s = self
+            .streams
+            .get_mut(&id.0)
+            .ok_or(MuxError::UnknownStream(id))?;
+        if s.open == OpenState::AwaitingAnswer {
+            return Err(MuxError::NotAccepted(id));
+        }
+        if s.send_finished {
+            return Err(MuxError::SendFinished(id));
+        }
+        let want = max.min(s.send_credit as usize).min(conn_credit).min(space);
+        if want == 0 && max > 0 {
+            s.blocked = true;
+            if !s.listed {
+                s.listed = true;
+                self.blocked.push(id.0);
+            }
+        }
+        self.settle();
+        if want == 0 {
+            return Ok(&mut []);
+        }
+        let r = self.tx.reserve(id.0, want, false);
+        self.send_target = Some(r);
+        Ok(self.tx.room(&r))
+    }
+
+    /// Queues the first `n` bytes written into the room of the last [`Conn::send_buf`] on
+    /// stream `id` (clamped to its length) and returns how many. `n = 0` sends nothing. Fails
+    /// with [`MuxError::NoSendBuf`] when no room on that stream is pending (and `n > 0`).
+    pub fn send_commit(&mut self, id: StreamId, n: usize) -> Result<usize, MuxError> {
+        self.ensure_open()?;
+        let target = self.send_target.take().filter(|r| r.id == id.0);
+        let n = match target {
+            Some(r) => {
+                let n = n.min(r.len);
+                if n > 0 {
+                    // Only calls that void the room can remove the stream or take its credit.
+                    let Some(s) = self.streams.get_mut(&id.0) else {
+                        self.settle();
+                        return Err(MuxError::UnknownStream(id));
+                    };
+                    // n ≤ the room ≤ both credits, which are u32.
+                    s.send_credit -= n as u32;
+                    self.conn_send_credit -= n as u32;
+                    self.tx.commit(r, n);
+                }
+                n
+            }
+            None if n == 0 => 0,
+            None => {
+                self.settle();
+                return Err(MuxError::NoSendBuf);
+            }
+        };
         self.settle();
         Ok(n)
     }
@@ -541,17 +638,7 @@ impl Conn {
         s.send_finished = true;
         let done = s.is_done();
         // FIN rides on the stream's newest DATA frame when nothing was queued after it.
-        let flags = match self.last_data_frame {
-            Some((offset, last)) if last == id.0 => self.data_out.get_mut(offset + FLAGS_OFFSET),
-            _ => None,
-        };
-        match flags {
-            Some(flags) => *flags |= FLAG_FIN,
-            None => {
-                self.last_data_frame = Some((self.data_out.len(), id.0));
-                encode::data(&mut self.data_out, id.0, true, &[]);
-            }
-        }
+        self.tx.finish(id.0);
         if done {
             self.remove_stream(id.0);
         }
@@ -1029,35 +1116,9 @@ impl Conn {
         }
     }
 
-    fn queue_data(&mut self, id: u32, mut payload: &[u8]) {
-        // Extend the newest frame when it is this stream's, up to the frame size bound.
-        if let Some((offset, last)) = self.last_data_frame {
-            if last == id {
-                if let Some(len_field) = self.data_out.get_mut(offset..offset + 4) {
-                    let mut be = [0u8; 4];
-                    be.copy_from_slice(len_field);
-                    let current = u32::from_be_bytes(be) as usize;
-                    let take = MAX_FRAME_PAYLOAD.saturating_sub(current).min(payload.len());
-                    if take > 0 {
-                        len_field.copy_from_slice(&((current + take) as u32).to_be_bytes());
-                        let (head, rest) = payload.split_at(take);
-                        self.data_out.extend_from_slice(head);
-                        payload = rest;
-                    }
-                }
-            }
-        }
-        while !payload.is_empty() {
-            let (head, rest) = payload.split_at(payload.len().min(MAX_FRAME_PAYLOAD));
-            self.last_data_frame = Some((self.data_out.len(), id));
-            encode::data(&mut self.data_out, id, false, head);
-            payload = rest;
-        }
-    }
-
     /// Bytes `send` may still queue, keeping room for one header.
     fn send_space(&self) -> usize {
-        MAX_SEND_QUEUE_BYTES.saturating_sub(self.data_out.len() + HEADER_LEN)
+        MAX_SEND_QUEUE_BYTES.saturating_sub(self.tx.queued() + HEADER_LEN)
     }
 
     /// Emits `Writable` for blocked streams that can send again; drops stale entries.
@@ -1123,8 +1184,7 @@ impl Conn {
     fn close_abruptly(&mut self, reason: CloseReason, goaway: Option<(ErrorCode, &str)>) {
         self.control_out.clear();
         self.control_frames = 0;
-        self.data_out.clear();
-        self.last_data_frame = None;
+        self.tx.clear_queued();
         if let Some((code, message)) = goaway {
             encode::go_away(&mut self.control_out, self.max_peer_id, code, message);
             self.control_frames = 1;
@@ -1156,6 +1216,7 @@ impl Conn {
     /// `input_commit`; every other call voids it, so that nothing moves the buffer under it.)
     fn settle(&mut self) {
         self.input_target = None;
+        self.send_target = None;
         let draining = self.goaway_sent || self.goaway_recv.is_some();
         if self.closed.is_none() && draining && self.streams.is_empty() {
             self.enter_closed(CloseReason::Drained);
@@ -1166,12 +1227,9 @@ impl Conn {
     #[cfg(debug_assertions)]
     fn check_invariants_debug(&self) {
         let list_bound = MAX_STREAMS + MAX_QUEUED_CONTROL_FRAMES;
-        // Data queue: payload bound, plus a header per frame and a FIN frame per stream.
-        let data_bound = MAX_SEND_QUEUE_BYTES
-            + HEADER_LEN * (MAX_SEND_QUEUE_BYTES / MAX_FRAME_PAYLOAD + 1 + list_bound);
         assert!(self.control_frames <= MAX_QUEUED_CONTROL_FRAMES);
         assert_eq!(self.control_frames == 0, self.control_out.is_empty());
-        assert!(self.data_out.len() <= data_bound);
+        self.tx.check();
         assert!(self.rx_header_len < HEADER_LEN);
         assert!(self.rx_control.len() <= super::MAX_CONTROL_PAYLOAD);
         assert!(self.streams.len() <= MAX_STREAMS);
@@ -1181,11 +1239,8 @@ impl Conn {
         assert!(self.next_local_id % 2 == u64::from(self.role.first_stream_id()) % 2);
         assert!(self.max_peer_id == 0 || !self.role.opens(self.max_peer_id));
         assert!(self.input_target.is_none(), "settle voids the input target");
+        assert!(self.send_target.is_none(), "settle voids the send room");
         assert!(self.input_scratch.is_empty() || self.input_scratch.len() == INPUT_BUF_LEN);
-        if let Some((offset, id)) = self.last_data_frame {
-            assert!(offset + HEADER_LEN <= self.data_out.len());
-            assert!(self.role.opens(id) || id <= self.max_peer_id);
-        }
         if self.closed.is_some() {
             assert!(self.streams.is_empty() && self.blocked.is_empty());
             assert!(self.pong.is_none() && self.ping_out.is_none());
@@ -1903,5 +1958,270 @@ mod tests {
         assert_eq!(engine.send(id, b"x"), Err(MuxError::SendFinished(id)));
         assert!(!engine.is_closed());
         assert_eq!(MuxError::SendFinished(id).blame(), crate::mux::Blame::Local);
+    }
+
+    /// Takes everything `conn` has to send through `transmit_buf`, in writes of at most `chunk`
+    /// bytes; returns the bytes and the batches (as seen at their first byte).
+    fn drain_in_place(conn: &mut Conn, chunk: usize) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut batches = 0;
+        let mut fresh = true;
+        loop {
+            let batch = conn.transmit_buf();
+            if batch.is_empty() {
+                return (out, batches);
+            }
+            if fresh {
+                batches += 1;
+            }
+            let n = batch.len().min(chunk);
+            out.extend_from_slice(&batch[..n]);
+            fresh = n == batch.len();
+            assert_eq!(conn.transmit_advance(n), n);
+        }
+    }
+
+    #[test]
+    fn send_buf_writes_payload_in_place_behind_a_reserved_header() {
+        let now = t0();
+        let (mut engine, mut agent, id) = established(now);
+        // Two reservations on one stream share a frame; the bytes are never copied again: the
+        // batch handed to the writer holds them at the very address they were written to.
+        let room = engine.send_buf(id, 5).unwrap();
+        assert_eq!(room.len(), 5);
+        room.copy_from_slice(b"hello");
+        assert_eq!(engine.send_commit(id, 5).unwrap(), 5);
+        let room = engine.send_buf(id, 100).unwrap();
+        assert_eq!(room.len(), 100);
+        room[..6].copy_from_slice(b" world");
+        let written_at = room.as_ptr() as usize;
+        // A partial commit takes what was written; the rest of the room is not sent.
+        assert_eq!(engine.send_commit(id, 6).unwrap(), 6);
+        engine.finish(id).unwrap();
+        let batch = engine.transmit_buf();
+        let batch_at = batch.as_ptr() as usize;
+        let fr = frames(batch);
+        assert_eq!(fr.len(), 1, "one frame, FIN included");
+        assert_eq!(fr[0].0.flags, FLAG_FIN);
+        assert_eq!(fr[0].1, b"hello world");
+        assert_eq!(
+            batch_at + HEADER_LEN + 5,
+            written_at,
+            "payload went out in place"
+        );
+        let wire = batch.to_vec();
+        engine.transmit_advance(wire.len());
+        assert!(engine.transmit_buf().is_empty());
+        agent.handle_input(&wire, now).unwrap();
+        assert_eq!(agent.read_buf(id).unwrap(), b"hello world");
+    }
+
+    #[test]
+    fn send_buf_respects_credit_and_frame_size_and_arms_writable() {
+        let now = t0();
+        let (mut engine, mut agent, id) = established(now);
+        let window = INITIAL_STREAM_WINDOW as usize;
+        let mut sent = 0;
+        while sent < window {
+            let room = engine.send_buf(id, usize::MAX).unwrap();
+            assert!(!room.is_empty() && room.len() <= MAX_FRAME_PAYLOAD);
+            for (i, b) in room.iter_mut().enumerate() {
+                *b = ((sent + i) % 251) as u8;
+            }
+            let n = room.len();
+            sent += engine.send_commit(id, n).unwrap();
+        }
+        assert_eq!(sent, window);
+        assert_eq!(engine.send_capacity(id).unwrap(), 0);
+        // No credit: empty room, and a Writable once the peer returns some.
+        assert!(engine.send_buf(id, 10).unwrap().is_empty());
+        assert_eq!(engine.send_commit(id, 10), Err(MuxError::NoSendBuf));
+        let (wire, _) = drain_in_place(&mut engine, 10_000);
+        for (h, payload) in frames(&wire) {
+            assert_eq!(h.len as usize, MAX_FRAME_PAYLOAD, "full frames");
+            assert_eq!(payload.len(), MAX_FRAME_PAYLOAD);
+        }
+        agent.handle_input(&wire, now).unwrap();
+        let mut buf = vec![0u8; window];
+        assert_eq!(agent.recv(id, &mut buf).unwrap(), window);
+        assert!(buf.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        pump(&mut agent, &mut engine, now).unwrap();
+        assert!(events(&mut engine).contains(&Event::Writable { id }));
+        assert_eq!(engine.send_buf(id, 7).unwrap().len(), 7);
+    }
+
+    #[test]
+    fn send_room_is_voided_by_other_calls_and_checked() {
+        let now = t0();
+        let (mut engine, mut agent, id) = established(now);
+        // Another call voids the room: nothing of it is sent.
+        engine.send_buf(id, 8).unwrap().copy_from_slice(b"discard!");
+        assert_eq!(engine.send(id, b"kept").unwrap(), 4);
+        assert_eq!(engine.send_commit(id, 8), Err(MuxError::NoSendBuf));
+        engine.send_buf(id, 8).unwrap();
+        let _ = engine.input_buf();
+        assert_eq!(engine.send_commit(id, 8), Err(MuxError::NoSendBuf));
+        // A commit of 0, or on another stream, sends nothing.
+        engine.send_buf(id, 8).unwrap();
+        assert_eq!(engine.send_commit(id, 0).unwrap(), 0);
+        let other = StreamId::new(3).unwrap();
+        engine.send_buf(id, 8).unwrap();
+        assert_eq!(engine.send_commit(other, 8), Err(MuxError::NoSendBuf));
+        // A commit beyond the room is clamped.
+        engine.send_buf(id, 3).unwrap().copy_from_slice(b"abc");
+        assert_eq!(engine.send_commit(id, 1000).unwrap(), 3);
+        pump(&mut engine, &mut agent, now).unwrap();
+        assert_eq!(agent.read_buf(id).unwrap(), b"keptabc");
+        // The same errors as `send`.
+        let unknown = StreamId::new(99).unwrap();
+        assert_eq!(
+            engine.send_buf(unknown, 1).err(),
+            Some(MuxError::UnknownStream(unknown))
+        );
+        let peer_open = StreamId::new(2).unwrap();
+        agent.open_stream(b"").unwrap();
+        pump(&mut agent, &mut engine, now).unwrap();
+        assert_eq!(
+            engine.send_buf(peer_open, 1).err(),
+            Some(MuxError::NotAccepted(peer_open))
+        );
+        engine.finish(id).unwrap();
+        assert_eq!(
+            engine.send_buf(id, 1).err(),
+            Some(MuxError::SendFinished(id))
+        );
+        assert!(!engine.is_closed());
+    }
+
+    #[test]
+    fn transmit_batches_never_cut_a_frame_and_put_control_first() {
+        let now = t0();
+        let (mut engine, mut agent, id) = established(now);
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i % 241) as u8).collect();
+        assert_eq!(engine.send(id, &data).unwrap(), data.len());
+        // Start writing the batch, then queue control frames and more data: the rest of the
+        // batch goes first, whole, then the control frames, then the new data.
+        let first = engine.transmit_buf().len();
+        assert_eq!(engine.transmit_advance(1000), 1000);
+        engine.ping(now).unwrap();
+        let id3 = engine.open_stream(b"second").unwrap();
+        assert_eq!(engine.send(id, b"tail").unwrap(), 4);
+        assert_eq!(
+            engine.transmit_buf().len(),
+            first - 1000,
+            "the rest of the batch"
+        );
+        let wire = engine.transmit_buf().to_vec();
+        engine.transmit_advance(usize::MAX);
+        let (rest, batches) = drain_in_place(&mut engine, 7);
+        assert_eq!(batches, 1, "control in the headroom of the data's batch");
+        let fr = frames(&rest);
+        let kinds: Vec<FrameType> = fr.iter().map(|(h, _)| h.kind).collect();
+        assert_eq!(
+            kinds,
+            [FrameType::Open, FrameType::Ping, FrameType::Data],
+            "control first"
+        );
+        assert_eq!(fr[2].1, b"tail");
+        // The peer sees the whole stream, split at arbitrary points.
+        let mut full = Vec::new();
+        engine.poll_transmit(&mut full);
+        assert!(full.is_empty());
+        let mut prefix = Vec::new();
+        // Rebuild what went out: the first 1000 bytes of the batch were written before.
+        let (mut e2, _, _) = established(now);
+        e2.send(id, &data).unwrap();
+        e2.poll_transmit(&mut prefix);
+        prefix.truncate(1000);
+        prefix.extend_from_slice(&wire);
+        prefix.extend_from_slice(&rest);
+        agent.handle_input(&prefix, now).unwrap();
+        let mut got = vec![0u8; 200_000];
+        let n = agent.recv(id, &mut got).unwrap();
+        assert_eq!(&got[..n - 4], &data[..]);
+        assert_eq!(&got[n - 4..n], b"tail");
+        assert!(events(&mut agent).contains(&Event::StreamOpened {
+            id: id3,
+            dial_header: b"second".to_vec()
+        }));
+    }
+
+    #[test]
+    fn control_beyond_the_headroom_goes_alone_first() {
+        let now = t0();
+        let (mut engine, mut agent) = pair(now);
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            ids.push(engine.open_stream(&[7u8; 100]).unwrap());
+        }
+        // Optimistic data on the last stream, queued behind 20 OPENs of 112 bytes.
+        let last = *ids.last().unwrap();
+        assert_eq!(engine.send(last, b"early").unwrap(), 5);
+        let (wire, batches) = drain_in_place(&mut engine, usize::MAX);
+        assert_eq!(batches, 2, "the control frames, then the data");
+        let fr = frames(&wire);
+        assert_eq!(fr.len(), 21);
+        assert!(fr[..20].iter().all(|(h, _)| h.kind == FrameType::Open));
+        assert_eq!(fr[20].0.kind, FrameType::Data);
+        agent.handle_input(&wire, now).unwrap();
+        for id in &ids {
+            agent.open_result(*id, Ok(())).unwrap();
+        }
+        assert_eq!(agent.read_buf(last).unwrap(), b"early");
+    }
+
+    #[test]
+    fn transmit_and_poll_transmit_send_the_same_bytes() {
+        let now = t0();
+        let build = || {
+            let (mut engine, _, id) = established(now);
+            let id2 = engine.open_stream(b"x").unwrap();
+            engine.send(id, &[1u8; 100_000]).unwrap();
+            engine.send(id2, &[2u8; 3_000]).unwrap();
+            engine.send(id, &[3u8; 10]).unwrap();
+            engine.finish(id2).unwrap();
+            engine.ping(now).unwrap();
+            engine
+        };
+        let mut copied = Vec::new();
+        build().poll_transmit(&mut copied);
+        let (in_place, _) = drain_in_place(&mut build(), 999);
+        assert_eq!(copied, in_place);
+    }
+
+    #[test]
+    fn close_keeps_the_batch_in_flight_whole() {
+        let now = t0();
+        let (mut engine, mut agent, id) = established(now);
+        engine.send(id, &[5u8; 50_000]).unwrap();
+        let batch_len = engine.transmit_buf().len();
+        engine.transmit_advance(100);
+        engine.send(id, &[6u8; 50_000]).unwrap();
+        engine.close(ErrorCode::INTERNAL, "bye");
+        // The started batch is finished (a cut frame would garble the GOAWAY), the queued data
+        // is dropped, and the GOAWAY follows.
+        let (rest, _) = drain_in_place(&mut engine, 4096);
+        assert_eq!(rest.len() - (batch_len - 100), HEADER_LEN + 8 + 3);
+        let mut whole = Vec::new();
+        let (mut e2, _, _) = established(now);
+        e2.send(id, &[5u8; 50_000]).unwrap();
+        e2.poll_transmit(&mut whole);
+        whole.truncate(100);
+        whole.extend_from_slice(&rest);
+        // The peer parses the whole batch and then the GOAWAY (a cut frame would make it a
+        // protocol error instead).
+        agent.handle_input(&whole, now).unwrap();
+        assert_eq!(
+            events(&mut agent),
+            vec![
+                Event::Readable { id },
+                Event::Closed {
+                    reason: CloseReason::PeerError {
+                        code: ErrorCode::INTERNAL,
+                        message: "bye".into()
+                    }
+                }
+            ]
+        );
     }
 }

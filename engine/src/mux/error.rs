@@ -255,6 +255,10 @@ pub enum MuxError {
     /// `input_commit` of bytes without a pending `input_buf` (another call voided it).
     #[error("input_commit without a pending input_buf")]
     NoInputBuf,
+    /// `send_commit` of bytes without a pending `send_buf` on that stream (another call voided
+    /// it).
+    #[error("send_commit without a pending send_buf")]
+    NoSendBuf,
     /// [`super::MAX_QUEUED_CONTROL_FRAMES`] are queued; call `poll_transmit`, then retry.
     #[error("control frame queue full")]
     ControlQueueFull,

@@ -15,7 +15,10 @@
 //!       or, zero-copy:              n = read(conn.input_buf()); conn.input_commit(n, now)?
 //!     while let Some(ev) = conn.poll_event() { … }                    (drain after every input)
 //!     stream operations           → conn.open_stream / open_result / send / recv / finish / reset
+//!       or, zero-copy:              n = read(user, conn.send_buf(id, max)?); conn.send_commit(id, n)?
+//!                                   n = write(user, conn.read_buf(id)?); conn.consume(id, n)?
 //!     conn.poll_transmit(&mut buf); write buf to the socket; buf.clear()
+//!       or, zero-copy:              n = write(socket, conn.transmit_buf()); conn.transmit_advance(n)
 //!     sleep until conn.poll_timeout(), then conn.handle_timeout(now)
 //! }
 //! ```
@@ -28,10 +31,18 @@
 //! * Zero-copy alternative: [`Conn::input_buf`]`() -> &mut [u8]`, read the socket into it, then
 //!   [`Conn::input_commit`]`(n, now)`. Inside a large DATA payload the buffer is the stream's own
 //!   receive buffer, so the read is the payload's only copy on the way in.
-//! * [`Conn::poll_transmit`]`(&mut Vec<u8>) -> usize` appends every frame that is ready — control
-//!   frames first, then window updates, then data in the order it was sent — into the caller's
-//!   buffer, so many small frames share one write and one TLS record. When the caller's buffer is
-//!   empty the queued data is handed over by swapping buffers, without a copy.
+//! * [`Conn::transmit_buf`]`() -> &[u8]` hands out the next batch of frames straight from the
+//!   core's queue — control frames first, then window updates, then data in the order it was
+//!   sent — so many small frames share one write and one TLS record; report what the socket took
+//!   with [`Conn::transmit_advance`]`(n)`. A batch is finished before the next one starts, so a
+//!   partial write never cuts a frame. [`Conn::poll_transmit`]`(&mut Vec<u8>) -> usize` does the
+//!   same by appending (copying) everything ready into the caller's buffer.
+//! * Zero-copy send: [`Conn::send_buf`]`(id, max) -> &mut [u8]` is room for the stream's next
+//!   bytes inside the transmit queue, after a frame header reserved in place; read the user's
+//!   socket into it and [`Conn::send_commit`]`(id, n)`. With `read_buf`/`consume` on the other
+//!   side and `input_buf`/`transmit_buf` on the tunnel socket, a payload byte is copied by the
+//!   mux's caller only: user socket → queue → tunnel socket, tunnel socket → stream buffer →
+//!   user socket.
 //! * [`Conn::poll_event`] yields [`Event`]s: `StreamOpened`, `OpenResult`, `Readable`, `Writable`,
 //!   `StreamFinished`, `StreamReset`, `Pong`, `GoAway`, `Closed`. `Readable` and `Writable` are
 //!   edge-triggered: after `Readable`, read until [`Conn::recv`] returns 0; after a short
@@ -42,7 +53,8 @@
 //!   [`CloseReason::Timeout`] after [`Config::dead_peer_timeout`] of silence.
 //! * Stream operations: [`Conn::open_stream`] (with a dial header of at most
 //!   [`MAX_DIAL_HEADER_LEN`]), [`Conn::open_result`] (accept or refuse a peer's open),
-//!   [`Conn::send`] (takes at most the available credit and returns how much it took),
+//!   [`Conn::send`] (takes at most the available credit and returns how much it took) or
+//!   [`Conn::send_buf`] + [`Conn::send_commit`],
 //!   [`Conn::recv`] or [`Conn::read_buf`] + [`Conn::consume`] (zero-copy peek for splicing),
 //!   [`Conn::finish`] (half-close), [`Conn::reset`] (abort both directions), [`Conn::go_away`]
 //!   (drain), [`Conn::close`] (abort the tunnel), [`Conn::ping`].
@@ -117,9 +129,11 @@
 //! whose [`MuxError::blame`] is [`Blame::Local`] and leaves the tunnel alone.
 
 mod conn;
+mod copy;
 mod error;
 mod frame;
 mod stream;
+mod tx;
 
 use std::fmt;
 use std::time::Duration;
@@ -169,9 +183,11 @@ pub const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 /// error.
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 
-/// Most DATA payload bytes queued for [`Conn::poll_transmit`]: [`Conn::send`] takes no more, so a
-/// writer that does not drain the core stalls its senders instead of growing memory. Also bounds
-/// one `poll_transmit` to about this many bytes.
+/// Most DATA payload bytes queued for [`Conn::poll_transmit`] / [`Conn::transmit_buf`]:
+/// [`Conn::send`] and [`Conn::send_buf`] take no more, so a writer that does not drain the core
+/// stalls its senders instead of growing memory. Also bounds one batch of `transmit_buf` to about
+/// this many bytes; the core holds at most two such batches (the one being written and the one
+/// filling).
 pub const MAX_SEND_QUEUE_BYTES: usize = 1024 * 1024;
 
 /// Most control frames (OPEN, OPEN_RESULT, RESET, PING, GOAWAY) queued for

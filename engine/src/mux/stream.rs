@@ -3,6 +3,7 @@
 //!
 //! Plain data with small helpers; every transition is driven (and checked) by `conn.rs`.
 
+use super::copy::copy;
 use super::INITIAL_STREAM_WINDOW;
 
 /// Where the stream is in the OPEN / OPEN_RESULT exchange.
@@ -112,7 +113,7 @@ impl RecvBuf {
     }
 
     pub(crate) fn push(&mut self, bytes: &[u8]) {
-        self.spare(bytes.len()).copy_from_slice(bytes);
+        copy(self.spare(bytes.len()), bytes);
         self.end += bytes.len();
     }
 
@@ -140,9 +141,7 @@ impl RecvBuf {
     pub(crate) fn read(&mut self, out: &mut [u8]) -> usize {
         let src = self.as_slice();
         let n = src.len().min(out.len());
-        if let (Some(dst), Some(src)) = (out.get_mut(..n), src.get(..n)) {
-            dst.copy_from_slice(src);
-        }
+        copy(out, src);
         self.consume(n)
     }
 

@@ -1,11 +1,15 @@
 //! The one authorization decision of a user stream: may this identity dial this target, given
 //! the current snapshot? [`authorize`] is a pure function (no I/O, no clock beyond what the
 //! caller passes in the identity checks it already did), called once per dial request after the
-//! certificate has been verified by rustls and its validity window checked.
+//! certificate has been verified by rustls, its validity window checked, and routing has
+//! resolved the target (which agent serves it, with its labels) from the shard's tunnels, the
+//! engine's directory or the snapshot's `targets`.
 //!
-//! Today it allows every dial whose target is registered in the snapshot and tells the user when
-//! it is not. The authorization issue fills in role matching (logins, db users/names, labels)
-//! and locks here, behind the same signature, so the connection code does not change.
+//! Today it allows every dial to a resolved target. The authorization issue fills in role
+//! matching (logins, db users/names, labels) and locks here, behind the same signature, so the
+//! connection code does not change. A target nobody serves is refused before this, by routing,
+//! with [`Denied::unknown_target`]'s message; a forbidden target must read the same once roles
+//! hide resources, so that a refusal does not reveal what exists.
 
 use jaunt_config::identity::Identity;
 
@@ -31,18 +35,10 @@ pub enum DeniedKind {
     Forbidden,
 }
 
-/// Decides whether `identity` may dial `request` under `snapshot`; on success, returns the
-/// target (and so the agent that serves it).
-pub fn authorize<'s>(
-    snapshot: &'s Snapshot,
-    identity: &Identity,
-    request: &DialRequest,
-) -> Result<&'s Target, Denied> {
-    let _ = identity;
-    snapshot
-        .targets
-        .get(request.kind, &request.target)
-        .ok_or_else(|| Denied {
+impl Denied {
+    /// Nobody serves `request`'s target: `no such node "web9" in cluster "prod"`.
+    pub fn unknown_target(snapshot: &Snapshot, request: &DialRequest) -> Denied {
+        Denied {
             kind: DeniedKind::UnknownTarget,
             message: format!(
                 "no such {} {:?} in cluster {:?}",
@@ -50,7 +46,20 @@ pub fn authorize<'s>(
                 request.target,
                 snapshot.cluster
             ),
-        })
+        }
+    }
+}
+
+/// Decides whether `identity` may dial `request`, which routing resolved to `target`, under
+/// `snapshot`.
+pub fn authorize(
+    snapshot: &Snapshot,
+    identity: &Identity,
+    request: &DialRequest,
+    target: &Target,
+) -> Result<(), Denied> {
+    let _ = (snapshot, identity, request, target);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -59,7 +68,6 @@ mod tests {
 
     use super::*;
     use crate::server::dial::DialKind;
-    use crate::server::snapshot::Targets;
 
     fn alice() -> Identity {
         Identity {
@@ -80,11 +88,10 @@ mod tests {
     }
 
     #[test]
-    fn known_targets_are_allowed_unknown_ones_named() {
+    fn resolved_targets_are_allowed_unknown_ones_named() {
         let snapshot = Snapshot {
             version: 1,
             cluster: "test".into(),
-            targets: Targets::default().with(DialKind::Ssh, "web1", Target::on_host("h1")),
             ..Snapshot::default()
         };
         let mut request = DialRequest {
@@ -95,18 +102,12 @@ mod tests {
             db_name: None,
         };
         assert_eq!(
-            authorize(&snapshot, &alice(), &request).map(|t| t.host_id.as_str()),
-            Ok("h1")
+            authorize(&snapshot, &alice(), &request, &Target::on_host("h1")),
+            Ok(())
         );
         request.target = "web2".into();
-        let denied = authorize(&snapshot, &alice(), &request).err();
-        assert_eq!(
-            denied.as_ref().map(|d| d.kind),
-            Some(DeniedKind::UnknownTarget)
-        );
-        assert_eq!(
-            denied.map(|d| d.message),
-            Some(r#"no such node "web2" in cluster "test""#.to_owned())
-        );
+        let denied = Denied::unknown_target(&snapshot, &request);
+        assert_eq!(denied.kind, DeniedKind::UnknownTarget);
+        assert_eq!(denied.message, r#"no such node "web2" in cluster "test""#);
     }
 }

@@ -12,22 +12,26 @@
 //!      non-TLS bytes, then close;
 //!    - `Control`: connect to control, write the bytes read so far, splice both ways untouched;
 //!    - `Web` / `App`: terminate TLS (no client auth), serve HTTP/1.1 (`http.rs`);
-//!    - `Tunnel`: terminate TLS (host certificate), send the tunnel hello, wrap the stream in a
-//!      [`Tunnel`] (server role), register it in the shard's table under the host id, and run
-//!      its driver in this connection's task until the tunnel ends;
+//!    - `Tunnel`: terminate TLS (host certificate), send the tunnel hello, read the agent's
+//!      [`AgentHello`] (a clean EOF instead is a duplicate tunnel: counted, closed, not an
+//!      error), wrap the stream in a [`Tunnel`] (server role), register it with its resources
+//!      in the shard's table under the certificate's host id, and run its driver in this
+//!      connection's task until the tunnel ends;
 //!    - `Ssh` / `Postgres` / `Tcp`: terminate TLS (user certificate), read one dial request,
-//!      [`authorize`], find the agent's tunnel on this shard, open a stream with a
-//!      [`StreamHeader`], answer with a dial response, splice the TLS stream and the tunnel
-//!      stream ([`tunnel::splice`]).
+//!      resolve the target to an agent and its tunnel on this shard ([`Shard::resolve`]),
+//!      [`authorize`], open a stream with a [`StreamHeader`], answer with a dial response,
+//!      splice the TLS stream and the tunnel stream ([`tunnel::splice`]).
 //!
 //! The handshake timeout covers phases 1 and 2 up to an established TLS session and a dial
-//! request; after that the idle timeout applies. Every connection also ends when its shard's
+//! request (or an agent hello); after that the idle timeout applies to user streams, and the
+//! mux's keepalive and dead-peer timeout to tunnels. Every connection also ends when its shard's
 //! drain deadline passes. Nothing here panics on peer input: every malformed byte becomes an
 //! [`End`] with a reason.
 
 use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -38,14 +42,16 @@ use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use crate::hello::{self, Parse, MAX_CLIENT_HELLO_BYTES};
 use crate::mux::{self, Blame, Role};
 use crate::route::{self, RejectReason, Route};
-use crate::server::authorize::{authorize, DeniedKind};
+use crate::server::authorize::{authorize, Denied, DeniedKind};
 use crate::server::dial::{
-    DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello,
+    DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello, LENGTH_PREFIX_BYTES,
 };
 use crate::server::http::{self, PingBody, Response};
 use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed};
-use crate::server::metrics::{Direction, Refusal, RouteKind};
-use crate::server::shard::{ConnGuard, Shard};
+use crate::server::metrics::{DialMiss, Direction, Refusal, RouteKind};
+use crate::server::shard::{ConnGuard, Registered, Resolved, Shard};
+use crate::server::snapshot::Snapshot;
+use crate::tunnel::agent_hello::{AgentHello, MAX_AGENT_HELLO_BYTES};
 use crate::tunnel::{self, CloseReason, OpenError, Side, Tunnel};
 
 /// Bytes read per `read` while waiting for the ClientHello: a typical hello fits in one read.
@@ -508,33 +514,115 @@ async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
             return End::Refused(refusal);
         }
     };
+    let host_id = identity.name;
     let tunnel_hello = TunnelHello::new(shard.shard_count, shard.index).encode();
-    match with_deadline(ctx.deadline, async {
+    let agent = match with_deadline(ctx.deadline, async {
         stream.write_all(&tunnel_hello).await?;
-        stream.flush().await
+        stream.flush().await?;
+        read_agent_hello(&mut stream).await
     })
     .await
     {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
         Err(_) => return End::Refused(Refusal::HandshakeTimeout),
-    }
+        Ok(Ok(AgentHelloRead::Hello(agent))) => Arc::new(agent),
+        Ok(Ok(AgentHelloRead::Duplicate)) => {
+            // The agent already has a tunnel to this shard: the expected outcome of its
+            // connecting until every shard is covered, not a failure.
+            shard.metrics.tunnel_duplicate();
+            tracing::debug!(
+                shard = shard.index,
+                %host_id,
+                peer = %ctx.peer,
+                "duplicate agent tunnel closed by the agent"
+            );
+            write_and_close(&mut stream, &[]).await;
+            return End::Done;
+        }
+        Ok(Ok(AgentHelloRead::Invalid(e))) => {
+            tracing::info!(
+                shard = shard.index,
+                %host_id,
+                peer = %ctx.peer,
+                error = %e,
+                "agent tunnel refused: bad agent hello"
+            );
+            write_and_close(&mut stream, &[]).await;
+            return End::Refused(Refusal::BadAgentHello);
+        }
+        Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
+    };
     let (tunnel, driver) = Tunnel::new(stream, Role::Server, mux::Config::default());
-    let host_id = identity.name;
     // The table holds the only handle: when it lets go (replacement, drain) the tunnel drains.
-    shard.register_tunnel(&host_id, ctx.conn_id, tunnel);
-    let _registration = Registration {
+    let registered = shard.register_tunnel(&host_id, ctx.conn_id, &agent, tunnel);
+    let _registration = (registered != Registered::Draining).then(|| Registration {
         shard,
         host_id: host_id.clone(),
         conn_id: ctx.conn_id,
-    };
-    tracing::info!(shard = shard.index, %host_id, peer = %ctx.peer, "agent tunnel open");
+    });
+    tracing::info!(
+        shard = shard.index,
+        %host_id,
+        name = %agent.name,
+        resources = agent.resources.len(),
+        peer = %ctx.peer,
+        replaced = registered == Registered::Replaced,
+        "agent tunnel open"
+    );
+    drop(agent);
     let reason = driver.await;
     tracing::info!(shard = shard.index, %host_id, %reason, "agent tunnel closed");
     if reason.is_graceful() || reason == CloseReason::PeerEof {
         End::Done
     } else {
         End::Failed(ConnError::Tunnel(reason))
+    }
+}
+
+/// What the agent sent after the tunnel hello.
+enum AgentHelloRead {
+    Hello(AgentHello),
+    /// A clean EOF (TLS close_notify) before the first byte: the agent already has a tunnel to
+    /// this shard.
+    Duplicate,
+    /// Malformed, too large, invalid, or cut short by an EOF.
+    Invalid(DialError),
+}
+
+/// Reads exactly one [`AgentHello`] frame: never a byte past it, so the mux frames that follow
+/// stay in the stream for the tunnel. Buffers at most the frame's bound.
+async fn read_agent_hello<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<AgentHelloRead> {
+    let mut buf = Vec::new();
+    loop {
+        match AgentHello::parse(&buf) {
+            Ok(Some((hello, used))) => {
+                debug_assert_eq!(used, buf.len());
+                return Ok(AgentHelloRead::Hello(hello));
+            }
+            Ok(None) => {}
+            Err(e) => return Ok(AgentHelloRead::Invalid(e)),
+        }
+        // `parse` refused a length of 0 or above the bound, so `want` is bounded.
+        let want = match buf.get(..LENGTH_PREFIX_BYTES) {
+            Some(prefix) => {
+                LENGTH_PREFIX_BYTES + usize::from(u16::from_be_bytes([prefix[0], prefix[1]]))
+            }
+            None => LENGTH_PREFIX_BYTES,
+        };
+        debug_assert!(want <= LENGTH_PREFIX_BYTES + MAX_AGENT_HELLO_BYTES);
+        let filled = buf.len();
+        buf.resize(want, 0);
+        // An unclean EOF (no close_notify) is an I/O error, not a duplicate.
+        let n = stream.read(&mut buf[filled..]).await?;
+        buf.truncate(filled + n);
+        if n == 0 {
+            return Ok(if filled == 0 {
+                AgentHelloRead::Duplicate
+            } else {
+                AgentHelloRead::Invalid(DialError::Json(format!(
+                    "the connection closed after {filled} of {want} bytes of the agent hello"
+                )))
+            });
+        }
     }
 }
 
@@ -592,36 +680,23 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         );
         return refuse_dial(&mut stream, Refusal::BadDialRequest, &message).await;
     }
-    let host_id = {
-        let snapshot = shard.snapshot();
-        match authorize(&snapshot, &identity, &request) {
-            Ok(target) => target.host_id.clone(),
-            Err(denied) => {
-                let refusal = match denied.kind {
-                    DeniedKind::UnknownTarget => Refusal::UnknownTarget,
-                    DeniedKind::Forbidden => Refusal::Forbidden,
-                };
-                tracing::info!(
-                    shard = shard.index,
-                    user = %identity.name,
-                    target = %request.target,
-                    reason = %denied,
-                    "dial denied"
-                );
-                return refuse_dial(&mut stream, refusal, &denied.message).await;
-            }
-        }
-    };
     let noun = request.kind.noun();
-    // An agent keeps one tunnel per shard, so the tunnel is normally on this shard. Hopping to
-    // another shard's tunnel is not built yet: a missing local tunnel is "agent offline".
-    let Some(tunnel) = shard.tunnel(&host_id) else {
-        let message = format!(
-            "agent offline: {noun} {:?} is served by agent {host_id:?}, which has no tunnel to \
-             this engine (is the agent running and able to reach {}?)",
-            request.target, shard.config.public_host
-        );
-        return refuse_dial(&mut stream, Refusal::AgentOffline, &message).await;
+    let routed = {
+        let snapshot = shard.snapshot();
+        route_dial(shard, &snapshot, &identity, &request)
+    };
+    let (host_id, tunnel) = match routed {
+        Ok(found) => found,
+        Err((refusal, message)) => {
+            tracing::info!(
+                shard = shard.index,
+                user = %identity.name,
+                target = %request.target,
+                reason = refusal.as_str(),
+                "dial refused"
+            );
+            return refuse_dial(&mut stream, refusal, &message).await;
+        }
     };
     let Some(header) =
         StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer).encode()
@@ -640,8 +715,12 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
             return refuse_dial(&mut stream, Refusal::DialFailed, &message).await;
         }
         Ok(Err(e)) => {
-            let message =
-                format!("agent offline: the tunnel to agent {host_id:?} failed ({e}); try again");
+            shard.metrics.dial_miss(DialMiss::TunnelUnavailable);
+            let message = format!(
+                "agent for {noun} {:?} is offline on this shard: its tunnel cannot take a new \
+                 stream ({e}); retrying may help",
+                request.target
+            );
             return refuse_dial(&mut stream, Refusal::AgentOffline, &message).await;
         }
         Err(_) => {
@@ -675,6 +754,58 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         "user stream connected"
     );
     splice_with_idle(ctx, stream, upstream).await
+}
+
+/// Resolves `request` to its agent's host id and this shard's tunnel to it, and authorizes it;
+/// or the refusal and what the user reads. Counts the misses.
+fn route_dial(
+    shard: &Shard,
+    snapshot: &Snapshot,
+    identity: &Identity,
+    request: &DialRequest,
+) -> Result<(String, Tunnel), (Refusal, String)> {
+    let noun = request.kind.noun();
+    let Some(Resolved {
+        target,
+        tunnel,
+        other_shards,
+    }) = shard.resolve(snapshot, request.kind, &request.target)
+    else {
+        shard.metrics.dial_miss(DialMiss::UnknownTarget);
+        let denied = Denied::unknown_target(snapshot, request);
+        return Err((Refusal::UnknownTarget, denied.message));
+    };
+    // Authorize before saying anything about the agent's tunnels.
+    if let Err(denied) = authorize(snapshot, identity, request, &target) {
+        let refusal = match denied.kind {
+            DeniedKind::UnknownTarget => Refusal::UnknownTarget,
+            DeniedKind::Forbidden => Refusal::Forbidden,
+        };
+        return Err((refusal, denied.message));
+    }
+    let host_id = target.host_id;
+    if let Some(tunnel) = tunnel {
+        return Ok((host_id, tunnel));
+    }
+    let message = if other_shards.is_empty() {
+        shard.metrics.dial_miss(DialMiss::AgentOffline);
+        format!(
+            "agent for {noun} {:?} is offline: agent {host_id:?} has no tunnel to this engine \
+             (is it running and able to reach {}?)",
+            request.target, shard.config.public_host
+        )
+    } else {
+        // A cross-shard hop would serve this; until hops exist it is a counted miss, and the
+        // agent normally covers every shard within seconds.
+        shard.metrics.dial_miss(DialMiss::OtherShard);
+        shard.metrics.cross_shard_miss();
+        format!(
+            "agent for {noun} {:?} is offline on this shard: agent {host_id:?} has tunnels to \
+             other shards of this engine only; retrying may help",
+            request.target
+        )
+    };
+    Err((Refusal::AgentOffline, message))
 }
 
 enum ReadDialError {

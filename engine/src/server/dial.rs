@@ -24,6 +24,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tunnel::agent_hello::ResourceKind;
+
 /// Bytes of the length prefix of every message.
 pub const LENGTH_PREFIX_BYTES: usize = 2;
 
@@ -77,6 +79,16 @@ impl DialKind {
             DialKind::Ssh => "node",
             DialKind::Db => "database",
             DialKind::Tcp => "app",
+        }
+    }
+
+    /// The kind of agent resource this dial reaches (an agent announces resources in its
+    /// [`AgentHello`](crate::tunnel::agent_hello::AgentHello)).
+    pub fn resource_kind(self) -> ResourceKind {
+        match self {
+            DialKind::Ssh => ResourceKind::Node,
+            DialKind::Db => ResourceKind::Db,
+            DialKind::Tcp => ResourceKind::Tcp,
         }
     }
 }

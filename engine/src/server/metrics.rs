@@ -160,7 +160,7 @@ pub enum Refusal {
     UnknownTarget,
     /// Roles or locks forbid the dial.
     Forbidden,
-    /// No tunnel to the agent serving the target.
+    /// No usable tunnel to the agent serving the target on this shard.
     AgentOffline,
     /// The agent refused the stream or did not answer in time (it could not reach the target).
     DialFailed,
@@ -172,10 +172,12 @@ pub enum Refusal {
     IdleTimeout,
     /// Still open when the drain deadline of a shutdown passed.
     DrainDeadline,
+    /// An agent's hello after the tunnel hello was malformed, too large or invalid.
+    BadAgentHello,
 }
 
 /// Limit and error refusals, after the [`RejectReason`]s, in index order.
-const OTHER_REFUSALS: [Refusal; 14] = [
+const OTHER_REFUSALS: [Refusal; 15] = [
     Refusal::TooManyConnections,
     Refusal::HandshakeTimeout,
     Refusal::TlsHandshake,
@@ -190,6 +192,7 @@ const OTHER_REFUSALS: [Refusal; 14] = [
     Refusal::BadHttpRequest,
     Refusal::IdleTimeout,
     Refusal::DrainDeadline,
+    Refusal::BadAgentHello,
 ];
 
 /// Number of refusal reasons.
@@ -222,6 +225,7 @@ impl Refusal {
             Refusal::BadHttpRequest => "bad_http_request",
             Refusal::IdleTimeout => "idle_timeout",
             Refusal::DrainDeadline => "drain_deadline",
+            Refusal::BadAgentHello => "bad_agent_hello",
         }
     }
 
@@ -234,6 +238,45 @@ impl Refusal {
                     + OTHER_REFUSALS.iter().position(|r| *r == other).unwrap_or(0)
             }
         }
+    }
+}
+
+/// Why a user dial found no tunnel to splice into, with a stable metric label. Each is also a
+/// refusal (`unknown_target`, `agent_offline` or `dial_failed`); this says where routing missed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DialMiss {
+    /// No connected agent announces the target and the snapshot does not list it.
+    UnknownTarget,
+    /// The target is known, but its agent has no tunnel to this engine.
+    AgentOffline,
+    /// Its agent has tunnels to other shards of this engine only (a cross-shard hop would
+    /// serve it; counted as a missed hop too).
+    OtherShard,
+    /// This shard's tunnel was found but could not open a stream (closing, going away, full).
+    TunnelUnavailable,
+}
+
+impl DialMiss {
+    /// Every reason, in index order.
+    pub const ALL: [DialMiss; 4] = [
+        DialMiss::UnknownTarget,
+        DialMiss::AgentOffline,
+        DialMiss::OtherShard,
+        DialMiss::TunnelUnavailable,
+    ];
+
+    /// Stable metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DialMiss::UnknownTarget => "unknown_target",
+            DialMiss::AgentOffline => "agent_offline",
+            DialMiss::OtherShard => "other_shard",
+            DialMiss::TunnelUnavailable => "tunnel_unavailable",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -255,8 +298,13 @@ pub struct ShardMetrics {
     handshake_sum_micros: Cell64,
     bytes: [[Cell64; 2]; RouteKind::ALL.len()],
     tunnels: Cell64,
+    tunnels_duplicate: Cell64,
+    tunnels_replaced: Cell64,
     streams_open: Cell64,
+    dial_misses: [Cell64; DialMiss::ALL.len()],
     cross_shard_hops: Cell64,
+    cross_shard_misses: Cell64,
+    inventory_dropped: Cell64,
     snapshot_version: Cell64,
     snapshot_applied: AtomicBool,
     listening: AtomicBool,
@@ -327,9 +375,46 @@ impl ShardMetrics {
         self.streams_open.sub(1);
     }
 
+    /// Tunnels registered on this shard, as last set.
+    pub fn tunnels(&self) -> u64 {
+        self.tunnels.get()
+    }
+
+    /// An agent closed a new tunnel cleanly instead of sending its hello: it already has one
+    /// to this shard.
+    pub fn tunnel_duplicate(&self) {
+        self.tunnels_duplicate.add(1);
+    }
+
+    /// A host registered a tunnel while it had one on this shard already; the older drains.
+    pub fn tunnel_replaced(&self) {
+        self.tunnels_replaced.add(1);
+    }
+
+    /// A user dial found no tunnel to splice into.
+    pub fn dial_miss(&self, reason: DialMiss) {
+        self.dial_misses[reason.index()].add(1);
+    }
+
+    /// How many dials missed for `reason`.
+    pub fn dial_miss_count(&self, reason: DialMiss) -> u64 {
+        self.dial_misses[reason.index()].get()
+    }
+
     /// A user connection was served through a tunnel owned by another shard.
     pub fn cross_shard_hop(&self) {
         self.cross_shard_hops.add(1);
+    }
+
+    /// A user connection needed a tunnel owned by another shard and was refused (cross-shard
+    /// hops are not made yet).
+    pub fn cross_shard_miss(&self) {
+        self.cross_shard_misses.add(1);
+    }
+
+    /// An inventory event for control was dropped (its channel full or closed).
+    pub fn inventory_dropped(&self) {
+        self.inventory_dropped.add(1);
     }
 
     /// A snapshot was applied.
@@ -457,40 +542,80 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             );
         }
     }
-    family(
+    per_shard(
         &mut out,
+        shards,
         "jaunt_tunnels",
         "gauge",
-        "Agent tunnels, by shard.",
+        "Agent tunnels registered, by shard.",
+        |s| s.tunnels.get(),
     );
-    for (i, shard) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "jaunt_tunnels{{shard=\"{i}\"}} {}",
-            shard.tunnels.get()
-        );
-    }
-    family(
+    per_shard(
         &mut out,
+        shards,
+        "jaunt_tunnels_duplicate_total",
+        "counter",
+        "New agent tunnels the agent closed at once because it already had one to that shard.",
+        |s| s.tunnels_duplicate.get(),
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_tunnels_replaced_total",
+        "counter",
+        "Agent tunnels drained because the same host registered a newer one on the shard.",
+        |s| s.tunnels_replaced.get(),
+    );
+    per_shard(
+        &mut out,
+        shards,
         "jaunt_streams_open",
         "gauge",
         "User streams open through tunnels, by shard.",
+        |s| s.streams_open.get(),
+    );
+    family(
+        &mut out,
+        "jaunt_dial_misses_total",
+        "counter",
+        "User dials that found no tunnel to splice into, by shard and reason.",
     );
     for (i, shard) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "jaunt_streams_open{{shard=\"{i}\"}} {}",
-            shard.streams_open.get()
-        );
+        for reason in DialMiss::ALL {
+            let _ = writeln!(
+                out,
+                "jaunt_dial_misses_total{{shard=\"{i}\",reason=\"{}\"}} {}",
+                reason.as_str(),
+                shard.dial_miss_count(reason)
+            );
+        }
     }
     family(
         &mut out,
         "jaunt_cross_shard_hops_total",
         "counter",
-        "User connections served through a tunnel owned by another shard.",
+        "User connections whose agent tunnel is on another shard: served through it, or missed \
+         (refused with a retry hint).",
     );
-    let hops: u64 = shards.iter().map(|s| s.cross_shard_hops.get()).sum();
-    let _ = writeln!(out, "jaunt_cross_shard_hops_total {hops}");
+    for (i, shard) in shards.iter().enumerate() {
+        for (result, v) in [
+            ("served", shard.cross_shard_hops.get()),
+            ("miss", shard.cross_shard_misses.get()),
+        ] {
+            let _ = writeln!(
+                out,
+                "jaunt_cross_shard_hops_total{{shard=\"{i}\",result=\"{result}\"}} {v}"
+            );
+        }
+    }
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_inventory_events_dropped_total",
+        "counter",
+        "Inventory events for control dropped because their channel was full or closed.",
+        |s| s.inventory_dropped.get(),
+    );
     family(
         &mut out,
         "jaunt_snapshot_version",
@@ -505,6 +630,21 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         );
     }
     out
+}
+
+/// A family with one sample per shard.
+fn per_shard(
+    out: &mut String,
+    shards: &[std::sync::Arc<ShardMetrics>],
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl Fn(&ShardMetrics) -> u64,
+) {
+    family(out, name, kind, help);
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", value(shard));
+    }
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -565,6 +705,9 @@ mod tests {
         a.connection_opened();
         a.connection_closed();
         b.snapshot_applied(7);
+        a.dial_miss(DialMiss::OtherShard);
+        b.cross_shard_miss();
+        b.tunnel_replaced();
         let text = render(&[a, b]);
         for line in [
             "jaunt_connections_accepted_total{shard=\"0\",route=\"web\"} 1",
@@ -580,7 +723,11 @@ mod tests {
             "jaunt_bytes_total{route=\"control\",direction=\"from_client\"} 520",
             "jaunt_tunnels{shard=\"1\"} 0",
             "jaunt_streams_open{shard=\"0\"} 0",
-            "jaunt_cross_shard_hops_total 0",
+            "jaunt_cross_shard_hops_total{shard=\"1\",result=\"miss\"} 1",
+            "jaunt_dial_misses_total{shard=\"0\",reason=\"other_shard\"} 1",
+            "jaunt_tunnels_duplicate_total{shard=\"0\"} 0",
+            "jaunt_tunnels_replaced_total{shard=\"1\"} 1",
+            "jaunt_inventory_events_dropped_total{shard=\"0\"} 0",
             "jaunt_snapshot_version{shard=\"0\"} 0",
             "jaunt_snapshot_version{shard=\"1\"} 7",
             "# TYPE jaunt_handshake_seconds histogram",

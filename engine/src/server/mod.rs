@@ -4,7 +4,10 @@
 //! their own files:
 //!
 //! - `shard.rs`: one glommio executor per shard, its `SO_REUSEPORT` listener, mailbox, tunnel
-//!   table and drain;
+//!   table, dial routing and drain;
+//! - `table.rs`: a shard's routing table (tunnels by host id, announced resources by name);
+//! - `inventory.rs`: the engine-wide directory of connected agents, the [`InventoryEvent`]s
+//!   control receives and the [`AgentInventory`] view;
 //! - `conn.rs`: one connection from ClientHello to close (the routing table's actions);
 //! - `io.rs`: prefix replay, byte counting, splice with idle timeout, deadlines;
 //! - `http.rs`: the web route's HTTP/1.1; `diag.rs`: `/metrics`, `/healthz`, `/readyz`;
@@ -12,6 +15,12 @@
 //! - `authorize.rs`: the one authorization decision; `snapshot.rs`: what it reads;
 //! - `metrics.rs`: per-shard single-writer counters and the Prometheus text;
 //! - `tls.rs`: the three TLS configurations and their per-shard copies.
+//!
+//! Agents and routing: an agent's tunnel starts with the engine's `TunnelHello` and the agent's
+//! [`AgentHello`](crate::tunnel::agent_hello::AgentHello) (who it is, what it serves); the shard
+//! registers the tunnel under the host id of the agent's certificate, one tunnel per agent per
+//! shard. A user dial resolves `target name → host id → tunnel` on its own shard first; see
+//! `shard.rs`.
 //!
 //! Boot: validate the config; start shard 0 and wait until it listens (if `listen_addr` has port
 //! 0, its port becomes every other shard's); start the others the same way; start the snapshot
@@ -23,10 +32,12 @@ mod conn;
 mod diag;
 pub mod dial;
 mod http;
+mod inventory;
 mod io;
 pub mod metrics;
 mod shard;
 pub mod snapshot;
+mod table;
 mod tls;
 
 use std::net::SocketAddr;
@@ -37,10 +48,12 @@ use std::time::{Duration, Instant};
 
 pub use authorize::{authorize, Denied, DeniedKind};
 pub use dial::{DialKind, DialRequest, DialResponse, TunnelHello};
+pub use inventory::{AgentInventory, InventoryEvent};
 pub use snapshot::{Lock, Snapshot, Target, Targets};
 pub use tls::{TlsBuildError, TlsConfigs};
 
 use diag::{Diag, DiagState};
+use inventory::Directory;
 use metrics::ShardMetrics;
 use shard::{Command, MailboxSender, ShardBoot};
 
@@ -94,6 +107,10 @@ pub struct EngineConfig {
     pub idle_timeout: Duration,
     /// Connections one shard holds at most; more are refused at accept.
     pub max_connections_per_shard: usize,
+    /// Where shards report agent tunnels coming and going (`None`: nowhere). Sent with
+    /// `try_send`: a full or closed channel drops the event and counts it
+    /// (`jaunt_inventory_events_dropped_total`); [`EngineHandle::inventory`] is always current.
+    pub inventory: Option<crossbeam_channel::Sender<InventoryEvent>>,
 }
 
 impl EngineConfig {
@@ -115,6 +132,7 @@ impl EngineConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections_per_shard: DEFAULT_MAX_CONNECTIONS_PER_SHARD,
+            inventory: None,
         }
     }
 
@@ -282,8 +300,10 @@ impl Engine {
             .map(|_| Arc::new(ShardMetrics::default()))
             .collect();
         let cpus = shard_cpus(&config);
+        let directory = Arc::new(Directory::default());
         let mut handle = EngineHandle {
             local_addr: config.listen_addr,
+            directory: Arc::clone(&directory),
             shards: Vec::with_capacity(config.shards),
             state: Arc::new(DiagState {
                 shards: metrics.clone(),
@@ -304,6 +324,7 @@ impl Engine {
                 placement: cpus.as_ref().and_then(|cpus| cpus.get(index).copied()),
                 tls: tls.clone(),
                 metrics: Arc::clone(shard_metrics),
+                directory: Arc::clone(&directory),
                 mailbox,
                 report: report_tx,
             })?;
@@ -383,6 +404,7 @@ pub struct EngineHandle {
     local_addr: SocketAddr,
     shards: Vec<ShardHandle>,
     state: Arc<DiagState>,
+    directory: Arc<Directory>,
     diag: Option<Diag>,
     feeder: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
     stopped: bool,
@@ -412,6 +434,13 @@ impl EngineHandle {
             .iter()
             .map(|s| s.snapshot_version())
             .collect()
+    }
+
+    /// The agents connected now, by host id, merged across shards (which shards each has a
+    /// tunnel to, what it announced on its latest one). Takes the directory's lock once; for
+    /// `jaunt get nodes`, `jaunt status` and the like, not for a hot loop.
+    pub fn inventory(&self) -> Vec<AgentInventory> {
+        self.directory.inventory()
     }
 
     /// The `/metrics` text.

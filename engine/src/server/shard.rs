@@ -14,11 +14,18 @@
 //! `Rc` once, when it needs it, and keeps that view for its lifetime; a swap replaces the shard's
 //! `Rc` and the old view is freed when its last connection ends.
 //!
+//! Routing a user dial ([`Shard::resolve`]) looks, in order, at this shard's tunnels (the
+//! resources their agents announced, `table.rs`), the snapshot's `targets` (control's
+//! registrations, for targets no connected agent announces), and the engine-wide directory
+//! (`inventory.rs`, only on a miss: is the agent connected to another shard?). Registering or
+//! removing a tunnel updates the directory and reports an [`InventoryEvent`] to control.
+//!
 //! Lives here: boot ([`spawn`]), the accept loop with the per-shard connection limit, the apply
-//! path for commands, the tunnel table, and drain. Per-connection logic is in `conn.rs`.
+//! path for commands, the tunnel table and routing, and drain. Per-connection logic is in
+//! `conn.rs`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -30,10 +37,14 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::server::dial::DialKind;
+use crate::server::inventory::{Directory, InventoryEvent};
 use crate::server::metrics::{Refusal, ShardMetrics};
-use crate::server::snapshot::Snapshot;
+use crate::server::snapshot::{Snapshot, Target};
+use crate::server::table::{TunnelEntry, TunnelTable};
 use crate::server::tls::{ShardTls, TlsConfigs};
 use crate::server::{conn, EngineConfig, EngineError};
+use crate::tunnel::agent_hello::{AgentHello, ResourceKind};
 use crate::tunnel::Tunnel;
 
 /// How long a shard waits, after aborting the connections left at the drain deadline, for their
@@ -220,15 +231,26 @@ impl Drop for SignalWait<'_> {
 // ---------------------------------------------------------------------------------------------
 // Shard state
 
-/// A registered agent tunnel: the handle user streams open streams on. The connection task
-/// that carries it runs the tunnel's driver.
-pub(crate) struct TunnelEntry {
-    /// The connection that carries it.
-    pub conn_id: u64,
-    /// When it was registered.
-    pub since: Instant,
-    /// The tunnel.
-    pub tunnel: Tunnel,
+/// What [`Shard::register_tunnel`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Registered {
+    /// The host had no tunnel on this shard.
+    New,
+    /// The host's previous tunnel on this shard was replaced and is draining.
+    Replaced,
+    /// The shard is draining: the tunnel was told to go away, not registered.
+    Draining,
+}
+
+/// Where a dial target lives, as routing found it.
+#[derive(Debug)]
+pub(crate) struct Resolved {
+    /// The agent serving it, with its labels for authorization.
+    pub target: Target,
+    /// This shard's usable tunnel to that agent, if it has one.
+    pub tunnel: Option<Tunnel>,
+    /// When this shard has none: the other shards the agent has a tunnel to.
+    pub other_shards: Vec<usize>,
 }
 
 /// One shard's state, owned by its thread.
@@ -244,7 +266,12 @@ pub(crate) struct Shard {
     )]
     snapshot: RefCell<Rc<Arc<Snapshot>>>,
     tls: RefCell<Rc<ShardTls>>,
-    tunnels: RefCell<HashMap<String, TunnelEntry>>,
+    /// Live tunnels by host id (the connection tasks that carry them run their drivers).
+    tunnels: RefCell<TunnelTable<Tunnel>>,
+    /// Engine-wide: which agent is connected to which shard.
+    directory: Arc<Directory>,
+    /// A dropped inventory event was logged (once per shard; the metric counts every drop).
+    inventory_drop_logged: Cell<bool>,
     next_conn_id: Cell<u64>,
     /// Fired when a shutdown begins: tunnels close, keep-alive connections finish their request.
     pub draining: Signal,
@@ -263,7 +290,9 @@ impl Shard {
             metrics: Arc::clone(&boot.metrics),
             snapshot: RefCell::new(Rc::new(Arc::new(Snapshot::default()))),
             tls: RefCell::new(Rc::new(ShardTls::new(&boot.tls))),
-            tunnels: RefCell::new(HashMap::new()),
+            tunnels: RefCell::new(TunnelTable::default()),
+            directory: Arc::clone(&boot.directory),
+            inventory_drop_logged: Cell::new(false),
             next_conn_id: Cell::new(0),
             draining: Signal::default(),
             abort: Signal::default(),
@@ -307,46 +336,83 @@ impl Shard {
         tracing::info!(shard = self.index, "TLS configuration reloaded");
     }
 
-    /// Registers `tunnel` from `host_id`, carried by connection `conn_id`. A previous tunnel of
-    /// the same host on this shard (the agent reconnected) is drained: its open streams finish,
-    /// new ones go to the new tunnel. A shard that is draining takes no new tunnel.
-    pub fn register_tunnel(&self, host_id: &str, conn_id: u64, tunnel: Tunnel) {
+    /// Registers `tunnel` from `host_id` (its verified certificate's name), carried by
+    /// connection `conn_id`, announcing `agent`'s resources. A previous tunnel of the same host
+    /// on this shard (the agent restarted or reconnected) is replaced and drained: its open
+    /// streams finish, new ones go to the new tunnel. A shard that is draining takes no new
+    /// tunnel.
+    pub fn register_tunnel(
+        &self,
+        host_id: &str,
+        conn_id: u64,
+        agent: &Arc<AgentHello>,
+        tunnel: Tunnel,
+    ) -> Registered {
         if self.draining.is_fired() {
             tunnel.go_away();
-            return;
+            return Registered::Draining;
         }
-        let previous = self.tunnels.borrow_mut().insert(
-            host_id.to_owned(),
-            TunnelEntry {
-                conn_id,
-                since: Instant::now(),
-                tunnel,
-            },
-        );
-        if let Some(previous) = previous {
-            tracing::info!(
+        let (previous, conflicts, count) = {
+            let mut tunnels = self.tunnels.borrow_mut();
+            let previous = tunnels.insert(
+                host_id,
+                TunnelEntry {
+                    conn_id,
+                    since: Instant::now(),
+                    agent: Arc::clone(agent),
+                    tunnel,
+                },
+            );
+            (previous, tunnels.conflicts(host_id), tunnels.len())
+        };
+        self.metrics.set_tunnels(count as u64);
+        for (kind, name, owner) in conflicts {
+            tracing::warn!(
                 shard = self.index,
                 host_id,
-                age = ?previous.since.elapsed(),
-                "agent reconnected: draining its previous tunnel"
+                kind = kind.as_str(),
+                name,
+                served_by = owner,
+                "two agents announce the same resource: dials go to the first one"
             );
-            previous.tunnel.go_away();
         }
-        self.metrics.set_tunnels(self.tunnels.borrow().len() as u64);
+        self.directory.tunnel_up(self.index, host_id, agent);
+        self.report(InventoryEvent::TunnelUp {
+            shard: self.index,
+            host_id: host_id.to_owned(),
+            name: agent.name.clone(),
+            labels: agent.labels.clone(),
+            resources: agent.resources.clone(),
+        });
+        let Some(previous) = previous else {
+            return Registered::New;
+        };
+        tracing::info!(
+            shard = self.index,
+            host_id,
+            age = ?previous.since.elapsed(),
+            "agent reconnected: draining its previous tunnel"
+        );
+        self.metrics.tunnel_replaced();
+        previous.tunnel.go_away();
+        Registered::Replaced
     }
 
     /// Removes the tunnel of `host_id` if it is still the one carried by `conn_id`.
     pub fn unregister_tunnel(&self, host_id: &str, conn_id: u64) {
         let removed = {
             let mut tunnels = self.tunnels.borrow_mut();
-            let removed = if tunnels.get(host_id).is_some_and(|t| t.conn_id == conn_id) {
-                tunnels.remove(host_id)
-            } else {
-                None
-            };
+            let removed = tunnels.remove(host_id, conn_id);
             self.metrics.set_tunnels(tunnels.len() as u64);
             removed
         };
+        if removed.is_some() {
+            self.directory.tunnel_down(self.index, host_id);
+            self.report(InventoryEvent::TunnelDown {
+                shard: self.index,
+                host_id: host_id.to_owned(),
+            });
+        }
         // Dropped outside the borrow: dropping the last handle of a tunnel drains it.
         drop(removed);
     }
@@ -358,6 +424,79 @@ impl Shard {
             .get(host_id)
             .filter(|t| !t.tunnel.is_closed())
             .map(|t| t.tunnel.clone())
+    }
+
+    /// Where the dial target `(kind, name)` lives: announced by an agent with a usable tunnel
+    /// on this shard; else registered in `snapshot`; else announced by an agent connected to
+    /// other shards only (the directory). `None`: nobody serves it.
+    pub fn resolve(&self, snapshot: &Snapshot, kind: DialKind, name: &str) -> Option<Resolved> {
+        let resource_kind = kind.resource_kind();
+        if let Some(resolved) = self
+            .tunnels
+            .borrow()
+            .find(resource_kind, name, |t| !t.is_closed())
+            .map(|(host_id, entry)| Resolved {
+                target: announced_target(host_id, &entry.agent, resource_kind, name),
+                tunnel: Some(entry.tunnel.clone()),
+                other_shards: Vec::new(),
+            })
+        {
+            return Some(resolved);
+        }
+        // A miss on this shard's announcements: the slow path from here on.
+        if let Some(target) = snapshot.targets.get(kind, name) {
+            let tunnel = self.tunnel(&target.host_id);
+            let other_shards = match (&tunnel, self.directory.host(&target.host_id)) {
+                (None, Some(record)) => self.other_shards(&record.shards),
+                _ => Vec::new(),
+            };
+            return Some(Resolved {
+                target: target.clone(),
+                tunnel,
+                other_shards,
+            });
+        }
+        let (host_id, record) = self.directory.find(resource_kind, name)?;
+        let tunnel = self.tunnel(&host_id);
+        let other_shards = match tunnel {
+            Some(_) => Vec::new(),
+            None => self.other_shards(&record.shards),
+        };
+        Some(Resolved {
+            target: announced_target(&host_id, &record.agent, resource_kind, name),
+            tunnel,
+            other_shards,
+        })
+    }
+
+    fn other_shards(&self, shards: &BTreeSet<usize>) -> Vec<usize> {
+        shards
+            .iter()
+            .copied()
+            .filter(|s| *s != self.index)
+            .collect()
+    }
+
+    /// Sends `event` to control without waiting; a full or closed channel drops it (counted).
+    fn report(&self, event: InventoryEvent) {
+        let Some(tx) = &self.config.inventory else {
+            return;
+        };
+        if let Err(e) = tx.try_send(event) {
+            self.metrics.inventory_dropped();
+            if !self.inventory_drop_logged.replace(true) {
+                let why = match e {
+                    crossbeam_channel::TrySendError::Full(_) => "full",
+                    crossbeam_channel::TrySendError::Disconnected(_) => "closed",
+                };
+                tracing::warn!(
+                    shard = self.index,
+                    channel = why,
+                    "inventory event dropped (counted in jaunt_inventory_events_dropped_total; \
+                     logged once per shard)"
+                );
+            }
+        }
     }
 
     fn next_conn_id(&self) -> u64 {
@@ -383,6 +522,7 @@ impl Shard {
             .values()
             .map(|t| t.tunnel.clone())
             .collect();
+        // Their connections unregister them (and report them down) as they end.
         for tunnel in tunnels {
             tunnel.go_away();
         }
@@ -402,6 +542,18 @@ impl Shard {
             let _ = crate::server::io::with_deadline(grace, self.all_closed.wait()).await;
         }
         left
+    }
+}
+
+/// The target of an announced resource: its agent's host labels, overlaid by the resource's own.
+fn announced_target(host_id: &str, agent: &AgentHello, kind: ResourceKind, name: &str) -> Target {
+    let mut labels = agent.labels.clone();
+    if let Some(resource) = agent.resource(kind, name) {
+        labels.extend(resource.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Target {
+        host_id: host_id.to_owned(),
+        labels,
     }
 }
 
@@ -440,6 +592,7 @@ pub(crate) struct ShardBoot {
     pub placement: Option<usize>,
     pub tls: TlsConfigs,
     pub metrics: Arc<ShardMetrics>,
+    pub directory: Arc<Directory>,
     pub mailbox: Mailbox,
     /// The bound address, or why the shard could not start.
     pub report: std::sync::mpsc::Sender<Result<SocketAddr, EngineError>>,

@@ -1,0 +1,575 @@
+//! The agent's runtime: [`run`] and the commands it takes ([`AgentCommand`]).
+//!
+//! # One executor
+//!
+//! The agent runs one glommio executor on the calling thread. An agent's load is the sum of its
+//! users' sessions to services on the same host (a few shells, an app, a database), far below
+//! what one core moves through TLS (about 4 GB/s of AES-GCM here); and one executor keeps every
+//! tunnel, stream and timer on one thread, with `Rc`/`RefCell` and no locks. Running one tunnel
+//! per engine shard is about spreading the *engine's* work over its cores, not the agent's: each
+//! agent tunnel costs one socket and a few buffers. An agent that fronts a heavy TCP app could
+//! later run a few executors, each owning a subset of the shards' tunnels; nothing below
+//! assumes there is only one, since all state lives in the task that owns it.
+//!
+//! # Tasks
+//!
+//! - The **supervisor** (the future `run` blocks on) owns the dial loop, the [`Coverage`] of the
+//!   engine's shards, the [`Backoff`] and the current TLS configuration. It dials one
+//!   connection at a time ([`dial::handshake`]), decides keep / duplicate / reset, sends the
+//!   AgentHello and spawns the tunnel. While it waits (on a dial or on a backoff sleep) it keeps
+//!   handling [`Event`]s, so a shutdown never waits for a dial to finish.
+//! - One **tunnel task** per tunnel accepts the engine's streams and spawns one **stream task**
+//!   each ([`serve::serve`]); when the tunnel stops taking streams it tells the supervisor
+//!   ([`Event::TunnelLost`]), waits for the tunnel's driver to end, and logs why it ended.
+//! - A plain **control thread** forwards the caller's crossbeam [`AgentCommand`]s into the
+//!   executor (a futures channel: its sender wakes a glommio task from another thread), since a
+//!   blocking `recv` cannot run on the executor.
+//!
+//! # Shutdown
+//!
+//! [`AgentCommand::Shutdown`] (or the caller dropping its sender): stop dialing, send GOAWAY on
+//! every tunnel (the engine opens no new streams; open ones carry on), wait for the tunnels to
+//! drain, at most [`crate::Timeouts::shutdown_grace`], then abort what is left and return.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use futures_lite::{future, StreamExt};
+use glommio::{LocalExecutorBuilder, Placement};
+use jaunt_engine::mux::{self, Role};
+use jaunt_engine::tunnel::{CloseReason, Tunnel, CLOSE_TIMEOUT};
+use rustls::ClientConfig;
+
+use crate::backoff::{self, Backoff, BackoffConfig};
+use crate::coverage::{Coverage, TunnelId, Verdict};
+use crate::dial::{self, Handshaked};
+use crate::error::{AgentError, Blame, TunnelError};
+use crate::net;
+use crate::serve;
+use crate::settings::{AgentSettings, Prepared};
+
+/// Memory glommio registers for io_uring buffers: TCP does not use them (only file I/O does),
+/// and glommio locks three times this much per executor, so keep it at glommio's minimum.
+pub const AGENT_IO_MEMORY: usize = 64 << 10;
+
+/// What the caller (the `jaunt agent` command) can tell a running agent.
+#[derive(Clone, Debug)]
+pub enum AgentCommand {
+    /// Renewed host certificates: used for every dial from now on. Live tunnels keep the
+    /// certificate they authenticated with (the engine checks it at the handshake only). A dial
+    /// waiting out a backoff retries at once, since the old certificate may have been why it
+    /// failed.
+    ReplaceTls(Arc<ClientConfig>),
+    /// Stop (SIGTERM): no new tunnels, no new streams; open streams get
+    /// [`crate::Timeouts::shutdown_grace`] to finish, then the tunnels close and [`run`] returns.
+    Shutdown,
+}
+
+/// Runs the agent on the calling thread until [`AgentCommand::Shutdown`] arrives or `control`'s
+/// sender is dropped (treated the same: nobody could stop the agent any more). Errors only at
+/// start-up (unusable settings, no executor); once running, every failure is logged with who
+/// is to blame and retried.
+pub fn run(settings: AgentSettings, control: Receiver<AgentCommand>) -> Result<(), AgentError> {
+    let prepared = Rc::new(Prepared::new(&settings)?);
+    let executor = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("jaunt-agent")
+        .io_memory(AGENT_IO_MEMORY)
+        .make()
+        .map_err(|e| AgentError::Runtime(format!("glommio executor: {e}")))?;
+    let (events_tx, events_rx) = mpsc::unbounded();
+    let forward_tx = events_tx.clone();
+    std::thread::Builder::new()
+        .name("jaunt-agent-ctl".into())
+        .spawn(move || forward_commands(&control, &forward_tx))
+        .map_err(|e| AgentError::Runtime(format!("control thread: {e}")))?;
+    let supervisor = Supervisor::new(
+        prepared,
+        settings.tls,
+        settings.backoff,
+        events_tx,
+        events_rx,
+    );
+    executor.run(supervisor.run());
+    Ok(())
+}
+
+/// Moves commands from the caller's channel into the executor. Ends after forwarding
+/// `Shutdown`, or when either side is gone.
+fn forward_commands(control: &Receiver<AgentCommand>, tx: &UnboundedSender<Event>) {
+    loop {
+        match control.recv() {
+            Ok(command) => {
+                let last = matches!(command, AgentCommand::Shutdown);
+                if tx.unbounded_send(Event::Command(command)).is_err() || last {
+                    return;
+                }
+            }
+            Err(_) => {
+                let _ = tx.unbounded_send(Event::ControlClosed);
+                return;
+            }
+        }
+    }
+}
+
+/// What the supervisor reacts to. The channel is unbounded, but what can be in it is bounded:
+/// one `TunnelLost` per tunnel ever spawned and not yet handled, plus the caller's commands.
+enum Event {
+    Command(AgentCommand),
+    ControlClosed,
+    /// The tunnel takes no more streams (GOAWAY either way, or it ended).
+    TunnelLost {
+        id: TunnelId,
+    },
+}
+
+/// A kept tunnel, as the supervisor sees it.
+struct Live {
+    opened: Instant,
+}
+
+struct Supervisor {
+    prepared: Rc<Prepared>,
+    tls: Arc<ClientConfig>,
+    coverage: Coverage,
+    backoff: Backoff,
+    /// A failure or a lost tunnel happened: sleep before the next dial.
+    backoff_pending: bool,
+    /// A new TLS configuration arrived: end the current backoff sleep.
+    cut_wait: bool,
+    stopping: bool,
+    next_id: TunnelId,
+    live: BTreeMap<TunnelId, Live>,
+    tracker: Rc<Tracker>,
+    events_tx: UnboundedSender<Event>,
+    events: UnboundedReceiver<Event>,
+}
+
+impl Supervisor {
+    fn new(
+        prepared: Rc<Prepared>,
+        tls: Arc<ClientConfig>,
+        backoff: BackoffConfig,
+        events_tx: UnboundedSender<Event>,
+        events: UnboundedReceiver<Event>,
+    ) -> Supervisor {
+        Supervisor {
+            prepared,
+            tls,
+            coverage: Coverage::new(),
+            backoff: Backoff::new(backoff, backoff::seed()),
+            backoff_pending: false,
+            cut_wait: false,
+            stopping: false,
+            next_id: 1,
+            live: BTreeMap::new(),
+            tracker: Rc::new(Tracker::default()),
+            events_tx,
+            events,
+        }
+    }
+
+    async fn run(mut self) {
+        tracing::info!(
+            proxy = %self.prepared.proxy_addr,
+            name = %self.prepared.name,
+            resources = self.prepared.resources,
+            "agent starting"
+        );
+        while !self.stopping {
+            if self.coverage.needs_dial() {
+                if self.backoff_pending {
+                    self.backoff_pending = false;
+                    let delay = self.backoff.next_delay();
+                    tracing::info!(
+                        ?delay,
+                        failures = self.backoff.failures(),
+                        "redialing the engine after a backoff"
+                    );
+                    self.wait(delay).await;
+                    if self.stopping {
+                        break;
+                    }
+                }
+                self.dial_round().await;
+            } else {
+                match self.events.next().await {
+                    Some(event) => self.handle(event),
+                    None => self.stopping = true,
+                }
+            }
+        }
+        self.shutdown().await;
+    }
+
+    /// Dials until every shard is covered, a dial fails, or this round's budget is spent.
+    async fn dial_round(&mut self) {
+        let mut budget = self.coverage.round_budget();
+        let mut layout = self.coverage.shards();
+        let mut dials = 0;
+        while dials < budget && self.coverage.needs_dial() && !self.stopping {
+            if self.coverage.shards() != layout {
+                // The first hello (or a new layout) told the shard count: size the rest of the
+                // round for it rather than backing off after a budget made for not knowing.
+                layout = self.coverage.shards();
+                budget = dials + self.coverage.round_budget();
+            }
+            dials += 1;
+            let attempt = dial::handshake(self.prepared.clone(), self.tls.clone());
+            let Some(result) = self.racing_events(attempt).await else {
+                return;
+            };
+            let placed = match result {
+                Ok(handshaked) => self.place(handshaked).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = placed {
+                tracing::warn!(
+                    blame = %e.blame(),
+                    proxy = %self.prepared.proxy_addr,
+                    error = %e,
+                    "cannot open a tunnel"
+                );
+                self.backoff_pending = true;
+                return;
+            }
+        }
+        if self.coverage.needs_dial() && !self.stopping {
+            tracing::info!(
+                dials,
+                covered = self.coverage.covered(),
+                shards = ?self.coverage.shards(),
+                "shards still uncovered after this round's dials"
+            );
+            self.backoff_pending = true;
+        }
+    }
+
+    /// Keeps, closes or resets for a connection that delivered its tunnel hello.
+    async fn place(&mut self, handshaked: Handshaked) -> Result<(), TunnelError> {
+        let Handshaked {
+            mut tls,
+            hello,
+            peer,
+        } = handshaked;
+        let id = self.next_id;
+        self.next_id += 1;
+        let previous_shards = self.coverage.shards();
+        match self.coverage.offer(id, &hello) {
+            Verdict::Duplicate => {
+                tracing::debug!(
+                    shard = hello.shard,
+                    shards = hello.shards,
+                    "connection landed on a shard that already has a tunnel: closing it"
+                );
+                glommio::spawn_local(dial::close_politely(tls)).detach();
+                return Ok(());
+            }
+            Verdict::Reset { stale } => {
+                tracing::info!(
+                    shards = hello.shards,
+                    previous = ?previous_shards,
+                    stale = stale.len(),
+                    "the engine's shard count changed: draining the older tunnels"
+                );
+                for stale_id in stale {
+                    self.live.remove(&stale_id);
+                    self.tracker.go_away(stale_id);
+                }
+            }
+            Verdict::Keep => {}
+        }
+        if let Err(e) = dial::send_agent_hello(&self.prepared, &mut tls).await {
+            self.coverage.remove(id);
+            return Err(e);
+        }
+        let (tunnel, driver) = Tunnel::spawn(tls, Role::Client, self.prepared.mux);
+        self.tracker.insert(id, tunnel.clone());
+        self.live.insert(
+            id,
+            Live {
+                opened: Instant::now(),
+            },
+        );
+        glommio::spawn_local(run_tunnel(
+            TunnelTask {
+                id,
+                shard: hello.shard,
+                prepared: self.prepared.clone(),
+                tracker: self.tracker.clone(),
+                events: self.events_tx.clone(),
+            },
+            tunnel,
+            driver,
+        ))
+        .detach();
+        tracing::info!(
+            tunnel = id,
+            shard = hello.shard,
+            shards = hello.shards,
+            covered = self.coverage.covered(),
+            %peer,
+            "tunnel open"
+        );
+        Ok(())
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Command(AgentCommand::ReplaceTls(tls)) => {
+                tracing::info!("TLS configuration replaced: new tunnels use it");
+                self.tls = tls;
+                self.backoff.reset();
+                self.cut_wait = true;
+            }
+            Event::Command(AgentCommand::Shutdown) => {
+                tracing::info!("shutdown requested");
+                self.stopping = true;
+            }
+            Event::ControlClosed => {
+                tracing::info!("the control channel closed: shutting down");
+                self.stopping = true;
+            }
+            Event::TunnelLost { id } => {
+                let lived = self.live.remove(&id).map(|live| live.opened.elapsed());
+                if let Some(shard) = self.coverage.remove(id) {
+                    if let Some(lived) = lived {
+                        self.backoff.tunnel_ended(lived);
+                    }
+                    self.backoff_pending = true;
+                    tracing::info!(
+                        tunnel = id,
+                        shard,
+                        missing = self.coverage.missing(),
+                        "shard lost its tunnel: redialing"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sleeps `delay`, handling events meanwhile; ends early on shutdown or new TLS settings.
+    async fn wait(&mut self, delay: Duration) {
+        let deadline = Instant::now() + delay;
+        self.cut_wait = false;
+        while !self.stopping && !self.cut_wait {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match net::timeout(left, self.events.next()).await {
+                None => break,
+                Some(Some(event)) => self.handle(event),
+                Some(None) => self.stopping = true,
+            }
+        }
+    }
+
+    /// Runs `fut` while handling events; `None` (and `fut` dropped) once the agent is stopping.
+    async fn racing_events<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            let events = &mut self.events;
+            let step = future::or(async { Ok(fut.as_mut().await) }, async {
+                Err(events.next().await)
+            })
+            .await;
+            match step {
+                Ok(output) => return Some(output),
+                Err(Some(event)) => {
+                    self.handle(event);
+                    if self.stopping {
+                        return None;
+                    }
+                }
+                Err(None) => {
+                    self.stopping = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let grace = self.prepared.timeouts.shutdown_grace;
+        tracing::info!(
+            tunnels = self.tracker.tunnel_count(),
+            streams = self.tracker.streams.get(),
+            ?grace,
+            "shutting down: draining the tunnels"
+        );
+        self.tracker.go_away_all();
+        if net::timeout(grace, self.tracker.until_empty())
+            .await
+            .is_none()
+        {
+            tracing::warn!(
+                blame = %Blame::Agent,
+                streams = self.tracker.streams.get(),
+                "streams still open after the shutdown grace period: aborting them"
+            );
+            self.tracker.close_all();
+            let bound = CLOSE_TIMEOUT + Duration::from_secs(1);
+            let _ = net::timeout(bound, self.tracker.until_empty()).await;
+        }
+        tracing::info!("agent stopped");
+    }
+}
+
+/// What a tunnel task needs besides its tunnel.
+struct TunnelTask {
+    id: TunnelId,
+    shard: usize,
+    prepared: Rc<Prepared>,
+    tracker: Rc<Tracker>,
+    events: UnboundedSender<Event>,
+}
+
+async fn run_tunnel(
+    task: TunnelTask,
+    tunnel: Tunnel,
+    driver: glommio::task::JoinHandle<CloseReason>,
+) {
+    while let Some(incoming) = tunnel.accept().await {
+        let guard = StreamGuard::new(task.tracker.clone());
+        let prepared = task.prepared.clone();
+        let shard = task.shard;
+        glommio::spawn_local(async move {
+            let _guard = guard;
+            serve::serve(incoming, prepared, shard).await;
+        })
+        .detach();
+    }
+    let _ = task
+        .events
+        .unbounded_send(Event::TunnelLost { id: task.id });
+    drop(tunnel);
+    let reason = driver.await.unwrap_or(CloseReason::DriverStopped);
+    match close_blame(&reason) {
+        None => tracing::info!(tunnel = task.id, shard = task.shard, %reason, "tunnel closed"),
+        Some(blame) => tracing::warn!(
+            tunnel = task.id,
+            shard = task.shard,
+            %blame,
+            %reason,
+            "tunnel closed"
+        ),
+    }
+    task.tracker.remove(task.id);
+}
+
+/// Who ended a tunnel; `None` for a graceful drain.
+fn close_blame(reason: &CloseReason) -> Option<Blame> {
+    match reason {
+        CloseReason::Mux(mux::CloseReason::Drained) => None,
+        CloseReason::Mux(mux::CloseReason::Timeout) | CloseReason::Io { .. } => {
+            Some(Blame::Network)
+        }
+        CloseReason::Mux(mux::CloseReason::Protocol(_) | mux::CloseReason::PeerError { .. })
+        | CloseReason::PeerEof => Some(Blame::Engine),
+        CloseReason::Mux(mux::CloseReason::Local { .. }) | CloseReason::DriverStopped => {
+            Some(Blame::Agent)
+        }
+    }
+}
+
+/// Every tunnel whose driver still runs, and the streams being served; lets shutdown go away,
+/// abort and wait for the end.
+#[derive(Default)]
+struct Tracker {
+    tunnels: RefCell<BTreeMap<TunnelId, Tunnel>>,
+    streams: Cell<usize>,
+    waiter: RefCell<Option<Waker>>,
+}
+
+impl Tracker {
+    fn insert(&self, id: TunnelId, tunnel: Tunnel) {
+        self.tunnels.borrow_mut().insert(id, tunnel);
+    }
+
+    fn remove(&self, id: TunnelId) {
+        self.tunnels.borrow_mut().remove(&id);
+        if let Some(waker) = self.waiter.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    fn tunnel_count(&self) -> usize {
+        self.tunnels.borrow().len()
+    }
+
+    fn go_away(&self, id: TunnelId) {
+        let tunnel = self.tunnels.borrow().get(&id).cloned();
+        if let Some(tunnel) = tunnel {
+            tunnel.go_away();
+        }
+    }
+
+    fn all(&self) -> Vec<Tunnel> {
+        self.tunnels.borrow().values().cloned().collect()
+    }
+
+    fn go_away_all(&self) {
+        for tunnel in self.all() {
+            tunnel.go_away();
+        }
+    }
+
+    fn close_all(&self) {
+        for tunnel in self.all() {
+            tunnel.close();
+        }
+    }
+
+    async fn until_empty(&self) {
+        future::poll_fn(|cx| {
+            if self.tunnels.borrow().is_empty() {
+                return Poll::Ready(());
+            }
+            *self.waiter.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// Counts one stream being served.
+struct StreamGuard(Rc<Tracker>);
+
+impl StreamGuard {
+    fn new(tracker: Rc<Tracker>) -> StreamGuard {
+        tracker.streams.set(tracker.streams.get() + 1);
+        StreamGuard(tracker)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.set(self.0.streams.get().saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn graceful_drains_blame_nobody() {
+        assert_eq!(
+            close_blame(&CloseReason::Mux(mux::CloseReason::Drained)),
+            None
+        );
+        assert_eq!(close_blame(&CloseReason::PeerEof), Some(Blame::Engine));
+        assert_eq!(
+            close_blame(&CloseReason::Mux(mux::CloseReason::Timeout)),
+            Some(Blame::Network)
+        );
+    }
+}

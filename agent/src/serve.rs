@@ -1,0 +1,352 @@
+//! Serving the streams the engine opens on a tunnel: read the [`StreamHeader`], pick the local
+//! service ([`route`], a pure function), connect to it, accept the stream and splice the two.
+//! Anything that cannot be served is refused on the stream, with a message the user will read
+//! ("cannot reach sshd at 127.0.0.1:22: connection refused"); nothing here panics or takes the
+//! tunnel down.
+//!
+//! Served today: `ssh` (to the configured sshd; the bytes are end-to-end SSH, the agent only
+//! forwards them) and `tcp` apps. Refused for now: databases and HTTP apps ("not supported by
+//! this agent yet"), which need protocol-aware handlers (`postgres.rs`, `http.rs`) here later.
+
+use std::fmt;
+use std::rc::Rc;
+
+use jaunt_config::file::{AgentServices, AppProtocol, HostPort};
+use jaunt_engine::server::dial::{DialKind, StreamHeader};
+use jaunt_engine::tunnel::{splice, Incoming, Side};
+use tracing::Instrument;
+
+use crate::error::{describe_io, Blame};
+use crate::net;
+use crate::settings::Prepared;
+
+/// Where a stream goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LocalTarget {
+    /// What to call it in messages: `sshd`, `app redis`.
+    pub(crate) what: String,
+    pub(crate) addr: HostPort,
+}
+
+/// Why a stream is not served: each says what the user (or operator) can do about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The header is not a StreamHeader.
+    BadHeader(String),
+    /// SSH asked of an agent with no `services.ssh`.
+    NoSsh { node: String },
+    /// SSH for another node name.
+    WrongNode { node: String, target: String },
+    /// No app of that name.
+    NoSuchApp { node: String, target: String },
+    /// The app exists but speaks HTTP(S).
+    HttpApp {
+        target: String,
+        protocol: AppProtocol,
+    },
+    /// No database of that name.
+    NoSuchDb { node: String, target: String },
+    /// The database exists; databases are not served yet.
+    DbUnsupported { target: String },
+}
+
+impl Refusal {
+    /// Who is to blame: a stream for something this agent never announced was misrouted by
+    /// the engine; a bad header is the engine's too.
+    pub(crate) fn blame(&self) -> Blame {
+        match self {
+            Refusal::HttpApp { .. } | Refusal::DbUnsupported { .. } => Blame::Agent,
+            _ => Blame::Engine,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::BadHeader(e) => write!(f, "the agent could not read the stream header: {e}"),
+            Refusal::NoSsh { node } => write!(
+                f,
+                "node {node} does not serve SSH (agent.services.ssh is not configured)"
+            ),
+            Refusal::WrongNode { node, target } => {
+                write!(f, "this agent is node {node}, not {target}")
+            }
+            Refusal::NoSuchApp { node, target } => {
+                write!(f, "node {node} serves no TCP app named {target}")
+            }
+            Refusal::HttpApp { target, protocol } => write!(
+                f,
+                "app {target} is an {} app, and HTTP apps are not supported by this agent yet",
+                match protocol {
+                    AppProtocol::Http => "http",
+                    AppProtocol::Https => "https",
+                    AppProtocol::Tcp => "tcp",
+                }
+            ),
+            Refusal::NoSuchDb { node, target } => {
+                write!(f, "node {node} serves no database named {target}")
+            }
+            Refusal::DbUnsupported { target } => write!(
+                f,
+                "database {target}: databases are not supported by this agent yet"
+            ),
+        }
+    }
+}
+
+/// Picks the local service for a stream, or says why there is none.
+pub(crate) fn route(
+    services: &AgentServices,
+    node: &str,
+    header: &StreamHeader,
+) -> Result<LocalTarget, Refusal> {
+    let target = header.target.as_str();
+    match header.kind {
+        DialKind::Ssh => {
+            let Some(ssh) = &services.ssh else {
+                return Err(Refusal::NoSsh { node: node.into() });
+            };
+            if target != node {
+                return Err(Refusal::WrongNode {
+                    node: node.into(),
+                    target: target.into(),
+                });
+            }
+            Ok(LocalTarget {
+                what: "sshd".into(),
+                addr: ssh.addr.clone(),
+            })
+        }
+        DialKind::Tcp => {
+            let Some(app) = services.apps.iter().find(|a| a.name == target) else {
+                return Err(Refusal::NoSuchApp {
+                    node: node.into(),
+                    target: target.into(),
+                });
+            };
+            if app.protocol != AppProtocol::Tcp {
+                return Err(Refusal::HttpApp {
+                    target: target.into(),
+                    protocol: app.protocol,
+                });
+            }
+            Ok(LocalTarget {
+                what: format!("app {target}"),
+                addr: app.addr.clone(),
+            })
+        }
+        DialKind::Db => {
+            if services.dbs.iter().any(|d| d.name == target) {
+                Err(Refusal::DbUnsupported {
+                    target: target.into(),
+                })
+            } else {
+                Err(Refusal::NoSuchDb {
+                    node: node.into(),
+                    target: target.into(),
+                })
+            }
+        }
+    }
+}
+
+/// Serves one stream the engine opened on the tunnel to `shard`, start to end. Logs the
+/// session (who, what, from where, bytes) for the agent's side of the audit trail.
+pub(crate) async fn serve(incoming: Incoming, prepared: Rc<Prepared>, shard: usize) {
+    let stream_id = incoming.id().get();
+    let header = match StreamHeader::parse(&incoming.header) {
+        Ok(header) => header,
+        Err(e) => {
+            let refusal = Refusal::BadHeader(e.to_string());
+            tracing::warn!(shard, stream = stream_id, blame = %refusal.blame(), %refusal,
+                "stream refused");
+            incoming.refuse(&refusal.to_string());
+            return;
+        }
+    };
+    // `instrument`, not `enter`: an entered guard held across an await would leak the span
+    // into whatever else the executor runs meanwhile.
+    let span = tracing::info_span!(
+        "stream",
+        shard,
+        stream = stream_id,
+        kind = header.kind.as_str(),
+        target = %header.target,
+        user = %header.user,
+        client = %header.client_addr,
+    );
+    serve_routed(incoming, header, prepared)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_routed(incoming: Incoming, header: StreamHeader, prepared: Rc<Prepared>) {
+    let local = match route(&prepared.services, &prepared.name, &header) {
+        Ok(local) => local,
+        Err(refusal) => {
+            tracing::info!(blame = %refusal.blame(), %refusal, "stream refused");
+            incoming.refuse(&refusal.to_string());
+            return;
+        }
+    };
+    let connected = async {
+        let addrs = net::resolve(&local.addr.host, local.addr.port).await?;
+        net::connect(&addrs, prepared.timeouts.local_connect).await
+    };
+    let tcp = match net::timeout(prepared.timeouts.local_connect, connected).await {
+        Some(Ok(tcp)) => tcp,
+        Some(Err(e)) => {
+            let message = format!(
+                "cannot reach {} at {}: {}",
+                local.what,
+                local.addr,
+                describe_io(&e)
+            );
+            tracing::warn!(blame = %Blame::LocalService, error = %message, "stream refused");
+            incoming.refuse(&message);
+            return;
+        }
+        None => {
+            let message = format!(
+                "cannot reach {} at {}: no answer within {:?}",
+                local.what, local.addr, prepared.timeouts.local_connect
+            );
+            tracing::warn!(blame = %Blame::LocalService, error = %message, "stream refused");
+            incoming.refuse(&message);
+            return;
+        }
+    };
+    let stream = match incoming.accept() {
+        Ok(stream) => stream,
+        Err(e) => {
+            // The user gave up (or the tunnel ended) while we connected.
+            tracing::debug!(blame = %Blame::Engine, error = %e, "stream gone before accept");
+            return;
+        }
+    };
+    tracing::info!(
+        login = header.login.as_deref().unwrap_or(""),
+        local = %local.addr,
+        "stream open"
+    );
+    match splice(stream, tcp).await {
+        Ok(moved) => tracing::info!(
+            bytes_to_local = moved.a_to_b,
+            bytes_to_user = moved.b_to_a,
+            "stream closed"
+        ),
+        Err(e) => {
+            let blame = match e.side {
+                Side::A => Blame::Engine,
+                Side::B => Blame::LocalService,
+            };
+            tracing::info!(
+                %blame,
+                bytes_to_local = e.spliced.a_to_b,
+                bytes_to_user = e.spliced.b_to_a,
+                error = %e.source,
+                op = e.op,
+                "stream ended with an error"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use jaunt_config::file::{AppService, DbProtocol, DbService, SshService};
+
+    use super::*;
+
+    fn services(ssh: bool) -> AgentServices {
+        let app = |name: &str, protocol, addr: &str| AppService {
+            name: name.into(),
+            uri: String::new(),
+            protocol,
+            addr: addr.parse().unwrap(),
+            labels: BTreeMap::new(),
+        };
+        AgentServices {
+            ssh: ssh.then(|| SshService {
+                addr: "127.0.0.1:22".parse().unwrap(),
+                labels: BTreeMap::new(),
+            }),
+            apps: vec![
+                app("redis", AppProtocol::Tcp, "127.0.0.1:6379"),
+                app("grafana", AppProtocol::Http, "127.0.0.1:3000"),
+            ],
+            dbs: vec![DbService {
+                name: "pg".into(),
+                uri: String::new(),
+                protocol: DbProtocol::Postgres,
+                addr: "127.0.0.1:5432".parse().unwrap(),
+                labels: BTreeMap::new(),
+            }],
+        }
+    }
+
+    fn header(kind: DialKind, target: &str) -> StreamHeader {
+        StreamHeader {
+            kind,
+            target: target.into(),
+            login: Some("root".into()),
+            db_user: None,
+            db_name: None,
+            user: "alice".into(),
+            roles: vec!["access".into()],
+            client_addr: "192.0.2.1:5555".into(),
+        }
+    }
+
+    fn refusal(services: &AgentServices, kind: DialKind, target: &str) -> String {
+        route(services, "node1", &header(kind, target))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn routes_ssh_and_tcp_apps() {
+        let s = services(true);
+        let ssh = route(&s, "node1", &header(DialKind::Ssh, "node1")).unwrap();
+        assert_eq!(
+            (ssh.what.as_str(), ssh.addr.to_string().as_str()),
+            ("sshd", "127.0.0.1:22")
+        );
+        let tcp = route(&s, "node1", &header(DialKind::Tcp, "redis")).unwrap();
+        assert_eq!(tcp.what, "app redis");
+        assert_eq!(tcp.addr.port, 6379);
+    }
+
+    #[test]
+    fn refusals_say_what_is_wrong() {
+        let s = services(true);
+        assert_eq!(
+            refusal(&services(false), DialKind::Ssh, "node1"),
+            "node node1 does not serve SSH (agent.services.ssh is not configured)"
+        );
+        assert_eq!(
+            refusal(&s, DialKind::Ssh, "web2"),
+            "this agent is node node1, not web2"
+        );
+        assert_eq!(
+            refusal(&s, DialKind::Tcp, "nope"),
+            "node node1 serves no TCP app named nope"
+        );
+        assert_eq!(
+            refusal(&s, DialKind::Tcp, "grafana"),
+            "app grafana is an http app, and HTTP apps are not supported by this agent yet"
+        );
+        assert_eq!(
+            refusal(&s, DialKind::Db, "pg"),
+            "database pg: databases are not supported by this agent yet"
+        );
+        assert_eq!(
+            refusal(&s, DialKind::Db, "mysql"),
+            "node node1 serves no database named mysql"
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! `jaunt agent` and `jaunt start --config agent.yaml`: join once with a token, keep the host
+//! identity in the data directory, renew it before it expires, and run the agent (crate
+//! `jaunt-agent`) with it. Joining and renewal are control-API calls on plain threads; the
+//! agent's tunnels run on glommio.
+//!
+//! Identity files live in `DATA_DIR/host/` in the `$JAUNT_HOME` layout (see `profile.rs`), keyed
+//! by the host id the cluster assigned.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use jaunt_config::api::{Certs, JoinRequest, PingResponse, RenewRequest};
+use jaunt_config::identity::unix_now;
+
+use crate::ca::LocalKeys;
+use crate::client::{Client, Trust};
+use crate::profile::{Profile, ProfileInfo};
+
+/// Renew when less than this fraction of the certificate's lifetime is left.
+pub const RENEW_AT_REMAINING_FRACTION: f64 = 1.0 / 3.0;
+/// How often the renewal thread looks at the certificate.
+pub const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How the agent joins and where it keeps its identity.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub proxy: String,
+    pub token: Option<String>,
+    pub ca_pin: Option<String>,
+    pub insecure: bool,
+    pub data_dir: PathBuf,
+    pub name: String,
+}
+
+/// Runs the agent described by `config` until SIGTERM/SIGINT: join (or load the identity),
+/// start the renewal thread, run the tunnels.
+pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyhow::Result<()> {
+    crate::profile::create_private_dir(&opts.data_dir)?;
+    let mut info = ensure_identity(&opts)?;
+    let profile = host_profile(&opts.data_dir);
+    let tls = tls_config(&profile, &info)?;
+    let settings = jaunt_agent::AgentSettings::new(config, tls);
+    let (tx, rx) = crossbeam_channel::unbounded();
+
+    // SIGTERM/SIGINT: drain and stop.
+    {
+        let tx = tx.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])
+        .context("installing signal handlers")?;
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                let _ = tx.send(jaunt_agent::AgentCommand::Shutdown);
+            }
+        });
+    }
+    // Renewal: look every minute; renew in the last third of the lifetime.
+    {
+        let tx = tx.clone();
+        let opts = opts.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(RENEW_CHECK_INTERVAL);
+            if !needs_renewal(&info, unix_now()) {
+                continue;
+            }
+            match renew(&opts, &info)
+                .and_then(|fresh| Ok((tls_config(&host_profile(&opts.data_dir), &fresh)?, fresh)))
+            {
+                Ok((tls, fresh)) => {
+                    info = fresh;
+                    if tx.send(jaunt_agent::AgentCommand::ReplaceTls(tls)).is_err() {
+                        return;
+                    }
+                    eprintln!(
+                        "jaunt agent: host certificate renewed until {}",
+                        crate::audit::rfc3339(info.identity.expires)
+                    );
+                }
+                Err(e) => eprintln!("jaunt agent: renewal failed (will retry): {e:#}"),
+            }
+        });
+    }
+    eprintln!(
+        "jaunt agent: {} serving as {} through {}",
+        opts.name,
+        info_user(&profile),
+        opts.proxy
+    );
+    jaunt_agent::run(settings, rx).map_err(|e| anyhow!("agent: {e}"))
+}
+
+fn info_user(profile: &Profile) -> String {
+    profile
+        .load()
+        .ok()
+        .flatten()
+        .map(|i| i.user)
+        .unwrap_or_default()
+}
+
+fn tls_config(
+    profile: &Profile,
+    info: &ProfileInfo,
+) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    let (chain, key) = profile.tls_identity(&info.user)?;
+    let roots = profile.host_ca()?;
+    jaunt_agent::client_config(chain, key, &roots).map_err(|e| anyhow!("host TLS: {e}"))
+}
+
+/// The host identity directory inside the agent's data dir.
+pub fn host_profile(data_dir: &std::path::Path) -> Profile {
+    Profile {
+        dir: data_dir.join("host"),
+    }
+}
+
+/// Loads the stored host identity, or joins with the token to get one.
+pub fn ensure_identity(opts: &AgentOptions) -> anyhow::Result<ProfileInfo> {
+    let profile = host_profile(&opts.data_dir);
+    if let Some(info) = profile.load()? {
+        if info.identity.expires > unix_now() {
+            return Ok(info);
+        }
+        eprintln!("jaunt agent: the stored host certificate expired; joining again");
+    }
+    let Some(token) = opts.token.as_deref() else {
+        bail!(
+            "this agent has not joined yet ({} holds no identity): pass --token (from `jaunt tokens add`)",
+            profile.dir.display()
+        );
+    };
+    let trust = match (&opts.ca_pin, opts.insecure) {
+        (Some(pin), _) => Trust::Pin(pin.clone()),
+        (None, true) => Trust::Insecure,
+        (None, false) => bail!("pass --ca-pin sha256:... (printed by `jaunt tokens add`) so the agent knows it joins the right cluster, or --insecure for a throwaway test cluster"),
+    };
+    let client = Client::new(&opts.proxy, trust, None)?;
+    let _ping: PingResponse = client
+        .get_json("/v1/ping")
+        .context("reaching the cluster")?;
+    let keys = LocalKeys::generate()?;
+    let certs: Certs = client
+        .post_json(
+            "/v1/join",
+            &JoinRequest {
+                token: token.to_string(),
+                host_name: opts.name.clone(),
+                tls_public_key: keys.tls_public_pem.clone(),
+                ssh_public_key: keys.ssh_public_line(),
+            },
+        )
+        .context("joining the cluster")?;
+    let info = profile.save(&opts.proxy, &keys, &certs)?;
+    eprintln!(
+        "jaunt agent: joined {} as host {} ({})",
+        info.cluster, info.user, opts.name
+    );
+    Ok(info)
+}
+
+/// Asks control (through the engine) for fresh host certificates over new keys; saves them.
+pub fn renew(opts: &AgentOptions, info: &ProfileInfo) -> anyhow::Result<ProfileInfo> {
+    let profile = host_profile(&opts.data_dir);
+    let client = Client::new(
+        &opts.proxy,
+        Trust::Roots(profile.host_ca()?),
+        Some(profile.tls_identity(&info.user)?),
+    )?;
+    let keys = LocalKeys::generate()?;
+    let certs: Certs = client.post_json(
+        "/v1/hosts/renew",
+        &RenewRequest {
+            tls_public_key: keys.tls_public_pem.clone(),
+            ssh_public_key: keys.ssh_public_line(),
+        },
+    )?;
+    profile.save(&opts.proxy, &keys, &certs)
+}
+
+/// True when `info`'s certificate should be renewed at `now`.
+pub fn needs_renewal(info: &ProfileInfo, now: u64) -> bool {
+    let lifetime = info
+        .identity
+        .expires
+        .saturating_sub(info.identity.not_before)
+        .max(1);
+    let left = info.identity.expires.saturating_sub(now);
+    (left as f64) < (lifetime as f64) * RENEW_AT_REMAINING_FRACTION
+}
+
+/// Parses `k=v,k2=v2`.
+pub fn parse_labels(text: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow!("label {pair:?}: expected key=value"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// Parses `NAME=URI`.
+pub fn parse_named(text: &str, what: &str) -> anyhow::Result<(String, String)> {
+    let (name, uri) = text
+        .split_once('=')
+        .ok_or_else(|| anyhow!("{what} {text:?}: expected NAME=URI"))?;
+    if name.is_empty() || uri.is_empty() {
+        bail!("{what} {text:?}: expected NAME=URI");
+    }
+    Ok((name.to_string(), uri.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_starts_in_the_last_third() {
+        let mut info: ProfileInfo = serde_json::from_value(serde_json::json!({
+            "proxy": "p:1", "user": "h", "cluster": "c",
+            "identity": {"kind": "host", "name": "h", "cluster": "c", "not_before": 0, "expires": 300}
+        }))
+        .unwrap();
+        assert!(!needs_renewal(&info, 100));
+        assert!(!needs_renewal(&info, 199));
+        assert!(needs_renewal(&info, 201));
+        info.identity.expires = 0;
+        assert!(needs_renewal(&info, 0));
+    }
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!(parse_labels("env=prod, team=db").unwrap().len(), 2);
+        assert!(parse_labels("oops").is_err());
+        assert_eq!(
+            parse_named("grafana=http://127.0.0.1:3000", "app")
+                .unwrap()
+                .0,
+            "grafana"
+        );
+        assert!(parse_named("=x", "app").is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! End to end with real OpenSSH: a dev cluster, a separate `jaunt agent` process joined with a
+//! token, a real `sshd` (inetd mode, spawned per connection by a listener on port 0, so no fixed
+//! port), and the real `ssh`/`scp` clients driven by `jaunt ssh` / `jaunt scp`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const PASSWORD: &str = "correct horse battery";
+
+/// A real sshd behind a listener on 127.0.0.1:0: every accepted connection gets `sshd -i`.
+struct Sshd {
+    addr: String,
+    _dir: PathBuf,
+}
+
+fn sshd_binary() -> &'static str {
+    "/usr/sbin/sshd"
+}
+
+impl Sshd {
+    fn start(c: &Cluster) -> Sshd {
+        let dir = c.dir.path().join("sshd");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        ok(c.admin(
+            &[
+                "ca",
+                "sign-host",
+                "--host",
+                "node1",
+                "--out",
+                dir.to_str().unwrap(),
+            ],
+            None,
+        ));
+        std::fs::write(
+            dir.join("user_ca.pub"),
+            ok(c.admin(&["ca", "export", "--type", "user-ssh"], None)),
+        )
+        .unwrap();
+        let config = format!(
+            "HostKey {d}/node1\nHostCertificate {d}/node1-cert.pub\nTrustedUserCAKeys {d}/user_ca.pub\n\
+             AuthorizedKeysFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPidFile none\nLogLevel VERBOSE\n\
+             Subsystem sftp internal-sftp\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("sshd_config"), config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cfg = dir.join("sshd_config");
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                let fd: std::os::fd::OwnedFd = conn.into();
+                let fd2 = fd.try_clone().unwrap();
+                let _ = Command::new(sshd_binary())
+                    .args(["-i", "-e", "-f", cfg.to_str().unwrap()])
+                    .stdin(Stdio::from(fd))
+                    .stdout(Stdio::from(fd2))
+                    .stderr(Stdio::null())
+                    .spawn();
+            }
+        });
+        Sshd { addr, _dir: dir }
+    }
+}
+
+/// `jaunt agent` as its own process, joined with a fresh token.
+fn start_agent(c: &Cluster, name: &str, extra: &[&str]) -> (Child, PathBuf) {
+    let out = ok(c.admin(&["tokens", "add", "--type", "node,app,db"], None));
+    let token = out.lines().next().unwrap().trim().to_string();
+    let data = c.dir.path().join(format!("agent-{name}"));
+    let child = spawn_agent(c, &data, name, Some(&token), extra);
+    (child, data)
+}
+
+fn spawn_agent(c: &Cluster, data: &Path, name: &str, token: Option<&str>, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "agent".to_string(),
+        "--proxy".to_string(),
+        c.public_addr.clone(),
+        "--ca-pin".to_string(),
+        c.pin.clone(),
+        "--data-dir".to_string(),
+        data.display().to_string(),
+        "--name".to_string(),
+        name.to_string(),
+    ];
+    if let Some(t) = token {
+        args.push("--token".into());
+        args.push(t.into());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(jaunt_bin())
+        .args(&args)
+        .env("JAUNT_HOME", c.dir.path().join("agent-home"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `jaunt ssh LOGIN@NODE -- true` works (the agent is connected), bounded.
+fn wait_for_ssh(c: &Cluster, dest: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = c.run(&["ssh", dest, "--", "true"], None);
+        if o.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ssh never worked: {}",
+            stderr(&o)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn sha256_file(path: &Path) -> String {
+    tool("sha256sum", &[path.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn ssh_and_scp_through_the_cluster_with_real_openssh() {
+    if !Path::new(sshd_binary()).exists() {
+        panic!(
+            "OpenSSH server is not installed (apt-get install openssh-server; .ci/run does this)"
+        );
+    }
+    let c = Cluster::dev();
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            "root",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("alice", PASSWORD, &[]));
+    let sshd = Sshd::start(&c);
+    let (mut agent, _data) = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
+
+    wait_for_ssh(&c, "root@node1");
+    let out = ok(c.run(&["ssh", "root@node1", "--", "echo", "hello"], None));
+    assert_eq!(out.trim(), "hello");
+
+    // A login the certificate does not carry is refused by sshd itself.
+    let o = c.run(&["ssh", "nobody@node1", "--", "true"], None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("Permission denied"), "{}", stderr(&o));
+
+    // The node shows as connected.
+    let nodes = ok(c.admin(&["get", "nodes"], None));
+    assert!(
+        nodes.contains("node1") && nodes.contains("connected"),
+        "{nodes}"
+    );
+
+    // scp 64 MiB both ways, checksums match.
+    let src = c.dir.path().join("big.bin");
+    {
+        let mut f = std::fs::File::create(&src).unwrap();
+        let mut block = vec![0u8; 1 << 20];
+        for i in 0..64u32 {
+            for (j, b) in block.iter_mut().enumerate() {
+                *b = (j as u32).wrapping_mul(2654435761).wrapping_add(i) as u8;
+            }
+            f.write_all(&block).unwrap();
+        }
+    }
+    let remote = c.dir.path().join("remote.bin");
+    ok(c.run(
+        &[
+            "scp",
+            src.to_str().unwrap(),
+            &format!("root@node1:{}", remote.display()),
+        ],
+        None,
+    ));
+    assert_eq!(sha256_file(&src), sha256_file(&remote));
+    let back = c.dir.path().join("back.bin");
+    ok(c.run(
+        &[
+            "scp",
+            &format!("root@node1:{}", remote.display()),
+            back.to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert_eq!(sha256_file(&src), sha256_file(&back));
+
+    // An unknown node is a readable error.
+    let o = c.run(&["ssh", "root@nosuch", "--", "true"], None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nosuch"), "{}", stderr(&o));
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+#[test]
+fn agent_restarts_without_the_token() {
+    if !Path::new(sshd_binary()).exists() {
+        panic!(
+            "OpenSSH server is not installed (apt-get install openssh-server; .ci/run does this)"
+        );
+    }
+    let c = Cluster::dev();
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            "root",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("alice", PASSWORD, &[]));
+    let sshd = Sshd::start(&c);
+    let (mut agent, data) = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // Restart with no token: the identity in the data dir is enough.
+    let mut agent = spawn_agent(&c, &data, "node1", None, &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

@@ -1,0 +1,484 @@
+//! [`AgentHello`]: the one message an agent sends on a new tunnel before the multiplexer starts,
+//! saying who it is and what it serves. Sans-IO: the engine reads it with [`AgentHello::parse`],
+//! the agent writes it with [`AgentHello::encode`]. What does not live here: the engine's
+//! [`TunnelHello`](crate::server::dial::TunnelHello) (in `server::dial`), the mux itself, and
+//! routing (which tunnel serves which target).
+//!
+//! # The tunnel opening
+//!
+//! ```text
+//! agent  → engine   TCP, TLS (ALPN jaunt-tunnel, the agent's host certificate)
+//! engine → agent    TunnelHello  u16 length + {"version":1,"shards":4,"shard":2}
+//! agent  → engine   AgentHello   u16 length + {"version":1,"name":"node1","labels":{"env":"prod"},
+//!                                  "resources":[{"kind":"node","name":"node1","labels":{},
+//!                                  "protocol":"ssh"}, ...]}
+//! both              mux frames: the engine runs Role::Server (it opens the streams), the agent
+//!                   Role::Client
+//! ```
+//!
+//! An agent that already has a tunnel to the shard named in the TunnelHello does not send an
+//! AgentHello: it closes the connection (TLS close_notify) instead, and the engine should treat a
+//! clean EOF at this point as "duplicate, not needed" rather than as a failure.
+//!
+//! The host id is deliberately not in the message: the engine takes it from the verified client
+//! certificate, so an agent can describe its resources but never claim another host's identity.
+//! `name` is the node name users dial (SSH target), which is also the name of its `node` resource.
+//!
+//! # Format and bounds
+//!
+//! The frame is the one of `server::dial`: a big-endian `u16` length, then that many bytes of
+//! UTF-8 JSON; a length of 0 or above [`MAX_AGENT_HELLO_BYTES`] is refused before any JSON is
+//! read. Unknown fields are refused (the engine would not enforce what it does not know). Names
+//! are non-empty, at most [`MAX_NAME_BYTES`], without control characters (they end up in logs);
+//! label keys follow the config file's rule; label and resource counts are bounded; each
+//! resource's protocol must fit its kind; `(kind, name)` is unique and at most one `node` exists,
+//! named like the agent.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::server::dial::{split_frame, DialError, LENGTH_PREFIX_BYTES};
+
+/// Largest AgentHello body: a few hundred resources with labels. The `u16` length prefix caps any
+/// frame at 64 KiB anyway; this keeps what an unauthenticated-until-now peer makes the engine
+/// buffer and parse small.
+pub const MAX_AGENT_HELLO_BYTES: usize = 16 * 1024;
+
+/// Version of the AgentHello this code reads and writes.
+pub const AGENT_HELLO_VERSION: u16 = 1;
+
+/// Most resources one agent announces.
+pub const MAX_RESOURCES: usize = 256;
+
+/// Most labels in one label set (the agent's, or one resource's).
+pub const MAX_LABELS: usize = 64;
+
+/// Longest agent or resource name: a DNS name (RFC 1035), as in dial requests.
+pub const MAX_NAME_BYTES: usize = 253;
+
+/// Longest label key: the config file's bound.
+pub const MAX_LABEL_KEY_BYTES: usize = 253;
+
+/// Longest label value.
+pub const MAX_LABEL_VALUE_BYTES: usize = 1024;
+
+/// What an agent tells the engine about itself, once per tunnel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHello {
+    /// [`AGENT_HELLO_VERSION`].
+    pub version: u16,
+    /// The agent's node name (the SSH target users dial).
+    pub name: String,
+    /// The host's labels (from `agent.labels`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// What this agent serves.
+    #[serde(default)]
+    pub resources: Vec<Resource>,
+}
+
+/// One thing an agent serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resource {
+    /// What kind of target it is; decides which dial kind reaches it.
+    pub kind: ResourceKind,
+    /// The name users dial.
+    pub name: String,
+    /// The resource's own labels, as configured (the host's are in [`AgentHello::labels`]).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The protocol the agent speaks to it.
+    pub protocol: ResourceProtocol,
+}
+
+/// Kinds of resources; each is reached by one dial kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    /// An SSH server (dial kind `ssh`); protocol `ssh`.
+    Node,
+    /// A web app (reached by HTTP at `<name>.<public host>`); protocol `http` or `https`.
+    App,
+    /// A database (dial kind `db`); protocol `postgres`.
+    Db,
+    /// A plain TCP app (dial kind `tcp`); protocol `tcp`.
+    Tcp,
+}
+
+/// Protocols the agent speaks to its resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceProtocol {
+    /// OpenSSH (the bytes are end-to-end SSH; the agent only forwards them).
+    Ssh,
+    /// HTTP/1.1 in clear to the app.
+    Http,
+    /// HTTP/1.1 over TLS to the app.
+    Https,
+    /// Bytes as they come.
+    Tcp,
+    /// PostgreSQL wire protocol.
+    Postgres,
+}
+
+impl ResourceKind {
+    /// Stable label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Node => "node",
+            ResourceKind::App => "app",
+            ResourceKind::Db => "db",
+            ResourceKind::Tcp => "tcp",
+        }
+    }
+
+    /// Whether a resource of this kind may use `protocol`.
+    pub fn allows(self, protocol: ResourceProtocol) -> bool {
+        matches!(
+            (self, protocol),
+            (ResourceKind::Node, ResourceProtocol::Ssh)
+                | (
+                    ResourceKind::App,
+                    ResourceProtocol::Http | ResourceProtocol::Https
+                )
+                | (ResourceKind::Db, ResourceProtocol::Postgres)
+                | (ResourceKind::Tcp, ResourceProtocol::Tcp)
+        )
+    }
+}
+
+impl ResourceProtocol {
+    /// Stable label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceProtocol::Ssh => "ssh",
+            ResourceProtocol::Http => "http",
+            ResourceProtocol::Https => "https",
+            ResourceProtocol::Tcp => "tcp",
+            ResourceProtocol::Postgres => "postgres",
+        }
+    }
+}
+
+impl AgentHello {
+    /// A version-1 hello.
+    pub fn new(
+        name: &str,
+        labels: BTreeMap<String, String>,
+        resources: Vec<Resource>,
+    ) -> AgentHello {
+        AgentHello {
+            version: AGENT_HELLO_VERSION,
+            name: name.to_owned(),
+            labels,
+            resources,
+        }
+    }
+
+    /// The framed bytes, after the same checks [`AgentHello::parse`] makes: an agent learns that
+    /// its configuration does not fit before the engine has to refuse it.
+    pub fn encode(&self) -> Result<Vec<u8>, DialError> {
+        self.validate()?;
+        let body = serde_json::to_vec(self).map_err(|e| DialError::Json(e.to_string()))?;
+        if body.len() > MAX_AGENT_HELLO_BYTES {
+            return Err(DialError::TooLarge {
+                len: body.len(),
+                max: MAX_AGENT_HELLO_BYTES,
+            });
+        }
+        let len = u16::try_from(body.len()).map_err(|_| DialError::TooLarge {
+            len: body.len(),
+            max: MAX_AGENT_HELLO_BYTES,
+        })?;
+        let mut out = Vec::with_capacity(LENGTH_PREFIX_BYTES + body.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Reads a hello from the front of `buf` (engine side): `Ok(None)` until the frame is
+    /// complete, then the hello and the bytes used. Bytes after the frame are mux frames and are
+    /// left alone.
+    pub fn parse(buf: &[u8]) -> Result<Option<(AgentHello, usize)>, DialError> {
+        let Some((body, used)) = split_frame(buf, MAX_AGENT_HELLO_BYTES)? else {
+            return Ok(None);
+        };
+        let hello: AgentHello =
+            serde_json::from_slice(body).map_err(|e| DialError::Json(e.to_string()))?;
+        hello.validate()?;
+        Ok(Some((hello, used)))
+    }
+
+    /// Checks the version, names, labels, counts and kind/protocol pairs (see the module doc).
+    pub fn validate(&self) -> Result<(), DialError> {
+        if self.version != AGENT_HELLO_VERSION {
+            return Err(invalid(
+                "version",
+                "unsupported version (this engine speaks 1)",
+            ));
+        }
+        check_name("name", &self.name)?;
+        check_labels("labels", &self.labels)?;
+        if self.resources.len() > MAX_RESOURCES {
+            return Err(invalid("resources", "too many resources"));
+        }
+        let mut seen = BTreeSet::new();
+        let mut nodes = 0usize;
+        for resource in &self.resources {
+            check_name("resources.name", &resource.name)?;
+            check_labels("resources.labels", &resource.labels)?;
+            if !resource.kind.allows(resource.protocol) {
+                return Err(invalid(
+                    "resources.protocol",
+                    "not a protocol of the resource's kind (node: ssh; app: http, https; \
+                     db: postgres; tcp: tcp)",
+                ));
+            }
+            if !seen.insert((resource.kind, resource.name.as_str())) {
+                return Err(invalid("resources.name", "duplicate resource"));
+            }
+            if resource.kind == ResourceKind::Node {
+                nodes += 1;
+                if resource.name != self.name {
+                    return Err(invalid(
+                        "resources.name",
+                        "a node resource must carry the agent's name",
+                    ));
+                }
+            }
+        }
+        debug_assert!(
+            nodes <= 1,
+            "a second node would have the agent's name twice"
+        );
+        Ok(())
+    }
+
+    /// The resource of `kind` named `name`, if announced.
+    pub fn resource(&self, kind: ResourceKind, name: &str) -> Option<&Resource> {
+        self.resources
+            .iter()
+            .find(|r| r.kind == kind && r.name == name)
+    }
+}
+
+fn invalid(field: &'static str, why: &'static str) -> DialError {
+    DialError::Invalid { field, why }
+}
+
+fn check_name(field: &'static str, value: &str) -> Result<(), DialError> {
+    if value.is_empty() {
+        return Err(invalid(field, "empty"));
+    }
+    if value.len() > MAX_NAME_BYTES {
+        return Err(invalid(field, "too long"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+fn check_labels(field: &'static str, labels: &BTreeMap<String, String>) -> Result<(), DialError> {
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(field, "too many labels"));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_LABEL_KEY_BYTES
+            && key.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/' | b':')
+            });
+        if !key_ok {
+            return Err(invalid(
+                field,
+                "label keys are 1 to 253 letters, digits and . - _ / :",
+            ));
+        }
+        if value.len() > MAX_LABEL_VALUE_BYTES {
+            return Err(invalid(field, "label value too long"));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(invalid(field, "label value contains control characters"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn resource(kind: ResourceKind, name: &str, protocol: ResourceProtocol) -> Resource {
+        Resource {
+            kind,
+            name: name.to_owned(),
+            labels: BTreeMap::new(),
+            protocol,
+        }
+    }
+
+    fn sample() -> AgentHello {
+        AgentHello::new(
+            "node1",
+            labels(&[("env", "prod")]),
+            vec![
+                Resource {
+                    labels: labels(&[("os", "debian")]),
+                    ..resource(ResourceKind::Node, "node1", ResourceProtocol::Ssh)
+                },
+                resource(ResourceKind::App, "grafana", ResourceProtocol::Http),
+                resource(ResourceKind::Tcp, "redis", ResourceProtocol::Tcp),
+                resource(ResourceKind::Db, "pg", ResourceProtocol::Postgres),
+            ],
+        )
+    }
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn round_trip_at_every_split_leaves_mux_bytes_alone() {
+        let hello = sample();
+        let mut bytes = hello.encode().unwrap();
+        let frame_len = bytes.len();
+        bytes.extend_from_slice(&[0, 0, 0, 8, 5, 0, 0, 0, 0, 0, 0, 0]);
+        for cut in 0..frame_len {
+            assert_eq!(AgentHello::parse(&bytes[..cut]), Ok(None), "cut {cut}");
+        }
+        assert_eq!(AgentHello::parse(&bytes), Ok(Some((hello, frame_len))));
+    }
+
+    #[test]
+    fn wire_format_is_the_documented_one() {
+        let hello = AgentHello::new(
+            "node1",
+            labels(&[("env", "prod")]),
+            vec![resource(ResourceKind::Node, "node1", ResourceProtocol::Ssh)],
+        );
+        let bytes = hello.encode().unwrap();
+        assert_eq!(&bytes[..2], &(bytes.len() as u16 - 2).to_be_bytes());
+        assert_eq!(
+            &bytes[2..],
+            br#"{"version":1,"name":"node1","labels":{"env":"prod"},"resources":[{"kind":"node","name":"node1","labels":{},"protocol":"ssh"}]}"#
+        );
+        let minimal = framed(br#"{"version":1,"name":"n"}"#);
+        let (parsed, used) = AgentHello::parse(&minimal).unwrap().unwrap();
+        assert_eq!(used, minimal.len());
+        assert!(parsed.resources.is_empty() && parsed.labels.is_empty());
+    }
+
+    #[test]
+    fn bounds_are_checked_before_json() {
+        assert_eq!(AgentHello::parse(&[0, 0, b'{']), Err(DialError::Empty));
+        let len = (MAX_AGENT_HELLO_BYTES + 1) as u16;
+        assert_eq!(
+            AgentHello::parse(&len.to_be_bytes()),
+            Err(DialError::TooLarge {
+                len: MAX_AGENT_HELLO_BYTES + 1,
+                max: MAX_AGENT_HELLO_BYTES
+            })
+        );
+    }
+
+    #[test]
+    fn encode_refuses_what_does_not_fit() {
+        let big = "v".repeat(MAX_LABEL_VALUE_BYTES);
+        let resources = (0..40)
+            .map(|i| Resource {
+                labels: labels(&[("k", big.as_str())]),
+                ..resource(ResourceKind::Tcp, &format!("app{i}"), ResourceProtocol::Tcp)
+            })
+            .collect();
+        let hello = AgentHello::new("node1", BTreeMap::new(), resources);
+        assert!(matches!(hello.encode(), Err(DialError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn malformed_and_invalid_hellos() {
+        let cases: [&[u8]; 14] = [
+            b"not json",
+            br#"{"version":2,"name":"n"}"#,
+            br#"{"version":1,"name":"n","host_id":"x"}"#,
+            br#"{"version":1,"name":""}"#,
+            br#"{"version":1,"name":"a\u0007b"}"#,
+            br#"{"version":1}"#,
+            br#"{"version":1,"name":"n","labels":{"bad key":"v"}}"#,
+            br#"{"version":1,"name":"n","labels":{"k":"line\nbreak"}}"#,
+            br#"{"version":1,"name":"n","resources":[{"kind":"node","name":"n","protocol":"http"}]}"#,
+            br#"{"version":1,"name":"n","resources":[{"kind":"node","name":"other","protocol":"ssh"}]}"#,
+            br#"{"version":1,"name":"n","resources":[{"kind":"kube","name":"k","protocol":"tcp"}]}"#,
+            br#"{"version":1,"name":"n","resources":[{"kind":"tcp","name":"r","protocol":"tcp","port":1}]}"#,
+            br#"{"version":1,"name":"n","resources":[{"kind":"tcp","name":"r","protocol":"tcp"},{"kind":"tcp","name":"r","protocol":"tcp"}]}"#,
+            br#"[1,2]"#,
+        ];
+        for body in cases {
+            let result = AgentHello::parse(&framed(body));
+            assert!(
+                matches!(result, Err(DialError::Json(_) | DialError::Invalid { .. })),
+                "{:?}: {result:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // The same name under two kinds is fine: an app and a database may share a name.
+        let ok = br#"{"version":1,"name":"n","resources":[{"kind":"tcp","name":"r","protocol":"tcp"},{"kind":"db","name":"r","protocol":"postgres"}]}"#;
+        assert!(AgentHello::parse(&framed(ok)).unwrap().is_some());
+    }
+
+    #[test]
+    fn too_many_resources_or_labels() {
+        let resources = (0..=MAX_RESOURCES)
+            .map(|i| resource(ResourceKind::Tcp, &format!("a{i}"), ResourceProtocol::Tcp))
+            .collect();
+        let hello = AgentHello::new("n", BTreeMap::new(), resources);
+        assert_eq!(
+            hello.validate(),
+            Err(invalid("resources", "too many resources"))
+        );
+        let many: BTreeMap<String, String> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
+        let hello = AgentHello::new("n", many, Vec::new());
+        assert_eq!(hello.validate(), Err(invalid("labels", "too many labels")));
+    }
+
+    #[test]
+    fn lookup_by_kind_and_name() {
+        let hello = sample();
+        assert!(hello.resource(ResourceKind::Tcp, "redis").is_some());
+        assert!(hello.resource(ResourceKind::App, "redis").is_none());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+        let valid = sample().encode().unwrap();
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 64) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8).collect();
+            let _ = AgentHello::parse(&bytes);
+            // Flip one byte of a valid hello.
+            let mut mutated = valid.clone();
+            let at = (seed as usize) % mutated.len();
+            mutated[at] ^= (seed >> 32) as u8 | 1;
+            let _ = AgentHello::parse(&mutated);
+        }
+    }
+}
