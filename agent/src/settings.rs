@@ -271,7 +271,12 @@ impl Prepared {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 mod tests {
     use jaunt_config::file::{AppService, DbService, SshService};
     use rustls_pki_types::PrivatePkcs8KeyDer;
@@ -358,7 +363,8 @@ mod tests {
     #[test]
     fn prepare_names_the_bad_setting() {
         assert!(Prepared::new(&settings()).is_ok());
-        let cases: [(&str, fn(&mut AgentSettings)); 5] = [
+        type Spoil = fn(&mut AgentSettings);
+        let cases: [(&str, Spoil); 5] = [
             ("proxy_addr", |s| s.proxy_addr = "no-port".into()),
             ("proxy_addr", |s| s.proxy_addr = "host:0".into()),
             ("server_name", |s| s.server_name = "bad name!".into()),

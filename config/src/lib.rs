@@ -5,6 +5,8 @@
 //! - [`yaml`]: YAML loading with errors that name the file, line, column and key path.
 //! - [`identity`]: the [`identity::Identity`] carried in certificates, and its X.509 and OpenSSH
 //!   encodings (one decoding function for engine and agent alike).
+//! - [`rbac`]: the per-connection authorization decision (roles, labels, traits, locks) that
+//!   engine and agent call before a stream is opened or served.
 //! - [`api`]: request and response bodies of the control API.
 //! - [`duration`]: human durations (`30m`, `12h`, `1h30m`).
 //!
@@ -14,5 +16,6 @@ pub mod api;
 pub mod duration;
 pub mod file;
 pub mod identity;
+pub mod rbac;
 pub mod resource;
 pub mod yaml;

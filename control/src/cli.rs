@@ -74,6 +74,8 @@ enum Command {
     Get(GetArgs),
     /// Remove a resource: role/NAME, user/NAME, token/ID, lock/ID (admin).
     Rm(RmArgs),
+    /// Lock a user, role, node or login: refuses new logins and sessions (admin).
+    Lock(LockArgs),
     /// Certificate authority operations (admin).
     #[command(subcommand)]
     Ca(CaCommand),
@@ -107,6 +109,35 @@ enum Command {
     Proxy(ProxyCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false, id = "lock_target")]
+struct LockTargetArgs {
+    /// Lock this user.
+    #[arg(long, group = "lock_target")]
+    user: Option<String>,
+    /// Lock everyone holding this role.
+    #[arg(long, group = "lock_target")]
+    role: Option<String>,
+    /// Lock this node.
+    #[arg(long, group = "lock_target")]
+    node: Option<String>,
+    /// Lock this OS login everywhere.
+    #[arg(long, group = "lock_target")]
+    login: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct LockArgs {
+    #[command(flatten)]
+    target: LockTargetArgs,
+    /// Lift the lock by itself after this long (default: until `jaunt rm lock/ID`).
+    #[arg(long, value_name = "DURATION")]
+    ttl: Option<String>,
+    /// Shown to the people the lock refuses.
+    #[arg(long)]
+    message: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -382,6 +413,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command,
         } => ssh(port, &destination, &command),
         Command::Scp { args } => scp(&args),
+        Command::Lock(args) => {
+            lock(&admin_client(data_dir.as_deref())?, args).map(|()| ExitCode::SUCCESS)
+        }
         Command::Agent(args) => agent(args, data_dir).map(|()| ExitCode::SUCCESS),
         Command::Proxy(ProxyCommand::Ssh { target }) => {
             proxy_ssh(&target).map(|()| ExitCode::SUCCESS)
@@ -1248,6 +1282,50 @@ fn rm(client: &Client, target: &str) -> anyhow::Result<()> {
     };
     client.delete(&path)?;
     println!("{kind} {name} removed");
+    Ok(())
+}
+
+// ---- lock ----
+
+fn lock(client: &Client, args: LockArgs) -> anyhow::Result<()> {
+    use jaunt_config::resource::{Lock, LockSpec, LockTarget, Metadata};
+    let t = args.target;
+    let target = if let Some(u) = t.user {
+        LockTarget::User(u)
+    } else if let Some(r) = t.role {
+        LockTarget::Role(r)
+    } else if let Some(n) = t.node {
+        LockTarget::Node(n)
+    } else if let Some(l) = t.login {
+        LockTarget::Login(l)
+    } else {
+        bail!("say what to lock: --user, --role, --node or --login");
+    };
+    let ttl = args
+        .ttl
+        .as_deref()
+        .map(|s| {
+            s.parse::<jaunt_config::duration::Duration>()
+                .map_err(|e| anyhow!("--ttl {s:?}: {e}"))
+        })
+        .transpose()?;
+    let mut id_bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id_bytes)
+        .map_err(|_| anyhow!("no randomness"))?;
+    let lock = Lock {
+        metadata: Metadata::named(hex::encode(id_bytes)),
+        spec: LockSpec {
+            target: target.clone(),
+            message: args.message,
+            ttl,
+        },
+    };
+    let resp: serde_json::Value = client.post_json("/v1/resources", &Resource::Lock(lock))?;
+    let id = resp
+        .get("name")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    println!("Locked {} {} (lock/{id}).", target.kind(), target.value());
     Ok(())
 }
 

@@ -117,34 +117,11 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         "::1".to_string(),
     ];
     names.dedup();
-    let server_keys = LocalKeys::generate()?;
-    let now = unix_now();
-    let server_identity = Identity {
-        kind: IdentityKind::Host,
-        name: "jaunt-control".into(),
-        roles: vec!["control".into()],
-        logins: vec![],
-        db_users: vec![],
-        db_names: vec![],
-        traits: Default::default(),
-        cluster: cfg.cluster.clone(),
-        not_before: now.saturating_sub(60),
-        expires: now + SERVER_CERT_TTL_SECS,
-        permit_pty: false,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
-    };
-    let leaf = control.cas.host.sign_x509(
-        &server_identity,
-        &ca::spki_pem_to_der(&server_keys.tls_public_pem)?,
-        &names,
-    )?;
-    let chain = vec![leaf, control.cas.host.cert_der().clone()];
+    let (chain, server_key) = issue_server_cert(&control, &cfg.cluster, &names)?;
     let client_roots = vec![
         control.cas.user.cert_der().clone(),
         control.cas.host.cert_der().clone(),
     ];
-    let server_key = server_keys.tls_private_der()?;
     let tls = http::server_config(chain.clone(), server_key.clone_key(), client_roots)?;
 
     let control_server = {
@@ -155,16 +132,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     };
 
     // The engine: the public port.
-    let (engine_chain, engine_key) = match &cfg.engine.tls_files {
-        Some((cert, key)) => load_tls_files(cert, key)?,
-        None => (chain, server_key),
-    };
-    let engine_tls = jaunt_engine::server::TlsConfigs::build(
-        engine_chain,
-        engine_key,
-        std::slice::from_ref(control.cas.user.cert_der()),
-        std::slice::from_ref(control.cas.host.cert_der()),
-    )?;
+    let engine_tls = engine_tls_configs(&control, &cfg, &names, Some((chain, server_key)))?;
     let mut engine_config =
         jaunt_engine::server::EngineConfig::new(public_listen, host, control_bound);
     engine_config.cluster_name = cfg.cluster.clone();
@@ -207,7 +175,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     );
     tracing::info!(public = %engine.local_addr(), control = %control_bound, alpn = ALPN_CONTROL, "jaunt started");
 
-    wait_for_shutdown_signal()?;
+    serve_until_shutdown(&control, &cfg, &names, &engine)?;
     tracing::info!("shutting down: draining the engine");
     match engine.shutdown(DRAIN_TIMEOUT) {
         Ok(report) if report.aborted_connections > 0 => {
@@ -387,14 +355,117 @@ fn print_banner(
     let _ = std::io::stdout().flush();
 }
 
-fn wait_for_shutdown_signal() -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+/// Waits for SIGTERM/SIGINT. Meanwhile SIGHUP reloads the public port's certificate (re-read
+/// from `engine.tls` files, or re-issued by the host CA) without dropping connections, and the
+/// host-CA-issued certificate is renewed by itself in the last third of its lifetime.
+fn serve_until_shutdown(
+    control: &Control,
+    cfg: &DaemonConfig,
+    names: &[String],
+    engine: &jaunt_engine::server::EngineHandle,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
-    if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "signal received");
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if tx.send(sig).is_err() {
+                return;
+            }
+        }
+    });
+    let mut renew_at = unix_now() + SERVER_CERT_TTL_SECS * 2 / 3;
+    loop {
+        let reload = match rx.recv_timeout(Duration::from_secs(600)) {
+            Ok(SIGHUP) => {
+                tracing::info!("SIGHUP: reloading the public port's certificate");
+                true
+            }
+            Ok(sig) => {
+                tracing::info!(signal = sig, "signal received");
+                return Ok(());
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                cfg.engine.tls_files.is_none() && unix_now() >= renew_at
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        if reload {
+            match engine_tls_configs(control, cfg, names, None)
+                .and_then(|tls| engine.reload_tls(tls).map_err(anyhow::Error::from))
+            {
+                Ok(()) => {
+                    renew_at = unix_now() + SERVER_CERT_TTL_SECS * 2 / 3;
+                    println!("reloaded the public port's certificate");
+                }
+                Err(e) => {
+                    eprintln!("error: reloading the certificate failed (the old one stays): {e:#}")
+                }
+            }
+        }
     }
-    Ok(())
+}
+
+/// A server certificate from the host CA for `names`, over a key made here.
+fn issue_server_cert(
+    control: &Control,
+    cluster: &str,
+    names: &[String],
+) -> anyhow::Result<(
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+)> {
+    let keys = LocalKeys::generate()?;
+    let now = unix_now();
+    let identity = Identity {
+        kind: IdentityKind::Host,
+        name: "jaunt-proxy".into(),
+        roles: vec!["proxy".into()],
+        logins: vec![],
+        db_users: vec![],
+        db_names: vec![],
+        traits: Default::default(),
+        cluster: cluster.to_string(),
+        not_before: now.saturating_sub(60),
+        expires: now + SERVER_CERT_TTL_SECS,
+        permit_pty: false,
+        permit_port_forwarding: false,
+        permit_agent_forwarding: false,
+    };
+    let leaf = control.cas.host.sign_x509(
+        &identity,
+        &ca::spki_pem_to_der(&keys.tls_public_pem)?,
+        names,
+    )?;
+    Ok((
+        vec![leaf, control.cas.host.cert_der().clone()],
+        keys.tls_private_der()?,
+    ))
+}
+
+/// The engine's three TLS configurations: the operator's certificate files if configured,
+/// else `issued` (or a freshly issued host-CA certificate).
+fn engine_tls_configs(
+    control: &Control,
+    cfg: &DaemonConfig,
+    names: &[String],
+    issued: Option<(
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> anyhow::Result<jaunt_engine::server::TlsConfigs> {
+    let (chain, key) = match (&cfg.engine.tls_files, issued) {
+        (Some((cert, key)), _) => load_tls_files(cert, key)?,
+        (None, Some(issued)) => issued,
+        (None, None) => issue_server_cert(control, &cfg.cluster, names)?,
+    };
+    Ok(jaunt_engine::server::TlsConfigs::build(
+        chain,
+        key,
+        std::slice::from_ref(control.cas.user.cert_der()),
+        std::slice::from_ref(control.cas.host.cert_der()),
+    )?)
 }
 
 #[cfg(test)]

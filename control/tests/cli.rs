@@ -183,6 +183,44 @@ fn the_engine_serves_the_public_port() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert!(n >= 1.0, "unknown_alpn refusals counted: {metrics}");
+
+    // SIGHUP re-issues the public port's certificate without a restart.
+    let before = served_serial(&c.public_addr);
+    assert!(before.starts_with("serial="), "{before:?}");
+    std::process::Command::new("kill")
+        .args(["-HUP", &c.child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served_serial(&c.public_addr) == before {
+        assert!(
+            Instant::now() < deadline,
+            "certificate never changed after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Still serving logins afterwards.
+    add_alice(&c);
+    ok(c.login("alice", PASSWORD, &[]));
+}
+
+/// The serial number of the certificate the engine presents on the web route.
+fn served_serial(addr: &str) -> String {
+    use std::io::Write as _;
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", addr])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let mut x509 = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    x509.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    let o = x509.wait_with_output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 #[test]
@@ -601,4 +639,48 @@ fn help_reads_like_a_real_tool() {
     );
     let err = fails(run_jaunt(dir.path(), &["users", "ls"], None));
     assert!(err.contains("not logged in"), "{err}");
+}
+
+#[test]
+fn a_lock_refuses_new_logins_until_removed() {
+    let c = Cluster::dev();
+    add_alice(&c);
+    let out = ok(c.admin(
+        &[
+            "lock",
+            "--user",
+            "alice",
+            "--message",
+            "incident 42",
+            "--ttl",
+            "1h",
+        ],
+        None,
+    ));
+    assert!(out.contains("Locked user alice"), "{out}");
+    let err = fails(c.login("alice", PASSWORD, &[]));
+    assert!(
+        err.contains("locked") && err.contains("incident 42"),
+        "{err}"
+    );
+    let locks: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(c.admin(&["get", "locks", "--format", "json"], None))).unwrap();
+    assert_eq!(locks.len(), 1);
+    let id = locks[0]["metadata"]["name"].as_str().unwrap().to_string();
+    ok(c.admin(&["rm", &format!("lock/{id}")], None));
+    ok(c.login("alice", PASSWORD, &[]));
+    let events = ok(c.admin(
+        &[
+            "audit",
+            "search",
+            "--type",
+            "lock.create",
+            "--format",
+            "json",
+        ],
+        None,
+    ));
+    assert!(events.contains("alice"), "{events}");
+    let err = fails(c.admin(&["lock"], None));
+    assert!(err.contains("--user"), "{err}");
 }

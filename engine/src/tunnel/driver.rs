@@ -1,7 +1,9 @@
-//! [`TunnelDriver`]: the one task per tunnel that owns the transport. It reads into a reusable
-//! buffer and feeds the mux core, writes what the core has queued in one write per batch, and
-//! keeps the core's timer; see the module docs of [`super`] for why this is one task with a
-//! hand-written poll rather than two.
+//! [`TunnelDriver`]: the one task per tunnel that owns the transport. It reads straight into the
+//! buffer the mux core hands out ([`crate::mux::Conn::input_buf`]: inside a large DATA payload,
+//! the stream's own receive buffer), writes the core's queued frames straight from its queue
+//! ([`crate::mux::Conn::transmit_buf`], one write per batch), and keeps the core's timer; see
+//! the module docs of [`super`] for why this is one task with a hand-written poll rather than
+//! two. So between the TLS plaintext and the core no byte is copied by the driver.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -18,8 +20,9 @@ use super::error::CloseReason;
 use super::shared::Shared;
 use crate::mux::ErrorCode;
 
-/// Bytes read from the transport per `poll_read`: one full DATA frame and its header fit, and a
-/// TLS stream hands over at most a record (16 KiB) of plaintext per read anyway.
+/// Bytes read from the transport per round (in as many `poll_read`s as the core's input
+/// buffers take; a TLS stream hands over at most a record, 16 KiB, of plaintext per read
+/// anyway). Also the size of the buffer that discards input once the tunnel has closed.
 pub const READ_BUF_BYTES: usize = 64 * 1024;
 
 /// Rounds of read/write/timer work per poll before the driver yields to the other tasks of its
@@ -36,10 +39,8 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct TunnelDriver<S> {
     io: S,
     shared: Rc<RefCell<Shared>>,
-    rbuf: Box<[u8]>,
-    /// Output being written: `out[out_pos..]` is still to go.
-    out: Vec<u8>,
-    out_pos: usize,
+    /// Where input goes once the core has closed (allocated then).
+    discard: Vec<u8>,
     /// Bytes went into the transport since its last successful flush.
     unflushed: bool,
     /// The armed timer and the deadline it was armed for.
@@ -86,9 +87,7 @@ where
         TunnelDriver {
             io,
             shared,
-            rbuf: vec![0u8; READ_BUF_BYTES].into_boxed_slice(),
-            out: Vec::new(),
-            out_pos: 0,
+            discard: Vec::new(),
             unflushed: false,
             timer: None,
             phase: Phase::Running,
@@ -100,7 +99,7 @@ where
         match self.phase {
             Phase::Running => self.running(cx),
             Phase::Flushing { deadline } => {
-                let mut progress = match self.read(cx) {
+                let mut progress = match self.read_discard(cx) {
                     ReadStep::Data(_) => true,
                     ReadStep::Eof => {
                         self.eof = true;
@@ -113,7 +112,8 @@ where
                     Ok(wrote) => progress |= wrote,
                     Err(_) => return Step::Done,
                 }
-                if self.eof || (self.out_pos == self.out.len() && !self.unflushed) {
+                let written = !self.shared.borrow().conn.has_pending_transmit();
+                if self.eof || (written && !self.unflushed) {
                     self.phase = Phase::Closing { deadline };
                     return Step::Progress;
                 }
@@ -128,7 +128,7 @@ where
                 Poll::Ready(Err(_)) => Step::Done,
                 Poll::Pending => self.step_or_deadline(cx, false, deadline),
             },
-            Phase::Lingering { deadline } => match self.read(cx) {
+            Phase::Lingering { deadline } => match self.read_discard(cx) {
                 ReadStep::Data(_) => Step::Progress,
                 ReadStep::Eof | ReadStep::Failed(_) => Step::Done,
                 ReadStep::Pending => self.step_or_deadline(cx, false, deadline),
@@ -139,15 +139,8 @@ where
     fn running(&mut self, cx: &mut Context<'_>) -> Step {
         let mut progress = false;
         if !self.eof {
-            match self.read(cx) {
-                ReadStep::Data(n) => {
-                    let mut sh = self.shared.borrow_mut();
-                    let input = self.rbuf.get(..n).unwrap_or_default();
-                    // A protocol error closes the core, which emits `Closed`: handled below.
-                    let _ = sh.conn.handle_input(input, Instant::now());
-                    sh.after_op();
-                    progress = true;
-                }
+            match self.read_input(cx) {
+                ReadStep::Data(_) => progress = true,
                 ReadStep::Eof => {
                     self.on_clean_eof();
                     progress = true;
@@ -208,11 +201,50 @@ where
         Step::Done
     }
 
-    fn read(&mut self, cx: &mut Context<'_>) -> ReadStep {
+    /// Reads from the transport straight into the core's input buffers, for up to
+    /// [`READ_BUF_BYTES`] (or until the transport has no more, or the core closes), and feeds
+    /// each read to the core. `Data` when bytes arrived, even if the transport then failed or
+    /// reached EOF (that shows on the next read).
+    fn read_input(&mut self, cx: &mut Context<'_>) -> ReadStep {
+        let mut total = 0;
+        while total < READ_BUF_BYTES {
+            let mut guard = self.shared.borrow_mut();
+            let sh = &mut *guard;
+            if sh.conn.is_closed() {
+                break;
+            }
+            // The transport touches nothing of the tunnel's shared state, so the borrow may
+            // span the read; the buffer stays valid until `input_commit`.
+            let read = Pin::new(&mut self.io).poll_read(cx, sh.conn.input_buf());
+            let n = match read {
+                Poll::Ready(Ok(0)) if total == 0 => return ReadStep::Eof,
+                Poll::Ready(Ok(n)) if n > 0 => n,
+                Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {
+                    cx.waker().wake_by_ref();
+                    break;
+                }
+                Poll::Ready(Err(err)) if total == 0 => return ReadStep::Failed(err),
+                Poll::Pending if total == 0 => return ReadStep::Pending,
+                // EOF, an error or nothing more after some data: reported by the next read.
+                Poll::Ready(_) | Poll::Pending => break,
+            };
+            // A protocol error closes the core, which emits `Closed`: handled by the caller.
+            let _ = sh.conn.input_commit(n, Instant::now());
+            sh.after_op();
+            total += n;
+        }
+        ReadStep::Data(total)
+    }
+
+    /// Reads and drops input (once the core has closed).
+    fn read_discard(&mut self, cx: &mut Context<'_>) -> ReadStep {
         if self.eof {
             return ReadStep::Pending;
         }
-        match Pin::new(&mut self.io).poll_read(cx, &mut self.rbuf) {
+        if self.discard.is_empty() {
+            self.discard = vec![0u8; READ_BUF_BYTES];
+        }
+        match Pin::new(&mut self.io).poll_read(cx, &mut self.discard) {
             Poll::Ready(Ok(0)) => ReadStep::Eof,
             Poll::Ready(Ok(n)) => ReadStep::Data(n),
             Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {
@@ -224,8 +256,8 @@ where
         }
     }
 
-    /// Writes everything the core has queued, refilling from `poll_transmit` each time the
-    /// previous batch is fully written, then flushes. `Ok(true)` when bytes moved.
+    /// Writes the core's queued frames straight from its queue, batch after batch, until the
+    /// transport takes no more or nothing is left, then flushes. `Ok(true)` when bytes moved.
     fn write(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
         if self.eof {
             // A clean EOF comes only from a peer whose core has closed: it reads nothing we
@@ -235,30 +267,40 @@ where
         }
         let mut progress = false;
         loop {
-            if self.out_pos == self.out.len() {
-                self.out.clear();
-                self.out_pos = 0;
-                let mut sh = self.shared.borrow_mut();
-                sh.conn.poll_transmit(&mut self.out);
-                sh.run_deferred();
-                sh.after_op();
-                drop(sh);
-                if self.out.is_empty() {
+            let mut guard = self.shared.borrow_mut();
+            let sh = &mut *guard;
+            let wrote = {
+                let batch = sh.conn.transmit_buf();
+                if batch.is_empty() {
+                    None
+                } else {
+                    Some(Pin::new(&mut self.io).poll_write(cx, batch))
+                }
+            };
+            // A new batch took the control queue with it: retry what found it full.
+            sh.run_deferred();
+            let wrote = match wrote {
+                None => {
+                    sh.after_op();
                     break;
                 }
-            }
-            let pending = self.out.get(self.out_pos..).unwrap_or_default();
-            match Pin::new(&mut self.io).poll_write(cx, pending) {
+                Some(wrote) => wrote,
+            };
+            match wrote {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => {
-                    self.out_pos += n;
+                    sh.conn.transmit_advance(n);
                     self.unflushed = true;
                     progress = true;
                 }
                 Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
                 Poll::Ready(Err(err)) => return Err(err),
-                Poll::Pending => return Ok(progress),
+                Poll::Pending => {
+                    sh.after_op();
+                    return Ok(progress);
+                }
             }
+            sh.after_op();
         }
         if self.unflushed {
             match Pin::new(&mut self.io).poll_flush(cx) {
