@@ -142,8 +142,9 @@ struct Supervisor {
     backoff: Backoff,
     /// A failure or a lost tunnel happened: sleep before the next dial.
     backoff_pending: bool,
-    /// A new TLS configuration arrived: end the current backoff sleep.
-    cut_wait: bool,
+    /// A new TLS configuration arrived since the current dial started: do not back off before
+    /// trying it (the old certificate may be why the dial failed).
+    retry_now: bool,
     stopping: bool,
     next_id: TunnelId,
     live: BTreeMap<TunnelId, Live>,
@@ -166,7 +167,7 @@ impl Supervisor {
             coverage: Coverage::new(),
             backoff: Backoff::new(backoff, backoff::seed()),
             backoff_pending: false,
-            cut_wait: false,
+            retry_now: false,
             stopping: false,
             next_id: 1,
             live: BTreeMap::new(),
@@ -185,7 +186,10 @@ impl Supervisor {
         );
         while !self.stopping {
             if self.coverage.needs_dial() {
-                if self.backoff_pending {
+                if self.backoff_pending && self.retry_now {
+                    self.backoff_pending = false;
+                    tracing::info!("retrying at once with the new TLS configuration");
+                } else if self.backoff_pending {
                     self.backoff_pending = false;
                     let delay = self.backoff.next_delay();
                     tracing::info!(
@@ -222,6 +226,8 @@ impl Supervisor {
                 budget = dials + self.coverage.round_budget();
             }
             dials += 1;
+            // This dial uses the newest TLS configuration.
+            self.retry_now = false;
             let attempt = dial::handshake(self.prepared.clone(), self.tls.clone());
             let Some(result) = self.racing_events(attempt).await else {
                 return;
@@ -327,7 +333,9 @@ impl Supervisor {
                 tracing::info!("TLS configuration replaced: new tunnels use it");
                 self.tls = tls;
                 self.backoff.reset();
-                self.cut_wait = true;
+                // Only while dialing: a covered agent has nothing to retry, and a later loss
+                // must still wait out its jittered delay.
+                self.retry_now = self.coverage.needs_dial();
             }
             Event::Command(AgentCommand::Shutdown) => {
                 tracing::info!("shutdown requested");
@@ -355,11 +363,11 @@ impl Supervisor {
         }
     }
 
-    /// Sleeps `delay`, handling events meanwhile; ends early on shutdown or new TLS settings.
+    /// Sleeps `delay`, handling events meanwhile; ends early on shutdown or new TLS settings
+    /// (also when they arrived during the dial that failed).
     async fn wait(&mut self, delay: Duration) {
         let deadline = Instant::now() + delay;
-        self.cut_wait = false;
-        while !self.stopping && !self.cut_wait {
+        while !self.stopping && !self.retry_now {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;

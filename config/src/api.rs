@@ -215,3 +215,20 @@ pub struct StatusResponse {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// `GET /v1/inventory`: a resource served by a connected agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResourceInfo {
+    /// `node`, `app`, `tcp` or `db`.
+    pub kind: String,
+    pub name: String,
+    /// The resource's labels over the agent's host labels.
+    pub labels: BTreeMap<String, String>,
+    /// `ssh`, `http`, `https`, `tcp` or `postgres`.
+    pub protocol: String,
+    pub host_id: String,
+    /// The serving agent's node name.
+    pub agent: String,
+    /// Engine shards the agent has a tunnel to.
+    pub shards: Vec<usize>,
+}

@@ -82,6 +82,13 @@ enum Command {
     /// Search the audit log (admin).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// List the nodes, apps and databases you can reach.
+    Ls {
+        /// nodes, apps or dbs (default: all).
+        kind: Option<String>,
+        #[command(flatten)]
+        format: FormatArg,
+    },
     /// SSH to a node through the cluster with the system `ssh` and your certificate.
     #[command(trailing_var_arg = true)]
     Ssh {
@@ -407,6 +414,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(f) => status(data_dir.as_deref(), f.format),
+        Command::Ls { kind, format } => {
+            ls(kind.as_deref(), format.format).map(|()| ExitCode::SUCCESS)
+        }
         Command::Ssh {
             port,
             destination,
@@ -835,6 +845,48 @@ fn run_child(mut cmd: std::process::Command, what: &str) -> anyhow::Result<ExitC
     ))
 }
 
+fn ls(kind: Option<&str>, format: Format) -> anyhow::Result<()> {
+    let profile = Profile::user_default();
+    let Some(info) = profile.load()? else {
+        bail!("not logged in: run `jaunt login --proxy HOST:PORT --user NAME`");
+    };
+    if info.identity.expires <= unix_now() {
+        bail!(
+            "your certificate expired at {}: run `jaunt login` again",
+            crate::audit::rfc3339(info.identity.expires)
+        );
+    }
+    let client = Client::new(
+        &info.proxy,
+        Trust::Roots(profile.host_ca()?),
+        Some(profile.tls_identity(&info.user)?),
+    )?;
+    match kind.map(|k| k.trim_end_matches('s')) {
+        Some(k @ ("node" | "app" | "db")) => list_resources(&client, k, format, false),
+        Some(other) => bail!("unknown kind {other:?}: expected nodes, apps or dbs"),
+        None => {
+            let all: Vec<ResourceInfo> = client.get_json("/v1/inventory")?;
+            if format != Format::Text {
+                return print_structured(&all, format);
+            }
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|r| {
+                    let labels = r
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    vec![r.kind.clone(), r.name.clone(), r.protocol.clone(), labels]
+                })
+                .collect();
+            print_table(&["KIND", "NAME", "PROTOCOL", "LABELS"], &rows);
+            Ok(())
+        }
+    }
+}
+
 fn ssh(port: Option<u16>, destination: &str, command: &[String]) -> anyhow::Result<ExitCode> {
     let profile = Profile::user_default();
     let (_, info) = crate::access::Dialer::from_profile(&profile)?;
@@ -1226,47 +1278,52 @@ fn get(client: &Client, kind: &str, format: Format) -> anyhow::Result<()> {
                 }
             }
         }
-        "node" => {
-            let hosts: Vec<HostInfo> = client.get_json("/v1/hosts")?;
-            let nodes: Vec<&HostInfo> = hosts
-                .iter()
-                .filter(|h| h.types.iter().any(|t| t == "node"))
-                .collect();
-            if format != Format::Text {
-                return print_structured(&nodes, format);
-            }
-            let rows: Vec<Vec<String>> = nodes
-                .iter()
-                .map(|h| {
-                    vec![
-                        h.name.clone(),
-                        h.id.clone(),
-                        if h.connected {
-                            "connected"
-                        } else {
-                            "not connected"
-                        }
-                        .to_string(),
-                    ]
-                })
-                .collect();
-            print_table(&["NAME", "ID", "STATE"], &rows);
-            Ok(())
-        }
-        "app" | "db" => {
-            // Apps and databases are registered by connected agents, which arrive with the
-            // engine and agent; until then the list is empty.
-            let empty: Vec<serde_json::Value> = Vec::new();
-            if format != Format::Text {
-                return print_structured(&empty, format);
-            }
-            print_table(&["NAME", "LABELS", "AGENT"], &[]);
-            Ok(())
-        }
+        "node" | "app" | "db" => list_resources(client, kind.trim_end_matches('s'), format, true),
         _ => {
             bail!("unknown kind {kind:?}: expected roles, users, tokens, locks, nodes, apps or dbs")
         }
     }
+}
+
+/// Connected resources of one kind (`node`, `app` (web and TCP apps), `db`) as a table or JSON.
+fn list_resources(
+    client: &Client,
+    kind: &str,
+    format: Format,
+    show_agent: bool,
+) -> anyhow::Result<()> {
+    let all: Vec<ResourceInfo> = client.get_json("/v1/inventory")?;
+    let items: Vec<&ResourceInfo> = all
+        .iter()
+        .filter(|r| r.kind == kind || (kind == "app" && r.kind == "tcp"))
+        .collect();
+    if format != Format::Text {
+        return print_structured(&items, format);
+    }
+    let labels = |r: &ResourceInfo| {
+        r.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.name.clone(), r.protocol.clone(), labels(r)];
+            if show_agent {
+                row.push(format!("{} ({})", r.agent, r.host_id));
+                row.push("connected".to_string());
+            }
+            row
+        })
+        .collect();
+    if show_agent {
+        print_table(&["NAME", "PROTOCOL", "LABELS", "AGENT", "STATE"], &rows);
+    } else {
+        print_table(&["NAME", "PROTOCOL", "LABELS"], &rows);
+    }
+    Ok(())
 }
 
 fn rm(client: &Client, target: &str) -> anyhow::Result<()> {

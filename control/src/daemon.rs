@@ -147,6 +147,18 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     engine_config.handshake_timeout = cfg.engine.handshake_timeout;
     engine_config.idle_timeout = cfg.engine.idle_timeout;
     engine_config.max_connections_per_shard = cfg.engine.max_connections_per_shard;
+    let (inventory_tx, inventory_rx) = crossbeam_channel::bounded(4096);
+    engine_config.inventory = Some(inventory_tx);
+    {
+        let control = control.clone();
+        std::thread::Builder::new()
+            .name("inventory".into())
+            .spawn(move || {
+                for event in inventory_rx {
+                    control.apply_inventory(event);
+                }
+            })?;
+    }
     let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded(16);
     control.set_snapshot_sender(snapshot_tx);
     control.publish_snapshot();

@@ -66,6 +66,8 @@ pub struct Control {
     /// Where snapshots for the engine go, once it runs.
     snapshots: Mutex<Option<crossbeam_channel::Sender<Arc<Snapshot>>>>,
     snapshot_version: AtomicU64,
+    /// Agents connected to the engine, by host id (fed by the engine's inventory events).
+    inventory: RwLock<BTreeMap<String, jaunt_engine::server::AgentInventory>>,
 }
 
 /// A handler outcome: a response to send, built from `?`-propagated errors.
@@ -113,6 +115,7 @@ impl Control {
             audit,
             snapshots: Mutex::new(None),
             snapshot_version: AtomicU64::new(0),
+            inventory: RwLock::new(BTreeMap::new()),
             limiter: RateLimiter::new(
                 RateLimiter::DEFAULT_MAX_FAILURES,
                 RateLimiter::DEFAULT_WINDOW_SECS,
@@ -133,6 +136,86 @@ impl Control {
         if let Ok(mut a) = self.public_addr.write() {
             *a = addr.to_string();
         }
+    }
+
+    /// Applies one inventory event from the engine.
+    pub fn apply_inventory(&self, event: jaunt_engine::server::InventoryEvent) {
+        use jaunt_engine::server::InventoryEvent;
+        let Ok(mut inv) = self.inventory.write() else {
+            return;
+        };
+        match event {
+            InventoryEvent::TunnelUp {
+                shard,
+                host_id,
+                name,
+                labels,
+                resources,
+            } => {
+                let now = unix_now();
+                let entry = inv.entry(host_id.clone()).or_insert_with(|| {
+                    jaunt_engine::server::AgentInventory {
+                        host_id: host_id.clone(),
+                        name: name.clone(),
+                        labels: labels.clone(),
+                        resources: resources.clone(),
+                        shards: Vec::new(),
+                        connected_since: now,
+                    }
+                });
+                entry.name = name;
+                entry.labels = labels;
+                entry.resources = resources;
+                if !entry.shards.contains(&shard) {
+                    entry.shards.push(shard);
+                    entry.shards.sort_unstable();
+                }
+                if let Ok(Some(mut host)) = self.store.get_host(&host_id) {
+                    host.last_seen = now;
+                    let _ = self.store.upsert_host(&host);
+                }
+            }
+            InventoryEvent::TunnelDown { shard, host_id } => {
+                if let Some(entry) = inv.get_mut(&host_id) {
+                    entry.shards.retain(|s| *s != shard);
+                    if entry.shards.is_empty() {
+                        inv.remove(&host_id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every resource of every connected agent.
+    pub fn inventory(&self) -> Vec<ResourceInfo> {
+        let Ok(inv) = self.inventory.read() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for agent in inv.values() {
+            for r in &agent.resources {
+                let mut labels = agent.labels.clone();
+                labels.extend(r.labels.clone());
+                out.push(ResourceInfo {
+                    kind: r.kind.as_str().to_string(),
+                    name: r.name.clone(),
+                    labels,
+                    protocol: r.protocol.as_str().to_string(),
+                    host_id: agent.host_id.clone(),
+                    agent: agent.name.clone(),
+                    shards: agent.shards.clone(),
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.kind, &a.name).cmp(&(&b.kind, &b.name)));
+        out
+    }
+
+    fn is_connected(&self, host_id: &str) -> bool {
+        self.inventory
+            .read()
+            .map(|i| i.contains_key(host_id))
+            .unwrap_or(false)
     }
 
     /// Connects the engine's snapshot feed.
@@ -226,6 +309,7 @@ impl Control {
         match (req.method.as_str(), seg) {
             ("GET", ["v1", "status"]) => self.status(caller),
             ("GET", ["v1", "whoami"]) => Ok(Response::json(200, caller)),
+            ("GET", ["v1", "inventory"]) => self.list_inventory(caller),
             ("POST", ["v1", "hosts", "renew"]) => self.renew(req, caller),
             ("GET", ["v1", "hosts"]) => self.list_hosts(caller),
             ("GET", ["v1", "users"]) => self.list_users(caller),
@@ -497,14 +581,23 @@ impl Control {
             .map_err(internal)?
             .into_iter()
             .map(|h| HostInfo {
+                connected: self.is_connected(&h.id),
                 id: h.id,
                 name: h.name,
                 types: h.types,
                 joined: h.joined,
                 last_seen: h.last_seen,
-                connected: false,
             })
             .collect())
+    }
+
+    /// What the caller may see: every connected resource for now; the authorization issue
+    /// filters it by the caller's roles.
+    fn list_inventory(&self, caller: &Identity) -> Reply {
+        if caller.kind != IdentityKind::User {
+            return Err(Response::error(403, "only users list resources"));
+        }
+        Ok(Response::json(200, &self.inventory()))
     }
 
     fn list_hosts(&self, caller: &Identity) -> Reply {

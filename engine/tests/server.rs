@@ -12,10 +12,13 @@
     reason = "test code: a failure should stop the test"
 )]
 
+use std::cell::Cell;
+use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -200,6 +203,7 @@ struct Options {
     send_snapshot: bool,
     targets: Targets,
     inventory: Option<crossbeam_channel::Sender<InventoryEvent>>,
+    tunnel_timers: mux::Config,
 }
 
 impl Default for Options {
@@ -214,6 +218,7 @@ impl Default for Options {
                 .with(DialKind::Ssh, "web1", Target::on_host("host-1"))
                 .with(DialKind::Ssh, "refuse-me", Target::on_host("host-1")),
             inventory: None,
+            tunnel_timers: mux::Config::default(),
         }
     }
 }
@@ -232,6 +237,7 @@ impl Options {
         config.idle_timeout = self.idle_timeout;
         config.max_connections_per_shard = self.max_connections_per_shard;
         config.inventory = self.inventory;
+        config.tunnel_timers = self.tunnel_timers;
         let (tx, rx) = crossbeam_channel::unbounded();
         let engine = Engine::start(config, pki.tls_configs(&pki.web), rx).unwrap();
         let harness = Harness {
@@ -501,7 +507,15 @@ impl StandInControl {
 // tunnel hello, sends its AgentHello (or, for a shard it already covers, closes cleanly: a
 // duplicate), then accepts streams: `refuse-me` is refused; an `ssh` stream gets a greeting line
 // naming the user, the login and the agent's tag, then an echo; any other stream is a pure echo.
-// `stop` drops every tunnel at once, like a killed agent.
+// `stop` drops every tunnel at once, like a killed agent, or freezes them: the sockets stay open
+// but nothing is read or written any more, like a hung process or a dead NAT mapping.
+
+/// What `StandInAgent::stop` does.
+#[derive(Debug)]
+enum Stop {
+    Kill,
+    Freeze,
+}
 
 /// What a stand-in agent saw.
 #[derive(Debug)]
@@ -516,7 +530,7 @@ struct StandInAgent {
     hello: crossbeam_channel::Receiver<TunnelHello>,
     events: crossbeam_channel::Receiver<AgentEvent>,
     done: crossbeam_channel::Receiver<()>,
-    stop: crossbeam_channel::Sender<()>,
+    stop: crossbeam_channel::Sender<Stop>,
 }
 
 /// How a stand-in agent behaves.
@@ -617,8 +631,9 @@ async fn agent(
     plan: AgentPlan,
     hello_tx: crossbeam_channel::Sender<TunnelHello>,
     events: crossbeam_channel::Sender<AgentEvent>,
-    stop: crossbeam_channel::Receiver<()>,
+    stop: crossbeam_channel::Receiver<Stop>,
 ) {
+    let frozen = Rc::new(Cell::new(false));
     let mut covered = std::collections::BTreeSet::new();
     let mut tasks = Vec::new();
     for _ in 0..200 {
@@ -633,7 +648,19 @@ async fn agent(
         hello_tx.send(hello).unwrap();
         events.send(AgentEvent::Tunnel(hello)).unwrap();
         let (tunnel, driver) = Tunnel::new(tls, Role::Client, mux::Config::default());
-        let driver = glommio::spawn_local(driver);
+        let frozen = Rc::clone(&frozen);
+        let driver = glommio::spawn_local(async move {
+            let mut driver = std::pin::pin!(driver);
+            // Once frozen, never polled again (and never woken): the socket stays open, silent.
+            std::future::poll_fn(|cx| {
+                if frozen.get() {
+                    std::task::Poll::Pending
+                } else {
+                    driver.as_mut().poll(cx)
+                }
+            })
+            .await
+        });
         let serving = glommio::spawn_local(serve_tunnel(tunnel, plan.tag));
         tasks.push((serving, driver));
         if !plan.cover_all || covered.len() == hello.shards {
@@ -648,12 +675,18 @@ async fn agent(
     };
     let stopped = async {
         // The stop channel is a crossbeam one (the test thread is not an executor): check it
-        // between short timers.
-        while stop.try_recv().is_err() {
-            glommio::timer::Timer::new(Duration::from_millis(5)).await;
+        // between short timers. A dropped `StandInAgent` kills its agent.
+        loop {
+            match stop.try_recv() {
+                Ok(Stop::Kill) | Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                Ok(Stop::Freeze) => frozen.set(true),
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    glommio::timer::Timer::new(Duration::from_millis(5)).await;
+                }
+            }
         }
     };
-    // On stop, the tasks are dropped: their drivers and sockets go without a goodbye.
+    // On a kill, the tasks are dropped: their drivers and sockets go without a goodbye.
     futures_lite::future::or(ended, stopped).await;
 }
 
@@ -1215,7 +1248,7 @@ fn agent_resources_route_until_the_agent_goes() {
     );
 
     // The agent dies without a goodbye.
-    agent.stop.send(()).unwrap();
+    agent.stop.send(Stop::Kill).unwrap();
     agent.done.recv_timeout(WAIT).unwrap();
     let died = Instant::now();
     assert_eq!(
@@ -1406,6 +1439,64 @@ fn a_restarted_agent_replaces_its_tunnel() {
     );
     assert_eq!(h.engine().inventory()[0].resources.len(), 2);
     drop(new);
+}
+
+/// Heartbeats: an agent that answers the engine's keepalive PINGs stays registered through
+/// idle time longer than the dead-peer timeout; once it goes silent without closing its
+/// connection (hung, or its NAT forgot the flow), the engine drops it after the dead-peer
+/// timeout and reports it down.
+#[test]
+fn a_silent_agent_is_dropped_after_the_dead_peer_timeout() {
+    let dead_peer_timeout = Duration::from_millis(1500);
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        tunnel_timers: mux::Config {
+            keepalive_interval: Duration::from_millis(250),
+            dead_peer_timeout,
+        },
+        ..Options::default()
+    }
+    .start();
+    let agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan::new("node7", &[]),
+    );
+    assert!(matches!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    // Idle but answering pings: nothing happens for well over the dead-peer timeout.
+    let quiet = inventory.recv_timeout(dead_peer_timeout + Duration::from_secs(1));
+    assert!(quiet.is_err(), "{quiet:?}");
+    assert!(h.dial_as_alice(&ssh_request("node7")).0.ok);
+
+    agent.stop.send(Stop::Freeze).unwrap();
+    let frozen = Instant::now();
+    assert_eq!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelDown {
+            shard: 0,
+            host_id: "host-7".into()
+        }
+    );
+    let took = frozen.elapsed();
+    // Detected by the dead-peer timer (not earlier), then at most CLOSE_TIMEOUT to say goodbye.
+    assert!(
+        took >= dead_peer_timeout - Duration::from_millis(300)
+            && took
+                < dead_peer_timeout + jaunt_engine::tunnel::CLOSE_TIMEOUT + Duration::from_secs(2),
+        "took {took:?}"
+    );
+    assert_eq!(
+        h.dial_error(&ssh_request("node7")),
+        r#"no such node "node7" in cluster "test-cluster""#
+    );
+    agent.stop.send(Stop::Kill).unwrap();
+    agent.done.recv_timeout(WAIT).unwrap();
 }
 
 /// A tunnel the agent closes cleanly right after the tunnel hello (it already covers that

@@ -40,7 +40,7 @@ use glommio::net::TcpStream;
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 
 use crate::hello::{self, Parse, MAX_CLIENT_HELLO_BYTES};
-use crate::mux::{self, Blame, Role};
+use crate::mux::{Blame, Role};
 use crate::route::{self, RejectReason, Route};
 use crate::server::authorize::{authorize, Denied, DeniedKind};
 use crate::server::dial::{
@@ -551,7 +551,7 @@ async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
         }
         Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
     };
-    let (tunnel, driver) = Tunnel::new(stream, Role::Server, mux::Config::default());
+    let (tunnel, driver) = Tunnel::new(stream, Role::Server, shard.config.tunnel_timers);
     // The table holds the only handle: when it lets go (replacement, drain) the tunnel drains.
     let registered = shard.register_tunnel(&host_id, ctx.conn_id, &agent, tunnel);
     let _registration = (registered != Registered::Draining).then(|| Registration {

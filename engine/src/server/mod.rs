@@ -107,6 +107,9 @@ pub struct EngineConfig {
     pub idle_timeout: Duration,
     /// Connections one shard holds at most; more are refused at accept.
     pub max_connections_per_shard: usize,
+    /// Heartbeats of agent tunnels: a PING after `keepalive_interval` without a byte from the
+    /// agent, and the tunnel closed (and reported down) after `dead_peer_timeout` of silence.
+    pub tunnel_timers: crate::mux::Config,
     /// Where shards report agent tunnels coming and going (`None`: nowhere). Sent with
     /// `try_send`: a full or closed channel drops the event and counts it
     /// (`jaunt_inventory_events_dropped_total`); [`EngineHandle::inventory`] is always current.
@@ -132,6 +135,7 @@ impl EngineConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections_per_shard: DEFAULT_MAX_CONNECTIONS_PER_SHARD,
+            tunnel_timers: crate::mux::Config::default(),
             inventory: None,
         }
     }
@@ -152,6 +156,19 @@ impl EngineConfig {
         }
         if self.idle_timeout.is_zero() {
             return bad("engine.idle_timeout", "must be above zero".into());
+        }
+        let timers = &self.tunnel_timers;
+        if timers.keepalive_interval.is_zero()
+            || timers.dead_peer_timeout <= timers.keepalive_interval
+        {
+            return bad(
+                "engine.tunnel_timers",
+                format!(
+                    "the dead-peer timeout ({:?}) must exceed the keepalive interval ({:?}), \
+                     which must be above zero",
+                    timers.dead_peer_timeout, timers.keepalive_interval
+                ),
+            );
         }
         if self.max_connections_per_shard == 0 {
             return bad(

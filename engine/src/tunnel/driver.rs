@@ -73,7 +73,7 @@ enum Step {
 
 /// What a read from the transport gave.
 enum ReadStep {
-    Data(usize),
+    Data,
     Eof,
     Failed(io::Error),
     Pending,
@@ -100,7 +100,7 @@ where
             Phase::Running => self.running(cx),
             Phase::Flushing { deadline } => {
                 let mut progress = match self.read_discard(cx) {
-                    ReadStep::Data(_) => true,
+                    ReadStep::Data => true,
                     ReadStep::Eof => {
                         self.eof = true;
                         true
@@ -129,7 +129,7 @@ where
                 Poll::Pending => self.step_or_deadline(cx, false, deadline),
             },
             Phase::Lingering { deadline } => match self.read_discard(cx) {
-                ReadStep::Data(_) => Step::Progress,
+                ReadStep::Data => Step::Progress,
                 ReadStep::Eof | ReadStep::Failed(_) => Step::Done,
                 ReadStep::Pending => self.step_or_deadline(cx, false, deadline),
             },
@@ -140,7 +140,7 @@ where
         let mut progress = false;
         if !self.eof {
             match self.read_input(cx) {
-                ReadStep::Data(_) => progress = true,
+                ReadStep::Data => progress = true,
                 ReadStep::Eof => {
                     self.on_clean_eof();
                     progress = true;
@@ -233,7 +233,7 @@ where
             sh.after_op();
             total += n;
         }
-        ReadStep::Data(total)
+        ReadStep::Data
     }
 
     /// Reads and drops input (once the core has closed).
@@ -246,7 +246,7 @@ where
         }
         match Pin::new(&mut self.io).poll_read(cx, &mut self.discard) {
             Poll::Ready(Ok(0)) => ReadStep::Eof,
-            Poll::Ready(Ok(n)) => ReadStep::Data(n),
+            Poll::Ready(Ok(_)) => ReadStep::Data,
             Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {
                 cx.waker().wake_by_ref();
                 ReadStep::Pending
