@@ -251,3 +251,74 @@ fn agent_restarts_without_the_token() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// A TCP echo server on 127.0.0.1:0 (a thread per connection).
+fn echo_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            std::thread::spawn(move || {
+                let mut r = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut conn);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
+    use std::io::{BufRead, BufReader, Read};
+    let c = Cluster::dev();
+    ok(c.admin(&["users", "add", "alice", "--roles", "access", "--password-stdin"], Some(PASSWORD)));
+    ok(c.login("alice", PASSWORD, &[]));
+    let echo = echo_server();
+    let app = format!("echo=tcp://{echo}");
+    let (mut agent, _data) = start_agent(&c, "apphost", &["--app", &app]);
+
+    // Wait until the app is listed (the agent connected), bounded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ls = ok(c.run(&["ls", "apps"], None));
+        if ls.lines().any(|l| l.starts_with("echo")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "app never listed: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let mut proxy = Command::new(jaunt_bin())
+        .args(["proxy", "tcp", "echo", "--port", "0"])
+        .env("JAUNT_HOME", &c.home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(proxy.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let local = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(local.starts_with("127.0.0.1:"), "{line}");
+
+    let mut conn = std::net::TcpStream::connect(&local).unwrap();
+    conn.write_all(b"ping through jaunt").unwrap();
+    let mut buf = [0u8; 18];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping through jaunt");
+
+    // Kill the agent mid-stream: the client sees its stream end promptly.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let r = conn.read_to_end(&mut rest);
+    assert!(r.is_ok() || r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "{r:?}");
+    // The issue asks for "within a second"; the bound here leaves room for a loaded CI machine
+    // while still failing if the end waited for a keepalive timeout.
+    assert!(started.elapsed() < Duration::from_secs(4), "stream ended after {:?}", started.elapsed());
+
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
