@@ -14,6 +14,8 @@
 //!                              {"kind":"db","target":"pg","db_user":"alice","db_name":"app"}
 //! engine → user   DialResponse {"ok":true}  |  {"ok":false,"error":"agent offline: ..."}
 //! engine → agent  TunnelHello  {"version":1,"shards":4,"shard":2}
+//! agent → engine  AgentHello   (crate::tunnel::agent_hello), or a clean close if the agent
+//!                              already has a tunnel to that shard
 //! ```
 //!
 //! The engine then opens a tunnel stream whose OPEN carries a [`StreamHeader`]: the dial request

@@ -375,11 +375,6 @@ impl ShardMetrics {
         self.streams_open.sub(1);
     }
 
-    /// Tunnels registered on this shard, as last set.
-    pub fn tunnels(&self) -> u64 {
-        self.tunnels.get()
-    }
-
     /// An agent closed a new tunnel cleanly instead of sending its hello: it already has one
     /// to this shard.
     pub fn tunnel_duplicate(&self) {

@@ -1,15 +1,16 @@
 //! The read-mostly state a shard consults per connection: [`Snapshot`].
 //!
-//! Control builds a whole, immutable `Snapshot` (CA roots, roles, locks, and which agent serves
-//! which target) and sends it as an `Arc<Snapshot>` on the crossbeam channel given to
+//! Control builds a whole, immutable `Snapshot` (CA roots, roles, locks, and the dial targets it
+//! registers itself) and sends it as an `Arc<Snapshot>` on the crossbeam channel given to
 //! [`crate::server::Engine::start`]. A feeder thread hands the same `Arc` to every shard's mailbox;
 //! each shard keeps it behind an `Rc` (see `shard.rs`), so a connection clones a non-atomic `Rc`,
 //! never the shared `Arc`. Boot and live updates take the same path: there is no "initial
 //! snapshot" argument.
 //!
 //! What lives here: the types, and the lookup of a dial target. What does not: the decision
-//! whether an identity may reach a target (`authorize.rs`), and how control fills the fields
-//! (control's snapshot builder). The role and lock types are deliberately thin for now; the
+//! whether an identity may reach a target (`authorize.rs`), routing by what connected agents
+//! announce (`table.rs`, `shard.rs`: consulted before `targets`), and how control fills the
+//! fields (control's snapshot builder). The role and lock types are deliberately thin for now; the
 //! authorization issue replaces them with compiled forms without changing the apply path.
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,7 +39,10 @@ pub struct Snapshot {
     pub roles: BTreeMap<String, serde_json::Value>,
     /// Active locks. Not yet enforced (see `authorize.rs`).
     pub locks: Vec<Lock>,
-    /// Which agent serves each dial target.
+    /// Dial targets control registers, with the agent that serves each. Routing consults them
+    /// after the resources announced by the agents connected to the dialing shard: they are the
+    /// fallback for targets no connected agent announces (and make an unannounced target of a
+    /// disconnected agent read "offline" rather than "no such").
     pub targets: Targets,
 }
 
