@@ -48,7 +48,7 @@ use jaunt_engine::tunnel::{CloseReason, Tunnel, CLOSE_TIMEOUT};
 use rustls::ClientConfig;
 
 use crate::backoff::{self, Backoff, BackoffConfig};
-use crate::coverage::{Coverage, TunnelId, Verdict};
+use crate::coverage::{Coverage, TunnelId, Verdict, MAX_DIALS_PER_ROUND};
 use crate::dial::{self, Handshaked};
 use crate::error::{AgentError, Blame, TunnelError};
 use crate::net;
@@ -222,8 +222,10 @@ impl Supervisor {
             if self.coverage.shards() != layout {
                 // The first hello (or a new layout) told the shard count: size the rest of the
                 // round for it rather than backing off after a budget made for not knowing.
+                // Capped: two engines of different sizes behind one address would otherwise
+                // reset the layout on every dial and never end the round.
                 layout = self.coverage.shards();
-                budget = dials + self.coverage.round_budget();
+                budget = (dials + self.coverage.round_budget()).min(MAX_DIALS_PER_ROUND);
             }
             dials += 1;
             // This dial uses the newest TLS configuration.

@@ -97,19 +97,21 @@ fn copy(dst: &mut [u8], src: &[u8]) {
 /// Period of the source pattern: a prime, so no buffer or frame size lines up with it.
 const PERIOD: usize = 1_048_573;
 
-/// The pattern all sources read from, with one extra read's worth so any read is one slice.
+/// The pattern all sources read from, followed by the first read's worth of it again, so that
+/// any read is one slice.
 fn pattern() -> &'static [u8] {
     static PATTERN: OnceLock<Vec<u8>> = OnceLock::new();
     PATTERN.get_or_init(|| {
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let mut out = Vec::with_capacity(PERIOD + READ + 8);
-        while out.len() < PERIOD + READ {
+        while out.len() < PERIOD {
             state ^= state >> 12;
             state ^= state << 25;
             state ^= state >> 27;
             out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
         }
-        out.truncate(PERIOD + READ);
+        out.truncate(PERIOD);
+        out.extend_from_within(..READ);
         out
     })
 }

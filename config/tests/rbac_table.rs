@@ -254,7 +254,7 @@ const BASE: Case = Case {
     name: "",
     roles: &[],
     traits: &[],
-    kind: ResourceKind::Node,
+    kind: Node,
     resource: "web1",
     labels: &[],
     login: None,
@@ -525,7 +525,10 @@ fn check(policy: &Policy, case: &Case) -> Option<String> {
                 Why::NotYetValid => DeniedKind::NotYetValid,
             };
             if denied.kind != kind {
-                return Some(format!("refused as {:?}, expected {kind:?}: {denied}", denied.kind));
+                return Some(format!(
+                    "refused as {:?}, expected {kind:?}: {denied}",
+                    denied.kind
+                ));
             }
             let missing: Vec<&&str> = substrings
                 .iter()

@@ -5,7 +5,7 @@
 //! Every message is one frame: a big-endian `u16` length, then that many bytes of UTF-8 JSON. A
 //! length of 0 or above the message's bound is refused before any JSON is read, so a peer can
 //! make the engine hold at most `2 + bound` bytes. The parsers are pure functions of a byte
-//! buffer that answer "need more" ([`Ok(None)`]), "here it is and this many bytes were used", or
+//! buffer that answer "need more" (`Ok(None)`), "here it is and this many bytes were used", or
 //! an error; bytes after the frame belong to the next protocol layer (the user's SSH or
 //! PostgreSQL bytes) and are never consumed. The client side (CLI, agent) uses the same types.
 //!
