@@ -350,11 +350,13 @@ fn join_tokens_work_once_or_until_they_expire() {
     let err = join(&c, &token, "node2").unwrap_err();
     assert!(err.to_string().contains("not valid"), "single use: {err}");
 
-    // The joined host shows in status and in `get nodes`.
+    // The joined host shows in status, not connected (no agent runs); `get nodes` lists only
+    // connected nodes.
     let status = ok(c.admin(&["status"], None));
     assert!(status.contains("node1"), "{status}");
     assert!(status.contains(&c.pin), "{status}");
-    assert!(ok(c.admin(&["get", "nodes"], None)).contains("node1"));
+    assert!(status.contains("1 joined, 0 connected"), "{status}");
+    assert!(!ok(c.admin(&["get", "nodes"], None)).contains("node1"));
 
     // An expired token is refused with a clear message. The token lives one second; the loop
     // waits for the server's clock to pass it, bounded.

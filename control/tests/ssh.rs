@@ -272,7 +272,17 @@ fn echo_server() -> String {
 fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
     use std::io::{BufRead, BufReader, Read};
     let c = Cluster::dev();
-    ok(c.admin(&["users", "add", "alice", "--roles", "access", "--password-stdin"], Some(PASSWORD)));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
     ok(c.login("alice", PASSWORD, &[]));
     let echo = echo_server();
     let app = format!("echo=tcp://{echo}");
@@ -297,7 +307,9 @@ fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(proxy.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(proxy.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let local = line.trim().rsplit(' ').next().unwrap().to_string();
     assert!(local.starts_with("127.0.0.1:"), "{line}");
 
@@ -314,10 +326,19 @@ fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
     let started = Instant::now();
     let mut rest = Vec::new();
     let r = conn.read_to_end(&mut rest);
-    assert!(r.is_ok() || r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "{r:?}");
+    assert!(
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
     // The issue asks for "within a second"; the bound here leaves room for a loaded CI machine
     // while still failing if the end waited for a keepalive timeout.
-    assert!(started.elapsed() < Duration::from_secs(4), "stream ended after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "stream ended after {:?}",
+        started.elapsed()
+    );
 
     let _ = proxy.kill();
     let _ = proxy.wait();
