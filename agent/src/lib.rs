@@ -4,10 +4,11 @@
 //!
 //! What lives here: the runtime ([`run`], [`AgentCommand`]), its settings ([`AgentSettings`],
 //! [`client_config`]), the reconnect schedule ([`backoff`]), the shard covering logic
-//! ([`coverage`]) and the stream handlers (`serve`). What does not: joining and certificate
-//! renewal (the `jaunt agent` command in the control crate drives those and hands the results
-//! in), the mux and the wire formats (`jaunt_engine::mux`, `jaunt_engine::tunnel`,
-//! `jaunt_engine::server::dial`, `jaunt_engine::tunnel::agent_hello`).
+//! ([`coverage`]), the stream handlers (`serve`, and [`postgres`] for databases) and the hooks
+//! the caller plugs in ([`AgentHooks`]: database certificates, query recording). What does not:
+//! joining and certificate renewal (the `jaunt agent` command in the control crate drives those
+//! and hands the results in), the mux and the wire formats (`jaunt_engine::mux`,
+//! `jaunt_engine::tunnel`, `jaunt_engine::server::dial`, `jaunt_engine::tunnel::agent_hello`).
 //!
 //! # Protocol, agent side
 //!
@@ -21,6 +22,8 @@
 //! both             mux (engine Role::Server opens streams; agent Role::Client accepts)
 //! engine → agent   OPEN with a StreamHeader {"kind":"ssh","target":"node1","user":..}
 //! agent            connect to the local service, accept and splice — or refuse with a reason
+//!                  (db: accept, read the client's StartupMessage, log in to PostgreSQL with a
+//!                  db-CA certificate for the database user, relay and record queries)
 //! ```
 //!
 //! Dialing repeats (bounded per round) until every shard `0..N` has a tunnel; failures and lost
@@ -30,7 +33,9 @@ pub mod backoff;
 pub mod coverage;
 mod dial;
 mod error;
+mod hooks;
 mod net;
+pub mod postgres;
 mod runtime;
 mod serve;
 mod settings;
@@ -39,8 +44,9 @@ pub use backoff::{
     BackoffConfig, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_HEALTHY_AFTER,
 };
 pub use error::{AgentError, Blame, TunnelError};
+pub use hooks::{AgentHooks, DbCertProvider, DbClientCert, DbSession, LogQueries, QueryRecorder};
 pub use net::MAX_CONCURRENT_LOOKUPS;
-pub use runtime::{run, AgentCommand, AGENT_IO_MEMORY};
+pub use runtime::{run, run_with_hooks, AgentCommand, AGENT_IO_MEMORY};
 pub use settings::{
     client_config, AgentSettings, Timeouts, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_LOCAL_CONNECT_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,

@@ -51,6 +51,7 @@ use crate::backoff::{self, Backoff, BackoffConfig};
 use crate::coverage::{Coverage, TunnelId, Verdict, MAX_DIALS_PER_ROUND};
 use crate::dial::{self, Handshaked};
 use crate::error::{AgentError, Blame, TunnelError};
+use crate::hooks::AgentHooks;
 use crate::net;
 use crate::serve;
 use crate::settings::{AgentSettings, Prepared};
@@ -77,7 +78,19 @@ pub enum AgentCommand {
 /// start-up (unusable settings, no executor); once running, every failure is logged with who
 /// is to blame and retried.
 pub fn run(settings: AgentSettings, control: Receiver<AgentCommand>) -> Result<(), AgentError> {
-    let prepared = Rc::new(Prepared::new(&settings)?);
+    run_with_hooks(settings, AgentHooks::default(), control)
+}
+
+/// [`run`] with [`AgentHooks`]: what the agent needs from its caller beyond settings (database
+/// client certificates, where database queries are recorded).
+pub fn run_with_hooks(
+    settings: AgentSettings,
+    hooks: AgentHooks,
+    control: Receiver<AgentCommand>,
+) -> Result<(), AgentError> {
+    let mut prepared = Prepared::new(&settings)?;
+    prepared.db = crate::postgres::DbState::new(&hooks);
+    let prepared = Rc::new(prepared);
     let executor = LocalExecutorBuilder::new(Placement::Unbound)
         .name("jaunt-agent")
         .io_memory(AGENT_IO_MEMORY)

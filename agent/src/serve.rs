@@ -5,8 +5,9 @@
 //! tunnel down.
 //!
 //! Served today: `ssh` (to the configured sshd; the bytes are end-to-end SSH, the agent only
-//! forwards them) and `tcp` apps. Refused for now: databases and HTTP apps ("not supported by
-//! this agent yet"), which need protocol-aware handlers (`postgres.rs`, `http.rs`) here later.
+//! forwards them), `tcp` apps, and PostgreSQL databases (`db`: protocol-aware, see
+//! `postgres.rs`). Refused for now: HTTP apps ("not supported by this agent yet"), which need a
+//! handler (`http.rs`) here later.
 
 use std::fmt;
 use std::rc::Rc;
@@ -46,8 +47,9 @@ pub(crate) enum Refusal {
     },
     /// No database of that name.
     NoSuchDb { node: String, target: String },
-    /// The database exists; databases are not served yet.
-    DbUnsupported { target: String },
+    /// The database exists, but the agent runs without a way to get database client
+    /// certificates (no [`crate::DbCertProvider`] hook).
+    DbNoCertificates { target: String },
 }
 
 impl Refusal {
@@ -55,7 +57,7 @@ impl Refusal {
     /// the engine; a bad header is the engine's too.
     pub(crate) fn blame(&self) -> Blame {
         match self {
-            Refusal::HttpApp { .. } | Refusal::DbUnsupported { .. } => Blame::Agent,
+            Refusal::HttpApp { .. } | Refusal::DbNoCertificates { .. } => Blame::Agent,
             _ => Blame::Engine,
         }
     }
@@ -87,9 +89,10 @@ impl fmt::Display for Refusal {
             Refusal::NoSuchDb { node, target } => {
                 write!(f, "node {node} serves no database named {target}")
             }
-            Refusal::DbUnsupported { target } => write!(
+            Refusal::DbNoCertificates { target } => write!(
                 f,
-                "database {target}: databases are not supported by this agent yet"
+                "database {target}: this agent cannot get database client certificates (it runs \
+                 without a certificate provider; `jaunt agent` has one)"
             ),
         }
     }
@@ -137,16 +140,16 @@ pub(crate) fn route(
             })
         }
         DialKind::Db => {
-            if services.dbs.iter().any(|d| d.name == target) {
-                Err(Refusal::DbUnsupported {
-                    target: target.into(),
-                })
-            } else {
-                Err(Refusal::NoSuchDb {
+            let Some(db) = services.dbs.iter().find(|d| d.name == target) else {
+                return Err(Refusal::NoSuchDb {
                     node: node.into(),
                     target: target.into(),
-                })
-            }
+                });
+            };
+            Ok(LocalTarget {
+                what: format!("database {target}"),
+                addr: db.addr.clone(),
+            })
         }
     }
 }
@@ -190,6 +193,19 @@ async fn serve_routed(incoming: Incoming, header: StreamHeader, prepared: Rc<Pre
             return;
         }
     };
+    if header.kind == DialKind::Db {
+        if !prepared.db.has_provider() {
+            let refusal = Refusal::DbNoCertificates {
+                target: header.target.clone(),
+            };
+            tracing::warn!(blame = %refusal.blame(), %refusal, "stream refused");
+            incoming.refuse(&refusal.to_string());
+            return;
+        }
+        // PostgreSQL is spoken, not spliced: the agent logs in to the server itself.
+        crate::postgres::serve(incoming, header, local, prepared).await;
+        return;
+    }
     let connected = async {
         let addrs = net::resolve(&local.addr.host, local.addr.port).await?;
         net::connect(&addrs, prepared.timeouts.local_connect).await
@@ -299,6 +315,8 @@ mod tests {
             user: "alice".into(),
             roles: vec!["access".into()],
             client_addr: "192.0.2.1:5555".into(),
+            allowed_db_users: Vec::new(),
+            allowed_db_names: Vec::new(),
         }
     }
 
@@ -319,6 +337,11 @@ mod tests {
         let tcp = route(&s, "node1", &header(DialKind::Tcp, "redis")).unwrap();
         assert_eq!(tcp.what, "app redis");
         assert_eq!(tcp.addr.port, 6379);
+        let db = route(&s, "node1", &header(DialKind::Db, "pg")).unwrap();
+        assert_eq!(
+            (db.what.as_str(), db.addr.to_string().as_str()),
+            ("database pg", "127.0.0.1:5432")
+        );
     }
 
     #[test]
@@ -339,10 +362,6 @@ mod tests {
         assert_eq!(
             refusal(&s, DialKind::Tcp, "grafana"),
             "app grafana is an http app, and HTTP apps are not supported by this agent yet"
-        );
-        assert_eq!(
-            refusal(&s, DialKind::Db, "pg"),
-            "database pg: databases are not supported by this agent yet"
         );
         assert_eq!(
             refusal(&s, DialKind::Db, "mysql"),

@@ -190,6 +190,9 @@ pub(crate) struct Prepared {
     pub(crate) services: AgentServices,
     pub(crate) timeouts: Timeouts,
     pub(crate) mux: mux::Config,
+    /// Database streams' hooks and certificate cache (the hooks' defaults unless
+    /// [`crate::run_with_hooks`] set them).
+    pub(crate) db: crate::postgres::DbState,
 }
 
 impl Prepared {
@@ -266,6 +269,7 @@ impl Prepared {
             services: settings.services.clone(),
             timeouts: settings.timeouts,
             mux: settings.mux,
+            db: crate::postgres::DbState::default(),
         })
     }
 }

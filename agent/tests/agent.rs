@@ -410,6 +410,8 @@ fn header(kind: DialKind, target: &str) -> Vec<u8> {
         user: "alice".into(),
         roles: vec!["access".into()],
         client_addr: "192.0.2.1:5555".into(),
+        allowed_db_users: Vec::new(),
+        allowed_db_names: Vec::new(),
     }
     .encode()
     .unwrap()
@@ -591,7 +593,8 @@ fn announces_resources_serves_tcp_and_ssh_and_refuses_the_rest() {
         );
         assert_eq!(
             refused(&t.tunnel, DialKind::Db, "pg").await,
-            "database pg: databases are not supported by this agent yet"
+            "database pg: this agent cannot get database client certificates (it runs \
+             without a certificate provider; `jaunt agent` has one)"
         );
         assert_eq!(
             refused(&t.tunnel, DialKind::Tcp, "grafana").await,

@@ -766,9 +766,14 @@ impl ValueMatcher {
         };
         match (value.starts_with('^'), value.ends_with('$')) {
             (true, true) if value.len() >= 2 => {
-                // Checked alone first: only a pattern that parses by itself has balanced groups,
-                // so wrapping it cannot change what the outer anchors apply to.
-                regex(value).map_err(|e| bad(format!("not a valid regular expression: {e}")))?;
+                // Parsed alone first: only a pattern that parses by itself has balanced groups,
+                // so wrapping it cannot change what the outer anchors apply to. A size limit of
+                // zero stops right after parsing (a valid pattern is then "too big"), which
+                // halves the cost of compiling a policy.
+                if let Err(regex::Error::Syntax(e)) = RegexBuilder::new(value).size_limit(0).build()
+                {
+                    return Err(bad(format!("not a valid regular expression: {e}")));
+                }
                 // `^a|b$` is anchored only on one side of each branch; the group anchors both.
                 let anchored = regex(&format!("^(?:{value})$"))
                     .map_err(|e| bad(format!("not a valid regular expression: {e}")))?;

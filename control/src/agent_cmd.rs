@@ -89,7 +89,8 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
         info_user(&profile),
         opts.proxy
     );
-    jaunt_agent::run(settings, rx).map_err(|e| anyhow!("agent: {e}"))
+    let hooks = crate::db_cmd::agent_hooks(&opts);
+    jaunt_agent::run_with_hooks(settings, hooks, rx).map_err(|e| anyhow!("agent: {e}"))
 }
 
 fn info_user(profile: &Profile) -> String {

@@ -114,6 +114,9 @@ enum Command {
     /// Local proxies and pipes through the cluster.
     #[command(subcommand)]
     Proxy(ProxyCommand),
+    /// Databases: connect with psql through the cluster.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Print the version.
     Version,
 }
@@ -195,6 +198,40 @@ enum ProxyCommand {
         /// Local port (0 or absent: any free port, printed).
         #[arg(long, default_value_t = 0)]
         port: u16,
+    },
+    /// A local PostgreSQL listener: any client (psql, an IDE, an app) connected to it reaches
+    /// the database through the cluster as --db-user, with no password and sslmode=disable.
+    Db {
+        /// The database's name (`jaunt ls dbs`).
+        name: String,
+        /// Local port (0 or absent: any free port, printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// The database user to log in as (one of your certificate's db users).
+        #[arg(long, value_name = "USER")]
+        db_user: String,
+        /// The database to open (one of your certificate's db names); default: the client's.
+        #[arg(long, value_name = "NAME")]
+        db_name: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DbCommand {
+    /// Run psql connected to a database through the cluster; exits with psql's exit code.
+    #[command(trailing_var_arg = true)]
+    Connect {
+        /// The database's name (`jaunt ls dbs`).
+        name: String,
+        /// The database user to log in as (one of your certificate's db users).
+        #[arg(long, value_name = "USER")]
+        db_user: String,
+        /// The database to open (one of your certificate's db names); default: the user's.
+        #[arg(long, value_name = "NAME")]
+        db_name: Option<String>,
+        /// Arguments for psql, after `--` (e.g. `-- -tAc 'select 1'`).
+        #[arg(allow_hyphen_values = true)]
+        psql_args: Vec<String>,
     },
 }
 
@@ -355,6 +392,20 @@ enum CaCommand {
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
     },
+    /// Make a TLS key here and have the db CA certify it, for a PostgreSQL server
+    /// (ssl_cert_file, ssl_key_file; ssl_ca_file is `jaunt ca export --type db`).
+    SignDb {
+        /// Host names or IP addresses the agent dials the server by, comma-separated (the
+        /// first names the files; localhost also covers 127.0.0.1 and ::1).
+        #[arg(long, value_name = "HOST[,HOST..]")]
+        host: String,
+        /// Directory for HOST.crt, HOST.key (0600) and jaunt-db-ca.crt.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Certificate lifetime (default: the cluster's host certificate lifetime).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -433,6 +484,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Proxy(ProxyCommand::Tcp { name, port }) => {
             proxy_tcp(&name, port).map(|()| ExitCode::SUCCESS)
         }
+        Command::Proxy(ProxyCommand::Db {
+            name,
+            port,
+            db_user,
+            db_name,
+        }) => crate::db_cmd::proxy(&name, port, &db_user, db_name.as_deref())
+            .map(|()| ExitCode::SUCCESS),
+        Command::Db(DbCommand::Connect {
+            name,
+            db_user,
+            db_name,
+            psql_args,
+        }) => crate::db_cmd::connect(&name, &db_user, db_name.as_deref(), &psql_args),
         Command::Version => {
             println!("jaunt {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -1426,6 +1490,10 @@ fn ca(client: &Client, cmd: CaCommand) -> anyhow::Result<()> {
             println!("  HostCertificate {}-cert.pub", key_path.display());
             println!("  TrustedUserCAKeys /etc/ssh/jaunt_user_ca.pub   # from: jaunt ca export --type user-ssh");
             Ok(())
+        }
+        CaCommand::SignDb { host, out, ttl } => {
+            let ttl_secs = ttl.as_deref().map(parse_duration_secs).transpose()?;
+            crate::db_cmd::sign_db(client, &host, &out, ttl_secs)
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`daemon`]: `jaunt start`.
 //! - [`profile`]: the user's `$JAUNT_HOME` (keys and certificates after `jaunt login`).
 //! - [`access`]: the user's side of resource access (dial through the engine, carry bytes).
+//! - [`db_cmd`]: PostgreSQL access: db certificates (API bodies, the agent's provider),
+//!   `jaunt ca sign-db`, `jaunt proxy db`, `jaunt db connect`.
 //! - [`cli`]: the `jaunt` command line.
 
 pub mod access;
@@ -20,6 +22,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod daemon;
+pub mod db_cmd;
 pub mod http;
 pub mod profile;
 pub mod rbac;

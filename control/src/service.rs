@@ -247,15 +247,27 @@ impl Control {
 
     fn build_snapshot(&self) -> anyhow::Result<Snapshot> {
         let now = unix_now();
-        let roles = self
-            .store
-            .list_roles()?
-            .into_iter()
-            .filter_map(|(name, spec)| Some((name, serde_json::from_str(&spec).ok()?)))
+        // Every stored role must parse and compile: dropping a bad one would drop its deny
+        // rules and widen access, so a bad role keeps the previous snapshot in force.
+        let mut role_docs = BTreeMap::new();
+        let mut role_values = Vec::new();
+        for (name, spec) in self.store.list_roles()? {
+            let role: Role = serde_json::from_str(&spec)
+                .map_err(|e| anyhow::anyhow!("stored role {name} does not parse: {e}"))?;
+            role_docs.insert(name, serde_json::from_str::<serde_json::Value>(&spec)?);
+            role_values.push(role);
+        }
+        let policy = jaunt_config::rbac::Policy::compile(&role_values)?;
+        let stored_locks = self.store.list_locks(now)?;
+        let active_locks = stored_locks
+            .iter()
+            .filter_map(|l| {
+                let lock: Lock = serde_json::from_str(&l.spec).ok()?;
+                Some(jaunt_config::rbac::ActiveLock::from_lock(&lock, l.expires))
+            })
             .collect();
-        let locks = self
-            .store
-            .list_locks(now)?
+        let roles = role_docs;
+        let locks = stored_locks
             .into_iter()
             .filter_map(|l| {
                 let lock: Lock = serde_json::from_str(&l.spec).ok()?;
@@ -286,6 +298,8 @@ impl Control {
             host_ca_roots: vec![self.cas.host.cert_der().clone()],
             roles,
             locks,
+            policy,
+            active_locks,
             targets: Default::default(),
         })
     }
@@ -326,6 +340,8 @@ impl Control {
             ("POST", ["v1", "resources"]) => self.create_resource(req, caller),
             ("GET", ["v1", "ca", ty]) => self.export_ca(caller, ty),
             ("POST", ["v1", "ca", "sign-host"]) => self.sign_host(req, caller),
+            ("POST", ["v1", "ca", "sign-db"]) => self.sign_db(req, caller),
+            ("POST", ["v1", "db", "cert"]) => self.db_cert(req, caller),
             ("GET", ["v1", "audit"]) => self.audit_search(req, caller),
             _ => Err(Response::error(
                 404,
@@ -1131,6 +1147,85 @@ impl Control {
             200,
             &SignHostResponse {
                 ssh_cert: cert.to_openssh().map_err(internal)?,
+            },
+        ))
+    }
+
+    /// `jaunt ca sign-db`: a database server certificate from the db CA over the caller's key.
+    fn sign_db(&self, req: &Request, caller: &Identity) -> Reply {
+        use crate::db_cmd::{self, DbCertResponse, SignDbRequest};
+        self.require(caller, "ca", "create")?;
+        let body: SignDbRequest = req.json()?;
+        let names = db_cmd::db_server_names(&body.hosts).map_err(|e| Response::error(400, e))?;
+        let spki = ca::spki_pem_to_der(&body.tls_public_key)
+            .map_err(|e| Response::error(400, e.to_string()))?;
+        let now = unix_now();
+        let ttl = body
+            .ttl_secs
+            .unwrap_or(self.settings.host_ttl_secs)
+            .clamp(60, db_cmd::MAX_DB_SERVER_CERT_TTL_SECS);
+        let identity = db_cmd::db_server_identity(&self.settings.cluster, &names, now, ttl);
+        let der = self
+            .cas
+            .db
+            .sign_x509(&identity, &spki, &names)
+            .map_err(|e| Response::error(400, e.to_string()))?;
+        self.audit.emit(audit::CERT_ISSUED, Some(&caller.name), &serde_json::json!({
+            "user": caller.name, "kind": "db-server", "hosts": names, "expires": identity.expires,
+        }));
+        Ok(Response::json(
+            200,
+            &DbCertResponse {
+                tls_cert: ca::cert_pem(&der),
+                db_ca: self.cas.db.cert_pem().to_string(),
+                expires: identity.expires,
+            },
+        ))
+    }
+
+    /// An agent's database client certificate for one database user, from the db CA: host
+    /// identities with role `db` only (agents joined with a `db` token). The engine authorized
+    /// the user's dial and the agent checked the database user against the user's certificate.
+    fn db_cert(&self, req: &Request, caller: &Identity) -> Reply {
+        use crate::db_cmd::{self, DbCertRequest, DbCertResponse};
+        if caller.kind != IdentityKind::Host
+            || !caller.roles.iter().any(|r| r == db_cmd::DB_HOST_ROLE)
+        {
+            return Err(Response::error(
+                403,
+                "only agents that joined with a db token (jaunt tokens add --type db) get \
+                 database certificates",
+            ));
+        }
+        let body: DbCertRequest = req.json()?;
+        db_cmd::valid_db_user(&body.db_user).map_err(|e| Response::error(400, e))?;
+        let spki = ca::spki_pem_to_der(&body.tls_public_key)
+            .map_err(|e| Response::error(400, e.to_string()))?;
+        let now = unix_now();
+        let ttl = body
+            .ttl_secs
+            .unwrap_or(db_cmd::DB_CLIENT_CERT_TTL_SECS)
+            .clamp(60, db_cmd::MAX_DB_CLIENT_CERT_TTL_SECS);
+        let identity = db_cmd::db_client_identity(&self.settings.cluster, &body.db_user, now, ttl);
+        let der = self
+            .cas
+            .db
+            .sign_x509(&identity, &spki, &[])
+            .map_err(|e| Response::error(400, e.to_string()))?;
+        self.audit.emit(
+            audit::CERT_ISSUED,
+            body.requested_by.as_deref(),
+            &serde_json::json!({
+                "user": body.requested_by, "kind": "db-client", "db_user": body.db_user,
+                "host": caller.name, "expires": identity.expires,
+            }),
+        );
+        Ok(Response::json(
+            200,
+            &DbCertResponse {
+                tls_cert: ca::cert_pem(&der),
+                db_ca: self.cas.db.cert_pem().to_string(),
+                expires: identity.expires,
             },
         ))
     }

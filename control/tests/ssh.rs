@@ -75,8 +75,31 @@ impl Sshd {
     }
 }
 
+/// A child process killed when the test ends, pass or fail (no stray agents after a panic).
+struct Reaped(Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `jaunt agent` as its own process, joined with a fresh token.
-fn start_agent(c: &Cluster, name: &str, extra: &[&str]) -> (Child, PathBuf) {
+fn start_agent(c: &Cluster, name: &str, extra: &[&str]) -> (Reaped, PathBuf) {
     let out = ok(c.admin(&["tokens", "add", "--type", "node,app,db"], None));
     let token = out.lines().next().unwrap().trim().to_string();
     let data = c.dir.path().join(format!("agent-{name}"));
@@ -84,7 +107,13 @@ fn start_agent(c: &Cluster, name: &str, extra: &[&str]) -> (Child, PathBuf) {
     (child, data)
 }
 
-fn spawn_agent(c: &Cluster, data: &Path, name: &str, token: Option<&str>, extra: &[&str]) -> Child {
+fn spawn_agent(
+    c: &Cluster,
+    data: &Path,
+    name: &str,
+    token: Option<&str>,
+    extra: &[&str],
+) -> Reaped {
     let mut args = vec![
         "agent".to_string(),
         "--proxy".to_string(),
@@ -101,13 +130,15 @@ fn spawn_agent(c: &Cluster, data: &Path, name: &str, token: Option<&str>, extra:
         args.push(t.into());
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    Command::new(jaunt_bin())
-        .args(&args)
-        .env("JAUNT_HOME", c.dir.path().join("agent-home"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+    Reaped(
+        Command::new(jaunt_bin())
+            .args(&args)
+            .env("JAUNT_HOME", c.dir.path().join("agent-home"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Waits until `jaunt ssh LOGIN@NODE -- true` works (the agent is connected), bounded.
@@ -164,17 +195,66 @@ fn ssh_and_scp_through_the_cluster_with_real_openssh() {
     let out = ok(c.run(&["ssh", "root@node1", "--", "echo", "hello"], None));
     assert_eq!(out.trim(), "hello");
 
-    // A login the certificate does not carry is refused by sshd itself.
+    // A login the certificate does not carry is refused twice over: by the engine's RBAC
+    // before any stream opens (naming node and login) ...
     let o = c.run(&["ssh", "nobody@node1", "--", "true"], None);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("Permission denied"), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("access denied") && err.contains("node1") && err.contains("nobody"),
+        "{err}"
+    );
+    // ... and by sshd itself, which checks the certificate's principals: straight to sshd with
+    // alice's certificate, not through Jaunt.
+    let keys = c.keys_dir();
+    let (host, port) = sshd.addr.rsplit_once(':').unwrap();
+    let o = Command::new("ssh")
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-i",
+            keys.join("alice-ssh").to_str().unwrap(),
+            "-o",
+            &format!(
+                "CertificateFile={}",
+                keys.join("alice-ssh-cert.pub").display()
+            ),
+            "-p",
+            port,
+            &format!("nobody@{host}"),
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
-    // The node shows as connected.
+    // The node shows as connected: to the admin, to the user, in the cluster status.
     let nodes = ok(c.admin(&["get", "nodes"], None));
     assert!(
-        nodes.contains("node1") && nodes.contains("connected"),
+        nodes
+            .lines()
+            .any(|l| l.starts_with("node1") && l.contains("ssh") && l.ends_with("connected")),
         "{nodes}"
     );
+    let ls = ok(c.run(&["ls", "nodes", "--format", "json"], None));
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&ls).unwrap();
+    assert_eq!(listed.len(), 1, "{ls}");
+    assert_eq!(listed[0]["name"], "node1");
+    let status = ok(c.admin(&["status"], None));
+    assert!(status.contains("1 joined, 1 connected"), "{status}");
 
     // scp 64 MiB both ways, checksums match.
     let src = c.dir.path().join("big.bin");
@@ -213,6 +293,32 @@ fn ssh_and_scp_through_the_cluster_with_real_openssh() {
     let o = c.run(&["ssh", "root@nosuch", "--", "true"], None);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("nosuch"), "{}", stderr(&o));
+
+    // RBAC at the engine: a login no role allows is refused before any stream opens, naming
+    // the node and the login.
+    let o = c.run(&["ssh", "postgres@node1", "--", "true"], None);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("node1") && err.contains("postgres"), "{err}");
+
+    // A node lock refuses new sessions with its message.
+    ok(c.admin(
+        &["lock", "--node", "node1", "--message", "maintenance window"],
+        None,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = c.run(&["ssh", "root@node1", "--", "true"], None);
+        if !o.status.success() && stderr(&o).contains("maintenance window") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lock never took effect: {}",
+            stderr(&o)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let _ = agent.kill();
     let _ = agent.wait();

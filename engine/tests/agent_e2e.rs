@@ -322,6 +322,10 @@ fn start_engine(
         .send(Arc::new(Snapshot {
             version: 1,
             cluster: CLUSTER.into(),
+            policy: jaunt_config::rbac::Policy::compile(&[
+                jaunt_config::resource::Role::builtin_access(),
+            ])
+            .unwrap(),
             ..Snapshot::default()
         }))
         .unwrap();

@@ -271,6 +271,10 @@ impl Harness {
             user_ca_roots: vec![self.pki.user.der()],
             host_ca_roots: vec![self.pki.host.der()],
             targets,
+            policy: jaunt_config::rbac::Policy::compile(&[
+                jaunt_config::resource::Role::builtin_access(),
+            ])
+            .unwrap(),
             ..Snapshot::default()
         };
         self.snapshots.send(Arc::new(snapshot)).unwrap();

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use super::error::{CloseReason, MuxError, ProtocolError};
 use super::frame::{encode, ControlFrame, FrameType, Header, FLAG_FIN, HEADER_LEN};
+use super::hash::IdHashBuilder;
 use super::stream::{OpenState, Stream};
 use super::tx::{Reservation, TxQueue};
 use super::{
@@ -25,9 +26,10 @@ use super::{
 pub struct Conn {
     role: Role,
     config: Config,
-    /// `Some` once closed; every later call except `poll_transmit`/`poll_event` fails with it.
+    /// `Some` once closed; every later call except the transmit calls and `poll_event` fails
+    /// with it.
     closed: Option<CloseReason>,
-    streams: HashMap<u32, Stream>,
+    streams: HashMap<u32, Stream, IdHashBuilder>,
     /// Next id we open (u64 so that running past `u32::MAX` is visible).
     next_local_id: u64,
     /// Highest id the peer opened; 0 before its first OPEN.
@@ -109,7 +111,7 @@ impl Conn {
             role,
             config,
             closed: None,
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             next_local_id: u64::from(role.first_stream_id()),
             max_peer_id: 0,
             goaway_sent: false,

@@ -1,14 +1,15 @@
 //! [`copy`]: the byte copy the core uses for payload (into the send queue, out of a stream's
 //! receive buffer), written around a `memcpy` pathology that costs 20× on common servers.
 //!
-//! On AMD Zen 3/4, glibc before 2.39 copies blocks above `glibc.cpu.x86_rep_movsb_threshold`
-//! (≈ 2 KiB) with `rep movsb`, which runs about 20× slower (≈ 2.5 GB/s instead of 50–90 GB/s
-//! from L2) when the destination lies 1..=31 bytes after the source modulo 64 (glibc bug 30994;
-//! newer glibc stops using `rep movsb` on those CPUs). A DATA payload sits 12 bytes after its
-//! header, so which copies hit that layout depends on where the allocator put the buffers: a
-//! lottery per buffer, worth 1.5–3× of the mux's throughput. Below the threshold glibc takes its
-//! vector loop, which does not care; so a copy in that layout goes in [`CHUNK`]-byte pieces. On
-//! other CPUs the pieces cost a call per 2 KiB, well under 1 %.
+//! On AMD Zen 3/4 (FSRM), glibc without the fix for its bug 30994 (e.g. Debian 12's 2.36)
+//! copies blocks above `glibc.cpu.x86_rep_movsb_threshold` (≈ 2 KiB) with `rep movsb`, which
+//! runs about 20× slower (measured on the AMD EPYC bench host: ≈ 2.5 GB/s instead of 40–90 GB/s
+//! from L2) when the destination lies 1..=31 bytes after the source modulo 64. A DATA payload
+//! sits 12 bytes after its header, so which copies hit that layout depends on where the
+//! allocator put the buffers: a lottery per buffer, worth 1.5–3× of the mux's throughput.
+//! Below the threshold glibc takes its vector loop, which does not care (≈ 45 GB/s in 2 KiB
+//! pieces there); so a copy in that layout goes in [`CHUNK`]-byte pieces. Elsewhere it is one
+//! `memcpy`, so other CPUs and fixed glibc pay at most a call per 2 KiB in half the layouts.
 
 /// Piece size for copies in the slow layout: below glibc's default `rep movsb` threshold on
 /// every x86-64 (2 KiB × vector size / 16, so at least 2 KiB plus).

@@ -15,10 +15,10 @@
 //!       or, zero-copy:              n = read(conn.input_buf()); conn.input_commit(n, now)?
 //!     while let Some(ev) = conn.poll_event() { … }                    (drain after every input)
 //!     stream operations           → conn.open_stream / open_result / send / recv / finish / reset
-//!       or, zero-copy:              n = read(user, conn.send_buf(id, max)?); conn.send_commit(id, n)?
+//!       or, zero-copy:              n = read(user, conn.send_buf(id, max)?); conn.send_commit(id, n)
 //!                                   n = write(user, conn.read_buf(id)?); conn.consume(id, n)?
 //!     conn.poll_transmit(&mut buf); write buf to the socket; buf.clear()
-//!       or, zero-copy:              n = write(socket, conn.transmit_buf()); conn.transmit_advance(n)
+//!       or, zero-copy:              n = write(sock, conn.transmit_buf()); conn.transmit_advance(n)
 //!     sleep until conn.poll_timeout(), then conn.handle_timeout(now)
 //! }
 //! ```
@@ -46,8 +46,9 @@
 //! * [`Conn::poll_event`] yields [`Event`]s: `StreamOpened`, `OpenResult`, `Readable`, `Writable`,
 //!   `StreamFinished`, `StreamReset`, `Pong`, `GoAway`, `Closed`. `Readable` and `Writable` are
 //!   edge-triggered: after `Readable`, read until [`Conn::recv`] returns 0; after a short
-//!   [`Conn::send`], wait for `Writable`. `StreamFinished` (peer half-closed) comes only once every
-//!   byte before the FIN has been read. The shell must drain events after every `handle_input`.
+//!   [`Conn::send`] (or an empty [`Conn::send_buf`]), wait for `Writable`. `StreamFinished`
+//!   (peer half-closed) comes only once every byte before the FIN has been read. The shell must
+//!   drain events after every `handle_input`.
 //! * [`Conn::poll_timeout`] / [`Conn::handle_timeout`]: a keepalive PING after
 //!   [`Config::keepalive_interval`] of silence from the peer, and the tunnel closes with
 //!   [`CloseReason::Timeout`] after [`Config::dead_peer_timeout`] of silence.
@@ -59,9 +60,10 @@
 //!   [`Conn::finish`] (half-close), [`Conn::reset`] (abort both directions), [`Conn::go_away`]
 //!   (drain), [`Conn::close`] (abort the tunnel), [`Conn::ping`].
 //!
-//! After [`Event::Closed`], keep calling `poll_transmit` until it returns 0 (a final GOAWAY, or
-//! the last data of a drained tunnel, may still be queued), then close the socket. Every other
-//! call returns [`MuxError::Closed`].
+//! After [`Event::Closed`], keep calling `poll_transmit` until it returns 0, or `transmit_buf`
+//! until it is empty (a final GOAWAY, the rest of a batch being written, or the last data of a
+//! drained tunnel may still be queued), then close the socket. Every other call returns
+//! [`MuxError::Closed`].
 //!
 //! # Wire format
 //!
@@ -132,6 +134,7 @@ mod conn;
 mod copy;
 mod error;
 mod frame;
+mod hash;
 mod stream;
 mod tx;
 
@@ -342,7 +345,8 @@ pub enum Event {
         /// The stream.
         id: StreamId,
     },
-    /// A stream whose last `send` was short has credit and queue space again.
+    /// A stream whose last `send` was short (or whose `send_buf` was empty) has credit and queue
+    /// space again.
     Writable {
         /// The stream.
         id: StreamId,

@@ -277,13 +277,17 @@ impl TxQueue {
         let mut at = HEADROOM;
         let mut newest = None;
         while at < self.fill {
-            let Some(head) = self.bufs[1 - self.cur]
+            let header = self.bufs[1 - self.cur]
                 .get(at..at + HEADER_LEN)
                 .and_then(|h| <&[u8; HEADER_LEN]>::try_from(h).ok())
-            else {
-                panic!("queued frame header out of bounds at {at}");
+                .map(Header::decode);
+            assert!(
+                matches!(header, Some(Ok(_))),
+                "queued frame at {at}: {header:?}"
+            );
+            let Some(Ok(header)) = header else {
+                return;
             };
-            let header = Header::decode(head).unwrap_or_else(|e| panic!("queued frame: {e}"));
             assert_eq!(header.kind, FrameType::Data);
             newest = Some((at, header.stream));
             at += HEADER_LEN + header.len as usize;
@@ -308,8 +312,7 @@ fn ensure_len(buf: &mut Vec<u8>, len: usize) {
         return;
     }
     let target = (2 * buf.len())
-        .max(MIN_ALLOC)
-        .min(HEADROOM + QUEUE_BOUND)
+        .clamp(MIN_ALLOC, HEADROOM + QUEUE_BOUND)
         .max(len);
     buf.resize(target, 0);
 }

@@ -5,15 +5,15 @@
 //! resolved the target (which agent serves it, with its labels) from the shard's tunnels, the
 //! engine's directory or the snapshot's `targets`.
 //!
-//! Today it allows every dial to a resolved target. The authorization issue fills in role
-//! matching (logins, db users/names, labels) and locks here, behind the same signature, so the
-//! connection code does not change. A target nobody serves is refused before this, by routing,
-//! with [`Denied::unknown_target`]'s message; a forbidden target must read the same once roles
-//! hide resources, so that a refusal does not reveal what exists.
+//! It maps the dial onto [`jaunt_config::rbac::authorize`] — the one RBAC function engine and
+//! agent share (deny wins, per-role allow of labels and principals, traits, locks, certificate
+//! validity) — with the snapshot's compiled policy and locks. A target nobody serves is refused
+//! before this, by routing, with [`Denied::unknown_target`]'s message. A refusal names the
+//! resource and the rule, as the authorization issue asks.
 
 use jaunt_config::identity::Identity;
 
-use crate::server::dial::DialRequest;
+use crate::server::dial::{DialKind, DialRequest};
 use crate::server::snapshot::{Snapshot, Target};
 
 /// Why a dial was refused. The message is shown to the user as is.
@@ -58,8 +58,36 @@ pub fn authorize(
     request: &DialRequest,
     target: &Target,
 ) -> Result<(), Denied> {
-    let _ = (snapshot, identity, request, target);
-    Ok(())
+    use jaunt_config::rbac;
+    let kind = match request.kind {
+        DialKind::Ssh => rbac::ResourceKind::Node,
+        DialKind::Db => rbac::ResourceKind::Db,
+        DialKind::Tcp => rbac::ResourceKind::Tcp,
+    };
+    let resource = rbac::Resource {
+        kind,
+        name: &request.target,
+        labels: &target.labels,
+    };
+    let rbac_request = rbac::Request {
+        login: request.login.as_deref(),
+        db_user: request.db_user.as_deref(),
+        db_name: request.db_name.as_deref(),
+    };
+    let now = jaunt_config::identity::unix_now();
+    rbac::authorize(
+        &snapshot.policy,
+        identity,
+        &resource,
+        &rbac_request,
+        &snapshot.active_locks,
+        now,
+    )
+    .map(|_decision| ())
+    .map_err(|denied| Denied {
+        kind: DeniedKind::Forbidden,
+        message: denied.message,
+    })
 }
 
 #[cfg(test)]
@@ -92,6 +120,10 @@ mod tests {
         let snapshot = Snapshot {
             version: 1,
             cluster: "test".into(),
+            policy: jaunt_config::rbac::Policy::compile(&[
+                jaunt_config::resource::Role::builtin_access(),
+            ])
+            .unwrap(),
             ..Snapshot::default()
         };
         let mut request = DialRequest {
@@ -105,6 +137,23 @@ mod tests {
             authorize(&snapshot, &alice(), &request, &Target::on_host("h1")),
             Ok(())
         );
+        // A login the identity does not carry is refused, naming the node and the login.
+        request.login = Some("postgres".into());
+        let denied = authorize(&snapshot, &alice(), &request, &Target::on_host("h1")).unwrap_err();
+        assert_eq!(denied.kind, DeniedKind::Forbidden);
+        assert!(
+            denied.message.contains("web1") && denied.message.contains("postgres"),
+            "{}",
+            denied.message
+        );
+        // No roles at all: nothing is allowed.
+        let empty = Snapshot {
+            version: 1,
+            cluster: "test".into(),
+            ..Snapshot::default()
+        };
+        request.login = Some("root".into());
+        assert!(authorize(&empty, &alice(), &request, &Target::on_host("h1")).is_err());
         request.target = "web2".into();
         let denied = Denied::unknown_target(&snapshot, &request);
         assert_eq!(denied.kind, DeniedKind::UnknownTarget);

@@ -698,8 +698,9 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
             return refuse_dial(&mut stream, refusal, &message).await;
         }
     };
-    let Some(header) =
-        StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer).encode()
+    let Some(header) = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
+        .with_db_grants(&identity.db_users, &identity.db_names)
+        .encode()
     else {
         let message = "bad dial request: the certificate's identity is too large to forward";
         return refuse_dial(&mut stream, Refusal::BadDialRequest, message).await;

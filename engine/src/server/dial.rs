@@ -164,6 +164,13 @@ pub struct StreamHeader {
     pub roles: Vec<String>,
     /// The user's address as the engine saw it, for the audit log.
     pub client_addr: String,
+    /// Database dials: the database users the user's certificate allows (`*` = any), so the
+    /// agent can check the user name the client logs in with. Empty for other kinds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_db_users: Vec<String>,
+    /// Database dials: the database names the user's certificate allows (`*` = any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_db_names: Vec<String>,
 }
 
 impl StreamHeader {
@@ -183,7 +190,20 @@ impl StreamHeader {
             user: user.to_owned(),
             roles: roles.to_vec(),
             client_addr: client_addr.to_owned(),
+            allowed_db_users: Vec::new(),
+            allowed_db_names: Vec::new(),
         }
+    }
+
+    /// For a database dial, carries the database users and names the user's identity allows
+    /// (the agent enforces them against what the client logs in with); other kinds are
+    /// returned unchanged.
+    pub fn with_db_grants(mut self, db_users: &[String], db_names: &[String]) -> StreamHeader {
+        if self.kind == DialKind::Db {
+            self.allowed_db_users = db_users.to_vec();
+            self.allowed_db_names = db_names.to_vec();
+        }
+        self
     }
 
     /// The header bytes, or `None` if they would exceed [`crate::mux::MAX_DIAL_HEADER_LEN`]
@@ -552,6 +572,26 @@ mod tests {
         let header = StreamHeader::new(&ssh("web1"), "alice", &["access".into()], "192.0.2.1:5555");
         let bytes = header.encode().unwrap_or_default();
         assert_eq!(StreamHeader::parse(&bytes), Ok(header));
+        let db = DialRequest {
+            kind: DialKind::Db,
+            target: "pg".to_owned(),
+            login: None,
+            db_user: Some("alice".to_owned()),
+            db_name: None,
+        };
+        let grants = (
+            vec!["alice".to_owned()],
+            vec!["app".to_owned(), "*".to_owned()],
+        );
+        let header = StreamHeader::new(&db, "alice", &[], "x").with_db_grants(&grants.0, &grants.1);
+        assert_eq!(header.allowed_db_names, ["app", "*"]);
+        let bytes = header.encode().unwrap_or_default();
+        assert_eq!(StreamHeader::parse(&bytes), Ok(header));
+        let ssh_header =
+            StreamHeader::new(&ssh("web1"), "alice", &[], "x").with_db_grants(&grants.0, &grants.1);
+        assert!(ssh_header.allowed_db_users.is_empty());
+        let text = String::from_utf8(ssh_header.encode().unwrap_or_default()).unwrap_or_default();
+        assert!(!text.contains("allowed_db"), "{text}");
         let many: Vec<String> = (0..1000).map(|i| format!("role-{i}")).collect();
         assert_eq!(
             StreamHeader::new(&ssh("web1"), "alice", &many, "x").encode(),

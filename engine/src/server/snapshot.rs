@@ -37,8 +37,14 @@ pub struct Snapshot {
     /// Roles by name, as control stores them. Opaque until the authorization issue compiles
     /// them into a matcher.
     pub roles: BTreeMap<String, serde_json::Value>,
-    /// Active locks. Not yet enforced (see `authorize.rs`).
+    /// Active locks in the engine's older shape (user/role/target fields); kept for callers
+    /// that read it. Enforcement uses [`Snapshot::active_locks`].
     pub locks: Vec<Lock>,
+    /// The roles compiled once by control (regexes and all); `authorize` evaluates against it.
+    /// An empty policy allows nothing: a snapshot must carry the roles to allow any dial.
+    pub policy: jaunt_config::rbac::Policy,
+    /// Locks in force, enforced by `authorize` (user, role, node and login locks).
+    pub active_locks: Vec<jaunt_config::rbac::ActiveLock>,
     /// Dial targets control registers, with the agent that serves each. Routing consults them
     /// after the resources announced by the agents connected to the dialing shard: they are the
     /// fallback for targets no connected agent announces (and make an unannounced target of a

@@ -41,6 +41,8 @@ pub struct TunnelDriver<S> {
     shared: Rc<RefCell<Shared>>,
     /// Where input goes once the core has closed (allocated then).
     discard: Vec<u8>,
+    /// The EOF or error that ended a round of reads after some data: the next read's result.
+    stashed: Option<ReadStep>,
     /// Bytes went into the transport since its last successful flush.
     unflushed: bool,
     /// The armed timer and the deadline it was armed for.
@@ -88,6 +90,7 @@ where
             io,
             shared,
             discard: Vec::new(),
+            stashed: None,
             unflushed: false,
             timer: None,
             phase: Phase::Running,
@@ -204,8 +207,11 @@ where
     /// Reads from the transport straight into the core's input buffers, for up to
     /// [`READ_BUF_BYTES`] (or until the transport has no more, or the core closes), and feeds
     /// each read to the core. `Data` when bytes arrived, even if the transport then failed or
-    /// reached EOF (that shows on the next read).
+    /// reached EOF (that is kept for the next call).
     fn read_input(&mut self, cx: &mut Context<'_>) -> ReadStep {
+        if let Some(step) = self.stashed.take() {
+            return step;
+        }
         let mut total = 0;
         while total < READ_BUF_BYTES {
             let mut guard = self.shared.borrow_mut();
@@ -221,12 +227,23 @@ where
                 Poll::Ready(Ok(n)) if n > 0 => n,
                 Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {
                     cx.waker().wake_by_ref();
+                    if total == 0 {
+                        return ReadStep::Pending;
+                    }
                     break;
                 }
                 Poll::Ready(Err(err)) if total == 0 => return ReadStep::Failed(err),
                 Poll::Pending if total == 0 => return ReadStep::Pending,
-                // EOF, an error or nothing more after some data: reported by the next read.
-                Poll::Ready(_) | Poll::Pending => break,
+                // After some data: the data first, then (next call) the EOF or the error.
+                Poll::Ready(Ok(_)) => {
+                    self.stashed = Some(ReadStep::Eof);
+                    break;
+                }
+                Poll::Ready(Err(err)) => {
+                    self.stashed = Some(ReadStep::Failed(err));
+                    break;
+                }
+                Poll::Pending => break,
             };
             // A protocol error closes the core, which emits `Closed`: handled by the caller.
             let _ = sh.conn.input_commit(n, Instant::now());
@@ -240,6 +257,9 @@ where
     fn read_discard(&mut self, cx: &mut Context<'_>) -> ReadStep {
         if self.eof {
             return ReadStep::Pending;
+        }
+        if let Some(step) = self.stashed.take() {
+            return step;
         }
         if self.discard.is_empty() {
             self.discard = vec![0u8; READ_BUF_BYTES];

@@ -4,7 +4,7 @@
 //! Both are thin: every call borrows the tunnel's [`Shared`] state, calls the mux core, dispatches
 //! its events and parks a waker in the stream's [`super::shared::Slot`] when it must wait.
 
-use std::cell::RefCell;
+use std::cell::{RefCell, RefMut};
 use std::fmt;
 use std::io;
 use std::pin::Pin;
@@ -40,6 +40,11 @@ const DROPPED_INCOMING_REASON: &str = "stream dropped by the acceptor";
 /// `&MuxStream` is `AsyncRead + AsyncWrite` too, so one task can read and write the same
 /// stream at once (e.g. `future::zip` of a reader and a writer). One reader and one writer at a
 /// time: a second concurrent reader (or writer) replaces the first one's wake-up.
+///
+/// Zero-copy: [`MuxStream::poll_write_with`] lets the caller read the user's socket straight
+/// into the tunnel's send queue, and [`MuxStream::poll_read_with`] write the user's socket
+/// straight from the stream's receive buffer, where `poll_write`/`poll_read` copy through the
+/// caller's buffer; a splice over them copies each byte once less on each side.
 pub struct MuxStream {
     shared: Rc<RefCell<Shared>>,
     id: StreamId,
@@ -72,7 +77,11 @@ impl MuxStream {
     }
 
     fn abort(&self, code: ErrorCode) {
-        let mut sh = self.shared.borrow_mut();
+        // Busy only when dropped inside another stream's `poll_*_with` callback on the same
+        // tunnel (misuse): the stream is then left to the tunnel's end.
+        let Ok(mut sh) = self.shared.try_borrow_mut() else {
+            return;
+        };
         let Some(slot) = sh.slots.remove(&self.id) else {
             return;
         };
@@ -86,30 +95,97 @@ impl MuxStream {
         sh.after_op();
     }
 
-    fn do_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        let mut sh = self.shared.borrow_mut();
+    /// Zero-copy read: hands the bytes received on the stream to `drain` (e.g. a write to the
+    /// user's socket, polled with the `cx` it is given) straight from the stream's receive
+    /// buffer, and drops as many as it says it took. `Ready(Ok(0))` without calling `drain`
+    /// after the peer's FIN (once every byte before it was taken), `Pending` while nothing is
+    /// buffered; otherwise `drain`'s result: `Ready(Ok(n))` (`n` bytes taken), `Pending` (it
+    /// registered its own wake-up, e.g. for the socket's writability) or its error. So an error
+    /// comes from `drain` exactly when `drain` was called and returned it. Errors of the stream
+    /// itself as [`MuxStream`]'s `poll_read`.
+    ///
+    /// `drain` runs while the tunnel's state is borrowed: it must not use the same tunnel (any
+    /// [`MuxStream`] of it fails with an error meanwhile).
+    pub fn poll_read_with<F>(&self, cx: &mut Context<'_>, drain: F) -> Poll<io::Result<usize>>
+    where
+        F: FnOnce(&mut Context<'_>, &[u8]) -> Poll<io::Result<usize>>,
+    {
+        let mut sh = borrow(&self.shared)?;
         let sh = &mut *sh;
-        let Some(slot) = sh.slots.get_mut(&self.id) else {
-            return Poll::Ready(Err(gone()));
+        if let Some(done) = read_check(sh, self.id, true) {
+            return done;
+        }
+        let data = match sh.conn.read_buf(self.id) {
+            Ok(data) => data,
+            Err(err) => return Poll::Ready(Err(mux_error(&err))),
         };
-        if let Some(code) = slot.reset {
-            return Poll::Ready(Err(reset_error(code)));
+        if data.is_empty() {
+            return park_reader(sh, self.id, cx);
         }
-        if slot.fin_received || buf.is_empty() {
-            return Poll::Ready(Ok(0));
+        let n = std::task::ready!(drain(cx, data))?;
+        if let Err(err) = sh.conn.consume(self.id, n) {
+            return Poll::Ready(Err(mux_error(&err)));
         }
-        if let Some(end) = &sh.end {
-            return Poll::Ready(Err(ended_error(end)));
+        sh.after_op();
+        Poll::Ready(Ok(n))
+    }
+
+    /// Zero-copy write: lets `fill` write the stream's next bytes (e.g. a read from the user's
+    /// socket, polled with the `cx` it is given) straight into the tunnel's send queue, into
+    /// room for at most `max` bytes (and at most one 64 KiB frame), and sends as many as it
+    /// says it wrote. `Pending` while the stream has no credit (woken as for `poll_write`);
+    /// otherwise `fill`'s result: `Ready(Ok(n))` (`n` bytes sent; 0 sends nothing, e.g. at the
+    /// socket's EOF), `Pending` (it registered its own wake-up) or its error. So an error comes
+    /// from `fill` exactly when `fill` was called and returned it. Errors of the stream itself
+    /// as `poll_write`.
+    ///
+    /// `fill` runs while the tunnel's state is borrowed: it must not use the same tunnel (any
+    /// [`MuxStream`] of it fails with an error meanwhile).
+    pub fn poll_write_with<F>(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        fill: F,
+    ) -> Poll<io::Result<usize>>
+    where
+        F: FnOnce(&mut Context<'_>, &mut [u8]) -> Poll<io::Result<usize>>,
+    {
+        let mut sh = borrow(&self.shared)?;
+        let sh = &mut *sh;
+        if let Some(done) = write_check(sh, self.id, max, cx) {
+            return done;
+        }
+        let room = match sh.conn.send_buf(self.id, max) {
+            Ok(room) => room,
+            Err(err) => return Poll::Ready(Err(mux_error(&err))),
+        };
+        if room.is_empty() {
+            // No credit: the core owes a `Writable`.
+            return park_writer(sh, self.id, cx);
+        }
+        let n = match fill(cx, room) {
+            Poll::Ready(Ok(n)) => n,
+            other => {
+                // Nothing of the room is sent (the next call voids it).
+                return other;
+            }
+        };
+        let sent = sh.conn.send_commit(self.id, n);
+        sh.after_op();
+        match sent {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(err) => Poll::Ready(Err(mux_error(&err))),
+        }
+    }
+
+    fn do_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut sh = borrow(&self.shared)?;
+        let sh = &mut *sh;
+        if let Some(done) = read_check(sh, self.id, !buf.is_empty()) {
+            return done;
         }
         match sh.conn.recv(self.id, buf) {
-            Ok(0) if sh.read_closed => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "tunnel transport closed before the stream's FIN",
-            ))),
-            Ok(0) => {
-                register(&mut slot.read_waker, cx.waker());
-                Poll::Pending
-            }
+            Ok(0) => park_reader(sh, self.id, cx),
             Ok(n) => {
                 sh.after_op();
                 Poll::Ready(Ok(n))
@@ -119,41 +195,13 @@ impl MuxStream {
     }
 
     fn do_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let mut sh = self.shared.borrow_mut();
+        let mut sh = borrow(&self.shared)?;
         let sh = &mut *sh;
-        let Some(slot) = sh.slots.get_mut(&self.id) else {
-            return Poll::Ready(Err(gone()));
-        };
-        if let Some(code) = slot.reset {
-            return Poll::Ready(Err(reset_error(code)));
-        }
-        if slot.send_finished {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after the stream was closed for writing",
-            )));
-        }
-        if let Some(end) = &sh.end {
-            return Poll::Ready(Err(ended_error(end)));
-        }
-        if sh.read_closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "tunnel transport closed by the peer",
-            )));
-        }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        if slot.accept_pending {
-            register(&mut slot.write_waker, cx.waker());
-            return Poll::Pending;
+        if let Some(done) = write_check(sh, self.id, buf.len(), cx) {
+            return done;
         }
         match sh.conn.send(self.id, buf) {
-            Ok(0) => {
-                register(&mut slot.write_waker, cx.waker());
-                Poll::Pending
-            }
+            Ok(0) => park_writer(sh, self.id, cx),
             Ok(n) => {
                 sh.after_op();
                 Poll::Ready(Ok(n))
@@ -163,7 +211,7 @@ impl MuxStream {
     }
 
     fn do_close(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut sh = self.shared.borrow_mut();
+        let mut sh = borrow(&self.shared)?;
         let sh = &mut *sh;
         let Some(slot) = sh.slots.get_mut(&self.id) else {
             return Poll::Ready(Err(gone()));
@@ -356,6 +404,93 @@ impl fmt::Debug for Incoming {
     }
 }
 
+/// The tunnel's state, or an error when it is already borrowed: only inside a `poll_*_with`
+/// callback that uses the same tunnel.
+fn borrow(shared: &RefCell<Shared>) -> io::Result<RefMut<'_, Shared>> {
+    shared.try_borrow_mut().map_err(|_| {
+        io::Error::other("tunnel used from inside a poll_read_with/poll_write_with callback")
+    })
+}
+
+/// What a read must return before looking at the data: gone, reset, finished (or an empty
+/// read), tunnel ended. `None` to go on.
+fn read_check(sh: &mut Shared, id: StreamId, wants: bool) -> Option<Poll<io::Result<usize>>> {
+    let Some(slot) = sh.slots.get(&id) else {
+        return Some(Poll::Ready(Err(gone())));
+    };
+    if let Some(code) = slot.reset {
+        return Some(Poll::Ready(Err(reset_error(code))));
+    }
+    if slot.fin_received || !wants {
+        return Some(Poll::Ready(Ok(0)));
+    }
+    if let Some(end) = &sh.end {
+        return Some(Poll::Ready(Err(ended_error(end))));
+    }
+    None
+}
+
+/// Nothing buffered: wait for `Readable`, or fail if nothing more can arrive.
+fn park_reader(sh: &mut Shared, id: StreamId, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if sh.read_closed {
+        return Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "tunnel transport closed before the stream's FIN",
+        )));
+    }
+    if let Some(slot) = sh.slots.get_mut(&id) {
+        register(&mut slot.read_waker, cx.waker());
+    }
+    Poll::Pending
+}
+
+/// What a write of `len` bytes must return before asking the core for room: gone, reset,
+/// closed for writing, tunnel ended or read-closed, empty write, accept still deferred.
+fn write_check(
+    sh: &mut Shared,
+    id: StreamId,
+    len: usize,
+    cx: &mut Context<'_>,
+) -> Option<Poll<io::Result<usize>>> {
+    let Some(slot) = sh.slots.get_mut(&id) else {
+        return Some(Poll::Ready(Err(gone())));
+    };
+    if let Some(code) = slot.reset {
+        return Some(Poll::Ready(Err(reset_error(code))));
+    }
+    if slot.send_finished {
+        return Some(Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "write after the stream was closed for writing",
+        ))));
+    }
+    if let Some(end) = &sh.end {
+        return Some(Poll::Ready(Err(ended_error(end))));
+    }
+    if sh.read_closed {
+        return Some(Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "tunnel transport closed by the peer",
+        ))));
+    }
+    if len == 0 {
+        return Some(Poll::Ready(Ok(0)));
+    }
+    if slot.accept_pending {
+        register(&mut slot.write_waker, cx.waker());
+        return Some(Poll::Pending);
+    }
+    None
+}
+
+/// No credit or queue space: wait for `Writable`.
+fn park_writer(sh: &mut Shared, id: StreamId, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if let Some(slot) = sh.slots.get_mut(&id) {
+        register(&mut slot.write_waker, cx.waker());
+    }
+    Poll::Pending
+}
+
 fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -394,8 +529,199 @@ fn mux_error(err: &MuxError) -> io::Error {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 mod tests {
     use super::*;
+    use crate::mux::{self, Role};
+    use crate::tunnel::Tunnel;
+    use futures_lite::future;
+    use std::collections::VecDeque;
+    use std::task::Waker;
+
+    /// One direction of an in-memory transport that takes at most `max_write` bytes per write.
+    #[derive(Default)]
+    struct Wire {
+        bytes: VecDeque<u8>,
+        reader: Option<Waker>,
+        closed: bool,
+    }
+
+    struct End {
+        rx: Rc<RefCell<Wire>>,
+        tx: Rc<RefCell<Wire>>,
+        max_write: usize,
+    }
+
+    fn transport() -> (End, End) {
+        let (a, b) = (
+            Rc::<RefCell<Wire>>::default(),
+            Rc::<RefCell<Wire>>::default(),
+        );
+        let end = |rx: &Rc<RefCell<Wire>>, tx: &Rc<RefCell<Wire>>, max_write| End {
+            rx: rx.clone(),
+            tx: tx.clone(),
+            max_write,
+        };
+        (end(&a, &b, 7_001), end(&b, &a, 50_000))
+    }
+
+    impl AsyncRead for End {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut wire = self.rx.borrow_mut();
+            if wire.bytes.is_empty() {
+                if wire.closed {
+                    return Poll::Ready(Ok(0));
+                }
+                wire.reader = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = buf.len().min(wire.bytes.len());
+            for (dst, src) in buf.iter_mut().zip(wire.bytes.drain(..n)) {
+                *dst = src;
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for End {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut wire = self.tx.borrow_mut();
+            let n = buf.len().min(self.max_write);
+            wire.bytes.extend(&buf[..n]);
+            if let Some(w) = wire.reader.take() {
+                w.wake();
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let mut wire = self.tx.borrow_mut();
+            wire.closed = true;
+            if let Some(w) = wire.reader.take() {
+                w.wake();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn byte_at(offset: usize) -> u8 {
+        (offset % 251) as u8 ^ (offset / 4099) as u8
+    }
+
+    #[test]
+    fn zero_copy_read_and_write_move_every_byte() {
+        const TOTAL: usize = 3 * 1024 * 1024 + 12_345;
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .name("stream-zero-copy")
+            .spawn(|| async move {
+                let (a, b) = transport();
+                let (engine, _engine_driver) =
+                    Tunnel::spawn(a, Role::Server, mux::Config::default());
+                let (agent, _agent_driver) = Tunnel::spawn(b, Role::Client, mux::Config::default());
+                let accepted = glommio::spawn_local(async move {
+                    let incoming = agent.accept().await.unwrap();
+                    (agent, incoming.accept().unwrap())
+                });
+                let sender = engine.open(b"zero-copy").await.unwrap();
+                let (_agent, receiver) = accepted.await;
+
+                let writer = glommio::spawn_local(async move {
+                    let mut sent = 0;
+                    let mut writes = 0usize;
+                    while sent < TOTAL {
+                        writes += 1;
+                        let max = [100, 16 * 1024, usize::MAX][writes % 3];
+                        if writes == 5 {
+                            // `fill`'s error comes back as it is, and nothing is sent.
+                            let err = future::poll_fn(|cx| {
+                                sender.poll_write_with(cx, max, |_, room| {
+                                    room.fill(0xee);
+                                    Poll::Ready(Err(io::Error::other("source failed")))
+                                })
+                            })
+                            .await
+                            .unwrap_err();
+                            assert_eq!(err.to_string(), "source failed");
+                            continue;
+                        }
+                        let n = future::poll_fn(|cx| {
+                            sender.poll_write_with(cx, max, |_, room| {
+                                assert!(!room.is_empty() && room.len() <= max);
+                                // Sometimes a short read: half the room.
+                                let k = if writes.is_multiple_of(7) {
+                                    room.len() / 2
+                                } else {
+                                    room.len()
+                                };
+                                let k = k.min(TOTAL - sent);
+                                for (i, b) in room[..k].iter_mut().enumerate() {
+                                    *b = byte_at(sent + i);
+                                }
+                                room[k..].fill(0xee);
+                                Poll::Ready(Ok(k))
+                            })
+                        })
+                        .await
+                        .unwrap();
+                        sent += n;
+                    }
+                    future::poll_fn(|cx| Pin::new(&mut &sender).poll_close(cx))
+                        .await
+                        .unwrap();
+                    sender
+                });
+
+                let mut received = 0;
+                let mut reads = 0usize;
+                loop {
+                    reads += 1;
+                    let n = future::poll_fn(|cx| {
+                        receiver.poll_read_with(cx, |cx, data| {
+                            assert!(!data.is_empty());
+                            if reads == 3 {
+                                // The same tunnel from inside the callback: an error, no panic.
+                                let mut buf = [0u8; 4];
+                                let inner = Pin::new(&mut &receiver).poll_read(cx, &mut buf);
+                                assert!(matches!(inner, Poll::Ready(Err(_))));
+                            }
+                            let take = data.len().min(1 + reads * 997 % 70_000);
+                            for (i, &b) in data[..take].iter().enumerate() {
+                                assert_eq!(b, byte_at(received + i), "offset {}", received + i);
+                            }
+                            Poll::Ready(Ok(take))
+                        })
+                    })
+                    .await
+                    .unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    received += n;
+                }
+                assert_eq!(received, TOTAL);
+                let _sender = writer.await;
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 
     #[test]
     fn truncation_keeps_char_boundaries() {

@@ -1,0 +1,558 @@
+//! PostgreSQL access, control and client side:
+//!
+//! - the API bodies of `POST /v1/db/cert` (an agent gets a client certificate for a database
+//!   user from the db CA) and `POST /v1/ca/sign-db` (an admin gets a server certificate for a
+//!   database host from the db CA); the handlers are in `service.rs`;
+//! - the agent's [`jaunt_agent::DbCertProvider`] ([`ControlDbCerts`]): a blocking control-API
+//!   call with the agent's host identity, through the proxy;
+//! - `jaunt ca sign-db`, `jaunt proxy db` and `jaunt db connect`.
+//!
+//! The user's client speaks plain PostgreSQL to a local listener on 127.0.0.1; every connection
+//! becomes one dial (ALPN `jaunt-postgres`) through the engine to the agent, which logs in to the
+//! server with a certificate for the database user. When the dial itself is refused, the
+//! listener answers the client in PostgreSQL (an ErrorResponse after its startup message), so
+//! `psql` prints the reason as `FATAL:  jaunt: ...` instead of "server closed the connection".
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use jaunt_agent::postgres::wire::{self, FirstMessage};
+use jaunt_agent::{AgentHooks, DbCertProvider, DbClientCert};
+use jaunt_config::identity::{Identity, IdentityKind};
+use jaunt_engine::server::dial::{DialKind, DialRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::access::{self, Dialer};
+use crate::client::{Client, Trust};
+use crate::profile::{self, Profile};
+
+/// Default lifetime of a database client certificate: the agent caches it and asks for a new one
+/// after two thirds of it; a session outlives its certificate (it is checked at login only).
+pub const DB_CLIENT_CERT_TTL_SECS: u64 = 3600;
+/// Longest database client certificate control issues.
+pub const MAX_DB_CLIENT_CERT_TTL_SECS: u64 = 12 * 3600;
+/// Longest database server certificate (`jaunt ca sign-db --ttl`).
+pub const MAX_DB_SERVER_CERT_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+/// PostgreSQL truncates identifiers to 63 bytes (NAMEDATALEN − 1): a longer user name could
+/// never be the one the server checks the certificate's CN against.
+pub const MAX_DB_USER_BYTES: usize = 63;
+/// Role a host certificate needs for `POST /v1/db/cert` (from a join token of type `db`).
+pub const DB_HOST_ROLE: &str = "db";
+/// How long the local listener waits for a refused client's startup message.
+const LOCAL_REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---- API bodies ----
+
+/// `POST /v1/db/cert` (host mTLS, role `db`): a client certificate for `db_user` over a key the
+/// agent made.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbCertRequest {
+    pub db_user: String,
+    /// PEM SubjectPublicKeyInfo.
+    pub tls_public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// The Jaunt user whose session needs it (for the audit log; the engine authorized them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+}
+
+/// Answer to `POST /v1/db/cert` and `POST /v1/ca/sign-db`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DbCertResponse {
+    /// PEM certificate.
+    pub tls_cert: String,
+    /// The db CA (PEM).
+    pub db_ca: String,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+/// `POST /v1/ca/sign-db` (admin, `ca` `create`): a server certificate for a database host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignDbRequest {
+    /// Host names or IP addresses; the first is the certificate's CN.
+    pub hosts: Vec<String>,
+    /// PEM SubjectPublicKeyInfo.
+    pub tls_public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+// ---- what control signs ----
+
+/// Checks a database user name: non-empty, at most [`MAX_DB_USER_BYTES`], no control
+/// characters (it becomes a certificate's CN and appears in the audit log).
+pub fn valid_db_user(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("db_user is empty".into());
+    }
+    if name.len() > MAX_DB_USER_BYTES {
+        return Err(format!(
+            "db_user {name:?} is longer than PostgreSQL's {MAX_DB_USER_BYTES}-byte identifiers"
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!("db_user {name:?} contains control characters"));
+    }
+    Ok(())
+}
+
+/// The identity of a database client certificate: CN = the database user (what PostgreSQL's
+/// `cert` authentication compares with the user name), valid `ttl_secs` from `now`.
+pub fn db_client_identity(cluster: &str, db_user: &str, now: u64, ttl_secs: u64) -> Identity {
+    Identity {
+        kind: IdentityKind::User,
+        name: db_user.to_string(),
+        roles: vec![],
+        logins: vec![],
+        db_users: vec![db_user.to_string()],
+        db_names: vec![],
+        traits: Default::default(),
+        cluster: cluster.to_string(),
+        not_before: now.saturating_sub(60),
+        expires: now + ttl_secs,
+        permit_pty: false,
+        permit_port_forwarding: false,
+        permit_agent_forwarding: false,
+    }
+}
+
+/// The subject alternative names of a database server certificate for `hosts`: each must be a
+/// DNS name or an IP address; `localhost` also covers `127.0.0.1` and `::1` (a db URI usually
+/// names the loopback address, and the agent checks the certificate against the URI's host).
+pub fn db_server_names(hosts: &[String]) -> Result<Vec<String>, String> {
+    if hosts.is_empty() {
+        return Err("give at least one host name".into());
+    }
+    let mut names: Vec<String> = Vec::new();
+    let mut push = |name: String| {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    };
+    for host in hosts {
+        let host = host.trim();
+        let ok = host.parse::<IpAddr>().is_ok()
+            || (!host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                }));
+        if !ok {
+            return Err(format!("{host:?} is not a host name or IP address"));
+        }
+        push(host.to_ascii_lowercase());
+        if host.eq_ignore_ascii_case("localhost") {
+            push("127.0.0.1".into());
+            push("::1".into());
+        }
+    }
+    Ok(names)
+}
+
+/// The identity of a database server certificate (a host identity, so it carries ServerAuth).
+pub fn db_server_identity(cluster: &str, names: &[String], now: u64, ttl_secs: u64) -> Identity {
+    Identity {
+        kind: IdentityKind::Host,
+        name: names.first().cloned().unwrap_or_default(),
+        roles: vec!["db-server".into()],
+        logins: names.to_vec(),
+        db_users: vec![],
+        db_names: vec![],
+        traits: Default::default(),
+        cluster: cluster.to_string(),
+        not_before: now.saturating_sub(60),
+        expires: now + ttl_secs,
+        permit_pty: false,
+        permit_port_forwarding: false,
+        permit_agent_forwarding: false,
+    }
+}
+
+// ---- the agent's certificate provider ----
+
+/// Gets database client certificates from control with the agent's host identity, through the
+/// proxy (ALPN `jaunt-control`). The identity is read from `DATA_DIR/host` at each call, so a
+/// renewed host certificate is used as soon as it is saved.
+pub struct ControlDbCerts {
+    pub proxy: String,
+    pub data_dir: PathBuf,
+}
+
+impl ControlDbCerts {
+    fn try_issue(&self, db_user: &str, requested_by: &str) -> anyhow::Result<DbClientCert> {
+        let profile = crate::agent_cmd::host_profile(&self.data_dir);
+        let info = profile.load()?.ok_or_else(|| {
+            anyhow!(
+                "the agent's host identity is missing from {}",
+                profile.dir.display()
+            )
+        })?;
+        let client = Client::new(
+            &self.proxy,
+            Trust::Roots(profile.host_ca()?),
+            Some(profile.tls_identity(&info.user)?),
+        )?;
+        let key = rcgen::KeyPair::generate()?;
+        let resp: DbCertResponse = client.post_json(
+            "/v1/db/cert",
+            &DbCertRequest {
+                db_user: db_user.to_string(),
+                tls_public_key: key.public_key_pem(),
+                ttl_secs: None,
+                requested_by: Some(requested_by.to_string()).filter(|u| !u.is_empty()),
+            },
+        )?;
+        Ok(DbClientCert {
+            cert_pem: resp.tls_cert,
+            key_pem: key.serialize_pem(),
+            ca_pem: resp.db_ca,
+            expires: resp.expires,
+        })
+    }
+}
+
+impl DbCertProvider for ControlDbCerts {
+    fn issue(&self, db_user: &str, requested_by: &str) -> Result<DbClientCert, String> {
+        self.try_issue(db_user, requested_by)
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// The hooks `jaunt agent` runs the agent with.
+pub fn agent_hooks(opts: &crate::agent_cmd::AgentOptions) -> AgentHooks {
+    AgentHooks {
+        db_certs: Some(Arc::new(ControlDbCerts {
+            proxy: opts.proxy.clone(),
+            data_dir: opts.data_dir.clone(),
+        })),
+        ..AgentHooks::default()
+    }
+}
+
+// ---- jaunt ca sign-db ----
+
+/// `jaunt ca sign-db --host H[,H2..] --out DIR`: a key made here, a server certificate from the
+/// db CA; writes `DIR/H.crt`, `DIR/H.key` (0600) and `DIR/jaunt-db-ca.crt`.
+pub fn sign_db(
+    client: &Client,
+    hosts: &str,
+    out: &Path,
+    ttl_secs: Option<u64>,
+) -> anyhow::Result<()> {
+    let hosts: Vec<String> = hosts
+        .split(',')
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    let names = db_server_names(&hosts).map_err(|e| anyhow!("--host: {e}"))?;
+    let file_stem = names.first().cloned().unwrap_or_default().replace(':', "_");
+    let key = rcgen::KeyPair::generate()?;
+    let resp: DbCertResponse = client.post_json(
+        "/v1/ca/sign-db",
+        &SignDbRequest {
+            hosts,
+            tls_public_key: key.public_key_pem(),
+            ttl_secs,
+        },
+    )?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let cert_path = out.join(format!("{file_stem}.crt"));
+    let key_path = out.join(format!("{file_stem}.key"));
+    let ca_path = out.join("jaunt-db-ca.crt");
+    profile::write_private(&key_path, key.serialize_pem().as_bytes())?;
+    write_public(&cert_path, &resp.tls_cert)?;
+    write_public(&ca_path, &resp.db_ca)?;
+    println!(
+        "Wrote {} and {} (valid until {}; names: {}), and the db CA to {}.",
+        cert_path.display(),
+        key_path.display(),
+        crate::audit::rfc3339(resp.expires),
+        names.join(", "),
+        ca_path.display()
+    );
+    println!("For postgresql.conf (the key must belong to the server's user: chown postgres):");
+    println!("  ssl = on");
+    println!("  ssl_cert_file = '{}'", cert_path.display());
+    println!("  ssl_key_file = '{}'", key_path.display());
+    println!(
+        "  ssl_ca_file = '{}'   # also: jaunt ca export --type db",
+        ca_path.display()
+    );
+    println!("For pg_hba.conf (agents log in with certificates whose CN is the database user):");
+    println!("  hostssl all all 127.0.0.1/32 cert");
+    Ok(())
+}
+
+fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    profile::write_private(path, text.as_bytes())?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+// ---- jaunt proxy db, jaunt db connect ----
+
+/// The dial of a database session.
+pub fn db_request(name: &str, db_user: &str, db_name: Option<&str>) -> anyhow::Result<DialRequest> {
+    let request = DialRequest {
+        kind: DialKind::Db,
+        target: name.to_string(),
+        login: None,
+        db_user: Some(db_user.to_string()),
+        db_name: db_name.map(str::to_string),
+    };
+    request.validate().map_err(|e| anyhow!("{e}"))?;
+    valid_db_user(db_user).map_err(|e| anyhow!("--db-user: {e}"))?;
+    Ok(request)
+}
+
+/// `jaunt proxy db NAME [--port P] --db-user U [--db-name D]`: a local listener for any
+/// PostgreSQL client (use `sslmode=disable` or the default `prefer`: the hop to the cluster is
+/// TLS already). Runs until killed.
+pub fn proxy(name: &str, port: u16, db_user: &str, db_name: Option<&str>) -> anyhow::Result<()> {
+    let (dialer, _) = Dialer::from_profile(&Profile::user_default())?;
+    let request = db_request(name, db_user, db_name)?;
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    let port = listener.local_addr()?.port();
+    println!("Proxying {name} on 127.0.0.1:{port}");
+    let database = db_name.unwrap_or(db_user);
+    println!("  psql \"{}\"", conninfo(port, db_user, Some(database)));
+    let _ = std::io::stdout().flush();
+    serve_local(listener, Arc::new(dialer), request, false)
+}
+
+/// `jaunt db connect NAME --db-user U [--db-name D] [-- PSQL ARGS]`: a listener on 127.0.0.1:0
+/// and `psql` connected to it; exits with psql's exit code.
+pub fn connect(
+    name: &str,
+    db_user: &str,
+    db_name: Option<&str>,
+    psql_args: &[String],
+) -> anyhow::Result<ExitCode> {
+    let (dialer, _) = Dialer::from_profile(&Profile::user_default())?;
+    let request = db_request(name, db_user, db_name)?;
+    let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot listen on 127.0.0.1")?;
+    let port = listener.local_addr()?.port();
+    let dialer = Arc::new(dialer);
+    std::thread::Builder::new()
+        .name("jaunt-db-listener".into())
+        .spawn(move || serve_local(listener, dialer, request, true))
+        .context("cannot start the local listener")?;
+    // Ctrl-C is psql's (it cancels the running query through a new connection to the listener):
+    // this process must outlive it, so SIGINT only sets a flag nobody reads.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGINT,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .context("installing the SIGINT handler")?;
+    let mut cmd = std::process::Command::new("psql");
+    cmd.arg("-d").arg(conninfo(port, db_user, db_name));
+    cmd.args(psql_args);
+    let status = cmd.status().context(
+        "cannot run psql: is the PostgreSQL client installed (apt-get install postgresql-client)?",
+    )?;
+    Ok(ExitCode::from(
+        u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+    ))
+}
+
+/// A libpq connection string for the local listener: plain TCP (the hop to the cluster is TLS),
+/// no GSSAPI.
+pub fn conninfo(port: u16, db_user: &str, db_name: Option<&str>) -> String {
+    let mut out = format!(
+        "host=127.0.0.1 port={port} user={}",
+        conninfo_value(db_user)
+    );
+    if let Some(db) = db_name {
+        out.push_str(&format!(" dbname={}", conninfo_value(db)));
+    }
+    out.push_str(" sslmode=disable gssencmode=disable");
+    out
+}
+
+/// A conninfo value: bare if it is plain, else single-quoted with `\` and `'` escaped.
+fn conninfo_value(value: &str) -> String {
+    if !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        value.to_string()
+    } else {
+        format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}
+
+/// Dials `request` for every accepted connection (a thread each) and carries the bytes; a
+/// refused dial is answered in PostgreSQL so the client shows why. `quiet`: do not also print
+/// the refusal here (psql prints it).
+pub fn serve_local(
+    listener: TcpListener,
+    dialer: Arc<Dialer>,
+    request: DialRequest,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    for conn in listener.incoming() {
+        let local = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("jaunt: accept failed: {e}");
+                continue;
+            }
+        };
+        let _ = local.set_nodelay(true);
+        let dialer = dialer.clone();
+        let request = request.clone();
+        std::thread::spawn(move || match dialer.dial(&request) {
+            Ok(session) => {
+                if let Err(e) = access::pipe_tcp(session, local) {
+                    eprintln!("jaunt: connection to {} ended: {e:#}", request.target);
+                }
+            }
+            Err(e) => {
+                if !quiet {
+                    eprintln!("jaunt: cannot connect to {}: {e:#}", request.target);
+                }
+                refuse_locally(local, &format!("jaunt: {e:#}"));
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Answers a local client whose dial was refused: `N` to encryption requests, then a FATAL
+/// ErrorResponse once its startup message is in (bounded in time and size).
+pub fn refuse_locally(mut local: TcpStream, message: &str) {
+    let _ = local.set_read_timeout(Some(LOCAL_REFUSAL_TIMEOUT));
+    let _ = local.set_write_timeout(Some(LOCAL_REFUSAL_TIMEOUT));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let mut negotiations = 0;
+    loop {
+        match wire::parse_first(&buf) {
+            Ok(Some((FirstMessage::SslRequest | FirstMessage::GssEncRequest, used))) => {
+                negotiations += 1;
+                if negotiations > 2 || local.write_all(&[wire::NO_ENCRYPTION]).is_err() {
+                    return;
+                }
+                buf.drain(..used);
+            }
+            Ok(Some((FirstMessage::Cancel(_), _))) => return,
+            Ok(Some((FirstMessage::Startup(_), _))) | Err(_) => {
+                let reply =
+                    wire::error_response("FATAL", wire::SQLSTATE_CONNECTION_FAILURE, message);
+                let _ = local.write_all(&reply);
+                let _ = local.flush();
+                let _ = local.shutdown(std::net::Shutdown::Write);
+                // Let the client read the reply and close first.
+                let _ = local.read(&mut chunk);
+                return;
+            }
+            Ok(None) => match local.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_cover_loopback_for_localhost() {
+        assert_eq!(
+            db_server_names(&["localhost".into()]).unwrap(),
+            ["localhost", "127.0.0.1", "::1"]
+        );
+        assert_eq!(
+            db_server_names(&[
+                "db.internal".into(),
+                "10.0.0.5".into(),
+                "DB.internal".into()
+            ])
+            .unwrap(),
+            ["db.internal", "10.0.0.5"]
+        );
+        assert!(db_server_names(&[]).is_err());
+        for bad in ["", "bad name", "a..b", "x/y", "[::1]"] {
+            assert!(db_server_names(&[bad.into()]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn db_users_are_checked() {
+        assert!(valid_db_user("alice").is_ok());
+        assert!(valid_db_user("Alice Smith").is_ok());
+        assert!(valid_db_user("").is_err());
+        assert!(valid_db_user(&"a".repeat(64)).is_err());
+        assert!(valid_db_user("a\nb").is_err());
+    }
+
+    #[test]
+    fn conninfo_quotes_what_needs_it() {
+        assert_eq!(
+            conninfo(5432, "alice", Some("postgres")),
+            "host=127.0.0.1 port=5432 user=alice dbname=postgres sslmode=disable gssencmode=disable"
+        );
+        assert_eq!(
+            conninfo(1, "o'neil smith", None),
+            r"host=127.0.0.1 port=1 user='o\'neil smith' sslmode=disable gssencmode=disable"
+        );
+    }
+
+    #[test]
+    fn client_identity_names_the_db_user() {
+        let id = db_client_identity("c", "alice", 1000, 3600);
+        assert_eq!(
+            (id.name.as_str(), id.expires, id.not_before),
+            ("alice", 4600, 940)
+        );
+        assert_eq!(id.kind, IdentityKind::User);
+        let server = db_server_identity("c", &["localhost".into(), "::1".into()], 1000, 60);
+        assert_eq!(server.name, "localhost");
+        assert_eq!(server.kind, IdentityKind::Host);
+    }
+
+    #[test]
+    fn a_refused_dial_reads_as_a_postgres_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            refuse_locally(conn, "jaunt: no such database \"pg9\"");
+        });
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(&wire::SSL_REQUEST).unwrap();
+        let mut answer = [0u8; 1];
+        client.read_exact(&mut answer).unwrap();
+        assert_eq!(answer[0], b'N');
+        client
+            .write_all(&wire::Startup::encode(&[("user", "alice")]))
+            .unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        server.join().unwrap();
+        assert_eq!(reply[0], b'E');
+        let text = String::from_utf8_lossy(&reply);
+        assert!(
+            text.contains("SFATAL") && text.contains("no such database \"pg9\""),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,619 @@
+//! End to end with a real PostgreSQL 15 server and the real `psql`: a dev cluster, a separate
+//! `jaunt agent` process serving `--db pg1=postgres://127.0.0.1:PORT`, a throwaway server
+//! (`initdb` into a temp dir, TLS with a certificate from `jaunt ca sign-db`, `ssl_ca_file` = the
+//! db CA, `hostssl all all 127.0.0.1/32 cert`), and `jaunt db connect` / `jaunt proxy db` on the
+//! user's side.
+//!
+//! PostgreSQL refuses to run as root: when the test runs as root (CI), every server-side command
+//! runs as the `postgres` user through `runuser`, and the temp dir is handed to that user;
+//! otherwise they run as the current user. The server is stopped (`pg_ctl stop -m immediate`)
+//! by a drop guard, so a failing assertion does not leave it running.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const PASSWORD: &str = "correct horse battery";
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn pg_bin(name: &str) -> String {
+    let path = Path::new(PG_BIN).join(name);
+    if !path.exists() {
+        panic!(
+            "{} is missing: install PostgreSQL 15 (apt-get install postgresql; .ci/run does this)",
+            path.display()
+        );
+    }
+    path.display().to_string()
+}
+
+fn is_root() -> bool {
+    tool("id", &["-u"]).trim() == "0"
+}
+
+/// A PostgreSQL server in a temp dir, on a port picked at start. Stopped on drop.
+struct Postgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl Postgres {
+    /// A command run as the server's owner (`runuser -u postgres` when root).
+    fn command(&self, program: &str) -> Command {
+        if self.as_postgres {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--", program]);
+            cmd
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    fn give_to_postgres(&self) {
+        if self.as_postgres {
+            tool(
+                "chown",
+                &["-R", "postgres:postgres", self.dir.path().to_str().unwrap()],
+            );
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program).args(args).output().unwrap()
+    }
+
+    /// initdb, TLS with a db-CA certificate for localhost, client certificates required on TCP.
+    fn init(c: &Cluster) -> Postgres {
+        let pg = Postgres {
+            dir: tempfile::tempdir().unwrap(),
+            port: 0,
+            as_postgres: is_root(),
+        };
+        let certs = pg.certs();
+        ok(c.admin(
+            &[
+                "ca",
+                "sign-db",
+                "--host",
+                "localhost",
+                "--out",
+                certs.to_str().unwrap(),
+            ],
+            None,
+        ));
+        std::fs::write(
+            certs.join("db-ca.crt"),
+            ok(c.admin(&["ca", "export", "--type", "db"], None)),
+        )
+        .unwrap();
+        pg.give_to_postgres();
+        let data = pg.data();
+        let o = pg.run(
+            &pg_bin("initdb"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=reject",
+                "--no-sync",
+            ],
+        );
+        assert!(o.status.success(), "initdb: {}", stderr(&o));
+        let conf = format!(
+            "\n# jaunt test\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{dir}'\n\
+             ssl = on\nssl_cert_file = '{certs}/localhost.crt'\nssl_key_file = '{certs}/localhost.key'\n\
+             ssl_ca_file = '{certs}/db-ca.crt'\nfsync = off\n",
+            dir = pg.dir.path().display(),
+            certs = certs.display(),
+        );
+        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        text.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), text).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 cert\n",
+        )
+        .unwrap();
+        pg.give_to_postgres();
+        pg
+    }
+
+    /// Starts the server on a free port. The port is found by binding 127.0.0.1:0 and closing
+    /// the listener right before postgres binds it: another process could take it in between,
+    /// so a failed start is retried once on a new port.
+    fn start(&mut self) {
+        for attempt in 0..2 {
+            let port = {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().port()
+            };
+            let options = format!("-p {port}");
+            let o = self.run(
+                &pg_bin("pg_ctl"),
+                &[
+                    "-D",
+                    self.data().to_str().unwrap(),
+                    "-l",
+                    self.log().to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    &options,
+                    "start",
+                ],
+            );
+            if o.status.success() {
+                self.port = port;
+                return;
+            }
+            let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+            assert!(
+                attempt == 0,
+                "pg_ctl start failed twice: {}\n{log}",
+                stderr(&o)
+            );
+            eprintln!("pg_ctl start on port {port} failed, retrying on another: {log}");
+        }
+    }
+
+    /// Runs SQL as the superuser over the unix socket.
+    fn superuser_sql(&self, sql: &str) -> String {
+        let port = self.port.to_string();
+        let o = self.run(
+            &pg_bin("psql"),
+            &[
+                "-h",
+                self.dir.path().to_str().unwrap(),
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-tAc",
+                sql,
+            ],
+        );
+        assert!(o.status.success(), "psql {sql:?}: {}", stderr(&o));
+        stdout(&o)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if self.port == 0 {
+            return;
+        }
+        let _ = self.run(
+            &pg_bin("pg_ctl"),
+            &[
+                "-D",
+                self.data().to_str().unwrap(),
+                "stop",
+                "-m",
+                "immediate",
+            ],
+        );
+    }
+}
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `jaunt agent` joined with a fresh `db` token, serving `dbs`; its log (info for the agent
+/// library, where queries are recorded) goes to `log`.
+fn start_agent(c: &Cluster, name: &str, dbs: &[String], log: &Path) -> Killed {
+    let out = ok(c.admin(&["tokens", "add", "--type", "db"], None));
+    let token = out.lines().next().unwrap().trim().to_string();
+    let data = c.dir.path().join(format!("agent-{name}"));
+    let mut args = vec![
+        "agent".to_string(),
+        "--proxy".to_string(),
+        c.public_addr.clone(),
+        "--ca-pin".to_string(),
+        c.pin.clone(),
+        "--data-dir".to_string(),
+        data.display().to_string(),
+        "--name".to_string(),
+        name.to_string(),
+        "--token".to_string(),
+        token,
+    ];
+    for db in dbs {
+        args.push("--db".into());
+        args.push(db.clone());
+    }
+    Killed(
+        Command::new(jaunt_bin())
+            .args(&args)
+            .env("JAUNT_HOME", c.dir.path().join("agent-home"))
+            .env("JAUNT_LOG", "warn,jaunt_agent=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_for_db(c: &Cluster, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ls = ok(c.run(&["ls", "dbs"], None));
+        if ls
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never listed: {ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn psql_through_the_cluster_to_a_real_postgres() {
+    let psql = Path::new("/usr/bin/psql");
+    if !psql.exists() {
+        panic!("psql is missing: apt-get install postgresql-client (.ci/run does this)");
+    }
+    let c = Cluster::dev();
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--db-users",
+            "alice",
+            "--db-names",
+            "postgres",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("alice", PASSWORD, &[]));
+
+    let mut pg = Postgres::init(&c);
+    pg.start();
+    pg.superuser_sql("CREATE ROLE alice LOGIN");
+    pg.superuser_sql("CREATE ROLE bob LOGIN");
+
+    let agent_log = c.dir.path().join("agent.log");
+    let _agent = start_agent(
+        &c,
+        "dbhost",
+        &[format!("pg1=postgres://127.0.0.1:{}", pg.port)],
+        &agent_log,
+    );
+    wait_for_db(&c, "pg1");
+
+    // psql through jaunt db connect: the agent logs in as alice with a db-CA certificate.
+    let out = ok(c.run(
+        &[
+            "db",
+            "connect",
+            "pg1",
+            "--db-user",
+            "alice",
+            "--db-name",
+            "postgres",
+            "--",
+            "-tAc",
+            "select 1",
+        ],
+        None,
+    ));
+    assert_eq!(out.trim(), "1");
+    let out = ok(c.run(
+        &[
+            "db",
+            "connect",
+            "pg1",
+            "--db-user",
+            "alice",
+            "--db-name",
+            "postgres",
+            "--",
+            "-tAc",
+            "select current_user || '@' || current_database() || ' ssl=' || ssl from pg_stat_ssl where pid = pg_backend_pid()",
+        ],
+        None,
+    ));
+    assert_eq!(out.trim(), "alice@postgres ssl=true");
+
+    // A database user the certificate does not carry: refused (by the engine's authorization,
+    // and behind it by the agent, which checks the same grants), and psql prints why.
+    let err = fails(c.run(
+        &[
+            "db",
+            "connect",
+            "pg1",
+            "--db-user",
+            "bob",
+            "--db-name",
+            "postgres",
+            "--",
+            "-tAc",
+            "select 1",
+        ],
+        None,
+    ));
+    assert!(
+        err.contains("FATAL") && err.contains("access denied") && err.contains("bob"),
+        "{err}"
+    );
+    // A database name it does not carry.
+    let err = fails(c.run(
+        &[
+            "db",
+            "connect",
+            "pg1",
+            "--db-user",
+            "alice",
+            "--db-name",
+            "template1",
+            "--",
+            "-tAc",
+            "select 1",
+        ],
+        None,
+    ));
+    assert!(
+        err.contains("access denied") && err.contains("template1"),
+        "{err}"
+    );
+    // A database nobody serves: the engine's refusal, spoken in PostgreSQL by the listener.
+    let err = fails(c.run(
+        &[
+            "db",
+            "connect",
+            "pg9",
+            "--db-user",
+            "alice",
+            "--",
+            "-tAc",
+            "select 1",
+        ],
+        None,
+    ));
+    assert!(err.contains("FATAL") && err.contains("pg9"), "{err}");
+
+    // jaunt proxy db: any client on the local port; the client's user must be the dialed one.
+    let mut proxy = Killed(
+        Command::new(jaunt_bin())
+            .args([
+                "proxy",
+                "db",
+                "pg1",
+                "--port",
+                "0",
+                "--db-user",
+                "alice",
+                "--db-name",
+                "postgres",
+            ])
+            .env("JAUNT_HOME", &c.home)
+            .env("HOME", &c.home)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(proxy.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("Proxying pg1 on 127.0.0.1:"), "{line}");
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let conninfo = |user: &str| format!("host=127.0.0.1 port={port} user={user} dbname=postgres");
+    // Default sslmode (prefer): psql asks for TLS, the listener's agent answers N.
+    let out = tool(
+        "psql",
+        &[&conninfo("alice"), "-tAc", "select 40 + 2; select 'two'"],
+    );
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["42", "two"]);
+    let o = Command::new("psql")
+        .args([&conninfo("bob"), "-tAc", "select 1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(r#"db user "bob" is not the one you dialed (alice)"#),
+        "{}",
+        stderr(&o)
+    );
+
+    // Ctrl-C in psql: its CancelRequest arrives on a new connection to the listener, and the
+    // agent forwards it to the server, which cancels the running query.
+    let mut sleeper = Killed(
+        Command::new("psql")
+            .args([&conninfo("alice"), "-tAc", "select pg_sleep(60)"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pg
+        .superuser_sql(
+            "select count(*) from pg_stat_activity \
+             where usename = 'alice' and query = 'select pg_sleep(60)'",
+        )
+        .trim()
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the query never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    tool("kill", &["-INT", &sleeper.0.id().to_string()]);
+    let status = loop {
+        if let Some(status) = sleeper.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the query was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(sleeper.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+    drop(proxy);
+
+    // The agent recorded the queries, and control the certificates it issued.
+    let log = strip_ansi(&std::fs::read_to_string(&agent_log).unwrap());
+    let recorded: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("jaunt db query"))
+        .collect();
+    assert!(
+        recorded
+            .iter()
+            .any(|l| l.contains("user=alice") && l.contains(r#"query="select 1""#)),
+        "{log}"
+    );
+    assert!(
+        recorded
+            .iter()
+            .any(|l| l.contains(r#"query="select 40 + 2; select 'two'""#)),
+        "{log}"
+    );
+    assert!(!recorded.iter().any(|l| l.contains("db_user=bob")), "{log}");
+    let audit = ok(c.admin(
+        &[
+            "audit",
+            "search",
+            "--type",
+            "cert.issued",
+            "--format",
+            "json",
+        ],
+        None,
+    ));
+    assert!(
+        audit.contains("\"db-client\"") && audit.contains("\"db-server\""),
+        "{audit}"
+    );
+}
+
+#[test]
+fn db_certificates_are_for_db_agents_only() {
+    let c = Cluster::dev();
+    // A user (even the admin) gets no database client certificate; the endpoint is for hosts.
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "carol",
+            "--roles",
+            "access,editor",
+            "--db-users",
+            "carol",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("carol", PASSWORD, &[]));
+    let profile = jaunt_control::profile::Profile {
+        dir: c.home.clone(),
+    };
+    let info = profile.load().unwrap().unwrap();
+    let client = jaunt_control::client::Client::new(
+        &c.public_addr,
+        jaunt_control::client::Trust::Roots(profile.host_ca().unwrap()),
+        Some(profile.tls_identity(&info.user).unwrap()),
+    )
+    .unwrap();
+    let key = rcgen_key_pem();
+    let refused = client
+        .post_json::<_, serde_json::Value>(
+            "/v1/db/cert",
+            &jaunt_control::db_cmd::DbCertRequest {
+                db_user: "postgres".into(),
+                tls_public_key: key,
+                ttl_secs: None,
+                requested_by: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("db token"), "{refused}");
+    // sign-db wants an admin verb, and names it cannot certify are refused.
+    let err = fails(c.admin(
+        &[
+            "ca",
+            "sign-db",
+            "--host",
+            "bad name",
+            "--out",
+            "/tmp/unused",
+        ],
+        None,
+    ));
+    assert!(err.contains("not a host name"), "{err}");
+}
+
+/// `text` without ANSI color sequences (`ESC [ ... m`): the log is colored even into a file.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A fresh P-256 public key (PEM), made the way the CLI makes one.
+fn rcgen_key_pem() -> String {
+    jaunt_control::ca::LocalKeys::generate()
+        .unwrap()
+        .tls_public_pem
+}
