@@ -13,7 +13,15 @@
 //!
 //! Clients offer ALPN `jaunt-control` ([`ALPN_CONTROL`]); [`server_config`] also accepts
 //! `http/1.1` so that curl works against the control port directly. The engine passes
-//! `jaunt-control` connections through byte for byte, so this server only ever sees ordinary TLS.
+//! `jaunt-control` connections through byte for byte, after a PROXY protocol v2 header that names
+//! the client's real address.
+//!
+//! PROXY protocol: a connection may start with a PROXY v2 header (`read_proxy_header`) only when
+//! its TCP peer is a loopback address, i.e. the engine on the same host; the header's source
+//! address then becomes [`Request::peer`] (the failed-login limiter keys on it). A non-loopback
+//! peer that starts with the PROXY signature is refused: anyone could claim any address. An engine
+//! on another host would need an explicit trust list of engine addresses (not implemented).
+//! Connections without the signature (direct clients, the admin CLI) are served as before.
 //!
 //! What does not live here: routing and authorization (the handler decides per path, using
 //! [`Request::peer_certs`]), the client ([`crate::client`]).
@@ -512,6 +520,15 @@ fn serve_connection(shared: &Shared, slot: &Mutex<Slot>, sock: TcpStream, peer: 
     let _ = sock.set_nodelay(true);
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
 
+    let peer = match read_proxy_header(&sock, peer, handshake_deadline) {
+        Ok(peer) => peer,
+        Err(e) => {
+            Stats::bump(&shared.stats.tls_failures);
+            tracing::debug!(%peer, "PROXY header refused: {e}");
+            return;
+        }
+    };
+
     match sniff_plain_http(&sock, handshake_deadline) {
         Ok(false) => {}
         Ok(true) => {
@@ -626,6 +643,85 @@ fn serve_connection(shared: &Shared, slot: &Mutex<Slot>, sock: TcpStream, peer: 
     if next == Next::CloseAfterError {
         linger(&mut io.sock);
     }
+}
+
+/// Most bytes of addresses and TLVs accepted after the 16-byte PROXY v2 header start (IPv6
+/// addresses take 36; the engine sends no TLVs, but a few small ones are tolerated).
+const PROXY_MAX_PAYLOAD_BYTES: usize = 512;
+
+/// Reads an optional PROXY protocol v2 header at the start of `sock` and returns the address to
+/// serve the connection as: the header's source address, or `peer` (the TCP peer) when there is
+/// no header, the header says LOCAL, or its addresses are not TCP over IPv4/IPv6.
+///
+/// A header is recognised by its first byte (`\r`, which neither a TLS record nor an HTTP request
+/// starts with). It is trusted only from a loopback `peer`; from any other peer, and when it does
+/// not parse, the connection is refused with an error. Reads are bounded in size
+/// ([`PROXY_MAX_PAYLOAD_BYTES`]) and by `deadline`.
+fn read_proxy_header(
+    sock: &TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> io::Result<SocketAddr> {
+    let refused = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    sock.set_read_timeout(Some(remaining(deadline)?))?;
+    let mut first = [0u8; 1];
+    match sock.peek(&mut first) {
+        Ok(0) => return Ok(peer), // EOF: sniff_plain_http reports it
+        Ok(_) => {}
+        Err(e) => return Err(socket_error(e)),
+    }
+    if first[0] != ppp::v2::PROTOCOL_PREFIX[0] {
+        return Ok(peer);
+    }
+    if !peer.ip().to_canonical().is_loopback() {
+        return Err(refused(format!("PROXY header from untrusted peer {peer}")));
+    }
+    let mut header = vec![0u8; 16];
+    read_exact_by(sock, &mut header, deadline)?;
+    if &header[..ppp::v2::PROTOCOL_PREFIX.len()] != ppp::v2::PROTOCOL_PREFIX {
+        return Err(refused("not a PROXY v2 signature".into()));
+    }
+    let length = usize::from(u16::from_be_bytes([header[14], header[15]]));
+    if length > PROXY_MAX_PAYLOAD_BYTES {
+        return Err(refused(format!("PROXY header too long ({length} bytes)")));
+    }
+    header.resize(16 + length, 0);
+    read_exact_by(sock, &mut header[16..], deadline)?;
+    let parsed = ppp::v2::Header::try_from(&header[..])
+        .map_err(|e| refused(format!("bad PROXY header: {e}")))?;
+    Ok(proxied_source(&parsed).unwrap_or(peer))
+}
+
+/// The source address a parsed PROXY v2 header names, if it is a PROXY command for TCP over IP.
+fn proxied_source(header: &ppp::v2::Header<'_>) -> Option<SocketAddr> {
+    use ppp::v2::{Addresses, Command, Protocol};
+    if header.command != Command::Proxy || header.protocol != Protocol::Stream {
+        return None;
+    }
+    match header.addresses {
+        Addresses::IPv4(a) => Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),
+        Addresses::IPv6(a) => Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port)),
+        Addresses::Unspecified | Addresses::Unix(_) => None,
+    }
+}
+
+/// `read_exact` whose every read is bounded by what is left of `deadline`.
+fn read_exact_by(mut sock: &TcpStream, mut buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        sock.set_read_timeout(Some(remaining(deadline)?))?;
+        match sock.read(buf) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed inside the PROXY header",
+                ))
+            }
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(socket_error(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the first byte and tells whether the peer speaks plain HTTP instead of TLS (a TLS
@@ -1319,5 +1415,134 @@ mod tests {
         assert_eq!(wake_addr(any), "127.0.0.1:3025".parse().expect("addr"));
         let any6: SocketAddr = "[::]:3025".parse().expect("addr");
         assert_eq!(wake_addr(any6), "[::1]:3025".parse().expect("addr"));
+    }
+
+    /// A connected loopback pair: (client side, server side).
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (client, server)
+    }
+
+    fn proxy_v2(source: &str, destination: &str) -> Vec<u8> {
+        let source: SocketAddr = source.parse().expect("addr");
+        let destination: SocketAddr = destination.parse().expect("addr");
+        ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (source, destination),
+        )
+        .build()
+        .expect("header")
+    }
+
+    /// Writes `bytes` then "rest", and runs `read_proxy_header` as if from `peer`; returns its
+    /// answer and what is left to read on the socket.
+    fn proxy_read(bytes: &[u8], peer: &str) -> (io::Result<SocketAddr>, Vec<u8>) {
+        let (mut client, server) = socket_pair();
+        client.write_all(bytes).expect("write");
+        client.write_all(b"rest").expect("write");
+        client.shutdown(Shutdown::Write).expect("shutdown");
+        let peer: SocketAddr = peer.parse().expect("addr");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = read_proxy_header(&server, peer, deadline);
+        let mut rest = Vec::new();
+        let _ = (&server).read_to_end(&mut rest);
+        (answer, rest)
+    }
+
+    #[test]
+    fn proxy_header_from_loopback_names_the_peer() {
+        let header = proxy_v2("203.0.113.7:5555", "127.0.0.1:443");
+        let (answer, rest) = proxy_read(&header, "127.0.0.1:40000");
+        assert_eq!(
+            answer.expect("accepted"),
+            "203.0.113.7:5555".parse().expect("addr")
+        );
+        assert_eq!(rest, b"rest", "the header is consumed, nothing more");
+
+        let header = proxy_v2("[2001:db8::7]:5555", "[::1]:443");
+        let (answer, _) = proxy_read(&header, "[::1]:40000");
+        assert_eq!(
+            answer.expect("accepted"),
+            "[2001:db8::7]:5555".parse().expect("addr")
+        );
+    }
+
+    #[test]
+    fn proxy_header_local_command_keeps_the_tcp_peer() {
+        let header = ppp::v2::Builder::new(
+            ppp::v2::Version::Two | ppp::v2::Command::Local,
+            ppp::v2::AddressFamily::Unspecified | ppp::v2::Protocol::Unspecified,
+        )
+        .build()
+        .expect("header");
+        let (answer, rest) = proxy_read(&header, "127.0.0.1:40000");
+        assert_eq!(
+            answer.expect("accepted"),
+            "127.0.0.1:40000".parse().expect("addr")
+        );
+        assert_eq!(rest, b"rest");
+    }
+
+    #[test]
+    fn garbage_after_the_proxy_signature_is_refused() {
+        let mut bad = ppp::v2::PROTOCOL_PREFIX.to_vec();
+        bad.extend_from_slice(&[0x99, 0x11, 0, 12]); // version 9
+        bad.extend_from_slice(&[0; 12]);
+        let (answer, _) = proxy_read(&bad, "127.0.0.1:40000");
+        assert!(answer.is_err());
+
+        // Starts like the signature, then is not.
+        let (answer, _) = proxy_read(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n", "127.0.0.1:40000");
+        assert!(answer.is_err());
+
+        // An advertised length past the bound.
+        let mut long = ppp::v2::PROTOCOL_PREFIX.to_vec();
+        long.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        let (answer, _) = proxy_read(&long, "127.0.0.1:40000");
+        assert!(answer.is_err());
+
+        // Truncated: the connection ends inside the header.
+        let header = proxy_v2("203.0.113.7:5555", "127.0.0.1:443");
+        let (mut client, server) = socket_pair();
+        client.write_all(&header[..20]).expect("write");
+        client.shutdown(Shutdown::Write).expect("shutdown");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        assert!(read_proxy_header(&server, peer, deadline).is_err());
+    }
+
+    #[test]
+    fn proxy_header_from_a_non_loopback_peer_is_refused() {
+        let header = proxy_v2("203.0.113.7:5555", "127.0.0.1:443");
+        let (answer, _) = proxy_read(&header, "198.51.100.1:40000");
+        assert!(answer.is_err(), "never trusted from a remote peer");
+    }
+
+    #[test]
+    fn no_proxy_header_leaves_the_connection_unchanged() {
+        let tls_start = [0x16, 0x03, 0x01, 0x00, 0x05];
+        for peer in ["127.0.0.1:40000", "198.51.100.1:40000"] {
+            let (answer, rest) = proxy_read(&tls_start, peer);
+            assert_eq!(answer.expect("served"), peer.parse().expect("addr"));
+            let mut expected = tls_start.to_vec();
+            expected.extend_from_slice(b"rest");
+            assert_eq!(rest, expected, "nothing consumed");
+        }
+    }
+
+    #[test]
+    fn proxy_header_read_is_bounded_by_the_deadline() {
+        let header = proxy_v2("203.0.113.7:5555", "127.0.0.1:443");
+        let (mut client, server) = socket_pair();
+        client.write_all(&header[..20]).expect("write"); // and then nothing
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let started = Instant::now();
+        let err = read_proxy_header(&server, peer, deadline).expect_err("times out");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 }

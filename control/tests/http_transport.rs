@@ -122,6 +122,7 @@ fn handler(gate: Option<Arc<Gate>>) -> http::Handler {
                     &json!({ "certs": req.peer_certs.len(), "user": common_name }),
                 )
             }
+            ("GET", "/v1/peer") => Response::json(200, &json!({ "peer": req.peer.to_string() })),
             ("DELETE", "/v1/things/a b") => Response::empty(204),
             ("GET", "/v1/block") => {
                 if let Some(gate) = &gate {
@@ -338,6 +339,48 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     assert!(head.contains("Connection: close"), "{head}");
     assert!(closed_within(&mut tls, Duration::from_secs(5)));
     assert_eq!(server.stats.accepted(), 1);
+}
+
+/// A loopback peer (the engine) may prefix a PROXY v2 header: the handler sees its source as
+/// the peer. Without one, the handler sees the TCP peer.
+#[test]
+fn proxy_v2_header_from_loopback_sets_the_peer() {
+    let server = TestServer::start(Limits::default());
+    let peer_of = |mut tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>| {
+        tls.write_all(b"GET /v1/peer HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let (status, _, body) = read_response(&mut tls);
+        assert_eq!(status, 200);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        body["peer"].as_str().unwrap().to_owned()
+    };
+
+    let mut sock = TcpStream::connect(&server.addr).unwrap();
+    let header = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "203.0.113.7:5555".parse::<std::net::SocketAddr>().unwrap(),
+            server.addr.parse::<std::net::SocketAddr>().unwrap(),
+        ),
+    )
+    .build()
+    .unwrap();
+    sock.write_all(&header).unwrap();
+    assert_eq!(peer_of(raw_tls_over(sock, &server.ca)), "203.0.113.7:5555");
+
+    let sock = TcpStream::connect(&server.addr).unwrap();
+    let own = sock.local_addr().unwrap().to_string();
+    assert_eq!(peer_of(raw_tls_over(sock, &server.ca)), own);
+
+    // A header that does not parse closes the connection, and only that one.
+    let mut sock = TcpStream::connect(&server.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    sock.write_all(b"\r\n\r\n\0\r\nQUIT\n\x99\x11\x00\x0c garbage here")
+        .unwrap();
+    assert!(closed_within(&mut sock, Duration::from_secs(5)));
+    server.assert_serving();
 }
 
 #[test]

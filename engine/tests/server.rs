@@ -265,7 +265,20 @@ impl Harness {
     }
 
     fn send_snapshot(&self, version: u64, targets: Targets) {
-        let snapshot = Snapshot {
+        self.send_snapshot_with_locks(version, targets, Vec::new());
+    }
+
+    fn send_snapshot_with_locks(
+        &self,
+        version: u64,
+        targets: Targets,
+        active_locks: Vec<jaunt_config::rbac::ActiveLock>,
+    ) {
+        self.send_snapshot_with(version, targets, |s| s.active_locks = active_locks);
+    }
+
+    fn send_snapshot_with(&self, version: u64, targets: Targets, edit: impl FnOnce(&mut Snapshot)) {
+        let mut snapshot = Snapshot {
             version,
             cluster: CLUSTER.into(),
             user_ca_roots: vec![self.pki.user.der()],
@@ -277,6 +290,7 @@ impl Harness {
             .unwrap(),
             ..Snapshot::default()
         };
+        edit(&mut snapshot);
         self.snapshots.send(Arc::new(snapshot)).unwrap();
     }
 
@@ -331,6 +345,12 @@ impl Harness {
             .user
             .identity(&identity(IdentityKind::User, "alice"));
         self.pki.client(&[alpn], Some(alice))
+    }
+
+    /// A client config for user `name` offering `alpn`.
+    fn user(&self, name: &str, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let user = self.pki.user.identity(&identity(IdentityKind::User, name));
+        self.pki.client(&[alpn], Some(user))
     }
 
     /// Dials `request` as alice on a new connection; the response and the connection.
@@ -460,12 +480,41 @@ fn client_hello_bytes(pki: &Pki, alpn: &[&[u8]]) -> Vec<u8> {
 
 // ---------------------------------------------------------------------------------------------
 // Stand-in control: a rustls server with its own certificate, ALPN jaunt-control, that answers
-// one line with `control:<line>`.
+// one line with `control:<line>`. Like control, it first reads the engine's PROXY v2 header and
+// records what it saw (the source address it names, and the first byte after it).
 
 struct StandInControl {
     addr: SocketAddr,
     ca: Ca,
     leaf: CertificateDer<'static>,
+    proxied: Arc<std::sync::Mutex<Vec<Proxied>>>,
+}
+
+/// What the stand-in control read before TLS on one connection.
+#[derive(Debug)]
+struct Proxied {
+    /// The PROXY header's source address, `None` if the header was missing or not PROXY/TCP.
+    source: Option<SocketAddr>,
+    /// The first byte after the header (0x16: a TLS handshake record).
+    next_byte: Option<u8>,
+}
+
+/// Reads a PROXY v2 header off `tcp`: the source address it names, if any.
+fn read_proxy_v2(tcp: &mut TcpStream) -> Option<SocketAddr> {
+    let mut header = vec![0u8; 16];
+    tcp.read_exact(&mut header).ok()?;
+    let length = usize::from(u16::from_be_bytes([header[14], header[15]]));
+    header.resize(16 + length, 0);
+    tcp.read_exact(&mut header[16..]).ok()?;
+    let parsed = ppp::v2::Header::try_from(&header[..]).ok()?;
+    if parsed.command != ppp::v2::Command::Proxy || parsed.protocol != ppp::v2::Protocol::Stream {
+        return None;
+    }
+    match parsed.addresses {
+        ppp::v2::Addresses::IPv4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v2::Addresses::IPv6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        _ => None,
+    }
 }
 
 impl StandInControl {
@@ -485,11 +534,21 @@ impl StandInControl {
         let config = Arc::new(config);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let proxied = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&proxied);
         std::thread::spawn(move || {
             for tcp in listener.incoming() {
-                let Ok(tcp) = tcp else { return };
+                let Ok(mut tcp) = tcp else { return };
                 let config = Arc::clone(&config);
+                let seen = Arc::clone(&seen);
                 std::thread::spawn(move || {
+                    let source = read_proxy_v2(&mut tcp);
+                    let mut next = [0u8; 1];
+                    let next_byte = match tcp.peek(&mut next) {
+                        Ok(1) => Some(next[0]),
+                        _ => None,
+                    };
+                    seen.lock().unwrap().push(Proxied { source, next_byte });
                     let conn = rustls::ServerConnection::new(config).unwrap();
                     let mut tls = rustls::StreamOwned::new(conn, tcp);
                     let mut line = String::new();
@@ -502,7 +561,12 @@ impl StandInControl {
                 });
             }
         });
-        StandInControl { addr, ca, leaf }
+        StandInControl {
+            addr,
+            ca,
+            leaf,
+            proxied,
+        }
     }
 }
 
@@ -879,19 +943,39 @@ fn web_ping_over_curl() {
     );
 }
 
-/// (4) jaunt-control is passed through byte for byte: the client completes a handshake with the
-/// stand-in control's certificate (which the engine does not have) and exchanges data.
+/// (4) jaunt-control is passed through byte for byte, after a PROXY v2 header naming the client:
+/// the client completes a handshake with the stand-in control's certificate (which the engine
+/// does not have) and exchanges data.
 #[test]
 fn control_is_passed_through_untouched() {
     let h = Options::default().start();
     let control = h.control.as_ref().unwrap();
     let config = client_config(&control.ca, &[ALPN_CONTROL], None);
     let mut tls = h.tls_connect(config, "control.test");
+    let client_addr = tls.sock.local_addr().unwrap();
     tls.write_all(b"hello control\n").unwrap();
     tls.flush().unwrap();
     let mut answer = String::new();
     BufReader::new(&mut tls).read_line(&mut answer).unwrap();
     assert_eq!(answer, "control:hello control\n");
+    {
+        let proxied = control.proxied.lock().unwrap();
+        assert_eq!(
+            proxied.len(),
+            1,
+            "one connection reached control: {proxied:?}"
+        );
+        assert_eq!(
+            proxied[0].source,
+            Some(client_addr),
+            "the PROXY header names the client's address"
+        );
+        assert_eq!(
+            proxied[0].next_byte,
+            Some(0x16),
+            "the TLS bytes follow the header"
+        );
+    }
     let leaf = tls.conn.peer_certificates().unwrap()[0].clone();
     assert_eq!(
         leaf, control.leaf,
@@ -1184,6 +1268,145 @@ fn announced_tcp_app_echoes_100_mib() {
         total,
     );
     wait_for("stream closed", || h.metric("jaunt_streams_open", &[]) == 0);
+}
+
+/// Writes `message` and reads its echo back.
+fn echo_once(tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>, message: &[u8]) {
+    tls.write_all(message).unwrap();
+    tls.flush().unwrap();
+    let mut echoed = vec![0u8; message.len()];
+    tls.read_exact(&mut echoed).unwrap();
+    assert_eq!(echoed, message);
+}
+
+/// A lock in a new snapshot closes the live sessions it matches (and only those), counted.
+#[test]
+fn a_lock_closes_matching_live_sessions() {
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        ..Options::default()
+    }
+    .start();
+    let _agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan::new("node7", &["echo"]),
+    );
+    assert!(matches!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    let connect = |name: &str| {
+        let mut tls = h.tls_connect(h.user(name, ALPN_TCP), PUBLIC_HOST);
+        let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+        assert!(response.ok, "{response:?}");
+        tls.sock.set_read_timeout(Some(WAIT)).unwrap();
+        tls
+    };
+    let mut alice = connect("alice");
+    let mut bob = connect("bob");
+    echo_once(&mut alice, b"alice before");
+    echo_once(&mut bob, b"bob before");
+    wait_for("two streams open", || {
+        h.metric("jaunt_streams_open", &[]) == 2
+    });
+
+    h.send_snapshot_with_locks(
+        2,
+        Targets::default(),
+        vec![jaunt_config::rbac::ActiveLock {
+            name: "lock-alice".into(),
+            target: jaunt_config::resource::LockTarget::User("alice".into()),
+            message: "alice is locked".into(),
+            expires: None,
+        }],
+    );
+    // Alice's connection ends: EOF or an error, not the read timeout.
+    let mut buf = [0u8; 64];
+    match alice.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("alice read {n} bytes after the lock"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "alice's session was not closed: {e}"
+        ),
+    }
+    h.wait_metric(
+        "jaunt_sessions_closed_total",
+        &[("shard", "0"), ("reason", "lock")],
+        1,
+    );
+    // Bob's session is untouched.
+    echo_once(&mut bob, b"bob after the lock");
+    assert_eq!(
+        h.metric("jaunt_sessions_closed_total", &[("reason", "lock")]),
+        1
+    );
+    wait_for("alice's stream closed", || {
+        h.metric("jaunt_streams_open", &[]) == 1
+    });
+    // A new session of alice is refused.
+    let mut tls = h.tls_connect(h.user("alice", ALPN_TCP), PUBLIC_HOST);
+    let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+    assert!(!response.ok, "{response:?}");
+    echo_once(&mut bob, b"bob still");
+}
+
+/// A session whose role sets `disconnect_expired_cert` ends when the certificate expires.
+#[test]
+fn an_expiring_certificate_ends_its_session_when_the_role_says_so() {
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        ..Options::default()
+    }
+    .start();
+    let mut role = jaunt_config::resource::Role::builtin_access();
+    role.spec.options.disconnect_expired_cert = Some(true);
+    h.send_snapshot_with(2, Targets::default(), |s| {
+        s.policy = jaunt_config::rbac::Policy::compile(&[role]).unwrap();
+    });
+    wait_for("snapshot 2", || {
+        h.metric("jaunt_snapshot_version", &[]) == 2
+    });
+    let _agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan::new("node7", &["echo"]),
+    );
+    assert!(matches!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    let mut carol = identity(IdentityKind::User, "carol");
+    carol.expires = unix_now() + 3;
+    let config = h.pki.client(&[ALPN_TCP], Some(h.pki.user.identity(&carol)));
+    let mut tls = h.tls_connect(config, PUBLIC_HOST);
+    let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+    assert!(response.ok, "{response:?}");
+    echo_once(&mut tls, b"carol before expiry");
+    tls.sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 64];
+    match tls.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("carol read {n} bytes"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "carol's session outlived her certificate: {e}"
+        ),
+    }
+    assert!(unix_now() >= carol.expires);
 }
 
 /// The life of an agent as routing sees it: its tunnel comes up (inventory event, inventory
@@ -2095,7 +2318,8 @@ fn measure_splice_throughput() {
     tcp.shutdown(Shutdown::Write).unwrap();
     let received = count_rx.recv_timeout(Duration::from_secs(120)).unwrap();
     let took = started.elapsed();
-    assert_eq!(received, TOTAL + hello.len());
+    // The engine's PROXY v2 header for IPv4 comes first: 16 + 12 bytes.
+    assert_eq!(received, 28 + TOTAL + hello.len());
     println!(
         "control pass-through: {} MiB in {took:?} = {:.0} MiB/s",
         TOTAL >> 20,

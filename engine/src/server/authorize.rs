@@ -51,13 +51,14 @@ impl Denied {
 }
 
 /// Decides whether `identity` may dial `request`, which routing resolved to `target`, under
-/// `snapshot`.
+/// `snapshot`. Allowed: when the session must end (unix seconds; the certificate's expiry when
+/// a role sets `disconnect_expired_cert`), if ever.
 pub fn authorize(
     snapshot: &Snapshot,
     identity: &Identity,
     request: &DialRequest,
     target: &Target,
-) -> Result<(), Denied> {
+) -> Result<Option<u64>, Denied> {
     use jaunt_config::rbac;
     let kind = match request.kind {
         DialKind::Ssh => rbac::ResourceKind::Node,
@@ -83,11 +84,41 @@ pub fn authorize(
         &snapshot.active_locks,
         now,
     )
-    .map(|_decision| ())
+    .map(|decision| decision.session_deadline())
     .map_err(|denied| Denied {
         kind: DeniedKind::Forbidden,
         message: denied.message,
     })
+}
+
+/// The first of `locks` that matches `identity` on `request` to a target with `labels` at `now`
+/// (unix seconds): a live session it matches must end.
+pub fn matching_lock<'a>(
+    locks: &'a [jaunt_config::rbac::ActiveLock],
+    identity: &Identity,
+    request: &DialRequest,
+    labels: &std::collections::BTreeMap<String, String>,
+    now: u64,
+) -> Option<&'a jaunt_config::rbac::ActiveLock> {
+    use jaunt_config::rbac;
+    let kind = match request.kind {
+        DialKind::Ssh => rbac::ResourceKind::Node,
+        DialKind::Db => rbac::ResourceKind::Db,
+        DialKind::Tcp => rbac::ResourceKind::Tcp,
+    };
+    let resource = rbac::Resource {
+        kind,
+        name: &request.target,
+        labels,
+    };
+    let rbac_request = rbac::Request {
+        login: request.login.as_deref(),
+        db_user: request.db_user.as_deref(),
+        db_name: request.db_name.as_deref(),
+    };
+    locks
+        .iter()
+        .find(|lock| rbac::lock_matches(lock, identity, &resource, &rbac_request, now))
 }
 
 #[cfg(test)]
@@ -135,7 +166,7 @@ mod tests {
         };
         assert_eq!(
             authorize(&snapshot, &alice(), &request, &Target::on_host("h1")),
-            Ok(())
+            Ok(None)
         );
         // A login the identity does not carry is refused, naming the node and the login.
         request.login = Some("postgres".into());

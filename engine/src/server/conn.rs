@@ -49,7 +49,7 @@ use crate::server::dial::{
 use crate::server::http::{self, PingBody, Response};
 use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed};
 use crate::server::metrics::{DialMiss, Direction, Refusal, RouteKind};
-use crate::server::shard::{ConnGuard, Registered, Resolved, Shard};
+use crate::server::shard::{ConnGuard, Registered, Resolved, Shard, Signal};
 use crate::server::snapshot::Snapshot;
 use crate::tunnel::agent_hello::{AgentHello, MAX_AGENT_HELLO_BYTES};
 use crate::tunnel::{self, CloseReason, OpenError, Side, Tunnel};
@@ -362,6 +362,11 @@ async fn pass_through(ctx: &Ctx<'_>, mut client: Client, hello: Vec<u8>) -> End 
         }
     };
     let _ = upstream.set_nodelay(true);
+    // A PROXY v2 header first, so that control sees the client's address (see control's http.rs).
+    let socket = client.get_ref();
+    let addresses = socket.peer_addr().ok().zip(socket.local_addr().ok());
+    let mut hello = hello;
+    hello.splice(0..0, crate::server::io::proxy_v2_header(addresses));
     match with_deadline(ctx.deadline, upstream.write_all(&hello)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return End::Failed(ConnError::Upstream(e)),
@@ -685,7 +690,12 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         let snapshot = shard.snapshot();
         route_dial(shard, &snapshot, &identity, &request)
     };
-    let (host_id, tunnel) = match routed {
+    let Dialable {
+        host_id,
+        tunnel,
+        labels,
+        session_deadline,
+    } = match routed {
         Ok(found) => found,
         Err((refusal, message)) => {
             tracing::info!(
@@ -754,7 +764,73 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         %host_id,
         "user stream connected"
     );
-    splice_with_idle(ctx, stream, upstream).await
+    let session = LiveSession::start(ctx, &identity, &request, labels);
+    // Dropping the splice closes both sides.
+    let spliced = futures_lite::future::or(splice_with_idle(ctx, stream, upstream), async {
+        session.end.wait().await;
+        End::Done
+    });
+    let Some(deadline) = session_deadline else {
+        return spliced.await;
+    };
+    let left = Duration::from_secs(deadline.saturating_sub(unix_now()));
+    match with_deadline(Instant::now() + left, spliced).await {
+        Ok(end) => end,
+        Err(_) => {
+            tracing::info!(
+                shard = shard.index,
+                user = %identity.name,
+                target = %request.target,
+                "closing a live session: the user's certificate expired"
+            );
+            End::Done
+        }
+    }
+}
+
+/// A dial that routing resolved and authorization allowed.
+struct Dialable {
+    host_id: String,
+    tunnel: Tunnel,
+    /// The target's labels, for locks that come later.
+    labels: Labels,
+    /// When the session must end (unix seconds), if ever.
+    session_deadline: Option<u64>,
+}
+
+/// The target labels a session was authorized against.
+type Labels = std::collections::BTreeMap<String, String>;
+
+/// A user session registered with its shard (to be ended when a lock comes to match it) for as
+/// long as it lives.
+struct LiveSession<'a> {
+    shard: &'a Shard,
+    conn_id: u64,
+    end: Rc<Signal>,
+}
+
+impl<'a> LiveSession<'a> {
+    fn start(
+        ctx: &Ctx<'a>,
+        identity: &Identity,
+        request: &DialRequest,
+        labels: Labels,
+    ) -> LiveSession<'a> {
+        let end = ctx
+            .shard
+            .session_started(ctx.conn_id, identity, request, labels);
+        LiveSession {
+            shard: ctx.shard,
+            conn_id: ctx.conn_id,
+            end,
+        }
+    }
+}
+
+impl Drop for LiveSession<'_> {
+    fn drop(&mut self) {
+        self.shard.session_ended(self.conn_id);
+    }
 }
 
 /// Resolves `request` to its agent's host id and this shard's tunnel to it, and authorizes it;
@@ -764,7 +840,7 @@ fn route_dial(
     snapshot: &Snapshot,
     identity: &Identity,
     request: &DialRequest,
-) -> Result<(String, Tunnel), (Refusal, String)> {
+) -> Result<Dialable, (Refusal, String)> {
     let noun = request.kind.noun();
     let Some(Resolved {
         target,
@@ -777,16 +853,24 @@ fn route_dial(
         return Err((Refusal::UnknownTarget, denied.message));
     };
     // Authorize before saying anything about the agent's tunnels.
-    if let Err(denied) = authorize(snapshot, identity, request, &target) {
-        let refusal = match denied.kind {
-            DeniedKind::UnknownTarget => Refusal::UnknownTarget,
-            DeniedKind::Forbidden => Refusal::Forbidden,
-        };
-        return Err((refusal, denied.message));
-    }
+    let session_deadline = match authorize(snapshot, identity, request, &target) {
+        Ok(deadline) => deadline,
+        Err(denied) => {
+            let refusal = match denied.kind {
+                DeniedKind::UnknownTarget => Refusal::UnknownTarget,
+                DeniedKind::Forbidden => Refusal::Forbidden,
+            };
+            return Err((refusal, denied.message));
+        }
+    };
     let host_id = target.host_id;
     if let Some(tunnel) = tunnel {
-        return Ok((host_id, tunnel));
+        return Ok(Dialable {
+            host_id,
+            tunnel,
+            labels: target.labels,
+            session_deadline,
+        });
     }
     let message = if other_shards.is_empty() {
         shard.metrics.dial_miss(DialMiss::AgentOffline);

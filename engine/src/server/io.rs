@@ -1,6 +1,6 @@
 //! Byte-moving helpers of the connection shell: [`Prefixed`] (replay the bytes read while
 //! routing, then read the socket), [`Counted`] (report a socket's bytes, for metrics and the
-//! idle timeout), [`idle_timeout`] and [`with_deadline`]. Splicing itself is
+//! idle timeout), [`idle_timeout`], [`with_deadline`] and [`proxy_v2_header`]. Splicing itself is
 //! [`crate::tunnel::splice`], shared with the agent.
 //!
 //! The wrappers are runtime-agnostic `futures_lite` I/O adapters; only the timers come from
@@ -9,6 +9,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -111,6 +112,40 @@ impl<S, K: ByteSink> Counted<S, K> {
     pub fn new(inner: S, sink: K) -> Counted<S, K> {
         Counted { inner, sink }
     }
+
+    /// The wrapped socket (for its addresses); bytes moved through it directly are not counted.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// A PROXY protocol v2 header (command PROXY, TCP) naming `source` (the client) and `destination`
+/// (the engine's local address), sent to control before the passed-through bytes so that control
+/// sees the client's real address. Mixed families are sent as IPv6 (IPv4-mapped). Without both
+/// addresses, a LOCAL header: control then keeps the TCP peer.
+pub fn proxy_v2_header(addresses: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
+    use ppp::v2::{AddressFamily, Builder, Command, Protocol, Version};
+    let mapped = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(ip) => SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), a.port()),
+        IpAddr::V6(_) => a,
+    };
+    let built = match addresses {
+        Some((source, destination)) => {
+            let pair = if source.is_ipv4() == destination.is_ipv4() {
+                (source, destination)
+            } else {
+                (mapped(source), mapped(destination))
+            };
+            Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, pair).build()
+        }
+        None => Builder::new(
+            Version::Two | Command::Local,
+            AddressFamily::Unspecified | Protocol::Unspecified,
+        )
+        .build(),
+    };
+    // Building into a Vec cannot fail: the only error source is the writer.
+    built.unwrap_or_default()
 }
 
 impl<S: AsyncRead + Unpin, K: ByteSink + Unpin> AsyncRead for Counted<S, K> {
@@ -187,5 +222,34 @@ mod tests {
             assert_eq!(stream.read_to_end(&mut all).await.ok(), Some(3));
             assert_eq!(all, b"abc");
         });
+    }
+
+    #[test]
+    #[allow(clippy::expect_used, clippy::panic, reason = "tests")]
+    fn proxy_v2_header_round_trips() {
+        let parse = |bytes: &[u8]| ppp::v2::Header::try_from(bytes).map(|h| h.to_owned());
+        let v4 = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let header = proxy_v2_header(Some((v4("203.0.113.7:5555"), v4("127.0.0.1:443"))));
+        let parsed = parse(&header).expect("parses");
+        assert_eq!(parsed.command, ppp::v2::Command::Proxy);
+        assert_eq!(parsed.protocol, ppp::v2::Protocol::Stream);
+        assert_eq!(
+            parsed.addresses,
+            ppp::v2::IPv4::new([203, 0, 113, 7], [127, 0, 0, 1], 5555, 443).into()
+        );
+        assert_eq!(parsed.len(), header.len());
+
+        let mixed = proxy_v2_header(Some((v4("203.0.113.7:5555"), v4("[::1]:443"))));
+        let ppp::v2::Addresses::IPv6(a) = parse(&mixed).expect("parses").addresses else {
+            panic!("mixed families go as IPv6");
+        };
+        assert_eq!(
+            a.source_address.to_ipv4_mapped(),
+            Some([203, 0, 113, 7].into())
+        );
+        assert_eq!(a.source_port, 5555);
+
+        let local = parse(&proxy_v2_header(None)).expect("parses");
+        assert_eq!(local.command, ppp::v2::Command::Local);
     }
 }

@@ -301,6 +301,7 @@ pub struct ShardMetrics {
     tunnels_duplicate: Cell64,
     tunnels_replaced: Cell64,
     streams_open: Cell64,
+    sessions_closed_lock: Cell64,
     dial_misses: [Cell64; DialMiss::ALL.len()],
     cross_shard_hops: Cell64,
     cross_shard_misses: Cell64,
@@ -373,6 +374,16 @@ impl ShardMetrics {
     /// Streams open through this shard's tunnels: −1.
     pub fn stream_closed(&self) {
         self.streams_open.sub(1);
+    }
+
+    /// A live user session was closed because a lock in a new snapshot matches it.
+    pub fn session_closed_by_lock(&self) {
+        self.sessions_closed_lock.add(1);
+    }
+
+    /// Live user sessions closed because a lock matched them.
+    pub fn sessions_closed_by_lock(&self) -> u64 {
+        self.sessions_closed_lock.get()
     }
 
     /// An agent closed a new tunnel cleanly instead of sending its hello: it already has one
@@ -569,6 +580,20 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         "User streams open through tunnels, by shard.",
         |s| s.streams_open.get(),
     );
+    family(
+        &mut out,
+        "jaunt_sessions_closed_total",
+        "counter",
+        "Live user sessions the engine closed, by shard and reason (lock: a lock in a new \
+         snapshot matches the session).",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "jaunt_sessions_closed_total{{shard=\"{i}\",reason=\"lock\"}} {}",
+            shard.sessions_closed_lock.get()
+        );
+    }
     family(
         &mut out,
         "jaunt_dial_misses_total",

@@ -21,11 +21,12 @@
 //! removing a tunnel updates the directory and reports an [`InventoryEvent`] to control.
 //!
 //! Lives here: boot ([`spawn`]), the accept loop with the per-shard connection limit, the apply
-//! path for commands, the tunnel table and routing, and drain. Per-connection logic is in
+//! path for commands (a newer snapshot's locks end the live user sessions they match: see
+//! [`Shard::session_started`]), the tunnel table and routing, and drain. Per-connection logic is in
 //! `conn.rs`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -37,7 +38,10 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::server::dial::DialKind;
+use jaunt_config::identity::Identity;
+
+use crate::server::authorize::matching_lock;
+use crate::server::dial::{DialKind, DialRequest};
 use crate::server::inventory::{Directory, InventoryEvent};
 use crate::server::metrics::{Refusal, ShardMetrics};
 use crate::server::snapshot::{Snapshot, Target};
@@ -253,6 +257,16 @@ pub(crate) struct Resolved {
     pub other_shards: Vec<usize>,
 }
 
+/// A spliced user session, as the shard knows it to end it when a lock comes to match it.
+struct LiveSession {
+    identity: Identity,
+    request: DialRequest,
+    /// The resolved target's labels.
+    labels: BTreeMap<String, String>,
+    /// Fired to end the session: its splice is raced against it.
+    end: Rc<Signal>,
+}
+
 /// One shard's state, owned by its thread.
 pub(crate) struct Shard {
     pub index: usize,
@@ -273,6 +287,9 @@ pub(crate) struct Shard {
     /// A dropped inventory event was logged (once per shard; the metric counts every drop).
     inventory_drop_logged: Cell<bool>,
     next_conn_id: Cell<u64>,
+    /// Live user sessions by connection id (one per connection, so bounded by the connection
+    /// limit).
+    sessions: RefCell<HashMap<u64, LiveSession>>,
     /// Fired when a shutdown begins: tunnels close, keep-alive connections finish their request.
     pub draining: Signal,
     /// Fired at the drain deadline: every connection still open ends now.
@@ -294,6 +311,7 @@ impl Shard {
             directory: Arc::clone(&boot.directory),
             inventory_drop_logged: Cell::new(false),
             next_conn_id: Cell::new(0),
+            sessions: RefCell::new(HashMap::new()),
             draining: Signal::default(),
             abort: Signal::default(),
             all_closed: Signal::default(),
@@ -313,8 +331,10 @@ impl Shard {
 
     /// The apply path, for boot and live updates alike: newer versions replace the current
     /// view, older ones are ignored.
+    /// A newer version also ends the live sessions one of its locks matches.
     pub fn apply_snapshot(&self, snapshot: Arc<Snapshot>) {
-        if let Some(current) = self.metrics.snapshot_version() {
+        let current = self.metrics.snapshot_version();
+        if let Some(current) = current {
             if snapshot.version < current {
                 tracing::warn!(
                     shard = self.index,
@@ -326,9 +346,70 @@ impl Shard {
             }
         }
         let version = snapshot.version;
+        let newer = current.is_none_or(|current| version > current);
+        if newer && !snapshot.active_locks.is_empty() {
+            self.close_locked_sessions(&snapshot);
+        }
         *self.snapshot.borrow_mut() = Rc::new(snapshot);
         self.metrics.snapshot_applied(version);
         tracing::debug!(shard = self.index, version, "snapshot applied");
+    }
+
+    /// Ends every live session a lock of `snapshot` matches now. A loop over this shard's
+    /// sessions: firing a session's signal only wakes its task, which closes both sides.
+    fn close_locked_sessions(&self, snapshot: &Snapshot) {
+        let now = jaunt_config::identity::unix_now();
+        for (conn_id, session) in self.sessions.borrow().iter() {
+            if session.end.is_fired() {
+                continue;
+            }
+            let Some(lock) = matching_lock(
+                &snapshot.active_locks,
+                &session.identity,
+                &session.request,
+                &session.labels,
+                now,
+            ) else {
+                continue;
+            };
+            tracing::info!(
+                shard = self.index,
+                conn = conn_id,
+                user = %session.identity.name,
+                target = %session.request.target,
+                lock = %lock.name,
+                "closing a live session: a lock matches it"
+            );
+            session.end.fire();
+            self.metrics.session_closed_by_lock();
+        }
+    }
+
+    /// Registers the spliced user session of connection `conn_id`; the returned signal fires
+    /// when a lock comes to match it. Unregister with [`Shard::session_ended`].
+    pub fn session_started(
+        &self,
+        conn_id: u64,
+        identity: &Identity,
+        request: &DialRequest,
+        labels: BTreeMap<String, String>,
+    ) -> Rc<Signal> {
+        let end = Rc::new(Signal::default());
+        self.sessions.borrow_mut().insert(
+            conn_id,
+            LiveSession {
+                identity: identity.clone(),
+                request: request.clone(),
+                labels,
+                end: Rc::clone(&end),
+            },
+        );
+        end
+    }
+
+    /// The session of connection `conn_id` ended.
+    pub fn session_ended(&self, conn_id: u64) {
+        self.sessions.borrow_mut().remove(&conn_id);
     }
 
     fn reload_tls(&self, configs: &TlsConfigs) {
