@@ -449,3 +449,74 @@ fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
     let _ = proxy.kill();
     let _ = proxy.wait();
 }
+
+#[test]
+fn a_lock_closes_a_live_ssh_session() {
+    if !Path::new(sshd_binary()).exists() {
+        panic!(
+            "OpenSSH server is not installed (apt-get install openssh-server; .ci/run does this)"
+        );
+    }
+    let c = Cluster::dev();
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            "root",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("alice", PASSWORD, &[]));
+    let sshd = Sshd::start(&c);
+    let (_agent, _data) = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+
+    // A live session that would run for a minute, printing a line once it is up.
+    let mut session = Reaped(
+        Command::new(jaunt_bin())
+            .args(["ssh", "root@node1", "--", "echo up; sleep 60"])
+            .env("JAUNT_HOME", &c.home)
+            .env("HOME", &c.home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(session.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+
+    ok(c.admin(
+        &["lock", "--user", "alice", "--message", "incident 7"],
+        None,
+    ));
+    // The session ends long before its minute is up (bounded wait on the process itself).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = session.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the locked session is still running"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "a cut session does not exit 0");
+    // And alice cannot start a new one, nor log in again.
+    let o = c.run(&["ssh", "root@node1", "--", "true"], None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("incident 7"), "{}", stderr(&o));
+    let err = fails(c.login("alice", PASSWORD, &[]));
+    assert!(err.contains("locked"), "{err}");
+}
