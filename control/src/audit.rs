@@ -3,11 +3,13 @@
 //! Every event is a JSON object with at least `code`, `event` (its type), `time` (RFC 3339) and
 //! `uid`; the rest depends on the type. Codes are stable: scripts and SIEM rules match on them.
 //! Control's own events are appended synchronously (the slow path can afford one SQLite
-//! transaction); the engine's batched, bounded queue arrives with the engine.
+//! transaction); the engine's events (sessions, denials) come through a bounded queue that
+//! [`run_engine_writer`] drains in batches, one transaction per batch.
 
 use std::sync::Arc;
 
 use jaunt_config::identity::unix_now;
+use jaunt_engine::server::AuditEvent;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::store::Store;
@@ -76,6 +78,22 @@ pub const LOCK_DELETED: EventKind = EventKind {
     r#type: "lock.delete",
 };
 
+pub const SESSION_START: EventKind = EventKind {
+    code: "JA2000I",
+    r#type: "session.start",
+};
+pub const SESSION_END: EventKind = EventKind {
+    code: "JA2001I",
+    r#type: "session.end",
+};
+pub const ACCESS_DENIED: EventKind = EventKind {
+    code: "JA2100W",
+    r#type: "access.denied",
+};
+
+/// Most engine events written in one store transaction.
+pub const ENGINE_BATCH_MAX: usize = 1024;
+
 /// Appends events to the store.
 #[derive(Clone)]
 pub struct Audit {
@@ -85,6 +103,50 @@ pub struct Audit {
 impl Audit {
     pub fn new(store: Arc<Store>) -> Audit {
         Audit { store }
+    }
+
+    /// Drains the engine's audit queue until every sender is gone: waits for one event, takes
+    /// whatever else is queued (up to [`ENGINE_BATCH_MAX`]) and appends the batch in one
+    /// transaction.
+    pub fn run_engine_writer(&self, events: &crossbeam_channel::Receiver<AuditEvent>) {
+        let mut batch = Vec::with_capacity(ENGINE_BATCH_MAX);
+        while let Ok(first) = events.recv() {
+            batch.push(first);
+            while batch.len() < ENGINE_BATCH_MAX {
+                match events.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => break,
+                }
+            }
+            self.append_engine_events(&batch);
+            batch.clear();
+        }
+    }
+
+    /// Appends engine events in one transaction. A failure is logged loudly.
+    pub fn append_engine_events(&self, events: &[AuditEvent]) {
+        let rows: Vec<(u64, EventKind, String, String)> = events
+            .iter()
+            .map(|event| {
+                let (kind, json) = engine_event_json(event);
+                (event.time(), kind, event.user().to_owned(), json)
+            })
+            .collect();
+        let refs: Vec<(u64, &str, &str, Option<&str>, &str)> = rows
+            .iter()
+            .map(|(time, kind, user, json)| {
+                (
+                    *time,
+                    kind.code,
+                    kind.r#type,
+                    Some(user.as_str()),
+                    json.as_str(),
+                )
+            })
+            .collect();
+        if let Err(e) = self.store.audit_append(&refs) {
+            tracing::error!(error = %e, events = rows.len(), "audit: could not record engine events");
+        }
     }
 
     /// Records one event; `fields` must be a JSON object. A failure to record is logged loudly:
@@ -126,4 +188,60 @@ pub fn rfc3339(secs: u64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| secs.to_string())
+}
+
+/// An engine event's kind and its JSON text: `code`, `event`, `time` (RFC 3339) and `uid`
+/// first, then the event's own fields (`time` as RFC 3339).
+pub fn engine_event_json(event: &AuditEvent) -> (EventKind, String) {
+    let kind = match event {
+        AuditEvent::SessionStart { .. } => SESSION_START,
+        AuditEvent::SessionEnd { .. } => SESSION_END,
+        AuditEvent::AccessDenied { .. } => ACCESS_DENIED,
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("code".into(), kind.code.into());
+    out.insert("event".into(), kind.r#type.into());
+    out.insert("time".into(), rfc3339(event.time()).into());
+    out.insert("uid".into(), uid().into());
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(event) {
+        for (k, v) in fields {
+            if !matches!(k.as_str(), "event" | "time") {
+                out.insert(k, v);
+            }
+        }
+    }
+    (kind, serde_json::Value::Object(out).to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use jaunt_engine::server::DialKind;
+
+    #[test]
+    fn engine_events_carry_their_codes_and_fields() {
+        let event = AuditEvent::AccessDenied {
+            user: "nobody".into(),
+            roles: vec!["dev".into()],
+            kind: DialKind::Ssh,
+            target: "node1".into(),
+            login: Some("root".into()),
+            db_user: None,
+            client_addr: "127.0.0.1:5".into(),
+            reason: "no".into(),
+            time: 0,
+        };
+        let (kind, json) = engine_event_json(&event);
+        assert_eq!(kind, ACCESS_DENIED);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["code"], "JA2100W");
+        assert_eq!(v["event"], "access.denied");
+        assert_eq!(v["time"], "1970-01-01T00:00:00Z");
+        assert_eq!(v["uid"].as_str().map(str::len), Some(32));
+        assert_eq!(v["kind"], "ssh");
+        assert_eq!(v["target"], "node1");
+        assert_eq!(v["user"], "nobody");
+        assert_eq!(v["reason"], "no");
+    }
 }

@@ -707,6 +707,8 @@ fn daemon_config_from_file(
                 .tls
                 .as_ref()
                 .map(|t| (t.cert_file.clone(), t.key_file.clone())),
+            audit_queue_capacity: config.audit.queue_capacity,
+            audit_overflow: config.audit.on_overflow,
         },
     })
 }

@@ -62,6 +62,10 @@ pub struct EngineSettings {
     /// An operator-provided certificate and key for the public port (e.g. a public CA's);
     /// otherwise the host CA issues one.
     pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// Engine audit events waiting for the store.
+    pub audit_queue_capacity: usize,
+    /// What a full audit queue does to new sessions.
+    pub audit_overflow: jaunt_config::file::AuditOverflow,
 }
 
 impl EngineSettings {
@@ -77,6 +81,8 @@ impl EngineSettings {
             idle_timeout: jaunt_engine::server::DEFAULT_IDLE_TIMEOUT,
             max_connections_per_shard: jaunt_engine::server::DEFAULT_MAX_CONNECTIONS_PER_SHARD,
             tls_files: None,
+            audit_queue_capacity: jaunt_config::file::DEFAULT_AUDIT_QUEUE_CAPACITY,
+            audit_overflow: jaunt_config::file::AuditOverflow::Reject,
         }
     }
 }
@@ -159,6 +165,16 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
                 }
             })?;
     }
+    // The engine's audit events: a bounded queue, drained in batches (one transaction each).
+    let (audit_tx, audit_rx) = crossbeam_channel::bounded(cfg.engine.audit_queue_capacity.max(1));
+    engine_config.audit = Some(audit_tx);
+    engine_config.audit_overflow = cfg.engine.audit_overflow;
+    let audit_writer = {
+        let audit = crate::audit::Audit::new(store.clone());
+        std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || audit.run_engine_writer(&audit_rx))?
+    };
     let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded(16);
     control.set_snapshot_sender(snapshot_tx);
     control.publish_snapshot();
@@ -198,6 +214,10 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "engine shutdown"),
+    }
+    // The engine's senders are gone with it: the writer appends what is queued, then ends.
+    if audit_writer.join().is_err() {
+        tracing::warn!("the audit writer panicked");
     }
     control_server.shutdown();
     println!("jaunt stopped");

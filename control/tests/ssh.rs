@@ -320,6 +320,57 @@ fn ssh_and_scp_through_the_cluster_with_real_openssh() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // The engine's events reach the audit log (asynchronously: poll). The refused dial is an
+    // access denial naming the node and the login.
+    let search = |ty: &str| -> Vec<serde_json::Value> {
+        let out = ok(c.admin(&["audit", "search", "--type", ty, "--format", "json"], None));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let denied = search("access.denied");
+        let found = denied.iter().any(|e| {
+            e["code"] == "JA2100W"
+                && e["target"] == "node1"
+                && e["login"] == "nobody"
+                && e["user"] == "alice"
+                && e["reason"].as_str().is_some_and(|r| r.contains("nobody"))
+        });
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no access denial: {denied:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every session alice started has ended: as many ends as starts.
+    let alice = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .filter(|e| e["user"] == "alice" && e["target"] == "node1")
+            .count()
+    };
+    loop {
+        let starts = search("session.start");
+        let ends = search("session.end");
+        let (s, e) = (alice(&starts), alice(&ends));
+        if s >= 1 && s == e {
+            assert!(starts.iter().all(|e| e["code"] == "JA2000I"), "{starts:?}");
+            assert!(ends.iter().all(|e| e["code"] == "JA2001I"), "{ends:?}");
+            // The scp of 64 MiB went up through one of them.
+            assert!(
+                ends.iter()
+                    .any(|e| e["bytes_in"].as_u64().is_some_and(|b| b > 64 << 20)),
+                "{ends:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{s} session starts but {e} ends for alice: {starts:?} {ends:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     let _ = agent.kill();
     let _ = agent.wait();
 }

@@ -28,8 +28,8 @@ use jaunt_engine::mux::{self, Role};
 use jaunt_engine::route::{ALPN_CONTROL, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL};
 use jaunt_engine::server::dial::StreamHeader;
 use jaunt_engine::server::{
-    DialKind, DialRequest, DialResponse, Engine, EngineConfig, EngineHandle, InventoryEvent,
-    Snapshot, Target, Targets, TlsConfigs, TunnelHello,
+    AuditEvent, AuditOverflow, DialKind, DialRequest, DialResponse, Engine, EngineConfig,
+    EngineHandle, InventoryEvent, Snapshot, Target, Targets, TlsConfigs, TunnelHello,
 };
 use jaunt_engine::tunnel::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
 use jaunt_engine::tunnel::Tunnel;
@@ -203,6 +203,8 @@ struct Options {
     send_snapshot: bool,
     targets: Targets,
     inventory: Option<crossbeam_channel::Sender<InventoryEvent>>,
+    audit: Option<crossbeam_channel::Sender<AuditEvent>>,
+    audit_overflow: AuditOverflow,
     tunnel_timers: mux::Config,
 }
 
@@ -218,6 +220,8 @@ impl Default for Options {
                 .with(DialKind::Ssh, "web1", Target::on_host("host-1"))
                 .with(DialKind::Ssh, "refuse-me", Target::on_host("host-1")),
             inventory: None,
+            audit: None,
+            audit_overflow: AuditOverflow::Reject,
             tunnel_timers: mux::Config::default(),
         }
     }
@@ -237,6 +241,8 @@ impl Options {
         config.idle_timeout = self.idle_timeout;
         config.max_connections_per_shard = self.max_connections_per_shard;
         config.inventory = self.inventory;
+        config.audit = self.audit;
+        config.audit_overflow = self.audit_overflow;
         config.tunnel_timers = self.tunnel_timers;
         let (tx, rx) = crossbeam_channel::unbounded();
         let engine = Engine::start(config, pki.tls_configs(&pki.web), rx).unwrap();
@@ -1356,6 +1362,136 @@ fn a_lock_closes_matching_live_sessions() {
     let response = dial(&mut tls, &tcp_request("echo")).unwrap();
     assert!(!response.ok, "{response:?}");
     echo_once(&mut bob, b"bob still");
+}
+
+fn recv_audit(rx: &crossbeam_channel::Receiver<AuditEvent>) -> AuditEvent {
+    rx.recv_timeout(WAIT).expect("an audit event")
+}
+
+/// A session through the agent is audited as a start, then an end with its plaintext byte
+/// counts; a refused dial as an access denial.
+#[test]
+fn sessions_and_denials_reach_the_audit_queue() {
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let (audit_tx, audit) = crossbeam_channel::unbounded();
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        audit: Some(audit_tx),
+        ..Options::default()
+    }
+    .start();
+    let _agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan::new("node7", &["echo"]),
+    );
+    assert!(matches!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    let mut tls = h.tls_connect(h.user("alice", ALPN_TCP), PUBLIC_HOST);
+    let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+    assert!(response.ok, "{response:?}");
+    let start = recv_audit(&audit);
+    let AuditEvent::SessionStart {
+        session_id,
+        kind,
+        user,
+        target,
+        ..
+    } = &start
+    else {
+        panic!("expected a session start, got {start:?}");
+    };
+    assert_eq!(
+        (*kind, user.as_str(), target.as_str()),
+        (DialKind::Tcp, "alice", "echo")
+    );
+    tls.sock.set_read_timeout(Some(WAIT)).unwrap();
+    echo_once(&mut tls, b"hello audit");
+    echo_once(&mut tls, b"twice");
+    tls.conn.send_close_notify();
+    tls.flush().unwrap();
+    drop(tls);
+    match recv_audit(&audit) {
+        AuditEvent::SessionEnd {
+            session_id: ended,
+            user,
+            bytes_in,
+            bytes_out,
+            ..
+        } => {
+            assert_eq!(&ended, session_id);
+            assert_eq!(user, "alice");
+            assert_eq!((bytes_in, bytes_out), (16, 16));
+        }
+        other => panic!("expected a session end, got {other:?}"),
+    }
+
+    let mut tls = h.tls_connect(h.user("bob", ALPN_TCP), PUBLIC_HOST);
+    let response = dial(&mut tls, &tcp_request("nope")).unwrap();
+    let message = response.error.unwrap_or_default();
+    match recv_audit(&audit) {
+        AuditEvent::AccessDenied {
+            user,
+            kind,
+            target,
+            reason,
+            ..
+        } => {
+            assert_eq!(
+                (user.as_str(), kind, target.as_str()),
+                ("bob", DialKind::Tcp, "nope")
+            );
+            assert_eq!(reason, message);
+        }
+        other => panic!("expected an access denial, got {other:?}"),
+    }
+    assert!(audit.try_recv().is_err(), "no more events");
+}
+
+/// Under `Reject`, a full audit queue refuses new sessions (counted).
+#[test]
+fn a_full_audit_queue_refuses_sessions() {
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let (audit_tx, audit) = crossbeam_channel::bounded(1);
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        audit: Some(audit_tx),
+        ..Options::default()
+    }
+    .start();
+    let _agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-7"),
+        AgentPlan::new("node7", &["echo"]),
+    );
+    assert!(matches!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    let mut first = h.tls_connect(h.user("alice", ALPN_TCP), PUBLIC_HOST);
+    let response = dial(&mut first, &tcp_request("echo")).unwrap();
+    assert!(response.ok, "{response:?}");
+    let mut second = h.tls_connect(h.user("alice", ALPN_TCP), PUBLIC_HOST);
+    let response = dial(&mut second, &tcp_request("echo")).unwrap();
+    assert_eq!(
+        response.error.as_deref(),
+        Some("audit queue full, try again")
+    );
+    h.wait_metric("jaunt_audit_refused_total", &[("shard", "0")], 1);
+    // The first session still works; the queue holds its start only.
+    first.sock.set_read_timeout(Some(WAIT)).unwrap();
+    echo_once(&mut first, b"still here");
+    assert!(matches!(
+        audit.try_recv(),
+        Ok(AuditEvent::SessionStart { .. })
+    ));
+    assert!(audit.try_recv().is_err());
 }
 
 /// A session whose role sets `disconnect_expired_cert` ends when the certificate expires.

@@ -42,6 +42,7 @@ use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use crate::hello::{self, Parse, MAX_CLIENT_HELLO_BYTES};
 use crate::mux::{Blame, Role};
 use crate::route::{self, RejectReason, Route};
+use crate::server::audit::AuditEvent;
 use crate::server::authorize::{authorize, Denied, DeniedKind};
 use crate::server::dial::{
     DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello, LENGTH_PREFIX_BYTES,
@@ -705,6 +706,19 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
                 reason = refusal.as_str(),
                 "dial refused"
             );
+            if matches!(refusal, Refusal::Forbidden | Refusal::UnknownTarget) {
+                let _ = shard.audit(AuditEvent::AccessDenied {
+                    user: identity.name.clone(),
+                    roles: identity.roles.clone(),
+                    kind: request.kind,
+                    target: request.target.clone(),
+                    login: request.login.clone(),
+                    db_user: request.db_user.clone(),
+                    client_addr: ctx.peer.clone(),
+                    reason: message.clone(),
+                    time: unix_now(),
+                });
+            }
             return refuse_dial(&mut stream, refusal, &message).await;
         }
     };
@@ -743,6 +757,21 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         }
     };
     drop(tunnel);
+    let audit = SessionAudit::new(ctx, &identity, &request);
+    if shard.audit(audit.start_event()).is_err() {
+        drop(upstream);
+        tracing::warn!(
+            shard = shard.index,
+            user = %identity.name,
+            target = %request.target,
+            "session refused: the audit queue is full"
+        );
+        let response = DialResponse::error("audit queue full, try again").encode();
+        write_and_close(&mut stream, &response).await;
+        return End::Done;
+    }
+    // From here on the session has started: the guard reports its end however it ends.
+    let session = LiveSession::start(ctx, &identity, &request, labels, audit);
     let _open = OpenStream::new(shard);
     let answered = async {
         stream.write_all(&DialResponse::ok().encode()).await?;
@@ -752,6 +781,8 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         return End::Failed(ConnError::Client(e));
     }
     if !early.is_empty() {
+        let bytes_in = &session.audit.bytes_in;
+        bytes_in.set(bytes_in.get() + early.len() as u64);
         if let Err(e) = upstream.write_all(&early).await {
             return End::Failed(ConnError::Upstream(e));
         }
@@ -764,7 +795,13 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         %host_id,
         "user stream connected"
     );
-    let session = LiveSession::start(ctx, &identity, &request, labels);
+    let stream = Counted::new(
+        stream,
+        SessionBytes {
+            from_client: Rc::clone(&session.audit.bytes_in),
+            to_client: Rc::clone(&session.audit.bytes_out),
+        },
+    );
     // Dropping the splice closes both sides.
     let spliced = futures_lite::future::or(splice_with_idle(ctx, stream, upstream), async {
         session.end.wait().await;
@@ -803,10 +840,13 @@ type Labels = std::collections::BTreeMap<String, String>;
 
 /// A user session registered with its shard (to be ended when a lock comes to match it) for as
 /// long as it lives.
+/// Its drop reports the session's end to the audit log, whatever ended it (the client, the
+/// target, a lock, the idle timeout, expiry, the drain deadline).
 struct LiveSession<'a> {
     shard: &'a Shard,
     conn_id: u64,
     end: Rc<Signal>,
+    audit: SessionAudit,
 }
 
 impl<'a> LiveSession<'a> {
@@ -815,6 +855,7 @@ impl<'a> LiveSession<'a> {
         identity: &Identity,
         request: &DialRequest,
         labels: Labels,
+        audit: SessionAudit,
     ) -> LiveSession<'a> {
         let end = ctx
             .shard
@@ -823,6 +864,7 @@ impl<'a> LiveSession<'a> {
             shard: ctx.shard,
             conn_id: ctx.conn_id,
             end,
+            audit,
         }
     }
 }
@@ -830,6 +872,97 @@ impl<'a> LiveSession<'a> {
 impl Drop for LiveSession<'_> {
     fn drop(&mut self) {
         self.shard.session_ended(self.conn_id);
+        let _ = self.shard.audit(self.audit.end_event());
+    }
+}
+
+/// What the audit log says about one session, and its plaintext byte counts.
+struct SessionAudit {
+    session_id: String,
+    kind: DialKind,
+    user: String,
+    roles: Vec<String>,
+    target: String,
+    login: Option<String>,
+    db_user: Option<String>,
+    db_name: Option<String>,
+    client_addr: String,
+    started: Instant,
+    /// Bytes from the client to the target.
+    bytes_in: Rc<Cell<u64>>,
+    /// Bytes from the target to the client.
+    bytes_out: Rc<Cell<u64>>,
+}
+
+impl SessionAudit {
+    fn new(ctx: &Ctx<'_>, identity: &Identity, request: &DialRequest) -> SessionAudit {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        SessionAudit {
+            session_id: format!("{nanos:x}-{}-{}", ctx.shard.index, ctx.conn_id),
+            kind: request.kind,
+            user: identity.name.clone(),
+            roles: identity.roles.clone(),
+            target: request.target.clone(),
+            login: request.login.clone(),
+            db_user: request.db_user.clone(),
+            db_name: request.db_name.clone(),
+            client_addr: ctx.peer.clone(),
+            started: Instant::now(),
+            bytes_in: Rc::new(Cell::new(0)),
+            bytes_out: Rc::new(Cell::new(0)),
+        }
+    }
+
+    fn start_event(&self) -> AuditEvent {
+        AuditEvent::SessionStart {
+            session_id: self.session_id.clone(),
+            kind: self.kind,
+            user: self.user.clone(),
+            roles: self.roles.clone(),
+            target: self.target.clone(),
+            login: self.login.clone(),
+            db_user: self.db_user.clone(),
+            db_name: self.db_name.clone(),
+            client_addr: self.client_addr.clone(),
+            time: unix_now(),
+        }
+    }
+
+    fn end_event(&self) -> AuditEvent {
+        AuditEvent::SessionEnd {
+            session_id: self.session_id.clone(),
+            kind: self.kind,
+            user: self.user.clone(),
+            roles: self.roles.clone(),
+            target: self.target.clone(),
+            login: self.login.clone(),
+            db_user: self.db_user.clone(),
+            db_name: self.db_name.clone(),
+            client_addr: self.client_addr.clone(),
+            bytes_in: self.bytes_in.get(),
+            bytes_out: self.bytes_out.get(),
+            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            time: unix_now(),
+        }
+    }
+}
+
+/// Counts a session's plaintext bytes (the TLS stream's, not the socket's).
+struct SessionBytes {
+    from_client: Rc<Cell<u64>>,
+    to_client: Rc<Cell<u64>>,
+}
+
+impl ByteSink for SessionBytes {
+    fn bytes(&self, from_peer: bool, n: usize) {
+        let cell = if from_peer {
+            &self.from_client
+        } else {
+            &self.to_client
+        };
+        cell.set(cell.get() + n as u64);
     }
 }
 

@@ -306,6 +306,8 @@ pub struct ShardMetrics {
     cross_shard_hops: Cell64,
     cross_shard_misses: Cell64,
     inventory_dropped: Cell64,
+    audit_refused: Cell64,
+    audit_dropped: Cell64,
     snapshot_version: Cell64,
     snapshot_applied: AtomicBool,
     listening: AtomicBool,
@@ -421,6 +423,16 @@ impl ShardMetrics {
     /// An inventory event for control was dropped (its channel full or closed).
     pub fn inventory_dropped(&self) {
         self.inventory_dropped.add(1);
+    }
+
+    /// A session was refused because the audit queue was full.
+    pub fn audit_refused(&self) {
+        self.audit_refused.add(1);
+    }
+
+    /// An audit event was dropped (its queue full or closed, not refusing).
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.add(1);
     }
 
     /// A snapshot was applied.
@@ -635,6 +647,22 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         "counter",
         "Inventory events for control dropped because their channel was full or closed.",
         |s| s.inventory_dropped.get(),
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_audit_refused_total",
+        "counter",
+        "Sessions refused because the audit queue was full.",
+        |s| s.audit_refused.get(),
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_audit_dropped_total",
+        "counter",
+        "Audit events dropped because their queue was full or closed.",
+        |s| s.audit_dropped.get(),
     );
     family(
         &mut out,

@@ -12,6 +12,7 @@
 //! - `io.rs`: prefix replay, byte counting, splice with idle timeout, deadlines;
 //! - `http.rs`: the web route's HTTP/1.1; `diag.rs`: `/metrics`, `/healthz`, `/readyz`;
 //! - `dial.rs`: the dial request/response and tunnel hello wire formats (sans-IO);
+//! - `audit.rs`: the [`AuditEvent`]s control's audit log receives (sessions, denials);
 //! - `authorize.rs`: the one authorization decision; `snapshot.rs`: what it reads;
 //! - `metrics.rs`: per-shard single-writer counters and the Prometheus text;
 //! - `tls.rs`: the three TLS configurations and their per-shard copies.
@@ -27,6 +28,7 @@
 //! feeder thread (one `Receiver` in, one mailbox per shard out) and the diag thread. Any failure
 //! stops what was started and returns an [`EngineError`] naming what to change.
 
+pub mod audit;
 mod authorize;
 mod conn;
 mod diag;
@@ -46,6 +48,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use audit::{AuditEvent, AuditOverflow};
 pub use authorize::{authorize, Denied, DeniedKind};
 pub use dial::{DialKind, DialRequest, DialResponse, TunnelHello};
 pub use inventory::{AgentInventory, InventoryEvent};
@@ -114,6 +117,12 @@ pub struct EngineConfig {
     /// `try_send`: a full or closed channel drops the event and counts it
     /// (`jaunt_inventory_events_dropped_total`); [`EngineHandle::inventory`] is always current.
     pub inventory: Option<crossbeam_channel::Sender<InventoryEvent>>,
+    /// Where shards report session starts and ends and authorization refusals (`None`:
+    /// nowhere). Sent with `try_send`; what a full queue does is `audit_overflow`.
+    pub audit: Option<crossbeam_channel::Sender<AuditEvent>>,
+    /// A full audit queue refuses new sessions (`Reject`, counted in
+    /// `jaunt_audit_refused_total`) or drops events (`Drop`, `jaunt_audit_dropped_total`).
+    pub audit_overflow: AuditOverflow,
 }
 
 impl EngineConfig {
@@ -137,6 +146,8 @@ impl EngineConfig {
             max_connections_per_shard: DEFAULT_MAX_CONNECTIONS_PER_SHARD,
             tunnel_timers: crate::mux::Config::default(),
             inventory: None,
+            audit: None,
+            audit_overflow: AuditOverflow::Reject,
         }
     }
 

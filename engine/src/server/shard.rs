@@ -558,6 +558,26 @@ impl Shard {
             .collect()
     }
 
+    /// Sends an audit event to control without waiting. `Err(())` only for a session start
+    /// under [`AuditOverflow::Reject`](crate::server::AuditOverflow) with the queue full or
+    /// closed: the session must be refused (counted). Otherwise a failed send is counted as
+    /// dropped.
+    pub fn audit(&self, event: crate::server::AuditEvent) -> Result<(), ()> {
+        let Some(tx) = &self.config.audit else {
+            return Ok(());
+        };
+        let start = matches!(event, crate::server::AuditEvent::SessionStart { .. });
+        if tx.try_send(event).is_ok() {
+            return Ok(());
+        }
+        if start && self.config.audit_overflow == crate::server::AuditOverflow::Reject {
+            self.metrics.audit_refused();
+            return Err(());
+        }
+        self.metrics.audit_dropped();
+        Ok(())
+    }
+
     /// Sends `event` to control without waiting; a full or closed channel drops it (counted).
     fn report(&self, event: InventoryEvent) {
         let Some(tx) = &self.config.inventory else {

@@ -1,0 +1,80 @@
+//! Audit events the engine reports to control: sessions starting and ending, and authorization
+//! refusals. Shards send them with `try_send` on [`EngineConfig::audit`](super::EngineConfig);
+//! a full queue refuses new sessions ([`AuditOverflow::Reject`]) or drops the event and counts
+//! it ([`AuditOverflow::Drop`]).
+
+use serde::Serialize;
+
+pub use jaunt_config::file::AuditOverflow;
+
+use crate::server::dial::DialKind;
+
+/// One audit event from the engine. `time` is unix seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// A user session was authorized and connected to its target.
+    SessionStart {
+        session_id: String,
+        kind: DialKind,
+        user: String,
+        roles: Vec<String>,
+        target: String,
+        login: Option<String>,
+        db_user: Option<String>,
+        db_name: Option<String>,
+        client_addr: String,
+        time: u64,
+    },
+    /// A session that started ended (closed, cut by a lock, idle, expired or drained).
+    SessionEnd {
+        session_id: String,
+        kind: DialKind,
+        user: String,
+        roles: Vec<String>,
+        target: String,
+        login: Option<String>,
+        db_user: Option<String>,
+        db_name: Option<String>,
+        client_addr: String,
+        /// Bytes from the client to the target.
+        bytes_in: u64,
+        /// Bytes from the target to the client.
+        bytes_out: u64,
+        duration_ms: u64,
+        time: u64,
+    },
+    /// Authorization refused a dial.
+    AccessDenied {
+        user: String,
+        roles: Vec<String>,
+        kind: DialKind,
+        target: String,
+        login: Option<String>,
+        db_user: Option<String>,
+        client_addr: String,
+        /// What the user was told.
+        reason: String,
+        time: u64,
+    },
+}
+
+impl AuditEvent {
+    /// The user the event is about.
+    pub fn user(&self) -> &str {
+        match self {
+            AuditEvent::SessionStart { user, .. }
+            | AuditEvent::SessionEnd { user, .. }
+            | AuditEvent::AccessDenied { user, .. } => user,
+        }
+    }
+
+    /// Unix seconds.
+    pub fn time(&self) -> u64 {
+        match self {
+            AuditEvent::SessionStart { time, .. }
+            | AuditEvent::SessionEnd { time, .. }
+            | AuditEvent::AccessDenied { time, .. } => *time,
+        }
+    }
+}
