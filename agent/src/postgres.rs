@@ -46,7 +46,7 @@ use glommio::net::TcpStream;
 use jaunt_config::file::HostPort;
 use jaunt_config::identity::unix_now;
 use jaunt_engine::server::dial::StreamHeader;
-use jaunt_engine::tunnel::{splice, Incoming, MuxStream, Side};
+use jaunt_engine::tunnel::{splice, Incoming, MuxStream};
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -588,27 +588,7 @@ async fn session(
         local = %local.addr,
         "db session open"
     );
-    match splice(tap, server).await {
-        Ok(moved) => tracing::info!(
-            bytes_to_local = moved.a_to_b,
-            bytes_to_user = moved.b_to_a,
-            "db session closed"
-        ),
-        Err(e) => {
-            let blame = match e.side {
-                Side::A => Blame::Engine,
-                Side::B => Blame::LocalService,
-            };
-            tracing::info!(
-                %blame,
-                bytes_to_local = e.spliced.a_to_b,
-                bytes_to_user = e.spliced.b_to_a,
-                error = %e.source,
-                op = e.op,
-                "db session ended with an error"
-            );
-        }
-    }
+    crate::serve::log_splice_outcome(splice(tap, server).await, "db session");
 }
 
 async fn forward_cancel(

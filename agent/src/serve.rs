@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use jaunt_config::file::{AgentServices, AppProtocol, HostPort};
 use jaunt_engine::server::dial::{DialKind, StreamHeader};
-use jaunt_engine::tunnel::{splice, Incoming, Side};
+use jaunt_engine::tunnel::{splice, Incoming, Side, SpliceError, Spliced};
 use tracing::Instrument;
 
 use crate::error::{describe_io, Blame};
@@ -246,11 +246,18 @@ async fn serve_routed(incoming: Incoming, header: StreamHeader, prepared: Rc<Pre
         local = %local.addr,
         "stream open"
     );
-    match splice(stream, tcp).await {
+    log_splice_outcome(splice(stream, tcp).await, "stream");
+}
+
+/// Logs how a session's splice ended (`what`: "stream", "db session"), blaming the engine side
+/// (A) or the local service (B) for an error.
+pub(crate) fn log_splice_outcome(outcome: Result<Spliced, SpliceError>, what: &'static str) {
+    match outcome {
         Ok(moved) => tracing::info!(
+            session = what,
             bytes_to_local = moved.a_to_b,
             bytes_to_user = moved.b_to_a,
-            "stream closed"
+            "closed"
         ),
         Err(e) => {
             let blame = match e.side {
@@ -258,12 +265,13 @@ async fn serve_routed(incoming: Incoming, header: StreamHeader, prepared: Rc<Pre
                 Side::B => Blame::LocalService,
             };
             tracing::info!(
+                session = what,
                 %blame,
                 bytes_to_local = e.spliced.a_to_b,
                 bytes_to_user = e.spliced.b_to_a,
                 error = %e.source,
                 op = e.op,
-                "stream ended with an error"
+                "ended with an error"
             );
         }
     }
