@@ -15,11 +15,12 @@
 //!
 //! # The driver: one task, a hand-written poll
 //!
-//! [`TunnelDriver`] owns the transport and, in each poll, does rounds of: read once into a
-//! reusable 64 KiB buffer and feed `handle_input`; write `out[pos..]` and, once it is all
-//! written, refill `out` with one `poll_transmit` (every frame queued since, so many small
-//! frames share one TLS write and one syscall), then flush; keep a glommio timer armed for
-//! `poll_timeout`. It loops while a round made progress, for at most
+//! [`TunnelDriver`] owns the transport and, in each poll, does rounds of: read straight into the
+//! core's `input_buf` (inside a large DATA frame that is the stream's own receive buffer) and
+//! `input_commit`, up to [`READ_BUF_BYTES`] per round; write straight from the core's
+//! `transmit_buf` and `transmit_advance` by what was written (a batch holds every frame queued
+//! since the last one, so many small frames share one TLS write and one syscall, and a frame is
+//! never cut), then flush; keep a glommio timer armed for `poll_timeout`. It loops while a round made progress, for at most
 //! [`DRIVER_ROUNDS_PER_POLL`] rounds, then yields.
 //!
 //! Read and write are polled independently in every round, so a pending write never blocks
@@ -34,11 +35,11 @@
 //!
 //! The core exposes no "buffers full" signal, and needs none: its flow control bounds what the
 //! peer can make us hold, so the driver reads whenever the transport has bytes (it must, to see
-//! credit coming back). Memory per tunnel is then: the 64 KiB read buffer; the received bytes
+//! credit coming back). Memory per tunnel is then: no read buffer of its own; the received bytes
 //! in the core, at most [`crate::mux::CONN_WINDOW`] (16 MiB) across streams and
 //! [`crate::mux::INITIAL_STREAM_WINDOW`] per stream; the send side, at most
-//! [`crate::mux::MAX_SEND_QUEUE_BYTES`] of DATA in the core plus the one batch in flight here
-//! (`out`, the same size, swapped with the core's queue rather than copied) plus
+//! [`crate::mux::MAX_SEND_QUEUE_BYTES`] of DATA in the core's double-buffered send queue (the
+//! batch being written is one of its two buffers, not a copy) plus
 //! [`crate::mux::MAX_QUEUED_CONTROL_FRAMES`] control frames; and rustls's own buffer. A writer
 //! is `Pending` once its stream's credit or the send queue is exhausted, so nothing above the
 //! core grows either. [`Incoming`] streams waiting for `accept` count against
