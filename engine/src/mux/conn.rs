@@ -471,6 +471,30 @@ impl Conn {
     /// stream's and the tunnel's credit and the send queue's free space. A short count (even 0)
     /// arms an [`Event::Writable`] for when more can be taken.
     pub fn send(&mut self, id: StreamId, data: &[u8]) -> Result<usize, MuxError> {
+        let n = self.send_allowance(id, data.len(), data.len())?;
+        if n > 0 {
+            if let Some(s) = self.streams.get_mut(&id.0) {
+                // n ≤ both credits, which are u32.
+                s.send_credit -= n as u32;
+                self.conn_send_credit -= n as u32;
+                let (payload, _) = data.split_at(n);
+                self.tx.push(id.0, payload);
+            }
+        }
+        self.settle();
+        Ok(n)
+    }
+
+    /// How many bytes stream `id` may queue now, at most `want`: its credit, the tunnel's credit
+    /// and the send queue's free space. Arms an [`Event::Writable`] when that is below `need`.
+    /// Checks what `send` and `send_buf` both refuse (closed tunnel, unknown, unanswered or
+    /// finished stream).
+    fn send_allowance(
+        &mut self,
+        id: StreamId,
+        want: usize,
+        need: usize,
+    ) -> Result<usize, MuxError> {
         self.ensure_open()?;
         let space = self.send_space();
         let conn_credit = self.conn_send_credit as usize;
@@ -484,26 +508,14 @@ impl Conn {
         if s.send_finished {
             return Err(MuxError::SendFinished(id));
         }
-        let n = data
-            .len()
-            .min(s.send_credit as usize)
-            .min(conn_credit)
-            .min(space);
-        if n < data.len() {
+        let n = want.min(s.send_credit as usize).min(conn_credit).min(space);
+        if n < need {
             s.blocked = true;
             if !s.listed {
                 s.listed = true;
                 self.blocked.push(id.0);
             }
         }
-        if n > 0 {
-            // n ≤ both credits, which are u32.
-            s.send_credit -= n as u32;
-            self.conn_send_credit -= n as u32;
-            let (payload, _) = data.split_at(n);
-            self.tx.push(id.0, payload);
-        }
-        self.settle();
         Ok(n)
     }
 
@@ -516,27 +528,7 @@ impl Conn {
     /// or space: it arms an [`Event::Writable`], like a short `send`. Call `send_commit` next:
     /// any other call except `poll_event` and the getters voids the room. Errors as `send`.
     pub fn send_buf(&mut self, id: StreamId, max: usize) -> Result<&mut [u8], MuxError> {
-        self.ensure_open()?;
-        let space = self.send_space();
-        let conn_credit = self.conn_send_credit as usize;
-        let s = self
-            .streams
-            .get_mut(&id.0)
-            .ok_or(MuxError::UnknownStream(id))?;
-        if s.open == OpenState::AwaitingAnswer {
-            return Err(MuxError::NotAccepted(id));
-        }
-        if s.send_finished {
-            return Err(MuxError::SendFinished(id));
-        }
-        let want = max.min(s.send_credit as usize).min(conn_credit).min(space);
-        if want == 0 && max > 0 {
-            s.blocked = true;
-            if !s.listed {
-                s.listed = true;
-                self.blocked.push(id.0);
-            }
-        }
+        let want = self.send_allowance(id, max, max.min(1))?;
         self.settle();
         if want == 0 {
             return Ok(&mut []);
