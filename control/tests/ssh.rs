@@ -158,16 +158,9 @@ fn wait_for_ssh(c: &Cluster, dest: &str) {
     }
 }
 
-fn sha256_file(path: &Path) -> String {
-    tool("sha256sum", &[path.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-#[test]
-fn ssh_and_scp_through_the_cluster_with_real_openssh() {
+/// A dev cluster, alice logged in with login `root`, a real sshd, and an agent serving it as
+/// `node1`, reachable (`jaunt ssh root@node1` works).
+fn ssh_setup() -> (Cluster, Sshd, (Reaped, PathBuf)) {
     if !Path::new(sshd_binary()).exists() {
         panic!(
             "OpenSSH server is not installed (apt-get install openssh-server; .ci/run does this)"
@@ -189,9 +182,22 @@ fn ssh_and_scp_through_the_cluster_with_real_openssh() {
     ));
     ok(c.login("alice", PASSWORD, &[]));
     let sshd = Sshd::start(&c);
-    let (mut agent, _data) = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
-
+    let agent = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
     wait_for_ssh(&c, "root@node1");
+    (c, sshd, agent)
+}
+
+fn sha256_file(path: &Path) -> String {
+    tool("sha256sum", &[path.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn ssh_and_scp_through_the_cluster_with_real_openssh() {
+    let (c, sshd, (mut agent, _data)) = ssh_setup();
     let out = ok(c.run(&["ssh", "root@node1", "--", "echo", "hello"], None));
     assert_eq!(out.trim(), "hello");
 
@@ -377,29 +383,7 @@ fn ssh_and_scp_through_the_cluster_with_real_openssh() {
 
 #[test]
 fn agent_restarts_without_the_token() {
-    if !Path::new(sshd_binary()).exists() {
-        panic!(
-            "OpenSSH server is not installed (apt-get install openssh-server; .ci/run does this)"
-        );
-    }
-    let c = Cluster::dev();
-    ok(c.admin(
-        &[
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "access",
-            "--logins",
-            "root",
-            "--password-stdin",
-        ],
-        Some(PASSWORD),
-    ));
-    ok(c.login("alice", PASSWORD, &[]));
-    let sshd = Sshd::start(&c);
-    let (mut agent, data) = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
-    wait_for_ssh(&c, "root@node1");
+    let (c, sshd, (mut agent, data)) = ssh_setup();
     agent.kill().unwrap();
     agent.wait().unwrap();
     // Restart with no token: the identity in the data dir is enough.
@@ -503,29 +487,7 @@ fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
 
 #[test]
 fn a_lock_closes_a_live_ssh_session() {
-    if !Path::new(sshd_binary()).exists() {
-        panic!(
-            "OpenSSH server is not installed (apt-get install openssh-server; .ci/run does this)"
-        );
-    }
-    let c = Cluster::dev();
-    ok(c.admin(
-        &[
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "access",
-            "--logins",
-            "root",
-            "--password-stdin",
-        ],
-        Some(PASSWORD),
-    ));
-    ok(c.login("alice", PASSWORD, &[]));
-    let sshd = Sshd::start(&c);
-    let (_agent, _data) = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
-    wait_for_ssh(&c, "root@node1");
+    let (c, _sshd, (_agent, _data)) = ssh_setup();
 
     // A live session that would run for a minute, printing a line once it is up.
     let mut session = Reaped(
