@@ -7,6 +7,10 @@
 //!   thread of its own and caches the result per database user.
 //! - [`QueryRecorder`]: where the queries of database sessions go (today a log line; the audit
 //!   issue plugs in the control API).
+//! - [`AppTokenProvider`]: the signed JWT (`Jaunt-Jwt-Assertion`) the HTTP app proxy adds to
+//!   each request, from control's JWT key (the key never leaves control). Blocking, like the db
+//!   certificate provider; the agent caches each token until shortly before it expires.
+//! - [`AppRequestRecorder`]: where each HTTP request of an app session goes, for the audit log.
 
 use std::fmt;
 use std::sync::Arc;
@@ -91,6 +95,93 @@ impl QueryRecorder for LogQueries {
     }
 }
 
+/// A signed JWT for one user of one app, as control issued it.
+#[derive(Clone)]
+pub struct AppToken {
+    /// The compact JWS (`header.claims.signature`, ES256).
+    pub jwt: String,
+    /// When it expires (unix seconds, the `exp` claim).
+    pub expires: u64,
+}
+
+impl fmt::Debug for AppToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppToken")
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gets app-access JWTs (the `jaunt agent` command asks control's `POST /v1/app/jwt` with the
+/// agent's host identity).
+pub trait AppTokenProvider: Send + Sync {
+    /// A token asserting that `user` with `roles` uses the app `app` served at `uri`.
+    /// Blocking: called on a thread of its own, never on the executor. The error is shown to
+    /// the user (as an HTTP 502 body).
+    fn issue(&self, user: &str, roles: &[String], app: &str, uri: &str)
+        -> Result<AppToken, String>;
+}
+
+/// Who is in an app session, for the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppSession {
+    /// The Jaunt user (the certificate's name).
+    pub user: String,
+    /// The app's name (what the user dialed).
+    pub app: String,
+    /// The user's address as the engine saw it.
+    pub client_addr: String,
+}
+
+/// One HTTP request of an app session, as the agent's reverse proxy saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppRequest {
+    /// Request method (`GET`).
+    pub method: String,
+    /// Request target as sent (path and query; bounded by the proxy's head limit).
+    pub path: String,
+    /// Response status; 0 when the app sent no response (connection failed).
+    pub status: u16,
+    /// Request body bytes forwarded to the app.
+    pub request_bytes: u64,
+    /// Response body bytes forwarded to the user.
+    pub response_bytes: u64,
+    /// From the request head read to the response's end, in milliseconds.
+    pub duration_ms: u64,
+    /// Whether the request upgraded the connection (WebSocket); the session's bytes after the
+    /// upgrade are not counted here.
+    pub upgraded: bool,
+}
+
+/// Receives every HTTP request of app sessions, after its response ended. Called on the
+/// agent's executor thread: it must not block.
+pub trait AppRequestRecorder: Send + Sync {
+    /// One request of `session`.
+    fn record(&self, session: &AppSession, request: &AppRequest);
+}
+
+/// The default [`AppRequestRecorder`]: one `tracing` event at info level per request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogAppRequests;
+
+impl AppRequestRecorder for LogAppRequests {
+    fn record(&self, session: &AppSession, request: &AppRequest) {
+        tracing::info!(
+            user = %session.user,
+            app = %session.app,
+            client = %session.client_addr,
+            method = %request.method,
+            path = %request.path,
+            status = request.status,
+            request_bytes = request.request_bytes,
+            response_bytes = request.response_bytes,
+            duration_ms = request.duration_ms,
+            upgraded = request.upgraded,
+            "jaunt app request"
+        );
+    }
+}
+
 /// The hooks [`crate::run_with_hooks`] takes. The default has no certificate provider (database
 /// streams are refused with a reason) and logs queries with [`LogQueries`].
 #[derive(Clone)]
@@ -99,6 +190,10 @@ pub struct AgentHooks {
     pub db_certs: Option<Arc<dyn DbCertProvider>>,
     /// Where database queries are recorded.
     pub db_queries: Arc<dyn QueryRecorder>,
+    /// App-access JWTs; `None` refuses HTTP app streams.
+    pub app_tokens: Option<Arc<dyn AppTokenProvider>>,
+    /// Where HTTP app requests are recorded.
+    pub app_requests: Arc<dyn AppRequestRecorder>,
 }
 
 impl Default for AgentHooks {
@@ -106,6 +201,8 @@ impl Default for AgentHooks {
         AgentHooks {
             db_certs: None,
             db_queries: Arc::new(LogQueries),
+            app_tokens: None,
+            app_requests: Arc::new(LogAppRequests),
         }
     }
 }
@@ -114,6 +211,7 @@ impl fmt::Debug for AgentHooks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentHooks")
             .field("db_certs", &self.db_certs.as_ref().map(|_| "provider"))
+            .field("app_tokens", &self.app_tokens.as_ref().map(|_| "provider"))
             .finish_non_exhaustive()
     }
 }

@@ -44,7 +44,10 @@ pub use backoff::{
     BackoffConfig, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_HEALTHY_AFTER,
 };
 pub use error::{AgentError, Blame, TunnelError};
-pub use hooks::{AgentHooks, DbCertProvider, DbClientCert, DbSession, LogQueries, QueryRecorder};
+pub use hooks::{
+    AgentHooks, AppRequest, AppRequestRecorder, AppSession, AppToken, AppTokenProvider,
+    DbCertProvider, DbClientCert, DbSession, LogAppRequests, LogQueries, QueryRecorder,
+};
 pub use net::MAX_CONCURRENT_LOOKUPS;
 pub use runtime::{run, run_with_hooks, AgentCommand, AGENT_IO_MEMORY};
 pub use settings::{

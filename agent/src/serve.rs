@@ -139,6 +139,24 @@ pub(crate) fn route(
                 addr: app.addr.clone(),
             })
         }
+        DialKind::App => {
+            let Some(app) = services.apps.iter().find(|a| a.name == target) else {
+                return Err(Refusal::NoSuchApp {
+                    node: node.into(),
+                    target: target.into(),
+                });
+            };
+            if app.protocol == AppProtocol::Tcp {
+                return Err(Refusal::NoSuchApp {
+                    node: node.into(),
+                    target: target.into(),
+                });
+            }
+            Ok(LocalTarget {
+                what: format!("app {target}"),
+                addr: app.addr.clone(),
+            })
+        }
         DialKind::Db => {
             let Some(db) = services.dbs.iter().find(|d| d.name == target) else {
                 return Err(Refusal::NoSuchDb {
@@ -204,6 +222,16 @@ async fn serve_routed(incoming: Incoming, header: StreamHeader, prepared: Rc<Pre
         }
         // PostgreSQL is spoken, not spliced: the agent logs in to the server itself.
         crate::postgres::serve(incoming, header, local, prepared).await;
+        return;
+    }
+    if header.kind == DialKind::App {
+        // HTTP apps need the reverse proxy (http_app.rs), not a splice.
+        let refusal = Refusal::HttpApp {
+            target: header.target.clone(),
+            protocol: AppProtocol::Http,
+        };
+        tracing::warn!(blame = %refusal.blame(), %refusal, "stream refused");
+        incoming.refuse(&refusal.to_string());
         return;
     }
     let connected = async {

@@ -88,6 +88,7 @@ impl Dialer {
             DialKind::Ssh => "jaunt-ssh",
             DialKind::Db => "jaunt-postgres",
             DialKind::Tcp => "jaunt-tcp",
+            DialKind::App => bail!("HTTP apps are not dialed with a dial request (see dial_app)"),
         };
         let addr = self
             .proxy

@@ -370,7 +370,7 @@ impl Harness {
         let alpn = match request.kind {
             DialKind::Ssh => ALPN_SSH,
             DialKind::Db => ALPN_POSTGRES,
-            DialKind::Tcp => ALPN_TCP,
+            DialKind::Tcp | DialKind::App => ALPN_TCP,
         };
         let mut tls = self.tls_connect(self.alice(alpn), PUBLIC_HOST);
         let response = dial(&mut tls, request).unwrap();

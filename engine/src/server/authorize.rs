@@ -64,6 +64,7 @@ pub fn authorize(
         DialKind::Ssh => rbac::ResourceKind::Node,
         DialKind::Db => rbac::ResourceKind::Db,
         DialKind::Tcp => rbac::ResourceKind::Tcp,
+        DialKind::App => rbac::ResourceKind::App,
     };
     let resource = rbac::Resource {
         kind,
@@ -105,6 +106,7 @@ pub fn matching_lock<'a>(
         DialKind::Ssh => rbac::ResourceKind::Node,
         DialKind::Db => rbac::ResourceKind::Db,
         DialKind::Tcp => rbac::ResourceKind::Tcp,
+        DialKind::App => rbac::ResourceKind::App,
     };
     let resource = rbac::Resource {
         kind,

@@ -127,7 +127,7 @@ impl Routed {
             Routed::User(DialKind::Ssh) => RouteKind::Ssh,
             Routed::User(DialKind::Db) => RouteKind::Postgres,
             Routed::User(DialKind::Tcp) => RouteKind::Tcp,
-            Routed::App(_) => RouteKind::App,
+            Routed::App(_) | Routed::User(DialKind::App) => RouteKind::App,
             Routed::Web => RouteKind::Web,
             Routed::Reject(_) => return None,
         })

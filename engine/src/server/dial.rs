@@ -63,6 +63,9 @@ pub enum DialKind {
     Db,
     /// A TCP app (ALPN `jaunt-tcp`).
     Tcp,
+    /// A web (HTTP) app, reached by HTTP/1.1 at SNI `<app>.<public host>`; the engine makes
+    /// the dial itself from the SNI (there is no dial request on that route).
+    App,
 }
 
 impl DialKind {
@@ -72,6 +75,7 @@ impl DialKind {
             DialKind::Ssh => "ssh",
             DialKind::Db => "db",
             DialKind::Tcp => "tcp",
+            DialKind::App => "app",
         }
     }
 
@@ -81,6 +85,7 @@ impl DialKind {
             DialKind::Ssh => "node",
             DialKind::Db => "database",
             DialKind::Tcp => "app",
+            DialKind::App => "app",
         }
     }
 
@@ -91,6 +96,7 @@ impl DialKind {
             DialKind::Ssh => ResourceKind::Node,
             DialKind::Db => ResourceKind::Db,
             DialKind::Tcp => ResourceKind::Tcp,
+            DialKind::App => ResourceKind::App,
         }
     }
 }

@@ -78,6 +78,8 @@ pub struct Targets {
     pub databases: HashMap<String, Target>,
     /// TCP apps by name.
     pub tcp_apps: HashMap<String, Target>,
+    /// Web (HTTP) apps by name.
+    pub web_apps: HashMap<String, Target>,
 }
 
 impl Targets {
@@ -87,6 +89,7 @@ impl Targets {
             DialKind::Ssh => &self.nodes,
             DialKind::Db => &self.databases,
             DialKind::Tcp => &self.tcp_apps,
+            DialKind::App => &self.web_apps,
         };
         map.get(name)
     }
@@ -98,6 +101,7 @@ impl Targets {
             DialKind::Ssh => &mut self.nodes,
             DialKind::Db => &mut self.databases,
             DialKind::Tcp => &mut self.tcp_apps,
+            DialKind::App => &mut self.web_apps,
         };
         map.insert(name.to_owned(), target);
         self
