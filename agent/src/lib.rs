@@ -34,6 +34,7 @@ pub mod coverage;
 mod dial;
 mod error;
 mod hooks;
+mod http_app;
 mod net;
 pub mod postgres;
 mod runtime;

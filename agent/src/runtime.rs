@@ -21,6 +21,18 @@
 //! - One **tunnel task** per tunnel accepts the engine's streams and spawns one **stream task**
 //!   each ([`serve::serve`]); when the tunnel stops taking streams it tells the supervisor
 //!   ([`Event::TunnelLost`]), waits for the tunnel's driver to end, and logs why it ended.
+//! - One **heartbeat task** per tunnel (spawned and cancelled by its tunnel task) opens the
+//!   heartbeat stream (the one stream the agent opens; wire format in
+//!   `jaunt_engine::tunnel::agent_hello`) at the first heartbeat, one interval after the
+//!   AgentHello or at once when a reload changes the announcement ([`Announcer`]), and writes
+//!   the current announcement on it every interval and at once on every change.
+//!
+//! # Reload
+//!
+//! [`AgentCommand::Reload`] (SIGHUP) replaces the agent's labels and services: checked like at
+//! start-up (a bad set is logged and the old one stays), then new streams are served with the
+//! new services, new tunnels announce them in their AgentHello, and every live tunnel heartbeats
+//! them at once, with the next sequence number. No tunnel is dropped.
 //! - A plain **control thread** forwards the caller's crossbeam [`AgentCommand`]s into the
 //!   executor (a futures channel: its sender wakes a glommio task from another thread), since a
 //!   blocking `recv` cannot run on the executor.
@@ -54,7 +66,7 @@ use crate::error::{AgentError, Blame, TunnelError};
 use crate::hooks::AgentHooks;
 use crate::net;
 use crate::serve;
-use crate::settings::{AgentSettings, Prepared};
+use crate::settings::{AgentSettings, Announce, Prepared};
 
 /// Memory glommio registers for io_uring buffers: TCP does not use them (only file I/O does),
 /// and glommio locks three times this much per executor, so keep it at glommio's minimum.
@@ -68,6 +80,15 @@ pub enum AgentCommand {
     /// waiting out a backoff retries at once, since the old certificate may have been why it
     /// failed.
     ReplaceTls(Arc<ClientConfig>),
+    /// A re-read configuration (SIGHUP): serve and announce these host labels and services from
+    /// now on, without dropping a tunnel (see the module doc). The proxy address and the node
+    /// name cannot change at run time.
+    Reload {
+        /// The host's labels.
+        labels: BTreeMap<String, String>,
+        /// What the agent serves.
+        services: jaunt_config::file::AgentServices,
+    },
     /// Stop (SIGTERM): no new tunnels, no new streams; open streams get
     /// [`crate::Timeouts::shutdown_grace`] to finish, then the tunnels close and [`run`] returns.
     Shutdown,
@@ -88,9 +109,7 @@ pub fn run_with_hooks(
     hooks: AgentHooks,
     control: Receiver<AgentCommand>,
 ) -> Result<(), AgentError> {
-    let mut prepared = Prepared::new(&settings)?;
-    prepared.db = crate::postgres::DbState::new(&hooks);
-    let prepared = Rc::new(prepared);
+    let prepared = Rc::new(prepare(&settings, &hooks)?);
     let executor = LocalExecutorBuilder::new(Placement::Unbound)
         .name("jaunt-agent")
         .io_memory(AGENT_IO_MEMORY)
@@ -102,15 +121,91 @@ pub fn run_with_hooks(
         .name("jaunt-agent-ctl".into())
         .spawn(move || forward_commands(&control, &forward_tx))
         .map_err(|e| AgentError::Runtime(format!("control thread: {e}")))?;
-    let supervisor = Supervisor::new(
-        prepared,
-        settings.tls,
-        settings.backoff,
-        events_tx,
-        events_rx,
-    );
+    let supervisor = Supervisor::new(prepared, settings, hooks, events_tx, events_rx);
     executor.run(supervisor.run());
     Ok(())
+}
+
+/// The settings checked and pre-computed, with the caller's hooks plugged in: at start-up and
+/// on every reload (so a hook-made state set here is set on both).
+fn prepare(settings: &AgentSettings, hooks: &AgentHooks) -> Result<Prepared, AgentError> {
+    let mut prepared = Prepared::new(settings)?;
+    prepared.db = crate::postgres::DbState::new(hooks);
+    prepared.app = crate::http_app::AppState::new(hooks);
+    Ok(prepared)
+}
+
+/// Start of the heartbeat sequence: the Unix time in milliseconds, so it keeps growing across
+/// restarts of the agent (the engine ignores a sequence lower than the last it applied).
+fn first_heartbeat_seq() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2))
+}
+
+/// The announcement in force and its sequence number, shared by the supervisor (which replaces
+/// it on a reload), the tunnel tasks (which serve new streams with it) and the heartbeat tasks
+/// (which wait for it to change).
+struct Announcer {
+    prepared: RefCell<Rc<Prepared>>,
+    seq: Cell<u64>,
+    /// Heartbeat tasks waiting for a change; at most one entry per task that waits (an entry is
+    /// not added again when the same task polls again), cleared on every change.
+    waiters: RefCell<Vec<Waker>>,
+}
+
+/// Waiting heartbeat tasks kept at most before they are all woken (they re-check and wait
+/// again): entries of tasks that stopped waiting are dropped then.
+const MAX_ANNOUNCE_WAITERS: usize = 1024;
+
+impl Announcer {
+    fn new(prepared: Rc<Prepared>) -> Announcer {
+        Announcer {
+            prepared: RefCell::new(prepared),
+            seq: Cell::new(first_heartbeat_seq()),
+            waiters: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn prepared(&self) -> Rc<Prepared> {
+        Rc::clone(&self.prepared.borrow())
+    }
+
+    fn current(&self) -> (u64, Rc<Prepared>) {
+        (self.seq.get(), self.prepared())
+    }
+
+    /// Puts `prepared` in force with the next sequence number and wakes the heartbeat tasks.
+    fn replace(&self, prepared: Rc<Prepared>) {
+        *self.prepared.borrow_mut() = prepared;
+        self.seq.set(self.seq.get().saturating_add(1));
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for waker in waiters {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once the sequence is no longer `seen`.
+    async fn changed(&self, seen: u64) {
+        future::poll_fn(|cx| {
+            if self.seq.get() != seen {
+                return Poll::Ready(());
+            }
+            if self.waiters.borrow().len() >= MAX_ANNOUNCE_WAITERS {
+                self.wake_all();
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await;
+    }
 }
 
 /// Moves commands from the caller's channel into the executor. Ends after forwarding
@@ -150,6 +245,10 @@ struct Live {
 
 struct Supervisor {
     prepared: Rc<Prepared>,
+    /// The settings `prepared` was made from (a reload replaces labels and services).
+    settings: AgentSettings,
+    hooks: AgentHooks,
+    announcer: Rc<Announcer>,
     tls: Arc<ClientConfig>,
     coverage: Coverage,
     backoff: Backoff,
@@ -169,14 +268,18 @@ struct Supervisor {
 impl Supervisor {
     fn new(
         prepared: Rc<Prepared>,
-        tls: Arc<ClientConfig>,
-        backoff: BackoffConfig,
+        settings: AgentSettings,
+        hooks: AgentHooks,
         events_tx: UnboundedSender<Event>,
         events: UnboundedReceiver<Event>,
     ) -> Supervisor {
+        let backoff: BackoffConfig = settings.backoff;
         Supervisor {
+            announcer: Rc::new(Announcer::new(prepared.clone())),
             prepared,
-            tls,
+            tls: settings.tls.clone(),
+            settings,
+            hooks,
             coverage: Coverage::new(),
             backoff: Backoff::new(backoff, backoff::seed()),
             backoff_pending: false,
@@ -323,7 +426,7 @@ impl Supervisor {
             TunnelTask {
                 id,
                 shard: hello.shard,
-                prepared: self.prepared.clone(),
+                announcer: self.announcer.clone(),
                 tracker: self.tracker.clone(),
                 events: self.events_tx.clone(),
             },
@@ -352,6 +455,9 @@ impl Supervisor {
                 // must still wait out its jittered delay.
                 self.retry_now = self.coverage.needs_dial();
             }
+            Event::Command(AgentCommand::Reload { labels, services }) => {
+                self.reload(Announce { labels, services });
+            }
             Event::Command(AgentCommand::Shutdown) => {
                 tracing::info!("shutdown requested");
                 self.stopping = true;
@@ -375,6 +481,34 @@ impl Supervisor {
                     );
                 }
             }
+        }
+    }
+
+    /// Puts `announce` in force if it differs and passes the start-up checks (else logs why and
+    /// keeps the current one): new streams, new tunnels and the heartbeats use it.
+    fn reload(&mut self, announce: Announce) {
+        if announce == self.settings.announce() {
+            tracing::info!("reload: labels and services unchanged");
+            return;
+        }
+        let next = self.settings.with_announce(announce);
+        match prepare(&next, &self.hooks) {
+            Ok(prepared) => {
+                let prepared = Rc::new(prepared);
+                tracing::info!(
+                    resources = prepared.resources,
+                    tunnels = self.tracker.tunnel_count(),
+                    "reload: announcing the new labels and services on every tunnel"
+                );
+                self.settings = next;
+                self.prepared = prepared.clone();
+                self.announcer.replace(prepared);
+            }
+            Err(e) => tracing::warn!(
+                blame = %Blame::Agent,
+                error = %e,
+                "reload refused: keeping the current labels and services"
+            ),
         }
     }
 
@@ -450,7 +584,8 @@ impl Supervisor {
 struct TunnelTask {
     id: TunnelId,
     shard: usize,
-    prepared: Rc<Prepared>,
+    /// Each new stream is served with the announcement in force when it arrives.
+    announcer: Rc<Announcer>,
     tracker: Rc<Tracker>,
     events: UnboundedSender<Event>,
 }
@@ -460,9 +595,17 @@ async fn run_tunnel(
     tunnel: Tunnel,
     driver: glommio::task::JoinHandle<CloseReason>,
 ) {
+    // Cancelled (its stream reset) as soon as the tunnel stops taking streams, so it never
+    // holds up a drain.
+    let heartbeats = glommio::spawn_local(heartbeat(
+        tunnel.clone(),
+        task.announcer.clone(),
+        task.id,
+        task.shard,
+    ));
     while let Some(incoming) = tunnel.accept().await {
         let guard = StreamGuard::new(task.tracker.clone());
-        let prepared = task.prepared.clone();
+        let prepared = task.announcer.prepared();
         let shard = task.shard;
         glommio::spawn_local(async move {
             let _guard = guard;
@@ -470,6 +613,7 @@ async fn run_tunnel(
         })
         .detach();
     }
+    drop(heartbeats);
     let _ = task
         .events
         .unbounded_send(Event::TunnelLost { id: task.id });
@@ -486,6 +630,41 @@ async fn run_tunnel(
         ),
     }
     task.tracker.remove(task.id);
+}
+
+/// The heartbeat task of one tunnel (see the module doc). The tunnel's AgentHello announced the
+/// current state, so the heartbeat stream is opened at the first heartbeat: one interval later,
+/// or at once when a reload changes the announcement. Then it writes the current announcement
+/// every interval and at once on every change, until the stream or the tunnel ends (its tunnel
+/// task cancels it when the tunnel stops taking streams). Holds the tunnel handle only until
+/// the stream is open.
+async fn heartbeat(tunnel: Tunnel, announcer: Rc<Announcer>, id: TunnelId, shard: usize) {
+    use futures_lite::AsyncWriteExt as _;
+    use jaunt_engine::tunnel::agent_hello::{Heartbeat, HEARTBEAT_OPEN};
+    let (announced, prepared) = announcer.current();
+    let interval = prepared.heartbeat_interval;
+    drop(prepared);
+    let _ = net::timeout(interval, announcer.changed(announced)).await;
+    let mut stream = match tunnel.open(HEARTBEAT_OPEN).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(tunnel = id, shard, error = %e, "no heartbeat stream");
+            return;
+        }
+    };
+    drop(tunnel);
+    loop {
+        let (seq, prepared) = announcer.current();
+        let bytes = Heartbeat::encode_framed(seq, &prepared.hello);
+        let interval = prepared.heartbeat_interval;
+        drop(prepared);
+        if stream.write_all(&bytes).await.is_err() || stream.flush().await.is_err() {
+            tracing::debug!(tunnel = id, shard, "heartbeat stream ended");
+            return;
+        }
+        tracing::trace!(tunnel = id, shard, seq, "heartbeat sent");
+        let _ = net::timeout(interval, announcer.changed(seq)).await;
+    }
 }
 
 /// Who ended a tunnel; `None` for a graceful drain.

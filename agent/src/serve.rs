@@ -225,13 +225,9 @@ async fn serve_routed(incoming: Incoming, header: StreamHeader, prepared: Rc<Pre
         return;
     }
     if header.kind == DialKind::App {
-        // HTTP apps need the reverse proxy (http_app.rs), not a splice.
-        let refusal = Refusal::HttpApp {
-            target: header.target.clone(),
-            protocol: AppProtocol::Http,
-        };
-        tracing::warn!(blame = %refusal.blame(), %refusal, "stream refused");
-        incoming.refuse(&refusal.to_string());
+        // HTTP apps are spoken, not spliced: the agent's reverse proxy reads each request and
+        // adds the user's JWT (an upgrade is spliced after the app's 101).
+        crate::http_app::serve(incoming, header, local, prepared).await;
         return;
     }
     let connected = async {

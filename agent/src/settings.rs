@@ -83,7 +83,36 @@ impl Default for Timeouts {
     }
 }
 
+/// What a running agent can take from its re-read config file ([`crate::AgentCommand::Reload`],
+/// on SIGHUP): its host labels and services, announced at once on every tunnel by a heartbeat
+/// (and in the AgentHello of every new tunnel). The proxy address, the node name and the
+/// identity need a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Announce {
+    /// The host's labels.
+    pub labels: BTreeMap<String, String>,
+    /// What the agent serves.
+    pub services: AgentServices,
+}
+
 impl AgentSettings {
+    /// The reloadable part of these settings.
+    pub(crate) fn announce(&self) -> Announce {
+        Announce {
+            labels: self.labels.clone(),
+            services: self.services.clone(),
+        }
+    }
+
+    /// These settings with `announce` in place of their labels and services.
+    pub(crate) fn with_announce(&self, announce: Announce) -> AgentSettings {
+        AgentSettings {
+            labels: announce.labels,
+            services: announce.services,
+            ..self.clone()
+        }
+    }
+
     /// Settings for the validated agent section of the config file, with default backoff,
     /// timeouts and timers. The server name is the proxy address's host.
     pub fn new(config: &AgentConfig, tls: Arc<ClientConfig>) -> AgentSettings {
@@ -184,7 +213,8 @@ pub(crate) struct Prepared {
     pub(crate) proxy_addr: String,
     pub(crate) server_name: ServerName<'static>,
     pub(crate) name: String,
-    /// The framed AgentHello, the same on every tunnel.
+    /// The framed AgentHello, the same on every tunnel (and in every heartbeat until a reload
+    /// replaces the whole `Prepared`).
     pub(crate) hello: Vec<u8>,
     pub(crate) resources: usize,
     pub(crate) services: AgentServices,
@@ -193,6 +223,11 @@ pub(crate) struct Prepared {
     /// Database streams' hooks and certificate cache (the hooks' defaults unless
     /// [`crate::run_with_hooks`] set them).
     pub(crate) db: crate::postgres::DbState,
+    /// How often each tunnel heartbeats the announcement when nothing changes.
+    pub(crate) heartbeat_interval: Duration,
+    /// HTTP app streams' hooks and token cache (the hooks' defaults unless
+    /// [`crate::run_with_hooks`] set them).
+    pub(crate) app: crate::http_app::AppState,
 }
 
 impl Prepared {
@@ -270,6 +305,8 @@ impl Prepared {
             timeouts: settings.timeouts,
             mux: settings.mux,
             db: crate::postgres::DbState::default(),
+            heartbeat_interval: jaunt_engine::tunnel::agent_hello::DEFAULT_HEARTBEAT_INTERVAL,
+            app: crate::http_app::AppState::default(),
         })
     }
 }
@@ -393,6 +430,24 @@ mod tests {
             Prepared::new(&s),
             Err(AgentError::Config { what: "tls", .. })
         ));
+    }
+
+    #[test]
+    fn a_reload_changes_only_labels_and_services() {
+        let before = settings();
+        let mut announce = before.announce();
+        announce.services.apps.truncate(1);
+        announce.labels.insert("team".into(), "web".into());
+        let after = before.with_announce(announce.clone());
+        assert_eq!(after.announce(), announce);
+        assert_eq!(
+            (after.name.as_str(), after.proxy_addr.as_str()),
+            ("node1", "proxy.example.com:443")
+        );
+        let hello = after.agent_hello();
+        assert_eq!(hello.resources.len(), 3);
+        assert_eq!(hello.labels.get("team").map(String::as_str), Some("web"));
+        assert!(Prepared::new(&after).is_ok());
     }
 
     #[test]

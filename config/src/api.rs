@@ -232,3 +232,26 @@ pub struct ResourceInfo {
     /// Engine shards the agent has a tunnel to.
     pub shards: Vec<usize>,
 }
+
+/// `POST /v1/app/jwt`: an agent asks for the JWT it adds to a user's requests to an HTTP app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppJwtRequest {
+    /// The Jaunt user the engine authorized.
+    pub user: String,
+    /// That user's roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The app's name.
+    pub app: String,
+    /// The app's URI as the agent reaches it (the token's audience).
+    pub uri: String,
+}
+
+/// The answer to [`AppJwtRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppJwtResponse {
+    /// The compact JWS (ES256).
+    pub jwt: String,
+    /// When it expires (unix seconds).
+    pub expires: u64,
+}

@@ -99,6 +99,9 @@ pub const IO_MEMORY_BYTES_MAX: u64 = 1024 * MIB;
 pub const MAX_CONNECTIONS_PER_SHARD_MAX: u32 = 1 << 20;
 /// Audit queue entries: 16M events is already gigabytes of memory.
 pub const AUDIT_QUEUE_CAPACITY_MAX: usize = 1 << 24;
+/// Rotated audit files kept: each rotation renames them all, so thousands would make every
+/// rotation slow.
+pub const AUDIT_FILE_MAX_FILES_MAX: u32 = 1000;
 /// A config file larger than this is not a config file.
 pub const CONFIG_FILE_BYTES_MAX: u64 = MIB;
 
@@ -1061,10 +1064,10 @@ fn validate_audit(file: FileAudit) -> Result<AuditConfig, Invalid> {
                 ));
             }
             let max_files = sink.max_files.unwrap_or(DEFAULT_AUDIT_FILE_MAX_FILES);
-            if max_files == 0 {
+            if max_files == 0 || max_files > AUDIT_FILE_MAX_FILES_MAX {
                 return Err(Invalid::new(
                     "audit.file.max_files",
-                    "expected a number >= 1",
+                    format!("expected a number from 1 to {AUDIT_FILE_MAX_FILES_MAX}"),
                 ));
             }
             Some(AuditFileConfig {
@@ -1654,6 +1657,61 @@ mod tests {
         assert_eq!(
             error("audit:\n  file: { max_files: 3 }\nagent: { proxy_addr: 'p:1' }\n"),
             "jaunt.yaml:2:3: audit.file.path: required: where to write JSON-lines audit events"
+        );
+    }
+
+    #[test]
+    fn audit_file_settings_parse_and_bad_values_name_the_key() {
+        let base = "agent: { proxy_addr: 'p:1' }\n";
+        let c = config(&format!(
+            "{base}audit:\n  file: {{ path: /var/log/jaunt/audit.jsonl, max_size: 10MiB, max_files: 3 }}\n"
+        ));
+        assert_eq!(
+            c.audit.file,
+            Some(AuditFileConfig {
+                path: PathBuf::from("/var/log/jaunt/audit.jsonl"),
+                max_size_bytes: 10 * MIB,
+                max_files: 3,
+            })
+        );
+        let c = config(&format!("{base}audit:\n  file:\n    path: a.jsonl\n"));
+        let file = c.audit.file.unwrap();
+        assert_eq!(
+            (file.max_size_bytes, file.max_files),
+            (
+                DEFAULT_AUDIT_FILE_MAX_SIZE_BYTES,
+                DEFAULT_AUDIT_FILE_MAX_FILES
+            )
+        );
+        assert_eq!(config(base).audit.file, None);
+        let bad = |file: &str| error(&format!("{base}audit:\n  file:\n    path: a.jsonl\n{file}"));
+        assert_eq!(
+            bad("    max_size: lots\n"),
+            "jaunt.yaml:5:15: audit.file.max_size: expected a size in bytes such as 65536, 64KiB or 10MiB"
+        );
+        assert_eq!(
+            bad("    max_size: 100MB\n"),
+            "jaunt.yaml:5:15: audit.file.max_size: expected a size in bytes such as 65536, 64KiB or 10MiB"
+        );
+        assert_eq!(
+            bad("    max_size: 0\n"),
+            "jaunt.yaml:5:5: audit.file.max_size: must be more than 0 bytes"
+        );
+        assert_eq!(
+            bad("    max_files: 0\n"),
+            "jaunt.yaml:5:5: audit.file.max_files: expected a number from 1 to 1000"
+        );
+        assert_eq!(
+            bad("    max_files: 1001\n"),
+            "jaunt.yaml:5:5: audit.file.max_files: expected a number from 1 to 1000"
+        );
+        assert_eq!(
+            bad("    max_files: -1\n"),
+            "jaunt.yaml:5:16: audit.file.max_files: expected a whole number, found -1"
+        );
+        assert_eq!(
+            bad("    max_sise: 1\n"),
+            "jaunt.yaml:5:5: audit.file.max_sise: unknown key (expected one of: path, max_size, max_files)"
         );
     }
 

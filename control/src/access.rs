@@ -1,4 +1,4 @@
-//! The user's side of resource access: dial a node, database or TCP app through the engine with
+//! The user's side of resource access: dial a node, database, TCP or web app through the engine with
 //! the logged-in identity, then carry bytes. Plain threads and blocking rustls (the client is not
 //! the fast path); one TLS connection per session, ALPN `jaunt-ssh`, `jaunt-postgres` or
 //! `jaunt-tcp`, client certificate from `$JAUNT_HOME`.
@@ -88,16 +88,9 @@ impl Dialer {
             DialKind::Ssh => "jaunt-ssh",
             DialKind::Db => "jaunt-postgres",
             DialKind::Tcp => "jaunt-tcp",
-            DialKind::App => bail!("HTTP apps are not dialed with a dial request (see dial_app)"),
+            DialKind::App => return self.dial_app(&request.target),
         };
-        let addr = self
-            .proxy
-            .to_socket_addrs()
-            .with_context(|| format!("cannot resolve the proxy {}", self.proxy))?
-            .next()
-            .ok_or_else(|| anyhow!("the proxy {} resolves to no address", self.proxy))?;
-        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-            .with_context(|| format!("cannot reach the proxy at {}", self.proxy))?;
+        let tcp = self.connect_proxy()?;
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(DIAL_TIMEOUT))?;
         let conn = ClientConnection::new(self.config(alpn)?, self.server_name.clone())?;
@@ -141,6 +134,124 @@ impl Dialer {
         tls.sock.set_read_timeout(None)?;
         Ok(tls)
     }
+}
+
+impl Dialer {
+    /// A TCP connection to the proxy: every address it resolves to, in order (`localhost` may
+    /// resolve to `::1` first while the engine listens on 127.0.0.1 only).
+    fn connect_proxy(&self) -> anyhow::Result<TcpStream> {
+        let addrs = self
+            .proxy
+            .to_socket_addrs()
+            .with_context(|| format!("cannot resolve the proxy {}", self.proxy))?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) => anyhow!(e).context(format!("cannot reach the proxy at {}", self.proxy)),
+            None => anyhow!("the proxy {} resolves to no address", self.proxy),
+        })
+    }
+
+    /// The TLS name of web app `name`: `<name>.<proxy host>` (what the engine routes on and
+    /// its certificate covers).
+    pub fn app_server_name(&self, name: &str) -> anyhow::Result<ServerName<'static>> {
+        let host = match &self.server_name {
+            ServerName::DnsName(dns) => dns.as_ref().to_string(),
+            _ => bail!(
+                "web apps are reached by DNS name (<app>.<proxy host>), but you logged in to the \
+                 proxy by IP address ({}): run `jaunt login --proxy NAME:PORT` with the proxy's \
+                 DNS name (e.g. localhost)",
+                self.proxy
+            ),
+        };
+        let name = format!("{name}.{host}");
+        ServerName::try_from(name.clone()).map_err(|_| anyhow!("{name} is not a valid server name"))
+    }
+
+    /// Connects to web app `name` (HTTP/1.1 over TLS with the user's certificate, SNI
+    /// `<name>.<proxy host>`): the session carries HTTP as is; the engine's refusals arrive as
+    /// HTTP error responses.
+    pub fn dial_app(&self, name: &str) -> anyhow::Result<Session> {
+        let server_name = self.app_server_name(name)?;
+        let tcp = self.connect_proxy()?;
+        tcp.set_nodelay(true)?;
+        // The SNI names the app; the certificate is checked against the proxy's own name (the
+        // engine is one server with apps as virtual hosts, and `*.localhost` is no valid
+        // wildcard for a verifier).
+        let mut config = ClientConfig::clone(&*self.config("http/1.1")?);
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()?;
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(AsProxyName {
+                inner: verifier,
+                name: self.server_name.clone(),
+            }));
+        let conn = ClientConnection::new(Arc::new(config), server_name)?;
+        let mut tls = StreamOwned::new(conn, tcp);
+        // Finish the handshake here, so certificate problems are reported as such.
+        finish_handshake(&mut tls).map_err(|e| handshake_error(e, &self.proxy))?;
+        Ok(tls)
+    }
+}
+
+/// Verifies the engine's certificate (chain to the cluster's host CA, validity) for the
+/// proxy's name, whatever name the connection's SNI carries.
+#[derive(Debug)]
+struct AsProxyName {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AsProxyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn finish_handshake(tls: &mut Session) -> std::io::Result<()> {
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(())
 }
 
 fn handshake_error(e: std::io::Error, proxy: &str) -> anyhow::Error {
@@ -290,7 +401,20 @@ pub fn serve_local(
                     eprintln!("jaunt: connection to {} ended: {e:#}", request.target);
                 }
             }
-            Err(e) => eprintln!("jaunt: cannot connect to {}: {e:#}", request.target),
+            Err(e) => {
+                eprintln!("jaunt: cannot connect to {}: {e:#}", request.target);
+                if request.kind == DialKind::App {
+                    // The local client speaks HTTP: tell it why in its own terms.
+                    let body = format!("jaunt: cannot connect to app {}: {e:#}\n", request.target);
+                    let mut local = local;
+                    let _ = write!(
+                        local,
+                        "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            }
         });
     }
     Ok(())

@@ -43,17 +43,28 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     let settings = jaunt_agent::AgentSettings::new(config, tls);
     let (tx, rx) = crossbeam_channel::unbounded();
 
-    // SIGTERM/SIGINT: drain and stop.
+    // SIGTERM/SIGINT: drain and stop. SIGHUP: re-read the config file, announce its labels and
+    // services without dropping a tunnel.
     {
         let tx = tx.clone();
         let mut signals = signal_hook::iterator::Signals::new([
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGHUP,
         ])
         .context("installing signal handlers")?;
+        let running = config.clone();
         std::thread::spawn(move || {
-            if signals.forever().next().is_some() {
-                let _ = tx.send(jaunt_agent::AgentCommand::Shutdown);
+            for signal in signals.forever() {
+                if signal != signal_hook::consts::SIGHUP {
+                    let _ = tx.send(jaunt_agent::AgentCommand::Shutdown);
+                    return;
+                }
+                if let Some(command) = reload_command(&running) {
+                    if tx.send(command).is_err() {
+                        return;
+                    }
+                }
             }
         });
     }
@@ -91,6 +102,66 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     );
     let hooks = crate::db_cmd::agent_hooks(&opts);
     jaunt_agent::run_with_hooks(settings, hooks, rx).map_err(|e| anyhow!("agent: {e}"))
+}
+
+/// SIGHUP: the [`jaunt_agent::AgentCommand::Reload`] for the re-read config file, or `None`
+/// (logged) when there is no file to re-read (`jaunt agent` flags cannot change) or it does not
+/// load. The proxy address and the node name need a restart: a change to them is named and the
+/// rest of the file still applies.
+fn reload_command(running: &jaunt_config::file::AgentConfig) -> Option<jaunt_agent::AgentCommand> {
+    let Some(path) = crate::daemon::config_file() else {
+        eprintln!(
+            "jaunt agent: SIGHUP: nothing to reload (started from flags, which cannot change; \
+             start from a config file with `jaunt start --config agent.yaml` to reload it)"
+        );
+        return None;
+    };
+    let agent = match jaunt_config::file::load(&path) {
+        Ok(config) => match config.agent {
+            Some(agent) => agent,
+            None => {
+                eprintln!(
+                    "jaunt agent: reloading {} failed (the current services stay): the file no \
+                     longer has an agent section",
+                    path.display()
+                );
+                return None;
+            }
+        },
+        Err(e) => {
+            eprintln!(
+                "jaunt agent: reloading {} failed (the current services stay): {e}",
+                path.display()
+            );
+            return None;
+        }
+    };
+    for (key, differs) in [
+        ("agent.proxy_addr", agent.proxy_addr != running.proxy_addr),
+        ("agent.name", agent.name != running.name),
+    ] {
+        if differs {
+            eprintln!(
+                "jaunt agent: {key} changed in {}: it applies after a restart, not on SIGHUP",
+                path.display()
+            );
+        }
+    }
+    eprintln!(
+        "jaunt agent: reloaded {}: announcing {} app(s), {} database(s){}",
+        path.display(),
+        agent.services.apps.len(),
+        agent.services.dbs.len(),
+        if agent.services.ssh.is_some() {
+            " and ssh"
+        } else {
+            ""
+        }
+    );
+    Some(jaunt_agent::AgentCommand::Reload {
+        labels: agent.labels,
+        services: agent.services,
+    })
 }
 
 fn info_user(profile: &Profile) -> String {

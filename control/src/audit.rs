@@ -4,7 +4,13 @@
 //! `uid`; the rest depends on the type. Codes are stable: scripts and SIEM rules match on them.
 //! Control's own events are appended synchronously (the slow path can afford one SQLite
 //! transaction); the engine's events (sessions, denials) come through a bounded queue that
-//! [`run_engine_writer`] drains in batches, one transaction per batch.
+//! [`Audit::run_engine_writer`] drains in batches, one transaction per batch; the agents' events
+//! (database queries, app requests) arrive in batches through `POST /v1/audit/events`
+//! ([`crate::agent_audit`]), one transaction per batch, acknowledged once committed.
+//!
+//! With `audit.file` configured, every committed event is also appended to a JSON-lines file
+//! ([`crate::audit_file`]), after its transaction committed and in commit order (one lock around
+//! both): the store is the record, the file a copy for shipping and grepping.
 
 use std::sync::Arc;
 
@@ -12,7 +18,8 @@ use jaunt_config::identity::unix_now;
 use jaunt_engine::server::AuditEvent;
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::store::Store;
+use crate::audit_file::AuditFile;
+use crate::store::{Store, StoreError};
 
 /// An event type with its stable code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,19 +97,53 @@ pub const ACCESS_DENIED: EventKind = EventKind {
     code: "JA2100W",
     r#type: "access.denied",
 };
+/// A query of a database session, as the agent forwarded it (`POST /v1/audit/events`).
+pub const DB_QUERY: EventKind = EventKind {
+    code: "JA2200I",
+    r#type: "db.query",
+};
+/// An HTTP request of an app session, as the agent's reverse proxy saw it.
+pub const APP_REQUEST: EventKind = EventKind {
+    code: "JA2300I",
+    r#type: "app.request",
+};
 
 /// Most engine events written in one store transaction.
 pub const ENGINE_BATCH_MAX: usize = 1024;
 
-/// Appends events to the store.
+/// One event ready for the store: unix time, kind, the user it is about, its JSON text.
+pub type Row<'a> = (u64, &'a str, &'a str, Option<&'a str>, &'a str);
+
+/// Appends events to the store (and, when configured, to the JSON-lines file).
 #[derive(Clone)]
 pub struct Audit {
     store: Arc<Store>,
+    file: Option<Arc<AuditFile>>,
 }
 
 impl Audit {
     pub fn new(store: Arc<Store>) -> Audit {
-        Audit { store }
+        Audit { store, file: None }
+    }
+
+    /// An audit log that also appends every committed event to `file`.
+    pub fn with_file(store: Arc<Store>, file: Option<Arc<AuditFile>>) -> Audit {
+        Audit { store, file }
+    }
+
+    /// Appends `rows` in one transaction; once this returns `Ok` they survive a `kill -9`.
+    /// The file copy (if any) is written after the commit, under the same lock, so the file's
+    /// order is the store's.
+    pub fn append(&self, rows: &[Row<'_>]) -> Result<i64, StoreError> {
+        match &self.file {
+            None => self.store.audit_append(rows),
+            Some(file) => {
+                let mut writer = file.lock();
+                let seq = self.store.audit_append(rows)?;
+                writer.append_lines(rows.iter().map(|r| r.4));
+                Ok(seq)
+            }
+        }
     }
 
     /// Drains the engine's audit queue until every sender is gone: waits for one event, takes
@@ -144,7 +185,7 @@ impl Audit {
                 )
             })
             .collect();
-        if let Err(e) = self.store.audit_append(&refs) {
+        if let Err(e) = self.append(&refs) {
             tracing::error!(error = %e, events = rows.len(), "audit: could not record engine events");
         }
     }
@@ -164,16 +205,14 @@ impl Audit {
             }
         }
         let text = serde_json::Value::Object(event).to_string();
-        if let Err(e) = self
-            .store
-            .audit_append(&[(now, kind.code, kind.r#type, user, &text)])
-        {
+        if let Err(e) = self.append(&[(now, kind.code, kind.r#type, user, &text)]) {
             tracing::error!(error = %e, event = kind.r#type, "audit: could not record event");
         }
     }
 }
 
-fn uid() -> String {
+/// A fresh event id: 128 random bits as 32 hex characters.
+pub fn uid() -> String {
     let mut b = [0u8; 16];
     let _ = SystemRandom::new().fill(&mut b);
     hex::encode(b)

@@ -199,6 +199,16 @@ enum ProxyCommand {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+    /// A local HTTP listener for a web app: any HTTP client (curl, a browser) connected to it
+    /// reaches the app through the cluster as you; the app receives your identity in the
+    /// `Jaunt-Jwt-Assertion` header (verify it with https://PROXY/.well-known/jwks.json).
+    App {
+        /// The app's name (`jaunt ls apps`).
+        name: String,
+        /// Local port (0 or absent: any free port, printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
     /// A local PostgreSQL listener: any client (psql, an IDE, an app) connected to it reaches
     /// the database through the cluster as --db-user, with no password and sslmode=disable.
     Db {
@@ -482,7 +492,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             proxy_ssh(&target).map(|()| ExitCode::SUCCESS)
         }
         Command::Proxy(ProxyCommand::Tcp { name, port }) => {
-            proxy_tcp(&name, port).map(|()| ExitCode::SUCCESS)
+            proxy_local(&name, port, jaunt_engine::server::dial::DialKind::Tcp)
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Proxy(ProxyCommand::App { name, port }) => {
+            proxy_local(&name, port, jaunt_engine::server::dial::DialKind::App)
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Proxy(ProxyCommand::Db {
             name,
@@ -629,7 +644,12 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             cluster: jaunt_config::file::DEV_CLUSTER_NAME.to_string(),
             data_dir,
             public_addr: args.public_addr.clone(),
-            public_listen: args.public_addr.clone(),
+            // `localhost` listens on 127.0.0.1 (as the config file's dev default does), not on
+            // whichever of ::1 and 127.0.0.1 the resolver lists first.
+            public_listen: match args.public_addr.rsplit_once(':') {
+                Some(("localhost", port)) => format!("127.0.0.1:{port}"),
+                _ => args.public_addr.clone(),
+            },
             control_listen: "127.0.0.1:0".to_string(),
             second_factor: false,
             user_ttl_secs: crate::service::DEFAULT_USER_TTL_SECS,
@@ -642,6 +662,8 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             bail!("say what to run: `jaunt start --dev` for a dev cluster, or `jaunt start --config jaunt.yaml`");
         };
         let config = jaunt_config::file::load(&path).map_err(|e| anyhow!("{e}"))?;
+        // SIGHUP re-reads it (the daemon's limits, an agent's labels and services).
+        daemon::set_config_file(&path);
         if config.control.is_none() && config.engine.is_none() {
             if let Some(agent) = &config.agent {
                 let token = match &agent.token {
@@ -1002,10 +1024,19 @@ fn proxy_ssh(target: &str) -> anyhow::Result<()> {
     crate::access::pipe_stdio(session)
 }
 
-fn proxy_tcp(name: &str, port: u16) -> anyhow::Result<()> {
+/// `jaunt proxy tcp|app NAME [--port P]`: a local listener that forwards to the app.
+fn proxy_local(
+    name: &str,
+    port: u16,
+    kind: jaunt_engine::server::dial::DialKind,
+) -> anyhow::Result<()> {
     let (dialer, _) = crate::access::Dialer::from_profile(&Profile::user_default())?;
+    if kind == jaunt_engine::server::dial::DialKind::App {
+        // Refuse now, not at the first request, when the app cannot be named over TLS.
+        dialer.app_server_name(name)?;
+    }
     let request = jaunt_engine::server::dial::DialRequest {
-        kind: jaunt_engine::server::dial::DialKind::Tcp,
+        kind,
         target: name.to_string(),
         login: None,
         db_user: None,

@@ -89,6 +89,14 @@ impl EngineSettings {
 
 /// Runs until SIGTERM or SIGINT; returns after a clean shutdown.
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    run_with_audit_file(cfg, None)
+}
+
+/// [`run`], also appending every committed audit event to `audit_file` (`audit.file`).
+pub fn run_with_audit_file(
+    cfg: DaemonConfig,
+    audit_file: Option<jaunt_config::file::AuditFileConfig>,
+) -> anyhow::Result<()> {
     profile::create_private_dir(&cfg.data_dir)?;
     let store = Arc::new(
         Store::open(&cfg.data_dir.join("jaunt.db"))
@@ -107,7 +115,15 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         user_ttl_secs: cfg.user_ttl_secs,
         host_ttl_secs: cfg.host_ttl_secs,
     };
-    let control = Arc::new(Control::bootstrap(store.clone(), settings)?);
+    // The audit log: the store, and the JSON-lines copy when `audit.file` is set. Control's own
+    // events and the engine's writer share it, so the file sees every committed event in order.
+    let audit_file = audit_file
+        .as_ref()
+        .map(|c| crate::audit_file::AuditFile::open(c).map(Arc::new))
+        .transpose()?;
+    let mut control = Control::bootstrap(store.clone(), settings)?;
+    control.audit = crate::audit::Audit::with_file(store.clone(), audit_file);
+    let control = Arc::new(control);
     let admin_password = if cfg.dev {
         Some(ensure_dev_admin(&control, &cfg)?)
     } else {
@@ -122,6 +138,12 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
+    // Web apps are reached at `<app>.<host>`: a wildcard name covers them for browsers, for a
+    // DNS host of two labels or more (verifiers refuse wildcards over a single label such as
+    // `*.localhost`; `jaunt proxy app` verifies the engine as `<host>` anyway).
+    if host.parse::<std::net::IpAddr>().is_err() && host.contains('.') {
+        names.push(format!("*.{host}"));
+    }
     names.dedup();
     let (chain, server_key) = issue_server_cert(&control, &cfg.cluster, &names)?;
     let client_roots = vec![
@@ -170,7 +192,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     engine_config.audit = Some(audit_tx);
     engine_config.audit_overflow = cfg.engine.audit_overflow;
     let audit_writer = {
-        let audit = crate::audit::Audit::new(store.clone());
+        let audit = control.audit.clone();
         std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || audit.run_engine_writer(&audit_rx))?
@@ -387,9 +409,174 @@ fn print_banner(
     let _ = std::io::stdout().flush();
 }
 
-/// Waits for SIGTERM/SIGINT. Meanwhile SIGHUP reloads the public port's certificate (re-read
-/// from `engine.tls` files, or re-issued by the host CA) without dropping connections, and the
-/// host-CA-issued certificate is renewed by itself in the last third of its lifetime.
+/// The config file `jaunt start --config FILE` runs from, recorded by the command line
+/// ([`set_config_file`]); SIGHUP re-reads it.
+static CONFIG_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Records the config file this process was started from, for SIGHUP to re-read (the daemon's
+/// limits, the agent's labels and services). The first call wins.
+pub fn set_config_file(path: &std::path::Path) {
+    let _ = CONFIG_FILE.set(path.to_path_buf());
+}
+
+/// The config file this process was started from, as [`set_config_file`] recorded it (`None`
+/// for `--dev` and for `jaunt agent` flags, which SIGHUP cannot re-read).
+pub fn config_file() -> Option<PathBuf> {
+    CONFIG_FILE.get().cloned()
+}
+
+/// What a SIGHUP takes from the re-read config file: the engine's limits, and the settings that
+/// changed but need a restart.
+#[derive(Debug)]
+struct Reloaded {
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections_per_shard: usize,
+    /// Config keys whose new values apply only after a restart.
+    restart: Vec<&'static str>,
+}
+
+/// Re-reads and validates `path` against what runs now (`cfg`). Errors read like start-up's:
+/// `FILE:LINE:COL: key: message`.
+fn read_reload(cfg: &DaemonConfig, path: &std::path::Path) -> anyhow::Result<Reloaded> {
+    let config = jaunt_config::file::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (Some(control), Some(engine)) = (config.control.as_ref(), config.engine.as_ref()) else {
+        anyhow::bail!(
+            "{}: the file no longer has both a control and an engine section",
+            path.display()
+        );
+    };
+    let shards = engine
+        .shards
+        .resolve(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .get();
+    let mut restart = Vec::new();
+    let mut changed = |key: &'static str, differs: bool| {
+        if differs {
+            restart.push(key);
+        }
+    };
+    changed("cluster_name", control.cluster_name != cfg.cluster);
+    changed(
+        "control.listen_addr",
+        control.listen_addr.to_string() != cfg.control_listen,
+    );
+    changed(
+        "control.second_factor",
+        (control.second_factor == jaunt_config::file::SecondFactor::Otp) != cfg.second_factor,
+    );
+    changed(
+        "control.user_cert_ttl",
+        control.user_cert_ttl.as_secs() != cfg.user_ttl_secs,
+    );
+    changed(
+        "control.host_cert_ttl",
+        control.host_cert_ttl.as_secs() != cfg.host_ttl_secs,
+    );
+    changed(
+        "engine.public_addr",
+        engine.public_addr.to_string() != cfg.public_addr,
+    );
+    changed(
+        "engine.listen_addr",
+        engine.listen_addr.to_string() != cfg.public_listen,
+    );
+    changed("engine.shards", shards != cfg.engine.shards);
+    changed(
+        "engine.io_memory",
+        usize::try_from(engine.io_memory_bytes).unwrap_or(usize::MAX) != cfg.engine.io_memory,
+    );
+    changed(
+        "engine.diag_addr",
+        Some(engine.diag_addr.to_string()) != cfg.engine.diag_addr,
+    );
+    changed(
+        "engine.tls",
+        engine
+            .tls
+            .as_ref()
+            .map(|t| (t.cert_file.clone(), t.key_file.clone()))
+            != cfg.engine.tls_files,
+    );
+    changed(
+        "audit.queue_capacity",
+        config.audit.queue_capacity != cfg.engine.audit_queue_capacity,
+    );
+    changed(
+        "audit.on_overflow",
+        config.audit.on_overflow != cfg.engine.audit_overflow,
+    );
+    Ok(Reloaded {
+        handshake_timeout: engine.handshake_timeout.as_std(),
+        idle_timeout: engine.idle_timeout.as_std(),
+        max_connections_per_shard: usize::try_from(engine.max_connections_per_shard)
+            .unwrap_or(usize::MAX),
+        restart,
+    })
+}
+
+/// SIGHUP's config part: re-read the config file (if the daemon runs from one) and hand the
+/// engine its new limits; a file that does not load or validate keeps every current setting.
+fn reload_config(
+    cfg: &DaemonConfig,
+    limits: &mut jaunt_engine::server::EngineLimits,
+    engine: &jaunt_engine::server::EngineHandle,
+) {
+    let Some(path) = config_file() else {
+        return;
+    };
+    let reloaded = match read_reload(cfg, &path) {
+        Ok(reloaded) => reloaded,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "config reload failed");
+            eprintln!(
+                "error: reloading {} failed (the current settings stay): {e:#}",
+                path.display()
+            );
+            return;
+        }
+    };
+    for key in &reloaded.restart {
+        tracing::warn!(key, file = %path.display(), "changed setting needs a restart");
+        eprintln!(
+            "warning: {key} changed in {}: it applies after a restart of jaunt, not on SIGHUP",
+            path.display()
+        );
+    }
+    let next = jaunt_engine::server::EngineLimits {
+        handshake_timeout: reloaded.handshake_timeout,
+        idle_timeout: reloaded.idle_timeout,
+        max_connections_per_shard: reloaded.max_connections_per_shard,
+        ..*limits
+    };
+    if next == *limits {
+        println!("reloaded {}: limits unchanged", path.display());
+        return;
+    }
+    match engine.reload_limits(next) {
+        Ok(()) => {
+            *limits = next;
+            tracing::info!(?next, "engine limits reloaded");
+            println!(
+                "reloaded {}: engine limits: max_connections_per_shard {}, handshake_timeout {:?}, idle_timeout {:?} (new connections use them)",
+                path.display(),
+                next.max_connections_per_shard,
+                next.handshake_timeout,
+                next.idle_timeout
+            );
+        }
+        Err(e) => {
+            eprintln!("error: applying the reloaded limits failed (the current ones stay): {e}")
+        }
+    }
+}
+
+/// Waits for SIGTERM/SIGINT. Meanwhile SIGHUP re-reads the config file (when the daemon runs
+/// from one: the engine's limits apply to new connections, settings that need a restart are
+/// named, a bad file keeps everything as it is) and reloads the public port's certificate
+/// (re-read from `engine.tls` files, or re-issued by the host CA), all without dropping
+/// connections; and the host-CA-issued certificate is renewed by itself in the last third of
+/// its lifetime.
 fn serve_until_shutdown(
     control: &Control,
     cfg: &DaemonConfig,
@@ -408,10 +595,17 @@ fn serve_until_shutdown(
         }
     });
     let mut renew_at = unix_now() + SERVER_CERT_TTL_SECS * 2 / 3;
+    let mut limits = jaunt_engine::server::EngineLimits {
+        handshake_timeout: cfg.engine.handshake_timeout,
+        idle_timeout: cfg.engine.idle_timeout,
+        max_connections_per_shard: cfg.engine.max_connections_per_shard,
+        tunnel_timers: jaunt_engine::mux::Config::default(),
+    };
     loop {
         let reload = match rx.recv_timeout(Duration::from_secs(600)) {
             Ok(SIGHUP) => {
-                tracing::info!("SIGHUP: reloading the public port's certificate");
+                tracing::info!("SIGHUP: reloading the config file's limits and the certificate");
+                reload_config(cfg, &mut limits, engine);
                 true
             }
             Ok(sig) => {

@@ -237,7 +237,34 @@ pub fn agent_hooks(opts: &crate::agent_cmd::AgentOptions) -> AgentHooks {
             proxy: opts.proxy.clone(),
             data_dir: opts.data_dir.clone(),
         })),
-        ..AgentHooks::default()
+        app_tokens: Some(Arc::new(crate::app_cmd::ControlAppTokens {
+            proxy: opts.proxy.clone(),
+            data_dir: opts.data_dir.clone(),
+        })),
+        ..audit_hooks(opts)
+    }
+}
+
+/// Query and app-request recorders that send the events to control's audit log (and log them
+/// as the default recorders do); the default recorders alone if the sender cannot start.
+fn audit_hooks(opts: &crate::agent_cmd::AgentOptions) -> AgentHooks {
+    let poster = crate::agent_audit::ControlPoster {
+        proxy: opts.proxy.clone(),
+        data_dir: opts.data_dir.clone(),
+    };
+    match crate::agent_audit::AgentAuditRecorder::start(
+        poster,
+        crate::agent_audit::DEFAULT_QUEUE_CAPACITY,
+    ) {
+        Ok(recorder) => AgentHooks {
+            db_queries: recorder.clone(),
+            app_requests: recorder,
+            ..AgentHooks::default()
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "audit: cannot start the event sender; queries and app requests are only logged");
+            AgentHooks::default()
+        }
     }
 }
 

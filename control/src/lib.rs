@@ -6,17 +6,22 @@
 //! - [`rbac`]: what a role grants at login and for admin verbs.
 //! - [`audit`]: audit events with stable codes.
 //! - [`service`]: the control API's handlers.
+//! - [`jwt`]: app-access JWTs (ES256) and their JWK Set.
 //! - [`http`] / [`client`]: the API's transport (HTTP/1.1 + JSON over TLS, plain threads).
 //! - [`daemon`]: `jaunt start`.
 //! - [`profile`]: the user's `$JAUNT_HOME` (keys and certificates after `jaunt login`).
 //! - [`access`]: the user's side of resource access (dial through the engine, carry bytes).
+//! - [`app_cmd`]: web app access: the agent's JWT provider (`jaunt proxy app` is in `access`).
 //! - [`db_cmd`]: PostgreSQL access: db certificates (API bodies, the agent's provider),
 //!   `jaunt ca sign-db`, `jaunt proxy db`, `jaunt db connect`.
 //! - [`cli`]: the `jaunt` command line.
 
 pub mod access;
+pub mod agent_audit;
 pub mod agent_cmd;
+pub mod app_cmd;
 pub mod audit;
+pub mod audit_file;
 pub mod auth;
 pub mod ca;
 pub mod cli;
@@ -24,6 +29,7 @@ pub mod client;
 pub mod daemon;
 pub mod db_cmd;
 pub mod http;
+pub mod jwt;
 pub mod profile;
 pub mod rbac;
 pub mod service;

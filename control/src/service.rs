@@ -37,6 +37,8 @@ pub const DEFAULT_TOKEN_TTL_SECS: u64 = 30 * 60;
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
 /// Name of the local administrator identity written to the data directory.
 pub const LOCAL_ADMIN: &str = "admin";
+/// The host role of agents that serve apps (joined with an `app` token).
+pub const APP_HOST_ROLE: &str = "app";
 /// Store name of the app-access JWT signing key.
 pub const JWT_KEY_NAME: &str = "jwt";
 /// Token types a join token may carry.
@@ -57,6 +59,10 @@ pub struct Control {
     pub settings: Settings,
     /// PKCS#8 PEM of the ES256 key that signs app-access JWTs.
     pub jwt_key_pem: String,
+    /// Signs app-access JWTs with that key.
+    pub jwt: crate::jwt::JwtSigner,
+    /// The JWK Set of the JWT key, as the engine serves it.
+    pub jwks: Arc<str>,
     pub store: Arc<Store>,
     pub cas: Authorities,
     pub audit: Audit,
@@ -106,7 +112,11 @@ impl Control {
             )?;
         }
         let audit = Audit::new(store.clone());
+        let jwt = crate::jwt::JwtSigner::from_pem(&jwt_key)?;
+        let jwks: Arc<str> = jwt.jwks_json().into();
         Ok(Control {
+            jwt,
+            jwks,
             public_addr: RwLock::new(settings.public_addr.clone()),
             settings,
             jwt_key_pem: jwt_key,
@@ -301,6 +311,7 @@ impl Control {
             policy,
             active_locks,
             targets: Default::default(),
+            jwks: self.jwks.clone(),
         })
     }
 
@@ -342,7 +353,9 @@ impl Control {
             ("POST", ["v1", "ca", "sign-host"]) => self.sign_host(req, caller),
             ("POST", ["v1", "ca", "sign-db"]) => self.sign_db(req, caller),
             ("POST", ["v1", "db", "cert"]) => self.db_cert(req, caller),
+            ("POST", ["v1", "app", "jwt"]) => self.app_jwt(req, caller),
             ("GET", ["v1", "audit"]) => self.audit_search(req, caller),
+            ("POST", ["v1", "audit", "events"]) => self.agent_audit_events(req, caller),
             _ => Err(Response::error(
                 404,
                 &format!("no such endpoint: {} {}", req.method, req.path),
@@ -1228,6 +1241,46 @@ impl Control {
                 expires: identity.expires,
             },
         ))
+    }
+
+    /// An app-access JWT for a user of an HTTP app: host identities with role `app` only
+    /// (agents joined with an `app` token). The engine authorized the user's dial; the agent
+    /// passes on who the engine said the user is.
+    fn app_jwt(&self, req: &Request, caller: &Identity) -> Reply {
+        if caller.kind != IdentityKind::Host || !caller.roles.iter().any(|r| r == APP_HOST_ROLE) {
+            return Err(Response::error(
+                403,
+                "only agents that joined with an app token (jaunt tokens add --type app) get \
+                 app tokens",
+            ));
+        }
+        let body: AppJwtRequest = req.json()?;
+        if body.user.is_empty() || body.user.len() > 256 || body.roles.len() > 256 {
+            return Err(Response::error(400, "user must be 1-256 bytes, at most 256 roles"));
+        }
+        let now = unix_now();
+        let claims = crate::jwt::JwtSigner::app_claims(
+            &self.settings.cluster,
+            &body.user,
+            &body.roles,
+            &body.uri,
+            now,
+            crate::jwt::APP_TOKEN_TTL_SECS,
+        );
+        let jwt = self.jwt.sign(&claims).map_err(internal)?;
+        Ok(Response::json(
+            200,
+            &AppJwtResponse {
+                jwt,
+                expires: claims.exp,
+            },
+        ))
+    }
+
+    /// `POST /v1/audit/events`: an agent's batch of events (database queries, app requests),
+    /// answered 200 once committed; the rules are in [`crate::agent_audit::receive`].
+    fn agent_audit_events(&self, req: &Request, caller: &Identity) -> Reply {
+        crate::agent_audit::receive(&self.audit, &self.store, caller, &req.body, unix_now())
     }
 
     fn audit_search(&self, req: &Request, caller: &Identity) -> Reply {

@@ -534,6 +534,35 @@ fn psql_through_the_cluster_to_a_real_postgres() {
         audit.contains("\"db-client\"") && audit.contains("\"db-server\""),
         "{audit}"
     );
+
+    // The agent's recorder sent the queries to control's audit log (asynchronously: poll).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let queries = c.audit_events(Some("db.query"));
+        let found = queries.iter().any(|e| {
+            e["code"] == "JA2200I"
+                && e["user"] == "alice"
+                && e["query"] == "select 1"
+                && e["service"] == "pg1"
+                && e["db_user"] == "alice"
+                && e["database"] == "postgres"
+                && e["host_name"] == "dbhost"
+                && e["kind"] == "query"
+        });
+        if found {
+            assert!(
+                !queries.iter().any(|e| e["db_user"] == "bob"),
+                "{queries:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no db.query event for alice's select 1: {queries:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.assert_sessions_paired();
 }
 
 #[test]

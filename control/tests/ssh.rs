@@ -379,6 +379,7 @@ fn ssh_and_scp_through_the_cluster_with_real_openssh() {
 
     let _ = agent.kill();
     let _ = agent.wait();
+    c.assert_sessions_paired();
 }
 
 #[test]
@@ -391,6 +392,7 @@ fn agent_restarts_without_the_token() {
     wait_for_ssh(&c, "root@node1");
     let _ = agent.kill();
     let _ = agent.wait();
+    c.assert_sessions_paired();
 }
 
 /// A TCP echo server on 127.0.0.1:0 (a thread per connection).
@@ -483,6 +485,8 @@ fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
 
     let _ = proxy.kill();
     let _ = proxy.wait();
+    // The session the agent's death cut still has its end.
+    c.assert_sessions_paired();
 }
 
 #[test]
@@ -532,4 +536,5 @@ fn a_lock_closes_a_live_ssh_session() {
     assert!(stderr(&o).contains("incident 7"), "{}", stderr(&o));
     let err = fails(c.login("alice", PASSWORD, &[]));
     assert!(err.contains("locked"), "{err}");
+    c.assert_sessions_paired();
 }

@@ -1545,6 +1545,64 @@ fn an_expiring_certificate_ends_its_session_when_the_role_says_so() {
     assert!(unix_now() >= carol.expires);
 }
 
+/// A session whose role sets `client_idle_timeout` ends after that long without traffic, and
+/// the refusal is counted as an idle timeout; the engine's own idle timeout is much longer.
+#[test]
+fn a_roles_client_idle_timeout_closes_a_quiet_session() {
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let h = Options {
+        shards: 1,
+        targets: Targets::default(),
+        inventory: Some(inventory_tx),
+        ..Options::default()
+    }
+    .start();
+    let mut role = jaunt_config::resource::Role::builtin_access();
+    role.spec.options.client_idle_timeout =
+        Some(jaunt_config::duration::Duration(Duration::from_millis(400)));
+    h.send_snapshot_with(2, Targets::default(), |s| {
+        s.policy = jaunt_config::rbac::Policy::compile(&[role]).unwrap();
+    });
+    wait_for("snapshot 2", || {
+        h.metric("jaunt_snapshot_version", &[]) == 2
+    });
+    let _agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-8"),
+        AgentPlan::new("node8", &["echo"]),
+    );
+    assert!(matches!(
+        recv_inventory(&inventory),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    let carol = identity(IdentityKind::User, "carol");
+    let config = h.pki.client(&[ALPN_TCP], Some(h.pki.user.identity(&carol)));
+    let mut tls = h.tls_connect(config, PUBLIC_HOST);
+    let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+    assert!(response.ok, "{response:?}");
+    echo_once(&mut tls, b"carol is active");
+    let quiet_since = std::time::Instant::now();
+    tls.sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 64];
+    match tls.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("carol read {n} bytes"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "carol's quiet session outlived the role's idle timeout: {e}"
+        ),
+    }
+    assert!(quiet_since.elapsed() >= Duration::from_millis(400));
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "idle_timeout")],
+        1,
+    );
+}
+
 /// The life of an agent as routing sees it: its tunnel comes up (inventory event, inventory
 /// view), its node and app are dialable by name and kind, unknown names are refused readably,
 /// and once it dies the same dial says `no such node` promptly (or, when control still lists
@@ -2243,22 +2301,50 @@ fn reload_tls_switches_new_handshakes_only() {
 
 /// Web apps answer 502 for now; unknown hosts are refused.
 #[test]
-fn app_route_answers_502_for_now() {
+fn app_route_needs_a_user_certificate_and_a_known_app() {
     let h = Options::default().start();
-    let mut tls = h.tls_connect(h.pki.client(&[b"http/1.1"], None), "grafana.localhost");
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: grafana.localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let get = |config: Arc<rustls::ClientConfig>| {
+        let mut tls = h.tls_connect(config, "grafana.localhost");
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: grafana.localhost\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        let _ = tls.read_to_string(&mut response);
+        response
+    };
+    // No certificate (a browser): told how to get in, and the connection closes.
+    let response = get(h.pki.client(&[b"http/1.1"], None));
+    assert!(response.starts_with("HTTP/1.1 401 Unauthorized"), "{response}");
+    assert!(response.contains("jaunt proxy app grafana"), "{response}");
+    h.wait_metric("jaunt_connections_refused_total", &[("reason", "bad_identity")], 1);
+    // A user certificate: routed like any dial, so an app nobody serves is a 404 naming it.
+    let response = get(h.alice(b"http/1.1"));
+    assert!(response.starts_with("HTTP/1.1 404 Not Found"), "{response}");
+    assert!(response.contains(r#"no such app "grafana""#), "{response}");
+    h.wait_metric("jaunt_connections_accepted_total", &[("route", "app")], 2);
+}
+
+/// The public host serves the cluster's JWK Set once a snapshot carries it.
+#[test]
+fn web_route_serves_the_jwks_from_the_snapshot() {
+    let h = Options {
+        shards: 1,
+        ..Options::default()
+    }
+    .start();
+    h.send_snapshot_with(2, Targets::default(), |s| {
+        s.jwks = r#"{"keys":[{"kty":"EC","kid":"k1"}]}"#.into();
+    });
+    wait_for("snapshot 2", || h.metric("jaunt_snapshot_version", &[]) == 2);
+    let mut tls = h.tls_connect(h.pki.client(&[b"http/1.1"], None), PUBLIC_HOST);
+    tls.write_all(
+        b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
     let mut response = String::new();
     let _ = tls.read_to_string(&mut response);
-    assert!(
-        response.starts_with("HTTP/1.1 502 Bad Gateway"),
-        "{response}"
-    );
-    assert!(
-        response.ends_with("app access arrives with the agent\n"),
-        "{response}"
-    );
-    h.wait_metric("jaunt_connections_accepted_total", &[("route", "app")], 1);
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(response.contains("content-type: application/json"), "{response}");
+    assert!(response.ends_with(r#"{"keys":[{"kty":"EC","kid":"k1"}]}"#), "{response}");
 }
 
 /// Metrics list every refusal reason from the start, so dashboards see zeros, not gaps.

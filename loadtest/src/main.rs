@@ -1,5 +1,531 @@
-//! Jaunt's load-test harness (filled in by the load-test issue).
+//! Jaunt's load-test harness: drives real TLS traffic through a Jaunt cluster (its own with
+//! `--spawn`, or a running one with `--proxy`), measures rates, latencies, memory and the CPU
+//! seconds every process spent per unit of work, and with `compare` runs the same traffic
+//! through nginx and HAProxy in the same run. See BENCHMARKS.md, "Load tests".
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("loadtest: no scenarios yet; see the load-test issue")
+mod backend;
+mod client;
+mod cluster;
+mod emul;
+mod peers;
+mod procfs;
+mod progress;
+mod report;
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use client::{JauntUser, Target};
+use procfs::Watch;
+use report::Row;
+use scenarios::Sizes;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Run the scenarios against Jaunt.
+    Run,
+    /// Also run handshake, bulk and rr through nginx and HAProxy in the same run.
+    Compare,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Restart {
+    Term,
+    Crash,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Scenario {
+    Handshake,
+    Bulk,
+    Rr,
+    Streams,
+    Idle,
+    Lock,
+    Agents,
+}
+
+/// Jaunt's load-test harness.
+#[derive(Parser, Debug)]
+#[command(name = "loadtest", version)]
+struct Cli {
+    /// `run` (default) or `compare` (adds nginx and HAProxy as same-run baselines).
+    #[arg(value_enum)]
+    mode: Option<Mode>,
+    /// Start a local dev cluster, agent and backend, and tear them down at the end.
+    #[arg(long, conflicts_with = "proxy")]
+    spawn: bool,
+    /// A running cluster's public address instead (with --home and --app; only the handshake,
+    /// bulk, rr and streams scenarios, which need no admin access).
+    #[arg(long, requires_all = ["home", "app"])]
+    proxy: Option<String>,
+    /// With --proxy: a `$JAUNT_HOME` logged in to that cluster.
+    #[arg(long)]
+    home: Option<PathBuf>,
+    /// With --proxy: a TCP app pointing at this loadtest's backend (see --backend).
+    #[arg(long)]
+    app: Option<String>,
+    /// Where the loadtest's own backend listens (the TCP app's target with --proxy).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    backend: String,
+    /// Scenarios to run (repeatable); default: all (compare: handshake, bulk, rr).
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Reduced sizes: every scenario in a few seconds (CI).
+    #[arg(long)]
+    smoke: bool,
+    /// Where results.json, summary.md and the SVG plots go.
+    #[arg(long, default_value = "loadtest-out")]
+    out: PathBuf,
+    /// The `jaunt` binary (default: next to this one).
+    #[arg(long)]
+    jaunt: Option<PathBuf>,
+    /// Seconds per handshake/streams variant.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Client threads for the rate scenarios.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// MiB per bulk direction.
+    #[arg(long)]
+    bulk_mib: Option<u64>,
+    /// Requests in rr.
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Idle sessions (idle) and live sessions (lock).
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// Emulated agents.
+    #[arg(long)]
+    agents: Option<usize>,
+    /// How the agents scenario restarts the engine: `term` (SIGTERM, drain, start) or `crash`
+    /// (SIGKILL, start).
+    #[arg(long, value_enum, default_value = "term")]
+    restart: Restart,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => {}
+        Ok(false) => {
+            cluster::emergency_teardown();
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            cluster::emergency_teardown();
+            std::process::exit(2);
+        }
+    }
+}
+
+/// What runs the traffic: a spawned cluster or a running one.
+struct Setup {
+    spawned: Option<cluster::Spawned>,
+    user: JauntUser,
+    app: String,
+    backend: String,
+}
+
+fn wait_for_app(user: &JauntUser, app: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let target = user.target(app);
+    loop {
+        match target.connect(false) {
+            Ok(c) => {
+                c.close();
+                return Ok(());
+            }
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("the app {app} never became reachable")))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<bool> {
+    cluster::install_signal_teardown()?;
+    let mode = cli.mode.unwrap_or(Mode::Run);
+    let mut sizes = if cli.smoke {
+        Sizes::smoke()
+    } else {
+        Sizes::full()
+    };
+    if let Some(v) = cli.seconds {
+        sizes.seconds = v;
+    }
+    if let Some(v) = cli.threads {
+        sizes.threads = v;
+    }
+    if let Some(v) = cli.bulk_mib {
+        sizes.bulk_bytes = v << 20;
+    }
+    if let Some(v) = cli.requests {
+        sizes.requests = v;
+    }
+    if let Some(v) = cli.sessions {
+        sizes.idle = v;
+        sizes.lock = v;
+    }
+    if let Some(v) = cli.agents {
+        sizes.agents = v;
+    }
+    let mut wanted: Vec<Scenario> = if cli.scenarios.is_empty() {
+        match mode {
+            Mode::Run => Scenario::value_variants().to_vec(),
+            Mode::Compare => vec![Scenario::Handshake, Scenario::Bulk, Scenario::Rr],
+        }
+    } else {
+        cli.scenarios.clone()
+    };
+    wanted.sort();
+    wanted.dedup();
+    if !cli.spawn && cli.proxy.is_none() {
+        bail!("pass --spawn (start a local cluster) or --proxy HOST:PORT --home DIR --app NAME");
+    }
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+
+    let backend = backend::start(&cli.backend)?;
+    let mut setup = if cli.spawn {
+        let jaunt = cluster::find_jaunt(cli.jaunt.as_deref())?;
+        eprintln!("loadtest: starting a dev cluster with {}", jaunt.display());
+        let spawned = cluster::Spawned::start(&jaunt, &backend)?;
+        let user = JauntUser::from_home(&spawned.home)?;
+        Setup {
+            spawned: Some(spawned),
+            user,
+            app: cluster::APP.to_string(),
+            backend: backend.clone(),
+        }
+    } else {
+        let home = cli
+            .home
+            .clone()
+            .ok_or_else(|| anyhow!("--proxy needs --home"))?;
+        let user = JauntUser::from_home(&home)?;
+        Setup {
+            spawned: None,
+            user,
+            app: cli.app.clone().unwrap_or_default(),
+            backend: backend.clone(),
+        }
+    };
+    wait_for_app(&setup.user, &setup.app)?;
+    eprintln!("loadtest: cluster ready; scenarios: {wanted:?}");
+
+    let me = std::process::id();
+    let mut jaunt_watch = Watch::new();
+    if let Some(s) = &setup.spawned {
+        jaunt_watch.add("jaunt", vec![s.daemon.pid()]);
+        if let Some(a) = s.agent_pid() {
+            jaunt_watch.add("agent", vec![a]);
+        }
+    }
+    jaunt_watch.add("loadtest", vec![me]);
+    let mut self_watch = Watch::new();
+    self_watch.add("loadtest", vec![me]);
+
+    let peer_dir = tempfile::Builder::new()
+        .prefix("loadtest-peers")
+        .tempdir()?;
+    cluster::register_temp(peer_dir.path());
+    let mut peer_targets: Vec<(String, Target, Watch)> = Vec::new();
+    let mut _peer_procs: Vec<Box<dyn std::any::Any>> = Vec::new();
+    if mode == Mode::Compare {
+        let cert = peers::make_cert(peer_dir.path())?;
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        if let Some(n) = peers::Nginx::start(peer_dir.path(), &cert, &setup.backend, workers)? {
+            let mut w = Watch::new();
+            w.add("nginx", n.pids());
+            w.add("loadtest", vec![me]);
+            peer_targets.push(("nginx".into(), n.one_hop.clone(), w.clone()));
+            peer_targets.push(("nginx-2hop".into(), n.two_hop.clone(), w));
+            _peer_procs.push(Box::new(n));
+        }
+        if let Some(h) = peers::Haproxy::start(peer_dir.path(), &cert, &setup.backend, workers)? {
+            let mut w = Watch::new();
+            w.add("haproxy", vec![h.proc_.pid()]);
+            w.add("loadtest", vec![me]);
+            peer_targets.push(("haproxy".into(), h.target.clone(), w));
+            _peer_procs.push(Box::new(h));
+        }
+    }
+
+    let jaunt_target = setup.user.target(&setup.app);
+    let direct = Target::Direct {
+        addr: setup.backend.parse()?,
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    let mut errors: Vec<serde_json::Value> = Vec::new();
+    let mut skipped: Vec<serde_json::Value> = Vec::new();
+    for sc in &wanted {
+        let name = format!("{sc:?}").to_lowercase();
+        eprintln!("loadtest: {name}");
+        let started = Instant::now();
+        let result: anyhow::Result<Vec<Row>> = match sc {
+            Scenario::Handshake => (|| {
+                let mut r = scenarios::handshake_web(&setup.user, &jaunt_watch, &sizes)?;
+                r.extend(scenarios::handshake_echo(
+                    "jaunt",
+                    &jaunt_target,
+                    &jaunt_watch,
+                    &sizes,
+                )?);
+                for (path, t, w) in &peer_targets {
+                    r.extend(scenarios::handshake_echo(path, t, w, &sizes)?);
+                }
+                Ok(r)
+            })(),
+            Scenario::Bulk => (|| {
+                let mut r = scenarios::bulk("direct", &direct, &self_watch, &sizes)?;
+                r.extend(scenarios::bulk(
+                    "jaunt",
+                    &jaunt_target,
+                    &jaunt_watch,
+                    &sizes,
+                )?);
+                for (path, t, w) in &peer_targets {
+                    r.extend(scenarios::bulk(path, t, w, &sizes)?);
+                }
+                Ok(r)
+            })(),
+            Scenario::Rr => (|| {
+                let (base_row, base) = scenarios::rr("direct", &direct, &self_watch, &sizes)?;
+                let (row, lat) = scenarios::rr("jaunt", &jaunt_target, &jaunt_watch, &sizes)?;
+                let mut series = vec![
+                    ("direct TCP".to_string(), scenarios::cdf(&base)),
+                    (
+                        "jaunt (engine + tunnel + agent)".to_string(),
+                        scenarios::cdf(&lat),
+                    ),
+                ];
+                let mut r = vec![base_row, scenarios::added_latency(row, &lat, &base)];
+                for (path, t, w) in &peer_targets {
+                    let (row, lat) = scenarios::rr(path, t, w, &sizes)?;
+                    series.push((path.clone(), scenarios::cdf(&lat)));
+                    r.push(scenarios::added_latency(row, &lat, &base));
+                }
+                let svg = report::svg_chart(
+                    &format!("rr: {} B echo latency, one connection", sizes.message),
+                    "latency (µs, log scale)",
+                    "percentile",
+                    &series,
+                    true,
+                );
+                std::fs::write(cli.out.join("rr-latency.svg"), svg)?;
+                if let Some(last) = r.last_mut() {
+                    last.notes.push("rr: latency distribution in rr-latency.svg; added_* = path minus the direct TCP baseline of the same run, per percentile".into());
+                }
+                Ok(r)
+            })(),
+            Scenario::Streams => scenarios::streams(&setup.user, &setup.app, &jaunt_watch, &sizes),
+            Scenario::Idle => match &setup.spawned {
+                Some(s) => scenarios::idle(
+                    &setup.user,
+                    &setup.app,
+                    s.daemon.pid(),
+                    s.agent_pid(),
+                    &jaunt_watch,
+                    &sizes,
+                ),
+                None => Err(anyhow!("skipped: needs --spawn (process ids)")),
+            },
+            Scenario::Lock => match &setup.spawned {
+                Some(s) => scenarios::lock(s, &setup.app, &jaunt_watch, &sizes),
+                None => Err(anyhow!("skipped: needs --spawn (admin access)")),
+            },
+            Scenario::Agents => match setup.spawned.as_mut() {
+                Some(s) => scenarios::agents(
+                    cli.restart == Restart::Crash,
+                    s,
+                    &mut jaunt_watch,
+                    &sizes,
+                    &cli.out,
+                ),
+                None => Err(anyhow!("skipped: needs --spawn (engine restart)")),
+            },
+        };
+        match result {
+            Ok(r) => {
+                eprintln!(
+                    "loadtest: {name} done in {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+                rows.extend(r);
+            }
+            Err(e) if setup.spawned.is_none() && format!("{e}").starts_with("skipped") => {
+                eprintln!("loadtest: {name} {e}");
+                skipped.push(json!({"scenario": name, "why": format!("{e}")}));
+            }
+            Err(e) => {
+                eprintln!("loadtest: {name} failed: {e:#}");
+                errors.push(json!({"scenario": name, "error": format!("{e:#}")}));
+            }
+        }
+    }
+
+    let machine = procfs::machine();
+    let mut md = report::markdown(&machine, &rows, &command);
+    if mode == Mode::Compare {
+        md.push_str(&compare_table(&rows));
+    }
+    if !errors.is_empty() {
+        md.push_str("## Errors\n\n");
+        for e in &errors {
+            md.push_str(&format!("- {}: {}\n", e["scenario"], e["error"]));
+        }
+    }
+    let results = json!({
+        "command": command,
+        "mode": format!("{mode:?}").to_lowercase(),
+        "smoke": cli.smoke,
+        "machine": machine,
+        "sizes": {
+            "seconds": sizes.seconds, "threads": sizes.threads, "bulk_bytes": sizes.bulk_bytes,
+            "requests": sizes.requests, "message": sizes.message, "idle": sizes.idle,
+            "lock": sizes.lock, "agents": sizes.agents,
+        },
+        "scenarios": wanted.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>(),
+        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "errors": errors,
+        "skipped": skipped,
+    });
+    std::fs::write(
+        cli.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(cli.out.join("summary.md"), &md)?;
+    println!("{md}");
+    eprintln!("loadtest: results in {}", cli.out.display());
+    drop(_peer_procs);
+    if let Some(s) = setup.spawned.as_mut() {
+        s.stop();
+    }
+    Ok(errors.is_empty())
+}
+
+/// Proxy CPU (every group but the loadtest itself) per unit of `row`.
+fn proxy_cpu(row: &Row) -> f64 {
+    let per = row.cpu_per_unit();
+    per.iter()
+        .filter(|(k, _)| k.as_str() != "loadtest")
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The comparison: proxy CPU per unit and latencies side by side, with ratios to nginx.
+fn compare_table(rows: &[Row]) -> String {
+    let paths = ["jaunt", "nginx", "nginx-2hop", "haproxy"];
+    let mut lines: Vec<(String, BTreeMap<&str, f64>)> = Vec::new();
+    let find = |scenario: &str, variant: &str, path: &str| {
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.variant == variant && r.path == path)
+    };
+    for (scenario, variant, label) in [
+        (
+            "handshake",
+            "full+echo",
+            "CPU µs per full handshake (+ echo)",
+        ),
+        (
+            "handshake",
+            "resumed+echo",
+            "CPU µs per resumed handshake (+ echo)",
+        ),
+    ] {
+        let mut m = BTreeMap::new();
+        for p in paths {
+            if let Some(r) = find(scenario, variant, p) {
+                m.insert(p, proxy_cpu(r) * 1000.0);
+            }
+        }
+        lines.push((label.to_string(), m));
+    }
+    // The engine alone (TLS + a ping answered by the engine, no backend) against the peers'
+    // one-hop TLS termination with an echo from the backend.
+    for (jv, pv, label) in [
+        (
+            "full+ping",
+            "full+echo",
+            "CPU µs per full handshake; jaunt = engine web route (ping, no tunnel)",
+        ),
+        (
+            "resumed+ping",
+            "resumed+echo",
+            "CPU µs per resumed handshake; jaunt = engine web route",
+        ),
+    ] {
+        let mut m = BTreeMap::new();
+        if let Some(r) = find("handshake", jv, "jaunt-web") {
+            m.insert("jaunt", proxy_cpu(r) * 1000.0);
+        }
+        for p in ["nginx", "nginx-2hop", "haproxy"] {
+            if let Some(r) = find("handshake", pv, p) {
+                m.insert(p, proxy_cpu(r) * 1000.0);
+            }
+        }
+        lines.push((label.to_string(), m));
+    }
+    for (variant, label) in [
+        ("upload", "CPU s per GiB, upload"),
+        ("download", "CPU s per GiB, download"),
+    ] {
+        let mut m = BTreeMap::new();
+        for p in paths {
+            if let Some(r) = find("bulk", variant, p) {
+                m.insert(p, proxy_cpu(r));
+            }
+        }
+        lines.push((label.to_string(), m));
+    }
+    for (key, label) in [
+        ("added_p50_us", "rr added p50 µs"),
+        ("added_p99_us", "rr added p99 µs"),
+    ] {
+        let mut m = BTreeMap::new();
+        for p in paths {
+            if let Some(r) = rows.iter().find(|r| r.scenario == "rr" && r.path == p) {
+                if let Some(v) = r.metrics.get(key).and_then(|v| v.as_f64()) {
+                    m.insert(p, v);
+                }
+            }
+        }
+        lines.push((label.to_string(), m));
+    }
+    let mut out = String::from("## Comparison (proxy processes only; same run)\n\n");
+    out.push_str("| measure | jaunt | nginx | nginx 2 hops | haproxy | jaunt / nginx | jaunt / nginx 2 hops | jaunt / haproxy |\n|---|---|---|---|---|---|---|---|\n");
+    for (label, m) in lines {
+        let cell = |p: &str| {
+            m.get(p)
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "—".into())
+        };
+        let ratio = |p: &str| match (m.get("jaunt"), m.get(p)) {
+            (Some(j), Some(o)) if *o > 0.0 => format!("{:.2}x", j / o),
+            _ => "—".into(),
+        };
+        out.push_str(&format!(
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
+            cell("jaunt"),
+            cell("nginx"),
+            cell("nginx-2hop"),
+            cell("haproxy"),
+            ratio("nginx"),
+            ratio("nginx-2hop"),
+            ratio("haproxy")
+        ));
+    }
+    out.push_str("\nJaunt's CPU is the daemon (control + engine) plus the agent; nginx's is its master and workers (both hops for `nginx 2 hops`); HAProxy's its one process. The loadtest's own CPU (clients and backend) is excluded here and listed per scenario above.\n\n");
+    out
 }

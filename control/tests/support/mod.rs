@@ -31,6 +31,12 @@ pub struct Cluster {
 impl Cluster {
     /// `jaunt start --dev` on 127.0.0.1:0.
     pub fn dev() -> Cluster {
+        Cluster::dev_at("127.0.0.1:0")
+    }
+
+    /// `jaunt start --dev --public-addr PUBLIC_ADDR` (e.g. `localhost:0`: web apps need a DNS
+    /// name).
+    pub fn dev_at(public_addr: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let args = vec![
@@ -39,7 +45,7 @@ impl Cluster {
             "--data-dir".to_string(),
             data_dir.display().to_string(),
             "--public-addr".to_string(),
-            "127.0.0.1:0".to_string(),
+            public_addr.to_string(),
             "--diag-addr".to_string(),
             "127.0.0.1:0".to_string(),
         ];
@@ -265,4 +271,67 @@ pub fn tool(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+impl Cluster {
+    /// `jaunt audit search [--type TY] --format json` as the local admin, parsed.
+    pub fn audit_events(&self, ty: Option<&str>) -> Vec<serde_json::Value> {
+        let mut args = vec!["audit", "search", "--format", "json"];
+        if let Some(ty) = ty {
+            args.extend(["--type", ty]);
+        }
+        let out = ok(self.admin(&args, None));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("audit search output: {e}: {out}"))
+    }
+
+    /// Polls the audit log (bounded) until every `session.start` has exactly one `session.end`
+    /// with the same `session_id` and vice versa; fails with the unpaired sessions and their
+    /// events after the deadline.
+    #[track_caller]
+    pub fn assert_sessions_paired(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let events = self.audit_events(Some("session"));
+            let problems = unpaired_sessions(&events);
+            if problems.is_empty() {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                let mut report = String::new();
+                for (id, starts, ends) in &problems {
+                    report.push_str(&format!(
+                        "  session {id}: {starts} session.start, {ends} session.end\n"
+                    ));
+                    for e in events.iter().filter(|e| e["session_id"] == id.as_str()) {
+                        report.push_str(&format!("    {e}\n"));
+                    }
+                }
+                panic!(
+                    "sessions not paired one start to one end after 30 s ({} of {} events):\n{report}",
+                    problems.len(),
+                    events.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Sessions whose `session.start` and `session.end` counts are not exactly one each, as
+/// (session id, starts, ends). Events without a session id count under `<none>`.
+pub fn unpaired_sessions(events: &[serde_json::Value]) -> Vec<(String, usize, usize)> {
+    let mut by_id: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for e in events {
+        let id = e["session_id"].as_str().unwrap_or("<none>").to_string();
+        match e["event"].as_str() {
+            Some("session.start") => by_id.entry(id).or_default().0 += 1,
+            Some("session.end") => by_id.entry(id).or_default().1 += 1,
+            _ => {}
+        }
+    }
+    by_id
+        .into_iter()
+        .filter(|(_, (s, e))| (*s, *e) != (1, 1))
+        .map(|(id, (s, e))| (id, s, e))
+        .collect()
 }

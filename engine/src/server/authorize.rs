@@ -50,15 +50,25 @@ impl Denied {
     }
 }
 
+/// What an allowed dial's session must respect, from the identity's roles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    /// When the session must end (unix seconds; the certificate's expiry when a role sets
+    /// `disconnect_expired_cert`), if ever.
+    pub session_deadline: Option<u64>,
+    /// Close the session after this long without traffic (the roles' shortest
+    /// `client_idle_timeout`), if set; the engine's own idle timeout applies as well.
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
 /// Decides whether `identity` may dial `request`, which routing resolved to `target`, under
-/// `snapshot`. Allowed: when the session must end (unix seconds; the certificate's expiry when
-/// a role sets `disconnect_expired_cert`), if ever.
+/// `snapshot`, and if so under which session limits.
 pub fn authorize(
     snapshot: &Snapshot,
     identity: &Identity,
     request: &DialRequest,
     target: &Target,
-) -> Result<Option<u64>, Denied> {
+) -> Result<Allowed, Denied> {
     use jaunt_config::rbac;
     let kind = match request.kind {
         DialKind::Ssh => rbac::ResourceKind::Node,
@@ -85,7 +95,10 @@ pub fn authorize(
         &snapshot.active_locks,
         now,
     )
-    .map(|decision| decision.session_deadline())
+    .map(|decision| Allowed {
+        session_deadline: decision.session_deadline(),
+        idle_timeout: decision.idle_timeout,
+    })
     .map_err(|denied| Denied {
         kind: DeniedKind::Forbidden,
         message: denied.message,
@@ -168,7 +181,7 @@ mod tests {
         };
         assert_eq!(
             authorize(&snapshot, &alice(), &request, &Target::on_host("h1")),
-            Ok(None)
+            Ok(Allowed::default())
         );
         // A login the identity does not carry is refused, naming the node and the login.
         request.login = Some("postgres".into());

@@ -43,17 +43,18 @@ use crate::hello::{self, Parse, MAX_CLIENT_HELLO_BYTES};
 use crate::mux::{Blame, Role};
 use crate::route::{self, RejectReason, Route};
 use crate::server::audit::AuditEvent;
-use crate::server::authorize::{authorize, Denied, DeniedKind};
+use crate::server::authorize::{authorize, Allowed, Denied, DeniedKind};
 use crate::server::dial::{
     DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello, LENGTH_PREFIX_BYTES,
 };
+use crate::server::hop::{HopRefusal, HopStream};
 use crate::server::http::{self, PingBody, Response};
 use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed};
-use crate::server::metrics::{DialMiss, Direction, Refusal, RouteKind};
+use crate::server::metrics::{DialMiss, Direction, HopResult, Refusal, RouteKind};
 use crate::server::shard::{ConnGuard, Registered, Resolved, Shard, Signal};
 use crate::server::snapshot::Snapshot;
 use crate::tunnel::agent_hello::{AgentHello, MAX_AGENT_HELLO_BYTES};
-use crate::tunnel::{self, CloseReason, OpenError, Side, Tunnel};
+use crate::tunnel::{self, CloseReason, MuxStream, OpenError, Side, Tunnel};
 
 /// Bytes read per `read` while waiting for the ClientHello: a typical hello fits in one read.
 const HELLO_READ_CHUNK: usize = 4 * 1024;
@@ -208,7 +209,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard)
             .peer_addr()
             .map_or_else(|_| "unknown".to_owned(), |a| a.to_string()),
         accepted_at,
-        deadline: accepted_at + shard.config.handshake_timeout,
+        deadline: accepted_at + shard.limits().handshake_timeout,
         last_activity: Rc::new(Cell::new(accepted_at)),
     };
     let end = futures_lite::future::or(handle(&ctx, stream), async {
@@ -268,8 +269,8 @@ async fn handle(ctx: &Ctx<'_>, mut stream: TcpStream) -> End {
     );
     match routed {
         Routed::Control => pass_through(ctx, client, hello).await,
-        Routed::Web => web(ctx, client, hello, None).await,
-        Routed::App(name) => web(ctx, client, hello, Some(name)).await,
+        Routed::Web => web(ctx, client, hello).await,
+        Routed::App(name) => app(ctx, client, hello, name).await,
         Routed::Tunnel => agent_tunnel(ctx, client, hello).await,
         Routed::User(dial_kind) => user(ctx, client, hello, dial_kind).await,
         Routed::Reject(_) => End::Done,
@@ -318,13 +319,13 @@ async fn reject(mut stream: TcpStream, reason: RejectReason) -> End {
     End::Refused(Refusal::Hello(reason))
 }
 
-/// Splices `client` and `upstream` until both directions finish, an error, or the idle timeout.
-async fn splice_with_idle<A, B>(ctx: &Ctx<'_>, client: A, upstream: B) -> End
+/// Splices `client` and `upstream` until both directions finish, an error, or `idle` passes
+/// without traffic.
+async fn splice_with_idle<A, B>(ctx: &Ctx<'_>, client: A, upstream: B, idle: Duration) -> End
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+    B: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let idle = ctx.shard.config.idle_timeout;
     ctx.last_activity.set(Instant::now());
     let spliced = async {
         match tunnel::splice(client, upstream).await {
@@ -374,7 +375,7 @@ async fn pass_through(ctx: &Ctx<'_>, mut client: Client, hello: Vec<u8>) -> End 
         Err(_) => return End::Refused(Refusal::HandshakeTimeout),
     }
     drop(hello);
-    splice_with_idle(ctx, client, upstream).await
+    splice_with_idle(ctx, client, upstream, ctx.shard.limits().idle_timeout).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,7 +453,7 @@ async fn write_and_close<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
 // ---------------------------------------------------------------------------------------------
 // Web and apps
 
-async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, app: Option<String>) -> End {
+async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
     let shard = ctx.shard;
     let tls = shard.tls();
     let mut stream = match terminate(ctx, &tls.web, client, hello).await {
@@ -472,11 +473,9 @@ async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, app: Option<String>)
             public_addr: shard.config.public_host.clone(),
         }
     };
-    let respond = |head: &http::RequestHead| match &app {
-        Some(_) => Response::text(502, "app access arrives with the agent"),
-        None => http::web_response(head, &ping),
-    };
-    let idle = HTTP_KEEP_ALIVE_IDLE.min(shard.config.idle_timeout);
+    let jwks = Arc::clone(&shard.snapshot().jwks);
+    let respond = |head: &http::RequestHead| http::web_response(head, &ping, &jwks);
+    let idle = HTTP_KEEP_ALIVE_IDLE.min(shard.limits().idle_timeout);
     match http::serve(&mut stream, ctx.deadline, idle, &shard.draining, &respond).await {
         http::ServeEnd::Closed | http::ServeEnd::Idle => End::Done,
         http::ServeEnd::BadRequest(e) => {
@@ -485,6 +484,39 @@ async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, app: Option<String>)
         }
         http::ServeEnd::Io(e) => End::Failed(ConnError::Client(e)),
     }
+}
+
+/// A web app at `<name>.<public host>`: TLS with an optional user certificate. With one (as
+/// `jaunt proxy app` presents), the connection is a session to the app like any other user
+/// route, except that there is no dial request: the SNI names the target, the HTTP bytes go
+/// to the agent as they come, and refusals are HTTP responses. Without one, the client is
+/// told how to get in.
+async fn app(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, name: String) -> End {
+    let shard = ctx.shard;
+    let tls = shard.tls();
+    let mut stream = match terminate(ctx, &tls.app, client, hello).await {
+        Ok(stream) => stream,
+        Err(end) => return end,
+    };
+    drop(tls);
+    let identity = match peer_identity(&stream, IdentityKind::User) {
+        Ok(identity) => identity,
+        Err((refusal, why)) => {
+            let message = format!(
+                "app {name:?} needs a Jaunt user certificate ({why}): run `jaunt proxy app {name}` \
+                 and use the local address it prints"
+            );
+            return refuse(&mut stream, Answer::Http, refusal, &message).await;
+        }
+    };
+    let request = DialRequest {
+        kind: DialKind::App,
+        target: name,
+        login: None,
+        db_user: None,
+        db_name: None,
+    };
+    connect(ctx, stream, identity, request, Vec::new(), Answer::Http).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -530,7 +562,7 @@ async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
     .await
     {
         Err(_) => return End::Refused(Refusal::HandshakeTimeout),
-        Ok(Ok(AgentHelloRead::Hello(agent))) => Arc::new(agent),
+        Ok(Ok(AgentHelloRead::Hello(agent, hash))) => (Arc::new(agent), hash),
         Ok(Ok(AgentHelloRead::Duplicate)) => {
             // The agent already has a tunnel to this shard: the expected outcome of its
             // connecting until every shard is covered, not a failure.
@@ -557,8 +589,12 @@ async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
         }
         Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
     };
-    let (tunnel, driver) = Tunnel::new(stream, Role::Server, shard.config.tunnel_timers);
-    // The table holds the only handle: when it lets go (replacement, drain) the tunnel drains.
+    let (agent, hello_hash) = agent;
+    let (tunnel, driver) = Tunnel::new(stream, Role::Server, shard.limits().tunnel_timers);
+    // Besides the table's handle, the heartbeat task below holds one until the tunnel stops
+    // taking streams: so a replacement or a drain drains the tunnel with an explicit
+    // `go_away` (the shard does that), not by dropping the table's handle.
+    let heartbeats = tunnel.clone();
     let registered = shard.register_tunnel(&host_id, ctx.conn_id, &agent, tunnel);
     let _registration = (registered != Registered::Draining).then(|| Registration {
         shard,
@@ -575,7 +611,11 @@ async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
         "agent tunnel open"
     );
     drop(agent);
-    let reason = driver.await;
+    let reason = futures_lite::future::or(driver, async {
+        serve_heartbeats(shard, &host_id, ctx.conn_id, heartbeats, hello_hash).await;
+        std::future::pending().await
+    })
+    .await;
     tracing::info!(shard = shard.index, %host_id, %reason, "agent tunnel closed");
     if reason.is_graceful() || reason == CloseReason::PeerEof {
         End::Done
@@ -586,7 +626,8 @@ async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
 
 /// What the agent sent after the tunnel hello.
 enum AgentHelloRead {
-    Hello(AgentHello),
+    /// The hello, and the [`frame_hash`] of its frame (an unchanged heartbeat hashes alike).
+    Hello(AgentHello, u64),
     /// A clean EOF (TLS close_notify) before the first byte: the agent already has a tunnel to
     /// this shard.
     Duplicate,
@@ -602,7 +643,7 @@ async fn read_agent_hello<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Ag
         match AgentHello::parse(&buf) {
             Ok(Some((hello, used))) => {
                 debug_assert_eq!(used, buf.len());
-                return Ok(AgentHelloRead::Hello(hello));
+                return Ok(AgentHelloRead::Hello(hello, frame_hash(&buf)));
             }
             Ok(None) => {}
             Err(e) => return Ok(AgentHelloRead::Invalid(e)),
@@ -629,6 +670,187 @@ async fn read_agent_hello<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Ag
                 )))
             });
         }
+    }
+}
+
+/// The hash an announcement is compared by: of its AgentHello frame, as sent. SipHash with
+/// fixed keys; a collision an agent could craft would only keep its own stale announcement.
+fn frame_hash(frame: &[u8]) -> u64 {
+    use std::hash::Hasher as _;
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(frame);
+    hasher.finish()
+}
+
+/// Most bytes one read of a heartbeat stream takes.
+const HEARTBEAT_READ_CHUNK: usize = 4096;
+
+/// Changed announcements one tunnel may apply in a burst. Each costs a parse, a reindex, the
+/// engine-wide directory's lock and an event to control; an agent changes its resources when an
+/// operator edits its config, so more than this in a row is a broken or hostile agent.
+const HEARTBEAT_CHANGE_BURST: u32 = 16;
+
+/// How fast the burst refills: one change per this interval.
+const HEARTBEAT_CHANGE_REFILL: Duration = Duration::from_secs(1);
+
+/// A token bucket over a tunnel's changed heartbeats (see [`HEARTBEAT_CHANGE_BURST`]).
+struct ChangeBudget {
+    tokens: u32,
+    refilled: Instant,
+}
+
+impl ChangeBudget {
+    fn new(now: Instant) -> ChangeBudget {
+        ChangeBudget {
+            tokens: HEARTBEAT_CHANGE_BURST,
+            refilled: now,
+        }
+    }
+
+    /// Takes one change; `false` when the burst is spent.
+    fn take(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.refilled).as_secs_f64()
+            / HEARTBEAT_CHANGE_REFILL.as_secs_f64();
+        if earned >= 1.0 {
+            // Whole tokens only; the fraction keeps accruing from the last refill.
+            let whole = earned.floor().min(f64::from(HEARTBEAT_CHANGE_BURST));
+            self.tokens = (self.tokens + whole as u32).min(HEARTBEAT_CHANGE_BURST);
+            self.refilled = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// What the heartbeat task waited for.
+enum HeartbeatStep {
+    /// The agent opened a stream (`None`: the tunnel takes no more streams).
+    Opened(Option<tunnel::Incoming>),
+    /// A whole heartbeat is at the front of the buffer (`Ok(true)`), or the stream ended.
+    Read(io::Result<bool>),
+}
+
+/// Serves the agent's heartbeat stream(s) on `tunnel` (see the wire format in
+/// `tunnel::agent_hello`) until the tunnel stops taking streams: one heartbeat stream at a time,
+/// every other agent-opened stream refused. A heartbeat with the sequence in force costs
+/// nothing; a new sequence whose frame hashes like the announcement in force costs a hash; a
+/// changed one is parsed, validated like the AgentHello and applied through
+/// [`Shard::heartbeat`]. An invalid heartbeat, or more changes than [`ChangeBudget`] allows,
+/// closes the tunnel. Buffers at most one heartbeat's bound.
+async fn serve_heartbeats(
+    shard: &Shard,
+    host_id: &str,
+    conn_id: u64,
+    tunnel: Tunnel,
+    mut applied_hash: u64,
+) {
+    use crate::tunnel::agent_hello::{Heartbeat, HEARTBEAT_OPEN};
+    let mut current: Option<tunnel::MuxStream> = None;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut last_seq: Option<u64> = None;
+    let mut budget = ChangeBudget::new(Instant::now());
+    loop {
+        let step = match current.as_mut() {
+            Some(stream) => {
+                futures_lite::future::or(
+                    async { HeartbeatStep::Opened(tunnel.accept().await) },
+                    async { HeartbeatStep::Read(read_heartbeat(stream, &mut buf).await) },
+                )
+                .await
+            }
+            None => HeartbeatStep::Opened(tunnel.accept().await),
+        };
+        match step {
+            HeartbeatStep::Opened(None) => return,
+            HeartbeatStep::Opened(Some(incoming)) => {
+                if incoming.header != HEARTBEAT_OPEN {
+                    incoming.refuse(
+                        "this engine accepts only heartbeat streams (jaunt-heartbeat/1) from \
+                         agents",
+                    );
+                } else if current.is_some() {
+                    incoming.refuse("a heartbeat stream is already open on this tunnel");
+                } else if let Ok(stream) = incoming.accept() {
+                    buf.clear();
+                    current = Some(stream);
+                }
+            }
+            HeartbeatStep::Read(Ok(false) | Err(_)) => {
+                // The agent closed or reset its heartbeat stream: the announcement stays.
+                current = None;
+                buf.clear();
+            }
+            HeartbeatStep::Read(Ok(true)) => {
+                let (seq, frame, used) = match Heartbeat::split(&buf) {
+                    Ok(Some(split)) => split,
+                    Ok(None) => continue,
+                    Err(e) => return bad_heartbeat(shard, host_id, &tunnel, &e),
+                };
+                if last_seq.is_none_or(|last| seq > last) {
+                    last_seq = Some(seq);
+                    let hash = frame_hash(frame);
+                    if hash != applied_hash {
+                        if !budget.take(Instant::now()) {
+                            let error = DialError::Invalid {
+                                field: "resources",
+                                why: "changed too often (more than 16 in a burst, then 1 a second)",
+                            };
+                            return bad_heartbeat(shard, host_id, &tunnel, &error);
+                        }
+                        match AgentHello::parse(frame) {
+                            Ok(Some((agent, _))) => {
+                                applied_hash = hash;
+                                shard.heartbeat(host_id, conn_id, seq, &Arc::new(agent));
+                            }
+                            Ok(None) => {}
+                            Err(e) => return bad_heartbeat(shard, host_id, &tunnel, &e),
+                        }
+                    }
+                } else if last_seq.is_some_and(|last| seq < last) {
+                    tracing::debug!(shard = shard.index, host_id, seq, "stale heartbeat ignored");
+                }
+                buf.drain(..used);
+            }
+        }
+    }
+}
+
+fn bad_heartbeat(shard: &Shard, host_id: &str, tunnel: &Tunnel, error: &DialError) {
+    tracing::info!(
+        shard = shard.index,
+        host_id,
+        %error,
+        "agent tunnel closed: bad heartbeat"
+    );
+    tunnel.close();
+}
+
+/// Reads until a whole heartbeat is at the front of `buf` (`Ok(true)`; also for one whose
+/// prefix is already refused, for the caller to see the error), or the stream ends
+/// (`Ok(false)`). Never reads past the heartbeat. Cancel-safe: bytes are appended to `buf`
+/// only once read.
+async fn read_heartbeat<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> io::Result<bool> {
+    use crate::tunnel::agent_hello::{Heartbeat, MAX_HEARTBEAT_BYTES};
+    let mut chunk = [0u8; HEARTBEAT_READ_CHUNK];
+    loop {
+        if Heartbeat::split(buf) != Ok(None) {
+            return Ok(true);
+        }
+        // `split` refused a length above the bound, so `want` is bounded.
+        let want = Heartbeat::wanted(buf);
+        debug_assert!(want <= MAX_HEARTBEAT_BYTES);
+        let room = want.saturating_sub(buf.len()).min(HEARTBEAT_READ_CHUNK);
+        let n = stream.read(&mut chunk[..room]).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -686,16 +908,65 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         );
         return refuse_dial(&mut stream, Refusal::BadDialRequest, &message).await;
     }
-    let noun = request.kind.noun();
+    connect(ctx, stream, identity, request, early, Answer::Dial).await
+}
+
+/// How a user route answers: with a [`DialResponse`] (the `jaunt-*` ALPNs, whose clients sent
+/// a dial request), or, for web apps, with nothing on success and an HTTP error response on a
+/// refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Dial,
+    Http,
+}
+
+/// Refuses a user's connection in the route's own terms (see [`Answer`]).
+async fn refuse<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    answer: Answer,
+    refusal: Refusal,
+    message: &str,
+) -> End {
+    match answer {
+        Answer::Dial => refuse_dial(stream, refusal, message).await,
+        Answer::Http => {
+            let status = match refusal {
+                Refusal::BadIdentity | Refusal::IdentityExpired => 401,
+                Refusal::Forbidden => 403,
+                Refusal::UnknownTarget => 404,
+                Refusal::BadDialRequest => 400,
+                Refusal::HandshakeTimeout => 504,
+                Refusal::AgentOffline => 503,
+                _ => 502,
+            };
+            let mut response = Response::text(status, message);
+            response.close = true;
+            write_and_close(stream, &response.encode(false)).await;
+            End::Refused(refusal)
+        }
+    }
+}
+
+/// Routes, authorizes and connects an identified user's `request` to its target through the
+/// agent's tunnel, then splices; `early` holds bytes the client sent after its dial request.
+async fn connect(
+    ctx: &Ctx<'_>,
+    mut stream: TlsStream<Prefixed<Client>>,
+    identity: Identity,
+    request: DialRequest,
+    early: Vec<u8>,
+    answer: Answer,
+) -> End {
+    let shard = ctx.shard;
     let routed = {
         let snapshot = shard.snapshot();
         route_dial(shard, &snapshot, &identity, &request)
     };
     let Dialable {
         host_id,
-        tunnel,
+        via,
         labels,
-        session_deadline,
+        allowed,
     } = match routed {
         Ok(found) => found,
         Err((refusal, message)) => {
@@ -719,7 +990,7 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
                     time: unix_now(),
                 });
             }
-            return refuse_dial(&mut stream, refusal, &message).await;
+            return refuse(&mut stream, answer, refusal, &message).await;
         }
     };
     let Some(header) = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
@@ -727,36 +998,12 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         .encode()
     else {
         let message = "bad dial request: the certificate's identity is too large to forward";
-        return refuse_dial(&mut stream, Refusal::BadDialRequest, message).await;
+        return refuse(&mut stream, answer, Refusal::BadDialRequest, message).await;
     };
-    let open_deadline = Instant::now() + shard.config.handshake_timeout;
-    let mut upstream = match with_deadline(open_deadline, tunnel.open(&header)).await {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(OpenError::Refused { message })) => {
-            let message = format!(
-                "agent {host_id:?} could not connect to {noun} {:?}: {message}",
-                request.target
-            );
-            return refuse_dial(&mut stream, Refusal::DialFailed, &message).await;
-        }
-        Ok(Err(e)) => {
-            shard.metrics.dial_miss(DialMiss::TunnelUnavailable);
-            let message = format!(
-                "agent for {noun} {:?} is offline on this shard: its tunnel cannot take a new \
-                 stream ({e}); retrying may help",
-                request.target
-            );
-            return refuse_dial(&mut stream, Refusal::AgentOffline, &message).await;
-        }
-        Err(_) => {
-            let message = format!(
-                "agent {host_id:?} did not answer within {:?} while connecting to {noun} {:?}",
-                shard.config.handshake_timeout, request.target
-            );
-            return refuse_dial(&mut stream, Refusal::DialFailed, &message).await;
-        }
+    let mut upstream = match open_upstream(ctx, &host_id, via, &header, &request).await {
+        Ok(upstream) => upstream,
+        Err((refusal, message)) => return refuse(&mut stream, answer, refusal, &message).await,
     };
-    drop(tunnel);
     let audit = SessionAudit::new(ctx, &identity, &request);
     if shard.audit(audit.start_event()).is_err() {
         drop(upstream);
@@ -766,19 +1013,20 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
             target = %request.target,
             "session refused: the audit queue is full"
         );
-        let response = DialResponse::error("audit queue full, try again").encode();
-        write_and_close(&mut stream, &response).await;
+        let _ = refuse(&mut stream, answer, Refusal::DialFailed, "audit queue full, try again").await;
         return End::Done;
     }
     // From here on the session has started: the guard reports its end however it ends.
     let session = LiveSession::start(ctx, &identity, &request, labels, audit);
     let _open = OpenStream::new(shard);
-    let answered = async {
-        stream.write_all(&DialResponse::ok().encode()).await?;
-        stream.flush().await
-    };
-    if let Err(e) = answered.await {
-        return End::Failed(ConnError::Client(e));
+    if answer == Answer::Dial {
+        let answered = async {
+            stream.write_all(&DialResponse::ok().encode()).await?;
+            stream.flush().await
+        };
+        if let Err(e) = answered.await {
+            return End::Failed(ConnError::Client(e));
+        }
     }
     if !early.is_empty() {
         let bytes_in = &session.audit.bytes_in;
@@ -803,11 +1051,15 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
         },
     );
     // Dropping the splice closes both sides.
-    let spliced = futures_lite::future::or(splice_with_idle(ctx, stream, upstream), async {
+    // The roles' client_idle_timeout tightens the engine's own.
+    let idle = allowed
+        .idle_timeout
+        .map_or(shard.limits().idle_timeout, |t| t.min(shard.limits().idle_timeout));
+    let spliced = futures_lite::future::or(splice_upstream(ctx, stream, upstream, idle), async {
         session.end.wait().await;
         End::Done
     });
-    let Some(deadline) = session_deadline else {
+    let Some(deadline) = allowed.session_deadline else {
         return spliced.await;
     };
     let left = Duration::from_secs(deadline.saturating_sub(unix_now()));
@@ -828,11 +1080,11 @@ async fn user(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, alpn_kind: DialKind
 /// A dial that routing resolved and authorization allowed.
 struct Dialable {
     host_id: String,
-    tunnel: Tunnel,
+    via: Via,
     /// The target's labels, for locks that come later.
     labels: Labels,
-    /// When the session must end (unix seconds), if ever.
-    session_deadline: Option<u64>,
+    /// The session's limits from the roles (deadline, idle timeout).
+    allowed: Allowed,
 }
 
 /// The target labels a session was authorized against.
@@ -986,8 +1238,8 @@ fn route_dial(
         return Err((Refusal::UnknownTarget, denied.message));
     };
     // Authorize before saying anything about the agent's tunnels.
-    let session_deadline = match authorize(snapshot, identity, request, &target) {
-        Ok(deadline) => deadline,
+    let allowed = match authorize(snapshot, identity, request, &target) {
+        Ok(allowed) => allowed,
         Err(denied) => {
             let refusal = match denied.kind {
                 DeniedKind::UnknownTarget => Refusal::UnknownTarget,
@@ -997,32 +1249,167 @@ fn route_dial(
         }
     };
     let host_id = target.host_id;
-    if let Some(tunnel) = tunnel {
-        return Ok(Dialable {
-            host_id,
-            tunnel,
-            labels: target.labels,
-            session_deadline,
-        });
-    }
-    let message = if other_shards.is_empty() {
-        shard.metrics.dial_miss(DialMiss::AgentOffline);
-        format!(
-            "agent for {noun} {:?} is offline: agent {host_id:?} has no tunnel to this engine \
-             (is it running and able to reach {}?)",
-            request.target, shard.config.public_host
-        )
-    } else {
-        // A cross-shard hop would serve this; until hops exist it is a counted miss, and the
-        // agent normally covers every shard within seconds.
-        shard.metrics.dial_miss(DialMiss::OtherShard);
-        shard.metrics.cross_shard_miss();
-        format!(
-            "agent for {noun} {:?} is offline on this shard: agent {host_id:?} has tunnels to \
-             other shards of this engine only; retrying may help",
-            request.target
-        )
+    let via = match tunnel {
+        Some(tunnel) => Via::Local(tunnel),
+        // The agent has tunnels to other shards only (it is reconnecting, or has not covered
+        // this shard yet): hop through one of them.
+        None if !other_shards.is_empty() => Via::Hop(other_shards),
+        None => {
+            shard.metrics.dial_miss(DialMiss::AgentOffline);
+            let message = format!(
+                "agent for {noun} {:?} is offline: agent {host_id:?} has no tunnel to this \
+                 engine (is it running and able to reach {}?)",
+                request.target, shard.config.public_host
+            );
+            return Err((Refusal::AgentOffline, message));
+        }
     };
+    Ok(Dialable {
+        host_id,
+        via,
+        labels: target.labels,
+        allowed,
+    })
+}
+
+/// How a session reaches its agent.
+enum Via {
+    /// This shard's tunnel.
+    Local(Tunnel),
+    /// A cross-shard hop through one of these shards' tunnels (tried in order).
+    Hop(Vec<usize>),
+}
+
+/// The stream to the agent: on this shard's tunnel, or a cross-shard hop.
+enum Upstream {
+    Mux(MuxStream),
+    Hop(HopStream),
+}
+
+impl Upstream {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Upstream::Mux(stream) => stream.write_all(bytes).await,
+            Upstream::Hop(stream) => stream.write_all(bytes).await,
+        }
+    }
+}
+
+/// [`splice_with_idle`] with the upstream's own type, so that a tunnel stream gets the splice's
+/// copy-free path.
+async fn splice_upstream<A>(ctx: &Ctx<'_>, client: A, upstream: Upstream, idle: Duration) -> End
+where
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    match upstream {
+        Upstream::Mux(stream) => splice_with_idle(ctx, client, stream, idle).await,
+        Upstream::Hop(stream) => splice_with_idle(ctx, client, stream, idle).await,
+    }
+}
+
+/// Opens the session's stream to agent `host_id`, with `header`, by the handshake timeout; or
+/// the refusal and what the user reads. A hop tries the shards in turn while they answer that
+/// their tunnel is gone (the directory's list is a hint; each shard checks its own table), and
+/// is counted in `jaunt_cross_shard_hops_total` by how it ended.
+async fn open_upstream(
+    ctx: &Ctx<'_>,
+    host_id: &str,
+    via: Via,
+    header: &[u8],
+    request: &DialRequest,
+) -> Result<Upstream, (Refusal, String)> {
+    let shard = ctx.shard;
+    let noun = request.kind.noun();
+    let open_deadline = Instant::now() + shard.limits().handshake_timeout;
+    let timed_out = || {
+        let message = format!(
+            "agent {host_id:?} did not answer within {:?} while connecting to {noun} {:?}",
+            shard.limits().handshake_timeout, request.target
+        );
+        (Refusal::DialFailed, message)
+    };
+    let refused = |message: &str| {
+        let message = format!(
+            "agent {host_id:?} could not connect to {noun} {:?}: {message}",
+            request.target
+        );
+        (Refusal::DialFailed, message)
+    };
+    let shards = match via {
+        Via::Local(tunnel) => {
+            return match with_deadline(open_deadline, tunnel.open(header)).await {
+                Ok(Ok(upstream)) => Ok(Upstream::Mux(upstream)),
+                Ok(Err(OpenError::Refused { message })) => Err(refused(&message)),
+                Ok(Err(e)) => {
+                    shard.metrics.dial_miss(DialMiss::TunnelUnavailable);
+                    let message = format!(
+                        "agent for {noun} {:?} is offline on this shard: its tunnel cannot take \
+                         a new stream ({e}); retrying may help",
+                        request.target
+                    );
+                    Err((Refusal::AgentOffline, message))
+                }
+                Err(_) => Err(timed_out()),
+            };
+        }
+        Via::Hop(shards) => shards,
+    };
+    // Why the last candidate failed, when it was more than "no tunnel here any more".
+    let mut failure = None;
+    for peer in shards {
+        let hop = shard.hops.open(peer, host_id, header, open_deadline);
+        let answer = match with_deadline(open_deadline, hop.opened()).await {
+            Ok(answer) => answer,
+            Err(_) => Err(HopRefusal::TimedOut),
+        };
+        let refusal = match answer {
+            Ok(()) => {
+                shard.metrics.cross_shard_hop(HopResult::Ok);
+                tracing::debug!(shard = shard.index, via = peer, %host_id, "cross-shard hop");
+                return Ok(Upstream::Hop(hop));
+            }
+            Err(refusal) => refusal,
+        };
+        tracing::debug!(shard = shard.index, via = peer, %host_id, %refusal, "cross-shard hop failed");
+        match refusal {
+            HopRefusal::NoTunnel => {}
+            HopRefusal::Refused(message) => {
+                failure = Some(refused(&message));
+                break;
+            }
+            HopRefusal::TimedOut => {
+                failure = Some(timed_out());
+                break;
+            }
+            HopRefusal::Unavailable(why) => {
+                let message = format!(
+                    "agent for {noun} {:?} is reconnecting: its tunnel on shard {peer} cannot \
+                     take a new stream ({why}); retrying may help",
+                    request.target
+                );
+                failure = Some((Refusal::AgentOffline, message));
+            }
+            HopRefusal::Gone => {
+                let message = format!(
+                    "agent for {noun} {:?} is unreachable from this shard ({refusal}); retrying \
+                     may help",
+                    request.target
+                );
+                failure = Some((Refusal::AgentOffline, message));
+            }
+        }
+    }
+    if let Some(failure) = failure {
+        shard.metrics.cross_shard_hop(HopResult::Error);
+        return Err(failure);
+    }
+    shard.metrics.dial_miss(DialMiss::OtherShard);
+    shard.metrics.cross_shard_hop(HopResult::Miss);
+    let message = format!(
+        "agent for {noun} {:?} is offline on this shard: agent {host_id:?} has tunnels to other \
+         shards of this engine only, and none could take the stream; retrying may help",
+        request.target
+    );
     Err((Refusal::AgentOffline, message))
 }
 

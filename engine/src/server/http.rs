@@ -150,12 +150,15 @@ fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Unknown",
     }
 }
@@ -171,12 +174,22 @@ pub struct PingBody {
     pub public_addr: String,
 }
 
-/// The web route's answer to one request.
-pub fn web_response(head: &RequestHead, ping: &PingBody) -> Response {
+/// Where the cluster's JWK Set is served (RFC 8615 well-known location).
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// The web route's answer to one request; `jwks` is the snapshot's JWK Set (JSON).
+pub fn web_response(head: &RequestHead, ping: &PingBody, jwks: &str) -> Response {
     let path = head.path.split('?').next().unwrap_or("");
     match (head.method.as_str(), path) {
         ("GET" | "HEAD", "/webapi/ping") => Response::json(200, ping),
         (_, "/webapi/ping") => Response::text(405, "method not allowed"),
+        ("GET" | "HEAD", JWKS_PATH) if !jwks.is_empty() => Response {
+            status: 200,
+            content_type: "application/json",
+            body: jwks.as_bytes().to_vec(),
+            close: false,
+        },
+        (_, JWKS_PATH) if !jwks.is_empty() => Response::text(405, "method not allowed"),
         _ => Response::text(404, "not found"),
     }
 }
@@ -368,19 +381,25 @@ mod tests {
             keep_alive: true,
             has_body: false,
         };
-        let ok = web_response(&head("GET", "/webapi/ping?x=1"), &ping());
+        let ok = web_response(&head("GET", "/webapi/ping?x=1"), &ping(), "");
         assert_eq!(ok.status, 200);
         assert_eq!(
             ok.body,
             b"{\"cluster\":\"c\",\"version\":\"0.1.0\",\"public_addr\":\"jaunt.test:3080\"}\n"
         );
         assert_eq!(
-            web_response(&head("POST", "/webapi/ping"), &ping()).status,
+            web_response(&head("POST", "/webapi/ping"), &ping(), "").status,
             405
         );
-        assert_eq!(web_response(&head("GET", "/"), &ping()).status, 404);
+        assert_eq!(web_response(&head("GET", "/"), &ping(), "").status, 404);
+        // The JWK Set, once control has sent one.
+        assert_eq!(web_response(&head("GET", JWKS_PATH), &ping(), "").status, 404);
+        let jwks = web_response(&head("GET", JWKS_PATH), &ping(), "{\"keys\":[]}");
+        assert_eq!((jwks.status, jwks.content_type), (200, "application/json"));
+        assert_eq!(jwks.body, b"{\"keys\":[]}");
+        assert_eq!(web_response(&head("POST", JWKS_PATH), &ping(), "{}").status, 405);
         assert_eq!(
-            web_response(&head("GET", "/webapi/pingx"), &ping()).status,
+            web_response(&head("GET", "/webapi/pingx"), &ping(), "").status,
             404
         );
     }

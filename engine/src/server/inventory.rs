@@ -8,7 +8,8 @@
 //! directory answers the questions a shard cannot answer alone: "does this agent have a tunnel
 //! to another shard?" (to tell "retry" from "offline" from "no such node") and "what is
 //! connected?" (for `jaunt get nodes`, `jaunt status`). It is written once per tunnel up or down
-//! and read on a dial *miss* (no usable tunnel on the dialing shard) and by the handle, never on
+//! and per heartbeat that changes an agent's resources (rare, and bounded per tunnel), and read
+//! on a dial *miss* (no usable tunnel on the dialing shard) and by the handle, never on
 //! a dial that finds its tunnel; so its `Mutex` is taken at the rate agents connect and dials
 //! fail, not at the rate of connections. Broadcasting every tunnel change to every shard instead
 //! would cost shards × changes messages in a reconnect storm to save a lock on a refusal path.
@@ -98,6 +99,19 @@ struct Inner {
 struct Entry {
     record: HostRecord,
     connected_since: u64,
+    /// The sequence of the newest heartbeat applied (`None` before the first).
+    seq: Option<u64>,
+}
+
+/// What [`Directory::heartbeat`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HeartbeatApplied {
+    /// The host's record now holds this announcement.
+    Applied,
+    /// A heartbeat with a higher sequence was applied already (from another tunnel).
+    Stale,
+    /// The host is not connected (its last tunnel just ended).
+    Unknown,
 }
 
 impl Directory {
@@ -132,10 +146,34 @@ impl Directory {
                             shards: BTreeSet::from([shard]),
                         },
                         connected_since: unix_now(),
+                        seq: None,
                     },
                 );
             }
         }
+    }
+
+    /// A heartbeat with sequence `seq` from `host_id` announced `agent` (changed): applied
+    /// unless a heartbeat with a higher sequence came first. Heartbeats with the same sequence
+    /// carry the same announcement (one per tunnel), so an equal one is applied (idempotent).
+    pub fn heartbeat(&self, host_id: &str, seq: u64, agent: &Arc<AgentHello>) -> HeartbeatApplied {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(entry) = inner.hosts.get_mut(host_id) else {
+            return HeartbeatApplied::Unknown;
+        };
+        if entry.seq.is_some_and(|applied| seq < applied) {
+            return HeartbeatApplied::Stale;
+        }
+        entry.seq = Some(seq);
+        if entry.record.agent != *agent {
+            inner
+                .index
+                .remove_missing(host_id, &entry.record.agent.resources, &agent.resources);
+            inner.index.add(host_id, &agent.resources);
+            entry.record.agent = Arc::clone(agent);
+        }
+        HeartbeatApplied::Applied
     }
 
     /// `host_id` has no tunnel to `shard` any more.
@@ -232,6 +270,34 @@ mod tests {
         assert!(directory.find(ResourceKind::Tcp, "old").is_none());
         assert!(directory.find(ResourceKind::Tcp, "kept").is_some());
         assert!(directory.find(ResourceKind::Tcp, "new").is_some());
+    }
+
+    #[test]
+    fn heartbeats_apply_in_sequence_order_only() {
+        let directory = Directory::default();
+        assert_eq!(
+            directory.heartbeat("h1", 5, &hello("node1", &["x"])),
+            HeartbeatApplied::Unknown
+        );
+        directory.tunnel_up(0, "h1", &hello("node1", &["old"]));
+        directory.tunnel_up(1, "h1", &hello("node1", &["old"]));
+        assert_eq!(
+            directory.heartbeat("h1", 10, &hello("node1", &["new"])),
+            HeartbeatApplied::Applied
+        );
+        assert!(directory.find(ResourceKind::Tcp, "old").is_none());
+        assert!(directory.find(ResourceKind::Tcp, "new").is_some());
+        // A late heartbeat from the other tunnel does not go back in time.
+        assert_eq!(
+            directory.heartbeat("h1", 9, &hello("node1", &["old"])),
+            HeartbeatApplied::Stale
+        );
+        assert!(directory.find(ResourceKind::Tcp, "old").is_none());
+        assert_eq!(
+            directory.heartbeat("h1", 10, &hello("node1", &["new"])),
+            HeartbeatApplied::Applied
+        );
+        assert_eq!(directory.inventory()[0].resources[0].name, "new");
     }
 
     #[test]

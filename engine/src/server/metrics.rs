@@ -249,8 +249,8 @@ pub enum DialMiss {
     UnknownTarget,
     /// The target is known, but its agent has no tunnel to this engine.
     AgentOffline,
-    /// Its agent has tunnels to other shards of this engine only (a cross-shard hop would
-    /// serve it; counted as a missed hop too).
+    /// Its agent has tunnels to other shards of this engine only, and a cross-shard hop found
+    /// none of them usable any more (counted as a missed hop too).
     OtherShard,
     /// This shard's tunnel was found but could not open a stream (closing, going away, full).
     TunnelUnavailable,
@@ -272,6 +272,36 @@ impl DialMiss {
             DialMiss::AgentOffline => "agent_offline",
             DialMiss::OtherShard => "other_shard",
             DialMiss::TunnelUnavailable => "tunnel_unavailable",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How a cross-shard hop ended, with a stable metric label (`jaunt_cross_shard_hops_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HopResult {
+    /// The stream was opened through another shard's tunnel.
+    Ok,
+    /// No other shard had a usable tunnel to the agent any more: refused with a retry hint.
+    Miss,
+    /// A shard with a tunnel was found, but the stream could not be opened there (the agent
+    /// refused or did not answer, or that shard stopped).
+    Error,
+}
+
+impl HopResult {
+    /// Every result, in index order.
+    pub const ALL: [HopResult; 3] = [HopResult::Ok, HopResult::Miss, HopResult::Error];
+
+    /// Stable metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HopResult::Ok => "ok",
+            HopResult::Miss => "miss",
+            HopResult::Error => "error",
         }
     }
 
@@ -303,8 +333,7 @@ pub struct ShardMetrics {
     streams_open: Cell64,
     sessions_closed_lock: Cell64,
     dial_misses: [Cell64; DialMiss::ALL.len()],
-    cross_shard_hops: Cell64,
-    cross_shard_misses: Cell64,
+    cross_shard_hops: [Cell64; HopResult::ALL.len()],
     inventory_dropped: Cell64,
     audit_refused: Cell64,
     audit_dropped: Cell64,
@@ -409,15 +438,14 @@ impl ShardMetrics {
         self.dial_misses[reason.index()].get()
     }
 
-    /// A user connection was served through a tunnel owned by another shard.
-    pub fn cross_shard_hop(&self) {
-        self.cross_shard_hops.add(1);
+    /// A user connection needed a tunnel owned by another shard: how the hop went.
+    pub fn cross_shard_hop(&self, result: HopResult) {
+        self.cross_shard_hops[result.index()].add(1);
     }
 
-    /// A user connection needed a tunnel owned by another shard and was refused (cross-shard
-    /// hops are not made yet).
-    pub fn cross_shard_miss(&self) {
-        self.cross_shard_misses.add(1);
+    /// How many hops ended with `result`.
+    pub fn cross_shard_hop_count(&self, result: HopResult) -> u64 {
+        self.cross_shard_hops[result.index()].get()
     }
 
     /// An inventory event for control was dropped (its channel full or closed).
@@ -626,17 +654,17 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         &mut out,
         "jaunt_cross_shard_hops_total",
         "counter",
-        "User connections whose agent tunnel is on another shard: served through it, or missed \
-         (refused with a retry hint).",
+        "User connections whose agent tunnel is on another shard, by the shard that terminated \
+         them: served through the other shard (ok), no usable tunnel there any more (miss, \
+         refused with a retry hint), or the stream failed to open there (error).",
     );
     for (i, shard) in shards.iter().enumerate() {
-        for (result, v) in [
-            ("served", shard.cross_shard_hops.get()),
-            ("miss", shard.cross_shard_misses.get()),
-        ] {
+        for result in HopResult::ALL {
             let _ = writeln!(
                 out,
-                "jaunt_cross_shard_hops_total{{shard=\"{i}\",result=\"{result}\"}} {v}"
+                "jaunt_cross_shard_hops_total{{shard=\"{i}\",result=\"{}\"}} {}",
+                result.as_str(),
+                shard.cross_shard_hop_count(result)
             );
         }
     }
@@ -754,7 +782,9 @@ mod tests {
         a.connection_closed();
         b.snapshot_applied(7);
         a.dial_miss(DialMiss::OtherShard);
-        b.cross_shard_miss();
+        b.cross_shard_hop(HopResult::Miss);
+        a.cross_shard_hop(HopResult::Ok);
+        a.cross_shard_hop(HopResult::Ok);
         b.tunnel_replaced();
         let text = render(&[a, b]);
         for line in [
@@ -772,6 +802,8 @@ mod tests {
             "jaunt_tunnels{shard=\"1\"} 0",
             "jaunt_streams_open{shard=\"0\"} 0",
             "jaunt_cross_shard_hops_total{shard=\"1\",result=\"miss\"} 1",
+            "jaunt_cross_shard_hops_total{shard=\"0\",result=\"ok\"} 2",
+            "jaunt_cross_shard_hops_total{shard=\"0\",result=\"error\"} 0",
             "jaunt_dial_misses_total{shard=\"0\",reason=\"other_shard\"} 1",
             "jaunt_tunnels_duplicate_total{shard=\"0\"} 0",
             "jaunt_tunnels_replaced_total{shard=\"1\"} 1",

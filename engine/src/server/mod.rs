@@ -6,6 +6,8 @@
 //! - `shard.rs`: one glommio executor per shard, its `SO_REUSEPORT` listener, mailbox, tunnel
 //!   table, dial routing and drain;
 //! - `table.rs`: a shard's routing table (tunnels by host id, announced resources by name);
+//! - `hop.rs`: cross-shard hops (a user stream served through another shard's tunnel, over
+//!   one bounded channel per shard pair);
 //! - `inventory.rs`: the engine-wide directory of connected agents, the [`InventoryEvent`]s
 //!   control receives and the [`AgentInventory`] view;
 //! - `conn.rs`: one connection from ClientHello to close (the routing table's actions);
@@ -20,8 +22,15 @@
 //! Agents and routing: an agent's tunnel starts with the engine's `TunnelHello` and the agent's
 //! [`AgentHello`](crate::tunnel::agent_hello::AgentHello) (who it is, what it serves); the shard
 //! registers the tunnel under the host id of the agent's certificate, one tunnel per agent per
-//! shard. A user dial resolves `target name → host id → tunnel` on its own shard first; see
-//! `shard.rs`.
+//! shard. While the tunnel lives the agent heartbeats its resources on a stream it opens
+//! ([`Heartbeat`](crate::tunnel::agent_hello::Heartbeat)): a changed set re-indexes that
+//! shard's table, updates the directory unless a newer heartbeat came through another shard,
+//! and is reported to control. A user dial resolves `target name → host id → tunnel` on its own
+//! shard first; see `shard.rs`.
+//!
+//! Limits ([`EngineLimits`]: connections per shard, handshake and idle timeouts, tunnel timers)
+//! can change at run time ([`EngineHandle::reload_limits`], SIGHUP): each shard gets them
+//! through its mailbox and new connections use them; live ones keep theirs.
 //!
 //! Boot: validate the config; start shard 0 and wait until it listens (if `listen_addr` has port
 //! 0, its port becomes every other shard's); start the others the same way; start the snapshot
@@ -33,6 +42,7 @@ mod authorize;
 mod conn;
 mod diag;
 pub mod dial;
+pub(crate) mod hop;
 mod http;
 mod inventory;
 mod io;
@@ -125,7 +135,66 @@ pub struct EngineConfig {
     pub audit_overflow: AuditOverflow,
 }
 
+/// The part of [`EngineConfig`] a running engine can change ([`EngineHandle::reload_limits`],
+/// on SIGHUP): new connections and tunnels use the new values, live ones keep the ones they
+/// started with (a lowered connection bound refuses new connections until enough old ones end;
+/// it closes none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// See [`EngineConfig::handshake_timeout`].
+    pub handshake_timeout: Duration,
+    /// See [`EngineConfig::idle_timeout`].
+    pub idle_timeout: Duration,
+    /// See [`EngineConfig::max_connections_per_shard`].
+    pub max_connections_per_shard: usize,
+    /// See [`EngineConfig::tunnel_timers`].
+    pub tunnel_timers: crate::mux::Config,
+}
+
+impl EngineLimits {
+    /// The checks [`Engine::start`] makes on these values.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |key: &'static str, message: String| Err(EngineError::Config { key, message });
+        if self.handshake_timeout.is_zero() {
+            return bad("engine.handshake_timeout", "must be above zero".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("engine.idle_timeout", "must be above zero".into());
+        }
+        let timers = &self.tunnel_timers;
+        if timers.keepalive_interval.is_zero()
+            || timers.dead_peer_timeout <= timers.keepalive_interval
+        {
+            return bad(
+                "engine.tunnel_timers",
+                format!(
+                    "the dead-peer timeout ({:?}) must exceed the keepalive interval ({:?}), \
+                     which must be above zero",
+                    timers.dead_peer_timeout, timers.keepalive_interval
+                ),
+            );
+        }
+        if self.max_connections_per_shard == 0 {
+            return bad(
+                "engine.max_connections_per_shard",
+                "must be above zero".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl EngineConfig {
+    /// The limits part of this configuration.
+    pub fn limits(&self) -> EngineLimits {
+        EngineLimits {
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections_per_shard: self.max_connections_per_shard,
+            tunnel_timers: self.tunnel_timers,
+        }
+    }
+
     /// A configuration with the defaults above and one shard per available CPU.
     pub fn new(
         listen_addr: SocketAddr,
@@ -162,32 +231,7 @@ impl EngineConfig {
         if self.public_host.trim().is_empty() {
             return bad("public_addr", "must name the cluster's public host".into());
         }
-        if self.handshake_timeout.is_zero() {
-            return bad("engine.handshake_timeout", "must be above zero".into());
-        }
-        if self.idle_timeout.is_zero() {
-            return bad("engine.idle_timeout", "must be above zero".into());
-        }
-        let timers = &self.tunnel_timers;
-        if timers.keepalive_interval.is_zero()
-            || timers.dead_peer_timeout <= timers.keepalive_interval
-        {
-            return bad(
-                "engine.tunnel_timers",
-                format!(
-                    "the dead-peer timeout ({:?}) must exceed the keepalive interval ({:?}), \
-                     which must be above zero",
-                    timers.dead_peer_timeout, timers.keepalive_interval
-                ),
-            );
-        }
-        if self.max_connections_per_shard == 0 {
-            return bad(
-                "engine.max_connections_per_shard",
-                "must be above zero".into(),
-            );
-        }
-        Ok(())
+        self.limits().validate()
     }
 }
 
@@ -341,6 +385,8 @@ impl Engine {
             feeder: None,
             stopped: false,
         };
+        // One channel per ordered shard pair for cross-shard hops, made before any shard runs.
+        let mut hop_boots = hop::mesh(config.shards).into_iter();
         for (index, shard_metrics) in metrics.iter().enumerate() {
             let (report_tx, report_rx) = std::sync::mpsc::channel();
             let (mailbox_tx, mailbox) = shard::mailbox();
@@ -354,6 +400,7 @@ impl Engine {
                 metrics: Arc::clone(shard_metrics),
                 directory: Arc::clone(&directory),
                 mailbox,
+                hops: hop_boots.next(),
                 report: report_tx,
             })?;
             handle.shards.push(ShardHandle {
@@ -479,12 +526,25 @@ impl EngineHandle {
     /// SIGHUP: new handshakes use `tls`; live connections keep the certificates they started
     /// with. Returns once every shard has switched.
     pub fn reload_tls(&self, tls: TlsConfigs) -> Result<(), EngineError> {
+        self.command_all(|ack| Command::ReloadTls(tls.clone(), ack))
+    }
+
+    /// SIGHUP: new connections and tunnels use `limits` (validated first, like at start);
+    /// live ones are not dropped. Returns once every shard has switched.
+    pub fn reload_limits(&self, limits: EngineLimits) -> Result<(), EngineError> {
+        limits.validate()?;
+        self.command_all(|ack| Command::ReloadLimits(limits, ack))
+    }
+
+    /// Sends every shard the command `make` builds around an acknowledgement sender, and waits
+    /// (at most [`COMMAND_ACK_TIMEOUT`]) until every shard has acknowledged.
+    fn command_all(
+        &self,
+        make: impl Fn(crossbeam_channel::Sender<usize>) -> Command,
+    ) -> Result<(), EngineError> {
         let (ack_tx, ack_rx) = crossbeam_channel::bounded(self.shards.len());
         for (index, shard) in self.shards.iter().enumerate() {
-            if !shard
-                .mailbox
-                .send(Command::ReloadTls(tls.clone(), ack_tx.clone()))
-            {
+            if !shard.mailbox.send(make(ack_tx.clone())) {
                 return Err(EngineError::ShardDied { shard: index });
             }
         }

@@ -4,9 +4,10 @@
 //!
 //! Shared nothing: everything in [`Shard`] is `Rc`/`Cell`/`RefCell`, touched only by the shard's
 //! thread. The only cross-thread paths are
-//! - the [`Mailbox`] (snapshots, TLS reloads, shutdown), a crossbeam channel plus a waker slot:
-//!   the sender pushes and wakes the mailbox task with a foreign wake (glommio forwards it to the
-//!   executor through its eventfd), so applying a snapshot costs no polling and never blocks I/O;
+//! - the [`Mailbox`] (snapshots, TLS and limit reloads, shutdown), a crossbeam channel plus a
+//!   waker slot: the sender pushes and wakes the mailbox task with a foreign wake (glommio
+//!   forwards it to the executor through its eventfd), so applying a snapshot costs no polling
+//!   and never blocks I/O;
 //!   the slot's `Mutex` is taken once per command, never per connection;
 //! - [`ShardMetrics`], single-writer atomics read by the diag thread (see `metrics.rs`).
 //!
@@ -18,7 +19,8 @@
 //! resources their agents announced, `table.rs`), the snapshot's `targets` (control's
 //! registrations, for targets no connected agent announces), and the engine-wide directory
 //! (`inventory.rs`, only on a miss: is the agent connected to another shard?). Registering or
-//! removing a tunnel updates the directory and reports an [`InventoryEvent`] to control.
+//! removing a tunnel, and a heartbeat that changes what a tunnel announces
+//! ([`Shard::heartbeat`]), update the directory and report an [`InventoryEvent`] to control.
 //!
 //! Lives here: boot ([`spawn`]), the accept loop with the per-shard connection limit, the apply
 //! path for commands (a newer snapshot's locks end the live user sessions they match: see
@@ -42,12 +44,13 @@ use jaunt_config::identity::Identity;
 
 use crate::server::authorize::matching_lock;
 use crate::server::dial::{DialKind, DialRequest};
-use crate::server::inventory::{Directory, InventoryEvent};
+use crate::server::hop::{self, HopBoot, Hops};
+use crate::server::inventory::{Directory, HeartbeatApplied, InventoryEvent};
 use crate::server::metrics::{Refusal, ShardMetrics};
 use crate::server::snapshot::{Snapshot, Target};
 use crate::server::table::{TunnelEntry, TunnelTable};
 use crate::server::tls::{ShardTls, TlsConfigs};
-use crate::server::{conn, EngineConfig, EngineError};
+use crate::server::{conn, EngineConfig, EngineError, EngineLimits};
 use crate::tunnel::agent_hello::{AgentHello, ResourceKind};
 use crate::tunnel::Tunnel;
 
@@ -67,6 +70,8 @@ pub(crate) enum Command {
     Snapshot(Arc<Snapshot>),
     /// New handshakes use these configurations; acknowledge with the shard index.
     ReloadTls(TlsConfigs, crossbeam_channel::Sender<usize>),
+    /// New connections use these limits (SIGHUP); acknowledge with the shard index.
+    ReloadLimits(EngineLimits, crossbeam_channel::Sender<usize>),
     /// Stop accepting, drain until the deadline, stop.
     Shutdown { drain_deadline: Instant },
 }
@@ -271,7 +276,12 @@ struct LiveSession {
 pub(crate) struct Shard {
     pub index: usize,
     pub shard_count: usize,
+    /// The configuration the shard started with. Its limits are the boot values: what the
+    /// shard enforces now is [`Shard::limits`].
     pub config: EngineConfig,
+    /// The limits in force (replaced by [`Command::ReloadLimits`]); each connection reads them
+    /// when it needs them, so a reload applies to new connections and leaves live ones be.
+    limits: Cell<EngineLimits>,
     pub metrics: Arc<ShardMetrics>,
     #[allow(
         clippy::redundant_allocation,
@@ -284,6 +294,8 @@ pub(crate) struct Shard {
     tunnels: RefCell<TunnelTable<Tunnel>>,
     /// Engine-wide: which agent is connected to which shard.
     directory: Arc<Directory>,
+    /// Cross-shard hops: streams to agents whose tunnel is on another shard (`hop.rs`).
+    pub hops: Rc<Hops>,
     /// A dropped inventory event was logged (once per shard; the metric counts every drop).
     inventory_drop_logged: Cell<bool>,
     next_conn_id: Cell<u64>,
@@ -304,11 +316,13 @@ impl Shard {
             index: boot.index,
             shard_count: boot.shard_count,
             config: boot.config.clone(),
+            limits: Cell::new(boot.config.limits()),
             metrics: Arc::clone(&boot.metrics),
             snapshot: RefCell::new(Rc::new(Arc::new(Snapshot::default()))),
             tls: RefCell::new(Rc::new(ShardTls::new(&boot.tls))),
             tunnels: RefCell::new(TunnelTable::default()),
             directory: Arc::clone(&boot.directory),
+            hops: Rc::new(Hops::new(boot.shard_count)),
             inventory_drop_logged: Cell::new(false),
             next_conn_id: Cell::new(0),
             sessions: RefCell::new(HashMap::new()),
@@ -412,6 +426,22 @@ impl Shard {
         self.sessions.borrow_mut().remove(&conn_id);
     }
 
+    /// The limits in force now (a copy: a reload does not change a connection's view).
+    pub fn limits(&self) -> EngineLimits {
+        self.limits.get()
+    }
+
+    fn reload_limits(&self, limits: EngineLimits) {
+        let old = self.limits.replace(limits);
+        if old != limits {
+            tracing::info!(
+                shard = self.index,
+                ?limits,
+                "limits reloaded: new connections use them"
+            );
+        }
+    }
+
     fn reload_tls(&self, configs: &TlsConfigs) {
         *self.tls.borrow_mut() = Rc::new(ShardTls::new(configs));
         tracing::info!(shard = self.index, "TLS configuration reloaded");
@@ -477,6 +507,62 @@ impl Shard {
         self.metrics.tunnel_replaced();
         previous.tunnel.go_away();
         Registered::Replaced
+    }
+
+    /// A heartbeat on the tunnel of `host_id` carried by `conn_id`, with sequence `seq`,
+    /// changed its announcement to `agent`: this shard's table routes by it at once, the
+    /// directory takes it unless a newer heartbeat came through another shard, and control
+    /// hears of it (a `TunnelUp` for a pair that is up replaces what it announced). `false`
+    /// when the connection no longer carries the host's tunnel here (nothing changed).
+    pub fn heartbeat(
+        &self,
+        host_id: &str,
+        conn_id: u64,
+        seq: u64,
+        agent: &Arc<AgentHello>,
+    ) -> bool {
+        let (previous, conflicts) = {
+            let mut tunnels = self.tunnels.borrow_mut();
+            let previous = tunnels.update(host_id, conn_id, agent);
+            let conflicts = match previous {
+                Some(_) => tunnels.conflicts(host_id),
+                None => Vec::new(),
+            };
+            (previous, conflicts)
+        };
+        let Some(previous) = previous else {
+            return false;
+        };
+        for (kind, name, owner) in conflicts {
+            tracing::warn!(
+                shard = self.index,
+                host_id,
+                kind = kind.as_str(),
+                name,
+                served_by = owner,
+                "two agents announce the same resource: dials go to the first one"
+            );
+        }
+        let applied = self.directory.heartbeat(host_id, seq, agent);
+        tracing::info!(
+            shard = self.index,
+            host_id,
+            seq,
+            before = previous.resources.len(),
+            resources = agent.resources.len(),
+            directory = ?applied,
+            "agent resources changed"
+        );
+        if applied == HeartbeatApplied::Applied {
+            self.report(InventoryEvent::TunnelUp {
+                shard: self.index,
+                host_id: host_id.to_owned(),
+                name: agent.name.clone(),
+                labels: agent.labels.clone(),
+                resources: agent.resources.clone(),
+            });
+        }
+        true
     }
 
     /// Removes the tunnel of `host_id` if it is still the one carried by `conn_id`.
@@ -695,6 +781,8 @@ pub(crate) struct ShardBoot {
     pub metrics: Arc<ShardMetrics>,
     pub directory: Arc<Directory>,
     pub mailbox: Mailbox,
+    /// This shard's halves of the cross-shard hop channels (taken when the shard starts).
+    pub hops: Option<HopBoot>,
     /// The bound address, or why the shard could not start.
     pub report: std::sync::mpsc::Sender<Result<SocketAddr, EngineError>>,
 }
@@ -746,7 +834,7 @@ fn make_executor(boot: &ShardBoot) -> Result<glommio::LocalExecutor, EngineError
         .map_err(|e| EngineError::runtime(boot.index, &e))
 }
 
-async fn serve(boot: ShardBoot) -> u64 {
+async fn serve(mut boot: ShardBoot) -> u64 {
     let listener = match TcpListener::bind(boot.bind_addr) {
         Ok(listener) => listener,
         Err(e) => {
@@ -770,6 +858,9 @@ async fn serve(boot: ShardBoot) -> u64 {
         }
     };
     let shard = Rc::new(Shard::new(&boot));
+    if let Some(hops) = boot.hops.take() {
+        hop::start(&shard, hops);
+    }
     shard.metrics.set_listening(true);
     let _ = boot.report.send(Ok(local_addr));
     tracing::info!(shard = shard.index, %local_addr, "shard listening");
@@ -780,6 +871,10 @@ async fn serve(boot: ShardBoot) -> u64 {
             Some(Command::Snapshot(snapshot)) => shard.apply_snapshot(snapshot),
             Some(Command::ReloadTls(configs, ack)) => {
                 shard.reload_tls(&configs);
+                let _ = ack.send(shard.index);
+            }
+            Some(Command::ReloadLimits(limits, ack)) => {
+                shard.reload_limits(limits);
                 let _ = ack.send(shard.index);
             }
             Some(Command::Shutdown { drain_deadline }) => break drain_deadline,
@@ -795,10 +890,12 @@ async fn serve(boot: ShardBoot) -> u64 {
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    let max = shard.config.max_connections_per_shard as u64;
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                // Read per accept: a reload lowers or raises the bound for the next one; the
+                // connections above a lowered bound stay until they end.
+                let max = shard.limits().max_connections_per_shard as u64;
                 if shard.metrics.active() >= max {
                     shard.metrics.refused(Refusal::TooManyConnections);
                     drop(stream);

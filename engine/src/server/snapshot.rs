@@ -50,6 +50,9 @@ pub struct Snapshot {
     /// fallback for targets no connected agent announces (and make an unannounced target of a
     /// disconnected agent read "offline" rather than "no such").
     pub targets: Targets,
+    /// The cluster's app-access JWT verification keys, a JWK Set (RFC 7517 §5) as JSON, served
+    /// at `https://<public host>/.well-known/jwks.json`. Empty until control sets it.
+    pub jwks: std::sync::Arc<str>,
 }
 
 /// A lock: refuse new sessions (and end live ones) that match every given field.

@@ -10,6 +10,8 @@
 //! Policies:
 //! - one entry per host id: a second tunnel of the same host replaces the first (the agent
 //!   restarted); the caller drains the replaced one;
+//! - a heartbeat replaces what an entry announces in place ([`TunnelTable::update`]), only for
+//!   the connection that carries it;
 //! - the same `(kind, name)` announced by two hosts is a configuration mistake: the first
 //!   announcer keeps the name while its tunnel is usable (a newcomer cannot take over a name by
 //!   connecting), and the shard logs the conflict ([`TunnelTable::conflicts`]).
@@ -87,6 +89,28 @@ impl<T> TunnelTable<T> {
         }
         self.check_invariants();
         removed
+    }
+
+    /// A heartbeat changed what the tunnel of `host_id` carried by `conn_id` announces:
+    /// reindexes its names (kept names keep their place, dropped ones go, new ones queue behind
+    /// earlier announcers). Returns the announcement it replaced; `None` (nothing changed) if
+    /// the host's entry is not carried by `conn_id` any more.
+    pub fn update(
+        &mut self,
+        host_id: &str,
+        conn_id: u64,
+        agent: &Arc<AgentHello>,
+    ) -> Option<Arc<AgentHello>> {
+        let entry = self
+            .entries
+            .get_mut(host_id)
+            .filter(|e| e.conn_id == conn_id)?;
+        let previous = std::mem::replace(&mut entry.agent, Arc::clone(agent));
+        self.index.add(host_id, &agent.resources);
+        self.index
+            .remove_missing(host_id, &previous.resources, &agent.resources);
+        self.check_invariants();
+        Some(previous)
     }
 
     /// The entry of `host_id`.
@@ -308,6 +332,35 @@ mod tests {
         assert_eq!(table.len(), 0);
         assert_eq!(found(&table, ResourceKind::Tcp, "redis"), None);
         assert!(table.index.by_kind.iter().all(HashMap::is_empty));
+    }
+
+    #[test]
+    fn a_heartbeat_reindexes_only_its_own_connection() {
+        let mut table = TunnelTable::default();
+        table.insert("h1", entry(1, hello("node1", &["kept", "old"]), true));
+        table.insert("h2", entry(2, hello("node2", &["shared"]), true));
+        assert!(table.update("h1", 9, &hello("node1", &["stale"])).is_none());
+        assert!(table.update("nobody", 1, &hello("x", &[])).is_none());
+        let previous = table
+            .update("h1", 1, &hello("node1", &["kept", "new", "shared"]))
+            .unwrap();
+        assert_eq!(previous.resources.len(), 3);
+        assert_eq!(found(&table, ResourceKind::Tcp, "old"), None);
+        assert_eq!(found(&table, ResourceKind::Tcp, "stale"), None);
+        for name in ["kept", "new"] {
+            assert_eq!(
+                found(&table, ResourceKind::Tcp, name).as_deref(),
+                Some("h1")
+            );
+        }
+        // A name another host announced first stays with it.
+        assert_eq!(
+            found(&table, ResourceKind::Tcp, "shared").as_deref(),
+            Some("h2")
+        );
+        assert_eq!(table.get("h1").map(|e| e.conn_id), Some(1));
+        table.remove("h1", 1);
+        assert_eq!(found(&table, ResourceKind::Tcp, "new"), None);
     }
 
     #[test]

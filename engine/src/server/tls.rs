@@ -1,8 +1,11 @@
 //! TLS configurations of the public port: [`TlsConfigs`] (what the caller, who owns the CAs,
 //! hands the engine) and the per-shard acceptors built from it.
 //!
-//! Three server configurations, one per trust relationship:
-//! - `web`: no client authentication (web UI/API, web apps);
+//! Four server configurations, one per trust relationship:
+//! - `web`: no client authentication (web UI/API at the public host);
+//! - `app`: a client certificate from the user CA is asked for but optional (web apps at
+//!   `<app>.<public host>`: `jaunt proxy app` presents the user's certificate; a request
+//!   without one is answered with an HTTP error saying how to get in);
 //! - `user`: client certificate required, chaining to the user CA (`jaunt-ssh`,
 //!   `jaunt-postgres`, `jaunt-tcp`);
 //! - `tunnel`: client certificate required, chaining to the host CA (`jaunt-tunnel`).
@@ -36,6 +39,8 @@ pub const SESSION_CACHE_ENTRIES: usize = 256;
 pub struct TlsConfigs {
     /// No client authentication.
     pub web: Arc<ServerConfig>,
+    /// Optional client certificate, user CA roots.
+    pub app: Arc<ServerConfig>,
     /// mTLS, user CA roots.
     pub user: Arc<ServerConfig>,
     /// mTLS, host CA roots.
@@ -88,7 +93,7 @@ impl TlsConfigs {
             .with_single_cert(server_chain.clone(), server_key.clone_key())?;
         web.ticketer = Arc::clone(&ticketer);
 
-        let mtls = |which: &'static str, roots: &[CertificateDer<'static>]| {
+        let mtls = |which: &'static str, roots: &[CertificateDer<'static>], optional: bool| {
             if roots.is_empty() {
                 return Err(TlsBuildError::NoRoots { which });
             }
@@ -99,8 +104,12 @@ impl TlsConfigs {
                     .map_err(|source| TlsBuildError::Root { which, source })?;
             }
             let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(store), Arc::clone(&provider))
-                    .build()?;
+                WebPkiClientVerifier::builder_with_provider(Arc::new(store), Arc::clone(&provider));
+            let verifier = if optional {
+                verifier.allow_unauthenticated().build()?
+            } else {
+                verifier.build()?
+            };
             let mut config = ServerConfig::builder_with_provider(Arc::clone(&provider))
                 .with_protocol_versions(versions)?
                 .with_client_cert_verifier(verifier)
@@ -108,10 +117,12 @@ impl TlsConfigs {
             config.ticketer = Arc::clone(&ticketer);
             Ok(config)
         };
-        let user = mtls("user", user_roots)?;
-        let tunnel = mtls("host", host_roots)?;
+        let user = mtls("user", user_roots, false)?;
+        let app = mtls("user", user_roots, true)?;
+        let tunnel = mtls("host", host_roots, false)?;
         Ok(TlsConfigs {
             web: Arc::new(web),
+            app: Arc::new(app),
             user: Arc::new(user),
             tunnel: Arc::new(tunnel),
         })
@@ -121,6 +132,7 @@ impl TlsConfigs {
 /// One shard's acceptors (see the module doc).
 pub(crate) struct ShardTls {
     pub web: TlsAcceptor,
+    pub app: TlsAcceptor,
     pub user: TlsAcceptor,
     pub tunnel: TlsAcceptor,
 }
@@ -130,6 +142,7 @@ impl ShardTls {
     pub fn new(configs: &TlsConfigs) -> ShardTls {
         ShardTls {
             web: acceptor(&configs.web, &[ALPN_HTTP1]),
+            app: acceptor(&configs.app, &[ALPN_HTTP1]),
             user: acceptor(&configs.user, &[ALPN_SSH, ALPN_POSTGRES, ALPN_TCP]),
             tunnel: acceptor(&configs.tunnel, &[ALPN_TUNNEL]),
         }

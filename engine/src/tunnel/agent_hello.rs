@@ -16,6 +16,29 @@
 //!                   Role::Client
 //! ```
 //!
+//! Then, for as long as the tunnel lives, the agent heartbeats its resources on a mux stream
+//! *it* opens (agent ids are even; the engine accepts agent-opened streams only for this):
+//!
+//! ```text
+//! agent  → engine   OPEN  stream 2k, dial header = b"jaunt-heartbeat/1" (HEARTBEAT_OPEN)
+//! engine → agent    OPEN_RESULT OK (any other header, or a second heartbeat stream while one
+//!                   is open, is refused)
+//! agent  → engine   DATA: heartbeat, heartbeat, ... each one:
+//!                     u64 big-endian sequence number (the agent's resource version)
+//!                     the AgentHello frame: u16 length + the same JSON as above
+//! ```
+//!
+//! The agent sends one heartbeat right after opening the stream, then every heartbeat interval
+//! (default [`DEFAULT_HEARTBEAT_INTERVAL`]) and at once when its resources change (a config
+//! reload). The sequence starts at the agent's start time in Unix milliseconds and grows by one
+//! per change, so it keeps increasing across agent restarts; the engine ignores a heartbeat whose
+//! sequence is not above the last one it applied from that agent (a late one from another
+//! tunnel). A heartbeat whose bytes hash like the announcement in force costs the engine a hash
+//! and nothing else; a changed one is parsed and validated exactly like the AgentHello
+//! ([`Heartbeat::split`] then [`AgentHello::parse`]), and an invalid one closes the tunnel, like
+//! an invalid AgentHello refuses it. Closing the heartbeat stream leaves the tunnel and its
+//! announcement as they are.
+//!
 //! An agent that already has a tunnel to the shard named in the TunnelHello does not send an
 //! AgentHello: it closes the connection (TLS close_notify) instead, and the engine should treat a
 //! clean EOF at this point as "duplicate, not needed" rather than as a failure.
@@ -35,6 +58,7 @@
 //! named like the agent.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +86,19 @@ pub const MAX_LABEL_KEY_BYTES: usize = 253;
 
 /// Longest label value.
 pub const MAX_LABEL_VALUE_BYTES: usize = 1024;
+
+/// The dial header of the agent-opened heartbeat stream (see the module doc).
+pub const HEARTBEAT_OPEN: &[u8] = b"jaunt-heartbeat/1";
+
+/// Bytes of a heartbeat's sequence number, before its AgentHello frame.
+pub const HEARTBEAT_SEQ_BYTES: usize = 8;
+
+/// Largest heartbeat on the wire: the sequence number and the largest AgentHello frame.
+pub const MAX_HEARTBEAT_BYTES: usize =
+    HEARTBEAT_SEQ_BYTES + LENGTH_PREFIX_BYTES + MAX_AGENT_HELLO_BYTES;
+
+/// How often an agent heartbeats its resources when nothing changes.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What an agent tells the engine about itself, once per tunnel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +302,75 @@ impl AgentHello {
     }
 }
 
+/// A heartbeat split off a buffer by [`Heartbeat::split`]: its sequence number, its AgentHello
+/// frame (length prefix included) and the bytes it used.
+pub type SplitHeartbeat<'a> = (u64, &'a [u8], usize);
+
+/// One heartbeat: the agent's resource version and its current announcement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The agent's resource version (see the module doc).
+    pub seq: u64,
+    /// What it serves now.
+    pub hello: AgentHello,
+}
+
+impl Heartbeat {
+    /// The bytes of a heartbeat with sequence `seq` around an already framed (and so already
+    /// checked) AgentHello from [`AgentHello::encode`].
+    pub fn encode_framed(seq: u64, framed_hello: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEARTBEAT_SEQ_BYTES + framed_hello.len());
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(framed_hello);
+        out
+    }
+
+    /// The bytes of this heartbeat, after the AgentHello's checks.
+    pub fn encode(&self) -> Result<Vec<u8>, DialError> {
+        Ok(Heartbeat::encode_framed(self.seq, &self.hello.encode()?))
+    }
+
+    /// Splits the next heartbeat off the front of `buf` without reading its JSON: `Ok(None)`
+    /// until it is complete, then its sequence number, its AgentHello frame (for
+    /// [`AgentHello::parse`], or for comparing a hash first) and the bytes used. A length of 0
+    /// or above [`MAX_AGENT_HELLO_BYTES`] is refused as soon as the length is in.
+    pub fn split(buf: &[u8]) -> Result<Option<SplitHeartbeat<'_>>, DialError> {
+        let Some((seq, rest)) = buf.split_first_chunk::<HEARTBEAT_SEQ_BYTES>() else {
+            return Ok(None);
+        };
+        let Some((_, used)) = split_frame(rest, MAX_AGENT_HELLO_BYTES)? else {
+            return Ok(None);
+        };
+        let frame = rest.get(..used).ok_or(DialError::Empty)?;
+        Ok(Some((
+            u64::from_be_bytes(*seq),
+            frame,
+            HEARTBEAT_SEQ_BYTES + used,
+        )))
+    }
+
+    /// [`Heartbeat::split`] and [`AgentHello::parse`]: a whole, validated heartbeat.
+    pub fn parse(buf: &[u8]) -> Result<Option<(Heartbeat, usize)>, DialError> {
+        let Some((seq, frame, used)) = Heartbeat::split(buf)? else {
+            return Ok(None);
+        };
+        match AgentHello::parse(frame)? {
+            Some((hello, _)) => Ok(Some((Heartbeat { seq, hello }, used))),
+            None => Ok(None),
+        }
+    }
+
+    /// How many bytes the heartbeat at the front of `buf` needs in all, as far as its prefix
+    /// tells (the sequence and length prefix first): a reader reads exactly up to it.
+    pub fn wanted(buf: &[u8]) -> usize {
+        let header = HEARTBEAT_SEQ_BYTES + LENGTH_PREFIX_BYTES;
+        match buf.get(HEARTBEAT_SEQ_BYTES..header) {
+            Some(&[a, b]) => header + usize::from(u16::from_be_bytes([a, b])),
+            _ => header,
+        }
+    }
+}
+
 fn invalid(field: &'static str, why: &'static str) -> DialError {
     DialError::Invalid { field, why }
 }
@@ -454,6 +560,49 @@ mod tests {
             .collect();
         let hello = AgentHello::new("n", many, Vec::new());
         assert_eq!(hello.validate(), Err(invalid("labels", "too many labels")));
+    }
+
+    #[test]
+    fn heartbeats_round_trip_at_every_split_and_keep_their_bounds() {
+        let beat = Heartbeat {
+            seq: 1_700_000_000_123,
+            hello: sample(),
+        };
+        let mut bytes = beat.encode().unwrap();
+        let len = bytes.len();
+        assert_eq!(&bytes[..8], &beat.seq.to_be_bytes());
+        assert_eq!(&bytes[8..], &sample().encode().unwrap()[..]);
+        let second = Heartbeat {
+            seq: 7,
+            ..beat.clone()
+        }
+        .encode()
+        .unwrap();
+        bytes.extend_from_slice(&second);
+        for cut in 0..len {
+            assert_eq!(Heartbeat::parse(&bytes[..cut]), Ok(None), "cut {cut}");
+            assert!(Heartbeat::wanted(&bytes[..cut]) <= len, "cut {cut}");
+            if cut >= 10 {
+                assert_eq!(Heartbeat::wanted(&bytes[..cut]), len);
+            }
+        }
+        assert_eq!(Heartbeat::parse(&bytes), Ok(Some((beat, len))));
+        let (seq, frame, used) = Heartbeat::split(&bytes[len..]).unwrap().unwrap();
+        assert_eq!((seq, used), (7, second.len()));
+        assert_eq!(frame, &second[8..]);
+        // Bounds before JSON, and the AgentHello's validation.
+        let mut big = 1u64.to_be_bytes().to_vec();
+        big.extend_from_slice(&((MAX_AGENT_HELLO_BYTES + 1) as u16).to_be_bytes());
+        assert!(matches!(
+            Heartbeat::split(&big),
+            Err(DialError::TooLarge { .. })
+        ));
+        let mut bad = 1u64.to_be_bytes().to_vec();
+        bad.extend_from_slice(&framed(br#"{"version":1,"name":""}"#));
+        assert!(matches!(
+            Heartbeat::parse(&bad),
+            Err(DialError::Invalid { .. })
+        ));
     }
 
     #[test]

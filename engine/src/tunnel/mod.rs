@@ -9,9 +9,21 @@
 //!
 //! Everything of one tunnel lives on one glommio executor: the [`Conn`] sits in an
 //! `Rc<RefCell<Shared>>` owned jointly by the driver and the handles ([`Tunnel`] clones,
-//! [`MuxStream`], [`Incoming`]). A handle calls the core directly (`send`, `recv`, `finish`,
-//! `open_stream`, ...), dispatches the core's events to per-stream wakers, and wakes the driver
-//! when the core has frames to write. No `Mutex`, no atomics, no channel per stream.
+//! [`MuxStream`], [`Incoming`]). A handle calls the core directly (`send_buf`/`send_commit`,
+//! `read_buf`/`consume`, `finish`, `open_stream`, ...), dispatches the core's events to
+//! per-stream wakers, and wakes the driver when the core has frames to write. No `Mutex`, no
+//! atomics, no channel per stream.
+//!
+//! # Where the bytes go
+//!
+//! No layer of the shell holds a copy of stream data. User bytes towards the agent: [`splice`]
+//! has the user's TLS stream read straight into room inside the core's send queue
+//! ([`MuxStream::poll_write_with`]); the driver writes the queue's batches straight from it.
+//! From the agent: the driver reads the TLS plaintext straight into the core's input buffer
+//! (inside a large DATA frame, the stream's own receive buffer); `splice` writes the user's TLS
+//! stream straight from there ([`MuxStream::poll_read_with`]). So the only copies are rustls's,
+//! in and out of its record buffers. `poll_read`/`poll_write` (one more copy, through the
+//! caller's buffer) remain for everything else.
 //!
 //! # The driver: one task, a hand-written poll
 //!
@@ -35,15 +47,16 @@
 //!
 //! The core exposes no "buffers full" signal, and needs none: its flow control bounds what the
 //! peer can make us hold, so the driver reads whenever the transport has bytes (it must, to see
-//! credit coming back). Memory per tunnel is then: no read buffer of its own; the received bytes
-//! in the core, at most [`crate::mux::CONN_WINDOW`] (16 MiB) across streams and
-//! [`crate::mux::INITIAL_STREAM_WINDOW`] per stream; the send side, at most
+//! credit coming back). Memory per tunnel is then: no read buffer or outgoing batch of its
+//! own; the received bytes in the core, at most [`crate::mux::CONN_WINDOW`] (16 MiB) across
+//! streams and [`crate::mux::INITIAL_STREAM_WINDOW`] per stream; the send side, at most
 //! [`crate::mux::MAX_SEND_QUEUE_BYTES`] of DATA in the core's double-buffered send queue (the
 //! batch being written is one of its two buffers, not a copy) plus
 //! [`crate::mux::MAX_QUEUED_CONTROL_FRAMES`] control frames; and rustls's own buffer. A writer
 //! is `Pending` once its stream's credit or the send queue is exhausted, so nothing above the
-//! core grows either. [`Incoming`] streams waiting for `accept` count against
-//! [`crate::mux::MAX_STREAMS`].
+//! core grows either, and a [`splice`] into a tunnel stream holds no buffer of its own (it
+//! reads the user's socket only when the stream has room). [`Incoming`] streams waiting for
+//! `accept` count against [`crate::mux::MAX_STREAMS`].
 //!
 //! # Ending
 //!
@@ -75,6 +88,7 @@ use futures_lite::{future, AsyncRead, AsyncWrite};
 
 pub use driver::{TunnelDriver, CLOSE_TIMEOUT, DRIVER_ROUNDS_PER_POLL, READ_BUF_BYTES};
 pub use error::{AcceptError, CloseReason, OpenError};
+pub(crate) use splice::Lend;
 pub use splice::{splice, Side, SpliceError, Spliced, SPLICE_BUF_BYTES};
 pub use stream::{Incoming, MuxStream};
 

@@ -3,7 +3,28 @@
 //!
 //! One future polls both directions; it owns both streams, so neither is split (no `Mutex`, no
 //! second task) and each stream's read and write are polled with the same waker.
+//!
+//! # Copies
+//!
+//! When one side is a [`MuxStream`] (the engine's user sessions, the agent's services), the
+//! directions touching it use the stream's copy-free calls: towards the tunnel, the other
+//! side's `poll_read` fills the room [`MuxStream::poll_write_with`] lends inside the tunnel's
+//! send queue; from the tunnel, the other side's `poll_write` takes the bytes
+//! [`MuxStream::poll_read_with`] lends from the stream's receive buffer. No splice buffer is
+//! allocated for such a direction, and each byte is copied once less on each side than through
+//! `poll_read`/`poll_write` and a buffer. The engine's cross-shard hop ends lend their chunks
+//! the same way (`Lend`). Otherwise (two plain byte streams, two tunnel streams, a wrapped
+//! `MuxStream` such as the agent's PostgreSQL tap) a direction copies through a
+//! [`SPLICE_BUF_BYTES`] buffer, allocated on its first read. Which path a direction takes is
+//! decided by type (`Any`: a `TypeId` comparison the compiler folds), at no measurable cost.
+//!
+//! Either way the behaviour is the same: a direction reads only when it can pass the bytes on
+//! (backpressure: a full tunnel stream stops the reads from the socket, a slow socket leaves
+//! the bytes in the stream's receive buffer, whose window stops the peer), a read's EOF closes
+//! the other side's write half once everything before it went out, and the bytes counted are
+//! the bytes written.
 
+use std::any::{Any, TypeId};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -11,8 +32,13 @@ use std::task::{Context, Poll};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 
-/// Buffer per direction: two TLS records, or half a mux DATA frame. Per session this costs
-/// 2 × 32 KiB, which bounds what a splice holds between its two ends.
+use super::MuxStream;
+use crate::server::hop::HopStream;
+
+/// Bytes per read or write of a direction: two TLS records, or half a mux DATA frame. A
+/// direction between two plain streams holds a buffer of this size (2 × 32 KiB per session at
+/// most); a direction into a tunnel stream reads at most this much into the send queue per
+/// read.
 pub const SPLICE_BUF_BYTES: usize = 32 * 1024;
 
 /// Reads per direction per poll before yielding to the executor's other tasks.
@@ -57,10 +83,13 @@ pub struct SpliceError {
 /// (`poll_close`: FIN on a tunnel stream, close_notify + shutdown on TLS), while the opposite
 /// direction keeps flowing. Returns the bytes moved each way, or the first error (with the
 /// bytes moved until then, for the audit log).
+///
+/// A [`MuxStream`] on either side (by value) is driven through its copy-free calls (see the
+/// module docs); any other stream through `poll_read`/`poll_write` and a buffer.
 pub async fn splice<A, B>(a: A, b: B) -> Result<Spliced, SpliceError>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+    B: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     Splice {
         a,
@@ -78,8 +107,9 @@ struct Splice<A, B> {
     b_to_a: Half,
 }
 
-/// One direction: `buf[start..end]` read and not yet written.
+/// One direction. On the buffered path, `buf[start..end]` was read and not yet written.
 struct Half {
+    /// Empty until the buffered path first reads.
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -99,10 +129,56 @@ struct HalfError {
     source: io::Error,
 }
 
+/// A stream that lends a splice its own buffers: room to read into ([`Lend::poll_write_with`])
+/// and received bytes to write from ([`Lend::poll_read_with`]), with [`MuxStream`]'s contract
+/// for both. Implemented by [`MuxStream`] and by the engine's cross-shard hop ends (whose
+/// buffers are the chunks that travel between shards).
+pub(crate) trait Lend {
+    /// See [`MuxStream::poll_write_with`].
+    fn poll_write_with<F>(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        fill: F,
+    ) -> Poll<io::Result<usize>>
+    where
+        F: FnOnce(&mut Context<'_>, &mut [u8]) -> Poll<io::Result<usize>>;
+
+    /// See [`MuxStream::poll_read_with`].
+    fn poll_read_with<F>(&mut self, cx: &mut Context<'_>, drain: F) -> Poll<io::Result<usize>>
+    where
+        F: FnOnce(&mut Context<'_>, &[u8]) -> Poll<io::Result<usize>>;
+}
+
+impl Lend for MuxStream {
+    fn poll_write_with<F>(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        fill: F,
+    ) -> Poll<io::Result<usize>>
+    where
+        F: FnOnce(&mut Context<'_>, &mut [u8]) -> Poll<io::Result<usize>>,
+    {
+        MuxStream::poll_write_with(self, cx, max, fill)
+    }
+
+    fn poll_read_with<F>(&mut self, cx: &mut Context<'_>, drain: F) -> Poll<io::Result<usize>>
+    where
+        F: FnOnce(&mut Context<'_>, &[u8]) -> Poll<io::Result<usize>>,
+    {
+        MuxStream::poll_read_with(self, cx, drain)
+    }
+}
+
+fn same<T: 'static, U: 'static>() -> bool {
+    TypeId::of::<T>() == TypeId::of::<U>()
+}
+
 impl Half {
     fn new() -> Half {
         Half {
-            buf: vec![0u8; SPLICE_BUF_BYTES].into_boxed_slice(),
+            buf: Box::default(),
             start: 0,
             end: 0,
             eof: false,
@@ -115,6 +191,43 @@ impl Half {
     /// Moves bytes from `r` to `w`; `Ready(Ok)` once this direction is done. `Pending` either
     /// because both ends wait, or (having woken the task) because its read budget ran out.
     fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<Result<(), HalfError>>
+    where
+        R: AsyncRead + Unpin + 'static,
+        W: AsyncWrite + Unpin + 'static,
+    {
+        // The lending side's buffers, the other side's `poll_read`/`poll_write`. Two streams of
+        // one type (possibly of one tunnel, whose state a callback must not touch) take the
+        // buffered path; a tunnel stream and a hop end are separate states.
+        if !same::<R, MuxStream>() {
+            if let Some(mux) = (w as &mut dyn Any).downcast_mut::<MuxStream>() {
+                return self.poll_into(cx, r, mux);
+            }
+        }
+        if !same::<W, MuxStream>() {
+            if let Some(mux) = (r as &mut dyn Any).downcast_mut::<MuxStream>() {
+                return self.poll_from(cx, mux, w);
+            }
+        }
+        if !same::<R, HopStream>() {
+            if let Some(hop) = (w as &mut dyn Any).downcast_mut::<HopStream>() {
+                return self.poll_into(cx, r, hop);
+            }
+        }
+        if !same::<W, HopStream>() {
+            if let Some(hop) = (r as &mut dyn Any).downcast_mut::<HopStream>() {
+                return self.poll_from(cx, hop, w);
+            }
+        }
+        self.poll_buffered(cx, r, w)
+    }
+
+    /// `r → w` through the buffer.
+    fn poll_buffered<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,
@@ -146,20 +259,16 @@ impl Half {
                 }
             }
             if self.eof {
-                return match Pin::new(&mut *w).poll_close(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.closed = true;
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Ready(Err(e)) => failed(true, "close", e),
-                    Poll::Pending => Poll::Pending,
-                };
+                return self.poll_close_writer(cx, w);
             }
             if reads == SPLICE_READS_PER_POLL {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
             reads += 1;
+            if self.buf.is_empty() {
+                self.buf = vec![0u8; SPLICE_BUF_BYTES].into_boxed_slice();
+            }
             match Pin::new(&mut *r).poll_read(cx, &mut self.buf) {
                 Poll::Ready(Ok(0)) => self.eof = true,
                 Poll::Ready(Ok(n)) => {
@@ -168,19 +277,143 @@ impl Half {
                 }
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Poll::Ready(Err(e)) => return failed(false, "read", e),
-                Poll::Pending => {
-                    // The reader is idle: push out what the writer may still hold (rustls keeps
-                    // records it could not write yet) before sleeping.
-                    if self.unflushed {
-                        match Pin::new(&mut *w).poll_flush(cx) {
-                            Poll::Ready(Ok(())) => self.unflushed = false,
-                            Poll::Ready(Err(e)) => return failed(true, "flush", e),
-                            Poll::Pending => {}
-                        }
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return self.poll_flush_idle(cx, w),
             }
+        }
+    }
+
+    /// `r → w`: `r` reads straight into the room `w` lends (a tunnel stream: in its send
+    /// queue), and only while `w` has credit (else `w` wakes us when it has).
+    fn poll_into<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<Result<(), HalfError>>
+    where
+        R: AsyncRead + Unpin,
+        W: Lend + AsyncWrite + Unpin,
+    {
+        let mut reads = 0;
+        loop {
+            if self.closed {
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                return self.poll_close_writer(cx, w);
+            }
+            if reads == SPLICE_READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            reads += 1;
+            // Whether `fill` ran: its result is then the reader's (the stream's own errors
+            // come without calling it).
+            let mut read = false;
+            let sent = w.poll_write_with(cx, SPLICE_BUF_BYTES, |cx, room| {
+                read = true;
+                Pin::new(&mut *r).poll_read(cx, room)
+            });
+            match sent {
+                Poll::Ready(Ok(0)) if read => self.eof = true,
+                Poll::Ready(Ok(0)) => {
+                    return failed(true, "write", io::ErrorKind::WriteZero.into())
+                }
+                Poll::Ready(Ok(n)) => self.bytes += n as u64,
+                Poll::Ready(Err(e)) if read && e.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(e)) => {
+                    return failed(!read, if read { "read" } else { "write" }, e)
+                }
+                // Either the reader is idle or `w` has no credit; a lending stream needs no
+                // flush either way.
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// `r → w`: `w` writes straight from the bytes `r` lends (a tunnel stream: its receive
+    /// buffer); what it does not take stays there (and holds back `r`'s window).
+    fn poll_from<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<Result<(), HalfError>>
+    where
+        R: Lend,
+        W: AsyncWrite + Unpin,
+    {
+        let mut reads = 0;
+        loop {
+            if self.closed {
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                return self.poll_close_writer(cx, w);
+            }
+            if reads == SPLICE_READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            reads += 1;
+            // Whether `drain` ran: its result is then the writer's.
+            let mut wrote = false;
+            let taken = r.poll_read_with(cx, |cx, data| {
+                wrote = true;
+                match Pin::new(&mut *w).poll_write(cx, data) {
+                    // A 0 here would read as the stream's EOF.
+                    Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    other => other,
+                }
+            });
+            match taken {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(n)) => {
+                    self.bytes += n as u64;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) if wrote => return failed(true, "write", e),
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(e)) => return failed(false, "read", e),
+                // The writer is full: its wake-up is registered, nothing to flush into it.
+                Poll::Pending if wrote => return Poll::Pending,
+                Poll::Pending => return self.poll_flush_idle(cx, w),
+            }
+        }
+    }
+
+    /// The reader is idle: push out what the writer may still hold (rustls keeps records it
+    /// could not write yet) before sleeping.
+    fn poll_flush_idle<W>(&mut self, cx: &mut Context<'_>, w: &mut W) -> Poll<Result<(), HalfError>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        if self.unflushed {
+            match Pin::new(&mut *w).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return failed(true, "flush", e),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// After the reader's EOF (and every byte before it written): close the writer's half.
+    fn poll_close_writer<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<Result<(), HalfError>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        match Pin::new(&mut *w).poll_close(cx) {
+            Poll::Ready(Ok(())) => {
+                self.closed = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => failed(true, "close", e),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -195,8 +428,8 @@ fn failed(on_writer: bool, op: &'static str, source: io::Error) -> Poll<Result<(
 
 impl<A, B> Future for Splice<A, B>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+    B: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     type Output = Result<Spliced, SpliceError>;
 

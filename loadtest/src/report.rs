@@ -1,0 +1,329 @@
+//! Results: one [`Row`] per measured variant, written as JSON (`results.json`), a markdown
+//! summary (`summary.md` and stdout), and SVG plots.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::{json, Map, Value};
+
+/// One measured variant of a scenario.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub scenario: String,
+    pub variant: String,
+    /// Which path: `jaunt`, `direct`, `nginx`, `nginx-2hop`, `haproxy`.
+    pub path: String,
+    pub metrics: Map<String, Value>,
+    /// CPU seconds per process group.
+    pub cpu: BTreeMap<String, f64>,
+    /// The unit CPU is normalised to (`GiB`, `1k handshakes`, `1k requests`, ...) and how many
+    /// of it were done.
+    pub unit: String,
+    pub units: f64,
+    pub notes: Vec<String>,
+}
+
+impl Row {
+    pub fn new(scenario: &str, variant: &str, path: &str) -> Row {
+        Row {
+            scenario: scenario.into(),
+            variant: variant.into(),
+            path: path.into(),
+            metrics: Map::new(),
+            cpu: BTreeMap::new(),
+            unit: String::new(),
+            units: 0.0,
+            notes: Vec::new(),
+        }
+    }
+
+    pub fn metric(mut self, k: &str, v: impl Into<Value>) -> Row {
+        self.metrics.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn work(mut self, cpu: BTreeMap<String, f64>, unit: &str, units: f64) -> Row {
+        self.cpu = cpu;
+        self.unit = unit.into();
+        self.units = units;
+        self
+    }
+
+    pub fn note(mut self, n: impl Into<String>) -> Row {
+        self.notes.push(n.into());
+        self
+    }
+
+    /// CPU seconds per unit of work, per process group.
+    pub fn cpu_per_unit(&self) -> BTreeMap<String, f64> {
+        self.cpu
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    if self.units > 0.0 {
+                        v / self.units
+                    } else {
+                        0.0
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "scenario": self.scenario,
+            "variant": self.variant,
+            "path": self.path,
+            "metrics": self.metrics,
+            "cpu_seconds": self.cpu,
+            "unit": self.unit,
+            "units": self.units,
+            "cpu_seconds_per_unit": self.cpu_per_unit(),
+            "notes": self.notes,
+        })
+    }
+}
+
+fn fmt_value(v: &Value) -> String {
+    match v {
+        Value::Number(n) => {
+            let f = n.as_f64().unwrap_or(0.0);
+            if f == 0.0 {
+                "0".into()
+            } else if n.is_u64() || n.is_i64() {
+                group(f as i64)
+            } else if f.abs() >= 100.0 {
+                group(f.round() as i64)
+            } else if f.abs() >= 1.0 {
+                format!("{f:.2}")
+            } else {
+                format!("{f:.4}")
+            }
+        }
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn group(n: i64) -> String {
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+/// CPU per unit as a readable figure: µs or ms or s.
+fn fmt_cpu(seconds: f64) -> String {
+    if seconds == 0.0 {
+        "0".into()
+    } else if seconds < 0.01 {
+        format!("{:.0} µs", seconds * 1e6)
+    } else if seconds < 10.0 {
+        format!("{:.3} s", seconds)
+    } else {
+        format!("{:.1} s", seconds)
+    }
+}
+
+/// The markdown summary: one table per scenario.
+pub fn markdown(machine: &Value, rows: &[Row], command: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# loadtest results\n");
+    let _ = writeln!(out, "Command: `{command}`\n");
+    let _ = writeln!(
+        out,
+        "Machine: {} ({} cores, {} GiB, Linux {}), {} build, load average {} at the end.\n",
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["cores"],
+        machine["memory_gib"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["build"].as_str().unwrap_or("?"),
+        machine["loadavg"],
+    );
+    let mut scenarios: Vec<&str> = Vec::new();
+    for r in rows {
+        if !scenarios.contains(&r.scenario.as_str()) {
+            scenarios.push(&r.scenario);
+        }
+    }
+    for s in scenarios {
+        let rows: Vec<&Row> = rows.iter().filter(|r| r.scenario == s).collect();
+        let _ = writeln!(out, "## {s}\n");
+        // Columns: metrics (union, in order of first appearance) and CPU groups.
+        let mut keys: Vec<String> = Vec::new();
+        let mut groups: Vec<String> = Vec::new();
+        for r in &rows {
+            for k in r.metrics.keys() {
+                if !keys.contains(k) {
+                    keys.push(k.clone());
+                }
+            }
+            for g in r.cpu.keys() {
+                if !groups.contains(g) {
+                    groups.push(g.clone());
+                }
+            }
+        }
+        let mut header = vec!["path".to_string(), "variant".to_string()];
+        header.extend(keys.iter().cloned());
+        header.push("CPU per".into());
+        header.extend(groups.iter().map(|g| format!("CPU {g}")));
+        let _ = writeln!(out, "| {} |", header.join(" | "));
+        let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
+        for r in &rows {
+            let mut cells = vec![r.path.clone(), r.variant.clone()];
+            for k in &keys {
+                cells.push(r.metrics.get(k).map(fmt_value).unwrap_or_default());
+            }
+            cells.push(r.unit.clone());
+            let per = r.cpu_per_unit();
+            for g in &groups {
+                cells.push(per.get(g).map(|v| fmt_cpu(*v)).unwrap_or_default());
+            }
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+        }
+        let notes: Vec<&String> = rows.iter().flat_map(|r| r.notes.iter()).collect();
+        if !notes.is_empty() {
+            let _ = writeln!(out);
+            for n in notes {
+                let _ = writeln!(out, "- {n}");
+            }
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+/// A line chart as a standalone SVG. `log_x` uses a log10 x axis (latencies).
+pub fn svg_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    log_x: bool,
+) -> String {
+    let (w, h) = (720.0, 420.0);
+    let (ml, mr, mt, mb) = (70.0, 20.0, 40.0, 50.0);
+    let tx = |x: f64| if log_x { x.max(1e-9).log10() } else { x };
+    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
+    for (x, y) in pts {
+        x0 = x0.min(tx(*x));
+        x1 = x1.max(tx(*x));
+        y1 = y1.max(*y);
+    }
+    if x0 >= x1 {
+        x0 -= 1.0;
+        x1 += 1.0;
+    }
+    if y1 <= 0.0 {
+        y1 = 1.0;
+    }
+    let px = |x: f64| ml + (tx(x) - x0) / (x1 - x0) * (w - ml - mr);
+    let py = |y: f64| h - mb - y / y1 * (h - mt - mb);
+    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"];
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>
+<line x1="{ml}" y1="{}" x2="{}" y2="{}" stroke="black"/>
+<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{}" stroke="black"/>
+<text x="{}" y="{}" text-anchor="middle">{}</text>
+<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>
+"#,
+        w / 2.0,
+        esc(title),
+        h - mb,
+        w - mr,
+        h - mb,
+        h - mb,
+        (ml + w - mr) / 2.0,
+        h - 12.0,
+        esc(x_label),
+        (mt + h - mb) / 2.0,
+        (mt + h - mb) / 2.0,
+        esc(y_label)
+    );
+    // Ticks: 5 on y; x: decades on a log axis, else 5.
+    for i in 0..=5 {
+        let y = y1 * i as f64 / 5.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{ml}" y1="{py}" x2="{}" y2="{py}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+            w - mr,
+            ml - 5.0,
+            py(y) + 4.0,
+            short(y),
+            py = py(y)
+        );
+    }
+    let xticks: Vec<f64> = if log_x {
+        (x0.floor() as i32..=x1.ceil() as i32)
+            .map(|e| 10f64.powi(e))
+            .filter(|v| tx(*v) >= x0 - 1e-9 && tx(*v) <= x1 + 1e-9)
+            .collect()
+    } else {
+        (0..=5).map(|i| x0 + (x1 - x0) * i as f64 / 5.0).collect()
+    };
+    for x in xticks {
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            px(x),
+            h - mb + 16.0,
+            short(x)
+        );
+    }
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let path: Vec<String> = points
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+            path.join(" ")
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="12" height="3" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+            ml + 10.0,
+            mt + 8.0 + 16.0 * i as f64,
+            ml + 28.0,
+            mt + 12.0 + 16.0 * i as f64,
+            esc(name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn short(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        group(v.round() as i64)
+    } else if v.abs() >= 10.0 || v == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
