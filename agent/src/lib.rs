@@ -4,8 +4,9 @@
 //!
 //! What lives here: the runtime ([`run`], [`AgentCommand`]), its settings ([`AgentSettings`],
 //! [`client_config`]), the reconnect schedule ([`backoff`]), the shard covering logic
-//! ([`coverage`]), the stream handlers (`serve`, and [`postgres`] for databases) and the hooks
-//! the caller plugs in ([`AgentHooks`]: database certificates, query recording). What does not:
+//! ([`coverage`]), the stream handlers (`serve`, `http_app` for web apps and [`postgres`] for
+//! databases) and the hooks the caller plugs in ([`AgentHooks`]: database certificates, app
+//! JWTs, query and app-request recording). What does not:
 //! joining and certificate renewal (the `jaunt agent` command in the control crate drives those
 //! and hands the results in), the mux and the wire formats (`jaunt_engine::mux`,
 //! `jaunt_engine::tunnel`, `jaunt_engine::server::dial`, `jaunt_engine::tunnel::agent_hello`).
@@ -23,7 +24,10 @@
 //! engine → agent   OPEN with a StreamHeader {"kind":"ssh","target":"node1","user":..}
 //! agent            connect to the local service, accept and splice — or refuse with a reason
 //!                  (db: accept, read the client's StartupMessage, log in to PostgreSQL with a
-//!                  db-CA certificate for the database user, relay and record queries)
+//!                  db-CA certificate for the database user, relay and record queries;
+//!                  app: accept, reverse-proxy HTTP/1.1 with the user's JWT added)
+//! agent → engine   OPEN "jaunt-heartbeat/1" (once per tunnel, after the first interval or at a
+//!                  reload): then u64 sequence + AgentHello frame, every 30 s and on change
 //! ```
 //!
 //! Dialing repeats (bounded per round) until every shard `0..N` has a tunnel; failures and lost

@@ -4,10 +4,10 @@
 //! ("cannot reach sshd at 127.0.0.1:22: connection refused"); nothing here panics or takes the
 //! tunnel down.
 //!
-//! Served today: `ssh` (to the configured sshd; the bytes are end-to-end SSH, the agent only
-//! forwards them), `tcp` apps, and PostgreSQL databases (`db`: protocol-aware, see
-//! `postgres.rs`). Refused for now: HTTP apps ("not supported by this agent yet"), which need a
-//! handler (`http.rs`) here later.
+//! Served: `ssh` (to the configured sshd; the bytes are end-to-end SSH, the agent only forwards
+//! them), `tcp` apps (spliced), web apps (`app`: an HTTP/1.1 reverse proxy that adds the
+//! user's `Jaunt-Jwt-Assertion`, see `http_app.rs`) and PostgreSQL databases (`db`:
+//! protocol-aware, see `postgres.rs`).
 
 use std::fmt;
 use std::rc::Rc;

@@ -155,7 +155,8 @@ fn head_error(e: httparse::Error) -> HeadError {
 }
 
 /// The checks httparse leaves to its caller: how large the head is, values free of control
-/// characters (its SIMD paths are laxer than its tables), then the fields copied out.
+/// characters (checked here as well, so that the rule does not rest on httparse's internals),
+/// then the fields copied out with their values trimmed of OWS.
 fn finish_head(
     status: httparse::Status<usize>,
     buf_len: usize,
