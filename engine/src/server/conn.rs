@@ -993,10 +993,14 @@ async fn connect(
             return refuse(&mut stream, answer, refusal, &message).await;
         }
     };
-    let Some(header) = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
-        .with_db_grants(&identity.db_users, &identity.db_names)
-        .encode()
-    else {
+    let header = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
+        .with_db_grants(&identity.db_users, &identity.db_names);
+    // The verified certificate travels too: the agent re-checks authorization against it.
+    let encoded = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(cert) => header.encode_with_client_cert(cert.as_ref()),
+        None => header.encode(),
+    };
+    let Some(header) = encoded else {
         let message = "bad dial request: the certificate's identity is too large to forward";
         return refuse(&mut stream, answer, Refusal::BadDialRequest, message).await;
     };
