@@ -1,7 +1,8 @@
 //! Cross-shard hops: an engine with 2 shards, a stand-in agent with a tunnel to one of them, and
 //! users whose connections land on the other. Their streams are served through the agent's
 //! shard (`server/hop.rs`): bytes arrive intact both ways, a half-close travels, the hop is
-//! counted, and killing the tunnel mid-hop ends the user's connection promptly.
+//! counted, an agent's refusal reaches the user, and killing the tunnel mid-hop ends the user's
+//! connection promptly.
 //!
 //! Which shard a connection lands on is the kernel's `SO_REUSEPORT` hash: a test opens user
 //! connections until the per-shard hop counter shows that one went through a hop. No test orders
@@ -24,6 +25,7 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use jaunt_engine::mux::{self, Role};
 use jaunt_engine::route::{ALPN_TCP, ALPN_TUNNEL};
+use jaunt_engine::server::dial::StreamHeader;
 use jaunt_engine::server::{
     DialKind, DialRequest, DialResponse, Engine, EngineConfig, EngineHandle, Snapshot, TlsConfigs,
     TunnelHello,
@@ -221,6 +223,7 @@ impl Harness {
         let config = client_config(&self.web, ALPN_TCP, cert);
         let tcp = TcpStream::connect(self.addr()).unwrap();
         tcp.set_read_timeout(Some(WAIT)).unwrap();
+        tcp.set_nodelay(true).unwrap();
         let conn =
             rustls::ClientConnection::new(config, ServerName::try_from(PUBLIC_HOST).unwrap())
                 .unwrap();
@@ -321,12 +324,15 @@ impl StandInAgent {
         let hello = AgentHello::new(
             node,
             Default::default(),
-            vec![Resource {
-                kind: ResourceKind::Tcp,
-                name: "echo".into(),
-                labels: Default::default(),
-                protocol: ResourceProtocol::Tcp,
-            }],
+            ["echo", "refuse-me"]
+                .into_iter()
+                .map(|name| Resource {
+                    kind: ResourceKind::Tcp,
+                    name: name.into(),
+                    labels: Default::default(),
+                    protocol: ResourceProtocol::Tcp,
+                })
+                .collect(),
         );
         let (shard_tx, shard_rx) = crossbeam_channel::bounded(1);
         let (kill, kill_rx) = crossbeam_channel::bounded::<()>(1);
@@ -386,6 +392,7 @@ async fn tunnel_connect(
     TunnelHello,
 ) {
     let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
     let connector = futures_rustls::TlsConnector::from(Arc::clone(config));
     let mut tls = connector
         .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
@@ -400,9 +407,15 @@ async fn tunnel_connect(
     (tls, hello)
 }
 
-/// Echoes every stream until the user's FIN, then closes its side.
+/// Refuses streams to `refuse-me`; echoes every other stream until the user's FIN, then closes
+/// its side.
 async fn serve_tunnel(tunnel: Tunnel) {
     while let Some(incoming) = tunnel.accept().await {
+        let header = StreamHeader::parse(&incoming.header).unwrap();
+        if header.target == "refuse-me" {
+            incoming.refuse("connection refused by the test target");
+            continue;
+        }
         let mut stream = incoming.accept().unwrap();
         glommio::spawn_local(async move {
             let mut buf = vec![0u8; 64 << 10];
@@ -616,13 +629,13 @@ fn echo_lockstep(tls: &mut Tls, total: usize) -> Duration {
 }
 
 /// A hopped session against a local one on the same engine, same run: lock-step echo through
-/// TLS, the engine, the tunnel and the stand-in agent, 64 MiB each way.
+/// TLS, the engine, the tunnel and the stand-in agent, 16 MiB each way.
 ///
 /// `cargo test -p jaunt-engine --test hop --profile bench -- --ignored --nocapture`
 #[test]
 #[ignore = "a measurement: run with --profile bench -- --ignored --nocapture"]
 fn measure_hop_against_local() {
-    const TOTAL: usize = 64 * 1024 * 1024;
+    const TOTAL: usize = 16 * 1024 * 1024;
     let h = Harness::start();
     let agent = StandInAgent::start(h.addr(), h.agent_config("host-m"), "nodem");
     let mut hopped = h.dial_through_hop(1 - agent.shard, "echo");
@@ -634,22 +647,58 @@ fn measure_hop_against_local() {
             break tls;
         }
     };
-    echo_lockstep(&mut hopped, 4 << 20);
-    echo_lockstep(&mut local, 4 << 20);
+    echo_lockstep(&mut hopped, 1 << 20);
+    echo_lockstep(&mut local, 1 << 20);
     let mut ratios = Vec::new();
     for _ in 0..3 {
         let hop = echo_lockstep(&mut hopped, TOTAL);
         let loc = echo_lockstep(&mut local, TOTAL);
         println!(
-            "64 MiB lock-step echo: hop {:.0} ms ({:.0} MiB/s each way), local {:.0} ms \
+            "16 MiB lock-step echo: hop {:.0} ms ({:.0} MiB/s each way), local {:.0} ms \
              ({:.0} MiB/s); hop / local time {:.2}",
             hop.as_secs_f64() * 1e3,
-            64.0 / hop.as_secs_f64(),
+            16.0 / hop.as_secs_f64(),
             loc.as_secs_f64() * 1e3,
-            64.0 / loc.as_secs_f64(),
+            16.0 / loc.as_secs_f64(),
             hop.as_secs_f64() / loc.as_secs_f64()
         );
         ratios.push(hop.as_secs_f64() / loc.as_secs_f64());
     }
     println!("hop / local time ratios: {ratios:.2?}");
+}
+
+/// The agent refusing a hopped stream reaches the user as a readable dial error, counted as a
+/// hop `error` on the user's shard (not as a miss).
+#[test]
+fn a_refusal_through_a_hop_reaches_the_user() {
+    let h = Harness::start();
+    let agent = StandInAgent::start(h.addr(), h.agent_config("host-r"), "noder");
+    let other = (1 - agent.shard).to_string();
+    let errors = || {
+        h.metric(
+            "jaunt_cross_shard_hops_total",
+            &[("shard", &other), ("result", "error")],
+        )
+    };
+    let mut refused_via_hop = false;
+    for _ in 0..TRIES {
+        let before = errors();
+        let (response, _) = h.dial("refuse-me");
+        assert!(!response.ok);
+        assert_eq!(
+            response.error.as_deref(),
+            Some(
+                r#"agent "host-r" could not connect to app "refuse-me": connection refused by the test target"#
+            )
+        );
+        if errors() > before {
+            refused_via_hop = true;
+            break;
+        }
+    }
+    assert!(refused_via_hop, "no dial landed on shard {other}");
+    assert_eq!(
+        h.metric("jaunt_cross_shard_hops_total", &[("result", "miss")]),
+        0
+    );
 }

@@ -18,9 +18,12 @@
 //!      in the shard's table under the certificate's host id, and run its driver in this
 //!      connection's task until the tunnel ends;
 //!    - `Ssh` / `Postgres` / `Tcp`: terminate TLS (user certificate), read one dial request,
-//!      resolve the target to an agent and its tunnel on this shard ([`Shard::resolve`]),
-//!      [`authorize`], open a stream with a [`StreamHeader`], answer with a dial response,
-//!      splice the TLS stream and the tunnel stream ([`tunnel::splice`]).
+//!      resolve the target to an agent and its tunnel on this shard ([`Shard::resolve`]; when
+//!      the agent has no tunnel here yet, a cross-shard hop through a shard that has one,
+//!      `hop.rs`), [`authorize`], open a stream with a [`StreamHeader`], answer with a dial
+//!      response, splice the TLS stream and the tunnel stream ([`tunnel::splice`]);
+//!    - `App`: the same with an optional user certificate and no dial request: the SNI names
+//!      the app, refusals are HTTP responses (`connect` with [`Answer::Http`]).
 //!
 //! The handshake timeout covers phases 1 and 2 up to an established TLS session and a dial
 //! request (or an agent hello); after that the idle timeout applies to user streams, and the
@@ -996,7 +999,12 @@ async fn connect(
     let header = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
         .with_db_grants(&identity.db_users, &identity.db_names);
     // The verified certificate travels too: the agent re-checks authorization against it.
-    let encoded = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+    let encoded = match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
         Some(cert) => header.encode_with_client_cert(cert.as_ref()),
         None => header.encode(),
     };

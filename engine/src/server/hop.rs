@@ -373,70 +373,103 @@ impl Hops {
     }
 }
 
-/// A message from shard `peer`.
+/// A message from shard `peer`; an open is served by a task of its own.
 fn dispatch(shard: &Rc<Shard>, peer: usize, msg: HopMsg) {
-    let hops = &shard.hops;
-    let key = (peer, msg.id, msg.to_opener);
-    if let Frame::Open {
-        host_id,
-        header,
-        deadline,
-    } = msg.frame
-    {
-        if msg.to_opener || hops.ends.borrow().contains_key(&key) {
-            return;
-        }
-        let stream = hops.new_end(key);
+    if let Some(open) = shard.hops.deliver(peer, msg) {
+        let OpenRequest {
+            stream,
+            host_id,
+            header,
+            deadline,
+        } = open;
         glommio::spawn_local(serve(Rc::clone(shard), stream, host_id, header, deadline)).detach();
-        return;
     }
-    let Some(end) = hops.ends.borrow().get(&key).cloned() else {
-        // Its end is gone here (and told the peer so, unless both directions had finished).
-        return;
-    };
-    let mut e = end.borrow_mut();
-    match msg.frame {
-        Frame::Open { .. } => {}
-        Frame::Opened => {
-            if e.answer.is_none() {
-                e.answer = Some(Ok(()));
+}
+
+/// A peer's [`Frame::Open`], with the serving end made for it.
+struct OpenRequest {
+    stream: HopStream,
+    host_id: String,
+    header: Vec<u8>,
+    deadline: Instant,
+}
+
+impl Hops {
+    /// Hands a message from shard `peer` to the hop end it names; returns a new open for the
+    /// caller to serve.
+    fn deliver(self: &Rc<Self>, peer: usize, msg: HopMsg) -> Option<OpenRequest> {
+        let hops = self;
+        let key = (peer, msg.id, msg.to_opener);
+        if let Frame::Open {
+            host_id,
+            header,
+            deadline,
+        } = msg.frame
+        {
+            if msg.to_opener || hops.ends.borrow().contains_key(&key) {
+                return None;
             }
+            return Some(OpenRequest {
+                stream: hops.new_end(key),
+                host_id,
+                header,
+                deadline,
+            });
         }
-        Frame::Refused(refusal) => {
-            if e.answer.is_none() {
-                e.answer = Some(Err(refusal));
-                // The serving end is gone already: nothing to reset.
-                e.fin_in = true;
-                e.fin_out = true;
-            }
-        }
-        Frame::Data { buf, len } => {
-            if e.fin_in
-                || e.inbox.len() >= HOP_WINDOW_CHUNKS as usize
-                || len == 0
-                || len > buf.len()
-            {
-                // Past the FIN or the window: not what our own code sends; end the hop.
-                e.reset = true;
-                drop(e);
-                hops.send(key, Frame::Reset);
-                end.borrow_mut().wake();
-                return;
-            }
-            e.inbox.push_back((buf, len));
-        }
-        Frame::Credit { buf } => {
-            e.credit = (e.credit + 1).min(HOP_WINDOW_CHUNKS);
-            if let Some(buf) = buf {
-                if e.spare.len() < HOP_WINDOW_CHUNKS as usize && buf.len() == HOP_CHUNK_BYTES {
-                    e.spare.push(buf);
+        let Some(end) = hops.ends.borrow().get(&key).cloned() else {
+            // Its end is gone here (and told the peer so, unless both directions had finished).
+            return None;
+        };
+        hops.update(key, &end, msg.frame);
+        None
+    }
+
+    fn update(&self, key: Key, end: &Rc<RefCell<End>>, frame: Frame) {
+        let hops = self;
+        let mut e = end.borrow_mut();
+        match frame {
+            Frame::Open { .. } => {}
+            Frame::Opened => {
+                if e.answer.is_none() {
+                    e.answer = Some(Ok(()));
                 }
             }
+            Frame::Refused(refusal) => {
+                if e.answer.is_none() {
+                    e.answer = Some(Err(refusal));
+                    // The serving end is gone already: nothing to reset.
+                    e.fin_in = true;
+                    e.fin_out = true;
+                }
+            }
+            Frame::Data { buf, len } => {
+                if e.fin_in
+                    || e.inbox.len() >= HOP_WINDOW_CHUNKS as usize
+                    || len == 0
+                    || len > buf.len()
+                {
+                    // Past the FIN or the window: not what our own code sends; end the hop.
+                    e.reset = true;
+                    drop(e);
+                    hops.send(key, Frame::Reset);
+                    end.borrow_mut().wake();
+                    return;
+                }
+                e.inbox.push_back((buf, len));
+            }
+            Frame::Credit { buf } => {
+                e.credit = (e.credit + 1).min(HOP_WINDOW_CHUNKS);
+                if let Some(buf) = buf {
+                    if e.spare.len() < HOP_WINDOW_CHUNKS as usize && buf.len() == HOP_CHUNK_BYTES {
+                        e.spare.push(buf);
+                    }
+                }
+            }
+            Frame::Fin => e.fin_in = true,
+            Frame::Reset => e.reset = true,
         }
-        Frame::Fin => e.fin_in = true,
-        Frame::Reset => e.reset = true,
+        e.wake();
     }
-    e.wake();
 }
 
 /// The serving shard's side of a hop: open the stream on this shard's tunnel, answer, splice.
@@ -706,5 +739,168 @@ impl fmt::Debug for HopStream {
             .field("id", &self.key.1)
             .field("opened_here", &self.key.2)
             .finish()
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Moves every message queued on `from` (shard `from_index`) for shard `to_index` into
+    /// `to`; returns the opens it delivered.
+    fn carry(from: &Hops, from_index: usize, to: &Rc<Hops>, to_index: usize) -> Vec<OpenRequest> {
+        let msgs: Vec<HopMsg> = from.peers[to_index].queue.borrow_mut().drain(..).collect();
+        msgs.into_iter()
+            .filter_map(|msg| to.deliver(from_index, msg))
+            .collect()
+    }
+
+    fn queued(hops: &Hops, peer: usize) -> usize {
+        hops.peers[peer].queue.borrow().len()
+    }
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    fn write(stream: &mut HopStream, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(stream).poll_write(&mut cx(), bytes)
+    }
+
+    fn read_all(stream: &mut HopStream) -> (Vec<u8>, Poll<io::Result<usize>>) {
+        let mut out = Vec::new();
+        loop {
+            let mut buf = [0u8; 10_000];
+            match Pin::new(&mut *stream).poll_read(&mut cx(), &mut buf) {
+                Poll::Ready(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+                other => return (out, other),
+            }
+        }
+    }
+
+    /// Shard 0 opens a hop served by shard 1; both ends, after the answer.
+    fn opened_pair() -> (Rc<Hops>, Rc<Hops>, HopStream, HopStream) {
+        let (a, b) = (Rc::new(Hops::new(2)), Rc::new(Hops::new(2)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let opener = a.open(1, "host-1", b"header", deadline);
+        let mut opens = carry(&a, 0, &b, 1);
+        assert_eq!(opens.len(), 1);
+        let open = opens.remove(0);
+        assert_eq!(
+            (open.host_id.as_str(), open.header.as_slice()),
+            ("host-1", &b"header"[..])
+        );
+        open.stream.answer(Ok(()));
+        carry(&b, 1, &a, 0);
+        assert_eq!(futures_lite::future::block_on(opener.opened()), Ok(()));
+        (a, b, opener, open.stream)
+    }
+
+    #[test]
+    fn chunks_flow_within_the_window_and_fins_travel() {
+        let (a, b, mut opener, mut served) = opened_pair();
+        let big = vec![7u8; 40_000];
+        for _ in 0..HOP_WINDOW_CHUNKS {
+            assert!(matches!(
+                write(&mut opener, &big),
+                Poll::Ready(Ok(HOP_CHUNK_BYTES))
+            ));
+        }
+        // No credit left: the writer waits, whatever the size.
+        assert!(write(&mut opener, b"x").is_pending());
+        assert_eq!(queued(&a, 1), HOP_WINDOW_CHUNKS as usize);
+        carry(&a, 0, &b, 1);
+        // A partial read returns no credit; a whole chunk does, with its buffer.
+        let mut buf = vec![0u8; 1000];
+        assert!(matches!(
+            Pin::new(&mut served).poll_read(&mut cx(), &mut buf),
+            Poll::Ready(Ok(1000))
+        ));
+        assert_eq!(queued(&b, 0), 0);
+        let mut rest = vec![0u8; HOP_CHUNK_BYTES];
+        assert!(matches!(
+            Pin::new(&mut served).poll_read(&mut cx(), &mut rest),
+            Poll::Ready(Ok(n)) if n == HOP_CHUNK_BYTES - 1000
+        ));
+        assert_eq!(queued(&b, 0), 1);
+        carry(&b, 1, &a, 0);
+        assert_eq!(opener.end.borrow().spare.len(), 1);
+        assert!(matches!(write(&mut opener, b"tail"), Poll::Ready(Ok(4))));
+        assert_eq!(
+            opener.end.borrow().spare.len(),
+            0,
+            "the returned chunk is reused"
+        );
+        assert!(Pin::new(&mut opener).poll_close(&mut cx()).is_ready());
+        carry(&a, 0, &b, 1);
+        let (bytes, end) = read_all(&mut served);
+        assert_eq!(bytes.len(), 3 * HOP_CHUNK_BYTES + 4);
+        assert!(bytes.ends_with(b"tail"));
+        assert!(matches!(end, Poll::Ready(Ok(0))), "EOF after the FIN");
+        // The other way still flows after the half-close.
+        assert!(matches!(write(&mut served, b"reply"), Poll::Ready(Ok(5))));
+        assert!(Pin::new(&mut served).poll_close(&mut cx()).is_ready());
+        carry(&b, 1, &a, 0);
+        let (bytes, end) = read_all(&mut opener);
+        assert_eq!(bytes, b"reply");
+        assert!(matches!(end, Poll::Ready(Ok(0))));
+        // Finished both ways: dropping either end resets nothing.
+        drop((opener, served));
+        assert_eq!(queued(&a, 1) + queued(&b, 0), 1, "only the last credit");
+        carry(&a, 0, &b, 1);
+        carry(&b, 1, &a, 0);
+        assert!(a.ends.borrow().is_empty() && b.ends.borrow().is_empty());
+    }
+
+    #[test]
+    fn dropping_an_end_resets_the_other() {
+        let (a, b, opener, mut served) = opened_pair();
+        drop(opener);
+        carry(&a, 0, &b, 1);
+        let (_, end) = read_all(&mut served);
+        assert!(matches!(end, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset));
+        assert!(write(&mut served, b"x").is_ready());
+        drop(served);
+        assert_eq!(queued(&b, 0), 0, "a reset end sends no reset back");
+    }
+
+    #[test]
+    fn a_gone_peer_resets_its_hops_and_refuses_new_ones() {
+        let (a, _b, mut opener, _served) = opened_pair();
+        a.peer_gone(1);
+        assert!(matches!(write(&mut opener, b"x"), Poll::Ready(Err(_))));
+        let late = a.open(1, "host-1", b"header", Instant::now());
+        assert_eq!(
+            futures_lite::future::block_on(late.opened()),
+            Err(HopRefusal::Gone)
+        );
+    }
+
+    #[test]
+    fn data_past_the_window_ends_the_hop() {
+        let (_a, b, _opener, mut served) = opened_pair();
+        for i in 0..=HOP_WINDOW_CHUNKS {
+            let msg = HopMsg {
+                id: served.key.1,
+                to_opener: false,
+                frame: Frame::Data {
+                    buf: vec![0; HOP_CHUNK_BYTES],
+                    len: 10,
+                },
+            };
+            assert!(b.deliver(0, msg).is_none());
+            let reset = served.end.borrow().reset;
+            assert_eq!(reset, i == HOP_WINDOW_CHUNKS, "chunk {i}");
+        }
+        assert_eq!(queued(&b, 0), 1, "the RESET");
+        let (_, end) = read_all(&mut served);
+        assert!(matches!(end, Poll::Ready(Err(_))));
     }
 }
