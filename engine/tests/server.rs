@@ -1792,6 +1792,8 @@ fn a_dial_on_a_shard_without_the_agent_hops() {
         }
     }
     h.wait_metric("jaunt_cross_shard_hops_total", &[("result", "ok")], 1);
+    // Every dial's stream open was timed, local or hop.
+    assert!(h.metric("jaunt_stream_open_seconds_count", &[]) >= 1);
     assert_eq!(
         h.metric("jaunt_cross_shard_hops_total", &[("result", "miss")]),
         0
@@ -2353,6 +2355,7 @@ fn metrics_list_every_family_and_reason() {
         "jaunt_connections_active",
         "jaunt_connections_refused_total",
         "jaunt_handshake_seconds",
+        "jaunt_stream_open_seconds",
         "jaunt_bytes_total",
         "jaunt_tunnels",
         "jaunt_tunnels_duplicate_total",

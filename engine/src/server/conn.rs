@@ -1012,7 +1012,10 @@ async fn connect(
         let message = "bad dial request: the certificate's identity is too large to forward";
         return refuse(&mut stream, answer, Refusal::BadDialRequest, message).await;
     };
-    let mut upstream = match open_upstream(ctx, &host_id, via, &header, &request).await {
+    let opening = Instant::now();
+    let opened = open_upstream(ctx, &host_id, via, &header, &request).await;
+    shard.metrics.stream_open(opening.elapsed());
+    let mut upstream = match opened {
         Ok(upstream) => upstream,
         Err((refusal, message)) => return refuse(&mut stream, answer, refusal, &message).await,
     };

@@ -316,6 +316,51 @@ pub const HANDSHAKE_BUCKETS_SECONDS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// A latency histogram over [`HANDSHAKE_BUCKETS_SECONDS`]: per-bucket (not cumulative) counts,
+/// the last slot `+Inf`, and the sum in microseconds. Single writer, like every counter here.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [Cell64; HANDSHAKE_BUCKETS_SECONDS.len() + 1],
+    sum_micros: Cell64,
+}
+
+impl Histogram {
+    fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket = HANDSHAKE_BUCKETS_SECONDS
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(HANDSHAKE_BUCKETS_SECONDS.len());
+        self.buckets[bucket].add(1);
+        self.sum_micros
+            .add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Renders the shards' histograms `name` (picked by `of`) summed, in Prometheus text.
+    fn render(
+        out: &mut String,
+        shards: &[std::sync::Arc<ShardMetrics>],
+        name: &str,
+        help: &str,
+        of: impl Fn(&ShardMetrics) -> &Histogram,
+    ) {
+        family(out, name, "histogram", help);
+        let mut cumulative = 0u64;
+        for (b, le) in HANDSHAKE_BUCKETS_SECONDS.iter().enumerate() {
+            cumulative += shards.iter().map(|s| of(s).buckets[b].get()).sum::<u64>();
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += shards
+            .iter()
+            .map(|s| of(s).buckets[HANDSHAKE_BUCKETS_SECONDS.len()].get())
+            .sum::<u64>();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum_micros: u64 = shards.iter().map(|s| of(s).sum_micros.get()).sum();
+        let _ = writeln!(out, "{name}_sum {}", sum_micros as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
 /// One shard's counters (see the module doc for the single-writer rule).
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -323,9 +368,8 @@ pub struct ShardMetrics {
     accepted: [Cell64; RouteKind::ALL.len()],
     active: Cell64,
     refused: [Cell64; REFUSAL_COUNT],
-    /// Per-bucket (not cumulative) counts; the last slot is `+Inf`.
-    handshake_buckets: [Cell64; HANDSHAKE_BUCKETS_SECONDS.len() + 1],
-    handshake_sum_micros: Cell64,
+    handshake: Histogram,
+    stream_open: Histogram,
     bytes: [[Cell64; 2]; RouteKind::ALL.len()],
     tunnels: Cell64,
     tunnels_duplicate: Cell64,
@@ -377,14 +421,13 @@ impl ShardMetrics {
 
     /// A handshake (accept to TLS established) took `elapsed`.
     pub fn handshake(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        let bucket = HANDSHAKE_BUCKETS_SECONDS
-            .iter()
-            .position(|le| seconds <= *le)
-            .unwrap_or(HANDSHAKE_BUCKETS_SECONDS.len());
-        self.handshake_buckets[bucket].add(1);
-        self.handshake_sum_micros
-            .add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+        self.handshake.observe(elapsed);
+    }
+
+    /// Opening a user's stream to the agent (tunnel open or cross-shard hop, until the agent
+    /// accepted or refused) took `elapsed`.
+    pub fn stream_open(&self, elapsed: Duration) {
+        self.stream_open.observe(elapsed);
     }
 
     /// `n` bytes moved on a connection of `kind`.
@@ -536,38 +579,21 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             );
         }
     }
-    family(
+    Histogram::render(
         &mut out,
+        shards,
         "jaunt_handshake_seconds",
-        "histogram",
         "Time from accept to an established TLS session, for routes that terminate TLS.",
+        |s| &s.handshake,
     );
-    let mut cumulative = 0u64;
-    for (b, le) in HANDSHAKE_BUCKETS_SECONDS.iter().enumerate() {
-        cumulative += shards
-            .iter()
-            .map(|s| s.handshake_buckets[b].get())
-            .sum::<u64>();
-        let _ = writeln!(
-            out,
-            "jaunt_handshake_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-        );
-    }
-    cumulative += shards
-        .iter()
-        .map(|s| s.handshake_buckets[HANDSHAKE_BUCKETS_SECONDS.len()].get())
-        .sum::<u64>();
-    let _ = writeln!(
-        out,
-        "jaunt_handshake_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    Histogram::render(
+        &mut out,
+        shards,
+        "jaunt_stream_open_seconds",
+        "Time to open a user's stream to the agent (tunnel or cross-shard hop) until the agent \
+         accepted or refused it.",
+        |s| &s.stream_open,
     );
-    let sum_micros: u64 = shards.iter().map(|s| s.handshake_sum_micros.get()).sum();
-    let _ = writeln!(
-        out,
-        "jaunt_handshake_seconds_sum {}",
-        sum_micros as f64 / 1e6
-    );
-    let _ = writeln!(out, "jaunt_handshake_seconds_count {cumulative}");
     family(
         &mut out,
         "jaunt_bytes_total",
