@@ -150,8 +150,39 @@ impl Audit {
     /// whatever else is queued (up to [`ENGINE_BATCH_MAX`]) and appends the batch in one
     /// transaction.
     pub fn run_engine_writer(&self, events: &crossbeam_channel::Receiver<AuditEvent>) {
+        self.run_engine_writer_until(events, &crossbeam_channel::never());
+    }
+
+    /// [`Self::run_engine_writer`], also ending when `stop` is disconnected (its sender
+    /// dropped): then it appends what is queued at that moment and returns, even if a sender of
+    /// `events` is still alive somewhere (a stopping daemon must not wait on a leaked one).
+    pub fn run_engine_writer_until(
+        &self,
+        events: &crossbeam_channel::Receiver<AuditEvent>,
+        stop: &crossbeam_channel::Receiver<()>,
+    ) {
         let mut batch = Vec::with_capacity(ENGINE_BATCH_MAX);
-        while let Ok(first) = events.recv() {
+        loop {
+            let first = crossbeam_channel::select! {
+                recv(events) -> event => match event {
+                    Ok(event) => event,
+                    Err(_) => return,
+                },
+                recv(stop) -> _ => {
+                    // Stopping: what is queued now, in batches, then done.
+                    while let Ok(event) = events.try_recv() {
+                        batch.push(event);
+                        if batch.len() == ENGINE_BATCH_MAX {
+                            self.append_engine_events(&batch);
+                            batch.clear();
+                        }
+                    }
+                    if !batch.is_empty() {
+                        self.append_engine_events(&batch);
+                    }
+                    return;
+                },
+            };
             batch.push(first);
             while batch.len() < ENGINE_BATCH_MAX {
                 match events.try_recv() {
@@ -257,6 +288,34 @@ pub fn engine_event_json(event: &AuditEvent) -> (EventKind, String) {
 mod tests {
     use super::*;
     use jaunt_engine::server::DialKind;
+
+    #[test]
+    fn the_engine_writer_stops_when_told_even_with_a_sender_alive() {
+        let store = Arc::new(Store::memory().unwrap());
+        let audit = Audit::new(store.clone());
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let writer = std::thread::spawn(move || audit.run_engine_writer_until(&rx, &stopped));
+        for i in 0..3 {
+            tx.send(AuditEvent::AccessDenied {
+                user: format!("u{i}"),
+                roles: vec![],
+                kind: DialKind::Ssh,
+                target: "node1".into(),
+                login: None,
+                db_user: None,
+                client_addr: "127.0.0.1:5".into(),
+                reason: "no".into(),
+                time: 0,
+            })
+            .unwrap();
+        }
+        drop(stop);
+        writer.join().unwrap();
+        // `tx` is still alive; every event sent before the stop is in the store.
+        assert_eq!(store.audit_search(&Default::default()).unwrap().len(), 3);
+        drop(tx);
+    }
 
     #[test]
     fn engine_events_carry_their_codes_and_fields() {

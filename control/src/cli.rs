@@ -656,6 +656,7 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             host_ttl_secs: crate::service::DEFAULT_HOST_TTL_SECS,
             dev: true,
             engine: daemon::EngineSettings::dev(args.diag_addr.clone()),
+            audit_file: None,
         }
     } else {
         let Some(path) = args.config else {
@@ -706,6 +707,7 @@ fn daemon_config_from_file(
         bail!("this config has a `control` section but no `engine`: give engine.public_addr so users can reach the cluster");
     };
     Ok(DaemonConfig {
+        audit_file: config.audit.file.clone(),
         cluster: control.cluster_name.clone(),
         data_dir: data_dir.unwrap_or_else(|| config.data_dir.clone()),
         public_addr: engine.public_addr.to_string(),

@@ -48,6 +48,8 @@ pub struct DaemonConfig {
     pub host_ttl_secs: u64,
     pub dev: bool,
     pub engine: EngineSettings,
+    /// `audit.file`: also append every committed audit event to a JSON-lines file.
+    pub audit_file: Option<jaunt_config::file::AuditFileConfig>,
 }
 
 /// The engine's part of the daemon config.
@@ -89,14 +91,7 @@ impl EngineSettings {
 
 /// Runs until SIGTERM or SIGINT; returns after a clean shutdown.
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
-    run_with_audit_file(cfg, None)
-}
-
-/// [`run`], also appending every committed audit event to `audit_file` (`audit.file`).
-pub fn run_with_audit_file(
-    cfg: DaemonConfig,
-    audit_file: Option<jaunt_config::file::AuditFileConfig>,
-) -> anyhow::Result<()> {
+    let audit_file = cfg.audit_file.clone();
     profile::create_private_dir(&cfg.data_dir)?;
     let store = Arc::new(
         Store::open(&cfg.data_dir.join("jaunt.db"))
@@ -191,11 +186,14 @@ pub fn run_with_audit_file(
     let (audit_tx, audit_rx) = crossbeam_channel::bounded(cfg.engine.audit_queue_capacity.max(1));
     engine_config.audit = Some(audit_tx);
     engine_config.audit_overflow = cfg.engine.audit_overflow;
+    // Dropping `audit_stop` (after the engine stopped) ends the writer once it has appended what
+    // is queued, whether or not every sender of the queue is gone by then.
+    let (audit_stop, audit_stopped) = crossbeam_channel::bounded::<()>(0);
     let audit_writer = {
         let audit = control.audit.clone();
         std::thread::Builder::new()
             .name("audit".into())
-            .spawn(move || audit.run_engine_writer(&audit_rx))?
+            .spawn(move || audit.run_engine_writer_until(&audit_rx, &audit_stopped))?
     };
     let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded(16);
     control.set_snapshot_sender(snapshot_tx);
@@ -237,7 +235,8 @@ pub fn run_with_audit_file(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "engine shutdown"),
     }
-    // The engine's senders are gone with it: the writer appends what is queued, then ends.
+    // The engine has stopped: the writer appends what is queued, then ends.
+    drop(audit_stop);
     if audit_writer.join().is_err() {
         tracing::warn!("the audit writer panicked");
     }

@@ -325,7 +325,6 @@ fn the_audit_file_holds_every_committed_event_in_order_across_rotations() {
 }
 
 #[test]
-#[ignore = "needs cli.rs to pass config.audit.file to daemon::run_with_audit_file"]
 fn a_cluster_writes_and_rotates_its_audit_file() {
     const MAX_SIZE: u64 = 8 * 1024;
     const MAX_FILES: u32 = 500;
