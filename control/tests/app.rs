@@ -368,6 +368,27 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
         assert!(Instant::now() < deadline, "app sessions not audited: {out}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Each request is an app.request event from the agent, with method, path and status.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ok(c.admin(
+            &["audit", "search", "--type", "app.request", "--format", "json"],
+            None,
+        ));
+        let events: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        let hello = events.iter().any(|e| {
+            let e = e.to_string();
+            e.contains("alice") && e.contains("/hello?x=1") && e.contains("200")
+        });
+        if hello {
+            break;
+        }
+        assert!(Instant::now() < deadline, "app requests not audited: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(_proxy);
+    drop(_ghost);
+    c.assert_sessions_paired();
 }
 
 #[test]
