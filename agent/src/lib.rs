@@ -22,7 +22,8 @@
 //! agent → engine   AgentHello {"version":1,"name":..,"labels":..,"resources":[..]}
 //! both             mux (engine Role::Server opens streams; agent Role::Client accepts)
 //! engine → agent   OPEN with a StreamHeader {"kind":"ssh","target":"node1","user":..}
-//! agent            connect to the local service, accept and splice — or refuse with a reason
+//! agent            verify the forwarded user certificate and re-authorize (`policy`), then
+//!                  connect to the local service, accept and splice — or refuse with a reason
 //!                  (db: accept, read the client's StartupMessage, log in to PostgreSQL with a
 //!                  db-CA certificate for the database user, relay and record queries;
 //!                  app: accept, reverse-proxy HTTP/1.1 with the user's JWT added)
@@ -40,6 +41,7 @@ mod error;
 mod hooks;
 mod http_app;
 mod net;
+pub mod policy;
 pub mod postgres;
 mod runtime;
 mod serve;
@@ -54,7 +56,8 @@ pub use hooks::{
     DbCertProvider, DbClientCert, DbSession, LogAppRequests, LogQueries, QueryRecorder,
 };
 pub use net::MAX_CONCURRENT_LOOKUPS;
-pub use runtime::{run, run_with_hooks, AgentCommand, AGENT_IO_MEMORY};
+pub use policy::{ClusterPolicy, PolicyMode};
+pub use runtime::{run, run_with_hooks, run_with_policy, AgentCommand, AGENT_IO_MEMORY};
 pub use settings::{
     client_config, AgentSettings, Timeouts, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_LOCAL_CONNECT_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,

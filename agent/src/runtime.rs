@@ -37,6 +37,17 @@
 //!   executor (a futures channel: its sender wakes a glommio task from another thread), since a
 //!   blocking `recv` cannot run on the executor.
 //!
+//! # Policy
+//!
+//! In [`PolicyMode::Enforce`] (`jaunt agent`) every user stream is re-checked before it is
+//! served (`policy.rs`): the certificate the engine forwarded is verified against the user CA
+//! and [`jaunt_config::rbac::authorize`] runs with the cluster's roles and locks.
+//! [`AgentCommand::ReplacePolicy`] swaps in a newer policy (compiled by the caller, off the
+//! executor) and ends the live sessions its locks match; until the first one arrives user
+//! streams are refused. Commands queued before the runtime starts are handled before the first
+//! dial, so a caller that fetched the policy first never has a tunnel serve without it.
+//! [`PolicyMode::EngineOnly`] (the runtime used without a policy source) is logged at start-up.
+//!
 //! # Shutdown
 //!
 //! [`AgentCommand::Shutdown`] (or the caller dropping its sender): stop dialing, send GOAWAY on
@@ -65,6 +76,7 @@ use crate::dial::{self, Handshaked};
 use crate::error::{AgentError, Blame, TunnelError};
 use crate::hooks::AgentHooks;
 use crate::net;
+use crate::policy::{ClusterPolicy, Guard, PolicyMode};
 use crate::serve;
 use crate::settings::{AgentSettings, Announce, Prepared};
 
@@ -89,6 +101,10 @@ pub enum AgentCommand {
         /// What the agent serves.
         services: jaunt_config::file::AgentServices,
     },
+    /// A newer cluster policy (roles, locks, user CA) from control: every new user stream is
+    /// checked against it (in [`PolicyMode::Enforce`]), and live sessions a lock of it matches
+    /// end at once. Built off the executor; swapped in whole.
+    ReplacePolicy(Arc<ClusterPolicy>),
     /// Stop (SIGTERM): no new tunnels, no new streams; open streams get
     /// [`crate::Timeouts::shutdown_grace`] to finish, then the tunnels close and [`run`] returns.
     Shutdown,
@@ -97,16 +113,34 @@ pub enum AgentCommand {
 /// Runs the agent on the calling thread until [`AgentCommand::Shutdown`] arrives or `control`'s
 /// sender is dropped (treated the same: nobody could stop the agent any more). Errors only at
 /// start-up (unusable settings, no executor); once running, every failure is logged with who
-/// is to blame and retried.
+/// is to blame and retried. Runs in [`PolicyMode::EngineOnly`] (no policy source): see
+/// [`run_with_policy`].
 pub fn run(settings: AgentSettings, control: Receiver<AgentCommand>) -> Result<(), AgentError> {
-    run_with_hooks(settings, AgentHooks::default(), control)
+    run_with_policy(
+        settings,
+        AgentHooks::default(),
+        PolicyMode::EngineOnly,
+        control,
+    )
 }
 
 /// [`run`] with [`AgentHooks`]: what the agent needs from its caller beyond settings (database
-/// client certificates, where database queries are recorded).
+/// client certificates, where database queries are recorded). [`PolicyMode::EngineOnly`].
 pub fn run_with_hooks(
     settings: AgentSettings,
     hooks: AgentHooks,
+    control: Receiver<AgentCommand>,
+) -> Result<(), AgentError> {
+    run_with_policy(settings, hooks, PolicyMode::EngineOnly, control)
+}
+
+/// [`run_with_hooks`], saying whether the agent re-checks authorization itself: with
+/// [`PolicyMode::Enforce`] (what `jaunt agent` uses) the caller must send
+/// [`AgentCommand::ReplacePolicy`], and user streams are refused until it has.
+pub fn run_with_policy(
+    settings: AgentSettings,
+    hooks: AgentHooks,
+    mode: PolicyMode,
     control: Receiver<AgentCommand>,
 ) -> Result<(), AgentError> {
     let prepared = Rc::new(prepare(&settings, &hooks)?);
@@ -116,12 +150,27 @@ pub fn run_with_hooks(
         .make()
         .map_err(|e| AgentError::Runtime(format!("glommio executor: {e}")))?;
     let (events_tx, events_rx) = mpsc::unbounded();
-    let forward_tx = events_tx.clone();
-    std::thread::Builder::new()
-        .name("jaunt-agent-ctl".into())
-        .spawn(move || forward_commands(&control, &forward_tx))
-        .map_err(|e| AgentError::Runtime(format!("control thread: {e}")))?;
-    let supervisor = Supervisor::new(prepared, settings, hooks, events_tx, events_rx);
+    // What the caller queued before starting (the first policy, say) is handled before the
+    // first dial, so no stream is served before it.
+    let mut queued = 0usize;
+    let mut stopped = false;
+    for command in control.try_iter() {
+        queued += 1;
+        stopped = matches!(command, AgentCommand::Shutdown);
+        let _ = events_tx.unbounded_send(Event::Command(command));
+        if stopped {
+            break;
+        }
+    }
+    if !stopped {
+        let forward_tx = events_tx.clone();
+        std::thread::Builder::new()
+            .name("jaunt-agent-ctl".into())
+            .spawn(move || forward_commands(&control, &forward_tx))
+            .map_err(|e| AgentError::Runtime(format!("control thread: {e}")))?;
+    }
+    let supervisor = Supervisor::new(prepared, settings, hooks, events_tx, events_rx)
+        .with_policy(Rc::new(Guard::new(mode)), queued);
     executor.run(supervisor.run());
     Ok(())
 }
@@ -261,6 +310,10 @@ struct Supervisor {
     next_id: TunnelId,
     live: BTreeMap<TunnelId, Live>,
     tracker: Rc<Tracker>,
+    /// The policy in force and the live sessions it may end.
+    guard: Rc<Guard>,
+    /// Commands the caller queued before [`run_with_policy`]: handled before the first dial.
+    queued: usize,
     events_tx: UnboundedSender<Event>,
     events: UnboundedReceiver<Event>,
 }
@@ -288,8 +341,19 @@ impl Supervisor {
             next_id: 1,
             live: BTreeMap::new(),
             tracker: Rc::new(Tracker::default()),
+            guard: Rc::new(Guard::new(PolicyMode::EngineOnly)),
+            queued: 0,
             events_tx,
             events,
+        }
+    }
+
+    /// The policy guard to serve with, and how many commands were queued before the start.
+    fn with_policy(self, guard: Rc<Guard>, queued: usize) -> Supervisor {
+        Supervisor {
+            guard,
+            queued,
+            ..self
         }
     }
 
@@ -300,6 +364,22 @@ impl Supervisor {
             resources = self.prepared.resources,
             "agent starting"
         );
+        match self.guard.mode() {
+            PolicyMode::Enforce => tracing::info!(
+                "authorization: every user stream is re-checked against the cluster's policy \
+                 (user streams are refused until it arrives)"
+            ),
+            PolicyMode::EngineOnly => tracing::warn!(
+                "authorization: engine only (no policy source): this agent does not re-check \
+                 user streams itself"
+            ),
+        }
+        for _ in 0..self.queued {
+            match self.events.try_recv() {
+                Ok(event) => self.handle(event),
+                Err(_) => break,
+            }
+        }
         while !self.stopping {
             if self.coverage.needs_dial() {
                 if self.backoff_pending && self.retry_now {
@@ -428,6 +508,7 @@ impl Supervisor {
                 shard: hello.shard,
                 announcer: self.announcer.clone(),
                 tracker: self.tracker.clone(),
+                guard: self.guard.clone(),
                 events: self.events_tx.clone(),
             },
             tunnel,
@@ -457,6 +538,14 @@ impl Supervisor {
             }
             Event::Command(AgentCommand::Reload { labels, services }) => {
                 self.reload(Announce { labels, services });
+            }
+            Event::Command(AgentCommand::ReplacePolicy(policy)) => {
+                let version = policy.version().to_owned();
+                let locks = policy.locks().len();
+                let ended = self
+                    .guard
+                    .replace(policy, jaunt_config::identity::unix_now());
+                tracing::info!(%version, locks, ended, "cluster policy replaced");
             }
             Event::Command(AgentCommand::Shutdown) => {
                 tracing::info!("shutdown requested");
@@ -587,6 +676,7 @@ struct TunnelTask {
     /// Each new stream is served with the announcement in force when it arrives.
     announcer: Rc<Announcer>,
     tracker: Rc<Tracker>,
+    guard: Rc<Guard>,
     events: UnboundedSender<Event>,
 }
 
@@ -607,9 +697,10 @@ async fn run_tunnel(
         let guard = StreamGuard::new(task.tracker.clone());
         let prepared = task.announcer.prepared();
         let shard = task.shard;
+        let policy = task.guard.clone();
         glommio::spawn_local(async move {
             let _guard = guard;
-            serve::serve(incoming, prepared, shard).await;
+            serve::serve(incoming, prepared, policy, shard).await;
         })
         .detach();
     }

@@ -8,6 +8,12 @@
 //! them), `tcp` apps (spliced), web apps (`app`: an HTTP/1.1 reverse proxy that adds the
 //! user's `Jaunt-Jwt-Assertion`, see `http_app.rs`) and PostgreSQL databases (`db`:
 //! protocol-aware, see `postgres.rs`).
+//!
+//! Before anything local is touched, the agent checks the stream itself (`policy.rs`): the
+//! user certificate the engine forwarded, verified against the cluster's user CA, must be the
+//! header's user, and `rbac::authorize` must allow it on the resource with the labels this
+//! agent announces; a refusal carries the rule's message. An admitted session stays in the
+//! executor's registry, and a lock in a newer policy that matches it ends it.
 
 use std::fmt;
 use std::rc::Rc;
@@ -19,7 +25,9 @@ use tracing::Instrument;
 
 use crate::error::{describe_io, Blame};
 use crate::net;
+use crate::policy::{announced_labels, Ended, Guard};
 use crate::settings::Prepared;
+use jaunt_config::identity::unix_now;
 
 /// Where a stream goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,10 +182,15 @@ pub(crate) fn route(
 
 /// Serves one stream the engine opened on the tunnel to `shard`, start to end. Logs the
 /// session (who, what, from where, bytes) for the agent's side of the audit trail.
-pub(crate) async fn serve(incoming: Incoming, prepared: Rc<Prepared>, shard: usize) {
+pub(crate) async fn serve(
+    incoming: Incoming,
+    prepared: Rc<Prepared>,
+    policy: Rc<Guard>,
+    shard: usize,
+) {
     let stream_id = incoming.id().get();
-    let header = match StreamHeader::parse(&incoming.header) {
-        Ok(header) => header,
+    let (header, client_cert) = match StreamHeader::parse_with_client_cert(&incoming.header) {
+        Ok(parsed) => parsed,
         Err(e) => {
             let refusal = Refusal::BadHeader(e.to_string());
             tracing::warn!(shard, stream = stream_id, blame = %refusal.blame(), %refusal,
@@ -197,12 +210,18 @@ pub(crate) async fn serve(incoming: Incoming, prepared: Rc<Prepared>, shard: usi
         user = %header.user,
         client = %header.client_addr,
     );
-    serve_routed(incoming, header, prepared)
+    serve_routed(incoming, header, client_cert, prepared, policy)
         .instrument(span)
         .await;
 }
 
-async fn serve_routed(incoming: Incoming, header: StreamHeader, prepared: Rc<Prepared>) {
+async fn serve_routed(
+    incoming: Incoming,
+    header: StreamHeader,
+    client_cert: Option<Vec<u8>>,
+    prepared: Rc<Prepared>,
+    policy: Rc<Guard>,
+) {
     let local = match route(&prepared.services, &prepared.name, &header) {
         Ok(local) => local,
         Err(refusal) => {
@@ -211,6 +230,50 @@ async fn serve_routed(incoming: Incoming, header: StreamHeader, prepared: Rc<Pre
             return;
         }
     };
+    // The agent's own authorization check, before anything local is touched: the certificate
+    // the engine forwarded, verified against the user CA, under the cluster's roles and locks.
+    let labels = announced_labels(&prepared.labels, &prepared.services, &header);
+    let session = match policy.admit(&header, client_cert.as_deref(), labels, unix_now()) {
+        Ok(session) => session,
+        Err(refused) => {
+            tracing::warn!(
+                reason = refused.reason,
+                login = header.login.as_deref().unwrap_or(""),
+                db_user = header.db_user.as_deref().unwrap_or(""),
+                error = %refused.message,
+                "stream refused by the agent's authorization check"
+            );
+            incoming.refuse(&refused.message);
+            return;
+        }
+    };
+    drop(client_cert);
+    let served = serve_local(incoming, header, local, prepared);
+    let Some(session) = session else {
+        served.await;
+        return;
+    };
+    // A lock that arrives with a newer policy, or the certificate's expiry when a role sets
+    // `disconnect_expired_cert`, ends the session: dropping `served` resets the user's stream
+    // and closes the local connection.
+    futures_lite::future::or(served, async {
+        match session.ended().await {
+            Ended::Locked => tracing::info!("session ended: a lock matches it"),
+            Ended::CertificateExpired => {
+                tracing::info!("session ended: the user's certificate expired")
+            }
+        }
+    })
+    .await;
+}
+
+/// Serves an admitted stream with the local service `local`.
+async fn serve_local(
+    incoming: Incoming,
+    header: StreamHeader,
+    local: LocalTarget,
+    prepared: Rc<Prepared>,
+) {
     if header.kind == DialKind::Db {
         if !prepared.db.has_provider() {
             let refusal = Refusal::DbNoCertificates {

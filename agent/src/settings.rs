@@ -213,6 +213,9 @@ pub(crate) struct Prepared {
     pub(crate) proxy_addr: String,
     pub(crate) server_name: ServerName<'static>,
     pub(crate) name: String,
+    /// The host's labels (a resource's labels overlay them; the agent's authorization check
+    /// uses the same merge as the engine).
+    pub(crate) labels: BTreeMap<String, String>,
     /// The framed AgentHello, the same on every tunnel (and in every heartbeat until a reload
     /// replaces the whole `Prepared`).
     pub(crate) hello: Vec<u8>,
@@ -299,6 +302,7 @@ impl Prepared {
             proxy_addr: settings.proxy_addr.clone(),
             server_name,
             name: settings.name.clone(),
+            labels: settings.labels.clone(),
             hello: encoded,
             resources: hello.resources.len(),
             services: settings.services.clone(),

@@ -255,3 +255,31 @@ pub struct AppJwtResponse {
     /// When it expires (unix seconds).
     pub expires: u64,
 }
+
+/// `GET /v1/agent/policy` (host identities only): what an agent needs to re-check each user
+/// stream before it serves it — the roles, the locks in force and the user CA — exactly the
+/// inputs of the engine's snapshot. Agents poll it; `version` changes whenever the content does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentPolicyResponse {
+    /// A digest of everything below (`sha256:<hex>`): equal versions, equal policies.
+    pub version: String,
+    /// The cluster's name (user certificates carry it).
+    pub cluster: String,
+    /// Every role as its JSON document, by name (what `rbac::Policy::compile_json` takes).
+    pub roles: BTreeMap<String, serde_json::Value>,
+    /// The locks not yet expired, in creation order.
+    pub locks: Vec<AgentPolicyLock>,
+    /// The user CA's certificates (PEM): users' client certificates must chain to one.
+    pub user_ca: Vec<String>,
+}
+
+/// One lock of an [`AgentPolicyResponse`]: the lock resource and when control says it lifts
+/// (what `rbac::ActiveLock::from_lock` takes).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentPolicyLock {
+    /// The `kind: lock` document.
+    pub lock: serde_json::Value,
+    /// Unix seconds at which it lifts; `None` = until deleted.
+    #[serde(default)]
+    pub expires: Option<u64>,
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use jaunt_config::api::{Certs, JoinRequest, PingResponse, RenewRequest};
+use jaunt_config::api::{AgentPolicyResponse, Certs, JoinRequest, PingResponse, RenewRequest};
 use jaunt_config::identity::unix_now;
 
 use crate::ca::LocalKeys;
@@ -21,6 +21,14 @@ use crate::profile::{Profile, ProfileInfo};
 pub const RENEW_AT_REMAINING_FRACTION: f64 = 1.0 / 3.0;
 /// How often the renewal thread looks at the certificate.
 pub const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the policy thread asks control for the cluster's policy (roles, locks, user CA):
+/// a lock reaches the agent within this long (the engine ends sessions on its own snapshot at
+/// once; the agent's check is the second line).
+pub const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// First retry after a failed policy fetch; doubles per failure up to [`POLICY_RETRY_CAP`].
+pub const POLICY_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest wait between policy fetches while control is unreachable.
+pub const POLICY_RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// How the agent joins and where it keeps its identity.
 #[derive(Clone, Debug)]
@@ -68,6 +76,25 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
             }
         });
     }
+    // Policy: ask control once before the agent starts (so it is in force before the first
+    // tunnel can carry a stream), then every few seconds on a thread; a new version is compiled
+    // here, off the agent's executor, and swapped in whole.
+    {
+        let tx = tx.clone();
+        let opts = opts.clone();
+        let user = info.user.clone();
+        let mut poller = PolicyPoller::default();
+        poller.poll(&opts, &user, &tx);
+        std::thread::Builder::new()
+            .name("jaunt-agent-policy".into())
+            .spawn(move || loop {
+                std::thread::sleep(policy_delay(poller.failures));
+                if !poller.poll(&opts, &user, &tx) {
+                    return;
+                }
+            })
+            .context("starting the policy thread")?;
+    }
     // Renewal: look every minute; renew in the last third of the lifetime.
     {
         let tx = tx.clone();
@@ -101,7 +128,95 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
         opts.proxy
     );
     let hooks = crate::db_cmd::agent_hooks(&opts);
-    jaunt_agent::run_with_hooks(settings, hooks, rx).map_err(|e| anyhow!("agent: {e}"))
+    jaunt_agent::run_with_policy(settings, hooks, jaunt_agent::PolicyMode::Enforce, rx)
+        .map_err(|e| anyhow!("agent: {e}"))
+}
+
+/// The policy thread's state: fetches `GET /v1/agent/policy` (at start and every
+/// [`POLICY_POLL_INTERVAL`], backing off from [`POLICY_RETRY_BASE`] to [`POLICY_RETRY_CAP`]
+/// while it fails) and sends each new version to the agent. A policy that does not compile is
+/// refused and the previous one stays.
+#[derive(Default)]
+struct PolicyPoller {
+    current: Option<String>,
+    failures: u32,
+}
+
+impl PolicyPoller {
+    /// One fetch; `false` once the agent is gone.
+    fn poll(
+        &mut self,
+        opts: &AgentOptions,
+        user: &str,
+        tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
+    ) -> bool {
+        let fetched = fetch_policy(opts, user).and_then(|response| {
+            if self.current.as_deref() == Some(response.version.as_str()) {
+                return Ok(None);
+            }
+            let policy = jaunt_agent::ClusterPolicy::from_response(&response)
+                .map_err(|e| anyhow!("the cluster's policy is not usable: {e}"))?;
+            Ok(Some((response, policy)))
+        });
+        match fetched {
+            Ok(None) => self.failures = 0,
+            Ok(Some((response, policy))) => {
+                self.failures = 0;
+                let first = self.current.is_none();
+                self.current = Some(response.version.clone());
+                let command = jaunt_agent::AgentCommand::ReplacePolicy(std::sync::Arc::new(policy));
+                if tx.send(command).is_err() {
+                    return false;
+                }
+                if first {
+                    eprintln!(
+                        "jaunt agent: cluster policy received ({} roles, {} locks): user \
+                         streams are re-checked here",
+                        response.roles.len(),
+                        response.locks.len()
+                    );
+                }
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                // The first failure and then every tenth, so an outage does not flood the log.
+                if self.failures == 1 || self.failures.is_multiple_of(10) {
+                    eprintln!(
+                        "jaunt agent: cannot get the cluster's policy (will retry; {}): {e:#}",
+                        if self.current.is_some() {
+                            "the last one stays in force"
+                        } else {
+                            "user streams are refused until it arrives"
+                        }
+                    );
+                }
+            }
+        }
+        true
+    }
+}
+
+/// How long the policy thread waits after `failures` failed fetches in a row.
+pub fn policy_delay(failures: u32) -> Duration {
+    if failures == 0 {
+        return POLICY_POLL_INTERVAL;
+    }
+    let doublings = failures.saturating_sub(1).min(16);
+    POLICY_RETRY_BASE
+        .saturating_mul(1u32 << doublings)
+        .min(POLICY_RETRY_CAP)
+}
+
+/// One `GET /v1/agent/policy` with the host identity as it is on disk now (renewal replaces
+/// it there).
+fn fetch_policy(opts: &AgentOptions, user: &str) -> anyhow::Result<AgentPolicyResponse> {
+    let profile = host_profile(&opts.data_dir);
+    let client = Client::new(
+        &opts.proxy,
+        Trust::Roots(profile.host_ca()?),
+        Some(profile.tls_identity(user)?),
+    )?;
+    Ok(client.get_json("/v1/agent/policy")?)
 }
 
 /// SIGHUP: the [`jaunt_agent::AgentCommand::Reload`] for the re-read config file, or `None`
@@ -302,6 +417,16 @@ mod tests {
         assert!(needs_renewal(&info, 201));
         info.identity.expires = 0;
         assert!(needs_renewal(&info, 0));
+    }
+
+    #[test]
+    fn policy_fetches_back_off_and_cap() {
+        assert_eq!(policy_delay(0), POLICY_POLL_INTERVAL);
+        assert_eq!(policy_delay(1), POLICY_RETRY_BASE);
+        assert_eq!(policy_delay(2), POLICY_RETRY_BASE * 2);
+        assert_eq!(policy_delay(5), POLICY_RETRY_BASE * 16);
+        assert_eq!(policy_delay(6), POLICY_RETRY_CAP);
+        assert_eq!(policy_delay(u32::MAX), POLICY_RETRY_CAP);
     }
 
     #[test]

@@ -354,6 +354,7 @@ impl Control {
             ("POST", ["v1", "ca", "sign-db"]) => self.sign_db(req, caller),
             ("POST", ["v1", "db", "cert"]) => self.db_cert(req, caller),
             ("POST", ["v1", "app", "jwt"]) => self.app_jwt(req, caller),
+            ("GET", ["v1", "agent", "policy"]) => self.agent_policy(caller),
             ("GET", ["v1", "audit"]) => self.audit_search(req, caller),
             ("POST", ["v1", "audit", "events"]) => self.agent_audit_events(req, caller),
             _ => Err(Response::error(
@@ -1275,6 +1276,51 @@ impl Control {
                 expires: claims.exp,
             },
         ))
+    }
+
+    /// `GET /v1/agent/policy`: the roles, the locks in force and the user CA, for agents (host
+    /// identities) to re-check each user stream before serving it — the same inputs as the
+    /// engine's snapshot. A role set that does not compile is an error (500), as for the
+    /// snapshot: the agent keeps the policy it has rather than one without some deny rules.
+    fn agent_policy(&self, caller: &Identity) -> Reply {
+        if caller.kind != IdentityKind::Host {
+            return Err(Response::error(
+                403,
+                "only agents (host certificates) get the cluster's policy",
+            ));
+        }
+        let mut roles = BTreeMap::new();
+        let mut parsed = Vec::new();
+        for (name, spec) in self.store.list_roles().map_err(internal)? {
+            let role: Role = serde_json::from_str(&spec)
+                .map_err(|e| internal(format!("stored role {name} does not parse: {e}")))?;
+            parsed.push(role);
+            let value: serde_json::Value = serde_json::from_str(&spec).map_err(internal)?;
+            roles.insert(name, value);
+        }
+        jaunt_config::rbac::Policy::compile(&parsed).map_err(internal)?;
+        let locks = self
+            .store
+            .list_locks(unix_now())
+            .map_err(internal)?
+            .into_iter()
+            .filter_map(|l| {
+                Some(AgentPolicyLock {
+                    lock: serde_json::from_str(&l.spec).ok()?,
+                    expires: l.expires,
+                })
+            })
+            .collect();
+        let mut policy = AgentPolicyResponse {
+            version: String::new(),
+            cluster: self.settings.cluster.clone(),
+            roles,
+            locks,
+            user_ca: vec![self.cas.user.cert_pem().to_string()],
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, &to_json(&policy));
+        policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
+        Ok(Response::json(200, &policy))
     }
 
     /// `POST /v1/audit/events`: an agent's batch of events (database queries, app requests),

@@ -148,7 +148,7 @@ pub fn find_jaunt(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         }
     }
     bail!(
-        "the `jaunt` binary is not next to {} : build it with `cargo build -p jaunt-control --bin jaunt` \
+        "the `jaunt` binary is not next to {}: build it with `cargo build -p jaunt-control --bin jaunt` \
          (add --release for a release loadtest) or pass --jaunt PATH",
         exe.display()
     )

@@ -81,7 +81,7 @@ struct Cli {
     #[arg(long)]
     smoke: bool,
     /// Where results.json, summary.md and the SVG plots go.
-    #[arg(long, default_value = "loadtest-out")]
+    #[arg(long, default_value = "loadtest/results")]
     out: PathBuf,
     /// The `jaunt` binary (default: next to this one).
     #[arg(long)]

@@ -111,7 +111,7 @@ fn group(n: i64) -> String {
     let s = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -326,4 +326,51 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn numbers_are_grouped_and_cpu_is_scaled() {
+        assert_eq!(group(1234567), "1,234,567");
+        assert_eq!(group(-1000), "-1,000");
+        assert_eq!(group(999), "999");
+        assert_eq!(fmt_cpu(0.000_4), "400 µs");
+        assert_eq!(fmt_cpu(1.5), "1.500 s");
+        assert_eq!(fmt_value(&json!(0.0)), "0");
+        assert_eq!(fmt_value(&json!(12345.6)), "12,346");
+    }
+
+    #[test]
+    fn cpu_per_unit_and_markdown() {
+        let mut cpu = BTreeMap::new();
+        cpu.insert("jaunt".to_string(), 2.0);
+        let row = Row::new("bulk", "upload", "jaunt")
+            .metric("MiB_per_s", 100.0)
+            .work(cpu, "GiB", 4.0);
+        assert_eq!(row.cpu_per_unit()["jaunt"], 0.5);
+        let md = markdown(&crate::procfs::machine(), &[row], "loadtest");
+        assert!(md.contains("## bulk"), "{md}");
+        assert!(
+            md.contains("| jaunt | upload | 100 | GiB | 0.500 s |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn svg_is_well_formed() {
+        let s = svg_chart(
+            "t <1>",
+            "x",
+            "y",
+            &[("a".into(), vec![(1.0, 0.0), (1000.0, 100.0)])],
+            true,
+        );
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        assert!(s.contains("t &lt;1&gt;"));
+        assert!(!s.contains("NaN") && !s.contains("inf"));
+    }
 }

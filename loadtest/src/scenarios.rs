@@ -736,3 +736,19 @@ pub fn agents(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_cdf() {
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 0.5), 501.0);
+        assert_eq!(percentile(&v, 0.999), 1000.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+        let c = cdf(&v);
+        assert!(c.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert_eq!(c.last().map(|p| p.1), Some(100.0));
+    }
+}
