@@ -686,3 +686,79 @@ fn a_lock_refuses_new_logins_until_removed() {
     let err = fails(c.admin(&["lock"], None));
     assert!(err.contains("--user"), "{err}");
 }
+
+/// Root hides locked-memory problems (CAP_IPC_LOCK): the daemon must start, engine shards and
+/// all, as an ordinary user under this machine's `ulimit -l`. Run as `nobody` when the tests
+/// run as root (setpriv drops every capability), as the current user otherwise.
+#[test]
+fn a_dev_cluster_starts_as_an_unprivileged_user() {
+    use std::io::BufRead as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // A copy of the binary where `nobody` can surely execute it.
+    let bin = dir.path().join("jaunt");
+    std::fs::copy(jaunt_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "start",
+        "--dev",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--public-addr",
+        "127.0.0.1:0",
+    ];
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(&bin);
+        c
+    } else {
+        std::process::Command::new(&bin)
+    };
+    let mut child = cmd
+        .args(args)
+        .env("JAUNT_HOME", dir.path().join("home"))
+        .env_remove("JAUNT_DATA_DIR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut started = false;
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if line.starts_with("Admin commands on this host") {
+            started = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started,
+        "jaunt start --dev did not come up as an unprivileged user: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
