@@ -182,6 +182,42 @@ impl AppRequestRecorder for LogAppRequests {
     }
 }
 
+/// A stream the agent's own authorization check refused (`policy.rs`), for the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessDenial {
+    /// The user the stream claims (the header's; the certificate may be what was wrong).
+    pub user: String,
+    /// Their roles, as the header says.
+    pub roles: Vec<String>,
+    /// The dial kind (`ssh`, `db`, `tcp`, `app`).
+    pub kind: String,
+    /// The node, database or app name.
+    pub target: String,
+    /// OS login (SSH).
+    pub login: Option<String>,
+    /// Database user.
+    pub db_user: Option<String>,
+    /// The user's address as the engine saw it.
+    pub client_addr: String,
+    /// What the user was told: the resource and the rule.
+    pub reason: String,
+}
+
+/// Receives every stream the agent refused on its own authorization check. Called on the
+/// agent's executor thread: it must not block. (The refusal is logged either way.)
+pub trait DenialRecorder: Send + Sync {
+    /// One refused stream.
+    fn record(&self, denial: &AccessDenial);
+}
+
+/// The default [`DenialRecorder`]: nothing beyond the log line the agent writes anyway.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IgnoreDenials;
+
+impl DenialRecorder for IgnoreDenials {
+    fn record(&self, _denial: &AccessDenial) {}
+}
+
 /// The hooks [`crate::run_with_hooks`] takes. The default has no certificate provider (database
 /// streams are refused with a reason) and logs queries with [`LogQueries`].
 #[derive(Clone)]
@@ -194,6 +230,8 @@ pub struct AgentHooks {
     pub app_tokens: Option<Arc<dyn AppTokenProvider>>,
     /// Where HTTP app requests are recorded.
     pub app_requests: Arc<dyn AppRequestRecorder>,
+    /// Where the agent's own authorization refusals are recorded.
+    pub denials: Arc<dyn DenialRecorder>,
 }
 
 impl Default for AgentHooks {
@@ -203,6 +241,7 @@ impl Default for AgentHooks {
             db_queries: Arc::new(LogQueries),
             app_tokens: None,
             app_requests: Arc::new(LogAppRequests),
+            denials: Arc::new(IgnoreDenials),
         }
     }
 }

@@ -52,8 +52,9 @@ pub use backoff::{
 };
 pub use error::{AgentError, Blame, TunnelError};
 pub use hooks::{
-    AgentHooks, AppRequest, AppRequestRecorder, AppSession, AppToken, AppTokenProvider,
-    DbCertProvider, DbClientCert, DbSession, LogAppRequests, LogQueries, QueryRecorder,
+    AccessDenial, AgentHooks, AppRequest, AppRequestRecorder, AppSession, AppToken,
+    AppTokenProvider, DbCertProvider, DbClientCert, DbSession, DenialRecorder, IgnoreDenials,
+    LogAppRequests, LogQueries, QueryRecorder,
 };
 pub use net::MAX_CONCURRENT_LOOKUPS;
 pub use policy::{ClusterPolicy, PolicyMode};

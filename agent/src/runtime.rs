@@ -181,6 +181,7 @@ fn prepare(settings: &AgentSettings, hooks: &AgentHooks) -> Result<Prepared, Age
     let mut prepared = Prepared::new(settings)?;
     prepared.db = crate::postgres::DbState::new(hooks);
     prepared.app = crate::http_app::AppState::new(hooks);
+    prepared.denials = crate::settings::Denials(std::sync::Arc::clone(&hooks.denials));
     Ok(prepared)
 }
 

@@ -243,6 +243,16 @@ async fn serve_routed(
                 error = %refused.message,
                 "stream refused by the agent's authorization check"
             );
+            prepared.denials.0.record(&crate::hooks::AccessDenial {
+                user: header.user.clone(),
+                roles: header.roles.clone(),
+                kind: header.kind.as_str().to_string(),
+                target: header.target.clone(),
+                login: header.login.clone(),
+                db_user: header.db_user.clone(),
+                client_addr: header.client_addr.clone(),
+                reason: refused.message.clone(),
+            });
             incoming.refuse(&refused.message);
             return;
         }

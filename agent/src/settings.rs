@@ -231,6 +231,19 @@ pub(crate) struct Prepared {
     /// HTTP app streams' hooks and token cache (the hooks' defaults unless
     /// [`crate::run_with_hooks`] set them).
     pub(crate) app: crate::http_app::AppState,
+    /// Where the agent's own authorization refusals go (the hooks' default unless
+    /// [`crate::run_with_hooks`] set it).
+    pub(crate) denials: Denials,
+}
+
+/// The [`crate::hooks::DenialRecorder`] in use (a newtype so `Prepared` stays `Debug`).
+#[derive(Clone)]
+pub(crate) struct Denials(pub(crate) std::sync::Arc<dyn crate::hooks::DenialRecorder>);
+
+impl std::fmt::Debug for Denials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Denials")
+    }
 }
 
 impl Prepared {
@@ -311,6 +324,7 @@ impl Prepared {
             db: crate::postgres::DbState::default(),
             heartbeat_interval: jaunt_engine::tunnel::agent_hello::DEFAULT_HEARTBEAT_INTERVAL,
             app: crate::http_app::AppState::default(),
+            denials: Denials(std::sync::Arc::new(crate::hooks::IgnoreDenials)),
         })
     }
 }

@@ -243,6 +243,16 @@ fn tcp_app(name: &str, addr: SocketAddr) -> AppService {
     }
 }
 
+/// A test double of the audit hook: keeps every refusal the agent reports.
+#[derive(Default)]
+struct RecordedDenials(std::sync::Mutex<Vec<jaunt_agent::AccessDenial>>);
+
+impl jaunt_agent::DenialRecorder for RecordedDenials {
+    fn record(&self, denial: &jaunt_agent::AccessDenial) {
+        self.0.lock().unwrap().push(denial.clone());
+    }
+}
+
 fn settings(
     proxy: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
@@ -408,13 +418,13 @@ fn the_agent_rechecks_every_stream_and_a_late_lock_ends_a_live_session() {
         };
         let settings = settings(proxy, pki.agent_tls(&pki.host_ca), services);
         let (control, control_rx) = crossbeam_channel::unbounded();
+        let denials = Arc::new(RecordedDenials::default());
+        let hooks = AgentHooks {
+            denials: denials.clone(),
+            ..AgentHooks::default()
+        };
         std::thread::spawn(move || {
-            jaunt_agent::run_with_policy(
-                settings,
-                AgentHooks::default(),
-                PolicyMode::Enforce,
-                control_rx,
-            )
+            jaunt_agent::run_with_policy(settings, hooks, PolicyMode::Enforce, control_rx)
         });
         let t = within("the agent's tunnel", tunnel).await;
 
@@ -463,6 +473,21 @@ fn the_agent_rechecks_every_stream_and_a_late_lock_ends_a_live_session() {
         assert!(message.contains("not valid for this cluster"), "{message}");
         let message = refused(&t.tunnel, &header("echo", &alice, None)).await;
         assert!(message.contains("no user certificate"), "{message}");
+        // Each refusal went to the audit hook, with who, what and why.
+        let recorded = denials.0.lock().unwrap().clone();
+        let carols = recorded
+            .iter()
+            .find(|d| d.user == "carol")
+            .expect("carol's refusal recorded");
+        assert_eq!(
+            (carols.kind.as_str(), carols.target.as_str()),
+            ("tcp", "echo")
+        );
+        assert!(carols.reason.contains("role blocked denies"), "{carols:?}");
+        assert!(
+            recorded.iter().filter(|d| d.user == "alice").count() >= 3,
+            "{recorded:?}"
+        );
 
         // Bob's session is live too; then a lock on alice arrives with a newer policy.
         let bobs = open(&t.tunnel, &header("echo", &bob, Some(&bob_cert)))

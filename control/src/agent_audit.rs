@@ -1,12 +1,13 @@
-//! Agents' audit events (database queries, HTTP app requests) through the control API.
+//! Agents' audit events (database queries, HTTP app requests, and the streams the agent's own
+//! authorization check refused) through the control API.
 //!
 //! Wire: `POST /v1/audit/events` with a JSON list of [`AgentEvent`]s, each tagged by `event`
-//! (`db.query` or `app.request`), with the agent-made `uid` and `time` and the event's fields.
+//! (`db.query`, `app.request` or `access.denied`), with the agent-made `uid` and `time` and the event's fields.
 //! The host is not in the body: control takes it from the caller's host certificate, so an
 //! agent cannot speak for another host (a `host` field is an unknown field, refused).
 //!
 //! Control side ([`receive`]): host certificates of joined hosts only; `db.query` from hosts
-//! joined with a `db` token, `app.request` with an `app` token; at most [`MAX_BATCH_EVENTS`]
+//! joined with a `db` token, `app.request` with an `app` token, `access.denied` from any; at most [`MAX_BATCH_EVENTS`]
 //! events and [`MAX_BATCH_BYTES`] bytes (413 past either); every field checked (400 naming the
 //! event's index and the field; nothing of a refused batch is kept); the batch is one store
 //! transaction, and 200 is answered only once it committed: acknowledged = durable.
@@ -30,8 +31,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use jaunt_agent::postgres::wire::{ClientQuery, QueryKind, MAX_RECORDED_QUERY_BYTES};
 use jaunt_agent::{
-    AppRequest, AppRequestRecorder, AppSession, DbSession, LogAppRequests, LogQueries,
-    QueryRecorder,
+    AccessDenial, AppRequest, AppRequestRecorder, AppSession, DbSession, DenialRecorder,
+    LogAppRequests, LogQueries, QueryRecorder,
 };
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use serde::{Deserialize, Serialize};
@@ -79,6 +80,30 @@ pub enum AgentEvent {
     DbQuery(DbQueryEvent),
     #[serde(rename = "app.request")]
     AppRequest(AppRequestEvent),
+    #[serde(rename = "access.denied")]
+    AccessDenied(AccessDeniedEvent),
+}
+
+/// `access.denied`: a stream the agent's own authorization check refused (the engine's
+/// refusals are recorded by the engine; these are the ones it let through).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessDeniedEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The dial kind (`ssh`, `db`, `tcp`, `app`).
+    pub kind: String,
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_user: Option<String>,
+    pub client_addr: String,
+    /// What the user was told (the resource and the rule).
+    pub reason: String,
 }
 
 /// `db.query`: one query (simple `Q` or extended-protocol `P`) of a database session.
@@ -139,14 +164,17 @@ impl AgentEvent {
         match self {
             AgentEvent::DbQuery(_) => audit::DB_QUERY,
             AgentEvent::AppRequest(_) => audit::APP_REQUEST,
+            AgentEvent::AccessDenied(_) => audit::ACCESS_DENIED,
         }
     }
 
-    /// The host role (join token type) an agent needs to send this event.
-    pub fn required_role(&self) -> &'static str {
+    /// The host role (join token type) an agent needs to send this event; `None`: any joined
+    /// host.
+    pub fn required_role(&self) -> Option<&'static str> {
         match self {
-            AgentEvent::DbQuery(_) => DB_ROLE,
-            AgentEvent::AppRequest(_) => APP_ROLE,
+            AgentEvent::DbQuery(_) => Some(DB_ROLE),
+            AgentEvent::AppRequest(_) => Some(APP_ROLE),
+            AgentEvent::AccessDenied(_) => None,
         }
     }
 
@@ -154,6 +182,7 @@ impl AgentEvent {
         match self {
             AgentEvent::DbQuery(e) => &e.user,
             AgentEvent::AppRequest(e) => &e.user,
+            AgentEvent::AccessDenied(e) => &e.user,
         }
     }
 
@@ -161,6 +190,7 @@ impl AgentEvent {
         match self {
             AgentEvent::DbQuery(e) => e.time,
             AgentEvent::AppRequest(e) => e.time,
+            AgentEvent::AccessDenied(e) => e.time,
         }
     }
 
@@ -169,6 +199,7 @@ impl AgentEvent {
         let (uid, time, user, addr) = match self {
             AgentEvent::DbQuery(e) => (&e.uid, e.time, &e.user, &e.client_addr),
             AgentEvent::AppRequest(e) => (&e.uid, e.time, &e.user, &e.client_addr),
+            AgentEvent::AccessDenied(e) => (&e.uid, e.time, &e.user, &e.client_addr),
         };
         if uid.len() != 32 || !uid.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("uid: expected 32 hex characters".into());
@@ -213,6 +244,21 @@ impl AgentEvent {
                     return Err(format!("status: {} is not an HTTP status", e.status));
                 }
             }
+            AgentEvent::AccessDenied(e) => {
+                if !matches!(e.kind.as_str(), "ssh" | "db" | "tcp" | "app") {
+                    return Err(format!("kind: {:?}: expected ssh, db, tcp or app", e.kind));
+                }
+                text("target", &e.target, 1, 253)?;
+                if e.roles.len() > 256 {
+                    return Err("roles: more than 256".into());
+                }
+                for role in &e.roles {
+                    text("roles", role, 1, 256)?;
+                }
+                text("login", e.login.as_deref().unwrap_or(""), 0, 256)?;
+                text("db_user", e.db_user.as_deref().unwrap_or(""), 0, 256)?;
+                text("reason", &e.reason, 1, 4096)?;
+            }
         }
         Ok(())
     }
@@ -228,6 +274,7 @@ impl AgentEvent {
         let fields = match self {
             AgentEvent::DbQuery(e) => serde_json::to_value(e),
             AgentEvent::AppRequest(e) => serde_json::to_value(e),
+            AgentEvent::AccessDenied(e) => serde_json::to_value(e),
         };
         let fields = match fields {
             Ok(serde_json::Value::Object(f)) => f,
@@ -315,8 +362,10 @@ pub fn receive(
         event
             .validate(now)
             .map_err(|e| Response::error(400, format!("event {i}: {e}")))?;
-        let role = event.required_role();
-        if !caller.roles.iter().any(|r| r == role) {
+        if let Some(role) = event
+            .required_role()
+            .filter(|role| !caller.roles.iter().any(|r| r == role))
+        {
             return Err(Response::error(
                 403,
                 format!(
@@ -557,6 +606,23 @@ impl AppRequestRecorder for AgentAuditRecorder {
             response_bytes: request.response_bytes,
             duration_ms: request.duration_ms,
             upgraded: request.upgraded,
+        }));
+    }
+}
+
+impl DenialRecorder for AgentAuditRecorder {
+    fn record(&self, denial: &AccessDenial) {
+        self.enqueue(AgentEvent::AccessDenied(AccessDeniedEvent {
+            uid: audit::uid(),
+            time: unix_now(),
+            user: denial.user.clone(),
+            roles: denial.roles.clone(),
+            kind: denial.kind.clone(),
+            target: denial.target.clone(),
+            login: denial.login.clone(),
+            db_user: denial.db_user.clone(),
+            client_addr: denial.client_addr.clone(),
+            reason: denial.reason.clone(),
         }));
     }
 }

@@ -258,7 +258,8 @@ fn audit_hooks(opts: &crate::agent_cmd::AgentOptions) -> AgentHooks {
     ) {
         Ok(recorder) => AgentHooks {
             db_queries: recorder.clone(),
-            app_requests: recorder,
+            app_requests: recorder.clone(),
+            denials: recorder,
             ..AgentHooks::default()
         },
         Err(e) => {

@@ -70,6 +70,7 @@ fn uid_of(e: &AgentEvent) -> String {
     match e {
         AgentEvent::DbQuery(q) => q.uid.clone(),
         AgentEvent::AppRequest(r) => r.uid.clone(),
+        AgentEvent::AccessDenied(d) => d.uid.clone(),
     }
 }
 
@@ -164,6 +165,32 @@ fn agents_send_their_own_events_and_nothing_else() {
     assert_eq!(status, 403, "{answer}");
     assert!(answer.contains("host certificates"), "{answer}");
     assert_eq!(c.audit_events(Some("db.query")).len(), 2);
+
+    // Any joined host may report a stream its own authorization check refused.
+    let denial = AgentEvent::AccessDenied(jaunt_control::agent_audit::AccessDeniedEvent {
+        uid: random_uid(),
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        user: "mallory".into(),
+        roles: vec!["access".into()],
+        kind: "ssh".into(),
+        target: "nodehost".into(),
+        login: Some("root".into()),
+        db_user: None,
+        client_addr: "127.0.0.1:40001".into(),
+        reason: "access to node nodehost denied: locked".into(),
+    });
+    let (status, answer) = post(&node_agent, &serde_json::to_vec(&vec![denial]).unwrap());
+    assert_eq!(status, 200, "{answer}");
+    let denied = c.audit_events(Some("access.denied"));
+    assert!(
+        denied.iter().any(|e| e["user"] == "mallory"
+            && e["host_name"] == "nodehost"
+            && e["login"] == "root"),
+        "{denied:?}"
+    );
 }
 
 #[test]

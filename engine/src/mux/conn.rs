@@ -17,9 +17,12 @@ use super::stream::{OpenState, Stream};
 use super::tx::{Reservation, TxQueue};
 use super::{
     Config, ErrorCode, Event, Role, StreamId, CONN_WINDOW, DIRECT_INPUT_MIN, INITIAL_STREAM_WINDOW,
-    INPUT_BUF_LEN, MAX_DIAL_HEADER_LEN, MAX_FRAME_PAYLOAD, MAX_OPEN_ERROR_LEN,
-    MAX_QUEUED_CONTROL_FRAMES, MAX_QUEUED_EVENTS, MAX_SEND_QUEUE_BYTES, MAX_STREAMS, MAX_WINDOW,
+    INPUT_BUF_LEN, MAX_DIAL_HEADER_LEN, MAX_OPEN_ERROR_LEN, MAX_QUEUED_CONTROL_FRAMES,
+    MAX_QUEUED_EVENTS, MAX_SEND_QUEUE_BYTES, MAX_STREAMS, MAX_WINDOW,
 };
+// Only the invariant checks (debug builds) and the tests use it.
+#[cfg(any(debug_assertions, test))]
+use super::MAX_FRAME_PAYLOAD;
 
 /// One tunnel's multiplexer state. See the module docs of [`crate::mux`] for how to drive it.
 #[derive(Debug)]
@@ -524,7 +527,7 @@ impl Conn {
     /// to read the bytes into, e.g. straight from the user's socket; then
     /// [`Conn::send_commit`] with how many were written. The room is at most the stream's and
     /// the tunnel's credit, the send queue's free space and one DATA frame's payload
-    /// ([`MAX_FRAME_PAYLOAD`]); call again for more. Empty room (for `max > 0`) means no credit
+    /// ([`MAX_FRAME_PAYLOAD`](super::MAX_FRAME_PAYLOAD)); call again for more. Empty room (for `max > 0`) means no credit
     /// or space: it arms an [`Event::Writable`], like a short `send`. Call `send_commit` next:
     /// any other call except `poll_event` and the getters voids the room. Errors as `send`.
     pub fn send_buf(&mut self, id: StreamId, max: usize) -> Result<&mut [u8], MuxError> {
