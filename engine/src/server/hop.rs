@@ -172,14 +172,18 @@ pub(crate) fn mesh(shards: usize) -> Vec<HopBoot> {
 }
 
 /// Spawns this shard's pump and demux tasks (they connect their channel halves, which waits
-/// for the peer shard to connect its own).
-pub(crate) fn start(shard: &Rc<Shard>, boot: HopBoot) {
+/// for the peer shard to connect its own). The caller cancels them when the shard stops: they
+/// run until their peer goes, and an executor that returns with tasks pending never drops
+/// them, which would leak the shard (and the audit and inventory senders it holds).
+pub(crate) fn start(shard: &Rc<Shard>, boot: HopBoot) -> Vec<glommio::Task<()>> {
+    let mut tasks = Vec::with_capacity(boot.senders.len() + boot.receivers.len());
     for (peer, tx) in boot.senders {
-        glommio::spawn_local(pump(Rc::clone(&shard.hops), peer, tx)).detach();
+        tasks.push(glommio::spawn_local(pump(Rc::clone(&shard.hops), peer, tx)));
     }
     for (peer, rx) in boot.receivers {
-        glommio::spawn_local(demux(Rc::clone(shard), peer, rx)).detach();
+        tasks.push(glommio::spawn_local(demux(Rc::clone(shard), peer, rx)));
     }
+    tasks
 }
 
 async fn pump(hops: Rc<Hops>, peer: usize, tx: SharedSender<HopMsg>) {

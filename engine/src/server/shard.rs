@@ -858,9 +858,10 @@ async fn serve(mut boot: ShardBoot) -> u64 {
         }
     };
     let shard = Rc::new(Shard::new(&boot));
-    if let Some(hops) = boot.hops.take() {
-        hop::start(&shard, hops);
-    }
+    let hop_tasks = match boot.hops.take() {
+        Some(hops) => hop::start(&shard, hops),
+        None => Vec::new(),
+    };
     shard.metrics.set_listening(true);
     let _ = boot.report.send(Ok(local_addr));
     tracing::info!(shard = shard.index, %local_addr, "shard listening");
@@ -885,6 +886,9 @@ async fn serve(mut boot: ShardBoot) -> u64 {
     drop(acceptor);
     shard.metrics.set_listening(false);
     let aborted = shard.drain(deadline).await;
+    for task in hop_tasks {
+        task.cancel().await;
+    }
     tracing::info!(shard = shard.index, aborted, "shard stopped");
     aborted
 }
