@@ -10,7 +10,7 @@
 //!
 //! Since the stand-in picks the shard index each hello reports, the two-shard test scripts the
 //! kernel's choice (shard 0, shard 0 again, shard 1) instead of hoping for it. No test orders
-//! events with sleeps: every wait is on the event itself, bounded by [`WAIT`].
+//! events with sleeps: every wait is on the event itself, bounded by [`jaunt_testkit::WAIT`].
 
 #![allow(
     clippy::unwrap_used,
@@ -21,218 +21,41 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
-use std::future::Future;
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt, StreamExt};
 use futures_rustls::TlsAcceptor;
 use glommio::net::TcpListener;
-use glommio::task::JoinHandle;
-use glommio::timer::Timer;
-use glommio::{LocalExecutorBuilder, Placement};
-use jaunt_agent::{AgentCommand, AgentError, AgentSettings, BackoffConfig, Timeouts};
+use jaunt_agent::{AgentCommand, AgentError, AgentSettings, BackoffConfig};
 use jaunt_config::file::{
-    AgentServices, AppProtocol, AppService, DbProtocol, DbService, HostPort, SshService,
+    AgentServices, AppProtocol, AppService, DbProtocol, DbService, SshService,
 };
-use jaunt_engine::mux::{self, Role};
+use jaunt_engine::mux;
 use jaunt_engine::server::dial::{DialKind, StreamHeader};
 use jaunt_engine::server::TunnelHello;
-use jaunt_engine::tunnel::agent_hello::AgentHello;
 use jaunt_engine::tunnel::{CloseReason, MuxStream, OpenError, Tunnel};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
-use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-
-/// Bound on every wait for an event; generous for a loaded 2-core debug build.
-const WAIT: Duration = Duration::from_secs(20);
+use jaunt_testkit::agent::{hp, labels, settings, tcp_app};
+use jaunt_testkit::pki::{Ca, StandInPki as Pki};
+use jaunt_testkit::services::{closed_port, echo_server, sshd, AfterBanner};
+use jaunt_testkit::tunnel::{engine_side, Accepted, EngineTunnel};
+use jaunt_testkit::wait::{on_executor, within};
 
 /// How soon `run` must return after `Shutdown` when nothing is left to drain.
 const PROMPTLY: Duration = Duration::from_secs(5);
 
 const MIB: usize = 1024 * 1024;
 
-/// The name the stand-in's certificate carries and the agent checks.
-const PROXY_HOST: &str = "localhost";
+/// What the stand-in sshd greets with.
+const SSH_BANNER: &str = "SSH-2.0-test\r\n";
 
 // ---------------------------------------------------------------------------------------------
 // PKI
 
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-type CertAndKey = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        set_validity(&mut params);
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Ca { issuer }
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn leaf(&self, name: &str, usage: ExtendedKeyUsagePurpose) -> CertAndKey {
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
-        set_validity(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-    }
-}
-
-fn set_validity(params: &mut CertificateParams) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + Duration::from_secs(now - 3600);
-    params.not_after = epoch + Duration::from_secs(now + 86400);
-}
-
-struct Pki {
-    host_ca: Ca,
-    server: Arc<rustls::ServerConfig>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let host_ca = Ca::new("test host CA");
-        let (chain, key) = host_ca.leaf(PROXY_HOST, ExtendedKeyUsagePurpose::ServerAuth);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        roots.add(host_ca.der()).unwrap();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .unwrap();
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
-        server.alpn_protocols = vec![b"jaunt-tunnel".to_vec()];
-        Pki {
-            host_ca,
-            server: Arc::new(server),
-        }
-    }
-
-    /// The agent's client configuration with a host certificate from `issuer`, trusting the
-    /// real host CA for the proxy.
-    fn agent_tls(&self, issuer: &Ca) -> Arc<rustls::ClientConfig> {
-        let (chain, key) = issuer.leaf("node1", ExtendedKeyUsagePurpose::ClientAuth);
-        jaunt_agent::client_config(chain, key, &[self.host_ca.der()]).unwrap()
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Local services (std threads)
-
-/// A TCP echo server; each connection is echoed until EOF, then closed.
-fn echo_server() -> SocketAddr {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut reader = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut reader, &mut conn);
-                let _ = conn.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
-
-/// A stand-in sshd: writes an SSH banner, then reads until EOF.
-fn sshd() -> SocketAddr {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let _ = conn.write_all(b"SSH-2.0-test\r\n");
-                let _ = std::io::copy(&mut conn, &mut std::io::sink());
-            });
-        }
-    });
-    addr
-}
-
-/// A loopback port nothing listens on.
-fn closed_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn hp(addr: SocketAddr) -> HostPort {
-    addr.to_string().parse().unwrap()
-}
-
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
-fn tcp_app(name: &str, addr: SocketAddr) -> AppService {
-    AppService {
-        name: name.into(),
-        uri: format!("tcp://{addr}"),
-        protocol: AppProtocol::Tcp,
-        addr: hp(addr),
-        labels: BTreeMap::new(),
-    }
-}
-
-fn settings(
-    proxy: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    services: AgentServices,
-) -> AgentSettings {
-    AgentSettings {
-        proxy_addr: proxy.to_string(),
-        server_name: PROXY_HOST.into(),
-        tls,
-        name: "node1".into(),
-        labels: labels(&[("env", "test")]),
-        services,
-        backoff: BackoffConfig::default(),
-        timeouts: Timeouts::default(),
-        mux: mux::Config::default(),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The agent on its own thread
@@ -278,23 +101,6 @@ impl Agent {
 
 // ---------------------------------------------------------------------------------------------
 // The stand-in engine
-
-/// What the stand-in saw on one connection.
-enum Accepted {
-    /// A tunnel: the agent sent its hello and the mux runs.
-    Tunnel(EngineTunnel),
-    /// The agent closed the connection where its hello should have been.
-    ClosedBeforeHello { hello: TunnelHello },
-    /// The TLS handshake failed (e.g. a client certificate from another CA).
-    TlsFailed(String),
-}
-
-struct EngineTunnel {
-    hello: TunnelHello,
-    agent: AgentHello,
-    tunnel: Tunnel,
-    driver: JoinHandle<CloseReason>,
-}
 
 struct StandIn {
     addr: SocketAddr,
@@ -350,13 +156,7 @@ impl StandIn {
     }
 
     async fn next_tunnel(&mut self) -> EngineTunnel {
-        match self.next().await {
-            Accepted::Tunnel(t) => t,
-            Accepted::ClosedBeforeHello { hello } => {
-                panic!("expected a tunnel, the agent closed after {hello:?}")
-            }
-            Accepted::TlsFailed(e) => panic!("expected a tunnel, TLS failed: {e}"),
-        }
+        self.next().await.into_tunnel()
     }
 
     fn push_script(&self, hello: (usize, usize)) {
@@ -366,35 +166,6 @@ impl StandIn {
     fn connections(&self) -> usize {
         *self.count.borrow()
     }
-}
-
-async fn engine_side(
-    acceptor: TlsAcceptor,
-    tcp: glommio::net::TcpStream,
-    (shards, shard): (usize, usize),
-) -> Accepted {
-    let mut tls = match acceptor.accept(tcp).await {
-        Ok(tls) => tls,
-        Err(e) => return Accepted::TlsFailed(e.to_string()),
-    };
-    let hello = TunnelHello::new(shards, shard);
-    tls.write_all(&hello.encode()).await.unwrap();
-    tls.flush().await.unwrap();
-    let mut frame = vec![0u8; 2];
-    if tls.read_exact(&mut frame).await.is_err() {
-        return Accepted::ClosedBeforeHello { hello };
-    }
-    frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
-    tls.read_exact(&mut frame[2..]).await.unwrap();
-    let (agent, used) = AgentHello::parse(&frame).unwrap().unwrap();
-    assert_eq!(used, frame.len());
-    let (tunnel, driver) = Tunnel::spawn(tls, Role::Server, mux::Config::default());
-    Accepted::Tunnel(EngineTunnel {
-        hello,
-        agent,
-        tunnel,
-        driver,
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -491,28 +262,6 @@ async fn read_line(stream: &MuxStream) -> String {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    future::or(async { Some(fut.await) }, async {
-        Timer::new(WAIT).await;
-        None
-    })
-    .await
-    .unwrap_or_else(|| panic!("timed out after {WAIT:?} waiting for {what}"))
-}
-
-fn on_executor<F, Fut>(test: F)
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .name("stand-in-engine")
-        .io_memory(64 << 10)
-        .make()
-        .unwrap()
-        .run(test());
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 
@@ -525,7 +274,7 @@ fn announces_resources_serves_tcp_and_ssh_and_refuses_the_rest() {
         let dead = closed_port();
         let services = AgentServices {
             ssh: Some(SshService {
-                addr: hp(sshd()),
+                addr: hp(sshd(SSH_BANNER, AfterBanner::Discard)),
                 labels: labels(&[("os", "test")]),
             }),
             apps: vec![
@@ -686,7 +435,7 @@ fn covers_every_shard_closes_duplicates_and_resets_on_a_new_shard_count() {
         let mut engine = StandIn::start(&pki, &[(2, 0), (2, 0), (2, 1)]);
         let services = AgentServices {
             ssh: Some(SshService {
-                addr: hp(sshd()),
+                addr: hp(sshd(SSH_BANNER, AfterBanner::Discard)),
                 labels: BTreeMap::new(),
             }),
             apps: Vec::new(),
@@ -739,7 +488,7 @@ fn shutdown_aborts_streams_still_open_after_the_grace_period() {
         let mut engine = StandIn::start(&pki, &[]);
         let services = AgentServices {
             ssh: Some(SshService {
-                addr: hp(sshd()),
+                addr: hp(sshd(SSH_BANNER, AfterBanner::Discard)),
                 labels: BTreeMap::new(),
             }),
             apps: Vec::new(),

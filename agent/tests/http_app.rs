@@ -27,24 +27,19 @@ use futures_lite::{future, AsyncReadExt, AsyncWriteExt, StreamExt};
 use futures_rustls::TlsAcceptor;
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
-use glommio::{LocalExecutorBuilder, Placement};
 use jaunt_agent::{
     AgentCommand, AgentError, AgentHooks, AgentSettings, AppRequest, AppRequestRecorder,
     AppSession, AppToken, AppTokenProvider, BackoffConfig, Timeouts,
 };
 use jaunt_config::file::{AgentServices, AppProtocol, AppService, HostPort};
-use jaunt_engine::mux::{self, Role};
+use jaunt_engine::mux::{self};
 use jaunt_engine::server::dial::{DialKind, StreamHeader};
-use jaunt_engine::server::TunnelHello;
-use jaunt_engine::tunnel::agent_hello::AgentHello;
 use jaunt_engine::tunnel::{MuxStream, Tunnel};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
-use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use jaunt_testkit::pki::{Ca, CertAndKey, StandInPki as Pki};
+use jaunt_testkit::services::closed_port;
+use jaunt_testkit::tunnel::{engine_side, Accepted};
+use jaunt_testkit::wait::on_executor;
+use rcgen::ExtendedKeyUsagePurpose;
 
 /// Bound on every wait for an event; generous for a loaded 2-core debug build.
 const WAIT: Duration = Duration::from_secs(30);
@@ -57,95 +52,6 @@ const USER_HOST: &str = "web.jaunt.example";
 
 // ---------------------------------------------------------------------------------------------
 // PKI and the stand-in engine (as in tests/agent.rs)
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-type CertAndKey = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        set_validity(&mut params);
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Ca { issuer }
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn leaf(&self, name: &str, usage: ExtendedKeyUsagePurpose) -> CertAndKey {
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
-        set_validity(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-    }
-}
-
-fn set_validity(params: &mut CertificateParams) {
-    let now = unix_now();
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + Duration::from_secs(now - 3600);
-    params.not_after = epoch + Duration::from_secs(now + 86400);
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-struct Pki {
-    host_ca: Ca,
-    server: Arc<rustls::ServerConfig>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let host_ca = Ca::new("test host CA");
-        let (chain, key) = host_ca.leaf(PROXY_HOST, ExtendedKeyUsagePurpose::ServerAuth);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        roots.add(host_ca.der()).unwrap();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .unwrap();
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
-        server.alpn_protocols = vec![b"jaunt-tunnel".to_vec()];
-        Pki {
-            host_ca,
-            server: Arc::new(server),
-        }
-    }
-
-    fn agent_tls(&self) -> Arc<rustls::ClientConfig> {
-        let (chain, key) = self
-            .host_ca
-            .leaf("node1", ExtendedKeyUsagePurpose::ClientAuth);
-        jaunt_agent::client_config(chain, key, &[self.host_ca.der()]).unwrap()
-    }
-}
 
 /// Accepts agent connections and hands each one's tunnel to the test.
 struct StandIn {
@@ -166,23 +72,11 @@ impl StandIn {
                 };
                 let (tx, acceptor) = (tx.clone(), acceptor.clone());
                 glommio::spawn_local(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    let Accepted::Tunnel(t) = engine_side(acceptor, tcp, (1, 0)).await else {
                         return;
                     };
-                    tls.write_all(&TunnelHello::new(1, 0).encode())
-                        .await
-                        .unwrap();
-                    tls.flush().await.unwrap();
-                    let mut frame = vec![0u8; 2];
-                    if tls.read_exact(&mut frame).await.is_err() {
-                        return;
-                    }
-                    frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
-                    tls.read_exact(&mut frame[2..]).await.unwrap();
-                    AgentHello::parse(&frame).unwrap().unwrap();
-                    let (tunnel, driver) = Tunnel::spawn(tls, Role::Server, mux::Config::default());
-                    drop(driver); // detaches: the driver runs on
-                    let _ = tx.unbounded_send(tunnel);
+                    drop(t.driver); // detaches: the driver runs on
+                    let _ = tx.unbounded_send(t.tunnel);
                 })
                 .detach();
             }
@@ -223,7 +117,7 @@ impl AppTokenProvider for MockTokenProvider {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(AppToken {
             jwt: MOCK_JWT.into(),
-            expires: unix_now() + 3600,
+            expires: jaunt_config::identity::unix_now() + 3600,
         })
     }
 }
@@ -454,14 +348,6 @@ fn read_body(reader: &mut BufReader<StdStream>, seen: &Seen) -> std::io::Result<
         }
     }
     Ok(body)
-}
-
-/// A loopback port nothing listens on.
-fn closed_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 /// Byte `i` of the test pattern.
@@ -825,7 +711,7 @@ impl Agent {
         let settings = AgentSettings {
             proxy_addr: proxy.to_string(),
             server_name: PROXY_HOST.into(),
-            tls: pki.agent_tls(),
+            tls: pki.agent_tls(&pki.host_ca),
             name: "node1".into(),
             labels: BTreeMap::new(),
             services: AgentServices {
@@ -867,15 +753,6 @@ fn hooks(tokens: &Arc<MockTokenProvider>, recorded: &Arc<Recorded>) -> AgentHook
     }
 }
 
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    future::or(async { Some(fut.await) }, async {
-        Timer::new(WAIT).await;
-        None
-    })
-    .await
-    .unwrap_or_else(|| panic!("timed out after {WAIT:?} waiting for {what}"))
-}
-
 /// Polls `check` until it holds (recording happens on the agent's thread).
 async fn eventually(what: &str, check: impl Fn() -> bool) {
     within(what, async {
@@ -886,17 +763,8 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
     .await;
 }
 
-fn on_executor<F, Fut>(test: F)
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .name("stand-in-engine")
-        .io_memory(64 << 10)
-        .make()
-        .unwrap()
-        .run(test());
+async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    jaunt_testkit::wait::within_for(WAIT, what, fut).await
 }
 
 fn get(path: &str, extra: &str) -> String {

@@ -4,7 +4,7 @@
 //! headers carry user certificates from a throwaway user CA. Covers what only the agent
 //! catches: streams before any policy, a certificate from another CA or for another user, a
 //! role whose deny the engine did not apply, and a lock that arrives while a session is live
-//! (the session ends). No sleeps: every wait is on the event itself, bounded by [`WAIT`].
+//! (the session ends). No sleeps: every wait is on the event itself, bounded by [`jaunt_testkit::WAIT`].
 
 #![allow(
     clippy::unwrap_used,
@@ -13,162 +13,40 @@
     reason = "tests"
 )]
 
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_rustls::TlsAcceptor;
 use glommio::net::TcpListener;
-use glommio::task::JoinHandle;
 use glommio::timer::Timer;
-use glommio::{LocalExecutorBuilder, Placement};
 use jaunt_agent::policy::NO_POLICY_YET;
-use jaunt_agent::{
-    AgentCommand, AgentHooks, AgentSettings, BackoffConfig, ClusterPolicy, PolicyMode, Timeouts,
-};
-use jaunt_config::file::{AgentServices, AppProtocol, AppService, HostPort};
-use jaunt_config::identity::{unix_now, Identity, IdentityKind};
+use jaunt_agent::{AgentCommand, AgentHooks, ClusterPolicy, PolicyMode};
+use jaunt_config::file::AgentServices;
+use jaunt_config::identity::{Identity, IdentityKind};
 use jaunt_config::rbac::{ActiveLock, Policy};
 use jaunt_config::resource::{parse_resources, LockTarget, Resource, Role};
-use jaunt_engine::mux::{self, Role as MuxRole};
 use jaunt_engine::server::dial::{DialKind, StreamHeader};
-use jaunt_engine::server::TunnelHello;
-use jaunt_engine::tunnel::agent_hello::AgentHello;
-use jaunt_engine::tunnel::{CloseReason, MuxStream, OpenError, Tunnel};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
-use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-
-/// Bound on every wait for an event; generous for a loaded 2-core debug build.
-const WAIT: Duration = Duration::from_secs(20);
-
-/// The name the stand-in's certificate carries and the agent checks.
-const PROXY_HOST: &str = "localhost";
+use jaunt_engine::tunnel::{MuxStream, OpenError, Tunnel};
+use jaunt_testkit::agent::{settings, tcp_app};
+use jaunt_testkit::pki::{identity, Ca, StandInPki as Pki};
+use jaunt_testkit::services::echo_server;
+use jaunt_testkit::tunnel::{engine_side, EngineTunnel};
+use jaunt_testkit::wait::{on_executor, within};
 
 // ---------------------------------------------------------------------------------------------
 // PKI
 
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-type CertAndKey = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        set_validity(&mut params);
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Ca { issuer }
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn leaf(&self, name: &str, usage: ExtendedKeyUsagePurpose) -> CertAndKey {
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
-        set_validity(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-    }
-}
-
-fn set_validity(params: &mut CertificateParams) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + Duration::from_secs(now - 3600);
-    params.not_after = epoch + Duration::from_secs(now + 86400);
-}
-
-struct Pki {
-    host_ca: Ca,
-    server: Arc<rustls::ServerConfig>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let host_ca = Ca::new("test host CA");
-        let (chain, key) = host_ca.leaf(PROXY_HOST, ExtendedKeyUsagePurpose::ServerAuth);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        roots.add(host_ca.der()).unwrap();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .unwrap();
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
-        server.alpn_protocols = vec![b"jaunt-tunnel".to_vec()];
-        Pki {
-            host_ca,
-            server: Arc::new(server),
-        }
-    }
-
-    /// The agent's client configuration with a host certificate from `issuer`, trusting the
-    /// real host CA for the proxy.
-    fn agent_tls(&self, issuer: &Ca) -> Arc<rustls::ClientConfig> {
-        let (chain, key) = issuer.leaf("node1", ExtendedKeyUsagePurpose::ClientAuth);
-        jaunt_agent::client_config(chain, key, &[self.host_ca.der()]).unwrap()
-    }
-}
-
-impl Ca {
-    /// A user certificate for `identity` (DER), as control's user CA issues it.
-    fn user(&self, identity: &Identity) -> Vec<u8> {
-        let key = KeyPair::generate().unwrap();
-        identity
-            .x509_params([9; 16], &[])
-            .signed_by(&key, &self.issuer)
-            .unwrap()
-            .der()
-            .to_vec()
-    }
+/// A user certificate for `identity` (DER), as control's user CA issues it.
+fn user_cert(ca: &Ca, identity: &Identity) -> Vec<u8> {
+    ca.identity_with_serial(identity, 9).0[0].to_vec()
 }
 
 fn user(name: &str, roles: &[&str]) -> Identity {
-    let now = unix_now();
     Identity {
-        kind: IdentityKind::User,
-        name: name.into(),
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
-        logins: vec!["root".into()],
-        db_users: Vec::new(),
-        db_names: Vec::new(),
-        traits: BTreeMap::new(),
-        cluster: "test".into(),
-        not_before: now - 60,
-        expires: now + 3600,
-        permit_pty: true,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
+        ..identity(IdentityKind::User, name, "test")
     }
 }
 
@@ -205,44 +83,6 @@ fn cluster_policy(version: &str, user_ca: &Ca, locks: Vec<ActiveLock>) -> Arc<Cl
 // ---------------------------------------------------------------------------------------------
 // Local services and settings
 
-/// A TCP echo server; each connection is echoed until EOF, then closed.
-fn echo_server() -> SocketAddr {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut reader = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut reader, &mut conn);
-                let _ = conn.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
-
-fn hp(addr: SocketAddr) -> HostPort {
-    addr.to_string().parse().unwrap()
-}
-
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
-fn tcp_app(name: &str, addr: SocketAddr) -> AppService {
-    AppService {
-        name: name.into(),
-        uri: format!("tcp://{addr}"),
-        protocol: AppProtocol::Tcp,
-        addr: hp(addr),
-        labels: BTreeMap::new(),
-    }
-}
-
 /// A test double of the audit hook: keeps every refusal the agent reports.
 #[derive(Default)]
 struct RecordedDenials(std::sync::Mutex<Vec<jaunt_agent::AccessDenial>>);
@@ -253,31 +93,8 @@ impl jaunt_agent::DenialRecorder for RecordedDenials {
     }
 }
 
-fn settings(
-    proxy: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    services: AgentServices,
-) -> AgentSettings {
-    AgentSettings {
-        proxy_addr: proxy.to_string(),
-        server_name: PROXY_HOST.into(),
-        tls,
-        name: "node1".into(),
-        labels: labels(&[("env", "test")]),
-        services,
-        backoff: BackoffConfig::default(),
-        timeouts: Timeouts::default(),
-        mux: mux::Config::default(),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The stand-in engine (one shard, one tunnel)
-
-struct EngineTunnel {
-    tunnel: Tunnel,
-    _driver: JoinHandle<CloseReason>,
-}
 
 /// Listens on 127.0.0.1:0 and hands the first tunnel over.
 fn stand_in(pki: &Pki) -> (SocketAddr, glommio::Task<EngineTunnel>) {
@@ -286,32 +103,11 @@ fn stand_in(pki: &Pki) -> (SocketAddr, glommio::Task<EngineTunnel>) {
     let acceptor = TlsAcceptor::from(pki.server.clone());
     let task = glommio::spawn_local(async move {
         let tcp = listener.accept().await.unwrap();
-        engine_side(acceptor, tcp, (1, 0)).await
+        let t = engine_side(acceptor, tcp, (1, 0)).await.into_tunnel();
+        assert_eq!(t.agent.name, "node1");
+        t
     });
     (addr, task)
-}
-
-async fn engine_side(
-    acceptor: TlsAcceptor,
-    tcp: glommio::net::TcpStream,
-    (shards, shard): (usize, usize),
-) -> EngineTunnel {
-    let mut tls = acceptor.accept(tcp).await.unwrap();
-    let hello = TunnelHello::new(shards, shard);
-    tls.write_all(&hello.encode()).await.unwrap();
-    tls.flush().await.unwrap();
-    let mut frame = vec![0u8; 2];
-    tls.read_exact(&mut frame).await.unwrap();
-    frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
-    tls.read_exact(&mut frame[2..]).await.unwrap();
-    let (agent, used) = AgentHello::parse(&frame).unwrap().unwrap();
-    assert_eq!(used, frame.len());
-    let (tunnel, driver) = Tunnel::spawn(tls, MuxRole::Server, mux::Config::default());
-    assert_eq!(agent.name, "node1");
-    EngineTunnel {
-        tunnel,
-        _driver: driver,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -360,7 +156,7 @@ async fn echo_once(stream: &MuxStream, text: &[u8]) {
 }
 
 /// Opens `header` until the agent stops answering [`NO_POLICY_YET`] (the policy command
-/// travels through the agent's control thread), bounded by [`WAIT`].
+/// travels through the agent's control thread), bounded by [`jaunt_testkit::WAIT`].
 async fn open_once_policy_arrived(tunnel: &Tunnel, header: &[u8]) -> Result<MuxStream, String> {
     within("the policy to reach the agent", async {
         loop {
@@ -379,28 +175,6 @@ async fn open_once_policy_arrived(tunnel: &Tunnel, header: &[u8]) -> Result<MuxS
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    future::or(async { Some(fut.await) }, async {
-        Timer::new(WAIT).await;
-        None
-    })
-    .await
-    .unwrap_or_else(|| panic!("timed out after {WAIT:?} waiting for {what}"))
-}
-
-fn on_executor<F, Fut>(test: F)
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .name("stand-in-engine")
-        .io_memory(64 << 10)
-        .make()
-        .unwrap()
-        .run(test());
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tests
@@ -431,8 +205,8 @@ fn the_agent_rechecks_every_stream_and_a_late_lock_ends_a_live_session() {
         let alice = user("alice", &["access"]);
         let bob = user("bob", &["access"]);
         let carol = user("carol", &["access", "blocked"]);
-        let alice_cert = user_ca.user(&alice);
-        let bob_cert = user_ca.user(&bob);
+        let alice_cert = user_cert(&user_ca, &alice);
+        let bob_cert = user_cert(&user_ca, &bob);
 
         // No policy yet: refused, readably.
         assert_eq!(
@@ -456,7 +230,7 @@ fn the_agent_rechecks_every_stream_and_a_late_lock_ends_a_live_session() {
         // What only the agent catches, each refused with a message that says why.
         let message = refused(
             &t.tunnel,
-            &header("echo", &carol, Some(&user_ca.user(&carol))),
+            &header("echo", &carol, Some(&user_cert(&user_ca, &carol))),
         )
         .await;
         assert!(
@@ -468,7 +242,7 @@ fn the_agent_rechecks_every_stream_and_a_late_lock_ends_a_live_session() {
             message.contains("\"bob\"") && message.contains("\"alice\""),
             "{message}"
         );
-        let forged = Ca::new("not the user CA").user(&alice);
+        let forged = user_cert(&Ca::new("not the user CA"), &alice);
         let message = refused(&t.tunnel, &header("echo", &alice, Some(&forged))).await;
         assert!(message.contains("not valid for this cluster"), "{message}");
         let message = refused(&t.tunnel, &header("echo", &alice, None)).await;

@@ -13,121 +13,28 @@
     reason = "test code: a failure should stop the test"
 )]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
-use jaunt_config::identity::{unix_now, Identity, IdentityKind};
+use jaunt_config::identity::IdentityKind;
 use jaunt_engine::mux::{self, Role};
 use jaunt_engine::route::{ALPN_TCP, ALPN_TUNNEL};
-use jaunt_engine::server::{
-    DialKind, DialRequest, DialResponse, Engine, EngineConfig, EngineHandle, InventoryEvent,
-    Snapshot, TlsConfigs, TunnelHello,
-};
-use jaunt_engine::tunnel::agent_hello::{
-    AgentHello, Heartbeat, Resource, ResourceKind, ResourceProtocol, HEARTBEAT_OPEN,
-};
+use jaunt_engine::server::{DialKind, EngineHandle, InventoryEvent, Snapshot};
+use jaunt_engine::tunnel::agent_hello::{AgentHello, Heartbeat, HEARTBEAT_OPEN};
 use jaunt_engine::tunnel::{OpenError, Tunnel};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use jaunt_testkit::engine::{engine_config, snapshot_trusting, start_engine, tls_configs};
+use jaunt_testkit::net::{exchange, request, tls_connect};
+use jaunt_testkit::pki::{client_config, identity, Ca, CertAndKey};
+use jaunt_testkit::tunnel::{agent_hello_labelled, tunnel_connect};
+use jaunt_testkit::wait::spawn_executor;
+use jaunt_testkit::{PUBLIC_HOST, WAIT};
 
-const PUBLIC_HOST: &str = "localhost";
 const CLUSTER: &str = "test-cluster";
-/// Bound on every wait; generous for a loaded 2-core machine.
-const WAIT: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------------
 // PKI and engine
-
-struct Ca(CertifiedIssuer<'static, KeyPair>);
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        validity(&mut params);
-        Ca(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.0.der().clone()
-    }
-
-    fn server(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let mut params = CertificateParams::new(vec![PUBLIC_HOST.to_owned()]).unwrap();
-        validity(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.0).unwrap();
-        (vec![cert.der().clone(), self.der()], private_key(&key))
-    }
-
-    fn client(
-        &self,
-        kind: IdentityKind,
-        name: &str,
-    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let now = unix_now();
-        let identity = Identity {
-            kind,
-            name: name.into(),
-            roles: vec!["access".into()],
-            logins: vec!["root".into()],
-            db_users: vec![],
-            db_names: vec![],
-            traits: Default::default(),
-            cluster: CLUSTER.into(),
-            not_before: now - 60,
-            expires: now + 3600,
-            permit_pty: true,
-            permit_port_forwarding: false,
-            permit_agent_forwarding: false,
-        };
-        let key = KeyPair::generate().unwrap();
-        let cert = identity
-            .x509_params([7; 16], &[])
-            .signed_by(&key, &self.0)
-            .unwrap();
-        (vec![cert.der().clone()], private_key(&key))
-    }
-}
-
-fn validity(params: &mut CertificateParams) {
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + Duration::from_secs(unix_now() - 3600);
-    params.not_after = epoch + Duration::from_secs(unix_now() + 86400);
-}
-
-fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
-}
-
-fn client_config(
-    trust: &Ca,
-    alpn: &[u8],
-    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
-) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(trust.der()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(cert.0, cert.1)
-    .unwrap();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(config)
-}
 
 struct Cluster {
     web: Ca,
@@ -142,38 +49,12 @@ impl Cluster {
     fn start() -> Cluster {
         let (web, user, host) = (Ca::new("web"), Ca::new("user"), Ca::new("host"));
         // Nothing here passes through to control: any address will do.
-        let mut config = EngineConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            PUBLIC_HOST,
-            "127.0.0.1:9".parse().unwrap(),
-        );
-        config.cluster_name = CLUSTER.into();
-        config.shards = 1;
-        config.pin_shards = false;
+        let mut config = engine_config(CLUSTER, 1);
         let (inventory_tx, inventory) = crossbeam_channel::unbounded();
         config.inventory = Some(inventory_tx);
-        let (chain, key) = web.server();
-        let tls = TlsConfigs::build(chain, key, &[user.der()], &[host.der()]).unwrap();
-        let (snapshots, rx) = crossbeam_channel::unbounded();
-        let engine = Engine::start(config, tls, rx).unwrap();
-        snapshots
-            .send(Arc::new(Snapshot {
-                version: 1,
-                cluster: CLUSTER.into(),
-                user_ca_roots: vec![user.der()],
-                host_ca_roots: vec![host.der()],
-                policy: jaunt_config::rbac::Policy::compile(&[
-                    jaunt_config::resource::Role::builtin_access(),
-                ])
-                .unwrap(),
-                ..Snapshot::default()
-            }))
-            .unwrap();
-        let deadline = Instant::now() + WAIT;
-        while !engine.ready() {
-            assert!(Instant::now() < deadline, "the engine never became ready");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let tls = tls_configs(&web, &[PUBLIC_HOST], &user, &host);
+        let snapshot = snapshot_trusting(CLUSTER, &user, &host);
+        let (engine, snapshots) = start_engine(config, tls, snapshot, WAIT);
         Cluster {
             web,
             user,
@@ -198,38 +79,26 @@ impl Cluster {
     fn dial_tcp(&self, name: &str) -> Option<String> {
         let config = client_config(
             &self.web,
-            ALPN_TCP,
-            self.user.client(IdentityKind::User, "alice"),
+            &[ALPN_TCP],
+            Some(self.client(IdentityKind::User, "alice")),
         );
-        let tcp = TcpStream::connect(self.addr()).unwrap();
-        tcp.set_read_timeout(Some(WAIT)).unwrap();
-        let conn =
-            rustls::ClientConnection::new(config, ServerName::try_from(PUBLIC_HOST).unwrap())
-                .unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let request = DialRequest {
-            kind: DialKind::Tcp,
-            target: name.into(),
-            login: None,
-            db_user: None,
-            db_name: None,
-        };
-        tls.write_all(&request.encode()).unwrap();
-        tls.flush().unwrap();
-        let mut frame = vec![0u8; 2];
-        tls.read_exact(&mut frame).unwrap();
-        frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
-        tls.read_exact(&mut frame[2..]).unwrap();
-        let (response, _) = DialResponse::parse(&frame).unwrap().unwrap();
-        if !response.ok {
-            return Some(response.error.unwrap_or_default());
+        let mut tls = tls_connect(self.addr(), config, PUBLIC_HOST);
+        match exchange(&mut tls, &request(DialKind::Tcp, name), b"ping", 4) {
+            Err(error) => Some(error),
+            Ok(echo) => {
+                assert_eq!(&echo, b"ping");
+                None
+            }
         }
-        tls.write_all(b"ping").unwrap();
-        tls.flush().unwrap();
-        let mut echo = [0u8; 4];
-        tls.read_exact(&mut echo).unwrap();
-        assert_eq!(&echo, b"ping");
-        None
+    }
+
+    /// A client certificate for `name` from the user or host CA (by `kind`).
+    fn client(&self, kind: IdentityKind, name: &str) -> CertAndKey {
+        let ca = match kind {
+            IdentityKind::User => &self.user,
+            _ => &self.host,
+        };
+        ca.identity(&identity(kind, name, CLUSTER))
     }
 }
 
@@ -242,19 +111,7 @@ impl Drop for Cluster {
 }
 
 fn hello(apps: &[&str]) -> AgentHello {
-    let mut resources = vec![Resource {
-        kind: ResourceKind::Node,
-        name: "n1".into(),
-        labels: Default::default(),
-        protocol: ResourceProtocol::Ssh,
-    }];
-    resources.extend(apps.iter().map(|app| Resource {
-        kind: ResourceKind::Tcp,
-        name: (*app).into(),
-        labels: Default::default(),
-        protocol: ResourceProtocol::Tcp,
-    }));
-    AgentHello::new("n1", Default::default(), resources)
+    agent_hello_labelled("n1", Default::default(), Default::default(), apps)
 }
 
 fn names(event: &InventoryEvent) -> Vec<String> {
@@ -298,60 +155,45 @@ fn start_agent(
     let addr = cluster.addr();
     let config = client_config(
         &cluster.web,
-        ALPN_TUNNEL,
-        cluster.host.client(IdentityKind::Host, "host-1"),
+        &[ALPN_TUNNEL],
+        Some(cluster.client(IdentityKind::Host, "host-1")),
     );
     let (beats_tx, beats) = crossbeam_channel::unbounded::<Beat>();
     let (events_tx, events) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(64 << 10)
-            .make()
-            .unwrap()
-            .run(async move {
-                let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
-                let mut tls = futures_rustls::TlsConnector::from(config)
-                    .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
-                    .await
-                    .unwrap();
-                let mut frame = vec![0u8; 2];
-                tls.read_exact(&mut frame).await.unwrap();
-                frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
-                tls.read_exact(&mut frame[2..]).await.unwrap();
-                TunnelHello::parse(&frame).unwrap().unwrap();
-                tls.write_all(&first.encode().unwrap()).await.unwrap();
-                tls.flush().await.unwrap();
-                let (tunnel, driver) = Tunnel::spawn(tls, Role::Client, mux::Config::default());
-                glommio::spawn_local(echo_streams(tunnel.clone())).detach();
-                let mut heartbeats = tunnel.open(HEARTBEAT_OPEN).await.unwrap();
-                events_tx.send(AgentEvent::HeartbeatOpen).unwrap();
-                match tunnel.open(b"something else").await {
-                    Err(OpenError::Refused { message }) => {
-                        events_tx.send(AgentEvent::OtherRefused(message)).unwrap();
-                    }
-                    other => panic!("expected a refusal, got {other:?}"),
-                }
-                let writer = async {
-                    // The test thread is no executor: look at its channel between short timers.
-                    loop {
-                        match beats.try_recv() {
-                            Ok(Beat::Raw(bytes)) => {
-                                if heartbeats.write_all(&bytes).await.is_err() {
-                                    break;
-                                }
-                                let _ = heartbeats.flush().await;
-                            }
-                            Err(crossbeam_channel::TryRecvError::Empty) => {
-                                glommio::timer::Timer::new(Duration::from_millis(5)).await;
-                            }
-                            Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+    spawn_executor(move || async move {
+        let (mut tls, _) = tunnel_connect(addr, &config).await;
+        tls.write_all(&first.encode().unwrap()).await.unwrap();
+        tls.flush().await.unwrap();
+        let (tunnel, driver) = Tunnel::spawn(tls, Role::Client, mux::Config::default());
+        glommio::spawn_local(echo_streams(tunnel.clone())).detach();
+        let mut heartbeats = tunnel.open(HEARTBEAT_OPEN).await.unwrap();
+        events_tx.send(AgentEvent::HeartbeatOpen).unwrap();
+        match tunnel.open(b"something else").await {
+            Err(OpenError::Refused { message }) => {
+                events_tx.send(AgentEvent::OtherRefused(message)).unwrap();
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let writer = async {
+            // The test thread is no executor: look at its channel between short timers.
+            loop {
+                match beats.try_recv() {
+                    Ok(Beat::Raw(bytes)) => {
+                        if heartbeats.write_all(&bytes).await.is_err() {
+                            break;
                         }
+                        let _ = heartbeats.flush().await;
                     }
-                    std::future::pending::<()>().await;
-                };
-                futures_lite::future::or(async { drop(driver.await) }, writer).await;
-                let _ = events_tx.send(AgentEvent::Closed);
-            });
+                    Err(crossbeam_channel::TryRecvError::Empty) => {
+                        glommio::timer::Timer::new(Duration::from_millis(5)).await;
+                    }
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        futures_lite::future::or(async { drop(driver.await) }, writer).await;
+        let _ = events_tx.send(AgentEvent::Closed);
     });
     (beats_tx, events)
 }

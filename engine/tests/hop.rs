@@ -17,131 +17,32 @@
 )]
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
-use jaunt_config::identity::{unix_now, Identity, IdentityKind};
-use jaunt_engine::mux::{self, Role};
+use jaunt_config::identity::{Identity, IdentityKind};
 use jaunt_engine::route::{ALPN_TCP, ALPN_TUNNEL};
-use jaunt_engine::server::dial::StreamHeader;
-use jaunt_engine::server::{
-    DialKind, DialRequest, DialResponse, Engine, EngineConfig, EngineHandle, Snapshot, TlsConfigs,
-    TunnelHello,
-};
+use jaunt_engine::server::{DialKind, DialResponse, EngineHandle, Snapshot};
 use jaunt_engine::tunnel::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
-use jaunt_engine::tunnel::Tunnel;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use jaunt_testkit::engine::{engine_config, snapshot_trusting, start_engine, tls_configs};
+use jaunt_testkit::net::{dial, request, sum_metric, tls_connect, Tls};
+use jaunt_testkit::pki::{client_config, Ca};
+use jaunt_testkit::tunnel::{AgentPlan, StandInAgent, Stop};
+use jaunt_testkit::wait::wait_for;
+use jaunt_testkit::{PUBLIC_HOST, WAIT};
 
-const PUBLIC_HOST: &str = "localhost";
 const CLUSTER: &str = "test-cluster";
-/// Bound on every wait for a condition; generous for a loaded 2-core machine.
-const WAIT: Duration = Duration::from_secs(20);
 /// Bound on noticing that the tunnel under a hop died.
 const PROMPTLY: Duration = Duration::from_secs(5);
 /// Connections tried before concluding the kernel never spreads them (2^-64 odds).
 const TRIES: usize = 64;
 
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
 // ---------------------------------------------------------------------------------------------
 // PKI
 
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-fn set_validity(params: &mut CertificateParams) {
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + Duration::from_secs(unix_now() - 3600);
-    params.not_after = epoch + Duration::from_secs(unix_now() + 86400);
-}
-
-fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        set_validity(&mut params);
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Ca { issuer }
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn server(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name.push(DnType::CommonName, names[0]);
-        set_validity(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (vec![cert.der().clone(), self.der()], private_key(&key))
-    }
-
-    fn identity(
-        &self,
-        identity: &Identity,
-    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate().unwrap();
-        let params = identity.x509_params([7; 16], &[]);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (vec![cert.der().clone()], private_key(&key))
-    }
-}
-
 fn identity(kind: IdentityKind, name: &str) -> Identity {
-    let now = unix_now();
-    Identity {
-        kind,
-        name: name.into(),
-        roles: vec!["access".into()],
-        logins: vec!["root".into()],
-        db_users: vec![],
-        db_names: vec![],
-        traits: Default::default(),
-        cluster: CLUSTER.into(),
-        not_before: now - 60,
-        expires: now + 3600,
-        permit_pty: true,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
-    }
-}
-
-fn client_config(
-    trust: &Ca,
-    alpn: &[u8],
-    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
-) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(trust.der()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(cert.0, cert.1)
-    .unwrap();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(config)
+    jaunt_testkit::pki::identity(kind, name, CLUSTER)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -163,40 +64,18 @@ impl Harness {
             Ca::new("Hop Test Host CA"),
         );
         // Control is never dialled here.
-        let mut config = EngineConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            PUBLIC_HOST,
-            "127.0.0.1:9".parse().unwrap(),
-        );
-        config.cluster_name = CLUSTER.into();
-        config.shards = 2;
-        config.pin_shards = false;
+        let mut config = engine_config(CLUSTER, 2);
         config.diag_addr = Some("127.0.0.1:0".parse().unwrap());
-        let (chain, key) = web.server(&[PUBLIC_HOST, "127.0.0.1"]);
-        let tls = TlsConfigs::build(chain, key, &[user.der()], &[host.der()]).unwrap();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let engine = Engine::start(config, tls, rx).unwrap();
-        tx.send(Arc::new(Snapshot {
-            version: 1,
-            cluster: CLUSTER.into(),
-            user_ca_roots: vec![user.der()],
-            host_ca_roots: vec![host.der()],
-            policy: jaunt_config::rbac::Policy::compile(&[
-                jaunt_config::resource::Role::builtin_access(),
-            ])
-            .unwrap(),
-            ..Snapshot::default()
-        }))
-        .unwrap();
-        let h = Harness {
+        let tls = tls_configs(&web, &[PUBLIC_HOST, "127.0.0.1"], &user, &host);
+        let snapshot = snapshot_trusting(CLUSTER, &user, &host);
+        let (engine, tx) = start_engine(config, tls, snapshot, WAIT);
+        Harness {
             web,
             user,
             host,
             engine: Some(engine),
             _snapshots: tx,
-        };
-        wait_for("readyz", || h.engine().ready());
-        h
+        }
     }
 
     fn engine(&self) -> &EngineHandle {
@@ -214,35 +93,16 @@ impl Harness {
 
     fn agent_config(&self, host_id: &str) -> Arc<rustls::ClientConfig> {
         let cert = self.host.identity(&identity(IdentityKind::Host, host_id));
-        client_config(&self.web, ALPN_TUNNEL, cert)
+        client_config(&self.web, &[ALPN_TUNNEL], Some(cert))
     }
 
     /// Connects as alice and dials TCP app `target`.
     fn dial(&self, target: &str) -> (DialResponse, Tls) {
         let cert = self.user.identity(&identity(IdentityKind::User, "alice"));
-        let config = client_config(&self.web, ALPN_TCP, cert);
-        let tcp = TcpStream::connect(self.addr()).unwrap();
-        tcp.set_read_timeout(Some(WAIT)).unwrap();
-        tcp.set_nodelay(true).unwrap();
-        let conn =
-            rustls::ClientConnection::new(config, ServerName::try_from(PUBLIC_HOST).unwrap())
-                .unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let request = DialRequest {
-            kind: DialKind::Tcp,
-            target: target.into(),
-            login: None,
-            db_user: None,
-            db_name: None,
-        };
-        tls.write_all(&request.encode()).unwrap();
-        tls.flush().unwrap();
-        let mut frame = vec![0u8; 2];
-        tls.read_exact(&mut frame).unwrap();
-        frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
-        tls.read_exact(&mut frame[2..]).unwrap();
-        let (response, used) = DialResponse::parse(&frame).unwrap().unwrap();
-        assert_eq!(used, frame.len());
+        let config = client_config(&self.web, &[ALPN_TCP], Some(cert));
+        let mut tls = tls_connect(self.addr(), config, PUBLIC_HOST);
+        tls.sock.set_nodelay(true).unwrap();
+        let response = dial(&mut tls, &request(DialKind::Tcp, target)).unwrap();
         (response, tls)
     }
 
@@ -277,50 +137,19 @@ impl Drop for Harness {
     }
 }
 
-fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, series_labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if series_name != name {
-                return None;
-            }
-            let all = labels.iter().all(|(k, v)| {
-                series_labels
-                    .split(',')
-                    .any(|l| l == format!("{k}=\"{v}\""))
-            });
-            all.then(|| value.parse::<f64>().ok().map(|v| v as u64))
-                .flatten()
-        })
-        .sum()
-}
-
 // ---------------------------------------------------------------------------------------------
 // A stand-in agent: one tunnel (to whichever shard it lands on), echoing every stream
 
-struct StandInAgent {
+/// The testkit's stand-in agent, announcing TCP apps `echo` and `refuse-me`.
+struct HopAgent {
     /// The shard its tunnel is on.
     shard: usize,
     /// Dropping it kills the agent: its tasks and socket go without a goodbye.
-    kill: Option<crossbeam_channel::Sender<()>>,
-    done: crossbeam_channel::Receiver<()>,
+    agent: StandInAgent,
 }
 
-impl StandInAgent {
-    fn start(addr: SocketAddr, config: Arc<rustls::ClientConfig>, node: &str) -> StandInAgent {
+impl HopAgent {
+    fn start(addr: SocketAddr, config: Arc<rustls::ClientConfig>, node: &str) -> HopAgent {
         let hello = AgentHello::new(
             node,
             Default::default(),
@@ -334,104 +163,16 @@ impl StandInAgent {
                 })
                 .collect(),
         );
-        let (shard_tx, shard_rx) = crossbeam_channel::bounded(1);
-        let (kill, kill_rx) = crossbeam_channel::bounded::<()>(1);
-        let (done_tx, done) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-                .io_memory(64 << 10)
-                .make()
-                .unwrap();
-            executor.run(async move {
-                let (mut tls, tunnel_hello) = tunnel_connect(addr, &config).await;
-                tls.write_all(&hello.encode().unwrap()).await.unwrap();
-                tls.flush().await.unwrap();
-                shard_tx.send(tunnel_hello.shard).unwrap();
-                let (tunnel, driver) = Tunnel::new(tls, Role::Client, mux::Config::default());
-                let driver = glommio::spawn_local(driver);
-                let serving = glommio::spawn_local(serve_tunnel(tunnel));
-                let killed = async {
-                    loop {
-                        match kill_rx.try_recv() {
-                            Err(crossbeam_channel::TryRecvError::Empty) => {
-                                glommio::timer::Timer::new(Duration::from_millis(5)).await;
-                            }
-                            _ => return,
-                        }
-                    }
-                };
-                futures_lite::future::or(
-                    async {
-                        serving.await;
-                        let _ = driver.await;
-                    },
-                    killed,
-                )
-                .await;
-            });
-            let _ = done_tx.send(());
-        });
-        StandInAgent {
-            shard: shard_rx.recv_timeout(WAIT).unwrap(),
-            kill: Some(kill),
-            done,
+        let agent = StandInAgent::start(addr, config, AgentPlan::with_hello(hello));
+        HopAgent {
+            shard: agent.hello.recv_timeout(WAIT).unwrap().shard,
+            agent,
         }
     }
 
     fn kill(&mut self) {
-        drop(self.kill.take());
-        self.done.recv_timeout(WAIT).unwrap();
-    }
-}
-
-async fn tunnel_connect(
-    addr: SocketAddr,
-    config: &Arc<rustls::ClientConfig>,
-) -> (
-    futures_rustls::client::TlsStream<glommio::net::TcpStream>,
-    TunnelHello,
-) {
-    let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let connector = futures_rustls::TlsConnector::from(Arc::clone(config));
-    let mut tls = connector
-        .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
-        .await
-        .unwrap();
-    let mut len = [0u8; 2];
-    tls.read_exact(&mut len).await.unwrap();
-    let mut frame = len.to_vec();
-    frame.resize(2 + usize::from(u16::from_be_bytes(len)), 0);
-    tls.read_exact(&mut frame[2..]).await.unwrap();
-    let (hello, _) = TunnelHello::parse(&frame).unwrap().unwrap();
-    (tls, hello)
-}
-
-/// Refuses streams to `refuse-me`; echoes every other stream until the user's FIN, then closes
-/// its side.
-async fn serve_tunnel(tunnel: Tunnel) {
-    while let Some(incoming) = tunnel.accept().await {
-        let header = StreamHeader::parse(&incoming.header).unwrap();
-        if header.target == "refuse-me" {
-            incoming.refuse("connection refused by the test target");
-            continue;
-        }
-        let mut stream = incoming.accept().unwrap();
-        glommio::spawn_local(async move {
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stream.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = stream.close().await;
-        })
-        .detach();
+        let _ = self.agent.stop.send(Stop::Kill);
+        self.agent.done.recv_timeout(WAIT).unwrap();
     }
 }
 
@@ -473,7 +214,7 @@ fn a_user_on_the_other_shard_reaches_the_agent_through_a_hop() {
     /// Sent without waiting for its echo, then the half-close.
     const TAIL: usize = 200_000;
     let h = Harness::start();
-    let agent = StandInAgent::start(h.addr(), h.agent_config("host-7"), "node7");
+    let agent = HopAgent::start(h.addr(), h.agent_config("host-7"), "node7");
     let other = 1 - agent.shard;
     wait_for("the agent's tunnel", || {
         h.metric("jaunt_tunnels", &[("shard", &agent.shard.to_string())]) == 1
@@ -545,7 +286,7 @@ fn a_user_on_the_other_shard_reaches_the_agent_through_a_hop() {
 #[test]
 fn concurrent_hops_keep_streams_apart() {
     let h = Harness::start();
-    let agent = StandInAgent::start(h.addr(), h.agent_config("host-8"), "node8");
+    let agent = HopAgent::start(h.addr(), h.agent_config("host-8"), "node8");
     let other = 1 - agent.shard;
     let conns: Vec<Tls> = (0..4).map(|_| h.dial_through_hop(other, "echo")).collect();
     let threads: Vec<_> = conns
@@ -577,7 +318,7 @@ fn concurrent_hops_keep_streams_apart() {
 #[test]
 fn killing_the_tunnel_ends_a_hopped_stream_promptly() {
     let h = Harness::start();
-    let mut agent = StandInAgent::start(h.addr(), h.agent_config("host-9"), "node9");
+    let mut agent = HopAgent::start(h.addr(), h.agent_config("host-9"), "node9");
     let other = 1 - agent.shard;
     let mut tls = h.dial_through_hop(other, "echo");
     tls.write_all(b"ping").unwrap();
@@ -637,7 +378,7 @@ fn echo_lockstep(tls: &mut Tls, total: usize) -> Duration {
 fn measure_hop_against_local() {
     const TOTAL: usize = 16 * 1024 * 1024;
     let h = Harness::start();
-    let agent = StandInAgent::start(h.addr(), h.agent_config("host-m"), "nodem");
+    let agent = HopAgent::start(h.addr(), h.agent_config("host-m"), "nodem");
     let mut hopped = h.dial_through_hop(1 - agent.shard, "echo");
     let mut local = loop {
         let before = h.metric("jaunt_cross_shard_hops_total", &[("result", "ok")]);
@@ -672,7 +413,7 @@ fn measure_hop_against_local() {
 #[test]
 fn a_refusal_through_a_hop_reaches_the_user() {
     let h = Harness::start();
-    let agent = StandInAgent::start(h.addr(), h.agent_config("host-r"), "noder");
+    let agent = HopAgent::start(h.addr(), h.agent_config("host-r"), "noder");
     let other = (1 - agent.shard).to_string();
     let errors = || {
         h.metric(

@@ -12,125 +12,37 @@
     reason = "test code: a failure should stop the test"
 )]
 
-use std::cell::Cell;
-use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
-use jaunt_engine::mux::{self, Role};
+use jaunt_engine::mux;
 use jaunt_engine::route::{ALPN_CONTROL, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL};
-use jaunt_engine::server::dial::StreamHeader;
 use jaunt_engine::server::{
     AuditEvent, AuditOverflow, DialKind, DialRequest, DialResponse, Engine, EngineConfig,
-    EngineHandle, InventoryEvent, Snapshot, Target, Targets, TlsConfigs, TunnelHello,
+    EngineHandle, InventoryEvent, Snapshot, Target, Targets, TlsConfigs,
 };
-use jaunt_engine::tunnel::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
-use jaunt_engine::tunnel::Tunnel;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use jaunt_testkit::net::{dial, request, sum_metric, tls_connect};
+use jaunt_testkit::pattern::{pattern_block, PATTERN_CHUNK, PATTERN_PERIOD};
+use jaunt_testkit::pki::{client_config, dup, Ca, CertAndKey};
+use jaunt_testkit::tunnel::{tunnel_connect, AgentEvent, AgentPlan, StandInAgent, Stop};
+use jaunt_testkit::wait::{on_thread_executor, wait_for};
+use jaunt_testkit::{PUBLIC_HOST, WAIT};
+use rustls::pki_types::{CertificateDer, ServerName};
 
-const PUBLIC_HOST: &str = "localhost";
 const CLUSTER: &str = "test-cluster";
-/// Bound on every wait for a condition; generous for a loaded 2-core CI machine.
-const WAIT: Duration = Duration::from_secs(20);
+
+fn identity(kind: IdentityKind, name: &str) -> Identity {
+    jaunt_testkit::pki::identity(kind, name, CLUSTER)
+}
 
 // ---------------------------------------------------------------------------------------------
 // PKI
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        set_validity(&mut params);
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Ca { issuer }
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A server certificate for `names`.
-    fn server(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name.push(DnType::CommonName, names[0]);
-        set_validity(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (vec![cert.der().clone(), self.der()], private_key(&key))
-    }
-
-    /// A client certificate carrying `identity`.
-    fn identity(
-        &self,
-        identity: &Identity,
-    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate().unwrap();
-        let params = identity.x509_params([7; 16], &[]);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (vec![cert.der().clone()], private_key(&key))
-    }
-}
-
-fn set_validity(params: &mut CertificateParams) {
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + Duration::from_secs(unix_now() - 3600);
-    params.not_after = epoch + Duration::from_secs(unix_now() + 86400);
-}
-
-type CertAndKey = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-fn dup(cert: &CertAndKey) -> CertAndKey {
-    (cert.0.clone(), cert.1.clone_key())
-}
-
-fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
-}
-
-fn identity(kind: IdentityKind, name: &str) -> Identity {
-    let now = unix_now();
-    Identity {
-        kind,
-        name: name.into(),
-        roles: vec!["access".into()],
-        logins: vec!["root".into()],
-        db_users: vec![],
-        db_names: vec![],
-        traits: Default::default(),
-        cluster: CLUSTER.into(),
-        not_before: now - 60,
-        expires: now + 3600,
-        permit_pty: true,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
-    }
-}
 
 struct Pki {
     web: Ca,
@@ -148,40 +60,15 @@ impl Pki {
     }
 
     fn tls_configs(&self, web: &Ca) -> TlsConfigs {
-        let (chain, key) = web.server(&[PUBLIC_HOST, "grafana.localhost", "127.0.0.1"]);
-        TlsConfigs::build(chain, key, &[self.user.der()], &[self.host.der()]).unwrap()
+        let names = [PUBLIC_HOST, "grafana.localhost", "127.0.0.1"];
+        jaunt_testkit::engine::tls_configs(web, &names, &self.user, &self.host)
     }
 
     /// A rustls client trusting the engine's web CA, offering `alpn`, with an optional client
     /// certificate.
-    fn client(
-        &self,
-        alpn: &[&[u8]],
-        cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-    ) -> Arc<rustls::ClientConfig> {
+    fn client(&self, alpn: &[&[u8]], cert: Option<CertAndKey>) -> Arc<rustls::ClientConfig> {
         client_config(&self.web, alpn, cert)
     }
-}
-
-fn client_config(
-    trust: &Ca,
-    alpn: &[&[u8]],
-    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(trust.der()).unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut config = match cert {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    Arc::new(config)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -393,49 +280,6 @@ impl Drop for Harness {
     }
 }
 
-fn tls_connect(
-    addr: SocketAddr,
-    config: Arc<rustls::ClientConfig>,
-    sni: &str,
-) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(WAIT)).unwrap();
-    let conn = rustls::ClientConnection::new(config, ServerName::try_from(sni.to_owned()).unwrap())
-        .unwrap();
-    rustls::StreamOwned::new(conn, tcp)
-}
-
-fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, series_labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if series_name != name {
-                return None;
-            }
-            let all = labels.iter().all(|(k, v)| {
-                series_labels
-                    .split(',')
-                    .any(|l| l == format!("{k}=\"{v}\""))
-            });
-            all.then(|| value.parse::<f64>().ok().map(|v| v as u64))
-                .flatten()
-        })
-        .sum()
-}
-
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
@@ -583,258 +427,6 @@ impl StandInControl {
 // naming the user, the login and the agent's tag, then an echo; any other stream is a pure echo.
 // `stop` drops every tunnel at once, like a killed agent, or freezes them: the sockets stay open
 // but nothing is read or written any more, like a hung process or a dead NAT mapping.
-
-/// What `StandInAgent::stop` does.
-#[derive(Debug)]
-enum Stop {
-    Kill,
-    Freeze,
-}
-
-/// What a stand-in agent saw.
-#[derive(Debug)]
-enum AgentEvent {
-    /// A tunnel was established on this shard.
-    Tunnel(TunnelHello),
-    /// The shard already had one of ours: closed cleanly after the tunnel hello.
-    Duplicate(TunnelHello),
-}
-
-struct StandInAgent {
-    hello: crossbeam_channel::Receiver<TunnelHello>,
-    events: crossbeam_channel::Receiver<AgentEvent>,
-    done: crossbeam_channel::Receiver<()>,
-    stop: crossbeam_channel::Sender<Stop>,
-}
-
-/// How a stand-in agent behaves.
-#[derive(Clone)]
-struct AgentPlan {
-    hello: AgentHello,
-    /// Tag in ssh greetings, to tell two agents apart.
-    tag: &'static str,
-    /// Keep dialing until every shard has a tunnel (else stop after the first tunnel).
-    cover_all: bool,
-}
-
-impl AgentPlan {
-    /// One tunnel, announcing `node` and the given TCP apps.
-    fn new(node: &str, tcp_apps: &[&str]) -> AgentPlan {
-        AgentPlan {
-            hello: agent_hello(node, tcp_apps),
-            tag: "agent",
-            cover_all: false,
-        }
-    }
-}
-
-fn agent_hello(node: &str, tcp_apps: &[&str]) -> AgentHello {
-    let mut resources = vec![Resource {
-        kind: ResourceKind::Node,
-        name: node.into(),
-        labels: [("os".to_owned(), "linux".to_owned())].into(),
-        protocol: ResourceProtocol::Ssh,
-    }];
-    resources.extend(tcp_apps.iter().map(|app| Resource {
-        kind: ResourceKind::Tcp,
-        name: (*app).into(),
-        labels: Default::default(),
-        protocol: ResourceProtocol::Tcp,
-    }));
-    AgentHello::new(
-        node,
-        [("env".to_owned(), "test".to_owned())].into(),
-        resources,
-    )
-}
-
-impl StandInAgent {
-    fn start(addr: SocketAddr, config: Arc<rustls::ClientConfig>, plan: AgentPlan) -> StandInAgent {
-        let (hello_tx, hello) = crossbeam_channel::unbounded();
-        let (events_tx, events) = crossbeam_channel::unbounded();
-        let (done_tx, done) = crossbeam_channel::bounded(1);
-        let (stop, stop_rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-                .io_memory(64 << 10)
-                .make()
-                .unwrap();
-            executor.run(agent(addr, config, plan, hello_tx, events_tx, stop_rx));
-            let _ = done_tx.send(());
-        });
-        StandInAgent {
-            hello,
-            events,
-            done,
-            stop,
-        }
-    }
-
-    /// Every event so far (none are waited for).
-    fn drain_events(&self) -> Vec<AgentEvent> {
-        self.events.try_iter().collect()
-    }
-}
-
-/// Connects and reads the tunnel hello.
-async fn tunnel_connect(
-    addr: SocketAddr,
-    config: &Arc<rustls::ClientConfig>,
-) -> (
-    futures_rustls::client::TlsStream<glommio::net::TcpStream>,
-    TunnelHello,
-) {
-    let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let connector = futures_rustls::TlsConnector::from(Arc::clone(config));
-    let mut tls = connector
-        .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
-        .await
-        .unwrap();
-    let mut len = [0u8; 2];
-    tls.read_exact(&mut len).await.unwrap();
-    let mut frame = len.to_vec();
-    frame.resize(2 + usize::from(u16::from_be_bytes(len)), 0);
-    tls.read_exact(&mut frame[2..]).await.unwrap();
-    let (hello, _) = TunnelHello::parse(&frame).unwrap().unwrap();
-    (tls, hello)
-}
-
-async fn agent(
-    addr: SocketAddr,
-    config: Arc<rustls::ClientConfig>,
-    plan: AgentPlan,
-    hello_tx: crossbeam_channel::Sender<TunnelHello>,
-    events: crossbeam_channel::Sender<AgentEvent>,
-    stop: crossbeam_channel::Receiver<Stop>,
-) {
-    let frozen = Rc::new(Cell::new(false));
-    let mut covered = std::collections::BTreeSet::new();
-    let mut tasks = Vec::new();
-    for _ in 0..200 {
-        let (mut tls, hello) = tunnel_connect(addr, &config).await;
-        if !covered.insert(hello.shard) {
-            tls.close().await.unwrap();
-            events.send(AgentEvent::Duplicate(hello)).unwrap();
-            continue;
-        }
-        tls.write_all(&plan.hello.encode().unwrap()).await.unwrap();
-        tls.flush().await.unwrap();
-        hello_tx.send(hello).unwrap();
-        events.send(AgentEvent::Tunnel(hello)).unwrap();
-        let (tunnel, driver) = Tunnel::new(tls, Role::Client, mux::Config::default());
-        let frozen = Rc::clone(&frozen);
-        let driver = glommio::spawn_local(async move {
-            let mut driver = std::pin::pin!(driver);
-            // Once frozen, never polled again (and never woken): the socket stays open, silent.
-            std::future::poll_fn(|cx| {
-                if frozen.get() {
-                    std::task::Poll::Pending
-                } else {
-                    driver.as_mut().poll(cx)
-                }
-            })
-            .await
-        });
-        let serving = glommio::spawn_local(serve_tunnel(tunnel, plan.tag));
-        tasks.push((serving, driver));
-        if !plan.cover_all || covered.len() == hello.shards {
-            break;
-        }
-    }
-    let ended = async {
-        for (serving, driver) in tasks {
-            serving.await;
-            let _ = driver.await;
-        }
-    };
-    let stopped = async {
-        // The stop channel is a crossbeam one (the test thread is not an executor): check it
-        // between short timers. A dropped `StandInAgent` kills its agent.
-        loop {
-            match stop.try_recv() {
-                Ok(Stop::Kill) | Err(crossbeam_channel::TryRecvError::Disconnected) => return,
-                Ok(Stop::Freeze) => frozen.set(true),
-                Err(crossbeam_channel::TryRecvError::Empty) => {
-                    glommio::timer::Timer::new(Duration::from_millis(5)).await;
-                }
-            }
-        }
-    };
-    // On a kill, the tasks are dropped: their drivers and sockets go without a goodbye.
-    futures_lite::future::or(ended, stopped).await;
-}
-
-async fn serve_tunnel(tunnel: Tunnel, tag: &'static str) {
-    while let Some(incoming) = tunnel.accept().await {
-        let header = StreamHeader::parse(&incoming.header).unwrap();
-        if header.target == "refuse-me" {
-            incoming.refuse("connection refused by the test target");
-            continue;
-        }
-        let mut stream = incoming.accept().unwrap();
-        glommio::spawn_local(async move {
-            if header.kind == DialKind::Ssh {
-                let greeting = format!(
-                    "hello {} as {} via {tag}\n",
-                    header.user,
-                    header.login.unwrap_or_default()
-                );
-                stream.write_all(greeting.as_bytes()).await.unwrap();
-            }
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stream.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = stream.close().await;
-        })
-        .detach();
-    }
-}
-
-/// Sends a dial request on a user connection and reads exactly the dial response (the target's
-/// bytes may follow it at once).
-fn dial(
-    tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-    request: &DialRequest,
-) -> std::io::Result<DialResponse> {
-    tls.write_all(&request.encode())?;
-    tls.flush()?;
-    let mut frame = vec![0u8; 2];
-    tls.read_exact(&mut frame)?;
-    frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
-    tls.read_exact(&mut frame[2..])?;
-    let (response, used) = DialResponse::parse(&frame).unwrap().unwrap();
-    assert_eq!(used, frame.len());
-    Ok(response)
-}
-
-fn ssh_request(target: &str) -> DialRequest {
-    DialRequest {
-        kind: DialKind::Ssh,
-        target: target.into(),
-        login: Some("root".into()),
-        db_user: None,
-        db_name: None,
-    }
-}
-
-fn tcp_request(target: &str) -> DialRequest {
-    DialRequest {
-        kind: DialKind::Tcp,
-        target: target.into(),
-        login: None,
-        db_user: None,
-        db_name: None,
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tests
@@ -1009,7 +601,7 @@ fn user_route_without_agent_answers_agent_offline() {
     let h = Options::default().start();
     let alice = h.pki.user.identity(&identity(IdentityKind::User, "alice"));
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
-    let response = dial(&mut tls, &ssh_request("web1")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Ssh, "web1")).unwrap();
     assert!(!response.ok);
     let error = response.error.unwrap();
     assert!(
@@ -1018,7 +610,7 @@ fn user_route_without_agent_answers_agent_offline() {
     );
 
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
-    let response = dial(&mut tls, &ssh_request("web9")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Ssh, "web9")).unwrap();
     assert_eq!(
         response.error.as_deref(),
         Some(r#"no such node "web9" in cluster "test-cluster""#)
@@ -1039,10 +631,10 @@ fn user_route_without_agent_answers_agent_offline() {
     // A host certificate is not a user certificate (and is not even issued by the user CA).
     let host = h.pki.host.identity(&identity(IdentityKind::Host, "host-1"));
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(host)), PUBLIC_HOST);
-    assert!(dial(&mut tls, &ssh_request("web1")).is_err());
+    assert!(dial(&mut tls, &request(DialKind::Ssh, "web1")).is_err());
 
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], None), PUBLIC_HOST);
-    let result = dial(&mut tls, &ssh_request("web1"));
+    let result = dial(&mut tls, &request(DialKind::Ssh, "web1"));
     assert!(
         result.is_err(),
         "no client certificate must fail: {result:?}"
@@ -1087,7 +679,7 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
 
     let alice = h.pki.user.identity(&identity(IdentityKind::User, "alice"));
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
-    let response = dial(&mut tls, &ssh_request("web1")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Ssh, "web1")).unwrap();
     assert!(response.ok, "{response:?}");
     let mut reader = BufReader::new(tls);
     let mut line = String::new();
@@ -1104,7 +696,7 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
 
     // Bytes sent right behind the dial request (before its answer) reach the target.
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
-    tls.write_all(&[ssh_request("web1").encode(), b"early\n".to_vec()].concat())
+    tls.write_all(&[request(DialKind::Ssh, "web1").encode(), b"early\n".to_vec()].concat())
         .unwrap();
     tls.flush().unwrap();
     let mut frame = [0u8; 2 + 11];
@@ -1120,7 +712,7 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
     drop(reader);
 
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(alice)), PUBLIC_HOST);
-    let response = dial(&mut tls, &ssh_request("refuse-me")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Ssh, "refuse-me")).unwrap();
     let error = response.error.unwrap_or_default();
     assert!(
         error.contains("connection refused by the test target"),
@@ -1141,28 +733,6 @@ fn user_stream_is_spliced_through_the_agent_tunnel() {
 // ---------------------------------------------------------------------------------------------
 // Routing to agents' announced resources
 
-/// Bytes of the echo test's pattern: a xorshift stream with a prime period, so no buffer or
-/// frame size lines up with it.
-const PATTERN_PERIOD: usize = 1_048_573;
-const PATTERN_CHUNK: usize = 64 << 10;
-
-fn pattern_block() -> &'static [u8] {
-    static BLOCK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    BLOCK.get_or_init(|| {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut out = Vec::with_capacity(PATTERN_PERIOD + PATTERN_CHUNK + 8);
-        while out.len() < PATTERN_PERIOD {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-        }
-        out.truncate(PATTERN_PERIOD);
-        out.extend_from_within(..PATTERN_CHUNK);
-        out
-    })
-}
-
 fn pattern(offset: u64, len: usize) -> &'static [u8] {
     let start = (offset % PATTERN_PERIOD as u64) as usize;
     &pattern_block()[start..start + len]
@@ -1177,64 +747,56 @@ fn echo_through_engine(
     request: DialRequest,
     total: u64,
 ) -> Duration {
-    std::thread::spawn(move || {
-        let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(64 << 10)
-            .make()
+    on_thread_executor(move || async move {
+        let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let connector = futures_rustls::TlsConnector::from(config);
+        let mut tls = connector
+            .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
+            .await
             .unwrap();
-        executor.run(async move {
-            let tcp = glommio::net::TcpStream::connect(addr).await.unwrap();
-            tcp.set_nodelay(true).unwrap();
-            let connector = futures_rustls::TlsConnector::from(config);
-            let mut tls = connector
-                .connect(ServerName::try_from(PUBLIC_HOST).unwrap(), tcp)
-                .await
-                .unwrap();
-            tls.write_all(&request.encode()).await.unwrap();
-            tls.flush().await.unwrap();
-            let mut frame = vec![0u8; 2];
-            tls.read_exact(&mut frame).await.unwrap();
-            frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
-            tls.read_exact(&mut frame[2..]).await.unwrap();
-            let (response, _) = DialResponse::parse(&frame).unwrap().unwrap();
-            assert!(response.ok, "{response:?}");
-            let (mut reader, mut writer) = futures_lite::io::split(tls);
-            let started = Instant::now();
-            let write = async {
-                const SIZES: [usize; 5] = [PATTERN_CHUNK, 1000, 16 << 10, 7, 40_000];
-                let mut offset = 0u64;
-                for i in 0.. {
-                    if offset == total {
-                        break;
-                    }
-                    let len = SIZES[i % SIZES.len()].min((total - offset) as usize);
-                    writer.write_all(pattern(offset, len)).await.unwrap();
-                    offset += len as u64;
+        tls.write_all(&request.encode()).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut frame = vec![0u8; 2];
+        tls.read_exact(&mut frame).await.unwrap();
+        frame.resize(2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])), 0);
+        tls.read_exact(&mut frame[2..]).await.unwrap();
+        let (response, _) = DialResponse::parse(&frame).unwrap().unwrap();
+        assert!(response.ok, "{response:?}");
+        let (mut reader, mut writer) = futures_lite::io::split(tls);
+        let started = Instant::now();
+        let write = async {
+            const SIZES: [usize; 5] = [PATTERN_CHUNK, 1000, 16 << 10, 7, 40_000];
+            let mut offset = 0u64;
+            for i in 0.. {
+                if offset == total {
+                    break;
                 }
-                writer.close().await.unwrap();
-            };
-            let read = async {
-                let mut buf = vec![0u8; PATTERN_CHUNK];
-                let mut offset = 0u64;
-                loop {
-                    let n = reader.read(&mut buf).await.unwrap();
-                    if n == 0 {
-                        return offset;
-                    }
-                    assert!(
-                        buf[..n] == *pattern(offset, n),
-                        "corrupt echo: {n} bytes at offset {offset}"
-                    );
-                    offset += n as u64;
+                let len = SIZES[i % SIZES.len()].min((total - offset) as usize);
+                writer.write_all(pattern(offset, len)).await.unwrap();
+                offset += len as u64;
+            }
+            writer.close().await.unwrap();
+        };
+        let read = async {
+            let mut buf = vec![0u8; PATTERN_CHUNK];
+            let mut offset = 0u64;
+            loop {
+                let n = reader.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return offset;
                 }
-            };
-            let ((), echoed) = futures_lite::future::zip(write, read).await;
-            assert_eq!(echoed, total, "echoed byte count");
-            started.elapsed()
-        })
+                assert!(
+                    buf[..n] == *pattern(offset, n),
+                    "corrupt echo: {n} bytes at offset {offset}"
+                );
+                offset += n as u64;
+            }
+        };
+        let ((), echoed) = futures_lite::future::zip(write, read).await;
+        assert_eq!(echoed, total, "echoed byte count");
+        started.elapsed()
     })
-    .join()
-    .unwrap()
 }
 
 fn recv_inventory(rx: &crossbeam_channel::Receiver<InventoryEvent>) -> InventoryEvent {
@@ -1263,7 +825,12 @@ fn announced_tcp_app_echoes_100_mib() {
         InventoryEvent::TunnelUp { .. }
     ));
     let total = 100 << 20;
-    let took = echo_through_engine(h.addr(), h.alice(ALPN_TCP), tcp_request("echo"), total);
+    let took = echo_through_engine(
+        h.addr(),
+        h.alice(ALPN_TCP),
+        request(DialKind::Tcp, "echo"),
+        total,
+    );
     eprintln!(
         "tcp app echo through engine + tunnel: 100 MiB each way in {:.2} s = {:.0} MiB/s",
         took.as_secs_f64(),
@@ -1308,7 +875,7 @@ fn a_lock_closes_matching_live_sessions() {
     ));
     let connect = |name: &str| {
         let mut tls = h.tls_connect(h.user(name, ALPN_TCP), PUBLIC_HOST);
-        let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+        let response = dial(&mut tls, &request(DialKind::Tcp, "echo")).unwrap();
         assert!(response.ok, "{response:?}");
         tls.sock.set_read_timeout(Some(WAIT)).unwrap();
         tls
@@ -1360,7 +927,7 @@ fn a_lock_closes_matching_live_sessions() {
     });
     // A new session of alice is refused.
     let mut tls = h.tls_connect(h.user("alice", ALPN_TCP), PUBLIC_HOST);
-    let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Tcp, "echo")).unwrap();
     assert!(!response.ok, "{response:?}");
     echo_once(&mut bob, b"bob still");
 }
@@ -1393,7 +960,7 @@ fn sessions_and_denials_reach_the_audit_queue() {
         InventoryEvent::TunnelUp { .. }
     ));
     let mut tls = h.tls_connect(h.user("alice", ALPN_TCP), PUBLIC_HOST);
-    let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Tcp, "echo")).unwrap();
     assert!(response.ok, "{response:?}");
     let start = recv_audit(&audit);
     let AuditEvent::SessionStart {
@@ -1432,7 +999,7 @@ fn sessions_and_denials_reach_the_audit_queue() {
     }
 
     let mut tls = h.tls_connect(h.user("bob", ALPN_TCP), PUBLIC_HOST);
-    let response = dial(&mut tls, &tcp_request("nope")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Tcp, "nope")).unwrap();
     let message = response.error.unwrap_or_default();
     match recv_audit(&audit) {
         AuditEvent::AccessDenied {
@@ -1476,10 +1043,10 @@ fn a_full_audit_queue_refuses_sessions() {
         InventoryEvent::TunnelUp { .. }
     ));
     let mut first = h.tls_connect(h.user("alice", ALPN_TCP), PUBLIC_HOST);
-    let response = dial(&mut first, &tcp_request("echo")).unwrap();
+    let response = dial(&mut first, &request(DialKind::Tcp, "echo")).unwrap();
     assert!(response.ok, "{response:?}");
     let mut second = h.tls_connect(h.user("alice", ALPN_TCP), PUBLIC_HOST);
-    let response = dial(&mut second, &tcp_request("echo")).unwrap();
+    let response = dial(&mut second, &request(DialKind::Tcp, "echo")).unwrap();
     assert_eq!(
         response.error.as_deref(),
         Some("audit queue full, try again")
@@ -1527,7 +1094,7 @@ fn an_expiring_certificate_ends_its_session_when_the_role_says_so() {
     carol.expires = unix_now() + 3;
     let config = h.pki.client(&[ALPN_TCP], Some(h.pki.user.identity(&carol)));
     let mut tls = h.tls_connect(config, PUBLIC_HOST);
-    let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Tcp, "echo")).unwrap();
     assert!(response.ok, "{response:?}");
     echo_once(&mut tls, b"carol before expiry");
     tls.sock.set_read_timeout(Some(WAIT)).unwrap();
@@ -1579,7 +1146,7 @@ fn a_roles_client_idle_timeout_closes_a_quiet_session() {
     let carol = identity(IdentityKind::User, "carol");
     let config = h.pki.client(&[ALPN_TCP], Some(h.pki.user.identity(&carol)));
     let mut tls = h.tls_connect(config, PUBLIC_HOST);
-    let response = dial(&mut tls, &tcp_request("echo")).unwrap();
+    let response = dial(&mut tls, &request(DialKind::Tcp, "echo")).unwrap();
     assert!(response.ok, "{response:?}");
     echo_once(&mut tls, b"carol is active");
     let quiet_since = std::time::Instant::now();
@@ -1636,7 +1203,10 @@ fn agent_resources_route_until_the_agent_goes() {
                 (0, "host-7", "node7")
             );
             assert_eq!(labels.get("env").map(String::as_str), Some("test"));
-            assert_eq!(resources, agent_hello("node7", &["echo"]).resources);
+            assert_eq!(
+                resources,
+                jaunt_testkit::tunnel::agent_hello("node7", &["echo"]).resources
+            );
         }
         other => panic!("expected TunnelUp, got {other:?}"),
     }
@@ -1649,7 +1219,7 @@ fn agent_resources_route_until_the_agent_goes() {
     h.wait_metric("jaunt_tunnels", &[("shard", "0")], 1);
 
     // The node by name, over ssh.
-    let (response, tls) = h.dial_as_alice(&ssh_request("node7"));
+    let (response, tls) = h.dial_as_alice(&request(DialKind::Ssh, "node7"));
     assert!(response.ok, "{response:?}");
     let mut greeting = String::new();
     BufReader::new(tls).read_line(&mut greeting).unwrap();
@@ -1657,15 +1227,15 @@ fn agent_resources_route_until_the_agent_goes() {
 
     // Names are per kind: node7 is not an app, echo is not a node.
     assert_eq!(
-        h.dial_error(&tcp_request("node7")),
+        h.dial_error(&request(DialKind::Tcp, "node7")),
         r#"no such app "node7" in cluster "test-cluster""#
     );
     assert_eq!(
-        h.dial_error(&ssh_request("echo")),
+        h.dial_error(&request(DialKind::Ssh, "echo")),
         r#"no such node "echo" in cluster "test-cluster""#
     );
     assert_eq!(
-        h.dial_error(&ssh_request("x")),
+        h.dial_error(&request(DialKind::Ssh, "x")),
         r#"no such node "x" in cluster "test-cluster""#
     );
 
@@ -1682,7 +1252,7 @@ fn agent_resources_route_until_the_agent_goes() {
     );
     let mut error = String::new();
     wait_for("the dead agent's node to be gone", || {
-        error = h.dial_error(&ssh_request("node7"));
+        error = h.dial_error(&request(DialKind::Ssh, "node7"));
         !error.is_empty()
     });
     assert_eq!(error, r#"no such node "node7" in cluster "test-cluster""#);
@@ -1702,7 +1272,7 @@ fn agent_resources_route_until_the_agent_goes() {
     wait_for("snapshot 2", || {
         h.engine().snapshot_versions() == vec![Some(2)]
     });
-    let error = h.dial_error(&ssh_request("node7"));
+    let error = h.dial_error(&request(DialKind::Ssh, "node7"));
     assert!(
         error.starts_with(r#"agent for node "node7" is offline: agent "host-7" has no tunnel"#),
         "{error}"
@@ -1759,7 +1329,7 @@ fn an_agent_covering_every_shard_is_reachable_from_each() {
     assert_eq!(h.engine().inventory()[0].shards, vec![0, 1]);
     // Whichever shard a user lands on, the dial is served there.
     for _ in 0..12 {
-        let (response, _) = h.dial_as_alice(&tcp_request("echo"));
+        let (response, _) = h.dial_as_alice(&request(DialKind::Tcp, "echo"));
         assert!(response.ok, "{response:?}");
     }
     assert_eq!(
@@ -1786,7 +1356,7 @@ fn a_dial_on_a_shard_without_the_agent_hops() {
     let shard = agent.hello.recv_timeout(WAIT).unwrap().shard;
     h.wait_metric("jaunt_tunnels", &[("shard", &shard.to_string())], 1);
     for _ in 0..64 {
-        assert_eq!(h.dial_error(&tcp_request("echo")), "");
+        assert_eq!(h.dial_error(&request(DialKind::Tcp, "echo")), "");
         if h.metric("jaunt_cross_shard_hops_total", &[("result", "ok")]) > 0 {
             break;
         }
@@ -1846,12 +1416,12 @@ fn a_restarted_agent_replaces_its_tunnel() {
         h.metric("jaunt_connections_active", &[]) == 1
     });
     assert_eq!(h.metric("jaunt_tunnels", &[]), 1);
-    let (response, tls) = h.dial_as_alice(&ssh_request("node7"));
+    let (response, tls) = h.dial_as_alice(&request(DialKind::Ssh, "node7"));
     assert!(response.ok, "{response:?}");
     let mut greeting = String::new();
     BufReader::new(tls).read_line(&mut greeting).unwrap();
     assert_eq!(greeting, "hello alice as root via new\n");
-    assert!(h.dial_error(&tcp_request("echo")).is_empty());
+    assert!(h.dial_error(&request(DialKind::Tcp, "echo")).is_empty());
     assert!(
         inventory.try_recv().is_err(),
         "no TunnelDown for a replacement"
@@ -1891,7 +1461,7 @@ fn a_silent_agent_is_dropped_after_the_dead_peer_timeout() {
     // Idle but answering pings: nothing happens for well over the dead-peer timeout.
     let quiet = inventory.recv_timeout(dead_peer_timeout + Duration::from_secs(1));
     assert!(quiet.is_err(), "{quiet:?}");
-    assert!(h.dial_as_alice(&ssh_request("node7")).0.ok);
+    assert!(h.dial_as_alice(&request(DialKind::Ssh, "node7")).0.ok);
 
     agent.stop.send(Stop::Freeze).unwrap();
     let frozen = Instant::now();
@@ -1911,7 +1481,7 @@ fn a_silent_agent_is_dropped_after_the_dead_peer_timeout() {
         "took {took:?}"
     );
     assert_eq!(
-        h.dial_error(&ssh_request("node7")),
+        h.dial_error(&request(DialKind::Ssh, "node7")),
         r#"no such node "node7" in cluster "test-cluster""#
     );
     agent.stop.send(Stop::Kill).unwrap();
@@ -1931,7 +1501,7 @@ fn a_duplicate_tunnel_is_counted_not_an_error() {
     .start();
     let config = h.agent_config("host-7");
     let addr = h.addr();
-    let (shard, peer) = on_executor(move || async move {
+    let (shard, peer) = on_thread_executor(move || async move {
         let (mut tls, hello) = tunnel_connect(addr, &config).await;
         let peer = tls.get_ref().0.local_addr().unwrap();
         tls.close().await.unwrap();
@@ -1972,7 +1542,7 @@ fn a_duplicate_tunnel_is_counted_not_an_error() {
 
     // A hello that is not JSON.
     let config = h.agent_config("host-7");
-    on_executor(move || async move {
+    on_thread_executor(move || async move {
         let (mut tls, _) = tunnel_connect(addr, &config).await;
         tls.write_all(b"\x00\x05hello").await.unwrap();
         tls.flush().await.unwrap();
@@ -1985,24 +1555,6 @@ fn a_duplicate_tunnel_is_counted_not_an_error() {
         1,
     );
     assert_eq!(h.metric("jaunt_tunnels", &[]), 0);
-}
-
-/// Runs `body` on a fresh glommio executor on its own thread; returns its result.
-fn on_executor<F, Fut, T>(body: F) -> T
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T> + 'static,
-    T: Send + 'static,
-{
-    std::thread::spawn(move || {
-        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(64 << 10)
-            .make()
-            .unwrap()
-            .run(body())
-    })
-    .join()
-    .unwrap()
 }
 
 /// A process-wide `tracing` subscriber that records every event, so a test can check what the
@@ -2311,9 +1863,16 @@ fn app_route_needs_a_user_certificate_and_a_known_app() {
     };
     // No certificate (a browser): told how to get in, and the connection closes.
     let response = get(h.pki.client(&[b"http/1.1"], None));
-    assert!(response.starts_with("HTTP/1.1 401 Unauthorized"), "{response}");
+    assert!(
+        response.starts_with("HTTP/1.1 401 Unauthorized"),
+        "{response}"
+    );
     assert!(response.contains("jaunt proxy app grafana"), "{response}");
-    h.wait_metric("jaunt_connections_refused_total", &[("reason", "bad_identity")], 1);
+    h.wait_metric(
+        "jaunt_connections_refused_total",
+        &[("reason", "bad_identity")],
+        1,
+    );
     // A user certificate: routed like any dial, so an app nobody serves is a 404 naming it.
     let response = get(h.alice(b"http/1.1"));
     assert!(response.starts_with("HTTP/1.1 404 Not Found"), "{response}");
@@ -2332,7 +1891,9 @@ fn web_route_serves_the_jwks_from_the_snapshot() {
     h.send_snapshot_with(2, Targets::default(), |s| {
         s.jwks = r#"{"keys":[{"kty":"EC","kid":"k1"}]}"#.into();
     });
-    wait_for("snapshot 2", || h.metric("jaunt_snapshot_version", &[]) == 2);
+    wait_for("snapshot 2", || {
+        h.metric("jaunt_snapshot_version", &[]) == 2
+    });
     let mut tls = h.tls_connect(h.pki.client(&[b"http/1.1"], None), PUBLIC_HOST);
     tls.write_all(
         b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
@@ -2341,8 +1902,57 @@ fn web_route_serves_the_jwks_from_the_snapshot() {
     let mut response = String::new();
     let _ = tls.read_to_string(&mut response);
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    assert!(response.contains("content-type: application/json"), "{response}");
-    assert!(response.ends_with(r#"{"keys":[{"kty":"EC","kid":"k1"}]}"#), "{response}");
+    assert!(
+        response.contains("content-type: application/json"),
+        "{response}"
+    );
+    assert!(
+        response.ends_with(r#"{"keys":[{"kty":"EC","kid":"k1"}]}"#),
+        "{response}"
+    );
+}
+
+/// A stopped engine lets go of everything it was given: once `shutdown` returns, the audit
+/// and inventory queues have no sender left (a leaked shard would keep control's writer
+/// threads waiting forever), also with cross-shard hop tasks running between two shards.
+#[test]
+fn a_stopped_engine_drops_its_audit_and_inventory_senders() {
+    let (audit_tx, audit_rx) = crossbeam_channel::unbounded();
+    let (inventory_tx, inventory_rx) = crossbeam_channel::unbounded();
+    let mut h = Options {
+        shards: 2,
+        audit: Some(audit_tx),
+        inventory: Some(inventory_tx),
+        ..Options::default()
+    }
+    .start();
+    let agent = StandInAgent::start(
+        h.addr(),
+        h.agent_config("host-9"),
+        AgentPlan::new("node9", &["echo"]),
+    );
+    assert!(matches!(
+        recv_inventory(&inventory_rx),
+        InventoryEvent::TunnelUp { .. }
+    ));
+    drop(agent);
+    h.engine.take().unwrap().shutdown(Duration::ZERO).unwrap();
+    let drained = |rx: &dyn Fn() -> Result<(), crossbeam_channel::RecvTimeoutError>| loop {
+        match rx() {
+            Ok(()) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        drained(&|| audit_rx.recv_timeout(WAIT).map(drop)),
+        crossbeam_channel::RecvTimeoutError::Disconnected,
+        "an audit sender outlived the engine"
+    );
+    assert_eq!(
+        drained(&|| inventory_rx.recv_timeout(WAIT).map(drop)),
+        crossbeam_channel::RecvTimeoutError::Disconnected,
+        "an inventory sender outlived the engine"
+    );
 }
 
 /// Metrics list every refusal reason from the start, so dashboards see zeros, not gaps.
@@ -2564,7 +2174,7 @@ fn measure_splice_throughput() {
     h.wait_metric("jaunt_tunnels", &[("shard", "0")], 1);
     let alice = h.pki.user.identity(&identity(IdentityKind::User, "alice"));
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(alice)), PUBLIC_HOST);
-    assert!(dial(&mut tls, &ssh_request("web1")).unwrap().ok);
+    assert!(dial(&mut tls, &request(DialKind::Ssh, "web1")).unwrap().ok);
     let mut greeting = String::new();
     let mut reader = BufReader::new(tls);
     reader.read_line(&mut greeting).unwrap();

@@ -26,7 +26,7 @@ use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::OnceLock;
+
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -34,31 +34,13 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::{LocalExecutorBuilder, Placement};
 use jaunt_engine::mux::{self, Role};
 use jaunt_engine::tunnel::{splice, MuxStream, Spliced, Tunnel};
+use jaunt_testkit::pattern::{pattern_block, PATTERN_PERIOD as PERIOD};
 
 const MIB: usize = 1024 * 1024;
 /// A user socket's read: one TLS record.
 const SOURCE_READ: usize = 16 * 1024;
 /// The in-memory pipe's capacity, each way.
 const PIPE_BYTES: usize = 256 * 1024;
-/// Period of the pattern: a prime, so no buffer size lines up with it.
-const PERIOD: usize = 1_048_573;
-
-fn pattern() -> &'static [u8] {
-    static PATTERN: OnceLock<Vec<u8>> = OnceLock::new();
-    PATTERN.get_or_init(|| {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut out = Vec::with_capacity(PERIOD + SOURCE_READ + 8);
-        while out.len() < PERIOD {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-        }
-        out.truncate(PERIOD);
-        out.extend_from_within(..SOURCE_READ);
-        out
-    })
-}
 
 // ---------------------------------------------------------------------------------------------
 // The pipe between the two tunnel drivers
@@ -174,7 +156,7 @@ impl AsyncRead for UserSocket {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let n = buf.len().min(self.left).min(SOURCE_READ);
-        buf[..n].copy_from_slice(&pattern()[self.pos..self.pos + n]);
+        buf[..n].copy_from_slice(&pattern_block()[self.pos..self.pos + n]);
         self.pos = (self.pos + n) % PERIOD;
         self.left -= n;
         Poll::Ready(Ok(n))
@@ -227,7 +209,7 @@ impl AsyncWrite for BackendSocket {
             for (i, &b) in buf[..n].iter().enumerate() {
                 assert_eq!(
                     b,
-                    pattern()[(this.pos + i) % PERIOD],
+                    pattern_block()[(this.pos + i) % PERIOD],
                     "byte {}",
                     this.pos + i
                 );

@@ -25,7 +25,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,7 @@ use glommio::task::JoinHandle;
 use glommio::{LocalExecutorBuilder, Placement};
 use jaunt_engine::mux::{self, Role, INITIAL_STREAM_WINDOW};
 use jaunt_engine::tunnel::{splice, CloseReason, Incoming, MuxStream, OpenError, Spliced, Tunnel};
+use jaunt_testkit::pattern::{pattern_block, PATTERN_CHUNK as CHUNK, PATTERN_PERIOD as PERIOD};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 const MIB: u64 = 1024 * 1024;
@@ -51,35 +52,11 @@ const DEATH_NOTICED_WITHIN: Duration = Duration::from_secs(5);
 // Stream contents
 // ---------------------------------------------------------------------------------------------
 
-/// Period of the pattern: a prime, so no power-of-two frame or buffer size lines up with it.
-const PERIOD: usize = 1_048_573;
-
-/// Longest chunk written or checked at once.
-const CHUNK: usize = 64 * 1024;
-
-fn block() -> &'static [u8] {
-    static BLOCK: OnceLock<Vec<u8>> = OnceLock::new();
-    BLOCK.get_or_init(|| {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut out = Vec::with_capacity(PERIOD + CHUNK + 8);
-        while out.len() < PERIOD {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-        }
-        out.truncate(PERIOD);
-        // One chunk of the next period, so any chunk is a contiguous slice.
-        out.extend_from_within(..CHUNK);
-        out
-    })
-}
-
 /// The `len` (≤ [`CHUNK`]) bytes of stream `seed`'s pattern at `offset`.
 fn pattern(seed: u64, offset: u64, len: usize) -> &'static [u8] {
     assert!(len <= CHUNK);
     let start = ((offset + seed.wrapping_mul(7919)) % PERIOD as u64) as usize;
-    &block()[start..start + len]
+    &pattern_block()[start..start + len]
 }
 
 /// Writes `total` bytes of stream `seed`'s pattern in chunks of varying size (so frames and TLS

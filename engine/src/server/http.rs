@@ -194,6 +194,32 @@ pub fn web_response(head: &RequestHead, ping: &PingBody, jwks: &str) -> Response
     }
 }
 
+/// A stream that can take a connection's last response into its own buffer without writing
+/// it, so that the response and the end of stream that `close` then adds leave in one write (on
+/// TLS: the response record and the close_notify alert in one segment instead of two).
+pub trait BufferFinal {
+    /// Takes a prefix of `bytes` into the stream's buffer; returns its length (0: none, write
+    /// as usual). The caller writes the rest, then closes.
+    fn buffer_final(&mut self, _bytes: &[u8]) -> usize {
+        0
+    }
+}
+
+/// Most bytes [`BufferFinal`] hands to rustls at once (far below rustls' own buffer limit).
+const BUFFER_FINAL_BYTES: usize = 4 * 1024;
+
+impl<S> BufferFinal for futures_rustls::server::TlsStream<S> {
+    fn buffer_final(&mut self, bytes: &[u8]) -> usize {
+        let session = self.get_mut().1;
+        // Only behind nothing unwritten (the flight, tickets and earlier responses are out) and
+        // on an established session, so the bytes are encrypted into records right away.
+        if bytes.len() > BUFFER_FINAL_BYTES || session.is_handshaking() || session.wants_write() {
+            return 0;
+        }
+        std::io::Write::write(&mut session.writer(), bytes).unwrap_or(0)
+    }
+}
+
 /// How a [`serve`] loop ended.
 #[derive(Debug)]
 pub enum ServeEnd {
@@ -219,7 +245,7 @@ pub async fn serve<S>(
     respond: &dyn Fn(&RequestHead) -> Response,
 ) -> ServeEnd
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + BufferFinal,
 {
     let mut buf = Vec::with_capacity(1024);
     let mut deadline = first_deadline;
@@ -256,15 +282,28 @@ where
         let mut response = respond(&head);
         response.close |= !head.keep_alive || draining.is_fired();
         let bytes = response.encode(head.method == "HEAD");
+        if response.close {
+            // The last response: buffered where the stream allows, it leaves in one write with
+            // the end of stream that `close` adds.
+            let taken = stream.buffer_final(&bytes);
+            if let Err(e) = stream.write_all(&bytes[taken..]).await {
+                return ServeEnd::Io(e);
+            }
+            if taken == 0 {
+                if let Err(e) = stream.flush().await {
+                    return ServeEnd::Io(e);
+                }
+                let _ = stream.close().await;
+            } else if let Err(e) = stream.close().await {
+                return ServeEnd::Io(e);
+            }
+            return ServeEnd::Closed;
+        }
         if let Err(e) = stream.write_all(&bytes).await {
             return ServeEnd::Io(e);
         }
         if let Err(e) = stream.flush().await {
             return ServeEnd::Io(e);
-        }
-        if response.close {
-            let _ = stream.close().await;
-            return ServeEnd::Closed;
         }
         deadline = Instant::now() + idle;
     }
@@ -393,11 +432,17 @@ mod tests {
         );
         assert_eq!(web_response(&head("GET", "/"), &ping(), "").status, 404);
         // The JWK Set, once control has sent one.
-        assert_eq!(web_response(&head("GET", JWKS_PATH), &ping(), "").status, 404);
+        assert_eq!(
+            web_response(&head("GET", JWKS_PATH), &ping(), "").status,
+            404
+        );
         let jwks = web_response(&head("GET", JWKS_PATH), &ping(), "{\"keys\":[]}");
         assert_eq!((jwks.status, jwks.content_type), (200, "application/json"));
         assert_eq!(jwks.body, b"{\"keys\":[]}");
-        assert_eq!(web_response(&head("POST", JWKS_PATH), &ping(), "{}").status, 405);
+        assert_eq!(
+            web_response(&head("POST", JWKS_PATH), &ping(), "{}").status,
+            405
+        );
         assert_eq!(
             web_response(&head("GET", "/webapi/pingx"), &ping(), "").status,
             404
