@@ -9,22 +9,12 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
 
 const PASSWORD: &str = "correct horse battery";
-
-/// A child process killed and reaped on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The app: answers every request with a JSON description of what it received (method, path,
 /// headers, body length); `GET /ws` with `Upgrade: websocket` switches protocols and then

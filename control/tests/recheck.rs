@@ -12,7 +12,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jaunt_config::api::AgentPolicyResponse;
@@ -21,16 +21,6 @@ use jaunt_control::profile::Profile;
 use support::*;
 
 const PASSWORD: &str = "correct horse battery";
-
-/// A child process killed when the test ends, pass or fail.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn echo_server() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

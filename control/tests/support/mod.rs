@@ -335,3 +335,26 @@ pub fn unpaired_sessions(events: &[serde_json::Value]) -> Vec<(String, usize, us
         .map(|(id, (s, e))| (id, s, e))
         .collect()
 }
+
+/// A child process killed and reaped when dropped (agents, `jaunt proxy`, sshd listeners).
+pub struct Reaped(pub Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
