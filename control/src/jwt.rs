@@ -107,9 +107,9 @@ impl JwtSigner {
         let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
         let mut token = URL_SAFE_NO_PAD.encode(header.to_string());
         token.push('.');
-        token.push_str(&URL_SAFE_NO_PAD.encode(
-            serde_json::to_vec(claims).map_err(|_| JwtError::Sign)?,
-        ));
+        token.push_str(
+            &URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).map_err(|_| JwtError::Sign)?),
+        );
         let signature = self
             .key
             .sign(&self.rng, token.as_bytes())
@@ -150,7 +150,8 @@ impl JwtSigner {
 /// signature, `kid` and `exp`/`nbf` against `now`.
 pub fn verify(token: &str, jwks_json: &str, now: u64) -> Result<AppClaims, String> {
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err("not a compact JWS (three dot-separated parts)".into());
     };
@@ -180,7 +181,8 @@ pub fn verify(token: &str, jwks_json: &str, now: u64) -> Result<AppClaims, Strin
     let mut point = vec![0x04];
     point.extend(coord("x")?);
     point.extend(coord("y")?);
-    let public = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point);
+    let public =
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point);
     let signed_len = h.len() + 1 + c.len();
     public
         .verify(&token.as_bytes()[..signed_len], &decode(s, "signature")?)
@@ -217,22 +219,42 @@ mod tests {
     #[test]
     fn tokens_verify_against_the_jwks_and_only_it() {
         let s = signer();
-        let claims = JwtSigner::app_claims("c1", "alice", &["access".into()], "http://127.0.0.1:80", 1_000, 600);
+        let claims = JwtSigner::app_claims(
+            "c1",
+            "alice",
+            &["access".into()],
+            "http://127.0.0.1:80",
+            1_000,
+            600,
+        );
         let token = s.sign(&claims).unwrap();
         assert_eq!(verify(&token, &s.jwks_json(), 1_001).unwrap(), claims);
         // Expired, not yet valid.
-        assert_eq!(verify(&token, &s.jwks_json(), 1_600).unwrap_err(), "expired");
-        assert_eq!(verify(&token, &s.jwks_json(), 900).unwrap_err(), "not yet valid");
+        assert_eq!(
+            verify(&token, &s.jwks_json(), 1_600).unwrap_err(),
+            "expired"
+        );
+        assert_eq!(
+            verify(&token, &s.jwks_json(), 900).unwrap_err(),
+            "not yet valid"
+        );
         // Another cluster's key does not verify it.
         let other = signer();
         assert!(verify(&token, &other.jwks_json(), 1_001).is_err());
         // A tampered claim breaks the signature.
         let mut parts: Vec<&str> = token.split('.').collect();
         let forged = URL_SAFE_NO_PAD.encode(
-            serde_json::to_vec(&AppClaims { sub: "root".into(), ..claims.clone() }).unwrap(),
+            serde_json::to_vec(&AppClaims {
+                sub: "root".into(),
+                ..claims.clone()
+            })
+            .unwrap(),
         );
         parts[1] = &forged;
-        assert_eq!(verify(&parts.join("."), &s.jwks_json(), 1_001).unwrap_err(), "bad signature");
+        assert_eq!(
+            verify(&parts.join("."), &s.jwks_json(), 1_001).unwrap_err(),
+            "bad signature"
+        );
     }
 
     #[test]
@@ -244,7 +266,19 @@ mod tests {
         assert_eq!(key["crv"], "P-256");
         assert_eq!(key["alg"], "ES256");
         assert_eq!(key["kid"], s.kid());
-        assert_eq!(URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap().len(), 32);
-        assert_eq!(URL_SAFE_NO_PAD.decode(key["y"].as_str().unwrap()).unwrap().len(), 32);
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(key["x"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(key["y"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
     }
 }

@@ -1257,7 +1257,10 @@ impl Control {
         }
         let body: AppJwtRequest = req.json()?;
         if body.user.is_empty() || body.user.len() > 256 || body.roles.len() > 256 {
-            return Err(Response::error(400, "user must be 1-256 bytes, at most 256 roles"));
+            return Err(Response::error(
+                400,
+                "user must be 1-256 bytes, at most 256 roles",
+            ));
         }
         let now = unix_now();
         let claims = crate::jwt::JwtSigner::app_claims(

@@ -251,7 +251,11 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
     // The JWT verifies against the JWK Set the engine serves at the public address.
     let port = c.public_addr.rsplit_once(':').unwrap().1;
     let ca = c.dir.path().join("host-ca.pem");
-    std::fs::write(&ca, ok(c.admin(&["ca", "export", "--type", "host-tls"], None))).unwrap();
+    std::fs::write(
+        &ca,
+        ok(c.admin(&["ca", "export", "--type", "host-tls"], None)),
+    )
+    .unwrap();
     let (good, jwks) = curl(&[
         "-f",
         "--cacert",
@@ -283,7 +287,10 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
     let (good, out) = curl(&["-f", "--data-binary", &data, &format!("{base}/upload")]);
     assert!(good, "{out}");
     let seen: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((seen["method"].as_str(), seen["body_len"].as_u64()), (Some("POST"), Some(3 << 20)));
+    assert_eq!(
+        (seen["method"].as_str(), seen["body_len"].as_u64()),
+        (Some("POST"), Some(3 << 20))
+    );
     let (good, out) = curl(&[
         "-f",
         "-H",
@@ -308,7 +315,12 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(ws.read(&mut byte).unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+        assert_eq!(
+            ws.read(&mut byte).unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
@@ -333,7 +345,10 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
         "\nstatus=%{http_code}",
         &format!("https://web1.localhost:{port}/"),
     ]);
-    assert!(out.contains("status=401") && out.contains("jaunt proxy app web1"), "{out}");
+    assert!(
+        out.contains("status=401") && out.contains("jaunt proxy app web1"),
+        "{out}"
+    );
 
     // An app nobody serves is refused by name, through the same local listener kind.
     let (_ghost, ghost) = proxy_app(&c, "ghost");
@@ -344,7 +359,14 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = ok(c.admin(
-            &["audit", "search", "--type", "session.start", "--format", "json"],
+            &[
+                "audit",
+                "search",
+                "--type",
+                "session.start",
+                "--format",
+                "json",
+            ],
             None,
         ));
         let events: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
@@ -362,7 +384,14 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = ok(c.admin(
-            &["audit", "search", "--type", "app.request", "--format", "json"],
+            &[
+                "audit",
+                "search",
+                "--type",
+                "app.request",
+                "--format",
+                "json",
+            ],
             None,
         ));
         let events: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
@@ -385,10 +414,20 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
 fn proxy_app_needs_a_dns_proxy_name() {
     let c = Cluster::dev();
     ok(c.admin(
-        &["users", "add", "alice", "--roles", "access", "--password-stdin"],
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--password-stdin",
+        ],
         Some(PASSWORD),
     ));
     ok(c.login("alice", PASSWORD, &[]));
     let err = fails(c.run(&["proxy", "app", "web1"], None));
-    assert!(err.contains("DNS name") && err.contains("jaunt login --proxy"), "{err}");
+    assert!(
+        err.contains("DNS name") && err.contains("jaunt login --proxy"),
+        "{err}"
+    );
 }

@@ -1028,7 +1028,13 @@ async fn connect(
             target = %request.target,
             "session refused: the audit queue is full"
         );
-        let _ = refuse(&mut stream, answer, Refusal::DialFailed, "audit queue full, try again").await;
+        let _ = refuse(
+            &mut stream,
+            answer,
+            Refusal::DialFailed,
+            "audit queue full, try again",
+        )
+        .await;
         return End::Done;
     }
     // From here on the session has started: the guard reports its end however it ends.
@@ -1069,7 +1075,9 @@ async fn connect(
     // The roles' client_idle_timeout tightens the engine's own.
     let idle = allowed
         .idle_timeout
-        .map_or(shard.limits().idle_timeout, |t| t.min(shard.limits().idle_timeout));
+        .map_or(shard.limits().idle_timeout, |t| {
+            t.min(shard.limits().idle_timeout)
+        });
     let spliced = futures_lite::future::or(splice_upstream(ctx, stream, upstream, idle), async {
         session.end.wait().await;
         End::Done
@@ -1339,7 +1347,8 @@ async fn open_upstream(
     let timed_out = || {
         let message = format!(
             "agent {host_id:?} did not answer within {:?} while connecting to {noun} {:?}",
-            shard.limits().handshake_timeout, request.target
+            shard.limits().handshake_timeout,
+            request.target
         );
         (Refusal::DialFailed, message)
     };
