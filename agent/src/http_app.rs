@@ -31,7 +31,6 @@ pub(crate) mod upstream;
 pub(crate) mod wire;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -44,6 +43,7 @@ use futures::future::{FutureExt, LocalBoxFuture, Shared};
 use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::TlsConnector;
 use jaunt_config::file::{AppProtocol, HostPort};
+#[cfg(test)]
 use jaunt_config::identity::unix_now;
 use jaunt_engine::server::dial::StreamHeader;
 use jaunt_engine::tunnel::{splice, Incoming, MuxStream, Side};
@@ -52,6 +52,7 @@ use rustls_pki_types::ServerName;
 
 use crate::error::{describe_io, Blame};
 use crate::hooks::{AgentHooks, AppRequest, AppRequestRecorder, AppSession, AppTokenProvider};
+use crate::issue_cache::{IssueCache, Limits};
 use crate::net;
 use crate::serve::LocalTarget;
 use crate::settings::Prepared;
@@ -93,12 +94,7 @@ struct TokenKey {
     app: String,
 }
 
-type Issued = Result<String, String>;
-
-enum Slot {
-    Ready { jwt: String, use_until: u64 },
-    Pending(Vec<oneshot::Sender<Issued>>),
-}
+type Issued = crate::issue_cache::Issued<String>;
 
 /// The TLS configuration for https apps, being loaded or loaded (shared by the connections that
 /// wait for it).
@@ -108,7 +104,7 @@ type TlsLoad = Shared<LocalBoxFuture<'static, Result<Arc<ClientConfig>, String>>
 pub(crate) struct AppState {
     provider: Option<Arc<dyn AppTokenProvider>>,
     recorder: Arc<dyn AppRequestRecorder>,
-    tokens: Rc<RefCell<HashMap<TokenKey, Slot>>>,
+    tokens: IssueCache<TokenKey, String>,
     /// For https apps: the host's trust roots, read on first use (a failure is retried by the
     /// next connection).
     tls: RefCell<Option<TlsLoad>>,
@@ -118,7 +114,7 @@ impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
             .field("provider", &self.provider.is_some())
-            .field("cached", &self.tokens.borrow().len())
+            .field("cached", &self.tokens.len())
             .finish_non_exhaustive()
     }
 }
@@ -134,7 +130,13 @@ impl AppState {
         AppState {
             provider: hooks.app_tokens.clone(),
             recorder: hooks.app_requests.clone(),
-            tokens: Rc::new(RefCell::new(HashMap::new())),
+            tokens: IssueCache::new(Limits {
+                max_pending: MAX_PENDING_TOKEN_REQUESTS,
+                max_cached: MAX_CACHED_TOKENS,
+                timeout: TOKEN_ISSUE_TIMEOUT,
+                what: "token",
+                thread: "jaunt-agent-appjwt",
+            }),
             tls: RefCell::new(None),
         }
     }
@@ -180,137 +182,27 @@ impl AppState {
     /// The JWT for `key`: cached, or issued now (shared with the other requests waiting for the
     /// same key). Must run on a glommio executor.
     async fn token(&self, key: &TokenKey, uri: &str) -> Issued {
-        let waiter = {
-            let mut tokens = self.tokens.borrow_mut();
-            match tokens.get_mut(key) {
-                Some(Slot::Ready { jwt, use_until }) if unix_now() < *use_until => {
-                    return Ok(jwt.clone());
-                }
-                Some(Slot::Pending(waiters)) => {
-                    let (tx, rx) = oneshot::channel();
-                    waiters.push(tx);
-                    Some(rx)
-                }
-                _ => None,
-            }
-        };
-        let rx = match waiter {
-            Some(rx) => rx,
-            None => self.start_issue(key, uri)?,
-        };
-        rx.await
-            .unwrap_or_else(|_| Err("the token request was abandoned".into()))
-    }
-
-    /// Registers a pending request for `key` and starts it: a thread runs the provider, a glommio
-    /// task waits for it (bounded) and answers every waiter.
-    fn start_issue(&self, key: &TokenKey, uri: &str) -> Result<oneshot::Receiver<Issued>, String> {
         let Some(provider) = self.provider.clone() else {
             return Err("this agent has no app token provider".into());
         };
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut tokens = self.tokens.borrow_mut();
-            let pending = tokens
-                .values()
-                .filter(|s| matches!(s, Slot::Pending(_)))
-                .count();
-            if pending >= MAX_PENDING_TOKEN_REQUESTS {
-                return Err(format!(
-                    "{MAX_PENDING_TOKEN_REQUESTS} token requests are already in flight; try \
-                     again in a moment"
-                ));
-            }
-            if tokens.len() >= MAX_CACHED_TOKENS {
-                let now = unix_now();
-                tokens.retain(|_, s| match s {
-                    Slot::Pending(_) => true,
-                    Slot::Ready { use_until, .. } => *use_until > now,
-                });
-                if tokens.len() >= MAX_CACHED_TOKENS {
-                    let victim = tokens
-                        .iter()
-                        .filter_map(|(k, s)| match s {
-                            Slot::Ready { use_until, .. } => Some((*use_until, k.clone())),
-                            Slot::Pending(_) => None,
-                        })
-                        .min_by_key(|(at, _)| *at);
-                    if let Some((_, k)) = victim {
-                        tokens.remove(&k);
-                    }
-                }
-            }
-            tokens.insert(key.clone(), Slot::Pending(vec![tx]));
-        }
-        let (done_tx, done_rx) = oneshot::channel();
         let (k, uri) = (key.clone(), uri.to_owned());
-        let spawned = std::thread::Builder::new()
-            .name("jaunt-agent-appjwt".into())
-            .spawn(move || {
-                // The agent may have stopped waiting; nothing to do then.
-                let _ = done_tx.send(provider.issue(&k.user, &k.roles, &k.app, &uri));
-            });
-        if let Err(e) = spawned {
-            complete(
-                &self.tokens,
+        let logged = key.clone();
+        self.tokens
+            .get(
                 key,
-                Err(format!("cannot start a token request thread: {e}")),
-            );
-            return Ok(rx);
-        }
-        let tokens = self.tokens.clone();
-        let key = key.clone();
-        glommio::spawn_local(async move {
-            let result = match net::timeout(TOKEN_ISSUE_TIMEOUT, done_rx).await {
-                None => Err(format!(
-                    "control did not issue a token within {TOKEN_ISSUE_TIMEOUT:?}"
-                )),
-                Some(Err(_)) => Err("the token request stopped without an answer".into()),
-                Some(Ok(issued)) => issued,
-            };
-            if let Err(e) = &result {
-                tracing::warn!(blame = %Blame::Config, user = %key.user, app = %key.app,
-                    error = %e, "no app token");
-            }
-            complete(&tokens, &key, result);
-        })
-        .detach();
-        Ok(rx)
-    }
-}
-
-/// Ends the pending request for `key`: caches a success, forgets a failure, answers every
-/// request that waited.
-fn complete(
-    tokens: &RefCell<HashMap<TokenKey, Slot>>,
-    key: &TokenKey,
-    result: Result<crate::hooks::AppToken, String>,
-) {
-    let mut map = tokens.borrow_mut();
-    let waiters = match map.remove(key) {
-        Some(Slot::Pending(waiters)) => waiters,
-        Some(ready) => {
-            map.insert(key.clone(), ready);
-            Vec::new()
-        }
-        None => Vec::new(),
-    };
-    let answer = result.and_then(checked).map(|token| {
-        let use_until = token.expires.saturating_sub(TOKEN_REFRESH_MARGIN);
-        if use_until > unix_now() {
-            map.insert(
-                key.clone(),
-                Slot::Ready {
-                    jwt: token.jwt.clone(),
-                    use_until,
+                move || provider.issue(&k.user, &k.roles, &k.app, &uri),
+                move |issued| {
+                    if let Err(e) = &issued {
+                        tracing::warn!(blame = %Blame::Config, user = %logged.user,
+                            app = %logged.app, error = %e, "no app token");
+                    }
+                    issued.and_then(checked).map(|token| {
+                        let use_until = token.expires.saturating_sub(TOKEN_REFRESH_MARGIN);
+                        (token.jwt, use_until)
+                    })
                 },
-            );
-        }
-        token.jwt
-    });
-    drop(map);
-    for waiter in waiters {
-        let _ = waiter.send(answer.clone());
+            )
+            .await
     }
 }
 

@@ -40,6 +40,7 @@ mod dial;
 mod error;
 mod hooks;
 mod http_app;
+mod issue_cache;
 mod net;
 pub mod policy;
 pub mod postgres;

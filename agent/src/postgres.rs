@@ -29,8 +29,6 @@
 
 pub mod wire;
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -38,7 +36,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::channel::oneshot;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::client::TlsStream;
 use futures_rustls::TlsConnector;
@@ -53,6 +50,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::error::{describe_io, Blame};
 use crate::hooks::{AgentHooks, DbCertProvider, DbClientCert, DbSession, QueryRecorder};
+use crate::issue_cache::{IssueCache, Limits};
 use crate::net;
 use crate::serve::LocalTarget;
 use crate::settings::{Prepared, Timeouts};
@@ -155,24 +153,16 @@ pub(crate) fn authorize(header: &StreamHeader, startup: &Startup) -> Result<DbLo
 pub(crate) struct DbState {
     provider: Option<Arc<dyn DbCertProvider>>,
     recorder: Arc<dyn QueryRecorder>,
-    certs: Rc<RefCell<HashMap<String, Slot>>>,
+    certs: IssueCache<String, Arc<ClientConfig>>,
 }
 
-type Issued = Result<Arc<ClientConfig>, String>;
-
-enum Slot {
-    Ready {
-        config: Arc<ClientConfig>,
-        refresh_at: u64,
-    },
-    Pending(Vec<oneshot::Sender<Issued>>),
-}
+type Issued = crate::issue_cache::Issued<Arc<ClientConfig>>;
 
 impl std::fmt::Debug for DbState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DbState")
             .field("provider", &self.provider.is_some())
-            .field("cached", &self.certs.borrow().len())
+            .field("cached", &self.certs.len())
             .finish_non_exhaustive()
     }
 }
@@ -194,7 +184,13 @@ impl DbState {
         DbState {
             provider: hooks.db_certs.clone(),
             recorder: hooks.db_queries.clone(),
-            certs: Rc::new(RefCell::new(HashMap::new())),
+            certs: IssueCache::new(Limits {
+                max_pending: MAX_PENDING_CERT_REQUESTS,
+                max_cached: MAX_CACHED_DB_USERS,
+                timeout: CERT_ISSUE_TIMEOUT,
+                what: "certificate",
+                thread: "jaunt-agent-dbcert",
+            }),
         }
     }
 
@@ -205,154 +201,37 @@ impl DbState {
     /// A TLS client configuration for `db_user`: cached, or issued now (shared with the other
     /// sessions waiting for the same user). Must run on a glommio executor.
     pub(crate) async fn client_config(&self, db_user: &str, requested_by: &str) -> Issued {
-        let waiter = {
-            let mut certs = self.certs.borrow_mut();
-            let now = unix_now();
-            match certs.get_mut(db_user) {
-                Some(Slot::Ready { config, refresh_at }) if now < *refresh_at => {
-                    return Ok(config.clone());
-                }
-                Some(Slot::Pending(waiters)) => {
-                    let (tx, rx) = oneshot::channel();
-                    waiters.push(tx);
-                    Some(rx)
-                }
-                _ => None,
-            }
-        };
-        let rx = match waiter {
-            Some(rx) => rx,
-            None => self.start_issue(db_user, requested_by)?,
-        };
-        rx.await
-            .unwrap_or_else(|_| Err("the certificate request was abandoned".into()))
-    }
-
-    /// Registers a pending request for `db_user` and starts it: a thread runs the provider, a
-    /// glommio task waits for it (bounded) and completes every waiter.
-    fn start_issue(
-        &self,
-        db_user: &str,
-        requested_by: &str,
-    ) -> Result<oneshot::Receiver<Issued>, String> {
         let Some(provider) = self.provider.clone() else {
             return Err("this agent has no database certificate provider".into());
         };
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut certs = self.certs.borrow_mut();
-            let pending = certs
-                .values()
-                .filter(|s| matches!(s, Slot::Pending(_)))
-                .count();
-            if pending >= MAX_PENDING_CERT_REQUESTS {
-                return Err(format!(
-                    "{MAX_PENDING_CERT_REQUESTS} certificate requests are already in flight; \
-                     try again in a moment"
-                ));
-            }
-            if certs.len() >= MAX_CACHED_DB_USERS {
-                let now = unix_now();
-                certs.retain(|_, s| match s {
-                    Slot::Pending(_) => true,
-                    Slot::Ready { refresh_at, .. } => *refresh_at > now,
-                });
-                if certs.len() >= MAX_CACHED_DB_USERS {
-                    let victim = certs
-                        .iter()
-                        .filter_map(|(k, s)| match s {
-                            Slot::Ready { refresh_at, .. } => Some((*refresh_at, k.clone())),
-                            Slot::Pending(_) => None,
-                        })
-                        .min();
-                    if let Some((_, key)) = victim {
-                        certs.remove(&key);
-                    }
-                }
-            }
-            certs.insert(db_user.to_owned(), Slot::Pending(vec![tx]));
-        }
-        let (done_tx, done_rx) = oneshot::channel::<Result<DbClientCert, String>>();
         let (user, by) = (db_user.to_owned(), requested_by.to_owned());
-        let spawned = std::thread::Builder::new()
-            .name("jaunt-agent-dbcert".into())
-            .spawn(move || {
-                // The agent may have stopped waiting; nothing to do then.
-                let _ = done_tx.send(provider.issue(&user, &by));
-            });
-        if let Err(e) = spawned {
-            complete(
-                &self.certs,
-                db_user,
-                Err(format!("cannot start a certificate request thread: {e}")),
-            );
-            return Ok(rx);
-        }
-        let certs = self.certs.clone();
-        let db_user = db_user.to_owned();
-        glommio::spawn_local(async move {
-            let result = match net::timeout(CERT_ISSUE_TIMEOUT, done_rx).await {
-                None => Err(format!(
-                    "control did not issue a certificate within {CERT_ISSUE_TIMEOUT:?}"
-                )),
-                Some(Err(_)) => Err("the certificate request stopped without an answer".into()),
-                Some(Ok(issued)) => issued.and_then(|cert| {
-                    let config = client_config(&cert)?;
-                    Ok((config, cert.expires))
-                }),
-            };
-            match &result {
-                Ok((_, expires)) => tracing::info!(
-                    db_user = %db_user,
-                    expires,
-                    "database client certificate issued"
-                ),
-                Err(e) => tracing::warn!(
-                    blame = %Blame::Config,
-                    db_user = %db_user,
-                    error = %e,
-                    "no database client certificate"
-                ),
-            }
-            complete(&certs, &db_user, result);
-        })
-        .detach();
-        Ok(rx)
-    }
-}
-
-/// Ends the pending request for `db_user`: caches a success, forgets a failure, and answers
-/// every session that waited.
-fn complete(
-    certs: &RefCell<HashMap<String, Slot>>,
-    db_user: &str,
-    result: Result<(Arc<ClientConfig>, u64), String>,
-) {
-    let mut map = certs.borrow_mut();
-    let waiters = match map.remove(db_user) {
-        Some(Slot::Pending(waiters)) => waiters,
-        Some(ready) => {
-            map.insert(db_user.to_owned(), ready);
-            Vec::new()
-        }
-        None => Vec::new(),
-    };
-    let answer = match result {
-        Ok((config, expires)) => {
-            map.insert(
-                db_user.to_owned(),
-                Slot::Ready {
-                    config: config.clone(),
-                    refresh_at: refresh_at(unix_now(), expires),
+        let logged = db_user.to_owned();
+        self.certs
+            .get(
+                &db_user.to_owned(),
+                move || provider.issue(&user, &by),
+                move |issued| {
+                    let result = issued.and_then(|cert| {
+                        let config = client_config(&cert)?;
+                        Ok((config, cert.expires))
+                    });
+                    match &result {
+                        Ok((_, expires)) => tracing::info!(
+                            db_user = %logged,
+                            expires,
+                            "database client certificate issued"
+                        ),
+                        Err(e) => tracing::warn!(
+                            blame = %Blame::Config,
+                            db_user = %logged,
+                            error = %e,
+                            "no database client certificate"
+                        ),
+                    }
+                    result.map(|(config, expires)| (config, refresh_at(unix_now(), expires)))
                 },
-            );
-            Ok(config)
-        }
-        Err(e) => Err(e),
-    };
-    drop(map);
-    for waiter in waiters {
-        let _ = waiter.send(answer.clone());
+            )
+            .await
     }
 }
 
