@@ -4,7 +4,10 @@
 //! `jaunt-tcp`, client certificate from `$JAUNT_HOME`.
 //!
 //! After the handshake the client sends one [`DialRequest`] and reads one [`DialResponse`]; on
-//! `ok` the connection carries the user's protocol (SSH, PostgreSQL, TCP) end to end.
+//! `ok` the connection carries the user's protocol (SSH, PostgreSQL, TCP) end to end. The response
+//! is read to its last byte and not one further: the target's first bytes often arrive in the
+//! same read (under load, the dial answer and sshd's banner share a TLS record), and they are
+//! the session's, delivered by [`pipe_fds`] before it waits for the socket again.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -21,8 +24,6 @@ use crate::profile::{Profile, ProfileInfo};
 
 /// How long to wait for the engine to answer a dial.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
-/// Largest dial response read before giving up on a peer that is not a Jaunt engine.
-const MAX_RESPONSE_BYTES: usize = 4096;
 
 /// A TLS stream to the engine, connected to a target.
 pub type Session = StreamOwned<ClientConnection, TcpStream>;
@@ -98,31 +99,16 @@ impl Dialer {
         tls.write_all(&request.encode())
             .map_err(|e| handshake_error(e, &self.proxy))?;
         tls.flush()?;
-        let mut buf = Vec::with_capacity(256);
-        let mut chunk = [0u8; 256];
-        let response = loop {
-            if let Some((resp, used)) = DialResponse::parse(&buf)
-                .map_err(|e| anyhow!("the proxy answered gibberish: {e}"))?
-            {
-                if used != buf.len() {
-                    bail!("the proxy sent data before the dial was answered");
-                }
-                break resp;
+        let response = read_dial_response(&mut tls).map_err(|e| match e {
+            ResponseError::Io(e) => handshake_error(e, &self.proxy),
+            ResponseError::Closed => {
+                anyhow!("the proxy closed the connection before answering the dial")
             }
-            if buf.len() > MAX_RESPONSE_BYTES {
-                bail!(
-                    "the proxy's answer is too long: is {} a Jaunt proxy?",
-                    self.proxy
-                );
-            }
-            let n = tls
-                .read(&mut chunk)
-                .map_err(|e| handshake_error(e, &self.proxy))?;
-            if n == 0 {
-                bail!("the proxy closed the connection before answering the dial");
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
+            ResponseError::Gibberish(e) => anyhow!(
+                "the proxy answered gibberish ({e}): is {} a Jaunt proxy?",
+                self.proxy
+            ),
+        })?;
         if !response.ok {
             bail!(
                 "{}",
@@ -133,6 +119,41 @@ impl Dialer {
         }
         tls.sock.set_read_timeout(None)?;
         Ok(tls)
+    }
+}
+
+/// Why [`read_dial_response`] found no answer.
+#[derive(Debug)]
+enum ResponseError {
+    Io(std::io::Error),
+    /// The stream ended inside the frame.
+    Closed,
+    /// The frame is not a dial response (length out of bounds, or not its JSON).
+    Gibberish(jaunt_engine::server::dial::DialError),
+}
+
+/// Reads exactly one dial response frame: the length prefix, then that many bytes, and not one
+/// byte more. What follows the frame (the node's SSH banner, often in the same TLS record under
+/// load) is the session's and stays in the stream for [`pipe_fds`] to deliver.
+fn read_dial_response(stream: &mut impl Read) -> Result<DialResponse, ResponseError> {
+    use jaunt_engine::server::dial::{split_frame, LENGTH_PREFIX_BYTES, MAX_DIAL_RESPONSE_BYTES};
+    let read_exact = |stream: &mut dyn Read, buf: &mut [u8]| {
+        stream.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ResponseError::Closed,
+            _ => ResponseError::Io(e),
+        })
+    };
+    let mut frame = vec![0u8; LENGTH_PREFIX_BYTES];
+    read_exact(stream, &mut frame)?;
+    // Checks the length against the bound before reading the body.
+    split_frame(&frame, MAX_DIAL_RESPONSE_BYTES).map_err(ResponseError::Gibberish)?;
+    let len = usize::from(u16::from_be_bytes([frame[0], frame[1]]));
+    frame.resize(LENGTH_PREFIX_BYTES + len, 0);
+    read_exact(stream, &mut frame[LENGTH_PREFIX_BYTES..])?;
+    match DialResponse::parse(&frame) {
+        Ok(Some((response, _))) => Ok(response),
+        Ok(None) => Err(ResponseError::Closed),
+        Err(e) => Err(ResponseError::Gibberish(e)),
     }
 }
 
@@ -300,9 +321,14 @@ fn pipe_fds(
     use std::os::unix::io::AsRawFd;
     let sock_fd = session.sock.as_raw_fd();
     let mut input_open = true;
-    let mut remote_open = true;
     let mut buf = vec![0u8; 64 * 1024];
-    while remote_open {
+    loop {
+        // Deliver what rustls already holds decrypted before sleeping in poll(2): bytes that
+        // arrived with the dial response (or in one socket read with earlier records) are in
+        // no socket any more, and the far end may wait for our answer to them.
+        if !deliver_plaintext(&mut session, output, &mut buf)? {
+            break;
+        }
         // Flush anything rustls has buffered before sleeping.
         while session.conn.wants_write() {
             session.conn.write_tls(&mut session.sock)?;
@@ -328,35 +354,20 @@ fn pipe_fds(
             return Err(err.into());
         }
         if fds[0].revents != 0 {
-            // Read what arrived and everything rustls already decrypted.
-            match session.conn.read_tls(&mut session.sock) {
-                Ok(0) => remote_open = false,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            let eof = match session.conn.read_tls(&mut session.sock) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
                 Err(e) => return Err(e.into()),
-            }
+            };
             session
                 .conn
                 .process_new_packets()
                 .map_err(|e| anyhow!("TLS error from the proxy: {e}"))?;
-            loop {
-                match session.conn.reader().read(&mut buf) {
-                    Ok(0) => {
-                        remote_open = false;
-                        break;
-                    }
-                    Ok(n) => {
-                        output.write_all(&buf[..n])?;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        remote_open = false;
-                        break;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+            if eof {
+                deliver_plaintext(&mut session, output, &mut buf)?;
+                break;
             }
-            output.flush()?;
         }
         if input_open && fds[1].revents != 0 {
             let n = input.read(&mut buf)?;
@@ -370,6 +381,39 @@ fn pipe_fds(
         }
     }
     Ok(())
+}
+
+/// Writes every byte rustls has decrypted to `output`; `false` once the proxy has ended its
+/// side (close_notify, or the connection closed).
+fn deliver_plaintext(
+    session: &mut Session,
+    output: &mut dyn Write,
+    buf: &mut [u8],
+) -> anyhow::Result<bool> {
+    let mut open = true;
+    let mut wrote = false;
+    loop {
+        match session.conn.reader().read(buf) {
+            Ok(0) => {
+                open = false;
+                break;
+            }
+            Ok(n) => {
+                output.write_all(&buf[..n])?;
+                wrote = true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                open = false;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if wrote {
+        output.flush()?;
+    }
+    Ok(open)
 }
 
 /// `poll(2)` without a timeout. The only unsafe call in the crate's client path, kept tiny.
@@ -418,4 +462,147 @@ pub fn serve_local(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::{ServerConfig, ServerConnection};
+
+    /// A stand-in engine on 127.0.0.1:0 (TLS, certificate for `localhost`) and a [`Dialer`]
+    /// that trusts it.
+    fn engine_and_dialer() -> (TcpListener, Arc<ServerConfig>, Dialer) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_ca_cert_der(ca_cert.der(), ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+            )
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let client_cert = CertificateParams::new(vec!["alice".to_string()])
+            .unwrap()
+            .signed_by(&client_key, &issuer)
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dialer = Dialer {
+            proxy: format!("localhost:{port}"),
+            server_name: ServerName::try_from("localhost").unwrap(),
+            roots: Arc::new(roots),
+            chain: vec![CertificateDer::from(client_cert.der().to_vec())],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client_key.serialize_der())),
+        };
+        (listener, Arc::new(server), dialer)
+    }
+
+    fn ssh_request() -> DialRequest {
+        DialRequest {
+            kind: DialKind::Ssh,
+            target: "node1".into(),
+            login: Some("root".into()),
+            db_user: None,
+            db_name: None,
+        }
+    }
+
+    const BANNER: &[u8] = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n";
+
+    /// The engine's answer and the node's first bytes in one TLS record (one read for the
+    /// client), as happens under load: the session starts with those bytes, and they reach the
+    /// local side although the node then waits for our answer (no further socket data).
+    #[test]
+    fn bytes_after_the_dial_response_belong_to_the_session() {
+        let (listener, server, dialer) = engine_and_dialer();
+        let engine = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let conn = ServerConnection::new(server).unwrap();
+            let mut tls = StreamOwned::new(conn, tcp);
+            let mut prefix = [0u8; 2];
+            tls.read_exact(&mut prefix).unwrap();
+            let mut body = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
+            tls.read_exact(&mut body).unwrap();
+            let mut first = DialResponse::ok().encode();
+            first.extend_from_slice(BANNER);
+            tls.write_all(&first).unwrap();
+            tls.flush().unwrap();
+            // The node speaks again only when answered.
+            let mut answer = [0u8; 5];
+            tls.read_exact(&mut answer).unwrap();
+            assert_eq!(&answer, b"hello");
+            tls.write_all(b"bye").unwrap();
+            tls.conn.send_close_notify();
+            tls.flush().unwrap();
+        });
+        let session = dialer.dial(&ssh_request()).expect("the dial succeeds");
+        let local_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut user = TcpStream::connect(local_listener.local_addr().unwrap()).unwrap();
+        let (local, _) = local_listener.accept().unwrap();
+        let pipe = std::thread::spawn(move || pipe_tcp(session, local));
+        // A deadline, not an ordering sleep: without the banner the test fails instead of
+        // hanging.
+        user.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut banner = vec![0u8; BANNER.len()];
+        user.read_exact(&mut banner)
+            .expect("the node's banner reaches the user");
+        assert_eq!(banner, BANNER);
+        user.write_all(b"hello").unwrap();
+        let mut rest = Vec::new();
+        user.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"bye");
+        engine.join().unwrap();
+        pipe.join().unwrap().unwrap();
+    }
+
+    /// A refusal is reported with the engine's reason; a frame that is no dial response is
+    /// reported as such, not waited for.
+    #[test]
+    fn refusals_and_gibberish_are_errors() {
+        for (answer, expect) in [
+            (
+                DialResponse::error("access denied to node \"node1\"").encode(),
+                "access denied",
+            ),
+            (b"\xff\xffSSH-2.0-x".to_vec(), "gibberish"),
+            (vec![0, 9, b'{'], "closed the connection"),
+        ] {
+            let (listener, server, dialer) = engine_and_dialer();
+            let engine = std::thread::spawn(move || {
+                let (tcp, _) = listener.accept().unwrap();
+                let mut tls = StreamOwned::new(ServerConnection::new(server).unwrap(), tcp);
+                let mut prefix = [0u8; 2];
+                tls.read_exact(&mut prefix).unwrap();
+                let mut body = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
+                tls.read_exact(&mut body).unwrap();
+                tls.write_all(&answer).unwrap();
+                tls.conn.send_close_notify();
+                tls.flush().unwrap();
+            });
+            let Err(err) = dialer.dial(&ssh_request()) else {
+                panic!("the dial succeeds");
+            };
+            assert!(format!("{err:#}").contains(expect), "{err:#}");
+            engine.join().unwrap();
+        }
+    }
 }

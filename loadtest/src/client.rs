@@ -195,22 +195,23 @@ impl Target {
                 };
                 s.write_all(&request.encode())?;
                 s.flush()?;
-                let mut buf = Vec::with_capacity(256);
-                let mut chunk = [0u8; 256];
-                let response = loop {
-                    if let Some((resp, used)) =
-                        DialResponse::parse(&buf).map_err(|e| anyhow!("bad dial response: {e}"))?
-                    {
-                        if used != buf.len() {
-                            bail!("data before the dial response");
-                        }
-                        break resp;
-                    }
-                    let n = s.read(&mut chunk).context("reading the dial response")?;
-                    if n == 0 {
-                        bail!("the engine closed before answering the dial");
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
+                // Exactly the response's frame: the target's first bytes may follow it in the
+                // same read, and they belong to the stream.
+                let mut frame = vec![0u8; 2];
+                s.read_exact(&mut frame)
+                    .context("reading the dial response")?;
+                let len = usize::from(u16::from_be_bytes([frame[0], frame[1]]));
+                if len == 0 || len > jaunt_engine::server::dial::MAX_DIAL_RESPONSE_BYTES {
+                    bail!("bad dial response: frame length {len}");
+                }
+                frame.resize(2 + len, 0);
+                s.read_exact(&mut frame[2..])
+                    .context("reading the dial response")?;
+                let response = match DialResponse::parse(&frame)
+                    .map_err(|e| anyhow!("bad dial response: {e}"))?
+                {
+                    Some((response, _)) => response,
+                    None => bail!("bad dial response: short frame"),
                 };
                 if !response.ok {
                     bail!(

@@ -10,6 +10,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod sshd;
+#[allow(unused_imports)]
+pub use sshd::*;
+
 /// How long a cluster may take to print its banner (a debug build hashes the admin password).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
