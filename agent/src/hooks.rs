@@ -79,7 +79,8 @@ impl QueryRecorder for LogQueries {
     fn record(&self, session: &DbSession, query: &ClientQuery) {
         let statement = match &query.kind {
             crate::postgres::wire::QueryKind::Parse { statement } => statement.as_str(),
-            crate::postgres::wire::QueryKind::Simple => "",
+            crate::postgres::wire::QueryKind::Simple
+            | crate::postgres::wire::QueryKind::Prepare => "",
         };
         tracing::info!(
             user = %session.user,

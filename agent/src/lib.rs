@@ -41,6 +41,7 @@ mod error;
 mod hooks;
 mod http_app;
 mod issue_cache;
+pub mod mysql;
 mod net;
 pub mod policy;
 pub mod postgres;

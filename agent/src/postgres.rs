@@ -29,6 +29,8 @@
 
 pub mod wire;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -154,6 +156,9 @@ pub(crate) struct DbState {
     provider: Option<Arc<dyn DbCertProvider>>,
     recorder: Arc<dyn QueryRecorder>,
     certs: IssueCache<String, Arc<ClientConfig>>,
+    /// MySQL services' server version strings, as their servers last announced them (the
+    /// agent greets MySQL clients before it meets the server).
+    mysql_versions: RefCell<HashMap<String, String>>,
 }
 
 type Issued = crate::issue_cache::Issued<Arc<ClientConfig>>;
@@ -191,7 +196,30 @@ impl DbState {
                 what: "certificate",
                 thread: "jaunt-agent-dbcert",
             }),
+            mysql_versions: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// Where queries go.
+    pub(crate) fn recorder(&self) -> Arc<dyn QueryRecorder> {
+        self.recorder.clone()
+    }
+
+    /// The version the MySQL service `service`'s server last announced.
+    pub(crate) fn mysql_version(&self, service: &str) -> Option<String> {
+        self.mysql_versions.borrow().get(service).cloned()
+    }
+
+    /// Remembers `version` for `service` (bounded: a full map is cleared first).
+    pub(crate) fn remember_mysql_version(&self, service: &str, version: &str) {
+        let mut map = self.mysql_versions.borrow_mut();
+        if map.get(service).map(String::as_str) == Some(version) {
+            return;
+        }
+        if map.len() >= MAX_CACHED_DB_USERS && !map.contains_key(service) {
+            map.clear();
+        }
+        map.insert(service.to_owned(), version.to_owned());
     }
 
     pub(crate) fn has_provider(&self) -> bool {

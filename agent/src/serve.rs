@@ -18,7 +18,7 @@
 use std::fmt;
 use std::rc::Rc;
 
-use jaunt_config::file::{AgentServices, AppProtocol, HostPort};
+use jaunt_config::file::{AgentServices, AppProtocol, DbProtocol, HostPort};
 use jaunt_engine::server::dial::{DialKind, StreamHeader};
 use jaunt_engine::tunnel::{splice, Incoming, Side, SpliceError, Spliced};
 use tracing::Instrument;
@@ -293,8 +293,19 @@ async fn serve_local(
             incoming.refuse(&refusal.to_string());
             return;
         }
-        // PostgreSQL is spoken, not spliced: the agent logs in to the server itself.
-        crate::postgres::serve(incoming, header, local, prepared).await;
+        // Databases are spoken, not spliced: the agent logs in to the server itself.
+        let protocol = prepared
+            .services
+            .dbs
+            .iter()
+            .find(|d| d.name == header.target)
+            .map(|d| d.protocol);
+        match protocol {
+            Some(DbProtocol::Mysql) => {
+                crate::mysql::serve(incoming, header, local, prepared).await;
+            }
+            _ => crate::postgres::serve(incoming, header, local, prepared).await,
+        }
         return;
     }
     if header.kind == DialKind::App {
@@ -379,7 +390,7 @@ pub(crate) fn log_splice_outcome(outcome: Result<Spliced, SpliceError>, what: &'
 mod tests {
     use std::collections::BTreeMap;
 
-    use jaunt_config::file::{AppService, DbProtocol, DbService, SshService};
+    use jaunt_config::file::{AppService, DbService, SshService};
 
     use super::*;
 

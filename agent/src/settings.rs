@@ -159,6 +159,7 @@ impl AgentSettings {
         for db in &self.services.dbs {
             let protocol = match db.protocol {
                 DbProtocol::Postgres => ResourceProtocol::Postgres,
+                DbProtocol::Mysql => ResourceProtocol::Mysql,
             };
             resources.push(Resource {
                 kind: ResourceKind::Db,

@@ -260,7 +260,20 @@ pub enum AppProtocol {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DbProtocol {
+    /// PostgreSQL (`postgres://`, `postgresql://`; default port 5432).
     Postgres,
+    /// MySQL or MariaDB (`mysql://`, `mariadb://`; default port 3306).
+    Mysql,
+}
+
+impl DbProtocol {
+    /// Stable label, as `jaunt ls dbs` shows it: `postgres` or `mysql`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbProtocol::Postgres => "postgres",
+            DbProtocol::Mysql => "mysql",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -1200,12 +1213,13 @@ fn validate_services(file: FileServices) -> Result<AgentServices, Invalid> {
                 format!("duplicate db name {:?}", db.name),
             ));
         }
-        let addr = parse_db_uri(&db.uri).map_err(|why| Invalid::new(format!("{at}.uri"), why))?;
+        let (protocol, addr) =
+            parse_db_uri(&db.uri).map_err(|why| Invalid::new(format!("{at}.uri"), why))?;
         validate_labels(&db.labels, &format!("{at}.labels"))?;
         dbs.push(DbService {
             name: db.name,
             uri: db.uri,
-            protocol: DbProtocol::Postgres,
+            protocol,
             addr,
             labels: db.labels,
         });
@@ -1231,15 +1245,18 @@ fn parse_app_uri(uri: &str) -> Result<(AppProtocol, HostPort), String> {
     Ok((protocol, addr))
 }
 
-fn parse_db_uri(uri: &str) -> Result<HostPort, String> {
-    const EXPECTED: &str = "expected a URI starting with postgres://";
+fn parse_db_uri(uri: &str) -> Result<(DbProtocol, HostPort), String> {
+    const EXPECTED: &str = "expected a URI starting with postgres:// or mysql://";
     let (scheme, rest) = uri.split_once("://").ok_or_else(|| EXPECTED.to_string())?;
-    if scheme != "postgres" && scheme != "postgresql" {
-        return Err(format!("{EXPECTED} (found {scheme}://)"));
-    }
+    let (protocol, port, example) = match scheme {
+        "postgres" | "postgresql" => (DbProtocol::Postgres, 5432, "postgres://127.0.0.1:5432"),
+        "mysql" | "mariadb" => (DbProtocol::Mysql, 3306, "mysql://127.0.0.1:3306"),
+        _ => return Err(format!("{EXPECTED} (found {scheme}://)")),
+    };
     let (authority, _database) = split_authority(rest);
-    parse_authority(authority, Some(5432))
-        .map_err(|why| format!("expected a URI such as postgres://127.0.0.1:5432 ({why})"))
+    let addr = parse_authority(authority, Some(port))
+        .map_err(|why| format!("expected a URI such as {example} ({why})"))?;
+    Ok((protocol, addr))
 }
 
 /// `host:port/path?query` → (`host:port`, `/path?query`).
@@ -1651,8 +1668,8 @@ mod tests {
              (app names are DNS labels: the app is reached at <name>.<public host>)"
         );
         assert_eq!(
-            error("agent:\n  proxy_addr: p:443\n  services:\n    dbs:\n      - name: pg\n        uri: mysql://x\n"),
-            "jaunt.yaml:6:9: agent.services.dbs[0].uri: expected a URI starting with postgres:// (found mysql://)"
+            error("agent:\n  proxy_addr: p:443\n  services:\n    dbs:\n      - name: pg\n        uri: redis://x\n"),
+            "jaunt.yaml:6:9: agent.services.dbs[0].uri: expected a URI starting with postgres:// or mysql:// (found redis://)"
         );
         assert_eq!(
             error("audit:\n  file: { max_files: 3 }\nagent: { proxy_addr: 'p:1' }\n"),
@@ -1827,9 +1844,14 @@ mod tests {
         assert_eq!(
             parse_db_uri("postgresql://db.internal:6432/x?sslmode=require")
                 .unwrap()
+                .1
                 .port,
             6432
         );
+        let (protocol, addr) = parse_db_uri("mysql://127.0.0.1").unwrap();
+        assert_eq!((protocol, addr.port), (DbProtocol::Mysql, 3306));
+        let (protocol, addr) = parse_db_uri("mariadb://db.internal:3307/app").unwrap();
+        assert_eq!((protocol, addr.port), (DbProtocol::Mysql, 3307));
     }
 
     #[test]

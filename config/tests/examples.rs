@@ -188,7 +188,7 @@ fn bad_configs() -> Vec<(String, &'static str)> {
         ),
         (
             format!("{AGENT}  services:\n    dbs: [ {{ name: pg1, uri: '127.0.0.1:5432' }} ]\n"),
-            "jaunt.yaml:5:25: agent.services.dbs[0].uri: expected a URI starting with postgres://",
+            "jaunt.yaml:5:25: agent.services.dbs[0].uri: expected a URI starting with postgres:// or mysql://",
         ),
         (
             format!("{AGENT}  token: abc\n  token_file: /etc/jaunt/token\n"),

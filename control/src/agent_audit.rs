@@ -122,7 +122,8 @@ pub struct DbQueryEvent {
     pub database: String,
     /// The user's address as the engine saw it.
     pub client_addr: String,
-    /// `query` (simple) or `parse` (extended protocol).
+    /// `query` (simple; MySQL `COM_QUERY`), `parse` (PostgreSQL extended protocol) or
+    /// `prepare` (MySQL `COM_STMT_PREPARE`).
     pub kind: String,
     /// The prepared statement's name (`parse` only; empty = unnamed).
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -221,9 +222,14 @@ impl AgentEvent {
             AgentEvent::DbQuery(e) => {
                 text("service", &e.service, 1, 253)?;
                 crate::db_cmd::valid_db_user(&e.db_user)?;
-                text("database", &e.database, 1, crate::db_cmd::MAX_DB_USER_BYTES)?;
-                if e.kind != "query" && e.kind != "parse" {
-                    return Err(format!("kind: {:?}: expected query or parse", e.kind));
+                // Empty: a MySQL session that opened no database. 256 bytes: MySQL's 64
+                // characters of UTF-8 (PostgreSQL's names are shorter).
+                text("database", &e.database, 0, 256)?;
+                if !matches!(e.kind.as_str(), "query" | "parse" | "prepare") {
+                    return Err(format!(
+                        "kind: {:?}: expected query, parse or prepare",
+                        e.kind
+                    ));
                 }
                 text("statement", &e.statement, 0, 256)?;
                 if e.query.len() > MAX_RECORDED_QUERY_BYTES {
@@ -572,7 +578,7 @@ impl QueryRecorder for AgentAuditRecorder {
         LogQueries.record(session, query);
         let statement = match &query.kind {
             QueryKind::Parse { statement } => statement.clone(),
-            QueryKind::Simple => String::new(),
+            QueryKind::Simple | QueryKind::Prepare => String::new(),
         };
         self.enqueue(AgentEvent::DbQuery(DbQueryEvent {
             uid: audit::uid(),

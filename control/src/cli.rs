@@ -209,8 +209,9 @@ enum ProxyCommand {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
-    /// A local PostgreSQL listener: any client (psql, an IDE, an app) connected to it reaches
-    /// the database through the cluster as --db-user, with no password and sslmode=disable.
+    /// A local PostgreSQL or MySQL listener (as the database speaks): any client (psql,
+    /// mariadb, an IDE, an app) connected to it reaches the database through the cluster as
+    /// --db-user, with no password and no TLS to the listener.
     Db {
         /// The database's name (`jaunt ls dbs`).
         name: String,
@@ -228,7 +229,8 @@ enum ProxyCommand {
 
 #[derive(Subcommand, Debug)]
 enum DbCommand {
-    /// Run psql connected to a database through the cluster; exits with psql's exit code.
+    /// Run the database's client (psql; mariadb or mysql) connected to it through the cluster;
+    /// exits with the client's exit code.
     #[command(trailing_var_arg = true)]
     Connect {
         /// The database's name (`jaunt ls dbs`).
@@ -239,7 +241,8 @@ enum DbCommand {
         /// The database to open (one of your certificate's db names); default: the user's.
         #[arg(long, value_name = "NAME")]
         db_name: Option<String>,
-        /// Arguments for psql, after `--` (e.g. `-- -tAc 'select 1'`).
+        /// Arguments for the client, after `--` (e.g. `-- -tAc 'select 1'` for psql,
+        /// `-- -e 'select 1'` for mariadb).
         #[arg(allow_hyphen_values = true)]
         psql_args: Vec<String>,
     },
@@ -403,7 +406,8 @@ enum CaCommand {
         ttl: Option<String>,
     },
     /// Make a TLS key here and have the db CA certify it, for a PostgreSQL server
-    /// (ssl_cert_file, ssl_key_file; ssl_ca_file is `jaunt ca export --type db`).
+    /// (ssl_cert_file, ssl_key_file; ssl_ca_file is `jaunt ca export --type db`) or a
+    /// MySQL/MariaDB server (ssl_cert, ssl_key, ssl_ca).
     SignDb {
         /// Host names or IP addresses the agent dials the server by, comma-separated (the
         /// first names the files; localhost also covers 127.0.0.1 and ::1).

@@ -1,4 +1,4 @@
-//! PostgreSQL access, control and client side:
+//! Database access (PostgreSQL, MySQL/MariaDB), control and client side:
 //!
 //! - the API bodies of `POST /v1/db/cert` (an agent gets a client certificate for a database
 //!   user from the db CA) and `POST /v1/ca/sign-db` (an admin gets a server certificate for a
@@ -7,11 +7,16 @@
 //!   call with the agent's host identity, through the proxy;
 //! - `jaunt ca sign-db`, `jaunt proxy db` and `jaunt db connect`.
 //!
-//! The user's client speaks plain PostgreSQL to a local listener on 127.0.0.1; every connection
-//! becomes one dial (ALPN `jaunt-postgres`) through the engine to the agent, which logs in to the
-//! server with a certificate for the database user. When the dial itself is refused, the
-//! listener answers the client in PostgreSQL (an ErrorResponse after its startup message), so
-//! `psql` prints the reason as `FATAL:  jaunt: ...` instead of "server closed the connection".
+//! The user's client speaks plain PostgreSQL or MySQL to a local listener on 127.0.0.1; every
+//! connection becomes one dial (kind `db`, ALPN `jaunt-postgres` whatever the database's
+//! protocol: the engine only routes it) through the engine to the agent, which logs in to the
+//! server with a certificate for the database user. Which protocol a database speaks comes
+//! from the inventory (`GET /v1/inventory`, as `jaunt ls dbs` shows it): it picks the client
+//! `jaunt db connect` runs (`psql`, else `mariadb` or `mysql`) and the language of local
+//! refusals. When the dial itself is refused, the listener answers the client in its protocol
+//! (PostgreSQL: an ErrorResponse after its startup message; MySQL: an ERR packet in place of
+//! the server's greeting), so the client prints the reason (`FATAL:  jaunt: ...`,
+//! `ERROR 1045 (HY000): jaunt: ...`) instead of "server closed the connection".
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
@@ -22,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
+use jaunt_agent::mysql::wire as mysql_wire;
 use jaunt_agent::postgres::wire::{self, FirstMessage};
 use jaunt_agent::{AgentHooks, DbCertProvider, DbClientCert};
 use jaunt_config::identity::{Identity, IdentityKind};
@@ -320,7 +326,40 @@ pub fn sign_db(
     );
     println!("For pg_hba.conf (agents log in with certificates whose CN is the database user):");
     println!("  hostssl all all 127.0.0.1/32 cert");
+    println!(
+        "For MySQL/MariaDB ([mariadbd] or [mysqld] in my.cnf; the key must be readable by the \
+         server's user: chown mysql):"
+    );
+    println!("  ssl_cert = {}", cert_path.display());
+    println!("  ssl_key = {}", key_path.display());
+    println!(
+        "  ssl_ca = {}   # also: jaunt ca export --type db",
+        ca_path.display()
+    );
+    println!(
+        "and for each database user (no password; agents log in with a certificate whose CN is \
+         the user):"
+    );
+    println!(
+        "  CREATE USER 'alice'@'%' REQUIRE SUBJECT '{}';   -- or REQUIRE X509",
+        db_client_subject(&cluster_of(&resp.tls_cert), "alice")
+    );
     Ok(())
+}
+
+/// The subject of the db client certificates control issues for `db_user`, as MySQL and
+/// MariaDB spell it in `REQUIRE SUBJECT` (`/CN=user/O=cluster`, in certificate order).
+pub fn db_client_subject(cluster: &str, db_user: &str) -> String {
+    format!("/CN={db_user}/O={cluster}")
+}
+
+/// The cluster a certificate from control was issued by (its `O=`); `CLUSTER` if unreadable.
+fn cluster_of(cert_pem: &str) -> String {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .ok()
+        .and_then(|der| Identity::from_x509_der(&der).ok())
+        .map_or_else(|| "CLUSTER".to_string(), |id| id.cluster)
 }
 
 fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -346,38 +385,97 @@ pub fn db_request(name: &str, db_user: &str, db_name: Option<&str>) -> anyhow::R
     Ok(request)
 }
 
+/// The wire protocol of a database, as the local listener and the client must speak it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbWire {
+    Postgres,
+    Mysql,
+}
+
+/// The protocol of database `name`, from the inventory. A database the inventory does not list
+/// (not connected, or a typo) reads as PostgreSQL: the dial will be refused and the refusal
+/// says why.
+pub fn db_wire(profile: &Profile, name: &str) -> DbWire {
+    let lookup = || -> anyhow::Result<Vec<jaunt_config::api::ResourceInfo>> {
+        let Some(info) = profile.load()? else {
+            return Ok(Vec::new());
+        };
+        let client = Client::new(
+            &info.proxy,
+            Trust::Roots(profile.host_ca()?),
+            Some(profile.tls_identity(&info.user)?),
+        )?;
+        Ok(client.get_json("/v1/inventory")?)
+    };
+    match lookup() {
+        Ok(all) => match all.iter().find(|r| r.kind == "db" && r.name == name) {
+            Some(r) if r.protocol == "mysql" => DbWire::Mysql,
+            _ => DbWire::Postgres,
+        },
+        Err(e) => {
+            tracing::debug!(error = %format!("{e:#}"), "no inventory; assuming PostgreSQL");
+            DbWire::Postgres
+        }
+    }
+}
+
 /// `jaunt proxy db NAME [--port P] --db-user U [--db-name D]`: a local listener for any
-/// PostgreSQL client (use `sslmode=disable` or the default `prefer`: the hop to the cluster is
-/// TLS already). Runs until killed.
+/// PostgreSQL or MySQL client, as the database speaks (no TLS from the client: the hop to the
+/// cluster is TLS already; psql's default `prefer` works, and MySQL clients are offered none).
+/// Runs until killed.
 pub fn proxy(name: &str, port: u16, db_user: &str, db_name: Option<&str>) -> anyhow::Result<()> {
-    let (dialer, _) = Dialer::from_profile(&Profile::user_default())?;
+    let profile = Profile::user_default();
+    let (dialer, _) = Dialer::from_profile(&profile)?;
     let request = db_request(name, db_user, db_name)?;
+    let wire = db_wire(&profile, name);
     let listener = TcpListener::bind(("127.0.0.1", port))
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
     let port = listener.local_addr()?.port();
     println!("Proxying {name} on 127.0.0.1:{port}");
-    let database = db_name.unwrap_or(db_user);
-    println!("  psql \"{}\"", conninfo(port, db_user, Some(database)));
+    match wire {
+        DbWire::Postgres => {
+            let database = db_name.unwrap_or(db_user);
+            println!("  psql \"{}\"", conninfo(port, db_user, Some(database)));
+        }
+        DbWire::Mysql => println!("  mariadb {}", mysql_args(port, db_user, db_name).join(" ")),
+    }
     let _ = std::io::stdout().flush();
-    serve_local(listener, Arc::new(dialer), request, false)
+    serve_local(listener, Arc::new(dialer), request, false, wire)
 }
 
-/// `jaunt db connect NAME --db-user U [--db-name D] [-- PSQL ARGS]`: a listener on 127.0.0.1:0
-/// and `psql` connected to it; exits with psql's exit code.
+/// The `mariadb`/`mysql` arguments for the local listener (no password: none is checked).
+pub fn mysql_args(port: u16, db_user: &str, db_name: Option<&str>) -> Vec<String> {
+    let mut args = vec![
+        "--protocol=TCP".to_string(),
+        "--host=127.0.0.1".to_string(),
+        format!("--port={port}"),
+        format!("--user={db_user}"),
+    ];
+    if let Some(db) = db_name {
+        args.push(format!("--database={db}"));
+    }
+    args
+}
+
+/// `jaunt db connect NAME --db-user U [--db-name D] [-- CLIENT ARGS]`: a listener on
+/// 127.0.0.1:0 and the database's client connected to it (`psql`; `mariadb`, else `mysql`);
+/// exits with the client's exit code.
 pub fn connect(
     name: &str,
     db_user: &str,
     db_name: Option<&str>,
-    psql_args: &[String],
+    client_args: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let (dialer, _) = Dialer::from_profile(&Profile::user_default())?;
+    let profile = Profile::user_default();
+    let (dialer, _) = Dialer::from_profile(&profile)?;
     let request = db_request(name, db_user, db_name)?;
+    let wire = db_wire(&profile, name);
     let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot listen on 127.0.0.1")?;
     let port = listener.local_addr()?.port();
     let dialer = Arc::new(dialer);
     std::thread::Builder::new()
         .name("jaunt-db-listener".into())
-        .spawn(move || serve_local(listener, dialer, request, true))
+        .spawn(move || serve_local(listener, dialer, request, true, wire))
         .context("cannot start the local listener")?;
     // Ctrl-C is psql's (it cancels the running query through a new connection to the listener):
     // this process must outlive it, so SIGINT only sets a flag nobody reads.
@@ -386,12 +484,38 @@ pub fn connect(
         Arc::new(AtomicBool::new(false)),
     )
     .context("installing the SIGINT handler")?;
-    let mut cmd = std::process::Command::new("psql");
-    cmd.arg("-d").arg(conninfo(port, db_user, db_name));
-    cmd.args(psql_args);
-    let status = cmd.status().context(
-        "cannot run psql: is the PostgreSQL client installed (apt-get install postgresql-client)?",
-    )?;
+    let status = match wire {
+        DbWire::Postgres => {
+            let mut cmd = std::process::Command::new("psql");
+            cmd.arg("-d").arg(conninfo(port, db_user, db_name));
+            cmd.args(client_args);
+            cmd.status().context(
+                "cannot run psql: is the PostgreSQL client installed (apt-get install \
+                 postgresql-client)?",
+            )?
+        }
+        DbWire::Mysql => {
+            // MariaDB's client, whose --skip-ssl keeps newer versions from insisting on TLS to
+            // the local listener (the hop to the cluster is TLS); else MySQL's, which falls
+            // back to plain TCP when no TLS is offered.
+            let mut cmd = std::process::Command::new("mariadb");
+            cmd.args(mysql_args(port, db_user, db_name))
+                .arg("--skip-ssl")
+                .args(client_args);
+            match cmd.status() {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let mut cmd = std::process::Command::new("mysql");
+                    cmd.args(mysql_args(port, db_user, db_name))
+                        .args(client_args);
+                    cmd.status().context(
+                        "cannot run mariadb or mysql: is a MySQL client installed (apt-get \
+                         install mariadb-client)?",
+                    )?
+                }
+                other => other.context("cannot run mariadb")?,
+            }
+        }
+    };
     Ok(ExitCode::from(
         u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
     ))
@@ -425,13 +549,14 @@ fn conninfo_value(value: &str) -> String {
 }
 
 /// Dials `request` for every accepted connection (a thread each) and carries the bytes; a
-/// refused dial is answered in PostgreSQL so the client shows why. `quiet`: do not also print
-/// the refusal here (psql prints it).
+/// refused dial is answered in the database's protocol so the client shows why. `quiet`: do
+/// not also print the refusal here (the client prints it).
 pub fn serve_local(
     listener: TcpListener,
     dialer: Arc<Dialer>,
     request: DialRequest,
     quiet: bool,
+    wire: DbWire,
 ) -> anyhow::Result<()> {
     for conn in listener.incoming() {
         let local = match conn {
@@ -454,7 +579,11 @@ pub fn serve_local(
                 if !quiet {
                     eprintln!("jaunt: cannot connect to {}: {e:#}", request.target);
                 }
-                refuse_locally(local, &format!("jaunt: {e:#}"));
+                let message = format!("jaunt: {e:#}");
+                match wire {
+                    DbWire::Postgres => refuse_locally(local, &message),
+                    DbWire::Mysql => refuse_locally_mysql(local, &message),
+                }
             }
         });
     }
@@ -495,6 +624,25 @@ pub fn refuse_locally(mut local: TcpStream, message: &str) {
             },
         }
     }
+}
+
+/// Answers a local MySQL client whose dial was refused: an ERR packet where the server's
+/// greeting would be (as a server that refuses a host does), code 1045 for a refusal and 1429
+/// (cannot connect) for anything else.
+pub fn refuse_locally_mysql(mut local: TcpStream, message: &str) {
+    let _ = local.set_write_timeout(Some(LOCAL_REFUSAL_TIMEOUT));
+    let _ = local.set_read_timeout(Some(LOCAL_REFUSAL_TIMEOUT));
+    let code = if message.contains("denied") {
+        mysql_wire::code::ACCESS_DENIED
+    } else {
+        mysql_wire::code::CANNOT_CONNECT
+    };
+    let reply = mysql_wire::packet(0, &mysql_wire::err_packet(code, None, message));
+    let _ = local.write_all(&reply);
+    let _ = local.flush();
+    let _ = local.shutdown(std::net::Shutdown::Write);
+    // Let the client read the reply and close first.
+    let _ = local.read(&mut [0u8; 256]);
 }
 
 #[cfg(test)]

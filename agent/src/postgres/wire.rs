@@ -346,14 +346,17 @@ pub enum QueryKind {
     Simple,
     /// An extended-protocol Parse (`P`) of the named statement.
     Parse { statement: String },
+    /// A MySQL prepared statement (`COM_STMT_PREPARE`; the server names it by number).
+    Prepare,
 }
 
 impl QueryKind {
-    /// Stable label: `query` or `parse`.
+    /// Stable label: `query`, `parse` or `prepare`.
     pub fn as_str(&self) -> &'static str {
         match self {
             QueryKind::Simple => "query",
             QueryKind::Parse { .. } => "parse",
+            QueryKind::Prepare => "prepare",
         }
     }
 }

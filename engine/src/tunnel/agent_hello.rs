@@ -139,7 +139,7 @@ pub enum ResourceKind {
     Node,
     /// A web app (reached by HTTP at `<name>.<public host>`); protocol `http` or `https`.
     App,
-    /// A database (dial kind `db`); protocol `postgres`.
+    /// A database (dial kind `db`); protocol `postgres` or `mysql`.
     Db,
     /// A plain TCP app (dial kind `tcp`); protocol `tcp`.
     Tcp,
@@ -159,6 +159,8 @@ pub enum ResourceProtocol {
     Tcp,
     /// PostgreSQL wire protocol.
     Postgres,
+    /// MySQL/MariaDB client/server protocol.
+    Mysql,
 }
 
 impl ResourceKind {
@@ -181,7 +183,10 @@ impl ResourceKind {
                     ResourceKind::App,
                     ResourceProtocol::Http | ResourceProtocol::Https
                 )
-                | (ResourceKind::Db, ResourceProtocol::Postgres)
+                | (
+                    ResourceKind::Db,
+                    ResourceProtocol::Postgres | ResourceProtocol::Mysql
+                )
                 | (ResourceKind::Tcp, ResourceProtocol::Tcp)
         )
     }
@@ -196,6 +201,7 @@ impl ResourceProtocol {
             ResourceProtocol::Https => "https",
             ResourceProtocol::Tcp => "tcp",
             ResourceProtocol::Postgres => "postgres",
+            ResourceProtocol::Mysql => "mysql",
         }
     }
 }
