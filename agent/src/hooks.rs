@@ -60,6 +60,9 @@ pub struct DbSession {
     pub database: String,
     /// The user's address as the engine saw it.
     pub client_addr: String,
+    /// The engine's session id (its `session.start`/`session.end` events carry the same);
+    /// empty if the engine did not send one.
+    pub session_id: String,
 }
 
 /// Receives every query (simple `Q` and extended-protocol `P`) a client sends, in order, as the
@@ -91,6 +94,7 @@ impl QueryRecorder for LogQueries {
             statement,
             query = ?query.text,
             truncated = query.truncated,
+            session = %session.session_id,
             "jaunt db query"
         );
     }

@@ -34,6 +34,7 @@
 pub mod wire;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -45,6 +46,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::client::TlsStream;
 use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
+use glommio::timer::Timer;
 use jaunt_engine::server::dial::StreamHeader;
 use jaunt_engine::tunnel::{splice, Incoming, MuxStream};
 use rustls_pki_types::ServerName;
@@ -429,6 +431,7 @@ pub(crate) async fn serve(
         db_user: login.db_user.clone(),
         database: login.database.clone().unwrap_or_default(),
         client_addr: header.client_addr.clone(),
+        session_id: header.session_id.clone().unwrap_or_default(),
     };
     let mut tap = Tap::new(
         client_stream,
@@ -729,6 +732,10 @@ struct Tap {
     /// Set when the client sent something unusable: once `to_client` (its ERR) is written,
     /// reads end.
     failed: Option<String>,
+    /// The client's stream is closed for writing (after a failure).
+    write_closed: bool,
+    /// How long a failed session still drains the client's input.
+    linger: Option<Timer>,
     scratch: Vec<u8>,
     session: DbSession,
     denial: AccessDenial,
@@ -753,6 +760,8 @@ impl Tap {
             to_client: VecDeque::new(),
             boundary: wire::Boundary::default(),
             failed: None,
+            write_closed: false,
+            linger: None,
             scratch: vec![0; TAP_READ_BYTES],
             session,
             denial: AccessDenial {
@@ -828,6 +837,35 @@ impl Tap {
     }
 }
 
+impl Tap {
+    /// After the ERR for an unusable packet is out: close the client's stream, then read and
+    /// drop what it still sends until it closes too (at most [`LINGER_AFTER_REFUSAL`]), so no
+    /// unread input turns the close into a reset that could destroy the ERR on its way. Then
+    /// report the end of the client's input: the splice closes the server side.
+    fn poll_wind_down(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if !self.write_closed {
+            match Pin::new(&mut self.inner).poll_close(cx) {
+                Poll::Ready(_) => self.write_closed = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let linger = self
+            .linger
+            .get_or_insert_with(|| Timer::new(LINGER_AFTER_REFUSAL));
+        loop {
+            match Pin::new(&mut self.inner).poll_read(cx, &mut self.scratch) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => break,
+            }
+        }
+        match Pin::new(linger).poll(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(0)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 impl AsyncRead for Tap {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -848,10 +886,7 @@ impl AsyncRead for Tap {
             }
             if this.failed.is_some() {
                 if this.to_client.is_empty() {
-                    // The end of the client's input, as far as the server is concerned: the
-                    // splice closes the server side, the server closes, and the client's
-                    // stream is closed in order, so the ERR is read rather than reset away.
-                    return Poll::Ready(Ok(0));
+                    return this.poll_wind_down(cx);
                 }
                 // Wait for the ERR to go out (poll_refusals registered the wake-up, or a
                 // server packet is finishing).
@@ -936,6 +971,7 @@ mod tests {
             client_addr: "192.0.2.1:5555".into(),
             allowed_db_users: users.iter().map(|s| (*s).to_owned()).collect(),
             allowed_db_names: names.iter().map(|s| (*s).to_owned()).collect(),
+            session_id: None,
         }
     }
 

@@ -485,6 +485,7 @@ async fn session(
         db_user: login.db_user.clone(),
         database: login.database.clone(),
         client_addr: header.client_addr.clone(),
+        session_id: header.session_id.clone().unwrap_or_default(),
     };
     let mut tap = Tap::new(client, session, prepared.db.recorder.clone());
     // Anything the client sent right behind its StartupMessage went out with it: record it too.
@@ -729,6 +730,7 @@ mod tests {
             client_addr: "192.0.2.1:5555".into(),
             allowed_db_users: users.iter().map(|s| (*s).to_owned()).collect(),
             allowed_db_names: names.iter().map(|s| (*s).to_owned()).collect(),
+            session_id: None,
         }
     }
 

@@ -433,6 +433,7 @@ mod tests {
             client_addr: "192.0.2.1:5555".into(),
             allowed_db_users: Vec::new(),
             allowed_db_names: Vec::new(),
+            session_id: None,
         }
     }
 

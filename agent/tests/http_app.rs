@@ -534,6 +534,7 @@ fn header(target: &str) -> Vec<u8> {
         client_addr: "192.0.2.1:5555".into(),
         allowed_db_users: Vec::new(),
         allowed_db_names: Vec::new(),
+        session_id: None,
     }
     .encode()
     .unwrap()

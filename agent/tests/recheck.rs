@@ -126,6 +126,7 @@ fn header(target: &str, header_user: &Identity, cert: Option<&[u8]>) -> Vec<u8> 
         client_addr: "192.0.2.1:5555".into(),
         allowed_db_users: Vec::new(),
         allowed_db_names: Vec::new(),
+        session_id: None,
     };
     match cert {
         Some(cert) => header.encode_with_client_cert(cert).unwrap(),

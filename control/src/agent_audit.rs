@@ -132,6 +132,10 @@ pub struct DbQueryEvent {
     pub query: String,
     /// The text was longer than what was kept.
     pub truncated: bool,
+    /// The engine's session id, as in its `session.start`/`session.end` events (absent from
+    /// agents that predate it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub session_id: String,
 }
 
 /// `app.request`: one HTTP request of an app session.
@@ -232,6 +236,7 @@ impl AgentEvent {
                     ));
                 }
                 text("statement", &e.statement, 0, 256)?;
+                text("session_id", &e.session_id, 0, 128)?;
                 if e.query.len() > MAX_RECORDED_QUERY_BYTES {
                     return Err(format!(
                         "query: {} bytes, more than the {MAX_RECORDED_QUERY_BYTES} an agent keeps",
@@ -592,6 +597,7 @@ impl QueryRecorder for AgentAuditRecorder {
             statement,
             query: query.text.clone(),
             truncated: query.truncated,
+            session_id: session.session_id.clone(),
         }));
     }
 }
@@ -817,6 +823,7 @@ mod tests {
             statement: String::new(),
             query: "select 1".into(),
             truncated: false,
+            session_id: "18f2-0-7".into(),
         })
     }
 
@@ -988,6 +995,7 @@ mod tests {
             db_user: "alice".into(),
             database: "postgres".into(),
             client_addr: "127.0.0.1:9".into(),
+            session_id: "18f2-0-7".into(),
         }
     }
 

@@ -63,6 +63,7 @@ fn query(user: &str, text: &str) -> AgentEvent {
         statement: String::new(),
         query: text.into(),
         truncated: false,
+        session_id: String::new(),
     })
 }
 

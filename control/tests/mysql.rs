@@ -67,6 +67,8 @@ impl Mariadb {
         need("mariadb-install-db");
         let data = Self::data(dir);
         let mut cmd = Command::new("mariadb-install-db");
+        // First, as for the server: the system's my.cnf is not this server's.
+        cmd.arg("--no-defaults");
         if is_root() {
             cmd.arg("--user=mysql");
         }
@@ -263,7 +265,8 @@ struct RawClient {
 }
 
 impl RawClient {
-    fn connect(port: &str, user: &str, db: Option<&str>) -> RawClient {
+    /// Connected, greeting read.
+    fn greeted(port: &str) -> (RawClient, wire::Greeting) {
         let stream = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
@@ -274,7 +277,11 @@ impl RawClient {
         };
         let (seq, greeting) = c.packet().expect("a greeting");
         assert_eq!(seq, 0);
-        let greeting = wire::Greeting::parse(&greeting).unwrap();
+        (c, wire::Greeting::parse(&greeting).unwrap())
+    }
+
+    fn connect(port: &str, user: &str, db: Option<&str>) -> RawClient {
+        let (mut c, greeting) = RawClient::greeted(port);
         let mut caps = wire::caps::PROTOCOL_41
             | wire::caps::SECURE_CONNECTION
             | wire::caps::PLUGIN_AUTH
@@ -628,6 +635,21 @@ fn mariadb_through_the_cluster_to_a_real_server() {
         "{text}"
     );
     assert!(raw.closed(), "the hostile connection stays open");
+    // A client claiming TLS, which it was not offered: told so, and that connection ends.
+    let (mut tls, greeting) = RawClient::greeted(&port);
+    assert_eq!(greeting.capabilities & wire::caps::SSL, 0);
+    tls.send(
+        1,
+        &wire::ssl_request(
+            wire::caps::PROTOCOL_41 | wire::caps::SECURE_CONNECTION,
+            1 << 24,
+            45,
+        ),
+    );
+    let (_, answer) = tls.packet().expect("an answer to the SSLRequest");
+    let text = err_text(&answer);
+    assert!(text.starts_with("1043") && text.contains("TLS"), "{text}");
+    assert!(tls.closed());
     let answer = other.command(0x03, b"do 1");
     assert_ne!(answer.first(), Some(&0xff), "{}", err_text(&answer));
     // COM_CHANGE_USER would log in as someone else: refused, the session goes on.
@@ -669,6 +691,17 @@ fn mariadb_through_the_cluster_to_a_real_server() {
                 !queries.iter().any(|e| e["db_user"] == "bob"),
                 "{queries:?}"
             );
+            // Each query names the engine's session it ran in.
+            let starts = c.audit_events(Some("session.start"));
+            for q in queries.iter().filter(|e| e["service"] == "my1") {
+                let id = q["session_id"].as_str().unwrap_or_default();
+                assert!(
+                    starts
+                        .iter()
+                        .any(|s| s["session_id"] == id && s["target"] == "my1"),
+                    "no session.start for {q}: {starts:?}"
+                );
+            }
             break;
         }
         assert!(

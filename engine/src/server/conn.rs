@@ -996,8 +996,10 @@ async fn connect(
             return refuse(&mut stream, answer, refusal, &message).await;
         }
     };
+    let audit = SessionAudit::new(ctx, &identity, &request);
     let header = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
-        .with_db_grants(&identity.db_users, &identity.db_names);
+        .with_db_grants(&identity.db_users, &identity.db_names)
+        .with_session_id(&audit.session_id);
     // The verified certificate travels too: the agent re-checks authorization against it.
     let encoded = match stream
         .get_ref()
@@ -1019,7 +1021,6 @@ async fn connect(
         Ok(upstream) => upstream,
         Err((refusal, message)) => return refuse(&mut stream, answer, refusal, &message).await,
     };
-    let audit = SessionAudit::new(ctx, &identity, &request);
     if shard.audit(audit.start_event()).is_err() {
         drop(upstream);
         tracing::warn!(

@@ -177,6 +177,10 @@ pub struct StreamHeader {
     /// Database dials: the database names the user's certificate allows (`*` = any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_db_names: Vec<String>,
+    /// The engine's id of the session (as in its `session.start`/`session.end` audit events),
+    /// so what the agent records (queries, recordings) joins up with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
 }
 
 impl StreamHeader {
@@ -198,7 +202,14 @@ impl StreamHeader {
             client_addr: client_addr.to_owned(),
             allowed_db_users: Vec::new(),
             allowed_db_names: Vec::new(),
+            session_id: None,
         }
+    }
+
+    /// Carries the engine's session id.
+    pub fn with_session_id(mut self, session_id: &str) -> StreamHeader {
+        self.session_id = Some(session_id.to_owned());
+        self
     }
 
     /// For a database dial, carries the database users and names the user's identity allows
