@@ -175,9 +175,10 @@ impl Drop for Killed {
     }
 }
 
-/// `jaunt agent` joined with a fresh `db` token, serving `dbs`; its log goes to `log`.
-fn start_agent(c: &Cluster, name: &str, dbs: &[String], log: &Path) -> Killed {
-    let out = ok(c.admin(&["tokens", "add", "--type", "db"], None));
+/// `jaunt agent` joined with a fresh `db,app` token, serving `dbs` (`NAME=URI`, each a `--db`)
+/// and `apps` (each an `--app`); its log goes to `log`.
+fn start_agent(c: &Cluster, name: &str, dbs: &[String], apps: &[String], log: &Path) -> Killed {
+    let out = ok(c.admin(&["tokens", "add", "--type", "db,app"], None));
     let token = out.lines().next().unwrap().trim().to_string();
     let data = c.dir.path().join(format!("agent-{name}"));
     let mut args = vec![
@@ -196,6 +197,10 @@ fn start_agent(c: &Cluster, name: &str, dbs: &[String], log: &Path) -> Killed {
     for db in dbs {
         args.push("--db".into());
         args.push(db.clone());
+    }
+    for app in apps {
+        args.push("--app".into());
+        args.push(app.clone());
     }
     Killed(
         Command::new(jaunt_bin())
@@ -291,7 +296,9 @@ impl RawClient {
         if db.is_some() {
             caps |= wire::caps::CONNECT_WITH_DB;
         }
-        assert_eq!(greeting.capabilities & caps, caps);
+        // LONG_PASSWORD is CLIENT_MYSQL, which MariaDB servers do not announce.
+        let needed = caps & !wire::caps::LONG_PASSWORD;
+        assert_eq!(greeting.capabilities & needed, needed);
         let response = wire::HandshakeResponse {
             capabilities: caps,
             max_packet: 1 << 24,
@@ -336,6 +343,24 @@ impl RawClient {
         let (seq, first) = self.packet().expect("an answer");
         assert_eq!(seq, 1);
         first
+    }
+
+    /// Runs a query and reads its whole answer (a text result set without DEPRECATE_EOF:
+    /// column count, definitions, EOF, rows, EOF; or an OK or ERR).
+    fn query(&mut self, sql: &[u8]) {
+        let first = self.command(0x03, sql);
+        assert!(first.first() != Some(&0xff), "{}", err_text(&first));
+        if first.first() == Some(&0) {
+            return;
+        }
+        let mut eofs = 0;
+        while eofs < 2 {
+            let (_, p) = self.packet().expect("the rest of the result set");
+            assert!(p.first() != Some(&0xff), "{}", err_text(&p));
+            if p.first() == Some(&0xfe) && p.len() < 9 {
+                eofs += 1;
+            }
+        }
     }
 
     /// Reads until the end of the stream; true if it ended (rather than timed out).
@@ -422,88 +447,140 @@ fn foreign_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (dir.join("srv.crt"), dir.join("srv.key"), dir.join("ca.crt"))
 }
 
+/// A dev cluster with alice (db user alice, db name app) logged in, and a MariaDB server with
+/// TLS from the cluster's db CA, users alice (`REQUIRE SUBJECT`, as `jaunt ca sign-db` prints
+/// it) and bob (`REQUIRE X509`), databases app (table t) and otherdb. The returned dir also
+/// holds `bad/`: a copy of the freshly installed data directory for a second server.
+struct Env {
+    c: Cluster,
+    tmp: tempfile::TempDir,
+    good: Mariadb,
+}
+
+impl Env {
+    fn new() -> Env {
+        need("mariadb");
+        need("mariadbd");
+        let c = Cluster::dev();
+        ok(c.admin(
+            &[
+                "users",
+                "add",
+                "alice",
+                "--roles",
+                "access",
+                "--db-users",
+                "alice",
+                "--db-names",
+                "app",
+                "--password-stdin",
+            ],
+            Some(PASSWORD),
+        ));
+        ok(c.login("alice", PASSWORD, &[]));
+
+        // One data directory, installed once; a second server can start from a copy of it.
+        let tmp = tempfile::tempdir().unwrap();
+        let good_dir = tmp.path().join("good");
+        std::fs::create_dir_all(&good_dir).unwrap();
+        if is_root() {
+            tool(
+                "chown",
+                &["-R", "mysql:mysql", tmp.path().to_str().unwrap()],
+            );
+        }
+        Mariadb::install(&good_dir);
+        let bad_dir = tmp.path().join("bad");
+        tool(
+            "cp",
+            &["-a", good_dir.to_str().unwrap(), bad_dir.to_str().unwrap()],
+        );
+        let certs = good_dir.join("certs");
+        let signed = ok(c.admin(
+            &[
+                "ca",
+                "sign-db",
+                "--host",
+                "localhost",
+                "--out",
+                certs.to_str().unwrap(),
+            ],
+            None,
+        ));
+        assert!(
+            signed.contains("ssl_ca = ") && signed.contains("REQUIRE SUBJECT"),
+            "{signed}"
+        );
+        std::fs::write(
+            certs.join("db-ca.crt"),
+            ok(c.admin(&["ca", "export", "--type", "db"], None)),
+        )
+        .unwrap();
+        let good = Mariadb::start(
+            &good_dir,
+            &certs.join("localhost.crt"),
+            &certs.join("localhost.key"),
+            &certs.join("db-ca.crt"),
+        );
+        // sign-db prints the subject the agent's certificates carry, for REQUIRE SUBJECT.
+        let subject = signed
+            .split("REQUIRE SUBJECT '")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .unwrap()
+            .to_string();
+        assert!(subject.starts_with("/CN=alice/O="), "{subject}");
+        good.root_sql(&format!(
+            "CREATE USER alice@'%' REQUIRE SUBJECT '{subject}'; \
+             CREATE USER bob@'%' REQUIRE X509; \
+             CREATE DATABASE app; CREATE DATABASE otherdb; \
+             GRANT ALL ON app.* TO alice@'%'; GRANT ALL ON otherdb.* TO alice@'%'; \
+             CREATE TABLE app.t (n INT); INSERT INTO app.t VALUES (7);"
+        ));
+        Env { c, tmp, good }
+    }
+}
+
+/// `jaunt proxy db my1 --db-user alice --db-name app` on a free port: the child and the port.
+fn proxy_db(c: &Cluster) -> (Killed, String) {
+    let mut proxy = Killed(
+        Command::new(jaunt_bin())
+            .args([
+                "proxy",
+                "db",
+                "my1",
+                "--port",
+                "0",
+                "--db-user",
+                "alice",
+                "--db-name",
+                "app",
+            ])
+            .env("JAUNT_HOME", &c.home)
+            .env("HOME", &c.home)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(proxy.0.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    assert!(line.starts_with("Proxying my1 on 127.0.0.1:"), "{line}");
+    let hint = lines.next().unwrap().unwrap();
+    assert!(
+        hint.contains("mariadb ") && hint.contains("--user=alice"),
+        "{hint}"
+    );
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    (proxy, port)
+}
+
 #[test]
 fn mariadb_through_the_cluster_to_a_real_server() {
-    need("mariadb");
-    need("mariadbd");
-    let c = Cluster::dev();
-    ok(c.admin(
-        &[
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "access",
-            "--db-users",
-            "alice",
-            "--db-names",
-            "app",
-            "--password-stdin",
-        ],
-        Some(PASSWORD),
-    ));
-    ok(c.login("alice", PASSWORD, &[]));
-
-    // One data directory, installed once; the second server starts from a copy of it.
-    let tmp = tempfile::tempdir().unwrap();
-    let good_dir = tmp.path().join("good");
+    let Env { c, tmp, good } = Env::new();
     let bad_dir = tmp.path().join("bad");
-    std::fs::create_dir_all(&good_dir).unwrap();
-    if is_root() {
-        tool(
-            "chown",
-            &["-R", "mysql:mysql", tmp.path().to_str().unwrap()],
-        );
-    }
-    Mariadb::install(&good_dir);
-    tool(
-        "cp",
-        &["-a", good_dir.to_str().unwrap(), bad_dir.to_str().unwrap()],
-    );
-    let certs = good_dir.join("certs");
-    let signed = ok(c.admin(
-        &[
-            "ca",
-            "sign-db",
-            "--host",
-            "localhost",
-            "--out",
-            certs.to_str().unwrap(),
-        ],
-        None,
-    ));
-    assert!(
-        signed.contains("ssl_ca = ") && signed.contains("REQUIRE SUBJECT"),
-        "{signed}"
-    );
-    std::fs::write(
-        certs.join("db-ca.crt"),
-        ok(c.admin(&["ca", "export", "--type", "db"], None)),
-    )
-    .unwrap();
-    let good = Mariadb::start(
-        &good_dir,
-        &certs.join("localhost.crt"),
-        &certs.join("localhost.key"),
-        &certs.join("db-ca.crt"),
-    );
     let (cert, key, ca) = foreign_certs(&bad_dir.join("certs"));
     let bad = Mariadb::start(&bad_dir, &cert, &key, &ca);
-    // sign-db prints the subject the agent's certificates carry, for REQUIRE SUBJECT.
-    let subject = signed
-        .split("REQUIRE SUBJECT '")
-        .nth(1)
-        .and_then(|rest| rest.split('\'').next())
-        .unwrap()
-        .to_string();
-    assert!(subject.starts_with("/CN=alice/O="), "{subject}");
-    good.root_sql(&format!(
-        "CREATE USER alice@'%' REQUIRE SUBJECT '{subject}'; \
-         CREATE USER bob@'%' REQUIRE X509; \
-         CREATE DATABASE app; CREATE DATABASE otherdb; \
-         GRANT ALL ON app.* TO alice@'%'; GRANT ALL ON otherdb.* TO alice@'%'; \
-         CREATE TABLE app.t (n INT); INSERT INTO app.t VALUES (7);"
-    ));
     bad.root_sql("CREATE USER alice@'%' REQUIRE X509;");
 
     let agent_log = c.dir.path().join("agent.log");
@@ -514,6 +591,7 @@ fn mariadb_through_the_cluster_to_a_real_server() {
             format!("my1=mysql://127.0.0.1:{}", good.port),
             format!("evil=mariadb://localhost:{}", bad.port),
         ],
+        &[],
         &agent_log,
     );
     let listed = wait_for_db(&c, "my1");
@@ -562,35 +640,7 @@ fn mariadb_through_the_cluster_to_a_real_server() {
     assert_eq!(stdout(&o).trim(), "1");
 
     // jaunt proxy db: any client on the local port; the client's user must be the dialed one.
-    let mut proxy = Killed(
-        Command::new(jaunt_bin())
-            .args([
-                "proxy",
-                "db",
-                "my1",
-                "--port",
-                "0",
-                "--db-user",
-                "alice",
-                "--db-name",
-                "app",
-            ])
-            .env("JAUNT_HOME", &c.home)
-            .env("HOME", &c.home)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(proxy.0.stdout.take().unwrap()).lines();
-    let line = lines.next().unwrap().unwrap();
-    assert!(line.starts_with("Proxying my1 on 127.0.0.1:"), "{line}");
-    let hint = lines.next().unwrap().unwrap();
-    assert!(
-        hint.contains("mariadb ") && hint.contains("--user=alice"),
-        "{hint}"
-    );
-    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let (proxy, port) = proxy_db(&c);
     let o = mariadb(&port, "alice", Some("app"), "select 40 + 2; select 'two'");
     assert_eq!(
         stdout(&o).split_whitespace().collect::<Vec<_>>(),
@@ -770,4 +820,88 @@ fn mariadb_through_the_cluster_to_a_real_server() {
         "{err}"
     );
     drop(proxy);
+}
+
+/// Queries per second of `select 1`, one at a time on one connection, through Jaunt (mariadb
+/// protocol to `jaunt proxy db`, TLS to the engine, tunnel, agent, TLS to the server, every
+/// query recorded and sent to control's audit log) against the same server directly (plain
+/// TCP, a user without TLS): alternating rounds, same run.
+#[test]
+#[ignore = "benchmark: cargo test -p jaunt-control --test mysql --profile bench -- --ignored --nocapture"]
+fn select_1_rate_through_jaunt_vs_direct() {
+    const QUERIES: u32 = 2000;
+    const ROUNDS: usize = 5;
+    let Env { c, tmp: _tmp, good } = Env::new();
+    good.root_sql("CREATE USER direct@'127.0.0.1'; GRANT ALL ON app.* TO direct@'127.0.0.1';");
+    let _agent = start_agent(
+        &c,
+        "dbhost",
+        &[format!("my1=mysql://127.0.0.1:{}", good.port)],
+        &[format!("mytcp=tcp://127.0.0.1:{}", good.port)],
+        &c.dir.path().join("agent.log"),
+    );
+    wait_for_db(&c, "my1");
+    let (_proxy, port) = proxy_db(&c);
+    // The same server as a TCP app: bytes spliced through the same hops, no MySQL awareness.
+    let mut tcp_proxy = Killed(
+        Command::new(jaunt_bin())
+            .args(["proxy", "tcp", "mytcp", "--port", "0"])
+            .env("JAUNT_HOME", &c.home)
+            .env("HOME", &c.home)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(tcp_proxy.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let tcp_port = line.trim().rsplit(':').next().unwrap().to_string();
+    let mut jaunt = RawClient::connect(&port, "alice", Some("app"));
+    let mut spliced = RawClient::connect(&tcp_port, "direct", Some("app"));
+    let mut direct = RawClient::connect(&good.port.to_string(), "direct", Some("app"));
+    let rate = |client: &mut RawClient| {
+        let started = Instant::now();
+        for _ in 0..QUERIES {
+            client.query(b"select 1");
+        }
+        f64::from(QUERIES) / started.elapsed().as_secs_f64()
+    };
+    // Warm-up: the agent's certificate, both servers' caches.
+    rate(&mut jaunt);
+    rate(&mut spliced);
+    rate(&mut direct);
+    let (mut through, mut tcp, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        through.push(rate(&mut jaunt));
+        tcp.push(rate(&mut spliced));
+        plain.push(rate(&mut direct));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "select 1, {QUERIES} per round, {ROUNDS} rounds (load average {}):",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "  through jaunt: {:?} q/s",
+        through.iter().map(|r| r.round()).collect::<Vec<_>>()
+    );
+    let show = |v: &[f64]| v.iter().map(|r| r.round()).collect::<Vec<_>>();
+    println!("  tcp app:       {:?} q/s", show(&tcp));
+    println!("  direct:        {:?} q/s", show(&plain));
+    let (t, a, d) = (median(&mut through), median(&mut tcp), median(&mut plain));
+    println!(
+        "  medians: jaunt {t:.0} q/s, tcp app {a:.0} q/s, direct {d:.0} q/s; \
+         jaunt/direct = {:.2}, jaunt/tcp app = {:.2}",
+        t / d,
+        t / a
+    );
+    assert!(t > 0.0 && d > 0.0);
 }
