@@ -606,9 +606,11 @@ async fn login_to_server(
     }
     capabilities |=
         greeting.capabilities & (caps::PLUGIN_AUTH | caps::PLUGIN_AUTH_LENENC_CLIENT_DATA);
-    if response.attrs.is_some() {
-        capabilities |= greeting.capabilities & caps::CONNECT_ATTRS;
-    }
+    // The server sees the client's connection attributes plus who the Jaunt user is.
+    let attrs = (greeting.capabilities & caps::CONNECT_ATTRS != 0).then(|| {
+        capabilities |= caps::CONNECT_ATTRS;
+        wire::with_attr(response.attrs.as_deref(), "jaunt_user", &header.user)
+    });
     let ssl = wire::ssl_request(capabilities, response.max_packet, response.charset);
     match net::timeout(timeouts.handshake, send(&mut tcp, 1, &ssl)).await {
         Some(Ok(())) => {}
@@ -640,7 +642,7 @@ async fn login_to_server(
         auth_response: Vec::new(),
         database: login.database.clone(),
         auth_plugin: Some(greeting.auth_plugin.clone()).filter(|p| !p.is_empty()),
-        attrs: response.attrs.clone(),
+        attrs,
     };
     let mut reader = PacketReader::new();
     let authenticated =

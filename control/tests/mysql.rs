@@ -286,10 +286,23 @@ impl RawClient {
     }
 
     fn connect(port: &str, user: &str, db: Option<&str>) -> RawClient {
+        RawClient::connect_with(port, user, db, wire::NATIVE_PASSWORD, &[])
+    }
+
+    /// Logs in announcing auth `plugin`; `exchange` is what the listener must answer before
+    /// its OK, each packet answered with 20 bytes of "scramble" (sequence ids checked).
+    fn connect_with(
+        port: &str,
+        user: &str,
+        db: Option<&str>,
+        plugin: &str,
+        exchange: &[&[u8]],
+    ) -> RawClient {
         let (mut c, greeting) = RawClient::greeted(port);
         let mut caps = wire::caps::PROTOCOL_41
             | wire::caps::SECURE_CONNECTION
             | wire::caps::PLUGIN_AUTH
+            | wire::caps::CONNECT_ATTRS
             | wire::caps::LONG_PASSWORD
             | wire::caps::TRANSACTIONS
             | wire::caps::MULTI_RESULTS;
@@ -304,14 +317,26 @@ impl RawClient {
             max_packet: 1 << 24,
             charset: 45,
             user: user.into(),
-            auth_response: Vec::new(),
+            auth_response: vec![7; 20],
             database: db.map(Into::into),
-            auth_plugin: Some(wire::NATIVE_PASSWORD.into()),
-            attrs: None,
+            auth_plugin: Some(plugin.into()),
+            attrs: Some(b"\x0c_client_name\x03raw".to_vec()),
         };
         c.send(1, &response.encode());
-        let (_, ok) = c.packet().expect("an answer to the login");
+        let mut seq = 2;
+        for want in exchange {
+            let (got_seq, got) = c.packet().expect("an authentication exchange");
+            assert_eq!(got_seq, seq);
+            assert!(got.starts_with(want), "{:?}", String::from_utf8_lossy(&got));
+            seq += 1;
+            if got.first() == Some(&0xfe) {
+                c.send(seq, &[9; 20]);
+                seq += 1;
+            }
+        }
+        let (got_seq, ok) = c.packet().expect("an answer to the login");
         assert_eq!(ok.first(), Some(&0), "{:?}", String::from_utf8_lossy(&ok));
+        assert_eq!(got_seq, seq);
         c
     }
 
@@ -685,6 +710,28 @@ fn mariadb_through_the_cluster_to_a_real_server() {
         "{text}"
     );
     assert!(raw.closed(), "the hostile connection stays open");
+    // Clients of other auth plugins: MySQL 8's caching_sha2_password is told "fast auth
+    // succeeded"; any other plugin is switched to mysql_native_password. Either way the
+    // password is not what is checked (the user certificate was), and the session works.
+    let mut sha2 = RawClient::connect_with(
+        &port,
+        "alice",
+        Some("app"),
+        wire::CACHING_SHA2_PASSWORD,
+        &[&wire::FAST_AUTH_SUCCESS],
+    );
+    sha2.query(b"select 1");
+    let switch = wire::auth_switch(wire::NATIVE_PASSWORD, &[]);
+    let mut ed = RawClient::connect_with(
+        &port,
+        "alice",
+        Some("app"),
+        "client_ed25519",
+        &[&switch[..switch.len() - 1]],
+    );
+    ed.query(b"select 1");
+    drop((sha2, ed));
+
     // A client claiming TLS, which it was not offered: told so, and that connection ends.
     let (mut tls, greeting) = RawClient::greeted(&port);
     assert_eq!(greeting.capabilities & wire::caps::SSL, 0);
@@ -740,6 +787,17 @@ fn mariadb_through_the_cluster_to_a_real_server() {
             assert!(
                 !queries.iter().any(|e| e["db_user"] == "bob"),
                 "{queries:?}"
+            );
+            // The refused USE is in the audit log too, from the agent.
+            let denied = c.audit_events(Some("access.denied"));
+            assert!(
+                denied.iter().any(|e| e["target"] == "my1"
+                    && e["host_name"] == "dbhost"
+                    && e["reason"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("\"otherdb\"")),
+                "{denied:?}"
             );
             // Each query names the engine's session it ran in.
             let starts = c.audit_events(Some("session.start"));

@@ -576,6 +576,17 @@ impl HandshakeResponse {
     }
 }
 
+/// A connection-attribute block (as in [`HandshakeResponse::attrs`]) with `key` = `value`
+/// appended: the server shows them in `performance_schema.session_connect_attrs`.
+pub fn with_attr(attrs: Option<&[u8]>, key: &str, value: &str) -> Vec<u8> {
+    let mut out = attrs.unwrap_or_default().to_vec();
+    put_lenenc(&mut out, key.len());
+    out.extend_from_slice(key.as_bytes());
+    put_lenenc(&mut out, value.len());
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
 /// An SSLRequest payload.
 pub fn ssl_request(capabilities: u32, max_packet: u32, charset: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
@@ -1191,6 +1202,17 @@ mod tests {
             HandshakeResponse::parse(&r.encode()).unwrap(),
             ClientHandshake::Response(r)
         );
+    }
+
+    #[test]
+    fn an_attribute_is_appended_to_the_clients() {
+        let mut r = response(None);
+        r.attrs = Some(with_attr(r.attrs.as_deref(), "jaunt_user", "alice"));
+        let ClientHandshake::Response(back) = HandshakeResponse::parse(&r.encode()).unwrap() else {
+            panic!()
+        };
+        assert!(back.attrs.unwrap().ends_with(b"\x0ajaunt_user\x05alice"));
+        assert_eq!(with_attr(None, "k", "v"), b"\x01k\x01v");
     }
 
     #[test]
