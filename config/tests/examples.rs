@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use jaunt_config::file::{self, AppProtocol, Shards, TokenSource};
+use jaunt_config::file::{self, AppProtocol, DbProtocol, Shards, TokenSource};
 use jaunt_config::resource::{self, Resource};
 
 fn example(name: &str) -> PathBuf {
@@ -58,6 +58,8 @@ fn agent_example_parses() {
     assert_eq!(agent.services.apps[0].protocol, AppProtocol::Http);
     assert_eq!(agent.services.apps[1].protocol, AppProtocol::Tcp);
     assert_eq!(agent.services.dbs[0].addr.to_string(), "127.0.0.1:5432");
+    assert_eq!(agent.services.dbs[1].protocol, DbProtocol::Mysql);
+    assert_eq!(agent.services.dbs[1].addr.to_string(), "127.0.0.1:3306");
 }
 
 #[test]
