@@ -317,7 +317,7 @@ impl RawClient {
             max_packet: 1 << 24,
             charset: 45,
             user: user.into(),
-            auth_response: vec![7; 20],
+            auth_response: Vec::new(),
             database: db.map(Into::into),
             auth_plugin: Some(plugin.into()),
             attrs: Some(b"\x0c_client_name\x03raw".to_vec()),
