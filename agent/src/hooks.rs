@@ -3,7 +3,7 @@
 //! call to control), so anything a stream needs from control comes in through a hook:
 //!
 //! - [`DbCertProvider`]: a client certificate for a database user, from the cluster's db CA
-//!   (PostgreSQL streams log in to the server with it). Blocking; the agent runs each call on a
+//!   (PostgreSQL and MySQL streams log in to the server with it). Blocking; the agent runs each call on a
 //!   thread of its own and caches the result per database user.
 //! - [`QueryRecorder`]: where the queries of database sessions go (today a log line; the audit
 //!   issue plugs in the control API).
@@ -65,8 +65,8 @@ pub struct DbSession {
     pub session_id: String,
 }
 
-/// Receives every query (simple `Q` and extended-protocol `P`) a client sends, in order, as the
-/// agent forwards it. Called on the agent's executor thread: it must not block (queue to a
+/// Receives every query a client sends (PostgreSQL: simple `Q` and extended-protocol `P`;
+/// MySQL: COM_QUERY and COM_STMT_PREPARE), in order, as the agent forwards it. Called on the agent's executor thread: it must not block (queue to a
 /// thread of its own for anything slow).
 pub trait QueryRecorder: Send + Sync {
     /// One query of `session`.

@@ -4,8 +4,8 @@
 //!
 //! What lives here: the runtime ([`run`], [`AgentCommand`]), its settings ([`AgentSettings`],
 //! [`client_config`]), the reconnect schedule ([`backoff`]), the shard covering logic
-//! ([`coverage`]), the stream handlers (`serve`, `http_app` for web apps and [`postgres`] for
-//! databases) and the hooks the caller plugs in ([`AgentHooks`]: database certificates, app
+//! ([`coverage`]), the stream handlers (`serve`, `http_app` for web apps, [`postgres`] and
+//! [`mysql`] for databases) and the hooks the caller plugs in ([`AgentHooks`]: database certificates, app
 //! JWTs, query and app-request recording). What does not:
 //! joining and certificate renewal (the `jaunt agent` command in the control crate drives those
 //! and hands the results in), the mux and the wire formats (`jaunt_engine::mux`,
@@ -24,7 +24,8 @@
 //! engine → agent   OPEN with a StreamHeader {"kind":"ssh","target":"node1","user":..}
 //! agent            verify the forwarded user certificate and re-authorize (`policy`), then
 //!                  connect to the local service, accept and splice — or refuse with a reason
-//!                  (db: accept, read the client's StartupMessage, log in to PostgreSQL with a
+//!                  (db: accept, read the client's StartupMessage (PostgreSQL) or greet it and
+//!                  read its HandshakeResponse (MySQL, [`mysql`]), log in to the server with a
 //!                  db-CA certificate for the database user, relay and record queries;
 //!                  app: accept, reverse-proxy HTTP/1.1 with the user's JWT added)
 //! agent → engine   OPEN "jaunt-heartbeat/1" (once per tunnel, after the first interval or at a

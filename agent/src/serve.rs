@@ -6,8 +6,8 @@
 //!
 //! Served: `ssh` (to the configured sshd; the bytes are end-to-end SSH, the agent only forwards
 //! them), `tcp` apps (spliced), web apps (`app`: an HTTP/1.1 reverse proxy that adds the
-//! user's `Jaunt-Jwt-Assertion`, see `http_app.rs`) and PostgreSQL databases (`db`:
-//! protocol-aware, see `postgres.rs`).
+//! user's `Jaunt-Jwt-Assertion`, see `http_app.rs`) and databases (`db`: protocol-aware, see
+//! `postgres.rs` and `mysql.rs`; the service's protocol picks which).
 //!
 //! Before anything local is touched, the agent checks the stream itself (`policy.rs`): the
 //! user certificate the engine forwarded, verified against the cluster's user CA, must be the

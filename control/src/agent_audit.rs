@@ -106,7 +106,8 @@ pub struct AccessDeniedEvent {
     pub reason: String,
 }
 
-/// `db.query`: one query (simple `Q` or extended-protocol `P`) of a database session.
+/// `db.query`: one query of a database session (PostgreSQL `Q` or `P`; MySQL COM_QUERY or
+/// COM_STMT_PREPARE).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DbQueryEvent {
