@@ -11,19 +11,19 @@
 //!    certificate at the engine, as for PostgreSQL.
 //! 2. Read the client's HandshakeResponse ([`wire::HandshakeResponse::parse`], bounded by
 //!    [`wire::MAX_HANDSHAKE_PACKET_BYTES`] and [`STARTUP_TIMEOUT`]), check its capabilities
-//!    ([`wire::negotiate`]) and the db user/database against the stream header ([`authorize`]).
+//!    ([`wire::negotiate`]) and the db user/database against the stream header (`authorize`).
 //!    A refusal is an ERR packet the client prints: `ERROR 1045 (28000): jaunt: access
 //!    denied: ...`. A client whose plugin is not `mysql_native_password` is switched to it
 //!    (`caching_sha2_password` is told "fast auth succeeded" instead).
 //! 3. Get a client certificate for the database user from the db CA (shared with PostgreSQL:
-//!    [`crate::postgres::DbState`]), connect to the server, read its greeting, send an
+//!    `crate::postgres::DbState`), connect to the server, read its greeting, send an
 //!    SSLRequest, TLS (verified against the db CA), then a HandshakeResponse as the database
 //!    user with an empty password and the client's own capabilities, character set and
 //!    connection attributes. The server must require the certificate (`REQUIRE X509` or
 //!    `REQUIRE SUBJECT`); an AuthSwitchRequest is answered with empty data and
 //!    `caching_sha2_password`'s full authentication with an empty password (over TLS).
 //! 4. Relay the server's OK (or ERR) to the client, then splice. The client → server direction
-//!    goes through a [`Tap`] that runs a [`wire::CommandFilter`]: every COM_QUERY and
+//!    goes through a `Tap` that runs a [`wire::CommandFilter`]: every COM_QUERY and
 //!    COM_STMT_PREPARE goes to the [`QueryRecorder`], COM_INIT_DB (`USE db` in the clients)
 //!    is checked against the allowed database names, COM_CHANGE_USER is refused.
 //!
