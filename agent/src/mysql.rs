@@ -24,12 +24,13 @@
 //!    `caching_sha2_password`'s full authentication with an empty password (over TLS).
 //! 4. Relay the server's OK (or ERR) to the client, then splice. The client → server direction
 //!    goes through a `Tap` that runs a [`wire::CommandFilter`]: every COM_QUERY and
-//!    COM_STMT_PREPARE goes to the [`QueryRecorder`], COM_INIT_DB (`USE db` in the clients)
-//!    is checked against the allowed database names, COM_CHANGE_USER is refused.
+//!    COM_STMT_PREPARE goes to the [`QueryRecorder`], COM_INIT_DB (`USE db` in the CLI
+//!    clients) and a COM_QUERY that starts with `USE` (JDBC, GUI tools) are checked against the
+//!    allowed database names, COM_CHANGE_USER is refused.
 //!
-//! Not here: `USE` inside a COM_QUERY and qualified names (`otherdb.t`) are the server's
-//! grants' business: `db_names` governs the database a session opens and switches to with
-//! COM_INIT_DB, not every schema a statement names.
+//! Not here: qualified names (`otherdb.t`), and a `USE` behind a comment or another
+//! statement, are the server's grants' business: `db_names` governs the database a session
+//! opens and switches to, not every schema a statement names.
 
 pub mod wire;
 

@@ -754,6 +754,15 @@ fn mariadb_through_the_cluster_to_a_real_server() {
     change.extend_from_slice(b"app\0");
     let answer = other.command(0x11, &change);
     assert!(err_text(&answer).contains("COM_CHANGE_USER"));
+    // USE as a query (how JDBC and GUI tools switch databases): checked like COM_INIT_DB.
+    let answer = other.command(0x03, b"  USE otherdb;");
+    assert!(
+        err_text(&answer).starts_with("1044"),
+        "{}",
+        err_text(&answer)
+    );
+    let answer = other.command(0x03, b"use `app`");
+    assert_eq!(answer.first(), Some(&0), "{}", err_text(&answer));
     let answer = other.command(0x03, b"do 3");
     assert_ne!(answer.first(), Some(&0xff), "{}", err_text(&answer));
     drop(other);

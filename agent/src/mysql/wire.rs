@@ -800,8 +800,10 @@ enum Current {
         text: Vec<u8>,
         overflow: bool,
     },
-    /// Holding a COM_INIT_DB.
-    Hold(Vec<u8>),
+    /// Holding the first bytes of a COM_QUERY until it is clear whether it is a `USE`.
+    Sniff(Vec<u8>),
+    /// Holding a COM_INIT_DB, or a COM_QUERY that is a `USE` (`kind`), header included.
+    Hold { held: Vec<u8>, kind: u8 },
     /// Dropping a refused packet.
     Drop,
 }
@@ -875,10 +877,15 @@ impl CommandFilter {
                     text.extend_from_slice(&piece[..keep]);
                     *overflow |= keep < piece.len();
                 }
-                Current::Hold(held) => {
+                Current::Sniff(held) => held.extend_from_slice(piece),
+                Current::Hold { held, kind } => {
                     if held.len() + piece.len() > MAX_INIT_DB_BYTES + 4 {
                         return Err(WireError::TooLong {
-                            what: "COM_INIT_DB",
+                            what: if *kind == command::INIT_DB {
+                                "COM_INIT_DB"
+                            } else {
+                                "USE statement"
+                            },
                             len: held.len() - 4 + self.body_left,
                         });
                     }
@@ -888,6 +895,9 @@ impl CommandFilter {
             }
             self.body_left -= take;
             bytes = &bytes[take..];
+            if matches!(self.current, Current::Sniff(_)) {
+                self.sniffed(out, self.body_left == 0)?;
+            }
             if self.body_left == 0 {
                 self.end_packet(out)?;
             }
@@ -899,7 +909,8 @@ impl CommandFilter {
     fn start_command(&mut self, first: u8, out: &mut Filtered) -> Result<(), WireError> {
         let len = le24(&self.header);
         self.current = match first {
-            command::QUERY | command::STMT_PREPARE => Current::Record {
+            command::QUERY => Current::Sniff(self.header.to_vec()),
+            command::STMT_PREPARE => Current::Record {
                 kind: first,
                 text: Vec::new(),
                 overflow: false,
@@ -911,7 +922,10 @@ impl CommandFilter {
                         len,
                     });
                 }
-                Current::Hold(self.header.to_vec())
+                Current::Hold {
+                    held: self.header.to_vec(),
+                    kind: command::INIT_DB,
+                }
             }
             command::CHANGE_USER => {
                 let message = "jaunt: COM_CHANGE_USER is not allowed: a session logs in as \
@@ -925,16 +939,61 @@ impl CommandFilter {
             }
             _ => Current::Forward,
         };
-        if !matches!(self.current, Current::Hold(_) | Current::Drop) {
+        if !matches!(
+            self.current,
+            Current::Hold { .. } | Current::Sniff(_) | Current::Drop
+        ) {
             out.to_server.extend_from_slice(&self.header);
         }
+        Ok(())
+    }
+
+    /// A COM_QUERY's first bytes are in (`finished`: all of it): a `USE` is held whole to be
+    /// checked like a COM_INIT_DB; anything else is forwarded and recorded from here on.
+    /// Only leading white space is skipped: a comment before `USE` hides it, as does a
+    /// qualified name in any statement (the server's grants govern those).
+    fn sniffed(&mut self, out: &mut Filtered, finished: bool) -> Result<(), WireError> {
+        let Current::Sniff(held) = &mut self.current else {
+            return Ok(());
+        };
+        let text = held.get(5..).unwrap_or_default();
+        let lead = text.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        let trimmed = &text[lead..];
+        if !finished && trimmed.len() < 4 && held.len() < MAX_INIT_DB_BYTES {
+            return Ok(());
+        }
+        let use_statement = is_use(trimmed);
+        let held = std::mem::take(held);
+        if use_statement {
+            if held.len() > MAX_INIT_DB_BYTES + 4 {
+                return Err(WireError::TooLong {
+                    what: "USE statement",
+                    len: held.len() - 4 + self.body_left,
+                });
+            }
+            self.current = Current::Hold {
+                held,
+                kind: command::QUERY,
+            };
+            return Ok(());
+        }
+        out.to_server.extend_from_slice(&held);
+        let payload = held.get(4..).unwrap_or_default();
+        let keep = payload.len().min(MAX_RECORDED_QUERY_BYTES + 1);
+        self.current = Current::Record {
+            kind: command::QUERY,
+            text: payload[..keep].to_vec(),
+            overflow: keep < payload.len(),
+        };
         Ok(())
     }
 
     /// A packet that is not a command's first: it follows whatever its payload belongs to.
     fn continue_packet(&mut self, out: &mut Filtered) {
         match &mut self.current {
-            Current::Hold(held) => held.extend_from_slice(&self.header),
+            Current::Hold { held, .. } | Current::Sniff(held) => {
+                held.extend_from_slice(&self.header)
+            }
             Current::Drop => {}
             Current::Forward | Current::Record { .. } => {
                 out.to_server.extend_from_slice(&self.header)
@@ -944,10 +1003,26 @@ impl CommandFilter {
 
     fn flush_held(&mut self, out: &mut Filtered) {
         match &mut self.current {
-            Current::Hold(held) => held.extend_from_slice(&self.header),
+            Current::Hold { held, .. } | Current::Sniff(held) => {
+                held.extend_from_slice(&self.header)
+            }
             Current::Drop => {}
             _ => out.to_server.extend_from_slice(&self.header),
         }
+    }
+
+    /// Answers a command that would switch to database `name`, which is not allowed.
+    fn refuse_db(&self, name: &str, out: &mut Filtered) {
+        let message = format!(
+            "jaunt: access denied: your Jaunt identity does not allow database {name:?} \
+             (allowed: {}); ask an administrator for it (jaunt users add|update --db-names)",
+            listed(&self.allowed_db_names)
+        );
+        out.to_client.push(packet(
+            1,
+            &err_packet(code::DB_ACCESS_DENIED, Some("42000"), &message),
+        ));
+        out.refused.push(message);
     }
 
     fn end_packet(&mut self, out: &mut Filtered) -> Result<(), WireError> {
@@ -956,13 +1031,14 @@ impl CommandFilter {
         self.continues = full;
         if full {
             // The payload goes on in the next packet: keep the state.
-            if let Current::Hold(_) = self.current {
+            if let Current::Hold { .. } = self.current {
                 return Err(WireError::TooLong {
                     what: "COM_INIT_DB",
                     len: MAX_PACKET_PAYLOAD,
                 });
             }
-            return Ok(());
+            // A 16 MiB query is no USE (sniffed long before): it is recorded as it goes on.
+            return self.sniffed(out, true);
         }
         match std::mem::replace(&mut self.current, Current::Forward) {
             Current::Record {
@@ -970,30 +1046,84 @@ impl CommandFilter {
                 text,
                 overflow,
             } => out.queries.push(recorded(kind, &text, overflow)),
-            Current::Hold(held) => {
+            Current::Sniff(_) => {
+                // Sniffed at its last piece already; nothing can be left here.
+            }
+            Current::Hold {
+                held,
+                kind: command::INIT_DB,
+            } => {
                 let name = held.get(5..).unwrap_or_default();
                 let name = utf8(name, "database name")?;
                 if allowed(&self.allowed_db_names, name) {
                     out.to_server.extend_from_slice(&held);
                     out.init_db.push(name.to_owned());
                 } else {
-                    let message = format!(
-                        "jaunt: access denied: your Jaunt identity does not allow database \
-                         {name:?} (allowed: {}); ask an administrator for it (jaunt users \
-                         add|update --db-names)",
-                        listed(&self.allowed_db_names)
-                    );
-                    out.to_client.push(packet(
-                        1,
-                        &err_packet(code::DB_ACCESS_DENIED, Some("42000"), &message),
-                    ));
-                    out.refused.push(message);
+                    self.refuse_db(name, out);
+                }
+            }
+            Current::Hold { held, .. } => {
+                // A `USE name` query: refused like a COM_INIT_DB, else forwarded and recorded.
+                let payload = held.get(4..).unwrap_or_default();
+                match use_target(payload.get(1..).unwrap_or_default()) {
+                    Some(name) if !allowed(&self.allowed_db_names, &name) => {
+                        self.refuse_db(&name, out);
+                    }
+                    target => {
+                        out.to_server.extend_from_slice(&held);
+                        out.queries.push(recorded(command::QUERY, payload, false));
+                        out.init_db.extend(target);
+                    }
                 }
             }
             Current::Forward | Current::Drop => {}
         }
         Ok(())
     }
+}
+
+/// Whether a statement (leading white space gone) is a `USE` (case-insensitive, then white
+/// space, a backquote, or the end).
+fn is_use(text: &[u8]) -> bool {
+    text.get(..3)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"use"))
+        && text
+            .get(3)
+            .is_none_or(|&b| b.is_ascii_whitespace() || b == b'`')
+}
+
+/// The database a `USE name` / ``USE `name` `` statement switches to (`text` is the query,
+/// leading white space allowed); `None` if it names none readably (the server will refuse it).
+fn use_target(text: &[u8]) -> Option<String> {
+    let lead = text.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    let rest = text.get(lead + 3..)?;
+    let lead = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    let rest = &rest[lead..];
+    let mut name = Vec::new();
+    if let Some(quoted) = rest.strip_prefix(b"`") {
+        let mut i = 0;
+        loop {
+            match (quoted.get(i), quoted.get(i + 1)) {
+                (Some(b'`'), Some(b'`')) => {
+                    name.push(b'`');
+                    i += 2;
+                }
+                (Some(b'`'), _) => break,
+                (Some(&b), _) => {
+                    name.push(b);
+                    i += 1;
+                }
+                (None, _) => return None,
+            }
+        }
+    } else {
+        name.extend(
+            rest.iter()
+                .take_while(|&&b| !b.is_ascii_whitespace() && b != b';'),
+        );
+    }
+    let name = String::from_utf8(name).ok()?;
+    (!name.is_empty()).then_some(name)
 }
 
 /// The recorded form of a COM_QUERY or COM_STMT_PREPARE payload (command byte first).
@@ -1397,6 +1527,73 @@ mod tests {
     }
 
     #[test]
+    fn use_statements_are_checked_like_init_db_at_every_split() {
+        let cases: [(&[u8], Option<&str>); 12] = [
+            (b"use app", Some("app")),
+            (b"  USE `app`;", Some("app")),
+            (b"Use\n\tapp ; ", Some("app")),
+            (b"use otherdb", None),
+            (b"USE `other``db`", None),
+            (b"use`otherdb`", None),
+            (b"use otherdb; select 1", None),
+            (b"select 1", Some("")),
+            (b"user_defined()", Some("")),
+            (b"use", Some("")),
+            (b"us", Some("")),
+            (b"  ", Some("")),
+        ];
+        for (sql, verdict) in cases {
+            let mut stream = command(command::QUERY, sql);
+            stream.extend(command(command::QUERY, b"select 2"));
+            for piece in [1, 2, 3, 5, 8, stream.len()] {
+                let out = run(&stream, piece);
+                let what = format!("{:?} in pieces of {piece}", String::from_utf8_lossy(sql));
+                let texts: Vec<&str> = out.queries.iter().map(|q| q.text.as_str()).collect();
+                match verdict {
+                    Some(db) => {
+                        assert_eq!(out.to_server, stream, "{what}");
+                        assert_eq!(texts[0], String::from_utf8_lossy(sql), "{what}");
+                        assert!(out.to_client.is_empty(), "{what}");
+                        let switched: Vec<&str> = out.init_db.iter().map(String::as_str).collect();
+                        let want: &[&str] = if db.is_empty() { &[] } else { &[db] };
+                        assert_eq!(switched, want, "{what}");
+                    }
+                    None => {
+                        assert_eq!(
+                            out.to_server,
+                            command(command::QUERY, b"select 2"),
+                            "{what}"
+                        );
+                        assert_eq!(texts, ["select 2"], "{what}");
+                        assert_eq!(out.to_client.len(), 1, "{what}");
+                        assert!(
+                            out.refused[0].contains("otherdb")
+                                || out.refused[0].contains("other`db"),
+                            "{what}"
+                        );
+                    }
+                }
+            }
+        }
+        // A USE longer than the bound ends the connection; a long query that is no USE passes.
+        let mut filter = CommandFilter::new(vec!["app".into()]);
+        let long_use = format!("use {}", "a".repeat(MAX_INIT_DB_BYTES + 1));
+        assert!(matches!(
+            filter.feed(
+                &command(command::QUERY, long_use.as_bytes()),
+                &mut Filtered::default()
+            ),
+            Err(WireError::TooLong {
+                what: "USE statement",
+                ..
+            })
+        ));
+        let spaces = format!("{}select 1", " ".repeat(3 * MAX_INIT_DB_BYTES));
+        let out = run(&command(command::QUERY, spaces.as_bytes()), 100);
+        assert_eq!(out.queries[0].text, spaces);
+    }
+
+    #[test]
     fn large_queries_pass_whole_and_are_recorded_truncated() {
         // A 16 MiB query: two packets (0xffffff + rest), the second with sequence id 1.
         let sql = vec![b'x'; MAX_PACKET_PAYLOAD + 9];
@@ -1427,7 +1624,7 @@ mod tests {
     fn filter_memory(f: &CommandFilter) -> usize {
         match &f.current {
             Current::Record { text, .. } => text.len(),
-            Current::Hold(h) => h.len(),
+            Current::Hold { held, .. } | Current::Sniff(held) => held.len(),
             _ => 0,
         }
     }
