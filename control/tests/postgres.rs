@@ -554,6 +554,16 @@ fn psql_through_the_cluster_to_a_real_postgres() {
                 !queries.iter().any(|e| e["db_user"] == "bob"),
                 "{queries:?}"
             );
+            // Each query names the engine's session it ran in.
+            let starts = c.audit_events(Some("session.start"));
+            for q in &queries {
+                assert!(
+                    starts
+                        .iter()
+                        .any(|s| s["session_id"] == q["session_id"] && s["target"] == "pg1"),
+                    "no session.start for {q}"
+                );
+            }
             break;
         }
         assert!(
