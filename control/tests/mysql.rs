@@ -732,6 +732,20 @@ fn mariadb_through_the_cluster_to_a_real_server() {
     ed.query(b"select 1");
     drop((sha2, ed));
 
+    // A handshake response that is not one, and one larger than any real one: each gets an
+    // ERR and loses its connection, and nothing else.
+    for (payload, want) in [
+        (vec![0xff; 40], "1043"),
+        (vec![0; wire::MAX_HANDSHAKE_PACKET_BYTES + 1], "1153"),
+    ] {
+        let (mut bad, _) = RawClient::greeted(&port);
+        bad.send(1, &payload);
+        let (_, answer) = bad.packet().expect("an answer to a bad handshake");
+        let text = err_text(&answer);
+        assert!(text.starts_with(want), "{text}");
+        assert!(bad.closed());
+    }
+
     // A client claiming TLS, which it was not offered: told so, and that connection ends.
     let (mut tls, greeting) = RawClient::greeted(&port);
     assert_eq!(greeting.capabilities & wire::caps::SSL, 0);
