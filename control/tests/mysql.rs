@@ -72,8 +72,16 @@ impl Mariadb {
         if is_root() {
             cmd.arg("--user=mysql");
         }
+        // Its own temp dir: bootstrap's temporary tables in a shared /tmp can collide with a
+        // concurrent install's (seen with four at once).
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        if is_root() {
+            tool("chown", &["-R", "mysql:mysql", dir.to_str().unwrap()]);
+        }
         let o = cmd
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
             .args(FAST)
             .output()
@@ -112,6 +120,7 @@ impl Mariadb {
                 cmd.arg("--user=mysql");
             }
             cmd.arg(format!("--datadir={}", Self::data(dir).display()))
+                .arg(format!("--tmpdir={}", dir.join("tmp").display()))
                 .arg(format!("--port={port}"))
                 .arg("--bind-address=127.0.0.1")
                 .arg(format!("--socket={}", server.socket().display()))
