@@ -82,25 +82,25 @@ enum Command {
     /// Search the audit log (admin).
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// List the nodes, apps and databases you can reach.
+    /// List the nodes, apps and databases you can reach (`jaunt ls nodes env=prod`).
     Ls {
-        /// nodes, apps or dbs (default: all).
+        /// nodes, apps or dbs (default: all); or a first KEY=VALUE label filter.
         kind: Option<String>,
+        /// Only resources with these labels (KEY=VALUE, comma-separated or repeated).
+        #[arg(value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Only resources whose name, kind, protocol, agent or a label contains TEXT.
+        #[arg(long, value_name = "TEXT")]
+        search: Option<String>,
         #[command(flatten)]
         format: FormatArg,
     },
-    /// SSH to a node through the cluster with the system `ssh` and your certificate.
-    #[command(trailing_var_arg = true)]
-    Ssh {
-        /// Port of the node's sshd as the agent sees it (passed to ssh; the agent decides).
-        #[arg(short = 'p', long)]
-        port: Option<u16>,
-        /// LOGIN@NODE
-        destination: String,
-        /// Command to run instead of a shell (after `--` if it has flags).
-        #[arg(allow_hyphen_values = true)]
-        command: Vec<String>,
-    },
+    /// SSH to a node through the cluster with the system `ssh` and your certificate; with
+    /// LOGIN@KEY=VALUE, run a command on every node with those labels.
+    Ssh(crate::ssh_cmd::SshArgs),
+    /// Print an OpenSSH config block for this cluster (append it to ~/.ssh/config): plain
+    /// ssh, scp, rsync, sftp and Ansible then reach NODE.<cluster>.
+    Config,
     /// Copy files to or from a node with the system `scp` (NODE:PATH as with scp; -r etc. pass through).
     #[command(trailing_var_arg = true)]
     Scp {
@@ -479,14 +479,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(f) => status(data_dir.as_deref(), f.format),
-        Command::Ls { kind, format } => {
-            ls(kind.as_deref(), format.format).map(|()| ExitCode::SUCCESS)
+        Command::Ls {
+            kind,
+            labels,
+            search,
+            format,
+        } => {
+            // `jaunt ls env=prod`: the first positional is a label filter, not a kind.
+            let (kind, mut filters) = match kind {
+                Some(k) if k.contains('=') => (None, vec![k]),
+                k => (k, Vec::new()),
+            };
+            filters.extend(labels);
+            let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
+            let filter =
+                crate::ssh_cmd::ResourceFilter::labels(&filters)?.with_search(search.as_deref());
+            ls(kind.as_deref(), &filter, format.format).map(|()| ExitCode::SUCCESS)
         }
-        Command::Ssh {
-            port,
-            destination,
-            command,
-        } => ssh(port, &destination, &command),
+        Command::Ssh(args) => crate::ssh_cmd::ssh(args),
+        Command::Config => crate::ssh_cmd::config().map(|()| ExitCode::SUCCESS),
         Command::Scp { args } => scp(&args),
         Command::Lock(args) => {
             lock(&admin_client(data_dir.as_deref())?, args).map(|()| ExitCode::SUCCESS)
@@ -888,7 +899,7 @@ fn status(data_dir: Option<&Path>, format: Format) -> anyhow::Result<ExitCode> {
 
 /// `ssh` options that make the system client use the Jaunt certificate, trust the cluster's
 /// host CA and reach the node through `jaunt proxy ssh`.
-fn ssh_options(profile: &Profile, user: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) fn ssh_options(profile: &Profile, user: &str) -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("locating the jaunt binary")?;
     let key = profile.ssh_key_path(user);
     if !key.exists() {
@@ -920,7 +931,7 @@ fn ssh_options(profile: &Profile, user: &str) -> anyhow::Result<Vec<String>> {
     ])
 }
 
-fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     if s.chars()
         .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
     {
@@ -939,7 +950,11 @@ fn run_child(mut cmd: std::process::Command, what: &str) -> anyhow::Result<ExitC
     ))
 }
 
-fn ls(kind: Option<&str>, format: Format) -> anyhow::Result<()> {
+fn ls(
+    kind: Option<&str>,
+    filter: &crate::ssh_cmd::ResourceFilter,
+    format: Format,
+) -> anyhow::Result<()> {
     let profile = Profile::user_default();
     let Some(info) = profile.load()? else {
         bail!("not logged in: run `jaunt login --proxy HOST:PORT --user NAME`");
@@ -956,10 +971,11 @@ fn ls(kind: Option<&str>, format: Format) -> anyhow::Result<()> {
         Some(profile.tls_identity(&info.user)?),
     )?;
     match kind.map(|k| k.trim_end_matches('s')) {
-        Some(k @ ("node" | "app" | "db")) => list_resources(&client, k, format, false),
+        Some(k @ ("node" | "app" | "db")) => list_resources(&client, k, filter, format, false),
         Some(other) => bail!("unknown kind {other:?}: expected nodes, apps or dbs"),
         None => {
-            let all: Vec<ResourceInfo> = client.get_json("/v1/inventory")?;
+            let mut all: Vec<ResourceInfo> = client.get_json("/v1/inventory")?;
+            all.retain(|r| filter.matches(r));
             if format != Format::Text {
                 return print_structured(&all, format);
             }
@@ -979,22 +995,6 @@ fn ls(kind: Option<&str>, format: Format) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn ssh(port: Option<u16>, destination: &str, command: &[String]) -> anyhow::Result<ExitCode> {
-    let profile = Profile::user_default();
-    let (_, info) = crate::access::Dialer::from_profile(&profile)?;
-    if !destination.contains('@') {
-        bail!("say which login to use: jaunt ssh LOGIN@{destination}");
-    }
-    let mut cmd = std::process::Command::new("ssh");
-    cmd.args(ssh_options(&profile, &info.user)?);
-    if let Some(p) = port {
-        cmd.args(["-p", &p.to_string()]);
-    }
-    cmd.arg(destination);
-    cmd.args(command);
-    run_child(cmd, "ssh")
 }
 
 fn scp(args: &[String]) -> anyhow::Result<ExitCode> {
@@ -1018,7 +1018,9 @@ fn proxy_ssh(target: &str) -> anyhow::Result<()> {
             rest
         }
     });
-    let (dialer, _) = crate::access::Dialer::from_profile(&Profile::user_default())?;
+    let (dialer, info) = crate::access::Dialer::from_profile(&Profile::user_default())?;
+    // `node1.<cluster>` is how `jaunt config` names nodes to plain ssh.
+    let node = crate::ssh_cmd::node_name(node, &info.cluster);
     let request = jaunt_engine::server::dial::DialRequest {
         kind: jaunt_engine::server::dial::DialKind::Ssh,
         target: node.to_string(),
@@ -1026,7 +1028,11 @@ fn proxy_ssh(target: &str) -> anyhow::Result<()> {
         db_user: None,
         db_name: None,
     };
-    let session = dialer.dial(&request)?;
+    let session = dialer.dial(&request).map_err(|e| {
+        let reason = crate::ssh_cmd::refusal_text("node", &e);
+        crate::ssh_cmd::report_refusal(&reason);
+        anyhow!(reason)
+    })?;
     crate::access::pipe_stdio(session)
 }
 
@@ -1381,7 +1387,13 @@ fn get(client: &Client, kind: &str, format: Format) -> anyhow::Result<()> {
                 }
             }
         }
-        "node" | "app" | "db" => list_resources(client, kind.trim_end_matches('s'), format, true),
+        "node" | "app" | "db" => list_resources(
+            client,
+            kind.trim_end_matches('s'),
+            &crate::ssh_cmd::ResourceFilter::default(),
+            format,
+            true,
+        ),
         _ => {
             bail!("unknown kind {kind:?}: expected roles, users, tokens, locks, nodes, apps or dbs")
         }
@@ -1392,6 +1404,7 @@ fn get(client: &Client, kind: &str, format: Format) -> anyhow::Result<()> {
 fn list_resources(
     client: &Client,
     kind: &str,
+    filter: &crate::ssh_cmd::ResourceFilter,
     format: Format,
     show_agent: bool,
 ) -> anyhow::Result<()> {
@@ -1399,6 +1412,7 @@ fn list_resources(
     let items: Vec<&ResourceInfo> = all
         .iter()
         .filter(|r| r.kind == kind || (kind == "app" && r.kind == "tcp"))
+        .filter(|r| filter.matches(r))
         .collect();
     if format != Format::Text {
         return print_structured(&items, format);

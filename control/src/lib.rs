@@ -33,4 +33,5 @@ pub mod jwt;
 pub mod profile;
 pub mod rbac;
 pub mod service;
+pub mod ssh_cmd;
 pub mod store;

@@ -1134,7 +1134,12 @@ impl Control {
             kind: IdentityKind::Host,
             name: body.host.clone(),
             roles: vec!["node".into()],
-            logins: vec![body.host.clone()],
+            // `NODE.<cluster>` too: how `jaunt config` names nodes to plain ssh, which checks
+            // the host certificate against the name it was given.
+            logins: vec![
+                body.host.clone(),
+                format!("{}.{}", body.host, self.settings.cluster),
+            ],
             db_users: vec![],
             db_names: vec![],
             traits: BTreeMap::new(),

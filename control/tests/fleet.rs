@@ -11,6 +11,8 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -149,4 +151,385 @@ fn parallel_proxy_tcp_streams_keep_the_first_bytes() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Logs `user` in with a `$JAUNT_HOME` of their own; returns it.
+fn login_home(c: &Cluster, user: &str) -> PathBuf {
+    let home = c.dir.path().join(format!("home-{user}"));
+    std::fs::create_dir_all(&home).unwrap();
+    ok(run_jaunt(
+        &home,
+        &[
+            "login",
+            "--proxy",
+            &c.public_addr,
+            "--user",
+            user,
+            "--password-stdin",
+            "--ca-pin",
+            &c.pin,
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+    home
+}
+
+/// Waits until `path` exists (a listener came up), bounded.
+fn wait_for_path(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what} never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP echo server on 127.0.0.1:0.
+fn echo_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            std::thread::spawn(move || {
+                let mut r = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut conn);
+            });
+        }
+    });
+    addr
+}
+
+/// Whether bytes written to the Unix socket at `path` come back (through an ssh -L forward).
+fn echoes_through(path: &Path) -> bool {
+    let Ok(mut conn) = UnixStream::connect(path) else {
+        return false;
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    if conn.write_all(b"ping through -L\n").is_err() {
+        return false;
+    }
+    let mut back = [0u8; 16];
+    conn.read_exact(&mut back).is_ok() && &back == b"ping through -L\n"
+}
+
+#[test]
+fn ssh_flags_default_login_and_unknown_nodes() {
+    let (c, _sshd, _agent) = ssh_setup();
+
+    // A node that does not exist: the reason and where to look, no OpenSSH noise.
+    let o = c.run(&["ssh", "root@node2", "--", "true"], None);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(r#"no such node "node2""#) && err.contains("see `jaunt ls`"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("kex_exchange_identification") && !err.contains("65535"),
+        "{err}"
+    );
+
+    // alice has one login, so it is the default; -l names it too.
+    assert_eq!(
+        ok(c.run(&["ssh", "node1", "--", "whoami"], None)).trim(),
+        "root"
+    );
+    assert_eq!(
+        ok(c.run(&["ssh", "-l", "root", "node1", "--", "whoami"], None)).trim(),
+        "root"
+    );
+    // With two logins, jaunt ssh asks which and names them.
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "carol",
+            "--roles",
+            "access",
+            "--logins",
+            "root,daemon",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let carol = login_home(&c, "carol");
+    let err = fails(run_jaunt(&carol, &["ssh", "node1", "--", "true"], None));
+    assert!(
+        err.contains("root") && err.contains("daemon") && err.contains("LOGIN@node1"),
+        "{err}"
+    );
+
+    // Terminals: -tt forces one, -t asks for one from a terminal (script(1) gives it one),
+    // -T refuses one.
+    let out = ok(c.run(&["ssh", "-tt", "root@node1", "--", "tty"], None));
+    assert!(out.trim().starts_with("/dev/pts/"), "{out:?}");
+    let o = Command::new("script")
+        .args([
+            "-qec",
+            &format!("{} ssh -t root@node1 -- tty", jaunt_bin()),
+            "/dev/null",
+        ])
+        .env("JAUNT_HOME", &c.home)
+        .env("HOME", &c.home)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("/dev/pts/"), "{:?}", stdout(&o));
+    let o = c.run(&["ssh", "-T", "root@node1", "--", "tty"], None);
+    assert_eq!(stdout(&o).trim(), "not a tty");
+    // -v and -o reach ssh.
+    let o = c.run(
+        &[
+            "ssh",
+            "-v",
+            "-o",
+            "ServerAliveInterval=30",
+            "root@node1",
+            "--",
+            "true",
+        ],
+        None,
+    );
+    assert!(
+        o.status.success() && stderr(&o).contains("debug1:"),
+        "{}",
+        stderr(&o)
+    );
+    let err = fails(c.run(&["ssh", "-o", "nonsense", "root@node1", "--", "true"], None));
+    assert!(err.contains("KEY=VALUE"), "{err}");
+
+    // -L: a TCP echo behind the node, through a local Unix socket (no local port to pick).
+    let echo = echo_server();
+    let sock = c.dir.path().join("fwd.sock");
+    let _forward = Reaped(
+        Command::new(jaunt_bin())
+            .args([
+                "ssh",
+                "-N",
+                "-L",
+                &format!("{}:{echo}", sock.display()),
+                "root@node1",
+            ])
+            .env("JAUNT_HOME", &c.home)
+            .env("HOME", &c.home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&sock, "the -L socket");
+    assert!(echoes_through(&sock), "-L did not reach the echo server");
+
+    // A role without port or agent forwarding: jaunt ssh refuses -L and -A up front ...
+    let role = c.dir.path().join("noforward.yaml");
+    std::fs::write(
+        &role,
+        "kind: role\nversion: v1\nmetadata:\n  name: noforward\nspec:\n  options:\n    \
+         permit_port_forwarding: false\n    permit_agent_forwarding: false\n  allow:\n    \
+         logins: [root]\n    node_labels: {'*': '*'}\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "bob",
+            "--roles",
+            "noforward",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let bob = login_home(&c, "bob");
+    // The agent learns of a new role by its policy poll (issue 15 makes that a push): wait
+    // until bob gets in, bounded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = run_jaunt(&bob, &["ssh", "root@node1", "--", "whoami"], None);
+        if o.status.success() {
+            assert_eq!(stdout(&o).trim(), "root");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob never got in: {}",
+            stderr(&o)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = fails(run_jaunt(
+        &bob,
+        &[
+            "ssh",
+            "-L",
+            &format!("1234:{echo}"),
+            "root@node1",
+            "--",
+            "true",
+        ],
+        None,
+    ));
+    assert!(err.contains("permit_port_forwarding"), "{err}");
+    let err = fails(run_jaunt(
+        &bob,
+        &[
+            "ssh",
+            "-o",
+            "LocalForward=1234 127.0.0.1:1",
+            "root@node1",
+            "--",
+            "true",
+        ],
+        None,
+    ));
+    assert!(err.contains("permit_port_forwarding"), "{err}");
+    let err = fails(run_jaunt(
+        &bob,
+        &["ssh", "-A", "root@node1", "--", "true"],
+        None,
+    ));
+    assert!(err.contains("permit_agent_forwarding"), "{err}");
+    // ... and sshd refuses it too (the certificate lacks the extension), when plain ssh
+    // asks through the `jaunt config` block.
+    let config = c.dir.path().join("bob.ssh_config");
+    std::fs::write(&config, ok(run_jaunt(&bob, &["config"], None))).unwrap();
+    let bob_sock = c.dir.path().join("bob-fwd.sock");
+    let _plain = Reaped(
+        Command::new("ssh")
+            .args([
+                "-F",
+                config.to_str().unwrap(),
+                "-N",
+                "-L",
+                &format!("{}:{echo}", bob_sock.display()),
+                "root@node1.dev.jaunt.local",
+            ])
+            .env("HOME", &bob)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&bob_sock, "bob's -L socket");
+    assert!(
+        !echoes_through(&bob_sock),
+        "sshd let a certificate without permit-port-forwarding forward"
+    );
+}
+
+/// A node's sshd and its agent (process, data dir).
+type Node = (Sshd, (Reaped, PathBuf));
+
+/// A dev cluster, alice (login root) logged in, and two agents with their own sshd:
+/// node1 (env=prod, team=a) and node2 (env=prod, team=b).
+fn two_nodes() -> (Cluster, Vec<Node>) {
+    let c = Cluster::dev();
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            "root",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("alice", PASSWORD, &[]));
+    let mut nodes = Vec::new();
+    for (name, labels) in [("node1", "env=prod,team=a"), ("node2", "env=prod,team=b")] {
+        let sshd = Sshd::start_named(&c, name);
+        let agent = start_agent(&c, name, &["--ssh", &sshd.addr, "--labels", labels]);
+        nodes.push((sshd, agent));
+    }
+    wait_for_ssh(&c, "root@node1");
+    wait_for_ssh(&c, "root@node2");
+    (c, nodes)
+}
+
+fn sorted_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn label_fan_out_and_label_filters() {
+    let (c, _nodes) = two_nodes();
+
+    // jaunt ls filters by labels and by text.
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["ls"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--format", "json"]);
+        let out = ok(c.run(&all, None));
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        listed
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&["env=prod"]), ["node1", "node2"]);
+    assert_eq!(names(&["nodes", "team=b"]), ["node2"]);
+    assert_eq!(names(&["env=prod,team=a"]), ["node1"]);
+    assert_eq!(names(&["env=prod", "team=a"]), ["node1"]);
+    assert_eq!(names(&["--search", "NODE2"]), ["node2"]);
+    assert!(names(&["env=dev"]).is_empty());
+    let table = ok(c.run(&["ls", "team=a"], None));
+    assert!(
+        table.contains("node1") && !table.contains("node2"),
+        "{table}"
+    );
+
+    // Every prod node runs the command; each line says where it came from.
+    let o = c.run(
+        &["ssh", "root@env=prod", "--", "printenv", "JAUNT_TEST_NODE"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sorted_lines(&stdout(&o)), ["node1: node1", "node2: node2"]);
+    assert!(
+        stderr(&o).contains("2 nodes: 2 succeeded"),
+        "{}",
+        stderr(&o)
+    );
+
+    // One node failing fails the whole run, and the summary names it.
+    let o = c.run(
+        &[
+            "ssh",
+            "--parallel",
+            "1",
+            "root@env=prod",
+            "--",
+            "echo ran; test \"$JAUNT_TEST_NODE\" = node1",
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    assert_eq!(sorted_lines(&stdout(&o)), ["node1: ran", "node2: ran"]);
+    assert!(
+        stderr(&o).contains("1 succeeded, 1 failed: node2 (exit 1)"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A narrower selector, the default login, and no match at all.
+    let o = c.run(
+        &["ssh", "team=b", "--", "printenv", "JAUNT_TEST_NODE"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "node2: node2");
+    let err = fails(c.run(&["ssh", "root@env=dev", "--", "true"], None));
+    assert!(err.contains("no node has the labels env=dev"), "{err}");
+    let err = fails(c.run(&["ssh", "root@env=prod"], None));
+    assert!(err.contains("COMMAND"), "{err}");
 }

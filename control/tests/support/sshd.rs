@@ -27,7 +27,8 @@ impl Sshd {
         Sshd::start_named(c, "node1")
     }
 
-    /// An sshd whose host certificate names `host` (the node name ssh checks it against).
+    /// An sshd whose host certificate names `host` (the node name ssh checks it against);
+    /// its sessions see `JAUNT_TEST_NODE=<host>`, so output shows which node ran a command.
     pub fn start_named(c: &Cluster, host: &str) -> Sshd {
         let dir = c.dir.path().join(format!("sshd-{host}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -52,7 +53,7 @@ impl Sshd {
             "HostKey {d}/{host}\nHostCertificate {d}/{host}-cert.pub\nTrustedUserCAKeys {d}/user_ca.pub\n\
              AuthorizedKeysFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPidFile none\nLogLevel VERBOSE\n\
-             Subsystem sftp internal-sftp\n",
+             Subsystem sftp internal-sftp\nSetEnv JAUNT_TEST_NODE={host}\n",
             d = dir.display()
         );
         std::fs::write(dir.join("sshd_config"), config).unwrap();
