@@ -41,6 +41,9 @@ pub const LOCAL_ADMIN: &str = "admin";
 pub const APP_HOST_ROLE: &str = "app";
 /// Store name of the app-access JWT signing key.
 pub const JWT_KEY_NAME: &str = "jwt";
+/// Longest a change waits for room in the engine's snapshot feed (the engine's feeder thread
+/// drains it at once; only a stuck engine fills it).
+pub const SNAPSHOT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Token types a join token may carry.
 pub const TOKEN_TYPES: &[&str] = &["node", "app", "db", "engine"];
 
@@ -237,7 +240,15 @@ impl Control {
 
     /// Builds a whole snapshot (CA roots, roles, locks) from the store and hands it to the
     /// engine. Snapshots are complete values, so a dropped one is repaired by the next.
+    ///
+    /// Builds are serialized (under the feed's mutex) so versions follow the order in which
+    /// the store was read: a snapshot never carries an older state under a newer version. The
+    /// send waits (at most [`SNAPSHOT_SEND_TIMEOUT`]) rather than dropping, since the dropped
+    /// snapshot could be the last change for a long time (an unlock that never arrives).
     pub fn publish_snapshot(&self) {
+        let Ok(guard) = self.snapshots.lock() else {
+            return;
+        };
         let snapshot = match self.build_snapshot() {
             Ok(s) => s,
             Err(e) => {
@@ -245,12 +256,9 @@ impl Control {
                 return;
             }
         };
-        let Ok(guard) = self.snapshots.lock() else {
-            return;
-        };
         if let Some(tx) = guard.as_ref() {
-            if let Err(e) = tx.try_send(Arc::new(snapshot)) {
-                tracing::warn!(error = %e, "snapshot: the engine's feed is full or gone; the next change resends everything");
+            if let Err(e) = tx.send_timeout(Arc::new(snapshot), SNAPSHOT_SEND_TIMEOUT) {
+                tracing::error!(error = %e, "snapshot: the engine's feed is stuck or gone; the engine keeps its previous snapshot until the next change");
             }
         }
     }
@@ -316,7 +324,21 @@ impl Control {
     }
 
     /// Routes one request.
+    ///
+    /// A request that changed users, roles, tokens or locks (the store's change count moved)
+    /// publishes a snapshot before it is answered, whatever its path: every change, deletes
+    /// included, reaches the engine (and through it the agents) without each handler having to
+    /// remember.
     pub fn handle(&self, req: &Request) -> Response {
+        let changes = self.store.changes();
+        let response = self.route(req);
+        if self.store.changes() != changes {
+            self.publish_snapshot();
+        }
+        response
+    }
+
+    fn route(&self, req: &Request) -> Response {
         let segments: Vec<&str> = req.path.trim_matches('/').split('/').collect();
         let result = match (req.method.as_str(), segments.as_slice()) {
             ("GET", ["v1", "ping"]) => self.ping(),
@@ -1001,7 +1023,6 @@ impl Control {
                         now,
                     )
                     .map_err(internal)?;
-                self.publish_snapshot();
                 self.audit.emit(
                     if existed {
                         audit::ROLE_UPDATED
@@ -1086,7 +1107,6 @@ impl Control {
                         created: now,
                     })
                     .map_err(internal)?;
-                self.publish_snapshot();
                 self.audit.emit(
                     audit::LOCK_CREATED,
                     Some(&caller.name),
@@ -1538,4 +1558,210 @@ fn internal(e: impl std::fmt::Display) -> Response {
 /// Serializes `value` for a JSON response body.
 pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    /// A control on an in-memory store with its snapshot feed, and a request builder that
+    /// calls as the local admin (role `editor`).
+    struct Harness {
+        control: Control,
+        feed: crossbeam_channel::Receiver<Arc<Snapshot>>,
+        admin_cert: rustls_pki_types::CertificateDer<'static>,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let store = Arc::new(Store::memory().unwrap());
+            let control = Control::bootstrap(
+                store,
+                Settings {
+                    cluster: "test".into(),
+                    public_addr: "127.0.0.1:1".into(),
+                    second_factor: false,
+                    user_ttl_secs: 3600,
+                    host_ttl_secs: 3600,
+                },
+            )
+            .unwrap();
+            let (tx, feed) = crossbeam_channel::bounded(1024);
+            control.set_snapshot_sender(tx);
+            let keys = ca::LocalKeys::generate().unwrap();
+            let now = unix_now();
+            let admin = Identity {
+                kind: IdentityKind::User,
+                name: LOCAL_ADMIN.into(),
+                roles: vec!["editor".into()],
+                logins: vec![],
+                db_users: vec![],
+                db_names: vec![],
+                traits: BTreeMap::new(),
+                cluster: "test".into(),
+                not_before: now - 60,
+                expires: now + 3600,
+                permit_pty: false,
+                permit_port_forwarding: false,
+                permit_agent_forwarding: false,
+            };
+            let admin_cert = control
+                .cas
+                .user
+                .sign_x509(
+                    &admin,
+                    &ca::spki_pem_to_der(&keys.tls_public_pem).unwrap(),
+                    &[],
+                )
+                .unwrap();
+            Harness {
+                control,
+                feed,
+                admin_cert,
+            }
+        }
+
+        fn call(&self, method: &str, path: &str, body: serde_json::Value) -> Response {
+            let req = Request {
+                method: method.into(),
+                path: path.into(),
+                query: vec![],
+                headers: vec![],
+                body: if body.is_null() {
+                    Vec::new()
+                } else {
+                    serde_json::to_vec(&body).unwrap()
+                },
+                peer: "127.0.0.1:9".parse().unwrap(),
+                peer_certs: vec![self.admin_cert.clone()],
+            };
+            self.control.handle(&req)
+        }
+
+        /// The snapshot the last call published (none queued before it: `drain` first).
+        fn published(&self) -> Option<Arc<Snapshot>> {
+            self.feed.try_iter().last()
+        }
+
+        fn drain(&self) {
+            while self.feed.try_recv().is_ok() {}
+        }
+    }
+
+    fn lock_doc(name: &str) -> serde_json::Value {
+        serde_json::json!({"kind": "lock", "version": "v1", "metadata": {"name": name},
+            "spec": {"target": {"user": "alice"}, "message": "incident"}})
+    }
+
+    fn role_doc(name: &str) -> serde_json::Value {
+        serde_json::json!({"kind": "role", "version": "v1", "metadata": {"name": name},
+            "spec": {"allow": {"logins": ["root"], "node_labels": {"*": "*"}}}})
+    }
+
+    /// Every change to roles, users, locks and tokens, deletes included, publishes a snapshot
+    /// to the engine before the request is answered; reads do not.
+    #[test]
+    fn every_change_publishes_a_snapshot_and_reads_do_not() {
+        let h = Harness::new();
+        let ok = |r: Response| assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+
+        // Locks: create, then delete. The delete is the defect of issue 15: the lock stayed
+        // in force on the engine until something else published.
+        h.drain();
+        ok(h.call("POST", "/v1/resources", lock_doc("l1")));
+        let snap = h.published().expect("creating a lock publishes");
+        assert!(snap.active_locks.iter().any(|l| l.name == "l1"));
+        ok(h.call("DELETE", "/v1/locks/l1", serde_json::Value::Null));
+        let snap = h.published().expect("deleting a lock publishes");
+        assert!(snap.active_locks.is_empty(), "{:?}", snap.active_locks);
+
+        // Roles: create, then delete.
+        ok(h.call("POST", "/v1/resources", role_doc("ops")));
+        let snap = h.published().expect("creating a role publishes");
+        assert!(snap.roles.contains_key("ops") && snap.policy.contains("ops"));
+        ok(h.call("DELETE", "/v1/roles/ops", serde_json::Value::Null));
+        let snap = h.published().expect("deleting a role publishes");
+        assert!(!snap.roles.contains_key("ops") && !snap.policy.contains("ops"));
+
+        // Users: add, update (create -f of an existing user), reset, delete.
+        ok(h.call(
+            "POST",
+            "/v1/users",
+            serde_json::json!({"name": "bob", "roles": ["access"], "password": "a long password 1"}),
+        ));
+        assert!(h.published().is_some(), "adding a user publishes");
+        ok(h.call(
+            "POST",
+            "/v1/resources",
+            serde_json::json!({"kind": "user", "version": "v1", "metadata": {"name": "bob"},
+                "spec": {"roles": ["editor"]}}),
+        ));
+        assert!(h.published().is_some(), "updating a user publishes");
+        ok(h.call(
+            "POST",
+            "/v1/users/bob/reset",
+            serde_json::json!({"password": "another long one 2"}),
+        ));
+        assert!(h.published().is_some(), "resetting a user publishes");
+        ok(h.call("DELETE", "/v1/users/bob", serde_json::Value::Null));
+        assert!(h.published().is_some(), "deleting a user publishes");
+
+        // Tokens: add, delete.
+        let r = h.call(
+            "POST",
+            "/v1/tokens",
+            serde_json::json!({"types": ["node"], "ttl_secs": 60, "single_use": false,
+                "token": "0123456789abcdef0123"}),
+        );
+        ok(r);
+        assert!(h.published().is_some(), "adding a token publishes");
+        ok(h.call(
+            "DELETE",
+            "/v1/tokens/0123456789abcdef0123",
+            serde_json::Value::Null,
+        ));
+        assert!(h.published().is_some(), "deleting a token publishes");
+
+        // Reads and refused changes publish nothing.
+        for (method, path) in [
+            ("GET", "/v1/roles"),
+            ("GET", "/v1/locks"),
+            ("GET", "/v1/users"),
+            ("GET", "/v1/tokens"),
+            ("DELETE", "/v1/locks/nosuch"),
+            ("DELETE", "/v1/roles/nosuch"),
+        ] {
+            let _ = h.call(method, path, serde_json::Value::Null);
+            assert!(h.published().is_none(), "{method} {path} published");
+        }
+    }
+
+    /// Versions follow the order the store was read in, even from concurrent requests.
+    #[test]
+    fn concurrent_changes_publish_increasing_versions_ending_with_the_last_state() {
+        let h = Arc::new(Harness::new());
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let h = Arc::clone(&h);
+                s.spawn(move || {
+                    for i in 0..5 {
+                        let name = format!("l{t}-{i}");
+                        let r = h.call("POST", "/v1/resources", lock_doc(&name));
+                        assert_eq!(r.status, 200);
+                        let r = h.call(
+                            "DELETE",
+                            &format!("/v1/locks/{name}"),
+                            serde_json::Value::Null,
+                        );
+                        assert_eq!(r.status, 200);
+                    }
+                });
+            }
+        });
+        let all: Vec<Arc<Snapshot>> = h.feed.try_iter().collect();
+        assert!(all.windows(2).all(|w| w[0].version < w[1].version));
+        assert!(all.last().unwrap().active_locks.is_empty());
+    }
 }

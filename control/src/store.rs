@@ -14,6 +14,7 @@
 //! outside this file sees SQL.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -168,6 +169,11 @@ pub enum TokenCheck {
 /// SQLite serializes writers anyway.
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Counts committed changes to users, roles, tokens and locks: the local change feed.
+    /// Control compares it around each request and publishes a snapshot when it moved, so no
+    /// mutation path (deletes included) can forget to; an HA store would feed the same signal
+    /// from its own change stream.
+    changes: AtomicU64,
 }
 
 impl Store {
@@ -193,12 +199,33 @@ impl Store {
         migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            changes: AtomicU64::new(0),
         })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
         let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
         Ok(f(&mut conn)?)
+    }
+
+    /// Like [`Store::with`] for a change to users, roles, tokens or locks: once `f` has
+    /// committed and `changed` says it touched something, [`Store::changes`] moves on.
+    fn change<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+        changed: impl FnOnce(&T) -> bool,
+    ) -> Result<T> {
+        let out = self.with(f)?;
+        if changed(&out) {
+            self.changes.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(out)
+    }
+
+    /// How many changes to users, roles, tokens and locks this store has committed since it
+    /// was opened (see the field's doc).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
     }
 
     /// Schema version (number of applied migrations).
@@ -269,23 +296,26 @@ impl Store {
 
     /// Inserts a user; false if the name is taken.
     pub fn insert_user(&self, u: &StoredUser) -> Result<bool> {
-        self.with(|c| {
+        self.change(|c| {
             let n = c.execute(
                 "INSERT OR IGNORE INTO users (name, spec, password_hash, otp_secret, created) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![u.name, u.spec, u.password_hash, u.otp_secret, u.created as i64],
             )?;
             Ok(n == 1)
-        })
+        }, |inserted| *inserted)
     }
 
     /// Replaces a user's spec (roles, traits); false if absent.
     pub fn update_user_spec(&self, name: &str, spec: &str) -> Result<bool> {
-        self.with(|c| {
-            Ok(c.execute(
-                "UPDATE users SET spec = ?2 WHERE name = ?1",
-                params![name, spec],
-            )? == 1)
-        })
+        self.change(
+            |c| {
+                Ok(c.execute(
+                    "UPDATE users SET spec = ?2 WHERE name = ?1",
+                    params![name, spec],
+                )? == 1)
+            },
+            |updated| *updated,
+        )
     }
 
     /// Replaces a user's credentials; false if absent.
@@ -295,12 +325,15 @@ impl Store {
         password_hash: &str,
         otp_secret: Option<&str>,
     ) -> Result<bool> {
-        self.with(|c| {
-            Ok(c.execute(
-                "UPDATE users SET password_hash = ?2, otp_secret = ?3 WHERE name = ?1",
-                params![name, password_hash, otp_secret],
-            )? == 1)
-        })
+        self.change(
+            |c| {
+                Ok(c.execute(
+                    "UPDATE users SET password_hash = ?2, otp_secret = ?3 WHERE name = ?1",
+                    params![name, password_hash, otp_secret],
+                )? == 1)
+            },
+            |updated| *updated,
+        )
     }
 
     pub fn get_user(&self, name: &str) -> Result<Option<StoredUser>> {
@@ -325,30 +358,39 @@ impl Store {
     }
 
     pub fn delete_user(&self, name: &str) -> Result<bool> {
-        self.with(|c| Ok(c.execute("DELETE FROM users WHERE name = ?1", [name])? == 1))
+        self.change(
+            |c| Ok(c.execute("DELETE FROM users WHERE name = ?1", [name])? == 1),
+            |deleted| *deleted,
+        )
     }
 
     // ---- roles ----
 
     pub fn put_role(&self, name: &str, spec: &str, now: u64) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO roles (name, spec, updated) VALUES (?1, ?2, ?3)
+        self.change(
+            |c| {
+                c.execute(
+                    "INSERT INTO roles (name, spec, updated) VALUES (?1, ?2, ?3)
                  ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated = excluded.updated",
-                params![name, spec, now as i64],
-            )?;
-            Ok(())
-        })
+                    params![name, spec, now as i64],
+                )?;
+                Ok(())
+            },
+            |_| true,
+        )
     }
 
     /// Inserts a role only if absent (built-in roles at first start must not undo edits).
     pub fn insert_role_if_absent(&self, name: &str, spec: &str, now: u64) -> Result<bool> {
-        self.with(|c| {
-            Ok(c.execute(
-                "INSERT OR IGNORE INTO roles (name, spec, updated) VALUES (?1, ?2, ?3)",
-                params![name, spec, now as i64],
-            )? == 1)
-        })
+        self.change(
+            |c| {
+                Ok(c.execute(
+                    "INSERT OR IGNORE INTO roles (name, spec, updated) VALUES (?1, ?2, ?3)",
+                    params![name, spec, now as i64],
+                )? == 1)
+            },
+            |inserted| *inserted,
+        )
     }
 
     pub fn get_role(&self, name: &str) -> Result<Option<String>> {
@@ -370,45 +412,51 @@ impl Store {
     }
 
     pub fn delete_role(&self, name: &str) -> Result<bool> {
-        self.with(|c| Ok(c.execute("DELETE FROM roles WHERE name = ?1", [name])? == 1))
+        self.change(
+            |c| Ok(c.execute("DELETE FROM roles WHERE name = ?1", [name])? == 1),
+            |deleted| *deleted,
+        )
     }
 
     // ---- join tokens ----
 
     pub fn insert_token(&self, t: &StoredToken) -> Result<bool> {
-        self.with(|c| {
+        self.change(|c| {
             Ok(c.execute(
                 "INSERT OR IGNORE INTO tokens (hash, types, expires, single_use, created) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![t.hash, t.types.join(","), t.expires as i64, t.single_use, t.created as i64],
             )? == 1)
-        })
+        }, |inserted| *inserted)
     }
 
     /// Checks a token by hash at `now`; a valid single-use token is consumed in the same
     /// transaction, so two hosts racing with one single-use token cannot both join.
     pub fn redeem_token(&self, hash: &str, now: u64) -> Result<TokenCheck> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let found = tx
+        self.change(
+            |c| {
+                let tx = c.transaction()?;
+                let found = tx
                 .query_row(
                     "SELECT hash, types, expires, single_use, created FROM tokens WHERE hash = ?1",
                     [hash],
                     row_token,
                 )
                 .optional()?;
-            let check = match found {
-                None => TokenCheck::Unknown,
-                Some(t) if t.expires <= now => TokenCheck::Expired,
-                Some(t) => {
-                    if t.single_use {
-                        tx.execute("DELETE FROM tokens WHERE hash = ?1", [hash])?;
+                let check = match found {
+                    None => TokenCheck::Unknown,
+                    Some(t) if t.expires <= now => TokenCheck::Expired,
+                    Some(t) => {
+                        if t.single_use {
+                            tx.execute("DELETE FROM tokens WHERE hash = ?1", [hash])?;
+                        }
+                        TokenCheck::Valid(t)
                     }
-                    TokenCheck::Valid(t)
-                }
-            };
-            tx.commit()?;
-            Ok(check)
-        })
+                };
+                tx.commit()?;
+                Ok(check)
+            },
+            |check| matches!(check, TokenCheck::Valid(t) if t.single_use),
+        )
     }
 
     pub fn list_tokens(&self) -> Result<Vec<StoredToken>> {
@@ -424,17 +472,23 @@ impl Store {
     /// Deletes tokens whose hash starts with `prefix` (a full hash or the listed id); returns how
     /// many matched. The caller refuses ambiguous prefixes first.
     pub fn delete_tokens_by_prefix(&self, prefix: &str) -> Result<usize> {
-        self.with(|c| {
-            Ok(c.execute(
-                "DELETE FROM tokens WHERE substr(hash, 1, length(?1)) = ?1",
-                [prefix],
-            )?)
-        })
+        self.change(
+            |c| {
+                Ok(c.execute(
+                    "DELETE FROM tokens WHERE substr(hash, 1, length(?1)) = ?1",
+                    [prefix],
+                )?)
+            },
+            |n| *n > 0,
+        )
     }
 
     /// Drops expired tokens; returns how many.
     pub fn prune_tokens(&self, now: u64) -> Result<usize> {
-        self.with(|c| Ok(c.execute("DELETE FROM tokens WHERE expires <= ?1", [now as i64])?))
+        self.change(
+            |c| Ok(c.execute("DELETE FROM tokens WHERE expires <= ?1", [now as i64])?),
+            |n| *n > 0,
+        )
     }
 
     // ---- hosts ----
@@ -473,14 +527,17 @@ impl Store {
     // ---- locks ----
 
     pub fn insert_lock(&self, l: &StoredLock) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO locks (id, spec, expires, created) VALUES (?1, ?2, ?3, ?4)
+        self.change(
+            |c| {
+                c.execute(
+                    "INSERT INTO locks (id, spec, expires, created) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, expires = excluded.expires",
-                params![l.id, l.spec, l.expires.map(|e| e as i64), l.created as i64],
-            )?;
-            Ok(())
-        })
+                    params![l.id, l.spec, l.expires.map(|e| e as i64), l.created as i64],
+                )?;
+                Ok(())
+            },
+            |_| true,
+        )
     }
 
     /// Locks in force at `now` (expired ones are not returned).
@@ -502,7 +559,10 @@ impl Store {
     }
 
     pub fn delete_lock(&self, id: &str) -> Result<bool> {
-        self.with(|c| Ok(c.execute("DELETE FROM locks WHERE id = ?1", [id])? == 1))
+        self.change(
+            |c| Ok(c.execute("DELETE FROM locks WHERE id = ?1", [id])? == 1),
+            |deleted| *deleted,
+        )
     }
 
     // ---- audit ----
