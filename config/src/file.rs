@@ -59,7 +59,11 @@ pub const DEFAULT_ENGINE_LISTEN_ADDR: &str = "0.0.0.0:3080";
 pub const DEFAULT_IO_MEMORY_BYTES: u64 = 64 * KIB;
 
 /// Prometheus `/metrics`, `/healthz`, `/readyz` on loopback: scraped locally, never public.
-pub const DEFAULT_DIAG_ADDR: &str = "127.0.0.1:3000";
+/// Port 3079, next to the public 3080: no common service uses it (3000 was Grafana's, the very
+/// app a Jaunt agent often serves on the same host).
+pub const DEFAULT_DIAG_ADDR: &str = "127.0.0.1:3079";
+/// The port of [`DEFAULT_DIAG_ADDR`].
+pub const DEFAULT_DIAG_PORT: u16 = 3079;
 
 /// Enough for a TLS handshake over a slow mobile link; short enough that clients that connect
 /// and stall cannot hold a shard's connection slots for long.
@@ -331,7 +335,7 @@ impl Config {
                 listen_addr,
                 shards: Shards::Auto,
                 io_memory_bytes: DEFAULT_IO_MEMORY_BYTES,
-                diag_addr: default_addr(DEFAULT_DIAG_ADDR, 3000),
+                diag_addr: default_addr(DEFAULT_DIAG_ADDR, DEFAULT_DIAG_PORT),
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
                 max_connections_per_shard: DEFAULT_MAX_CONNECTIONS_PER_SHARD,
@@ -1041,7 +1045,7 @@ fn validate_engine(file: FileEngine, runs_control: bool) -> Result<EngineConfig,
         io_memory_bytes,
         diag_addr: file
             .diag_addr
-            .unwrap_or_else(|| default_addr(DEFAULT_DIAG_ADDR, 3000)),
+            .unwrap_or_else(|| default_addr(DEFAULT_DIAG_ADDR, DEFAULT_DIAG_PORT)),
         handshake_timeout,
         idle_timeout,
         max_connections_per_shard,
@@ -1889,5 +1893,24 @@ mod tests {
         ] {
             assert!(HostPort::parse(addr).is_ok(), "{addr}");
         }
+    }
+
+    /// Issue 15: the diagnostics port was 3000, Grafana's (the README's own example app), so a
+    /// host running Grafana could not start Jaunt with the defaults.
+    #[test]
+    fn the_default_diag_port_is_no_common_service_port() {
+        let diag = HostPort::parse(DEFAULT_DIAG_ADDR).unwrap();
+        assert_eq!(diag.port, DEFAULT_DIAG_PORT);
+        assert_eq!(diag.host, "127.0.0.1", "diagnostics stay on loopback");
+        // Ports dev tools and sidecars commonly take on the same host, and Jaunt's own.
+        let common = [
+            22, 80, 443, 3000, 3001, 3306, 5000, 5432, 6379, 8000, 8080, 8081, 8443, 8888, 9000,
+            9090, 9091, 9093, 9100, 9200, 27017,
+        ];
+        assert!(!common.contains(&diag.port), "{}", diag.port);
+        let public = HostPort::parse(DEFAULT_ENGINE_LISTEN_ADDR).unwrap();
+        let control = HostPort::parse(DEFAULT_CONTROL_LISTEN_ADDR).unwrap();
+        assert_ne!(diag.port, public.port);
+        assert_ne!(diag.port, control.port);
     }
 }

@@ -1,7 +1,9 @@
 //! The user's side of resource access: dial a node, database, TCP or web app through the engine with
 //! the logged-in identity, then carry bytes. Plain threads and blocking rustls (the client is not
-//! the fast path); one TLS connection per session, ALPN `jaunt-ssh`, `jaunt-postgres` or
-//! `jaunt-tcp`, client certificate from `$JAUNT_HOME`.
+//! the fast path); one TLS connection per session, ALPN `jaunt-ssh`, `jaunt-postgres`,
+//! `jaunt-tcp` or `jaunt-app` (a web app when the proxy was reached by IP address; by DNS name,
+//! a web app is reached with SNI `<app>.<proxy host>` and no dial request), client certificate
+//! from `$JAUNT_HOME`.
 //!
 //! After the handshake the client sends one [`DialRequest`] and reads one [`DialResponse`]; on
 //! `ok` the connection carries the user's protocol (SSH, PostgreSQL, TCP) end to end. The response
@@ -89,7 +91,9 @@ impl Dialer {
             DialKind::Ssh => "jaunt-ssh",
             DialKind::Db => "jaunt-postgres",
             DialKind::Tcp => "jaunt-tcp",
-            DialKind::App => return self.dial_app(&request.target),
+            // By name (SNI `<app>.<proxy host>`) when the proxy has one, else by dial request.
+            DialKind::App if self.names_apps_by_sni() => return self.dial_app(&request.target),
+            DialKind::App => "jaunt-app",
         };
         let tcp = self.connect_proxy()?;
         tcp.set_nodelay(true)?;
@@ -178,15 +182,21 @@ impl Dialer {
         })
     }
 
+    /// Whether web apps are dialed by TLS name (`<app>.<proxy host>`): when the proxy was
+    /// reached by a DNS name. Logged in by IP address, there is no name to put the app under:
+    /// the app is named in a dial request (ALPN `jaunt-app`) instead.
+    pub fn names_apps_by_sni(&self) -> bool {
+        matches!(self.server_name, ServerName::DnsName(_))
+    }
+
     /// The TLS name of web app `name`: `<name>.<proxy host>` (what the engine routes on and
     /// its certificate covers).
     pub fn app_server_name(&self, name: &str) -> anyhow::Result<ServerName<'static>> {
         let host = match &self.server_name {
             ServerName::DnsName(dns) => dns.as_ref().to_string(),
             _ => bail!(
-                "web apps are reached by DNS name (<app>.<proxy host>), but you logged in to the \
-                 proxy by IP address ({}): run `jaunt login --proxy NAME:PORT` with the proxy's \
-                 DNS name (e.g. localhost)",
+                "the proxy {} has no DNS name to reach app {name} under: it is dialed by name \
+                 in a request instead",
                 self.proxy
             ),
         };

@@ -45,6 +45,8 @@ pub struct AgentOptions {
 /// start the renewal thread, run the tunnels.
 pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyhow::Result<()> {
     crate::profile::create_private_dir(&opts.data_dir)?;
+    // Two agents on one data directory would share (and fight over) one host identity.
+    let _lock = crate::exclusive::lock_data_dir(&opts.data_dir, "jaunt agent")?;
     let mut info = ensure_identity(&opts)?;
     let profile = host_profile(&opts.data_dir);
     let tls = tls_config(&profile, &info)?;

@@ -1042,9 +1042,17 @@ fn proxy_local(
     port: u16,
     kind: jaunt_engine::server::dial::DialKind,
 ) -> anyhow::Result<()> {
-    let (dialer, _) = crate::access::Dialer::from_profile(&Profile::user_default())?;
-    if kind == jaunt_engine::server::dial::DialKind::App {
-        // Refuse now, not at the first request, when the app cannot be named over TLS.
+    let profile = Profile::user_default();
+    let (dialer, info) = crate::access::Dialer::from_profile(&profile)?;
+    // Refuse now, not at the first connection, a name the cluster does not serve.
+    let client = Client::new(
+        &info.proxy,
+        Trust::Roots(profile.host_ca()?),
+        Some(profile.tls_identity(&info.user)?),
+    )?;
+    let inventory: Vec<ResourceInfo> = client.get_json("/v1/inventory")?;
+    check_app_listed(&inventory, name, kind)?;
+    if dialer.names_apps_by_sni() && kind == jaunt_engine::server::dial::DialKind::App {
         dialer.app_server_name(name)?;
     }
     let request = jaunt_engine::server::dial::DialRequest {
@@ -1063,6 +1071,33 @@ fn proxy_local(
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     crate::access::serve_local(listener, std::sync::Arc::new(dialer), request)
+}
+
+/// Refuses `name` unless the cluster lists an app of `kind` by that name, pointing at the
+/// right command when it is the other kind of app.
+fn check_app_listed(
+    inventory: &[ResourceInfo],
+    name: &str,
+    kind: jaunt_engine::server::dial::DialKind,
+) -> anyhow::Result<()> {
+    use jaunt_engine::server::dial::DialKind;
+    let (want, noun, other_cmd) = match kind {
+        DialKind::App => ("app", "web app", "jaunt proxy tcp"),
+        _ => ("tcp", "TCP app", "jaunt proxy app"),
+    };
+    if inventory.iter().any(|r| r.kind == want && r.name == name) {
+        return Ok(());
+    }
+    if let Some(r) = inventory
+        .iter()
+        .find(|r| r.name == name && matches!(r.kind.as_str(), "app" | "tcp"))
+    {
+        bail!(
+            "{name} is a {} app, not a {noun}: use `{other_cmd} {name}`",
+            if r.kind == "tcp" { "TCP" } else { "web" }
+        );
+    }
+    bail!("no such {noun}: {name} (see `jaunt ls apps`)")
 }
 
 // ---- admin connection ----

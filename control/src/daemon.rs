@@ -7,7 +7,8 @@
 //! immutable snapshots (CA roots, roles, locks) over a crossbeam channel: once at boot and again
 //! after every change.
 //!
-//! Files written to the data directory: `jaunt.db` (the store), `control.addr` and `public.addr`
+//! Files written to the data directory: `jaunt.lock` (held while the daemon runs, see
+//! `exclusive.rs`), `jaunt.db` (the store), `control.addr` and `public.addr`
 //! (the bound addresses, so port 0 works), `admin/` (the local admin identity the admin verbs use
 //! on this host) and, in dev mode, `admin-password` (0600).
 
@@ -93,13 +94,23 @@ impl EngineSettings {
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let audit_file = cfg.audit_file.clone();
     profile::create_private_dir(&cfg.data_dir)?;
+    // One daemon per data directory and per public port (see `exclusive.rs`).
+    let _lock = crate::exclusive::lock_data_dir(&cfg.data_dir, "jaunt start")?;
+    let public_listen = resolve(&cfg.public_listen, "engine.listen_addr")?;
+    crate::exclusive::check_port_free(
+        public_listen,
+        if cfg.dev {
+            "--public-addr"
+        } else {
+            "engine.listen_addr"
+        },
+    )?;
     let store = Arc::new(
         Store::open(&cfg.data_dir.join("jaunt.db"))
             .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
     );
     let control_listener = bind(&cfg.control_listen, "control.listen_addr")?;
     let control_bound = control_listener.local_addr()?;
-    let public_listen = resolve(&cfg.public_listen, "engine.listen_addr")?;
     // With port 0 the engine picks the port; the advertised address is fixed up once it has.
     let public_addr_hint = cfg.public_addr.clone();
 

@@ -9,6 +9,7 @@
 //! - [`jwt`]: app-access JWTs (ES256) and their JWK Set.
 //! - [`http`] / [`client`]: the API's transport (HTTP/1.1 + JSON over TLS, plain threads).
 //! - [`daemon`]: `jaunt start`.
+//! - [`exclusive`]: one daemon per data directory (flock) and per public port.
 //! - [`profile`]: the user's `$JAUNT_HOME` (keys and certificates after `jaunt login`).
 //! - [`access`]: the user's side of resource access (dial through the engine, carry bytes).
 //! - [`app_cmd`]: web app access: the agent's JWT provider (`jaunt proxy app` is in `access`).
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod db_cmd;
+pub mod exclusive;
 pub mod http;
 pub mod jwt;
 pub mod profile;

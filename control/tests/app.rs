@@ -133,7 +133,7 @@ fn websocket_accept(key: &str) -> String {
 }
 
 /// `jaunt agent` serving `--app NAME=URI`, joined with a fresh app token.
-fn start_agent(c: &Cluster, name: &str, app: &str) -> Reaped {
+fn start_agent(c: &Cluster, name: &str, app: &str, more_apps: &[&str]) -> Reaped {
     let out = ok(c.admin(&["tokens", "add", "--type", "node,app"], None));
     let token = out.lines().next().unwrap().trim().to_string();
     let data = c.dir.path().join(format!("agent-{name}"));
@@ -154,6 +154,7 @@ fn start_agent(c: &Cluster, name: &str, app: &str) -> Reaped {
                 "--app",
                 app,
             ])
+            .args(more_apps.iter().flat_map(|a| ["--app", a]))
             .env("JAUNT_HOME", c.dir.path().join("agent-home"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -162,8 +163,21 @@ fn start_agent(c: &Cluster, name: &str, app: &str) -> Reaped {
     )
 }
 
-/// `jaunt proxy app NAME` as the logged-in user; returns it and its local address.
+/// `jaunt proxy app NAME` as the logged-in user, once the app is listed (the proxy refuses
+/// names the cluster does not list); returns it and its local address.
 fn proxy_app(c: &Cluster, name: &str) -> (Reaped, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ls = ok(c.run(&["ls", "apps"], None));
+        if ls
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "app {name} never listed: {ls}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let mut child = Command::new(jaunt_bin())
         .args(["proxy", "app", name])
         .env("JAUNT_HOME", &c.home)
@@ -224,7 +238,7 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
     ));
     ok(c.login("alice", PASSWORD, &[]));
     let app_addr = start_app();
-    let _agent = start_agent(&c, "node1", &format!("web1=http://{app_addr}"));
+    let _agent = start_agent(&c, "node1", &format!("web1=http://{app_addr}"), &[]);
     let (_proxy, local) = proxy_app(&c, "web1");
     let base = format!("http://{local}");
 
@@ -350,10 +364,9 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
         "{out}"
     );
 
-    // An app nobody serves is refused by name, through the same local listener kind.
-    let (_ghost, ghost) = proxy_app(&c, "ghost");
-    let (_, out) = curl(&["-w", "\nstatus=%{http_code}", &format!("http://{ghost}/")]);
-    assert!(out.contains("status=404") && out.contains("ghost"), "{out}");
+    // An app nobody serves is refused by name, before the proxy listens.
+    let err = fails(c.run(&["proxy", "app", "ghost"], None));
+    assert!(err.contains("no such web app: ghost"), "{err}");
 
     // The sessions are in the audit log as app sessions of alice.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -406,13 +419,15 @@ fn web_app_through_the_cluster_with_curl_jwt_and_websocket() {
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(_proxy);
-    drop(_ghost);
     c.assert_sessions_paired();
 }
 
+/// Issue 15: logged in by IP address (`jaunt start --dev` advertised 127.0.0.1), `jaunt proxy
+/// app` asked for a DNS name; it now names the app in a dial request (ALPN `jaunt-app`). Names
+/// the cluster does not list are refused before the proxy listens.
 #[test]
-fn proxy_app_needs_a_dns_proxy_name() {
-    let c = Cluster::dev();
+fn proxy_app_works_when_logged_in_by_ip_address() {
+    let c = Cluster::dev_at("127.0.0.1:0");
     ok(c.admin(
         &[
             "users",
@@ -425,9 +440,30 @@ fn proxy_app_needs_a_dns_proxy_name() {
         Some(PASSWORD),
     ));
     ok(c.login("alice", PASSWORD, &[]));
-    let err = fails(c.run(&["proxy", "app", "web1"], None));
+    let app_addr = start_app();
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _agent = start_agent(
+        &c,
+        "node1",
+        &format!("web1=http://{app_addr}"),
+        &[&format!("echo=tcp://{}", echo.local_addr().unwrap())],
+    );
+    let (_proxy, local) = proxy_app(&c, "web1");
+    let seen = wait_for_app(&format!("http://{local}/ready"));
+    assert_eq!(seen["path"], "/ready");
+    let jwt = seen["headers"]["jaunt-jwt-assertion"].as_str().unwrap();
+    assert_eq!(jwt.split('.').count(), 3, "{jwt}");
+
+    // Unknown names and the wrong kind of app are refused at once, before any listener.
+    let err = fails(c.run(&["proxy", "app", "nosuch"], None));
+    assert!(err.contains("no such web app: nosuch"), "{err}");
+    let err = fails(c.run(&["proxy", "tcp", "nosuch"], None));
+    assert!(err.contains("no such TCP app: nosuch"), "{err}");
+    let err = fails(c.run(&["proxy", "tcp", "web1"], None));
     assert!(
-        err.contains("DNS name") && err.contains("jaunt login --proxy"),
+        err.contains("web1 is a web app, not a TCP app: use `jaunt proxy app web1`"),
         "{err}"
     );
+    let err = fails(c.run(&["proxy", "app", "echo"], None));
+    assert!(err.contains("use `jaunt proxy tcp echo`"), "{err}");
 }

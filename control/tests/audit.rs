@@ -360,7 +360,7 @@ fn a_cluster_writes_and_rotates_its_audit_file() {
         "cluster_name: audit.test\n\
          data_dir: DATA_DIR\n\
          control:\n  listen_addr: 127.0.0.1:0\n\
-         engine:\n  public_addr: 127.0.0.1:0\n  listen_addr: 127.0.0.1:0\n\
+         engine:\n  public_addr: 127.0.0.1:0\n  listen_addr: 127.0.0.1:0\n  diag_addr: 127.0.0.1:0\n\
          audit:\n  file: { path: DATA_DIR/audit.jsonl, max_size: 8KiB, max_files: 500 }\n",
     );
     let path = c.data_dir.join("audit.jsonl");

@@ -507,7 +507,7 @@ fn second_factor_is_required_outside_dev_mode() {
         "cluster_name: otp.test\n\
          data_dir: DATA_DIR\n\
          control:\n  listen_addr: 127.0.0.1:0\n\
-         engine:\n  public_addr: 127.0.0.1:0\n  listen_addr: 127.0.0.1:0\n",
+         engine:\n  public_addr: 127.0.0.1:0\n  listen_addr: 127.0.0.1:0\n  diag_addr: 127.0.0.1:0\n",
     );
     let out = ok(c.admin(
         &[

@@ -10,7 +10,8 @@
 //! 1. No ALPN extension: HTTP (rule 3).
 //! 2. Otherwise the client's ALPN list is scanned in the client's preference order and the first
 //!    identifier Jaunt recognises decides: a `jaunt-*` id routes by ALPN alone (SNI ignored: agents
-//!    and tools may dial an IP or a load balancer name); `http/1.1` means HTTP. `h2` alone is not
+//!    and tools may dial an IP or a load balancer name; `jaunt-app` names the web app in a dial
+//!    request instead of the SNI, for clients logged in by IP address); `http/1.1` means HTTP. `h2` alone is not
 //!    enough (the web endpoints speak HTTP/1.1) but is harmless next to `http/1.1`; unknown ids
 //!    (GREASE, probes) are skipped. A list with nothing recognised is `Reject(UnknownAlpn)`.
 //! 3. HTTP: no SNI, an IP literal, or SNI equal to the public host is `Web`; SNI
@@ -31,6 +32,9 @@ pub const ALPN_SSH: &[u8] = b"jaunt-ssh";
 pub const ALPN_POSTGRES: &[u8] = b"jaunt-postgres";
 /// User TCP app (terminate, mTLS user certificate).
 pub const ALPN_TCP: &[u8] = b"jaunt-tcp";
+/// User web app named by a dial request rather than by SNI (terminate, mTLS user certificate;
+/// then HTTP/1.1 as on an `<app>.<public host>` connection).
+pub const ALPN_APP: &[u8] = b"jaunt-app";
 /// Web UI, its API and web apps.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 /// HTTP/2: accepted only alongside `http/1.1` (we then negotiate `http/1.1`).
@@ -54,6 +58,9 @@ pub enum Route<'a> {
     Tcp,
     /// Web app `name` (lower-case single DNS label, borrowed from the ClientHello's SNI).
     App { name: &'a str },
+    /// Web app named by the dial request that follows the handshake (ALPN `jaunt-app`): what
+    /// `jaunt proxy app` uses when the proxy has no DNS name to put the app under.
+    AppDial,
     /// Web UI and its API.
     Web,
     /// Refuse: send [`RejectReason::alert`] if any, close, count [`RejectReason::as_str`].
@@ -70,7 +77,7 @@ impl Route<'_> {
             Route::Ssh => "ssh",
             Route::Postgres => "postgres",
             Route::Tcp => "tcp",
-            Route::App { .. } => "app",
+            Route::App { .. } | Route::AppDial => "app",
             Route::Web => "web",
             Route::Reject(_) => "reject",
         }
@@ -192,6 +199,7 @@ fn select_protocol(hello: &ClientHello) -> Protocol {
             ALPN_SSH => Route::Ssh,
             ALPN_POSTGRES => Route::Postgres,
             ALPN_TCP => Route::Tcp,
+            ALPN_APP => Route::AppDial,
             ALPN_HTTP1 => return Protocol::Http,
             _ => continue,
         };
@@ -290,12 +298,13 @@ mod tests {
 
     #[test]
     fn jaunt_alpn_routes_ignore_sni() {
-        let cases: [(&[u8], &str); 5] = [
+        let cases: [(&[u8], &str); 6] = [
             (ALPN_TUNNEL, "Tunnel"),
             (ALPN_CONTROL, "Control"),
             (ALPN_SSH, "Ssh"),
             (ALPN_POSTGRES, "Postgres"),
             (ALPN_TCP, "Tcp"),
+            (ALPN_APP, "AppDial"),
         ];
         for (alpn, want) in cases {
             for sni in [Some(PUBLIC), Some("elsewhere.test"), Some("10.1.2.3"), None] {

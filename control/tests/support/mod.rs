@@ -69,7 +69,15 @@ impl Cluster {
     }
 
     /// `jaunt start --config FILE` with `yaml` as the config (`DATA_DIR` in it is replaced).
+    /// Tests never depend on a fixed port: an engine section must set `diag_addr` (whose
+    /// default is a fixed port) as well as its listen addresses.
     pub fn with_config(yaml: &str) -> Cluster {
+        if yaml.contains("engine:") {
+            assert!(
+                yaml.contains("diag_addr:"),
+                "the test config needs `diag_addr: 127.0.0.1:0` (the default is a fixed port)"
+            );
+        }
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let path = dir.path().join("jaunt.yaml");

@@ -23,7 +23,10 @@
 //!      `hop.rs`), [`authorize`], open a stream with a [`StreamHeader`], answer with a dial
 //!      response, splice the TLS stream and the tunnel stream ([`tunnel::splice`]);
 //!    - `App`: the same with an optional user certificate and no dial request: the SNI names
-//!      the app, refusals are HTTP responses (`connect` with [`Answer::Http`]).
+//!      the app, refusals are HTTP responses (`connect` with [`Answer::Http`]);
+//!    - `AppDial` (ALPN `jaunt-app`): like `Tcp`, a dial request names the web app (for
+//!      clients that reached the proxy by IP address, with no name to put the app under);
+//!      after the dial response the stream carries HTTP to the app as `App` does.
 //!
 //! The handshake timeout covers phases 1 and 2 up to an established TLS session and a dial
 //! request (or an agent hello); after that the idle timeout applies to user streams, and the
@@ -154,6 +157,7 @@ fn classify(buf: &[u8], public_host: &str) -> Option<Routed> {
             Route::Postgres => Routed::User(DialKind::Db),
             Route::Tcp => Routed::User(DialKind::Tcp),
             Route::App { name } => Routed::App(name.to_owned()),
+            Route::AppDial => Routed::User(DialKind::App),
             Route::Web => Routed::Web,
             Route::Reject(reason) => Routed::Reject(reason),
         }),

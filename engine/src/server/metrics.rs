@@ -94,7 +94,7 @@ impl RouteKind {
             Route::Ssh => RouteKind::Ssh,
             Route::Postgres => RouteKind::Postgres,
             Route::Tcp => RouteKind::Tcp,
-            Route::App { .. } => RouteKind::App,
+            Route::App { .. } | Route::AppDial => RouteKind::App,
             Route::Web => RouteKind::Web,
             Route::Reject(_) => return None,
         })

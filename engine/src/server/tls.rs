@@ -28,7 +28,7 @@ use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::route::{ALPN_HTTP1, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL};
+use crate::route::{ALPN_APP, ALPN_HTTP1, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL};
 
 /// Sessions each shard's cache remembers, per configuration (rustls' own default size).
 pub const SESSION_CACHE_ENTRIES: usize = 256;
@@ -143,7 +143,10 @@ impl ShardTls {
         ShardTls {
             web: acceptor(&configs.web, &[ALPN_HTTP1]),
             app: acceptor(&configs.app, &[ALPN_HTTP1]),
-            user: acceptor(&configs.user, &[ALPN_SSH, ALPN_POSTGRES, ALPN_TCP]),
+            user: acceptor(
+                &configs.user,
+                &[ALPN_SSH, ALPN_POSTGRES, ALPN_TCP, ALPN_APP],
+            ),
             tunnel: acceptor(&configs.tunnel, &[ALPN_TUNNEL]),
         }
     }
