@@ -46,6 +46,7 @@ pub mod mysql;
 mod net;
 pub mod policy;
 pub mod postgres;
+pub mod recording;
 mod runtime;
 mod serve;
 mod settings;

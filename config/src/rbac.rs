@@ -32,7 +32,9 @@
 //!
 //! Options are combined over every known role of the identity, whether or not it matched:
 //! the shortest `client_idle_timeout`; `disconnect_expired_cert` if any role sets it;
-//! `permit_port_forwarding` only if at least one role says true and none says false.
+//! `permit_port_forwarding` only if at least one role says true and none says false;
+//! `record_session` the strictest any role sets (`strict` > `best_effort` > `off`; `off` when no
+//! role sets it); `record_input` if any role says true.
 //!
 //! [`Policy::compile`] does the work that does not depend on the connection once (regexes,
 //! trait templates, wildcard selectors), so that [`authorize`] only compares.
@@ -49,7 +51,7 @@ use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 
 use crate::identity::Identity;
-use crate::resource::{Labels, Lock, LockTarget, Role, RoleConditions, WILDCARD};
+use crate::resource::{Labels, Lock, LockTarget, RecordSession, Role, RoleConditions, WILDCARD};
 
 /// Upper bound on one compiled label regex (the `regex` crate's size limit). Selectors are
 /// short patterns such as `^web-[0-9]+$`; a quarter MiB leaves room for large alternations while
@@ -114,6 +116,10 @@ pub struct Decision {
     pub expires: u64,
     /// SSH port forwarding (some role permits it and none forbids it).
     pub permit_port_forwarding: bool,
+    /// Whether SSH sessions are recorded: the strictest `record_session` of the roles.
+    pub record_session: RecordSession,
+    /// Whether recordings carry the user's input (some role sets `record_input: true`).
+    pub record_input: bool,
 }
 
 /// A refused connection. `message` names the resource and the rule that refused it; the user
@@ -520,6 +526,8 @@ struct Options {
     idle_timeout: Option<Duration>,
     disconnect_expired_cert: Option<bool>,
     permit_port_forwarding: Option<bool>,
+    record_session: Option<RecordSession>,
+    record_input: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -604,6 +612,8 @@ struct Combined {
     disconnect_expired_cert: bool,
     port_forwarding_yes: bool,
     port_forwarding_no: bool,
+    record_session: RecordSession,
+    record_input: bool,
 }
 
 impl CompiledRole {
@@ -616,6 +626,8 @@ impl CompiledRole {
                 idle_timeout: options.client_idle_timeout.map(|d| d.as_std()),
                 disconnect_expired_cert: options.disconnect_expired_cert,
                 permit_port_forwarding: options.permit_port_forwarding,
+                record_session: options.record_session,
+                record_input: options.record_input,
             },
             allow: Conditions::compile(name, "spec.allow", &role.spec.allow)?,
             deny: Conditions::compile(name, "spec.deny", &role.spec.deny)?,
@@ -917,6 +929,10 @@ impl Combined {
             Some(false) => self.port_forwarding_no = true,
             None => {}
         }
+        if let Some(mode) = options.record_session {
+            self.record_session = self.record_session.max(mode);
+        }
+        self.record_input |= options.record_input == Some(true);
     }
 
     fn decision(&self, identity: &Identity) -> Decision {
@@ -925,6 +941,8 @@ impl Combined {
             disconnect_expired_cert: self.disconnect_expired_cert,
             expires: identity.expires,
             permit_port_forwarding: self.port_forwarding_yes && !self.port_forwarding_no,
+            record_session: self.record_session,
+            record_input: self.record_input,
         }
     }
 }
@@ -1461,5 +1479,62 @@ mod tests {
         let b = authorize(&copy, &id, &app, &Request::default(), &[], 150);
         assert_eq!(a, b);
         assert!(a.is_ok());
+    }
+
+    #[test]
+    fn recording_options_take_the_strictest_and_any_input() {
+        let policy = Policy::compile(&roles(
+            "kind: role\nversion: v1\nmetadata: {name: open}\nspec:\n  options: {record_session: off}\n  allow: {logins: ['*'], node_labels: {'*': '*'}}\n\
+             ---\nkind: role\nversion: v1\nmetadata: {name: careful}\nspec:\n  options: {record_session: best_effort, record_input: true}\n\
+             ---\nkind: role\nversion: v1\nmetadata: {name: audited}\nspec:\n  options: {record_session: strict, record_input: false}\n\
+             ---\nkind: role\nversion: v1\nmetadata: {name: plain}\nspec:\n  allow: {logins: ['*'], node_labels: {'*': '*'}}\n",
+        ))
+        .unwrap();
+        let labels = BTreeMap::new();
+        let node = Resource {
+            kind: ResourceKind::Node,
+            name: "n1",
+            labels: &labels,
+        };
+        let decide = |roles: &[&str]| {
+            authorize(
+                &policy,
+                &identity(roles),
+                &node,
+                &Request::ssh("alice"),
+                &[],
+                150,
+            )
+            .map(|d| (d.record_session, d.record_input))
+            .unwrap()
+        };
+        assert_eq!(decide(&["plain"]), (RecordSession::Off, false));
+        assert_eq!(decide(&["open"]), (RecordSession::Off, false));
+        assert_eq!(
+            decide(&["open", "careful"]),
+            (RecordSession::BestEffort, true)
+        );
+        assert_eq!(
+            decide(&["careful", "audited", "open"]),
+            (RecordSession::Strict, true)
+        );
+        assert_eq!(
+            decide(&["plain", "audited"]),
+            (RecordSession::Strict, false)
+        );
+        assert_eq!(
+            Role::builtin_access().spec.options.record_session,
+            Some(RecordSession::BestEffort)
+        );
+        let bad = parse_resources(
+            "r.yaml",
+            "kind: role\nversion: v1\nmetadata: {name: r}\nspec:\n  options:\n    record_session: always\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("r.yaml:6") && bad.contains("record_session"),
+            "{bad}"
+        );
     }
 }

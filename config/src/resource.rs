@@ -46,11 +46,26 @@ pub const BUILTIN_EDITOR_ROLE: &str = "editor";
 pub const WILDCARD: &str = "*";
 
 /// Resources that role `rules` can name (besides [`WILDCARD`]).
+///
+/// `session` is the live sessions (`jaunt sessions ls` needs `list`, `jaunt join` needs `join`,
+/// `jaunt sessions kill` needs `delete`); `recording` is the stored session recordings
+/// (`jaunt recordings ls` needs `list`, `jaunt play` needs `read`).
 pub const RULE_RESOURCES: &[&str] = &[
-    "user", "role", "token", "lock", "node", "app", "db", "audit", "ca",
+    "user",
+    "role",
+    "token",
+    "lock",
+    "node",
+    "app",
+    "db",
+    "audit",
+    "ca",
+    "session",
+    "recording",
 ];
-/// Verbs that role `rules` can name (besides [`WILDCARD`]).
-pub const RULE_VERBS: &[&str] = &["list", "read", "create", "update", "delete"];
+/// Verbs that role `rules` can name (besides [`WILDCARD`]). `join` is for live sessions
+/// (watching one as an observer).
+pub const RULE_VERBS: &[&str] = &["list", "read", "create", "update", "delete", "join"];
 
 /// User traits with a meaning of their own; any other trait name is allowed too.
 pub const TRAIT_LOGINS: &str = "logins";
@@ -202,6 +217,49 @@ pub struct RoleOptions {
     pub permit_agent_forwarding: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permit_pty: Option<bool>,
+    /// Whether SSH sessions are recorded (see [`RecordSession`]). Combined over a user's roles,
+    /// the strictest set value wins; no role setting it means `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_session: Option<RecordSession>,
+    /// Whether recordings also carry what the user typed (asciicast `i` events). Any role
+    /// saying `true` turns it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_input: Option<bool>,
+}
+
+/// The role option `record_session`: whether, and how firmly, SSH sessions are recorded.
+/// Ordered from the most lenient to the strictest (`Off < BestEffort < Strict`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordSession {
+    /// Not recorded: the SSH bytes are spliced end to end between the user and the node.
+    #[default]
+    Off,
+    /// Recorded; a session whose recording fails goes on, and the failure is counted and
+    /// audited.
+    BestEffort,
+    /// Recorded; a session that cannot be recorded is refused, and a live one whose recording
+    /// cannot be written for a while is ended.
+    Strict,
+}
+
+impl RecordSession {
+    /// The word the role option uses: `off`, `best_effort`, `strict`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordSession::Off => "off",
+            RecordSession::BestEffort => "best_effort",
+            RecordSession::Strict => "strict",
+        }
+    }
+}
+
+impl fmt::Display for RecordSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a role allows (or denies). Logins, db users and db names may be trait templates such
@@ -372,7 +430,8 @@ impl Metadata {
 
 impl Role {
     /// What ordinary users get: their own logins and db users/names (from traits) on every
-    /// node, app and db, for at most 12 hours, with a PTY and port and agent forwarding.
+    /// node, app and db, for at most 12 hours, with a PTY and port and agent forwarding, their
+    /// SSH sessions recorded best-effort.
     pub fn builtin_access() -> Role {
         Role {
             metadata: Metadata {
@@ -387,6 +446,7 @@ impl Role {
                     permit_pty: Some(true),
                     permit_port_forwarding: Some(true),
                     permit_agent_forwarding: Some(true),
+                    record_session: Some(RecordSession::BestEffort),
                     ..RoleOptions::default()
                 },
                 allow: RoleConditions {
@@ -1594,7 +1654,7 @@ spec:
         assert_eq!(
             error("kind: role\nversion: v1\nmetadata: { name: r }\nspec:\n  allow:\n    rules:\n      - resources: [nodes]\n        verbs: [list]\n"),
             "r.yaml:7:21: spec.allow.rules[0].resources[0]: unknown resource \"nodes\" \
-             (expected one of: user, role, token, lock, node, app, db, audit, ca, *)"
+             (expected one of: user, role, token, lock, node, app, db, audit, ca, session, recording, *)"
         );
         assert_eq!(
             error("kind: lock\nversion: v1\nmetadata: { name: l }\nspec:\n  target: { user: a, role: b }\n"),

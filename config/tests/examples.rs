@@ -267,7 +267,7 @@ fn bad_resources_fail_with_exact_messages() {
         ),
         (
             format!("{role}  allow:\n    rules: [ {{ resources: [role], verbs: [edit] }} ]\n"),
-            r#"roles.yaml:7:43: spec.allow.rules[0].verbs[0]: unknown verb "edit" (expected one of: list, read, create, update, delete, *)"#,
+            r#"roles.yaml:7:43: spec.allow.rules[0].verbs[0]: unknown verb "edit" (expected one of: list, read, create, update, delete, join, *)"#,
         ),
         (
             format!("{role}  {{}}\n---\nkind: lock\nversion: v1\nmetadata: {{ name: l1 }}\nspec:\n  target: {{}}\n"),

@@ -13,7 +13,7 @@ use jaunt_config::rbac::{
     authorize, lock_matches, ActiveLock, Decision, DeniedKind, Policy, Request, Resource,
     ResourceKind,
 };
-use jaunt_config::resource::{self, LockTarget, Role};
+use jaunt_config::resource::{self, LockTarget, RecordSession, Role};
 
 const CATALOG: &str = r#"
 kind: role
@@ -505,6 +505,9 @@ fn check(policy: &Policy, case: &Case) -> Option<String> {
                 disconnect_expired_cert: disconnect,
                 expires: EXPIRES,
                 permit_port_forwarding: port_forwarding,
+                // No role of the table sets the recording options.
+                record_session: RecordSession::Off,
+                record_input: false,
             };
             (*decision != want).then(|| format!("decision {decision:?}, expected {want:?}"))
         }
