@@ -533,3 +533,149 @@ fn label_fan_out_and_label_filters() {
     let err = fails(c.run(&["ssh", "root@env=prod"], None));
     assert!(err.contains("COMMAND"), "{err}");
 }
+
+/// `ansible` from ansible-core (PyPI; `.ci/run` installs it).
+fn ansible_binary() -> &'static str {
+    let found = Command::new("ansible")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "ansible is not installed (python3 -m pip install ansible-core; .ci/run does this)"
+    );
+    "ansible"
+}
+
+fn sha256_tree(dir: &Path) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("find . -type f | LC_ALL=C sort | xargs sha256sum")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    stdout(&out)
+}
+
+#[test]
+fn jaunt_config_serves_plain_ssh_rsync_and_ansible() {
+    let ansible = ansible_binary();
+    let (c, _nodes) = two_nodes();
+    let config = c.dir.path().join("ssh_config");
+    let block = ok(c.run(&["config"], None));
+    assert!(block.contains("Host *.dev.jaunt.local"), "{block}");
+    assert!(block.contains("proxy ssh %r@%h:%p"), "{block}");
+    std::fs::write(&config, &block).unwrap();
+    let ssh = |args: &[&str]| {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&config)
+            .args(args)
+            .env("HOME", &c.home)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    // Plain ssh, as NODE.<cluster>.
+    let o = ssh(&["root@node2.dev.jaunt.local", "printenv", "JAUNT_TEST_NODE"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "node2");
+
+    // rsync -e ssh of a directory, there and back, checksums equal.
+    let src = c.dir.path().join("tree");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    for i in 0..20u32 {
+        let body: Vec<u8> = (0..(i * 5000)).map(|j| (j * 31 + i) as u8).collect();
+        let dir = if i % 2 == 0 {
+            src.clone()
+        } else {
+            src.join("sub")
+        };
+        std::fs::write(dir.join(format!("f{i}.bin")), body).unwrap();
+    }
+    let remote = c.dir.path().join("remote-tree");
+    let back = c.dir.path().join("back-tree");
+    let e = format!("ssh -F {}", config.display());
+    for (from, to) in [
+        (
+            format!("{}/", src.display()),
+            format!("root@node1.dev.jaunt.local:{}/", remote.display()),
+        ),
+        (
+            format!("root@node1.dev.jaunt.local:{}/", remote.display()),
+            format!("{}/", back.display()),
+        ),
+    ] {
+        let o = Command::new("rsync")
+            .args(["-a", "--checksum", "-e", &e, &from, &to])
+            .env("HOME", &c.home)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "rsync {from} {to}: {}", stderr(&o));
+    }
+    let sums = sha256_tree(&src);
+    assert_eq!(sums.lines().count(), 20);
+    assert_eq!(sha256_tree(&remote), sums);
+    assert_eq!(sha256_tree(&back), sums);
+
+    // Ansible: ping and a command on both nodes through the same block.
+    let inventory = c.dir.path().join("inventory.ini");
+    std::fs::write(
+        &inventory,
+        format!(
+            "[nodes]\nnode1.dev.jaunt.local\nnode2.dev.jaunt.local\n\n[nodes:vars]\n\
+             ansible_user=root\nansible_ssh_common_args='-F {}'\n\
+             ansible_python_interpreter=/usr/bin/python3\n",
+            config.display()
+        ),
+    )
+    .unwrap();
+    let run_ansible = |args: &[&str]| {
+        let o = Command::new(ansible)
+            .args(["all", "-i", inventory.to_str().unwrap()])
+            .args(args)
+            .env("HOME", &c.home)
+            .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("ANSIBLE_LOCAL_TEMP", c.dir.path().join("ansible-tmp"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ansible {args:?}: {}\n{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    };
+    let out = run_ansible(&["-m", "ping"]);
+    for node in ["node1", "node2"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{node}.dev.jaunt.local | SUCCESS"))),
+            "{out}"
+        );
+    }
+    assert_eq!(out.matches("\"pong\"").count(), 2, "{out}");
+    let out = run_ansible(&["-m", "command", "-a", "hostname"]);
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    for node in ["node1", "node2"] {
+        assert!(
+            out.contains(&format!("{node}.dev.jaunt.local | CHANGED | rc=0")),
+            "{out}"
+        );
+    }
+    assert_eq!(out.matches(hostname.trim()).count(), 2, "{out}");
+    let out = run_ansible(&["-m", "command", "-a", "printenv JAUNT_TEST_NODE"]);
+    assert!(
+        out.contains("node1.dev.jaunt.local | CHANGED | rc=0 >>\nnode1")
+            && out.contains("node2.dev.jaunt.local | CHANGED | rc=0 >>\nnode2"),
+        "{out}"
+    );
+}
