@@ -93,6 +93,11 @@ pub const SESSION_END: EventKind = EventKind {
     code: "JA2001I",
     r#type: "session.end",
 };
+/// An administrator ended a live session (`jaunt sessions kill`).
+pub const SESSION_KILLED: EventKind = EventKind {
+    code: "JA2002I",
+    r#type: "session.kill",
+};
 pub const ACCESS_DENIED: EventKind = EventKind {
     code: "JA2100W",
     r#type: "access.denied",

@@ -82,6 +82,9 @@ enum Command {
     /// Search the audit log (admin).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Live sessions: list them, or end one (roles need the `session` rule: `list`, `delete`).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
     /// List the nodes, apps and databases you can reach (`jaunt ls nodes env=prod`).
     Ls {
         /// nodes, apps or dbs (default: all); or a first KEY=VALUE label filter.
@@ -288,6 +291,17 @@ struct LoginArgs {
     /// Requested certificate lifetime (capped by the cluster and your roles), e.g. 1h.
     #[arg(long, value_name = "DURATION")]
     ttl: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum SessionsCommand {
+    /// List the live sessions: id, user, login, node, kind, start, recorded.
+    Ls(FormatArg),
+    /// End a live session (within a second); the audit log records who ended it.
+    Kill {
+        /// The session id, as `jaunt sessions ls` shows it.
+        id: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -533,6 +547,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Users(c) => {
             users(&admin_client(data_dir.as_deref())?, c).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Sessions(c) => {
+            sessions(&admin_client(data_dir.as_deref())?, c).map(|()| ExitCode::SUCCESS)
         }
         Command::Tokens(c) => {
             tokens(&admin_client(data_dir.as_deref())?, c).map(|()| ExitCode::SUCCESS)
@@ -1375,6 +1392,59 @@ fn create(client: &Client, file: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `jaunt sessions ls|kill`.
+fn sessions(client: &Client, cmd: SessionsCommand) -> anyhow::Result<()> {
+    match cmd {
+        SessionsCommand::Ls(FormatArg { format }) => {
+            let live: Vec<jaunt_engine::server::LiveSessionInfo> =
+                client.get_json("/v1/sessions")?;
+            if format != Format::Text {
+                return print_structured(&live, format);
+            }
+            let rows: Vec<Vec<String>> = live
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.user.clone(),
+                        s.login
+                            .clone()
+                            .or_else(|| s.db_user.clone())
+                            .unwrap_or_default(),
+                        s.target.clone(),
+                        s.kind.as_str().to_string(),
+                        crate::audit::rfc3339(s.started),
+                        if s.recorded { "yes" } else { "no" }.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["ID", "USER", "LOGIN", "NODE", "KIND", "STARTED", "RECORDED"],
+                &rows,
+            );
+            Ok(())
+        }
+        SessionsCommand::Kill { id } => {
+            client.delete(&format!("/v1/sessions/{}", url_path_segment(&id)))?;
+            println!("session {id} ended");
+            Ok(())
+        }
+    }
+}
+
+/// `text` safe as one URL path segment (percent-encoding everything but unreserved bytes).
+fn url_path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn get(client: &Client, kind: &str, format: Format) -> anyhow::Result<()> {

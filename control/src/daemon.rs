@@ -211,6 +211,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     control.publish_snapshot();
     let engine = jaunt_engine::server::Engine::start(engine_config, engine_tls, snapshot_rx)
         .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
+    control.set_engine_sessions(engine.sessions());
     let public_addr = advertised(&public_addr_hint, engine.local_addr().port());
     control.set_public_addr(&public_addr);
 

@@ -77,6 +77,8 @@ pub struct Control {
     snapshot_version: AtomicU64,
     /// Agents connected to the engine, by host id (fed by the engine's inventory events).
     inventory: RwLock<BTreeMap<String, jaunt_engine::server::AgentInventory>>,
+    /// The engine's live sessions (`jaunt sessions ls|kill`), once the engine runs.
+    sessions: RwLock<Option<jaunt_engine::server::EngineSessions>>,
 }
 
 /// A handler outcome: a response to send, built from `?`-propagated errors.
@@ -129,6 +131,7 @@ impl Control {
             snapshots: Mutex::new(None),
             snapshot_version: AtomicU64::new(0),
             inventory: RwLock::new(BTreeMap::new()),
+            sessions: RwLock::new(None),
             limiter: RateLimiter::new(
                 RateLimiter::DEFAULT_MAX_FAILURES,
                 RateLimiter::DEFAULT_WINDOW_SECS,
@@ -378,6 +381,8 @@ impl Control {
             ("POST", ["v1", "app", "jwt"]) => self.app_jwt(req, caller),
             ("GET", ["v1", "agent", "policy"]) => self.agent_policy(caller),
             ("GET", ["v1", "audit"]) => self.audit_search(req, caller),
+            ("GET", ["v1", "sessions"]) => self.list_sessions(caller),
+            ("DELETE", ["v1", "sessions", id]) => self.kill_session(caller, id),
             ("POST", ["v1", "audit", "events"]) => self.agent_audit_events(req, caller),
             _ => Err(Response::error(
                 404,
@@ -1349,6 +1354,57 @@ impl Control {
         let digest = ring::digest::digest(&ring::digest::SHA256, &to_json(&policy));
         policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
         Ok(Response::json(200, &policy))
+    }
+
+    /// Where `jaunt sessions ls|kill` find the engine's live sessions (set once it runs).
+    pub fn set_engine_sessions(&self, sessions: jaunt_engine::server::EngineSessions) {
+        *self.sessions.write().unwrap_or_else(|p| p.into_inner()) = Some(sessions);
+    }
+
+    fn engine_sessions(&self) -> Result<jaunt_engine::server::EngineSessions, Response> {
+        self.sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Response::error(503, "the engine is not running on this host"))
+    }
+
+    /// `GET /v1/sessions`: the live sessions (role rule `session`/`list`).
+    fn list_sessions(&self, caller: &Identity) -> Reply {
+        self.require(caller, "session", "list")?;
+        Ok(Response::json(200, &self.engine_sessions()?.list()))
+    }
+
+    /// `DELETE /v1/sessions/ID`: ends a live session (role rule `session`/`delete`); the audit
+    /// log's `session.kill` names who ended it.
+    fn kill_session(&self, caller: &Identity, id: &str) -> Reply {
+        self.require(caller, "session", "delete")?;
+        let sessions = self.engine_sessions()?;
+        let Some(session) = sessions.list().into_iter().find(|s| s.id == id) else {
+            return Err(Response::error(
+                404,
+                &format!("no live session {id:?}: see `jaunt sessions ls`"),
+            ));
+        };
+        if !sessions.end(id) {
+            return Err(Response::error(
+                404,
+                &format!("session {id:?} ended already"),
+            ));
+        }
+        self.audit.emit(
+            audit::SESSION_KILLED,
+            Some(&session.user),
+            &serde_json::json!({
+                "session_id": session.id,
+                "user": session.user,
+                "kind": session.kind,
+                "target": session.target,
+                "login": session.login,
+                "by": caller.name,
+            }),
+        );
+        Ok(Response::json(200, &session))
     }
 
     /// `POST /v1/audit/events`: an agent's batch of events (database queries, app requests),

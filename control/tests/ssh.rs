@@ -365,3 +365,73 @@ fn a_lock_closes_a_live_ssh_session() {
     assert!(err.contains("locked"), "{err}");
     c.assert_sessions_paired();
 }
+
+#[test]
+fn sessions_ls_shows_a_live_ssh_session_and_kill_ends_it() {
+    let (c, _sshd, (_agent, _data)) = ssh_setup();
+    let mut session = Reaped(
+        Command::new(jaunt_bin())
+            .args(["ssh", "root@node1", "--", "echo up; sleep 60"])
+            .env("JAUNT_HOME", &c.home)
+            .env("HOME", &c.home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(session.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "up");
+
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None))).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let live = &listed[0];
+    assert_eq!(live["user"], "alice");
+    assert_eq!(live["login"], "root");
+    assert_eq!(live["target"], "node1");
+    assert_eq!(live["kind"], "ssh");
+    assert_eq!(live["recorded"], false);
+    let id = live["id"].as_str().unwrap().to_string();
+    let table = ok(c.admin(&["sessions", "ls"], None));
+    assert!(table.contains(&id) && table.contains("RECORDED"), "{table}");
+
+    // alice (the access role only) may not list or kill sessions.
+    let refused = fails(c.run(&["sessions", "kill", &id], None));
+    assert!(refused.contains("session"), "{refused}");
+
+    let killed_at = Instant::now();
+    ok(c.admin(&["sessions", "kill", &id], None));
+    let deadline = killed_at + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = session.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed session is still running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "a killed session does not exit 0");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(1),
+        "the session took {:?} to end",
+        killed_at.elapsed()
+    );
+    let kills = c.audit_events(Some("session.kill"));
+    assert_eq!(kills.len(), 1, "{kills:?}");
+    assert_eq!(kills[0]["session_id"], id.as_str());
+    assert_eq!(kills[0]["by"], "admin");
+    let after: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None))).unwrap();
+    assert!(after.is_empty(), "{after:?}");
+    let missing = fails(c.admin(&["sessions", "kill", &id], None));
+    assert!(missing.contains("no live session"), "{missing}");
+    c.assert_sessions_paired();
+}

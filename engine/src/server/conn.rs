@@ -1137,9 +1137,9 @@ impl<'a> LiveSession<'a> {
         labels: Labels,
         audit: SessionAudit,
     ) -> LiveSession<'a> {
-        let end = ctx
-            .shard
-            .session_started(ctx.conn_id, identity, request, labels);
+        let end =
+            ctx.shard
+                .session_started(ctx.conn_id, &audit.session_id, identity, request, labels);
         LiveSession {
             shard: ctx.shard,
             conn_id: ctx.conn_id,

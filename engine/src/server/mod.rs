@@ -62,6 +62,7 @@ pub use audit::{AuditEvent, AuditOverflow};
 pub use authorize::{authorize, Denied, DeniedKind};
 pub use dial::{DialKind, DialRequest, DialResponse, TunnelHello};
 pub use inventory::{AgentInventory, InventoryEvent};
+pub use shard::LiveSessionInfo;
 pub use snapshot::{Lock, Snapshot, Target, Targets};
 pub use tls::{TlsBuildError, TlsConfigs};
 
@@ -469,6 +470,57 @@ fn feed_snapshots(
     }
 }
 
+/// The engine's live user sessions, asked of every shard (see [`EngineHandle::sessions`]).
+#[derive(Clone)]
+pub struct EngineSessions {
+    mailboxes: Vec<MailboxSender>,
+}
+
+impl EngineSessions {
+    /// Every shard's live sessions, oldest first; shards that do not answer within
+    /// [`COMMAND_ACK_TIMEOUT`] are left out.
+    pub fn list(&self) -> Vec<LiveSessionInfo> {
+        let (tx, rx) = crossbeam_channel::bounded(self.mailboxes.len());
+        let asked = self
+            .mailboxes
+            .iter()
+            .filter(|m| m.send(Command::Sessions(tx.clone())))
+            .count();
+        drop(tx);
+        let deadline = Instant::now() + COMMAND_ACK_TIMEOUT;
+        let mut all = Vec::new();
+        for _ in 0..asked {
+            match rx.recv_deadline(deadline) {
+                Ok(sessions) => all.extend(sessions),
+                Err(_) => break,
+            }
+        }
+        all.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
+        all
+    }
+
+    /// Ends the live session `id`; `false` if no shard has it. The session's connection closes
+    /// as soon as its shard runs (the same path a lock takes), and its `session.end` follows.
+    pub fn end(&self, id: &str) -> bool {
+        let (tx, rx) = crossbeam_channel::bounded(self.mailboxes.len());
+        let asked = self
+            .mailboxes
+            .iter()
+            .filter(|m| m.send(Command::EndSession(id.to_owned(), tx.clone())))
+            .count();
+        drop(tx);
+        let deadline = Instant::now() + COMMAND_ACK_TIMEOUT;
+        let mut found = false;
+        for _ in 0..asked {
+            match rx.recv_deadline(deadline) {
+                Ok(ended) => found |= ended,
+                Err(_) => break,
+            }
+        }
+        found
+    }
+}
+
 struct ShardHandle {
     mailbox: MailboxSender,
     thread: Option<JoinHandle<u64>>,
@@ -521,6 +573,14 @@ impl EngineHandle {
     /// The `/metrics` text.
     pub fn metrics_text(&self) -> String {
         metrics::render(&self.state.shards)
+    }
+
+    /// What `jaunt sessions ls` and `kill` use: a handle on the shards' live sessions that
+    /// control can keep (cheap to clone, usable from any thread).
+    pub fn sessions(&self) -> EngineSessions {
+        EngineSessions {
+            mailboxes: self.shards.iter().map(|s| s.mailbox.clone()).collect(),
+        }
     }
 
     /// SIGHUP: new handshakes use `tls`; live connections keep the certificates they started

@@ -74,6 +74,29 @@ pub(crate) enum Command {
     ReloadLimits(EngineLimits, crossbeam_channel::Sender<usize>),
     /// Stop accepting, drain until the deadline, stop.
     Shutdown { drain_deadline: Instant },
+    /// Report this shard's live user sessions.
+    Sessions(crossbeam_channel::Sender<Vec<LiveSessionInfo>>),
+    /// End the live session with this id; answer whether this shard had it.
+    EndSession(String, crossbeam_channel::Sender<bool>),
+}
+
+/// A live user session as `jaunt sessions ls` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveSessionInfo {
+    /// The session id of its audit events.
+    pub id: String,
+    pub user: String,
+    pub kind: DialKind,
+    /// The node, database or app name.
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_user: Option<String>,
+    /// Unix seconds.
+    pub started: u64,
+    /// Whether the session is recorded (spliced sessions are not).
+    pub recorded: bool,
 }
 
 #[derive(Default)]
@@ -264,6 +287,10 @@ pub(crate) struct Resolved {
 
 /// A spliced user session, as the shard knows it to end it when a lock comes to match it.
 struct LiveSession {
+    /// The session id of its audit events.
+    session_id: String,
+    /// Unix seconds.
+    started: u64,
     identity: Identity,
     request: DialRequest,
     /// The resolved target's labels.
@@ -404,6 +431,7 @@ impl Shard {
     pub fn session_started(
         &self,
         conn_id: u64,
+        session_id: &str,
         identity: &Identity,
         request: &DialRequest,
         labels: BTreeMap<String, String>,
@@ -412,6 +440,8 @@ impl Shard {
         self.sessions.borrow_mut().insert(
             conn_id,
             LiveSession {
+                session_id: session_id.to_owned(),
+                started: jaunt_config::identity::unix_now(),
                 identity: identity.clone(),
                 request: request.clone(),
                 labels,
@@ -424,6 +454,42 @@ impl Shard {
     /// The session of connection `conn_id` ended.
     pub fn session_ended(&self, conn_id: u64) {
         self.sessions.borrow_mut().remove(&conn_id);
+    }
+
+    /// This shard's live user sessions.
+    fn live_sessions(&self) -> Vec<LiveSessionInfo> {
+        self.sessions
+            .borrow()
+            .values()
+            .filter(|s| !s.end.is_fired())
+            .map(|s| LiveSessionInfo {
+                id: s.session_id.clone(),
+                user: s.identity.name.clone(),
+                kind: s.request.kind,
+                target: s.request.target.clone(),
+                login: s.request.login.clone(),
+                db_user: s.request.db_user.clone(),
+                started: s.started,
+                recorded: false,
+            })
+            .collect()
+    }
+
+    /// Ends the live session `session_id` if this shard has it (`jaunt sessions kill`).
+    fn end_session(&self, session_id: &str) -> bool {
+        let sessions = self.sessions.borrow();
+        let Some(session) = sessions.values().find(|s| s.session_id == session_id) else {
+            return false;
+        };
+        tracing::info!(
+            shard = self.index,
+            session = session_id,
+            user = %session.identity.name,
+            target = %session.request.target,
+            "ending a live session: an administrator killed it"
+        );
+        session.end.fire();
+        true
     }
 
     /// The limits in force now (a copy: a reload does not change a connection's view).
@@ -879,6 +945,12 @@ async fn serve(mut boot: ShardBoot) -> u64 {
                 let _ = ack.send(shard.index);
             }
             Some(Command::Shutdown { drain_deadline }) => break drain_deadline,
+            Some(Command::Sessions(reply)) => {
+                let _ = reply.send(shard.live_sessions());
+            }
+            Some(Command::EndSession(id, reply)) => {
+                let _ = reply.send(shard.end_session(&id));
+            }
             None => break Instant::now(),
         }
     };
