@@ -36,6 +36,11 @@ pub const LOGIN_FAILED: EventKind = EventKind {
     code: "JA1000W",
     r#type: "user.login.failed",
 };
+/// A web session ended by its user (`/web/`'s log out).
+pub const WEB_LOGOUT: EventKind = EventKind {
+    code: "JA1010I",
+    r#type: "user.logout",
+};
 pub const CERT_ISSUED: EventKind = EventKind {
     code: "JA1001I",
     r#type: "cert.issued",

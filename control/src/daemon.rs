@@ -183,6 +183,9 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     engine_config.max_connections_per_shard = cfg.engine.max_connections_per_shard;
     let (inventory_tx, inventory_rx) = crossbeam_channel::bounded(4096);
     engine_config.inventory = Some(inventory_tx);
+    engine_config.web = Some(jaunt_engine::server::WebUi(Arc::new(
+        crate::web::WebUi::new(control.clone()),
+    )));
     {
         let control = control.clone();
         std::thread::Builder::new()

@@ -931,7 +931,7 @@ fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a st
 }
 
 /// `a=1&b=x%20y&c` → `[(a, 1), (b, x y), (c, "")]`. `None` on a bad escape or non-UTF-8.
-fn parse_query(raw: &str) -> Option<Vec<(String, String)>> {
+pub(crate) fn parse_query(raw: &str) -> Option<Vec<(String, String)>> {
     raw.split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
@@ -943,7 +943,7 @@ fn parse_query(raw: &str) -> Option<Vec<(String, String)>> {
 
 /// Decodes `%XX` escapes (and `+` as space when `plus_is_space`). `None` on a bad escape or when
 /// the result is not UTF-8.
-fn percent_decode(raw: &str, plus_is_space: bool) -> Option<String> {
+pub(crate) fn percent_decode(raw: &str, plus_is_space: bool) -> Option<String> {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -15,6 +15,7 @@
 //! - [`app_cmd`]: web app access: the agent's JWT provider (`jaunt proxy app` is in `access`).
 //! - [`db_cmd`]: PostgreSQL access: db certificates (API bodies, the agent's provider),
 //!   `jaunt ca sign-db`, `jaunt proxy db`, `jaunt db connect`.
+//! - [`web`]: the web UI on the public host (login, resources, audit), served through the engine.
 //! - [`cli`]: the `jaunt` command line.
 
 pub mod access;
@@ -37,3 +38,4 @@ pub mod rbac;
 pub mod service;
 pub mod ssh_cmd;
 pub mod store;
+pub mod web;

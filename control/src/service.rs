@@ -81,6 +81,28 @@ pub struct Control {
     sessions: RwLock<Option<jaunt_engine::server::EngineSessions>>,
 }
 
+/// One password login attempt ([`Control::password_login`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PasswordLogin<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    pub otp: Option<&'a str>,
+    /// Requested certificate lifetime (capped by the cluster and the roles).
+    pub ttl_secs: Option<u64>,
+    /// The client's address (the limiter's second key).
+    pub addr: &'a str,
+    pub via: LoginVia,
+}
+
+/// Where a login came from: the wording of some refusals and a field of its audit events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginVia {
+    /// `jaunt login` (`POST /v1/login`).
+    Cli,
+    /// The web UI's `/web/login`.
+    Web,
+}
+
 /// A handler outcome: a response to send, built from `?`-propagated errors.
 type Reply = Result<Response, Response>;
 
@@ -413,18 +435,49 @@ impl Control {
 
     fn login(&self, req: &Request) -> Reply {
         let body: LoginRequest = req.json()?;
-        let now = unix_now();
         let addr = req.peer.ip().to_string();
-        let user_key = format!("user:{}", body.user);
+        let identity = self.password_login(
+            &PasswordLogin {
+                user: &body.user,
+                password: &body.password,
+                otp: body.otp.as_deref(),
+                ttl_secs: body.ttl_secs,
+                addr: &addr,
+                via: LoginVia::Cli,
+            },
+            unix_now(),
+        )?;
+        let certs = self.issue(&identity, &body.tls_public_key, &body.ssh_public_key, &[])?;
+        Ok(Response::json(200, &certs))
+    }
+
+    /// Checks a user's password (and one-time code when the cluster requires one) under the
+    /// failed-login limits, refuses locked users, and returns the identity a login grants. Both
+    /// `POST /v1/login` and the web UI's login call it, so they share limits and audit events
+    /// (`user.login` / `user.login.failed`; the web's carry `"via": "web"`).
+    pub fn password_login(
+        &self,
+        login: &PasswordLogin<'_>,
+        now: u64,
+    ) -> Result<Identity, Response> {
+        let name = login.user;
+        let addr = login.addr;
+        let via = |mut fields: serde_json::Value| {
+            if login.via == LoginVia::Web {
+                fields["via"] = "web".into();
+            }
+            fields
+        };
+        let user_key = format!("user:{name}");
         let addr_key = format!("addr:{addr}");
         for key in [&user_key, &addr_key] {
             if let Some(wait) = self.limiter.blocked(key, now) {
                 self.audit.emit(
                     audit::LOGIN_FAILED,
-                    Some(&body.user),
-                    &serde_json::json!({
-                        "user": body.user, "addr": addr, "reason": "rate limited",
-                    }),
+                    Some(name),
+                    &via(serde_json::json!({
+                        "user": name, "addr": addr, "reason": "rate limited",
+                    })),
                 );
                 return Err(Response::error(
                     429,
@@ -432,20 +485,20 @@ impl Control {
                 ));
             }
         }
-        let stored = self.store.get_user(&body.user).map_err(internal)?;
+        let stored = self.store.get_user(name).map_err(internal)?;
         let hash = stored
             .as_ref()
             .map_or(auth::dummy_hash(), |u| u.password_hash.as_str());
-        let password_ok = auth::verify_password(&body.password, hash) && stored.is_some();
+        let password_ok = auth::verify_password(login.password, hash) && stored.is_some();
         let fail = |reason: &str, message: &str| {
             self.limiter.fail(&user_key, now);
             self.limiter.fail(&addr_key, now);
             self.audit.emit(
                 audit::LOGIN_FAILED,
-                Some(&body.user),
-                &serde_json::json!({
-                    "user": body.user, "addr": addr, "reason": reason,
-                }),
+                Some(name),
+                &via(serde_json::json!({
+                    "user": name, "addr": addr, "reason": reason,
+                })),
             );
             Response::error(401, message)
         };
@@ -456,11 +509,16 @@ impl Control {
             let Some(secret) = stored.otp_secret.as_deref() else {
                 return Err(fail("no second factor enrolled", "this user has no second factor enrolled; ask an admin to run `jaunt users reset`"));
             };
-            match body.otp.as_deref() {
+            match login.otp {
                 None | Some("") => {
                     return Err(Response::error(
                         401,
-                        "this cluster requires a one-time code: pass --otp CODE",
+                        match login.via {
+                            LoginVia::Cli => {
+                                "this cluster requires a one-time code: pass --otp CODE"
+                            }
+                            LoginVia::Web => "this cluster requires a one-time code",
+                        },
                     ));
                 }
                 Some(code) if !auth::verify_otp(secret, code, now) => {
@@ -474,30 +532,34 @@ impl Control {
         if let Some(lock) = self.matching_lock(&user.metadata.name, &user.spec.roles, now)? {
             self.audit.emit(
                 audit::LOGIN_FAILED,
-                Some(&body.user),
-                &serde_json::json!({
-                    "user": body.user, "addr": addr, "reason": "locked", "lock": lock.0,
-                }),
+                Some(name),
+                &via(serde_json::json!({
+                    "user": name, "addr": addr, "reason": "locked", "lock": lock.0,
+                })),
             );
             return Err(Response::error(
                 403,
-                &format!("user {} is locked: {}", body.user, lock.1),
+                &format!("user {name} is locked: {}", lock.1),
             ));
         }
         self.limiter.clear(&user_key);
         self.limiter.clear(&addr_key);
         let ttl = rbac::cap_ttl(
             &roles,
-            body.ttl_secs
+            login
+                .ttl_secs
                 .unwrap_or(self.settings.user_ttl_secs)
                 .min(self.settings.user_ttl_secs),
         );
         let identity = rbac::user_identity(&user, &roles, &self.settings.cluster, now, ttl);
-        let certs = self.issue(&identity, &body.tls_public_key, &body.ssh_public_key, &[])?;
-        self.audit.emit(audit::LOGIN_OK, Some(&body.user), &serde_json::json!({
-            "user": body.user, "addr": addr, "roles": identity.roles, "expires": identity.expires,
-        }));
-        Ok(Response::json(200, &certs))
+        self.audit.emit(
+            audit::LOGIN_OK,
+            Some(name),
+            &via(serde_json::json!({
+                "user": name, "addr": addr, "roles": identity.roles, "expires": identity.expires,
+            })),
+        );
+        Ok(identity)
     }
 
     fn join(&self, req: &Request) -> Reply {
@@ -1502,7 +1564,12 @@ impl Control {
     }
 
     /// Refuses unless one of the caller's roles allows `verb` on `resource` (and none denies it).
-    fn require(&self, caller: &Identity, resource: &str, verb: &str) -> Result<(), Response> {
+    pub(crate) fn require(
+        &self,
+        caller: &Identity,
+        resource: &str,
+        verb: &str,
+    ) -> Result<(), Response> {
         if caller.kind == IdentityKind::Host {
             return Err(Response::error(403, "hosts may not use admin endpoints"));
         }

@@ -611,6 +611,42 @@ impl Store {
             rows.collect()
         })
     }
+
+    /// One page of [`Store::audit_search`]'s matches, newest first: at most `q.limit` events
+    /// with `seq` below `before` (all when `None`). The web UI's audit page pages with it.
+    pub fn audit_page(&self, q: &AuditQuery, before: Option<i64>) -> Result<Vec<StoredEvent>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT seq, time, code, type, user, event FROM audit
+                 WHERE (?1 IS NULL OR time >= ?1) AND (?2 IS NULL OR time <= ?2)
+                   AND (?3 IS NULL OR type = ?3 OR type LIKE ?3 || '.%') AND (?4 IS NULL OR user = ?4)
+                   AND (?5 IS NULL OR seq < ?5)
+                 ORDER BY seq DESC LIMIT ?6",
+            )?;
+            let limit = if q.limit == 0 { i64::MAX } else { q.limit as i64 };
+            let rows = st.query_map(
+                params![
+                    q.since.map(|v| v as i64),
+                    q.until.map(|v| v as i64),
+                    q.r#type,
+                    q.user,
+                    before,
+                    limit
+                ],
+                |r| {
+                    Ok(StoredEvent {
+                        seq: r.get(0)?,
+                        time: r.get::<_, i64>(1)?.max(0) as u64,
+                        code: r.get(2)?,
+                        r#type: r.get(3)?,
+                        user: r.get(4)?,
+                        event: r.get(5)?,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+    }
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {

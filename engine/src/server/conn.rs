@@ -59,6 +59,7 @@ use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed
 use crate::server::metrics::{DialMiss, Direction, HopResult, Refusal, RouteKind};
 use crate::server::shard::{ConnGuard, Registered, Resolved, Shard, Signal};
 use crate::server::snapshot::Snapshot;
+use crate::server::web::{WebRequest, WebUi};
 use crate::tunnel::agent_hello::{AgentHello, MAX_AGENT_HELLO_BYTES};
 use crate::tunnel::{self, CloseReason, MuxStream, OpenError, Side, Tunnel};
 
@@ -462,6 +463,7 @@ async fn write_and_close<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
 
 async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
     let shard = ctx.shard;
+    let peer = client.get_ref().peer_addr().ok();
     let tls = shard.tls();
     let mut stream = match terminate(ctx, &tls.web, client, hello).await {
         Ok(stream) => stream,
@@ -481,15 +483,59 @@ async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
         }
     };
     let jwks = Arc::clone(&shard.snapshot().jwks);
-    let respond = |head: &http::RequestHead| http::web_response(head, &ping, &jwks);
+    let backend = shard.config.web.clone();
+    let respond = |head: http::RequestHead, body: Vec<u8>| {
+        let own = http::web_response(&head, &ping, &jwks);
+        let backend = backend.clone();
+        async move {
+            if let Some(response) = own {
+                return response;
+            }
+            let Some(backend) = backend else {
+                return Response::text(404, "not found");
+            };
+            let request = WebRequest {
+                method: head.method,
+                path: head.path,
+                headers: head.headers,
+                body,
+                peer,
+            };
+            web_backend(backend, request).await
+        }
+    };
     let idle = HTTP_KEEP_ALIVE_IDLE.min(shard.limits().idle_timeout);
-    match http::serve(&mut stream, ctx.deadline, idle, &shard.draining, &respond).await {
+    match http::serve(&mut stream, ctx.deadline, idle, &shard.draining, respond).await {
         http::ServeEnd::Closed | http::ServeEnd::Idle => End::Done,
         http::ServeEnd::BadRequest(e) => {
             tracing::debug!(shard = shard.index, peer = %ctx.peer, error = %e, "bad HTTP request");
             End::Refused(Refusal::BadHttpRequest)
         }
         http::ServeEnd::Io(e) => End::Failed(ConnError::Client(e)),
+    }
+}
+
+/// Runs the web UI's backend for one request on the shard's blocking thread; a panic in it
+/// answers 500 (and is logged) instead of taking the shard down.
+async fn web_backend(backend: WebUi, request: WebRequest) -> Response {
+    let answer = glommio::executor()
+        .spawn_blocking(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.0.handle(&request)))
+                .ok()
+        })
+        .await;
+    match answer {
+        Some(r) => Response {
+            status: r.status,
+            content_type: r.content_type,
+            body: r.body,
+            close: false,
+            headers: r.headers,
+        },
+        None => {
+            tracing::error!("the web UI backend panicked");
+            Response::text(500, "internal error")
+        }
     }
 }
 

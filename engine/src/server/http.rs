@@ -1,11 +1,13 @@
 //! The engine's own HTTP/1.1, on a TLS stream the engine terminated: the web API's
-//! `GET /webapi/ping`, 404 for every other web path, and the placeholder 502 of web apps.
+//! `GET /webapi/ping` and the JWK Set, which the engine answers itself; every other request on
+//! the public host goes to the web UI's backend when there is one (`web.rs`), else 404.
 //!
 //! Sans-IO pieces ([`parse_head`], [`Response::encode`], [`web_response`]) plus one small async
-//! loop ([`serve`]) that reads request heads with a bound, answers, and keeps the connection
-//! alive between requests up to the idle timeout. Request bodies are not supported: a request
-//! that announces one is answered and the connection closed (nothing here needs a body yet).
-//! Not here: the diag endpoint's HTTP (`diag.rs`, blocking, plain TCP), the web UI.
+//! loop ([`serve`]) that reads request heads and `Content-Length` bodies with bounds
+//! ([`MAX_REQUEST_HEAD_BYTES`], [`MAX_REQUEST_BODY_BYTES`]), answers, and keeps the connection
+//! alive between requests up to the idle timeout. A chunked request body is answered 411 and a
+//! larger one 413, and the connection closed. Not here: the diag endpoint's HTTP (`diag.rs`,
+//! blocking, plain TCP), the web UI's pages (control's `web` module).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,9 @@ pub const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
 /// Most headers in one request.
 pub const MAX_REQUEST_HEADERS: usize = 48;
 
+/// Largest request body: the web UI posts small JSON forms (a login is under 1 KiB).
+pub const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
+
 /// What the engine needs from a request head.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
@@ -31,8 +36,25 @@ pub struct RequestHead {
     pub path: String,
     /// Whether the client wants the connection kept open after the response.
     pub keep_alive: bool,
-    /// Whether the request announces a body (which is not read).
+    /// Whether the request announces a body.
     pub has_body: bool,
+    /// `Content-Length`, when given and valid.
+    pub content_length: Option<usize>,
+    /// Whether the body is chunked (not supported: answered 411).
+    pub chunked: bool,
+    /// Every header, names lower-cased, values as sent (lossy UTF-8), in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestHead {
+    /// The first header named `name` (lower case).
+    #[cfg(test)]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Why a request head was refused (the client's fault).
@@ -41,9 +63,15 @@ pub enum HttpError {
     /// Longer than [`MAX_REQUEST_HEAD_BYTES`].
     #[error("request head exceeds {MAX_REQUEST_HEAD_BYTES} bytes")]
     HeadTooLarge,
-    /// Not HTTP/1.x, or more than [`MAX_REQUEST_HEADERS`] headers.
+    /// Not HTTP/1.x, more than [`MAX_REQUEST_HEADERS`] headers, or a bad `Content-Length`.
     #[error("malformed request head")]
     Malformed,
+    /// A `Content-Length` above [`MAX_REQUEST_BODY_BYTES`].
+    #[error("request body exceeds {MAX_REQUEST_BODY_BYTES} bytes")]
+    BodyTooLarge,
+    /// A chunked request body (not supported).
+    #[error("a request body needs a Content-Length")]
+    LengthRequired,
 }
 
 /// Parses a request head from the front of `buf`: `Ok(None)` until complete, then the head and
@@ -65,7 +93,14 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     let version = request.version.unwrap_or(0);
     let mut keep_alive = version >= 1;
     let mut has_body = false;
+    let mut content_length = None;
+    let mut chunked = false;
+    let mut headers = Vec::with_capacity(request.headers.len());
     for header in request.headers.iter() {
+        headers.push((
+            header.name.to_ascii_lowercase(),
+            String::from_utf8_lossy(header.value).trim().to_owned(),
+        ));
         let value = std::str::from_utf8(header.value).unwrap_or("").trim();
         if header.name.eq_ignore_ascii_case("connection") {
             for token in value.split(',').map(str::trim) {
@@ -77,16 +112,29 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
             }
         } else if header.name.eq_ignore_ascii_case("content-length") {
             has_body |= value != "0";
+            match (content_length, value.parse::<usize>()) {
+                (None, Ok(n)) => content_length = Some(n),
+                // Two different lengths, or one that is not a number: request smuggling bait.
+                (Some(m), Ok(n)) if m == n => {}
+                _ => return Err(HttpError::Malformed),
+            }
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             has_body = true;
+            chunked = true;
         }
+    }
+    if has_body && content_length.is_none() && !chunked {
+        return Err(HttpError::Malformed);
     }
     Ok(Some((
         RequestHead {
             method: request.method.unwrap_or("").to_owned(),
             path: request.path.unwrap_or("").to_owned(),
-            keep_alive: keep_alive && !has_body,
+            keep_alive: keep_alive && !chunked,
             has_body,
+            content_length,
+            chunked,
+            headers,
         },
         used,
     )))
@@ -103,6 +151,9 @@ pub struct Response {
     pub body: Vec<u8>,
     /// Send `Connection: close` and close after writing.
     pub close: bool,
+    /// Other headers (`Set-Cookie`, `Location`, security headers). A name or value with CR,
+    /// LF or NUL is not written.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Response {
@@ -115,6 +166,7 @@ impl Response {
             content_type: "application/json",
             body,
             close: false,
+            headers: Vec::new(),
         }
     }
 
@@ -125,18 +177,41 @@ impl Response {
             content_type: "text/plain; charset=utf-8",
             body: format!("{text}\n").into_bytes(),
             close: false,
+            headers: Vec::new(),
         }
     }
 
     /// The response bytes; `head_only` omits the body (for `HEAD`).
     pub fn encode(&self, head_only: bool) -> Vec<u8> {
+        let mut extra = String::new();
+        let clean = |t: &str| !t.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
+        let mut cache_control = false;
+        for (name, value) in &self.headers {
+            if clean(name) && clean(value) && !name.is_empty() {
+                cache_control |= name.eq_ignore_ascii_case("cache-control");
+                extra.push_str(name);
+                extra.push_str(": ");
+                extra.push_str(value);
+                extra.push_str("\r\n");
+            }
+        }
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\ncache-control: no-store\r\n{}\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}{}{}\r\n",
             self.status,
             reason_phrase(self.status),
             self.content_type,
             self.body.len(),
-            if self.close { "connection: close\r\n" } else { "" },
+            if cache_control {
+                ""
+            } else {
+                "cache-control: no-store\r\n"
+            },
+            extra,
+            if self.close {
+                "connection: close\r\n"
+            } else {
+                ""
+            },
         )
         .into_bytes();
         if !head_only {
@@ -149,12 +224,18 @@ impl Response {
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        204 => "No Content",
+        302 => "Found",
+        303 => "See Other",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
         413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
@@ -177,10 +258,11 @@ pub struct PingBody {
 /// Where the cluster's JWK Set is served (RFC 8615 well-known location).
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 
-/// The web route's answer to one request; `jwks` is the snapshot's JWK Set (JSON).
-pub fn web_response(head: &RequestHead, ping: &PingBody, jwks: &str) -> Response {
+/// The engine's own answer to a web request, or `None` for a path the engine leaves to the
+/// web UI's backend (404 without one); `jwks` is the snapshot's JWK Set (JSON).
+pub fn web_response(head: &RequestHead, ping: &PingBody, jwks: &str) -> Option<Response> {
     let path = head.path.split('?').next().unwrap_or("");
-    match (head.method.as_str(), path) {
+    Some(match (head.method.as_str(), path) {
         ("GET" | "HEAD", "/webapi/ping") => Response::json(200, ping),
         (_, "/webapi/ping") => Response::text(405, "method not allowed"),
         ("GET" | "HEAD", JWKS_PATH) if !jwks.is_empty() => Response {
@@ -188,10 +270,11 @@ pub fn web_response(head: &RequestHead, ping: &PingBody, jwks: &str) -> Response
             content_type: "application/json",
             body: jwks.as_bytes().to_vec(),
             close: false,
+            headers: Vec::new(),
         },
         (_, JWKS_PATH) if !jwks.is_empty() => Response::text(405, "method not allowed"),
-        _ => Response::text(404, "not found"),
-    }
+        _ => return None,
+    })
 }
 
 /// A stream that can take a connection's last response into its own buffer without writing
@@ -234,18 +317,21 @@ pub enum ServeEnd {
 }
 
 /// Serves requests on `stream` with `respond` until the client closes, `idle` passes without a
-/// request, a head is refused, or the shard drains (`draining` fired: the response in progress
-/// is finished with `connection: close`, and a connection waiting for its next request is
-/// closed at once). The first request must arrive before `first_deadline`.
-pub async fn serve<S>(
+/// request, a head or body is refused, or the shard drains (`draining` fired: the response in
+/// progress is finished with `connection: close`, and a connection waiting for its next request
+/// is closed at once). The first request must arrive before `first_deadline`; a body must
+/// arrive within `idle` of its head.
+pub async fn serve<S, F, Fut>(
     stream: &mut S,
     first_deadline: Instant,
     idle: Duration,
     draining: &Signal,
-    respond: &dyn Fn(&RequestHead) -> Response,
+    respond: F,
 ) -> ServeEnd
 where
     S: AsyncRead + AsyncWrite + Unpin + BufferFinal,
+    F: Fn(RequestHead, Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Response>,
 {
     let mut buf = Vec::with_capacity(1024);
     let mut deadline = first_deadline;
@@ -262,6 +348,11 @@ where
                 }
             },
         );
+        let refuse = |status: u16, text: &str| {
+            let mut response = Response::text(status, text);
+            response.close = true;
+            response.encode(false)
+        };
         let head = match next.await {
             Err(_) => return ServeEnd::Idle,
             Ok(Ok(Some(head))) => head,
@@ -270,18 +361,44 @@ where
                 let status = match e {
                     HttpError::HeadTooLarge => 431,
                     HttpError::Malformed => 400,
+                    HttpError::BodyTooLarge => 413,
+                    HttpError::LengthRequired => 411,
                 };
-                let mut response = Response::text(status, &e.to_string());
-                response.close = true;
-                let _ = stream.write_all(&response.encode(false)).await;
+                let _ = stream.write_all(&refuse(status, &e.to_string())).await;
                 let _ = stream.close().await;
                 return ServeEnd::BadRequest(e);
             }
             Ok(Err(ReadError::Io(e))) => return ServeEnd::Io(e),
         };
-        let mut response = respond(&head);
-        response.close |= !head.keep_alive || draining.is_fired();
-        let bytes = response.encode(head.method == "HEAD");
+        let refused = if head.chunked {
+            Some(HttpError::LengthRequired)
+        } else if head.content_length.unwrap_or(0) > MAX_REQUEST_BODY_BYTES {
+            Some(HttpError::BodyTooLarge)
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            let status = if head.chunked { 411 } else { 413 };
+            let _ = stream.write_all(&refuse(status, &e.to_string())).await;
+            let _ = stream.close().await;
+            return ServeEnd::BadRequest(e);
+        }
+        let body_deadline = Instant::now() + idle;
+        let body = match with_deadline(
+            body_deadline,
+            read_body(stream, &mut buf, head.content_length.unwrap_or(0)),
+        )
+        .await
+        {
+            Err(_) => return ServeEnd::Idle,
+            Ok(Err(e)) => return ServeEnd::Io(e),
+            Ok(Ok(body)) => body,
+        };
+        let head_only = head.method == "HEAD";
+        let keep_alive = head.keep_alive;
+        let mut response = respond(head, body).await;
+        response.close |= !keep_alive || draining.is_fired();
+        let bytes = response.encode(head_only);
         if response.close {
             // The last response: buffered where the stream allows, it leaves in one write with
             // the end of stream that `close` adds.
@@ -307,6 +424,24 @@ where
         }
         deadline = Instant::now() + idle;
     }
+}
+
+/// Takes a body of `len` bytes: what `buf` already holds after the head, then reads for the
+/// rest. Bytes after the body (a pipelined request) stay in `buf`.
+async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    debug_assert!(len <= MAX_REQUEST_BODY_BYTES);
+    let have = buf.len().min(len);
+    let mut body: Vec<u8> = buf.drain(..have).collect();
+    if body.len() < len {
+        let start = body.len();
+        body.resize(len, 0);
+        stream.read_exact(&mut body[start..]).await?;
+    }
+    Ok(body)
 }
 
 enum ReadError {
@@ -390,8 +525,27 @@ mod tests {
         assert_eq!(old.map(|h| h.map(|h| h.0.keep_alive)), Ok(Some(false)));
         let body = parse_head(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
         assert_eq!(
-            body.map(|h| h.map(|h| (h.0.has_body, h.0.keep_alive))),
+            body.map(|h| h.map(|h| (h.0.has_body, h.0.keep_alive, h.0.content_length))),
+            Ok(Some((true, true, Some(5))))
+        );
+        let chunked = parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(
+            chunked.map(|h| h.map(|h| (h.0.chunked, h.0.keep_alive))),
             Ok(Some((true, false)))
+        );
+        // Conflicting or non-numeric lengths are refused (request smuggling).
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"),
+            Err(HttpError::Malformed)
+        );
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            Err(HttpError::Malformed)
+        );
+        let cookie = parse_head(b"GET / HTTP/1.1\r\nCookie: a=b\r\n\r\n");
+        assert_eq!(
+            cookie.map(|h| h.map(|h| h.0.header("cookie").map(str::to_owned))),
+            Ok(Some(Some("a=b".to_owned())))
         );
     }
 
@@ -419,6 +573,12 @@ mod tests {
             path: path.into(),
             keep_alive: true,
             has_body: false,
+            content_length: None,
+            chunked: false,
+            headers: Vec::new(),
+        };
+        let web_response = |head: &RequestHead, ping: &PingBody, jwks: &str| {
+            web_response(head, ping, jwks).unwrap_or_else(|| Response::text(404, "backend"))
         };
         let ok = web_response(&head("GET", "/webapi/ping?x=1"), &ping(), "");
         assert_eq!(ok.status, 200);
@@ -460,5 +620,16 @@ mod tests {
         assert!(text.ends_with("\r\n\r\nnot found\n"));
         let head_only = String::from_utf8(response.encode(true)).unwrap_or_default();
         assert!(head_only.ends_with("\r\n\r\n"));
+        // Extra headers are written unless they could split the response.
+        response.headers = vec![
+            ("set-cookie".into(), "a=b".into()),
+            ("x-evil".into(), "a\r\nset-cookie: c=d".into()),
+            ("cache-control".into(), "max-age=60".into()),
+        ];
+        let text = String::from_utf8(response.encode(true)).unwrap_or_default();
+        assert!(text.contains("\r\nset-cookie: a=b\r\n"));
+        assert!(!text.contains("c=d"));
+        assert!(!text.contains("no-store"));
+        assert!(text.contains("cache-control: max-age=60\r\n"));
     }
 }

@@ -12,7 +12,8 @@
 //!   control receives and the [`AgentInventory`] view;
 //! - `conn.rs`: one connection from ClientHello to close (the routing table's actions);
 //! - `io.rs`: prefix replay, byte counting, splice with idle timeout, deadlines;
-//! - `http.rs`: the web route's HTTP/1.1; `diag.rs`: `/metrics`, `/healthz`, `/readyz`;
+//! - `http.rs`: the web route's HTTP/1.1; `web.rs`: the [`WebBackend`] the web UI plugs in;
+//!   `diag.rs`: `/metrics`, `/healthz`, `/readyz`;
 //! - `dial.rs`: the dial request/response and tunnel hello wire formats (sans-IO);
 //! - `audit.rs`: the [`AuditEvent`]s control's audit log receives (sessions, denials);
 //! - `authorize.rs`: the one authorization decision; `snapshot.rs`: what it reads;
@@ -51,6 +52,7 @@ mod shard;
 pub mod snapshot;
 mod table;
 mod tls;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -65,6 +67,7 @@ pub use inventory::{AgentInventory, InventoryEvent};
 pub use shard::LiveSessionInfo;
 pub use snapshot::{Lock, Snapshot, Target, Targets};
 pub use tls::{TlsBuildError, TlsConfigs};
+pub use web::{WebBackend, WebRequest, WebResponse, WebUi};
 
 use diag::{Diag, DiagState};
 use inventory::Directory;
@@ -134,6 +137,8 @@ pub struct EngineConfig {
     /// A full audit queue refuses new sessions (`Reject`, counted in
     /// `jaunt_audit_refused_total`) or drops events (`Drop`, `jaunt_audit_dropped_total`).
     pub audit_overflow: AuditOverflow,
+    /// What answers requests on the public host beyond the ping and the JWK Set (`None`: 404).
+    pub web: Option<WebUi>,
 }
 
 /// The part of [`EngineConfig`] a running engine can change ([`EngineHandle::reload_limits`],
@@ -218,6 +223,7 @@ impl EngineConfig {
             inventory: None,
             audit: None,
             audit_overflow: AuditOverflow::Reject,
+            web: None,
         }
     }
 

@@ -1,0 +1,416 @@
+//! The web UI's HTML, rendered on the server, and its static assets, served from the binary.
+//!
+//! Pages are plain functions of their data to a `String`; every value from outside (names,
+//! labels, audit fields) goes through [`esc`]. There is no inline script or style (the CSP
+//! forbids them): behaviour lives in `assets/jaunt.js`, which reads `data-` attributes and the
+//! `csrf-token` meta tag, and looks in `assets/jaunt.css`.
+//!
+//! Not here: routing, sessions, authorization (`mod.rs`).
+
+use std::fmt::Write;
+
+use crate::http::Response;
+use crate::store::StoredEvent;
+
+use super::Visible;
+
+/// What the header of a signed-in page shows.
+pub struct Frame {
+    pub title: String,
+    pub cluster: String,
+    /// Empty on pages shown without a session.
+    pub user: String,
+    /// The session's CSRF token (empty without a session).
+    pub csrf: String,
+}
+
+/// The audit page's filter, as typed.
+pub struct AuditFilter {
+    pub r#type: String,
+    pub user: String,
+    pub since: String,
+    pub until: String,
+}
+
+/// Static files under `/web/assets/`: name, content type, bytes.
+const ASSETS: &[(&str, &str, &[u8])] = &[
+    (
+        "jaunt.css",
+        "text/css; charset=utf-8",
+        include_bytes!("assets/jaunt.css"),
+    ),
+    (
+        "jaunt.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("assets/jaunt.js"),
+    ),
+];
+
+/// `GET /web/assets/NAME`.
+pub fn asset(name: &str) -> Result<Response, Response> {
+    let Some((_, content_type, bytes)) = ASSETS.iter().find(|(n, _, _)| *n == name) else {
+        return Err(Response::error(404, "no such asset"));
+    };
+    Ok(Response {
+        status: 200,
+        content_type,
+        body: bytes.to_vec(),
+        headers: vec![("cache-control".to_owned(), "public, max-age=300".to_owned())],
+    })
+}
+
+/// HTML-escapes `text` for element content and quoted attribute values.
+pub fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes `text` for a URL path segment or query value.
+pub fn query_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn head(title: &str, csrf: &str, body_class: &str) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <meta name=\"csrf-token\" content=\"{}\">\
+         <title>{} · Jaunt</title>\
+         <link rel=\"stylesheet\" href=\"/web/assets/jaunt.css\">\
+         <script src=\"/web/assets/jaunt.js\" defer></script></head>\
+         <body class=\"{}\">",
+        esc(csrf),
+        esc(title),
+        esc(body_class)
+    )
+}
+
+fn page(frame: &Frame, body_class: &str, content: &str) -> String {
+    let mut html = head(&frame.title, &frame.csrf, body_class);
+    html.push_str("<header class=\"top\"><a class=\"brand\" href=\"/web/\">Jaunt</a>");
+    if !frame.user.is_empty() {
+        html.push_str(
+            "<nav aria-label=\"Main\"><a href=\"/web/\">Resources</a>\
+             <a href=\"/web/audit\">Audit</a></nav>",
+        );
+        let _ = write!(
+            html,
+            "<span class=\"who\">{} <span class=\"cluster\">{}</span></span>\
+             <button type=\"button\" id=\"logout\">Log out</button>",
+            esc(&frame.user),
+            esc(&frame.cluster)
+        );
+    }
+    let _ = writeln!(
+        html,
+        "</header><main id=\"main\"><h1>{}</h1>{}</main></body></html>",
+        esc(&frame.title),
+        content
+    );
+    html
+}
+
+/// `/web/login`: user, password and (when the cluster asks for one) a one-time code. `token`
+/// is the double-submit CSRF token also set as a cookie; `next` where to go afterwards.
+pub fn login(cluster: &str, token: &str, second_factor: bool, next: &str) -> String {
+    let mut html = head("Log in", token, "login");
+    let _ = write!(
+        html,
+        "<main id=\"main\" class=\"login-box\"><h1>Log in to {}</h1>\
+         <form id=\"login-form\" data-next=\"{}\" novalidate>\
+         <label for=\"user\">User</label>\
+         <input id=\"user\" name=\"user\" autocomplete=\"username\" required autofocus>\
+         <label for=\"password\">Password</label>\
+         <input id=\"password\" name=\"password\" type=\"password\" \
+         autocomplete=\"current-password\" required>",
+        esc(cluster),
+        esc(next)
+    );
+    if second_factor {
+        html.push_str(
+            "<label for=\"otp\">One-time code</label>\
+             <input id=\"otp\" name=\"otp\" inputmode=\"numeric\" \
+             autocomplete=\"one-time-code\" pattern=\"[0-9]*\" required>",
+        );
+    }
+    html.push_str(
+        "<p id=\"login-error\" class=\"error\" role=\"alert\" hidden></p>\
+         <button type=\"submit\">Log in</button></form></main></body></html>\n",
+    );
+    html
+}
+
+/// `/web/`: the resources the user may reach, with labels, a filter box, a login picker per
+/// node, and apps that open in a new tab.
+pub fn resources(frame: &Frame, resources: &[Visible], public_addr: &str) -> String {
+    let mut content = String::from(
+        "<p class=\"filter\"><label for=\"filter\">Filter</label>\
+         <input id=\"filter\" type=\"search\" placeholder=\"name, label or key=value\" \
+         autocomplete=\"off\"></p>",
+    );
+    if resources.is_empty() {
+        content.push_str(
+            "<p class=\"empty\">Your roles allow no connected resource. Ask an administrator \
+             for a role, or check that the agents are running.</p>",
+        );
+        return page(frame, "resources", &content);
+    }
+    content.push_str(
+        "<table id=\"resources\"><thead><tr><th scope=\"col\">Kind</th><th scope=\"col\">Name</th>\
+         <th scope=\"col\">Labels</th><th scope=\"col\">Connect</th></tr></thead><tbody>",
+    );
+    for r in resources {
+        let info = &r.info;
+        let labels: Vec<String> = info
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let search = format!("{} {} {}", info.kind, info.name, labels.join(" ")).to_lowercase();
+        let _ = write!(
+            content,
+            "<tr class=\"resource\" data-kind=\"{}\" data-name=\"{}\" data-search=\"{}\">\
+             <td class=\"kind\">{}</td><td class=\"name\">{}</td><td class=\"labels\">",
+            esc(&info.kind),
+            esc(&info.name),
+            esc(&search),
+            esc(kind_title(&info.kind)),
+            esc(&info.name),
+        );
+        for label in &labels {
+            let _ = write!(content, "<span class=\"label\">{}</span> ", esc(label));
+        }
+        content.push_str("</td><td class=\"connect\">");
+        match info.kind.as_str() {
+            "node" => {
+                let id = format!("login-{}", query_escape(&info.name));
+                let first = r.choices.first().map_or("", String::as_str);
+                let _ = write!(
+                    content,
+                    "<label class=\"sr-only\" for=\"{id}\">Login on {name}</label>\
+                     <select id=\"{id}\" class=\"login-picker\" data-node=\"{name}\">",
+                    id = esc(&id),
+                    name = esc(&info.name)
+                );
+                for login in &r.choices {
+                    let _ = write!(content, "<option value=\"{0}\">{0}</option>", esc(login));
+                }
+                let _ = write!(
+                    content,
+                    "</select> <a class=\"button ssh\" href=\"/web/terminal/{}/{}\" \
+                     target=\"_blank\" rel=\"noopener\">Connect</a>",
+                    esc(&query_escape(&info.name)),
+                    esc(&query_escape(first)),
+                );
+            }
+            "app" => {
+                let url = app_url(&info.name, public_addr);
+                let _ = write!(
+                    content,
+                    "<a class=\"button app\" href=\"{}\" target=\"_blank\" \
+                     rel=\"noopener noreferrer\">Open</a>",
+                    esc(&url)
+                );
+            }
+            "db" => {
+                let _ = write!(
+                    content,
+                    "<code>jaunt db connect {} --db-user {}</code>",
+                    esc(&info.name),
+                    esc(r.choices.first().map_or("USER", String::as_str))
+                );
+            }
+            _ => {
+                let _ = write!(content, "<code>jaunt proxy tcp {}</code>", esc(&info.name));
+            }
+        }
+        content.push_str("</td></tr>");
+    }
+    content.push_str(
+        "</tbody></table><p id=\"no-match\" class=\"empty\" hidden>Nothing matches the filter.</p>",
+    );
+    page(frame, "resources", &content)
+}
+
+/// `https://<app>.<public host>/` (with the public port, if any).
+pub fn app_url(app: &str, public_addr: &str) -> String {
+    format!("https://{app}.{public_addr}/")
+}
+
+fn kind_title(kind: &str) -> &'static str {
+    match kind {
+        "node" => "Server",
+        "app" => "App",
+        "db" => "Database",
+        "tcp" => "TCP app",
+        _ => "Other",
+    }
+}
+
+/// `/web/audit`: a filter form and one page of events, newest first. `older` is the `before`
+/// cursor of the next page; `paged` whether this is not the first.
+pub fn audit(
+    frame: &Frame,
+    filter: &AuditFilter,
+    events: &[StoredEvent],
+    older: Option<i64>,
+    paged: bool,
+) -> String {
+    let mut content = String::new();
+    let _ = write!(
+        content,
+        "<form id=\"audit-filter\" class=\"filters\" method=\"get\" action=\"/web/audit\">\
+         <label>Type <input name=\"type\" value=\"{}\" placeholder=\"session.start\"></label>\
+         <label>User <input name=\"user\" value=\"{}\"></label>\
+         <label>From (UTC) <input name=\"since\" type=\"datetime-local\" value=\"{}\"></label>\
+         <label>To (UTC) <input name=\"until\" type=\"datetime-local\" value=\"{}\"></label>\
+         <button type=\"submit\">Search</button></form>",
+        esc(&filter.r#type),
+        esc(&filter.user),
+        esc(&filter.since),
+        esc(&filter.until)
+    );
+    if events.is_empty() {
+        content.push_str("<p class=\"empty\">No events match.</p>");
+    } else {
+        content.push_str(
+            "<table id=\"audit\"><thead><tr><th scope=\"col\">Time (UTC)</th>\
+             <th scope=\"col\">Type</th><th scope=\"col\">User</th><th scope=\"col\">Code</th>\
+             <th scope=\"col\">Details</th></tr></thead><tbody>",
+        );
+        for e in events {
+            let _ = write!(
+                content,
+                "<tr class=\"event\" data-seq=\"{}\"><td>{}</td><td class=\"type\">{}</td>\
+                 <td class=\"user\">{}</td><td>{}</td><td class=\"details\"><code>{}</code></td></tr>",
+                e.seq,
+                esc(&crate::audit::rfc3339(e.time)),
+                esc(&e.r#type),
+                esc(e.user.as_deref().unwrap_or("")),
+                esc(&e.code),
+                esc(&details(&e.event)),
+            );
+        }
+        content.push_str("</tbody></table>");
+    }
+    let keep = |extra: &str| {
+        let mut q = String::new();
+        for (k, v) in [
+            ("type", &filter.r#type),
+            ("user", &filter.user),
+            ("since", &filter.since),
+            ("until", &filter.until),
+        ] {
+            if !v.is_empty() {
+                let _ = write!(q, "{k}={}&", query_escape(v));
+            }
+        }
+        format!("/web/audit?{q}{extra}")
+    };
+    content.push_str("<nav class=\"pager\" aria-label=\"Pages\">");
+    if paged {
+        let _ = write!(
+            content,
+            "<a href=\"{}\">Newest</a>",
+            esc(keep("").trim_end_matches(['&', '?']))
+        );
+    }
+    if let Some(seq) = older {
+        let _ = write!(
+            content,
+            "<a id=\"older\" href=\"{}\">Older</a>",
+            esc(&keep(&format!("before={seq}")))
+        );
+    }
+    content.push_str("</nav>");
+    page(frame, "audit", &content)
+}
+
+/// An event's JSON without the fields the table already shows.
+fn details(event: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(event) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            for key in ["code", "event", "time", "uid"] {
+                map.remove(key);
+            }
+            serde_json::Value::Object(map).to_string()
+        }
+        _ => event.to_owned(),
+    }
+}
+
+/// An error page (with the header when signed in).
+pub fn error(frame: &Frame, message: &str) -> String {
+    page(
+        frame,
+        "error",
+        &format!(
+            "<p class=\"error\" role=\"alert\">{}</p><p><a href=\"/web/\">Back to the resources</a></p>",
+            esc(message)
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping() {
+        assert_eq!(
+            esc("<script>\"x\" & 'y'</script>"),
+            "&lt;script&gt;&quot;x&quot; &amp; &#39;y&#39;&lt;/script&gt;"
+        );
+        assert_eq!(query_escape("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
+    }
+
+    #[test]
+    fn pages_have_no_inline_script_and_escape_names() {
+        let frame = Frame {
+            title: "Resources".into(),
+            cluster: "c".into(),
+            user: "<b>".into(),
+            csrf: "tok".into(),
+        };
+        let visible = vec![Visible {
+            info: jaunt_config::api::ResourceInfo {
+                kind: "node".into(),
+                name: "web\"1".into(),
+                labels: [("env".to_owned(), "<prod>".to_owned())].into(),
+                protocol: "ssh".into(),
+                host_id: "h".into(),
+                agent: "a".into(),
+                shards: vec![0],
+            },
+            choices: vec!["root".into()],
+        }];
+        let html = resources(&frame, &visible, "jaunt.test:3080");
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("&lt;b&gt;"));
+        assert!(html.contains("env=&lt;prod&gt;"));
+        assert!(html.contains("href=\"/web/terminal/web%221/root\""));
+        assert!(html.contains("<meta name=\"csrf-token\" content=\"tok\">"));
+        assert_eq!(
+            app_url("grafana", "jaunt.test:3080"),
+            "https://grafana.jaunt.test:3080/"
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! The web UI in a real browser: a dev cluster on `localhost`, two `jaunt agent` processes
+//! announcing nodes and an app with different labels, and headless Chromium (Debian's
+//! `chromium` + `chromium-driver`, driven over WebDriver) logging in, listing, filtering,
+//! searching the audit log and logging out. curl checks what a browser hides (headers, the
+//! server-side end of a session, CSRF refusals). Screenshots of each page go to
+//! `docs/screenshots/` (the README shows them).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+mod webdriver;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+use webdriver::Browser;
+
+const PASSWORD: &str = "correct horse battery";
+
+/// A role that reaches only `env=dev` nodes as `bob`, and no app.
+const DEV_ROLE: &str = "kind: role\nversion: v1\nmetadata:\n  name: dev-only\nspec:\n  allow:\n    logins: [bob]\n    node_labels:\n      env: dev\n";
+
+fn screenshots() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots")
+}
+
+/// `jaunt agent` named `name` with `labels`, serving SSH (an address nothing listens on: the
+/// list only needs the announcement) and `apps`.
+fn start_agent(c: &Cluster, name: &str, labels: &str, apps: &[&str]) -> Reaped {
+    let out = ok(c.admin(&["tokens", "add", "--type", "node,app"], None));
+    let token = out.lines().next().unwrap().trim().to_string();
+    let data = c.dir.path().join(format!("agent-{name}"));
+    let mut args = vec![
+        "agent".to_string(),
+        "--proxy".into(),
+        c.public_addr.clone(),
+        "--ca-pin".into(),
+        c.pin.clone(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--name".into(),
+        name.into(),
+        "--labels".into(),
+        labels.into(),
+        "--token".into(),
+        token,
+        "--ssh".into(),
+        "127.0.0.1:9".into(),
+    ];
+    for app in apps {
+        args.push("--app".into());
+        args.push(app.to_string());
+    }
+    Reaped(
+        Command::new(jaunt_bin())
+            .args(&args)
+            .env(
+                "JAUNT_HOME",
+                c.dir.path().join(format!("agent-home-{name}")),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// curl against the public host; returns the status line and headers, and the body.
+fn curl(c: &Cluster, args: &[&str], path: &str) -> (String, String) {
+    let url = format!("https://{}{path}", c.public_addr);
+    let o = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "20", "-D", "-"])
+        .args(args)
+        .arg(&url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_ascii_lowercase(), body.to_string())
+}
+
+/// Names of the resource rows the browser shows now.
+fn visible_rows(b: &Browser) -> Vec<String> {
+    let names = b.execute(
+        "return Array.from(document.querySelectorAll('tr.resource'))\
+         .filter(r => !r.hidden).map(r => r.getAttribute('data-name'));",
+    );
+    let mut names: Vec<String> = names
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+fn log_in(b: &Browser, c: &Cluster, user: &str, password: &str) {
+    b.goto(&format!("https://{}/web/login", c.public_addr));
+    let form_user = b.wait_for("#user");
+    b.clear(&form_user);
+    b.type_into(&form_user, user);
+    let form_password = b.wait_for("#password");
+    b.clear(&form_password);
+    b.type_into(&form_password, &format!("{password}\u{E007}"));
+}
+
+#[test]
+fn web_ui_login_resources_audit_and_logout_in_chromium() {
+    let c = Cluster::dev_at("localhost:0");
+    let role_file = c.dir.path().join("dev-only.yaml");
+    std::fs::write(&role_file, DEV_ROLE).unwrap();
+    ok(c.admin(&["create", "-f", role_file.to_str().unwrap()], None));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access,editor",
+            "--logins",
+            "alice,root",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "bob",
+            "--roles",
+            "dev-only",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let _prod = start_agent(
+        &c,
+        "prod1",
+        "env=prod,team=web",
+        &["grafana=http://127.0.0.1:9"],
+    );
+    let _dev = start_agent(&c, "dev1", "env=dev", &[]);
+    // Both agents announced their resources.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ok(c.admin(&["get", "nodes"], None));
+        if out.contains("prod1") && out.contains("dev1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agents never announced: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Not signed in: `/` leads to the login page, which says what it is.
+    let (head, _) = curl(&c, &[], "/");
+    assert!(head.starts_with("http/1.1 303"), "{head}");
+    assert!(head.contains("location: /web/\r\n"), "{head}");
+    let (head, _) = curl(&c, &[], "/web/login");
+    assert!(head.contains("content-security-policy: "), "{head}");
+    let csp = head
+        .lines()
+        .find(|l| l.starts_with("content-security-policy"))
+        .unwrap();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+
+    let b = Browser::start();
+    let shots = screenshots();
+    b.goto(&format!("https://{}/", c.public_addr));
+    b.wait_until("redirected to the login page", |b| {
+        b.url().contains("/web/login")
+    });
+    b.wait_for("#login-form");
+    b.screenshot(&shots.join("login.png"));
+
+    // A bad password: an error on the page, no session.
+    log_in(&b, &c, "alice", "wrong password");
+    let error = b.wait_for("#login-error");
+    b.wait_until("the login error is shown", |b| b.displayed(&error));
+    assert!(
+        b.text(&error).contains("invalid user name or password"),
+        "{}",
+        b.text(&error)
+    );
+    assert!(b.url().contains("/web/login"));
+    assert!(b
+        .cookies()
+        .iter()
+        .all(|c| c["name"] != "__Host-jaunt_session"));
+
+    // The good password: the resource list, and a session cookie with the promised flags.
+    log_in(&b, &c, "alice", PASSWORD);
+    b.wait_for("table#resources");
+    assert!(b.url().ends_with("/web/"), "{}", b.url());
+    let cookies = b.cookies();
+    let session = cookies
+        .iter()
+        .find(|c| c["name"] == "__Host-jaunt_session")
+        .unwrap_or_else(|| panic!("no session cookie in {cookies:?}"));
+    assert_eq!(session["httpOnly"], true, "{session}");
+    assert_eq!(session["secure"], true, "{session}");
+    assert_eq!(session["sameSite"], "Lax", "{session}");
+    assert_eq!(session["path"], "/", "{session}");
+    let expiry = session["expiry"].as_u64().unwrap();
+    let now = jaunt_config::identity::unix_now();
+    assert!(
+        expiry <= now + 12 * 3600 + 5,
+        "the session outlives the 12 h certificate TTL: {session}"
+    );
+    let token = session["value"].as_str().unwrap().to_string();
+
+    // alice's roles reach every node and the app, with both her logins.
+    assert_eq!(visible_rows(&b), ["dev1", "grafana", "prod1"]);
+    let picker = b.wait_for("select.login-picker[data-node='prod1']");
+    let logins = b.execute(
+        "return Array.from(document.querySelectorAll(\"select[data-node='prod1'] option\"))\
+         .map(o => o.value);",
+    );
+    assert_eq!(logins, serde_json::json!(["alice", "root"]));
+    let connect = b.wait_for("tr[data-name='prod1'] a.ssh");
+    assert!(b
+        .attribute(&connect, "href")
+        .unwrap()
+        .ends_with("/web/terminal/prod1/alice"));
+    b.type_into(&picker, "root");
+    b.wait_until("the Connect link follows the picked login", |b| {
+        b.attribute(&connect, "href")
+            .is_some_and(|h| h.ends_with("/web/terminal/prod1/root"))
+    });
+    let app = b.wait_for("tr[data-name='grafana'] a.app");
+    assert_eq!(b.attribute(&app, "target").as_deref(), Some("_blank"));
+    let port = c.public_addr.rsplit_once(':').unwrap().1;
+    assert_eq!(
+        b.attribute(&app, "href").unwrap(),
+        format!("https://grafana.localhost:{port}/")
+    );
+    let labels = b.text(&b.wait_for("tr[data-name='prod1'] td.labels"));
+    assert!(
+        labels.contains("env=prod") && labels.contains("team=web"),
+        "{labels}"
+    );
+    b.screenshot(&shots.join("resources.png"));
+
+    // The filter box narrows the list (by label and by name).
+    let filter = b.wait_for("#filter");
+    b.type_into(&filter, "env=dev");
+    b.wait_until("filtered to env=dev", |b| visible_rows(b) == ["dev1"]);
+    b.clear(&filter);
+    b.type_into(&filter, "graf");
+    b.wait_until("filtered to graf", |b| visible_rows(b) == ["grafana"]);
+    b.clear(&filter);
+    b.type_into(&filter, "nothing-like-this");
+    b.wait_until("nothing matches", |b| visible_rows(b).is_empty());
+    let none = b.wait_for("#no-match");
+    assert!(b.displayed(&none));
+
+    // The audit log, filtered by type through the form: the failed login is there.
+    b.goto(&format!("https://{}/web/audit", c.public_addr));
+    let ty = b.wait_for("#audit-filter input[name='type']");
+    b.type_into(&ty, "user.login.failed\u{E007}");
+    b.wait_until("the audit filter applied", |b| {
+        b.url().contains("type=user.login.failed")
+    });
+    let types = b.execute(
+        "return Array.from(document.querySelectorAll('#audit tr.event td.type'))\
+         .map(td => td.textContent);",
+    );
+    let types = types.as_array().unwrap();
+    assert!(!types.is_empty(), "no failed login in the audit page");
+    assert!(types.iter().all(|t| t == "user.login.failed"), "{types:?}");
+    let details = b.text(&b.wait_for("#audit tr.event td.details"));
+    assert!(details.contains("\"via\":\"web\""), "{details}");
+    b.screenshot(&shots.join("audit.png"));
+
+    // A state-changing request without the CSRF header is refused, and the session survives.
+    let cookie = format!("__Host-jaunt_session={token}");
+    let (head, body) = curl(&c, &["-X", "POST", "-b", &cookie], "/webapi/logout");
+    assert!(head.starts_with("http/1.1 403"), "{head}{body}");
+    let (head, _) = curl(&c, &["-b", &cookie], "/web/");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+
+    // Logout: back to the login page, and the old cookie is dead on the server.
+    let logout = b.wait_for("#logout");
+    b.click(&logout);
+    b.wait_until("logged out to the login page", |b| {
+        b.url().contains("/web/login")
+    });
+    let (head, _) = curl(&c, &["-b", &cookie], "/web/");
+    assert!(head.starts_with("http/1.1 303"), "{head}");
+    assert!(head.contains("location: /web/login"), "{head}");
+    b.goto(&format!("https://{}/web/", c.public_addr));
+    b.wait_until("signed out", |b| b.url().contains("/web/login"));
+    let logouts = c.audit_events(Some("user.logout"));
+    assert_eq!(logouts.len(), 1, "{logouts:?}");
+
+    // bob's role reaches only the dev node, with his login, and not the audit log.
+    log_in(&b, &c, "bob", PASSWORD);
+    b.wait_for("table#resources");
+    assert_eq!(visible_rows(&b), ["dev1"]);
+    b.goto(&format!("https://{}/web/audit", c.public_addr));
+    let refusal = b.wait_for("main p.error");
+    assert!(
+        b.text(&refusal).contains("access denied"),
+        "{}",
+        b.text(&refusal)
+    );
+}

@@ -1,0 +1,71 @@
+//! The seam between the engine's web route and the web UI: [`WebBackend`], which the engine calls
+//! for every request on the public host that it does not answer itself (it answers
+//! `/webapi/ping` and the JWK Set; see `http.rs`).
+//!
+//! The engine terminates TLS, parses and bounds the request (head and `Content-Length` body,
+//! `http.rs`), and runs the backend on the shard's blocking thread (glommio's `spawn_blocking`),
+//! so a page that reads the store or a login that hashes a password never stalls the shard's
+//! other connections. Control implements the trait (control's `web` module: pages, sessions,
+//! login, the resource list); an engine without a backend (an agent's, a test's) answers 404.
+//!
+//! Not here: HTML, sessions and their cookies, which resources a user sees (all control's), the
+//! HTTP parser (`http.rs`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// One request on the public host, read whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebRequest {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// Path and query as sent (not decoded).
+    pub path: String,
+    /// Headers, names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (at most [`MAX_REQUEST_BODY_BYTES`](super::http::MAX_REQUEST_BODY_BYTES)).
+    pub body: Vec<u8>,
+    /// The client's address (rate limits key on it), when the socket knew it.
+    pub peer: Option<SocketAddr>,
+}
+
+impl WebRequest {
+    /// The first header named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The backend's answer. The engine adds `Content-Length`, `Connection` and, unless given here,
+/// `Cache-Control: no-store`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebResponse {
+    /// Status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// Other headers; one with CR, LF or NUL in it is dropped.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// What serves the web UI. Called on a blocking thread, once per request; it may block (store,
+/// password hashing) but should not for long, and must not panic (a panic answers 500).
+pub trait WebBackend: Send + Sync {
+    /// Answers one request.
+    fn handle(&self, request: &WebRequest) -> WebResponse;
+}
+
+/// The web UI backend as the engine's configuration holds it.
+#[derive(Clone)]
+pub struct WebUi(pub Arc<dyn WebBackend>);
+
+impl std::fmt::Debug for WebUi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebUi(..)")
+    }
+}
