@@ -3,7 +3,8 @@
 //! `chromium` + `chromium-driver`, driven over WebDriver) logging in, listing, filtering,
 //! searching the audit log and logging out. curl checks what a browser hides (headers, the
 //! server-side end of a session, CSRF refusals). Screenshots of each page go to
-//! `docs/screenshots/` (the README shows them).
+//! `docs/screenshots/` (the README shows them) with `JAUNT_SCREENSHOTS=docs`, else to the
+//! test's scratch directory.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,8 +23,15 @@ const PASSWORD: &str = "correct horse battery";
 /// A role that reaches only `env=dev` nodes as `bob`, and no app.
 const DEV_ROLE: &str = "kind: role\nversion: v1\nmetadata:\n  name: dev-only\nspec:\n  allow:\n    logins: [bob]\n    node_labels:\n      env: dev\n";
 
+/// Where screenshots go: `docs/screenshots/` (what the README shows) when
+/// `JAUNT_SCREENSHOTS=docs`, else the test's scratch directory, so that an ordinary test run
+/// does not modify tracked files.
 fn screenshots() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots")
+    if std::env::var("JAUNT_SCREENSHOTS").as_deref() == Ok("docs") {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots")
+    } else {
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
+    }
 }
 
 /// `jaunt agent` named `name` with `labels`, serving SSH (an address nothing listens on: the
