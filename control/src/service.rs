@@ -1432,14 +1432,14 @@ impl Control {
     }
 
     /// `GET /v1/sessions`: the live sessions (role rule `session`/`list`).
-    fn list_sessions(&self, caller: &Identity) -> Reply {
+    pub(crate) fn list_sessions(&self, caller: &Identity) -> Reply {
         self.require(caller, "session", "list")?;
         Ok(Response::json(200, &self.engine_sessions()?.list()))
     }
 
     /// `DELETE /v1/sessions/ID`: ends a live session (role rule `session`/`delete`); the audit
     /// log's `session.kill` names who ended it.
-    fn kill_session(&self, caller: &Identity, id: &str) -> Reply {
+    pub(crate) fn kill_session(&self, caller: &Identity, id: &str) -> Reply {
         self.require(caller, "session", "delete")?;
         let sessions = self.engine_sessions()?;
         let Some(session) = sessions.list().into_iter().find(|s| s.id == id) else {

@@ -11,6 +11,8 @@
 mod support;
 mod webdriver;
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,6 +75,26 @@ fn start_agent(c: &Cluster, name: &str, labels: &str, apps: &[&str]) -> Reaped {
             .spawn()
             .unwrap(),
     )
+}
+
+/// A TCP echo server (the TCP app whose session the sessions page ends).
+fn echo_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// curl against the public host; returns the status line and headers, and the body.
@@ -145,11 +167,12 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
         ],
         Some(PASSWORD),
     ));
+    let echo = format!("echo=tcp://{}", echo_server());
     let _prod = start_agent(
         &c,
         "prod1",
         "env=prod,team=web",
-        &["grafana=http://127.0.0.1:9"],
+        &["grafana=http://127.0.0.1:9", &echo],
     );
     let _dev = start_agent(&c, "dev1", "env=dev", &[]);
     // Both agents announced their resources.
@@ -223,7 +246,7 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
     let token = session["value"].as_str().unwrap().to_string();
 
     // alice's roles reach every node and the app, with both her logins.
-    assert_eq!(visible_rows(&b), ["dev1", "grafana", "prod1"]);
+    assert_eq!(visible_rows(&b), ["dev1", "echo", "grafana", "prod1"]);
     let picker = b.wait_for("select.login-picker[data-node='prod1']");
     let logins = b.execute(
         "return Array.from(document.querySelectorAll(\"select[data-node='prod1'] option\"))\
@@ -285,6 +308,57 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
     assert!(details.contains("\"via\":\"web\""), "{details}");
     b.screenshot(&shots.join("audit.png"));
 
+    // A live session (alice's `jaunt proxy tcp echo`) is listed on /web/sessions; ending it
+    // there closes the user's connection.
+    ok(c.login("alice", PASSWORD, &[]));
+    let mut proxy = Reaped(
+        Command::new(jaunt_bin())
+            .args(["proxy", "tcp", "echo", "--port", "0"])
+            .env("JAUNT_HOME", &c.home)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(proxy.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let local = line.trim().rsplit(' ').next().unwrap().to_string();
+    let mut conn = TcpStream::connect(&local).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(b"live").unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"live");
+    b.goto(&format!("https://{}/web/sessions", c.public_addr));
+    let row = b.wait_for("tr.session");
+    let row_text = b.text(&row);
+    assert!(
+        row_text.contains("alice") && row_text.contains("echo"),
+        "{row_text}"
+    );
+    b.screenshot(&shots.join("sessions.png"));
+    let end = b.wait_for("tr.session button.end-session");
+    b.click(&end);
+    let mut rest = Vec::new();
+    let ended = conn.read_to_end(&mut rest);
+    assert!(
+        ended.is_ok()
+            || ended
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the session was not ended: {ended:?}"
+    );
+    b.wait_until("the ended session left the list", |b| {
+        b.find("tr.session").is_none() && b.find("main").is_some()
+    });
+    let kills = c.audit_events(Some("session.kill"));
+    assert_eq!(kills.len(), 1, "{kills:?}");
+    assert_eq!(kills[0]["by"], "alice", "{kills:?}");
+    drop(proxy);
+
     // A state-changing request without the CSRF header is refused, and the session survives.
     let cookie = format!("__Host-jaunt_session={token}");
     let (head, body) = curl(&c, &["-X", "POST", "-b", &cookie], "/webapi/logout");
@@ -310,6 +384,13 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
     log_in(&b, &c, "bob", PASSWORD);
     b.wait_for("table#resources");
     assert_eq!(visible_rows(&b), ["dev1"]);
+    b.goto(&format!("https://{}/web/sessions", c.public_addr));
+    let refusal = b.wait_for("main p.error");
+    assert!(
+        b.text(&refusal).contains("access denied"),
+        "{}",
+        b.text(&refusal)
+    );
     b.goto(&format!("https://{}/web/audit", c.public_addr));
     let refusal = b.wait_for("main p.error");
     assert!(

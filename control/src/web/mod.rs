@@ -3,7 +3,9 @@
 //! itself lands in [`WebUi::handle`] on a shard's blocking thread.
 //!
 //! Contract URLs (bookmarks and tests depend on them): `/web/login`, `/web/` (the resources the
-//! user's roles allow), `/web/audit`, and the JSON calls under `/webapi/` (`login`, `logout`).
+//! user's roles allow), `/web/audit`, `/web/sessions` (live sessions; ending one needs the role
+//! rule `session`/`delete`, as `jaunt sessions kill` does), and the JSON calls under `/webapi/`
+//! (`login`, `logout`, `sessions/ID/end`).
 //! `GET /` redirects to `/web/`.
 //!
 //! Web security:
@@ -151,6 +153,7 @@ impl WebUi {
             ("GET" | "HEAD", ["web", "login"]) => self.login_page(&ctx),
             ("POST", ["webapi", "login"]) => self.login(&ctx),
             ("POST", ["webapi", "logout"]) => self.logout(&ctx),
+            ("POST", ["webapi", "sessions", id, "end"]) => self.end_session(&ctx, id),
             (_, ["webapi", ..]) => Err(Response::error(404, "no such endpoint")),
             ("GET" | "HEAD", ["web", rest @ ..]) => {
                 let Some((_, session)) = &ctx.session else {
@@ -160,6 +163,7 @@ impl WebUi {
                 match rest {
                     [""] => self.resources_page(&ctx, session),
                     ["audit"] => self.audit_page(&ctx, session),
+                    ["sessions"] => self.sessions_page(session),
                     _ => Err(page_error(&ctx, 404, "There is no such page.")),
                 }
             }
@@ -257,6 +261,32 @@ impl WebUi {
         ))
     }
 
+    fn sessions_page(&self, session: &WebSession) -> Reply {
+        let frame = self.frame(session, "Live sessions");
+        let listed = match self.control.list_sessions(&session.identity) {
+            Ok(r) => r,
+            Err(refused) => {
+                return Ok(html_response(
+                    refused.status,
+                    pages::error(&frame, &error_text(&refused)),
+                ))
+            }
+        };
+        let sessions: Vec<serde_json::Value> =
+            serde_json::from_slice(&listed.body).unwrap_or_default();
+        Ok(html_response(200, pages::sessions(&frame, &sessions)))
+    }
+
+    /// `POST /webapi/sessions/ID/end`: ends a live session, as `jaunt sessions kill ID` does
+    /// (role rule `session`/`delete`; audited as `session.kill`).
+    fn end_session(&self, ctx: &Ctx<'_>, id: &str) -> Reply {
+        let Some((_, session)) = &ctx.session else {
+            return Err(Response::error(401, "not logged in"));
+        };
+        check_csrf(ctx, session)?;
+        self.control.kill_session(&session.identity, id)
+    }
+
     fn resources_page(&self, ctx: &Ctx<'_>, session: &WebSession) -> Reply {
         let resources = self.visible_resources(&session.identity, ctx.now)?;
         let html = pages::resources(
@@ -270,9 +300,10 @@ impl WebUi {
     fn audit_page(&self, ctx: &Ctx<'_>, session: &WebSession) -> Reply {
         let frame = self.frame(session, "Audit log");
         if let Err(refused) = self.control.require(&session.identity, "audit", "list") {
-            let message = serde_json::from_slice::<jaunt_config::api::ErrorBody>(&refused.body)
-                .map_or_else(|_| "access denied".to_owned(), |b| b.error);
-            return Ok(html_response(403, pages::error(&frame, &message)));
+            return Ok(html_response(
+                403,
+                pages::error(&frame, &error_text(&refused)),
+            ));
         }
         let time = |name: &str| -> Result<Option<u64>, Response> {
             ctx.query(name)
@@ -411,6 +442,12 @@ impl WebUi {
 pub struct Visible {
     pub info: ResourceInfo,
     pub choices: Vec<String>,
+}
+
+/// The message of a control API error answer.
+fn error_text(refused: &Response) -> String {
+    serde_json::from_slice::<jaunt_config::api::ErrorBody>(&refused.body)
+        .map_or_else(|_| "access denied".to_owned(), |b| b.error)
 }
 
 fn check_csrf(ctx: &Ctx<'_>, session: &WebSession) -> Result<(), Response> {

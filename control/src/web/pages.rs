@@ -109,7 +109,7 @@ fn page(frame: &Frame, body_class: &str, content: &str) -> String {
     if !frame.user.is_empty() {
         html.push_str(
             "<nav aria-label=\"Main\"><a href=\"/web/\">Resources</a>\
-             <a href=\"/web/audit\">Audit</a></nav>",
+             <a href=\"/web/sessions\">Sessions</a><a href=\"/web/audit\">Audit</a></nav>",
         );
         let _ = write!(
             html,
@@ -342,6 +342,45 @@ pub fn audit(
     }
     content.push_str("</nav>");
     page(frame, "audit", &content)
+}
+
+/// `/web/sessions`: the live sessions (as `GET /v1/sessions` lists them), each with an End
+/// button.
+pub fn sessions(frame: &Frame, sessions: &[serde_json::Value]) -> String {
+    let mut content =
+        String::from("<p id=\"session-error\" class=\"error\" role=\"alert\" hidden></p>");
+    if sessions.is_empty() {
+        content.push_str("<p class=\"empty\">No live sessions.</p>");
+        return page(frame, "sessions", &content);
+    }
+    content.push_str(
+        "<table id=\"sessions\"><thead><tr><th scope=\"col\">User</th><th scope=\"col\">Kind</th>\
+         <th scope=\"col\">Target</th><th scope=\"col\">Login</th><th scope=\"col\">Started (UTC)</th>\
+         <th scope=\"col\">Recorded</th><th scope=\"col\">Session</th><th scope=\"col\"></th></tr></thead><tbody>",
+    );
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_owned();
+    for s in sessions {
+        let id = text(s, "id");
+        let login = match (s["login"].as_str(), s["db_user"].as_str()) {
+            (Some(l), _) | (None, Some(l)) => l.to_owned(),
+            _ => String::new(),
+        };
+        let _ = write!(
+            content,
+            "<tr class=\"session\" data-id=\"{id}\"><td class=\"user\">{}</td><td>{}</td>\
+             <td class=\"target\">{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{id}</code></td>\
+             <td><button type=\"button\" class=\"end-session\" data-id=\"{id}\">End</button></td></tr>",
+            esc(&text(s, "user")),
+            esc(&s["kind"].as_str().map_or_else(|| s["kind"].to_string(), str::to_owned)),
+            esc(&text(s, "target")),
+            esc(&login),
+            esc(&crate::audit::rfc3339(s["started"].as_u64().unwrap_or(0))),
+            if s["recorded"].as_bool() == Some(true) { "yes" } else { "no" },
+            id = esc(&id),
+        );
+    }
+    content.push_str("</tbody></table>");
+    page(frame, "sessions", &content)
 }
 
 /// An event's JSON without the fields the table already shows.

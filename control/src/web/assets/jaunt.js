@@ -86,6 +86,26 @@
     apply();
   }
 
+  // Live sessions: End posts to the server, then the list is reloaded.
+  Array.prototype.forEach.call(document.querySelectorAll("button.end-session"), function (button) {
+    button.addEventListener("click", function () {
+      var id = button.getAttribute("data-id");
+      var error = document.getElementById("session-error");
+      button.disabled = true;
+      post("/webapi/sessions/" + encodeURIComponent(id) + "/end").then(function (response) {
+        if (response.ok) {
+          window.location.reload();
+          return;
+        }
+        return response.json().then(function (b) {
+          error.textContent = (b && b.error) || "cannot end the session (" + response.status + ")";
+          error.hidden = false;
+          button.disabled = false;
+        });
+      });
+    });
+  });
+
   // The login picker: the Connect link follows the chosen login.
   Array.prototype.forEach.call(document.querySelectorAll("select.login-picker"), function (select) {
     var link = select.parentNode.querySelector("a.ssh");
