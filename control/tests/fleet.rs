@@ -679,3 +679,79 @@ fn jaunt_config_serves_plain_ssh_rsync_and_ansible() {
         "{out}"
     );
 }
+
+/// Speed (BENCHMARKS.md, "jaunt ssh setup"): the time of `jaunt ssh root@node1 true` against
+/// `ssh` straight to the same sshd with the same certificate, interleaved; then 100 parallel
+/// sessions against one. Prints same-run ratios; asserts only that every session worked.
+#[test]
+#[ignore = "measurement: cargo test -p jaunt-control --test fleet -- --ignored --nocapture measure"]
+fn measure_ssh_setup_against_plain_ssh() {
+    let (c, sshd, _agent) = ssh_setup();
+    let keys = c.keys_dir();
+    let (_, port) = sshd.addr.rsplit_once(':').unwrap();
+    let direct = || {
+        let o = Command::new("ssh")
+            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o"])
+            .arg("IdentityAgent=none")
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                keys.join("known_hosts").display()
+            ))
+            .args([
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+                "-o",
+                "HostKeyAlias=node1",
+            ])
+            .arg("-i")
+            .arg(keys.join("alice-ssh"))
+            .arg("-o")
+            .arg(format!(
+                "CertificateFile={}",
+                keys.join("alice-ssh-cert.pub").display()
+            ))
+            .args(["-p", port, "root@127.0.0.1", "true"])
+            .env("HOME", &c.home)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let through = || {
+        ok(c.run(&["ssh", "root@node1", "--", "true"], None));
+    };
+    let time = |f: &dyn Fn()| {
+        let t = Instant::now();
+        f();
+        t.elapsed()
+    };
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (mut plain, mut jaunt) = (Vec::new(), Vec::new());
+    for _ in 0..15 {
+        plain.push(time(&direct));
+        jaunt.push(time(&through));
+    }
+    let (plain, jaunt) = (median(plain), median(jaunt));
+    println!(
+        "setup: ssh direct {plain:?}, jaunt ssh {jaunt:?}, ratio {:.2}x",
+        jaunt.as_secs_f64() / plain.as_secs_f64()
+    );
+    let n = stress(100);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..n).map(|_| s.spawn(through)).collect();
+        for r in runs {
+            r.join().unwrap();
+        }
+    });
+    let total = t.elapsed();
+    println!(
+        "{n} parallel jaunt ssh: {total:?} in all, {:?} per session = {:.2}x one session alone",
+        total / u32::try_from(n).unwrap(),
+        total.as_secs_f64() / n as f64 / jaunt.as_secs_f64()
+    );
+}
