@@ -87,6 +87,10 @@ pub const DEFAULT_AUDIT_FILE_MAX_SIZE_BYTES: u64 = 100 * MIB;
 /// Ten rotated files: about 1 GiB of audit history on disk before the oldest goes.
 pub const DEFAULT_AUDIT_FILE_MAX_FILES: u32 = 10;
 
+/// Audit events older than this are removed from the store: a year, as Teleport keeps its
+/// audit log by default. The store's size is then bounded by a year of traffic.
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_days(365);
+
 /// The local OpenSSH server an agent forwards SSH sessions to.
 pub const DEFAULT_SSH_ADDR: &str = "127.0.0.1:22";
 
@@ -188,6 +192,8 @@ pub struct AuditConfig {
     pub on_overflow: AuditOverflow,
     pub queue_capacity: usize,
     pub file: Option<AuditFileConfig>,
+    /// Events older than this are removed from the store (in bounded batches).
+    pub retention: Duration,
 }
 
 /// A JSON-lines audit sink, rotated by size.
@@ -354,6 +360,7 @@ impl Default for AuditConfig {
             on_overflow: AuditOverflow::Reject,
             queue_capacity: DEFAULT_AUDIT_QUEUE_CAPACITY,
             file: None,
+            retention: DEFAULT_AUDIT_RETENTION,
         }
     }
 }
@@ -790,6 +797,7 @@ pub struct FileAudit {
     pub on_overflow: Option<AuditOverflow>,
     pub queue_capacity: Option<usize>,
     pub file: Option<FileAuditFile>,
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -1094,10 +1102,13 @@ fn validate_audit(file: FileAudit) -> Result<AuditConfig, Invalid> {
             })
         }
     };
+    let retention = file.retention.unwrap_or(DEFAULT_AUDIT_RETENTION);
+    non_zero(retention, "audit.retention")?;
     Ok(AuditConfig {
         on_overflow: file.on_overflow.unwrap_or(AuditOverflow::Reject),
         queue_capacity,
         file: file_sink,
+        retention,
     })
 }
 
@@ -1733,6 +1744,30 @@ mod tests {
         assert_eq!(
             bad("    max_sise: 1\n"),
             "jaunt.yaml:5:5: audit.file.max_sise: unknown key (expected one of: path, max_size, max_files)"
+        );
+    }
+
+    #[test]
+    fn audit_retention_parses_and_bad_values_name_the_key() {
+        let base = "agent: { proxy_addr: 'p:1' }\n";
+        assert_eq!(config(base).audit.retention, DEFAULT_AUDIT_RETENTION);
+        assert_eq!(
+            config(&format!("{base}audit:\n  retention: 30d\n"))
+                .audit
+                .retention,
+            Duration::from_days(30)
+        );
+        assert_eq!(
+            error(&format!("{base}audit:\n  retention: 0s\n")),
+            "jaunt.yaml:3:3: audit.retention: must be longer than 0s"
+        );
+        assert_eq!(
+            error(&format!("{base}audit:\n  retention: forever\n")),
+            "jaunt.yaml:3:14: audit.retention: expected a duration such as 30m or 12h"
+        );
+        assert_eq!(
+            error(&format!("{base}audit:\n  retension: 30d\n")),
+            "jaunt.yaml:3:3: audit.retension: unknown key (expected one of: on_overflow, queue_capacity, file, retention)"
         );
     }
 

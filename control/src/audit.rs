@@ -252,6 +252,56 @@ impl Audit {
     }
 }
 
+/// Events removed per store transaction by the retention thread: a few milliseconds of work,
+/// so engine batches and control's events wait at most that long for the store.
+pub const PRUNE_BATCH: usize = 1000;
+
+/// How often the retention thread looks for old events: a tenth of the retention, at least
+/// every second and at most every minute.
+pub fn prune_period(retention: std::time::Duration) -> std::time::Duration {
+    (retention / 10).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    )
+}
+
+/// Removes every event older than `retention` now, in batches of [`PRUNE_BATCH`] (each its own
+/// transaction, the store's lock released in between); returns how many went.
+pub fn prune_once(store: &Store, retention: std::time::Duration) -> Result<usize, StoreError> {
+    let before = unix_now().saturating_sub(retention.as_secs());
+    let mut total = 0;
+    loop {
+        let n = store.audit_prune(before, PRUNE_BATCH)?;
+        total += n;
+        if n < PRUNE_BATCH {
+            return Ok(total);
+        }
+        // Let a waiting writer take the store between batches.
+        std::thread::yield_now();
+    }
+}
+
+/// The retention thread: every [`prune_period`] removes events older than `retention`, until
+/// `stop` is disconnected. A failure is logged and retried at the next period.
+pub fn run_pruner(
+    store: &Store,
+    retention: std::time::Duration,
+    stop: &crossbeam_channel::Receiver<()>,
+) {
+    let period = prune_period(retention);
+    loop {
+        match prune_once(store, retention) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "audit: removed events past retention"),
+            Err(e) => tracing::warn!(error = %e, "audit: removing events past retention failed"),
+        }
+        match stop.recv_timeout(period) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    }
+}
+
 /// A fresh event id: 128 random bits as 32 hex characters.
 pub fn uid() -> String {
     let mut b = [0u8; 16];
@@ -325,6 +375,32 @@ mod tests {
         // `tx` is still alive; every event sent before the stop is in the store.
         assert_eq!(store.audit_search(&Default::default()).unwrap().len(), 3);
         drop(tx);
+    }
+
+    #[test]
+    fn retention_removes_only_old_events_in_batches() {
+        let store = Store::memory().unwrap();
+        let now = unix_now();
+        let old: Vec<(u64, &str, &str, Option<&str>, &str)> = (0..(PRUNE_BATCH * 2 + 5))
+            .map(|i| (i as u64, "JA2000I", "session.start", Some("u"), "{}"))
+            .collect();
+        store.audit_append(&old).unwrap();
+        store
+            .audit_append(&[(now, "JA1000I", "user.login", Some("u"), "{}")])
+            .unwrap();
+        let removed = prune_once(&store, std::time::Duration::from_secs(3600)).unwrap();
+        assert_eq!(removed, PRUNE_BATCH * 2 + 5);
+        let left = store.audit_search(&Default::default()).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].r#type, "user.login");
+        assert_eq!(
+            prune_period(std::time::Duration::from_secs(8)),
+            std::time::Duration::from_secs(1)
+        );
+        assert_eq!(
+            prune_period(std::time::Duration::from_secs(365 * 86400)),
+            std::time::Duration::from_secs(60)
+        );
     }
 
     #[test]

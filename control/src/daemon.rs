@@ -51,6 +51,8 @@ pub struct DaemonConfig {
     pub engine: EngineSettings,
     /// `audit.file`: also append every committed audit event to a JSON-lines file.
     pub audit_file: Option<jaunt_config::file::AuditFileConfig>,
+    /// `audit.retention`: events older than this are removed from the store.
+    pub audit_retention: Duration,
 }
 
 /// The engine's part of the daemon config.
@@ -209,6 +211,15 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .name("audit".into())
             .spawn(move || audit.run_engine_writer_until(&audit_rx, &audit_stopped))?
     };
+    // Retention: old audit events leave the store in bounded batches, beside the writers.
+    let (pruner_stop, pruner_stopped) = crossbeam_channel::bounded::<()>(0);
+    let pruner = {
+        let store = store.clone();
+        let retention = cfg.audit_retention;
+        std::thread::Builder::new()
+            .name("audit-retention".into())
+            .spawn(move || crate::audit::run_pruner(&store, retention, &pruner_stopped))?
+    };
     let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded(16);
     control.set_snapshot_sender(snapshot_tx);
     control.publish_snapshot();
@@ -254,6 +265,10 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     drop(audit_stop);
     if audit_writer.join().is_err() {
         tracing::warn!("the audit writer panicked");
+    }
+    drop(pruner_stop);
+    if pruner.join().is_err() {
+        tracing::warn!("the audit retention thread panicked");
     }
     control_server.shutdown();
     println!("jaunt stopped");

@@ -195,7 +195,12 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // journal_mode answers with a row, so it goes through query_row.
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
+        // journal_size_limit: after a checkpoint the WAL is truncated to 64 MiB if a burst made
+        // it larger (SQLite otherwise keeps the file at its largest size forever).
+        conn.execute_batch(
+            "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+             PRAGMA journal_size_limit = 67108864;",
+        )?;
         migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -586,6 +591,36 @@ impl Store {
         })
     }
 
+    /// Removes at most `batch` of the oldest audit events with `time < before`, in one short
+    /// transaction; returns how many went. Callers loop until fewer than `batch` went, so the
+    /// store's lock is held for one batch at a time and writers interleave.
+    pub fn audit_prune(&self, before: u64, batch: usize) -> Result<usize> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "DELETE FROM audit WHERE seq IN
+                   (SELECT seq FROM audit WHERE time < ?1 ORDER BY time LIMIT ?2)",
+                params![before as i64, batch as i64],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    /// The store's size: (pages in use, free pages, page size).
+    pub fn pages(&self) -> Result<(u64, u64, u64)> {
+        self.with(|c| {
+            let count: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            Ok((
+                (count - free).max(0) as u64,
+                free.max(0) as u64,
+                size.max(0) as u64,
+            ))
+        })
+    }
+
     pub fn audit_search(&self, q: &AuditQuery) -> Result<Vec<StoredEvent>> {
         self.with(|c| {
             let mut st = c.prepare(
@@ -783,6 +818,42 @@ mod tests {
         };
         assert_eq!(s.insert_ca_if_absent(&a, 1).unwrap().x509_key_pem, "k1");
         assert_eq!(s.insert_ca_if_absent(&b, 2).unwrap().x509_key_pem, "k1");
+    }
+
+    #[test]
+    fn retention_bounds_the_store_file() {
+        // Ten rounds of 2,000 events of ~300 bytes; after each, events older than two rounds
+        // are pruned in batches. The file must stop growing once it holds two rounds: freed
+        // pages are reused. Without pruning it grows by a round's worth every round.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("jaunt.db")).unwrap();
+        let event = format!("{{\"pad\":\"{}\"}}", "x".repeat(300));
+        let mut pages = Vec::new();
+        for round in 0..10u64 {
+            let rows: Vec<(u64, &str, &str, Option<&str>, &str)> = (0..2000)
+                .map(|i| {
+                    (
+                        1000 + round * 100 + i % 100,
+                        "JA2000I",
+                        "session.start",
+                        Some("u"),
+                        event.as_str(),
+                    )
+                })
+                .collect();
+            s.audit_append(&rows).unwrap();
+            let before = (1000 + round * 100).saturating_sub(100);
+            while s.audit_prune(before, 500).unwrap() == 500 {}
+            let (used, free, _) = s.pages().unwrap();
+            pages.push(used + free);
+        }
+        let all = s.audit_search(&AuditQuery::default()).unwrap();
+        assert_eq!(all.len(), 4000, "two rounds kept");
+        assert!(all.iter().all(|e| e.time >= 1000 + 8 * 100));
+        assert!(
+            pages[9] <= pages[3] + pages[3] / 20,
+            "the store kept growing under retention: pages per round {pages:?}"
+        );
     }
 
     #[test]

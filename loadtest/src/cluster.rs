@@ -183,10 +183,34 @@ pub fn start_daemon(
     port: u16,
     home: &Path,
 ) -> anyhow::Result<(Proc, String, String)> {
+    let args = vec![
+        "start".to_string(),
+        "--dev".to_string(),
+        "--data-dir".to_string(),
+        data_dir.display().to_string(),
+        "--public-addr".to_string(),
+        format!("127.0.0.1:{port}"),
+    ];
+    let (proc_, banner) = start_daemon_with(jaunt, &args, home)?;
+    Ok((proc_, banner.public_addr, banner.pin))
+}
+
+/// What `jaunt start` printed before it was ready.
+pub struct Banner {
+    pub public_addr: String,
+    pub pin: String,
+    /// `HOST:PORT` of the diagnostics endpoint (`metrics: http://HOST:PORT/metrics`), if shown.
+    pub diag_addr: Option<String>,
+}
+
+/// Runs `jaunt ARGS` (a `start` command line) and waits for its banner.
+pub fn start_daemon_with(
+    jaunt: &Path,
+    args: &[String],
+    home: &Path,
+) -> anyhow::Result<(Proc, Banner)> {
     let mut child = Command::new(jaunt)
-        .args(["start", "--dev", "--data-dir"])
-        .arg(data_dir)
-        .args(["--public-addr", &format!("127.0.0.1:{port}")])
+        .args(args)
         .env("JAUNT_HOME", home)
         .env_remove("JAUNT_DATA_DIR")
         .env("RUST_LOG", "warn")
@@ -226,7 +250,7 @@ pub fn start_daemon(
         });
     }
     let deadline = Instant::now() + START_TIMEOUT;
-    let (mut public_addr, mut pin) = (None, None);
+    let (mut public_addr, mut pin, mut diag_addr) = (None, None, None);
     let mut lines = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -242,6 +266,14 @@ pub fn start_daemon(
         if let Some(v) = line.trim().strip_prefix("CA pin:") {
             pin = Some(v.trim().to_string());
         }
+        if let Some(v) = line.trim().strip_prefix("metrics:") {
+            diag_addr = Some(
+                v.trim()
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/metrics")
+                    .to_string(),
+            );
+        }
         let done = line.starts_with("Admin commands on this host");
         lines.push(line);
         if done {
@@ -251,8 +283,11 @@ pub fn start_daemon(
     std::thread::spawn(move || while rx.recv().is_ok() {});
     Ok((
         proc_,
-        public_addr.ok_or_else(|| anyhow!("no public addr in the banner"))?,
-        pin.ok_or_else(|| anyhow!("no CA pin in the banner"))?,
+        Banner {
+            public_addr: public_addr.ok_or_else(|| anyhow!("no public addr in the banner"))?,
+            pin: pin.ok_or_else(|| anyhow!("no CA pin in the banner"))?,
+            diag_addr,
+        },
     ))
 }
 

@@ -12,6 +12,8 @@ mod procfs;
 mod progress;
 mod report;
 mod scenarios;
+mod soak;
+mod soak_env;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,6 +51,8 @@ enum Scenario {
     Idle,
     Lock,
     Agents,
+    /// The long mixed run (only when asked for; on its own cluster).
+    Soak,
 }
 
 /// Jaunt's load-test harness.
@@ -108,6 +112,16 @@ struct Cli {
     /// (SIGKILL, start).
     #[arg(long, value_enum, default_value = "term")]
     restart: Restart,
+    /// Soak size: user streams to open (the other operations are paced to them; default
+    /// 1,000,000, with --smoke 3,000).
+    #[arg(long)]
+    soak_opens: Option<u64>,
+    /// Seconds between soak samples (default 5; with --smoke 0.5).
+    #[arg(long)]
+    soak_interval: Option<f64>,
+    /// `audit.retention` of the soak's cluster (default 10m; with --smoke 8s).
+    #[arg(long)]
+    soak_retention: Option<String>,
 }
 
 fn main() {
@@ -180,7 +194,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     let mut wanted: Vec<Scenario> = if cli.scenarios.is_empty() {
         match mode {
-            Mode::Run => Scenario::value_variants().to_vec(),
+            Mode::Run => Scenario::value_variants()
+                .iter()
+                .copied()
+                .filter(|s| *s != Scenario::Soak)
+                .collect(),
             Mode::Compare => vec![Scenario::Handshake, Scenario::Bulk, Scenario::Rr],
         }
     } else {
@@ -193,6 +211,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    if wanted.contains(&Scenario::Soak) {
+        if wanted.len() > 1 || !cli.spawn || mode != Mode::Run {
+            bail!("--scenario soak runs alone, with --spawn (it starts its own cluster)");
+        }
+        return run_soak(&cli, &command);
+    }
 
     let backend = backend::start(&cli.backend)?;
     let mut setup = if cli.spawn {
@@ -355,6 +379,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 ),
                 None => Err(anyhow!("skipped: needs --spawn (engine restart)")),
             },
+            // Handled before the shared cluster starts (run_soak).
+            Scenario::Soak => Err(anyhow!("skipped: soak runs alone")),
         };
         match result {
             Ok(r) => {
@@ -413,6 +439,58 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         s.stop();
     }
     Ok(errors.is_empty())
+}
+
+/// `--scenario soak`: its own cluster (a config file with `audit.retention`), its own report.
+fn run_soak(cli: &Cli, command: &str) -> anyhow::Result<bool> {
+    let mut size = if cli.smoke {
+        soak::SoakSize::smoke()
+    } else {
+        soak::SoakSize::full()
+    };
+    if let Some(v) = cli.soak_opens {
+        size.opens = v.max(2);
+    }
+    if let Some(v) = cli.soak_interval {
+        size.interval = v;
+    }
+    if let Some(v) = &cli.soak_retention {
+        size.retention = v.clone();
+    }
+    if let Some(v) = cli.threads {
+        size.threads = v;
+    }
+    let backend = backend::start(&cli.backend)?;
+    let jaunt = cluster::find_jaunt(cli.jaunt.as_deref())?;
+    eprintln!(
+        "loadtest: soak of {} user streams with {} (retention {}, a sample every {} s)",
+        size.opens,
+        jaunt.display(),
+        size.retention,
+        size.interval
+    );
+    let (rows, soak_md, ok) = soak::run(&jaunt, &backend, &size, &cli.out)?;
+    let machine = procfs::machine();
+    let mut md = report::markdown(&machine, &[], command);
+    md.push_str(&soak_md);
+    let results = json!({
+        "command": command,
+        "mode": "run",
+        "smoke": cli.smoke,
+        "machine": machine,
+        "scenarios": ["soak"],
+        "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "errors": if ok { vec![] } else { vec![json!({"scenario": "soak", "error": "a soak check failed: see summary.md"})] },
+        "skipped": [],
+    });
+    std::fs::write(
+        cli.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(cli.out.join("summary.md"), &md)?;
+    println!("{md}");
+    eprintln!("loadtest: results in {}", cli.out.display());
+    Ok(ok)
 }
 
 /// Proxy CPU (every group but the loadtest itself) per unit of `row`.

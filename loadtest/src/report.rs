@@ -312,6 +312,134 @@ pub fn svg_chart(
     s
 }
 
+/// Several line charts stacked in one SVG, sharing the x axis (seconds into the run), with
+/// vertical marks (the kill). Each panel: (title, y label, series).
+pub type Panel = (String, String, Vec<(String, Vec<(f64, f64)>)>);
+
+pub fn svg_panels(panels: &[Panel], marks: &[(f64, String)]) -> String {
+    let (w, ph) = (820.0, 250.0);
+    let (ml, mr, mt, mb) = (70.0, 190.0, 30.0, 40.0);
+    let h = ph * panels.len().max(1) as f64;
+    let mut x1 = 0.0f64;
+    for (_, _, series) in panels {
+        for (_, pts) in series {
+            for (x, _) in pts {
+                if x.is_finite() {
+                    x1 = x1.max(*x);
+                }
+            }
+        }
+    }
+    if x1 <= 0.0 {
+        x1 = 1.0;
+    }
+    let px = |x: f64| ml + x / x1 * (w - ml - mr);
+    let colors = [
+        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    ];
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">
+<rect width="100%" height="100%" fill="white"/>"#
+    );
+    for (i, (title, y_label, series)) in panels.iter().enumerate() {
+        let top = ph * i as f64;
+        let mut y1 = 0.0f64;
+        for (_, pts) in series {
+            for (_, y) in pts {
+                if y.is_finite() {
+                    y1 = y1.max(*y);
+                }
+            }
+        }
+        if y1 <= 0.0 {
+            y1 = 1.0;
+        }
+        y1 *= 1.05;
+        let py = |y: f64| top + ph - mb - y.max(0.0) / y1 * (ph - mt - mb);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="13">{}</text>
+<line x1="{ml}" y1="{}" x2="{}" y2="{}" stroke="black"/>
+<line x1="{ml}" y1="{}" x2="{ml}" y2="{}" stroke="black"/>
+<text x="14" y="{}" text-anchor="middle" transform="rotate(-90 14 {})">{}</text>
+<text x="{}" y="{}" text-anchor="middle">seconds into the run</text>"#,
+            (ml + w - mr) / 2.0,
+            top + 18.0,
+            esc(title),
+            top + ph - mb,
+            w - mr,
+            top + ph - mb,
+            top + mt,
+            top + ph - mb,
+            top + ph / 2.0,
+            top + ph / 2.0,
+            esc(y_label),
+            (ml + w - mr) / 2.0,
+            top + ph - 8.0,
+        );
+        for k in 0..=4 {
+            let y = y1 * k as f64 / 4.0;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{ml}" y1="{py}" x2="{}" y2="{py}" stroke="#e4e4e4"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                w - mr,
+                ml - 4.0,
+                py(y) + 4.0,
+                short(y),
+                py = py(y)
+            );
+        }
+        for k in 0..=5 {
+            let x = x1 * k as f64 / 5.0;
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+                px(x),
+                top + ph - mb + 14.0,
+                short(x)
+            );
+        }
+        for (x, label) in marks {
+            let _ = writeln!(
+                s,
+                r##"<line x1="{px}" y1="{}" x2="{px}" y2="{}" stroke="#999" stroke-dasharray="4 3"/><text x="{}" y="{}" fill="#666">{}</text>"##,
+                top + mt,
+                top + ph - mb,
+                px(*x) + 3.0,
+                top + mt + 10.0,
+                esc(label),
+                px = px(*x)
+            );
+        }
+        for (j, (name, pts)) in series.iter().enumerate() {
+            let color = colors[j % colors.len()];
+            let path: Vec<String> = pts
+                .iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="1.2" points="{}"/>"#,
+                path.join(" ")
+            );
+            let _ = writeln!(
+                s,
+                r#"<rect x="{}" y="{}" width="12" height="3" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+                w - mr + 10.0,
+                top + mt + 4.0 + 14.0 * j as f64,
+                w - mr + 26.0,
+                top + mt + 8.0 + 14.0 * j as f64,
+                esc(name)
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 fn short(v: f64) -> String {
     if v.abs() >= 1000.0 {
         group(v.round() as i64)
@@ -358,6 +486,25 @@ mod tests {
             md.contains("| jaunt | upload | 100 | GiB | 0.500 s |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn stacked_panels_are_well_formed() {
+        let s = svg_panels(
+            &[
+                (
+                    "rss <MiB>".into(),
+                    "MiB".into(),
+                    vec![("daemon".into(), vec![(0.0, 1.0), (10.0, 2.0)])],
+                ),
+                ("empty".into(), "n".into(), vec![("none".into(), vec![])]),
+            ],
+            &[(5.0, "kill -9".into())],
+        );
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        assert!(s.contains("rss &lt;MiB&gt;") && s.contains("kill -9"));
+        assert!(!s.contains("NaN") && !s.contains("inf"));
+        assert_eq!(s.matches("<polyline").count(), 2);
     }
 
     #[test]
