@@ -122,6 +122,21 @@ enum Command {
     Db(DbCommand),
     /// Print the version.
     Version,
+    /// Print a shell completion script: `jaunt completion bash > /etc/bash_completion.d/jaunt`,
+    /// `jaunt completion zsh > "${fpath[1]}/_jaunt"`, `jaunt completion fish >
+    /// ~/.config/fish/completions/jaunt.fish`.
+    Completion {
+        /// bash, zsh or fish.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Args, Debug)]
@@ -260,8 +275,9 @@ struct StartArgs {
     /// factor, an admin user whose password is written to DATA_DIR/admin-password).
     #[arg(long)]
     dev: bool,
-    /// Public address users and agents dial (dev mode). Port 0 picks a free port.
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:3080")]
+    /// Public address users and agents dial (dev mode). Port 0 picks a free port. `localhost`
+    /// (listening on 127.0.0.1) gives web apps names: `<app>.localhost`.
+    #[arg(long, value_name = "HOST:PORT", default_value = "localhost:3080")]
     public_addr: String,
     /// Diagnostics address for /metrics, /healthz and /readyz (served by the engine).
     #[arg(long, value_name = "HOST:PORT")]
@@ -473,8 +489,10 @@ pub fn main() -> ExitCode {
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Colour only for a terminal: a log file or journal gets plain text.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -541,6 +559,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             db_name,
             psql_args,
         }) => crate::db_cmd::connect(&name, &db_user, db_name.as_deref(), &psql_args),
+        Command::Completion { shell } => {
+            use clap::CommandFactory as _;
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "jaunt", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("jaunt {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -1601,6 +1629,18 @@ fn lock(client: &Client, args: LockArgs) -> anyhow::Result<()> {
             ttl,
         },
     };
+    // A lock on a user that does not exist is kept (the user may be created later, or exist
+    // in an identity provider), but it is most likely a typo: say so.
+    if let LockTarget::User(name) = &target {
+        if let Ok(users) = client.get_json::<Vec<UserInfo>>("/v1/users") {
+            if !users.iter().any(|u| &u.name == name) {
+                eprintln!(
+                    "warning: there is no user {name:?} (see `jaunt users ls`); the lock is kept \
+                     and applies if such a user appears"
+                );
+            }
+        }
+    }
     let resp: serde_json::Value = client.post_json("/v1/resources", &Resource::Lock(lock))?;
     let id = resp
         .get("name")
@@ -1648,7 +1688,13 @@ fn ca(client: &Client, cmd: CaCommand) -> anyhow::Result<()> {
             println!("For sshd_config:");
             println!("  HostKey {}", key_path.display());
             println!("  HostCertificate {}-cert.pub", key_path.display());
-            println!("  TrustedUserCAKeys /etc/ssh/jaunt_user_ca.pub   # from: jaunt ca export --type user-ssh");
+            // The same layout as the README's walk-through (`--out /etc/ssh/jaunt`).
+            let user_ca = out.join("user_ca.pub");
+            println!(
+                "  TrustedUserCAKeys {}   # from: jaunt ca export --type user-ssh > {}",
+                user_ca.display(),
+                user_ca.display()
+            );
             Ok(())
         }
         CaCommand::SignDb { host, out, ttl } => {

@@ -71,3 +71,103 @@ fn a_second_daemon_is_refused_on_the_data_dir_and_on_the_public_port() {
         assert!(out.contains("Logged in to"), "{out}");
     }
 }
+
+/// `jaunt completion bash|zsh|fish` prints a script each shell loads, covering the subcommands.
+#[test]
+fn shell_completions_for_bash_zsh_and_fish() {
+    let home = tempfile::tempdir().unwrap();
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef jaunt"),
+        ("fish", "complete -c jaunt"),
+    ] {
+        let script = ok(run_jaunt(home.path(), &["completion", shell], None));
+        assert!(script.contains(marker), "{shell}: {script}");
+        for sub in ["login", "ssh", "proxy", "audit", "completion"] {
+            assert!(script.contains(sub), "{shell} lacks {sub}");
+        }
+    }
+    let bash = ok(run_jaunt(home.path(), &["completion", "bash"], None));
+    let check = std::process::Command::new("bash")
+        .args(["-n", "-c", &bash])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+    fails(run_jaunt(home.path(), &["completion", "tcsh"], None));
+}
+
+/// The dev cluster's default public host is `localhost`, so web apps have names
+/// (`<app>.localhost`) and the README's `jaunt proxy app` flow works as written.
+#[test]
+fn the_dev_public_host_is_localhost() {
+    let home = tempfile::tempdir().unwrap();
+    let help = ok(run_jaunt(home.path(), &["start", "--help"], None));
+    assert!(help.contains("[default: localhost:3080]"), "{help}");
+}
+
+/// `jaunt lock --user nobody` accepted a user that does not exist without a word: it warns
+/// now, and keeps the lock.
+#[test]
+fn locking_an_unknown_user_warns_and_keeps_the_lock() {
+    let c = Cluster::dev();
+    let o = c.admin(&["lock", "--user", "nobody"], None);
+    let err = stderr(&o);
+    let out = ok(o);
+    assert!(out.contains("Locked user nobody"), "{out}");
+    assert!(
+        err.contains("warning: there is no user \"nobody\""),
+        "{err}"
+    );
+    let locks = ok(c.admin(&["get", "locks"], None));
+    assert!(locks.contains("nobody"), "{locks}");
+    // A known user: no warning.
+    let o = c.admin(&["lock", "--user", "admin"], None);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    ok(o);
+}
+
+/// The README printed other sshd paths than `jaunt ca sign-host` does, and used `sudo`, which a
+/// root shell does not have.
+#[test]
+fn the_readme_shows_the_sshd_lines_sign_host_prints() {
+    let readme = include_str!("../../README.md");
+    assert!(!readme.contains("sudo "), "the README uses sudo");
+    let c = Cluster::dev();
+    let out_dir = c.dir.path().join("ssh");
+    let out = ok(c.admin(
+        &[
+            "ca",
+            "sign-host",
+            "--host",
+            "node1",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let d = out_dir.display().to_string();
+    for (printed, documented) in [
+        (format!("HostKey {d}/node1"), "HostKey /etc/ssh/jaunt/node1"),
+        (
+            format!("HostCertificate {d}/node1-cert.pub"),
+            "HostCertificate /etc/ssh/jaunt/node1-cert.pub",
+        ),
+        (
+            format!("TrustedUserCAKeys {d}/user_ca.pub"),
+            "TrustedUserCAKeys /etc/ssh/jaunt/user_ca.pub",
+        ),
+    ] {
+        assert!(out.contains(&printed), "{out}");
+        assert!(readme.contains(documented), "README lacks {documented}");
+    }
+    for item in [
+        "PostgreSQL server and client",
+        "--diag-addr",
+        "/metrics",
+        "jaunt completion bash",
+        "--type node,db",
+        "jaunt proxy app grafana --port 8080",
+    ] {
+        assert!(readme.contains(item), "README lacks {item}");
+    }
+}
