@@ -35,6 +35,7 @@ pub mod http;
 pub mod jwt;
 pub mod profile;
 pub mod rbac;
+pub mod recordings;
 pub mod service;
 pub mod ssh_cmd;
 pub mod store;
