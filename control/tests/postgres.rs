@@ -236,36 +236,7 @@ impl Drop for Killed {
 /// `jaunt agent` joined with a fresh `db` token, serving `dbs`; its log (info for the agent
 /// library, where queries are recorded) goes to `log`.
 fn start_agent(c: &Cluster, name: &str, dbs: &[String], log: &Path) -> Killed {
-    let out = ok(c.admin(&["tokens", "add", "--type", "db"], None));
-    let token = out.lines().next().unwrap().trim().to_string();
-    let data = c.dir.path().join(format!("agent-{name}"));
-    let mut args = vec![
-        "agent".to_string(),
-        "--proxy".to_string(),
-        c.public_addr.clone(),
-        "--ca-pin".to_string(),
-        c.pin.clone(),
-        "--data-dir".to_string(),
-        data.display().to_string(),
-        "--name".to_string(),
-        name.to_string(),
-        "--token".to_string(),
-        token,
-    ];
-    for db in dbs {
-        args.push("--db".into());
-        args.push(db.clone());
-    }
-    Killed(
-        Command::new(jaunt_bin())
-            .args(&args)
-            .env("JAUNT_HOME", c.dir.path().join("agent-home"))
-            .env("JAUNT_LOG", "warn,jaunt_agent=info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
+    start_agent_labelled(c, name, "", dbs, log)
 }
 
 fn wait_for_db(c: &Cluster, name: &str) {
@@ -655,4 +626,176 @@ fn rcgen_key_pem() -> String {
     jaunt_control::ca::LocalKeys::generate()
         .unwrap()
         .tls_public_pem
+}
+
+/// Logs `user` in from its own `$JAUNT_HOME` (under the cluster's temp dir) and returns that
+/// home, so several users can hold certificates at once.
+fn login_as(c: &Cluster, user: &str) -> PathBuf {
+    let home = c.dir.path().join(format!("home-{user}"));
+    std::fs::create_dir_all(&home).unwrap();
+    ok(run_jaunt(
+        &home,
+        &[
+            "login",
+            "--proxy",
+            &c.public_addr,
+            "--user",
+            user,
+            "--password-stdin",
+            "--ca-pin",
+            &c.pin,
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+    home
+}
+
+/// `jaunt db connect pg1 --db-user USER --db-name NAME -- -tAc 'select current_user'` as the
+/// user whose profile is in `home`.
+fn psql_as(home: &Path, db_user: &str, db_name: &str) -> Output {
+    run_jaunt(
+        home,
+        &[
+            "db",
+            "connect",
+            "pg1",
+            "--db-user",
+            db_user,
+            "--db-name",
+            db_name,
+            "--",
+            "-tAc",
+            "select current_user || '@' || current_database()",
+        ],
+        None,
+    )
+}
+
+/// The database rows of ARCHITECTURE.md's role semantics table, each with real psql against a
+/// real PostgreSQL: `*` in `db_users`/`db_names` (issue 15 pt 3: it granted nothing at
+/// issuance), `{{external.x}}` and `{{internal.db_names}}` traits, a `^regex$` label selector
+/// (matching and not), and deny winning over an allowed `*`.
+#[test]
+fn role_semantics_rows_for_databases_with_real_psql() {
+    let c = Cluster::dev();
+    let roles = c.dir.path().join("roles.yaml");
+    std::fs::write(
+        &roles,
+        "kind: role\nversion: v1\nmetadata: { name: db-any }\nspec:\n  allow:\n    db_labels: { env: '^prod-[0-9]+$' }\n    db_users: ['*']\n    db_names: ['*']\n  deny:\n    db_users: [postgres]\n\
+         ---\nkind: role\nversion: v1\nmetadata: { name: db-trait }\nspec:\n  allow:\n    db_labels: { '*': '*' }\n    db_users: ['{{external.pg_user}}']\n    db_names: ['{{internal.db_names}}']\n\
+         ---\nkind: role\nversion: v1\nmetadata: { name: db-staging }\nspec:\n  allow:\n    db_labels: { env: '^staging-[0-9]+$' }\n    db_users: ['*']\n    db_names: ['*']\n\
+         ---\nkind: user\nversion: v1\nmetadata: { name: carol }\nspec:\n  roles: [db-any]\n\
+         ---\nkind: user\nversion: v1\nmetadata: { name: dave }\nspec:\n  roles: [db-trait]\n  traits:\n    pg_user: [bob]\n    db_names: [postgres]\n\
+         ---\nkind: user\nversion: v1\nmetadata: { name: erin }\nspec:\n  roles: [db-staging]\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", roles.to_str().unwrap()], None));
+    for user in ["carol", "dave", "erin"] {
+        ok(c.admin(
+            &["users", "reset", user, "--password-stdin"],
+            Some(PASSWORD),
+        ));
+    }
+
+    let mut pg = Postgres::init(&c);
+    pg.start();
+    for role in ["alice", "bob"] {
+        pg.superuser_sql(&format!("CREATE ROLE {role} LOGIN"));
+    }
+    let agent_log = c.dir.path().join("agent.log");
+    let _agent = start_agent_labelled(
+        &c,
+        "dbhost",
+        "env=prod-7",
+        &[format!("pg1=postgres://127.0.0.1:{}", pg.port)],
+        &agent_log,
+    );
+    ok(c.login("carol", PASSWORD, &[]));
+    wait_for_db(&c, "pg1");
+
+    // `*` in db_users and db_names: the certificate carries `*`, and any user and database
+    // the server has is reachable (the env label matches the role's regex).
+    let carol = login_as(&c, "carol");
+    let status = ok(run_jaunt(&carol, &["status"], None));
+    assert!(
+        status.contains("db users:  *") && status.contains("db names:  *"),
+        "{status}"
+    );
+    assert_eq!(
+        ok(psql_as(&carol, "bob", "template1")).trim(),
+        "bob@template1"
+    );
+    assert_eq!(
+        ok(psql_as(&carol, "alice", "postgres")).trim(),
+        "alice@postgres"
+    );
+    // Deny wins over the allowed `*`.
+    let err = fails(psql_as(&carol, "postgres", "postgres"));
+    assert!(
+        err.contains("access denied") && err.contains("denies db_users [postgres]"),
+        "{err}"
+    );
+
+    // Traits: `{{external.pg_user}}` is the user's pg_user trait, `{{internal.db_names}}` the
+    // db_names trait; nothing else.
+    let dave = login_as(&c, "dave");
+    assert_eq!(ok(psql_as(&dave, "bob", "postgres")).trim(), "bob@postgres");
+    let err = fails(psql_as(&dave, "alice", "postgres"));
+    assert!(
+        err.contains("access denied") && err.contains("alice"),
+        "{err}"
+    );
+    let err = fails(psql_as(&dave, "bob", "template1"));
+    assert!(
+        err.contains("access denied") && err.contains("template1"),
+        "{err}"
+    );
+
+    // A regex label selector that does not match the database's labels: no access, even with
+    // `*` principals.
+    let erin = login_as(&c, "erin");
+    let err = fails(psql_as(&erin, "bob", "postgres"));
+    assert!(err.contains("access denied"), "{err}");
+}
+
+/// `jaunt agent` with `--labels`, otherwise as [`start_agent`].
+fn start_agent_labelled(
+    c: &Cluster,
+    name: &str,
+    labels: &str,
+    dbs: &[String],
+    log: &Path,
+) -> Killed {
+    let out = ok(c.admin(&["tokens", "add", "--type", "db"], None));
+    let token = out.lines().next().unwrap().trim().to_string();
+    let data = c.dir.path().join(format!("agent-{name}"));
+    let mut args = vec![
+        "agent".to_string(),
+        "--proxy".to_string(),
+        c.public_addr.clone(),
+        "--ca-pin".to_string(),
+        c.pin.clone(),
+        "--data-dir".to_string(),
+        data.display().to_string(),
+        "--name".to_string(),
+        name.to_string(),
+        "--token".to_string(),
+        token,
+        "--labels".to_string(),
+        labels.to_string(),
+    ];
+    for db in dbs {
+        args.push("--db".into());
+        args.push(db.clone());
+    }
+    Killed(
+        Command::new(jaunt_bin())
+            .args(&args)
+            .env("JAUNT_HOME", c.dir.path().join("agent-home"))
+            .env("JAUNT_LOG", "warn,jaunt_agent=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
 }
