@@ -473,9 +473,55 @@ enum AuditCommand {
     },
 }
 
+/// The command line as clap sees it: the derived [`Cli`], with `--data-dir` (a global flag,
+/// accepted by every subcommand as before) described per subcommand: what it means there, or
+/// hidden from the help of commands that do not read it (`jaunt ssh`, `jaunt login`, ...), so
+/// their `--help` does not repeat the control host's text.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory as _;
+    let data_dir = |help: Option<&'static str>| {
+        let arg = clap::Arg::new("data_dir")
+            .long("data-dir")
+            .global(true)
+            .env("JAUNT_DATA_DIR")
+            .value_name("DIR")
+            .value_parser(clap::value_parser!(PathBuf));
+        match help {
+            Some(help) => arg.help(help),
+            None => arg.hide(true),
+        }
+    };
+    const ADMIN: &str = "Act as the local admin of the control host with this data directory \
+                         (default: your `jaunt login` identity)";
+    let mut cmd = Cli::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|sc| sc.get_name().to_string())
+        .collect();
+    for name in names {
+        let help = match name.as_str() {
+            "start" => Some("The daemon's data directory (store, CA keys, control.addr)"),
+            "agent" => Some("The agent's data directory (its identity and certificates)"),
+            "status" => Some(
+                "Show the status of the cluster with this data directory (on its control host)",
+            ),
+            "users" | "tokens" | "create" | "get" | "rm" | "lock" | "ca" | "audit" | "sessions" => {
+                Some(ADMIN)
+            }
+            _ => None,
+        };
+        cmd = cmd.mut_subcommand(name, |sc| sc.arg(data_dir(help)));
+    }
+    cmd
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::FromArgMatches as _;
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(&cli.log);
     match run(cli) {
         Ok(code) => code,
@@ -560,13 +606,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             psql_args,
         }) => crate::db_cmd::connect(&name, &db_user, db_name.as_deref(), &psql_args),
         Command::Completion { shell } => {
-            use clap::CommandFactory as _;
             let shell = match shell {
                 CompletionShell::Bash => clap_complete::Shell::Bash,
                 CompletionShell::Zsh => clap_complete::Shell::Zsh,
                 CompletionShell::Fish => clap_complete::Shell::Fish,
             };
-            clap_complete::generate(shell, &mut Cli::command(), "jaunt", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut command(), "jaunt", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Command::Version => {
@@ -1751,6 +1796,7 @@ fn audit_search(
             for k in ["time", "code", "event", "user", "uid"] {
                 rest.remove(k);
             }
+            human_times(&mut rest);
             vec![
                 s("time"),
                 s("code"),
@@ -1762,6 +1808,21 @@ fn audit_search(
         .collect();
     print_table(&["TIME", "CODE", "EVENT", "USER", "DETAILS"], &rows);
     Ok(())
+}
+
+/// Event fields that hold unix seconds (`expires` of logins, certificates and tokens, ...).
+const AUDIT_TIME_FIELDS: &[&str] = &["expires", "not_before", "started", "ended"];
+
+/// For the text table: the unix-seconds fields of an event's details as RFC 3339 UTC, as its
+/// `time` column is. `--format json|yaml` keeps the numbers.
+fn human_times(details: &mut serde_json::Map<String, serde_json::Value>) {
+    for key in AUDIT_TIME_FIELDS {
+        if let Some(value) = details.get_mut(*key) {
+            if let Some(secs) = value.as_u64() {
+                *value = crate::audit::rfc3339(secs).into();
+            }
+        }
+    }
 }
 
 /// `1h` (that long ago) or an RFC 3339 time, as unix seconds.
@@ -1867,6 +1928,7 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+        command().debug_assert();
     }
 
     #[test]

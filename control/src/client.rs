@@ -82,8 +82,11 @@ pub enum ClientError {
     InvalidPin { pin: String },
     #[error("unusable certificate or key: {reason}")]
     Certificate { reason: String },
-    #[error("cannot reach the proxy at {addr}: {source}")]
-    Unreachable { addr: String, source: io::Error },
+    // The I/O errors are in the message and not also `source()`s: `{e:#}` (anyhow's chain)
+    // would print their text twice ("Connection refused (os error 111): Connection refused
+    // (os error 111)").
+    #[error("cannot reach the proxy at {addr}: {cause}")]
+    Unreachable { addr: String, cause: io::Error },
     #[error("timed out {doing} (the proxy at {addr} was silent for {}s)", after.as_secs())]
     Timeout {
         addr: String,
@@ -94,16 +97,16 @@ pub enum ClientError {
     PinMismatch { got: String },
     #[error("TLS with the proxy at {addr} failed: {reason}")]
     Tls { addr: String, reason: String },
-    #[error("connection to the proxy at {addr} failed: {source}")]
-    Io { addr: String, source: io::Error },
+    #[error("connection to the proxy at {addr} failed: {cause}")]
+    Io { addr: String, cause: io::Error },
     #[error("bad response from the proxy at {addr}: {reason}")]
     Protocol { addr: String, reason: String },
     #[error("{message} (HTTP {status})")]
     Api { status: u16, message: String },
-    #[error("cannot decode the response from the proxy at {addr}: {source}")]
+    #[error("cannot decode the response from the proxy at {addr}: {cause}")]
     Decode {
         addr: String,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("cannot encode the request: {0}")]
     Encode(serde_json::Error),
@@ -299,18 +302,18 @@ impl Client {
         } else {
             body
         };
-        serde_json::from_slice(body).map_err(|source| ClientError::Decode {
+        serde_json::from_slice(body).map_err(|cause| ClientError::Decode {
             addr: self.addr.clone(),
-            source,
+            cause,
         })
     }
 
     fn connect(&self) -> Result<TcpStream, ClientError> {
         let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
             .to_socket_addrs()
-            .map_err(|source| ClientError::Unreachable {
+            .map_err(|cause| ClientError::Unreachable {
                 addr: self.addr.clone(),
-                source,
+                cause,
             })?
             .collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
@@ -335,7 +338,7 @@ impl Client {
         }
         Err(ClientError::Unreachable {
             addr: self.addr.clone(),
-            source: last,
+            cause: last,
         })
     }
 
@@ -375,7 +378,7 @@ impl Client {
                     addr,
                 }
             }
-            _ => ClientError::Io { addr, source: e },
+            _ => ClientError::Io { addr, cause: e },
         }
     }
 }

@@ -171,3 +171,118 @@ fn the_readme_shows_the_sshd_lines_sign_host_prints() {
         assert!(readme.contains(item), "README lacks {item}");
     }
 }
+
+/// Every subcommand's `--help` repeated the control host's `--data-dir` text, `jaunt ssh` and
+/// `jaunt agent` included. Commands that do not read it no longer show it (it still parses,
+/// as before); those that do say what it means for them.
+#[test]
+fn data_dir_help_is_per_command() {
+    let home = tempfile::tempdir().unwrap();
+    let help = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("--help");
+        ok(run_jaunt(home.path(), &all, None))
+    };
+    for cmd in [
+        &["ssh"][..],
+        &["login"],
+        &["ls"],
+        &["proxy", "tcp"],
+        &["db", "connect"],
+        &["scp"],
+    ] {
+        let text = help(cmd);
+        assert!(
+            !text.contains("--data-dir") && !text.contains("control host"),
+            "{cmd:?}: {text}"
+        );
+    }
+    let agent = help(&["agent"]);
+    assert!(agent.contains("The agent's data directory"), "{agent}");
+    assert!(!agent.contains("control host"), "{agent}");
+    let start = help(&["start"]);
+    assert!(start.contains("The daemon's data directory"), "{start}");
+    for cmd in [&["users", "add"][..], &["get"], &["audit", "search"]] {
+        let text = help(cmd);
+        assert!(
+            text.contains("local admin of the control host"),
+            "{cmd:?}: {text}"
+        );
+    }
+    // The flag still parses where it did (a usage error would exit 2).
+    let o = run_jaunt(home.path(), &["ls", "--data-dir", "/nonexistent"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not logged in"), "{}", stderr(&o));
+}
+
+/// The agent printed "Connection refused (os error 111): Connection refused (os error 111)":
+/// the client's error carried its I/O error both in its text and as its source.
+#[test]
+fn an_unreachable_proxy_is_reported_once() {
+    let home = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let proxy = format!("127.0.0.1:{port}");
+    for args in [
+        vec!["login", "--proxy", &proxy, "--user", "x", "--insecure"],
+        vec![
+            "agent",
+            "--proxy",
+            &proxy,
+            "--token",
+            "t",
+            "--insecure",
+            "--data-dir",
+        ],
+    ] {
+        let mut args = args.clone();
+        let data = home.path().join("agent");
+        let data = data.to_str().unwrap().to_string();
+        if args.last() == Some(&"--data-dir") {
+            args.push(&data);
+        }
+        let err = fails(run_jaunt(home.path(), &args, Some("pw\n")));
+        assert!(
+            err.contains(&format!("cannot reach the proxy at {proxy}")),
+            "{err}"
+        );
+        assert_eq!(err.matches("os error").count(), 1, "{err}");
+    }
+}
+
+/// `jaunt audit search` showed raw unix times (`"expires":1796632498`) in its text table; the
+/// times are RFC 3339 UTC there now, and `--format json` keeps the numbers.
+#[test]
+fn audit_search_text_shows_rfc3339_times() {
+    let c = Cluster::dev();
+    ok(c.admin(&["tokens", "add", "--type", "node"], None));
+    let text = ok(c.admin(&["audit", "search", "--type", "token.create"], None));
+    let line = text
+        .lines()
+        .find(|l| l.contains("token.create"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let expires = line
+        .split("\"expires\":")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        expires.starts_with('"') && expires[1..].starts_with("20") && expires.contains("Z\""),
+        "{line}"
+    );
+    let json = ok(c.admin(
+        &[
+            "audit",
+            "search",
+            "--type",
+            "token.create",
+            "--format",
+            "json",
+        ],
+        None,
+    ));
+    let events: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(events[0]["expires"].is_u64(), "{json}");
+    assert!(events[0]["time"].is_string(), "{json}");
+}
