@@ -145,6 +145,36 @@ pub struct Config {
     /// Always present: audit settings apply to whichever role produces events.
     pub audit: AuditConfig,
     pub agent: Option<AgentConfig>,
+    /// Where control keeps session recordings (`recordings:`; `file` in `data_dir` by default).
+    pub recordings: RecordingsConfig,
+}
+
+/// `recordings:`: the recordings storage backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RecordingsConfig {
+    /// `type: file`: `data_dir/recordings/`.
+    #[default]
+    File,
+    /// `type: s3`: any S3-compatible object store.
+    S3(S3Config),
+}
+
+/// `recordings:` with `type: s3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// `http(s)://host[:port]`; `None`: AWS's regional endpoint `https://s3.<region>.amazonaws.com`.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Address the bucket in the path (`endpoint/bucket/key`) rather than as a host name
+    /// (`bucket.endpoint/key`); most self-hosted stores want `true`.
+    pub path_style: bool,
+    /// An AWS-style credentials file (`[default]` with `aws_access_key_id`,
+    /// `aws_secret_access_key`, optional `aws_session_token`); `None`: the environment
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`).
+    pub credentials_file: Option<PathBuf>,
+    /// Key prefix of every object (e.g. `recordings/`).
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,6 +380,7 @@ impl Config {
             }),
             audit: AuditConfig::default(),
             agent: None,
+            recordings: RecordingsConfig::File,
         }
     }
 }
@@ -752,6 +783,23 @@ pub struct FileConfig {
     pub audit: Option<FileAudit>,
     #[serde(default, deserialize_with = "present")]
     pub agent: Option<FileAgent>,
+    #[serde(default, deserialize_with = "present")]
+    pub recordings: Option<FileRecordings>,
+}
+
+/// `recordings:` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRecordings {
+    /// `file` (default) or `s3`.
+    #[serde(rename = "type")]
+    pub r#type: Option<String>,
+    pub bucket: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+    pub credentials_file: Option<PathBuf>,
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -936,6 +984,7 @@ fn validate(file: FileConfig, hostname: fn() -> Option<String>) -> Result<Config
         Some(agent) => Some(validate_agent(agent, hostname)?),
         None => None,
     };
+    let recordings = validate_recordings(file.recordings.unwrap_or_default())?;
     Ok(Config {
         cluster_name: file.cluster_name,
         data_dir,
@@ -944,7 +993,100 @@ fn validate(file: FileConfig, hostname: fn() -> Option<String>) -> Result<Config
         engine,
         audit,
         agent,
+        recordings,
     })
+}
+
+fn validate_recordings(file: FileRecordings) -> Result<RecordingsConfig, Invalid> {
+    let s3_only = [
+        ("recordings.bucket", file.bucket.is_some()),
+        ("recordings.endpoint", file.endpoint.is_some()),
+        ("recordings.region", file.region.is_some()),
+        ("recordings.path_style", file.path_style.is_some()),
+        (
+            "recordings.credentials_file",
+            file.credentials_file.is_some(),
+        ),
+        ("recordings.prefix", file.prefix.is_some()),
+    ];
+    match file.r#type.as_deref().unwrap_or("file") {
+        "file" => {
+            if let Some((key, _)) = s3_only.iter().find(|(_, set)| *set) {
+                return Err(Invalid::new(
+                    *key,
+                    "only for `type: s3` (recordings of `type: file` live in data_dir/recordings)",
+                ));
+            }
+            Ok(RecordingsConfig::File)
+        }
+        "s3" => {
+            let bucket = file.bucket.ok_or_else(|| {
+                Invalid::new("recordings.bucket", "required when recordings.type is s3")
+            })?;
+            let valid_bucket = (3..=63).contains(&bucket.len())
+                && bucket.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                })
+                && !bucket.starts_with(['.', '-'])
+                && !bucket.ends_with(['.', '-']);
+            if !valid_bucket {
+                return Err(Invalid::new(
+                    "recordings.bucket",
+                    "expected an S3 bucket name: 3 to 63 characters of a-z, 0-9, '.' and '-'",
+                ));
+            }
+            let region = file.region.ok_or_else(|| {
+                Invalid::new(
+                    "recordings.region",
+                    "required when recordings.type is s3 (such as us-east-1)",
+                )
+            })?;
+            if region.is_empty()
+                || !region
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(Invalid::new(
+                    "recordings.region",
+                    "expected a region name such as us-east-1",
+                ));
+            }
+            if let Some(endpoint) = &file.endpoint {
+                let rest = endpoint
+                    .strip_prefix("https://")
+                    .or_else(|| endpoint.strip_prefix("http://"));
+                let ok = rest.is_some_and(|r| {
+                    let r = r.trim_end_matches('/');
+                    !r.is_empty() && !r.contains(['/', '?', '@', ' '])
+                });
+                if !ok {
+                    return Err(Invalid::new(
+                        "recordings.endpoint",
+                        "expected http(s)://HOST[:PORT] with no path, such as https://s3.example.com",
+                    ));
+                }
+            }
+            let prefix = file.prefix.unwrap_or_default();
+            if prefix.starts_with('/') || prefix.contains("..") {
+                return Err(Invalid::new(
+                    "recordings.prefix",
+                    "expected a relative key prefix such as recordings/",
+                ));
+            }
+            Ok(RecordingsConfig::S3(S3Config {
+                bucket,
+                endpoint: file.endpoint,
+                region,
+                path_style: file.path_style.unwrap_or(false),
+                credentials_file: file.credentials_file,
+                prefix,
+            }))
+        }
+        other => Err(Invalid::new(
+            "recordings.type",
+            format!("unknown recordings storage {other:?} (expected file or s3)"),
+        )),
+    }
 }
 
 fn validate_control(file: FileControl, cluster_name: String) -> Result<ControlConfig, Invalid> {
@@ -1593,6 +1735,53 @@ mod tests {
             (AppProtocol::Tcp, 6379)
         );
         assert_eq!(agent.services.dbs[0].addr.to_string(), "127.0.0.1:5432");
+    }
+
+    #[test]
+    fn recordings_storage_is_validated_with_key_and_line() {
+        let base = "cluster_name: a.example\ncontrol: {}\nrecordings:\n";
+        let ok = parse(
+            "jaunt.yaml",
+            &format!(
+                "{base}  type: s3\n  bucket: jaunt-rec\n  region: us-east-1\n  \
+                 endpoint: http://127.0.0.1:9000\n  path_style: true\n  prefix: rec/\n"
+            ),
+        )
+        .unwrap();
+        let RecordingsConfig::S3(s3) = ok.recordings else {
+            panic!("expected s3")
+        };
+        assert_eq!(
+            (s3.bucket.as_str(), s3.region.as_str(), s3.path_style),
+            ("jaunt-rec", "us-east-1", true)
+        );
+        assert_eq!(
+            parse("jaunt.yaml", "cluster_name: a.example\ncontrol: {}\n")
+                .unwrap()
+                .recordings,
+            RecordingsConfig::File
+        );
+        assert_eq!(
+            error(&format!("{base}  type: s3\n  region: us-east-1\n")),
+            "jaunt.yaml:3:1: recordings.bucket: required when recordings.type is s3"
+        );
+        assert_eq!(
+            error(&format!("{base}  type: s3\n  bucket: b_B\n  region: r\n")),
+            "jaunt.yaml:5:3: recordings.bucket: expected an S3 bucket name: 3 to 63 \
+             characters of a-z, 0-9, '.' and '-'"
+        );
+        assert_eq!(
+            error(&format!(
+                "{base}  type: s3\n  bucket: bkt\n  region: r\n  endpoint: s3.example.com\n"
+            )),
+            "jaunt.yaml:7:3: recordings.endpoint: expected http(s)://HOST[:PORT] with no \
+             path, such as https://s3.example.com"
+        );
+        assert_eq!(
+            error(&format!("{base}  type: tape\n")),
+            "jaunt.yaml:4:3: recordings.type: unknown recordings storage \"tape\" (expected file or s3)"
+        );
+        assert!(error(&format!("{base}  bukket: x\n")).starts_with("jaunt.yaml:4:3: "));
     }
 
     #[test]

@@ -123,6 +123,38 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
             }
         });
     }
+    // Recordings: the spool in DATA_DIR/recordings and the thread that uploads finished ones
+    // to control (deleting each only once control has stored it).
+    let (_uploader_stop, uploader_stopped) = crossbeam_channel::bounded::<()>(0);
+    match jaunt_agent::recording::Spool::open(
+        &crate::recordings::upload::spool_dir(&opts.data_dir),
+        jaunt_agent::recording::SpoolLimits::default(),
+    ) {
+        Ok(spool) => {
+            let opts = opts.clone();
+            let user = info_user(&profile);
+            std::thread::Builder::new()
+                .name("jaunt-agent-recordings".into())
+                .spawn(move || {
+                    let connect = || -> anyhow::Result<Client> {
+                        let profile = host_profile(&opts.data_dir);
+                        Ok(Client::new(
+                            &opts.proxy,
+                            Trust::Roots(profile.host_ca()?),
+                            Some(profile.tls_identity(&user)?),
+                        )?)
+                    };
+                    crate::recordings::upload::run(
+                        &spool,
+                        &connect,
+                        &uploader_stopped,
+                        crate::recordings::upload::IDLE_POLL,
+                    );
+                })
+                .context("starting the recordings uploader")?;
+        }
+        Err(e) => eprintln!("jaunt agent: recordings spool unusable, nothing is uploaded: {e}"),
+    }
     eprintln!(
         "jaunt agent: {} serving as {} through {}",
         opts.name,

@@ -103,6 +103,11 @@ pub const SESSION_KILLED: EventKind = EventKind {
     code: "JA2002I",
     r#type: "session.kill",
 };
+/// A session recording reached control's storage (`recording_id`, `session_id`, size).
+pub const RECORDING_UPLOAD: EventKind = EventKind {
+    code: "JA2400I",
+    r#type: "recording.upload",
+};
 pub const ACCESS_DENIED: EventKind = EventKind {
     code: "JA2100W",
     r#type: "access.denied",

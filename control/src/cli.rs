@@ -763,6 +763,7 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             engine: daemon::EngineSettings::dev(args.diag_addr.clone()),
             audit_file: None,
             audit_retention: jaunt_config::file::DEFAULT_AUDIT_RETENTION.as_std(),
+            recordings: jaunt_config::file::RecordingsConfig::File,
         }
     } else {
         let Some(path) = args.config else {
@@ -815,6 +816,7 @@ fn daemon_config_from_file(
     Ok(DaemonConfig {
         audit_file: config.audit.file.clone(),
         audit_retention: config.audit.retention.as_std(),
+        recordings: config.recordings.clone(),
         cluster: control.cluster_name.clone(),
         data_dir: data_dir.unwrap_or_else(|| config.data_dir.clone()),
         public_addr: engine.public_addr.to_string(),

@@ -53,6 +53,8 @@ pub struct DaemonConfig {
     pub audit_file: Option<jaunt_config::file::AuditFileConfig>,
     /// `audit.retention`: events older than this are removed from the store.
     pub audit_retention: Duration,
+    /// `recordings:`: where session recordings are stored.
+    pub recordings: jaunt_config::file::RecordingsConfig,
 }
 
 /// The engine's part of the daemon config.
@@ -132,6 +134,9 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut control = Control::bootstrap(store.clone(), settings)?;
     control.audit = crate::audit::Audit::with_file(store.clone(), audit_file);
     let control = Arc::new(control);
+    // Recordings storage: a wrong key or an unreachable S3 store stops the start here.
+    let recordings = crate::recordings::open_started(&cfg.recordings, &cfg.data_dir)?;
+    control.set_recordings(recordings);
     let admin_password = if cfg.dev {
         Some(ensure_dev_admin(&control, &cfg)?)
     } else {

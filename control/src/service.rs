@@ -79,6 +79,8 @@ pub struct Control {
     inventory: RwLock<BTreeMap<String, jaunt_engine::server::AgentInventory>>,
     /// The engine's live sessions (`jaunt sessions ls|kill`), once the engine runs.
     sessions: RwLock<Option<jaunt_engine::server::EngineSessions>>,
+    /// Recordings storage (`recordings/`), once the daemon has opened it.
+    recordings: std::sync::OnceLock<Arc<crate::recordings::Recordings>>,
 }
 
 /// One password login attempt ([`Control::password_login`]).
@@ -154,6 +156,7 @@ impl Control {
             snapshot_version: AtomicU64::new(0),
             inventory: RwLock::new(BTreeMap::new()),
             sessions: RwLock::new(None),
+            recordings: std::sync::OnceLock::new(),
             limiter: RateLimiter::new(
                 RateLimiter::DEFAULT_MAX_FAILURES,
                 RateLimiter::DEFAULT_WINDOW_SECS,
@@ -406,6 +409,20 @@ impl Control {
             ("GET", ["v1", "sessions"]) => self.list_sessions(caller),
             ("DELETE", ["v1", "sessions", id]) => self.kill_session(caller, id),
             ("POST", ["v1", "audit", "events"]) => self.agent_audit_events(req, caller),
+            ("POST", ["v1", "recordings", "uploads"]) => {
+                crate::recordings::api::begin(self, req, caller)
+            }
+            ("PUT", ["v1", "recordings", "uploads", id]) => {
+                crate::recordings::api::append(self, req, caller, id)
+            }
+            ("POST", ["v1", "recordings", "uploads", id, "complete"]) => {
+                crate::recordings::api::complete(self, req, caller, id)
+            }
+            ("GET", ["v1", "recordings"]) => crate::recordings::api::list(self, req, caller),
+            ("GET", ["v1", "recordings", id]) => crate::recordings::api::info(self, caller, id),
+            ("GET", ["v1", "recordings", id, "cast"]) => {
+                crate::recordings::api::read(self, req, caller, id)
+            }
             _ => Err(Response::error(
                 404,
                 &format!("no such endpoint: {} {}", req.method, req.path),
@@ -1416,6 +1433,16 @@ impl Control {
         let digest = ring::digest::digest(&ring::digest::SHA256, &to_json(&policy));
         policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
         Ok(Response::json(200, &policy))
+    }
+
+    /// Hands control its recordings storage (the daemon opens it).
+    pub fn set_recordings(&self, recordings: Arc<crate::recordings::Recordings>) {
+        let _ = self.recordings.set(recordings);
+    }
+
+    /// The recordings storage, once set.
+    pub fn recordings(&self) -> Option<&crate::recordings::Recordings> {
+        self.recordings.get().map(|r| r.as_ref())
     }
 
     /// Where `jaunt sessions ls|kill` find the engine's live sessions (set once it runs).

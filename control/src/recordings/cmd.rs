@@ -1,0 +1,1 @@
+//! `jaunt recordings ls` and `jaunt play` (the user's side of recordings).

@@ -1,0 +1,316 @@
+//! Recordings: the agent's uploader to control's storage, and the `s3` backend against a real
+//! local S3-compatible server.
+//!
+//! The S3 stand-in is **moto** (PyPI `moto[server]`, `moto_server`), started on 127.0.0.1 port 0
+//! by each test; `.ci/run` installs it. Without `moto_server` on PATH the S3 tests fail in CI
+//! (`CI=true`) and are skipped with a printed reason elsewhere.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jaunt_agent::recording::{RecordingEnd, RecordingKind, RecordingMeta, Spool, SpoolLimits};
+use jaunt_config::file::S3Config;
+use jaunt_control::recordings::s3::S3Backend;
+use jaunt_control::recordings::{Backend, CompleteUpload, Recordings};
+use support::*;
+
+fn meta(session: &str, user: &str) -> RecordingMeta {
+    RecordingMeta {
+        session_id: session.into(),
+        user: user.into(),
+        login: "root".into(),
+        node: "node1".into(),
+        kind: RecordingKind::Shell,
+        width: 80,
+        height: 24,
+        command: None,
+        started: jaunt_config::identity::unix_now(),
+        record_input: false,
+    }
+}
+
+/// A finished recording of `lines` output lines in `spool`; returns its id.
+fn record(spool: &Spool, session: &str, lines: usize) -> String {
+    let mut rec = spool.start(meta(session, "alice")).unwrap();
+    for i in 0..lines {
+        rec.output(format!("line {i} of session {session}: {}\r\n", "x".repeat(60)).as_bytes())
+            .unwrap();
+    }
+    rec.finish(RecordingEnd {
+        exit_status: Some(0),
+        bytes_in: 3,
+        bytes_out: 100,
+    })
+    .unwrap()
+    .0
+}
+
+fn wait_until(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_agent_uploads_spooled_recordings_to_control_and_empties_its_spool() {
+    let c = Cluster::dev();
+    // Recordings an earlier agent run left in its spool: one big (several upload chunks), one
+    // interrupted by a crash.
+    let agent_data = c.dir.path().join("agent-rec1");
+    let spool_dir = agent_data.join("recordings");
+    let spool = Spool::open(&spool_dir, SpoolLimits::default()).unwrap();
+    let big = record(&spool, "s-big", 12_000);
+    let mut cut = spool.start(meta("s-cut", "bob")).unwrap();
+    cut.output(b"half a session").unwrap();
+    let cut_id = cut.id().0.clone();
+    std::mem::forget(cut);
+    let big_bytes = std::fs::read(spool_dir.join(format!("{big}.cast"))).unwrap();
+    assert!(big_bytes.len() > 3 * 256 * 1024, "{}", big_bytes.len());
+    let cut_bytes = std::fs::read(spool_dir.join(format!("{cut_id}.cast"))).unwrap();
+    drop(spool);
+
+    let (_agent, _) = start_agent(&c, "rec1", &[]);
+    let stored = c.data_dir.join("recordings");
+    wait_until(
+        "both recordings in control",
+        Duration::from_secs(30),
+        || {
+            stored.join(format!("{big}.json")).exists()
+                && stored.join(format!("{cut_id}.json")).exists()
+        },
+    );
+    assert_eq!(
+        std::fs::read(stored.join(format!("{big}.cast"))).unwrap(),
+        big_bytes
+    );
+    assert_eq!(
+        std::fs::read(stored.join(format!("{cut_id}.cast"))).unwrap(),
+        cut_bytes
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(stored.join(format!("{cut_id}.json"))).unwrap())
+            .unwrap();
+    assert_eq!(info["interrupted"], true);
+    assert_eq!(info["user"], "bob");
+    assert_eq!(info["session_id"], "s-cut");
+    // Deleted from the spool only after control acknowledged.
+    wait_until("the spool to empty", Duration::from_secs(10), || {
+        std::fs::read_dir(&spool_dir)
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                let n = n.to_string_lossy();
+                n.ends_with(".cast") || n.ends_with(".json")
+            })
+            .count()
+            == 0
+    });
+    let uploads = c.audit_events(Some("recording.upload"));
+    assert!(
+        uploads.iter().any(|e| e["recording_id"] == big.as_str()),
+        "{uploads:?}"
+    );
+}
+
+// ---- S3 against moto ----
+
+/// `moto_server` on 127.0.0.1, port 0; killed on drop.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts moto's S3 server, or `None` (skipped, reason printed) outside CI when it is missing.
+fn moto() -> Option<Moto> {
+    let found = Command::new("moto_server")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("moto_server (PyPI moto[server]) is missing: .ci/run must install it");
+        }
+        eprintln!("SKIPPED: moto_server is not installed (pip install 'moto[server]')");
+        return None;
+    }
+    let mut child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(at) = line.find("http://127.0.0.1:") {
+                let _ = tx.send(line[at..].trim().to_string());
+            }
+        }
+    });
+    let endpoint = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("moto_server did not say where it listens");
+    Some(Moto { child, endpoint })
+}
+
+fn s3_config(moto: &Moto, dir: &Path) -> S3Config {
+    let creds = dir.join("s3-credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = AKIDJAUNTTEST\naws_secret_access_key = jaunt-test-secret\n",
+    )
+    .unwrap();
+    S3Config {
+        bucket: "jaunt-recordings".into(),
+        endpoint: Some(moto.endpoint.clone()),
+        region: "us-east-1".into(),
+        path_style: true,
+        credentials_file: Some(creds),
+        prefix: "rec/".into(),
+    }
+}
+
+fn spooled(dir: &Path, lines: usize) -> (Spool, jaunt_agent::recording::SpooledRecording, PathBuf) {
+    let spool = Spool::open(&dir.join("spool"), SpoolLimits::default()).unwrap();
+    let id = record(&spool, "s-1", lines);
+    let rec = spool.pending().into_iter().find(|r| r.id.0 == id).unwrap();
+    let path = spool.cast_path(&rec.id);
+    (spool, rec, path)
+}
+
+/// Stages `rec` in `recordings` as the agent would, up to the check before storing.
+fn stage(recordings: &Recordings, rec: &jaunt_agent::recording::SpooledRecording, cast: &Path) {
+    let state = recordings.begin("host-1", rec.clone()).unwrap();
+    assert_eq!(state.offset, 0);
+    let bytes = std::fs::read(cast).unwrap();
+    let mut offset = 0u64;
+    for chunk in bytes.chunks(512 * 1024) {
+        offset = recordings
+            .append("host-1", rec.id.as_str(), offset, chunk)
+            .unwrap()
+            .offset;
+    }
+    let (size, sha256) = jaunt_control::recordings::hash_file(cast).unwrap();
+    recordings
+        .check_ready("host-1", rec.id.as_str(), &CompleteUpload { size, sha256 })
+        .unwrap();
+}
+
+#[test]
+fn s3_backend_stores_small_and_multipart_recordings_in_moto() {
+    let Some(moto) = moto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = S3Backend::open(&s3_config(&moto, dir.path())).unwrap();
+    s3.create_bucket().unwrap();
+    s3.check().unwrap();
+    s3.part_size = 5 << 20;
+    let data = dir.path().join("data");
+    let s3 = std::sync::Arc::new(s3);
+    let recordings = Recordings::new(s3.clone(), &data).unwrap();
+
+    // Small: one PUT. Big (> 2 parts of 5 MiB): multipart.
+    for lines in [50, 170_000] {
+        let (_spool, rec, cast) = spooled(&dir.path().join(format!("a{lines}")), lines);
+        let bytes = std::fs::read(&cast).unwrap();
+        stage(&recordings, &rec, &cast);
+        let (size, sha256) = jaunt_control::recordings::hash_file(&cast).unwrap();
+        let info = recordings
+            .complete("host-1", rec.id.as_str(), &CompleteUpload { size, sha256 })
+            .unwrap();
+        assert_eq!(info.size, bytes.len() as u64);
+        let back = s3.info(rec.id.as_str()).unwrap().unwrap();
+        assert_eq!(back, info);
+        // Read back in ranges, as `jaunt play` does.
+        let mut got = Vec::new();
+        while (got.len() as u64) < info.size {
+            let piece = s3.read(rec.id.as_str(), got.len() as u64, 4 << 20).unwrap();
+            assert!(!piece.is_empty());
+            got.extend_from_slice(&piece);
+        }
+        assert_eq!(got.len(), bytes.len());
+        assert!(got == bytes, "the stored recording differs ({lines} lines)");
+        assert!(!recordings.staged_part(rec.id.as_str()).exists());
+    }
+    assert!(
+        bytes_over(&s3, 10 << 20),
+        "the big recording is over two parts"
+    );
+    assert_eq!(s3.list().unwrap().len(), 2);
+    assert!(s3.unfinished_uploads().unwrap().is_empty());
+}
+
+fn bytes_over(s3: &S3Backend, n: u64) -> bool {
+    s3.list().unwrap().iter().any(|r| r.size > n)
+}
+
+#[test]
+fn the_upload_completer_finishes_what_a_crash_left_and_aborts_orphans() {
+    let Some(moto) = moto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s3 = S3Backend::open(&s3_config(&moto, dir.path())).unwrap();
+    s3.create_bucket().unwrap();
+    s3.part_size = 5 << 20;
+    s3.abandon_after = Duration::ZERO;
+    let s3 = std::sync::Arc::new(s3);
+    let data = dir.path().join("data");
+    let (_spool, rec, cast) = spooled(&dir.path().join("a"), 170_000);
+    let id = rec.id.as_str().to_string();
+    {
+        let recordings = Recordings::new(s3.clone(), &data).unwrap();
+        stage(&recordings, &rec, &cast);
+        // The crash: one part uploaded, the upload never completed, no `.json`.
+        s3.put_multipart(&format!("rec/{id}.cast"), &cast, None, Some(1))
+            .unwrap();
+    }
+    // An orphan: an upload nothing staged knows about.
+    let (_o, orphan, orphan_cast) = spooled(&dir.path().join("o"), 170_000);
+    s3.put_multipart(
+        &format!("rec/{}.cast", orphan.id.as_str()),
+        &orphan_cast,
+        None,
+        Some(1),
+    )
+    .unwrap();
+    assert_eq!(s3.unfinished_uploads().unwrap().len(), 2);
+    assert!(s3.info(&id).unwrap().is_none());
+
+    // Control restarts: the completer runs.
+    let recordings = Recordings::new(s3.clone(), &data).unwrap();
+    assert_eq!(recordings.complete_leftovers(), (1, 1));
+    let info = s3
+        .info(&id)
+        .unwrap()
+        .expect("the interrupted upload was finished");
+    let bytes = std::fs::read(&cast).unwrap();
+    assert_eq!(info.size, bytes.len() as u64);
+    let mut got = Vec::new();
+    while (got.len() as u64) < info.size {
+        got.extend(s3.read(&id, got.len() as u64, 4 << 20).unwrap());
+    }
+    assert!(
+        got == bytes,
+        "the finished upload differs from the recording"
+    );
+    assert!(s3.unfinished_uploads().unwrap().is_empty());
+    assert!(s3.info(orphan.id.as_str()).unwrap().is_none());
+    assert!(!recordings.staged_part(&id).exists());
+}
