@@ -123,6 +123,12 @@ pub struct UserInfo {
     pub traits: BTreeMap<String, Vec<String>>,
     pub created: u64,
     pub otp_enrolled: bool,
+    /// The user resource's `metadata.description` and `metadata.labels`, so that `jaunt get
+    /// users --format yaml` prints what `jaunt create -f` reads back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `POST /v1/tokens`.

@@ -357,6 +357,29 @@ enum UsersCommand {
         #[command(flatten)]
         format: FormatArg,
     },
+    /// Change a user's roles and traits; what is not given stays as it is. A list flag given
+    /// replaces that trait (`--logins ''` clears it). Passwords: `jaunt users reset`.
+    Update {
+        name: String,
+        /// Roles, comma-separated (replace the user's roles).
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
+        /// OS logins the user may use (the `logins` trait), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        logins: Option<Vec<String>>,
+        /// Database users (the `db_users` trait), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        db_users: Option<Vec<String>>,
+        /// Database names (the `db_names` trait), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        db_names: Option<Vec<String>>,
+        /// Any trait, as NAME=VALUE[,VALUE...] (repeatable; `NAME=` clears it), for roles'
+        /// `{{external.NAME}}` and `{{internal.NAME}}`.
+        #[arg(long = "trait", value_name = "NAME=VALUES")]
+        traits: Vec<String>,
+        #[command(flatten)]
+        format: FormatArg,
+    },
     /// Remove a user.
     Rm { name: String },
     /// List users.
@@ -1265,6 +1288,79 @@ fn users(client: &Client, cmd: UsersCommand) -> anyhow::Result<()> {
             let creds: UserCredentials = client.post_json("/v1/users", &req)?;
             print_credentials(client, &creds, format.format, "created")
         }
+        UsersCommand::Update {
+            name,
+            roles,
+            logins,
+            db_users,
+            db_names,
+            traits,
+            format,
+        } => {
+            let mut changes: Vec<(String, Vec<String>)> = Vec::new();
+            for (key, values) in [
+                ("logins", logins),
+                ("db_users", db_users),
+                ("db_names", db_names),
+            ] {
+                if let Some(values) = values {
+                    changes.push((key.to_string(), values));
+                }
+            }
+            for item in &traits {
+                let Some((key, values)) = item.split_once('=') else {
+                    bail!("--trait {item:?}: expected NAME=VALUE[,VALUE...]");
+                };
+                if key.trim().is_empty() {
+                    bail!("--trait {item:?}: the trait has no name");
+                }
+                changes.push((
+                    key.trim().to_string(),
+                    values.split(',').map(str::to_string).collect(),
+                ));
+            }
+            if roles.is_none() && changes.is_empty() {
+                bail!("say what to change: --roles, --logins, --db-users, --db-names or --trait");
+            }
+            let users: Vec<UserInfo> = client.get_json("/v1/users")?;
+            let Some(info) = users.into_iter().find(|u| u.name == name) else {
+                bail!("there is no user {name:?} (see `jaunt users ls`; add one with `jaunt users add`)");
+            };
+            let mut user = user_resource(info);
+            if let Some(roles) = roles {
+                let roles: Vec<String> =
+                    roles.into_iter().filter(|r| !r.trim().is_empty()).collect();
+                if roles.is_empty() {
+                    bail!("--roles: a user needs at least one role");
+                }
+                user.spec.roles = roles;
+            }
+            for (key, values) in changes {
+                let values: Vec<String> = values
+                    .into_iter()
+                    .map(|v| v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                if values.is_empty() {
+                    user.spec.traits.remove(&key);
+                } else {
+                    user.spec.traits.insert(key, values);
+                }
+            }
+            client.post_json::<_, serde_json::Value>(
+                "/v1/resources",
+                &Resource::User(user.clone()),
+            )?;
+            if format.format != Format::Text {
+                return print_structured(&user, format.format);
+            }
+            println!("User {name} updated: roles {}.", user.spec.roles.join(","));
+            for (key, values) in &user.spec.traits {
+                println!("  {key}: {}", values.join(","));
+            }
+            println!("Changes apply from the user's next `jaunt login`.");
+            Ok(())
+        }
         UsersCommand::Rm { name } => {
             client.delete(&format!("/v1/users/{}", encode(&name)))?;
             println!("User {name} removed.");
@@ -1546,7 +1642,31 @@ fn get(client: &Client, kind: &str, format: Format) -> anyhow::Result<()> {
                 }
             }
         }
+        // YAML is resource documents, as `jaunt create -f` reads them.
+        "user" if format == Format::Yaml => {
+            let users: Vec<UserInfo> = client.get_json("/v1/users")?;
+            let docs: Vec<Resource> = users
+                .into_iter()
+                .map(|u| Resource::User(user_resource(u)))
+                .collect();
+            print!("{}", jaunt_config::resource::to_yaml(&docs)?);
+            Ok(())
+        }
         "user" => users(client, UsersCommand::Ls(FormatArg { format })),
+        // Tokens are stored hashed: the secret cannot be printed, so each document has no
+        // name and `create -f` makes a new token with the same types, use and remaining TTL.
+        "token" if format == Format::Yaml => {
+            let tokens: Vec<TokenInfo> = client.get_json("/v1/tokens")?;
+            let now = unix_now();
+            println!(
+                "# Tokens are stored hashed, so their secrets are not here: `jaunt create -f` of this \
+                 file makes NEW tokens\n# with the same types, single use and remaining TTL."
+            );
+            for token in &tokens {
+                print!("{}", token_document(token, now));
+            }
+            Ok(())
+        }
         "token" => tokens(client, TokensCommand::Ls(FormatArg { format })),
         "lock" => {
             let locks: Vec<jaunt_config::resource::Lock> = client.get_json("/v1/locks")?;
@@ -1580,6 +1700,39 @@ fn get(client: &Client, kind: &str, format: Format) -> anyhow::Result<()> {
             bail!("unknown kind {kind:?}: expected roles, users, tokens, locks, nodes, apps or dbs")
         }
     }
+}
+
+/// A listed user as the resource `jaunt create -f` reads.
+fn user_resource(info: UserInfo) -> jaunt_config::resource::User {
+    use jaunt_config::resource::{Metadata, User, UserSpec};
+    let mut metadata = Metadata::named(info.name);
+    metadata.description = info.description;
+    metadata.labels = info.labels;
+    User {
+        metadata,
+        spec: UserSpec {
+            roles: info.roles,
+            traits: info.traits,
+        },
+    }
+}
+
+/// A listed token as a `kind: token` document without its secret (no `metadata.name`, so
+/// `jaunt create -f` generates one); see `jaunt get tokens --format yaml`.
+fn token_document(info: &TokenInfo, now: u64) -> String {
+    let types: Vec<String> = info
+        .types
+        .iter()
+        .map(|t| serde_json::Value::from(t.as_str()).to_string())
+        .collect();
+    format!(
+        "---\n# token {id}\nkind: token\nversion: v1\nmetadata: {{}}\nspec:\n  types: [{types}]\n  \
+         ttl: {ttl}s\n  single_use: {single}\n",
+        id = info.id,
+        types = types.join(", "),
+        ttl = info.expires.saturating_sub(now).max(60),
+        single = info.single_use,
+    )
 }
 
 /// Connected resources of one kind (`node`, `app` (web and TCP apps), `db`) as a table or JSON.

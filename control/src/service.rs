@@ -756,6 +756,8 @@ impl Control {
                     traits: u.spec.traits.clone(),
                     created: s.created,
                     otp_enrolled: s.otp_secret.is_some(),
+                    description: u.metadata.description.clone(),
+                    labels: u.metadata.labels.clone(),
                 })
             })
             .collect();
