@@ -85,6 +85,21 @@ enum Command {
     /// Live sessions: list them, or end one (roles need the `session` rule: `list`, `delete`).
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// Session recordings stored by control (roles need the `recording` rule: `list`).
+    #[command(subcommand)]
+    Recordings(RecordingsCommand),
+    /// Replay a session recording in the terminal (roles need the `recording` rule: `read`).
+    Play {
+        /// The recording id, as `jaunt recordings ls` shows it.
+        id: String,
+        /// Replay speed: 2 is twice as fast; 0 prints everything at once (as does a stdout
+        /// that is not a terminal).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// text: the terminal output, replayed; cast: the asciicast v2 file; json: the events.
+        #[arg(long, value_enum, default_value_t = PlayFormatArg::Text)]
+        format: PlayFormatArg,
+    },
     /// List the nodes, apps and databases you can reach (`jaunt ls nodes env=prod`).
     Ls {
         /// nodes, apps or dbs (default: all); or a first KEY=VALUE label filter.
@@ -318,6 +333,31 @@ enum SessionsCommand {
         /// The session id, as `jaunt sessions ls` shows it.
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecordingsCommand {
+    /// List recordings: id, session, user, login, node, kind, start, duration, size.
+    Ls {
+        /// Only this user's recordings.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only recordings on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only recordings started within this long, e.g. 24h.
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PlayFormatArg {
+    Text,
+    Cast,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -646,6 +686,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sessions(c) => {
             sessions(&admin_client(data_dir.as_deref())?, c).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Recordings(c) => {
+            recordings(&admin_client(data_dir.as_deref())?, c).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Play { id, speed, format } => {
+            use std::io::IsTerminal as _;
+            let format = match format {
+                PlayFormatArg::Text => crate::recordings::cmd::PlayFormat::Text,
+                PlayFormatArg::Cast => crate::recordings::cmd::PlayFormat::Cast,
+                PlayFormatArg::Json => crate::recordings::cmd::PlayFormat::Json,
+            };
+            let stdout = std::io::stdout();
+            let tty = stdout.is_terminal();
+            crate::recordings::cmd::play(
+                &admin_client(data_dir.as_deref())?,
+                &id,
+                format,
+                speed,
+                &mut stdout.lock(),
+                tty,
+            )
+            .map(|()| ExitCode::SUCCESS)
         }
         Command::Tokens(c) => {
             tokens(&admin_client(data_dir.as_deref())?, c).map(|()| ExitCode::SUCCESS)
@@ -1564,6 +1626,68 @@ fn create(client: &Client, file: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `jaunt recordings ls`.
+fn recordings(client: &Client, cmd: RecordingsCommand) -> anyhow::Result<()> {
+    let RecordingsCommand::Ls {
+        user,
+        node,
+        since,
+        format,
+    } = cmd;
+    let mut query = Vec::new();
+    if let Some(u) = &user {
+        query.push(format!("user={}", url_path_segment(u)));
+    }
+    if let Some(n) = &node {
+        query.push(format!("node={}", url_path_segment(n)));
+    }
+    if let Some(s) = &since {
+        let secs = parse_duration_secs(s).context("--since")?;
+        query.push(format!("since={}", unix_now().saturating_sub(secs)));
+    }
+    let path = if query.is_empty() {
+        "/v1/recordings".to_string()
+    } else {
+        format!("/v1/recordings?{}", query.join("&"))
+    };
+    let list: Vec<crate::recordings::RecordingInfo> = client.get_json(&path)?;
+    if format.format != Format::Text {
+        return print_structured(&list, format.format);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.session_id.clone(),
+                r.user.clone(),
+                r.login.clone(),
+                r.node.clone(),
+                match (&r.command, r.kind.as_str()) {
+                    (Some(c), k) => format!("{k}: {c}"),
+                    (None, k) => k.to_string(),
+                },
+                crate::audit::rfc3339(r.started),
+                r.ended
+                    .map(|e| human_duration(e.saturating_sub(r.started)))
+                    .unwrap_or_default(),
+                format!(
+                    "{}{}",
+                    r.size,
+                    if r.interrupted { " (interrupted)" } else { "" }
+                ),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID", "SESSION", "USER", "LOGIN", "NODE", "KIND", "STARTED", "DURATION", "BYTES",
+        ],
+        &rows,
+    );
     Ok(())
 }
 

@@ -118,6 +118,67 @@ fn the_agent_uploads_spooled_recordings_to_control_and_empties_its_spool() {
         uploads.iter().any(|e| e["recording_id"] == big.as_str()),
         "{uploads:?}"
     );
+
+    // `jaunt recordings ls`, with filters and formats.
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(c.admin(&["recordings", "ls", "--format", "json"], None)))
+            .unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let text = ok(c.admin(&["recordings", "ls", "--user", "bob"], None));
+    assert!(text.contains(&cut_id) && !text.contains(&big), "{text}");
+    assert!(text.contains("(interrupted)"), "{text}");
+    let yaml = ok(c.admin(
+        &["recordings", "ls", "--since", "1h", "--format", "yaml"],
+        None,
+    ));
+    assert!(yaml.contains(&big), "{yaml}");
+
+    // `jaunt play`: not a terminal, so at once; the cast file as stored; the events as JSON.
+    let played = ok(c.admin(&["play", &big], None));
+    assert!(
+        played.contains("line 11999 of session s-big"),
+        "{}",
+        played.len()
+    );
+    assert!(!played.contains("[0."), "only the output is printed");
+    let cast = c.admin(&["play", &big, "--format", "cast"], None);
+    assert!(cast.status.success());
+    assert!(
+        cast.stdout == big_bytes,
+        "--format cast writes the file as stored"
+    );
+    let events: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(c.admin(&["play", &cut_id, "--format", "json"], None))).unwrap();
+    assert_eq!(events[0]["code"], "o");
+    assert_eq!(events[0]["data"], "half a session");
+    let missing = fails(c.admin(&["play", "0123456789abcdef"], None));
+    assert!(missing.contains("no recording"), "{missing}");
+
+    // Reading recordings is a role rule: the built-in access role has none.
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "carol",
+            "--roles",
+            "access",
+            "--logins",
+            "root",
+            "--password-stdin",
+        ],
+        Some("correct horse battery\n"),
+    ));
+    ok(c.login("carol", "correct horse battery", &[]));
+    let denied = fails(c.run(&["recordings", "ls"], None));
+    assert!(
+        denied.contains("allows list on recording"),
+        "a clear refusal: {denied}"
+    );
+    let denied = fails(c.run(&["play", &big], None));
+    assert!(
+        denied.contains("allows read on recording"),
+        "a clear refusal: {denied}"
+    );
 }
 
 // ---- S3 against moto ----
