@@ -147,6 +147,9 @@ pub struct Config {
     pub agent: Option<AgentConfig>,
     /// Where control keeps session recordings (`recordings:`; `file` in `data_dir` by default).
     pub recordings: RecordingsConfig,
+    /// Where control keeps cluster state and audit (`storage:`); SQLite in `data_dir` unless
+    /// set.
+    pub storage: StorageConfig,
 }
 
 /// `recordings:`: the recordings storage backend.
@@ -175,6 +178,19 @@ pub struct S3Config {
     pub credentials_file: Option<PathBuf>,
     /// Key prefix of every object (e.g. `recordings/`).
     pub prefix: String,
+}
+
+/// `storage:`: the cluster store's backend.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StorageConfig {
+    /// `jaunt.db` in `data_dir` (the default; one control host).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by every control host (`type: postgres`). The password,
+    /// if the string has one, never shows in `Debug`.
+    Postgres {
+        conn_string: crate::pgconn::ConnInfo,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,6 +397,7 @@ impl Config {
             audit: AuditConfig::default(),
             agent: None,
             recordings: RecordingsConfig::File,
+            storage: StorageConfig::Sqlite,
         }
     }
 }
@@ -785,6 +802,8 @@ pub struct FileConfig {
     pub agent: Option<FileAgent>,
     #[serde(default, deserialize_with = "present")]
     pub recordings: Option<FileRecordings>,
+    #[serde(default, deserialize_with = "present")]
+    pub storage: Option<FileStorage>,
 }
 
 /// `recordings:` as written.
@@ -800,6 +819,25 @@ pub struct FileRecordings {
     pub path_style: Option<bool>,
     pub credentials_file: Option<PathBuf>,
     pub prefix: Option<String>,
+}
+
+/// `storage:` as written.
+#[derive(Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStorage {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub conn_string: Option<String>,
+}
+
+impl fmt::Debug for FileStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connection string may carry a password.
+        f.debug_struct("FileStorage")
+            .field("kind", &self.kind)
+            .field("conn_string", &self.conn_string.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -985,6 +1023,7 @@ fn validate(file: FileConfig, hostname: fn() -> Option<String>) -> Result<Config
         None => None,
     };
     let recordings = validate_recordings(file.recordings.unwrap_or_default())?;
+    let storage = validate_storage(file.storage)?;
     Ok(Config {
         cluster_name: file.cluster_name,
         data_dir,
@@ -994,6 +1033,7 @@ fn validate(file: FileConfig, hostname: fn() -> Option<String>) -> Result<Config
         audit,
         agent,
         recordings,
+        storage,
     })
 }
 
@@ -1085,6 +1125,39 @@ fn validate_recordings(file: FileRecordings) -> Result<RecordingsConfig, Invalid
         other => Err(Invalid::new(
             "recordings.type",
             format!("unknown recordings storage {other:?} (expected file or s3)"),
+        )),
+    }
+}
+
+fn validate_storage(file: Option<FileStorage>) -> Result<StorageConfig, Invalid> {
+    let Some(file) = file else {
+        return Ok(StorageConfig::Sqlite);
+    };
+    match file.kind.as_deref() {
+        None | Some("sqlite") => {
+            if file.conn_string.is_some() {
+                return Err(Invalid::new(
+                    "storage.conn_string",
+                    "only for type: postgres (sqlite keeps jaunt.db in data_dir)",
+                ));
+            }
+            Ok(StorageConfig::Sqlite)
+        }
+        Some("postgres") => {
+            let text = file.conn_string.ok_or_else(|| {
+                Invalid::new(
+                    "storage.conn_string",
+                    "required for type: postgres, such as \
+                     postgres://jaunt@db.example.com:5432/jaunt?sslmode=verify-full",
+                )
+            })?;
+            let conn_string = crate::pgconn::parse(&text)
+                .map_err(|why| Invalid::new("storage.conn_string", why))?;
+            Ok(StorageConfig::Postgres { conn_string })
+        }
+        Some(other) => Err(Invalid::new(
+            "storage.type",
+            format!("unknown storage type {other:?} (expected sqlite or postgres)"),
         )),
     }
 }
@@ -1609,6 +1682,37 @@ mod tests {
         parse_with_hostname("jaunt.yaml", text, node1)
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn storage_section_selects_the_backend() {
+        let base =
+            "cluster_name: example.com\ncontrol:\nengine:\n  public_addr: p.example.com:443\n";
+        assert_eq!(config(base).storage, StorageConfig::Sqlite);
+        let pg = config(&format!(
+            "{base}storage:\n  type: postgres\n  conn_string: postgres://jaunt:SECRET@db.example.com:5432/jaunt?sslmode=verify-full\n"
+        ));
+        let StorageConfig::Postgres { conn_string } = &pg.storage else {
+            panic!("expected postgres: {pg:?}");
+        };
+        assert_eq!(conn_string.get("host"), Some("db.example.com"));
+        assert!(!format!("{pg:?}").contains("SECRET"));
+        assert_eq!(
+            error(&format!("{base}storage:\n  type: etcd\n")),
+            "jaunt.yaml:6:3: storage.type: unknown storage type \"etcd\" (expected sqlite or postgres)"
+        );
+        let e = error(&format!("{base}storage:\n  type: postgres\n"));
+        assert!(
+            e.starts_with("jaunt.yaml:5:") && e.contains("storage.conn_string: required"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{base}storage:\n  type: postgres\n  conn_string: postgres://u:SECRET@h?sslmode=sure\n"
+        ));
+        assert!(
+            e.starts_with("jaunt.yaml:7:") && e.contains("sslmode") && !e.contains("SECRET"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   engine and agent call before a stream is opened or served.
 //! - [`api`]: request and response bodies of the control API.
 //! - [`duration`]: human durations (`30m`, `12h`, `1h30m`).
+//! - [`pgconn`]: PostgreSQL connection strings (URI and keyword forms), password redacted.
 //!
 //! No I/O beyond reading a file, no runtime.
 
@@ -16,6 +17,7 @@ pub mod api;
 pub mod duration;
 pub mod file;
 pub mod identity;
+pub mod pgconn;
 pub mod rbac;
 pub mod resource;
 pub mod yaml;

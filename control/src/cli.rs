@@ -849,6 +849,7 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             audit_file: None,
             audit_retention: jaunt_config::file::DEFAULT_AUDIT_RETENTION.as_std(),
             recordings: jaunt_config::file::RecordingsConfig::File,
+            storage: jaunt_config::file::StorageConfig::Sqlite,
         }
     } else {
         let Some(path) = args.config else {
@@ -902,6 +903,7 @@ fn daemon_config_from_file(
         audit_file: config.audit.file.clone(),
         audit_retention: config.audit.retention.as_std(),
         recordings: config.recordings.clone(),
+        storage: config.storage.clone(),
         cluster: control.cluster_name.clone(),
         data_dir: data_dir.unwrap_or_else(|| config.data_dir.clone()),
         public_addr: engine.public_addr.to_string(),

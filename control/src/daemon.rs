@@ -55,6 +55,8 @@ pub struct DaemonConfig {
     pub audit_retention: Duration,
     /// `recordings:`: where session recordings are stored.
     pub recordings: jaunt_config::file::RecordingsConfig,
+    /// `storage:`: SQLite in `data_dir` (the default) or a shared PostgreSQL.
+    pub storage: jaunt_config::file::StorageConfig,
 }
 
 /// The engine's part of the daemon config.
@@ -109,10 +111,13 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             "engine.listen_addr"
         },
     )?;
-    let store = Arc::new(
-        Store::open(&cfg.data_dir.join("jaunt.db"))
+    let store = Arc::new(match &cfg.storage {
+        jaunt_config::file::StorageConfig::Sqlite => Store::open(&cfg.data_dir.join("jaunt.db"))
             .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
-    );
+        postgres => Store::from_config(postgres, &cfg.data_dir)
+            .context("storage (type: postgres): opening the store")?,
+    });
+    tracing::info!(backend = store.backend().kind(), "store open");
     let control_listener = bind(&cfg.control_listen, "control.listen_addr")?;
     let control_bound = control_listener.local_addr()?;
     // With port 0 the engine picks the port; the advertised address is fixed up once it has.
@@ -228,6 +233,18 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded(16);
     control.set_snapshot_sender(snapshot_tx);
     control.publish_snapshot();
+    // A shared store: other controls' changes arrive through its revision, polled.
+    let (feed_stop, feed_stopped) = crossbeam_channel::bounded::<()>(0);
+    let feed = if store.is_shared() {
+        let control = control.clone();
+        Some(
+            std::thread::Builder::new()
+                .name("store-feed".into())
+                .spawn(move || run_change_feed(&control, &feed_stopped))?,
+        )
+    } else {
+        None
+    };
     let engine = jaunt_engine::server::Engine::start(engine_config, engine_tls, snapshot_rx)
         .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     control.set_engine_sessions(engine.sessions());
@@ -275,9 +292,42 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     if pruner.join().is_err() {
         tracing::warn!("the audit retention thread panicked");
     }
+    drop(feed_stop);
+    if feed.is_some_and(|f| f.join().is_err()) {
+        tracing::warn!("the store change feed thread panicked");
+    }
     control_server.shutdown();
     println!("jaunt stopped");
     Ok(())
+}
+
+/// How often a control polls a shared store's revision: a change made through another control
+/// is in force here within this period plus one snapshot build.
+pub const CHANGE_FEED_PERIOD: Duration = Duration::from_millis(200);
+
+/// Polls the shared store's revision until `stop` closes; publishes a snapshot whenever it
+/// moved. A failing poll (the database restarting) is logged once per outage and retried.
+fn run_change_feed(control: &Control, stop: &crossbeam_channel::Receiver<()>) {
+    let mut failing = false;
+    loop {
+        match stop.recv_timeout(CHANGE_FEED_PERIOD) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        match control.store.poll_changes() {
+            Ok(true) => {
+                failing = false;
+                control.publish_snapshot();
+            }
+            Ok(false) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "store change feed: cannot read the revision; retrying");
+                }
+                failing = true;
+            }
+        }
+    }
 }
 
 /// How long SIGTERM lets live sessions finish before cutting them.

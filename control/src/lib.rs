@@ -1,6 +1,7 @@
 //! Jaunt's control plane: the slow path, and the `jaunt` binary's library.
 //!
-//! - [`store`]: SQLite (WAL, migrations) — users, roles, tokens, locks, CAs, hosts, audit.
+//! - [`store`]: the store interface, SQLite (default) and PostgreSQL (shared by several
+//!   controls) — users, roles, tokens, locks, CAs, hosts, audit.
 //! - [`ca`]: the user, host and database certificate authorities (X.509 + SSH).
 //! - [`auth`]: password hashing, TOTP, the failed-login limiter.
 //! - [`rbac`]: what a role grants at login and for admin verbs.

@@ -1,77 +1,30 @@
-//! The cluster store: SQLite through rusqlite, in WAL mode, one transaction per change.
+//! The cluster store: a [`Backend`] interface with two implementations, and the [`Store`]
+//! facade the rest of control calls.
 //!
 //! What lives here: CA keys, users (argon2id hashes, TOTP secrets), roles, join tokens (SHA-256
 //! hashes only), locks, joined hosts, registered resources and the audit log. What does not:
 //! any policy — callers decide, the store keeps.
 //!
-//! Crash safety: WAL with `synchronous=NORMAL` keeps every committed transaction across a
-//! `kill -9` of the process (the WAL is in the OS page cache; only a power loss can lose the
-//! last commits, never corrupt the file). Migrations are numbered, applied in order, each in its
-//! own transaction together with the `user_version` bump, so a crash mid-migration leaves the
-//! previous version intact.
+//! - `sqlite.rs`: the default, `jaunt.db` in the data dir (one control host, the dev cluster).
+//! - `postgres.rs`: a PostgreSQL database shared by several control hosts (`storage: {type:
+//!   postgres, conn_string: ...}`), with its own numbered migrations and a revision counter
+//!   that other controls poll (the change feed).
+//! - `pg.rs`: the blocking PostgreSQL client `postgres.rs` uses (no tokio; see ARCHITECTURE.md).
 //!
-//! The method set is the boundary a server-based store (etcd) will implement too; nothing
-//! outside this file sees SQL.
+//! The facade keeps the change count ([`Store::changes`]): every committed change to users,
+//! roles, tokens, locks or CAs moves it, whichever backend; with a shared backend
+//! [`Store::poll_changes`] moves it for other hosts' changes too. Nothing outside `store/`
+//! sees SQL.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
+pub mod pg;
+pub mod postgres;
+pub mod sqlite;
 
-/// Numbered migrations; index + 1 is the schema version they produce.
-const MIGRATIONS: &[&str] = &[
-    // 1: initial schema.
-    "CREATE TABLE cas (
-        name TEXT PRIMARY KEY,
-        x509_key_pem TEXT NOT NULL,
-        x509_cert_pem TEXT NOT NULL,
-        ssh_key TEXT NOT NULL,
-        created INTEGER NOT NULL
-     );
-     CREATE TABLE keys (name TEXT PRIMARY KEY, pem TEXT NOT NULL, created INTEGER NOT NULL);
-     CREATE TABLE users (
-        name TEXT PRIMARY KEY,
-        spec TEXT NOT NULL,
-        password_hash TEXT NOT NULL,
-        otp_secret TEXT,
-        created INTEGER NOT NULL
-     );
-     CREATE TABLE roles (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated INTEGER NOT NULL);
-     CREATE TABLE tokens (
-        hash TEXT PRIMARY KEY,
-        types TEXT NOT NULL,
-        expires INTEGER NOT NULL,
-        single_use INTEGER NOT NULL,
-        created INTEGER NOT NULL
-     );
-     CREATE TABLE locks (id TEXT PRIMARY KEY, spec TEXT NOT NULL, expires INTEGER, created INTEGER NOT NULL);
-     CREATE TABLE hosts (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        types TEXT NOT NULL,
-        joined INTEGER NOT NULL,
-        last_seen INTEGER NOT NULL
-     );
-     CREATE TABLE resources (
-        kind TEXT NOT NULL,
-        name TEXT NOT NULL,
-        host_id TEXT,
-        spec TEXT NOT NULL,
-        updated INTEGER NOT NULL,
-        PRIMARY KEY (kind, name)
-     );
-     CREATE TABLE audit (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        time INTEGER NOT NULL,
-        code TEXT NOT NULL,
-        type TEXT NOT NULL,
-        user TEXT,
-        event TEXT NOT NULL
-     );
-     CREATE INDEX audit_time ON audit (time);
-     CREATE INDEX audit_type_time ON audit (type, time);",
-];
+pub use postgres::Postgres;
+pub use sqlite::Sqlite;
 
 /// A store failure; the message names what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +37,8 @@ pub enum StoreError {
     TooNew { found: i64, known: i64 },
     #[error("store: lock poisoned by a panic in another thread")]
     Poisoned,
+    #[error("store: {0}")]
+    Postgres(#[from] pg::PgError),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -165,723 +120,247 @@ pub enum TokenCheck {
     Unknown,
 }
 
-/// The SQLite store. One connection behind a mutex: the control plane is the slow path and
-/// SQLite serializes writers anyway.
+/// What every backend stores and answers. Methods that change users, roles, tokens, locks or
+/// CAs are counted by the [`Store`] facade, not here.
+pub trait Backend: Send + Sync {
+    /// "sqlite" or "postgres" (status output and logs).
+    fn kind(&self) -> &'static str;
+
+    /// Schema version (number of applied migrations).
+    fn schema_version(&self) -> Result<i64>;
+
+    /// "ok" for a healthy store (SQLite's `PRAGMA integrity_check`).
+    fn integrity_check(&self) -> Result<String>;
+
+    /// The shared change counter: moves on every committed change to users, roles, tokens,
+    /// locks or CAs by any host. A store only one process writes answers 0.
+    fn revision(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    fn get_ca(&self, name: &str) -> Result<Option<StoredCa>>;
+
+    /// Inserts a CA unless one of that name exists; returns the one that is stored afterwards,
+    /// so two processes racing at first start agree on one CA.
+    fn insert_ca_if_absent(&self, ca: &StoredCa, now: u64) -> Result<StoredCa>;
+
+    /// A named private key (e.g. the JWT signing key), inserted if absent; returns the stored
+    /// one.
+    fn key_or_insert(&self, name: &str, pem: &str, now: u64) -> Result<String>;
+
+    /// Inserts a user; false if the name is taken.
+    fn insert_user(&self, u: &StoredUser) -> Result<bool>;
+
+    /// Replaces a user's spec (roles, traits); false if absent.
+    fn update_user_spec(&self, name: &str, spec: &str) -> Result<bool>;
+
+    /// Replaces a user's credentials; false if absent.
+    fn set_user_credentials(
+        &self,
+        name: &str,
+        password_hash: &str,
+        otp_secret: Option<&str>,
+    ) -> Result<bool>;
+
+    fn get_user(&self, name: &str) -> Result<Option<StoredUser>>;
+
+    fn list_users(&self) -> Result<Vec<StoredUser>>;
+
+    fn delete_user(&self, name: &str) -> Result<bool>;
+
+    fn put_role(&self, name: &str, spec: &str, now: u64) -> Result<()>;
+
+    /// Inserts a role only if absent (built-in roles at first start must not undo edits).
+    fn insert_role_if_absent(&self, name: &str, spec: &str, now: u64) -> Result<bool>;
+
+    fn get_role(&self, name: &str) -> Result<Option<String>>;
+
+    /// All roles as (name, spec).
+    fn list_roles(&self) -> Result<Vec<(String, String)>>;
+
+    fn delete_role(&self, name: &str) -> Result<bool>;
+
+    fn insert_token(&self, t: &StoredToken) -> Result<bool>;
+
+    /// Checks a token by hash at `now`; a valid single-use token is consumed atomically, so
+    /// two hosts racing with one single-use token cannot both join.
+    fn redeem_token(&self, hash: &str, now: u64) -> Result<TokenCheck>;
+
+    fn list_tokens(&self) -> Result<Vec<StoredToken>>;
+
+    /// Deletes tokens whose hash starts with `prefix` (a full hash or the listed id); returns
+    /// how many matched. The caller refuses ambiguous prefixes first.
+    fn delete_tokens_by_prefix(&self, prefix: &str) -> Result<usize>;
+
+    /// Drops expired tokens; returns how many.
+    fn prune_tokens(&self, now: u64) -> Result<usize>;
+
+    fn upsert_host(&self, h: &StoredHost) -> Result<()>;
+
+    fn get_host(&self, id: &str) -> Result<Option<StoredHost>>;
+
+    fn list_hosts(&self) -> Result<Vec<StoredHost>>;
+
+    fn insert_lock(&self, l: &StoredLock) -> Result<()>;
+
+    /// Locks in force at `now` (expired ones are not returned).
+    fn list_locks(&self, now: u64) -> Result<Vec<StoredLock>>;
+
+    fn delete_lock(&self, id: &str) -> Result<bool>;
+
+    /// Appends events in one transaction; returns the sequence number of the last. Once this
+    /// returns, the events survive a `kill -9` (of control; of the database server too for
+    /// PostgreSQL with its default `synchronous_commit`).
+    fn audit_append(&self, events: &[(u64, &str, &str, Option<&str>, &str)]) -> Result<i64>;
+
+    /// Removes at most `batch` of the oldest audit events with `time < before`, in one short
+    /// transaction; returns how many went. Callers loop until fewer than `batch` went, so
+    /// writers interleave with the pruning.
+    fn audit_prune(&self, before: u64, batch: usize) -> Result<usize>;
+
+    /// The store's size: (pages in use, free pages, page size).
+    fn pages(&self) -> Result<(u64, u64, u64)>;
+
+    /// Matching events, oldest first, at most `q.limit` (all when 0).
+    fn audit_search(&self, q: &AuditQuery) -> Result<Vec<StoredEvent>>;
+
+    /// One page of [`Backend::audit_search`]'s matches, newest first: at most `q.limit`
+    /// events with `seq` below `before` (all when `None`). The web UI's audit page pages with
+    /// it.
+    fn audit_page(&self, q: &AuditQuery, before: Option<i64>) -> Result<Vec<StoredEvent>>;
+}
+
+/// The store control uses: one [`Backend`] plus the change count.
 pub struct Store {
-    conn: Mutex<Connection>,
-    /// Counts committed changes to users, roles, tokens and locks: the local change feed.
+    backend: Box<dyn Backend>,
+    /// Counts committed changes to users, roles, tokens, locks and CAs: the change feed.
     /// Control compares it around each request and publishes a snapshot when it moved, so no
-    /// mutation path (deletes included) can forget to; an HA store would feed the same signal
-    /// from its own change stream.
+    /// mutation path (deletes included) can forget to; [`Store::poll_changes`] moves it for
+    /// other hosts' changes to a shared backend.
     changes: AtomicU64,
+    /// The backend's revision as last seen by [`Store::poll_changes`].
+    seen_revision: AtomicU64,
+}
+
+/// Read-only calls, passed through.
+macro_rules! pass {
+    ($($(#[$m:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        $($(#[$m])* pub fn $name(&self, $($arg: $ty),*) -> Result<$ret> {
+            self.backend.$name($($arg),*)
+        })*
+    };
+}
+
+/// Changes, passed through; the change count moves when `$changed` holds for the answer.
+macro_rules! change {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, |$out:ident| $changed:expr;)*) => {
+        $(pub fn $name(&self, $($arg: $ty),*) -> Result<$ret> {
+            let $out = self.backend.$name($($arg),*)?;
+            if $changed {
+                self.changes.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok($out)
+        })*
+    };
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `path` and brings its schema up to date.
+    /// The SQLite store at `path` (created if needed), schema brought up to date.
     pub fn open(path: &Path) -> Result<Store> {
-        let conn = Connection::open(path).map_err(|e| StoreError::Open {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Self::init(conn)
+        Ok(Store::with_backend(Box::new(Sqlite::open(path)?)))
     }
 
-    /// An in-memory store, for tests and benchmarks.
+    /// An in-memory SQLite store, for tests and benchmarks.
     pub fn memory() -> Result<Store> {
-        Self::init(Connection::open_in_memory()?)
+        Ok(Store::with_backend(Box::new(Sqlite::memory()?)))
     }
 
-    fn init(mut conn: Connection) -> Result<Store> {
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        // journal_mode answers with a row, so it goes through query_row.
-        let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        // journal_size_limit: after a checkpoint the WAL is truncated to 64 MiB if a burst made
-        // it larger (SQLite otherwise keeps the file at its largest size forever).
-        conn.execute_batch(
-            "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-             PRAGMA journal_size_limit = 67108864;",
-        )?;
-        migrate(&mut conn)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-            changes: AtomicU64::new(0),
-        })
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
-        Ok(f(&mut conn)?)
-    }
-
-    /// Like [`Store::with`] for a change to users, roles, tokens or locks: once `f` has
-    /// committed and `changed` says it touched something, [`Store::changes`] moves on.
-    fn change<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-        changed: impl FnOnce(&T) -> bool,
-    ) -> Result<T> {
-        let out = self.with(f)?;
-        if changed(&out) {
-            self.changes.fetch_add(1, Ordering::SeqCst);
+    /// The store `storage:` names: SQLite in `data_dir`, or PostgreSQL.
+    pub fn from_config(
+        storage: &jaunt_config::file::StorageConfig,
+        data_dir: &Path,
+    ) -> Result<Store> {
+        match storage {
+            jaunt_config::file::StorageConfig::Sqlite => Store::open(&data_dir.join("jaunt.db")),
+            jaunt_config::file::StorageConfig::Postgres { conn_string } => Ok(Store::with_backend(
+                Box::new(Postgres::connect(conn_string)?),
+            )),
         }
-        Ok(out)
     }
 
-    /// How many changes to users, roles, tokens and locks this store has committed since it
+    pub fn with_backend(backend: Box<dyn Backend>) -> Store {
+        let seen = backend.revision().unwrap_or(0);
+        Store {
+            backend,
+            changes: AtomicU64::new(0),
+            seen_revision: AtomicU64::new(seen),
+        }
+    }
+
+    /// The backend itself.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// True when other hosts may write the same store (PostgreSQL): then
+    /// [`Store::poll_changes`] is worth calling.
+    pub fn is_shared(&self) -> bool {
+        self.backend.kind() != "sqlite"
+    }
+
+    /// How many changes to users, roles, tokens, locks and CAs this store has seen since it
     /// was opened (see the field's doc).
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::SeqCst)
     }
 
-    /// Schema version (number of applied migrations).
-    pub fn schema_version(&self) -> Result<i64> {
-        self.with(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
-    }
-
-    /// `PRAGMA integrity_check`: "ok" for a healthy file.
-    pub fn integrity_check(&self) -> Result<String> {
-        self.with(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get(0)))
-    }
-
-    // ---- certificate authorities and keys ----
-
-    pub fn get_ca(&self, name: &str) -> Result<Option<StoredCa>> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT name, x509_key_pem, x509_cert_pem, ssh_key FROM cas WHERE name = ?1",
-                [name],
-                |r| {
-                    Ok(StoredCa {
-                        name: r.get(0)?,
-                        x509_key_pem: r.get(1)?,
-                        x509_cert_pem: r.get(2)?,
-                        ssh_key: r.get(3)?,
-                    })
-                },
-            )
-            .optional()
-        })
-    }
-
-    /// Inserts a CA unless one of that name exists; returns the one that is stored afterwards, so
-    /// two processes racing at first start agree on one CA.
-    pub fn insert_ca_if_absent(&self, ca: &StoredCa, now: u64) -> Result<StoredCa> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT OR IGNORE INTO cas (name, x509_key_pem, x509_cert_pem, ssh_key, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![ca.name, ca.x509_key_pem, ca.x509_cert_pem, ca.ssh_key, now as i64],
-            )?;
-            let stored = tx.query_row(
-                "SELECT name, x509_key_pem, x509_cert_pem, ssh_key FROM cas WHERE name = ?1",
-                [&ca.name],
-                |r| Ok(StoredCa { name: r.get(0)?, x509_key_pem: r.get(1)?, x509_cert_pem: r.get(2)?, ssh_key: r.get(3)? }),
-            )?;
-            tx.commit()?;
-            Ok(stored)
-        })
-    }
-
-    /// A named private key (e.g. the JWT signing key), inserted if absent; returns the stored one.
-    pub fn key_or_insert(&self, name: &str, pem: &str, now: u64) -> Result<String> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT OR IGNORE INTO keys (name, pem, created) VALUES (?1, ?2, ?3)",
-                params![name, pem, now as i64],
-            )?;
-            let pem: String =
-                tx.query_row("SELECT pem FROM keys WHERE name = ?1", [name], |r| r.get(0))?;
-            tx.commit()?;
-            Ok(pem)
-        })
-    }
-
-    // ---- users ----
-
-    /// Inserts a user; false if the name is taken.
-    pub fn insert_user(&self, u: &StoredUser) -> Result<bool> {
-        self.change(|c| {
-            let n = c.execute(
-                "INSERT OR IGNORE INTO users (name, spec, password_hash, otp_secret, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![u.name, u.spec, u.password_hash, u.otp_secret, u.created as i64],
-            )?;
-            Ok(n == 1)
-        }, |inserted| *inserted)
-    }
-
-    /// Replaces a user's spec (roles, traits); false if absent.
-    pub fn update_user_spec(&self, name: &str, spec: &str) -> Result<bool> {
-        self.change(
-            |c| {
-                Ok(c.execute(
-                    "UPDATE users SET spec = ?2 WHERE name = ?1",
-                    params![name, spec],
-                )? == 1)
-            },
-            |updated| *updated,
-        )
-    }
-
-    /// Replaces a user's credentials; false if absent.
-    pub fn set_user_credentials(
-        &self,
-        name: &str,
-        password_hash: &str,
-        otp_secret: Option<&str>,
-    ) -> Result<bool> {
-        self.change(
-            |c| {
-                Ok(c.execute(
-                    "UPDATE users SET password_hash = ?2, otp_secret = ?3 WHERE name = ?1",
-                    params![name, password_hash, otp_secret],
-                )? == 1)
-            },
-            |updated| *updated,
-        )
-    }
-
-    pub fn get_user(&self, name: &str) -> Result<Option<StoredUser>> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT name, spec, password_hash, otp_secret, created FROM users WHERE name = ?1",
-                [name],
-                row_user,
-            )
-            .optional()
-        })
-    }
-
-    pub fn list_users(&self) -> Result<Vec<StoredUser>> {
-        self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT name, spec, password_hash, otp_secret, created FROM users ORDER BY name",
-            )?;
-            let rows = st.query_map([], row_user)?;
-            rows.collect()
-        })
-    }
-
-    pub fn delete_user(&self, name: &str) -> Result<bool> {
-        self.change(
-            |c| Ok(c.execute("DELETE FROM users WHERE name = ?1", [name])? == 1),
-            |deleted| *deleted,
-        )
-    }
-
-    // ---- roles ----
-
-    pub fn put_role(&self, name: &str, spec: &str, now: u64) -> Result<()> {
-        self.change(
-            |c| {
-                c.execute(
-                    "INSERT INTO roles (name, spec, updated) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated = excluded.updated",
-                    params![name, spec, now as i64],
-                )?;
-                Ok(())
-            },
-            |_| true,
-        )
-    }
-
-    /// Inserts a role only if absent (built-in roles at first start must not undo edits).
-    pub fn insert_role_if_absent(&self, name: &str, spec: &str, now: u64) -> Result<bool> {
-        self.change(
-            |c| {
-                Ok(c.execute(
-                    "INSERT OR IGNORE INTO roles (name, spec, updated) VALUES (?1, ?2, ?3)",
-                    params![name, spec, now as i64],
-                )? == 1)
-            },
-            |inserted| *inserted,
-        )
-    }
-
-    pub fn get_role(&self, name: &str) -> Result<Option<String>> {
-        self.with(|c| {
-            c.query_row("SELECT spec FROM roles WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()
-        })
-    }
-
-    /// All roles as (name, spec).
-    pub fn list_roles(&self) -> Result<Vec<(String, String)>> {
-        self.with(|c| {
-            let mut st = c.prepare("SELECT name, spec FROM roles ORDER BY name")?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })
-    }
-
-    pub fn delete_role(&self, name: &str) -> Result<bool> {
-        self.change(
-            |c| Ok(c.execute("DELETE FROM roles WHERE name = ?1", [name])? == 1),
-            |deleted| *deleted,
-        )
-    }
-
-    // ---- join tokens ----
-
-    pub fn insert_token(&self, t: &StoredToken) -> Result<bool> {
-        self.change(|c| {
-            Ok(c.execute(
-                "INSERT OR IGNORE INTO tokens (hash, types, expires, single_use, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![t.hash, t.types.join(","), t.expires as i64, t.single_use, t.created as i64],
-            )? == 1)
-        }, |inserted| *inserted)
-    }
-
-    /// Checks a token by hash at `now`; a valid single-use token is consumed in the same
-    /// transaction, so two hosts racing with one single-use token cannot both join.
-    pub fn redeem_token(&self, hash: &str, now: u64) -> Result<TokenCheck> {
-        self.change(
-            |c| {
-                let tx = c.transaction()?;
-                let found = tx
-                .query_row(
-                    "SELECT hash, types, expires, single_use, created FROM tokens WHERE hash = ?1",
-                    [hash],
-                    row_token,
-                )
-                .optional()?;
-                let check = match found {
-                    None => TokenCheck::Unknown,
-                    Some(t) if t.expires <= now => TokenCheck::Expired,
-                    Some(t) => {
-                        if t.single_use {
-                            tx.execute("DELETE FROM tokens WHERE hash = ?1", [hash])?;
-                        }
-                        TokenCheck::Valid(t)
-                    }
-                };
-                tx.commit()?;
-                Ok(check)
-            },
-            |check| matches!(check, TokenCheck::Valid(t) if t.single_use),
-        )
-    }
-
-    pub fn list_tokens(&self) -> Result<Vec<StoredToken>> {
-        self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT hash, types, expires, single_use, created FROM tokens ORDER BY created",
-            )?;
-            let rows = st.query_map([], row_token)?;
-            rows.collect()
-        })
-    }
-
-    /// Deletes tokens whose hash starts with `prefix` (a full hash or the listed id); returns how
-    /// many matched. The caller refuses ambiguous prefixes first.
-    pub fn delete_tokens_by_prefix(&self, prefix: &str) -> Result<usize> {
-        self.change(
-            |c| {
-                Ok(c.execute(
-                    "DELETE FROM tokens WHERE substr(hash, 1, length(?1)) = ?1",
-                    [prefix],
-                )?)
-            },
-            |n| *n > 0,
-        )
-    }
-
-    /// Drops expired tokens; returns how many.
-    pub fn prune_tokens(&self, now: u64) -> Result<usize> {
-        self.change(
-            |c| Ok(c.execute("DELETE FROM tokens WHERE expires <= ?1", [now as i64])?),
-            |n| *n > 0,
-        )
-    }
-
-    // ---- hosts ----
-
-    pub fn upsert_host(&self, h: &StoredHost) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO hosts (id, name, types, joined, last_seen) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, types = excluded.types, last_seen = excluded.last_seen",
-                params![h.id, h.name, h.types.join(","), h.joined as i64, h.last_seen as i64],
-            )?;
-            Ok(())
-        })
-    }
-
-    pub fn get_host(&self, id: &str) -> Result<Option<StoredHost>> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT id, name, types, joined, last_seen FROM hosts WHERE id = ?1",
-                [id],
-                row_host,
-            )
-            .optional()
-        })
-    }
-
-    pub fn list_hosts(&self) -> Result<Vec<StoredHost>> {
-        self.with(|c| {
-            let mut st =
-                c.prepare("SELECT id, name, types, joined, last_seen FROM hosts ORDER BY name")?;
-            let rows = st.query_map([], row_host)?;
-            rows.collect()
-        })
-    }
-
-    // ---- locks ----
-
-    pub fn insert_lock(&self, l: &StoredLock) -> Result<()> {
-        self.change(
-            |c| {
-                c.execute(
-                    "INSERT INTO locks (id, spec, expires, created) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET spec = excluded.spec, expires = excluded.expires",
-                    params![l.id, l.spec, l.expires.map(|e| e as i64), l.created as i64],
-                )?;
-                Ok(())
-            },
-            |_| true,
-        )
-    }
-
-    /// Locks in force at `now` (expired ones are not returned).
-    pub fn list_locks(&self, now: u64) -> Result<Vec<StoredLock>> {
-        self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT id, spec, expires, created FROM locks WHERE expires IS NULL OR expires > ?1 ORDER BY created",
-            )?;
-            let rows = st.query_map([now as i64], |r| {
-                Ok(StoredLock {
-                    id: r.get(0)?,
-                    spec: r.get(1)?,
-                    expires: r.get::<_, Option<i64>>(2)?.map(|e| e.max(0) as u64),
-                    created: r.get::<_, i64>(3)?.max(0) as u64,
-                })
-            })?;
-            rows.collect()
-        })
-    }
-
-    pub fn delete_lock(&self, id: &str) -> Result<bool> {
-        self.change(
-            |c| Ok(c.execute("DELETE FROM locks WHERE id = ?1", [id])? == 1),
-            |deleted| *deleted,
-        )
-    }
-
-    // ---- audit ----
-
-    /// Appends events in one transaction; returns the sequence number of the last. Once this
-    /// returns, the events survive a `kill -9`.
-    pub fn audit_append(&self, events: &[(u64, &str, &str, Option<&str>, &str)]) -> Result<i64> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut st = tx.prepare_cached(
-                    "INSERT INTO audit (time, code, type, user, event) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for (time, code, ty, user, event) in events {
-                    st.execute(params![*time as i64, code, ty, user, event])?;
-                }
-            }
-            let last = tx.last_insert_rowid();
-            tx.commit()?;
-            Ok(last)
-        })
-    }
-
-    /// Removes at most `batch` of the oldest audit events with `time < before`, in one short
-    /// transaction; returns how many went. Callers loop until fewer than `batch` went, so the
-    /// store's lock is held for one batch at a time and writers interleave.
-    pub fn audit_prune(&self, before: u64, batch: usize) -> Result<usize> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let n = tx.execute(
-                "DELETE FROM audit WHERE seq IN
-                   (SELECT seq FROM audit WHERE time < ?1 ORDER BY time LIMIT ?2)",
-                params![before as i64, batch as i64],
-            )?;
-            tx.commit()?;
-            Ok(n)
-        })
-    }
-
-    /// The store's size: (pages in use, free pages, page size).
-    pub fn pages(&self) -> Result<(u64, u64, u64)> {
-        self.with(|c| {
-            let count: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-            let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-            Ok((
-                (count - free).max(0) as u64,
-                free.max(0) as u64,
-                size.max(0) as u64,
-            ))
-        })
-    }
-
-    pub fn audit_search(&self, q: &AuditQuery) -> Result<Vec<StoredEvent>> {
-        self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT seq, time, code, type, user, event FROM audit
-                 WHERE (?1 IS NULL OR time >= ?1) AND (?2 IS NULL OR time <= ?2)
-                   AND (?3 IS NULL OR type = ?3 OR type LIKE ?3 || '.%') AND (?4 IS NULL OR user = ?4)
-                 ORDER BY seq LIMIT ?5",
-            )?;
-            let limit = if q.limit == 0 { i64::MAX } else { q.limit as i64 };
-            let rows = st.query_map(
-                params![q.since.map(|v| v as i64), q.until.map(|v| v as i64), q.r#type, q.user, limit],
-                |r| {
-                    Ok(StoredEvent {
-                        seq: r.get(0)?,
-                        time: r.get::<_, i64>(1)?.max(0) as u64,
-                        code: r.get(2)?,
-                        r#type: r.get(3)?,
-                        user: r.get(4)?,
-                        event: r.get(5)?,
-                    })
-                },
-            )?;
-            rows.collect()
-        })
-    }
-
-    /// One page of [`Store::audit_search`]'s matches, newest first: at most `q.limit` events
-    /// with `seq` below `before` (all when `None`). The web UI's audit page pages with it.
-    pub fn audit_page(&self, q: &AuditQuery, before: Option<i64>) -> Result<Vec<StoredEvent>> {
-        self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT seq, time, code, type, user, event FROM audit
-                 WHERE (?1 IS NULL OR time >= ?1) AND (?2 IS NULL OR time <= ?2)
-                   AND (?3 IS NULL OR type = ?3 OR type LIKE ?3 || '.%') AND (?4 IS NULL OR user = ?4)
-                   AND (?5 IS NULL OR seq < ?5)
-                 ORDER BY seq DESC LIMIT ?6",
-            )?;
-            let limit = if q.limit == 0 { i64::MAX } else { q.limit as i64 };
-            let rows = st.query_map(
-                params![
-                    q.since.map(|v| v as i64),
-                    q.until.map(|v| v as i64),
-                    q.r#type,
-                    q.user,
-                    before,
-                    limit
-                ],
-                |r| {
-                    Ok(StoredEvent {
-                        seq: r.get(0)?,
-                        time: r.get::<_, i64>(1)?.max(0) as u64,
-                        code: r.get(2)?,
-                        r#type: r.get(3)?,
-                        user: r.get(4)?,
-                        event: r.get(5)?,
-                    })
-                },
-            )?;
-            rows.collect()
-        })
-    }
-}
-
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let known = MIGRATIONS.len() as i64;
-    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if found > known {
-        return Err(StoreError::TooNew { found, known });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
-        tx.commit()?;
-    }
-    Ok(())
-}
-
-fn split_list(s: String) -> Vec<String> {
-    s.split(',')
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-fn row_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredUser> {
-    Ok(StoredUser {
-        name: r.get(0)?,
-        spec: r.get(1)?,
-        password_hash: r.get(2)?,
-        otp_secret: r.get(3)?,
-        created: r.get::<_, i64>(4)?.max(0) as u64,
-    })
-}
-
-fn row_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredToken> {
-    Ok(StoredToken {
-        hash: r.get(0)?,
-        types: split_list(r.get(1)?),
-        expires: r.get::<_, i64>(2)?.max(0) as u64,
-        single_use: r.get(3)?,
-        created: r.get::<_, i64>(4)?.max(0) as u64,
-    })
-}
-
-fn row_host(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredHost> {
-    Ok(StoredHost {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        types: split_list(r.get(2)?),
-        joined: r.get::<_, i64>(3)?.max(0) as u64,
-        last_seen: r.get::<_, i64>(4)?.max(0) as u64,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn token(hash: &str, expires: u64, single_use: bool) -> StoredToken {
-        StoredToken {
-            hash: hash.into(),
-            types: vec!["node".into()],
-            expires,
-            single_use,
-            created: 1,
+    /// Reads the backend's revision; when another host (or this one) committed a change since
+    /// the last call, moves the change count and answers true.
+    pub fn poll_changes(&self) -> Result<bool> {
+        let rev = self.backend.revision()?;
+        let before = self.seen_revision.swap(rev, Ordering::SeqCst);
+        if rev != before {
+            self.changes.fetch_add(1, Ordering::SeqCst);
+            return Ok(true);
         }
+        Ok(false)
     }
 
-    #[test]
-    fn migrations_are_idempotent_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jaunt.db");
-        let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
-        drop(s);
-        let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
-        assert_eq!(s.integrity_check().unwrap(), "ok");
+    pass! {
+        schema_version() -> i64;
+        integrity_check() -> String;
+        get_ca(name: &str) -> Option<StoredCa>;
+        key_or_insert(name: &str, pem: &str, now: u64) -> String;
+        get_user(name: &str) -> Option<StoredUser>;
+        list_users() -> Vec<StoredUser>;
+        get_role(name: &str) -> Option<String>;
+        list_roles() -> Vec<(String, String)>;
+        list_tokens() -> Vec<StoredToken>;
+        upsert_host(h: &StoredHost) -> ();
+        get_host(id: &str) -> Option<StoredHost>;
+        list_hosts() -> Vec<StoredHost>;
+        list_locks(now: u64) -> Vec<StoredLock>;
+        audit_append(events: &[(u64, &str, &str, Option<&str>, &str)]) -> i64;
+        audit_prune(before: u64, batch: usize) -> usize;
+        pages() -> (u64, u64, u64);
+        audit_search(q: &AuditQuery) -> Vec<StoredEvent>;
+        audit_page(q: &AuditQuery, before: Option<i64>) -> Vec<StoredEvent>;
     }
 
-    #[test]
-    fn newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jaunt.db");
-        drop(Store::open(&path).unwrap());
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch("PRAGMA user_version = 999")
-            .unwrap();
-        assert!(matches!(
-            Store::open(&path),
-            Err(StoreError::TooNew { found: 999, .. })
-        ));
-    }
-
-    #[test]
-    fn single_use_tokens_redeem_once_and_expired_tokens_never() {
-        let s = Store::memory().unwrap();
-        assert!(s.insert_token(&token("aa", 100, true)).unwrap());
-        assert!(s.insert_token(&token("bb", 100, false)).unwrap());
-        assert!(s.insert_token(&token("cc", 10, false)).unwrap());
-        assert!(matches!(
-            s.redeem_token("aa", 50).unwrap(),
-            TokenCheck::Valid(_)
-        ));
-        assert_eq!(s.redeem_token("aa", 50).unwrap(), TokenCheck::Unknown);
-        assert!(matches!(
-            s.redeem_token("bb", 50).unwrap(),
-            TokenCheck::Valid(_)
-        ));
-        assert!(matches!(
-            s.redeem_token("bb", 50).unwrap(),
-            TokenCheck::Valid(_)
-        ));
-        assert_eq!(s.redeem_token("cc", 50).unwrap(), TokenCheck::Expired);
-        assert_eq!(s.redeem_token("zz", 50).unwrap(), TokenCheck::Unknown);
-        assert_eq!(s.prune_tokens(50).unwrap(), 1);
-        assert_eq!(s.delete_tokens_by_prefix("b").unwrap(), 1);
-        assert!(s.list_tokens().unwrap().is_empty());
-    }
-
-    #[test]
-    fn ca_insert_keeps_the_first() {
-        let s = Store::memory().unwrap();
-        let a = StoredCa {
-            name: "user".into(),
-            x509_key_pem: "k1".into(),
-            x509_cert_pem: "c1".into(),
-            ssh_key: "s1".into(),
-        };
-        let b = StoredCa {
-            x509_key_pem: "k2".into(),
-            ..a.clone()
-        };
-        assert_eq!(s.insert_ca_if_absent(&a, 1).unwrap().x509_key_pem, "k1");
-        assert_eq!(s.insert_ca_if_absent(&b, 2).unwrap().x509_key_pem, "k1");
-    }
-
-    #[test]
-    fn retention_bounds_the_store_file() {
-        // Ten rounds of 2,000 events of ~300 bytes; after each, events older than two rounds
-        // are pruned in batches. The file must stop growing once it holds two rounds: freed
-        // pages are reused. Without pruning it grows by a round's worth every round.
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("jaunt.db")).unwrap();
-        let event = format!("{{\"pad\":\"{}\"}}", "x".repeat(300));
-        let mut pages = Vec::new();
-        for round in 0..10u64 {
-            let rows: Vec<(u64, &str, &str, Option<&str>, &str)> = (0..2000)
-                .map(|i| {
-                    (
-                        1000 + round * 100 + i % 100,
-                        "JA2000I",
-                        "session.start",
-                        Some("u"),
-                        event.as_str(),
-                    )
-                })
-                .collect();
-            s.audit_append(&rows).unwrap();
-            let before = (1000 + round * 100).saturating_sub(100);
-            while s.audit_prune(before, 500).unwrap() == 500 {}
-            let (used, free, _) = s.pages().unwrap();
-            pages.push(used + free);
-        }
-        let all = s.audit_search(&AuditQuery::default()).unwrap();
-        assert_eq!(all.len(), 4000, "two rounds kept");
-        assert!(all.iter().all(|e| e.time >= 1000 + 8 * 100));
-        assert!(
-            pages[9] <= pages[3] + pages[3] / 20,
-            "the store kept growing under retention: pages per round {pages:?}"
-        );
-    }
-
-    #[test]
-    fn audit_filters() {
-        let s = Store::memory().unwrap();
-        s.audit_append(&[
-            (10, "JA1000", "user.login", Some("alice"), "{}"),
-            (20, "JA1001", "user.login.failed", Some("bob"), "{}"),
-            (30, "JA2000", "session.start", Some("alice"), "{}"),
-        ])
-        .unwrap();
-        let all = s.audit_search(&AuditQuery::default()).unwrap();
-        assert_eq!(all.len(), 3);
-        let logins = s
-            .audit_search(&AuditQuery {
-                r#type: Some("user.login".into()),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(logins.len(), 2);
-        let alice = s
-            .audit_search(&AuditQuery {
-                user: Some("alice".into()),
-                since: Some(15),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(alice.len(), 1);
-        assert_eq!(alice[0].r#type, "session.start");
+    change! {
+        insert_ca_if_absent(ca: &StoredCa, now: u64) -> StoredCa, |out| out.x509_key_pem == ca.x509_key_pem;
+        insert_user(u: &StoredUser) -> bool, |out| out;
+        update_user_spec(name: &str, spec: &str) -> bool, |out| out;
+        set_user_credentials(name: &str, password_hash: &str, otp_secret: Option<&str>) -> bool, |out| out;
+        delete_user(name: &str) -> bool, |out| out;
+        put_role(name: &str, spec: &str, now: u64) -> (), |out| true;
+        insert_role_if_absent(name: &str, spec: &str, now: u64) -> bool, |out| out;
+        delete_role(name: &str) -> bool, |out| out;
+        insert_token(t: &StoredToken) -> bool, |out| out;
+        redeem_token(hash: &str, now: u64) -> TokenCheck, |out| matches!(&out, TokenCheck::Valid(t) if t.single_use);
+        delete_tokens_by_prefix(prefix: &str) -> usize, |out| out > 0;
+        prune_tokens(now: u64) -> usize, |out| out > 0;
+        insert_lock(l: &StoredLock) -> (), |out| true;
+        delete_lock(id: &str) -> bool, |out| out;
     }
 }

@@ -1,0 +1,637 @@
+//! Several control hosts on one PostgreSQL (issue 12): the store's PostgreSQL backend against a
+//! real PostgreSQL 15 that the test starts (`initdb` into a temp dir, TLS with a test CA,
+//! `hostssl ... scram-sha-256`, a `jaunt` role with a password), and two `jaunt start --config`
+//! processes with `storage: {type: postgres}` sharing it.
+//!
+//! As in `postgres.rs`, server-side commands run as the `postgres` user (`runuser`) when the
+//! test runs as root, and a drop guard stops the server (`pg_ctl stop -m immediate`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use jaunt_control::store::{AuditQuery, Store, StoredLock, StoredToken, StoredUser, TokenCheck};
+use support::*;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The database password: spaces and URI-special characters on purpose.
+const DB_PASSWORD: &str = "s3cret pass@word/with:chars";
+const PASSWORD: &str = "correct horse battery";
+
+fn pg_bin(name: &str) -> String {
+    let path = Path::new(PG_BIN).join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: install PostgreSQL 15 (apt-get install postgresql; .ci/run does this)",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+fn is_root() -> bool {
+    tool("id", &["-u"]).trim() == "0"
+}
+
+/// Percent-encodes everything but unreserved characters (for a URI's password).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A PostgreSQL server with TLS and password (SCRAM) logins, on a free port. Stopped on drop.
+struct Pg {
+    dir: tempfile::TempDir,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl Pg {
+    fn command(&self, program: &str) -> Command {
+        if self.as_postgres {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--", program]);
+            cmd
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program).args(args).output().unwrap()
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The CA that signed the server's certificate (for `sslrootcert`).
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    fn start() -> Pg {
+        let mut pg = Pg {
+            dir: tempfile::tempdir().unwrap(),
+            port: 0,
+            as_postgres: is_root(),
+        };
+        let d = pg.dir.path().to_path_buf();
+        let p = |name: &str| d.join(name).display().to_string();
+        tool(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &p("ca.key"),
+                "-out",
+                &p("ca.crt"),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=jaunt test db CA",
+            ],
+        );
+        tool(
+            "openssl",
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &p("server.key"),
+                "-out",
+                &p("server.csr"),
+                "-subj",
+                "/CN=localhost",
+            ],
+        );
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        tool(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &p("server.csr"),
+                "-CA",
+                &p("ca.crt"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-out",
+                &p("server.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                &p("ext.cnf"),
+            ],
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        pg.give_to_postgres();
+        let o = pg.run(
+            &pg_bin("initdb"),
+            &[
+                "-D",
+                pg.data().to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=reject",
+                "--no-sync",
+            ],
+        );
+        assert!(o.status.success(), "initdb: {}", stderr(&o));
+        let conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{dir}'\n\
+             ssl = on\nssl_cert_file = '{dir}/server.crt'\nssl_key_file = '{dir}/server.key'\n\
+             fsync = off\npassword_encryption = 'scram-sha-256'\nmax_connections = 60\n",
+            dir = d.display(),
+        );
+        let conf_path = pg.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str(&conf);
+        std::fs::write(&conf_path, text).unwrap();
+        std::fs::write(
+            pg.data().join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        pg.give_to_postgres();
+        for attempt in 0..2 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let log = d.join("postgres.log");
+            let o = pg.run(
+                &pg_bin("pg_ctl"),
+                &[
+                    "-D",
+                    pg.data().to_str().unwrap(),
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    &format!("-p {port}"),
+                    "start",
+                ],
+            );
+            if o.status.success() {
+                pg.port = port;
+                break;
+            }
+            assert!(
+                attempt == 0,
+                "pg_ctl start failed twice: {}\n{}",
+                stderr(&o),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        pg.sql(&format!(
+            "CREATE ROLE jaunt LOGIN PASSWORD '{}'",
+            DB_PASSWORD.replace('\'', "''")
+        ));
+        pg.sql("CREATE DATABASE jaunt OWNER jaunt");
+        pg
+    }
+
+    fn give_to_postgres(&self) {
+        if self.as_postgres {
+            tool(
+                "chown",
+                &["-R", "postgres:postgres", self.dir.path().to_str().unwrap()],
+            );
+        }
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        self.sql_in("postgres", sql)
+    }
+
+    fn sql_in(&self, db: &str, sql: &str) -> String {
+        let o = self.run(
+            &pg_bin("psql"),
+            &[
+                "-h",
+                self.dir.path().to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-tAc",
+                sql,
+            ],
+        );
+        assert!(o.status.success(), "psql {sql:?}: {}", stderr(&o));
+        stdout(&o)
+    }
+
+    /// The issue's connection string: TLS verified against the test CA, host name checked.
+    fn conn_string(&self, password: &str) -> String {
+        format!(
+            "postgres://jaunt:{}@localhost:{}/jaunt?sslmode=verify-full&sslrootcert={}",
+            encode(password),
+            self.port,
+            self.ca().display()
+        )
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if self.port != 0 {
+            let _ = self.run(
+                &pg_bin("pg_ctl"),
+                &[
+                    "-D",
+                    self.data().to_str().unwrap(),
+                    "stop",
+                    "-m",
+                    "immediate",
+                ],
+            );
+        }
+    }
+}
+
+fn open(conn: &str) -> Result<Store, String> {
+    let info = jaunt_config::pgconn::parse(conn).unwrap();
+    Store::from_config(
+        &jaunt_config::file::StorageConfig::Postgres { conn_string: info },
+        Path::new("/nonexistent"),
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn user(name: &str) -> StoredUser {
+    StoredUser {
+        name: name.into(),
+        spec: "{}".into(),
+        password_hash: "hash".into(),
+        otp_secret: None,
+        created: 1,
+    }
+}
+
+#[test]
+fn postgres_backend_is_shared_consistent_and_refuses_clearly() {
+    let pg = Pg::start();
+    let conn = pg.conn_string(DB_PASSWORD);
+
+    // Two controls opening an empty database at once: migrations run once, both succeed.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| open(&conn));
+        let b = s.spawn(|| open(&conn));
+        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+    });
+    assert_eq!(a.schema_version().unwrap(), 1);
+    assert_eq!(b.backend().kind(), "postgres");
+    assert_eq!(a.integrity_check().unwrap(), "ok");
+    assert_eq!(
+        pg.sql_in("jaunt", "SELECT count(*) FROM jaunt_schema")
+            .trim(),
+        "1"
+    );
+
+    // A change through one is seen by the other, and its change feed moves.
+    b.poll_changes().unwrap();
+    assert!(!b.poll_changes().unwrap());
+    assert!(a.insert_user(&user("alice")).unwrap());
+    assert!(!b.insert_user(&user("alice")).unwrap(), "name taken");
+    assert_eq!(b.get_user("alice").unwrap().unwrap().password_hash, "hash");
+    assert!(
+        b.poll_changes().unwrap(),
+        "b sees a's change in the revision"
+    );
+    assert!(b.set_user_credentials("alice", "h2", Some("otp")).unwrap());
+    assert_eq!(
+        a.get_user("alice").unwrap().unwrap().otp_secret.as_deref(),
+        Some("otp")
+    );
+    assert_eq!(a.list_users().unwrap().len(), 1);
+
+    // CAs: the first stored wins for both.
+    let ca = |key: &str| jaunt_control::store::StoredCa {
+        name: "user".into(),
+        x509_key_pem: key.into(),
+        x509_cert_pem: "c".into(),
+        ssh_key: "s".into(),
+    };
+    assert_eq!(
+        a.insert_ca_if_absent(&ca("k1"), 1).unwrap().x509_key_pem,
+        "k1"
+    );
+    assert_eq!(
+        b.insert_ca_if_absent(&ca("k2"), 2).unwrap().x509_key_pem,
+        "k1"
+    );
+    assert_eq!(b.key_or_insert("jwt", "p1", 1).unwrap(), "p1");
+    assert_eq!(a.key_or_insert("jwt", "p2", 1).unwrap(), "p1");
+
+    // A single-use token redeemed by both controls at once joins exactly once.
+    for round in 0..5 {
+        let hash = format!("tok{round}");
+        assert!(a
+            .insert_token(&StoredToken {
+                hash: hash.clone(),
+                types: vec!["node".into()],
+                expires: 100,
+                single_use: true,
+                created: 1,
+            })
+            .unwrap());
+        let (ra, rb) = std::thread::scope(|s| {
+            let ra = s.spawn(|| a.redeem_token(&hash, 50).unwrap());
+            let rb = s.spawn(|| b.redeem_token(&hash, 50).unwrap());
+            (ra.join().unwrap(), rb.join().unwrap())
+        });
+        let valid = [&ra, &rb]
+            .iter()
+            .filter(|c| matches!(c, TokenCheck::Valid(_)))
+            .count();
+        assert_eq!(valid, 1, "round {round}: {ra:?} {rb:?}");
+    }
+    assert!(a
+        .insert_token(&StoredToken {
+            hash: "multi".into(),
+            types: vec!["node".into(), "app".into()],
+            expires: 100,
+            single_use: false,
+            created: 1,
+        })
+        .unwrap());
+    assert!(
+        matches!(b.redeem_token("multi", 50).unwrap(), TokenCheck::Valid(t) if t.types.len() == 2)
+    );
+    assert_eq!(b.redeem_token("multi", 100).unwrap(), TokenCheck::Expired);
+    assert_eq!(b.prune_tokens(100).unwrap(), 1);
+
+    // Locks.
+    a.insert_lock(&StoredLock {
+        id: "l1".into(),
+        spec: "{}".into(),
+        expires: None,
+        created: 5,
+    })
+    .unwrap();
+    a.insert_lock(&StoredLock {
+        id: "l2".into(),
+        spec: "{}".into(),
+        expires: Some(10),
+        created: 6,
+    })
+    .unwrap();
+    assert_eq!(b.list_locks(5).unwrap().len(), 2);
+    assert_eq!(
+        b.list_locks(10).unwrap().len(),
+        1,
+        "expired locks are not in force"
+    );
+    assert!(b.delete_lock("l1").unwrap());
+    assert!(!a.delete_lock("l1").unwrap());
+
+    // Audit: appended on one, searched on the other; retention prunes in batches.
+    let events: Vec<(u64, &str, &str, Option<&str>, &str)> = (0..2500u64)
+        .map(|i| {
+            (
+                1000 + i,
+                "JA1000I",
+                "user.login",
+                Some("alice"),
+                "{\"k\":1}",
+            )
+        })
+        .collect();
+    let last = a.audit_append(&events).unwrap();
+    b.audit_append(&[(5000, "JA2000I", "session.start", None, "{}")])
+        .unwrap();
+    assert!(last > 0);
+    let all = b.audit_search(&AuditQuery::default()).unwrap();
+    assert_eq!(all.len(), 2501);
+    assert_eq!(all[0].time, 1000);
+    let logins = a
+        .audit_search(&AuditQuery {
+            r#type: Some("user".into()),
+            user: Some("alice".into()),
+            since: Some(3000),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(logins.len(), 500);
+    let page = a
+        .audit_page(
+            &AuditQuery {
+                limit: 10,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(page.len(), 10);
+    assert_eq!(page[0].r#type, "session.start", "newest first");
+    let mut pruned = 0;
+    loop {
+        let n = b.audit_prune(2000, 400).unwrap();
+        pruned += n;
+        if n < 400 {
+            break;
+        }
+    }
+    assert_eq!(pruned, 1000);
+    assert_eq!(a.audit_search(&AuditQuery::default()).unwrap().len(), 1501);
+
+    // Start-up errors: a wrong password, an unreachable server, an unverifiable certificate.
+    let err = open(&pg.conn_string("wrong password!")).err().unwrap();
+    assert!(
+        err.contains("refused the login of user \"jaunt\"")
+            && err.contains("password authentication failed"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong password!"), "{err}");
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = open(&format!(
+        "postgres://jaunt:{}@127.0.0.1:{closed}/jaunt?sslmode=require",
+        encode(DB_PASSWORD)
+    ))
+    .err()
+    .unwrap();
+    assert!(
+        err.contains(&format!("cannot reach PostgreSQL at 127.0.0.1:{closed}")),
+        "{err}"
+    );
+    let other_ca = pg.dir.path().join("server.crt");
+    let err = open(&format!(
+        "postgres://jaunt:{}@localhost:{}/jaunt?sslmode=verify-full&sslrootcert={}",
+        encode(DB_PASSWORD),
+        pg.port,
+        other_ca.display()
+    ))
+    .err()
+    .unwrap();
+    assert!(err.contains("TLS handshake"), "{err}");
+}
+
+fn host_config(conn: &str) -> String {
+    format!(
+        "cluster_name: ha.test\n\
+         data_dir: DATA_DIR\n\
+         control:\n  listen_addr: 127.0.0.1:0\n  second_factor: off\n\
+         engine:\n  public_addr: 127.0.0.1:0\n  listen_addr: 127.0.0.1:0\n  diag_addr: 127.0.0.1:0\n  shards: 1\n\
+         storage:\n  type: postgres\n  conn_string: \"{conn}\"\n"
+    )
+}
+
+#[test]
+fn two_controls_share_users_locks_and_audit_and_survive_kill_9() {
+    let pg = Pg::start();
+    let conn = pg.conn_string(DB_PASSWORD);
+    let mut a = Cluster::with_config(&host_config(&conn));
+    let b = Cluster::with_config(&host_config(&conn));
+    // One cluster: the CA keys are in the backend, so both hosts present the same CA.
+    assert_eq!(a.pin, b.pin);
+
+    // A user added through A logs in through B.
+    ok(a.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            "alice",
+            "--password-stdin",
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+    let out = ok(b.login("alice", PASSWORD, &[]));
+    assert!(out.contains("user:      alice"), "{out}");
+
+    // A lock made on A refuses logins through B; removed on B, it frees them.
+    ok(a.admin(
+        &["lock", "--user", "alice", "--message", "incident 12"],
+        None,
+    ));
+    let err = fails(b.login("alice", PASSWORD, &[]));
+    assert!(
+        err.contains("locked") && err.contains("incident 12"),
+        "{err}"
+    );
+    let locks: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(b.admin(&["get", "locks", "--format", "json"], None))).unwrap();
+    assert_eq!(locks.len(), 1);
+    let id = locks[0]["metadata"]["name"].as_str().unwrap().to_string();
+    ok(b.admin(&["rm", &format!("lock/{id}")], None));
+    ok(b.login("alice", PASSWORD, &[]));
+
+    // Audit is cluster-wide: what A wrote, B finds, and the other way round.
+    let on_b = b.audit_events(Some("lock.create"));
+    assert!(
+        on_b.iter().any(|e| e.to_string().contains("alice")),
+        "{on_b:?}"
+    );
+    let on_a = a.audit_events(Some("lock.delete"));
+    assert_eq!(on_a.len(), 1, "{on_a:?}");
+
+    // kill -9 of A: logins and admin verbs go on through B, and nothing A acknowledged is
+    // lost.
+    ok(a.admin(
+        &[
+            "users",
+            "add",
+            "bob",
+            "--roles",
+            "access",
+            "--password-stdin",
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    ok(b.login("bob", PASSWORD, &[]));
+    ok(b.login("alice", PASSWORD, &[]));
+    let users = ok(b.admin(&["users", "ls"], None));
+    assert!(users.contains("alice") && users.contains("bob"), "{users}");
+}
+
+#[test]
+fn a_wrong_database_password_stops_jaunt_start_with_a_clear_error() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = host_config(&pg.conn_string("not the password"))
+        .replace("DATA_DIR", &dir.path().join("data").display().to_string());
+    let path = dir.path().join("jaunt.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let child = Command::new(jaunt_bin())
+        .args(["start", "--config", path.to_str().unwrap()])
+        .env("JAUNT_HOME", dir.path().join("home"))
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        text.contains("storage (type: postgres)")
+            && text.contains("refused the login of user \"jaunt\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("not the password") && !text.contains("not%20the"),
+        "{text}"
+    );
+
+    // A bad storage section names its key and line.
+    std::fs::write(
+        &path,
+        host_config("mysql://nope").replace("DATA_DIR", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    let err = fails(run_jaunt(
+        dir.path(),
+        &["start", "--config", path.to_str().unwrap()],
+        None,
+    ));
+    assert!(
+        err.contains("jaunt.yaml:13:") && err.contains("storage.conn_string"),
+        "{err}"
+    );
+}
