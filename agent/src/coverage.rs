@@ -17,7 +17,7 @@
 //! from the new hello, and the older tunnels are drained. Per-engine coverage (several engines
 //! learned from the hello) is a later addition keyed by engine id.
 
-use jaunt_engine::server::TunnelHello;
+use jaunt_config::wire::TunnelHello;
 
 /// Identifies one tunnel of this agent (a counter; never reused).
 pub type TunnelId = u64;

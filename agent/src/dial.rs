@@ -13,11 +13,11 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_rustls::client::TlsStream;
 use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
-use jaunt_engine::route::ALPN_TUNNEL;
-use jaunt_engine::server::dial::{
+use jaunt_config::wire::dial::{
     DialError, LENGTH_PREFIX_BYTES, MAX_TUNNEL_HELLO_BYTES, TUNNEL_HELLO_VERSION,
 };
-use jaunt_engine::server::{TunnelHello, MAX_SHARDS};
+use jaunt_config::wire::ALPN_TUNNEL;
+use jaunt_config::wire::{TunnelHello, MAX_SHARDS};
 use jaunt_engine::tunnel::CLOSE_TIMEOUT;
 use rustls::ClientConfig;
 

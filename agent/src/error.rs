@@ -6,7 +6,7 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use jaunt_engine::server::dial::DialError;
+use jaunt_config::wire::dial::DialError;
 use rustls::AlertDescription;
 
 /// Who is to blame for a failure: tells an operator reading a log line what to look at.

@@ -45,7 +45,7 @@ use futures_rustls::TlsConnector;
 use jaunt_config::file::{AppProtocol, HostPort};
 #[cfg(test)]
 use jaunt_config::identity::unix_now;
-use jaunt_engine::server::dial::StreamHeader;
+use jaunt_config::wire::dial::StreamHeader;
 use jaunt_engine::tunnel::{splice, Incoming, MuxStream, Side};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;

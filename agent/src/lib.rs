@@ -9,7 +9,7 @@
 //! JWTs, query and app-request recording). What does not:
 //! joining and certificate renewal (the `jaunt agent` command in the control crate drives those
 //! and hands the results in), the mux and the wire formats (`jaunt_engine::mux`,
-//! `jaunt_engine::tunnel`, `jaunt_engine::server::dial`, `jaunt_engine::tunnel::agent_hello`).
+//! `jaunt_engine::tunnel`, `jaunt_config::wire::dial`, `jaunt_config::wire::agent_hello`).
 //!
 //! # Protocol, agent side
 //!

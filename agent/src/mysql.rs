@@ -48,7 +48,7 @@ use futures_rustls::client::TlsStream;
 use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
-use jaunt_engine::server::dial::StreamHeader;
+use jaunt_config::wire::dial::StreamHeader;
 use jaunt_engine::tunnel::{splice, Incoming, MuxStream};
 use rustls_pki_types::ServerName;
 
@@ -953,7 +953,7 @@ impl AsyncWrite for Tap {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
 mod tests {
-    use jaunt_engine::server::dial::DialKind;
+    use jaunt_config::wire::dial::DialKind;
 
     use super::*;
 

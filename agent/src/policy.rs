@@ -25,9 +25,9 @@ use std::time::Duration;
 use jaunt_config::api::AgentPolicyResponse;
 use jaunt_config::file::AgentServices;
 use jaunt_config::identity::{Identity, IdentityKind};
-use jaunt_config::rbac::{self, ActiveLock, Policy, ResourceKind};
+use jaunt_config::rbac::{self, ActiveLock, Policy};
 use jaunt_config::resource::Lock;
-use jaunt_engine::server::dial::{DialKind, StreamHeader};
+use jaunt_config::wire::dial::{DialKind, StreamHeader};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
@@ -184,7 +184,7 @@ impl ClusterPolicy {
         now: u64,
     ) -> Result<rbac::Decision, rbac::Denied> {
         let resource = rbac::Resource {
-            kind: resource_kind(header.kind),
+            kind: header.kind.resource_kind(),
             name: &header.target,
             labels,
         };
@@ -196,16 +196,6 @@ impl ClusterPolicy {
             &self.locks,
             now,
         )
-    }
-}
-
-/// The RBAC resource kind a dial reaches (as the engine maps it).
-pub fn resource_kind(kind: DialKind) -> ResourceKind {
-    match kind {
-        DialKind::Ssh => ResourceKind::Node,
-        DialKind::Db => ResourceKind::Db,
-        DialKind::Tcp => ResourceKind::Tcp,
-        DialKind::App => ResourceKind::App,
     }
 }
 
@@ -288,7 +278,7 @@ impl Guard {
     pub(crate) fn replace(&self, policy: Arc<ClusterPolicy>, now: u64) -> usize {
         let mut ended = 0;
         for session in self.sessions.borrow().values() {
-            let kind = resource_kind(session.header.kind);
+            let kind = session.header.kind.resource_kind();
             let resource = rbac::Resource {
                 kind,
                 name: &session.header.target,

@@ -44,7 +44,7 @@ use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
 use jaunt_config::file::HostPort;
 use jaunt_config::identity::unix_now;
-use jaunt_engine::server::dial::StreamHeader;
+use jaunt_config::wire::dial::StreamHeader;
 use jaunt_engine::tunnel::{splice, Incoming, MuxStream};
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
@@ -709,7 +709,7 @@ impl AsyncWrite for Tap {
     reason = "tests"
 )]
 mod tests {
-    use jaunt_engine::server::dial::DialKind;
+    use jaunt_config::wire::dial::DialKind;
 
     use super::*;
 

@@ -23,7 +23,7 @@
 //!   ([`Event::TunnelLost`]), waits for the tunnel's driver to end, and logs why it ended.
 //! - One **heartbeat task** per tunnel (spawned and cancelled by its tunnel task) opens the
 //!   heartbeat stream (the one stream the agent opens; wire format in
-//!   `jaunt_engine::tunnel::agent_hello`) at the first heartbeat, one interval after the
+//!   `jaunt_config::wire::agent_hello`) at the first heartbeat, one interval after the
 //!   AgentHello or at once when a reload changes the announcement ([`Announcer`]), and writes
 //!   the current announcement on it every interval and at once on every change.
 //!
@@ -732,7 +732,7 @@ async fn run_tunnel(
 /// the stream is open.
 async fn heartbeat(tunnel: Tunnel, announcer: Rc<Announcer>, id: TunnelId, shard: usize) {
     use futures_lite::AsyncWriteExt as _;
-    use jaunt_engine::tunnel::agent_hello::{Heartbeat, HEARTBEAT_OPEN};
+    use jaunt_config::wire::agent_hello::{Heartbeat, HEARTBEAT_OPEN};
     let (announced, prepared) = announcer.current();
     let interval = prepared.heartbeat_interval;
     drop(prepared);

@@ -19,7 +19,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use jaunt_config::file::{AgentServices, AppProtocol, DbProtocol, HostPort};
-use jaunt_engine::server::dial::{DialKind, StreamHeader};
+use jaunt_config::wire::dial::{DialKind, StreamHeader};
 use jaunt_engine::tunnel::{splice, Incoming, Side, SpliceError, Spliced};
 use tracing::Instrument;
 

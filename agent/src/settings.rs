@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jaunt_config::file::{AgentConfig, AgentServices, AppProtocol, DbProtocol, HostPort};
+use jaunt_config::wire::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
+use jaunt_config::wire::dial::DialError;
+use jaunt_config::wire::ALPN_TUNNEL;
 use jaunt_engine::mux;
-use jaunt_engine::route::ALPN_TUNNEL;
-use jaunt_engine::server::dial::DialError;
-use jaunt_engine::tunnel::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -323,7 +323,7 @@ impl Prepared {
             timeouts: settings.timeouts,
             mux: settings.mux,
             db: crate::postgres::DbState::default(),
-            heartbeat_interval: jaunt_engine::tunnel::agent_hello::DEFAULT_HEARTBEAT_INTERVAL,
+            heartbeat_interval: jaunt_config::wire::agent_hello::DEFAULT_HEARTBEAT_INTERVAL,
             app: crate::http_app::AppState::default(),
             denials: Denials(std::sync::Arc::new(crate::hooks::IgnoreDenials)),
         })

@@ -33,9 +33,9 @@ use jaunt_agent::{AgentCommand, AgentError, AgentSettings, BackoffConfig};
 use jaunt_config::file::{
     AgentServices, AppProtocol, AppService, DbProtocol, DbService, SshService,
 };
+use jaunt_config::wire::dial::{DialKind, StreamHeader};
+use jaunt_config::wire::TunnelHello;
 use jaunt_engine::mux;
-use jaunt_engine::server::dial::{DialKind, StreamHeader};
-use jaunt_engine::server::TunnelHello;
 use jaunt_engine::tunnel::{CloseReason, MuxStream, OpenError, Tunnel};
 use jaunt_testkit::agent::{hp, labels, settings, tcp_app};
 use jaunt_testkit::pki::{Ca, StandInPki as Pki};

@@ -32,8 +32,8 @@ use jaunt_agent::{
     AppSession, AppToken, AppTokenProvider, BackoffConfig, Timeouts,
 };
 use jaunt_config::file::{AgentServices, AppProtocol, AppService, HostPort};
+use jaunt_config::wire::dial::{DialKind, StreamHeader};
 use jaunt_engine::mux::{self};
-use jaunt_engine::server::dial::{DialKind, StreamHeader};
 use jaunt_engine::tunnel::{MuxStream, Tunnel};
 use jaunt_testkit::pki::{Ca, CertAndKey, StandInPki as Pki};
 use jaunt_testkit::services::closed_port;

@@ -27,7 +27,7 @@ use jaunt_config::file::AgentServices;
 use jaunt_config::identity::{Identity, IdentityKind};
 use jaunt_config::rbac::{ActiveLock, Policy};
 use jaunt_config::resource::{parse_resources, LockTarget, Resource, Role};
-use jaunt_engine::server::dial::{DialKind, StreamHeader};
+use jaunt_config::wire::dial::{DialKind, StreamHeader};
 use jaunt_engine::tunnel::{MuxStream, OpenError, Tunnel};
 use jaunt_testkit::agent::{settings, tcp_app};
 use jaunt_testkit::pki::{identity, Ca, StandInPki as Pki};

@@ -8,6 +8,8 @@
 //! - [`rbac`]: the per-connection authorization decision (roles, labels, traits, locks) that
 //!   engine and agent call before a stream is opened or served.
 //! - [`api`]: request and response bodies of the control API.
+//! - [`wire`]: the wire contract of the public port and the tunnels (ALPN ids, dial request and
+//!   response, tunnel hello, stream header, agent hello) that client, engine and agent share.
 //! - [`duration`]: human durations (`30m`, `12h`, `1h30m`).
 //! - [`pgconn`]: PostgreSQL connection strings (URI and keyword forms), password redacted.
 //!
@@ -20,4 +22,5 @@ pub mod identity;
 pub mod pgconn;
 pub mod rbac;
 pub mod resource;
+pub mod wire;
 pub mod yaml;

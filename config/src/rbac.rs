@@ -48,7 +48,7 @@ use std::fmt::{self, Write as _};
 use std::time::Duration;
 
 use regex::{Regex, RegexBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::identity::Identity;
 use crate::resource::{Labels, Lock, LockTarget, RecordSession, Role, RoleConditions, WILDCARD};
@@ -69,17 +69,22 @@ pub const MESSAGE_TEXT_MAX: usize = 253;
 /// What a lock without a message tells the locked-out user.
 pub const DEFAULT_LOCK_MESSAGE: &str = "locked by an administrator";
 
-/// What is being reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What is being reached: the one kind of resource, shared by authorization, the agents'
+/// announcements ([`crate::wire::AgentHello`], where it is serialized in lower case) and
+/// routing. A dial reaches the kind [`crate::wire::DialKind::resource_kind`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ResourceKind {
-    /// An SSH node: matched by `node_labels`; needs a login.
+    /// An SSH node (dial kind `ssh`; protocol `ssh`): matched by `node_labels`; needs a login.
     Node,
-    /// An HTTP app: matched by `app_labels`.
+    /// An HTTP app (reached by HTTP at `<name>.<public host>`; protocol `http` or `https`):
+    /// matched by `app_labels`.
     App,
-    /// A database: matched by `db_labels`; needs a database user, and the database name if one
-    /// is given.
+    /// A database (dial kind `db`; protocol `postgres` or `mysql`): matched by `db_labels`;
+    /// needs a database user, and the database name if one is given.
     Db,
-    /// A TCP app: an app to Teleport, so matched by `app_labels`.
+    /// A TCP app (dial kind `tcp`; protocol `tcp`): an app to Teleport, so matched by
+    /// `app_labels`.
     Tcp,
 }
 

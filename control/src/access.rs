@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use jaunt_config::identity::unix_now;
-use jaunt_engine::server::dial::{DialKind, DialRequest, DialResponse};
+use jaunt_config::wire::dial::{DialKind, DialRequest, DialResponse};
+use jaunt_config::wire::ALPN_HTTP1;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
@@ -74,27 +75,25 @@ impl Dialer {
         ))
     }
 
-    fn config(&self, alpn: &str) -> anyhow::Result<Arc<ClientConfig>> {
+    fn config(&self, alpn: &[u8]) -> anyhow::Result<Arc<ClientConfig>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_root_certificates(self.roots.clone())
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
-        config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(config))
     }
 
     /// Connects to the engine and dials `request`; returns the connected session, or the
     /// engine's refusal as an error a person can act on.
     pub fn dial(&self, request: &DialRequest) -> anyhow::Result<Session> {
-        let alpn = match request.kind {
-            DialKind::Ssh => "jaunt-ssh",
-            DialKind::Db => "jaunt-postgres",
-            DialKind::Tcp => "jaunt-tcp",
-            // By name (SNI `<app>.<proxy host>`) when the proxy has one, else by dial request.
-            DialKind::App if self.names_apps_by_sni() => return self.dial_app(&request.target),
-            DialKind::App => "jaunt-app",
-        };
+        // A web app by name (SNI `<app>.<proxy host>`) when the proxy has one, else by dial
+        // request like the other kinds.
+        if request.kind == DialKind::App && self.names_apps_by_sni() {
+            return self.dial_app(&request.target);
+        }
+        let alpn = request.kind.alpn();
         let tcp = self.connect_proxy()?;
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(DIAL_TIMEOUT))?;
@@ -133,14 +132,14 @@ enum ResponseError {
     /// The stream ended inside the frame.
     Closed,
     /// The frame is not a dial response (length out of bounds, or not its JSON).
-    Gibberish(jaunt_engine::server::dial::DialError),
+    Gibberish(jaunt_config::wire::dial::DialError),
 }
 
 /// Reads exactly one dial response frame: the length prefix, then that many bytes, and not one
 /// byte more. What follows the frame (the node's SSH banner, often in the same TLS record under
 /// load) is the session's and stays in the stream for [`pipe_fds`] to deliver.
 fn read_dial_response(stream: &mut impl Read) -> Result<DialResponse, ResponseError> {
-    use jaunt_engine::server::dial::{split_frame, LENGTH_PREFIX_BYTES, MAX_DIAL_RESPONSE_BYTES};
+    use jaunt_config::wire::dial::{split_frame, LENGTH_PREFIX_BYTES, MAX_DIAL_RESPONSE_BYTES};
     let read_exact = |stream: &mut dyn Read, buf: &mut [u8]| {
         stream.read_exact(buf).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => ResponseError::Closed,
@@ -214,7 +213,7 @@ impl Dialer {
         // The SNI names the app; the certificate is checked against the proxy's own name (the
         // engine is one server with apps as virtual hosts, and `*.localhost` is no valid
         // wildcard for a verifier).
-        let mut config = ClientConfig::clone(&*self.config("http/1.1")?);
+        let mut config = ClientConfig::clone(&*self.config(ALPN_HTTP1)?);
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             self.roots.clone(),
             Arc::new(rustls::crypto::ring::default_provider()),

@@ -352,7 +352,7 @@ pub fn engine_event_json(event: &AuditEvent) -> (EventKind, String) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use jaunt_engine::server::DialKind;
+    use jaunt_config::wire::DialKind;
 
     #[test]
     fn the_engine_writer_stops_when_told_even_with_a_sender_alive() {

@@ -648,11 +648,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             proxy_ssh(&target).map(|()| ExitCode::SUCCESS)
         }
         Command::Proxy(ProxyCommand::Tcp { name, port }) => {
-            proxy_local(&name, port, jaunt_engine::server::dial::DialKind::Tcp)
+            proxy_local(&name, port, jaunt_config::wire::dial::DialKind::Tcp)
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Proxy(ProxyCommand::App { name, port }) => {
-            proxy_local(&name, port, jaunt_engine::server::dial::DialKind::App)
+            proxy_local(&name, port, jaunt_config::wire::dial::DialKind::App)
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Proxy(ProxyCommand::Db {
@@ -1202,8 +1202,8 @@ fn proxy_ssh(target: &str) -> anyhow::Result<()> {
     let (dialer, info) = crate::access::Dialer::from_profile(&Profile::user_default())?;
     // `node1.<cluster>` is how `jaunt config` names nodes to plain ssh.
     let node = crate::ssh_cmd::node_name(node, &info.cluster);
-    let request = jaunt_engine::server::dial::DialRequest {
-        kind: jaunt_engine::server::dial::DialKind::Ssh,
+    let request = jaunt_config::wire::dial::DialRequest {
+        kind: jaunt_config::wire::dial::DialKind::Ssh,
         target: node.to_string(),
         login: Some(login.to_string()),
         db_user: None,
@@ -1221,7 +1221,7 @@ fn proxy_ssh(target: &str) -> anyhow::Result<()> {
 fn proxy_local(
     name: &str,
     port: u16,
-    kind: jaunt_engine::server::dial::DialKind,
+    kind: jaunt_config::wire::dial::DialKind,
 ) -> anyhow::Result<()> {
     let profile = Profile::user_default();
     let (dialer, info) = crate::access::Dialer::from_profile(&profile)?;
@@ -1233,10 +1233,10 @@ fn proxy_local(
     )?;
     let inventory: Vec<ResourceInfo> = client.get_json("/v1/inventory")?;
     check_app_listed(&inventory, name, kind)?;
-    if dialer.names_apps_by_sni() && kind == jaunt_engine::server::dial::DialKind::App {
+    if dialer.names_apps_by_sni() && kind == jaunt_config::wire::dial::DialKind::App {
         dialer.app_server_name(name)?;
     }
-    let request = jaunt_engine::server::dial::DialRequest {
+    let request = jaunt_config::wire::dial::DialRequest {
         kind,
         target: name.to_string(),
         login: None,
@@ -1259,9 +1259,9 @@ fn proxy_local(
 fn check_app_listed(
     inventory: &[ResourceInfo],
     name: &str,
-    kind: jaunt_engine::server::dial::DialKind,
+    kind: jaunt_config::wire::dial::DialKind,
 ) -> anyhow::Result<()> {
-    use jaunt_engine::server::dial::DialKind;
+    use jaunt_config::wire::dial::DialKind;
     let (want, noun, other_cmd) = match kind {
         DialKind::App => ("app", "web app", "jaunt proxy tcp"),
         _ => ("tcp", "TCP app", "jaunt proxy app"),

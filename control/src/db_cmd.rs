@@ -31,7 +31,7 @@ use jaunt_agent::mysql::wire as mysql_wire;
 use jaunt_agent::postgres::wire::{self, FirstMessage};
 use jaunt_agent::{AgentHooks, DbCertProvider, DbClientCert};
 use jaunt_config::identity::{Identity, IdentityKind};
-use jaunt_engine::server::dial::{DialKind, DialRequest};
+use jaunt_config::wire::dial::{DialKind, DialRequest};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{self, Dialer};

@@ -1,7 +1,8 @@
 //! Route decision for the public port: a pure function from a parsed ClientHello (see
 //! [`crate::hello`]) and the cluster's public host to a [`Route`].
 //!
-//! Lives here: the ALPN identifiers Jaunt speaks, the [`Route`] enum, the [`RejectReason`] enum
+//! Lives here: the [`Route`] enum (the ALPN identifiers it decides on are the wire contract's,
+//! `jaunt_config::wire`, re-exported here), the [`RejectReason`] enum
 //! shared with the ClientHello parser (stable metric labels and the TLS alert to send), and
 //! [`decide`]. Does not live here: reading bytes, TLS termination, pass-through to control,
 //! authorization of the identity in the client certificate (all in the connection shell).
@@ -22,23 +23,9 @@ use std::fmt;
 
 use crate::hello::{ClientHello, HostName};
 
-/// Agent reverse tunnel (terminate TLS, mTLS with a host certificate).
-pub const ALPN_TUNNEL: &[u8] = b"jaunt-tunnel";
-/// Control API (TLS passed through untouched to control).
-pub const ALPN_CONTROL: &[u8] = b"jaunt-control";
-/// User SSH stream to a node (terminate, mTLS user certificate).
-pub const ALPN_SSH: &[u8] = b"jaunt-ssh";
-/// User PostgreSQL session (terminate, mTLS user certificate).
-pub const ALPN_POSTGRES: &[u8] = b"jaunt-postgres";
-/// User TCP app (terminate, mTLS user certificate).
-pub const ALPN_TCP: &[u8] = b"jaunt-tcp";
-/// User web app named by a dial request rather than by SNI (terminate, mTLS user certificate;
-/// then HTTP/1.1 as on an `<app>.<public host>` connection).
-pub const ALPN_APP: &[u8] = b"jaunt-app";
-/// Web UI, its API and web apps.
-pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-/// HTTP/2: accepted only alongside `http/1.1` (we then negotiate `http/1.1`).
-pub const ALPN_H2: &[u8] = b"h2";
+pub use jaunt_config::wire::{
+    ALPN_APP, ALPN_CONTROL, ALPN_H2, ALPN_HTTP1, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL,
+};
 
 /// Longest app name: one DNS label (RFC 1035 §2.3.4).
 pub const MAX_APP_NAME_BYTES: usize = 63;

@@ -23,11 +23,9 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use jaunt_agent::{AgentCommand, AgentSettings, Timeouts};
 use jaunt_config::file::{AgentServices, SshService};
 use jaunt_config::identity::IdentityKind;
+use jaunt_config::wire::{DialKind, DialRequest, DialResponse, ResourceKind};
 use jaunt_engine::route::{ALPN_SSH, ALPN_TCP};
-use jaunt_engine::server::{
-    DialKind, DialRequest, DialResponse, EngineHandle, InventoryEvent, Snapshot,
-};
-use jaunt_engine::tunnel::agent_hello::ResourceKind;
+use jaunt_engine::server::{EngineHandle, InventoryEvent, Snapshot};
 use jaunt_testkit::agent::{hp, settings, tcp_app};
 use jaunt_testkit::engine::{access_snapshot, engine_config, tls_configs};
 use jaunt_testkit::net::{dial_frame, read_frame_async, request, tls_connect};

@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use jaunt_config::identity::IdentityKind;
+use jaunt_config::wire::agent_hello::{AgentHello, Heartbeat, HEARTBEAT_OPEN};
+use jaunt_config::wire::DialKind;
 use jaunt_engine::mux::{self, Role};
 use jaunt_engine::route::{ALPN_TCP, ALPN_TUNNEL};
-use jaunt_engine::server::{DialKind, EngineHandle, InventoryEvent, Snapshot};
-use jaunt_engine::tunnel::agent_hello::{AgentHello, Heartbeat, HEARTBEAT_OPEN};
+use jaunt_engine::server::{EngineHandle, InventoryEvent, Snapshot};
 use jaunt_engine::tunnel::{OpenError, Tunnel};
 use jaunt_testkit::engine::{engine_config, snapshot_trusting, start_engine, tls_configs};
 use jaunt_testkit::net::{exchange, request, tls_connect};

@@ -22,9 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jaunt_config::identity::{Identity, IdentityKind};
+use jaunt_config::wire::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
+use jaunt_config::wire::{DialKind, DialResponse};
 use jaunt_engine::route::{ALPN_TCP, ALPN_TUNNEL};
-use jaunt_engine::server::{DialKind, DialResponse, EngineHandle, Snapshot};
-use jaunt_engine::tunnel::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
+use jaunt_engine::server::{EngineHandle, Snapshot};
 use jaunt_testkit::engine::{engine_config, snapshot_trusting, start_engine, tls_configs};
 use jaunt_testkit::net::{dial, request, sum_metric, tls_connect, Tls};
 use jaunt_testkit::pki::{client_config, Ca};

@@ -21,11 +21,14 @@ use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
+use jaunt_config::wire::{
+    DialKind, DialRequest, DialResponse, ALPN_CONTROL, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP,
+    ALPN_TUNNEL,
+};
 use jaunt_engine::mux;
-use jaunt_engine::route::{ALPN_CONTROL, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL};
 use jaunt_engine::server::{
-    AuditEvent, AuditOverflow, DialKind, DialRequest, DialResponse, Engine, EngineConfig,
-    EngineHandle, InventoryEvent, Snapshot, Target, Targets, TlsConfigs,
+    AuditEvent, AuditOverflow, Engine, EngineConfig, EngineHandle, InventoryEvent, Snapshot,
+    Target, Targets, TlsConfigs,
 };
 use jaunt_testkit::net::{dial, request, sum_metric, tls_connect};
 use jaunt_testkit::pattern::{pattern_block, PATTERN_CHUNK, PATTERN_PERIOD};

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
+use jaunt_config::wire::dial::{DialKind, DialRequest, DialResponse};
 use jaunt_control::profile::Profile;
-use jaunt_engine::server::dial::{DialKind, DialRequest, DialResponse};
 use rustls::client::Resumption;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
@@ -201,7 +201,7 @@ impl Target {
                 s.read_exact(&mut frame)
                     .context("reading the dial response")?;
                 let len = usize::from(u16::from_be_bytes([frame[0], frame[1]]));
-                if len == 0 || len > jaunt_engine::server::dial::MAX_DIAL_RESPONSE_BYTES {
+                if len == 0 || len > jaunt_config::wire::dial::MAX_DIAL_RESPONSE_BYTES {
                     bail!("bad dial response: frame length {len}");
                 }
                 frame.resize(2 + len, 0);

@@ -18,12 +18,12 @@ use anyhow::{anyhow, Context as _};
 use jaunt_agent::backoff::Backoff;
 use jaunt_agent::BackoffConfig;
 use jaunt_config::api::{Certs, JoinRequest};
+use jaunt_config::wire::agent_hello::AgentHello;
+use jaunt_config::wire::dial::TunnelHello;
 use jaunt_control::ca::LocalKeys;
 use jaunt_control::client::{Client, Trust};
 use jaunt_control::profile::Profile;
 use jaunt_engine::mux::{Config as MuxConfig, Conn as Mux, Event, Role};
-use jaunt_engine::server::dial::TunnelHello;
-use jaunt_engine::tunnel::agent_hello::AgentHello;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use jaunt_engine::server::dial::{DialKind, DialRequest};
+use jaunt_config::wire::dial::{DialKind, DialRequest};
 use serde_json::json;
 
 use crate::client::JauntUser;

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 
 use futures_lite::io::{AsyncRead, AsyncReadExt};
-use jaunt_engine::server::{DialKind, DialRequest, DialResponse};
+use jaunt_config::wire::{DialKind, DialRequest, DialResponse};
 use rustls::pki_types::ServerName;
 
 use crate::WAIT;

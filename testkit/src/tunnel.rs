@@ -14,10 +14,10 @@ use std::time::Duration;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use futures_rustls::TlsAcceptor;
 use glommio::task::JoinHandle;
+use jaunt_config::wire::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
+use jaunt_config::wire::dial::{DialKind, StreamHeader};
+use jaunt_config::wire::TunnelHello;
 use jaunt_engine::mux::{self, Role};
-use jaunt_engine::server::dial::{DialKind, StreamHeader};
-use jaunt_engine::server::TunnelHello;
-use jaunt_engine::tunnel::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
 use jaunt_engine::tunnel::{CloseReason, Tunnel};
 use rustls::pki_types::ServerName;
 

@@ -149,8 +149,8 @@ pub use frame::{encode, ControlFrame, FrameType, Header, FLAG_ACK, FLAG_FIN, FLA
 /// one stream's frame delays another's by at most ~50 µs at 10 Gbit/s.
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
 
-/// Largest dial header in an OPEN frame: a target, a login and a few names fit many times over.
-pub const MAX_DIAL_HEADER_LEN: usize = 4 * 1024;
+/// Largest dial header in an OPEN frame: the wire contract's bound on a stream header.
+pub const MAX_DIAL_HEADER_LEN: usize = jaunt_config::wire::MAX_DIAL_HEADER_LEN;
 
 /// Largest reason in a refusing OPEN_RESULT.
 pub const MAX_OPEN_ERROR_LEN: usize = 1024;

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 pub use jaunt_config::file::AuditOverflow;
 
-use crate::server::dial::DialKind;
+use jaunt_config::wire::dial::DialKind;
 
 /// One audit event from the engine. `time` is unix seconds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -13,8 +13,8 @@
 
 use jaunt_config::identity::Identity;
 
-use crate::server::dial::{DialKind, DialRequest};
 use crate::server::snapshot::{Snapshot, Target};
+use jaunt_config::wire::dial::DialRequest;
 
 /// Why a dial was refused. The message is shown to the user as is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -70,14 +70,8 @@ pub fn authorize(
     target: &Target,
 ) -> Result<Allowed, Denied> {
     use jaunt_config::rbac;
-    let kind = match request.kind {
-        DialKind::Ssh => rbac::ResourceKind::Node,
-        DialKind::Db => rbac::ResourceKind::Db,
-        DialKind::Tcp => rbac::ResourceKind::Tcp,
-        DialKind::App => rbac::ResourceKind::App,
-    };
     let resource = rbac::Resource {
-        kind,
+        kind: request.kind.resource_kind(),
         name: &request.target,
         labels: &target.labels,
     };
@@ -115,14 +109,8 @@ pub fn matching_lock<'a>(
     now: u64,
 ) -> Option<&'a jaunt_config::rbac::ActiveLock> {
     use jaunt_config::rbac;
-    let kind = match request.kind {
-        DialKind::Ssh => rbac::ResourceKind::Node,
-        DialKind::Db => rbac::ResourceKind::Db,
-        DialKind::Tcp => rbac::ResourceKind::Tcp,
-        DialKind::App => rbac::ResourceKind::App,
-    };
     let resource = rbac::Resource {
-        kind,
+        kind: request.kind.resource_kind(),
         name: &request.target,
         labels,
     };
@@ -141,7 +129,7 @@ mod tests {
     use jaunt_config::identity::IdentityKind;
 
     use super::*;
-    use crate::server::dial::DialKind;
+    use jaunt_config::wire::dial::DialKind;
 
     fn alice() -> Identity {
         Identity {

@@ -50,9 +50,6 @@ use crate::mux::{Blame, Role};
 use crate::route::{self, RejectReason, Route};
 use crate::server::audit::AuditEvent;
 use crate::server::authorize::{authorize, Allowed, Denied, DeniedKind};
-use crate::server::dial::{
-    DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello, LENGTH_PREFIX_BYTES,
-};
 use crate::server::hop::{HopRefusal, HopStream};
 use crate::server::http::{self, PingBody, Response};
 use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed};
@@ -60,8 +57,11 @@ use crate::server::metrics::{DialMiss, Direction, HopResult, Refusal, RouteKind}
 use crate::server::shard::{ConnGuard, Registered, Resolved, Shard, Signal};
 use crate::server::snapshot::Snapshot;
 use crate::server::web::{WebRequest, WebUi};
-use crate::tunnel::agent_hello::{AgentHello, MAX_AGENT_HELLO_BYTES};
 use crate::tunnel::{self, CloseReason, MuxStream, OpenError, Side, Tunnel};
+use jaunt_config::wire::agent_hello::{AgentHello, MAX_AGENT_HELLO_BYTES};
+use jaunt_config::wire::dial::{
+    DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello, LENGTH_PREFIX_BYTES,
+};
 
 /// Bytes read per `read` while waiting for the ClientHello: a typical hello fits in one read.
 const HELLO_READ_CHUNK: usize = 4 * 1024;
@@ -787,7 +787,7 @@ enum HeartbeatStep {
 }
 
 /// Serves the agent's heartbeat stream(s) on `tunnel` (see the wire format in
-/// `tunnel::agent_hello`) until the tunnel stops taking streams: one heartbeat stream at a time,
+/// `jaunt_config::wire::agent_hello`) until the tunnel stops taking streams: one heartbeat stream at a time,
 /// every other agent-opened stream refused. A heartbeat with the sequence in force costs
 /// nothing; a new sequence whose frame hashes like the announcement in force costs a hash; a
 /// changed one is parsed, validated like the AgentHello and applied through
@@ -800,7 +800,7 @@ async fn serve_heartbeats(
     tunnel: Tunnel,
     mut applied_hash: u64,
 ) {
-    use crate::tunnel::agent_hello::{Heartbeat, HEARTBEAT_OPEN};
+    use jaunt_config::wire::agent_hello::{Heartbeat, HEARTBEAT_OPEN};
     let mut current: Option<tunnel::MuxStream> = None;
     let mut buf: Vec<u8> = Vec::new();
     let mut last_seq: Option<u64> = None;
@@ -889,7 +889,7 @@ async fn read_heartbeat<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    use crate::tunnel::agent_hello::{Heartbeat, MAX_HEARTBEAT_BYTES};
+    use jaunt_config::wire::agent_hello::{Heartbeat, MAX_HEARTBEAT_BYTES};
     let mut chunk = [0u8; HEARTBEAT_READ_CHUNK];
     loop {
         if Heartbeat::split(buf) != Ok(None) {

@@ -26,7 +26,7 @@ use jaunt_config::identity::unix_now;
 use serde::{Deserialize, Serialize};
 
 use crate::server::table::RouteIndex;
-use crate::tunnel::agent_hello::{AgentHello, Resource, ResourceKind};
+use jaunt_config::wire::agent_hello::{AgentHello, Resource, ResourceKind};
 
 /// A change in which agents have tunnels to which shard. Keyed by `(shard, host_id)`: a
 /// `TunnelUp` for a pair that is already up replaces what it announced (the agent reconnected
@@ -224,7 +224,7 @@ impl Directory {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
-    use crate::tunnel::agent_hello::ResourceProtocol;
+    use jaunt_config::wire::agent_hello::ResourceProtocol;
 
     fn hello(name: &str, tcp: &[&str]) -> Arc<AgentHello> {
         let resources = tcp

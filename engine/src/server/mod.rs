@@ -14,17 +14,19 @@
 //! - `io.rs`: prefix replay, byte counting, splice with idle timeout, deadlines;
 //! - `http.rs`: the web route's HTTP/1.1; `web.rs`: the [`WebBackend`] the web UI plugs in;
 //!   `diag.rs`: `/metrics`, `/healthz`, `/readyz`;
-//! - `dial.rs`: the dial request/response and tunnel hello wire formats (sans-IO);
 //! - `audit.rs`: the [`AuditEvent`]s control's audit log receives (sessions, denials);
 //! - `authorize.rs`: the one authorization decision; `snapshot.rs`: what it reads;
 //! - `metrics.rs`: per-shard single-writer counters and the Prometheus text;
 //! - `tls.rs`: the three TLS configurations and their per-shard copies.
 //!
+//! The wire formats (dial request/response, tunnel hello, stream header, agent hello) are the
+//! config crate's `jaunt_config::wire`, shared with the client and the agent.
+//!
 //! Agents and routing: an agent's tunnel starts with the engine's `TunnelHello` and the agent's
-//! [`AgentHello`](crate::tunnel::agent_hello::AgentHello) (who it is, what it serves); the shard
+//! [`AgentHello`](jaunt_config::wire::agent_hello::AgentHello) (who it is, what it serves); the shard
 //! registers the tunnel under the host id of the agent's certificate, one tunnel per agent per
 //! shard. While the tunnel lives the agent heartbeats its resources on a stream it opens
-//! ([`Heartbeat`](crate::tunnel::agent_hello::Heartbeat)): a changed set re-indexes that
+//! ([`Heartbeat`](jaunt_config::wire::agent_hello::Heartbeat)): a changed set re-indexes that
 //! shard's table, updates the directory unless a newer heartbeat came through another shard,
 //! and is reported to control. A user dial resolves `target name → host id → tunnel` on its own
 //! shard first; see `shard.rs`.
@@ -42,7 +44,6 @@ pub mod audit;
 mod authorize;
 mod conn;
 mod diag;
-pub mod dial;
 pub(crate) mod hop;
 mod http;
 mod inventory;
@@ -62,7 +63,6 @@ use std::time::{Duration, Instant};
 
 pub use audit::{AuditEvent, AuditOverflow};
 pub use authorize::{authorize, Denied, DeniedKind};
-pub use dial::{DialKind, DialRequest, DialResponse, TunnelHello};
 pub use inventory::{AgentInventory, InventoryEvent};
 pub use shard::LiveSessionInfo;
 pub use snapshot::{Lock, Snapshot, Target, Targets};
@@ -92,8 +92,7 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SHARD: usize = 10_000;
 /// glommio's minimum.
 pub const DEFAULT_IO_MEMORY: usize = 64 << 10;
 
-/// Most shards one engine runs.
-pub const MAX_SHARDS: usize = 1024;
+pub use jaunt_config::wire::MAX_SHARDS;
 
 /// How long [`EngineHandle::reload_tls`] waits for every shard to acknowledge.
 pub const COMMAND_ACK_TIMEOUT: Duration = Duration::from_secs(5);

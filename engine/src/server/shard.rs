@@ -43,7 +43,6 @@ use glommio::{LocalExecutorBuilder, Placement};
 use jaunt_config::identity::Identity;
 
 use crate::server::authorize::matching_lock;
-use crate::server::dial::{DialKind, DialRequest};
 use crate::server::hop::{self, HopBoot, Hops};
 use crate::server::inventory::{Directory, HeartbeatApplied, InventoryEvent};
 use crate::server::metrics::{Refusal, ShardMetrics};
@@ -51,8 +50,9 @@ use crate::server::snapshot::{Snapshot, Target};
 use crate::server::table::{TunnelEntry, TunnelTable};
 use crate::server::tls::{ShardTls, TlsConfigs};
 use crate::server::{conn, EngineConfig, EngineError, EngineLimits};
-use crate::tunnel::agent_hello::{AgentHello, ResourceKind};
 use crate::tunnel::Tunnel;
+use jaunt_config::wire::agent_hello::{AgentHello, ResourceKind};
+use jaunt_config::wire::dial::{DialKind, DialRequest};
 
 /// How long a shard waits, after aborting the connections left at the drain deadline, for their
 /// tasks to finish before it stops its executor anyway (dropping whatever is left).

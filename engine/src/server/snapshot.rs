@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use rustls_pki_types::CertificateDer;
 
-use crate::server::dial::DialKind;
+use jaunt_config::wire::dial::DialKind;
 
 /// One immutable, versioned view of the cluster's authorization state.
 ///

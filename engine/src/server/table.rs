@@ -17,13 +17,13 @@
 //!   connecting), and the shard logs the conflict ([`TunnelTable::conflicts`]).
 //!
 //! Bounds: one entry per tunnel (so at most the shard's connection limit), each with at most
-//! [`crate::tunnel::agent_hello::MAX_RESOURCES`] index entries.
+//! [`jaunt_config::wire::agent_hello::MAX_RESOURCES`] index entries.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::tunnel::agent_hello::{AgentHello, Resource, ResourceKind};
+use jaunt_config::wire::agent_hello::{AgentHello, Resource, ResourceKind};
 
 /// A registered tunnel and what its agent announced.
 #[derive(Debug)]
@@ -249,7 +249,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::tunnel::agent_hello::ResourceProtocol;
+    use jaunt_config::wire::agent_hello::ResourceProtocol;
 
     fn hello(name: &str, tcp: &[&str]) -> Arc<AgentHello> {
         let mut resources = vec![Resource {

@@ -71,7 +71,6 @@
 //! ([`CloseReason`]). Dropping the last [`Tunnel`] handle starts a drain (GOAWAY): streams
 //! already open finish, no new ones start.
 
-pub mod agent_hello;
 mod driver;
 mod error;
 mod shared;

@@ -1,7 +1,7 @@
 //! [`AgentHello`]: the one message an agent sends on a new tunnel before the multiplexer starts,
 //! saying who it is and what it serves. Sans-IO: the engine reads it with [`AgentHello::parse`],
 //! the agent writes it with [`AgentHello::encode`]. What does not live here: the engine's
-//! [`TunnelHello`](crate::server::dial::TunnelHello) (in `server::dial`), the mux itself, and
+//! [`TunnelHello`](crate::wire::TunnelHello) (in `wire::dial`), the mux itself, and
 //! routing (which tunnel serves which target).
 //!
 //! # The tunnel opening
@@ -49,7 +49,7 @@
 //!
 //! # Format and bounds
 //!
-//! The frame is the one of `server::dial`: a big-endian `u16` length, then that many bytes of
+//! The frame is the one of `wire::dial`: a big-endian `u16` length, then that many bytes of
 //! UTF-8 JSON; a length of 0 or above [`MAX_AGENT_HELLO_BYTES`] is refused before any JSON is
 //! read. Unknown fields are refused (the engine would not enforce what it does not know). Names
 //! are non-empty, at most [`MAX_NAME_BYTES`], without control characters (they end up in logs);
@@ -62,7 +62,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::server::dial::{split_frame, DialError, LENGTH_PREFIX_BYTES};
+use crate::wire::dial::{split_frame, DialError, LENGTH_PREFIX_BYTES};
+pub use crate::wire::ResourceKind;
 
 /// Largest AgentHello body: a few hundred resources with labels. The `u16` length prefix caps any
 /// frame at 64 KiB anyway; this keeps what an unauthenticated-until-now peer makes the engine
@@ -129,20 +130,6 @@ pub struct Resource {
     pub labels: BTreeMap<String, String>,
     /// The protocol the agent speaks to it.
     pub protocol: ResourceProtocol,
-}
-
-/// Kinds of resources; each is reached by one dial kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResourceKind {
-    /// An SSH server (dial kind `ssh`); protocol `ssh`.
-    Node,
-    /// A web app (reached by HTTP at `<name>.<public host>`); protocol `http` or `https`.
-    App,
-    /// A database (dial kind `db`); protocol `postgres` or `mysql`.
-    Db,
-    /// A plain TCP app (dial kind `tcp`); protocol `tcp`.
-    Tcp,
 }
 
 /// Protocols the agent speaks to its resources.

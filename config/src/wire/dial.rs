@@ -14,7 +14,7 @@
 //!                              {"kind":"db","target":"pg","db_user":"alice","db_name":"app"}
 //! engine → user   DialResponse {"ok":true}  |  {"ok":false,"error":"agent offline: ..."}
 //! engine → agent  TunnelHello  {"version":1,"shards":4,"shard":2}
-//! agent → engine  AgentHello   (crate::tunnel::agent_hello), or a clean close if the agent
+//! agent → engine  AgentHello   (crate::wire::agent_hello), or a clean close if the agent
 //!                              already has a tunnel to that shard
 //! ```
 //!
@@ -26,14 +26,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::tunnel::agent_hello::ResourceKind;
+use crate::wire::{ResourceKind, ALPN_APP, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, MAX_DIAL_HEADER_LEN};
 
 /// Bytes of the length prefix of every message.
 pub const LENGTH_PREFIX_BYTES: usize = 2;
 
 /// Largest dial request body: a target, a login and two database names fit many times over; the
 /// same bound as a mux OPEN's dial header, since the request travels on to the agent.
-pub const MAX_DIAL_REQUEST_BYTES: usize = crate::mux::MAX_DIAL_HEADER_LEN;
+pub const MAX_DIAL_REQUEST_BYTES: usize = MAX_DIAL_HEADER_LEN;
 
 /// Largest dial response body. The error message is truncated to fit.
 pub const MAX_DIAL_RESPONSE_BYTES: usize = 2 * 1024;
@@ -79,6 +79,17 @@ impl DialKind {
         }
     }
 
+    /// The ALPN a dial request of this kind arrives with. A web app has a second way in, by
+    /// SNI `<app>.<public host>` with `http/1.1` and no dial request.
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            DialKind::Ssh => ALPN_SSH,
+            DialKind::Db => ALPN_POSTGRES,
+            DialKind::Tcp => ALPN_TCP,
+            DialKind::App => ALPN_APP,
+        }
+    }
+
     /// What a person calls the target of this kind, for error messages.
     pub fn noun(self) -> &'static str {
         match self {
@@ -89,8 +100,9 @@ impl DialKind {
         }
     }
 
-    /// The kind of agent resource this dial reaches (an agent announces resources in its
-    /// [`AgentHello`](crate::tunnel::agent_hello::AgentHello)).
+    /// The kind of resource this dial reaches: what an agent announces in its
+    /// [`AgentHello`](crate::wire::AgentHello) and what [`crate::rbac::authorize`] decides on.
+    /// The one mapping from dial kind to authorization kind.
     pub fn resource_kind(self) -> ResourceKind {
         match self {
             DialKind::Ssh => ResourceKind::Node,
@@ -223,17 +235,17 @@ impl StreamHeader {
         self
     }
 
-    /// The header bytes, or `None` if they would exceed [`crate::mux::MAX_DIAL_HEADER_LEN`]
+    /// The header bytes, or `None` if they would exceed [`MAX_DIAL_HEADER_LEN`]
     /// (a user with very many roles).
     pub fn encode(&self) -> Option<Vec<u8>> {
         let bytes = serde_json::to_vec(self).ok()?;
-        (bytes.len() <= crate::mux::MAX_DIAL_HEADER_LEN).then_some(bytes)
+        (bytes.len() <= MAX_DIAL_HEADER_LEN).then_some(bytes)
     }
 
     /// The header bytes with the user's verified client certificate (`cert_der`, DER) in the
     /// [`CLIENT_CERT_FIELD`] field as standard base64, so the agent can verify the identity
     /// itself instead of trusting `user` and `roles`; `None` if they would exceed
-    /// [`crate::mux::MAX_DIAL_HEADER_LEN`]. A Jaunt user certificate (ECDSA P-256, identity
+    /// [`MAX_DIAL_HEADER_LEN`]. A Jaunt user certificate (ECDSA P-256, identity
     /// JSON in one extension) is 0.6–1.2 KiB, 0.8–1.6 KiB in base64, which leaves the rest of
     /// the 4 KiB for the header itself.
     pub fn encode_with_client_cert(&self, cert_der: &[u8]) -> Option<Vec<u8>> {
@@ -244,7 +256,7 @@ impl StreamHeader {
             serde_json::Value::String(base64::encode(cert_der)),
         );
         let bytes = serde_json::to_vec(&value).ok()?;
-        (bytes.len() <= crate::mux::MAX_DIAL_HEADER_LEN).then_some(bytes)
+        (bytes.len() <= MAX_DIAL_HEADER_LEN).then_some(bytes)
     }
 
     /// Reads a header (agent side), with or without a client certificate.
@@ -257,10 +269,10 @@ impl StreamHeader {
     pub fn parse_with_client_cert(
         bytes: &[u8],
     ) -> Result<(StreamHeader, Option<Vec<u8>>), DialError> {
-        if bytes.len() > crate::mux::MAX_DIAL_HEADER_LEN {
+        if bytes.len() > MAX_DIAL_HEADER_LEN {
             return Err(DialError::TooLarge {
                 len: bytes.len(),
-                max: crate::mux::MAX_DIAL_HEADER_LEN,
+                max: MAX_DIAL_HEADER_LEN,
             });
         }
         let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
@@ -776,7 +788,7 @@ mod tests {
         ] {
             assert!(StreamHeader::parse_with_client_cert(bad).is_err());
         }
-        let huge = vec![0u8; crate::mux::MAX_DIAL_HEADER_LEN];
+        let huge = vec![0u8; MAX_DIAL_HEADER_LEN];
         assert_eq!(header.encode_with_client_cert(&huge), None);
     }
 
