@@ -48,6 +48,7 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     // Two agents on one data directory would share (and fight over) one host identity.
     let _lock = crate::exclusive::lock_data_dir(&opts.data_dir, "jaunt agent")?;
     let mut info = ensure_identity(&opts)?;
+    check_services(&info.identity.roles, config)?;
     let profile = host_profile(&opts.data_dir);
     let tls = tls_config(&profile, &info)?;
     let settings = jaunt_agent::AgentSettings::new(config, tls);
@@ -338,15 +339,108 @@ pub fn host_profile(data_dir: &std::path::Path) -> Profile {
     }
 }
 
-/// Loads the stored host identity, or joins with the token to get one.
+/// Refuses, at start, services the host's join token does not cover: control issues database
+/// client certificates only to hosts that joined with a `db` token and app JWTs only to `app`
+/// hosts, so such a service would be listed and then fail every user's connection.
+pub fn check_services(
+    roles: &[String],
+    config: &jaunt_config::file::AgentConfig,
+) -> anyhow::Result<()> {
+    use jaunt_config::file::AppProtocol;
+    let has = |role: &str| roles.iter().any(|r| r == role);
+    let mut missing = Vec::new();
+    if !has(crate::db_cmd::DB_HOST_ROLE) {
+        if let Some(db) = config.services.dbs.first() {
+            missing.push((crate::db_cmd::DB_HOST_ROLE, format!("database {}", db.name)));
+        }
+    }
+    if !has(crate::service::APP_HOST_ROLE) {
+        if let Some(app) = config
+            .services
+            .apps
+            .iter()
+            .find(|a| a.protocol != AppProtocol::Tcp)
+        {
+            missing.push((
+                crate::service::APP_HOST_ROLE,
+                format!("web app {}", app.name),
+            ));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let needed: Vec<&str> = missing.iter().map(|(role, _)| *role).collect();
+    let what: Vec<&str> = missing.iter().map(|(_, what)| what.as_str()).collect();
+    let mut types: Vec<String> = roles.to_vec();
+    types.extend(needed.iter().map(|r| r.to_string()));
+    bail!(
+        "this agent joined with a token of type {} and cannot serve {} (that needs a token of \
+         type {}): create one with `jaunt tokens add --type {}` and restart the agent with \
+         --token NEW_TOKEN, or remove the {}",
+        if roles.is_empty() {
+            "(none)".to_string()
+        } else {
+            roles.join(",")
+        },
+        what.join(" and "),
+        needed.join(" and "),
+        types.join(","),
+        if missing.len() == 1 {
+            "service"
+        } else {
+            "services"
+        },
+    )
+}
+
+/// Where the agent keeps the SHA-256 of the token it joined with, so that a restart with the
+/// same `--token` (a unit file that keeps it) is a plain restart and a different one joins again.
+fn joined_token_path(data_dir: &std::path::Path) -> PathBuf {
+    host_profile(data_dir).dir.join("joined-token.sha256")
+}
+
+fn token_digest(token: &str) -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ))
+}
+
+/// Loads the stored host identity, or joins with the token to get one. A token other than the
+/// one the stored identity joined with joins again (new types, a new host id); if that join
+/// fails the agent stops with the reason instead of carrying on with the old identity.
 pub fn ensure_identity(opts: &AgentOptions) -> anyhow::Result<ProfileInfo> {
     let profile = host_profile(&opts.data_dir);
     if let Some(info) = profile.load()? {
+        let joined_with = std::fs::read_to_string(joined_token_path(&opts.data_dir)).ok();
+        let new_token = opts
+            .token
+            .as_deref()
+            .filter(|t| joined_with.as_deref().map(str::trim) != Some(token_digest(t).as_str()));
+        if new_token.is_some() {
+            eprintln!(
+                "jaunt agent: --token differs from the token this agent joined with (host {}): \
+                 joining again with it",
+                info.user
+            );
+            return join(opts, &profile).map_err(|e| {
+                anyhow!(
+                    "{e:#}\nthe new --token was not used and the stored identity (host {}) is \
+                     unchanged; start without --token to keep using it",
+                    info.user
+                )
+            });
+        }
         if info.identity.expires > unix_now() {
             return Ok(info);
         }
         eprintln!("jaunt agent: the stored host certificate expired; joining again");
     }
+    join(opts, &profile)
+}
+
+fn join(opts: &AgentOptions, profile: &Profile) -> anyhow::Result<ProfileInfo> {
     let Some(token) = opts.token.as_deref() else {
         bail!(
             "this agent has not joined yet ({} holds no identity): pass --token (from `jaunt tokens add`)",
@@ -375,9 +469,14 @@ pub fn ensure_identity(opts: &AgentOptions) -> anyhow::Result<ProfileInfo> {
         )
         .context("joining the cluster")?;
     let info = profile.save(&opts.proxy, &keys, &certs)?;
+    std::fs::write(joined_token_path(&opts.data_dir), token_digest(token))
+        .with_context(|| format!("writing {}", joined_token_path(&opts.data_dir).display()))?;
     eprintln!(
-        "jaunt agent: joined {} as host {} ({})",
-        info.cluster, info.user, opts.name
+        "jaunt agent: joined {} as host {} ({}, type {})",
+        info.cluster,
+        info.user,
+        opts.name,
+        info.identity.roles.join(",")
     );
     Ok(info)
 }

@@ -429,3 +429,152 @@ fn get_yaml_round_trips_through_create_for_every_kind() {
         assert_eq!(token["single_use"], true);
     }
 }
+
+/// A fresh join token of `types` (the first line `jaunt tokens add` prints).
+fn token(c: &Cluster, types: &str) -> String {
+    let out = ok(c.admin(&["tokens", "add", "--type", types], None));
+    out.lines().next().unwrap().trim().to_string()
+}
+
+/// `jaunt agent` on `data` (its log in `log`); the caller waits or kills.
+fn spawn_agent(
+    c: &Cluster,
+    data: &std::path::Path,
+    log: &std::path::Path,
+    extra: &[&str],
+) -> Reaped {
+    let mut args = vec![
+        "agent",
+        "--proxy",
+        &c.public_addr,
+        "--ca-pin",
+        &c.pin,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--name",
+        "n1",
+    ];
+    args.extend_from_slice(extra);
+    Reaped(
+        std::process::Command::new(jaunt_bin())
+            .args(&args)
+            .env("JAUNT_HOME", c.dir.path().join("agent-home"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits up to 20 s for `agent` to exit; its exit code and log.
+fn exits(agent: &mut Reaped, log: &std::path::Path) -> (Option<i32>, String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            return (status.code(), std::fs::read_to_string(log).unwrap());
+        }
+        let log = std::fs::read_to_string(log).unwrap();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent kept running: {log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Polls `jaunt get KIND` until it lists `name` (20 s).
+fn wait_listed(c: &Cluster, kind: &str, name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let list = ok(c.admin(&["get", kind], None));
+        if list
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never listed: {list}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// An agent joined with a node-only token accepted `--db` and `--app`, listed them, and failed
+/// only when a user connected; restarted with a new `--token`, it ignored the token. Now it
+/// refuses such services at start and says which token it needs, and a new `--token` joins
+/// again (a bad one stops the agent with the reason; the same one is a plain restart).
+#[test]
+fn agent_token_types_are_checked_at_start_and_a_new_token_is_used() {
+    let c = Cluster::dev();
+    let data = c.dir.path().join("agent-data");
+    let log = c.dir.path().join("agent.log");
+    let node_token = token(&c, "node");
+
+    let mut agent = spawn_agent(
+        &c,
+        &data,
+        &log,
+        &["--token", &node_token, "--db", "pg1=postgres://127.0.0.1:1"],
+    );
+    let (code, text) = exits(&mut agent, &log);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("joined with a token of type node and cannot serve database pg1")
+            && text.contains("jaunt tokens add --type node,db"),
+        "{text}"
+    );
+    let mut agent = spawn_agent(&c, &data, &log, &["--app", "grafana=http://127.0.0.1:1"]);
+    let (code, text) = exits(&mut agent, &log);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("cannot serve web app grafana"), "{text}");
+    assert!(text.contains("jaunt tokens add --type node,app"), "{text}");
+
+    // The node itself is served with the stored identity, no token needed.
+    let agent = spawn_agent(&c, &data, &log, &["--ssh", "127.0.0.1:1"]);
+    wait_listed(&c, "nodes", "n1");
+    drop(agent);
+
+    // A new token with the db type: the agent joins again and serves the database.
+    let db_token = token(&c, "node,db");
+    let agent = spawn_agent(
+        &c,
+        &data,
+        &log,
+        &["--token", &db_token, "--db", "pg1=postgres://127.0.0.1:1"],
+    );
+    wait_listed(&c, "dbs", "pg1");
+    drop(agent);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("joining again"), "{text}");
+    let host_id = |text: &str| {
+        text.split("as host ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+    };
+    let joined = host_id(&text).unwrap_or_else(|| panic!("{text}"));
+
+    // The same token again is a plain restart (no second join).
+    let agent = spawn_agent(
+        &c,
+        &data,
+        &log,
+        &["--token", &db_token, "--db", "pg1=postgres://127.0.0.1:1"],
+    );
+    wait_listed(&c, "dbs", "pg1");
+    drop(agent);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("joining again"), "{text}");
+
+    // A token that does not work stops the agent with the reason; the identity is kept.
+    let mut agent = spawn_agent(&c, &data, &log, &["--token", "not-a-token"]);
+    let (code, text) = exits(&mut agent, &log);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("join token is not valid")
+            && text.contains(&format!("stored identity (host {joined}) is unchanged")),
+        "{text}"
+    );
+}
