@@ -214,6 +214,24 @@ pub struct StatusResponse {
     pub ca_pin: String,
     pub cas: Vec<CaInfo>,
     pub hosts: Vec<HostInfo>,
+    /// The control+engine hosts sharing the store, from their heartbeats (one with SQLite).
+    #[serde(default)]
+    pub members: Vec<MemberInfo>,
+}
+
+/// A control+engine host of the cluster, as `jaunt status` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: String,
+    pub control_addr: String,
+    pub public_addr: String,
+    pub version: String,
+    pub started: u64,
+    pub last_seen: u64,
+    /// `serving`, `draining` or `stopped`, as the host last said.
+    pub state: String,
+    /// `healthy` (serving, heard from lately), `draining`, `stopped` or `unreachable`.
+    pub health: String,
 }
 
 /// The body of every non-2xx answer.

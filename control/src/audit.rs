@@ -286,16 +286,30 @@ pub fn prune_once(store: &Store, retention: std::time::Duration) -> Result<usize
     }
 }
 
+/// The store lease the retention thread holds while it prunes: with several controls on one
+/// store, one of them does the work.
+pub const PRUNE_LEASE: &str = "audit-retention";
+
 /// The retention thread: every [`prune_period`] removes events older than `retention`, until
-/// `stop` is disconnected. A failure is logged and retried at the next period.
+/// `stop` is disconnected, while it holds [`PRUNE_LEASE`] as `holder`. A failure is logged and
+/// retried at the next period.
 pub fn run_pruner(
     store: &Store,
     retention: std::time::Duration,
+    holder: &str,
     stop: &crossbeam_channel::Receiver<()>,
 ) {
     let period = prune_period(retention);
+    // Held a little longer than two periods: a holder that stops renewing loses it soon after.
+    let lease_secs = (period * 2).as_secs() + 10;
     loop {
-        match prune_once(store, retention) {
+        let held = store.try_lease(PRUNE_LEASE, holder, unix_now(), lease_secs);
+        let outcome = match held {
+            Ok(true) => prune_once(store, retention),
+            Ok(false) => Ok(0),
+            Err(e) => Err(e),
+        };
+        match outcome {
             Ok(0) => {}
             Ok(n) => tracing::debug!(removed = n, "audit: removed events past retention"),
             Err(e) => tracing::warn!(error = %e, "audit: removing events past retention failed"),

@@ -1060,6 +1060,22 @@ fn status(data_dir: Option<&Path>, format: Format) -> anyhow::Result<ExitCode> {
                 }
             );
         }
+        let healthy = st.members.iter().filter(|m| m.health == "healthy").count();
+        println!(
+            "Controls and engines: {} listed, {} healthy",
+            st.members.len(),
+            healthy
+        );
+        let now = jaunt_config::identity::unix_now();
+        for m in &st.members {
+            println!(
+                "  engine {:<22} control {:<22} {:<12} seen {}s ago",
+                m.public_addr,
+                m.control_addr,
+                m.health,
+                now.saturating_sub(m.last_seen)
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let profile = Profile::user_default();

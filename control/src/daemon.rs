@@ -223,12 +223,15 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     };
     // Retention: old audit events leave the store in bounded batches, beside the writers.
     let (pruner_stop, pruner_stopped) = crossbeam_channel::bounded::<()>(0);
+    // This process in the cluster's member list (and as a lease holder): random per start.
+    let member_id = crate::audit::uid()[..16].to_string();
     let pruner = {
         let store = store.clone();
         let retention = cfg.audit_retention;
+        let holder = member_id.clone();
         std::thread::Builder::new()
             .name("audit-retention".into())
-            .spawn(move || crate::audit::run_pruner(&store, retention, &pruner_stopped))?
+            .spawn(move || crate::audit::run_pruner(&store, retention, &holder, &pruner_stopped))?
     };
     let (snapshot_tx, snapshot_rx) = crossbeam_channel::bounded(16);
     control.set_snapshot_sender(snapshot_tx);
@@ -250,6 +253,25 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     control.set_engine_sessions(engine.sessions());
     let public_addr = advertised(&public_addr_hint, engine.local_addr().port());
     control.set_public_addr(&public_addr);
+
+    // Heartbeats: `jaunt status` on any host lists every control+engine host and its health.
+    let member = crate::store::StoredMember {
+        id: member_id,
+        control_addr: control_bound.to_string(),
+        public_addr: public_addr.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started: unix_now(),
+        last_seen: unix_now(),
+        state: "serving".into(),
+    };
+    let (beat_stop, beat_stopped) = crossbeam_channel::bounded::<()>(0);
+    let beats = {
+        let store = store.clone();
+        let member = member.clone();
+        std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || run_heartbeats(&store, member, &beat_stopped))?
+    };
 
     write_admin_identity(&control, &cfg, &control_bound.to_string())?;
     profile::write_private(
@@ -273,6 +295,11 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
 
     serve_until_shutdown(&control, &cfg, &names, &engine)?;
     tracing::info!("shutting down: draining the engine");
+    drop(beat_stop);
+    if beats.join().is_err() {
+        tracing::warn!("the heartbeat thread panicked");
+    }
+    beat(&store, &member, "draining");
     match engine.shutdown(DRAIN_TIMEOUT) {
         Ok(report) if report.aborted_connections > 0 => {
             tracing::warn!(
@@ -296,6 +323,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     if feed.is_some_and(|f| f.join().is_err()) {
         tracing::warn!("the store change feed thread panicked");
     }
+    beat(&store, &member, "stopped");
     control_server.shutdown();
     println!("jaunt stopped");
     Ok(())
@@ -326,6 +354,38 @@ fn run_change_feed(control: &Control, stop: &crossbeam_channel::Receiver<()>) {
                 }
                 failing = true;
             }
+        }
+    }
+}
+
+/// How often a host writes its heartbeat into the store.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(2);
+
+/// Heartbeat rows older than this are removed (hosts long gone).
+const FORGET_MEMBER_SECS: u64 = 24 * 3600;
+
+fn beat(store: &Store, member: &crate::store::StoredMember, state: &str) {
+    let m = crate::store::StoredMember {
+        last_seen: unix_now(),
+        state: state.to_string(),
+        ..member.clone()
+    };
+    if let Err(e) = store.heartbeat(&m, FORGET_MEMBER_SECS) {
+        tracing::warn!(error = %e, "heartbeat: cannot write to the store");
+    }
+}
+
+/// Writes this host's heartbeat every [`HEARTBEAT_PERIOD`] until `stop` closes.
+fn run_heartbeats(
+    store: &Store,
+    member: crate::store::StoredMember,
+    stop: &crossbeam_channel::Receiver<()>,
+) {
+    loop {
+        beat(store, &member, "serving");
+        match stop.recv_timeout(HEARTBEAT_PERIOD) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => return,
         }
     }
 }

@@ -39,6 +39,10 @@ pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const LOCAL_ADMIN: &str = "admin";
 /// The host role of agents that serve apps (joined with an `app` token).
 pub const APP_HOST_ROLE: &str = "app";
+/// A host whose heartbeat is older than this is listed as unreachable (heartbeats come every
+/// `daemon::HEARTBEAT_PERIOD`).
+pub const MEMBER_STALE_SECS: u64 = 6;
+
 /// Store name of the app-access JWT signing key.
 pub const JWT_KEY_NAME: &str = "jwt";
 /// Longest a change waits for room in the engine's snapshot feed (the engine's feeder thread
@@ -706,8 +710,40 @@ impl Control {
                 ca_pin: self.cas.host.pin().to_string(),
                 cas,
                 hosts: self.hosts()?,
+                members: self.members()?,
             },
         ))
+    }
+
+    /// The control+engine hosts from their heartbeats, with a health verdict: a serving host
+    /// not heard from for [`MEMBER_STALE_SECS`] is `unreachable`.
+    fn members(&self) -> Result<Vec<jaunt_config::api::MemberInfo>, Response> {
+        let now = unix_now();
+        Ok(self
+            .store
+            .list_members()
+            .map_err(internal)?
+            .into_iter()
+            .map(|m| {
+                let stale = now.saturating_sub(m.last_seen) > MEMBER_STALE_SECS;
+                let health = match m.state.as_str() {
+                    "stopped" => "stopped",
+                    _ if stale => "unreachable",
+                    "draining" => "draining",
+                    _ => "healthy",
+                };
+                jaunt_config::api::MemberInfo {
+                    health: health.to_string(),
+                    id: m.id,
+                    control_addr: m.control_addr,
+                    public_addr: m.public_addr,
+                    version: m.version,
+                    started: m.started,
+                    last_seen: m.last_seen,
+                    state: m.state,
+                }
+            })
+            .collect())
     }
 
     fn hosts(&self) -> Result<Vec<HostInfo>, Response> {

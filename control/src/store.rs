@@ -120,6 +120,22 @@ pub enum TokenCheck {
     Unknown,
 }
 
+/// A control+engine host of the cluster, as its heartbeat left it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMember {
+    /// Random per process start.
+    pub id: String,
+    /// The control API address.
+    pub control_addr: String,
+    /// The engine's public address (users and agents dial it).
+    pub public_addr: String,
+    pub version: String,
+    pub started: u64,
+    pub last_seen: u64,
+    /// `serving`, `draining` (SIGTERM received: new dials belong elsewhere) or `stopped`.
+    pub state: String,
+}
+
 /// What every backend stores and answers. Methods that change users, roles, tokens, locks or
 /// CAs are counted by the [`Store`] facade, not here.
 pub trait Backend: Send + Sync {
@@ -137,6 +153,21 @@ pub trait Backend: Send + Sync {
     fn revision(&self) -> Result<u64> {
         Ok(0)
     }
+
+    /// Takes or renews the lease `name` for `holder` until `now + ttl_secs`; true when
+    /// `holder` holds it afterwards. Single-writer jobs (audit retention, token expiry) run only
+    /// while they hold theirs, so of several controls one does the work. A store only one
+    /// process writes grants every lease.
+    fn try_lease(&self, _name: &str, _holder: &str, _now: u64, _ttl_secs: u64) -> Result<bool> {
+        Ok(true)
+    }
+
+    /// Records a host's heartbeat (inserted or replaced by id); rows not seen for `forget_secs`
+    /// are removed on the way.
+    fn heartbeat(&self, m: &StoredMember, forget_secs: u64) -> Result<()>;
+
+    /// Every host that sent a heartbeat, by public address.
+    fn list_members(&self) -> Result<Vec<StoredMember>>;
 
     fn get_ca(&self, name: &str) -> Result<Option<StoredCa>>;
 
@@ -329,6 +360,9 @@ impl Store {
     pass! {
         schema_version() -> i64;
         integrity_check() -> String;
+        try_lease(name: &str, holder: &str, now: u64, ttl_secs: u64) -> bool;
+        heartbeat(m: &StoredMember, forget_secs: u64) -> ();
+        list_members() -> Vec<StoredMember>;
         get_ca(name: &str) -> Option<StoredCa>;
         key_or_insert(name: &str, pem: &str, now: u64) -> String;
         get_user(name: &str) -> Option<StoredUser>;

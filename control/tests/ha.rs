@@ -13,6 +13,7 @@ mod support;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use jaunt_control::store::{AuditQuery, Store, StoredLock, StoredToken, StoredUser, TokenCheck};
 use support::*;
@@ -316,7 +317,6 @@ fn postgres_backend_is_shared_consistent_and_refuses_clearly() {
         let b = s.spawn(|| open(&conn));
         (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
     });
-    assert_eq!(a.schema_version().unwrap(), 1);
     assert_eq!(b.backend().kind(), "postgres");
     assert_eq!(a.integrity_check().unwrap(), "ok");
     assert_eq!(
@@ -472,6 +472,18 @@ fn postgres_backend_is_shared_consistent_and_refuses_clearly() {
     assert_eq!(pruned, 1000);
     assert_eq!(a.audit_search(&AuditQuery::default()).unwrap().len(), 1501);
 
+    // Leases: one holder at a time, renewed by it, taken over once expired.
+    assert!(a.try_lease("job", "A", 100, 10).unwrap());
+    assert!(!b.try_lease("job", "B", 105, 10).unwrap());
+    assert!(a.try_lease("job", "A", 105, 10).unwrap(), "renewed");
+    assert!(!b.try_lease("job", "B", 114, 10).unwrap());
+    assert!(
+        b.try_lease("job", "B", 115, 10).unwrap(),
+        "expired: taken over"
+    );
+    assert!(!a.try_lease("job", "A", 116, 10).unwrap());
+    assert_eq!(a.schema_version().unwrap(), 2);
+
     // Start-up errors: a wrong password, an unreachable server, an unverifiable certificate.
     let err = open(&pg.conn_string("wrong password!")).err().unwrap();
     assert!(
@@ -525,6 +537,15 @@ fn two_controls_share_users_locks_and_audit_and_survive_kill_9() {
     let b = Cluster::with_config(&host_config(&conn));
     // One cluster: the CA keys are in the backend, so both hosts present the same CA.
     assert_eq!(a.pin, b.pin);
+
+    // Both hosts are listed, healthy, on either.
+    let status = ok(b.admin(&["status"], None));
+    assert!(
+        status.contains("Controls and engines: 2 listed, 2 healthy")
+            && status.contains(&a.public_addr)
+            && status.contains(&b.public_addr),
+        "{status}"
+    );
 
     // A user added through A logs in through B.
     ok(a.admin(
@@ -588,6 +609,25 @@ fn two_controls_share_users_locks_and_audit_and_survive_kill_9() {
     ok(b.login("alice", PASSWORD, &[]));
     let users = ok(b.admin(&["users", "ls"], None));
     assert!(users.contains("alice") && users.contains("bob"), "{users}");
+    // A's heartbeats stop: B lists it as unreachable once they are stale.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = ok(b.admin(&["status"], None));
+        let line = status
+            .lines()
+            .find(|l| l.contains(&format!("engine {}", a.public_addr)))
+            .unwrap_or_default()
+            .to_string();
+        if line.contains("unreachable") {
+            assert!(status.contains("2 listed, 1 healthy"), "{status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A still listed as reachable: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 #[test]

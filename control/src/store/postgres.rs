@@ -20,7 +20,7 @@ use jaunt_config::pgconn::ConnInfo;
 use super::pg::{Conn, Outcome, PgConfig, PgError, Pool, Row};
 use super::{
     AuditQuery, Backend, Result, StoreError, StoredCa, StoredEvent, StoredHost, StoredLock,
-    StoredToken, StoredUser, TokenCheck,
+    StoredMember, StoredToken, StoredUser, TokenCheck,
 };
 use crate::pg_params as params;
 
@@ -92,6 +92,17 @@ const MIGRATIONS: &[&str] = &[
        FOR EACH STATEMENT EXECUTE FUNCTION jaunt_bump_revision();
      CREATE TRIGGER keys_rev AFTER INSERT OR UPDATE OR DELETE ON keys
        FOR EACH STATEMENT EXECUTE FUNCTION jaunt_bump_revision();",
+    // 2: leases for single-writer jobs, heartbeats of control+engine hosts.
+    "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires BIGINT NOT NULL);
+     CREATE TABLE members (
+        id TEXT PRIMARY KEY,
+        control_addr TEXT NOT NULL,
+        public_addr TEXT NOT NULL,
+        version TEXT NOT NULL,
+        started BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        state TEXT NOT NULL
+     );",
 ];
 
 /// An arbitrary constant: the advisory lock key migrations take.
@@ -295,6 +306,56 @@ impl Backend for Postgres {
                 r.u64(0)
             })?
             .unwrap_or(0))
+    }
+
+    fn try_lease(&self, name: &str, holder: &str, now: u64, ttl_secs: u64) -> Result<bool> {
+        // One statement: taken when free or expired, renewed by its holder, else left alone
+        // (no row comes back).
+        Ok(self
+            .first(
+                "INSERT INTO leases (name, holder, expires) VALUES ($1, $2, $3::bigint)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires
+                 WHERE leases.holder = excluded.holder OR leases.expires <= $4::bigint
+                 RETURNING holder",
+                &params![name, holder, now.saturating_add(ttl_secs), now],
+                |r| r.text(0),
+            )?
+            .is_some_and(|h| h == holder))
+    }
+
+    fn heartbeat(&self, m: &StoredMember, forget_secs: u64) -> Result<()> {
+        self.query(
+            "INSERT INTO members (id, control_addr, public_addr, version, started, last_seen, state)
+             VALUES ($1, $2, $3, $4, $5::bigint, $6::bigint, $7)
+             ON CONFLICT (id) DO UPDATE SET control_addr = excluded.control_addr,
+               public_addr = excluded.public_addr, version = excluded.version,
+               last_seen = excluded.last_seen, state = excluded.state",
+            &params![m.id, m.control_addr, m.public_addr, m.version, m.started, m.last_seen, m.state],
+        )?;
+        self.query(
+            "DELETE FROM members WHERE last_seen < $1::bigint",
+            &params![m.last_seen.saturating_sub(forget_secs)],
+        )?;
+        Ok(())
+    }
+
+    fn list_members(&self) -> Result<Vec<StoredMember>> {
+        self.rows(
+            "SELECT id, control_addr, public_addr, version, started, last_seen, state
+             FROM members ORDER BY public_addr, id",
+            &[],
+            |r| {
+                Ok(StoredMember {
+                    id: r.text(0)?,
+                    control_addr: r.text(1)?,
+                    public_addr: r.text(2)?,
+                    version: r.text(3)?,
+                    started: r.u64(4)?,
+                    last_seen: r.u64(5)?,
+                    state: r.text(6)?,
+                })
+            },
+        )
     }
 
     fn get_ca(&self, name: &str) -> Result<Option<StoredCa>> {

@@ -17,7 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     AuditQuery, Backend, Result, StoreError, StoredCa, StoredEvent, StoredHost, StoredLock,
-    StoredToken, StoredUser, TokenCheck,
+    StoredMember, StoredToken, StoredUser, TokenCheck,
 };
 
 /// Numbered migrations; index + 1 is the schema version they produce.
@@ -77,6 +77,9 @@ const MIGRATIONS: &[&str] = &[
 /// The SQLite store.
 pub struct Sqlite {
     conn: Mutex<Connection>,
+    /// Heartbeats: only this process writes a SQLite store (one daemon per data dir), so they
+    /// live in memory.
+    members: Mutex<std::collections::BTreeMap<String, StoredMember>>,
 }
 
 impl Sqlite {
@@ -107,6 +110,7 @@ impl Sqlite {
         migrate(&mut conn)?;
         Ok(Sqlite {
             conn: Mutex::new(conn),
+            members: Mutex::new(Default::default()),
         })
     }
 
@@ -119,6 +123,20 @@ impl Sqlite {
 impl Backend for Sqlite {
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn heartbeat(&self, m: &StoredMember, forget_secs: u64) -> Result<()> {
+        let mut members = self.members.lock().map_err(|_| StoreError::Poisoned)?;
+        members.retain(|_, old| old.last_seen.saturating_add(forget_secs) >= m.last_seen);
+        members.insert(m.id.clone(), m.clone());
+        Ok(())
+    }
+
+    fn list_members(&self) -> Result<Vec<StoredMember>> {
+        let members = self.members.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut out: Vec<_> = members.values().cloned().collect();
+        out.sort_by(|a, b| a.public_addr.cmp(&b.public_addr));
+        Ok(out)
     }
 
     /// Schema version (number of applied migrations).
