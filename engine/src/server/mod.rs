@@ -10,7 +10,10 @@
 //!   one bounded channel per shard pair);
 //! - `inventory.rs`: the engine-wide directory of connected agents, the [`InventoryEvent`]s
 //!   control receives and the [`AgentInventory`] view;
-//! - `conn.rs`: one connection from ClientHello to close (the routing table's actions);
+//! - `conn/`: one connection from ClientHello to close (the routing table's actions):
+//!   `mod.rs` (acceptance, routing, control pass-through, TLS termination, web), `agent.rs`
+//!   (agent tunnels and heartbeats), `session.rs` (user sessions: the pure session decision,
+//!   then open, answer, splice);
 //! - `io.rs`: prefix replay, byte counting, splice with idle timeout, deadlines;
 //! - `http.rs`: the web route's HTTP/1.1; `web.rs`: the [`WebBackend`] the web UI plugs in;
 //!   `diag.rs`: `/metrics`, `/healthz`, `/readyz`;

@@ -25,7 +25,7 @@
 //! Lives here: boot ([`spawn`]), the accept loop with the per-shard connection limit, the apply
 //! path for commands (a newer snapshot's locks end the live user sessions they match: see
 //! [`Shard::session_started`]), the tunnel table and routing, and drain. Per-connection logic is in
-//! `conn.rs`.
+//! `conn/`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -276,11 +276,11 @@ pub(crate) enum Registered {
 
 /// Where a dial target lives, as routing found it.
 #[derive(Debug)]
-pub(crate) struct Resolved {
+pub(crate) struct Resolved<T = Tunnel> {
     /// The agent serving it, with its labels for authorization.
     pub target: Target,
     /// This shard's usable tunnel to that agent, if it has one.
-    pub tunnel: Option<Tunnel>,
+    pub tunnel: Option<T>,
     /// When this shard has none: the other shards the agent has a tunnel to.
     pub other_shards: Vec<usize>,
 }

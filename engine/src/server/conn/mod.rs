@@ -1,0 +1,615 @@
+//! One connection on the public port, from accept to close: acceptance, the ClientHello, the
+//! route, and the routes that are short (control pass-through, TLS termination, the web UI and
+//! web apps' refusals). The two long routes have their own files: `agent.rs` (agent tunnels and
+//! their heartbeats) and `session.rs` (user sessions, with the session decision as a pure
+//! function).
+//!
+//! Phases, in order; each either hands the connection to the next or ends it with an [`End`]
+//! (counted once, in [`serve`]):
+//!
+//! 1. **Hello**: read the first bytes into a per-connection buffer bounded by
+//!    [`MAX_CLIENT_HELLO_BYTES`], calling [`hello::parse`] after every read, until the ClientHello
+//!    is complete or refused; [`route::decide`] then picks the route. The bytes are kept: they
+//!    are replayed to control or to the TLS acceptor.
+//! 2. **Route**:
+//!    - `Reject` / invalid hello: a fatal TLS alert ([`RejectReason::alert`]), or nothing for
+//!      non-TLS bytes, then close;
+//!    - `Control`: connect to control, write the bytes read so far, splice both ways untouched;
+//!    - `Web` / `App`: terminate TLS (no client auth), serve HTTP/1.1 (`http.rs`);
+//!    - `Tunnel`: terminate TLS (host certificate), send the tunnel hello, read the agent's
+//!      [`AgentHello`] (a clean EOF instead is a duplicate tunnel: counted, closed, not an
+//!      error), wrap the stream in a [`Tunnel`] (server role), register it with its resources
+//!      in the shard's table under the certificate's host id, and run its driver in this
+//!      connection's task until the tunnel ends;
+//!    - `Ssh` / `Postgres` / `Tcp`: terminate TLS (user certificate), read one dial request,
+//!      resolve the target to an agent and its tunnel on this shard ([`Shard::resolve`]; when
+//!      the agent has no tunnel here yet, a cross-shard hop through a shard that has one,
+//!      `hop.rs`), [`authorize`], open a stream with a [`StreamHeader`], answer with a dial
+//!      response, splice the TLS stream and the tunnel stream ([`tunnel::splice`]);
+//!    - `App`: the same with an optional user certificate and no dial request: the SNI names
+//!      the app, refusals are HTTP responses (`connect` with [`Answer::Http`]);
+//!    - `AppDial` (ALPN `jaunt-app`): like `Tcp`, a dial request names the web app (for
+//!      clients that reached the proxy by IP address, with no name to put the app under);
+//!      after the dial response the stream carries HTTP to the app as `App` does.
+//!
+//! The handshake timeout covers phases 1 and 2 up to an established TLS session and a dial
+//! request (or an agent hello); after that the idle timeout applies to user streams, and the
+//! mux's keepalive and dead-peer timeout to tunnels. Every connection also ends when its shard's
+//! drain deadline passes. Nothing here panics on peer input: every malformed byte becomes an
+//! [`End`] with a reason.
+
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod agent;
+mod session;
+
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_rustls::server::TlsStream;
+use glommio::net::TcpStream;
+use jaunt_config::identity::{unix_now, Identity, IdentityKind};
+use jaunt_config::wire::dial::{DialKind, DialRequest};
+
+use crate::hello::{self, Parse, MAX_CLIENT_HELLO_BYTES};
+use crate::mux::Blame;
+use crate::route::{self, RejectReason, Route};
+use crate::server::http::{self, PingBody, Response};
+use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed};
+use crate::server::metrics::{Direction, Refusal, RouteKind};
+use crate::server::shard::{ConnGuard, Shard};
+use crate::server::web::{WebRequest, WebUi};
+use crate::tunnel::{self, CloseReason, Side};
+use agent::agent_tunnel;
+use session::{connect, refuse, user, Answer};
+
+/// Bytes read per `read` while waiting for the ClientHello: a typical hello fits in one read.
+const HELLO_READ_CHUNK: usize = 4 * 1024;
+
+/// Bytes read per `read` while waiting for a dial request.
+const DIAL_READ_CHUNK: usize = 1024;
+
+/// Idle time allowed between two requests on a kept-alive web connection (capped by the
+/// configured idle timeout): browsers reuse connections within seconds, and an idle one holds
+/// TLS buffers for nothing.
+const HTTP_KEEP_ALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// Time allowed for a refusal (alert, dial response, HTTP error) to be written before the
+/// connection is dropped anyway.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// TLS alert `internal_error` (RFC 8446 §6.2): sent when control cannot be reached.
+const ALERT_INTERNAL_ERROR: u8 = 80;
+
+/// How a connection ended.
+#[derive(Debug)]
+enum End {
+    /// Served and closed normally.
+    Done,
+    /// Refused or cut off by the engine; counted by reason.
+    Refused(Refusal),
+    /// An I/O error ended it; logged with who is to blame, not counted as a refusal.
+    Failed(ConnError),
+}
+
+/// Errors that end a connection without being a refusal.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    /// The client's socket failed, or the client broke the protocol after routing.
+    #[error("client connection: {0}")]
+    Client(io::Error),
+    /// The other end (control, an agent's stream) failed.
+    #[error("upstream connection: {0}")]
+    Upstream(io::Error),
+    /// An agent tunnel ended with an error.
+    #[error("agent tunnel: {0}")]
+    Tunnel(CloseReason),
+}
+
+impl ConnError {
+    fn blame(&self) -> Blame {
+        match self {
+            ConnError::Client(_) | ConnError::Upstream(_) => Blame::Peer,
+            ConnError::Tunnel(reason) => reason.blame(),
+        }
+    }
+}
+
+/// The route with owned data: a [`Route`] borrows the ClientHello, which must not live across
+/// an await (it is ~1 KiB).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Routed {
+    Tunnel,
+    Control,
+    User(DialKind),
+    App(String),
+    Web,
+    Reject(RejectReason),
+}
+
+impl Routed {
+    fn kind(&self) -> Option<RouteKind> {
+        Some(match self {
+            Routed::Tunnel => RouteKind::Tunnel,
+            Routed::Control => RouteKind::Control,
+            Routed::User(DialKind::Ssh) => RouteKind::Ssh,
+            Routed::User(DialKind::Db) => RouteKind::Postgres,
+            Routed::User(DialKind::Tcp) => RouteKind::Tcp,
+            Routed::App(_) | Routed::User(DialKind::App) => RouteKind::App,
+            Routed::Web => RouteKind::Web,
+            Routed::Reject(_) => return None,
+        })
+    }
+}
+
+/// Routes `buf` if it holds a complete (or refused) ClientHello; `None` while more is needed.
+fn classify(buf: &[u8], public_host: &str) -> Option<Routed> {
+    match hello::parse(buf) {
+        Parse::NeedMore if buf.len() >= MAX_CLIENT_HELLO_BYTES => {
+            // hello.rs promises a final answer at the bound; refuse rather than loop if not.
+            Some(Routed::Reject(RejectReason::HelloTooLarge))
+        }
+        Parse::NeedMore => None,
+        Parse::Invalid(reason) => Some(Routed::Reject(reason)),
+        Parse::Done(hello) => Some(match route::decide(&hello, public_host) {
+            Route::Tunnel => Routed::Tunnel,
+            Route::Control => Routed::Control,
+            Route::Ssh => Routed::User(DialKind::Ssh),
+            Route::Postgres => Routed::User(DialKind::Db),
+            Route::Tcp => Routed::User(DialKind::Tcp),
+            Route::App { name } => Routed::App(name.to_owned()),
+            Route::AppDial => Routed::User(DialKind::App),
+            Route::Web => Routed::Web,
+            Route::Reject(reason) => Routed::Reject(reason),
+        }),
+    }
+}
+
+/// A fatal TLS alert record: content type 21, TLS 1.2 record version, level 2 (fatal).
+fn alert_record(description: u8) -> [u8; 7] {
+    [21, 3, 3, 0, 2, 2, description]
+}
+
+/// Counts the client socket's bytes into the shard's metrics for one route, and notes the time
+/// of the last byte for the idle timeout.
+struct RouteBytes {
+    shard: Rc<Shard>,
+    kind: RouteKind,
+    last_activity: Rc<Cell<Instant>>,
+}
+
+impl ByteSink for RouteBytes {
+    fn bytes(&self, from_peer: bool, n: usize) {
+        let direction = if from_peer {
+            Direction::FromClient
+        } else {
+            Direction::ToClient
+        };
+        self.shard.metrics.bytes(self.kind, direction, n as u64);
+        if n > 0 {
+            self.last_activity.set(Instant::now());
+        }
+    }
+}
+
+type Client = Counted<TcpStream, RouteBytes>;
+
+/// What every phase of one connection needs.
+struct Ctx<'a> {
+    shard: &'a Rc<Shard>,
+    conn_id: u64,
+    /// The client's address, for logs and the agent's audit.
+    peer: String,
+    accepted_at: Instant,
+    /// End of the handshake phase (ClientHello, TLS, dial request).
+    deadline: Instant,
+    /// Time of the last byte to or from the client.
+    last_activity: Rc<Cell<Instant>>,
+}
+
+/// Serves one accepted connection until it ends, then accounts for how it ended.
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard) {
+    let accepted_at = Instant::now();
+    let ctx = Ctx {
+        shard: &shard,
+        conn_id: guard.id,
+        peer: stream
+            .peer_addr()
+            .map_or_else(|_| "unknown".to_owned(), |a| a.to_string()),
+        accepted_at,
+        deadline: accepted_at + shard.limits().handshake_timeout,
+        last_activity: Rc::new(Cell::new(accepted_at)),
+    };
+    let end = futures_lite::future::or(handle(&ctx, stream), async {
+        shard.abort.wait().await;
+        End::Refused(Refusal::DrainDeadline)
+    })
+    .await;
+    match end {
+        End::Done => {}
+        End::Refused(reason) => shard.metrics.refused(reason),
+        End::Failed(error) => tracing::debug!(
+            shard = shard.index,
+            conn = ctx.conn_id,
+            peer = %ctx.peer,
+            blame = ?error.blame(),
+            %error,
+            "connection failed"
+        ),
+    }
+    drop(guard);
+}
+
+async fn handle(ctx: &Ctx<'_>, mut stream: TcpStream) -> End {
+    let shard = ctx.shard;
+    let _ = stream.set_nodelay(true);
+    let mut hello = Vec::new();
+    let public_host = &shard.config.public_host;
+    let routed = match with_deadline(
+        ctx.deadline,
+        read_hello(&mut stream, &mut hello, public_host),
+    )
+    .await
+    {
+        Err(_) => return End::Refused(Refusal::HandshakeTimeout),
+        Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
+        // EOF before a complete ClientHello: a port scanner or a health check.
+        Ok(Ok(None)) => return End::Done,
+        Ok(Ok(Some(routed))) => routed,
+    };
+    let Some(kind) = routed.kind() else {
+        let Routed::Reject(reason) = routed else {
+            return End::Done;
+        };
+        return reject(stream, reason).await;
+    };
+    shard.metrics.accepted(kind);
+    shard
+        .metrics
+        .bytes(kind, Direction::FromClient, hello.len() as u64);
+    let client = Counted::new(
+        stream,
+        RouteBytes {
+            shard: Rc::clone(shard),
+            kind,
+            last_activity: Rc::clone(&ctx.last_activity),
+        },
+    );
+    match routed {
+        Routed::Control => pass_through(ctx, client, hello).await,
+        Routed::Web => web(ctx, client, hello).await,
+        Routed::App(name) => app(ctx, client, hello, name).await,
+        Routed::Tunnel => agent_tunnel(ctx, client, hello).await,
+        Routed::User(dial_kind) => user(ctx, client, hello, dial_kind).await,
+        Routed::Reject(_) => End::Done,
+    }
+}
+
+/// Reads until the ClientHello is complete or refused, keeping every byte in `buf`. `Ok(None)`
+/// on EOF before that.
+async fn read_hello(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    public_host: &str,
+) -> io::Result<Option<Routed>> {
+    loop {
+        let filled = buf.len();
+        let room = MAX_CLIENT_HELLO_BYTES
+            .saturating_sub(filled)
+            .min(HELLO_READ_CHUNK);
+        if room == 0 {
+            return Ok(Some(Routed::Reject(RejectReason::HelloTooLarge)));
+        }
+        buf.resize(filled + room, 0);
+        let n = match stream.read(&mut buf[filled..]).await {
+            Ok(n) => n,
+            Err(e) => {
+                buf.truncate(filled);
+                return Err(e);
+            }
+        };
+        buf.truncate(filled + n);
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some(routed) = classify(buf, public_host) {
+            return Ok(Some(routed));
+        }
+    }
+}
+
+async fn reject(mut stream: TcpStream, reason: RejectReason) -> End {
+    if let Some(description) = reason.alert() {
+        let deadline = Instant::now() + REFUSAL_WRITE_TIMEOUT;
+        let _ = with_deadline(deadline, stream.write_all(&alert_record(description))).await;
+    }
+    let _ = stream.close().await;
+    End::Refused(Refusal::Hello(reason))
+}
+
+/// Splices `client` and `upstream` until both directions finish, an error, or `idle` passes
+/// without traffic.
+async fn splice_with_idle<A, B>(ctx: &Ctx<'_>, client: A, upstream: B, idle: Duration) -> End
+where
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+    B: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    ctx.last_activity.set(Instant::now());
+    let spliced = async {
+        match tunnel::splice(client, upstream).await {
+            Ok(_) => End::Done,
+            Err(e) => match e.side {
+                Side::A => End::Failed(ConnError::Client(e.source)),
+                Side::B => End::Failed(ConnError::Upstream(e.source)),
+            },
+        }
+    };
+    futures_lite::future::or(spliced, async {
+        idle_timeout(&ctx.last_activity, idle).await;
+        End::Refused(Refusal::IdleTimeout)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control: TLS pass-through
+
+async fn pass_through(ctx: &Ctx<'_>, mut client: Client, hello: Vec<u8>) -> End {
+    let shard = ctx.shard;
+    let addr = shard.config.control_addr;
+    let mut upstream = match with_deadline(ctx.deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(upstream)) => upstream,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_owned(),
+            };
+            tracing::warn!(shard = shard.index, %addr, error = %why, "control is unreachable");
+            let alert = alert_record(ALERT_INTERNAL_ERROR);
+            let deadline = Instant::now() + REFUSAL_WRITE_TIMEOUT;
+            let _ = with_deadline(deadline, client.write_all(&alert)).await;
+            return End::Refused(Refusal::ControlUnreachable);
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    // A PROXY v2 header first, so that control sees the client's address (see control's http.rs).
+    let socket = client.get_ref();
+    let addresses = socket.peer_addr().ok().zip(socket.local_addr().ok());
+    let mut hello = hello;
+    hello.splice(0..0, crate::server::io::proxy_v2_header(addresses));
+    match with_deadline(ctx.deadline, upstream.write_all(&hello)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return End::Failed(ConnError::Upstream(e)),
+        Err(_) => return End::Refused(Refusal::HandshakeTimeout),
+    }
+    drop(hello);
+    splice_with_idle(ctx, client, upstream, ctx.shard.limits().idle_timeout).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS termination
+
+/// Terminates TLS with `acceptor` on a stream that first replays `hello`.
+async fn terminate(
+    ctx: &Ctx<'_>,
+    acceptor: &futures_rustls::TlsAcceptor,
+    client: Client,
+    hello: Vec<u8>,
+) -> Result<TlsStream<Prefixed<Client>>, End> {
+    let shard = ctx.shard;
+    match with_deadline(ctx.deadline, acceptor.accept(Prefixed::new(hello, client))).await {
+        Err(_) => Err(End::Refused(Refusal::HandshakeTimeout)),
+        Ok(Err(e)) => {
+            tracing::debug!(shard = shard.index, peer = %ctx.peer, error = %e, "TLS handshake failed");
+            Err(End::Refused(Refusal::TlsHandshake))
+        }
+        Ok(Ok(stream)) => {
+            shard.metrics.handshake(ctx.accepted_at.elapsed());
+            Ok(stream)
+        }
+    }
+}
+
+/// The verified client certificate's identity, if it is of `kind` and valid now.
+fn peer_identity<S>(
+    stream: &TlsStream<S>,
+    kind: IdentityKind,
+) -> Result<Identity, (Refusal, String)> {
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| {
+            (
+                Refusal::BadIdentity,
+                "a client certificate is required".to_owned(),
+            )
+        })?;
+    let identity = Identity::from_x509_der(leaf.as_ref())
+        .map_err(|e| (Refusal::BadIdentity, e.to_string()))?;
+    if identity.kind != kind {
+        let (want, got) = match kind {
+            IdentityKind::User => ("user", "host"),
+            IdentityKind::Host => ("host", "user"),
+        };
+        return Err((
+            Refusal::BadIdentity,
+            format!(
+                "this route needs a {want} certificate, but {:?} presented a {got} certificate",
+                identity.name
+            ),
+        ));
+    }
+    identity
+        .check_valid_at(unix_now())
+        .map_err(|e| (Refusal::IdentityExpired, e.to_string()))?;
+    Ok(identity)
+}
+
+/// Writes `bytes`, flushes and closes (TLS close_notify), bounded by [`REFUSAL_WRITE_TIMEOUT`].
+async fn write_and_close<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+    let deadline = Instant::now() + REFUSAL_WRITE_TIMEOUT;
+    let _ = with_deadline(deadline, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await?;
+        stream.close().await
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Web and apps
+
+async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
+    let shard = ctx.shard;
+    let peer = client.get_ref().peer_addr().ok();
+    let tls = shard.tls();
+    let mut stream = match terminate(ctx, &tls.web, client, hello).await {
+        Ok(stream) => stream,
+        Err(end) => return end,
+    };
+    drop(tls);
+    let ping = {
+        let snapshot = shard.snapshot();
+        PingBody {
+            cluster: if snapshot.cluster.is_empty() {
+                shard.config.cluster_name.clone()
+            } else {
+                snapshot.cluster.clone()
+            },
+            version: env!("CARGO_PKG_VERSION"),
+            public_addr: shard.config.public_host.clone(),
+        }
+    };
+    let jwks = Arc::clone(&shard.snapshot().jwks);
+    let backend = shard.config.web.clone();
+    let respond = |head: http::RequestHead, body: Vec<u8>| {
+        let own = http::web_response(&head, &ping, &jwks);
+        let backend = backend.clone();
+        async move {
+            if let Some(response) = own {
+                return response;
+            }
+            let Some(backend) = backend else {
+                return Response::text(404, "not found");
+            };
+            let request = WebRequest {
+                method: head.method,
+                path: head.path,
+                headers: head.headers,
+                body,
+                peer,
+            };
+            web_backend(backend, request).await
+        }
+    };
+    let idle = HTTP_KEEP_ALIVE_IDLE.min(shard.limits().idle_timeout);
+    match http::serve(&mut stream, ctx.deadline, idle, &shard.draining, respond).await {
+        http::ServeEnd::Closed | http::ServeEnd::Idle => End::Done,
+        http::ServeEnd::BadRequest(e) => {
+            tracing::debug!(shard = shard.index, peer = %ctx.peer, error = %e, "bad HTTP request");
+            End::Refused(Refusal::BadHttpRequest)
+        }
+        http::ServeEnd::Io(e) => End::Failed(ConnError::Client(e)),
+    }
+}
+
+/// Runs the web UI's backend for one request on the shard's blocking thread; a panic in it
+/// answers 500 (and is logged) instead of taking the shard down.
+async fn web_backend(backend: WebUi, request: WebRequest) -> Response {
+    let answer = glommio::executor()
+        .spawn_blocking(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.0.handle(&request)))
+                .ok()
+        })
+        .await;
+    match answer {
+        Some(r) => Response {
+            status: r.status,
+            content_type: r.content_type,
+            body: r.body,
+            close: false,
+            headers: r.headers,
+        },
+        None => {
+            tracing::error!("the web UI backend panicked");
+            Response::text(500, "internal error")
+        }
+    }
+}
+
+/// A web app at `<name>.<public host>`: TLS with an optional user certificate. With one (as
+/// `jaunt proxy app` presents), the connection is a session to the app like any other user
+/// route, except that there is no dial request: the SNI names the target, the HTTP bytes go
+/// to the agent as they come, and refusals are HTTP responses. Without one, the client is
+/// told how to get in.
+async fn app(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, name: String) -> End {
+    let shard = ctx.shard;
+    let tls = shard.tls();
+    let mut stream = match terminate(ctx, &tls.app, client, hello).await {
+        Ok(stream) => stream,
+        Err(end) => return end,
+    };
+    drop(tls);
+    let identity = match peer_identity(&stream, IdentityKind::User) {
+        Ok(identity) => identity,
+        Err((refusal, why)) => {
+            let message = format!(
+                "app {name:?} needs a Jaunt user certificate ({why}): run `jaunt proxy app {name}` \
+                 and use the local address it prints"
+            );
+            return refuse(&mut stream, Answer::Http, refusal, &message).await;
+        }
+    };
+    let request = DialRequest {
+        kind: DialKind::App,
+        target: name,
+        login: None,
+        db_user: None,
+        db_name: None,
+    };
+    connect(ctx, stream, identity, request, Vec::new(), Answer::Http).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hello::test_support::rustls_hello;
+    use crate::route::{ALPN_CONTROL, ALPN_HTTP1, ALPN_SSH};
+
+    #[test]
+    fn classify_routes_complete_hellos_only() {
+        let hello = rustls_hello(Some("jaunt.test"), &[ALPN_SSH]);
+        for cut in 1..hello.len() {
+            assert_eq!(classify(&hello[..cut], "jaunt.test"), None, "cut {cut}");
+        }
+        assert_eq!(
+            classify(&hello, "jaunt.test"),
+            Some(Routed::User(DialKind::Ssh))
+        );
+        let control = rustls_hello(None, &[ALPN_CONTROL]);
+        assert_eq!(classify(&control, "jaunt.test"), Some(Routed::Control));
+        let app = rustls_hello(Some("grafana.jaunt.test"), &[ALPN_HTTP1]);
+        assert_eq!(
+            classify(&app, "jaunt.test"),
+            Some(Routed::App("grafana".into()))
+        );
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\n", "jaunt.test"),
+            Some(Routed::Reject(RejectReason::NotTls))
+        );
+        let unknown = rustls_hello(Some("jaunt.test"), &[b"foo"]);
+        assert_eq!(
+            classify(&unknown, "jaunt.test"),
+            Some(Routed::Reject(RejectReason::UnknownAlpn))
+        );
+    }
+
+    #[test]
+    fn alert_records_are_fatal_alerts() {
+        assert_eq!(alert_record(120), [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 120]);
+    }
+}
