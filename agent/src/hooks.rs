@@ -223,6 +223,57 @@ impl DenialRecorder for IgnoreDenials {
     fn record(&self, _denial: &AccessDenial) {}
 }
 
+/// An OpenSSH certificate as control issued it.
+#[derive(Clone, Debug)]
+pub struct SshCert {
+    /// The OpenSSH certificate line (`ssh-ed25519-cert-v01@openssh.com AAAA...`).
+    pub cert: String,
+    /// When it expires (unix seconds).
+    pub expires: u64,
+}
+
+/// What a terminating agent asks for to log in to its node's sshd on a user's behalf.
+#[derive(Clone)]
+pub struct SshUserCertRequest {
+    /// The login (the certificate's only principal).
+    pub login: String,
+    /// The user's X.509 certificate the engine forwarded (DER): control checks it carries the
+    /// login.
+    pub user_cert_der: Vec<u8>,
+    /// The OpenSSH public key line of the key the agent made for this session.
+    pub public_key: String,
+    /// The engine's session id, for the audit log.
+    pub session_id: Option<String>,
+}
+
+impl fmt::Debug for SshUserCertRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshUserCertRequest")
+            .field("login", &self.login)
+            .field("session_id", &self.session_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gets the certificates an agent that terminates SSH needs (the `jaunt agent` command asks
+/// control's `POST /v1/agent/ssh/host-cert` and `/user-cert` with the agent's host identity).
+/// Blocking: called on a thread of its own, never on the executor.
+pub trait SshCertProvider: Send + Sync {
+    /// A host certificate (host CA, principals = this node's names) over `public_key`.
+    fn host_cert(&self, public_key: &str) -> Result<SshCert, String>;
+    /// A short-lived user certificate (user CA) for one login of one session.
+    fn user_cert(&self, request: &SshUserCertRequest) -> Result<SshCert, String>;
+}
+
+/// What the agent needs to terminate and record SSH sessions (`ssh_term.rs`): certificates and
+/// the recording spool. Without it every SSH session is spliced to sshd, unrecorded (a role's
+/// `record_session: strict` then refuses the session).
+#[derive(Clone)]
+pub struct SshRecording {
+    pub certs: Arc<dyn SshCertProvider>,
+    pub spool: crate::recording::Spool,
+}
+
 /// The hooks [`crate::run_with_hooks`] takes. The default has no certificate provider (database
 /// streams are refused with a reason) and logs queries with [`LogQueries`].
 #[derive(Clone)]
@@ -237,6 +288,8 @@ pub struct AgentHooks {
     pub app_requests: Arc<dyn AppRequestRecorder>,
     /// Where the agent's own authorization refusals are recorded.
     pub denials: Arc<dyn DenialRecorder>,
+    /// SSH termination and recording; `None` splices every SSH session.
+    pub ssh: Option<SshRecording>,
 }
 
 impl Default for AgentHooks {
@@ -247,6 +300,7 @@ impl Default for AgentHooks {
             app_tokens: None,
             app_requests: Arc::new(LogAppRequests),
             denials: Arc::new(IgnoreDenials),
+            ssh: None,
         }
     }
 }
@@ -256,6 +310,13 @@ impl fmt::Debug for AgentHooks {
         f.debug_struct("AgentHooks")
             .field("db_certs", &self.db_certs.as_ref().map(|_| "provider"))
             .field("app_tokens", &self.app_tokens.as_ref().map(|_| "provider"))
+            .field(
+                "ssh",
+                &self
+                    .ssh
+                    .as_ref()
+                    .map(|s| s.spool.dir().display().to_string()),
+            )
             .finish_non_exhaustive()
     }
 }

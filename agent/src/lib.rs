@@ -50,6 +50,7 @@ pub mod recording;
 mod runtime;
 mod serve;
 mod settings;
+mod ssh_term;
 
 pub use backoff::{
     BackoffConfig, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_HEALTHY_AFTER,
@@ -58,7 +59,8 @@ pub use error::{AgentError, Blame, TunnelError};
 pub use hooks::{
     AccessDenial, AgentHooks, AppRequest, AppRequestRecorder, AppSession, AppToken,
     AppTokenProvider, DbCertProvider, DbClientCert, DbSession, DenialRecorder, IgnoreDenials,
-    LogAppRequests, LogQueries, QueryRecorder,
+    LogAppRequests, LogQueries, QueryRecorder, SshCert, SshCertProvider, SshRecording,
+    SshUserCertRequest,
 };
 pub use net::MAX_CONCURRENT_LOOKUPS;
 pub use policy::{ClusterPolicy, PolicyMode};

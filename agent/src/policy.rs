@@ -62,6 +62,10 @@ pub struct ClusterPolicy {
     policy: Policy,
     locks: Vec<ActiveLock>,
     verifier: Arc<dyn ClientCertVerifier>,
+    /// SHA-256 fingerprints of the user CA's SSH keys (a terminating agent checks users' SSH
+    /// certificates against them) and of the host CA's (the node sshd's host certificate).
+    ssh_user_cas: Vec<ssh_key::Fingerprint>,
+    ssh_host_cas: Vec<ssh_key::Fingerprint>,
 }
 
 impl fmt::Debug for ClusterPolicy {
@@ -103,7 +107,37 @@ impl ClusterPolicy {
             policy,
             locks,
             verifier,
+            ssh_user_cas: Vec::new(),
+            ssh_host_cas: Vec::new(),
         })
+    }
+
+    /// The same policy with the cluster's SSH CA keys (OpenSSH public key lines), which an
+    /// agent that terminates SSH needs; fails on a line that does not parse.
+    pub fn with_ssh_cas(mut self, user_ca: &[String], host_ca: &[String]) -> Result<Self, String> {
+        let fingerprints = |lines: &[String], what: &str| {
+            lines
+                .iter()
+                .map(|line| {
+                    ssh_key::PublicKey::from_openssh(line.trim())
+                        .map(|k| k.fingerprint(ssh_key::HashAlg::Sha256))
+                        .map_err(|e| format!("the {what} CA's SSH key does not parse: {e}"))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
+        self.ssh_user_cas = fingerprints(user_ca, "user")?;
+        self.ssh_host_cas = fingerprints(host_ca, "host")?;
+        Ok(self)
+    }
+
+    /// Fingerprints of the user CA's SSH keys (empty from an older control).
+    pub(crate) fn ssh_user_cas(&self) -> &[ssh_key::Fingerprint] {
+        &self.ssh_user_cas
+    }
+
+    /// Fingerprints of the host CA's SSH keys (empty from an older control).
+    pub(crate) fn ssh_host_cas(&self) -> &[ssh_key::Fingerprint] {
+        &self.ssh_host_cas
     }
 
     /// Compiles control's `GET /v1/agent/policy` answer: every role must compile (dropping one
@@ -122,7 +156,8 @@ impl ClusterPolicy {
                 roots.push(cert.map_err(|e| format!("the user CA is not PEM: {e:?}"))?);
             }
         }
-        ClusterPolicy::new(&response.version, &response.cluster, policy, locks, &roots)
+        ClusterPolicy::new(&response.version, &response.cluster, policy, locks, &roots)?
+            .with_ssh_cas(&response.user_ca_ssh, &response.host_ca_ssh)
     }
 
     /// Control's version of this policy.
@@ -358,6 +393,8 @@ impl Guard {
             id,
             end,
             deadline: decision.session_deadline(),
+            recording: crate::recording::recording_policy(&decision),
+            policy,
         }))
     }
 
@@ -375,6 +412,11 @@ pub(crate) struct Session {
     /// When the session must end (unix seconds): the certificate's expiry, when a role sets
     /// `disconnect_expired_cert`.
     deadline: Option<u64>,
+    /// Whether and how the session is recorded (the decision's `record_session`/`record_input`).
+    pub(crate) recording: crate::recording::RecordingPolicy,
+    /// The policy that admitted it (its SSH CA keys check a terminated SSH session's
+    /// certificates).
+    pub(crate) policy: Arc<ClusterPolicy>,
 }
 
 /// Why an admitted session was ended by the agent.
@@ -561,6 +603,8 @@ mod tests {
             .into(),
             locks,
             user_ca: vec![ca_pem(&ca.der())],
+            user_ca_ssh: Vec::new(),
+            host_ca_ssh: Vec::new(),
         };
         ClusterPolicy::from_response(&response).unwrap()
     }
@@ -705,6 +749,8 @@ mod tests {
             roles: [("strict".to_owned(), strict)].into(),
             locks: Vec::new(),
             user_ca: vec![ca_pem(&ca.der())],
+            user_ca_ssh: Vec::new(),
+            host_ca_ssh: Vec::new(),
         };
         let guard = Rc::new(Guard::new(PolicyMode::Enforce));
         guard.replace(

@@ -182,6 +182,7 @@ fn prepare(settings: &AgentSettings, hooks: &AgentHooks) -> Result<Prepared, Age
     prepared.db = crate::postgres::DbState::new(hooks);
     prepared.app = crate::http_app::AppState::new(hooks);
     prepared.denials = crate::settings::Denials(std::sync::Arc::clone(&hooks.denials));
+    prepared.ssh = crate::ssh_term::SshState::new(hooks);
     Ok(prepared)
 }
 

@@ -4,8 +4,8 @@
 //! ("cannot reach sshd at 127.0.0.1:22: connection refused"); nothing here panics or takes the
 //! tunnel down.
 //!
-//! Served: `ssh` (to the configured sshd; the bytes are end-to-end SSH, the agent only forwards
-//! them), `tcp` apps (spliced), web apps (`app`: an HTTP/1.1 reverse proxy that adds the
+//! Served: `ssh` (to the configured sshd: terminated and recorded by `ssh_term.rs` when the
+//! session's role records it, else spliced, the bytes end-to-end SSH), `tcp` apps (spliced), web apps (`app`: an HTTP/1.1 reverse proxy that adds the
 //! user's `Jaunt-Jwt-Assertion`, see `http_app.rs`) and databases (`db`: protocol-aware, see
 //! `postgres.rs` and `mysql.rs`; the service's protocol picks which).
 //!
@@ -257,8 +257,50 @@ async fn serve_routed(
             return;
         }
     };
+    // A session whose role records it is terminated here (`ssh_term.rs`), when it can be.
+    let terminate = match (&session, header.kind) {
+        (Some(session), DialKind::Ssh) if session.recording.records() => {
+            if !prepared.ssh.available()
+                && session.recording.mode == crate::recording::RecordingMode::Strict
+            {
+                let message = "this session must be recorded (record_session: strict), and \
+                               this agent does not record SSH sessions";
+                tracing::warn!(reason = "unrecordable", "stream refused");
+                incoming.refuse(message);
+                return;
+            }
+            prepared
+                .ssh
+                .available()
+                .then(|| crate::ssh_term::Terminate {
+                    recording: session.recording,
+                    policy: session.policy.clone(),
+                    client_cert: client_cert.clone().unwrap_or_default(),
+                })
+        }
+        _ => None,
+    };
     drop(client_cert);
-    let served = serve_local(incoming, header, local, prepared);
+    let served = async move {
+        let incoming = match terminate {
+            Some(term) => {
+                match crate::ssh_term::serve(
+                    incoming,
+                    header.clone(),
+                    local.clone(),
+                    prepared.clone(),
+                    term,
+                )
+                .await
+                {
+                    Ok(()) => return,
+                    Err(incoming) => incoming,
+                }
+            }
+            None => incoming,
+        };
+        serve_local(incoming, header, local, prepared).await;
+    };
     let Some(session) = session else {
         served.await;
         return;

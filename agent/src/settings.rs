@@ -235,6 +235,9 @@ pub(crate) struct Prepared {
     /// Where the agent's own authorization refusals go (the hooks' default unless
     /// [`crate::run_with_hooks`] set it).
     pub(crate) denials: Denials,
+    /// SSH termination (certificates, spool; the hooks' default, none, unless
+    /// [`crate::run_with_hooks`] set it).
+    pub(crate) ssh: crate::ssh_term::SshState,
 }
 
 /// The [`crate::hooks::DenialRecorder`] in use (a newtype so `Prepared` stays `Debug`).
@@ -326,6 +329,7 @@ impl Prepared {
             heartbeat_interval: jaunt_config::wire::agent_hello::DEFAULT_HEARTBEAT_INTERVAL,
             app: crate::http_app::AppState::default(),
             denials: Denials(std::sync::Arc::new(crate::hooks::IgnoreDenials)),
+            ssh: crate::ssh_term::SshState::default(),
         })
     }
 }

@@ -295,6 +295,52 @@ pub struct AgentPolicyResponse {
     pub locks: Vec<AgentPolicyLock>,
     /// The user CA's certificates (PEM): users' client certificates must chain to one.
     pub user_ca: Vec<String>,
+    /// The user CA's SSH public keys (OpenSSH lines): an agent that terminates SSH checks the
+    /// user's SSH certificate against them. Empty from an older control.
+    #[serde(default)]
+    pub user_ca_ssh: Vec<String>,
+    /// The host CA's SSH public keys (OpenSSH lines): an agent that terminates SSH checks the
+    /// node sshd's host certificate against them. Empty from an older control.
+    #[serde(default)]
+    pub host_ca_ssh: Vec<String>,
+}
+
+/// `POST /v1/agent/ssh/host-cert` (host identities with role `node`): an OpenSSH host
+/// certificate from the host CA over a key the agent made, for the agent's own node name (the
+/// name it joined with, and `NAME.<cluster>`), which the agent presents when it terminates SSH.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSshHostCertRequest {
+    /// OpenSSH public key line (ed25519).
+    pub ssh_public_key: String,
+}
+
+/// `POST /v1/agent/ssh/user-cert` (host identities with role `node`): a short-lived OpenSSH
+/// user certificate from the user CA for one login of one user's session, over a key the agent
+/// made, with which a terminating agent logs in to its node's sshd (`TrustedUserCAKeys`).
+/// Control checks the user's X.509 certificate (forwarded by the engine to the agent) and that
+/// it carries the login.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSshUserCertRequest {
+    /// The login (principal) the certificate is for.
+    pub login: String,
+    /// The user's X.509 certificate (base64 of the DER) as the engine forwarded it.
+    pub user_cert: String,
+    /// OpenSSH public key line (ed25519).
+    pub ssh_public_key: String,
+    /// The engine's session id, for the audit log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+}
+
+/// Answer to `POST /v1/agent/ssh/host-cert` and `POST /v1/agent/ssh/user-cert`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentSshCertResponse {
+    /// OpenSSH certificate line.
+    pub ssh_cert: String,
+    /// Unix seconds.
+    pub expires: u64,
 }
 
 /// One lock of an [`AgentPolicyResponse`]: the lock resource and when control says it lifts

@@ -127,10 +127,13 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     // Recordings: the spool in DATA_DIR/recordings and the thread that uploads finished ones
     // to control (deleting each only once control has stored it).
     let (_uploader_stop, uploader_stopped) = crossbeam_channel::bounded::<()>(0);
-    match jaunt_agent::recording::Spool::open(
+    let opened = jaunt_agent::recording::Spool::open(
         &crate::recordings::upload::spool_dir(&opts.data_dir),
         jaunt_agent::recording::SpoolLimits::default(),
-    ) {
+    );
+    // The same spool (one byte count) is where the SSH termination writes.
+    let ssh_spool = opened.as_ref().ok().cloned();
+    match opened {
         Ok(spool) => {
             let opts = opts.clone();
             let user = info_user(&profile);
@@ -162,7 +165,8 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
         info_user(&profile),
         opts.proxy
     );
-    let hooks = crate::db_cmd::agent_hooks(&opts);
+    let mut hooks = crate::db_cmd::agent_hooks(&opts);
+    hooks.ssh = crate::agent_ssh::ssh_recording(&opts, ssh_spool);
     jaunt_agent::run_with_policy(settings, hooks, jaunt_agent::PolicyMode::Enforce, rx)
         .map_err(|e| anyhow!("agent: {e}"))
 }

@@ -409,6 +409,8 @@ impl Control {
             ("POST", ["v1", "db", "cert"]) => self.db_cert(req, caller),
             ("POST", ["v1", "app", "jwt"]) => self.app_jwt(req, caller),
             ("GET", ["v1", "agent", "policy"]) => self.agent_policy(caller),
+            ("POST", ["v1", "agent", "ssh", "host-cert"]) => self.agent_ssh_host_cert(req, caller),
+            ("POST", ["v1", "agent", "ssh", "user-cert"]) => self.agent_ssh_user_cert(req, caller),
             ("GET", ["v1", "audit"]) => self.audit_search(req, caller),
             ("GET", ["v1", "sessions"]) => self.list_sessions(caller),
             ("DELETE", ["v1", "sessions", id]) => self.kill_session(caller, id),
@@ -1467,6 +1469,8 @@ impl Control {
             roles,
             locks,
             user_ca: vec![self.cas.user.cert_pem().to_string()],
+            user_ca_ssh: vec![self.cas.user.ssh_public_line()],
+            host_ca_ssh: vec![self.cas.host.ssh_public_line()],
         };
         let digest = ring::digest::digest(&ring::digest::SHA256, &to_json(&policy));
         policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
@@ -1481,6 +1485,86 @@ impl Control {
     /// The recordings storage, once set.
     pub fn recordings(&self) -> Option<&crate::recordings::Recordings> {
         self.recordings.get().map(|r| r.as_ref())
+    }
+
+    /// A terminating agent's host certificate for its own node name (`agent_ssh.rs`).
+    fn agent_ssh_host_cert(&self, req: &Request, caller: &Identity) -> Reply {
+        use crate::agent_ssh;
+        use jaunt_config::api::{AgentSshCertResponse, AgentSshHostCertRequest};
+        agent_ssh::may_terminate(caller).map_err(|e| Response::error(403, &e))?;
+        let body: AgentSshHostCertRequest = req.json()?;
+        let public = ssh_key::PublicKey::from_openssh(&body.ssh_public_key)
+            .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+        let identity = agent_ssh::host_cert_identity(
+            caller,
+            &self.settings.cluster,
+            unix_now(),
+            self.settings.host_ttl_secs,
+        )
+        .map_err(|e| Response::error(400, &e))?;
+        let cert = self
+            .cas
+            .host
+            .sign_ssh(&identity, &public)
+            .map_err(internal)?;
+        self.audit.emit(
+            audit::CERT_ISSUED,
+            None,
+            &serde_json::json!({
+                "kind": "agent-ssh-host", "host": caller.name, "node": identity.name,
+                "expires": identity.expires,
+            }),
+        );
+        Ok(Response::json(
+            200,
+            &AgentSshCertResponse {
+                ssh_cert: cert.to_openssh().map_err(internal)?,
+                expires: identity.expires,
+            },
+        ))
+    }
+
+    /// A terminating agent's short-lived login certificate for one user's session on its node
+    /// (`agent_ssh.rs`): only with that user's valid certificate, for a login it carries.
+    fn agent_ssh_user_cert(&self, req: &Request, caller: &Identity) -> Reply {
+        use crate::agent_ssh;
+        use jaunt_config::api::{AgentSshCertResponse, AgentSshUserCertRequest};
+        agent_ssh::may_terminate(caller).map_err(|e| Response::error(403, &e))?;
+        let body: AgentSshUserCertRequest = req.json()?;
+        let public = ssh_key::PublicKey::from_openssh(&body.ssh_public_key)
+            .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+        let der =
+            agent_ssh::decode_user_cert(&body.user_cert).map_err(|e| Response::error(400, &e))?;
+        let now = unix_now();
+        let user = agent_ssh::verify_forwarded_user(
+            self.cas.user.cert_der(),
+            &self.settings.cluster,
+            &der,
+            now,
+        )
+        .map_err(|e| Response::error(403, &e))?;
+        let identity = agent_ssh::node_login_identity(&user, &body.login, now)
+            .map_err(|e| Response::error(403, &e))?;
+        let cert = self
+            .cas
+            .user
+            .sign_ssh(&identity, &public)
+            .map_err(internal)?;
+        self.audit.emit(
+            audit::CERT_ISSUED,
+            Some(&user.name),
+            &serde_json::json!({
+                "user": user.name, "kind": "agent-ssh-login", "login": body.login,
+                "host": caller.name, "session_id": body.session_id, "expires": identity.expires,
+            }),
+        );
+        Ok(Response::json(
+            200,
+            &AgentSshCertResponse {
+                ssh_cert: cert.to_openssh().map_err(internal)?,
+                expires: identity.expires,
+            },
+        ))
     }
 
     /// Where `jaunt sessions ls|kill` find the engine's live sessions (set once it runs).

@@ -341,7 +341,8 @@ impl<CS: CliServ> Conn<CS> {
 
     /// See [`Runner::offer_host_certificate`].
     pub(crate) fn offer_host_certificate(&mut self) -> Result<()> {
-        if self.initial_sent() || self.is_client() {
+        // jaunt patch 6: a client may ask for a certificate host key too.
+        if self.initial_sent() {
             return error::BadUsage.fail();
         }
         self.algo_conf.offer_host_certificate();

@@ -1,0 +1,978 @@
+//! SSH termination at the agent (issue 10; Teleport's "recording proxy" against a stock
+//! OpenSSH node): for a session whose role says `record_session: best_effort|strict`, the agent
+//! is the SSH server the user's `ssh` talks to and an SSH client of the node's sshd, relays the
+//! connection protocol between the two and records the session channels.
+//!
+//! One stream, in order (everything before the stream is accepted is a readable refusal):
+//! 1. the agent's host key and certificate ([`SshState::host_key`]: an ed25519 key made here,
+//!    a host certificate for the node's name from the host CA, through the
+//!    [`crate::SshCertProvider`] hook, cached until two thirds of its life);
+//! 2. a login certificate for this session: a fresh ed25519 key, a user certificate from the user
+//!    CA for the dialed login only, short-lived (control checks the user's forwarded X.509
+//!    certificate carries the login);
+//! 3. TCP to sshd, SSH client handshake (sunset, relay mode): sshd's host key must be a
+//!    certificate from the cluster's host CA naming the node; publickey login with (2);
+//! 4. the stream is accepted; SSH server handshake with the user's `ssh` (sunset, relay mode),
+//!    presenting (1) as `ssh-ed25519-cert-v01@openssh.com` (so the `@cert-authority` line the
+//!    user already has accepts it); only publickey, only an OpenSSH user certificate of the
+//!    user CA, valid now, for this login as principal, of this user (key id), for the SSH user
+//!    name the engine authorized;
+//! 5. relay: every message 80-100 from one side is handed to [`channels::Channels`] (which
+//!    records) and sent to the other side as is, one message in flight per direction (so
+//!    memory stays bounded and flow control stays end to end between `ssh` and sshd).
+//!
+//! With `best_effort` a failure to get the certificates (1, 2) falls back to the splice, which
+//! is not recorded (logged with reason `unrecorded`); `strict` refuses the session then, and
+//! ends a live one whose recording cannot be written ([`crate::recording::STRICT_WRITE_GRACE`]).
+//! A malformed or hostile peer (bad packets, a wrong certificate, too many channels) ends its
+//! own connection only; each refusal is logged with a stable `reason` label ([`Fail::label`]).
+//!
+//! Not here: the recording format and spool (`recording/`), sftp operation decoding, per-channel
+//! RBAC re-checks (a lock ends the whole session, through `policy.rs`), agent forwarding and
+//! `ssh -L` beyond what sshd itself allows with the certificate's `permit-*` extensions (the
+//! login certificate carries the user's).
+
+mod channels;
+
+use std::cell::Cell;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncWrite};
+use jaunt_config::wire::dial::StreamHeader;
+use jaunt_engine::tunnel::Incoming;
+use sunset::ed25519_dalek::SigningKey;
+use sunset::{CliEvent, Event, Runner, ServEvent, SignKey};
+
+use crate::error::{describe_io, Blame};
+use crate::hooks::{AgentHooks, SshRecording, SshUserCertRequest};
+use crate::issue_cache::{IssueCache, Limits};
+use crate::net;
+use crate::policy::ClusterPolicy;
+use crate::recording::{RecordingMode, RecordingPolicy};
+use crate::serve::LocalTarget;
+use crate::settings::Prepared;
+use channels::{Channels, Verdict, Who};
+
+/// How long the user's `ssh` may take to authenticate, and sshd to let the agent in.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the agent waits for control to issue a certificate.
+const CERT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most certificate requests in flight per executor.
+const MAX_PENDING_CERTS: usize = 64;
+/// Read buffer per side.
+const READ_BUF: usize = 16 << 10;
+/// How long the last messages may take to reach the user once the node closed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The agent's host key with its certificate (the certificate blob, OpenSSH wire format).
+#[derive(Clone)]
+pub(crate) struct HostKey {
+    key: SigningKey,
+    cert: Vec<u8>,
+}
+
+/// The executor's SSH termination state: the hook, the host key and the request bounds.
+pub(crate) struct SshState {
+    rec: Option<SshRecording>,
+    host: IssueCache<u8, Arc<HostKey>>,
+    logins: IssueCache<u64, Arc<(SigningKey, Vec<u8>)>>,
+    next: Cell<u64>,
+}
+
+impl std::fmt::Debug for SshState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshState")
+            .field("recording", &self.rec.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SshState {
+    fn default() -> Self {
+        SshState::new(&AgentHooks::default())
+    }
+}
+
+/// Why a terminated session failed; [`Fail::label`] is stable (logs, metrics).
+#[derive(Debug)]
+pub(crate) enum Fail {
+    /// No certificate from control (host or login).
+    Certificate(String),
+    /// sshd's host key is not a host certificate of the cluster naming the node.
+    NodeHostKey(String),
+    /// sshd refused the agent's login, or its handshake failed.
+    NodeLogin(String),
+    /// The user's `ssh` did not authenticate (wrong, expired or foreign certificate, other
+    /// user name) or broke the handshake.
+    UserAuth(String),
+    /// A malformed SSH packet or message from either side.
+    Protocol(String),
+    /// Strict mode: the recording cannot be written.
+    Recording(String),
+    /// A side's connection failed.
+    Io(String),
+    /// The handshake took too long.
+    Timeout(&'static str),
+}
+
+impl Fail {
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Fail::Certificate(_) => "certificate",
+            Fail::NodeHostKey(_) => "node_host_key",
+            Fail::NodeLogin(_) => "node_login",
+            Fail::UserAuth(_) => "user_auth",
+            Fail::Protocol(_) => "protocol",
+            Fail::Recording(_) => "recording",
+            Fail::Io(_) => "io",
+            Fail::Timeout(_) => "timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fail::Certificate(e)
+            | Fail::NodeHostKey(e)
+            | Fail::NodeLogin(e)
+            | Fail::UserAuth(e)
+            | Fail::Protocol(e)
+            | Fail::Recording(e)
+            | Fail::Io(e) => f.write_str(e),
+            Fail::Timeout(what) => write!(f, "{what} took longer than {HANDSHAKE_TIMEOUT:?}"),
+        }
+    }
+}
+
+fn protocol(e: sunset::Error) -> Fail {
+    Fail::Protocol(format!("SSH: {e}"))
+}
+
+impl SshState {
+    pub(crate) fn new(hooks: &AgentHooks) -> SshState {
+        let limits = |what, thread| Limits {
+            max_pending: MAX_PENDING_CERTS,
+            max_cached: MAX_PENDING_CERTS,
+            timeout: CERT_TIMEOUT,
+            what,
+            thread,
+        };
+        SshState {
+            rec: hooks.ssh.clone(),
+            host: IssueCache::new(limits("host certificate", "jaunt-agent-sshhost")),
+            logins: IssueCache::new(limits("login certificate", "jaunt-agent-sshlogin")),
+            next: Cell::new(0),
+        }
+    }
+
+    /// Whether this agent can terminate SSH at all (it has the hook and a spool).
+    pub(crate) fn available(&self) -> bool {
+        self.rec.is_some()
+    }
+
+    /// The host key and its certificate, cached.
+    async fn host_key(&self) -> Result<Arc<HostKey>, Fail> {
+        let Some(rec) = self.rec.clone() else {
+            return Err(Fail::Certificate("this agent cannot terminate SSH".into()));
+        };
+        let key = new_key().map_err(Fail::Certificate)?;
+        let public = openssh_public(&key);
+        let issued = self
+            .host
+            .get(
+                &0,
+                move || rec.certs.host_cert(&public),
+                move |issued| {
+                    let cert = issued?;
+                    let blob = cert_blob(&cert.cert)?;
+                    tracing::info!(expires = cert.expires, "SSH host certificate issued");
+                    Ok((
+                        Arc::new(HostKey { key, cert: blob }),
+                        crate::postgres::refresh_at(
+                            jaunt_config::identity::unix_now(),
+                            cert.expires,
+                        ),
+                    ))
+                },
+            )
+            .await;
+        issued.map_err(Fail::Certificate)
+    }
+
+    /// A key and login certificate for one session.
+    async fn login_cert(
+        &self,
+        login: &str,
+        user_cert_der: Vec<u8>,
+        session_id: Option<String>,
+    ) -> Result<Arc<(SigningKey, Vec<u8>)>, Fail> {
+        let Some(rec) = self.rec.clone() else {
+            return Err(Fail::Certificate("this agent cannot terminate SSH".into()));
+        };
+        let key = new_key().map_err(Fail::Certificate)?;
+        let request = SshUserCertRequest {
+            login: login.to_string(),
+            user_cert_der,
+            public_key: openssh_public(&key),
+            session_id,
+        };
+        let n = self.next.get();
+        self.next.set(n.wrapping_add(1));
+        self.logins
+            .get(
+                &n,
+                move || rec.certs.user_cert(&request),
+                move |issued| {
+                    let blob = cert_blob(&issued?.cert)?;
+                    // never cached: one per session
+                    Ok((Arc::new((key, blob)), 0))
+                },
+            )
+            .await
+            .map_err(Fail::Certificate)
+    }
+}
+
+fn new_key() -> Result<SigningKey, String> {
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| "no randomness for an SSH key".to_string())?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+fn openssh_public(key: &SigningKey) -> String {
+    let public = ssh_key::public::Ed25519PublicKey(key.verifying_key().to_bytes());
+    ssh_key::PublicKey::from(public)
+        .to_openssh()
+        .unwrap_or_default()
+}
+
+fn cert_blob(line: &str) -> Result<Vec<u8>, String> {
+    ssh_key::Certificate::from_openssh(line.trim())
+        .and_then(|c| c.to_bytes())
+        .map_err(|e| format!("control sent a certificate that does not parse: {e}"))
+}
+
+/// The encoded blob of a public key sunset handed over (a certificate's exact bytes).
+fn pubkey_blob(key: &sunset::PubKey<'_>) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 16 << 10];
+    let n = sunset::sshwire::write_ssh(&mut buf, key).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// Checks a certificate blob: an OpenSSH certificate of one of `cas`, valid at `now`, of
+/// `cert_type`, naming `principal`. Returns the certificate.
+fn check_cert(
+    blob: &[u8],
+    cas: &[ssh_key::Fingerprint],
+    cert_type: ssh_key::certificate::CertType,
+    principal: &str,
+    now: u64,
+) -> Result<ssh_key::Certificate, String> {
+    let cert = ssh_key::Certificate::from_bytes(blob)
+        .map_err(|e| format!("not an OpenSSH certificate: {e}"))?;
+    if cas.is_empty() {
+        return Err("the cluster's policy carries no SSH CA key (control is older)".into());
+    }
+    cert.validate_at(now, cas)
+        .map_err(|e| format!("certificate not valid now or not from the cluster's CA: {e}"))?;
+    if cert.cert_type() != cert_type {
+        return Err(format!(
+            "a {:?} certificate where a {cert_type:?} one was expected",
+            cert.cert_type()
+        ));
+    }
+    if !cert.valid_principals().iter().any(|p| p == principal) {
+        return Err(format!("the certificate does not name {principal:?}"));
+    }
+    Ok(cert)
+}
+
+/// Checks the user's SSH certificate (the blob their `ssh` authenticated with) for `header`.
+pub(crate) fn check_user_cert(
+    blob: &[u8],
+    user_cas: &[ssh_key::Fingerprint],
+    header: &StreamHeader,
+    ssh_user: &str,
+    now: u64,
+) -> Result<(), (&'static str, String)> {
+    let login = header.login.as_deref().unwrap_or("");
+    if ssh_user != login {
+        return Err((
+            "wrong_login",
+            format!("ssh asked for user {ssh_user:?}, the dial was for login {login:?}"),
+        ));
+    }
+    let cert = check_cert(
+        blob,
+        user_cas,
+        ssh_key::certificate::CertType::User,
+        login,
+        now,
+    )
+    .map_err(|e| ("user_cert", e))?;
+    if cert.key_id() != header.user {
+        return Err((
+            "wrong_user",
+            format!(
+                "the certificate is {:?}'s, the session {:?}'s",
+                cert.key_id(),
+                header.user
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ---- one side's transport ----
+
+/// One SSH connection: its socket, its sunset runner, its read buffer.
+struct Link<S, CS: sunset::CliServ> {
+    io: S,
+    runner: Runner<'static, CS>,
+    buf: Box<[u8]>,
+    pos: usize,
+    len: usize,
+    eof: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin, CS: sunset::CliServ> Link<S, CS> {
+    fn new(io: S, mut runner: Runner<'static, CS>) -> Self {
+        runner.set_relay();
+        Link {
+            io,
+            runner,
+            buf: vec![0u8; READ_BUF].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+            eof: false,
+        }
+    }
+
+    /// Moves bytes between the socket and the runner without waiting: `Ready(Ok(true))` if any
+    /// moved, `Ready(Ok(false))` if none (the sockets that would block have `cx` registered).
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let mut moved = false;
+        loop {
+            let out = self.runner.output_buf();
+            if out.is_empty() {
+                break;
+            }
+            match Pin::new(&mut self.io).poll_write(cx, out) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.runner.consume_output(n);
+                    moved = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        if moved {
+            if let Poll::Ready(Err(e)) = Pin::new(&mut self.io).poll_flush(cx) {
+                return Err(e);
+            }
+        }
+        loop {
+            if self.pos < self.len {
+                if !self.runner.is_input_ready() {
+                    break;
+                }
+                let n = self
+                    .runner
+                    .input(&self.buf[self.pos..self.len])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                self.pos += n;
+                moved = true;
+                continue;
+            }
+            if self.eof {
+                break;
+            }
+            match Pin::new(&mut self.io).poll_read(cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    self.eof = true;
+                    self.runner.close_input();
+                    moved = true;
+                    break;
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.pos = 0;
+                    self.len = n;
+                    moved = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Waits until some bytes moved.
+    async fn step(&mut self) -> Result<(), Fail> {
+        futures_lite::future::poll_fn(|cx| match self.poll_io(cx) {
+            Ok(true) => Poll::Ready(Ok(())),
+            Ok(false) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(Fail::Io(describe_io(&e)))),
+        })
+        .await
+    }
+
+    /// Writes what the runner still has to send, bounded by [`DRAIN_TIMEOUT`], then closes.
+    async fn drain_and_close(&mut self) {
+        let drained = async {
+            while !self.runner.output_buf().is_empty() {
+                let out = self.runner.output_buf();
+                match futures::AsyncWriteExt::write(&mut self.io, out).await {
+                    Ok(n) if n > 0 => self.runner.consume_output(n),
+                    _ => return,
+                }
+            }
+            let _ = futures::AsyncWriteExt::close(&mut self.io).await;
+        };
+        let _ = net::timeout(DRAIN_TIMEOUT, drained).await;
+    }
+}
+
+// ---- handshakes ----
+
+/// Logs in to sshd as `login` with `key`+`cert`, checking sshd's host certificate names `node`.
+async fn node_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    link: &mut Link<S, sunset::Client>,
+    login: &str,
+    key: &SigningKey,
+    cert: &[u8],
+    node: &str,
+    host_cas: &[ssh_key::Fingerprint],
+) -> Result<(), Fail> {
+    let mut offered = false;
+    loop {
+        loop {
+            match link
+                .runner
+                .progress()
+                .map_err(|e| Fail::NodeLogin(format!("SSH: {e}")))?
+            {
+                Event::Cli(CliEvent::Hostkey(h)) => {
+                    let checked = h
+                        .hostkey()
+                        .ok()
+                        .and_then(|k| pubkey_blob(&k))
+                        .ok_or_else(|| "sshd presented a plain host key".to_string())
+                        .and_then(|blob| {
+                            check_cert(
+                                &blob,
+                                host_cas,
+                                ssh_key::certificate::CertType::Host,
+                                node,
+                                jaunt_config::identity::unix_now(),
+                            )
+                        });
+                    match checked {
+                        Ok(_) => h.accept().map_err(protocol)?,
+                        Err(e) => {
+                            let _ = h.reject();
+                            return Err(Fail::NodeHostKey(format!(
+                                "sshd's host key is not a host certificate of this cluster for \
+                                 {node}: {e} (sign it with `jaunt ca sign-host --host {node}`)"
+                            )));
+                        }
+                    }
+                }
+                Event::Cli(CliEvent::Username(u)) => u.username(login).map_err(protocol)?,
+                Event::Cli(CliEvent::Pubkey(p)) => {
+                    if offered {
+                        p.skip().map_err(protocol)?;
+                    } else {
+                        offered = true;
+                        let signkey = SignKey::ed25519_with_cert(key.clone(), cert.to_vec())
+                            .map_err(|e| Fail::Certificate(format!("login certificate: {e}")))?;
+                        p.pubkey(signkey).map_err(protocol)?;
+                    }
+                }
+                Event::Cli(CliEvent::Password(p)) => p.skip().map_err(protocol)?,
+                Event::Cli(CliEvent::AgentSign(s)) => s.skip().map_err(protocol)?,
+                Event::Cli(CliEvent::Authenticated) => return Ok(()),
+                Event::Cli(CliEvent::Defunct) | Event::Serv(ServEvent::Defunct) => {
+                    return Err(Fail::NodeLogin(format!(
+                        "sshd refused the agent's login as {login} (does sshd trust the user CA \
+                         through TrustedUserCAKeys, and does {login} exist?)"
+                    )))
+                }
+                Event::None => break,
+                _ => {}
+            }
+        }
+        link.step().await.map_err(|e| match e {
+            Fail::Io(e) => Fail::NodeLogin(format!("sshd closed the connection: {e}")),
+            other => other,
+        })?;
+    }
+}
+
+/// Authenticates the user's `ssh`.
+async fn user_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    link: &mut Link<S, sunset::Server>,
+    host: &HostKey,
+    policy: &ClusterPolicy,
+    header: &StreamHeader,
+) -> Result<(), Fail> {
+    let hostkey = SignKey::ed25519_with_cert(host.key.clone(), host.cert.clone())
+        .map_err(|e| Fail::Certificate(format!("host certificate: {e}")))?;
+    let mut refused: Option<(&'static str, String)> = None;
+    loop {
+        loop {
+            match link.runner.progress().map_err(protocol)? {
+                Event::Serv(ServEvent::Hostkeys(h)) => h.hostkeys(&[&hostkey]).map_err(protocol)?,
+                Event::Serv(ServEvent::FirstAuth(mut a)) => {
+                    a.set_auth_methods(false, true).map_err(protocol)?;
+                    a.reject().map_err(protocol)?;
+                }
+                Event::Serv(ServEvent::PasswordAuth(a)) => a.reject().map_err(protocol)?,
+                Event::Serv(ServEvent::PubkeyAuth(a)) => {
+                    let user = a.username().unwrap_or("").to_string();
+                    let checked = match a.pubkey().ok().and_then(|k| pubkey_blob(&k)) {
+                        Some(blob) => check_user_cert(
+                            &blob,
+                            policy.ssh_user_cas(),
+                            header,
+                            &user,
+                            jaunt_config::identity::unix_now(),
+                        ),
+                        None => Err(("user_cert", "not a key the agent can read".into())),
+                    };
+                    match checked {
+                        Ok(()) => a.allow().map_err(protocol)?,
+                        Err(why) => {
+                            refused = Some(why);
+                            a.reject().map_err(protocol)?;
+                        }
+                    }
+                }
+                Event::Serv(ServEvent::Authenticated) => return Ok(()),
+                Event::Serv(ServEvent::Defunct) | Event::Cli(CliEvent::Defunct) => {
+                    return Err(Fail::UserAuth(match refused {
+                        Some((label, why)) => format!("{label}: {why}"),
+                        None => "the user's ssh left before it authenticated".into(),
+                    }))
+                }
+                Event::None => break,
+                _ => {}
+            }
+        }
+        if let Err(e) = link.step().await {
+            return Err(Fail::UserAuth(match refused {
+                Some((label, why)) => format!("{label}: {why}"),
+                None => format!("the user's ssh left before it authenticated ({e})"),
+            }));
+        }
+    }
+}
+
+// ---- relay ----
+
+/// What a runner's `progress()` gave, without its borrow.
+enum Step {
+    Relay,
+    Defunct,
+    Idle,
+    Other,
+}
+
+fn step_of(event: Result<Event<'_, '_>, sunset::Error>) -> Result<Step, Fail> {
+    Ok(match event.map_err(protocol)? {
+        Event::Relay => Step::Relay,
+        Event::Serv(ServEvent::Defunct) | Event::Cli(CliEvent::Defunct) => Step::Defunct,
+        Event::None => Step::Idle,
+        _ => Step::Other,
+    })
+}
+
+/// How the relay ended.
+enum Ended {
+    User,
+    Node,
+}
+
+/// Relays messages 80-100 both ways until one side ends; records through `channels`.
+async fn relay<U, N, St>(
+    user: &mut Link<U, sunset::Server>,
+    node: &mut Link<N, sunset::Client>,
+    channels: &mut Channels<St>,
+) -> Result<Ended, Fail>
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+    N: AsyncRead + AsyncWrite + Unpin,
+    St: channels::Starter,
+{
+    let mut to_node: Option<Vec<u8>> = None;
+    let mut to_user: Option<Vec<u8>> = None;
+    let mut user_done = false;
+    let mut node_done = false;
+    futures_lite::future::poll_fn(|cx| loop {
+        let mut moved = false;
+        if let Some(p) = &to_node {
+            if node.runner.relay_send(p).map_err(protocol)? {
+                to_node = None;
+                moved = true;
+            }
+        }
+        if let Some(p) = &to_user {
+            if user.runner.relay_send(p).map_err(protocol)? {
+                to_user = None;
+                moved = true;
+            }
+        }
+        while to_node.is_none() && !user_done {
+            match step_of(user.runner.progress())? {
+                Step::Relay => {
+                    let Some(p) = user.runner.relay_payload() else {
+                        continue;
+                    };
+                    match channels.from_user(p) {
+                        Err(m) => {
+                            return Poll::Ready(Err(Fail::Protocol(format!(
+                                "from the user: {}",
+                                m.0
+                            ))))
+                        }
+                        Ok(Err(end)) => {
+                            return Poll::Ready(Err(Fail::Recording(end.0.to_string())))
+                        }
+                        Ok(Ok(Verdict::Forward)) => to_node = Some(p.to_vec()),
+                        Ok(Ok(Verdict::Drop)) => {}
+                    }
+                    moved = true;
+                }
+                Step::Defunct => user_done = true,
+                Step::Idle => break,
+                Step::Other => moved = true,
+            }
+        }
+        while to_user.is_none() && !node_done {
+            match step_of(node.runner.progress())? {
+                Step::Relay => {
+                    let Some(p) = node.runner.relay_payload() else {
+                        continue;
+                    };
+                    match channels.from_node(p) {
+                        Err(m) => {
+                            return Poll::Ready(Err(Fail::Protocol(format!("from sshd: {}", m.0))))
+                        }
+                        Ok(Err(end)) => {
+                            return Poll::Ready(Err(Fail::Recording(end.0.to_string())))
+                        }
+                        Ok(Ok(Verdict::Forward)) => to_user = Some(p.to_vec()),
+                        Ok(Ok(Verdict::Drop)) => {}
+                    }
+                    moved = true;
+                }
+                Step::Defunct => node_done = true,
+                Step::Idle => break,
+                Step::Other => moved = true,
+            }
+        }
+        if user_done {
+            return Poll::Ready(Ok(Ended::User));
+        }
+        if node_done && to_user.is_none() {
+            return Poll::Ready(Ok(Ended::Node));
+        }
+        match user.poll_io(cx) {
+            Ok(m) => moved |= m,
+            Err(e) => return Poll::Ready(Err(Fail::Io(format!("user side: {}", describe_io(&e))))),
+        }
+        match node.poll_io(cx) {
+            Ok(m) => moved |= m,
+            Err(e) => return Poll::Ready(Err(Fail::Io(format!("sshd side: {}", describe_io(&e))))),
+        }
+        if !moved {
+            return Poll::Pending;
+        }
+    })
+    .await
+}
+
+// ---- one stream ----
+
+/// What `serve.rs` hands over for a session to terminate.
+pub(crate) struct Terminate {
+    pub(crate) recording: RecordingPolicy,
+    pub(crate) policy: Arc<ClusterPolicy>,
+    pub(crate) client_cert: Vec<u8>,
+}
+
+/// Serves one SSH stream by terminating it. Gives the stream back (`Err`) when the session
+/// should be spliced instead (best effort, and the certificates could not be had).
+pub(crate) async fn serve(
+    incoming: Incoming,
+    header: StreamHeader,
+    local: LocalTarget,
+    prepared: Rc<Prepared>,
+    term: Terminate,
+) -> Result<(), Incoming> {
+    let state = &prepared.ssh;
+    let strict = term.recording.mode == RecordingMode::Strict;
+    let Some(rec) = state.rec.clone() else {
+        return Err(incoming);
+    };
+    let login = header.login.clone().unwrap_or_default();
+    let certs = async {
+        let host = state.host_key().await?;
+        let node_login = state
+            .login_cert(&login, term.client_cert.clone(), header.session_id.clone())
+            .await?;
+        Ok::<_, Fail>((host, node_login))
+    }
+    .await;
+    let (host, node_login) = match certs {
+        Ok(c) => c,
+        Err(e) if !strict => {
+            tracing::warn!(reason = "unrecorded", cause = e.label(), error = %e,
+                "SSH session spliced unrecorded: the agent cannot terminate it");
+            return Err(incoming);
+        }
+        Err(e) => {
+            tracing::warn!(reason = e.label(), error = %e, "SSH session refused (strict recording)");
+            incoming.refuse(&format!(
+                "this session must be recorded (record_session: strict), and the agent cannot \
+                 record it: {e}"
+            ));
+            return Ok(());
+        }
+    };
+
+    // sshd, as a client.
+    let connected = async {
+        let addrs = net::resolve(&local.addr.host, local.addr.port).await?;
+        net::connect(&addrs, prepared.timeouts.local_connect).await
+    };
+    let tcp = match net::timeout(prepared.timeouts.local_connect, connected).await {
+        Some(Ok(tcp)) => tcp,
+        Some(Err(e)) => {
+            let message = format!(
+                "cannot reach {} at {}: {}",
+                local.what,
+                local.addr,
+                describe_io(&e)
+            );
+            tracing::warn!(blame = %Blame::LocalService, reason = "node_unreachable", error = %message, "stream refused");
+            incoming.refuse(&message);
+            return Ok(());
+        }
+        None => {
+            let message = format!(
+                "cannot reach {} at {}: no answer within {:?}",
+                local.what, local.addr, prepared.timeouts.local_connect
+            );
+            tracing::warn!(blame = %Blame::LocalService, reason = "node_unreachable", error = %message, "stream refused");
+            incoming.refuse(&message);
+            return Ok(());
+        }
+    };
+    let mut node = Link::new(tcp, Runner::new_client_owned());
+    if let Err(e) = node.runner.offer_host_certificate() {
+        incoming.refuse(&format!("the agent's SSH client: {e}"));
+        return Ok(());
+    }
+    let (key, cert) = &*node_login;
+    let handshake = node_handshake(
+        &mut node,
+        &login,
+        key,
+        cert,
+        &prepared.name,
+        term.policy.ssh_host_cas(),
+    );
+    match net::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            tracing::warn!(blame = %Blame::LocalService, reason = e.label(), error = %e, "stream refused");
+            incoming.refuse(&format!("{}: {e}", local.what));
+            return Ok(());
+        }
+        None => {
+            let e = Fail::Timeout("logging in to sshd");
+            tracing::warn!(blame = %Blame::LocalService, reason = e.label(), error = %e, "stream refused");
+            incoming.refuse(&e.to_string());
+            return Ok(());
+        }
+    }
+
+    // The user's ssh, as a server.
+    let stream = match incoming.accept() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(blame = %Blame::Engine, error = %e, "stream gone before accept");
+            return Ok(());
+        }
+    };
+    let mut user = Link::new(stream, Runner::new_server_owned());
+    if let Err(e) = user.runner.offer_host_certificate() {
+        tracing::warn!(reason = "protocol", error = %e, "cannot offer the host certificate");
+        return Ok(());
+    }
+    match net::timeout(
+        HANDSHAKE_TIMEOUT,
+        user_handshake(&mut user, &host, &term.policy, &header),
+    )
+    .await
+    {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            tracing::warn!(blame = "user", reason = e.label(), error = %e, "SSH session refused");
+            user.drain_and_close().await;
+            return Ok(());
+        }
+        None => {
+            tracing::warn!(
+                blame = "user",
+                reason = "timeout",
+                "SSH session refused: no login in time"
+            );
+            return Ok(());
+        }
+    }
+    tracing::info!(login = %login, recording = ?term.recording.mode, local = %local.addr,
+        "SSH session open (terminated at the agent)");
+
+    let who = Who {
+        session_id: header.session_id.clone().unwrap_or_default(),
+        user: header.user.clone(),
+        login: login.clone(),
+        node: prepared.name.clone(),
+    };
+    let mut channels = Channels::new(who, term.recording, rec.spool.clone());
+    let ended = relay(&mut user, &mut node, &mut channels).await;
+    match &ended {
+        Ok(Ended::Node) => user.drain_and_close().await,
+        Ok(Ended::User) => node.drain_and_close().await,
+        Err(_) => {}
+    }
+    let recordings = channels.close_all();
+    let recordings: Vec<&str> = recordings.iter().map(|r| r.as_str()).collect();
+    match ended {
+        Ok(_) => tracing::info!(
+            ?recordings,
+            failure = channels.failure.unwrap_or(""),
+            "SSH session closed"
+        ),
+        Err(e) => tracing::info!(reason = e.label(), error = %e, ?recordings,
+            "SSH session ended with an error"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+mod tests {
+    use ssh_key::certificate::{Builder, CertType};
+    use ssh_key::{Algorithm, HashAlg, PrivateKey};
+
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn key() -> PrivateKey {
+        PrivateKey::random(&mut ssh_key::rand_core::OsRng, Algorithm::Ed25519).unwrap()
+    }
+
+    fn cert(ca: &PrivateKey, ty: CertType, id: &str, principal: &str, until: u64) -> Vec<u8> {
+        let user = key();
+        let mut b = Builder::new_with_random_nonce(
+            &mut ssh_key::rand_core::OsRng,
+            user.public_key(),
+            NOW - 60,
+            until,
+        )
+        .unwrap();
+        b.cert_type(ty).unwrap();
+        b.key_id(id).unwrap();
+        b.valid_principal(principal).unwrap();
+        b.sign(ca).unwrap().to_bytes().unwrap()
+    }
+
+    fn header() -> StreamHeader {
+        StreamHeader {
+            kind: jaunt_config::wire::dial::DialKind::Ssh,
+            target: "node1".into(),
+            login: Some("root".into()),
+            db_user: None,
+            db_name: None,
+            user: "alice".into(),
+            roles: vec!["access".into()],
+            client_addr: "192.0.2.1:5555".into(),
+            allowed_db_users: Vec::new(),
+            allowed_db_names: Vec::new(),
+            session_id: None,
+        }
+    }
+
+    #[test]
+    fn user_certificates_are_checked_for_ca_validity_login_and_user() {
+        let ca = key();
+        let cas = [ca.public_key().fingerprint(HashAlg::Sha256)];
+        let h = header();
+        let good = cert(&ca, CertType::User, "alice", "root", NOW + 3600);
+        check_user_cert(&good, &cas, &h, "root", NOW).unwrap();
+        let label =
+            |blob: &[u8], user: &str| check_user_cert(blob, &cas, &h, user, NOW).unwrap_err().0;
+        assert_eq!(label(&good, "postgres"), "wrong_login");
+        assert_eq!(
+            label(&cert(&ca, CertType::User, "alice", "root", NOW - 1), "root"),
+            "user_cert"
+        );
+        assert_eq!(
+            label(
+                &cert(&key(), CertType::User, "alice", "root", NOW + 60),
+                "root"
+            ),
+            "user_cert"
+        );
+        assert_eq!(
+            label(
+                &cert(&ca, CertType::User, "alice", "admin", NOW + 60),
+                "root"
+            ),
+            "user_cert"
+        );
+        assert_eq!(
+            label(
+                &cert(&ca, CertType::Host, "alice", "root", NOW + 60),
+                "root"
+            ),
+            "user_cert"
+        );
+        assert_eq!(
+            label(
+                &cert(&ca, CertType::User, "mallory", "root", NOW + 60),
+                "root"
+            ),
+            "wrong_user"
+        );
+        assert_eq!(label(b"junk", "root"), "user_cert");
+        assert_eq!(
+            check_user_cert(&good, &[], &h, "root", NOW).unwrap_err().0,
+            "user_cert"
+        );
+    }
+
+    #[test]
+    fn node_host_certificates_must_name_the_node() {
+        let ca = key();
+        let cas = [ca.public_key().fingerprint(HashAlg::Sha256)];
+        let host = cert(&ca, CertType::Host, "node1", "node1", NOW + 60);
+        check_cert(&host, &cas, CertType::Host, "node1", NOW).unwrap();
+        assert!(check_cert(&host, &cas, CertType::Host, "node2", NOW).is_err());
+        assert!(check_cert(&host, &cas, CertType::User, "node1", NOW).is_err());
+    }
+}

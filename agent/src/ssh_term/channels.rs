@@ -1,0 +1,596 @@
+//! The relayed SSH connection protocol as a terminating agent sees it, sans-IO: every message
+//! 80-100 that passes between the user's `ssh` and the node's sshd goes through
+//! [`Channels::from_user`] or [`Channels::from_node`], which keep a table of the session
+//! channels the user opened and feed each one's recording (a [`CastRecorder`] from the spool):
+//! `pty-req`/`window-change` → size and `r` resizes, `shell`/`exec`/`subsystem` → the recording
+//! starts (exec: an `exec` note with the command line), node data and stderr → `o` output, user
+//! data → `i` input (recorded only with `record_input`), `exit-status`/`exit-signal` → an `exit`
+//! note and the end status, `CHANNEL_CLOSE` → the recording is finished.
+//!
+//! Messages are relayed unchanged (channel numbers, windows and flow control stay end to end
+//! between `ssh` and sshd) except the node's `hostkeys-00@openssh.com` announcement, which is
+//! dropped: it names sshd's keys, not the agent's, and the user's ssh could not verify them
+//! against its session with the agent.
+//!
+//! A malformed message is a [`Malformed`] error: the driver ends that connection. The table is
+//! bounded ([`MAX_CHANNELS`]); more session channels are refused the same way.
+//!
+//! Not here: the SSH transport (sunset, driven by `ssh_term.rs`), sftp operation decoding
+//! (sftp channels record that the subsystem ran, not the file operations).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::recording::{
+    CastRecorder, RecordingEnd, RecordingError, RecordingId, RecordingKind, RecordingMeta,
+    RecordingPolicy,
+};
+
+/// Most channels tracked per connection (OpenSSH's own limit per session is far higher, but a
+/// user opens a handful).
+pub(crate) const MAX_CHANNELS: usize = 256;
+
+const MSG_GLOBAL_REQUEST: u8 = 80;
+const MSG_CHANNEL_OPEN: u8 = 90;
+const MSG_CHANNEL_OPEN_CONFIRMATION: u8 = 91;
+const MSG_CHANNEL_OPEN_FAILURE: u8 = 92;
+const MSG_CHANNEL_DATA: u8 = 94;
+const MSG_CHANNEL_EXTENDED_DATA: u8 = 95;
+const MSG_CHANNEL_CLOSE: u8 = 97;
+const MSG_CHANNEL_REQUEST: u8 = 98;
+
+/// A message that does not parse; ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Malformed(pub(crate) &'static str);
+
+/// What to do with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Forward,
+    Drop,
+}
+
+/// Who a connection's recordings are of.
+#[derive(Clone, Debug)]
+pub(crate) struct Who {
+    pub(crate) session_id: String,
+    pub(crate) user: String,
+    pub(crate) login: String,
+    pub(crate) node: String,
+}
+
+/// Starts a recording (the spool, or a test's stand-in).
+pub(crate) trait Starter {
+    fn start(&mut self, meta: RecordingMeta) -> Result<CastRecorder, RecordingError>;
+}
+
+impl Starter for crate::recording::Spool {
+    fn start(&mut self, meta: RecordingMeta) -> Result<CastRecorder, RecordingError> {
+        crate::recording::Spool::start(self, meta)
+    }
+}
+
+struct Chan {
+    /// The user's number for it (what the node's messages carry).
+    user_id: u32,
+    /// The node's number (what the user's messages carry), once confirmed.
+    node_id: Option<u32>,
+    session: bool,
+    width: u32,
+    height: u32,
+    recorder: Option<CastRecorder>,
+    started: bool,
+    /// An sftp channel: a binary protocol, so its data is counted, not recorded.
+    binary: bool,
+    exit_status: Option<i32>,
+    bytes_in: u64,
+    bytes_out: u64,
+    user_closed: bool,
+    node_closed: bool,
+}
+
+/// See the module doc.
+pub(crate) struct Channels<S: Starter> {
+    who: Who,
+    policy: RecordingPolicy,
+    starter: S,
+    chans: Vec<Chan>,
+    /// Recording ids of the channels finished so far (for `session.end`).
+    pub(crate) finished: Vec<RecordingId>,
+    /// The first recording failure (a best-effort session goes on without it).
+    pub(crate) failure: Option<&'static str>,
+    /// Recording failures counted, by label.
+    pub(crate) failures: BTreeMap<&'static str, u64>,
+}
+
+/// Why a session must end because of its recording (strict mode).
+#[derive(Debug)]
+pub(crate) struct MustEnd(pub(crate) RecordingError);
+
+struct Rd<'a>(&'a [u8]);
+
+impl<'a> Rd<'a> {
+    fn u8(&mut self) -> Result<u8, Malformed> {
+        let (&b, rest) = self.0.split_first().ok_or(Malformed("truncated"))?;
+        self.0 = rest;
+        Ok(b)
+    }
+    fn u32(&mut self) -> Result<u32, Malformed> {
+        if self.0.len() < 4 {
+            return Err(Malformed("truncated"));
+        }
+        let (head, rest) = self.0.split_at(4);
+        self.0 = rest;
+        Ok(u32::from_be_bytes([head[0], head[1], head[2], head[3]]))
+    }
+    fn string(&mut self) -> Result<&'a [u8], Malformed> {
+        let len = self.u32()? as usize;
+        if self.0.len() < len {
+            return Err(Malformed("string longer than its message"));
+        }
+        let (s, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Ok(s)
+    }
+    fn bool(&mut self) -> Result<bool, Malformed> {
+        Ok(self.u8()? != 0)
+    }
+}
+
+impl<S: Starter> Channels<S> {
+    pub(crate) fn new(who: Who, policy: RecordingPolicy, starter: S) -> Channels<S> {
+        Channels {
+            who,
+            policy,
+            starter,
+            chans: Vec::new(),
+            finished: Vec::new(),
+            failure: None,
+            failures: BTreeMap::new(),
+        }
+    }
+
+    fn by_node_id(&mut self, id: u32) -> Option<&mut Chan> {
+        self.chans.iter_mut().find(|c| c.node_id == Some(id))
+    }
+
+    fn by_user_id(&mut self, id: u32) -> Option<&mut Chan> {
+        self.chans.iter_mut().find(|c| c.user_id == id)
+    }
+
+    /// A message from the user's ssh, about to go to the node.
+    pub(crate) fn from_user(
+        &mut self,
+        payload: &[u8],
+    ) -> Result<Result<Verdict, MustEnd>, Malformed> {
+        let mut r = Rd(payload);
+        let kind = r.u8()?;
+        let mut outcome = Ok(());
+        match kind {
+            MSG_CHANNEL_OPEN => {
+                let ty = r.string()?;
+                let sender = r.u32()?;
+                if self.chans.len() >= MAX_CHANNELS {
+                    return Err(Malformed("too many channels"));
+                }
+                if self.chans.iter().any(|c| c.user_id == sender) {
+                    return Err(Malformed("channel number reused while open"));
+                }
+                self.chans.push(Chan {
+                    user_id: sender,
+                    node_id: None,
+                    session: ty == b"session",
+                    width: 80,
+                    height: 24,
+                    recorder: None,
+                    started: false,
+                    binary: false,
+                    exit_status: None,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    user_closed: false,
+                    node_closed: false,
+                });
+            }
+            MSG_CHANNEL_DATA => {
+                let id = r.u32()?;
+                let data = r.string()?;
+                if let Some(c) = self.by_node_id(id) {
+                    c.bytes_in += data.len() as u64;
+                    if let Some(rec) = c.recorder.as_mut().filter(|_| !c.binary) {
+                        outcome = rec.input(data);
+                    }
+                }
+            }
+            MSG_CHANNEL_REQUEST => {
+                let id = r.u32()?;
+                let ty = r.string()?;
+                let _want_reply = r.bool()?;
+                outcome = self.user_request(id, ty, &mut r)?;
+            }
+            MSG_CHANNEL_CLOSE => {
+                let id = r.u32()?;
+                if let Some(c) = self.by_node_id(id) {
+                    c.user_closed = true;
+                }
+                outcome = self.reap();
+            }
+            _ => {}
+        }
+        Ok(self.judge(outcome).map(|()| Verdict::Forward))
+    }
+
+    fn user_request(
+        &mut self,
+        id: u32,
+        ty: &[u8],
+        r: &mut Rd<'_>,
+    ) -> Result<Result<(), RecordingError>, Malformed> {
+        let who = self.who.clone();
+        let policy = self.policy;
+        let Some(idx) = self.chans.iter().position(|c| c.node_id == Some(id)) else {
+            return Ok(Ok(()));
+        };
+        if !self.chans[idx].session {
+            return Ok(Ok(()));
+        }
+        match ty {
+            b"pty-req" => {
+                let _term = r.string()?;
+                let (w, h) = (r.u32()?, r.u32()?);
+                let c = &mut self.chans[idx];
+                c.width = w.clamp(1, 10_000);
+                c.height = h.clamp(1, 10_000);
+                Ok(Ok(()))
+            }
+            b"window-change" => {
+                let (w, h) = (r.u32()?, r.u32()?);
+                let c = &mut self.chans[idx];
+                c.width = w.clamp(1, 10_000);
+                c.height = h.clamp(1, 10_000);
+                let (w, h) = (c.width, c.height);
+                Ok(match c.recorder.as_mut() {
+                    Some(rec) => rec.resize(w, h),
+                    None => Ok(()),
+                })
+            }
+            b"shell" | b"exec" | b"subsystem" => {
+                if self.chans[idx].started {
+                    return Ok(Ok(()));
+                }
+                self.chans[idx].started = true;
+                let (kind, command) = match ty {
+                    b"shell" => (RecordingKind::Shell, None),
+                    b"exec" => (
+                        RecordingKind::Exec,
+                        Some(String::from_utf8_lossy(r.string()?).into_owned()),
+                    ),
+                    _ => {
+                        let name = String::from_utf8_lossy(r.string()?).into_owned();
+                        let kind = if name == "sftp" {
+                            RecordingKind::Sftp
+                        } else {
+                            RecordingKind::Exec
+                        };
+                        (kind, Some(format!("subsystem {name}")))
+                    }
+                };
+                self.chans[idx].binary = kind == RecordingKind::Sftp;
+                let c = &self.chans[idx];
+                let meta = RecordingMeta {
+                    session_id: who.session_id,
+                    user: who.user,
+                    login: who.login,
+                    node: who.node,
+                    kind,
+                    width: u16::try_from(c.width).unwrap_or(u16::MAX),
+                    height: u16::try_from(c.height).unwrap_or(u16::MAX),
+                    command: command.clone(),
+                    started: jaunt_config::identity::unix_now(),
+                    record_input: policy.record_input,
+                };
+                let mut started = self.starter.start(meta);
+                if let (Ok(rec), Some(cmd)) = (started.as_mut(), command.as_ref()) {
+                    let _ = rec.note("exec", &serde_json::json!({ "command": cmd }));
+                }
+                Ok(match started {
+                    Ok(rec) => {
+                        self.chans[idx].recorder = Some(rec);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                })
+            }
+            _ => Ok(Ok(())),
+        }
+    }
+
+    /// A message from the node's sshd, about to go to the user.
+    pub(crate) fn from_node(
+        &mut self,
+        payload: &[u8],
+    ) -> Result<Result<Verdict, MustEnd>, Malformed> {
+        let mut r = Rd(payload);
+        let kind = r.u8()?;
+        let mut outcome = Ok(());
+        match kind {
+            MSG_GLOBAL_REQUEST => {
+                if r.string()? == b"hostkeys-00@openssh.com" {
+                    return Ok(Ok(Verdict::Drop));
+                }
+            }
+            MSG_CHANNEL_OPEN_CONFIRMATION => {
+                let recipient = r.u32()?;
+                let sender = r.u32()?;
+                if let Some(c) = self.by_user_id(recipient) {
+                    c.node_id = Some(sender);
+                }
+            }
+            MSG_CHANNEL_OPEN_FAILURE => {
+                let recipient = r.u32()?;
+                self.chans
+                    .retain(|c| !(c.user_id == recipient && c.node_id.is_none()));
+            }
+            MSG_CHANNEL_DATA | MSG_CHANNEL_EXTENDED_DATA => {
+                let id = r.u32()?;
+                if kind == MSG_CHANNEL_EXTENDED_DATA {
+                    let _code = r.u32()?;
+                }
+                let data = r.string()?;
+                if let Some(c) = self.by_user_id(id) {
+                    c.bytes_out += data.len() as u64;
+                    // sftp is binary protocol, not a terminal: only its byte counts are kept.
+                    if let Some(rec) = c.recorder.as_mut().filter(|_| !c.binary) {
+                        outcome = rec.output(data);
+                    }
+                }
+            }
+            MSG_CHANNEL_REQUEST => {
+                let id = r.u32()?;
+                let ty = r.string()?;
+                let _want_reply = r.bool()?;
+                if let Some(c) = self.by_user_id(id) {
+                    match ty {
+                        b"exit-status" => {
+                            let status = r.u32()?;
+                            c.exit_status = Some(status as i32);
+                            if let Some(rec) = c.recorder.as_mut() {
+                                outcome =
+                                    rec.note("exit", &serde_json::json!({ "status": status }));
+                            }
+                        }
+                        b"exit-signal" => {
+                            let signal = String::from_utf8_lossy(r.string()?).into_owned();
+                            c.exit_status.get_or_insert(255);
+                            if let Some(rec) = c.recorder.as_mut() {
+                                outcome =
+                                    rec.note("exit", &serde_json::json!({ "signal": signal }));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            MSG_CHANNEL_CLOSE => {
+                let id = r.u32()?;
+                if let Some(c) = self.by_user_id(id) {
+                    c.node_closed = true;
+                }
+                outcome = self.reap();
+            }
+            _ => {}
+        }
+        Ok(self.judge(outcome).map(|()| Verdict::Forward))
+    }
+
+    /// Finishes the recordings of channels the node closed, and forgets channels both sides
+    /// closed.
+    fn reap(&mut self) -> Result<(), RecordingError> {
+        let mut outcome = Ok(());
+        for c in &mut self.chans {
+            if (c.node_closed || c.user_closed) && c.recorder.is_some() {
+                if let Some(rec) = c.recorder.take() {
+                    match rec.finish(RecordingEnd {
+                        exit_status: c.exit_status,
+                        bytes_in: c.bytes_in,
+                        bytes_out: c.bytes_out,
+                    }) {
+                        Ok(id) => self.finished.push(id),
+                        Err(e) => outcome = Err(e),
+                    }
+                }
+            }
+        }
+        self.chans.retain(|c| !(c.node_closed && c.user_closed));
+        outcome
+    }
+
+    /// Counts a recording failure; says whether the session must end for it.
+    fn judge(&mut self, outcome: Result<(), RecordingError>) -> Result<(), MustEnd> {
+        let Err(e) = outcome else {
+            return Ok(());
+        };
+        let label = e.as_str();
+        *self.failures.entry(label).or_insert(0) += 1;
+        if self.failure.is_none() {
+            self.failure = Some(label);
+            tracing::warn!(reason = label, error = %e, mode = ?self.policy.mode,
+                "session recording failed");
+        }
+        if self.policy.must_end(&e, Instant::now()) {
+            return Err(MustEnd(e));
+        }
+        Ok(())
+    }
+
+    /// Finishes every recording still open (the connection ended); returns the ids of all the
+    /// connection's recordings.
+    pub(crate) fn close_all(&mut self) -> Vec<RecordingId> {
+        for c in &mut self.chans {
+            c.node_closed = true;
+            c.user_closed = true;
+        }
+        let _ = self.reap();
+        std::mem::take(&mut self.finished)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use crate::recording::{cast, RecordingMode, Spool, SpoolLimits};
+
+    fn s(b: &[u8]) -> Vec<u8> {
+        let mut v = (b.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(b);
+        v
+    }
+    fn msg(kind: u8, parts: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = vec![kind];
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        v
+    }
+    fn u(n: u32) -> Vec<u8> {
+        n.to_be_bytes().to_vec()
+    }
+
+    fn channels(dir: &std::path::Path, input: bool) -> Channels<Spool> {
+        let spool = Spool::open(dir, SpoolLimits::default()).unwrap();
+        Channels::new(
+            Who {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                login: "root".into(),
+                node: "node1".into(),
+            },
+            RecordingPolicy {
+                mode: RecordingMode::BestEffort,
+                record_input: input,
+            },
+            spool,
+        )
+    }
+
+    fn fwd(r: Result<Result<Verdict, MustEnd>, Malformed>) -> Verdict {
+        r.unwrap().unwrap()
+    }
+
+    #[test]
+    fn an_exec_channel_is_recorded_with_command_output_and_exit_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ch = channels(dir.path(), true);
+        // user opens channel 3; node confirms as 7
+        fwd(ch.from_user(&msg(90, &[s(b"session"), u(3), u(1 << 20), u(32768)])));
+        fwd(ch.from_node(&msg(91, &[u(3), u(7), u(1 << 20), u(32768)])));
+        fwd(ch.from_user(&msg(
+            98,
+            &[
+                u(7),
+                s(b"pty-req"),
+                vec![1],
+                s(b"xterm"),
+                u(100),
+                u(30),
+                u(0),
+                u(0),
+                s(b""),
+            ],
+        )));
+        fwd(ch.from_user(&msg(98, &[u(7), s(b"exec"), vec![1], s(b"echo hello")])));
+        fwd(ch.from_user(&msg(94, &[u(7), s(b"typed")])));
+        fwd(ch.from_user(&msg(
+            98,
+            &[
+                u(7),
+                s(b"window-change"),
+                vec![0],
+                u(120),
+                u(40),
+                u(0),
+                u(0),
+            ],
+        )));
+        fwd(ch.from_node(&msg(94, &[u(3), s(b"hello\r\n")])));
+        fwd(ch.from_node(&msg(95, &[u(3), u(1), s(b"oops\n")])));
+        fwd(ch.from_node(&msg(98, &[u(3), s(b"exit-status"), vec![0], u(3)])));
+        assert_eq!(fwd(ch.from_node(&msg(97, &[u(3)]))), Verdict::Forward);
+        fwd(ch.from_user(&msg(97, &[u(7)])));
+        assert!(ch.chans.is_empty(), "both closes forget the channel");
+        let ids = ch.close_all();
+        assert_eq!(ids.len(), 1);
+        let text = std::fs::read_to_string(dir.path().join(format!("{}.cast", ids[0]))).unwrap();
+        let parsed = cast::parse(&text).unwrap();
+        assert_eq!((parsed.header.width, parsed.header.height), (100, 30));
+        let codes: Vec<(&str, &str)> = parsed
+            .events
+            .iter()
+            .map(|e| (e.code.as_str(), e.data.as_str()))
+            .collect();
+        assert!(
+            codes
+                .iter()
+                .any(|(c, d)| *c == "m" && d.contains("echo hello")),
+            "{codes:?}"
+        );
+        assert!(codes.contains(&("i", "typed")), "{codes:?}");
+        assert!(codes.contains(&("r", "120x40")), "{codes:?}");
+        assert!(codes.contains(&("o", "hello\r\n")), "{codes:?}");
+        assert!(codes.contains(&("o", "oops\n")), "{codes:?}");
+        assert!(
+            codes
+                .iter()
+                .any(|(c, d)| *c == "m" && d.contains("\"status\":3")),
+            "{codes:?}"
+        );
+        let meta = std::fs::read_to_string(dir.path().join(format!("{}.json", ids[0]))).unwrap();
+        assert!(
+            meta.contains("\"exit_status\":3") && meta.contains("\"login\":\"root\""),
+            "{meta}"
+        );
+    }
+
+    #[test]
+    fn input_is_not_recorded_without_record_input_and_hostkeys_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ch = channels(dir.path(), false);
+        fwd(ch.from_user(&msg(90, &[s(b"session"), u(0), u(1000), u(1000)])));
+        fwd(ch.from_node(&msg(91, &[u(0), u(0), u(1000), u(1000)])));
+        fwd(ch.from_user(&msg(98, &[u(0), s(b"shell"), vec![1]])));
+        fwd(ch.from_user(&msg(94, &[u(0), s(b"secret")])));
+        let hostkeys = msg(80, &[s(b"hostkeys-00@openssh.com"), vec![0], s(b"key")]);
+        assert_eq!(fwd(ch.from_node(&hostkeys)), Verdict::Drop);
+        let ids = ch.close_all();
+        let text = std::fs::read_to_string(dir.path().join(format!("{}.cast", ids[0]))).unwrap();
+        assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ch = channels(dir.path(), false);
+        let good = [
+            msg(90, &[s(b"session"), u(0), u(1000), u(1000)]),
+            msg(98, &[u(0), s(b"exec"), vec![1], s(b"ls")]),
+            msg(94, &[u(0), s(b"data")]),
+        ];
+        for m in &good {
+            for n in 0..m.len() {
+                let _ = ch.from_user(&m[..n]);
+                let _ = ch.from_node(&m[..n]);
+            }
+        }
+        assert_eq!(
+            ch.from_user(&msg(94, &[u(0), u(u32::MAX)])).err(),
+            Some(Malformed("string longer than its message"))
+        );
+        for i in 0..MAX_CHANNELS as u32 {
+            let _ = ch.from_user(&msg(90, &[s(b"x"), u(1000 + i), u(0), u(0)]));
+        }
+        assert!(ch
+            .from_user(&msg(90, &[s(b"x"), u(99_999), u(0), u(0)]))
+            .is_err());
+    }
+}

@@ -1,0 +1,287 @@
+//! SSH terminated and recorded at the agent (issue 10), end to end with real OpenSSH: a dev
+//! cluster, `jaunt agent` joined with a token, a real `sshd` (inetd mode) and the real
+//! `ssh`/`scp`. The built-in `access` role records sessions (`record_session: best_effort`),
+//! so the agent is the SSH server the user's `ssh` talks to and logs in to sshd itself.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn spool(agent_data: &Path) -> PathBuf {
+    agent_data.join("recordings")
+}
+
+/// The finished recordings in the agent's spool: (metadata JSON, cast text).
+fn recordings(agent_data: &Path) -> Vec<(serde_json::Value, String)> {
+    let Ok(dir) = std::fs::read_dir(spool(agent_data)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let Ok(meta) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        if meta.get("end").is_none() {
+            continue;
+        }
+        let cast = std::fs::read_to_string(path.with_extension("cast")).unwrap_or_default();
+        out.push((meta, cast));
+    }
+    out
+}
+
+/// Polls the spool until a finished recording satisfies `check` (the agent finishes a channel's
+/// recording when the channel closes, just after the user's ssh exits).
+fn wait_for_recording(
+    agent_data: &Path,
+    what: &str,
+    check: impl Fn(&serde_json::Value, &str) -> bool,
+) -> (serde_json::Value, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(found) = recordings(agent_data)
+            .into_iter()
+            .find(|(m, c)| check(m, c))
+        {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recording {what} in {}: {:?}",
+            spool(agent_data).display(),
+            recordings(agent_data)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sha256_file(path: &Path) -> String {
+    tool("sha256sum", &[path.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
+    let (c, _sshd, (mut agent, data)) = ssh_setup();
+
+    // exec: output and exit status reach the user; the recording has the command, its output
+    // and the exit status.
+    let o = c.run(
+        &[
+            "ssh",
+            "root@node1",
+            "--",
+            "echo recorded-$((6*7)); echo to-stderr >&2; exit 7",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "recorded-42");
+    assert!(stderr(&o).contains("to-stderr"), "{}", stderr(&o));
+    let (meta, cast) = wait_for_recording(&data, "of the exec", |m, c| {
+        c.contains("recorded-42") && m["end"]["exit_status"] == 7
+    });
+    assert_eq!(meta["meta"]["kind"], "exec", "{meta}");
+    assert_eq!(meta["meta"]["user"], "alice", "{meta}");
+    assert_eq!(meta["meta"]["login"], "root", "{meta}");
+    assert_eq!(meta["meta"]["node"], "node1", "{meta}");
+    assert!(
+        meta["meta"]["command"]
+            .as_str()
+            .is_some_and(|c| c.contains("echo recorded")),
+        "{meta}"
+    );
+    assert!(
+        cast.contains("to-stderr") && cast.contains(r#"\"status\":7"#),
+        "{cast}"
+    );
+    let header: serde_json::Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2, "{cast}");
+
+    // A PTY (ssh -tt): the terminal's size is the recording's, the output is there.
+    let o = c.run(
+        &[
+            "ssh",
+            "-t",
+            "-t",
+            "root@node1",
+            "--",
+            "stty size; echo pty-$(tty | cut -c1-8)",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("pty-/dev/pts"), "{}", stdout(&o));
+    wait_for_recording(&data, "of the PTY session", |m, c| {
+        c.contains("pty-/dev/pts") && m["meta"]["kind"] == "exec"
+    });
+
+    // Plain ssh with the ProxyCommand and the user's own known_hosts (its `@cert-authority`
+    // line accepts the agent's host certificate for node1), strict host key checking.
+    let keys = c.keys_dir();
+    let o = Command::new("ssh")
+        .env("JAUNT_HOME", &c.home)
+        .args([
+            "-o",
+            &format!("ProxyCommand={} proxy ssh %r@%h:%p", jaunt_bin()),
+            "-o",
+            &format!("UserKnownHostsFile={}", keys.join("known_hosts").display()),
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-i",
+            keys.join("alice-ssh").to_str().unwrap(),
+            "-o",
+            &format!(
+                "CertificateFile={}",
+                keys.join("alice-ssh-cert.pub").display()
+            ),
+            "-v",
+            "root@node1",
+            "echo via-proxycommand",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "via-proxycommand"
+    );
+    assert!(
+        err.contains("Server host certificate: ssh-ed25519-cert-v01@openssh.com"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Host 'node1' is known and matches the ED25519-CERT host certificate"),
+        "{err}"
+    );
+
+    // scp (SFTP, OpenSSH 9.2's default) both ways through the terminating agent.
+    let src = c.dir.path().join("up.bin");
+    let block: Vec<u8> = (0..(4u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
+    std::fs::write(&src, &block).unwrap();
+    let remote = c.dir.path().join("remote.bin");
+    ok(c.run(
+        &[
+            "scp",
+            src.to_str().unwrap(),
+            &format!("root@node1:{}", remote.display()),
+        ],
+        None,
+    ));
+    assert_eq!(sha256_file(&src), sha256_file(&remote));
+    let back = c.dir.path().join("back.bin");
+    ok(c.run(
+        &[
+            "scp",
+            &format!("root@node1:{}", remote.display()),
+            back.to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert_eq!(sha256_file(&src), sha256_file(&back));
+    let (sftp, _) = wait_for_recording(&data, "of the sftp upload", |m, _| {
+        m["meta"]["kind"] == "sftp" && m["end"]["bytes_in"].as_u64().is_some_and(|b| b >= 4 << 20)
+    });
+    assert_eq!(sftp["meta"]["command"], "subsystem sftp", "{sftp}");
+    wait_for_recording(&data, "of the sftp download", |m, _| {
+        m["meta"]["kind"] == "sftp" && m["end"]["bytes_out"].as_u64().is_some_and(|b| b >= 4 << 20)
+    });
+
+    // A certificate from another CA is refused by the agent, whatever it names.
+    let fake = c.dir.path().join("fake");
+    std::fs::create_dir_all(&fake).unwrap();
+    let keygen = |args: &[&str]| {
+        let o = Command::new("ssh-keygen").args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let fake_ca = fake.join("ca");
+    let fake_key = fake.join("key");
+    keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        fake_ca.to_str().unwrap(),
+    ]);
+    keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        fake_key.to_str().unwrap(),
+    ]);
+    keygen(&[
+        "-q",
+        "-s",
+        fake_ca.to_str().unwrap(),
+        "-I",
+        "alice",
+        "-n",
+        "root",
+        "-V",
+        "+1h",
+        &format!("{}.pub", fake_key.display()),
+    ]);
+    let o = Command::new("ssh")
+        .env("JAUNT_HOME", &c.home)
+        .args([
+            "-o",
+            &format!("ProxyCommand={} proxy ssh %r@%h:%p", jaunt_bin()),
+            "-o",
+            &format!("UserKnownHostsFile={}", keys.join("known_hosts").display()),
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-i",
+            fake_key.to_str().unwrap(),
+            "-o",
+            &format!("CertificateFile={}-cert.pub", fake_key.display()),
+            "root@node1",
+            "echo should-not-run",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("should-not-run"));
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
