@@ -17,28 +17,44 @@ fn spool(agent_data: &Path) -> PathBuf {
     agent_data.join("recordings")
 }
 
-/// The finished recordings in the agent's spool: (metadata JSON, cast text).
-fn recordings(agent_data: &Path) -> Vec<(serde_json::Value, String)> {
-    let Ok(dir) = std::fs::read_dir(spool(agent_data)) else {
-        return Vec::new();
-    };
+/// The finished recordings, in the agent's spool or already uploaded to control (the agent's
+/// uploader moves them): (metadata in the spool's shape, cast text).
+fn recordings(c: &Cluster, agent_data: &Path) -> Vec<(serde_json::Value, String)> {
     let mut out = Vec::new();
-    for entry in dir.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else {
+    for dir in [spool(agent_data), c.data_dir.join("recordings")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
-        let Ok(meta) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        if meta.get("end").is_none() {
-            continue;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let Ok(mut meta) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            if meta.get("meta").is_none() {
+                // control's stored form is flat
+                meta = serde_json::json!({
+                    "meta": meta.clone(),
+                    "end": {
+                        "exit_status": meta["exit_status"],
+                        "bytes_in": meta["bytes_in"],
+                        "bytes_out": meta["bytes_out"],
+                    },
+                });
+            }
+            if meta.get("end").is_none() {
+                continue;
+            }
+            let Ok(cast) = std::fs::read_to_string(path.with_extension("cast")) else {
+                continue;
+            };
+            out.push((meta, cast));
         }
-        let cast = std::fs::read_to_string(path.with_extension("cast")).unwrap_or_default();
-        out.push((meta, cast));
     }
     out
 }
@@ -46,13 +62,14 @@ fn recordings(agent_data: &Path) -> Vec<(serde_json::Value, String)> {
 /// Polls the spool until a finished recording satisfies `check` (the agent finishes a channel's
 /// recording when the channel closes, just after the user's ssh exits).
 fn wait_for_recording(
+    c: &Cluster,
     agent_data: &Path,
     what: &str,
     check: impl Fn(&serde_json::Value, &str) -> bool,
 ) -> (serde_json::Value, String) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(found) = recordings(agent_data)
+        if let Some(found) = recordings(c, agent_data)
             .into_iter()
             .find(|(m, c)| check(m, c))
         {
@@ -62,7 +79,7 @@ fn wait_for_recording(
             Instant::now() < deadline,
             "no recording {what} in {}: {:?}",
             spool(agent_data).display(),
-            recordings(agent_data)
+            recordings(c, agent_data)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -94,7 +111,7 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "recorded-42");
     assert!(stderr(&o).contains("to-stderr"), "{}", stderr(&o));
-    let (meta, cast) = wait_for_recording(&data, "of the exec", |m, c| {
+    let (meta, cast) = wait_for_recording(&c, &data, "of the exec", |m, c| {
         c.contains("recorded-42") && m["end"]["exit_status"] == 7
     });
     assert_eq!(meta["meta"]["kind"], "exec", "{meta}");
@@ -128,7 +145,7 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("pty-/dev/pts"), "{}", stdout(&o));
-    wait_for_recording(&data, "of the PTY session", |m, c| {
+    wait_for_recording(&c, &data, "of the PTY session", |m, c| {
         c.contains("pty-/dev/pts") && m["meta"]["kind"] == "exec"
     });
 
@@ -206,11 +223,11 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
         None,
     ));
     assert_eq!(sha256_file(&src), sha256_file(&back));
-    let (sftp, _) = wait_for_recording(&data, "of the sftp upload", |m, _| {
+    let (sftp, _) = wait_for_recording(&c, &data, "of the sftp upload", |m, _| {
         m["meta"]["kind"] == "sftp" && m["end"]["bytes_in"].as_u64().is_some_and(|b| b >= 4 << 20)
     });
     assert_eq!(sftp["meta"]["command"], "subsystem sftp", "{sftp}");
-    wait_for_recording(&data, "of the sftp download", |m, _| {
+    wait_for_recording(&c, &data, "of the sftp download", |m, _| {
         m["meta"]["kind"] == "sftp" && m["end"]["bytes_out"].as_u64().is_some_and(|b| b >= 4 << 20)
     });
 
