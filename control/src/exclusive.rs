@@ -83,6 +83,13 @@ pub fn check_port_free(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            // The probe also collides with connections that outlive their listener: a daemon
+            // killed with `kill -9` leaves its accepted sockets (flagged SO_REUSEPORT, not
+            // SO_REUSEADDR) in FIN_WAIT or CLOSE_WAIT for a while. They do not stop the
+            // engine's SO_REUSEPORT bind and take no new connections; only a listener does.
+            if nobody_listens(addr.port()) {
+                return Ok(());
+            }
             let who = listener_process(addr.port())
                 .map(|(pid, name)| format!("{name} (pid {pid})"))
                 .unwrap_or_else(|| "another process".to_string());
@@ -93,6 +100,16 @@ pub fn check_port_free(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
         }
         Err(e) => Err(e).with_context(|| format!("{key} {addr}: cannot listen")),
     }
+}
+
+/// True when `/proc/net/tcp{,6}` can be read and neither lists a listening socket on `port`
+/// (if neither can be read, nothing is known, and the answer is false).
+fn nobody_listens(port: u16) -> bool {
+    let tables: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .collect();
+    !tables.is_empty() && tables.iter().all(|t| listening_inodes(t, port).is_empty())
 }
 
 /// The pid and command name of a process listening on TCP `port`, from `/proc` (Linux; only
@@ -194,6 +211,34 @@ mod tests {
         drop(listener);
         check_port_free(addr, "--public-addr").unwrap();
         check_port_free("127.0.0.1:0".parse().unwrap(), "--public-addr").unwrap();
+    }
+
+    /// A daemon killed with `kill -9` leaves accepted connections behind (SO_REUSEPORT
+    /// listener, no SO_REUSEADDR): they collide with the probe's plain bind, yet nothing
+    /// listens, so a restart on the same port must go ahead (loadtest `--restart crash`).
+    #[test]
+    fn connections_left_by_a_dead_listener_do_not_hold_the_port() {
+        use rustix::net::{sockopt, AddressFamily, SocketType};
+        let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        sockopt::set_socket_reuseport(&fd, true).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        rustix::net::bind(&fd, &any).unwrap();
+        rustix::net::listen(&fd, 8).unwrap();
+        let listener = TcpListener::from(fd);
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        // While it listens, the port is refused.
+        assert!(check_port_free(addr, "--public-addr").is_err());
+        drop(listener);
+        // The plain bind still collides with the accepted socket...
+        assert_eq!(
+            TcpListener::bind(addr).unwrap_err().kind(),
+            std::io::ErrorKind::AddrInUse
+        );
+        // ...but nobody listens, so the port is free for the daemon.
+        check_port_free(addr, "--public-addr").unwrap();
+        drop((client, accepted));
     }
 
     #[test]
