@@ -60,9 +60,19 @@ use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{GlommioError, ResourceType};
 
 use crate::server::io::with_deadline;
-use crate::server::shard::Shard;
-use crate::tunnel::Lend;
-use crate::tunnel::{self, OpenError};
+use crate::tunnel::{self, Lend, OpenError, Tunnel};
+
+/// What the hops need from their shard: its hop state, its index, and its tunnel to an agent
+/// while it takes new streams. The shard (`shard.rs`) implements it, so that this module does
+/// not depend on the shard's type (the shard holds the [`Hops`]).
+pub(crate) trait HopShard: 'static {
+    /// The shard's hop state.
+    fn hops(&self) -> &Rc<Hops>;
+    /// The shard's index, for logs.
+    fn index(&self) -> usize;
+    /// This shard's usable tunnel to agent `host_id`, unless the shard is draining.
+    fn serving_tunnel(&self, host_id: &str) -> Option<Tunnel>;
+}
 
 /// Most bytes in one chunk: two TLS records, half a mux DATA frame.
 pub const HOP_CHUNK_BYTES: usize = 32 * 1024;
@@ -175,10 +185,14 @@ pub(crate) fn mesh(shards: usize) -> Vec<HopBoot> {
 /// for the peer shard to connect its own). The caller cancels them when the shard stops: they
 /// run until their peer goes, and an executor that returns with tasks pending never drops
 /// them, which would leak the shard (and the audit and inventory senders it holds).
-pub(crate) fn start(shard: &Rc<Shard>, boot: HopBoot) -> Vec<glommio::Task<()>> {
+pub(crate) fn start<S: HopShard>(shard: &Rc<S>, boot: HopBoot) -> Vec<glommio::Task<()>> {
     let mut tasks = Vec::with_capacity(boot.senders.len() + boot.receivers.len());
     for (peer, tx) in boot.senders {
-        tasks.push(glommio::spawn_local(pump(Rc::clone(&shard.hops), peer, tx)));
+        tasks.push(glommio::spawn_local(pump(
+            Rc::clone(shard.hops()),
+            peer,
+            tx,
+        )));
     }
     for (peer, rx) in boot.receivers {
         tasks.push(glommio::spawn_local(demux(Rc::clone(shard), peer, rx)));
@@ -203,12 +217,12 @@ async fn pump(hops: Rc<Hops>, peer: usize, tx: SharedSender<HopMsg>) {
     hops.peer_gone(peer);
 }
 
-async fn demux(shard: Rc<Shard>, peer: usize, rx: SharedReceiver<HopMsg>) {
+async fn demux<S: HopShard>(shard: Rc<S>, peer: usize, rx: SharedReceiver<HopMsg>) {
     let rx = rx.connect().await;
     while let Some(msg) = rx.recv().await {
         dispatch(&shard, peer, msg);
     }
-    shard.hops.peer_gone(peer);
+    shard.hops().peer_gone(peer);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,8 +392,8 @@ impl Hops {
 }
 
 /// A message from shard `peer`; an open is served by a task of its own.
-fn dispatch(shard: &Rc<Shard>, peer: usize, msg: HopMsg) {
-    if let Some(open) = shard.hops.deliver(peer, msg) {
+fn dispatch<S: HopShard>(shard: &Rc<S>, peer: usize, msg: HopMsg) {
+    if let Some(open) = shard.hops().deliver(peer, msg) {
         let OpenRequest {
             stream,
             host_id,
@@ -477,16 +491,15 @@ impl Hops {
 }
 
 /// The serving shard's side of a hop: open the stream on this shard's tunnel, answer, splice.
-async fn serve(
-    shard: Rc<Shard>,
+async fn serve<S: HopShard>(
+    shard: Rc<S>,
     stream: HopStream,
     host_id: String,
     header: Vec<u8>,
     deadline: Instant,
 ) {
-    let tunnel = match shard.tunnel(&host_id) {
-        Some(tunnel) if !shard.draining.is_fired() => tunnel,
-        _ => return stream.answer(Err(HopRefusal::NoTunnel)),
+    let Some(tunnel) = shard.serving_tunnel(&host_id) else {
+        return stream.answer(Err(HopRefusal::NoTunnel));
     };
     // Give up as soon as the opener does (it resets its end on its own deadline).
     let opened = futures_lite::future::or(
@@ -509,7 +522,7 @@ async fn serve(
     };
     stream.answer(Ok(()));
     if let Err(e) = tunnel::splice(stream, upstream).await {
-        tracing::debug!(shard = shard.index, %host_id, error = %e, "cross-shard hop ended");
+        tracing::debug!(shard = shard.index(), %host_id, error = %e, "cross-shard hop ended");
     }
 }
 

@@ -965,6 +965,20 @@ async fn serve(mut boot: ShardBoot) -> u64 {
     aborted
 }
 
+impl hop::HopShard for Shard {
+    fn hops(&self) -> &Rc<Hops> {
+        &self.hops
+    }
+
+    fn index(&self) -> usize {
+        self.index
+    }
+
+    fn serving_tunnel(&self, host_id: &str) -> Option<Tunnel> {
+        self.tunnel(host_id).filter(|_| !self.draining.is_fired())
+    }
+}
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {

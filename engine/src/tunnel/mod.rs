@@ -87,8 +87,7 @@ use futures_lite::{future, AsyncRead, AsyncWrite};
 
 pub use driver::{TunnelDriver, CLOSE_TIMEOUT, DRIVER_ROUNDS_PER_POLL, READ_BUF_BYTES};
 pub use error::{AcceptError, CloseReason, OpenError};
-pub(crate) use splice::Lend;
-pub use splice::{splice, Side, SpliceError, Spliced, SPLICE_BUF_BYTES};
+pub use splice::{splice, splice_lending, Lend, Side, SpliceError, Spliced, SPLICE_BUF_BYTES};
 pub use stream::{Incoming, MuxStream};
 
 use crate::mux::{self, Conn, MuxError, Role};

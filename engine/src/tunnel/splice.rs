@@ -12,11 +12,13 @@
 //! send queue; from the tunnel, the other side's `poll_write` takes the bytes
 //! [`MuxStream::poll_read_with`] lends from the stream's receive buffer. No splice buffer is
 //! allocated for such a direction, and each byte is copied once less on each side than through
-//! `poll_read`/`poll_write` and a buffer. The engine's cross-shard hop ends lend their chunks
-//! the same way (`Lend`). Otherwise (two plain byte streams, two tunnel streams, a wrapped
+//! `poll_read`/`poll_write` and a buffer. A stream of another type that lends its buffers the
+//! same way implements [`Lend`] and is spliced with [`splice_lending`] (the engine's cross-shard
+//! hop ends, whose buffers are the chunks that travel between shards). Otherwise (two plain byte streams, two tunnel streams, a wrapped
 //! `MuxStream` such as the agent's PostgreSQL tap) a direction copies through a
 //! [`SPLICE_BUF_BYTES`] buffer, allocated on its first read. Which path a direction takes is
-//! decided by type (`Any`: a `TypeId` comparison the compiler folds), at no measurable cost.
+//! decided by type (for [`MuxStream`], this module's own type, `Any`: a `TypeId` comparison the
+//! compiler folds; for other lenders, by calling [`splice_lending`]), at no measurable cost.
 //!
 //! Either way the behaviour is the same: a direction reads only when it can pass the bytes on
 //! (backpressure: a full tunnel stream stops the reads from the socket, a slow socket leaves
@@ -33,7 +35,6 @@ use std::task::{Context, Poll};
 use futures_lite::{AsyncRead, AsyncWrite};
 
 use super::MuxStream;
-use crate::server::hop::HopStream;
 
 /// Bytes per read or write of a direction: two TLS records, or half a mux DATA frame. A
 /// direction between two plain streams holds a buffer of this size (2 × 32 KiB per session at
@@ -100,6 +101,24 @@ where
     .await
 }
 
+/// [`splice`] where `b` lends its buffers ([`Lend`]): both directions touching `b` use them
+/// (`a`'s `poll_read` fills the room `b` lends; `a`'s `poll_write` takes the bytes `b` lends),
+/// so neither direction allocates a splice buffer. For streams other than [`MuxStream`] (which
+/// [`splice`] recognises by itself), such as the engine's cross-shard hop ends.
+pub async fn splice_lending<A, B>(a: A, b: B) -> Result<Spliced, SpliceError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+    B: Lend + AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    Lending(Splice {
+        a,
+        b,
+        a_to_b: Half::new(),
+        b_to_a: Half::new(),
+    })
+    .await
+}
+
 struct Splice<A, B> {
     a: A,
     b: B,
@@ -132,8 +151,8 @@ struct HalfError {
 /// A stream that lends a splice its own buffers: room to read into ([`Lend::poll_write_with`])
 /// and received bytes to write from ([`Lend::poll_read_with`]), with [`MuxStream`]'s contract
 /// for both. Implemented by [`MuxStream`] and by the engine's cross-shard hop ends (whose
-/// buffers are the chunks that travel between shards).
-pub(crate) trait Lend {
+/// buffers are the chunks that travel between shards); see [`splice_lending`].
+pub trait Lend {
     /// See [`MuxStream::poll_write_with`].
     fn poll_write_with<F>(
         &mut self,
@@ -202,7 +221,7 @@ impl Half {
     {
         // The lending side's buffers, the other side's `poll_read`/`poll_write`. Two streams of
         // one type (possibly of one tunnel, whose state a callback must not touch) take the
-        // buffered path; a tunnel stream and a hop end are separate states.
+        // buffered path.
         if !same::<R, MuxStream>() {
             if let Some(mux) = (w as &mut dyn Any).downcast_mut::<MuxStream>() {
                 return self.poll_into(cx, r, mux);
@@ -211,16 +230,6 @@ impl Half {
         if !same::<W, MuxStream>() {
             if let Some(mux) = (r as &mut dyn Any).downcast_mut::<MuxStream>() {
                 return self.poll_from(cx, mux, w);
-            }
-        }
-        if !same::<R, HopStream>() {
-            if let Some(hop) = (w as &mut dyn Any).downcast_mut::<HopStream>() {
-                return self.poll_into(cx, r, hop);
-            }
-        }
-        if !same::<W, HopStream>() {
-            if let Some(hop) = (r as &mut dyn Any).downcast_mut::<HopStream>() {
-                return self.poll_from(cx, hop, w);
             }
         }
         self.poll_buffered(cx, r, w)
@@ -437,9 +446,39 @@ where
         let this = self.get_mut();
         let forward = this.a_to_b.poll(cx, &mut this.a, &mut this.b);
         let backward = this.b_to_a.poll(cx, &mut this.b, &mut this.a);
+        this.outcome(forward, backward)
+    }
+}
+
+/// A [`Splice`] whose `b` lends both ways (see [`splice_lending`]).
+struct Lending<A, B>(Splice<A, B>);
+
+impl<A, B> Future for Lending<A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + 'static,
+    B: Lend + AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    type Output = Result<Spliced, SpliceError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut self.get_mut().0;
+        let forward = this.a_to_b.poll_into(cx, &mut this.a, &mut this.b);
+        let backward = this.b_to_a.poll_from(cx, &mut this.b, &mut this.a);
+        this.outcome(forward, backward)
+    }
+}
+
+impl<A, B> Splice<A, B> {
+    /// What one poll of both directions comes to: the first error (naming its side), done
+    /// when both are, else pending.
+    fn outcome(
+        &self,
+        forward: Poll<Result<(), HalfError>>,
+        backward: Poll<Result<(), HalfError>>,
+    ) -> Poll<Result<Spliced, SpliceError>> {
         let spliced = Spliced {
-            a_to_b: this.a_to_b.bytes,
-            b_to_a: this.b_to_a.bytes,
+            a_to_b: self.a_to_b.bytes,
+            b_to_a: self.b_to_a.bytes,
         };
         let fail = |e: HalfError, forward: bool| {
             // Forward reads A and writes B; backward reads B and writes A.

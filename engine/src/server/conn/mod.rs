@@ -39,6 +39,7 @@
 //! [`End`] with a reason.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ use std::time::{Duration, Instant};
 mod agent;
 mod session;
 
-use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::server::TlsStream;
 use glommio::net::TcpStream;
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
@@ -329,16 +330,15 @@ async fn reject(mut stream: TcpStream, reason: RejectReason) -> End {
     End::Refused(Refusal::Hello(reason))
 }
 
-/// Splices `client` and `upstream` until both directions finish, an error, or `idle` passes
-/// without traffic.
-async fn splice_with_idle<A, B>(ctx: &Ctx<'_>, client: A, upstream: B, idle: Duration) -> End
+/// Runs `splice` (of the client, side A, and its upstream, side B) until both directions
+/// finish, an error, or `idle` passes without traffic.
+async fn splice_with_idle<F>(ctx: &Ctx<'_>, splice: F, idle: Duration) -> End
 where
-    A: AsyncRead + AsyncWrite + Unpin + 'static,
-    B: AsyncRead + AsyncWrite + Unpin + 'static,
+    F: Future<Output = Result<tunnel::Spliced, tunnel::SpliceError>>,
 {
     ctx.last_activity.set(Instant::now());
     let spliced = async {
-        match tunnel::splice(client, upstream).await {
+        match splice.await {
             Ok(_) => End::Done,
             Err(e) => match e.side {
                 Side::A => End::Failed(ConnError::Client(e.source)),
@@ -385,7 +385,8 @@ async fn pass_through(ctx: &Ctx<'_>, mut client: Client, hello: Vec<u8>) -> End 
         Err(_) => return End::Refused(Refusal::HandshakeTimeout),
     }
     drop(hello);
-    splice_with_idle(ctx, client, upstream, ctx.shard.limits().idle_timeout).await
+    let idle = ctx.shard.limits().idle_timeout;
+    splice_with_idle(ctx, tunnel::splice(client, upstream), idle).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ use crate::server::io::{with_deadline, ByteSink, Counted, Prefixed};
 use crate::server::metrics::{DialMiss, HopResult, Refusal};
 use crate::server::shard::{Resolved, Shard, Signal};
 use crate::server::snapshot::Snapshot;
-use crate::tunnel::{MuxStream, OpenError, Tunnel};
+use crate::tunnel::{self, MuxStream, OpenError, Tunnel};
 
 struct OpenStream<'a>(&'a Shard);
 
@@ -555,8 +555,11 @@ where
     A: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     match upstream {
-        Upstream::Mux(stream) => splice_with_idle(ctx, client, stream, idle).await,
-        Upstream::Hop(stream) => splice_with_idle(ctx, client, stream, idle).await,
+        Upstream::Mux(stream) => splice_with_idle(ctx, tunnel::splice(client, stream), idle).await,
+        // A hop end lends its chunks like a tunnel stream lends its buffers.
+        Upstream::Hop(stream) => {
+            splice_with_idle(ctx, tunnel::splice_lending(client, stream), idle).await
+        }
     }
 }
 
