@@ -605,6 +605,9 @@ mod tests {
             user_ca: vec![ca_pem(&ca.der())],
             user_ca_ssh: Vec::new(),
             host_ca_ssh: Vec::new(),
+            host_ca: Vec::new(),
+            ca_generation: String::new(),
+            renew_host_cert: false,
         };
         ClusterPolicy::from_response(&response).unwrap()
     }
@@ -751,6 +754,9 @@ mod tests {
             user_ca: vec![ca_pem(&ca.der())],
             user_ca_ssh: Vec::new(),
             host_ca_ssh: Vec::new(),
+            host_ca: Vec::new(),
+            ca_generation: String::new(),
+            renew_host_cert: false,
         };
         let guard = Rc::new(Guard::new(PolicyMode::Enforce));
         guard.replace(

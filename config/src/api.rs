@@ -173,6 +173,10 @@ pub struct HostInfo {
     pub joined: u64,
     pub last_seen: u64,
     pub connected: bool,
+    /// For a connected agent: whether it has confirmed the CAs' current rotation phase (a
+    /// phase change waits for it unless `--force`). Absent from older controls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_phase_confirmed: Option<bool>,
 }
 
 /// `GET /v1/ca/TYPE`: a CA's public half in a ready-to-paste format.
@@ -202,6 +206,51 @@ pub struct SignHostResponse {
 pub struct CaInfo {
     pub r#type: String,
     pub fingerprint: String,
+    /// The rotation phase of this CA (`standby` when none runs). Absent from older controls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// During a rotation: the other CA's fingerprint (the new one before `update_clients`,
+    /// the old one after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub additional: Option<String>,
+}
+
+/// `POST /v1/ca/rotate`: one phase change of one CA or all (`jaunt ca rotate`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RotateRequest {
+    /// `user`, `host`, `db`, `jwt` or `all`.
+    pub r#type: String,
+    /// `init`, `update_clients`, `update_servers`, `standby` or `rollback`; absent with
+    /// `grace_secs` = start a semi-automatic rotation (`init`, then each phase after the grace).
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Seconds after which the phases advance on their own.
+    #[serde(default)]
+    pub grace_secs: Option<u64>,
+    /// Change the phase even though some connected agents have not confirmed the current one.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to [`RotateRequest`]: the state of each CA it touched.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RotateResponse {
+    pub cas: Vec<CaRotationInfo>,
+}
+
+/// One CA's rotation state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaRotationInfo {
+    pub r#type: String,
+    pub phase: String,
+    /// The pin (X.509 CAs: `sha256:` of the SPKI; jwt: the key id) that signs now.
+    pub signing: String,
+    /// The other trusted one during a rotation.
+    #[serde(default)]
+    pub additional: Option<String>,
+    /// When the next automatic phase change is due (unix seconds), with `--grace`.
+    #[serde(default)]
+    pub next_phase_at: Option<u64>,
 }
 
 /// `GET /v1/status`.
@@ -303,6 +352,18 @@ pub struct AgentPolicyResponse {
     /// node sshd's host certificate against them. Empty from an older control.
     #[serde(default)]
     pub host_ca_ssh: Vec<String>,
+    /// The host CA's certificates (PEM) the agent trusts for the engine's certificate: two
+    /// while the host CA rotates. Empty from an older control (keep the stored ones).
+    #[serde(default)]
+    pub host_ca: Vec<String>,
+    /// The CAs' rotation generation; the agent sends it back (`?confirmed=`) once it has
+    /// applied this policy, which is how control knows no agent would be stranded.
+    #[serde(default)]
+    pub ca_generation: String,
+    /// True when the caller's host certificate is not from the host CA that signs now, in a
+    /// phase whose servers must re-issue (`update_servers`, `rollback`): renew at once.
+    #[serde(default)]
+    pub renew_host_cert: bool,
 }
 
 /// `POST /v1/agent/ssh/host-cert` (host identities with role `node`): an OpenSSH host

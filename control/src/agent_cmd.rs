@@ -179,6 +179,9 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
 struct PolicyPoller {
     current: Option<String>,
     failures: u32,
+    /// The CA generation this agent has applied (trust written, certificate renewed if asked):
+    /// sent back on every poll so control knows it follows the current rotation phase.
+    confirmed: String,
 }
 
 impl PolicyPoller {
@@ -189,7 +192,7 @@ impl PolicyPoller {
         user: &str,
         tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
     ) -> bool {
-        let fetched = fetch_policy(opts, user).and_then(|response| {
+        let fetched = fetch_policy(opts, user, &self.confirmed).and_then(|response| {
             if self.current.as_deref() == Some(response.version.as_str()) {
                 return Ok(None);
             }
@@ -201,6 +204,25 @@ impl PolicyPoller {
             Ok(None) => self.failures = 0,
             Ok(Some((response, policy))) => {
                 self.failures = 0;
+                if response.ca_generation != self.confirmed {
+                    match follow_rotation(opts, &response, tx) {
+                        Ok(true) => {
+                            self.confirmed = response.ca_generation.clone();
+                            // Confirm at once rather than at the next poll.
+                            let _ = fetch_policy(opts, user, &self.confirmed);
+                        }
+                        Ok(false) => return false,
+                        Err(e) => {
+                            // Not confirmed: the next poll (a new version is not needed)
+                            // tries again.
+                            eprintln!(
+                                "jaunt agent: following the CA rotation failed (will retry): {e:#}"
+                            );
+                            self.failures = self.failures.saturating_add(1);
+                            return true;
+                        }
+                    }
+                }
                 let first = self.current.is_none();
                 self.current = Some(response.version.clone());
                 let command = jaunt_agent::AgentCommand::ReplacePolicy(std::sync::Arc::new(policy));
@@ -247,15 +269,68 @@ pub fn policy_delay(failures: u32) -> Duration {
 }
 
 /// One `GET /v1/agent/policy` with the host identity as it is on disk now (renewal replaces
-/// it there).
-fn fetch_policy(opts: &AgentOptions, user: &str) -> anyhow::Result<AgentPolicyResponse> {
+/// it there), confirming the CA generation `confirmed` this agent has applied.
+fn fetch_policy(
+    opts: &AgentOptions,
+    user: &str,
+    confirmed: &str,
+) -> anyhow::Result<AgentPolicyResponse> {
     let profile = host_profile(&opts.data_dir);
     let client = Client::new(
         &opts.proxy,
         Trust::Roots(profile.host_ca()?),
         Some(profile.tls_identity(user)?),
     )?;
-    Ok(client.get_json("/v1/agent/policy")?)
+    let path = if confirmed.is_empty() {
+        "/v1/agent/policy".to_string()
+    } else {
+        format!("/v1/agent/policy?confirmed={confirmed}")
+    };
+    Ok(client.get_json(&path)?)
+}
+
+/// A CA rotation phase as the agent follows it, with no restart and no token: the host CAs
+/// the policy names become the trust for the engine's certificate (written to the host
+/// profile, tunnels' TLS replaced for new tunnels), and when control says the host
+/// certificate is not from the signing host CA (`update_servers`, `rollback`) it is renewed
+/// now. `Ok(false)` once the agent is gone. The user CAs travel in the policy itself.
+fn follow_rotation(
+    opts: &AgentOptions,
+    response: &AgentPolicyResponse,
+    tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
+) -> anyhow::Result<bool> {
+    let profile = host_profile(&opts.data_dir);
+    let Some(mut info) = profile.load()? else {
+        bail!("the host identity is gone from {}", profile.dir.display());
+    };
+    let mut changed = false;
+    if !response.host_ca.is_empty() {
+        let bundle: String = response
+            .host_ca
+            .iter()
+            .map(|pem| format!("{}\n", pem.trim_end()))
+            .collect();
+        let path = profile.host_ca_path();
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(bundle.as_str()) {
+            crate::profile::write_private(&path, bundle.as_bytes())?;
+            changed = true;
+        }
+    }
+    if response.renew_host_cert {
+        info = renew(opts, &info)?;
+        changed = true;
+        eprintln!(
+            "jaunt agent: host certificate re-issued by the rotated host CA (until {})",
+            crate::audit::rfc3339(info.identity.expires)
+        );
+    }
+    if changed {
+        let tls = tls_config(&profile, &info)?;
+        if tx.send(jaunt_agent::AgentCommand::ReplaceTls(tls)).is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// SIGHUP: the [`jaunt_agent::AgentCommand::Reload`] for the re-read config file, or `None`

@@ -89,6 +89,11 @@ pub const LOCK_DELETED: EventKind = EventKind {
     code: "JA1501I",
     r#type: "lock.delete",
 };
+/// A CA rotation phase change (`jaunt ca rotate`, or its `--grace` thread).
+pub const CA_ROTATED: EventKind = EventKind {
+    code: "JA1600I",
+    r#type: "ca.rotate",
+};
 
 pub const SESSION_START: EventKind = EventKind {
     code: "JA2000I",

@@ -154,6 +154,25 @@ impl CertAuthority {
             .to_string()
     }
 
+    /// Whether `leaf` chains to this CA (signature and validity now), with rustls' WebPKI
+    /// verifier and this CA as the only root.
+    pub fn issued(&self, leaf: &CertificateDer<'_>) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        if roots.add(self.cert_der.clone()).is_err() {
+            return false;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let Ok(verifier) =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+        else {
+            return false;
+        };
+        verifier
+            .verify_client_cert(leaf, &[], rustls_pki_types::UnixTime::now())
+            .is_ok()
+    }
+
     /// Signs an X.509 certificate for `identity` over a public key given as SubjectPublicKeyInfo
     /// (DER). Returns the certificate DER.
     pub fn sign_x509(
@@ -189,21 +208,110 @@ impl CertAuthority {
     }
 }
 
-/// The cluster's CAs, loaded once at start.
+/// The cluster's CAs as they are now: the key each one signs with, and during a rotation (see
+/// `rotation.rs`) the additional one that is trusted too. Control swaps the whole value at each
+/// phase change; holders of an `Arc<Authorities>` keep a consistent view.
 #[derive(Clone)]
 pub struct Authorities {
+    /// The signing CAs.
     pub user: Arc<CertAuthority>,
     pub host: Arc<CertAuthority>,
     pub db: Arc<CertAuthority>,
+    /// The app-access JWT signing key.
+    pub jwt: Arc<crate::jwt::JwtSigner>,
+    /// During a rotation: the other CA of each kind (the new one before `update_clients`, the
+    /// old one after), trusted by every verifier but not signing.
+    pub extra_user: Option<Arc<CertAuthority>>,
+    pub extra_host: Option<Arc<CertAuthority>>,
+    pub extra_db: Option<Arc<CertAuthority>>,
+    pub extra_jwt: Option<Arc<crate::jwt::JwtSigner>>,
+    /// Phase and sequence per CA name (`user`, `host`, `db`, `jwt`), as `rotation.rs` keeps
+    /// them; a CA that never rotated is `standby` at 0.
+    pub phases: std::collections::BTreeMap<String, (String, u64)>,
 }
 
 impl Authorities {
+    /// The signing CA of `kind`.
     pub fn get(&self, kind: CaKind) -> &CertAuthority {
         match kind {
             CaKind::User => &self.user,
             CaKind::Host => &self.host,
             CaKind::Db => &self.db,
         }
+    }
+
+    /// The additional (trusted, not signing) CA of `kind` while it rotates.
+    pub fn extra(&self, kind: CaKind) -> Option<&CertAuthority> {
+        match kind {
+            CaKind::User => self.extra_user.as_deref(),
+            CaKind::Host => self.extra_host.as_deref(),
+            CaKind::Db => self.extra_db.as_deref(),
+        }
+    }
+
+    /// Every CA of `kind` a verifier trusts now: the signing one first.
+    pub fn trusted(&self, kind: CaKind) -> Vec<&CertAuthority> {
+        std::iter::once(self.get(kind))
+            .chain(self.extra(kind))
+            .collect()
+    }
+
+    /// The trusted CA certificates of `kind` (DER), the signing one first.
+    pub fn trusted_der(&self, kind: CaKind) -> Vec<CertificateDer<'static>> {
+        self.trusted(kind)
+            .into_iter()
+            .map(|c| c.cert_der().clone())
+            .collect()
+    }
+
+    /// The trusted CA certificates of `kind` as one PEM bundle (what `ssl_ca_file` and the
+    /// profiles' `*-ca.pem` files hold).
+    pub fn trusted_pem(&self, kind: CaKind) -> String {
+        self.trusted(kind)
+            .into_iter()
+            .map(|c| c.cert_pem().trim_end().to_string() + "\n")
+            .collect()
+    }
+
+    /// The trusted SSH CA public keys of `kind`, one OpenSSH line each.
+    pub fn ssh_lines(&self, kind: CaKind) -> Vec<String> {
+        self.trusted(kind)
+            .into_iter()
+            .map(|c| c.ssh_public_line())
+            .collect()
+    }
+
+    /// The JWK Set verifiers of app JWTs use: the signing key and, during a rotation, the other.
+    pub fn jwks(&self) -> String {
+        let mut keys = Vec::new();
+        for signer in std::iter::once(&self.jwt).chain(self.extra_jwt.as_ref()) {
+            if let Ok(serde_json::Value::Object(mut set)) =
+                serde_json::from_str::<serde_json::Value>(&signer.jwks_json())
+            {
+                if let Some(serde_json::Value::Array(k)) = set.remove("keys") {
+                    keys.extend(k);
+                }
+            }
+        }
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    /// The phase of CA `name` (`standby` when it never rotated).
+    pub fn phase(&self, name: &str) -> &str {
+        self.phases.get(name).map_or("standby", |(p, _)| p.as_str())
+    }
+
+    /// A digest of every CA's phase and sequence: what an agent echoes back to confirm it has
+    /// applied the current phases.
+    pub fn generation(&self) -> String {
+        let text = self
+            .phases
+            .iter()
+            .map(|(name, (phase, seq))| format!("{name}={phase}/{seq}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        format!("g{}", hex::encode(&digest.as_ref()[..8]))
     }
 }
 

@@ -479,6 +479,24 @@ struct RmArgs {
 
 #[derive(Subcommand, Debug)]
 enum CaCommand {
+    /// Rotate a CA in phases: init (new key, trusted beside the old), update_clients (new
+    /// certificates from the new CA), update_servers (engines, agents and control re-issued),
+    /// standby (old CA dropped); rollback returns to the old CA from any phase before standby.
+    /// With --grace and no --phase, the phases advance on their own.
+    Rotate {
+        /// user, host, db, jwt or all.
+        #[arg(long = "type", value_name = "TYPE")]
+        ty: String,
+        /// init, update_clients, update_servers, standby or rollback.
+        #[arg(long, value_name = "PHASE")]
+        phase: Option<String>,
+        /// Advance to the next phase by itself after this long (e.g. 30m).
+        #[arg(long, value_name = "DURATION")]
+        grace: Option<String>,
+        /// Change the phase even though connected agents have not confirmed the current one.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a CA's public half, ready for sshd or known_hosts.
     Export {
         /// user-ssh (sshd TrustedUserCAKeys), host-ssh (known_hosts @cert-authority line),
@@ -1041,6 +1059,23 @@ fn status(data_dir: Option<&Path>, format: Format) -> anyhow::Result<ExitCode> {
         for ca in &st.cas {
             println!("  {:<10} {}", ca.r#type, ca.fingerprint);
         }
+        // Rotation phases (issue 13): each CA's phase and, during a rotation, both pins.
+        println!("CA rotation:");
+        for ca in st
+            .cas
+            .iter()
+            .filter(|c| c.r#type.ends_with("-tls") || c.r#type == "jwt")
+        {
+            let name = ca.r#type.trim_end_matches("-tls");
+            match (&ca.phase, &ca.additional) {
+                (Some(phase), Some(other)) => println!(
+                    "  {name:<10} {phase:<15} signing {} also trusted {other}",
+                    ca.fingerprint
+                ),
+                (Some(phase), None) => println!("  {name:<10} {phase}"),
+                (None, _) => {}
+            }
+        }
         let connected = st.hosts.iter().filter(|h| h.connected).count();
         println!(
             "Agents:       {} joined, {} connected",
@@ -1053,10 +1088,10 @@ fn status(data_dir: Option<&Path>, format: Format) -> anyhow::Result<ExitCode> {
                 h.name,
                 h.id,
                 h.types.join(","),
-                if h.connected {
-                    "connected"
-                } else {
-                    "not connected"
+                match (h.connected, h.ca_phase_confirmed) {
+                    (true, Some(false)) => "connected (CA phase not confirmed yet)",
+                    (true, _) => "connected",
+                    (false, _) => "not connected",
                 }
             );
         }
@@ -1996,6 +2031,34 @@ fn lock(client: &Client, args: LockArgs) -> anyhow::Result<()> {
 
 fn ca(client: &Client, cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
+        CaCommand::Rotate {
+            ty,
+            phase,
+            grace,
+            force,
+        } => {
+            let grace_secs = grace.as_deref().map(parse_duration_secs).transpose()?;
+            let resp: jaunt_config::api::RotateResponse = client.post_json(
+                "/v1/ca/rotate",
+                &jaunt_config::api::RotateRequest {
+                    r#type: ty,
+                    phase,
+                    grace_secs,
+                    force,
+                },
+            )?;
+            for ca in &resp.cas {
+                println!("{} CA: phase {}", ca.r#type, ca.phase);
+                println!("  signing:    {}", ca.signing);
+                if let Some(other) = &ca.additional {
+                    println!("  also trusted: {other}");
+                }
+                if let Some(at) = ca.next_phase_at {
+                    println!("  next phase at {}", crate::audit::rfc3339(at));
+                }
+            }
+            Ok(())
+        }
         CaCommand::Export { ty } => {
             let export: CaExport = client.get_json(&format!("/v1/ca/{}", encode(&ty)))?;
             print!("{}", export.text);

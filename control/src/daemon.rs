@@ -164,11 +164,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     names.dedup();
     let (chain, server_key) = issue_server_cert(&control, &cfg.cluster, &names)?;
-    let client_roots = vec![
-        control.cas.user.cert_der().clone(),
-        control.cas.host.cert_der().clone(),
-    ];
-    let tls = http::server_config(chain.clone(), server_key.clone_key(), client_roots)?;
+    let tls = api_tls(&control, chain.clone(), server_key.clone_key())?;
 
     let control_server = {
         let control = control.clone();
@@ -288,12 +284,31 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         engine.diag_addr(),
         &public_addr,
         &control_bound.to_string(),
-        control.cas.host.pin(),
+        control.cas().host.pin(),
         admin_password.as_deref(),
     );
     tracing::info!(public = %engine.local_addr(), control = %control_bound, alpn = ALPN_CONTROL, "jaunt started");
 
-    serve_until_shutdown(&control, &cfg, &names, &engine)?;
+    // CA rotation: each phase change rebuilds the TLS of the control API and the engine and
+    // re-issues the local admin identity here, on this thread, before the change is answered
+    // (the hook waits for it); the grace thread advances `--grace` rotations.
+    let (rotated_tx, rotated_rx) = crossbeam_channel::unbounded::<crossbeam_channel::Sender<()>>();
+    control.add_ca_hook(Box::new(move |_| {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        if rotated_tx.send(done_tx).is_ok() {
+            let _ = done_rx.recv_timeout(Duration::from_secs(30));
+        }
+    }));
+    let (grace_stop, grace_stopped) = crossbeam_channel::bounded::<()>(0);
+    let grace = crate::rotation::spawn_grace_thread(control.clone(), grace_stopped)?;
+    let control_addr = control_bound.to_string();
+    let on_rotation = |control: &Control| -> anyhow::Result<()> {
+        reload_after_rotation(control, &cfg, &names, &control_server, &engine)?;
+        write_admin_identity(control, &cfg, &control_addr)
+    };
+    serve_until_shutdown(&control, &cfg, &names, &engine, &rotated_rx, &on_rotation)?;
+    drop(grace_stop);
+    let _ = grace.join();
     tracing::info!("shutting down: draining the engine");
     drop(beat_stop);
     if beats.join().is_err() {
@@ -496,23 +511,19 @@ fn write_admin_identity(
         permit_port_forwarding: false,
         permit_agent_forwarding: false,
     };
-    let tls =
-        control
-            .cas
-            .user
-            .sign_x509(&identity, &ca::spki_pem_to_der(&keys.tls_public_pem)?, &[])?;
-    let ssh = control
-        .cas
+    let cas = control.cas();
+    let tls = cas
         .user
-        .sign_ssh(&identity, keys.ssh_key.public_key())?;
+        .sign_x509(&identity, &ca::spki_pem_to_der(&keys.tls_public_pem)?, &[])?;
+    let ssh = cas.user.sign_ssh(&identity, keys.ssh_key.public_key())?;
     let certs = Certs {
         identity,
         tls_cert: ca::cert_pem(&tls),
         ssh_cert: ssh.to_openssh()?,
-        host_ca_tls: control.cas.host.cert_pem().to_string(),
-        user_ca_tls: control.cas.user.cert_pem().to_string(),
-        host_ca_ssh: control.cas.host.ssh_public_line(),
-        user_ca_ssh: control.cas.user.ssh_public_line(),
+        host_ca_tls: cas.trusted_pem(ca::CaKind::Host),
+        user_ca_tls: cas.trusted_pem(ca::CaKind::User),
+        host_ca_ssh: cas.ssh_lines(ca::CaKind::Host).join("\n"),
+        user_ca_ssh: cas.ssh_lines(ca::CaKind::User).join("\n"),
     };
     Profile::admin(&cfg.data_dir).save(control_addr, &keys, &certs)?;
     Ok(())
@@ -726,6 +737,8 @@ fn serve_until_shutdown(
     cfg: &DaemonConfig,
     names: &[String],
     engine: &jaunt_engine::server::EngineHandle,
+    rotated: &crossbeam_channel::Receiver<crossbeam_channel::Sender<()>>,
+    on_rotation: &dyn Fn(&Control) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
@@ -746,7 +759,24 @@ fn serve_until_shutdown(
         tunnel_timers: jaunt_engine::mux::Config::default(),
     };
     loop {
-        let reload = match rx.recv_timeout(Duration::from_secs(600)) {
+        let received = crossbeam_channel::select! {
+            recv(rx) -> sig => sig.map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+            recv(rotated) -> done => {
+                if let Ok(done) = done {
+                    match on_rotation(control) {
+                        Ok(()) => tracing::info!("CA rotation: TLS of the control API and the engine reloaded"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "CA rotation: reloading TLS failed");
+                            eprintln!("error: applying the CA rotation phase to the control API and engine failed: {e:#}");
+                        }
+                    }
+                    let _ = done.send(());
+                }
+                continue;
+            }
+            default(Duration::from_secs(600)) => Err(crossbeam_channel::RecvTimeoutError::Timeout),
+        };
+        let reload = match received {
             Ok(SIGHUP) => {
                 tracing::info!("SIGHUP: reloading the config file's limits and the certificate");
                 reload_config(cfg, &mut limits, engine);
@@ -803,13 +833,14 @@ fn issue_server_cert(
         permit_port_forwarding: false,
         permit_agent_forwarding: false,
     };
-    let leaf = control.cas.host.sign_x509(
+    let cas = control.cas();
+    let leaf = cas.host.sign_x509(
         &identity,
         &ca::spki_pem_to_der(&keys.tls_public_pem)?,
         names,
     )?;
     Ok((
-        vec![leaf, control.cas.host.cert_der().clone()],
+        vec![leaf, cas.host.cert_der().clone()],
         keys.tls_private_der()?,
     ))
 }
@@ -830,12 +861,43 @@ fn engine_tls_configs(
         (None, Some(issued)) => issued,
         (None, None) => issue_server_cert(control, &cfg.cluster, names)?,
     };
+    let cas = control.cas();
     Ok(jaunt_engine::server::TlsConfigs::build(
         chain,
         key,
-        std::slice::from_ref(control.cas.user.cert_der()),
-        std::slice::from_ref(control.cas.host.cert_der()),
+        &cas.trusted_der(ca::CaKind::User),
+        &cas.trusted_der(ca::CaKind::Host),
     )?)
+}
+
+/// The control API's TLS config: `chain` as its certificate, and client certificates from
+/// every user and host CA trusted now (both of a kind during a rotation).
+fn api_tls(
+    control: &Control,
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let cas = control.cas();
+    let mut client_roots = cas.trusted_der(ca::CaKind::User);
+    client_roots.extend(cas.trusted_der(ca::CaKind::Host));
+    Ok(http::server_config(chain, key, client_roots)?)
+}
+
+/// After a CA rotation phase change: the control API and the engine trust the CAs trusted now,
+/// and present a certificate from the host CA that signs now (re-issued only when that CA
+/// changed, or the config names its own files). Live connections keep their TLS.
+fn reload_after_rotation(
+    control: &Control,
+    cfg: &DaemonConfig,
+    names: &[String],
+    api: &http::ServerHandle,
+    engine: &jaunt_engine::server::EngineHandle,
+) -> anyhow::Result<()> {
+    let (chain, key) = issue_server_cert(control, &cfg.cluster, names)?;
+    api.reload_tls(api_tls(control, chain.clone(), key.clone_key())?);
+    let tls = engine_tls_configs(control, cfg, names, Some((chain, key)))?;
+    engine.reload_tls(tls)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -310,6 +310,14 @@ impl ServerHandle {
     }
 }
 
+impl ServerHandle {
+    /// New connections use `tls` from now on (the server certificate and the client roots
+    /// after a CA rotation phase change); live ones keep theirs.
+    pub fn reload_tls(&self, tls: Arc<ServerConfig>) {
+        *self.shared.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+    }
+}
+
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.stop();
@@ -334,7 +342,7 @@ pub fn serve(
     let (tx, rx) = crossbeam_channel::bounded::<(TcpStream, SocketAddr)>(limits.queue);
     let (stop_workers, stopped) = crossbeam_channel::bounded::<()>(0);
     let shared = Arc::new(Shared {
-        tls,
+        tls: std::sync::RwLock::new(tls),
         handler,
         stats: Arc::new(Stats::default()),
         stopping: AtomicBool::new(false),
@@ -414,7 +422,8 @@ pub fn server_config(
 // Threads
 
 struct Shared {
-    tls: Arc<ServerConfig>,
+    /// Replaced whole by [`ServerHandle::reload_tls`] (CA rotation); new connections use it.
+    tls: std::sync::RwLock<Arc<ServerConfig>>,
     handler: Handler,
     limits: Limits,
     stats: Arc<Stats>,
@@ -544,7 +553,8 @@ fn serve_connection(shared: &Shared, slot: &Mutex<Slot>, sock: TcpStream, peer: 
         }
     }
 
-    let conn = match ServerConnection::new(Arc::clone(&shared.tls)) {
+    let tls = Arc::clone(&shared.tls.read().unwrap_or_else(|p| p.into_inner()));
+    let conn = match ServerConnection::new(tls) {
         Ok(conn) => conn,
         Err(e) => {
             tracing::error!("cannot start a TLS session: {e}");

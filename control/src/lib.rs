@@ -3,6 +3,7 @@
 //! - [`store`]: the store interface, SQLite (default) and PostgreSQL (shared by several
 //!   controls) — users, roles, tokens, locks, CAs, hosts, audit.
 //! - [`ca`]: the user, host and database certificate authorities (X.509 + SSH).
+//! - [`rotation`]: phased CA rotation (`jaunt ca rotate`), its grace thread and guards.
 //! - [`auth`]: password hashing, TOTP, the failed-login limiter.
 //! - [`rbac`]: what a role grants at login and for admin verbs.
 //! - [`audit`]: audit events with stable codes.
@@ -38,6 +39,7 @@ pub mod jwt;
 pub mod profile;
 pub mod rbac;
 pub mod recordings;
+pub mod rotation;
 pub mod service;
 pub mod ssh_cmd;
 pub mod store;

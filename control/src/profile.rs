@@ -113,10 +113,15 @@ impl Profile {
             format!("{}\n", certs.ssh_cert.trim()).as_bytes(),
         )?;
         write_private(&self.host_ca_path(), certs.host_ca_tls.as_bytes())?;
-        write_private(
-            &self.known_hosts_path(),
-            format!("@cert-authority * {}\n", certs.host_ca_ssh.trim()).as_bytes(),
-        )?;
+        // One `@cert-authority` line per host CA key (two while the host CA rotates).
+        let known_hosts: String = certs
+            .host_ca_ssh
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| format!("@cert-authority * {l}\n"))
+            .collect();
+        write_private(&self.known_hosts_path(), known_hosts.as_bytes())?;
         let info = ProfileInfo {
             proxy: proxy.to_string(),
             user,

@@ -64,14 +64,14 @@ pub struct Settings {
 /// The control plane's state and request handlers.
 pub struct Control {
     pub settings: Settings,
-    /// PKCS#8 PEM of the ES256 key that signs app-access JWTs.
-    pub jwt_key_pem: String,
-    /// Signs app-access JWTs with that key.
-    pub jwt: crate::jwt::JwtSigner,
-    /// The JWK Set of the JWT key, as the engine serves it.
-    pub jwks: Arc<str>,
     pub store: Arc<Store>,
-    pub cas: Authorities,
+    /// The CAs and the app-JWT key as they are now ([`Control::cas`]); a CA rotation phase
+    /// change swaps the whole value (`rotation.rs`).
+    cas: RwLock<Arc<Authorities>>,
+    /// Called with the new authorities after each swap (the daemon rebuilds TLS configs).
+    ca_hooks: Mutex<Vec<CaHook>>,
+    /// Per agent host id: the CA generation it last confirmed and when it polled.
+    confirmations: Mutex<std::collections::HashMap<String, (String, u64)>>,
     pub audit: Audit,
     limiter: RateLimiter,
     /// The advertised public address (known for sure once the engine has bound its port).
@@ -86,6 +86,9 @@ pub struct Control {
     /// Recordings storage (`recordings/`), once the daemon has opened it.
     recordings: std::sync::OnceLock<Arc<crate::recordings::Recordings>>,
 }
+
+/// What [`Control::add_ca_hook`] registers.
+pub type CaHook = Box<dyn Fn(&Arc<Authorities>) + Send + Sync>;
 
 /// One password login attempt ([`Control::password_login`]).
 #[derive(Clone, Copy, Debug)]
@@ -126,17 +129,12 @@ impl Control {
             };
             Ok(Arc::new(CertAuthority::from_stored(kind, &stored)?))
         };
-        let cas = Authorities {
-            user: load(CaKind::User)?,
-            host: load(CaKind::Host)?,
-            db: load(CaKind::Db)?,
-        };
-        // The JWT signing key for app access (ES256), created with the CAs and kept with them.
-        let jwt_key = store.key_or_insert(
-            JWT_KEY_NAME,
-            &rcgen::KeyPair::generate()?.serialize_pem(),
-            now,
-        )?;
+        for kind in CaKind::ALL {
+            load(kind)?;
+        }
+        // The JWT signing key for app access (ES256), created with the CAs and kept with them;
+        // which key of a rotation signs is `rotation::load`'s business.
+        let cas = crate::rotation::load(&store, &rcgen::KeyPair::generate()?.serialize_pem())?;
         for role in [Role::builtin_access(), Role::builtin_editor()] {
             store.insert_role_if_absent(
                 &role.metadata.name,
@@ -145,16 +143,13 @@ impl Control {
             )?;
         }
         let audit = Audit::new(store.clone());
-        let jwt = crate::jwt::JwtSigner::from_pem(&jwt_key)?;
-        let jwks: Arc<str> = jwt.jwks_json().into();
         Ok(Control {
-            jwt,
-            jwks,
             public_addr: RwLock::new(settings.public_addr.clone()),
             settings,
-            jwt_key_pem: jwt_key,
             store,
-            cas,
+            cas: RwLock::new(Arc::new(cas)),
+            ca_hooks: Mutex::new(Vec::new()),
+            confirmations: Mutex::new(std::collections::HashMap::new()),
             audit,
             snapshots: Mutex::new(None),
             snapshot_version: AtomicU64::new(0),
@@ -174,6 +169,55 @@ impl Control {
             .read()
             .map(|a| a.clone())
             .unwrap_or_default()
+    }
+
+    /// The CAs and the JWT key as they are now.
+    pub fn cas(&self) -> Arc<Authorities> {
+        self.cas.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_cas(&self, cas: Arc<Authorities>) {
+        *self.cas.write().unwrap_or_else(|p| p.into_inner()) = cas;
+    }
+
+    /// Registers `hook`, called with the new authorities after every rotation phase change.
+    pub fn add_ca_hook(&self, hook: CaHook) {
+        self.ca_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
+    pub(crate) fn run_ca_hooks(&self, cas: &Arc<Authorities>) {
+        for hook in self
+            .ca_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            hook(cas);
+        }
+    }
+
+    /// Connected agents that polled within [`crate::rotation::AGENT_CONFIRM_WINDOW_SECS`] and
+    /// have not confirmed the current CA generation, by host id. A connected agent that never
+    /// polled counts as unconfirmed too.
+    pub fn unconfirmed_agents(&self) -> Vec<String> {
+        let generation = self.cas().generation();
+        let now = unix_now();
+        let confirmations = self.confirmations.lock().unwrap_or_else(|p| p.into_inner());
+        let inventory = self.inventory.read().unwrap_or_else(|p| p.into_inner());
+        inventory
+            .keys()
+            .filter(|id| match confirmations.get(*id) {
+                Some((confirmed, seen)) => {
+                    *confirmed != generation
+                        && now.saturating_sub(*seen) <= crate::rotation::AGENT_CONFIRM_WINDOW_SECS
+                }
+                None => true,
+            })
+            .cloned()
+            .collect()
     }
 
     /// Records the public address once the engine has bound its port.
@@ -317,6 +361,7 @@ impl Control {
             })
             .collect();
         let roles = role_docs;
+        let cas = self.cas();
         let locks = stored_locks
             .into_iter()
             .filter_map(|l| {
@@ -344,14 +389,14 @@ impl Control {
         Ok(Snapshot {
             version: self.snapshot_version.fetch_add(1, Ordering::Relaxed) + 1,
             cluster: self.settings.cluster.clone(),
-            user_ca_roots: vec![self.cas.user.cert_der().clone()],
-            host_ca_roots: vec![self.cas.host.cert_der().clone()],
+            user_ca_roots: cas.trusted_der(CaKind::User),
+            host_ca_roots: cas.trusted_der(CaKind::Host),
             roles,
             locks,
             policy,
             active_locks,
             targets: Default::default(),
-            jwks: self.jwks.clone(),
+            jwks: cas.jwks().into(),
         })
     }
 
@@ -408,9 +453,10 @@ impl Control {
             ("POST", ["v1", "ca", "sign-db"]) => self.sign_db(req, caller),
             ("POST", ["v1", "db", "cert"]) => self.db_cert(req, caller),
             ("POST", ["v1", "app", "jwt"]) => self.app_jwt(req, caller),
-            ("GET", ["v1", "agent", "policy"]) => self.agent_policy(caller),
+            ("GET", ["v1", "agent", "policy"]) => self.agent_policy(req, caller),
             ("POST", ["v1", "agent", "ssh", "host-cert"]) => self.agent_ssh_host_cert(req, caller),
             ("POST", ["v1", "agent", "ssh", "user-cert"]) => self.agent_ssh_user_cert(req, caller),
+            ("POST", ["v1", "ca", "rotate"]) => self.rotate_ca(req, caller),
             ("GET", ["v1", "audit"]) => self.audit_search(req, caller),
             ("GET", ["v1", "sessions"]) => self.list_sessions(caller),
             ("DELETE", ["v1", "sessions", id]) => self.kill_session(caller, id),
@@ -445,7 +491,7 @@ impl Control {
                 cluster_name: self.settings.cluster.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 public_addr: self.public_addr(),
-                host_ca_pin: self.cas.host.pin().to_string(),
+                host_ca_pin: self.cas().host.pin().to_string(),
                 second_factor: if self.settings.second_factor {
                     "otp"
                 } else {
@@ -687,21 +733,38 @@ impl Control {
 
     fn status(&self, caller: &Identity) -> Reply {
         self.require(caller, "node", "list")?;
+        let authorities = self.cas();
+        let cas = &authorities;
         let cas = CaKind::ALL
             .iter()
             .flat_map(|&k| {
-                let ca = self.cas.get(k);
+                let ca = cas.get(k);
+                let extra = cas.extra(k);
+                let phase = Some(cas.phase(k.name()).to_string());
                 [
                     CaInfo {
                         r#type: format!("{}-tls", k.name()),
                         fingerprint: ca.pin().to_string(),
+                        phase: phase.clone(),
+                        additional: extra.map(|e| e.pin().to_string()),
                     },
                     CaInfo {
                         r#type: format!("{}-ssh", k.name()),
                         fingerprint: ca.ssh_fingerprint(),
+                        phase,
+                        additional: extra.map(|e| e.ssh_fingerprint()),
                     },
                 ]
             })
+            .chain(std::iter::once(CaInfo {
+                r#type: "jwt".to_string(),
+                fingerprint: format!("kid:{}", authorities.jwt.kid()),
+                phase: Some(authorities.phase("jwt").to_string()),
+                additional: authorities
+                    .extra_jwt
+                    .as_ref()
+                    .map(|j| format!("kid:{}", j.kid())),
+            }))
             .collect();
         Ok(Response::json(
             200,
@@ -709,7 +772,7 @@ impl Control {
                 cluster_name: self.settings.cluster.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 public_addr: self.public_addr(),
-                ca_pin: self.cas.host.pin().to_string(),
+                ca_pin: self.cas().host.pin().to_string(),
                 cas,
                 hosts: self.hosts()?,
                 members: self.members()?,
@@ -749,6 +812,7 @@ impl Control {
     }
 
     fn hosts(&self) -> Result<Vec<HostInfo>, Response> {
+        let unconfirmed = self.unconfirmed_agents();
         Ok(self
             .store
             .list_hosts()
@@ -756,6 +820,9 @@ impl Control {
             .into_iter()
             .map(|h| HostInfo {
                 connected: self.is_connected(&h.id),
+                ca_phase_confirmed: self
+                    .is_connected(&h.id)
+                    .then(|| !unconfirmed.contains(&h.id)),
                 id: h.id,
                 name: h.name,
                 types: h.types,
@@ -1025,7 +1092,7 @@ impl Control {
             token,
             info: token_info(&stored),
             proxy_addr: self.public_addr(),
-            ca_pin: self.cas.host.pin().to_string(),
+            ca_pin: self.cas().host.pin().to_string(),
         })
     }
 
@@ -1248,12 +1315,18 @@ impl Control {
 
     fn export_ca(&self, caller: &Identity, ty: &str) -> Reply {
         self.require(caller, "ca", "read")?;
+        let cas = self.cas();
+        let lines = |keys: &[String], prefix: &str| -> String {
+            keys.iter().map(|k| format!("{prefix}{k}\n")).collect()
+        };
         let text = match ty {
-            "user-ssh" => format!("{}\n", self.cas.user.ssh_public_line()),
-            "host-ssh" => format!("@cert-authority * {}\n", self.cas.host.ssh_public_line()),
-            "user-tls" => self.cas.user.cert_pem().to_string(),
-            "host-tls" => self.cas.host.cert_pem().to_string(),
-            "db" | "db-tls" => self.cas.db.cert_pem().to_string(),
+            // During a rotation both CAs: sshd's TrustedUserCAKeys, known_hosts'
+            // @cert-authority lines and ssl_ca_file trust every CA the cluster trusts.
+            "user-ssh" => lines(&cas.ssh_lines(CaKind::User), ""),
+            "host-ssh" => lines(&cas.ssh_lines(CaKind::Host), "@cert-authority * "),
+            "user-tls" => cas.trusted_pem(CaKind::User),
+            "host-tls" => cas.trusted_pem(CaKind::Host),
+            "db" | "db-tls" => cas.trusted_pem(CaKind::Db),
             other => {
                 return Err(Response::error(400, &format!("unknown CA type {other:?}: expected user-ssh, host-ssh, user-tls, host-tls or db")));
             }
@@ -1299,7 +1372,7 @@ impl Control {
             permit_agent_forwarding: false,
         };
         let cert = self
-            .cas
+            .cas()
             .host
             .sign_ssh(&identity, &public)
             .map_err(internal)?;
@@ -1329,7 +1402,7 @@ impl Control {
             .clamp(60, db_cmd::MAX_DB_SERVER_CERT_TTL_SECS);
         let identity = db_cmd::db_server_identity(&self.settings.cluster, &names, now, ttl);
         let der = self
-            .cas
+            .cas()
             .db
             .sign_x509(&identity, &spki, &names)
             .map_err(|e| Response::error(400, e.to_string()))?;
@@ -1340,7 +1413,7 @@ impl Control {
             200,
             &DbCertResponse {
                 tls_cert: ca::cert_pem(&der),
-                db_ca: self.cas.db.cert_pem().to_string(),
+                db_ca: self.cas().trusted_pem(CaKind::Db),
                 expires: identity.expires,
             },
         ))
@@ -1371,7 +1444,7 @@ impl Control {
             .clamp(60, db_cmd::MAX_DB_CLIENT_CERT_TTL_SECS);
         let identity = db_cmd::db_client_identity(&self.settings.cluster, &body.db_user, now, ttl);
         let der = self
-            .cas
+            .cas()
             .db
             .sign_x509(&identity, &spki, &[])
             .map_err(|e| Response::error(400, e.to_string()))?;
@@ -1387,7 +1460,7 @@ impl Control {
             200,
             &DbCertResponse {
                 tls_cert: ca::cert_pem(&der),
-                db_ca: self.cas.db.cert_pem().to_string(),
+                db_ca: self.cas().trusted_pem(CaKind::Db),
                 expires: identity.expires,
             },
         ))
@@ -1420,7 +1493,7 @@ impl Control {
             now,
             crate::jwt::APP_TOKEN_TTL_SECS,
         );
-        let jwt = self.jwt.sign(&claims).map_err(internal)?;
+        let jwt = self.cas().jwt.sign(&claims).map_err(internal)?;
         Ok(Response::json(
             200,
             &AppJwtResponse {
@@ -1434,13 +1507,22 @@ impl Control {
     /// identities) to re-check each user stream before serving it — the same inputs as the
     /// engine's snapshot. A role set that does not compile is an error (500), as for the
     /// snapshot: the agent keeps the policy it has rather than one without some deny rules.
-    fn agent_policy(&self, caller: &Identity) -> Reply {
+    fn agent_policy(&self, req: &Request, caller: &Identity) -> Reply {
         if caller.kind != IdentityKind::Host {
             return Err(Response::error(
                 403,
                 "only agents (host certificates) get the cluster's policy",
             ));
         }
+        crate::rotation::note_confirmation(&self.confirmations, &caller.name, &req.query);
+        let cas = self.cas();
+        // A phase whose servers re-issue: an agent whose certificate is not from the host CA
+        // that signs now renews at once.
+        let renew_host_cert = matches!(cas.phase("host"), "update_servers" | "rollback")
+            && req
+                .peer_certs
+                .first()
+                .is_some_and(|leaf| !cas.host.issued(leaf));
         let mut roles = BTreeMap::new();
         let mut parsed = Vec::new();
         for (name, spec) in self.store.list_roles().map_err(internal)? {
@@ -1468,9 +1550,20 @@ impl Control {
             cluster: self.settings.cluster.clone(),
             roles,
             locks,
-            user_ca: vec![self.cas.user.cert_pem().to_string()],
-            user_ca_ssh: vec![self.cas.user.ssh_public_line()],
-            host_ca_ssh: vec![self.cas.host.ssh_public_line()],
+            user_ca: cas
+                .trusted(CaKind::User)
+                .iter()
+                .map(|c| c.cert_pem().to_string())
+                .collect(),
+            host_ca: cas
+                .trusted(CaKind::Host)
+                .iter()
+                .map(|c| c.cert_pem().to_string())
+                .collect(),
+            user_ca_ssh: cas.ssh_lines(CaKind::User),
+            host_ca_ssh: cas.ssh_lines(CaKind::Host),
+            ca_generation: cas.generation(),
+            renew_host_cert,
         };
         let digest = ring::digest::digest(&ring::digest::SHA256, &to_json(&policy));
         policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
@@ -1503,7 +1596,7 @@ impl Control {
         )
         .map_err(|e| Response::error(400, &e))?;
         let cert = self
-            .cas
+            .cas()
             .host
             .sign_ssh(&identity, &public)
             .map_err(internal)?;
@@ -1536,20 +1629,20 @@ impl Control {
         let der =
             agent_ssh::decode_user_cert(&body.user_cert).map_err(|e| Response::error(400, &e))?;
         let now = unix_now();
-        let user = agent_ssh::verify_forwarded_user(
-            self.cas.user.cert_der(),
-            &self.settings.cluster,
-            &der,
-            now,
-        )
-        .map_err(|e| Response::error(403, &e))?;
+        // Any user CA trusted now (two during a rotation); the signing one's refusal is told.
+        let cas = self.cas();
+        let mut verified = Err(String::new());
+        for ca in cas.trusted(CaKind::User) {
+            verified =
+                agent_ssh::verify_forwarded_user(ca.cert_der(), &self.settings.cluster, &der, now);
+            if verified.is_ok() {
+                break;
+            }
+        }
+        let user = verified.map_err(|e| Response::error(403, &e))?;
         let identity = agent_ssh::node_login_identity(&user, &body.login, now)
             .map_err(|e| Response::error(403, &e))?;
-        let cert = self
-            .cas
-            .user
-            .sign_ssh(&identity, &public)
-            .map_err(internal)?;
+        let cert = cas.user.sign_ssh(&identity, &public).map_err(internal)?;
         self.audit.emit(
             audit::CERT_ISSUED,
             Some(&user.name),
@@ -1565,6 +1658,15 @@ impl Control {
                 expires: identity.expires,
             },
         ))
+    }
+
+    /// `POST /v1/ca/rotate` (`jaunt ca rotate`): rule `ca`, verb `update`.
+    fn rotate_ca(&self, req: &Request, caller: &Identity) -> Reply {
+        self.require(caller, "ca", "update")?;
+        let body: jaunt_config::api::RotateRequest = req.json()?;
+        self.rotate(&body, &caller.name)
+            .map(|r| Response::json(200, &r))
+            .map_err(|e| Response::error(e.status, &e.message))
     }
 
     /// Where `jaunt sessions ls|kill` find the engine's live sessions (set once it runs).
@@ -1670,9 +1772,10 @@ impl Control {
             .map_err(|e| Response::error(400, &e.to_string()))?;
         let ssh_public = ssh_key::PublicKey::from_openssh(ssh_public)
             .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+        let cas = self.cas();
         let ca = match identity.kind {
-            IdentityKind::User => &self.cas.user,
-            IdentityKind::Host => &self.cas.host,
+            IdentityKind::User => &cas.user,
+            IdentityKind::Host => &cas.host,
         };
         let tls = ca
             .sign_x509(identity, &spki, dns_names)
@@ -1685,10 +1788,10 @@ impl Control {
             identity: identity.clone(),
             tls_cert: ca::cert_pem(&tls),
             ssh_cert: ssh.to_openssh().map_err(internal)?,
-            host_ca_tls: self.cas.host.cert_pem().to_string(),
-            user_ca_tls: self.cas.user.cert_pem().to_string(),
-            host_ca_ssh: self.cas.host.ssh_public_line(),
-            user_ca_ssh: self.cas.user.ssh_public_line(),
+            host_ca_tls: cas.trusted_pem(CaKind::Host),
+            user_ca_tls: cas.trusted_pem(CaKind::User),
+            host_ca_ssh: cas.ssh_lines(CaKind::Host).join("\n"),
+            user_ca_ssh: cas.ssh_lines(CaKind::User).join("\n"),
         })
     }
 
@@ -1880,7 +1983,7 @@ mod tests {
                 permit_agent_forwarding: false,
             };
             let admin_cert = control
-                .cas
+                .cas()
                 .user
                 .sign_x509(
                     &admin,

@@ -44,12 +44,27 @@ pub enum StoreError {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// A certificate authority as stored.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredCa {
     pub name: String,
     pub x509_key_pem: String,
     pub x509_cert_pem: String,
     pub ssh_key: String,
+}
+
+/// A CA's rotation state as stored (`rotation.rs`; table `ca_rotation`). For `jwt` the
+/// additional key is in `next.x509_key_pem` and the other two fields are empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRotation {
+    pub name: String,
+    pub phase: String,
+    pub seq: u64,
+    pub next: Option<StoredCa>,
+    /// Seconds between automatic phase changes, for `--grace`.
+    pub grace: Option<u64>,
+    /// When the next automatic phase change is due (unix seconds).
+    pub deadline: Option<u64>,
+    pub updated: u64,
 }
 
 /// A user row: the spec is JSON (roles, traits) owned by the caller.
@@ -178,6 +193,20 @@ pub trait Backend: Send + Sync {
     /// A named private key (e.g. the JWT signing key), inserted if absent; returns the stored
     /// one.
     fn key_or_insert(&self, name: &str, pem: &str, now: u64) -> Result<String>;
+
+    /// The rotation state of CA `name`, if it ever rotated.
+    fn get_ca_rotation(&self, name: &str) -> Result<Option<StoredRotation>>;
+
+    /// Writes a phase change atomically if the stored sequence is still `expect_seq` (0 when
+    /// no row exists yet); `false` when another writer got there first. With `promote`
+    /// (`standby`), that key becomes the current one (`cas` row, or `keys` row for `jwt`) in
+    /// the same transaction.
+    fn put_ca_rotation(
+        &self,
+        rot: &StoredRotation,
+        expect_seq: u64,
+        promote: Option<&StoredCa>,
+    ) -> Result<bool>;
 
     /// Inserts a user; false if the name is taken.
     fn insert_user(&self, u: &StoredUser) -> Result<bool>;
@@ -365,6 +394,7 @@ impl Store {
         list_members() -> Vec<StoredMember>;
         get_ca(name: &str) -> Option<StoredCa>;
         key_or_insert(name: &str, pem: &str, now: u64) -> String;
+        get_ca_rotation(name: &str) -> Option<StoredRotation>;
         get_user(name: &str) -> Option<StoredUser>;
         list_users() -> Vec<StoredUser>;
         get_role(name: &str) -> Option<String>;
@@ -383,6 +413,7 @@ impl Store {
 
     change! {
         insert_ca_if_absent(ca: &StoredCa, now: u64) -> StoredCa, |out| out.x509_key_pem == ca.x509_key_pem;
+        put_ca_rotation(rot: &StoredRotation, expect_seq: u64, promote: Option<&StoredCa>) -> bool, |out| out;
         insert_user(u: &StoredUser) -> bool, |out| out;
         update_user_spec(name: &str, spec: &str) -> bool, |out| out;
         set_user_credentials(name: &str, password_hash: &str, otp_secret: Option<&str>) -> bool, |out| out;

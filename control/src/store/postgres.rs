@@ -20,7 +20,7 @@ use jaunt_config::pgconn::ConnInfo;
 use super::pg::{Conn, Outcome, PgConfig, PgError, Pool, Row};
 use super::{
     AuditQuery, Backend, Result, StoreError, StoredCa, StoredEvent, StoredHost, StoredLock,
-    StoredMember, StoredToken, StoredUser, TokenCheck,
+    StoredMember, StoredRotation, StoredToken, StoredUser, TokenCheck,
 };
 use crate::pg_params as params;
 
@@ -103,6 +103,20 @@ const MIGRATIONS: &[&str] = &[
         last_seen BIGINT NOT NULL,
         state TEXT NOT NULL
      );",
+    // 3: CA rotation state (issue 13), as SQLite's version 2.
+    "CREATE TABLE ca_rotation (
+        name TEXT PRIMARY KEY,
+        phase TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        next_x509_key_pem TEXT,
+        next_x509_cert_pem TEXT,
+        next_ssh_key TEXT,
+        grace BIGINT,
+        deadline BIGINT,
+        updated BIGINT NOT NULL
+     );
+     CREATE TRIGGER ca_rotation_rev AFTER INSERT OR UPDATE OR DELETE ON ca_rotation
+       FOR EACH STATEMENT EXECUTE FUNCTION jaunt_bump_revision();",
 ];
 
 /// An arbitrary constant: the advisory lock key migrations take.
@@ -388,6 +402,103 @@ impl Backend for Postgres {
             |r| r.text(0),
         )?
         .ok_or_else(|| StoreError::Postgres(PgError::Protocol("key vanished".into())))
+    }
+
+    fn get_ca_rotation(&self, name: &str) -> Result<Option<StoredRotation>> {
+        self.first(
+            "SELECT name, phase, seq, next_x509_key_pem, next_x509_cert_pem, next_ssh_key, grace, deadline, updated
+             FROM ca_rotation WHERE name = $1",
+            &params![name],
+            |r| {
+                let name = r.text(0)?;
+                let next = match r.opt_text(3)? {
+                    Some(x509_key_pem) => Some(StoredCa {
+                        name: name.clone(),
+                        x509_key_pem,
+                        x509_cert_pem: r.opt_text(4)?.unwrap_or_default(),
+                        ssh_key: r.opt_text(5)?.unwrap_or_default(),
+                    }),
+                    None => None,
+                };
+                Ok(StoredRotation {
+                    name,
+                    phase: r.text(1)?,
+                    seq: r.u64(2)?,
+                    next,
+                    grace: r.opt_i64(6)?.map(|v| v as u64),
+                    deadline: r.opt_i64(7)?.map(|v| v as u64),
+                    updated: r.u64(8)?,
+                })
+            },
+        )
+    }
+
+    fn put_ca_rotation(
+        &self,
+        rot: &StoredRotation,
+        expect_seq: u64,
+        promote: Option<&StoredCa>,
+    ) -> Result<bool> {
+        let next = rot.next.as_ref();
+        let written = self.pool.with(|c| {
+            c.transaction(|c| {
+                // The row lock (or the insert's conflict) makes two controls' phase changes
+                // serialize; the loser sees the other's sequence and answers false.
+                let seq = c
+                    .query(
+                        "SELECT seq FROM ca_rotation WHERE name = $1 FOR UPDATE",
+                        &params![rot.name],
+                    )?
+                    .rows
+                    .first()
+                    .map(|r| r.u64(0))
+                    .transpose()?
+                    .unwrap_or(0);
+                if seq != expect_seq {
+                    return Ok(false);
+                }
+                let out = c.query(
+                    "INSERT INTO ca_rotation (name, phase, seq, next_x509_key_pem, next_x509_cert_pem, next_ssh_key, grace, deadline, updated)
+                     VALUES ($1, $2, $3::bigint, $4, $5, $6, $7::bigint, $8::bigint, $9::bigint)
+                     ON CONFLICT (name) DO UPDATE SET phase = $2, seq = $3::bigint,
+                       next_x509_key_pem = $4, next_x509_cert_pem = $5, next_ssh_key = $6,
+                       grace = $7::bigint, deadline = $8::bigint, updated = $9::bigint
+                     WHERE ca_rotation.seq = $10::bigint",
+                    &params![
+                        rot.name,
+                        rot.phase,
+                        rot.seq,
+                        next.map(|n| n.x509_key_pem.clone()),
+                        next.map(|n| n.x509_cert_pem.clone()),
+                        next.map(|n| n.ssh_key.clone()),
+                        rot.grace,
+                        rot.deadline,
+                        rot.updated,
+                        expect_seq
+                    ],
+                )?;
+                if out.affected != 1 {
+                    return Ok(false);
+                }
+                match promote {
+                    Some(ca) if rot.name == "jwt" => {
+                        c.query(
+                            "UPDATE keys SET pem = $2 WHERE name = $1",
+                            &params![rot.name, ca.x509_key_pem],
+                        )?;
+                    }
+                    Some(ca) => {
+                        c.query(
+                            "UPDATE cas SET x509_key_pem = $2, x509_cert_pem = $3, ssh_key = $4 WHERE name = $1",
+                            &params![rot.name, ca.x509_key_pem, ca.x509_cert_pem, ca.ssh_key],
+                        )?;
+                    }
+                    None => {}
+                }
+                Ok(true)
+            })
+        })?;
+        Ok(written)
     }
 
     fn insert_user(&self, u: &StoredUser) -> Result<bool> {

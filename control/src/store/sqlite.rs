@@ -17,7 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     AuditQuery, Backend, Result, StoreError, StoredCa, StoredEvent, StoredHost, StoredLock,
-    StoredMember, StoredToken, StoredUser, TokenCheck,
+    StoredMember, StoredRotation, StoredToken, StoredUser, TokenCheck,
 };
 
 /// Numbered migrations; index + 1 is the schema version they produce.
@@ -72,6 +72,21 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX audit_time ON audit (time);
      CREATE INDEX audit_type_time ON audit (type, time);",
+    // 2: CA rotation state (issue 13): one row per CA (`user`, `host`, `db`, `jwt`) that has
+    // rotated: its phase, a sequence bumped per phase change, the next key pair while a
+    // rotation runs (the `cas`/`keys` row stays current until `standby` promotes it) and the
+    // grace deadline of a semi-automatic rotation.
+    "CREATE TABLE ca_rotation (
+        name TEXT PRIMARY KEY,
+        phase TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        next_x509_key_pem TEXT,
+        next_x509_cert_pem TEXT,
+        next_ssh_key TEXT,
+        grace INTEGER,
+        deadline INTEGER,
+        updated INTEGER NOT NULL
+     );",
 ];
 
 /// The SQLite store.
@@ -200,6 +215,87 @@ impl Backend for Sqlite {
                 tx.query_row("SELECT pem FROM keys WHERE name = ?1", [name], |r| r.get(0))?;
             tx.commit()?;
             Ok(pem)
+        })
+    }
+
+    fn get_ca_rotation(&self, name: &str) -> Result<Option<StoredRotation>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, phase, seq, next_x509_key_pem, next_x509_cert_pem, next_ssh_key, grace, deadline, updated FROM ca_rotation WHERE name = ?1",
+                [name],
+                |r| {
+                    let name: String = r.get(0)?;
+                    let key: Option<String> = r.get(3)?;
+                    let next = match key {
+                        Some(x509_key_pem) => Some(StoredCa {
+                            name: name.clone(),
+                            x509_key_pem,
+                            x509_cert_pem: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                            ssh_key: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                        }),
+                        None => None,
+                    };
+                    Ok(StoredRotation {
+                        name,
+                        phase: r.get(1)?,
+                        seq: r.get::<_, i64>(2)? as u64,
+                        next,
+                        grace: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+                        deadline: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+                        updated: r.get::<_, i64>(8)? as u64,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    fn put_ca_rotation(
+        &self,
+        rot: &StoredRotation,
+        expect_seq: u64,
+        promote: Option<&StoredCa>,
+    ) -> Result<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let seq: Option<i64> = tx
+                .query_row("SELECT seq FROM ca_rotation WHERE name = ?1", [&rot.name], |r| r.get(0))
+                .optional()?;
+            if seq.unwrap_or(0) as u64 != expect_seq {
+                return Ok(false);
+            }
+            let next = rot.next.as_ref();
+            tx.execute(
+                "INSERT OR REPLACE INTO ca_rotation (name, phase, seq, next_x509_key_pem, next_x509_cert_pem, next_ssh_key, grace, deadline, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    rot.name,
+                    rot.phase,
+                    rot.seq as i64,
+                    next.map(|n| n.x509_key_pem.as_str()),
+                    next.map(|n| n.x509_cert_pem.as_str()),
+                    next.map(|n| n.ssh_key.as_str()),
+                    rot.grace.map(|v| v as i64),
+                    rot.deadline.map(|v| v as i64),
+                    rot.updated as i64,
+                ],
+            )?;
+            match promote {
+                Some(ca) if rot.name == "jwt" => {
+                    tx.execute(
+                        "UPDATE keys SET pem = ?2 WHERE name = ?1",
+                        params![rot.name, ca.x509_key_pem],
+                    )?;
+                }
+                Some(ca) => {
+                    tx.execute(
+                        "UPDATE cas SET x509_key_pem = ?2, x509_cert_pem = ?3, ssh_key = ?4 WHERE name = ?1",
+                        params![rot.name, ca.x509_key_pem, ca.x509_cert_pem, ca.ssh_key],
+                    )?;
+                }
+                None => {}
+            }
+            tx.commit()?;
+            Ok(true)
         })
     }
 
@@ -622,6 +718,63 @@ mod tests {
             single_use,
             created: 1,
         }
+    }
+
+    #[test]
+    fn ca_rotation_round_trip_compare_and_promote() {
+        let s = crate::store::Store::memory().unwrap();
+        let old = StoredCa {
+            name: "user".into(),
+            x509_key_pem: "k1".into(),
+            x509_cert_pem: "c1".into(),
+            ssh_key: "s1".into(),
+        };
+        s.insert_ca_if_absent(&old, 1).unwrap();
+        assert_eq!(s.get_ca_rotation("user").unwrap(), None);
+        let new = StoredCa {
+            x509_key_pem: "k2".into(),
+            ..old.clone()
+        };
+        let mut rot = StoredRotation {
+            name: "user".into(),
+            phase: "init".into(),
+            seq: 1,
+            next: Some(new.clone()),
+            grace: Some(60),
+            deadline: Some(100),
+            updated: 40,
+        };
+        let before = s.changes();
+        assert!(s.put_ca_rotation(&rot, 0, None).unwrap());
+        assert!(s.changes() > before, "a phase change moves the change feed");
+        assert_eq!(s.get_ca_rotation("user").unwrap().as_ref(), Some(&rot));
+        // A writer that read an older sequence loses.
+        assert!(!s.put_ca_rotation(&rot, 0, None).unwrap());
+        rot.phase = "standby".into();
+        rot.seq = 2;
+        rot.next = None;
+        assert!(s.put_ca_rotation(&rot, 1, Some(&new)).unwrap());
+        assert_eq!(s.get_ca("user").unwrap().unwrap().x509_key_pem, "k2");
+        assert_eq!(s.get_ca_rotation("user").unwrap().unwrap().next, None);
+        // jwt promotes into the keys table.
+        s.key_or_insert("jwt", "j1", 1).unwrap();
+        let jwt = StoredRotation {
+            name: "jwt".into(),
+            phase: "standby".into(),
+            seq: 1,
+            next: None,
+            grace: None,
+            deadline: None,
+            updated: 1,
+        };
+        let key = StoredCa {
+            name: "jwt".into(),
+            x509_key_pem: "j2".into(),
+            x509_cert_pem: String::new(),
+            ssh_key: String::new(),
+        };
+        assert!(s.put_ca_rotation(&jwt, 0, Some(&key)).unwrap());
+        assert_eq!(s.key_or_insert("jwt", "j3", 2).unwrap(), "j2");
     }
 
     #[test]
