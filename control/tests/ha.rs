@@ -317,6 +317,8 @@ fn postgres_backend_is_shared_consistent_and_refuses_clearly() {
         let b = s.spawn(|| open(&conn));
         (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
     });
+    // Every migration, the CA rotation table (issue 13) the last.
+    assert_eq!(a.schema_version().unwrap(), 3);
     assert_eq!(b.backend().kind(), "postgres");
     assert_eq!(a.integrity_check().unwrap(), "ok");
     assert_eq!(
@@ -324,6 +326,25 @@ fn postgres_backend_is_shared_consistent_and_refuses_clearly() {
             .trim(),
         "1"
     );
+
+    // A CA rotation phase written by one is read by the other; a stale writer loses.
+    let rotation = jaunt_control::store::StoredRotation {
+        name: "user".into(),
+        phase: "init".into(),
+        seq: 1,
+        next: Some(jaunt_control::store::StoredCa {
+            name: "user".into(),
+            x509_key_pem: "k".into(),
+            x509_cert_pem: "c".into(),
+            ssh_key: "s".into(),
+        }),
+        grace: Some(1800),
+        deadline: None,
+        updated: 5,
+    };
+    assert!(a.put_ca_rotation(&rotation, 0, None).unwrap());
+    assert_eq!(b.get_ca_rotation("user").unwrap().as_ref(), Some(&rotation));
+    assert!(!b.put_ca_rotation(&rotation, 0, None).unwrap());
 
     // A change through one is seen by the other, and its change feed moves.
     b.poll_changes().unwrap();
@@ -482,7 +503,7 @@ fn postgres_backend_is_shared_consistent_and_refuses_clearly() {
         "expired: taken over"
     );
     assert!(!a.try_lease("job", "A", 116, 10).unwrap());
-    assert_eq!(a.schema_version().unwrap(), 2);
+    assert_eq!(a.schema_version().unwrap(), 3);
 
     // Start-up errors: a wrong password, an unreachable server, an unverifiable certificate.
     let err = open(&pg.conn_string("wrong password!")).err().unwrap();
