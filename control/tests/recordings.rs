@@ -526,3 +526,48 @@ fn a_cluster_stores_recordings_in_s3_and_plays_them_back_from_there() {
     let listed = ok(c.admin(&["recordings", "ls"], None));
     assert!(listed.contains(&id), "{listed}");
 }
+
+#[test]
+fn an_ssh_session_is_recorded_uploaded_and_played_back_with_jaunt_play() {
+    let (c, _sshd, _agent) = ssh_setup();
+    let o = c.run(
+        &["ssh", "root@node1", "--", "echo played-$((6*7)); exit 3"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    // The agent records the exec channel, uploads it, and control lists it.
+    let mut listed = Vec::new();
+    wait_until("the recording in control", Duration::from_secs(30), || {
+        let out = c.admin(&["recordings", "ls", "--format", "json"], None);
+        listed = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap_or_default();
+        listed.iter().any(|r| {
+            r["exit_status"] == 3
+                && r["command"]
+                    .as_str()
+                    .is_some_and(|c| c.contains("echo played"))
+        })
+    });
+    let rec = listed
+        .iter()
+        .find(|r| r["exit_status"] == 3)
+        .unwrap()
+        .clone();
+    assert_eq!(rec["user"], "alice");
+    assert_eq!(rec["login"], "root");
+    assert_eq!(rec["node"], "node1");
+    assert_eq!(rec["kind"], "exec");
+    let id = rec["id"].as_str().unwrap();
+    let played = ok(c.admin(&["play", id, "--speed", "0"], None));
+    assert!(played.contains("played-42"), "{played}");
+    let events = ok(c.admin(&["play", id, "--format", "json"], None));
+    assert!(events.contains(r#"\"status\":3"#), "{events}");
+    // session.start and the upload event name the same session.
+    let uploads = c.audit_events(Some("recording.upload"));
+    let session = uploads.iter().find(|e| e["recording_id"] == id).unwrap()["session_id"].clone();
+    assert!(
+        c.audit_events(Some("session.start"))
+            .iter()
+            .any(|e| e["session_id"] == session),
+        "the upload's session id is the engine's: {session}"
+    );
+}
