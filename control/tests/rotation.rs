@@ -369,3 +369,186 @@ fn user_ca_rollback_from_update_servers_returns_to_the_old_ca() {
     assert!(!ssh_echo(&new_home, "refused").status.success());
     live.echo("after-standby");
 }
+
+/// The SSH certificate file of the agent's host identity (`DATA/host/keys/<id>-ssh-cert.pub`).
+fn agent_ssh_cert(data: &Path) -> PathBuf {
+    std::fs::read_dir(data.join("host").join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-ssh-cert.pub"))
+        .unwrap()
+}
+
+fn cert_authority_lines(home: &Path) -> usize {
+    std::fs::read_to_string(home.join("keys").join("known_hosts"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("@cert-authority * ssh-ed25519 "))
+        .count()
+}
+
+#[test]
+fn host_ca_rotation_with_sshd_re_signed_and_known_hosts_working() {
+    let (c, sshd, (agent, agent_data)) = ssh_setup();
+    let (_, old_fp, _) = ca_state(&c, "host-ssh");
+    assert_eq!(cert_authority_lines(&c.home), 1);
+    let old_home = c.dir.path().join("old-home");
+    snapshot_home(&c.home, &old_home);
+    let mut live = LiveSession::open(&c.home);
+
+    rotate(&c, "host", "init");
+    let new_fp = ca_state(&c, "host-ssh").2.unwrap();
+    // The agent trusts both host CAs for the engine's certificate (from its policy poll).
+    let host_ca = agent_data.join("host").join("keys").join("host-ca.pem");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&host_ca)
+        .unwrap_or_default()
+        .matches("BEGIN CERTIFICATE")
+        .count()
+        != 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never got both host CAs"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A login now brings both host CAs: two @cert-authority lines in known_hosts.
+    ok(c.login("alice", PASSWORD, &[]));
+    assert_eq!(cert_authority_lines(&c.home), 2);
+    let export = ok(c.admin(&["ca", "export", "--type", "host-ssh"], None));
+    assert_eq!(export.matches("@cert-authority * ").count(), 2, "{export}");
+    assert_ssh_works(&c.home, "init");
+
+    rotate(&c, "host", "update_clients");
+    assert_ssh_works(&c.home, "update_clients");
+
+    // update_servers: the agent re-issues its host certificate by itself; the operator
+    // re-signs sshd; the engine and control present certificates of the new CA.
+    rotate(&c, "host", "update_servers");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ssh_cert_signer(&agent_ssh_cert(&agent_data)) != new_fp {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never re-issued its host certificate"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(c.admin(
+        &[
+            "ca",
+            "sign-host",
+            "--host",
+            "node1",
+            "--out",
+            sshd_dir(&c).to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert_eq!(
+        ssh_cert_signer(&sshd_dir(&c).join("node1-cert.pub")),
+        new_fp
+    );
+    assert_ssh_works(&c.home, "update_servers");
+    live.echo("after-update-servers");
+
+    rotate(&c, "host", "standby");
+    let (phase, fp, extra) = ca_state(&c, "host-ssh");
+    assert_eq!(
+        (phase.as_str(), fp.as_str(), extra),
+        ("standby", new_fp.as_str(), None)
+    );
+    assert_ne!(fp, old_fp);
+    assert_ssh_works(&c.home, "standby");
+    live.echo("after-standby");
+    // A profile that only knows the old host CA no longer trusts the cluster's certificates.
+    assert!(!ssh_echo(&old_home, "refused").status.success());
+
+    // The agent, restarted with the identity it renewed by itself, reconnects.
+    drop(agent);
+    let _agent = spawn_agent(&c, &agent_data, "node1", None, &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+}
+
+/// The JWK Set the engine serves at the public address (`jaunt start --public-addr localhost:0`).
+fn jwks_kids(c: &Cluster) -> Vec<String> {
+    let port = c.public_addr.rsplit_once(':').unwrap().1;
+    let ca = c.dir.path().join("host-ca.pem");
+    std::fs::write(
+        &ca,
+        ok(c.admin(&["ca", "export", "--type", "host-tls"], None)),
+    )
+    .unwrap();
+    let out = tool(
+        "curl",
+        &[
+            "-sSf",
+            "--max-time",
+            "20",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &format!("localhost:{port}:127.0.0.1"),
+            &format!("https://localhost:{port}/.well-known/jwks.json"),
+        ],
+    );
+    let set: serde_json::Value = serde_json::from_str(&out).unwrap();
+    set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| format!("kid:{}", k["kid"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn jwt_key_rotation_publishes_both_keys_and_grace_advances_the_phases() {
+    let c = Cluster::dev_at("localhost:0");
+    let (_, old_kid, _) = ca_state(&c, "jwt");
+    assert_eq!(jwks_kids(&c), vec![old_kid.clone()]);
+    rotate(&c, "jwt", "init");
+    let (_, signing, new_kid) = ca_state(&c, "jwt");
+    let new_kid = new_kid.unwrap();
+    assert_eq!(signing, old_kid, "init still signs with the old key");
+    let mut kids = jwks_kids(&c);
+    kids.sort();
+    let mut both = vec![old_kid.clone(), new_kid.clone()];
+    both.sort();
+    assert_eq!(kids, both, "verifiers get both keys at init");
+
+    // From here the phases advance by themselves, one second apart.
+    let out = ok(c.admin(
+        &[
+            "ca",
+            "rotate",
+            "--type",
+            "jwt",
+            "--phase",
+            "update_clients",
+            "--grace",
+            "1s",
+        ],
+        None,
+    ));
+    assert!(out.contains("next phase at"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ca_state(&c, "jwt").0 != "standby" {
+        assert!(Instant::now() < deadline, "the grace thread never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ca_state(&c, "jwt").1, new_kid);
+    assert_eq!(jwks_kids(&c), vec![new_kid]);
+    let events = c.audit_events(Some("ca.rotate"));
+    let auto: Vec<_> = events
+        .iter()
+        .filter(|e| e["ca"] == "jwt" && e["user"] == "rotation")
+        .map(|e| e["phase"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        auto.contains(&"update_servers".to_string()) && auto.contains(&"standby".to_string()),
+        "automatic phase changes are audited as `rotation`: {auto:?}"
+    );
+    // A grace of 0 is refused.
+    let o = c.admin(&["ca", "rotate", "--type", "jwt", "--grace", "0s"], None);
+    assert!(!o.status.success(), "{}", stdout(&o));
+}
