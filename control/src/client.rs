@@ -11,8 +11,11 @@
 //!   checked). The matched CA is kept ([`Client::pinned_ca`]) so the caller can store it and use
 //!   [`Trust::Roots`] from then on.
 //! - [`Trust::Roots`]: ordinary WebPKI verification against stored CA certificates.
-//! - [`Trust::Insecure`]: accepts any server certificate (`--insecure`); the verifier type is
-//!   named `DangerousAcceptAnyServerCert`, as rustls names such things.
+//! - [`Trust::Insecure`]: accepts any server certificate (`--insecure`); the verifier's check
+//!   is named `DangerousAcceptAnyServerCert`, as rustls names such things.
+//!
+//! Pin and insecure trust share one verifier (`ServerVerifier`, with the handshake signature
+//! checks once); roots use rustls's WebPKI verifier.
 //!
 //! What does not live here: the request and response types ([`jaunt_config::api`]), the server
 //! ([`crate::http`]).
@@ -119,7 +122,7 @@ pub struct Client {
     port: u16,
     server_name: ServerName<'static>,
     config: Arc<ClientConfig>,
-    pin: Option<Arc<PinVerifier>>,
+    pin: Option<Arc<ServerVerifier>>,
 }
 
 impl fmt::Debug for Client {
@@ -158,10 +161,12 @@ impl Client {
         let mut pin = None;
         let builder = match trust {
             Trust::Pin(raw) => {
-                let verifier = Arc::new(PinVerifier {
-                    pin: normalize_pin(&raw)?,
+                let verifier = Arc::new(ServerVerifier {
+                    check: ServerCheck::Pin(PinCheck {
+                        pin: normalize_pin(&raw)?,
+                        matched: Mutex::new(None),
+                    }),
                     provider: Arc::clone(&provider),
-                    matched: Mutex::new(None),
                 });
                 pin = Some(Arc::clone(&verifier));
                 builder
@@ -187,7 +192,8 @@ impl Client {
             }
             Trust::Insecure => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(DangerousAcceptAnyServerCert {
+                .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                    check: ServerCheck::DangerousAcceptAnyServerCert,
                     provider,
                 })),
         };
@@ -401,12 +407,31 @@ pub fn spki_pin(cert_der: &[u8]) -> Result<String, ClientError> {
 // ---------------------------------------------------------------------------------------------
 // Certificate verifiers
 
-/// Verifies the server against the CA in its own chain whose key matches the pin.
+/// The client's own server certificate verifier, for the two trusts WebPKI's verifier does not
+/// cover ([`Trust::Pin`], [`Trust::Insecure`]): what it checks of the certificate differs, the
+/// handshake signature checks are the same.
 #[derive(Debug)]
-struct PinVerifier {
+struct ServerVerifier {
+    check: ServerCheck,
+    provider: Arc<CryptoProvider>,
+}
+
+/// What [`ServerVerifier`] checks of the server's certificate.
+#[derive(Debug)]
+enum ServerCheck {
+    /// The server against the CA in its own chain whose key matches the pin.
+    Pin(PinCheck),
+    /// Nothing: any server certificate ([`Trust::Insecure`]). Handshake signatures are still
+    /// checked, which proves only that the server holds the key of the certificate it sent.
+    DangerousAcceptAnyServerCert,
+}
+
+/// [`ServerCheck::Pin`]'s pin and what it matched.
+#[derive(Debug)]
+struct PinCheck {
     /// Normalized `sha256:<lowercase hex>`.
     pin: String,
-    provider: Arc<CryptoProvider>,
+    /// The CA that matched, once a handshake has.
     matched: Mutex<Option<CertificateDer<'static>>>,
 }
 
@@ -418,18 +443,25 @@ struct PinMismatch {
     got: String,
 }
 
-impl PinVerifier {
+impl ServerVerifier {
+    /// The pinned CA that matched, for a pin verifier after a handshake.
     fn matched(&self) -> Option<CertificateDer<'static>> {
-        self.matched
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        match &self.check {
+            ServerCheck::Pin(check) => check
+                .matched
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+            ServerCheck::DangerousAcceptAnyServerCert => None,
+        }
     }
 }
 
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
+impl PinCheck {
+    /// Finds the pinned CA in the chain, then verifies the chain against it as the only root.
+    fn verify(
         &self,
+        provider: &Arc<CryptoProvider>,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
@@ -438,7 +470,7 @@ impl ServerCertVerifier for PinVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let matched = std::iter::once(end_entity)
             .chain(intermediates)
-            .find(|cert| spki_pin(cert).is_ok_and(|pin| pin == self.pin));
+            .find(|cert| spki_pin(cert).is_ok_and(|got| got == self.pin));
         let Some(ca) = matched else {
             // Show what the server's CA hashes to: the certificates after the leaf, or the leaf
             // itself when the server sent no chain.
@@ -461,12 +493,10 @@ impl ServerCertVerifier for PinVerifier {
         let ca = ca.clone().into_owned();
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone())?;
-        let verifier = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::clone(&self.provider),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(format!("cannot use the pinned CA: {e}")))?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+                .build()
+                .map_err(|e| rustls::Error::General(format!("cannot use the pinned CA: {e}")))?;
         let verified = verifier.verify_server_cert(
             end_entity,
             intermediates,
@@ -480,59 +510,28 @@ impl ServerCertVerifier for PinVerifier {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(ca);
         Ok(verified)
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
-/// Accepts any server certificate ([`Trust::Insecure`]). Handshake signatures are still checked,
-/// which proves only that the server holds the key of the certificate it sent.
-#[derive(Debug)]
-struct DangerousAcceptAnyServerCert {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for DangerousAcceptAnyServerCert {
+impl ServerCertVerifier for ServerVerifier {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match &self.check {
+            ServerCheck::Pin(check) => check.verify(
+                &self.provider,
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            ServerCheck::DangerousAcceptAnyServerCert => Ok(ServerCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(
