@@ -360,6 +360,10 @@ fn run_change_feed(control: &Control, stop: &crossbeam_channel::Receiver<()>) {
         match control.store.poll_changes() {
             Ok(true) => {
                 failing = false;
+                // Another control may have changed a CA rotation phase: follow it.
+                if let Err(e) = control.refresh_if_rotated() {
+                    tracing::warn!(error = %e, "CA rotation: cannot reload the CAs from the store");
+                }
                 control.publish_snapshot();
             }
             Ok(false) => failing = false,

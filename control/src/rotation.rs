@@ -409,6 +409,22 @@ impl Control {
         Ok(())
     }
 
+    /// For a store other controls write too: when a CA's stored phase or sequence differs from
+    /// the authorities in force here (another control changed the phase), reload them, which
+    /// also rebuilds this host's TLS through the hooks. True when it reloaded.
+    pub fn refresh_if_rotated(&self) -> anyhow::Result<bool> {
+        let cas = self.cas();
+        for name in NAMES {
+            let rot = stored(&self.store, name)?;
+            let here = cas.phases.get(name).map(|(p, s)| (p.as_str(), *s));
+            if here != Some((rot.phase.as_str(), rot.seq)) {
+                self.reload_authorities()?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The `--grace` step: every CA whose deadline passed moves to its next phase (as the
     /// `rotation` principal, refused like a manual change while agents have not confirmed).
     pub fn advance_due_rotations(&self, now: u64) {
@@ -523,6 +539,45 @@ mod tests {
         assert!(e.contains("no rotation is in progress"), "{e}");
         let e = check_transition("host", Init, UpdateServers).unwrap_err();
         assert!(e.contains("update_clients or rollback"), "{e}");
+    }
+
+    #[test]
+    fn a_second_control_on_the_same_store_follows_a_phase_change() {
+        let store = Arc::new(Store::memory().unwrap());
+        let settings = crate::service::Settings {
+            cluster: "c".into(),
+            public_addr: "127.0.0.1:1".into(),
+            second_factor: false,
+            user_ttl_secs: 600,
+            host_ttl_secs: 600,
+        };
+        let a = Control::bootstrap(store.clone(), settings.clone()).unwrap();
+        let b = Control::bootstrap(store, settings).unwrap();
+        assert!(!b.refresh_if_rotated().unwrap());
+        let req = |phase: &str| RotateRequest {
+            r#type: "user".into(),
+            phase: Some(phase.into()),
+            grace_secs: None,
+            force: false,
+        };
+        a.rotate(&req("init"), "admin").unwrap();
+        a.rotate(&req("update_clients"), "admin").unwrap();
+        assert_eq!(b.cas().phase("user"), "standby");
+        assert!(b.refresh_if_rotated().unwrap());
+        assert_eq!(b.cas().phase("user"), "update_clients");
+        assert_eq!(
+            b.cas().user.pin(),
+            a.cas().user.pin(),
+            "b signs with the new CA"
+        );
+        assert!(!b.refresh_if_rotated().unwrap());
+        // Both controls' grace threads may try the same step: one wins, the other is told.
+        let stale = stored(&b.store, "user").unwrap();
+        a.rotate(&req("update_servers"), "admin").unwrap();
+        let e = b
+            .apply_phase(stale, Phase::UpdateServers, None, "rotation")
+            .unwrap_err();
+        assert_eq!(e.status, 409, "{}", e.message);
     }
 
     #[test]
