@@ -608,6 +608,7 @@ mod tests {
             host_ca: Vec::new(),
             ca_generation: String::new(),
             renew_host_cert: false,
+            engines: Vec::new(),
         };
         ClusterPolicy::from_response(&response).unwrap()
     }
@@ -757,6 +758,7 @@ mod tests {
             host_ca: Vec::new(),
             ca_generation: String::new(),
             renew_host_cert: false,
+            engines: Vec::new(),
         };
         let guard = Rc::new(Guard::new(PolicyMode::Enforce));
         guard.replace(

@@ -33,6 +33,9 @@
 //! start-up (a bad set is logged and the old one stays), then new streams are served with the
 //! new services, new tunnels announce them in their AgentHello, and every live tunnel heartbeats
 //! them at once, with the next sequence number. No tunnel is dropped.
+//! - With several engines ([`AgentCommand::SetEngines`]), one more **supervisor** per other
+//!   engine runs beside the first, each with its own coverage and backoff; the **dispatcher**
+//!   (`Fleet`) hands them the caller's commands (policy once: the guard is shared).
 //! - A plain **control thread** forwards the caller's crossbeam [`AgentCommand`]s into the
 //!   executor (a futures channel: its sender wakes a glommio task from another thread), since a
 //!   blocking `recv` cannot run on the executor.
@@ -105,6 +108,11 @@ pub enum AgentCommand {
     /// checked against it (in [`PolicyMode::Enforce`]), and live sessions a lock of it matches
     /// end at once. Built off the executor; swapped in whole.
     ReplacePolicy(Arc<ClusterPolicy>),
+    /// The cluster's other engines (public `host:port`s, from control's member list): the
+    /// agent keeps tunnels to each as well as to its configured proxy, so users reach it
+    /// through any engine and an engine that stops or drains leaves it reachable through the
+    /// others. Engines no longer listed are drained like at a shutdown.
+    SetEngines(Vec<String>),
     /// Stop (SIGTERM): no new tunnels, no new streams; open streams get
     /// [`crate::Timeouts::shutdown_grace`] to finish, then the tunnels close and [`run`] returns.
     Shutdown,
@@ -154,7 +162,12 @@ pub fn run_with_policy(
     // first dial, so no stream is served before it.
     let mut queued = 0usize;
     let mut stopped = false;
+    let (dispatch_tx, dispatch_rx) = mpsc::unbounded();
     for command in control.try_iter() {
+        if matches!(command, AgentCommand::SetEngines(_)) {
+            let _ = dispatch_tx.unbounded_send(Event::Command(command));
+            continue;
+        }
         queued += 1;
         stopped = matches!(command, AgentCommand::Shutdown);
         let _ = events_tx.unbounded_send(Event::Command(command));
@@ -162,17 +175,153 @@ pub fn run_with_policy(
             break;
         }
     }
+    // Later commands go through the dispatcher, which also runs the other engines' supervisors.
     if !stopped {
-        let forward_tx = events_tx.clone();
         std::thread::Builder::new()
             .name("jaunt-agent-ctl".into())
-            .spawn(move || forward_commands(&control, &forward_tx))
+            .spawn(move || forward_commands(&control, &dispatch_tx))
             .map_err(|e| AgentError::Runtime(format!("control thread: {e}")))?;
     }
-    let supervisor = Supervisor::new(prepared, settings, hooks, events_tx, events_rx)
-        .with_policy(Rc::new(Guard::new(mode)), queued);
-    executor.run(supervisor.run());
+    let guard = Rc::new(Guard::new(mode));
+    let fleet = Rc::new(Fleet {
+        primary_tx: events_tx.clone(),
+        primary_addr: settings.proxy_addr.clone(),
+        settings: RefCell::new(settings.clone()),
+        hooks: hooks.clone(),
+        guard: Rc::clone(&guard),
+        others: RefCell::new(BTreeMap::new()),
+        done: RefCell::new(Vec::new()),
+    });
+    let supervisor =
+        Supervisor::new(prepared, settings, hooks, events_tx, events_rx).with_policy(guard, queued);
+    executor.run(async move {
+        let dispatcher = glommio::spawn_local(Rc::clone(&fleet).dispatch(dispatch_rx)).detach();
+        supervisor.run().await;
+        // The primary stopped (shutdown): the others got the same command; wait for them.
+        let others: Vec<_> = std::mem::take(&mut *fleet.others.borrow_mut())
+            .into_values()
+            .map(|(_, handle)| handle)
+            .chain(std::mem::take(&mut *fleet.done.borrow_mut()))
+            .collect();
+        for handle in others {
+            let _ = handle.await;
+        }
+        dispatcher.cancel();
+    });
     Ok(())
+}
+
+/// Another engine's supervisor: where its commands go, and its task.
+type OtherEngine = (UnboundedSender<Event>, glommio::task::JoinHandle<()>);
+
+/// The supervisors of the other engines ([`AgentCommand::SetEngines`]) beside the primary one
+/// (the configured proxy). Each is a whole [`Supervisor`] with its own coverage and backoff;
+/// they share the policy guard, so one [`AgentCommand::ReplacePolicy`] serves all.
+struct Fleet {
+    primary_tx: UnboundedSender<Event>,
+    primary_addr: String,
+    /// The settings new supervisors start from: the latest TLS and announcement.
+    settings: RefCell<AgentSettings>,
+    hooks: AgentHooks,
+    guard: Rc<Guard>,
+    others: RefCell<BTreeMap<String, OtherEngine>>,
+    /// Supervisors told to stop (their engine left the list), still draining.
+    done: RefCell<Vec<glommio::task::JoinHandle<()>>>,
+}
+
+impl Fleet {
+    /// Routes the caller's commands: engines to this fleet, policy to the primary (the guard is
+    /// shared), everything else to every supervisor.
+    async fn dispatch(self: Rc<Self>, mut rx: UnboundedReceiver<Event>) {
+        while let Some(event) = rx.next().await {
+            match event {
+                Event::Command(AgentCommand::SetEngines(engines)) => self.set_engines(&engines),
+                Event::Command(AgentCommand::ReplacePolicy(p)) => {
+                    let _ = self
+                        .primary_tx
+                        .unbounded_send(Event::Command(AgentCommand::ReplacePolicy(p)));
+                }
+                Event::Command(command) => {
+                    match &command {
+                        AgentCommand::ReplaceTls(tls) => {
+                            self.settings.borrow_mut().tls = tls.clone()
+                        }
+                        AgentCommand::Reload { labels, services } => {
+                            let next = self.settings.borrow().with_announce(Announce {
+                                labels: labels.clone(),
+                                services: services.clone(),
+                            });
+                            *self.settings.borrow_mut() = next;
+                        }
+                        _ => {}
+                    }
+                    let _ = self
+                        .primary_tx
+                        .unbounded_send(Event::Command(command.clone()));
+                    for (tx, _) in self.others.borrow().values() {
+                        let _ = tx.unbounded_send(Event::Command(command.clone()));
+                    }
+                }
+                other => {
+                    for (tx, _) in self.others.borrow().values() {
+                        let _ = tx.unbounded_send(Event::ControlClosed);
+                    }
+                    let _ = self.primary_tx.unbounded_send(other);
+                }
+            }
+        }
+    }
+
+    fn set_engines(&self, engines: &[String]) {
+        let wanted: std::collections::BTreeSet<&str> = engines
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != self.primary_addr)
+            .collect();
+        let gone: Vec<String> = self
+            .others
+            .borrow()
+            .keys()
+            .filter(|a| !wanted.contains(a.as_str()))
+            .cloned()
+            .collect();
+        for addr in gone {
+            if let Some((tx, handle)) = self.others.borrow_mut().remove(&addr) {
+                tracing::info!(engine = %addr, "engine left the cluster's list: draining its tunnels");
+                let _ = tx.unbounded_send(Event::Command(AgentCommand::Shutdown));
+                self.done.borrow_mut().push(handle);
+            }
+        }
+        for addr in wanted {
+            if self.others.borrow().contains_key(addr) {
+                continue;
+            }
+            let mut settings = self.settings.borrow().clone();
+            settings.proxy_addr = addr.to_string();
+            settings.server_name = addr
+                .rsplit_once(':')
+                .map_or(addr, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let prepared = match prepare(&settings, &self.hooks) {
+                Ok(p) => Rc::new(p),
+                Err(e) => {
+                    tracing::warn!(engine = %addr, error = %e, "cannot use this engine's address");
+                    continue;
+                }
+            };
+            tracing::info!(engine = %addr, "keeping tunnels to another engine of the cluster");
+            let (tx, rx) = mpsc::unbounded();
+            let supervisor =
+                Supervisor::new(prepared, settings, self.hooks.clone(), tx.clone(), rx)
+                    .with_policy(Rc::clone(&self.guard), 0);
+            let handle = glommio::spawn_local(supervisor.run()).detach();
+            self.others
+                .borrow_mut()
+                .insert(addr.to_string(), (tx, handle));
+        }
+    }
 }
 
 /// The settings checked and pre-computed, with the caller's hooks plugged in: at start-up and
@@ -549,6 +698,8 @@ impl Supervisor {
                     .replace(policy, jaunt_config::identity::unix_now());
                 tracing::info!(%version, locks, ended, "cluster policy replaced");
             }
+            // The fleet's business (`Fleet::dispatch`); a supervisor has one engine.
+            Event::Command(AgentCommand::SetEngines(_)) => {}
             Event::Command(AgentCommand::Shutdown) => {
                 tracing::info!("shutdown requested");
                 self.stopping = true;

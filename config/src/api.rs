@@ -364,6 +364,10 @@ pub struct AgentPolicyResponse {
     /// phase whose servers must re-issue (`update_servers`, `rollback`): renew at once.
     #[serde(default)]
     pub renew_host_cert: bool,
+    /// The public addresses of the cluster's healthy engines (from their heartbeats in the
+    /// store): the agent keeps tunnels to every one.
+    #[serde(default)]
+    pub engines: Vec<String>,
 }
 
 /// `POST /v1/agent/ssh/host-cert` (host identities with role `node`): an OpenSSH host

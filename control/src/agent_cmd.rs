@@ -182,6 +182,8 @@ struct PolicyPoller {
     /// The CA generation this agent has applied (trust written, certificate renewed if asked):
     /// sent back on every poll so control knows it follows the current rotation phase.
     confirmed: String,
+    /// The engines last handed to the agent ([`jaunt_agent::AgentCommand::SetEngines`]).
+    engines: Vec<String>,
 }
 
 impl PolicyPoller {
@@ -192,14 +194,15 @@ impl PolicyPoller {
         user: &str,
         tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
     ) -> bool {
-        let fetched = fetch_policy(opts, user, &self.confirmed).and_then(|response| {
-            if self.current.as_deref() == Some(response.version.as_str()) {
-                return Ok(None);
-            }
-            let policy = jaunt_agent::ClusterPolicy::from_response(&response)
-                .map_err(|e| anyhow!("the cluster's policy is not usable: {e}"))?;
-            Ok(Some((response, policy)))
-        });
+        let fetched =
+            fetch_policy(opts, user, &self.confirmed, &self.engines).and_then(|response| {
+                if self.current.as_deref() == Some(response.version.as_str()) {
+                    return Ok(None);
+                }
+                let policy = jaunt_agent::ClusterPolicy::from_response(&response)
+                    .map_err(|e| anyhow!("the cluster's policy is not usable: {e}"))?;
+                Ok(Some((response, policy)))
+            });
         match fetched {
             Ok(None) => self.failures = 0,
             Ok(Some((response, policy))) => {
@@ -209,7 +212,7 @@ impl PolicyPoller {
                         Ok(true) => {
                             self.confirmed = response.ca_generation.clone();
                             // Confirm at once rather than at the next poll.
-                            let _ = fetch_policy(opts, user, &self.confirmed);
+                            let _ = fetch_policy(opts, user, &self.confirmed, &self.engines);
                         }
                         Ok(false) => return false,
                         Err(e) => {
@@ -228,6 +231,18 @@ impl PolicyPoller {
                 let command = jaunt_agent::AgentCommand::ReplacePolicy(std::sync::Arc::new(policy));
                 if tx.send(command).is_err() {
                     return false;
+                }
+                // Every engine of the cluster: the agent keeps tunnels to each.
+                let mut engines = response.engines.clone();
+                engines.sort();
+                if engines != self.engines && !engines.is_empty() {
+                    self.engines = engines.clone();
+                    if tx
+                        .send(jaunt_agent::AgentCommand::SetEngines(engines))
+                        .is_err()
+                    {
+                        return false;
+                    }
                 }
                 if first {
                     eprintln!(
@@ -269,24 +284,39 @@ pub fn policy_delay(failures: u32) -> Duration {
 }
 
 /// One `GET /v1/agent/policy` with the host identity as it is on disk now (renewal replaces
-/// it there), confirming the CA generation `confirmed` this agent has applied.
+/// it there), confirming the CA generation `confirmed` this agent has applied. Asks the
+/// configured proxy first, then the cluster's other engines: with the configured one down, the
+/// policy still comes from another.
 fn fetch_policy(
     opts: &AgentOptions,
     user: &str,
     confirmed: &str,
+    engines: &[String],
 ) -> anyhow::Result<AgentPolicyResponse> {
     let profile = host_profile(&opts.data_dir);
-    let client = Client::new(
-        &opts.proxy,
-        Trust::Roots(profile.host_ca()?),
-        Some(profile.tls_identity(user)?),
-    )?;
     let path = if confirmed.is_empty() {
         "/v1/agent/policy".to_string()
     } else {
         format!("/v1/agent/policy?confirmed={confirmed}")
     };
-    Ok(client.get_json(&path)?)
+    let mut first_error = None;
+    let others = engines.iter().filter(|e| **e != opts.proxy);
+    for proxy in std::iter::once(&opts.proxy).chain(others) {
+        let fetched = Client::new(
+            proxy,
+            Trust::Roots(profile.host_ca()?),
+            Some(profile.tls_identity(user)?),
+        )
+        .map_err(anyhow::Error::from)
+        .and_then(|client| Ok(client.get_json(&path)?));
+        match fetched {
+            Ok(response) => return Ok(response),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| anyhow!("no engine to ask")))
 }
 
 /// A CA rotation phase as the agent follows it, with no restart and no token: the host CAs

@@ -1564,6 +1564,12 @@ impl Control {
             host_ca_ssh: cas.ssh_lines(CaKind::Host),
             ca_generation: cas.generation(),
             renew_host_cert,
+            engines: self
+                .members()?
+                .into_iter()
+                .filter(|m| m.health == "healthy")
+                .map(|m| m.public_addr)
+                .collect(),
         };
         let digest = ring::digest::digest(&ring::digest::SHA256, &to_json(&policy));
         policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));

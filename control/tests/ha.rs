@@ -696,3 +696,184 @@ fn a_wrong_database_password_stops_jaunt_start_with_a_clear_error() {
         "{err}"
     );
 }
+
+fn echo_server() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut reader = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut reader, &mut conn);
+            });
+        }
+    });
+    addr
+}
+
+/// One round trip to TCP app `echo` with the identity logged in under `home`: Ok when the
+/// bytes come back, Err with the refusal otherwise.
+fn echo_through(home: &Path) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let profile = jaunt_control::profile::Profile {
+        dir: home.to_path_buf(),
+    };
+    let (dialer, _) =
+        jaunt_control::access::Dialer::from_profile(&profile).map_err(|e| e.to_string())?;
+    let mut session = dialer
+        .dial(&jaunt_config::wire::dial::DialRequest {
+            kind: jaunt_config::wire::dial::DialKind::Tcp,
+            target: "echo".into(),
+            login: None,
+            db_user: None,
+            db_name: None,
+        })
+        .map_err(|e| format!("{e:#}"))?;
+    session
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    session.write_all(b"ping").map_err(|e| e.to_string())?;
+    let mut back = [0u8; 4];
+    session.read_exact(&mut back).map_err(|e| e.to_string())?;
+    if &back != b"ping" {
+        return Err(format!("echo answered {back:?}"));
+    }
+    Ok(())
+}
+
+/// Polls `check` every 50 ms until it holds; fails after `within`. Returns how long it took.
+#[track_caller]
+fn within(within: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_agent_joined_through_a_is_reached_through_b_and_locks_follow_within_a_second() {
+    let pg = Pg::start();
+    let conn = pg.conn_string(DB_PASSWORD);
+    let mut a = Cluster::with_config(&host_config(&conn));
+    let b = Cluster::with_config(&host_config(&conn));
+    let mut c = Cluster::with_config(&host_config(&conn));
+    ok(a.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--password-stdin",
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+
+    // The agent is told only A's address; it learns B from control.
+    let echo = echo_server();
+    let token = ok(a.admin(&["tokens", "add", "--type", "node,app"], None));
+    let token = token.lines().next().unwrap().trim().to_string();
+    let agent_dir = a.dir.path().join("agent");
+    let log = std::fs::File::create(a.dir.path().join("agent.log")).unwrap();
+    let _agent = Reaped(
+        Command::new(jaunt_bin())
+            .args([
+                "agent",
+                "--proxy",
+                &a.public_addr,
+                "--ca-pin",
+                &a.pin,
+                "--data-dir",
+                agent_dir.to_str().unwrap(),
+                "--name",
+                "apphost",
+                "--token",
+                &token,
+                "--app",
+                &format!("echo=tcp://{echo}"),
+            ])
+            .env("JAUNT_HOME", a.dir.path().join("agent-home"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap(),
+    );
+
+    // alice logs in through B and reaches the agent through B.
+    ok(b.login("alice", PASSWORD, &[]));
+    within(Duration::from_secs(30), "echo through B", || {
+        echo_through(&b.home).is_ok()
+    });
+
+    // A lock made on A is in force on B's engine within a second, and removed on B it frees
+    // access within a second.
+    ok(a.admin(
+        &["lock", "--user", "alice", "--message", "incident 12"],
+        None,
+    ));
+    let took = within(Duration::from_secs(1), "the lock enforced by B", || {
+        echo_through(&b.home).is_err()
+    });
+    eprintln!("lock in force on B after {took:?}");
+    let err = echo_through(&b.home).unwrap_err();
+    assert!(
+        err.contains("locked") || err.contains("incident 12"),
+        "{err}"
+    );
+    let locks: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(b.admin(&["get", "locks", "--format", "json"], None))).unwrap();
+    let id = locks[0]["metadata"]["name"].as_str().unwrap().to_string();
+    ok(b.admin(&["rm", &format!("lock/{id}")], None));
+    let took = within(Duration::from_secs(1), "the unlock on B", || {
+        echo_through(&b.home).is_ok()
+    });
+    eprintln!("access back through B after {took:?}");
+
+    // kill -9 of A: the agent stays reachable through B, and logins go on there.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    echo_through(&b.home).unwrap();
+    ok(b.login("alice", PASSWORD, &[]));
+    echo_through(&b.home).unwrap();
+
+    // SIGTERM of C (its engine drains) during a live session through B: the session goes on
+    // and new dials through B still reach the agent.
+    use std::io::{Read, Write};
+    let profile = jaunt_control::profile::Profile {
+        dir: b.home.clone(),
+    };
+    let (dialer, _) = jaunt_control::access::Dialer::from_profile(&profile).unwrap();
+    let mut live = dialer
+        .dial(&jaunt_config::wire::dial::DialRequest {
+            kind: jaunt_config::wire::dial::DialKind::Tcp,
+            target: "echo".into(),
+            login: None,
+            db_user: None,
+            db_name: None,
+        })
+        .unwrap();
+    live.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut back = [0u8; 3];
+    live.write_all(b"one").unwrap();
+    live.read_exact(&mut back).unwrap();
+    assert!(c.terminate().success());
+    live.write_all(b"two").unwrap();
+    live.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"two");
+    echo_through(&b.home).unwrap();
+    let status = ok(b.admin(&["status"], None));
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains(&c.public_addr) && l.contains("stopped")),
+        "{status}"
+    );
+}
