@@ -638,7 +638,7 @@ where
                     let Some(p) = user.runner.relay_payload() else {
                         continue;
                     };
-                    match channels.from_user(p) {
+                    match channels.on_user(p) {
                         Err(m) => {
                             return Poll::Ready(Err(Fail::Protocol(format!(
                                 "from the user: {}",
@@ -664,7 +664,7 @@ where
                     let Some(p) = node.runner.relay_payload() else {
                         continue;
                     };
-                    match channels.from_node(p) {
+                    match channels.on_node(p) {
                         Err(m) => {
                             return Poll::Ready(Err(Fail::Protocol(format!("from sshd: {}", m.0))))
                         }

@@ -1590,17 +1590,17 @@ impl Control {
     fn agent_ssh_host_cert(&self, req: &Request, caller: &Identity) -> Reply {
         use crate::agent_ssh;
         use jaunt_config::api::{AgentSshCertResponse, AgentSshHostCertRequest};
-        agent_ssh::may_terminate(caller).map_err(|e| Response::error(403, &e))?;
+        agent_ssh::may_terminate(caller).map_err(|e| Response::error(403, e))?;
         let body: AgentSshHostCertRequest = req.json()?;
         let public = ssh_key::PublicKey::from_openssh(&body.ssh_public_key)
-            .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+            .map_err(|e| Response::error(400, format!("ssh_public_key: {e}")))?;
         let identity = agent_ssh::host_cert_identity(
             caller,
             &self.settings.cluster,
             unix_now(),
             self.settings.host_ttl_secs,
         )
-        .map_err(|e| Response::error(400, &e))?;
+        .map_err(|e| Response::error(400, e))?;
         let cert = self
             .cas()
             .host
@@ -1628,12 +1628,12 @@ impl Control {
     fn agent_ssh_user_cert(&self, req: &Request, caller: &Identity) -> Reply {
         use crate::agent_ssh;
         use jaunt_config::api::{AgentSshCertResponse, AgentSshUserCertRequest};
-        agent_ssh::may_terminate(caller).map_err(|e| Response::error(403, &e))?;
+        agent_ssh::may_terminate(caller).map_err(|e| Response::error(403, e))?;
         let body: AgentSshUserCertRequest = req.json()?;
         let public = ssh_key::PublicKey::from_openssh(&body.ssh_public_key)
-            .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+            .map_err(|e| Response::error(400, format!("ssh_public_key: {e}")))?;
         let der =
-            agent_ssh::decode_user_cert(&body.user_cert).map_err(|e| Response::error(400, &e))?;
+            agent_ssh::decode_user_cert(&body.user_cert).map_err(|e| Response::error(400, e))?;
         let now = unix_now();
         // Any user CA trusted now (two during a rotation); the signing one's refusal is told.
         let cas = self.cas();
@@ -1645,9 +1645,9 @@ impl Control {
                 break;
             }
         }
-        let user = verified.map_err(|e| Response::error(403, &e))?;
+        let user = verified.map_err(|e| Response::error(403, e))?;
         let identity = agent_ssh::node_login_identity(&user, &body.login, now)
-            .map_err(|e| Response::error(403, &e))?;
+            .map_err(|e| Response::error(403, e))?;
         let cert = cas.user.sign_ssh(&identity, &public).map_err(internal)?;
         self.audit.emit(
             audit::CERT_ISSUED,

@@ -302,3 +302,158 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// Runs tmux on its own server socket `sock`.
+fn tmux(sock: &str, args: &[&str]) -> std::process::Output {
+    Command::new("tmux")
+        .args(["-L", sock])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Polls the pane until its text contains `want`.
+fn wait_for_pane(sock: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let o = tmux(sock, &["capture-pane", "-p", "-t", "rec"]);
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        if text.contains(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{want:?} never showed: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_interactive_shell_in_a_real_pty_is_recorded_with_what_was_typed_and_a_resize() {
+    let (c, _sshd, (mut agent, data)) = ssh_setup();
+    let sock = format!("jaunt-rec-{}", std::process::id());
+    let command = format!(
+        "env JAUNT_HOME={} {} ssh root@node1",
+        c.home.display(),
+        jaunt_bin()
+    );
+    let o = tmux(
+        &sock,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "rec",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &command,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cleanup = scopeguard(&sock);
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "rec", "stty size", "Enter"],
+    ));
+    wait_for_pane(&sock, "30 100");
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "rec", "echo typed-$((40+2))", "Enter"],
+    ));
+    wait_for_pane(&sock, "typed-42");
+    ok(tmux(
+        &sock,
+        &["resize-window", "-t", "rec", "-x", "120", "-y", "40"],
+    ));
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "rec", "stty size", "Enter"],
+    ));
+    wait_for_pane(&sock, "40 120");
+    ok(tmux(&sock, &["send-keys", "-t", "rec", "exit", "Enter"]));
+    let (meta, cast) = wait_for_recording(&c, &data, "of the shell", |m, cast| {
+        m["meta"]["kind"] == "shell" && cast.contains("typed-42")
+    });
+    assert_eq!(
+        (
+            meta["meta"]["width"].as_u64(),
+            meta["meta"]["height"].as_u64()
+        ),
+        (Some(100), Some(30)),
+        "{meta}"
+    );
+    assert!(cast.contains(r#""r", "120x40""#), "{cast}");
+    drop(cleanup);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// Kills a tmux server when dropped (a failed assertion must not leave it running).
+struct TmuxGuard(String);
+
+fn scopeguard(sock: &str) -> TmuxGuard {
+    TmuxGuard(sock.to_string())
+}
+
+impl Drop for TmuxGuard {
+    fn drop(&mut self) {
+        let _ = tmux(&self.0, &["kill-server"]);
+    }
+}
+
+#[test]
+fn strict_recording_ends_a_session_whose_recording_cannot_be_written() {
+    // The role exists before the agent starts (the agent fetches the policy before it serves).
+    let c = Cluster::dev();
+    let role = c.dir.path().join("audited.yaml");
+    std::fs::write(
+        &role,
+        "kind: role\nversion: v1\nmetadata:\n  name: audited\nspec:\n  options:\n    \
+         record_session: strict\n  allow:\n    logins: [root]\n    node_labels: {'*': '*'}\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "audited",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("alice", PASSWORD, &[]));
+    let sshd = Sshd::start(&c);
+    let (mut agent, data) = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+
+    // Strict and recordable: served and recorded.
+    let out = ok(c.run(&["ssh", "root@node1", "--", "echo strict-ok"], None));
+    assert_eq!(out.trim(), "strict-ok");
+    wait_for_recording(&c, &data, "of the strict session", |m, cast| {
+        cast.contains("strict-ok") && m["meta"]["kind"] == "exec"
+    });
+
+    // The spool cannot be written any more: a strict session ends before its command runs.
+    let spool_dir = spool(&data);
+    std::fs::remove_dir_all(&spool_dir).unwrap();
+    std::fs::write(&spool_dir, "not a directory").unwrap();
+    let marker = c.dir.path().join("ran");
+    let o = c.run(
+        &[
+            "ssh",
+            "root@node1",
+            "--",
+            &format!("touch {}; echo should-not-run", marker.display()),
+        ],
+        None,
+    );
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("should-not-run"), "{}", stdout(&o));
+    assert!(!marker.exists(), "the command ran unrecorded");
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

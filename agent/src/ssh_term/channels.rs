@@ -1,6 +1,6 @@
 //! The relayed SSH connection protocol as a terminating agent sees it, sans-IO: every message
 //! 80-100 that passes between the user's `ssh` and the node's sshd goes through
-//! [`Channels::from_user`] or [`Channels::from_node`], which keep a table of the session
+//! [`Channels::on_user`] or [`Channels::on_node`], which keep a table of the session
 //! channels the user opened and feed each one's recording (a [`CastRecorder`] from the spool):
 //! `pty-req`/`window-change` → size and `r` resizes, `shell`/`exec`/`subsystem` → the recording
 //! starts (exec: an `exec` note with the command line), node data and stderr → `o` output, user
@@ -159,7 +159,7 @@ impl<S: Starter> Channels<S> {
     }
 
     /// A message from the user's ssh, about to go to the node.
-    pub(crate) fn from_user(
+    pub(crate) fn on_user(
         &mut self,
         payload: &[u8],
     ) -> Result<Result<Verdict, MustEnd>, Malformed> {
@@ -306,7 +306,7 @@ impl<S: Starter> Channels<S> {
     }
 
     /// A message from the node's sshd, about to go to the user.
-    pub(crate) fn from_node(
+    pub(crate) fn on_node(
         &mut self,
         payload: &[u8],
     ) -> Result<Result<Verdict, MustEnd>, Malformed> {
@@ -314,10 +314,8 @@ impl<S: Starter> Channels<S> {
         let kind = r.u8()?;
         let mut outcome = Ok(());
         match kind {
-            MSG_GLOBAL_REQUEST => {
-                if r.string()? == b"hostkeys-00@openssh.com" {
-                    return Ok(Ok(Verdict::Drop));
-                }
+            MSG_GLOBAL_REQUEST if r.string()? == b"hostkeys-00@openssh.com" => {
+                return Ok(Ok(Verdict::Drop));
             }
             MSG_CHANNEL_OPEN_CONFIRMATION => {
                 let recipient = r.u32()?;
@@ -483,9 +481,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ch = channels(dir.path(), true);
         // user opens channel 3; node confirms as 7
-        fwd(ch.from_user(&msg(90, &[s(b"session"), u(3), u(1 << 20), u(32768)])));
-        fwd(ch.from_node(&msg(91, &[u(3), u(7), u(1 << 20), u(32768)])));
-        fwd(ch.from_user(&msg(
+        fwd(ch.on_user(&msg(90, &[s(b"session"), u(3), u(1 << 20), u(32768)])));
+        fwd(ch.on_node(&msg(91, &[u(3), u(7), u(1 << 20), u(32768)])));
+        fwd(ch.on_user(&msg(
             98,
             &[
                 u(7),
@@ -499,9 +497,9 @@ mod tests {
                 s(b""),
             ],
         )));
-        fwd(ch.from_user(&msg(98, &[u(7), s(b"exec"), vec![1], s(b"echo hello")])));
-        fwd(ch.from_user(&msg(94, &[u(7), s(b"typed")])));
-        fwd(ch.from_user(&msg(
+        fwd(ch.on_user(&msg(98, &[u(7), s(b"exec"), vec![1], s(b"echo hello")])));
+        fwd(ch.on_user(&msg(94, &[u(7), s(b"typed")])));
+        fwd(ch.on_user(&msg(
             98,
             &[
                 u(7),
@@ -513,11 +511,11 @@ mod tests {
                 u(0),
             ],
         )));
-        fwd(ch.from_node(&msg(94, &[u(3), s(b"hello\r\n")])));
-        fwd(ch.from_node(&msg(95, &[u(3), u(1), s(b"oops\n")])));
-        fwd(ch.from_node(&msg(98, &[u(3), s(b"exit-status"), vec![0], u(3)])));
-        assert_eq!(fwd(ch.from_node(&msg(97, &[u(3)]))), Verdict::Forward);
-        fwd(ch.from_user(&msg(97, &[u(7)])));
+        fwd(ch.on_node(&msg(94, &[u(3), s(b"hello\r\n")])));
+        fwd(ch.on_node(&msg(95, &[u(3), u(1), s(b"oops\n")])));
+        fwd(ch.on_node(&msg(98, &[u(3), s(b"exit-status"), vec![0], u(3)])));
+        assert_eq!(fwd(ch.on_node(&msg(97, &[u(3)]))), Verdict::Forward);
+        fwd(ch.on_user(&msg(97, &[u(7)])));
         assert!(ch.chans.is_empty(), "both closes forget the channel");
         let ids = ch.close_all();
         assert_eq!(ids.len(), 1);
@@ -556,12 +554,12 @@ mod tests {
     fn input_is_not_recorded_without_record_input_and_hostkeys_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let mut ch = channels(dir.path(), false);
-        fwd(ch.from_user(&msg(90, &[s(b"session"), u(0), u(1000), u(1000)])));
-        fwd(ch.from_node(&msg(91, &[u(0), u(0), u(1000), u(1000)])));
-        fwd(ch.from_user(&msg(98, &[u(0), s(b"shell"), vec![1]])));
-        fwd(ch.from_user(&msg(94, &[u(0), s(b"secret")])));
+        fwd(ch.on_user(&msg(90, &[s(b"session"), u(0), u(1000), u(1000)])));
+        fwd(ch.on_node(&msg(91, &[u(0), u(0), u(1000), u(1000)])));
+        fwd(ch.on_user(&msg(98, &[u(0), s(b"shell"), vec![1]])));
+        fwd(ch.on_user(&msg(94, &[u(0), s(b"secret")])));
         let hostkeys = msg(80, &[s(b"hostkeys-00@openssh.com"), vec![0], s(b"key")]);
-        assert_eq!(fwd(ch.from_node(&hostkeys)), Verdict::Drop);
+        assert_eq!(fwd(ch.on_node(&hostkeys)), Verdict::Drop);
         let ids = ch.close_all();
         let text = std::fs::read_to_string(dir.path().join(format!("{}.cast", ids[0]))).unwrap();
         assert!(!text.contains("secret"), "{text}");
@@ -578,19 +576,19 @@ mod tests {
         ];
         for m in &good {
             for n in 0..m.len() {
-                let _ = ch.from_user(&m[..n]);
-                let _ = ch.from_node(&m[..n]);
+                let _ = ch.on_user(&m[..n]);
+                let _ = ch.on_node(&m[..n]);
             }
         }
         assert_eq!(
-            ch.from_user(&msg(94, &[u(0), u(u32::MAX)])).err(),
+            ch.on_user(&msg(94, &[u(0), u(u32::MAX)])).err(),
             Some(Malformed("string longer than its message"))
         );
         for i in 0..MAX_CHANNELS as u32 {
-            let _ = ch.from_user(&msg(90, &[s(b"x"), u(1000 + i), u(0), u(0)]));
+            let _ = ch.on_user(&msg(90, &[s(b"x"), u(1000 + i), u(0), u(0)]));
         }
         assert!(ch
-            .from_user(&msg(90, &[s(b"x"), u(99_999), u(0), u(0)]))
+            .on_user(&msg(90, &[s(b"x"), u(99_999), u(0), u(0)]))
             .is_err());
     }
 }
