@@ -654,7 +654,12 @@ where
                     moved = true;
                 }
                 Step::Defunct => user_done = true,
-                Step::Idle => break,
+                Step::Idle => {
+                    // Closed and everything it sent handled: done (sunset does not always
+                    // say Defunct here).
+                    user_done = user.eof && user.pos >= user.len;
+                    break;
+                }
                 Step::Other => moved = true,
             }
         }
@@ -677,7 +682,10 @@ where
                     moved = true;
                 }
                 Step::Defunct => node_done = true,
-                Step::Idle => break,
+                Step::Idle => {
+                    node_done = node.eof && node.pos >= node.len;
+                    break;
+                }
                 Step::Other => moved = true,
             }
         }

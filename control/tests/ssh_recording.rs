@@ -299,6 +299,19 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
     assert!(err.contains("Permission denied"), "{err}");
     assert!(!String::from_utf8_lossy(&o.stdout).contains("should-not-run"));
 
+    // Every terminated session has ended at the engine too (none lingers once ssh exits).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let live: Vec<serde_json::Value> =
+            serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None)))
+                .unwrap();
+        if live.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sessions still live: {live:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     let _ = agent.kill();
     let _ = agent.wait();
 }
