@@ -49,6 +49,12 @@ pub const HOST_JOINED: EventKind = EventKind {
     code: "JA1100I",
     r#type: "host.join",
 };
+/// A joined host's record removed: `jaunt rm node/NAME`, or replaced when an agent of the same
+/// name joins again.
+pub const HOST_REMOVED: EventKind = EventKind {
+    code: "JA1102I",
+    r#type: "host.remove",
+};
 pub const USER_CREATED: EventKind = EventKind {
     code: "JA1200I",
     r#type: "user.create",

@@ -72,7 +72,8 @@ enum Command {
     Create(CreateArgs),
     /// List resources: roles, users, tokens, locks, nodes, apps, dbs (admin).
     Get(GetArgs),
-    /// Remove a resource: role/NAME, user/NAME, token/ID, lock/ID (admin).
+    /// Remove a resource: role/NAME, user/NAME, token/ID, lock/ID, node/NAME (a node that is not
+    /// connected) (admin).
     Rm(RmArgs),
     /// Lock a user, role, node or login: refuses new logins and sessions (admin).
     Lock(LockArgs),
@@ -473,7 +474,7 @@ struct GetArgs {
 
 #[derive(Args, Debug)]
 struct RmArgs {
-    /// KIND/NAME, e.g. role/dba, user/alice, token/3fa1..., lock/ID.
+    /// KIND/NAME, e.g. role/dba, user/alice, token/3fa1..., lock/ID, node/NAME (not connected).
     target: String,
 }
 
@@ -1964,7 +1965,8 @@ fn rm(client: &Client, target: &str) -> anyhow::Result<()> {
         "user" => format!("/v1/users/{}", encode(name)),
         "token" => format!("/v1/tokens/{}", encode(name)),
         "lock" => format!("/v1/locks/{}", encode(name)),
-        _ => bail!("cannot remove {kind:?}: expected role, user, token or lock"),
+        "node" => format!("/v1/hosts/{}", encode(name)),
+        _ => bail!("cannot remove {kind:?}: expected role, user, token, lock or node"),
     };
     client.delete(&path)?;
     println!("{kind} {name} removed");

@@ -436,6 +436,7 @@ impl Control {
             ("GET", ["v1", "inventory"]) => self.list_inventory(caller),
             ("POST", ["v1", "hosts", "renew"]) => self.renew(req, caller),
             ("GET", ["v1", "hosts"]) => self.list_hosts(caller),
+            ("DELETE", ["v1", "hosts", name]) => self.delete_host(caller, name),
             ("GET", ["v1", "users"]) => self.list_users(caller),
             ("POST", ["v1", "users"]) => self.add_user(req, caller),
             ("DELETE", ["v1", "users", name]) => self.delete_user(caller, name),
@@ -695,6 +696,9 @@ impl Control {
                 last_seen: now,
             })
             .map_err(internal)?;
+        // The new host replaces earlier records of its name that are not connected (the same
+        // agent joining again, e.g. with a new token), so they are not listed forever.
+        self.remove_stale_hosts(None, &body.host_name, Some(&id))?;
         self.audit.emit(
             audit::HOST_JOINED,
             None,
@@ -811,13 +815,22 @@ impl Control {
             .collect())
     }
 
+    /// Joined hosts, without those that can no longer connect: not connected, and not seen
+    /// (joined or renewed) for longer than a host certificate lives, so their certificate has
+    /// expired and the agent must join again, as a new host. `jaunt rm node/NAME` removes one
+    /// sooner.
     fn hosts(&self) -> Result<Vec<HostInfo>, Response> {
         let unconfirmed = self.unconfirmed_agents();
+        let now = unix_now();
         Ok(self
             .store
             .list_hosts()
             .map_err(internal)?
             .into_iter()
+            .filter(|h| {
+                self.is_connected(&h.id)
+                    || h.last_seen.saturating_add(self.settings.host_ttl_secs) > now
+            })
             .map(|h| HostInfo {
                 connected: self.is_connected(&h.id),
                 ca_phase_confirmed: self
@@ -839,6 +852,75 @@ impl Control {
             return Err(Response::error(403, "only users list resources"));
         }
         Ok(Response::json(200, &self.inventory()))
+    }
+
+    /// `jaunt rm node/NAME` (`DELETE /v1/hosts/NAME_OR_ID`): removes the records of the hosts
+    /// of that name (or id) that are not connected. A connected one is refused: removing its
+    /// record would not stop it (its certificate stays valid until it expires; `jaunt lock
+    /// --node` refuses it at once).
+    fn delete_host(&self, caller: &Identity, target: &str) -> Reply {
+        self.require(caller, "node", "delete")?;
+        let removed = self.remove_stale_hosts(Some(&caller.name), target, None)?;
+        if removed.is_empty() {
+            let connected: Vec<String> = self
+                .store
+                .list_hosts()
+                .map_err(internal)?
+                .into_iter()
+                .filter(|h| h.id == target || h.name == target)
+                .map(|h| h.id)
+                .collect();
+            if connected.is_empty() {
+                return Err(Response::error(
+                    404,
+                    &format!("no such node: {target} (see `jaunt status --data-dir DIR`)"),
+                ));
+            }
+            return Err(Response::error(
+                409,
+                &format!(
+                    "node {target} is connected (host {}): stop its agent first; to refuse it \
+                     now, `jaunt lock --node {target}`",
+                    connected.join(", ")
+                ),
+            ));
+        }
+        Ok(Response::json(
+            200,
+            &serde_json::json!({"deleted": removed}),
+        ))
+    }
+
+    /// Removes the records of hosts named `target` (or with that id) that are not connected,
+    /// except `keep`; each with a `host.remove` event (`by` the admin, or none for a join that
+    /// replaced them). Returns the removed ids.
+    fn remove_stale_hosts(
+        &self,
+        by: Option<&str>,
+        target: &str,
+        keep: Option<&str>,
+    ) -> Result<Vec<String>, Response> {
+        let mut removed = Vec::new();
+        for host in self.store.list_hosts().map_err(internal)? {
+            if (host.id != target && host.name != target)
+                || Some(host.id.as_str()) == keep
+                || self.is_connected(&host.id)
+            {
+                continue;
+            }
+            if self.store.delete_host(&host.id).map_err(internal)? {
+                self.audit.emit(
+                    audit::HOST_REMOVED,
+                    by,
+                    &serde_json::json!({
+                        "user": by, "host_id": host.id, "host_name": host.name,
+                        "replaced_by": keep,
+                    }),
+                );
+                removed.push(host.id);
+            }
+        }
+        Ok(removed)
     }
 
     fn list_hosts(&self, caller: &Identity) -> Reply {
@@ -2039,6 +2121,49 @@ mod tests {
     fn role_doc(name: &str) -> serde_json::Value {
         serde_json::json!({"kind": "role", "version": "v1", "metadata": {"name": name},
             "spec": {"allow": {"logins": ["root"], "node_labels": {"*": "*"}}}})
+    }
+
+    /// Issue 15: a stale agent stayed listed as "not connected" forever and `jaunt rm node/NAME`
+    /// was refused. A host whose certificate must have expired (not seen for a host TTL) is no
+    /// longer listed; `DELETE /v1/hosts/NAME` removes a disconnected one at once.
+    #[test]
+    fn stale_hosts_leave_the_listing_and_can_be_removed() {
+        let h = Harness::new();
+        let now = unix_now();
+        for (id, name, last_seen) in [
+            ("a1", "old", now - 3601),
+            ("b1", "idle", now - 60),
+            ("b2", "idle", now - 30),
+        ] {
+            h.control
+                .store
+                .upsert_host(&StoredHost {
+                    id: id.into(),
+                    name: name.into(),
+                    types: vec!["node".into()],
+                    joined: last_seen,
+                    last_seen,
+                })
+                .unwrap();
+        }
+        let names = |h: &Harness| {
+            let r = h.call("GET", "/v1/hosts", serde_json::Value::Null);
+            let hosts: Vec<HostInfo> = serde_json::from_slice(&r.body).unwrap();
+            hosts.into_iter().map(|h| h.id).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&h),
+            vec!["b1", "b2"],
+            "the expired host is not listed"
+        );
+        let r = h.call("DELETE", "/v1/hosts/idle", serde_json::Value::Null);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert!(names(&h).is_empty());
+        let r = h.call("DELETE", "/v1/hosts/idle", serde_json::Value::Null);
+        assert_eq!(r.status, 404);
+        let r = h.call("DELETE", "/v1/hosts/a1", serde_json::Value::Null);
+        assert_eq!(r.status, 200, "by id, listed or not");
+        assert!(h.control.store.list_hosts().unwrap().is_empty());
     }
 
     /// Every change to roles, users, locks and tokens, deletes included, publishes a snapshot

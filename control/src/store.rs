@@ -261,6 +261,9 @@ pub trait Backend: Send + Sync {
 
     fn list_hosts(&self) -> Result<Vec<StoredHost>>;
 
+    /// Removes a joined host's record (`jaunt rm node/NAME`); false if there was none.
+    fn delete_host(&self, id: &str) -> Result<bool>;
+
     fn insert_lock(&self, l: &StoredLock) -> Result<()>;
 
     /// Locks in force at `now` (expired ones are not returned).
@@ -403,6 +406,7 @@ impl Store {
         upsert_host(h: &StoredHost) -> ();
         get_host(id: &str) -> Option<StoredHost>;
         list_hosts() -> Vec<StoredHost>;
+        delete_host(id: &str) -> bool;
         list_locks(now: u64) -> Vec<StoredLock>;
         audit_append(events: &[(u64, &str, &str, Option<&str>, &str)]) -> i64;
         audit_prune(before: u64, batch: usize) -> usize;

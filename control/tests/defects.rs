@@ -545,6 +545,9 @@ fn agent_token_types_are_checked_at_start_and_a_new_token_is_used() {
         &["--token", &db_token, "--db", "pg1=postgres://127.0.0.1:1"],
     );
     wait_listed(&c, "dbs", "pg1");
+    // The new host replaced the old record of its name (not listed as "not connected").
+    let status = ok(c.admin(&["status"], None));
+    assert_eq!(host_lines(&status, "n1").len(), 1, "{status}");
     drop(agent);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("joining again"), "{text}");
@@ -577,4 +580,60 @@ fn agent_token_types_are_checked_at_start_and_a_new_token_is_used() {
             && text.contains(&format!("stored identity (host {joined}) is unchanged")),
         "{text}"
     );
+}
+
+/// The lines of `jaunt status --data-dir` about agent `name`.
+fn host_lines(status: &str, name: &str) -> Vec<String> {
+    status
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(name))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `jaunt rm node/NAME` was refused ("cannot remove node"), and a stopped agent stayed listed as
+/// "not connected" forever. It removes a node that is not connected now, and refuses a
+/// connected one with what to do instead.
+#[test]
+fn rm_node_removes_a_stopped_agent() {
+    let c = Cluster::dev();
+    let data = c.dir.path().join("agent-data");
+    let log = c.dir.path().join("agent.log");
+    let t = token(&c, "node");
+    let agent = spawn_agent(&c, &data, &log, &["--token", &t, "--ssh", "127.0.0.1:1"]);
+    wait_listed(&c, "nodes", "n1");
+    let err = fails(c.admin(&["rm", "node/n1"], None));
+    assert!(
+        err.contains("node n1 is connected") && err.contains("jaunt lock --node n1"),
+        "{err}"
+    );
+    drop(agent);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = ok(c.admin(&["status"], None));
+        let lines = host_lines(&status, "n1");
+        if lines.len() == 1 && lines[0].ends_with("not connected") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = ok(c.admin(&["rm", "node/n1"], None));
+    assert!(out.contains("node n1 removed"), "{out}");
+    let status = ok(c.admin(&["status"], None));
+    assert!(host_lines(&status, "n1").is_empty(), "{status}");
+    let err = fails(c.admin(&["rm", "node/n1"], None));
+    assert!(err.contains("no such node: n1"), "{err}");
+    let events = ok(c.admin(
+        &[
+            "audit",
+            "search",
+            "--type",
+            "host.remove",
+            "--format",
+            "json",
+        ],
+        None,
+    ));
+    assert!(events.contains("\"host_name\": \"n1\""), "{events}");
 }

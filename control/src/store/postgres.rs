@@ -716,6 +716,13 @@ impl Backend for Postgres {
         )
     }
 
+    fn delete_host(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .query("DELETE FROM hosts WHERE id = $1", &params![id])?
+            .affected
+            == 1)
+    }
+
     fn delete_lock(&self, id: &str) -> Result<bool> {
         Ok(self
             .query("DELETE FROM locks WHERE id = $1", &params![id])?

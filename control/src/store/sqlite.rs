@@ -535,6 +535,10 @@ impl Backend for Sqlite {
         })
     }
 
+    fn delete_host(&self, id: &str) -> Result<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM hosts WHERE id = ?1", [id])? == 1))
+    }
+
     fn delete_lock(&self, id: &str) -> Result<bool> {
         self.with(|c| Ok(c.execute("DELETE FROM locks WHERE id = ?1", [id])? == 1))
     }
