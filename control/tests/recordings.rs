@@ -564,10 +564,36 @@ fn an_ssh_session_is_recorded_uploaded_and_played_back_with_jaunt_play() {
     // session.start and the upload event name the same session.
     let uploads = c.audit_events(Some("recording.upload"));
     let session = uploads.iter().find(|e| e["recording_id"] == id).unwrap()["session_id"].clone();
-    assert!(
-        c.audit_events(Some("session.start"))
-            .iter()
-            .any(|e| e["session_id"] == session),
-        "the upload's session id is the engine's: {session}"
-    );
+    let start = c
+        .audit_events(Some("session.start"))
+        .into_iter()
+        .find(|e| e["session_id"] == session)
+        .unwrap_or_else(|| panic!("the upload's session id is the engine's: {session}"));
+    assert_eq!(start["recorded"], true, "{start}");
+    let end = c
+        .audit_events(Some("session.end"))
+        .into_iter()
+        .find(|e| e["session_id"] == session)
+        .unwrap();
+    assert_eq!(end["recorded"], true, "{end}");
+
+    // A role with `record_session: off`: the session is spliced, and its events say so.
+    let role = c.dir.path().join("unrecorded.yaml");
+    std::fs::write(
+        &role,
+        "kind: role\nversion: v1\nmetadata:\n  name: unrecorded\nspec:\n  options:\n    \
+         record_session: \"off\"\n  allow:\n    logins: [root]\n    node_labels:\n      \
+         '*': '*'\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
+    ok(c.admin(&["users", "update", "alice", "--roles", "unrecorded"], None));
+    ok(c.login("alice", "correct horse battery", &[]));
+    // The agent learns the new role with its next policy poll (every 5 s).
+    wait_until("ssh with the new role", Duration::from_secs(20), || {
+        stdout(&c.run(&["ssh", "root@node1", "--", "echo unrecorded"], None)).contains("unrecorded")
+    });
+    let starts = c.audit_events(Some("session.start"));
+    let last = starts.iter().rev().find(|e| e["kind"] == "ssh").unwrap();
+    assert_eq!(last["recorded"], false, "{last}");
 }

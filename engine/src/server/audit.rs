@@ -24,6 +24,11 @@ pub enum AuditEvent {
         db_user: Option<String>,
         db_name: Option<String>,
         client_addr: String,
+        /// The roles ask for a recording (SSH with `record_session` not `off`): the agent
+        /// records the session's channels; each reaches control as a `recording.upload` event
+        /// with this `session_id`.
+        #[serde(default)]
+        recorded: bool,
         time: u64,
     },
     /// A session that started ended (closed, cut by a lock, idle, expired or drained).
@@ -42,6 +47,9 @@ pub enum AuditEvent {
         /// Bytes from the target to the client.
         bytes_out: u64,
         duration_ms: u64,
+        /// As in its `session.start`.
+        #[serde(default)]
+        recorded: bool,
         time: u64,
     },
     /// Authorization refused a dial.

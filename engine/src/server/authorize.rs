@@ -59,6 +59,9 @@ pub struct Allowed {
     /// Close the session after this long without traffic (the roles' shortest
     /// `client_idle_timeout`), if set; the engine's own idle timeout applies as well.
     pub idle_timeout: Option<std::time::Duration>,
+    /// The roles ask for the session to be recorded (`record_session` not `off`, an SSH
+    /// dial): the agent terminates and records it.
+    pub recorded: bool,
 }
 
 /// Decides whether `identity` may dial `request`, which routing resolved to `target`, under
@@ -92,6 +95,8 @@ pub fn authorize(
     .map(|decision| Allowed {
         session_deadline: decision.session_deadline(),
         idle_timeout: decision.idle_timeout,
+        recorded: request.kind == jaunt_config::wire::DialKind::Ssh
+            && decision.record_session != jaunt_config::resource::RecordSession::Off,
     })
     .map_err(|denied| Denied {
         kind: DeniedKind::Forbidden,

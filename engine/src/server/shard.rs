@@ -95,7 +95,7 @@ pub struct LiveSessionInfo {
     pub db_user: Option<String>,
     /// Unix seconds.
     pub started: u64,
-    /// Whether the session is recorded (spliced sessions are not).
+    /// Whether the roles ask for the session to be recorded (an SSH session the agent records).
     pub recorded: bool,
 }
 
@@ -297,6 +297,8 @@ struct LiveSession {
     labels: BTreeMap<String, String>,
     /// Fired to end the session: its splice is raced against it.
     end: Rc<Signal>,
+    /// The roles ask for it to be recorded (the agent records it).
+    recorded: bool,
 }
 
 /// One shard's state, owned by its thread.
@@ -435,6 +437,7 @@ impl Shard {
         identity: &Identity,
         request: &DialRequest,
         labels: BTreeMap<String, String>,
+        recorded: bool,
     ) -> Rc<Signal> {
         let end = Rc::new(Signal::default());
         self.sessions.borrow_mut().insert(
@@ -446,6 +449,7 @@ impl Shard {
                 request: request.clone(),
                 labels,
                 end: Rc::clone(&end),
+                recorded,
             },
         );
         end
@@ -470,7 +474,7 @@ impl Shard {
                 login: s.request.login.clone(),
                 db_user: s.request.db_user.clone(),
                 started: s.started,
-                recorded: false,
+                recorded: s.recorded,
             })
             .collect()
     }

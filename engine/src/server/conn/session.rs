@@ -175,7 +175,7 @@ pub(super) async fn connect(
             return refuse(&mut stream, answer, refusal, &message).await;
         }
     };
-    let audit = SessionAudit::new(ctx, &identity, &request);
+    let audit = SessionAudit::new(ctx, &identity, &request, allowed.recorded);
     let header = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
         .with_db_grants(&identity.db_users, &identity.db_names)
         .with_session_id(&audit.session_id);
@@ -314,9 +314,14 @@ impl<'a> LiveSession<'a> {
         labels: Labels,
         audit: SessionAudit,
     ) -> LiveSession<'a> {
-        let end =
-            ctx.shard
-                .session_started(ctx.conn_id, &audit.session_id, identity, request, labels);
+        let end = ctx.shard.session_started(
+            ctx.conn_id,
+            &audit.session_id,
+            identity,
+            request,
+            labels,
+            audit.recorded,
+        );
         LiveSession {
             shard: ctx.shard,
             conn_id: ctx.conn_id,
@@ -344,6 +349,7 @@ struct SessionAudit {
     db_user: Option<String>,
     db_name: Option<String>,
     client_addr: String,
+    recorded: bool,
     started: Instant,
     /// Bytes from the client to the target.
     bytes_in: Rc<Cell<u64>>,
@@ -352,7 +358,12 @@ struct SessionAudit {
 }
 
 impl SessionAudit {
-    fn new(ctx: &Ctx<'_>, identity: &Identity, request: &DialRequest) -> SessionAudit {
+    fn new(
+        ctx: &Ctx<'_>,
+        identity: &Identity,
+        request: &DialRequest,
+        recorded: bool,
+    ) -> SessionAudit {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -366,6 +377,7 @@ impl SessionAudit {
             db_user: request.db_user.clone(),
             db_name: request.db_name.clone(),
             client_addr: ctx.peer.clone(),
+            recorded,
             started: Instant::now(),
             bytes_in: Rc::new(Cell::new(0)),
             bytes_out: Rc::new(Cell::new(0)),
@@ -383,6 +395,7 @@ impl SessionAudit {
             db_user: self.db_user.clone(),
             db_name: self.db_name.clone(),
             client_addr: self.client_addr.clone(),
+            recorded: self.recorded,
             time: unix_now(),
         }
     }
@@ -401,6 +414,7 @@ impl SessionAudit {
             bytes_in: self.bytes_in.get(),
             bytes_out: self.bytes_out.get(),
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            recorded: self.recorded,
             time: unix_now(),
         }
     }
