@@ -144,7 +144,7 @@ fn bad_configs() -> Vec<(String, &'static str)> {
         (
             format!("{ENGINE}clustr_name: x\n"),
             "jaunt.yaml:4:1: clustr_name: unknown key (expected one of: version, cluster_name, \
-             data_dir, log, control, engine, audit, agent)",
+             data_dir, log, control, engine, audit, agent, recordings, storage)",
         ),
         (
             "cluster_name: example.com\ncontrol:\nengine:\n  listen_addr: 0.0.0.0:443\n".into(),
