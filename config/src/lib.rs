@@ -10,6 +10,8 @@
 //! - [`api`]: request and response bodies of the control API.
 //! - [`wire`]: the wire contract of the public port and the tunnels (ALPN ids, dial request and
 //!   response, tunnel hello, stream header, agent hello) that client, engine and agent share.
+//! - [`http`]: HTTP/1.1 pieces the control, engine and agent HTTP servers share (reason
+//!   phrases).
 //! - [`duration`]: human durations (`30m`, `12h`, `1h30m`).
 //! - [`pgconn`]: PostgreSQL connection strings (URI and keyword forms), password redacted.
 //!
@@ -18,6 +20,7 @@
 pub mod api;
 pub mod duration;
 pub mod file;
+pub mod http;
 pub mod identity;
 pub mod pgconn;
 pub mod rbac;

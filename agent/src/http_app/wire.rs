@@ -862,20 +862,6 @@ impl ChunkedScanner {
 // ---------------------------------------------------------------------------------------------
 // The proxy's own responses
 
-/// The reason phrase of the statuses the proxy sends itself.
-pub(crate) fn reason(status: u16) -> &'static str {
-    match status {
-        400 => "Bad Request",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
-}
-
 /// A complete plain-text response from the proxy itself, closing the connection (no body for a
 /// HEAD request).
 pub(crate) fn error_response(status: u16, message: &str, head_only: bool) -> Vec<u8> {
@@ -883,7 +869,7 @@ pub(crate) fn error_response(status: u16, message: &str, head_only: bool) -> Vec
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: \
          {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        reason(status),
+        jaunt_config::http::reason_phrase(status),
         body.len()
     )
     .into_bytes();
