@@ -877,3 +877,40 @@ fn an_agent_joined_through_a_is_reached_through_b_and_locks_follow_within_a_seco
         "{status}"
     );
 }
+
+#[test]
+fn audit_retention_prunes_postgres_under_one_lease() {
+    let pg = Pg::start();
+    let conn = pg.conn_string(DB_PASSWORD);
+    let yaml = format!("{}audit:\n  retention: 2s\n", host_config(&conn));
+    let a = Cluster::with_config(&yaml);
+    let b = Cluster::with_config(&yaml);
+    ok(a.admin(
+        &[
+            "users",
+            "add",
+            "carol",
+            "--roles",
+            "access",
+            "--password-stdin",
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+    assert_eq!(b.audit_events(Some("user.create")).len(), 1);
+    // Older than two seconds, the event leaves the shared audit log: one of the two controls
+    // holds the retention lease and prunes for both.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !b.audit_events(Some("user.create")).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "user.create still in the audit log"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(a.audit_events(Some("user.create")).is_empty());
+    let holders = pg.sql_in(
+        "jaunt",
+        "SELECT count(*) FROM leases WHERE name = 'audit-retention'",
+    );
+    assert_eq!(holders.trim(), "1");
+}
