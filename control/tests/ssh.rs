@@ -436,3 +436,92 @@ fn sessions_ls_shows_a_live_ssh_session_and_kill_ends_it() {
     assert!(missing.contains("no live session"), "{missing}");
     c.assert_sessions_paired();
 }
+
+/// The login rows of ARCHITECTURE.md's role semantics table with real ssh and sshd: a login
+/// from an `{{external.x}}` trait, `*` in `logins` (no SSH principal, so no login), deny
+/// winning over an allowed login, and `^regex$` node label selectors (matching and not).
+#[test]
+fn role_semantics_rows_for_logins_with_real_ssh() {
+    let c = Cluster::dev();
+    let file = c.dir.path().join("roles.yaml");
+    std::fs::write(
+        &file,
+        "kind: role\nversion: v1\nmetadata: { name: ext-login }\nspec:\n  allow:\n    logins: ['{{external.unix_user}}']\n    node_labels: { env: '^prod-[0-9]+$' }\n\
+         ---\nkind: role\nversion: v1\nmetadata: { name: any-login }\nspec:\n  allow:\n    logins: ['*']\n    node_labels: { '*': '*' }\n\
+         ---\nkind: role\nversion: v1\nmetadata: { name: no-root }\nspec:\n  deny:\n    logins: [root]\n\
+         ---\nkind: role\nversion: v1\nmetadata: { name: staging }\nspec:\n  allow:\n    logins: [root]\n    node_labels: { env: '^staging-[0-9]+$' }\n\
+         ---\nkind: user\nversion: v1\nmetadata: { name: carol }\nspec:\n  roles: [ext-login]\n  traits:\n    unix_user: [root]\n\
+         ---\nkind: user\nversion: v1\nmetadata: { name: dave }\nspec:\n  roles: [any-login]\n\
+         ---\nkind: user\nversion: v1\nmetadata: { name: erin }\nspec:\n  roles: [ext-login, no-root]\n  traits:\n    unix_user: [root]\n\
+         ---\nkind: user\nversion: v1\nmetadata: { name: frank }\nspec:\n  roles: [staging]\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", file.to_str().unwrap()], None));
+    for user in ["carol", "dave", "erin", "frank"] {
+        ok(c.admin(
+            &["users", "reset", user, "--password-stdin"],
+            Some(PASSWORD),
+        ));
+    }
+    let sshd = Sshd::start(&c);
+    let (_agent, _data) = start_agent(
+        &c,
+        "node1",
+        &["--ssh", &sshd.addr, "--labels", "env=prod-7"],
+    );
+    // carol: root from her unix_user trait, on a node whose env matches ^prod-[0-9]+$.
+    let out = ok(c.login("carol", PASSWORD, &[]));
+    assert!(out.contains("logins:    root"), "{out}");
+    wait_for_ssh(&c, "root@node1");
+    assert_eq!(
+        ok(c.run(&["ssh", "root@node1", "--", "whoami"], None)).trim(),
+        "root"
+    );
+
+    let home = |user: &str| {
+        let home = c.dir.path().join(format!("home-{user}"));
+        std::fs::create_dir_all(&home).unwrap();
+        let out = ok(run_jaunt(
+            &home,
+            &[
+                "login",
+                "--proxy",
+                &c.public_addr,
+                "--user",
+                user,
+                "--password-stdin",
+                "--ca-pin",
+                &c.pin,
+            ],
+            Some(&format!("{PASSWORD}\n")),
+        ));
+        (home, out)
+    };
+    // dave: `*` in logins puts no principal in the SSH certificate: the engine lets the dial
+    // through (`*` matches any login), sshd refuses the certificate.
+    let (dave, out) = home("dave");
+    assert!(out.contains("logins:    -"), "{out}");
+    let err = fails(run_jaunt(&dave, &["ssh", "root@node1", "--", "true"], None));
+    assert!(
+        !err.contains("kex_exchange_identification") && err.contains("Permission denied"),
+        "{err}"
+    );
+    // erin: allowed root by one role, denied by another: deny wins, at issuance and at the
+    // engine.
+    let (erin, out) = home("erin");
+    assert!(out.contains("logins:    -"), "{out}");
+    let err = fails(run_jaunt(&erin, &["ssh", "root@node1", "--", "true"], None));
+    assert!(err.contains("access denied"), "{err}");
+    // frank: root, but only on ^staging-[0-9]+$ nodes; node1 is env=prod-7.
+    let (frank, out) = home("frank");
+    assert!(out.contains("logins:    root"), "{out}");
+    let err = fails(run_jaunt(
+        &frank,
+        &["ssh", "root@node1", "--", "true"],
+        None,
+    ));
+    assert!(
+        err.contains("access denied") && err.contains("node1"),
+        "{err}"
+    );
+}
