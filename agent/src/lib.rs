@@ -5,7 +5,7 @@
 //! What lives here: the runtime ([`run`], [`AgentCommand`]), its settings ([`AgentSettings`],
 //! [`client_config`]), the reconnect schedule ([`backoff`]), the shard covering logic
 //! ([`coverage`]), the stream handlers (`serve`, `http_app` for web apps, [`postgres`] and
-//! [`mysql`] for databases) and the hooks the caller plugs in ([`AgentHooks`]: database certificates, app
+//! [`mysql`] for databases, `ssh_term` for recorded SSH sessions, [`recording`] their spool) and the hooks the caller plugs in ([`AgentHooks`]: database certificates, app
 //! JWTs, query and app-request recording). What does not:
 //! joining and certificate renewal (the `jaunt agent` command in the control crate drives those
 //! and hands the results in), the mux and the wire formats (`jaunt_engine::mux`,
@@ -69,3 +69,4 @@ pub use settings::{
     client_config, AgentSettings, Timeouts, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_LOCAL_CONNECT_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
 };
+pub use ssh_term::fuzz_relay as fuzz_ssh_relay;

@@ -710,6 +710,42 @@ where
     .await
 }
 
+// ---- fuzzing ----
+
+/// Fuzz entry point for the relayed connection protocol ([`channels::Channels`]): `data` is
+/// split into messages (a length byte, then the message; the length's low bit picks the
+/// direction); recordings fail to start (no disk is touched). Must never panic.
+pub fn fuzz_relay(data: &[u8]) {
+    struct NoDisk;
+    impl channels::Starter for NoDisk {
+        fn start(
+            &mut self,
+            _meta: crate::recording::RecordingMeta,
+        ) -> Result<crate::recording::CastRecorder, crate::recording::RecordingError> {
+            Err(crate::recording::RecordingError::Random)
+        }
+    }
+    let who = Who {
+        session_id: String::new(),
+        user: "u".into(),
+        login: "l".into(),
+        node: "n".into(),
+    };
+    let mut channels = Channels::new(who, RecordingPolicy::default(), NoDisk);
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let n = usize::from(len >> 1).min(tail.len());
+        let (msg, after) = tail.split_at(n);
+        let _ = if len & 1 == 0 {
+            channels.on_user(msg)
+        } else {
+            channels.on_node(msg)
+        };
+        rest = after;
+    }
+    let _ = channels.close_all();
+}
+
 // ---- one stream ----
 
 /// What `serve.rs` hands over for a session to terminate.
@@ -972,6 +1008,17 @@ mod tests {
             check_user_cert(&good, &[], &h, "root", NOW).unwrap_err().0,
             "user_cert"
         );
+    }
+
+    #[test]
+    fn fuzz_relay_survives_junk() {
+        fuzz_relay(&[]);
+        fuzz_relay(&[0xff; 300]);
+        let mut data = Vec::new();
+        for i in 0..=255u8 {
+            data.extend_from_slice(&[9, 90, 0, 0, 0, 1, b'x', 0, 0, i, 0]);
+        }
+        fuzz_relay(&data);
     }
 
     #[test]
