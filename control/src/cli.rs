@@ -352,6 +352,15 @@ enum RecordingsCommand {
         #[command(flatten)]
         format: FormatArg,
     },
+    /// Write a recording's asciicast v2 file (as `jaunt play ID --format cast`), to --out or
+    /// stdout.
+    Export {
+        /// The recording id, as `jaunt recordings ls` shows it.
+        id: String,
+        /// Write here instead of stdout (created with mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -1685,12 +1694,40 @@ fn create(client: &Client, file: &Path) -> anyhow::Result<()> {
 
 /// `jaunt recordings ls`.
 fn recordings(client: &Client, cmd: RecordingsCommand) -> anyhow::Result<()> {
-    let RecordingsCommand::Ls {
-        user,
-        node,
-        since,
-        format,
-    } = cmd;
+    let (user, node, since, format) = match cmd {
+        RecordingsCommand::Ls {
+            user,
+            node,
+            since,
+            format,
+        } => (user, node, since, format),
+        RecordingsCommand::Export { id, out } => {
+            let cast = crate::recordings::cmd::PlayFormat::Cast;
+            return match out {
+                Some(path) => {
+                    use std::os::unix::fs::OpenOptionsExt as _;
+                    let mut file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    crate::recordings::cmd::play(client, &id, cast, 0.0, &mut file, false)?;
+                    eprintln!("recording {id} written to {}", path.display());
+                    Ok(())
+                }
+                None => crate::recordings::cmd::play(
+                    client,
+                    &id,
+                    cast,
+                    0.0,
+                    &mut std::io::stdout().lock(),
+                    false,
+                ),
+            };
+        }
+    };
     let mut query = Vec::new();
     if let Some(u) = &user {
         query.push(format!("user={}", url_path_segment(u)));

@@ -147,6 +147,21 @@ fn the_agent_uploads_spooled_recordings_to_control_and_empties_its_spool() {
         cast.stdout == big_bytes,
         "--format cast writes the file as stored"
     );
+    let exported = c.dir.path().join("exported.cast");
+    ok(c.admin(
+        &[
+            "recordings",
+            "export",
+            &big,
+            "--out",
+            exported.to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert!(
+        std::fs::read(&exported).unwrap() == big_bytes,
+        "export writes the file as stored"
+    );
     let events: Vec<serde_json::Value> =
         serde_json::from_str(&ok(c.admin(&["play", &cut_id, "--format", "json"], None))).unwrap();
     assert_eq!(events[0]["code"], "o");
