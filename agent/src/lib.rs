@@ -63,6 +63,26 @@ pub use hooks::{
     SshUserCertRequest,
 };
 pub use net::MAX_CONCURRENT_LOOKUPS;
+
+/// Entry points for the fuzz targets in `fuzz/` (see the README's "Fuzzing" section): each takes
+/// arbitrary bytes and checks its parser's invariants with `debug_assert!`. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The app proxy's HTTP/1.1 head parsing, planning and rewriting.
+    pub fn http_head(data: &[u8]) {
+        crate::http_app::wire::fuzz_parse(data);
+    }
+
+    /// The PostgreSQL first message and the query scanner.
+    pub fn postgres(data: &[u8]) {
+        crate::postgres::wire::fuzz_parse(data);
+    }
+
+    /// The MySQL handshake, command and result parsers, with fuzzed splits.
+    pub fn mysql(data: &[u8]) {
+        crate::mysql::wire::fuzz_parse(data);
+    }
+}
 pub use policy::{ClusterPolicy, PolicyMode};
 pub use runtime::{run, run_with_hooks, run_with_policy, AgentCommand, AGENT_IO_MEMORY};
 pub use settings::{

@@ -380,3 +380,56 @@ pub enum Event {
         reason: CloseReason,
     },
 }
+
+/// Fuzz entry point: arbitrary bytes from a hostile peer, fed to a [`Conn`] of either role.
+///
+/// The first byte picks the role and how the input is cut into reads; the rest is the peer's
+/// byte stream. Every opened stream is accepted, every readable stream drained, and the core's
+/// transmit queue written out after each read, so the fuzzer reaches the data, window and close
+/// paths and not only the header parser. [`Conn::check_invariants`] runs after each step (it is
+/// live in cargo-fuzz builds, which keep debug assertions). A protocol error is a normal result:
+/// what must never happen is a panic, an invariant failure or unbounded growth.
+pub fn fuzz_input(data: &[u8]) {
+    let Some((&control, peer_bytes)) = data.split_first() else {
+        return;
+    };
+    let role = if control & 1 == 0 {
+        Role::Server
+    } else {
+        Role::Client
+    };
+    let chunk = 1 + usize::from(control >> 1) * 13;
+    let start = std::time::Instant::now();
+    let mut conn = Conn::new(role, Config::default(), start);
+    let mut out = Vec::new();
+    let mut scratch = [0u8; 4096];
+    for (step, piece) in peer_bytes.chunks(chunk).enumerate() {
+        let now = start + Duration::from_millis(step as u64);
+        if conn.handle_input(piece, now).is_err() {
+            conn.check_invariants();
+            return;
+        }
+        while let Some(event) = conn.poll_event() {
+            match event {
+                Event::StreamOpened { id, .. } => {
+                    let _ = conn.open_result(id, Ok(()));
+                }
+                Event::Readable { id } => {
+                    while matches!(conn.recv(id, &mut scratch), Ok(n) if n > 0) {}
+                }
+                Event::StreamFinished { id } => {
+                    let _ = conn.finish(id);
+                }
+                _ => {}
+            }
+        }
+        conn.check_invariants();
+        out.clear();
+        conn.poll_transmit(&mut out);
+        debug_assert!(
+            out.len() <= 2 * MAX_SEND_QUEUE_BYTES + MAX_QUEUED_CONTROL_FRAMES * 64 * 1024
+        );
+        conn.handle_timeout(now);
+        conn.check_invariants();
+    }
+}
