@@ -58,6 +58,9 @@ pub enum PolicyMode {
 /// verifier. Immutable; a newer one replaces it whole.
 pub struct ClusterPolicy {
     version: String,
+    /// Control's snapshot version (`AgentPolicyResponse::seq`): only a higher one replaces
+    /// this policy; 0 = unknown, always replaced.
+    seq: u64,
     cluster: String,
     policy: Policy,
     locks: Vec<ActiveLock>,
@@ -103,6 +106,7 @@ impl ClusterPolicy {
             .map_err(|e| format!("cannot build the user CA verifier: {e}"))?;
         Ok(ClusterPolicy {
             version: version.to_owned(),
+            seq: 0,
             cluster: cluster.to_owned(),
             policy,
             locks,
@@ -158,6 +162,20 @@ impl ClusterPolicy {
         }
         ClusterPolicy::new(&response.version, &response.cluster, policy, locks, &roots)?
             .with_ssh_cas(&response.user_ca_ssh, &response.host_ca_ssh)
+            .map(|p| p.with_seq(response.seq))
+    }
+
+    /// This policy with control's sequence number `seq` (see [`ClusterPolicy::seq`]).
+    pub fn with_seq(mut self, seq: u64) -> ClusterPolicy {
+        self.seq = seq;
+        self
+    }
+
+    /// Control's snapshot version of this policy: policies pushed by the engines and polled
+    /// from control are ordered by it, and only a higher one replaces the one in force (0 =
+    /// unknown: always replaces).
+    pub fn seq(&self) -> u64 {
+        self.seq
     }
 
     /// Control's version of this policy.
@@ -231,6 +249,100 @@ impl ClusterPolicy {
             &self.locks,
             now,
         )
+    }
+}
+
+/// How long the agent waits for a pushed policy's bytes once the stream is accepted: the
+/// engine writes it at once, so only a stuck stream takes this long.
+pub const POLICY_PUSH_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Receives one policy the engine pushed over the tunnel (stream `jaunt-policy/1`, see
+/// `jaunt_engine::tunnel::policy_push`): reads the document (bounded), and puts it in force if
+/// it is newer than the one in force, ending the live sessions it refuses. An agent that does
+/// not enforce (`PolicyMode::EngineOnly`) refuses the stream. A document that does not parse
+/// or compile is logged and dropped: the policy in force stays (the same rule as for a poll).
+pub(crate) async fn receive_push(
+    incoming: jaunt_engine::tunnel::Incoming,
+    guard: Rc<Guard>,
+    shard: usize,
+) {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    use jaunt_engine::tunnel::policy_push::MAX_POLICY_BYTES;
+    if guard.mode() == PolicyMode::EngineOnly {
+        incoming.refuse("this agent does not enforce the cluster's policy (engine-only mode)");
+        return;
+    }
+    let Ok(mut stream) = incoming.accept() else {
+        return;
+    };
+    let mut document = Vec::new();
+    let read = futures_lite::future::or(
+        async {
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(true);
+                }
+                if document.len() + n > MAX_POLICY_BYTES {
+                    return Ok(false);
+                }
+                document.extend_from_slice(&chunk[..n]);
+            }
+        },
+        async {
+            glommio::timer::Timer::new(POLICY_PUSH_READ_TIMEOUT).await;
+            Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        },
+    )
+    .await;
+    match read {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(
+                shard,
+                max = MAX_POLICY_BYTES,
+                "pushed policy too large: dropped"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(shard, error = %e, "pushed policy cut short");
+            return;
+        }
+    }
+    // Our FIN tells the engine the whole document was read.
+    let _ = stream.close().await;
+    drop(stream);
+    let response: AgentPolicyResponse = match serde_json::from_slice(&document) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(shard, error = %e, "pushed policy does not parse: kept the current one");
+            return;
+        }
+    };
+    // Every shard pushes the same change: compile only what would replace the policy in force.
+    if !guard.would_replace(response.seq) {
+        return;
+    }
+    let policy = match ClusterPolicy::from_response(&response) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(shard, error = %e, "pushed policy is not usable: kept the current one");
+            return;
+        }
+    };
+    let locks = policy.locks().len();
+    if let Some(ended) = guard.replace(Arc::new(policy), jaunt_config::identity::unix_now()) {
+        tracing::info!(
+            shard,
+            version = %response.version,
+            seq = response.seq,
+            roles = response.roles.len(),
+            locks,
+            ended,
+            "cluster policy pushed by the engine"
+        );
     }
 }
 
@@ -309,8 +421,26 @@ impl Guard {
         self.mode
     }
 
-    /// Puts `policy` in force and ends the live sessions its locks match; returns how many.
-    pub(crate) fn replace(&self, policy: Arc<ClusterPolicy>, now: u64) -> usize {
+    /// The sequence number of the policy in force, if there is one.
+    pub(crate) fn current_seq(&self) -> Option<u64> {
+        self.current.borrow().as_ref().map(|p| p.seq)
+    }
+
+    /// Whether `seq` would replace the policy in force (see [`ClusterPolicy::seq`]).
+    pub(crate) fn would_replace(&self, seq: u64) -> bool {
+        match self.current_seq() {
+            None => true,
+            Some(current) => seq == 0 || current == 0 || seq > current,
+        }
+    }
+
+    /// Puts `policy` in force, unless the one in force is as new (`None`), and ends the live
+    /// sessions it refuses now: a lock matches them, or their roles no longer allow them (a
+    /// role deleted or narrowed, a deny added). Returns how many it ended.
+    pub(crate) fn replace(&self, policy: Arc<ClusterPolicy>, now: u64) -> Option<usize> {
+        if !self.would_replace(policy.seq) {
+            return None;
+        }
         let mut ended = 0;
         for session in self.sessions.borrow().values() {
             let kind = session.header.kind.resource_kind();
@@ -332,12 +462,41 @@ impl Guard {
                     lock = %lock.name,
                     "ending a live session: a lock matches it"
                 );
-                session.end.fire();
+                session.end.fire(Ended::Locked);
+                ended += 1;
+                continue;
+            }
+            // The certificate's expiry is `disconnect_expired_cert`'s business, not a role
+            // change's: check at a moment within its validity.
+            let at = now.clamp(
+                session.identity.not_before,
+                session
+                    .identity
+                    .expires
+                    .saturating_sub(1)
+                    .max(session.identity.not_before),
+            );
+            if let Err(denied) = rbac::authorize(
+                &policy.policy,
+                &session.identity,
+                &resource,
+                &request,
+                &[],
+                at,
+            ) {
+                tracing::info!(
+                    user = %session.identity.name,
+                    kind = session.header.kind.as_str(),
+                    target = %session.header.target,
+                    reason = %denied.message,
+                    "ending a live session: its roles no longer allow it"
+                );
+                session.end.fire(Ended::Revoked);
                 ended += 1;
             }
         }
         *self.current.borrow_mut() = Some(policy);
-        ended
+        Some(ended)
     }
 
     /// Checks a stream before it is served. `Ok(None)` in [`PolicyMode::EngineOnly`]; else the
@@ -424,6 +583,8 @@ pub(crate) struct Session {
 pub(crate) enum Ended {
     /// A lock in a newer policy matches it.
     Locked,
+    /// The roles of a newer policy no longer allow it.
+    Revoked,
     /// The user's certificate expired and a role sets `disconnect_expired_cert`.
     CertificateExpired,
 }
@@ -431,10 +592,7 @@ pub(crate) enum Ended {
 impl Session {
     /// Resolves when the session must end: a lock matched it, or its deadline passed.
     pub(crate) async fn ended(&self) -> Ended {
-        let locked = async {
-            self.end.wait().await;
-            Ended::Locked
-        };
+        let locked = self.end.wait();
         let Some(deadline) = self.deadline else {
             return locked.await;
         };
@@ -453,30 +611,32 @@ impl Drop for Session {
     }
 }
 
-/// A one-shot signal with one waiter.
+/// A one-shot signal with one waiter, carrying why the session ends.
 #[derive(Default)]
 struct EndSignal {
-    fired: Cell<bool>,
+    fired: Cell<Option<Ended>>,
     waker: RefCell<Option<Waker>>,
 }
 
 impl EndSignal {
-    fn fire(&self) {
-        self.fired.set(true);
+    fn fire(&self, why: Ended) {
+        if self.fired.get().is_none() {
+            self.fired.set(Some(why));
+        }
         if let Some(waker) = self.waker.borrow_mut().take() {
             waker.wake();
         }
     }
 
-    async fn wait(&self) {
+    async fn wait(&self) -> Ended {
         futures_lite::future::poll_fn(|cx| {
-            if self.fired.get() {
-                return Poll::Ready(());
+            if let Some(why) = self.fired.get() {
+                return Poll::Ready(why);
             }
             *self.waker.borrow_mut() = Some(cx.waker().clone());
             Poll::Pending
         })
-        .await;
+        .await
     }
 }
 
@@ -592,6 +752,7 @@ mod tests {
     fn policy(ca: &Ca, locks: Vec<jaunt_config::api::AgentPolicyLock>) -> ClusterPolicy {
         let response = AgentPolicyResponse {
             version: "v1".into(),
+            seq: 0,
             cluster: "test".into(),
             roles: [
                 (
@@ -710,7 +871,10 @@ mod tests {
         let guard = Rc::new(Guard::new(PolicyMode::Enforce));
         let e = guard.admit(&a, Some(&a_cert), prod(), NOW).err().unwrap();
         assert_eq!((e.message.as_str(), e.reason), (NO_POLICY_YET, "no_policy"));
-        assert_eq!(guard.replace(Arc::new(policy(&ca, Vec::new())), NOW), 0);
+        assert_eq!(
+            guard.replace(Arc::new(policy(&ca, Vec::new())), NOW),
+            Some(0)
+        );
         let e = guard
             .admit(&a, Some(&a_cert), BTreeMap::new(), NOW)
             .err()
@@ -726,9 +890,9 @@ mod tests {
             .unwrap();
         assert_eq!(guard.live(), 2);
         let locked = policy(&ca, vec![lock("l1", "user: alice")]);
-        assert_eq!(guard.replace(Arc::new(locked), NOW), 1);
-        assert!(alice_session.end.fired.get());
-        assert!(!bob_session.end.fired.get());
+        assert_eq!(guard.replace(Arc::new(locked), NOW), Some(1));
+        assert_eq!(alice_session.end.fired.get(), Some(Ended::Locked));
+        assert!(bob_session.end.fired.get().is_none());
         drop(alice_session);
         assert_eq!(guard.live(), 1);
         let e = guard.admit(&a, Some(&a_cert), prod(), NOW).err().unwrap();
@@ -749,6 +913,7 @@ mod tests {
         );
         let response = AgentPolicyResponse {
             version: "v1".into(),
+            seq: 0,
             cluster: "test".into(),
             roles: [("strict".to_owned(), strict)].into(),
             locks: Vec::new(),

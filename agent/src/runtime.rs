@@ -70,6 +70,7 @@ use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures_lite::{future, StreamExt};
 use glommio::{LocalExecutorBuilder, Placement};
 use jaunt_engine::mux::{self, Role};
+use jaunt_engine::tunnel::policy_push::POLICY_OPEN;
 use jaunt_engine::tunnel::{CloseReason, Tunnel, CLOSE_TIMEOUT};
 use rustls::ClientConfig;
 
@@ -692,11 +693,16 @@ impl Supervisor {
             }
             Event::Command(AgentCommand::ReplacePolicy(policy)) => {
                 let version = policy.version().to_owned();
-                let locks = policy.locks().len();
-                let ended = self
+                let (seq, locks) = (policy.seq(), policy.locks().len());
+                match self
                     .guard
-                    .replace(policy, jaunt_config::identity::unix_now());
-                tracing::info!(%version, locks, ended, "cluster policy replaced");
+                    .replace(policy, jaunt_config::identity::unix_now())
+                {
+                    Some(ended) => {
+                        tracing::info!(%version, seq, locks, ended, "cluster policy replaced")
+                    }
+                    None => tracing::debug!(%version, seq, "polled policy is not newer: kept"),
+                }
             }
             // The fleet's business (`Fleet::dispatch`); a supervisor has one engine.
             Event::Command(AgentCommand::SetEngines(_)) => {}
@@ -847,6 +853,15 @@ async fn run_tunnel(
         task.shard,
     ));
     while let Some(incoming) = tunnel.accept().await {
+        if incoming.header == POLICY_OPEN {
+            glommio::spawn_local(crate::policy::receive_push(
+                incoming,
+                task.guard.clone(),
+                task.shard,
+            ))
+            .detach();
+            continue;
+        }
         let guard = StreamGuard::new(task.tracker.clone());
         let prepared = task.announcer.prepared();
         let shard = task.shard;

@@ -305,12 +305,15 @@ async fn serve_routed(
         served.await;
         return;
     };
-    // A lock that arrives with a newer policy, or the certificate's expiry when a role sets
+    // A lock or a role change that arrives with a newer policy, or the certificate's expiry when a role sets
     // `disconnect_expired_cert`, ends the session: dropping `served` resets the user's stream
     // and closes the local connection.
     futures_lite::future::or(served, async {
         match session.ended().await {
             Ended::Locked => tracing::info!("session ended: a lock matches it"),
+            Ended::Revoked => {
+                tracing::info!("session ended: a role change took the user's access away")
+            }
             Ended::CertificateExpired => {
                 tracing::info!("session ended: the user's certificate expired")
             }

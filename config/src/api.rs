@@ -331,11 +331,18 @@ pub struct AppJwtResponse {
 
 /// `GET /v1/agent/policy` (host identities only): what an agent needs to re-check each user
 /// stream before it serves it — the roles, the locks in force and the user CA — exactly the
-/// inputs of the engine's snapshot. Agents poll it; `version` changes whenever the content does.
+/// inputs of the engine's snapshot. Engines push it to agents over their tunnels (stream
+/// `jaunt-policy/1`) and agents poll it as a fallback; `version` changes whenever the content does.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AgentPolicyResponse {
     /// A digest of everything below (`sha256:<hex>`): equal versions, equal policies.
     pub version: String,
+    /// Control's snapshot version this policy was built with: it only grows (it starts from
+    /// control's boot time, so across restarts too), and an agent that gets the policy both
+    /// pushed by the engines and polled from control keeps the highest it has seen. 0 = unknown
+    /// (an older control): always applied.
+    #[serde(default)]
+    pub seq: u64,
     /// The cluster's name (user certificates carry it).
     pub cluster: String,
     /// Every role as its JSON document, by name (what `rbac::Policy::compile_json` takes).

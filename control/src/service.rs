@@ -78,7 +78,14 @@ pub struct Control {
     public_addr: RwLock<String>,
     /// Where snapshots for the engine go, once it runs.
     snapshots: Mutex<Option<crossbeam_channel::Sender<Arc<Snapshot>>>>,
+    /// The last snapshot's version. It starts at control's boot time (unix seconds) shifted
+    /// left by 20 bits, so versions keep growing across restarts (unless a boot follows the
+    /// previous one within a second per 2^20 changes): agents compare the policies they are
+    /// pushed and poll by it.
     snapshot_version: AtomicU64,
+    /// The agents' copy of the policy, built with the last snapshot: what the engines push to
+    /// agents over their tunnels and what `GET /v1/agent/policy` answers.
+    agent_policy: RwLock<Option<Arc<AgentPolicyResponse>>>,
     /// Agents connected to the engine, by host id (fed by the engine's inventory events).
     inventory: RwLock<BTreeMap<String, jaunt_engine::server::AgentInventory>>,
     /// The engine's live sessions (`jaunt sessions ls|kill`), once the engine runs.
@@ -152,7 +159,8 @@ impl Control {
             confirmations: Mutex::new(std::collections::HashMap::new()),
             audit,
             snapshots: Mutex::new(None),
-            snapshot_version: AtomicU64::new(0),
+            snapshot_version: AtomicU64::new(unix_now() << 20),
+            agent_policy: RwLock::new(None),
             inventory: RwLock::new(BTreeMap::new()),
             sessions: RwLock::new(None),
             recordings: std::sync::OnceLock::new(),
@@ -360,8 +368,47 @@ impl Control {
                 Some(jaunt_config::rbac::ActiveLock::from_lock(&lock, l.expires))
             })
             .collect();
-        let roles = role_docs;
+        let version = self.snapshot_version.fetch_add(1, Ordering::Relaxed) + 1;
+        let agent_locks = stored_locks
+            .iter()
+            .filter_map(|l| {
+                Some(AgentPolicyLock {
+                    lock: serde_json::from_str(&l.spec).ok()?,
+                    expires: l.expires,
+                })
+            })
+            .collect();
         let cas = self.cas();
+        let mut agent_policy = AgentPolicyResponse {
+            version: String::new(),
+            seq: version,
+            cluster: self.settings.cluster.clone(),
+            roles: role_docs.clone(),
+            locks: agent_locks,
+            user_ca: cas
+                .trusted(CaKind::User)
+                .iter()
+                .map(|c| c.cert_pem().to_string())
+                .collect(),
+            host_ca: cas
+                .trusted(CaKind::Host)
+                .iter()
+                .map(|c| c.cert_pem().to_string())
+                .collect(),
+            user_ca_ssh: cas.ssh_lines(CaKind::User),
+            host_ca_ssh: cas.ssh_lines(CaKind::Host),
+            ca_generation: cas.generation(),
+            // Per caller (the poll sets it); a pushed policy never asks for a renewal.
+            renew_host_cert: false,
+            // The engines as of this snapshot; the poll answers with the current heartbeats.
+            engines: self.healthy_engines().unwrap_or_default(),
+        };
+        seal_agent_policy(&mut agent_policy);
+        let agent_policy = Arc::new(agent_policy);
+        if let Ok(mut cached) = self.agent_policy.write() {
+            *cached = Some(Arc::clone(&agent_policy));
+        }
+        let roles = role_docs;
         let locks = stored_locks
             .into_iter()
             .filter_map(|l| {
@@ -387,7 +434,8 @@ impl Control {
             })
             .collect();
         Ok(Snapshot {
-            version: self.snapshot_version.fetch_add(1, Ordering::Relaxed) + 1,
+            version,
+            agent_policy: to_json(&*agent_policy).into(),
             cluster: self.settings.cluster.clone(),
             user_ca_roots: cas.trusted_der(CaKind::User),
             host_ca_roots: cas.trusted_der(CaKind::Host),
@@ -1586,9 +1634,12 @@ impl Control {
     }
 
     /// `GET /v1/agent/policy`: the roles, the locks in force and the user CA, for agents (host
-    /// identities) to re-check each user stream before serving it — the same inputs as the
-    /// engine's snapshot. A role set that does not compile is an error (500), as for the
-    /// snapshot: the agent keeps the policy it has rather than one without some deny rules.
+    /// identities) to re-check each user stream before serving it — the document built with
+    /// the engine's last snapshot, which the engine also pushes to agents over their tunnels
+    /// (this poll is the agents' fallback, and what carries the per-agent parts: the rotation
+    /// confirmation, a host certificate renewal and the engines heard from now). A role set
+    /// that does not compile builds no snapshot, so the last good policy stays in force (500 if
+    /// there never was one): never one without some deny rules.
     fn agent_policy(&self, req: &Request, caller: &Identity) -> Reply {
         if caller.kind != IdentityKind::Host {
             return Err(Response::error(
@@ -1605,57 +1656,34 @@ impl Control {
                 .peer_certs
                 .first()
                 .is_some_and(|leaf| !cas.host.issued(leaf));
-        let mut roles = BTreeMap::new();
-        let mut parsed = Vec::new();
-        for (name, spec) in self.store.list_roles().map_err(internal)? {
-            let role: Role = serde_json::from_str(&spec)
-                .map_err(|e| internal(format!("stored role {name} does not parse: {e}")))?;
-            parsed.push(role);
-            let value: serde_json::Value = serde_json::from_str(&spec).map_err(internal)?;
-            roles.insert(name, value);
-        }
-        jaunt_config::rbac::Policy::compile(&parsed).map_err(internal)?;
-        let locks = self
-            .store
-            .list_locks(unix_now())
-            .map_err(internal)?
-            .into_iter()
-            .filter_map(|l| {
-                Some(AgentPolicyLock {
-                    lock: serde_json::from_str(&l.spec).ok()?,
-                    expires: l.expires,
-                })
-            })
-            .collect();
-        let mut policy = AgentPolicyResponse {
-            version: String::new(),
-            cluster: self.settings.cluster.clone(),
-            roles,
-            locks,
-            user_ca: cas
-                .trusted(CaKind::User)
-                .iter()
-                .map(|c| c.cert_pem().to_string())
-                .collect(),
-            host_ca: cas
-                .trusted(CaKind::Host)
-                .iter()
-                .map(|c| c.cert_pem().to_string())
-                .collect(),
-            user_ca_ssh: cas.ssh_lines(CaKind::User),
-            host_ca_ssh: cas.ssh_lines(CaKind::Host),
-            ca_generation: cas.generation(),
-            renew_host_cert,
-            engines: self
-                .members()?
-                .into_iter()
-                .filter(|m| m.health == "healthy")
-                .map(|m| m.public_addr)
-                .collect(),
+        let cached = || self.agent_policy.read().ok().and_then(|p| p.clone());
+        let shared = match cached() {
+            Some(policy) => policy,
+            None => {
+                // No snapshot built yet (control without an engine): build one now.
+                self.publish_snapshot();
+                cached().ok_or_else(|| {
+                    internal("the stored roles do not compile; see the control log")
+                })?
+            }
         };
-        let digest = ring::digest::digest(&ring::digest::SHA256, &to_json(&policy));
-        policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
+        let mut policy = AgentPolicyResponse {
+            renew_host_cert,
+            engines: self.healthy_engines()?,
+            ..(*shared).clone()
+        };
+        seal_agent_policy(&mut policy);
         Ok(Response::json(200, &policy))
+    }
+
+    /// The public addresses of the engines whose heartbeats say healthy.
+    fn healthy_engines(&self) -> Result<Vec<String>, Response> {
+        Ok(self
+            .members()?
+            .into_iter()
+            .filter(|m| m.health == "healthy")
+            .map(|m| m.public_addr)
+            .collect())
     }
 
     /// Hands control its recordings storage (the daemon opens it).
@@ -2270,4 +2298,18 @@ mod tests {
         assert!(all.windows(2).all(|w| w[0].version < w[1].version));
         assert!(all.last().unwrap().active_locks.is_empty());
     }
+}
+
+/// Sets `policy.version` to the digest of its content without the sequence number: equal
+/// digests, equal policies, whichever snapshot (or control) built them.
+fn seal_agent_policy(policy: &mut AgentPolicyResponse) {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        &to_json(&AgentPolicyResponse {
+            version: String::new(),
+            seq: 0,
+            ..policy.clone()
+        }),
+    );
+    policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
 }

@@ -104,6 +104,45 @@ pub fn authorize(
     })
 }
 
+/// Why the roles of `snapshot` no longer allow a live session of `identity` on `request` to a
+/// target with `labels`, or `None` if they still do. Locks are not consulted (see
+/// [`matching_lock`]), nor the certificate's expiry: the check runs at `now` clamped into the
+/// certificate's validity, since a session outliving its certificate is the business of the
+/// roles' `disconnect_expired_cert`, not of a role change.
+pub fn revoked(
+    snapshot: &Snapshot,
+    identity: &Identity,
+    request: &DialRequest,
+    labels: &std::collections::BTreeMap<String, String>,
+    now: u64,
+) -> Option<jaunt_config::rbac::Denied> {
+    use jaunt_config::rbac;
+    let kind = request.kind.resource_kind();
+    let resource = rbac::Resource {
+        kind,
+        name: &request.target,
+        labels,
+    };
+    let rbac_request = rbac::Request {
+        login: request.login.as_deref(),
+        db_user: request.db_user.as_deref(),
+        db_name: request.db_name.as_deref(),
+    };
+    let at = now.clamp(
+        identity.not_before,
+        identity.expires.saturating_sub(1).max(identity.not_before),
+    );
+    rbac::authorize(
+        &snapshot.policy,
+        identity,
+        &resource,
+        &rbac_request,
+        &[],
+        at,
+    )
+    .err()
+}
+
 /// The first of `locks` that matches `identity` on `request` to a target with `labels` at `now`
 /// (unix seconds): a live session it matches must end.
 pub fn matching_lock<'a>(

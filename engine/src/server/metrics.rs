@@ -376,6 +376,7 @@ pub struct ShardMetrics {
     tunnels_replaced: Cell64,
     streams_open: Cell64,
     sessions_closed_lock: Cell64,
+    sessions_closed_role: Cell64,
     dial_misses: [Cell64; DialMiss::ALL.len()],
     cross_shard_hops: [Cell64; HopResult::ALL.len()],
     inventory_dropped: Cell64,
@@ -453,6 +454,16 @@ impl ShardMetrics {
     /// A live user session was closed because a lock in a new snapshot matches it.
     pub fn session_closed_by_lock(&self) {
         self.sessions_closed_lock.add(1);
+    }
+
+    /// A live user session was closed because the roles of a new snapshot no longer allow it.
+    pub fn session_closed_by_role(&self) {
+        self.sessions_closed_role.add(1);
+    }
+
+    /// Live user sessions closed because a role change took their access away.
+    pub fn sessions_closed_by_role(&self) -> u64 {
+        self.sessions_closed_role.get()
     }
 
     /// Live user sessions closed because a lock matched them.
@@ -651,13 +662,18 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         "jaunt_sessions_closed_total",
         "counter",
         "Live user sessions the engine closed, by shard and reason (lock: a lock in a new \
-         snapshot matches the session).",
+         snapshot matches the session; role: the roles of a new snapshot no longer allow it).",
     );
     for (i, shard) in shards.iter().enumerate() {
         let _ = writeln!(
             out,
             "jaunt_sessions_closed_total{{shard=\"{i}\",reason=\"lock\"}} {}",
             shard.sessions_closed_lock.get()
+        );
+        let _ = writeln!(
+            out,
+            "jaunt_sessions_closed_total{{shard=\"{i}\",reason=\"role\"}} {}",
+            shard.sessions_closed_role.get()
         );
     }
     family(

@@ -42,7 +42,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use jaunt_config::identity::Identity;
 
-use crate::server::authorize::matching_lock;
+use crate::server::authorize::{matching_lock, revoked};
 use crate::server::hop::{self, HopBoot, Hops};
 use crate::server::inventory::{Directory, HeartbeatApplied, InventoryEvent};
 use crate::server::metrics::{Refusal, ShardMetrics};
@@ -318,6 +318,9 @@ pub(crate) struct Shard {
                   of the Arc's count, which every shard shares"
     )]
     snapshot: RefCell<Rc<Arc<Snapshot>>>,
+    /// Fired (and replaced) when a newer snapshot is applied: the tunnels' policy pushers wait
+    /// on it.
+    snapshot_changed: RefCell<Rc<Signal>>,
     tls: RefCell<Rc<ShardTls>>,
     /// Live tunnels by host id (the connection tasks that carry them run their drivers).
     tunnels: RefCell<TunnelTable<Tunnel>>,
@@ -348,6 +351,7 @@ impl Shard {
             limits: Cell::new(boot.config.limits()),
             metrics: Arc::clone(&boot.metrics),
             snapshot: RefCell::new(Rc::new(Arc::new(Snapshot::default()))),
+            snapshot_changed: RefCell::new(Rc::new(Signal::default())),
             tls: RefCell::new(Rc::new(ShardTls::new(&boot.tls))),
             tunnels: RefCell::new(TunnelTable::default()),
             directory: Arc::clone(&boot.directory),
@@ -365,6 +369,12 @@ impl Shard {
     #[allow(clippy::redundant_allocation, reason = "see the `snapshot` field")]
     pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
         Rc::clone(&self.snapshot.borrow())
+    }
+
+    /// Fires once a snapshot newer than the current one is applied. Take it before reading
+    /// [`Shard::snapshot`], so no change slips in between.
+    pub(crate) fn snapshot_changed(&self) -> Rc<Signal> {
+        Rc::clone(&self.snapshot_changed.borrow())
     }
 
     /// The current TLS acceptors.
@@ -390,41 +400,63 @@ impl Shard {
         }
         let version = snapshot.version;
         let newer = current.is_none_or(|current| version > current);
-        if newer && !snapshot.active_locks.is_empty() {
-            self.close_locked_sessions(&snapshot);
+        if newer {
+            self.close_refused_sessions(&snapshot);
         }
         *self.snapshot.borrow_mut() = Rc::new(snapshot);
         self.metrics.snapshot_applied(version);
+        if newer {
+            let changed = self.snapshot_changed.replace(Rc::new(Signal::default()));
+            changed.fire();
+        }
         tracing::debug!(shard = self.index, version, "snapshot applied");
     }
 
-    /// Ends every live session a lock of `snapshot` matches now. A loop over this shard's
-    /// sessions: firing a session's signal only wakes its task, which closes both sides.
-    fn close_locked_sessions(&self, snapshot: &Snapshot) {
+    /// Ends every live session that `snapshot` would refuse now: a lock matches it, or its
+    /// roles no longer allow it (a role deleted or narrowed, a deny added). A loop over this
+    /// shard's sessions: firing a session's signal only wakes its task, which closes both
+    /// sides.
+    fn close_refused_sessions(&self, snapshot: &Snapshot) {
         let now = jaunt_config::identity::unix_now();
         for (conn_id, session) in self.sessions.borrow().iter() {
             if session.end.is_fired() {
                 continue;
             }
-            let Some(lock) = matching_lock(
+            if let Some(lock) = matching_lock(
                 &snapshot.active_locks,
                 &session.identity,
                 &session.request,
                 &session.labels,
                 now,
-            ) else {
-                continue;
-            };
-            tracing::info!(
-                shard = self.index,
-                conn = conn_id,
-                user = %session.identity.name,
-                target = %session.request.target,
-                lock = %lock.name,
-                "closing a live session: a lock matches it"
-            );
-            session.end.fire();
-            self.metrics.session_closed_by_lock();
+            ) {
+                tracing::info!(
+                    shard = self.index,
+                    conn = conn_id,
+                    user = %session.identity.name,
+                    target = %session.request.target,
+                    lock = %lock.name,
+                    "closing a live session: a lock matches it"
+                );
+                session.end.fire();
+                self.metrics.session_closed_by_lock();
+            } else if let Some(denied) = revoked(
+                snapshot,
+                &session.identity,
+                &session.request,
+                &session.labels,
+                now,
+            ) {
+                tracing::info!(
+                    shard = self.index,
+                    conn = conn_id,
+                    user = %session.identity.name,
+                    target = %session.request.target,
+                    reason = %denied.message,
+                    "closing a live session: its roles no longer allow it"
+                );
+                session.end.fire();
+                self.metrics.session_closed_by_role();
+            }
         }
     }
 

@@ -53,6 +53,11 @@ pub struct Snapshot {
     /// The cluster's app-access JWT verification keys, a JWK Set (RFC 7517 §5) as JSON, served
     /// at `https://<public host>/.well-known/jwks.json`. Empty until control sets it.
     pub jwks: std::sync::Arc<str>,
+    /// The agents' copy of the policy (roles, locks, user CA), as control serialized it (the
+    /// JSON of `jaunt_config::api::AgentPolicyResponse`). Each shard pushes it to every agent
+    /// tunnel it holds when a newer snapshot arrives (stream `jaunt-policy/1`, see
+    /// `tunnel::policy_push`); empty = nothing to push. Opaque here: the engine only forwards it.
+    pub agent_policy: std::sync::Arc<[u8]>,
 }
 
 /// A lock: refuse new sessions (and end live ones) that match every given field.

@@ -73,6 +73,7 @@
 
 mod driver;
 mod error;
+pub mod policy_push;
 mod shared;
 mod splice;
 mod stream;

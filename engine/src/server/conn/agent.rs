@@ -19,7 +19,7 @@ use crate::mux::Role;
 use crate::server::io::with_deadline;
 use crate::server::metrics::Refusal;
 use crate::server::shard::{Registered, Shard};
-use crate::tunnel::{self, CloseReason, Tunnel};
+use crate::tunnel::{self, CloseReason, OpenError, Tunnel};
 
 /// Removes a tunnel from its shard's table when the connection carrying it ends, however it
 /// ends (including a drain abort that drops the task).
@@ -94,6 +94,7 @@ pub(super) async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) 
     // taking streams: so a replacement or a drain drains the tunnel with an explicit
     // `go_away` (the shard does that), not by dropping the table's handle.
     let heartbeats = tunnel.clone();
+    let pushes = tunnel.clone();
     let registered = shard.register_tunnel(&host_id, ctx.conn_id, &agent, tunnel);
     let _registration = (registered != Registered::Draining).then(|| Registration {
         shard,
@@ -110,8 +111,14 @@ pub(super) async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) 
         "agent tunnel open"
     );
     drop(agent);
+    // The policy pusher never returns; it stops with the heartbeat task (when the tunnel
+    // stops taking streams), so it never holds the tunnel open either.
     let reason = futures_lite::future::or(driver, async {
-        serve_heartbeats(shard, &host_id, ctx.conn_id, heartbeats, hello_hash).await;
+        futures_lite::future::or(
+            serve_heartbeats(shard, &host_id, ctx.conn_id, heartbeats, hello_hash),
+            push_policy(shard, &host_id, pushes),
+        )
+        .await;
         std::future::pending().await
     })
     .await;
@@ -123,6 +130,78 @@ pub(super) async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) 
     }
 }
 
+/// Pushes the newest snapshot's agent policy to the agent on `tunnel` (see
+/// `tunnel::policy_push`): at once, then after every newer snapshot. A push still in flight
+/// when a newer snapshot arrives is dropped (its stream reset) for the newer one, so a slow or
+/// stuck agent costs one stream, never a queue. Never returns.
+async fn push_policy(shard: &Shard, host_id: &str, tunnel: Tunnel) {
+    let mut pushed: Option<u64> = None;
+    loop {
+        let changed = shard.snapshot_changed();
+        let snapshot = shard.snapshot();
+        let due = !snapshot.agent_policy.is_empty()
+            && pushed.is_none_or(|version| snapshot.version > version);
+        if !due {
+            drop(snapshot);
+            changed.wait().await;
+            continue;
+        }
+        let version = snapshot.version;
+        let document = Arc::clone(&snapshot.agent_policy);
+        drop(snapshot);
+        let sent = futures_lite::future::or(
+            async { Some(send_policy(&tunnel, &document).await) },
+            async {
+                changed.wait().await;
+                None
+            },
+        )
+        .await;
+        match sent {
+            // A newer snapshot arrived first: push that one instead.
+            None => continue,
+            Some(Ok(())) => {
+                pushed = Some(version);
+                tracing::debug!(shard = shard.index, host_id, version, "policy pushed");
+            }
+            Some(Err(PushError::Closed)) => std::future::pending::<()>().await,
+            Some(Err(PushError::Failed(e))) => {
+                // An agent that refuses the stream (an older one) or resets it keeps polling
+                // control; retrying the same version would only repeat the refusal.
+                pushed = Some(version);
+                tracing::debug!(shard = shard.index, host_id, version, error = %e, "policy push failed");
+            }
+        }
+    }
+}
+
+/// Why one policy push did not complete.
+enum PushError {
+    /// The tunnel is going away or gone: no push will work on it again.
+    Closed,
+    /// This push failed (refused, reset, I/O).
+    Failed(String),
+}
+
+/// One push: open, write the document, half-close, and wait for the agent's FIN (dropping the
+/// stream earlier would reset it and could discard what the agent has not read yet).
+async fn send_policy(tunnel: &Tunnel, document: &[u8]) -> Result<(), PushError> {
+    use crate::tunnel::policy_push::POLICY_OPEN;
+    let mut stream = match tunnel.open(POLICY_OPEN).await {
+        Ok(stream) => stream,
+        Err(OpenError::Closed(_) | OpenError::GoingAway) => return Err(PushError::Closed),
+        Err(e) => return Err(PushError::Failed(e.to_string())),
+    };
+    let failed = |e: io::Error| PushError::Failed(e.to_string());
+    stream.write_all(document).await.map_err(failed)?;
+    stream.close().await.map_err(failed)?;
+    let mut rest = [0u8; 64];
+    loop {
+        if stream.read(&mut rest).await.map_err(failed)? == 0 {
+            return Ok(());
+        }
+    }
+}
 /// What the agent sent after the tunnel hello.
 enum AgentHelloRead {
     /// The hello, and the [`frame_hash`] of its frame (an unchanged heartbeat hashes alike).
