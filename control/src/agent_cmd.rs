@@ -272,10 +272,21 @@ impl PolicyPoller {
     }
 }
 
+/// The fallback poll's interval: [`POLICY_POLL_INTERVAL`], or `JAUNT_AGENT_POLICY_POLL_SECS`
+/// when set (engines push every change over the tunnel, so the poll only covers a push that
+/// could not be delivered; tests set it high to see that the push alone is enough).
+fn policy_poll_interval() -> Duration {
+    std::env::var("JAUNT_AGENT_POLICY_POLL_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&secs| secs > 0)
+        .map_or(POLICY_POLL_INTERVAL, Duration::from_secs)
+}
+
 /// How long the policy thread waits after `failures` failed fetches in a row.
 pub fn policy_delay(failures: u32) -> Duration {
     if failures == 0 {
-        return POLICY_POLL_INTERVAL;
+        return policy_poll_interval();
     }
     let doublings = failures.saturating_sub(1).min(16);
     POLICY_RETRY_BASE

@@ -39,6 +39,15 @@ fn echo_server() -> std::net::SocketAddr {
 
 /// `jaunt agent` serving `echo`, its stderr in `data/agent.log`.
 fn start_agent(c: &Cluster, echo: std::net::SocketAddr) -> (Reaped, PathBuf) {
+    start_agent_with(c, echo, &[])
+}
+
+/// [`start_agent`] with extra environment variables.
+fn start_agent_with(
+    c: &Cluster,
+    echo: std::net::SocketAddr,
+    env: &[(&str, &str)],
+) -> (Reaped, PathBuf) {
     let out = ok(c.admin(&["tokens", "add", "--type", "node,app,db"], None));
     let token = out.lines().next().unwrap().trim().to_string();
     let data = c.dir.path().join("agent-apphost");
@@ -62,6 +71,7 @@ fn start_agent(c: &Cluster, echo: std::net::SocketAddr) -> (Reaped, PathBuf) {
         ])
         .env("JAUNT_HOME", c.dir.path().join("agent-home"))
         .env("JAUNT_LOG", "jaunt_agent=info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
@@ -192,4 +202,122 @@ fn the_agent_enforces_the_cluster_policy_it_polls() {
             .unwrap_or_default()
             .contains(&second.version)
     });
+}
+
+/// `jaunt proxy tcp echo` for the identity in `c.home`; returns it and its local address.
+fn proxy_echo(c: &Cluster) -> (Reaped, String) {
+    let mut proxy = Reaped(
+        Command::new(jaunt_bin())
+            .args(["proxy", "tcp", "echo", "--port", "0"])
+            .env("JAUNT_HOME", &c.home)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(proxy.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let local = line.trim().rsplit(' ').next().unwrap().to_string();
+    (proxy, local)
+}
+
+/// One echo round trip on `conn`.
+fn echo_once(conn: &mut std::net::TcpStream, what: &[u8]) {
+    conn.write_all(what).unwrap();
+    let mut buf = vec![0u8; what.len()];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, what);
+}
+
+/// Issue 15.2: the agent learns a role from the engine's push (its own poll is turned off
+/// here, so nothing else could deliver it), a user of the new role is served at once, and a
+/// role change that takes the access away ends the user's live stream.
+#[test]
+fn a_new_role_is_pushed_to_the_agent_and_taking_access_away_ends_live_sessions() {
+    let c = Cluster::dev();
+    let (_agent, data) = start_agent_with(
+        &c,
+        echo_server(),
+        &[("JAUNT_AGENT_POLICY_POLL_SECS", "3600")],
+    );
+    let log = c.dir.path().join("agent.log");
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the agent's first policy", || {
+        agent_log().contains("jaunt agent: cluster policy received (")
+    });
+
+    // A role created now: the agent hears of it only through the engine's push.
+    let role = c.dir.path().join("echoers.yaml");
+    let write_role = |labels: &str| {
+        std::fs::write(
+            &role,
+            format!(
+                "kind: role\nversion: v1\nmetadata:\n  name: echoers\nspec:\n  allow:\n    app_labels: {labels}\n"
+            ),
+        )
+        .unwrap();
+        ok(c.admin(&["create", "-f", role.to_str().unwrap()], None))
+    };
+    assert!(write_role("{'*': '*'}").contains("role echoers created"));
+    let host = client_for(&c, &data.join("host"));
+    let with_role: AgentPolicyResponse = host.get_json("/v1/agent/policy").unwrap();
+    assert!(with_role.roles.contains_key("echoers"));
+    eventually("the engine to push the new role to the agent", || {
+        agent_log().lines().any(|l| {
+            l.contains("cluster policy pushed by the engine") && l.contains(&with_role.version)
+        })
+    });
+
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "bob",
+            "--roles",
+            "echoers",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("bob", PASSWORD, &[]));
+    eventually("the app to be listed for bob", || {
+        ok(c.run(&["ls", "apps"], None))
+            .lines()
+            .any(|l| l.starts_with("echo"))
+    });
+    let (_proxy, local) = proxy_echo(&c);
+    let mut conn = std::net::TcpStream::connect(&local).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Served on the first try: the agent knows the role.
+    echo_once(&mut conn, b"new role");
+
+    // The role now matches no app: bob's live stream ends (on the engine, and on the agent
+    // once the push arrives), without a lock.
+    assert!(write_role("{team: nobody}").contains("role echoers updated"));
+    let mut buf = [0u8; 64];
+    let ended = match conn.read(&mut buf) {
+        Ok(0) => true,
+        Ok(n) => panic!("unexpected bytes after the role change: {:?}", &buf[..n]),
+        Err(e) => {
+            e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut
+        }
+    };
+    assert!(
+        ended,
+        "the live stream outlived the role change that refuses it"
+    );
+    // And a new stream is refused.
+    let mut again = std::net::TcpStream::connect(&local).unwrap();
+    again
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _ = again.write_all(b"refused?");
+    let mut buf = [0u8; 8];
+    match again.read(&mut buf) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("a refused role still echoed {:?}", &buf[..n]),
+    }
 }
