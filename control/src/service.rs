@@ -2051,6 +2051,20 @@ pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// Sets `policy.version` to the digest of its content without the sequence number: equal
+/// digests, equal policies, whichever snapshot (or control) built them.
+fn seal_agent_policy(policy: &mut AgentPolicyResponse) {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        &to_json(&AgentPolicyResponse {
+            version: String::new(),
+            seq: 0,
+            ..policy.clone()
+        }),
+    );
+    policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -2300,16 +2314,3 @@ mod tests {
     }
 }
 
-/// Sets `policy.version` to the digest of its content without the sequence number: equal
-/// digests, equal policies, whichever snapshot (or control) built them.
-fn seal_agent_policy(policy: &mut AgentPolicyResponse) {
-    let digest = ring::digest::digest(
-        &ring::digest::SHA256,
-        &to_json(&AgentPolicyResponse {
-            version: String::new(),
-            seq: 0,
-            ..policy.clone()
-        }),
-    );
-    policy.version = format!("sha256:{}", hex::encode(digest.as_ref()));
-}
