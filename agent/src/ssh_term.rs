@@ -839,9 +839,21 @@ pub(crate) async fn serve(
     );
     match net::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Some(Ok(())) => {}
+        Some(Err(e)) if !strict => {
+            // best_effort: the session goes on unrecorded, end to end with sshd as before (a
+            // user whose known_hosts trusts sshd's own key keeps working).
+            drop(node);
+            tracing::warn!(reason = "unrecorded", cause = e.label(), error = %e,
+                "SSH session spliced unrecorded: the agent cannot log in to sshd");
+            return Err(incoming);
+        }
         Some(Err(e)) => {
             tracing::warn!(blame = %Blame::LocalService, reason = e.label(), error = %e, "stream refused");
-            incoming.refuse(&format!("{}: {e}", local.what));
+            incoming.refuse(&format!(
+                "this session must be recorded (record_session: strict), and the agent cannot \
+                 log in to {}: {e}",
+                local.what
+            ));
             return Ok(());
         }
         None => {
