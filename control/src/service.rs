@@ -2313,4 +2313,3 @@ mod tests {
         assert!(all.last().unwrap().active_locks.is_empty());
     }
 }
-

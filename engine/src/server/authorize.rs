@@ -213,7 +213,11 @@ mod tests {
         };
         assert_eq!(
             authorize(&snapshot, &alice(), &request, &Target::on_host("h1")),
-            Ok(Allowed::default())
+            // The built-in access role records SSH (best_effort).
+            Ok(Allowed {
+                recorded: true,
+                ..Allowed::default()
+            })
         );
         // A login the identity does not carry is refused, naming the node and the login.
         request.login = Some("postgres".into());
