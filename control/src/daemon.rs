@@ -139,8 +139,20 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut control = Control::bootstrap(store.clone(), settings)?;
     control.audit = crate::audit::Audit::with_file(store.clone(), audit_file);
     let control = Arc::new(control);
+    // This process in the cluster's member list (and as a lease holder): random per start.
+    let member_id = crate::audit::uid()[..16].to_string();
     // Recordings storage: a wrong key or an unreachable S3 store stops the start here.
-    let recordings = crate::recordings::open_started(&cfg.recordings, &cfg.data_dir)?;
+    let completer_lease = {
+        let (store, holder) = (store.clone(), member_id.clone());
+        let ttl = crate::recordings::COMPLETER_PERIOD.as_secs() * 2 + 10;
+        Box::new(move || {
+            store
+                .try_lease(crate::recordings::COMPLETER_LEASE, &holder, unix_now(), ttl)
+                .unwrap_or(false)
+        })
+    };
+    let recordings =
+        crate::recordings::open_started(&cfg.recordings, &cfg.data_dir, completer_lease)?;
     control.set_recordings(recordings);
     let admin_password = if cfg.dev {
         Some(ensure_dev_admin(&control, &cfg)?)
@@ -219,8 +231,6 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     };
     // Retention: old audit events leave the store in bounded batches, beside the writers.
     let (pruner_stop, pruner_stopped) = crossbeam_channel::bounded::<()>(0);
-    // This process in the cluster's member list (and as a lease holder): random per start.
-    let member_id = crate::audit::uid()[..16].to_string();
     let pruner = {
         let store = store.clone();
         let retention = cfg.audit_retention;

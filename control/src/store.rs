@@ -170,9 +170,9 @@ pub trait Backend: Send + Sync {
     }
 
     /// Takes or renews the lease `name` for `holder` until `now + ttl_secs`; true when
-    /// `holder` holds it afterwards. Single-writer jobs (audit retention, token expiry) run only
-    /// while they hold theirs, so of several controls one does the work. A store only one
-    /// process writes grants every lease.
+    /// `holder` holds it afterwards. Single-writer jobs (audit retention, the recordings
+    /// completer's aborts) run only while they hold theirs, so of several controls one does
+    /// the work. A store only one process writes grants every lease.
     fn try_lease(&self, _name: &str, _holder: &str, _now: u64, _ttl_secs: u64) -> Result<bool> {
         Ok(true)
     }

@@ -448,7 +448,11 @@ fn the_upload_completer_finishes_what_a_crash_left_and_aborts_orphans() {
 
     // Control restarts: the completer runs.
     let recordings = Recordings::new(s3.clone(), &data).unwrap();
-    assert_eq!(recordings.complete_leftovers(), (1, 1));
+    // A control without the completer lease finishes what it has staged and aborts nothing;
+    // the lease holder aborts the orphan.
+    assert_eq!(recordings.complete_leftovers(false), (1, 0));
+    assert_eq!(s3.unfinished_uploads().unwrap().len(), 1);
+    assert_eq!(recordings.complete_leftovers(true), (0, 1));
     let info = s3
         .info(&id)
         .unwrap()

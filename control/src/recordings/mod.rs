@@ -135,10 +135,15 @@ pub trait Backend: Send + Sync {
     fn info(&self, id: &str) -> Result<Option<RecordingInfo>, StorageError>;
     /// `len` bytes of a recording's `.cast` from `offset` (fewer at its end).
     fn read(&self, id: &str, offset: u64, len: u64) -> Result<Vec<u8>, StorageError>;
-    /// Finishes or aborts uploads a crash left half-done (`staged`: the local copies still
-    /// waiting, by id). Returns how many were finished and aborted.
-    fn complete_uploads(&self, staged: &Staging) -> Result<(usize, usize), StorageError> {
-        let _ = staged;
+    /// Finishes uploads a crash left half-done whose local copy is still `staged` here, and,
+    /// when `abort_abandoned` (this control holds [`COMPLETER_LEASE`]), aborts the abandoned
+    /// ones nobody can finish. Returns how many were finished and aborted.
+    fn complete_uploads(
+        &self,
+        staged: &Staging,
+        abort_abandoned: bool,
+    ) -> Result<(usize, usize), StorageError> {
+        let _ = (staged, abort_abandoned);
         Ok((0, 0))
     }
 }
@@ -163,11 +168,18 @@ pub fn open_backend(
 /// How often the upload completer looks for half-done uploads after the first pass at start.
 pub const COMPLETER_PERIOD: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// The store lease under which one control of several aborts abandoned uploads. Finishing an
+/// upload needs the staged copy, which only the control that received it has, so every control
+/// finishes its own; aborting touches everyone's, so one does it.
+pub const COMPLETER_LEASE: &str = "recordings-completer";
+
 /// Opens the configured storage (checking an S3 bucket answers), and starts the upload
-/// completer thread (a pass at once, then every [`COMPLETER_PERIOD`]).
+/// completer thread (a pass at once, then every [`COMPLETER_PERIOD`]). `lease` is asked before
+/// each pass whether this control holds [`COMPLETER_LEASE`].
 pub fn open_started(
     config: &jaunt_config::file::RecordingsConfig,
     data_dir: &Path,
+    lease: Box<dyn Fn() -> bool + Send>,
 ) -> anyhow::Result<Arc<Recordings>> {
     let backend = open_backend(config, data_dir)?;
     let recordings = Arc::new(
@@ -181,7 +193,7 @@ pub fn open_started(
             let Some(recordings) = weak.upgrade() else {
                 return;
             };
-            let (finished, aborted) = recordings.complete_leftovers();
+            let (finished, aborted) = recordings.complete_leftovers(lease());
             if finished + aborted > 0 {
                 tracing::info!(finished, aborted, "recordings: upload completer");
             }
@@ -384,12 +396,16 @@ impl Recordings {
         Ok(info)
     }
 
-    /// Stores what a crash left ready, and lets the backend finish or abort its half-done
-    /// uploads. Runs at start and then now and then.
-    pub fn complete_leftovers(&self) -> (usize, usize) {
+    /// Stores what a crash left ready, and lets the backend finish its half-done uploads, and
+    /// abort the abandoned ones when `abort_abandoned` (see [`COMPLETER_LEASE`]). Runs at start
+    /// and then now and then.
+    pub fn complete_leftovers(&self, abort_abandoned: bool) -> (usize, usize) {
         // First the backend's half-done uploads (resumed from their parts), then what is staged
         // and was never started there.
-        let (mut finished, aborted) = match self.backend.complete_uploads(&self.staging) {
+        let completed = self
+            .backend
+            .complete_uploads(&self.staging, abort_abandoned);
+        let (mut finished, aborted) = match completed {
             Ok(counts) => counts,
             Err(e) => {
                 tracing::warn!(error = %e, "recordings: the upload completer failed (will retry)");

@@ -488,7 +488,11 @@ impl Backend for S3Backend {
         }
     }
 
-    fn complete_uploads(&self, staged: &Staging) -> Result<(usize, usize), StorageError> {
+    fn complete_uploads(
+        &self,
+        staged: &Staging,
+        abort_abandoned: bool,
+    ) -> Result<(usize, usize), StorageError> {
         let (mut finished, mut aborted) = (0, 0);
         let now = unix_now();
         for (key, upload_id, initiated) in self.unfinished_uploads()? {
@@ -505,7 +509,9 @@ impl Backend for S3Backend {
                     staged.remove(&info.id);
                     finished += 1;
                 }
-                _ if now.saturating_sub(initiated) >= self.abandon_after.as_secs() => {
+                _ if abort_abandoned
+                    && now.saturating_sub(initiated) >= self.abandon_after.as_secs() =>
+                {
                     tracing::info!(key = %key, "recordings: aborting an abandoned upload");
                     self.abort_multipart(&key, &upload_id)?;
                     aborted += 1;
