@@ -41,6 +41,11 @@ pub const WEB_LOGOUT: EventKind = EventKind {
     code: "JA1010I",
     r#type: "user.logout",
 };
+/// A browser's app session made from a web session (`/web/apps/APP/open`).
+pub const WEB_APP_SESSION: EventKind = EventKind {
+    code: "JA1011I",
+    r#type: "app.session.create",
+};
 pub const CERT_ISSUED: EventKind = EventKind {
     code: "JA1001I",
     r#type: "cert.issued",

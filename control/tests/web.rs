@@ -266,8 +266,15 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
     let app = b.wait_for("tr[data-name='grafana'] a.app");
     assert_eq!(b.attribute(&app, "target").as_deref(), Some("_blank"));
     let port = c.public_addr.rsplit_once(':').unwrap().1;
+    assert!(
+        b.attribute(&app, "href")
+            .unwrap()
+            .ends_with("/web/apps/grafana/open"),
+        "{:?}",
+        b.attribute(&app, "href")
+    );
     assert_eq!(
-        b.attribute(&app, "href").unwrap(),
+        b.attribute(&app, "title").unwrap(),
         format!("https://grafana.localhost:{port}/")
     );
     let labels = b.text(&b.wait_for("tr[data-name='prod1'] td.labels"));
@@ -398,4 +405,373 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
         "{}",
         b.text(&refusal)
     );
+}
+
+/// Text the player's terminal shows now.
+fn screen_text(b: &Browser) -> String {
+    b.execute(
+        "var r = document.querySelector('#screen .xterm-rows'); return r ? r.textContent : '';",
+    )
+    .as_str()
+    .unwrap_or("")
+    .to_string()
+}
+
+#[test]
+fn recordings_are_listed_and_played_back_in_chromium() {
+    let c = Cluster::dev_at("localhost:0");
+    for (user, roles) in [("alice", "access,editor"), ("bob", "access")] {
+        ok(c.admin(
+            &[
+                "users",
+                "add",
+                user,
+                "--roles",
+                roles,
+                "--logins",
+                "root",
+                "--password-stdin",
+            ],
+            Some(PASSWORD),
+        ));
+    }
+    ok(c.login("alice", PASSWORD, &[]));
+    let sshd = Sshd::start(&c);
+    let _agent = support::sshd::start_agent(&c, "node1", &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+    // A recorded session through the agent's SSH termination and a real sshd.
+    let o = c.run(
+        &[
+            "ssh",
+            "root@node1",
+            "--",
+            "echo first-line; sleep 1; echo played-$((6*7)); exit 3",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let out = ok(c.admin(&["recordings", "ls", "--format", "json"], None));
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        if let Some(r) = listed
+            .iter()
+            .find(|r| r["command"].as_str().is_some_and(|c| c.contains("played-")))
+        {
+            break r["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recording never reached control: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let b = Browser::start();
+    let shots = screenshots();
+    log_in(&b, &c, "alice", PASSWORD);
+    b.wait_for("table#resources");
+    b.goto(&format!("https://{}/web/recordings", c.public_addr));
+    let row = b.wait_for(&format!("tr.recording[data-id='{id}']"));
+    let text = b.text(&row);
+    assert!(
+        text.contains("alice") && text.contains("node1") && text.contains("played-"),
+        "{text}"
+    );
+    assert!(text.contains("exit 3"), "{text}");
+    // The filters are `jaunt recordings ls`'s: user, node, since.
+    let node = b.wait_for("#recording-filter input[name='node']");
+    b.type_into(&node, "elsewhere\u{E007}");
+    b.wait_until("the node filter applied", |b| {
+        b.url().contains("node=elsewhere")
+    });
+    b.wait_for("main p.empty");
+    assert!(b.find("tr.recording").is_none());
+    b.goto(&format!(
+        "https://{}/web/recordings?user=alice&node=node1&since=1h",
+        c.public_addr
+    ));
+    b.wait_for(&format!("tr.recording[data-id='{id}']"));
+    b.screenshot(&shots.join("recordings.png"));
+
+    // Playback: the recorded output appears in the terminal as it plays.
+    let play_link = b.wait_for(&format!("tr.recording[data-id='{id}'] a.play"));
+    b.click(&play_link);
+    b.wait_until("the player loaded the recording", |b| {
+        b.find("#player[data-state='ready']").is_some()
+    });
+    assert!(!screen_text(&b).contains("played-42"));
+    b.click(&b.wait_for("#play"));
+    b.wait_until("the first line played", |b| {
+        screen_text(b).contains("first-line")
+    });
+    b.wait_until("the recording played to its end", |b| {
+        b.find("#player[data-state='ended']").is_some()
+    });
+    let shown = screen_text(&b);
+    assert!(shown.contains("played-42"), "{shown}");
+    // xterm.js's <style> elements were admitted by the page's nonce (a refused one has no sheet).
+    let styles = b.execute(
+        "return Array.from(document.querySelectorAll('style')).map(s => s.sheet !== null);",
+    );
+    let styles = styles.as_array().unwrap();
+    assert!(
+        !styles.is_empty() && styles.iter().all(|s| s == true),
+        "{styles:?}"
+    );
+    b.execute("window.scrollTo(0, 0); return null;");
+    b.screenshot(&shots.join("playback.png"));
+    // Seek back to the start (the screen is reset), then to the end.
+    let seek = |b: &Browser, to: &str| {
+        b.execute(&format!(
+            "var s = document.getElementById('seek'); s.value = {to}; \
+             s.dispatchEvent(new Event('input')); return s.value;"
+        ));
+    };
+    seek(&b, "0");
+    b.wait_until("seeking to 0 resets the screen", |b| {
+        !screen_text(b).contains("first-line")
+    });
+    seek(&b, "s.max");
+    b.wait_until("seeking to the end shows all output", |b| {
+        let t = screen_text(b);
+        t.contains("first-line") && t.contains("played-42")
+    });
+    // Speed: at 16x the whole recording plays again in well under its length.
+    b.execute(
+        "var s = document.getElementById('speed'); s.value = '16'; \
+         s.dispatchEvent(new Event('change')); return s.value;",
+    );
+    seek(&b, "0");
+    b.click(&b.wait_for("#play"));
+    b.wait_until("replayed at 16x", |b| {
+        b.find("#player[data-state='ended']").is_some() && screen_text(b).contains("played-42")
+    });
+
+    // The page's policy: no inline script, no framing.
+    let token = b
+        .cookies()
+        .iter()
+        .find(|c| c["name"] == "__Host-jaunt_session")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cookie = format!("__Host-jaunt_session={token}");
+    let (head, _) = curl(&c, &["-b", &cookie], &format!("/web/recordings/{id}"));
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let csp = head
+        .lines()
+        .find(|l| l.starts_with("content-security-policy"))
+        .unwrap();
+    let script_src = csp
+        .split(';')
+        .find(|d| d.trim().starts_with("script-src"))
+        .unwrap();
+    assert_eq!(script_src.trim(), "script-src 'self'", "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(head.matches("content-security-policy").count(), 1, "{head}");
+    let (head, body) = curl(
+        &c,
+        &["-b", &cookie],
+        &format!("/webapi/recordings/{id}/cast"),
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(body.contains("played-"), "{body}");
+    let (head, _) = curl(&c, &[], &format!("/webapi/recordings/{id}/cast"));
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+
+    // bob's role has no `recording` rule: a clear refusal, in the page and the API.
+    b.click(&b.wait_for("#logout"));
+    b.wait_until("logged out", |b| b.url().contains("/web/login"));
+    log_in(&b, &c, "bob", PASSWORD);
+    b.wait_for("table#resources");
+    for page in [
+        "/web/recordings".to_string(),
+        format!("/web/recordings/{id}"),
+    ] {
+        b.goto(&format!("https://{}{page}", c.public_addr));
+        let refusal = b.wait_for("main p.error");
+        let text = b.text(&refusal);
+        assert!(
+            text.contains("access denied") && text.contains("recording"),
+            "{page}: {text}"
+        );
+    }
+    let bob = b
+        .cookies()
+        .iter()
+        .find(|c| c["name"] == "__Host-jaunt_session")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (head, body) = curl(
+        &c,
+        &["-b", &format!("__Host-jaunt_session={bob}")],
+        &format!("/webapi/recordings/{id}/cast"),
+    );
+    assert!(head.starts_with("http/1.1 403"), "{head}{body}");
+}
+
+/// A small HTTP app: answers every request with a page naming its path, and keeps each
+/// request's head for the test.
+fn http_app() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&heads);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let seen = std::sync::Arc::clone(&seen);
+            std::thread::spawn(move || loop {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                seen.lock().unwrap().push(head);
+                let body = format!(
+                    "<!doctype html><html><head><title>hello app</title></head><body>\
+                     <h1 id=\"app\">hello from the app</h1><p id=\"path\">{path}</p></body></html>"
+                );
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if conn.write_all(response.as_bytes()).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[test]
+fn an_app_opened_from_the_web_ui_works_without_a_client_certificate() {
+    let c = Cluster::dev_at("localhost:0");
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            "alice",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let (app_addr, heads) = http_app();
+    let _agent = start_agent(
+        &c,
+        "apps1",
+        "env=dev",
+        &[&format!("hello=http://{app_addr}")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok(c.admin(&["get", "apps"], None)).contains("hello") {
+        assert!(Instant::now() < deadline, "the app was never announced");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let port = c.public_addr.rsplit_once(':').unwrap().1.to_string();
+    let app_url = format!("https://hello.localhost:{port}");
+
+    // Without a certificate or a session: the hint for programs, a way in for browsers.
+    let (head, body) = curl(&c, &[], "/");
+    assert!(head.starts_with("http/1.1 303"), "{head}{body}");
+    let o = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "20", "-D", "-", "--resolve"])
+        .arg(format!("hello.localhost:{port}:127.0.0.1"))
+        .arg(format!("{app_url}/api"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.contains("jaunt proxy app hello"), "{text}");
+
+    let b = Browser::start();
+    log_in(&b, &c, "alice", PASSWORD);
+    let open = b.wait_for("tr[data-name='hello'] a.app");
+    assert_eq!(b.attribute(&open, "target").as_deref(), Some("_blank"));
+    let href = b.attribute(&open, "href").unwrap();
+    assert!(href.ends_with("/web/apps/hello/open"), "{href}");
+    // Opened from /web/ (in this tab: the link's new tab is the same navigation).
+    b.goto(&format!("https://{}{href}", c.public_addr));
+    let h1 = b.wait_for("h1#app");
+    assert_eq!(b.text(&h1), "hello from the app");
+    assert_eq!(b.url(), format!("{app_url}/"));
+    let cookies = b.cookies();
+    let app_cookie = cookies
+        .iter()
+        .find(|c| c["name"] == "__Host-jaunt_app")
+        .unwrap_or_else(|| panic!("no app session cookie on the app host: {cookies:?}"));
+    assert_eq!(app_cookie["httpOnly"], true, "{app_cookie}");
+    assert_eq!(app_cookie["secure"], true, "{app_cookie}");
+    assert!(
+        cookies.iter().all(|c| c["name"] != "__Host-jaunt_session"),
+        "the web session cookie stays on the public host: {cookies:?}"
+    );
+    // Another page of the app, in the same app session.
+    b.goto(&format!("{app_url}/reports?q=1"));
+    b.wait_until("the app's second page", |b| {
+        b.find("p#path")
+            .is_some_and(|p| b.text(&p) == "/reports?q=1")
+    });
+    {
+        let heads = heads.lock().unwrap();
+        let last = heads.last().unwrap().clone();
+        let lower = last.to_ascii_lowercase();
+        assert!(lower.contains("jaunt-jwt-assertion: "), "{last}");
+        assert!(
+            !lower.contains("__host-jaunt_app"),
+            "the app saw the session cookie: {last}"
+        );
+        assert!(!lower.contains("__host-jaunt_session"), "{last}");
+        // The agent's JWT names the web session's user.
+        let jwt = last
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("jaunt-jwt-assertion:"))
+            .unwrap()
+            .split_once(':')
+            .unwrap()
+            .1
+            .trim()
+            .to_string();
+        use base64::Engine as _;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(jwt.split('.').nth(1).unwrap())
+            .unwrap();
+        let claims = String::from_utf8_lossy(&claims);
+        assert!(claims.contains("\"alice\""), "{claims}");
+    }
+    let starts = c.audit_events(Some("session.start"));
+    assert!(
+        starts
+            .iter()
+            .any(|e| e["user"] == "alice" && e["target"] == "hello"),
+        "{starts:?}"
+    );
+
+    // Logout on the public host ends the app session.
+    b.goto(&format!("https://{}/web/", c.public_addr));
+    b.click(&b.wait_for("#logout"));
+    b.wait_until("logged out", |b| b.url().contains("/web/login"));
+    b.goto(&format!("{app_url}/after-logout"));
+    b.wait_until("the app sends a logged-out browser to log in", |b| {
+        b.url().contains("/web/login")
+    });
+    assert!(heads
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|h| !h.contains("/after-logout")));
 }

@@ -101,8 +101,23 @@ pub fn list(control: &Control, req: &Request, caller: &Identity) -> Reply {
         ),
         None => None,
     };
-    let user = req.query_param("user");
-    let node = req.query_param("node");
+    let all = filtered(
+        control,
+        req.query_param("user"),
+        req.query_param("node"),
+        since,
+    )?;
+    Ok(Response::json(200, &all))
+}
+
+/// The stored recordings matching the filters of `GET /v1/recordings` (and of the web UI's
+/// `/web/recordings`), oldest first. The caller checks the `recording`/`list` rule.
+pub fn filtered(
+    control: &Control,
+    user: Option<&str>,
+    node: Option<&str>,
+    since: Option<u64>,
+) -> Result<Vec<RecordingInfo>, Response> {
     let mut all: Vec<RecordingInfo> = recordings(control)?
         .backend
         .list()
@@ -113,7 +128,7 @@ pub fn list(control: &Control, req: &Request, caller: &Identity) -> Reply {
         .filter(|r| since.is_none_or(|s| r.started >= s))
         .collect();
     all.sort_by(|a, b| (a.started, &a.id).cmp(&(b.started, &b.id)));
-    Ok(Response::json(200, &all))
+    Ok(all)
 }
 
 /// `GET /v1/recordings/ID`.

@@ -4,8 +4,9 @@
 //!
 //! Contract URLs (bookmarks and tests depend on them): `/web/login`, `/web/` (the resources the
 //! user's roles allow), `/web/audit`, `/web/sessions` (live sessions; ending one needs the role
-//! rule `session`/`delete`, as `jaunt sessions kill` does), and the JSON calls under `/webapi/`
-//! (`login`, `logout`, `sessions/ID/end`).
+//! rule `session`/`delete`, as `jaunt sessions kill` does), `/web/recordings` and
+//! `/web/recordings/ID` (rule `recording` `list`/`read`), `/web/apps/APP/open` (`apps.rs`), and
+//! the calls under `/webapi/` (`login`, `logout`, `sessions/ID/end`, `GET recordings/ID/cast`).
 //! `GET /` redirects to `/web/`.
 //!
 //! Web security:
@@ -19,15 +20,17 @@
 //!   A cross-site page can neither read the token nor send the header without a CORS preflight,
 //!   which is never granted.
 //! - Every response sends a Content-Security-Policy without `unsafe-inline` (scripts and styles
-//!   come from `/web/assets/` only) and `frame-ancestors 'none'`.
+//!   come from `/web/assets/` only) and `frame-ancestors 'none'`; the playback page's admits
+//!   xterm.js's `<style>` elements by a nonce and allows style attributes ([`player_csp`]).
 //! - The control API does not accept the cookie: it authenticates client certificates only
 //!   (`service.rs`), and this module never forwards to it.
 //! - Which resources a user sees is decided by [`jaunt_config::rbac::authorize`], the function
 //!   the engine calls on every dial, over the roles and locks in the store now.
 //!
-//! Not here: HTML (`pages.rs`), the session table (`session.rs`), the vendored assets
+//! Not here: HTML (`pages.rs`), the session table (`session.rs`), app sessions (`apps.rs`), the vendored assets
 //! (`assets/`, listed in `assets/MANIFEST.md`).
 
+mod apps;
 mod pages;
 pub mod session;
 
@@ -38,7 +41,7 @@ use jaunt_config::api::ResourceInfo;
 use jaunt_config::identity::{unix_now, Identity};
 use jaunt_config::rbac::{self, ActiveLock, Policy, ResourceKind};
 use jaunt_config::resource::{Lock, Role};
-use jaunt_engine::server::{WebBackend, WebRequest, WebResponse};
+use jaunt_engine::server::{AppAccess, WebBackend, WebRequest, WebResponse};
 
 use crate::http::{parse_query, percent_decode, Response};
 use crate::service::{Control, LoginVia, PasswordLogin};
@@ -64,6 +67,17 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
     img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; \
     form-action 'self'; frame-ancestors 'none'";
 
+/// The playback page's policy: as [`CSP`], but xterm.js's `<style>` elements are admitted by
+/// the response's `nonce` and its cells' `style` attributes are allowed (24-bit colours).
+/// Scripts are still `'self'` only.
+fn player_csp(nonce: &str) -> String {
+    format!(
+        "default-src 'self'; script-src 'self'; style-src 'self' 'nonce-{nonce}'; \
+         style-src-attr 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; \
+         object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+}
+
 /// The web UI backend.
 pub struct WebUi {
     control: Arc<Control>,
@@ -72,23 +86,34 @@ pub struct WebUi {
 
 impl WebBackend for WebUi {
     fn handle(&self, request: &WebRequest) -> WebResponse {
-        let response = self.route(request).unwrap_or_else(|r| r);
-        let mut headers = response.headers;
-        headers.extend(
-            [
-                ("content-security-policy", CSP),
-                ("x-content-type-options", "nosniff"),
-                ("x-frame-options", "DENY"),
-                ("referrer-policy", "same-origin"),
-            ]
-            .map(|(n, v)| (n.to_owned(), v.to_owned())),
-        );
-        WebResponse {
-            status: response.status,
-            content_type: response.content_type,
-            headers,
-            body: response.body,
-        }
+        finish(self.route(request).unwrap_or_else(|r| r))
+    }
+
+    fn app_access(&self, app: &str, request: &WebRequest) -> Option<AppAccess> {
+        self.app_request(app, request)
+    }
+}
+
+/// A response with the headers every web UI response carries.
+fn finish(response: Response) -> WebResponse {
+    let mut headers = response.headers;
+    // A page may send its own policy (the playback page's adds a style nonce).
+    if !headers.iter().any(|(n, _)| n == "content-security-policy") {
+        headers.push(("content-security-policy".to_owned(), CSP.to_owned()));
+    }
+    headers.extend(
+        [
+            ("x-content-type-options", "nosniff"),
+            ("x-frame-options", "DENY"),
+            ("referrer-policy", "same-origin"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned())),
+    );
+    WebResponse {
+        status: response.status,
+        content_type: response.content_type,
+        headers,
+        body: response.body,
     }
 }
 
@@ -154,16 +179,20 @@ impl WebUi {
             ("POST", ["webapi", "login"]) => self.login(&ctx),
             ("POST", ["webapi", "logout"]) => self.logout(&ctx),
             ("POST", ["webapi", "sessions", id, "end"]) => self.end_session(&ctx, id),
+            ("GET", ["webapi", "recordings", id, "cast"]) => self.recording_cast(&ctx, id),
             (_, ["webapi", ..]) => Err(Response::error(404, "no such endpoint")),
             ("GET" | "HEAD", ["web", rest @ ..]) => {
-                let Some((_, session)) = &ctx.session else {
+                let Some((token, session)) = &ctx.session else {
                     let next = pages::query_escape(&request.path);
                     return Ok(redirect(&format!("/web/login?next={next}")));
                 };
                 match rest {
+                    ["apps", app, "open"] => self.open_app(&ctx, token, session, app),
                     [""] => self.resources_page(&ctx, session),
                     ["audit"] => self.audit_page(&ctx, session),
                     ["sessions"] => self.sessions_page(session),
+                    ["recordings"] => self.recordings_page(&ctx, session),
+                    ["recordings", id] => self.playback_page(session, id),
                     _ => Err(page_error(&ctx, 404, "There is no such page.")),
                 }
             }
@@ -285,6 +314,118 @@ impl WebUi {
         };
         check_csrf(ctx, session)?;
         self.control.kill_session(&session.identity, id)
+    }
+
+    /// `/web/recordings`: the recordings (role rule `recording`/`list`), filtered as
+    /// `jaunt recordings ls` filters them.
+    fn recordings_page(&self, ctx: &Ctx<'_>, session: &WebSession) -> Reply {
+        let frame = self.frame(session, "Recordings");
+        if let Err(refused) = self.control.require(&session.identity, "recording", "list") {
+            return Ok(html_response(
+                403,
+                pages::error(&frame, &error_text(&refused)),
+            ));
+        }
+        let filter = pages::RecordingFilter {
+            user: ctx.query("user").unwrap_or("").to_owned(),
+            node: ctx.query("node").unwrap_or("").to_owned(),
+            since: ctx.query("since").unwrap_or("").to_owned(),
+        };
+        let since = match ctx.query("since") {
+            None => None,
+            Some(v) => match v.parse::<jaunt_config::duration::Duration>() {
+                Ok(d) => Some(ctx.now.saturating_sub(d.as_secs())),
+                Err(e) => {
+                    return Ok(html_response(
+                        400,
+                        pages::error(
+                            &frame,
+                            &format!("since: {v:?} is not a duration ({e}); try 24h or 30m"),
+                        ),
+                    ))
+                }
+            },
+        };
+        match crate::recordings::api::filtered(
+            &self.control,
+            ctx.query("user"),
+            ctx.query("node"),
+            since,
+        ) {
+            Ok(list) => Ok(html_response(
+                200,
+                pages::recordings(&frame, &filter, &list),
+            )),
+            Err(refused) => Ok(html_response(
+                refused.status,
+                pages::error(&frame, &error_text(&refused)),
+            )),
+        }
+    }
+
+    /// `/web/recordings/ID`: playback (role rule `recording`/`read`).
+    fn playback_page(&self, session: &WebSession, id: &str) -> Reply {
+        let frame = self.frame(session, "Recording");
+        let info = match self.recording_info(&session.identity, id) {
+            Ok(info) => info,
+            Err(refused) => {
+                return Ok(html_response(
+                    refused.status,
+                    pages::error(&frame, &error_text(&refused)),
+                ))
+            }
+        };
+        let nonce = session::random_hex().map_err(|e| Response::error(500, e.to_string()))?;
+        let html = pages::playback(&frame, &info, &nonce);
+        Ok(html_response(200, html).with_header("content-security-policy", &player_csp(&nonce)))
+    }
+
+    /// `GET /webapi/recordings/ID/cast?offset=N`: up to [`MAX_READ_BYTES`] of the `.cast`
+    /// from `offset`, for the player (role rule `recording`/`read`).
+    ///
+    /// [`MAX_READ_BYTES`]: crate::recordings::MAX_READ_BYTES
+    fn recording_cast(&self, ctx: &Ctx<'_>, id: &str) -> Reply {
+        let Some((_, session)) = &ctx.session else {
+            return Err(Response::error(401, "not logged in"));
+        };
+        let offset = match ctx.query("offset") {
+            None => 0,
+            Some(v) => v
+                .parse::<u64>()
+                .map_err(|_| Response::error(400, "offset must be a number of bytes"))?,
+        };
+        self.recording_info(&session.identity, id)?;
+        let recordings = self
+            .control
+            .recordings()
+            .ok_or_else(|| Response::error(503, "recordings storage is not running"))?;
+        let bytes = recordings
+            .backend
+            .read(id, offset, crate::recordings::MAX_READ_BYTES)
+            .map_err(|e| Response::error(503, e.to_string()))?;
+        Ok(Response {
+            status: 200,
+            content_type: "application/octet-stream",
+            body: bytes,
+            headers: Vec::new(),
+        })
+    }
+
+    /// A recording's info, if `identity` may read recordings and it exists.
+    fn recording_info(
+        &self,
+        identity: &Identity,
+        id: &str,
+    ) -> Result<crate::recordings::RecordingInfo, Response> {
+        self.control.require(identity, "recording", "read")?;
+        let recordings = self
+            .control
+            .recordings()
+            .ok_or_else(|| Response::error(503, "recordings storage is not running"))?;
+        recordings
+            .info(id)
+            .map_err(|e| Response::error(503, e.to_string()))?
+            .ok_or_else(|| Response::error(404, format!("there is no recording {id:?}")))
     }
 
     fn resources_page(&self, ctx: &Ctx<'_>, session: &WebSession) -> Reply {
@@ -528,6 +669,16 @@ fn html_response(status: u16, html: String) -> Response {
         content_type: "text/html; charset=utf-8",
         body: html.into_bytes(),
         headers: Vec::new(),
+    }
+}
+
+/// The frame of a page shown without a session.
+fn bare_frame(title: &str) -> pages::Frame {
+    pages::Frame {
+        title: title.to_owned(),
+        cluster: String::new(),
+        user: String::new(),
+        csrf: String::new(),
     }
 }
 

@@ -10,6 +10,7 @@
 use std::fmt::Write;
 
 use crate::http::Response;
+use crate::recordings::RecordingInfo;
 use crate::store::StoredEvent;
 
 use super::Visible;
@@ -44,7 +45,30 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         "text/javascript; charset=utf-8",
         include_bytes!("assets/jaunt.js"),
     ),
+    (
+        "jaunt-player.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("assets/jaunt-player.js"),
+    ),
+    (
+        "xterm.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("assets/xterm.js"),
+    ),
+    (
+        "xterm.css",
+        "text/css; charset=utf-8",
+        include_bytes!("assets/xterm.css"),
+    ),
+    (
+        "xterm-LICENSE.txt",
+        "text/plain; charset=utf-8",
+        include_bytes!("assets/xterm-LICENSE.txt"),
+    ),
 ];
+
+/// Most recordings `/web/recordings` lists (the newest; the filters narrow the rest).
+pub const MAX_LISTED_RECORDINGS: usize = 500;
 
 /// `GET /web/assets/NAME`.
 pub fn asset(name: &str) -> Result<Response, Response> {
@@ -88,28 +112,35 @@ pub fn query_escape(text: &str) -> String {
     out
 }
 
-fn head(title: &str, csrf: &str, body_class: &str) -> String {
+fn head(title: &str, csrf: &str, body_class: &str, extra: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <meta name=\"csrf-token\" content=\"{}\">\
          <title>{} · Jaunt</title>\
          <link rel=\"stylesheet\" href=\"/web/assets/jaunt.css\">\
-         <script src=\"/web/assets/jaunt.js\" defer></script></head>\
+         <script src=\"/web/assets/jaunt.js\" defer></script>{}</head>\
          <body class=\"{}\">",
         esc(csrf),
         esc(title),
+        extra,
         esc(body_class)
     )
 }
 
 fn page(frame: &Frame, body_class: &str, content: &str) -> String {
-    let mut html = head(&frame.title, &frame.csrf, body_class);
+    page_with(frame, body_class, content, "")
+}
+
+/// A page whose `<head>` also holds `extra` (trusted markup: asset links only).
+fn page_with(frame: &Frame, body_class: &str, content: &str, extra: &str) -> String {
+    let mut html = head(&frame.title, &frame.csrf, body_class, extra);
     html.push_str("<header class=\"top\"><a class=\"brand\" href=\"/web/\">Jaunt</a>");
     if !frame.user.is_empty() {
         html.push_str(
             "<nav aria-label=\"Main\"><a href=\"/web/\">Resources</a>\
-             <a href=\"/web/sessions\">Sessions</a><a href=\"/web/audit\">Audit</a></nav>",
+             <a href=\"/web/sessions\">Sessions</a><a href=\"/web/recordings\">Recordings</a>\
+             <a href=\"/web/audit\">Audit</a></nav>",
         );
         let _ = write!(
             html,
@@ -131,7 +162,7 @@ fn page(frame: &Frame, body_class: &str, content: &str) -> String {
 /// `/web/login`: user, password and (when the cluster asks for one) a one-time code. `token`
 /// is the double-submit CSRF token also set as a cookie; `next` where to go afterwards.
 pub fn login(cluster: &str, token: &str, second_factor: bool, next: &str) -> String {
-    let mut html = head("Log in", token, "login");
+    let mut html = head("Log in", token, "login", "");
     let _ = write!(
         html,
         "<main id=\"main\" class=\"login-box\"><h1>Log in to {}</h1>\
@@ -222,12 +253,13 @@ pub fn resources(frame: &Frame, resources: &[Visible], public_addr: &str) -> Str
                 );
             }
             "app" => {
-                let url = app_url(&info.name, public_addr);
+                // Through the app session exchange (`apps.rs`): no client certificate needed.
                 let _ = write!(
                     content,
-                    "<a class=\"button app\" href=\"{}\" target=\"_blank\" \
-                     rel=\"noopener noreferrer\">Open</a>",
-                    esc(&url)
+                    "<a class=\"button app\" href=\"/web/apps/{}/open\" target=\"_blank\" \
+                     rel=\"noopener noreferrer\" title=\"{}\">Open</a>",
+                    esc(&query_escape(&info.name)),
+                    esc(&app_url(&info.name, public_addr)),
                 );
             }
             "db" => {
@@ -383,6 +415,159 @@ pub fn sessions(frame: &Frame, sessions: &[serde_json::Value]) -> String {
     page(frame, "sessions", &content)
 }
 
+/// The recordings page's filters, as typed (the same as `jaunt recordings ls`).
+pub struct RecordingFilter {
+    pub user: String,
+    pub node: String,
+    /// A duration (`24h`, `30m`): recordings started since that long ago.
+    pub since: String,
+}
+
+/// `/web/recordings`: a filter form and the recordings, newest first, each linking to its
+/// playback page.
+pub fn recordings(frame: &Frame, filter: &RecordingFilter, list: &[RecordingInfo]) -> String {
+    let mut content = String::new();
+    let _ = write!(
+        content,
+        "<form id=\"recording-filter\" class=\"filters\" method=\"get\" action=\"/web/recordings\">\
+         <label>User <input name=\"user\" value=\"{}\"></label>\
+         <label>Node <input name=\"node\" value=\"{}\"></label>\
+         <label>Since <input name=\"since\" value=\"{}\" placeholder=\"24h\"></label>\
+         <button type=\"submit\">Search</button></form>",
+        esc(&filter.user),
+        esc(&filter.node),
+        esc(&filter.since)
+    );
+    if list.is_empty() {
+        content.push_str("<p class=\"empty\">No recordings match.</p>");
+        return page(frame, "recordings", &content);
+    }
+    content.push_str(
+        "<table id=\"recordings\"><thead><tr><th scope=\"col\">Started (UTC)</th>\
+         <th scope=\"col\">User</th><th scope=\"col\">Login</th><th scope=\"col\">Node</th>\
+         <th scope=\"col\">What</th><th scope=\"col\">Length</th><th scope=\"col\">Size</th>\
+         <th scope=\"col\">Notes</th><th scope=\"col\"></th></tr></thead><tbody>",
+    );
+    for r in list.iter().rev().take(MAX_LISTED_RECORDINGS) {
+        let _ = write!(
+            content,
+            "<tr class=\"recording\" data-id=\"{id}\"><td>{}</td><td class=\"user\">{}</td>\
+             <td>{}</td><td class=\"node\">{}</td><td class=\"what\">{}</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td><a class=\"button play\" href=\"/web/recordings/{href}\">Play</a></td></tr>",
+            esc(&crate::audit::rfc3339(r.started)),
+            esc(&r.user),
+            esc(&r.login),
+            esc(&r.node),
+            esc(&what(r)),
+            esc(&length(r)),
+            esc(&human_bytes(r.size)),
+            esc(&notes(r)),
+            id = esc(&r.id),
+            href = esc(&query_escape(&r.id)),
+        );
+    }
+    content.push_str("</tbody></table>");
+    if list.len() > MAX_LISTED_RECORDINGS {
+        let _ = write!(
+            content,
+            "<p class=\"empty\">The newest {MAX_LISTED_RECORDINGS} of {} are shown; the filters \
+             narrow the list.</p>",
+            list.len()
+        );
+    }
+    page(frame, "recordings", &content)
+}
+
+/// `/web/recordings/ID`: what the recording is, and the player (`assets/jaunt-player.js`,
+/// which fetches the `.cast` from `/webapi/recordings/ID/cast`). `style_nonce` is the nonce
+/// the response's CSP admits xterm.js's `<style>` elements by.
+pub fn playback(frame: &Frame, r: &RecordingInfo, style_nonce: &str) -> String {
+    let extra = format!(
+        "<meta name=\"style-nonce\" content=\"{}\">\
+         <link rel=\"stylesheet\" href=\"/web/assets/xterm.css\">\
+         <script src=\"/web/assets/xterm.js\" defer></script>\
+         <script src=\"/web/assets/jaunt-player.js\" defer></script>",
+        esc(style_nonce)
+    );
+    let mut content = String::new();
+    let _ = write!(
+        content,
+        "<dl class=\"recording-info\"><dt>User</dt><dd>{}</dd><dt>Login</dt><dd>{}</dd>\
+         <dt>Node</dt><dd>{}</dd><dt>What</dt><dd>{}</dd><dt>Started (UTC)</dt><dd>{}</dd>\
+         <dt>Length</dt><dd>{}</dd><dt>Notes</dt><dd>{}</dd><dt>Session</dt><dd><code>{}</code></dd></dl>",
+        esc(&r.user),
+        esc(&r.login),
+        esc(&r.node),
+        esc(&what(r)),
+        esc(&crate::audit::rfc3339(r.started)),
+        esc(&length(r)),
+        esc(&notes(r)),
+        esc(&r.session_id),
+    );
+    let _ = write!(
+        content,
+        "<section id=\"player\" aria-label=\"Playback\" data-state=\"loading\" \
+         data-cast=\"/webapi/recordings/{}/cast\" data-size=\"{}\" data-cols=\"{}\" data-rows=\"{}\" \
+         data-convert-eol=\"{}\">\
+         <div class=\"controls\">\
+         <button type=\"button\" id=\"play\" disabled>Play</button>\
+         <label class=\"sr-only\" for=\"seek\">Position</label>\
+         <input id=\"seek\" type=\"range\" min=\"0\" max=\"0\" step=\"0.01\" value=\"0\" disabled>\
+         <span id=\"clock\">0:00 / 0:00</span>\
+         <label for=\"speed\">Speed</label><select id=\"speed\" disabled>\
+         <option value=\"0.5\">0.5×</option><option value=\"1\" selected>1×</option>\
+         <option value=\"2\">2×</option><option value=\"4\">4×</option>\
+         <option value=\"8\">8×</option><option value=\"16\">16×</option></select></div>\
+         <p id=\"player-status\" role=\"status\">Loading…</p>\
+         <div id=\"screen\" class=\"screen\" tabindex=\"0\" aria-label=\"Recorded terminal\"></div>\
+         </section>\
+         <p><a href=\"/web/recordings\">All recordings</a></p>",
+        esc(&query_escape(&r.id)),
+        r.size,
+        r.width.max(2),
+        r.height.max(1),
+        // Without a PTY (exec, sftp) output lines end in a bare LF.
+        r.kind != "shell",
+    );
+    page_with(frame, "playback", &content, &extra)
+}
+
+fn what(r: &RecordingInfo) -> String {
+    match &r.command {
+        Some(c) => format!("{}: {c}", r.kind),
+        None => r.kind.clone(),
+    }
+}
+
+fn length(r: &RecordingInfo) -> String {
+    r.ended.map_or_else(
+        || "?".to_owned(),
+        |e| crate::cli::human_duration(e.saturating_sub(r.started)),
+    )
+}
+
+fn notes(r: &RecordingInfo) -> String {
+    let mut notes = Vec::new();
+    if let Some(status) = r.exit_status {
+        notes.push(format!("exit {status}"));
+    }
+    if r.interrupted {
+        notes.push("interrupted".to_owned());
+    }
+    if r.truncated {
+        notes.push("truncated".to_owned());
+    }
+    notes.join(", ")
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..=9_999 => format!("{n} B"),
+        10_000..=9_999_999 => format!("{} KiB", n / 1024),
+        _ => format!("{} MiB", n / (1024 * 1024)),
+    }
+}
+
 /// An event's JSON without the fields the table already shows.
 fn details(event: &str) -> String {
     match serde_json::from_str::<serde_json::Value>(event) {
@@ -411,6 +596,26 @@ pub fn error(frame: &Frame, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vendored files are the ones `assets/MANIFEST.md` lists.
+    #[test]
+    fn vendored_assets_match_the_manifest() {
+        let manifest = include_str!("assets/MANIFEST.md");
+        for name in ["xterm.js", "xterm.css", "xterm-LICENSE.txt"] {
+            let (_, _, bytes) = ASSETS
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .unwrap_or_else(|| unreachable!("{name} is not served"));
+            let sum = hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes));
+            let row = manifest
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` |")))
+                .unwrap_or_else(|| unreachable!("{name} is not in MANIFEST.md"));
+            assert!(row.contains(&sum), "{name}: {sum} is not in {row}");
+        }
+        assert!(asset("xterm.js").is_ok());
+        assert!(asset("../Cargo.toml").is_err());
+    }
 
     #[test]
     fn escaping() {

@@ -45,10 +45,37 @@ pub enum SessionError {
     Random,
 }
 
+/// How long the one-time link from `/web/apps/APP/open` to the app host stays good.
+pub const APP_EXCHANGE_TTL_SECS: u64 = 60;
+
+/// A one-time exchange made on the public host, redeemed on the app host.
+#[derive(Debug)]
+struct Exchange {
+    app: String,
+    web: [u8; 32],
+    next: String,
+    expires: u64,
+}
+
+/// A browser's session on one app host (`__Host-jaunt_app`): a child of a web session, alive
+/// while its parent is.
+#[derive(Clone, Debug)]
+pub struct AppSession {
+    pub app: String,
+    web: [u8; 32],
+    /// The web session's identity.
+    pub identity: Identity,
+    /// A user certificate for `identity` (control's user CA; its key was thrown away): the
+    /// engine forwards it so that the agent checks the user as for any other session.
+    pub cert_der: Vec<u8>,
+}
+
 /// The live sessions.
 #[derive(Debug, Default)]
 pub struct Sessions {
     map: Mutex<HashMap<[u8; 32], WebSession>>,
+    exchanges: Mutex<HashMap<[u8; 32], Exchange>>,
+    apps: Mutex<HashMap<[u8; 32], AppSession>>,
 }
 
 impl Sessions {
@@ -101,10 +128,119 @@ impl Sessions {
         }
     }
 
-    /// Ends the session of `token`; true if there was one.
+    /// Ends the session of `token` and its app sessions; true if there was one.
     pub fn remove(&self, token: &str) -> bool {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&key(token)).is_some()
+        let k = key(token);
+        let removed = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.remove(&k).is_some()
+        };
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        apps.retain(|_, a| a.web != k);
+        let mut exchanges = self.exchanges.lock().unwrap_or_else(|p| p.into_inner());
+        exchanges.retain(|_, e| e.web != k);
+        removed
+    }
+
+    fn live(&self, web: &[u8; 32], now: u64) -> Option<WebSession> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(web).filter(|s| s.identity.expires > now).cloned()
+    }
+
+    /// A one-time token that opens app `app` (then `next`, a path) for the web session of
+    /// `web_token`, good for [`APP_EXCHANGE_TTL_SECS`].
+    pub fn create_exchange(
+        &self,
+        web_token: &str,
+        app: &str,
+        next: &str,
+        now: u64,
+    ) -> Result<String, SessionError> {
+        let token = random_hex()?;
+        let mut exchanges = self.exchanges.lock().unwrap_or_else(|p| p.into_inner());
+        if exchanges.len() >= MAX_SESSIONS {
+            exchanges.retain(|_, e| e.expires > now);
+        }
+        if exchanges.len() >= MAX_SESSIONS {
+            return Err(SessionError::Full);
+        }
+        exchanges.insert(
+            key(&token),
+            Exchange {
+                app: app.to_owned(),
+                web: key(web_token),
+                next: next.to_owned(),
+                expires: now + APP_EXCHANGE_TTL_SECS,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Redeems an exchange token on app `app`'s host (once): its web session, while live, and
+    /// where to go.
+    pub fn redeem_exchange(
+        &self,
+        token: &str,
+        app: &str,
+        now: u64,
+    ) -> Option<([u8; 32], WebSession, String)> {
+        let exchange = {
+            let mut exchanges = self.exchanges.lock().unwrap_or_else(|p| p.into_inner());
+            exchanges.remove(&key(token))?
+        };
+        if exchange.app != app || exchange.expires <= now {
+            return None;
+        }
+        let session = self.live(&exchange.web, now)?;
+        Some((exchange.web, session, exchange.next))
+    }
+
+    /// A new app session for app `app`, a child of web session `web`; returns its cookie token.
+    pub fn create_app_session(
+        &self,
+        web: [u8; 32],
+        app: &str,
+        identity: Identity,
+        cert_der: Vec<u8>,
+        now: u64,
+    ) -> Result<String, SessionError> {
+        let token = random_hex()?;
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        if apps.len() >= MAX_SESSIONS {
+            apps.retain(|_, a| a.identity.expires > now);
+        }
+        if apps.len() >= MAX_SESSIONS {
+            return Err(SessionError::Full);
+        }
+        apps.insert(
+            key(&token),
+            AppSession {
+                app: app.to_owned(),
+                web,
+                identity,
+                cert_der,
+            },
+        );
+        Ok(token)
+    }
+
+    /// The app session of cookie `token` on app `app`'s host, while it and its web session
+    /// live (a dead one is removed).
+    pub fn app_session(&self, token: &str, app: &str, now: u64) -> Option<AppSession> {
+        let k = key(token);
+        let found = {
+            let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+            apps.get(&k).cloned()
+        }?;
+        if found.app == app && found.identity.expires > now && self.live(&found.web, now).is_some()
+        {
+            return Some(found);
+        }
+        if found.app == app {
+            let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+            apps.remove(&k);
+        }
+        None
     }
 
     /// Number of live (not yet purged) sessions.
@@ -174,6 +310,55 @@ mod tests {
         assert!(sessions.remove(&token));
         assert!(sessions.get(&token, 11).is_none());
         assert!(!sessions.remove(&token));
+    }
+
+    #[test]
+    fn app_sessions_are_one_time_exchanges_that_end_with_their_web_session() {
+        let sessions = Sessions::default();
+        let (web, _) = sessions
+            .create(identity("alice", 1000), 10)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let t = sessions
+            .create_exchange(&web, "grafana", "/x", 10)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(
+            sessions.redeem_exchange(&t, "other", 11).is_none(),
+            "bound to its app"
+        );
+        assert!(
+            sessions.redeem_exchange(&t, "grafana", 11).is_none(),
+            "one time only"
+        );
+        let t = sessions
+            .create_exchange(&web, "grafana", "/x", 10)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(sessions
+            .redeem_exchange(&t, "grafana", 10 + APP_EXCHANGE_TTL_SECS)
+            .is_none());
+        let t = sessions
+            .create_exchange(&web, "grafana", "/x", 10)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let (parent, s, next) = sessions
+            .redeem_exchange(&t, "grafana", 12)
+            .unwrap_or_else(|| unreachable!("a fresh exchange redeems"));
+        assert_eq!(next, "/x");
+        let app = sessions
+            .create_app_session(parent, "grafana", s.identity, vec![1], 12)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(sessions.app_session(&app, "grafana", 13).is_some());
+        assert!(sessions.app_session(&app, "other", 13).is_none());
+        assert!(
+            sessions.app_session(&app, "grafana", 1000).is_none(),
+            "expired"
+        );
+        let app = sessions
+            .create_app_session(parent, "grafana", identity("alice", 1000), vec![1], 12)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(sessions.remove(&web));
+        assert!(
+            sessions.app_session(&app, "grafana", 13).is_none(),
+            "logout ends it"
+        );
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub use inventory::{AgentInventory, InventoryEvent};
 pub use shard::LiveSessionInfo;
 pub use snapshot::{Lock, Snapshot, Target, Targets};
 pub use tls::{TlsBuildError, TlsConfigs};
-pub use web::{WebBackend, WebRequest, WebResponse, WebUi};
+pub use web::{AppAccess, WebBackend, WebRequest, WebResponse, WebUi, APP_SESSION_COOKIE};
 
 use diag::{Diag, DiagState};
 use inventory::Directory;

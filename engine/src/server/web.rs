@@ -53,11 +53,38 @@ pub struct WebResponse {
     pub body: Vec<u8>,
 }
 
+/// What the backend says about a browser's request on an app host (`<app>.<public host>`)
+/// that came without a client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppAccess {
+    /// Answer this (the session exchange's redirect, a redirect to log in, a refusal); the
+    /// connection is closed after it.
+    Respond(WebResponse),
+    /// The request carries a live app session: connect it to the app as `identity`, forwarding
+    /// `cert_der` (a user certificate control made for the session) so that the agent checks
+    /// the user as it checks any other.
+    Proxy {
+        identity: jaunt_config::identity::Identity,
+        cert_der: Vec<u8>,
+    },
+}
+
+/// The name of the app session cookie on app hosts. The engine takes it out of the request it
+/// forwards: the app never sees it.
+pub const APP_SESSION_COOKIE: &str = "__Host-jaunt_app";
+
 /// What serves the web UI. Called on a blocking thread, once per request; it may block (store,
 /// password hashing) but should not for long, and must not panic (a panic answers 500).
 pub trait WebBackend: Send + Sync {
     /// Answers one request.
     fn handle(&self, request: &WebRequest) -> WebResponse;
+
+    /// Decides on a request for app `app` that came without a client certificate. The default
+    /// has no app sessions: `None`, and the engine tells the client how to get a certificate.
+    fn app_access(&self, app: &str, request: &WebRequest) -> Option<AppAccess> {
+        let _ = (app, request);
+        None
+    }
 }
 
 /// The web UI backend as the engine's configuration holds it.

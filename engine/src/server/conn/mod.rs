@@ -61,7 +61,7 @@ use crate::server::http::{self, PingBody, Response};
 use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed};
 use crate::server::metrics::{Direction, Refusal, RouteKind};
 use crate::server::shard::{ConnGuard, Shard};
-use crate::server::web::{WebRequest, WebUi};
+use crate::server::web::{AppAccess, WebRequest, WebUi, APP_SESSION_COOKIE};
 use crate::tunnel::{self, CloseReason, Side};
 use agent::agent_tunnel;
 use session::{connect, refuse, user, Answer};
@@ -555,14 +555,29 @@ async fn app(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, name: String) -> End
         Err(end) => return end,
     };
     drop(tls);
-    let identity = match peer_identity(&stream, IdentityKind::User) {
-        Ok(identity) => identity,
+    let (identity, early, session_cert) = match peer_identity(&stream, IdentityKind::User) {
+        Ok(identity) => (identity, Vec::new(), None),
         Err((refusal, why)) => {
             let message = format!(
                 "app {name:?} needs a Jaunt user certificate ({why}): run `jaunt proxy app {name}` \
-                 and use the local address it prints"
+                 and use the local address it prints, or open it from the web UI"
             );
-            return refuse(&mut stream, Answer::Http, refusal, &message).await;
+            let backend = shard.config.web.clone();
+            let browser = match backend {
+                Some(backend) => browser_app_session(ctx, &mut stream, backend, &name).await,
+                None => BrowserApp::NoSession,
+            };
+            match browser {
+                BrowserApp::Proxy {
+                    identity,
+                    cert_der,
+                    early,
+                } => (identity, early, Some(cert_der)),
+                BrowserApp::NoSession => {
+                    return refuse(&mut stream, Answer::Http, refusal, &message).await
+                }
+                BrowserApp::Ended(end) => return end,
+            }
         }
     };
     let request = DialRequest {
@@ -572,7 +587,142 @@ async fn app(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, name: String) -> End
         db_user: None,
         db_name: None,
     };
-    connect(ctx, stream, identity, request, Vec::new(), Answer::Http).await
+    connect(
+        ctx,
+        stream,
+        identity,
+        request,
+        early,
+        Answer::Http,
+        session_cert,
+    )
+    .await
+}
+
+/// How a browser's request on an app host without a client certificate turned out.
+enum BrowserApp {
+    /// A live app session: connect as `identity`, forwarding `cert_der`; `early` is the request
+    /// to send first (its head rewritten by [`forwarded_head`]).
+    Proxy {
+        identity: Identity,
+        cert_der: Vec<u8>,
+        early: Vec<u8>,
+    },
+    /// No session and nothing else to say: the certificate refusal applies.
+    NoSession,
+    /// Answered (the session exchange's redirect, a redirect to log in) or failed.
+    Ended(End),
+}
+
+/// Reads the first request head on an app host and asks the web UI backend about it (the
+/// app session cookie, or the one-time exchange that sets it; control's `web::apps`).
+async fn browser_app_session(
+    ctx: &Ctx<'_>,
+    stream: &mut TlsStream<Prefixed<Client>>,
+    backend: WebUi,
+    name: &str,
+) -> BrowserApp {
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 2048];
+    let (head, used) = loop {
+        match http::parse_head(&buf) {
+            Ok(Some(parsed)) => break parsed,
+            Ok(None) => {}
+            Err(e) => {
+                let mut response = Response::text(400, &e.to_string());
+                response.close = true;
+                write_and_close(stream, &response.encode(false)).await;
+                return BrowserApp::Ended(End::Refused(Refusal::BadHttpRequest));
+            }
+        }
+        let room = http::MAX_REQUEST_HEAD_BYTES
+            .saturating_sub(buf.len())
+            .clamp(1, chunk.len());
+        match with_deadline(ctx.deadline, stream.read(&mut chunk[..room])).await {
+            Err(_) => return BrowserApp::Ended(End::Refused(Refusal::HandshakeTimeout)),
+            Ok(Err(e)) => return BrowserApp::Ended(End::Failed(ConnError::Client(e))),
+            Ok(Ok(0)) => return BrowserApp::Ended(End::Done),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let request = WebRequest {
+        method: head.method.clone(),
+        path: head.path.clone(),
+        headers: head.headers.clone(),
+        body: Vec::new(),
+        peer: ctx.peer.parse().ok(),
+    };
+    let app = name.to_owned();
+    let answer = glommio::executor()
+        .spawn_blocking(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                backend.0.app_access(&app, &request)
+            }))
+            .ok()
+            .flatten()
+        })
+        .await;
+    match answer {
+        None => BrowserApp::NoSession,
+        Some(AppAccess::Respond(r)) => {
+            let redirect = (300..400).contains(&r.status);
+            let response = Response {
+                status: r.status,
+                content_type: r.content_type,
+                body: r.body,
+                close: true,
+                headers: r.headers,
+            };
+            write_and_close(stream, &response.encode(head.method == "HEAD")).await;
+            BrowserApp::Ended(if redirect {
+                End::Done
+            } else {
+                End::Refused(Refusal::BadIdentity)
+            })
+        }
+        Some(AppAccess::Proxy { identity, cert_der }) => {
+            let mut early = forwarded_head(&head);
+            early.extend_from_slice(&buf[used..]);
+            BrowserApp::Proxy {
+                identity,
+                cert_der,
+                early,
+            }
+        }
+    }
+}
+
+/// The head an app session's request is forwarded with: the app session cookie taken out of
+/// `Cookie` (the app never sees it), and `Connection: close`, so that every request of a
+/// browser's app session is checked against the session (a logout ends the next one) unless
+/// it is an `Upgrade` (a WebSocket lives as long as it is open).
+fn forwarded_head(head: &http::RequestHead) -> Vec<u8> {
+    let upgrade = head.headers.iter().any(|(n, _)| n == "upgrade");
+    let mut out = format!("{} {} HTTP/1.1\r\n", head.method, head.path);
+    for (name, value) in &head.headers {
+        match name.as_str() {
+            "cookie" => {
+                let kept: Vec<&str> = value
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|pair| {
+                        !pair.is_empty()
+                            && pair.split('=').next().map(str::trim) != Some(APP_SESSION_COOKIE)
+                    })
+                    .collect();
+                if !kept.is_empty() {
+                    out.push_str(&format!("cookie: {}\r\n", kept.join("; ")));
+                }
+            }
+            "connection" | "keep-alive" if !upgrade => {}
+            _ => out.push_str(&format!("{name}: {value}\r\n")),
+        }
+    }
+    if !upgrade {
+        out.push_str("connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
 }
 
 #[cfg(test)]
@@ -580,6 +730,33 @@ mod tests {
     use super::*;
     use crate::hello::test_support::rustls_hello;
     use crate::route::{ALPN_CONTROL, ALPN_HTTP1, ALPN_SSH};
+
+    #[test]
+    fn an_app_session_request_is_forwarded_without_the_cookie_and_closes() {
+        let raw = b"GET /a?b=1 HTTP/1.1\r\nHost: app.jaunt.test\r\nConnection: keep-alive\r\n\
+            Cookie: x=1; __Host-jaunt_app=secret; y=2\r\nAccept: text/html\r\n\r\n";
+        let (head, _) = http::parse_head(raw)
+            .unwrap_or_default()
+            .unwrap_or_else(|| {
+                unreachable!("a complete head parses");
+            });
+        let out = String::from_utf8(forwarded_head(&head)).unwrap_or_default();
+        assert_eq!(
+            out,
+            "GET /a?b=1 HTTP/1.1\r\nhost: app.jaunt.test\r\ncookie: x=1; y=2\r\n\
+             accept: text/html\r\nconnection: close\r\n\r\n"
+        );
+        let only = b"GET / HTTP/1.1\r\nCookie: __Host-jaunt_app=s\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\n\r\n";
+        let (head, _) = http::parse_head(only)
+            .unwrap_or_default()
+            .unwrap_or_else(|| unreachable!("a complete head parses"));
+        let out = String::from_utf8(forwarded_head(&head)).unwrap_or_default();
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n"
+        );
+    }
 
     #[test]
     fn classify_routes_complete_hellos_only() {

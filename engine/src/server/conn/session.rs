@@ -90,7 +90,7 @@ pub(super) async fn user(
         );
         return refuse_dial(&mut stream, Refusal::BadDialRequest, &message).await;
     }
-    connect(ctx, stream, identity, request, early, Answer::Dial).await
+    connect(ctx, stream, identity, request, early, Answer::Dial, None).await
 }
 
 /// How a user route answers: with a [`DialResponse`] (the `jaunt-*` ALPNs, whose clients sent
@@ -131,6 +131,8 @@ pub(super) async fn refuse<S: AsyncWrite + Unpin>(
 
 /// Routes, authorizes and connects an identified user's `request` to its target through the
 /// agent's tunnel, then splices; `early` holds bytes the client sent after its dial request.
+/// `session_cert` is the user certificate to forward when the client presented none (a
+/// browser's app session: control made it for the web session's identity).
 pub(super) async fn connect(
     ctx: &Ctx<'_>,
     mut stream: TlsStream<Prefixed<Client>>,
@@ -138,6 +140,7 @@ pub(super) async fn connect(
     request: DialRequest,
     early: Vec<u8>,
     answer: Answer,
+    session_cert: Option<Vec<u8>>,
 ) -> End {
     let shard = ctx.shard;
     let routed = {
@@ -185,10 +188,13 @@ pub(super) async fn connect(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
+        .map(|c| c.as_ref())
+        .or(session_cert.as_deref())
     {
-        Some(cert) => header.encode_with_client_cert(cert.as_ref()),
+        Some(cert) => header.encode_with_client_cert(cert),
         None => header.encode(),
     };
+    drop(session_cert);
     let Some(header) = encoded else {
         let message = "bad dial request: the certificate's identity is too large to forward";
         return refuse(&mut stream, answer, Refusal::BadDialRequest, message).await;
