@@ -770,12 +770,16 @@ fn an_agent_joined_through_a_is_reached_through_b_and_locks_follow_within_a_seco
             "alice",
             "--roles",
             "access",
+            "--logins",
+            "root",
             "--password-stdin",
         ],
         Some(&format!("{PASSWORD}\n")),
     ));
 
-    // The agent is told only A's address; it learns B from control.
+    // The agent is told only A's address; it learns B from control. It serves a TCP echo and
+    // a real sshd (host certificate from the shared host CA).
+    let sshd = support::sshd::Sshd::start_named(&a, "apphost");
     let echo = echo_server();
     let token = ok(a.admin(&["tokens", "add", "--type", "node,app"], None));
     let token = token.lines().next().unwrap().trim().to_string();
@@ -797,6 +801,8 @@ fn an_agent_joined_through_a_is_reached_through_b_and_locks_follow_within_a_seco
                 &token,
                 "--app",
                 &format!("echo=tcp://{echo}"),
+                "--ssh",
+                &sshd.addr,
             ])
             .env("JAUNT_HOME", a.dir.path().join("agent-home"))
             .stdout(Stdio::null())
@@ -835,12 +841,17 @@ fn an_agent_joined_through_a_is_reached_through_b_and_locks_follow_within_a_seco
     });
     eprintln!("access back through B after {took:?}");
 
-    // kill -9 of A: the agent stays reachable through B, and logins go on there.
+    // jaunt ssh through B, to the node the agent joined through A.
+    support::sshd::wait_for_ssh(&b, "root@apphost");
+
+    // kill -9 of A: the agent stays reachable through B, and logins and jaunt ssh go on there.
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     echo_through(&b.home).unwrap();
     ok(b.login("alice", PASSWORD, &[]));
     echo_through(&b.home).unwrap();
+    let out = ok(b.run(&["ssh", "root@apphost", "--", "echo", "via-b"], None));
+    assert_eq!(out.trim(), "via-b");
 
     // SIGTERM of C (its engine drains) during a live session through B: the session goes on
     // and new dials through B still reach the agent.
