@@ -272,6 +272,8 @@ pub trait SshCertProvider: Send + Sync {
 pub struct SshRecording {
     pub certs: Arc<dyn SshCertProvider>,
     pub spool: crate::recording::Spool,
+    /// The live terminated sessions, for observers (`jaunt join`); one per agent process.
+    pub live: crate::ssh_term::LiveSessions,
 }
 
 /// The hooks [`crate::run_with_hooks`] takes. The default has no certificate provider (database

@@ -90,3 +90,4 @@ pub use settings::{
     DEFAULT_LOCAL_CONNECT_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
 };
 pub use ssh_term::fuzz_relay as fuzz_ssh_relay;
+pub use ssh_term::LiveSessions;

@@ -964,6 +964,7 @@ mod tests {
         names: &[&str],
     ) -> StreamHeader {
         StreamHeader {
+            join: None,
             kind: DialKind::Db,
             target: "my1".into(),
             login: None,

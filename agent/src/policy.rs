@@ -499,6 +499,47 @@ impl Guard {
         Some(ended)
     }
 
+    /// Checks a stream that asks for a role `rules` verb rather than a login (`jaunt join`:
+    /// `session`/`join`): the forwarded certificate verified, then
+    /// [`rbac::authorize_rule`] under the current roles and locks. Always `Ok` in
+    /// [`PolicyMode::EngineOnly`].
+    pub(crate) fn admit_rule(
+        &self,
+        header: &StreamHeader,
+        cert_der: Option<&[u8]>,
+        resource: &str,
+        verb: &str,
+        now: u64,
+    ) -> Result<(), Refused> {
+        if self.mode == PolicyMode::EngineOnly {
+            return Ok(());
+        }
+        let Some(policy) = self.current.borrow().clone() else {
+            return Err(Refused {
+                message: NO_POLICY_YET.into(),
+                reason: "no_policy",
+            });
+        };
+        let identity = policy
+            .verify_user(header, cert_der, now)
+            .map_err(|message| Refused {
+                message,
+                reason: "identity",
+            })?;
+        rbac::authorize_rule(
+            &policy.policy,
+            &identity,
+            resource,
+            verb,
+            &policy.locks,
+            now,
+        )
+        .map_err(|denied| Refused {
+            message: denied.message,
+            reason: "denied",
+        })
+    }
+
     /// Checks a stream before it is served. `Ok(None)` in [`PolicyMode::EngineOnly`]; else the
     /// session's registration (dropping it unregisters), or why the stream is refused.
     pub(crate) fn admit(
@@ -707,6 +748,7 @@ mod tests {
 
     fn header(user: &str, roles: &[&str], login: &str) -> StreamHeader {
         StreamHeader {
+            join: None,
             kind: DialKind::Ssh,
             target: "node1".into(),
             login: Some(login.into()),

@@ -720,6 +720,7 @@ mod tests {
         names: &[&str],
     ) -> StreamHeader {
         StreamHeader {
+            join: None,
             kind: DialKind::Db,
             target: "pg1".into(),
             login: None,

@@ -230,6 +230,24 @@ async fn serve_routed(
             return;
         }
     };
+    // `jaunt join`: an observer of a live terminated session, read-only (role rule
+    // `session`/`join`, checked here again against the forwarded certificate).
+    if let Some(joined) = header.join.clone() {
+        if let Err(refused) = policy.admit_rule(
+            &header,
+            client_cert.as_deref(),
+            "session",
+            "join",
+            unix_now(),
+        ) {
+            tracing::warn!(reason = refused.reason, error = %refused.message,
+                "join refused by the agent's authorization check");
+            incoming.refuse(&refused.message);
+            return;
+        }
+        crate::ssh_term::watch_session(incoming, &joined, &header.user, &prepared).await;
+        return;
+    }
     // The agent's own authorization check, before anything local is touched: the certificate
     // the engine forwarded, verified against the user CA, under the cluster's roles and locks.
     let labels = announced_labels(&prepared.labels, &prepared.services, &header);
@@ -468,6 +486,7 @@ mod tests {
 
     fn header(kind: DialKind, target: &str) -> StreamHeader {
         StreamHeader {
+            join: None,
             kind,
             target: target.into(),
             login: Some("root".into()),

@@ -33,6 +33,9 @@
 //! login certificate carries the user's).
 
 mod channels;
+mod watch;
+
+pub use watch::LiveSessions;
 
 use std::cell::Cell;
 use std::io;
@@ -608,6 +611,7 @@ async fn relay<U, N, St>(
     user: &mut Link<U, sunset::Server>,
     node: &mut Link<N, sunset::Client>,
     channels: &mut Channels<St>,
+    live: Option<&watch::Live>,
 ) -> Result<Ended, Fail>
 where
     U: AsyncRead + AsyncWrite + Unpin,
@@ -618,8 +622,21 @@ where
     let mut to_user: Option<Vec<u8>> = None;
     let mut user_done = false;
     let mut node_done = false;
+    // Notices for the user's terminal (an observer joined or left), waiting for `to_user`.
+    let mut notices: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
     futures_lite::future::poll_fn(|cx| loop {
         let mut moved = false;
+        if let Some(live) = live {
+            for notice in live.poll_notices(cx) {
+                notices.extend(channels.inject(&notice));
+            }
+        }
+        if to_user.is_none() {
+            if let Some(m) = notices.pop_front() {
+                to_user = Some(m);
+                moved = true;
+            }
+        }
         if let Some(p) = &to_node {
             if node.runner.relay_send(p).map_err(protocol)? {
                 to_node = None;
@@ -649,6 +666,7 @@ where
                             return Poll::Ready(Err(Fail::Recording(end.0.to_string())))
                         }
                         Ok(Ok(Verdict::Forward)) => to_node = Some(p.to_vec()),
+                        Ok(Ok(Verdict::Replace(m))) => to_node = Some(m),
                         Ok(Ok(Verdict::Drop)) => {}
                     }
                     moved = true;
@@ -677,6 +695,7 @@ where
                             return Poll::Ready(Err(Fail::Recording(end.0.to_string())))
                         }
                         Ok(Ok(Verdict::Forward)) => to_user = Some(p.to_vec()),
+                        Ok(Ok(Verdict::Replace(m))) => to_user = Some(m),
                         Ok(Ok(Verdict::Drop)) => {}
                     }
                     moved = true;
@@ -907,8 +926,18 @@ pub(crate) async fn serve(
         login: login.clone(),
         node: prepared.name.clone(),
     };
+    // Observers (`jaunt join`) find the session by the engine's id.
+    let registered = (!who.session_id.is_empty()).then(|| rec.live.register(&who.session_id));
     let mut channels = Channels::new(who, term.recording, rec.spool.clone());
-    let ended = relay(&mut user, &mut node, &mut channels).await;
+    channels.tap = registered.as_ref().map(|r| r.live.clone());
+    let ended = relay(
+        &mut user,
+        &mut node,
+        &mut channels,
+        registered.as_ref().map(|r| &*r.live),
+    )
+    .await;
+    drop(registered);
     match &ended {
         Ok(Ended::Node) => user.drain_and_close().await,
         Ok(Ended::User) => node.drain_and_close().await,
@@ -926,6 +955,80 @@ pub(crate) async fn serve(
             "SSH session ended with an error"),
     }
     Ok(())
+}
+
+/// Serves an observer's stream (`jaunt join`, already authorized): the live session `joined`
+/// of this agent gets `observer` as a watcher (its user is told), and the stream carries the
+/// session's terminal output from now on until the session or the observer ends. What the
+/// observer sends is read and dropped.
+pub(crate) async fn watch_session(
+    incoming: Incoming,
+    joined: &str,
+    observer: &str,
+    prepared: &Prepared,
+) {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Some(rec) = prepared.ssh.rec.as_ref() else {
+        incoming.refuse("this agent does not terminate SSH sessions, so none can be watched");
+        return;
+    };
+    let watching = match rec.live.join(joined, observer) {
+        Ok(w) => w,
+        Err(watch::JoinRefused::NoSuchSession) => {
+            incoming.refuse(&format!(
+                "no live recorded SSH session {joined:?} on {}: see `jaunt sessions ls`",
+                prepared.name
+            ));
+            return;
+        }
+        Err(watch::JoinRefused::TooMany) => {
+            incoming.refuse(&format!(
+                "session {joined:?} has {} observers already",
+                watch::MAX_OBSERVERS
+            ));
+            return;
+        }
+    };
+    let stream = match incoming.accept() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(blame = %Blame::Engine, error = %e, "stream gone before accept");
+            return;
+        }
+    };
+    tracing::info!(
+        session = joined,
+        observer,
+        "observer joined a live SSH session"
+    );
+    let (mut reader, mut writer) = stream.split();
+    let out = async {
+        loop {
+            let taken = futures_lite::future::poll_fn(|cx| watching.observer.poll_take(cx)).await;
+            match taken {
+                Ok(bytes) => {
+                    if writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err() {
+                        return "the observer's stream failed";
+                    }
+                }
+                Err(why) => {
+                    let _ = writer.close().await;
+                    return why;
+                }
+            }
+        }
+    };
+    let dropped = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => return "the observer left",
+                Ok(_) => {}
+            }
+        }
+    };
+    let why = futures_lite::future::or(out, dropped).await;
+    tracing::info!(session = joined, observer, why, "observer stopped watching");
 }
 
 #[cfg(test)]
@@ -959,6 +1062,7 @@ mod tests {
 
     fn header() -> StreamHeader {
         StreamHeader {
+            join: None,
             kind: jaunt_config::wire::dial::DialKind::Ssh,
             target: "node1".into(),
             login: Some("root".into()),

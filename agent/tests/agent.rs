@@ -173,6 +173,7 @@ impl StandIn {
 
 fn header(kind: DialKind, target: &str) -> Vec<u8> {
     StreamHeader {
+        join: None,
         kind,
         target: target.into(),
         login: (kind == DialKind::Ssh).then(|| "root".into()),

@@ -524,6 +524,7 @@ fn pem(der: &[u8]) -> String {
 
 fn header(target: &str) -> Vec<u8> {
     StreamHeader {
+        join: None,
         kind: DialKind::App,
         target: target.into(),
         login: None,

@@ -116,6 +116,7 @@ fn stand_in(pki: &Pki) -> (SocketAddr, glommio::Task<EngineTunnel>) {
 /// A TCP-app stream header for `header_user` (with `roles`), carrying `cert` if given.
 fn header(target: &str, header_user: &Identity, cert: Option<&[u8]>) -> Vec<u8> {
     let header = StreamHeader {
+        join: None,
         kind: DialKind::Tcp,
         target: target.into(),
         login: None,

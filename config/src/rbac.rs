@@ -328,6 +328,94 @@ pub fn authorize(
     Ok(decision)
 }
 
+/// Decides whether `identity` may use `verb` on the cluster resource `resource` (a role
+/// `rules` entry, as control's admin endpoints check them) at `now`, under the compiled roles and
+/// the locks: the certificate must be valid, no lock in force may name the user or one of its
+/// roles, no role's `deny.rules` may match, and one role's `allow.rules` must. The engine and the
+/// agent check `session`/`join` this way for `jaunt join`.
+pub fn authorize_rule(
+    policy: &Policy,
+    identity: &Identity,
+    resource: &str,
+    verb: &str,
+    locks: &[ActiveLock],
+    now: u64,
+) -> Result<(), Denied> {
+    let refuse = |kind: DeniedKind, message: String| Denied { kind, message };
+    if now < identity.not_before {
+        return Err(refuse(
+            DeniedKind::NotYetValid,
+            format!(
+                "certificate is not valid until {} (unix time); check this machine's clock",
+                identity.not_before
+            ),
+        ));
+    }
+    if now >= identity.expires {
+        return Err(refuse(
+            DeniedKind::Expired,
+            format!(
+                "certificate expired at {} (unix time); run `jaunt login` again",
+                identity.expires
+            ),
+        ));
+    }
+    if let Some(lock) = locks.iter().find(|lock| {
+        lock.in_force(now)
+            && match lock.target() {
+                LockRef::User(user) => identity.name == user,
+                LockRef::Role(role) => identity.roles.iter().any(|held| held == role),
+                LockRef::Node(_) | LockRef::Login(_) => false,
+            }
+    }) {
+        return Err(refuse(
+            DeniedKind::Locked {
+                lock: lock.name.clone(),
+            },
+            format!(
+                "locked by lock {} ({}): {}",
+                Shown(&lock.name),
+                lock.target,
+                Shown(&lock.message)
+            ),
+        ));
+    }
+    let matches = |rules: &[crate::resource::Rule]| {
+        rules.iter().any(|rule| {
+            rule.resources
+                .iter()
+                .any(|r| r == WILDCARD || r == resource)
+                && rule.verbs.iter().any(|v| v == WILDCARD || v == verb)
+        })
+    };
+    let roles: Vec<&CompiledRole> = identity
+        .roles
+        .iter()
+        .filter_map(|name| policy.roles.get(name.as_str()))
+        .collect();
+    if let Some(role) = roles.iter().find(|r| matches(&r.deny_rules)) {
+        return Err(refuse(
+            DeniedKind::DeniedByRole {
+                role: role.name.clone(),
+            },
+            format!(
+                "access denied: role {} denies {verb} on {resource}",
+                role.name
+            ),
+        ));
+    }
+    if !roles.iter().any(|r| matches(&r.allow_rules)) {
+        return Err(refuse(
+            DeniedKind::NotAllowed,
+            format!(
+                "access denied: none of your roles ({}) allows {verb} on {resource}",
+                identity.roles.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `lock` is in force at `now` and names this connection: its user, one of its roles,
 /// its node (node resources only) or its requested login. The engine also calls this when a
 /// lock arrives, for every live session, to close the matching ones.
@@ -523,6 +611,9 @@ struct CompiledRole {
     options: Options,
     allow: Conditions,
     deny: Conditions,
+    /// The role's `rules` (admin verbs on cluster resources), for [`authorize_rule`].
+    allow_rules: Vec<crate::resource::Rule>,
+    deny_rules: Vec<crate::resource::Rule>,
 }
 
 /// The options [`authorize`] combines.
@@ -636,6 +727,8 @@ impl CompiledRole {
             },
             allow: Conditions::compile(name, "spec.allow", &role.spec.allow)?,
             deny: Conditions::compile(name, "spec.deny", &role.spec.deny)?,
+            allow_rules: role.spec.allow.rules.clone(),
+            deny_rules: role.spec.deny.rules.clone(),
         })
     }
 }
@@ -1216,6 +1309,62 @@ mod tests {
                 role: "ops".into(),
                 key: "spec.deny.node_labels.*".into()
             }
+        );
+    }
+
+    #[test]
+    fn rules_allow_admin_verbs_deny_wins_and_locks_and_validity_apply() {
+        let policy = Policy::compile(&roles(
+            "kind: role\nversion: v1\nmetadata: {name: watcher}\nspec:\n  allow:\n    rules:\n    \
+             - resources: [session]\n      verbs: [list, join]\n---\nkind: role\nversion: v1\n\
+             metadata: {name: nojoin}\nspec:\n  deny:\n    rules:\n    - resources: ['*']\n      \
+             verbs: [join]\n---\nkind: role\nversion: v1\nmetadata: {name: plain}\nspec: {}\n",
+        ))
+        .unwrap();
+        let check = |roles: &[&str], verb: &str, now: u64| {
+            authorize_rule(&policy, &identity(roles), "session", verb, &[], now)
+        };
+        check(&["watcher"], "join", 150).unwrap();
+        let none = check(&["plain"], "join", 150).unwrap_err();
+        assert_eq!(none.kind, DeniedKind::NotAllowed);
+        assert!(
+            none.message
+                .contains("none of your roles (plain) allows join on session"),
+            "{}",
+            none.message
+        );
+        assert!(check(&["watcher"], "delete", 150).is_err());
+        assert!(matches!(
+            check(&["watcher", "nojoin"], "join", 150).unwrap_err().kind,
+            DeniedKind::DeniedByRole { .. }
+        ));
+        assert_eq!(
+            check(&["watcher"], "join", 200).unwrap_err().kind,
+            DeniedKind::Expired
+        );
+        let lock = ActiveLock::from_lock(
+            &crate::resource::Lock {
+                metadata: Metadata::named("l1"),
+                spec: crate::resource::LockSpec {
+                    target: LockTarget::User("alice".into()),
+                    message: Some("incident".into()),
+                    ttl: None,
+                },
+            },
+            None,
+        );
+        let locked = authorize_rule(
+            &policy,
+            &identity(&["watcher"]),
+            "session",
+            "join",
+            &[lock],
+            150,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(locked.kind, DeniedKind::Locked { .. }),
+            "{locked:?}"
         );
     }
 

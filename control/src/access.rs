@@ -309,6 +309,13 @@ pub fn pipe_stdio(session: Session) -> anyhow::Result<()> {
     )
 }
 
+/// Writes what `session` sends to stdout and sends nothing (not even an end of input): the
+/// read-only stream of `jaunt join`.
+pub fn pipe_to_stdout(session: Session) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    pipe_fds(session, &mut std::io::empty(), &mut stdout.lock(), -1)
+}
+
 /// Carries bytes between `session` and a local TCP connection (the local listeners of
 /// `jaunt proxy tcp|db`).
 pub fn pipe_tcp(session: Session, local: TcpStream) -> anyhow::Result<()> {
@@ -329,7 +336,8 @@ fn pipe_fds(
 ) -> anyhow::Result<()> {
     use std::os::unix::io::AsRawFd;
     let sock_fd = session.sock.as_raw_fd();
-    let mut input_open = true;
+    // A negative `input_fd`: nothing to send (`jaunt join` watches read-only).
+    let mut input_open = input_fd >= 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // Deliver what rustls already holds decrypted before sleeping in poll(2): bytes that
@@ -526,6 +534,7 @@ mod tests {
 
     fn ssh_request() -> DialRequest {
         DialRequest {
+            join: None,
             kind: DialKind::Ssh,
             target: "node1".into(),
             login: Some("root".into()),

@@ -156,6 +156,7 @@ pub fn ssh_recording(
             data_dir: opts.data_dir.clone(),
         }),
         spool,
+        live: jaunt_agent::LiveSessions::default(),
     })
 }
 

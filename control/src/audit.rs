@@ -119,6 +119,11 @@ pub const SESSION_KILLED: EventKind = EventKind {
     code: "JA2002I",
     r#type: "session.kill",
 };
+/// An observer joined a live session read-only (`jaunt join`): `user` watches `session_id`.
+pub const SESSION_JOINED: EventKind = EventKind {
+    code: "JA2003I",
+    r#type: "session.join",
+};
 /// A session recording reached control's storage (`recording_id`, `session_id`, size).
 pub const RECORDING_UPLOAD: EventKind = EventKind {
     code: "JA2400I",
@@ -361,6 +366,7 @@ pub fn engine_event_json(event: &AuditEvent) -> (EventKind, String) {
     let kind = match event {
         AuditEvent::SessionStart { .. } => SESSION_START,
         AuditEvent::SessionEnd { .. } => SESSION_END,
+        AuditEvent::SessionJoin { .. } => SESSION_JOINED,
         AuditEvent::AccessDenied { .. } => ACCESS_DENIED,
     };
     let mut out = serde_json::Map::new();

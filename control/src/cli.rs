@@ -86,6 +86,12 @@ enum Command {
     /// Live sessions: list them, or end one (roles need the `session` rule: `list`, `delete`).
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// Watch a live SSH session read-only, as it happens (roles need the `session` rule:
+    /// `join`). The session's user is told that an observer joined. Ctrl-C leaves.
+    Join {
+        /// The session id, as `jaunt sessions ls` shows it.
+        id: String,
+    },
     /// Session recordings stored by control (roles need the `recording` rule: `list`).
     #[command(subcommand)]
     Recordings(RecordingsCommand),
@@ -715,6 +721,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sessions(c) => {
             sessions(&admin_client(data_dir.as_deref())?, c).map(|()| ExitCode::SUCCESS)
         }
+        Command::Join { id } => join(&id).map(|()| ExitCode::SUCCESS),
         Command::Recordings(c) => {
             recordings(&admin_client(data_dir.as_deref())?, c).map(|()| ExitCode::SUCCESS)
         }
@@ -1264,6 +1271,7 @@ fn proxy_ssh(target: &str) -> anyhow::Result<()> {
     // `node1.<cluster>` is how `jaunt config` names nodes to plain ssh.
     let node = crate::ssh_cmd::node_name(node, &info.cluster);
     let request = jaunt_config::wire::dial::DialRequest {
+        join: None,
         kind: jaunt_config::wire::dial::DialKind::Ssh,
         target: node.to_string(),
         login: Some(login.to_string()),
@@ -1298,6 +1306,7 @@ fn proxy_local(
         dialer.app_server_name(name)?;
     }
     let request = jaunt_config::wire::dial::DialRequest {
+        join: None,
         kind,
         target: name.to_string(),
         login: None,
@@ -1820,6 +1829,47 @@ fn sessions(client: &Client, cmd: SessionsCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `jaunt join ID`: asks control which node the session is on (and whether it may be
+/// watched), then dials that node's agent through the engine for a read-only copy of the
+/// session's terminal output, written to stdout as it comes.
+fn join(id: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let profile = Profile::user_default();
+    let (dialer, info) = crate::access::Dialer::from_profile(&profile)?;
+    let client = Client::new(
+        &info.proxy,
+        Trust::Roots(profile.host_ca()?),
+        Some(profile.tls_identity(&info.user)?),
+    )?;
+    let session: jaunt_engine::server::LiveSessionInfo =
+        client.get_json(&format!("/v1/sessions/{}", url_path_segment(id)))?;
+    let request = jaunt_config::wire::dial::DialRequest {
+        join: Some(session.id.clone()),
+        kind: jaunt_config::wire::dial::DialKind::Ssh,
+        target: session.target.clone(),
+        login: Some(session.login.clone().unwrap_or_else(|| "-".into())),
+        db_user: None,
+        db_name: None,
+    };
+    let stream = dialer.dial(&request).map_err(|e| {
+        anyhow!(
+            "cannot join session {id}: {}",
+            crate::ssh_cmd::refusal_text("node", &e)
+        )
+    })?;
+    eprintln!(
+        "Watching session {} of {} ({}@{}), read-only; Ctrl-C to leave.\r",
+        session.id,
+        session.user,
+        session.login.as_deref().unwrap_or("?"),
+        session.target
+    );
+    let _ = std::io::stderr().flush();
+    crate::access::pipe_to_stdout(stream)?;
+    eprintln!("\r\nThe session ended.\r");
+    Ok(())
 }
 
 /// `text` safe as one URL path segment (percent-encoding everything but unreserved bytes).

@@ -374,6 +374,7 @@ fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
 /// The dial of a database session.
 pub fn db_request(name: &str, db_user: &str, db_name: Option<&str>) -> anyhow::Result<DialRequest> {
     let request = DialRequest {
+        join: None,
         kind: DialKind::Db,
         target: name.to_string(),
         login: None,

@@ -508,6 +508,7 @@ impl Control {
             ("POST", ["v1", "ca", "rotate"]) => self.rotate_ca(req, caller),
             ("GET", ["v1", "audit"]) => self.audit_search(req, caller),
             ("GET", ["v1", "sessions"]) => self.list_sessions(caller),
+            ("GET", ["v1", "sessions", id]) => self.join_session_info(caller, id),
             ("DELETE", ["v1", "sessions", id]) => self.kill_session(caller, id),
             ("POST", ["v1", "audit", "events"]) => self.agent_audit_events(req, caller),
             ("POST", ["v1", "recordings", "uploads"]) => {
@@ -1802,6 +1803,36 @@ impl Control {
     pub(crate) fn list_sessions(&self, caller: &Identity) -> Reply {
         self.require(caller, "session", "list")?;
         Ok(Response::json(200, &self.engine_sessions()?.list()))
+    }
+
+    /// `GET /v1/sessions/ID`: one live session, for `jaunt join` to find its node (role rule
+    /// `session`/`join`). Only a recorded SSH session (terminated at its agent) can be watched:
+    /// others are refused here with the reason. The join itself is authorized again, and
+    /// audited (`session.join`), by the engine and the agent when the observer dials.
+    pub(crate) fn join_session_info(&self, caller: &Identity, id: &str) -> Reply {
+        self.require(caller, "session", "join")?;
+        let Some(session) = self
+            .engine_sessions()?
+            .list()
+            .into_iter()
+            .find(|s| s.id == id)
+        else {
+            return Err(Response::error(
+                404,
+                &format!("no live session {id:?}: see `jaunt sessions ls`"),
+            ));
+        };
+        if session.kind != jaunt_config::wire::DialKind::Ssh || !session.recorded {
+            return Err(Response::error(
+                409,
+                &format!(
+                    "session {id:?} cannot be watched: only recorded SSH sessions (the agent \
+                     terminates them) can be joined, and this is an unrecorded {} session",
+                    session.kind.as_str()
+                ),
+            ));
+        }
+        Ok(Response::json(200, &session))
     }
 
     /// `DELETE /v1/sessions/ID`: ends a live session (role rule `session`/`delete`); the audit

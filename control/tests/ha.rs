@@ -723,6 +723,7 @@ fn echo_through(home: &Path) -> Result<(), String> {
         jaunt_control::access::Dialer::from_profile(&profile).map_err(|e| e.to_string())?;
     let mut session = dialer
         .dial(&jaunt_config::wire::dial::DialRequest {
+            join: None,
             kind: jaunt_config::wire::dial::DialKind::Tcp,
             target: "echo".into(),
             login: None,
@@ -862,6 +863,7 @@ fn an_agent_joined_through_a_is_reached_through_b_and_locks_follow_within_a_seco
     let (dialer, _) = jaunt_control::access::Dialer::from_profile(&profile).unwrap();
     let mut live = dialer
         .dial(&jaunt_config::wire::dial::DialRequest {
+            join: None,
             kind: jaunt_config::wire::dial::DialKind::Tcp,
             target: "echo".into(),
             login: None,

@@ -327,9 +327,26 @@ fn tmux(sock: &str, args: &[&str]) -> std::process::Output {
 
 /// Polls the pane until its text contains `want`.
 fn wait_for_pane(sock: &str, want: &str) {
+    wait_for_pane_of(sock, "rec", want);
+}
+
+/// The text of tmux session `target`'s pane.
+fn pane(sock: &str, target: &str) -> String {
+    let o = tmux(
+        sock,
+        &["capture-pane", "-p", "-J", "-S", "-200", "-t", target],
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Polls the pane of tmux session `target` until its text contains `want`.
+fn wait_for_pane_of(sock: &str, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let o = tmux(sock, &["capture-pane", "-p", "-t", "rec"]);
+        let o = tmux(
+            sock,
+            &["capture-pane", "-p", "-J", "-S", "-200", "-t", target],
+        );
         let text = String::from_utf8_lossy(&o.stdout).to_string();
         if text.contains(want) {
             return;
@@ -467,6 +484,169 @@ fn strict_recording_ends_a_session_whose_recording_cannot_be_written() {
     assert!(!stdout(&o).contains("should-not-run"), "{}", stdout(&o));
     assert!(!marker.exists(), "the command ran unrecorded");
 
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// `jaunt join`: an observer with the `session`/`join` rule watches alice's live shell in a real
+/// PTY, read-only; alice's terminal says so; what the observer types goes nowhere; the join is
+/// in the audit log and the recording. A user without the rule is refused with the reason.
+#[test]
+fn an_observer_joins_a_live_shell_read_only_and_the_user_is_told() {
+    let (c, _sshd, (mut agent, data)) = ssh_setup();
+    let role = c.dir.path().join("watcher.yaml");
+    std::fs::write(
+        &role,
+        "kind: role\nversion: v1\nmetadata:\n  name: watcher\nspec:\n  allow:\n    rules:\n    \
+         - resources: [session]\n      verbs: [list, join]\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "bob",
+            "--roles",
+            "watcher",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let bob = c.dir.path().join("home-bob");
+    std::fs::create_dir_all(&bob).unwrap();
+    ok(run_jaunt(
+        &bob,
+        &[
+            "login",
+            "--proxy",
+            &c.public_addr,
+            "--user",
+            "bob",
+            "--password-stdin",
+            "--ca-pin",
+            &c.pin,
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+
+    // alice's shell, in a real PTY.
+    let sock = format!("jaunt-join-{}", std::process::id());
+    let user_cmd = format!(
+        "env JAUNT_HOME={} {} ssh root@node1",
+        c.home.display(),
+        jaunt_bin()
+    );
+    let o = tmux(
+        &sock,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "rec",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &user_cmd,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _cleanup = scopeguard(&sock);
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "rec", "stty size", "Enter"],
+    ));
+    wait_for_pane(&sock, "30 100");
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None))).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let id = listed[0]["id"].as_str().unwrap().to_string();
+
+    // alice (the access role) has no `session`/`join` rule: a clear refusal.
+    let refused = fails(c.run(&["join", &id], None));
+    assert!(
+        refused.contains("allows join on session"),
+        "a clear refusal: {refused}"
+    );
+    let missing = fails(run_jaunt(&bob, &["join", "0123-no-such"], None));
+    assert!(missing.contains("no live session"), "{missing}");
+
+    // bob joins in a terminal of his own (retrying until the agent has the new role).
+    let marker = c.dir.path().join("typed-by-observer");
+    let obs_cmd = format!(
+        "until env JAUNT_HOME={} {} join {id}; do sleep 0.2; done; sleep 600",
+        bob.display(),
+        jaunt_bin()
+    );
+    ok(tmux(
+        &sock,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "obs",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &obs_cmd,
+        ],
+    ));
+    wait_for_pane_of(&sock, "obs", &format!("Watching session {id} of alice"));
+    wait_for_pane(
+        &sock,
+        "[jaunt] bob joined this session as an observer (read-only)",
+    );
+
+    // bob sees what alice types and gets.
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "rec", "echo seen-by-$((6*7))", "Enter"],
+    ));
+    wait_for_pane(&sock, "seen-by-42");
+    wait_for_pane_of(&sock, "obs", "seen-by-42");
+
+    // What bob types reaches nothing: not alice's shell, not the node.
+    ok(tmux(
+        &sock,
+        &[
+            "send-keys",
+            "-t",
+            "obs",
+            &format!("touch {}; echo observer-typed", marker.display()),
+            "Enter",
+        ],
+    ));
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "rec", "echo after-$((40+2))", "Enter"],
+    ));
+    wait_for_pane_of(&sock, "obs", "after-42");
+    wait_for_pane(&sock, "after-42");
+    assert!(
+        !marker.exists(),
+        "the observer's keystrokes reached the node"
+    );
+    let user_pane = pane(&sock, "rec");
+    assert!(!user_pane.contains("observer-typed"), "{user_pane}");
+
+    // The join is audited, who and which session.
+    let joins = c.audit_events(Some("session.join"));
+    assert!(
+        joins
+            .iter()
+            .any(|e| e["user"] == "bob" && e["session_id"] == id.as_str()),
+        "{joins:?}"
+    );
+
+    // alice leaves: bob is told the session ended; the recording notes the observer.
+    ok(tmux(&sock, &["send-keys", "-t", "rec", "exit", "Enter"]));
+    wait_for_pane_of(&sock, "obs", "The session ended.");
+    let (_, cast) = wait_for_recording(&c, &data, "of the watched shell", |m, cast| {
+        m["meta"]["kind"] == "shell" && cast.contains("seen-by-42")
+    });
+    assert!(cast.contains(r#"\"joined\":\"bob\""#), "{cast}");
     let _ = agent.kill();
     let _ = agent.wait();
 }

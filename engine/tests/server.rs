@@ -622,6 +622,7 @@ fn user_route_without_agent_answers_agent_offline() {
     // The dial kind must match the ALPN.
     let mut tls = h.tls_connect(h.pki.client(&[ALPN_SSH], Some(dup(&alice))), PUBLIC_HOST);
     let db = DialRequest {
+        join: None,
         kind: DialKind::Db,
         target: "pg".into(),
         login: None,

@@ -187,6 +187,7 @@ impl Target {
             } => {
                 let mut s = tls_connect(addr, name, tls.get(resume))?;
                 let request = DialRequest {
+                    join: None,
                     kind: DialKind::Tcp,
                     target: app.clone(),
                     login: None,

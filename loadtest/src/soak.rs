@@ -851,6 +851,7 @@ fn dialer(home: &Path) -> anyhow::Result<jaunt_control::access::Dialer> {
 /// `ltweb.localhost`); the app answers `200 ok`.
 fn app_request(dialer: &jaunt_control::access::Dialer) -> anyhow::Result<()> {
     let mut s = dialer.dial(&DialRequest {
+        join: None,
         kind: DialKind::App,
         target: soak_env::WEB_APP.into(),
         login: None,

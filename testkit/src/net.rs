@@ -82,6 +82,7 @@ pub fn exchange(
 /// A dial request for `target`, as login `root` for ssh.
 pub fn request(kind: DialKind, target: &str) -> DialRequest {
     DialRequest {
+        join: None,
         kind,
         target: target.into(),
         login: (kind == DialKind::Ssh).then(|| "root".into()),

@@ -34,6 +34,7 @@ const MSG_GLOBAL_REQUEST: u8 = 80;
 const MSG_CHANNEL_OPEN: u8 = 90;
 const MSG_CHANNEL_OPEN_CONFIRMATION: u8 = 91;
 const MSG_CHANNEL_OPEN_FAILURE: u8 = 92;
+const MSG_CHANNEL_WINDOW_ADJUST: u8 = 93;
 const MSG_CHANNEL_DATA: u8 = 94;
 const MSG_CHANNEL_EXTENDED_DATA: u8 = 95;
 const MSG_CHANNEL_CLOSE: u8 = 97;
@@ -44,10 +45,12 @@ const MSG_CHANNEL_REQUEST: u8 = 98;
 pub(crate) struct Malformed(pub(crate) &'static str);
 
 /// What to do with a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Verdict {
     Forward,
     Drop,
+    /// Send this instead (a window adjust less what an injected notice used).
+    Replace(Vec<u8>),
 }
 
 /// Who a connection's recordings are of.
@@ -82,6 +85,13 @@ struct Chan {
     started: bool,
     /// An sftp channel: a binary protocol, so its data is counted, not recorded.
     binary: bool,
+    /// The user asked for a terminal (`pty-req`): observers' notices go to it.
+    pty: bool,
+    /// The window the user's ssh granted for sshd's data on this channel, as it stands.
+    user_window: u64,
+    /// Bytes of notices the agent wrote into the channel that sshd does not know of: taken off
+    /// the user's next window adjusts, so sshd's idea of the window stays true.
+    owed: u64,
     exit_status: Option<i32>,
     bytes_in: u64,
     bytes_out: u64,
@@ -101,6 +111,8 @@ pub(crate) struct Channels<S: Starter> {
     pub(crate) failure: Option<&'static str>,
     /// Recording failures counted, by label.
     pub(crate) failures: BTreeMap<&'static str, u64>,
+    /// Where terminal output also goes: the observers of `jaunt join`.
+    pub(crate) tap: Option<std::sync::Arc<super::watch::Live>>,
 }
 
 /// Why a session must end because of its recording (strict mode).
@@ -147,6 +159,7 @@ impl<S: Starter> Channels<S> {
             finished: Vec::new(),
             failure: None,
             failures: BTreeMap::new(),
+            tap: None,
         }
     }
 
@@ -170,6 +183,7 @@ impl<S: Starter> Channels<S> {
             MSG_CHANNEL_OPEN => {
                 let ty = r.string()?;
                 let sender = r.u32()?;
+                let window = r.u32()?;
                 if self.chans.len() >= MAX_CHANNELS {
                     return Err(Malformed("too many channels"));
                 }
@@ -185,6 +199,9 @@ impl<S: Starter> Channels<S> {
                     recorder: None,
                     started: false,
                     binary: false,
+                    pty: false,
+                    user_window: u64::from(window),
+                    owed: 0,
                     exit_status: None,
                     bytes_in: 0,
                     bytes_out: 0,
@@ -199,6 +216,25 @@ impl<S: Starter> Channels<S> {
                     c.bytes_in += data.len() as u64;
                     if let Some(rec) = c.recorder.as_mut().filter(|_| !c.binary) {
                         outcome = rec.input(data);
+                    }
+                }
+            }
+            MSG_CHANNEL_WINDOW_ADJUST => {
+                let id = r.u32()?;
+                let add = r.u32()?;
+                if let Some(c) = self.by_node_id(id) {
+                    c.user_window = c.user_window.saturating_add(u64::from(add));
+                    if c.owed > 0 {
+                        let paid = c.owed.min(u64::from(add));
+                        c.owed -= paid;
+                        let left = u64::from(add) - paid;
+                        if left == 0 {
+                            return Ok(Ok(Verdict::Drop));
+                        }
+                        let mut msg = vec![MSG_CHANNEL_WINDOW_ADJUST];
+                        msg.extend_from_slice(&id.to_be_bytes());
+                        msg.extend_from_slice(&(left as u32).to_be_bytes());
+                        return Ok(Ok(Verdict::Replace(msg)));
                     }
                 }
             }
@@ -241,6 +277,7 @@ impl<S: Starter> Channels<S> {
                 let c = &mut self.chans[idx];
                 c.width = w.clamp(1, 10_000);
                 c.height = h.clamp(1, 10_000);
+                c.pty = true;
                 Ok(Ok(()))
             }
             b"window-change" => {
@@ -335,9 +372,14 @@ impl<S: Starter> Channels<S> {
                     let _code = r.u32()?;
                 }
                 let data = r.string()?;
-                if let Some(c) = self.by_user_id(id) {
+                if let Some(i) = self.chans.iter().position(|c| c.user_id == id) {
+                    let c = &mut self.chans[i];
                     c.bytes_out += data.len() as u64;
+                    c.user_window = c.user_window.saturating_sub(data.len() as u64);
                     // sftp is binary protocol, not a terminal: only its byte counts are kept.
+                    if let Some(tap) = self.tap.as_ref().filter(|_| c.started && !c.binary) {
+                        tap.output(data);
+                    }
                     if let Some(rec) = c.recorder.as_mut().filter(|_| !c.binary) {
                         outcome = rec.output(data);
                     }
@@ -419,6 +461,38 @@ impl<S: Starter> Channels<S> {
             return Err(MustEnd(e));
         }
         Ok(())
+    }
+
+    /// The messages that write `notice` into the user's terminal: one `CHANNEL_DATA` for each
+    /// open session channel with a terminal whose window has room (the room is taken, and
+    /// given back to sshd's view through [`Chan::owed`]); each such channel's recording gets
+    /// an `observer` note.
+    pub(crate) fn inject(&mut self, notice: &super::watch::Notice) -> Vec<Vec<u8>> {
+        let text = notice.text();
+        let len = text.len() as u64;
+        let mut out = Vec::new();
+        for c in &mut self.chans {
+            if !(c.session && c.pty && c.started && !c.binary)
+                || c.node_id.is_none()
+                || c.user_closed
+                || c.node_closed
+                || c.user_window < len
+            {
+                continue;
+            }
+            c.user_window -= len;
+            c.owed += len;
+            let mut msg = vec![MSG_CHANNEL_DATA];
+            msg.extend_from_slice(&c.user_id.to_be_bytes());
+            msg.extend_from_slice(&(text.len() as u32).to_be_bytes());
+            msg.extend_from_slice(text.as_bytes());
+            out.push(msg);
+            if let Some(rec) = c.recorder.as_mut() {
+                let what = if notice.joined { "joined" } else { "left" };
+                let _ = rec.note("observer", &serde_json::json!({ what: notice.observer }));
+            }
+        }
+        out
     }
 
     /// Finishes every recording still open (the connection ended); returns the ids of all the
@@ -563,6 +637,61 @@ mod tests {
         let ids = ch.close_all();
         let text = std::fs::read_to_string(dir.path().join(format!("{}.cast", ids[0]))).unwrap();
         assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn an_observer_notice_goes_to_terminals_and_its_bytes_come_off_the_next_window_adjust() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ch = channels(dir.path(), false);
+        // channel 0: a shell with a pty; channel 1: an exec without one
+        fwd(ch.on_user(&msg(90, &[s(b"session"), u(0), u(1000), u(1000)])));
+        fwd(ch.on_node(&msg(91, &[u(0), u(5), u(1000), u(1000)])));
+        fwd(ch.on_user(&msg(
+            98,
+            &[
+                u(5),
+                s(b"pty-req"),
+                vec![1],
+                s(b"xterm"),
+                u(80),
+                u(24),
+                u(0),
+                u(0),
+                s(b""),
+            ],
+        )));
+        fwd(ch.on_user(&msg(98, &[u(5), s(b"shell"), vec![1]])));
+        fwd(ch.on_user(&msg(90, &[s(b"session"), u(1), u(1000), u(1000)])));
+        fwd(ch.on_node(&msg(91, &[u(1), u(6), u(1000), u(1000)])));
+        fwd(ch.on_user(&msg(98, &[u(6), s(b"exec"), vec![1], s(b"ls")])));
+        let notice = crate::ssh_term::watch::Notice {
+            observer: "bob".into(),
+            joined: true,
+        };
+        let text = notice.text();
+        let injected = ch.inject(&notice);
+        assert_eq!(injected.len(), 1, "only the terminal gets it");
+        assert_eq!(injected[0], msg(94, &[u(0), s(text.as_bytes())]));
+        // The user's ssh gives the window back for what it consumed, the notice included:
+        // sshd hears only of its own bytes.
+        let n = text.len() as u32;
+        assert_eq!(fwd(ch.on_user(&msg(93, &[u(5), u(n - 10)]))), Verdict::Drop);
+        assert_eq!(
+            fwd(ch.on_user(&msg(93, &[u(5), u(100)]))),
+            Verdict::Replace(msg(93, &[u(5), u(90)]))
+        );
+        assert_eq!(fwd(ch.on_user(&msg(93, &[u(5), u(7)]))), Verdict::Forward);
+        // A window with no room for it: nothing is sent.
+        fwd(ch.on_node(&msg(94, &[u(0), s(&vec![b'x'; 1000])])));
+        let small = ch.inject(&notice);
+        assert!(small.len() <= 1);
+        let ids = ch.close_all();
+        let shell = ids
+            .iter()
+            .map(|id| std::fs::read_to_string(dir.path().join(format!("{id}.cast"))).unwrap())
+            .find(|t| t.contains("observer"))
+            .expect("the shell's recording notes the observer");
+        assert!(shell.contains(r#"\"joined\":\"bob\""#), "{shell}");
     }
 
     #[test]

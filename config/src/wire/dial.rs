@@ -130,6 +130,10 @@ pub struct DialRequest {
     /// Database name (databases; optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub db_name: Option<String>,
+    /// `jaunt join`: watch the live session of this id on `target`, read-only, instead of
+    /// logging in (SSH only; the login is then unused). Needs the role rule `session`/`join`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
 }
 
 /// The engine's answer to a [`DialRequest`]; after `ok: true` the stream carries the user's
@@ -193,6 +197,9 @@ pub struct StreamHeader {
     /// so what the agent records (queries, recordings) joins up with them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
+    /// `jaunt join`: the stream watches the live session of this id (see [`DialRequest::join`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
 }
 
 impl StreamHeader {
@@ -215,6 +222,7 @@ impl StreamHeader {
             allowed_db_users: Vec::new(),
             allowed_db_names: Vec::new(),
             session_id: None,
+            join: request.join.clone(),
         }
     }
 
@@ -474,12 +482,17 @@ impl DialRequest {
             ("login", &self.login),
             ("db_user", &self.db_user),
             ("db_name", &self.db_name),
+            ("join", &self.join),
         ] {
             if let Some(value) = value {
                 check_name(field, value, MAX_PRINCIPAL_BYTES)?;
             }
         }
         match self.kind {
+            _ if self.join.is_some() && self.kind != DialKind::Ssh => Err(DialError::Invalid {
+                field: "join",
+                why: "only SSH sessions can be joined",
+            }),
             DialKind::Ssh if self.login.is_none() => Err(DialError::Invalid {
                 field: "login",
                 why: "an SSH dial needs a login",
@@ -595,6 +608,7 @@ mod tests {
 
     fn ssh(target: &str) -> DialRequest {
         DialRequest {
+            join: None,
             kind: DialKind::Ssh,
             target: target.to_owned(),
             login: Some("root".to_owned()),
@@ -606,6 +620,7 @@ mod tests {
     #[test]
     fn request_round_trip_at_every_split() {
         let request = DialRequest {
+            join: None,
             kind: DialKind::Db,
             target: "pg-main".to_owned(),
             login: None,
@@ -638,6 +653,7 @@ mod tests {
             parsed,
             Ok(Some((
                 DialRequest {
+                    join: None,
                     kind: DialKind::Tcp,
                     ..
                 },
@@ -738,6 +754,7 @@ mod tests {
         let bytes = header.encode().unwrap_or_default();
         assert_eq!(StreamHeader::parse(&bytes), Ok(header));
         let db = DialRequest {
+            join: None,
             kind: DialKind::Db,
             target: "pg".to_owned(),
             login: None,

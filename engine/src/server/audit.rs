@@ -52,6 +52,16 @@ pub enum AuditEvent {
         recorded: bool,
         time: u64,
     },
+    /// An observer joined a live SSH session (`jaunt join`), read-only: `user` is the observer,
+    /// `session_id` the watched session.
+    SessionJoin {
+        session_id: String,
+        user: String,
+        roles: Vec<String>,
+        target: String,
+        client_addr: String,
+        time: u64,
+    },
     /// Authorization refused a dial.
     AccessDenied {
         user: String,
@@ -73,6 +83,7 @@ impl AuditEvent {
         match self {
             AuditEvent::SessionStart { user, .. }
             | AuditEvent::SessionEnd { user, .. }
+            | AuditEvent::SessionJoin { user, .. }
             | AuditEvent::AccessDenied { user, .. } => user,
         }
     }
@@ -82,6 +93,7 @@ impl AuditEvent {
         match self {
             AuditEvent::SessionStart { time, .. }
             | AuditEvent::SessionEnd { time, .. }
+            | AuditEvent::SessionJoin { time, .. }
             | AuditEvent::AccessDenied { time, .. } => *time,
         }
     }

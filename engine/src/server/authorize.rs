@@ -73,6 +73,9 @@ pub fn authorize(
     target: &Target,
 ) -> Result<Allowed, Denied> {
     use jaunt_config::rbac;
+    if request.join.is_some() {
+        return authorize_join(snapshot, identity);
+    }
     let resource = rbac::Resource {
         kind: request.kind.resource_kind(),
         name: &request.target,
@@ -97,6 +100,29 @@ pub fn authorize(
         idle_timeout: decision.idle_timeout,
         recorded: request.kind == jaunt_config::wire::DialKind::Ssh
             && decision.record_session != jaunt_config::resource::RecordSession::Off,
+    })
+    .map_err(|denied| Denied {
+        kind: DeniedKind::Forbidden,
+        message: denied.message,
+    })
+}
+
+/// `jaunt join`: watching a live session read-only needs the role rule `session`/`join` (not a
+/// login on the node); the certificate's validity and locks on the user or its roles apply.
+fn authorize_join(snapshot: &Snapshot, identity: &Identity) -> Result<Allowed, Denied> {
+    let now = jaunt_config::identity::unix_now();
+    jaunt_config::rbac::authorize_rule(
+        &snapshot.policy,
+        identity,
+        "session",
+        "join",
+        &snapshot.active_locks,
+        now,
+    )
+    .map(|()| Allowed {
+        session_deadline: Some(identity.expires),
+        idle_timeout: None,
+        recorded: false,
     })
     .map_err(|denied| Denied {
         kind: DeniedKind::Forbidden,
@@ -205,6 +231,7 @@ mod tests {
             ..Snapshot::default()
         };
         let mut request = DialRequest {
+            join: None,
             kind: DialKind::Ssh,
             target: "web1".into(),
             login: Some("root".into()),

@@ -581,6 +581,7 @@ async fn app(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>, name: String) -> End
         }
     };
     let request = DialRequest {
+        join: None,
         kind: DialKind::App,
         target: name,
         login: None,

@@ -206,6 +206,9 @@ pub(super) async fn connect(
         Ok(upstream) => upstream,
         Err((refusal, message)) => return refuse(&mut stream, answer, refusal, &message).await,
     };
+    if let Some(joined) = &request.join {
+        return watch(ctx, stream, upstream, &identity, &request, joined, allowed).await;
+    }
     if shard.audit(audit.start_event()).is_err() {
         drop(upstream);
         tracing::warn!(
@@ -284,6 +287,50 @@ pub(super) async fn connect(
             End::Done
         }
     }
+}
+
+/// `jaunt join`: the agent accepted the observer's stream to the live session `joined` (it
+/// checked the session is there and terminated): audit the join, answer, and splice until
+/// either side ends or the observer's certificate expires. The observer's stream is not a live
+/// session of its own (not listed, not ended by `sessions kill` or locks once running).
+async fn watch(
+    ctx: &Ctx<'_>,
+    mut stream: TlsStream<Prefixed<Client>>,
+    upstream: Upstream,
+    identity: &Identity,
+    request: &DialRequest,
+    joined: &str,
+    allowed: Allowed,
+) -> End {
+    let shard = ctx.shard;
+    let _ = shard.audit(AuditEvent::SessionJoin {
+        session_id: joined.to_owned(),
+        user: identity.name.clone(),
+        roles: identity.roles.clone(),
+        target: request.target.clone(),
+        client_addr: ctx.peer.clone(),
+        time: unix_now(),
+    });
+    tracing::info!(shard = shard.index, user = %identity.name, target = %request.target,
+        session = %joined, "observer joined a live session");
+    let _open = OpenStream::new(shard);
+    let answered = async {
+        stream.write_all(&DialResponse::ok().encode()).await?;
+        stream.flush().await
+    };
+    if let Err(e) = answered.await {
+        return End::Failed(ConnError::Client(e));
+    }
+    let spliced = splice_upstream(ctx, stream, upstream, shard.limits().idle_timeout);
+    let left = Duration::from_secs(
+        allowed
+            .session_deadline
+            .unwrap_or(identity.expires)
+            .saturating_sub(unix_now()),
+    );
+    with_deadline(Instant::now() + left, spliced)
+        .await
+        .unwrap_or(End::Done)
 }
 
 /// A dial that routing resolved and authorization allowed. `T` is the tunnel type (a
@@ -769,6 +816,7 @@ mod tests {
 
     fn ssh(login: &str) -> DialRequest {
         DialRequest {
+            join: None,
             kind: DialKind::Ssh,
             target: "web1".into(),
             login: Some(login.into()),
