@@ -65,8 +65,12 @@ use channels::{Channels, Verdict, Who};
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent waits for control to issue a certificate.
 const CERT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Most certificate requests in flight per executor.
+/// Most host certificate requests in flight per executor.
 const MAX_PENDING_CERTS: usize = 64;
+/// Most login certificate requests (one per session) in flight per executor: a fleet's fan-out
+/// opens hundreds of sessions at once, and one over this goes unrecorded (best_effort) or is
+/// refused (strict). Each is a thread blocked on control for at most [`CERT_TIMEOUT`].
+const MAX_PENDING_LOGIN_CERTS: usize = 512;
 /// Read buffer per side.
 const READ_BUF: usize = 16 << 10;
 /// How long the last messages may take to reach the user once the node closed.
@@ -159,17 +163,25 @@ fn protocol(e: sunset::Error) -> Fail {
 
 impl SshState {
     pub(crate) fn new(hooks: &AgentHooks) -> SshState {
-        let limits = |what, thread| Limits {
-            max_pending: MAX_PENDING_CERTS,
-            max_cached: MAX_PENDING_CERTS,
+        let limits = |what, thread, max| Limits {
+            max_pending: max,
+            max_cached: max,
             timeout: CERT_TIMEOUT,
             what,
             thread,
         };
         SshState {
             rec: hooks.ssh.clone(),
-            host: IssueCache::new(limits("host certificate", "jaunt-agent-sshhost")),
-            logins: IssueCache::new(limits("login certificate", "jaunt-agent-sshlogin")),
+            host: IssueCache::new(limits(
+                "host certificate",
+                "jaunt-agent-sshhost",
+                MAX_PENDING_CERTS,
+            )),
+            logins: IssueCache::new(limits(
+                "login certificate",
+                "jaunt-agent-sshlogin",
+                MAX_PENDING_LOGIN_CERTS,
+            )),
             next: Cell::new(0),
         }
     }

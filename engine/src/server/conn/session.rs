@@ -630,7 +630,21 @@ where
     }
 }
 
-/// Opens the session's stream to agent `host_id`, with `header`, by the handshake timeout; or
+/// How long an agent has to answer an SSH dial at least: an agent that terminates SSH answers
+/// once it has a login certificate from control and is logged in to sshd (its own bounds are
+/// 15 s and 30 s), which under a burst of parallel sessions (a fleet's fan-out) takes longer
+/// than a TLS handshake should. The agent always answers within its own bounds.
+pub const SSH_ANSWER_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// How long the engine waits for the agent's answer to a dial of `kind`.
+fn answer_timeout(kind: DialKind, handshake_timeout: Duration) -> Duration {
+    match kind {
+        DialKind::Ssh => handshake_timeout.max(SSH_ANSWER_TIMEOUT),
+        _ => handshake_timeout,
+    }
+}
+
+/// Opens the session's stream to agent `host_id`, with `header`, by [`answer_timeout`]; or
 /// the refusal and what the user reads. A hop tries the shards in turn while they answer that
 /// their tunnel is gone (the directory's list is a hint; each shard checks its own table), and
 /// is counted in `jaunt_cross_shard_hops_total` by how it ended.
@@ -643,11 +657,12 @@ async fn open_upstream(
 ) -> Result<Upstream, (Refusal, String)> {
     let shard = ctx.shard;
     let noun = request.kind.noun();
-    let open_deadline = Instant::now() + shard.limits().handshake_timeout;
+    let answer_within = answer_timeout(request.kind, shard.limits().handshake_timeout);
+    let open_deadline = Instant::now() + answer_within;
     let timed_out = || {
         let message = format!(
-            "agent {host_id:?} did not answer within {:?} while connecting to {noun} {:?}",
-            shard.limits().handshake_timeout,
+            "agent {host_id:?} did not answer within {answer_within:?} while connecting to \
+             {noun} {:?}",
             request.target
         );
         (Refusal::DialFailed, message)
