@@ -304,6 +304,15 @@ struct StartArgs {
     /// Diagnostics address for /metrics, /healthz and /readyz (served by the engine).
     #[arg(long, value_name = "HOST:PORT")]
     diag_addr: Option<String>,
+    /// Replace the daemon running on the same data directory without refusing a connection:
+    /// take over its listening sockets; it stops accepting, drains its live sessions and
+    /// exits. Starts afresh if none runs. Same configuration needed (addresses, shards).
+    #[arg(long)]
+    takeover: bool,
+    /// How long the daemon being replaced (--takeover) or stopped (SIGTERM) lets live sessions
+    /// and tunnels go on before it cuts them (e.g. 30s, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    drain_timeout: String,
 }
 
 #[derive(Args, Debug)]
@@ -863,7 +872,10 @@ fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let cfg = if args.dev {
+    let drain_timeout = std::time::Duration::from_secs(
+        parse_duration_secs(&args.drain_timeout).context("--drain-timeout")?,
+    );
+    let mut cfg = if args.dev {
         let data_dir = data_dir.unwrap_or_else(default_dev_data_dir);
         DaemonConfig {
             cluster: jaunt_config::file::DEV_CLUSTER_NAME.to_string(),
@@ -885,6 +897,8 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             audit_retention: jaunt_config::file::DEFAULT_AUDIT_RETENTION.as_std(),
             recordings: jaunt_config::file::RecordingsConfig::File,
             storage: jaunt_config::file::StorageConfig::Sqlite,
+            takeover: false,
+            drain_timeout,
         }
     } else {
         let Some(path) = args.config else {
@@ -921,6 +935,8 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         }
         daemon_config_from_file(config, data_dir)?
     };
+    cfg.takeover = args.takeover;
+    cfg.drain_timeout = drain_timeout;
     daemon::run(cfg)
 }
 
@@ -965,6 +981,8 @@ fn daemon_config_from_file(
             audit_queue_capacity: config.audit.queue_capacity,
             audit_overflow: config.audit.on_overflow,
         },
+        takeover: false,
+        drain_timeout: daemon::DRAIN_TIMEOUT,
     })
 }
 

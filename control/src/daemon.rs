@@ -10,7 +10,8 @@
 //! Files written to the data directory: `jaunt.lock` (held while the daemon runs, see
 //! `exclusive.rs`), `jaunt.db` (the store), `control.addr` and `public.addr`
 //! (the bound addresses, so port 0 works), `admin/` (the local admin identity the admin verbs use
-//! on this host) and, in dev mode, `admin-password` (0600).
+//! on this host), `takeover.sock` (where `jaunt start --takeover` asks for the sockets, see
+//! `takeover.rs`) and, in dev mode, `admin-password` (0600).
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
@@ -57,6 +58,10 @@ pub struct DaemonConfig {
     pub recordings: jaunt_config::file::RecordingsConfig,
     /// `storage:`: SQLite in `data_dir` (the default) or a shared PostgreSQL.
     pub storage: jaunt_config::file::StorageConfig,
+    /// `--takeover`: take the listening sockets over from the daemon running on `data_dir`.
+    pub takeover: bool,
+    /// How long a daemon taken over (or stopped by SIGTERM) lets live sessions go on.
+    pub drain_timeout: Duration,
 }
 
 /// The engine's part of the daemon config.
@@ -100,17 +105,52 @@ impl EngineSettings {
 pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let audit_file = cfg.audit_file.clone();
     profile::create_private_dir(&cfg.data_dir)?;
-    // One daemon per data directory and per public port (see `exclusive.rs`).
-    let _lock = crate::exclusive::lock_data_dir(&cfg.data_dir, "jaunt start")?;
+    // One daemon per data directory and per public port (see `exclusive.rs`), unless this one
+    // takes the running one's place (`takeover.rs`): then it inherits the lock and the sockets.
+    let (lock, mut inherited) = if cfg.takeover {
+        match crate::exclusive::lock_data_dir(&cfg.data_dir, "jaunt start") {
+            Ok(lock) => {
+                println!(
+                    "--takeover: no jaunt runs on {}: starting afresh",
+                    cfg.data_dir.display()
+                );
+                (lock, None)
+            }
+            Err(_) => {
+                let hello = crate::takeover::Hello {
+                    version: crate::takeover::VERSION,
+                    pid: std::process::id(),
+                    public_listen: cfg.public_listen.clone(),
+                    control_listen: cfg.control_listen.clone(),
+                    shards: cfg.engine.shards,
+                    diag_addr: cfg.engine.diag_addr.clone(),
+                    drain_timeout_secs: cfg.drain_timeout.as_secs(),
+                };
+                let inherited = crate::takeover::request(&cfg.data_dir, &hello)?;
+                let lock = crate::exclusive::DataDirLock::inherited(
+                    inherited.lock.try_clone()?,
+                    &cfg.data_dir,
+                )?;
+                (lock, Some(inherited))
+            }
+        }
+    } else {
+        (
+            crate::exclusive::lock_data_dir(&cfg.data_dir, "jaunt start")?,
+            None,
+        )
+    };
     let public_listen = resolve(&cfg.public_listen, "engine.listen_addr")?;
-    crate::exclusive::check_port_free(
-        public_listen,
-        if cfg.dev {
-            "--public-addr"
-        } else {
-            "engine.listen_addr"
-        },
-    )?;
+    if inherited.is_none() {
+        crate::exclusive::check_port_free(
+            public_listen,
+            if cfg.dev {
+                "--public-addr"
+            } else {
+                "engine.listen_addr"
+            },
+        )?;
+    }
     let store = Arc::new(match &cfg.storage {
         jaunt_config::file::StorageConfig::Sqlite => Store::open(&cfg.data_dir.join("jaunt.db"))
             .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
@@ -118,7 +158,12 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .context("storage (type: postgres): opening the store")?,
     });
     tracing::info!(backend = store.backend().kind(), "store open");
-    let control_listener = bind(&cfg.control_listen, "control.listen_addr")?;
+    let control_listener = match inherited.as_mut() {
+        Some(inherited) => inherited.control.try_clone()?,
+        None => bind(&cfg.control_listen, "control.listen_addr")?,
+    };
+    // Kept for a later takeover of this process.
+    let control_socket = control_listener.try_clone()?;
     let control_bound = control_listener.local_addr()?;
     // With port 0 the engine picks the port; the advertised address is fixed up once it has.
     let public_addr_hint = cfg.public_addr.clone();
@@ -178,11 +223,17 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let (chain, server_key) = issue_server_cert(&control, &cfg.cluster, &names)?;
     let tls = api_tls(&control, chain.clone(), server_key.clone_key())?;
 
-    let control_server = {
+    let mut control_server = {
         let control = control.clone();
         let handler: Arc<dyn Fn(&http::Request) -> http::Response + Send + Sync> =
             Arc::new(move |req: &http::Request| control.handle(req));
-        http::serve(control_listener, tls, handler, Limits::default())?
+        http::serve_with(
+            control_listener,
+            tls,
+            handler,
+            Limits::default(),
+            inherited.is_some(),
+        )?
     };
 
     // The engine: the public port.
@@ -254,8 +305,16 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    let engine = jaunt_engine::server::Engine::start(engine_config, engine_tls, snapshot_rx)
-        .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
+    let listeners = match inherited.as_mut() {
+        Some(inherited) => jaunt_engine::server::Listeners::Inherited {
+            shards: std::mem::take(&mut inherited.shards),
+            diag: inherited.diag.take(),
+        },
+        None => jaunt_engine::server::Listeners::Bind,
+    };
+    let engine =
+        jaunt_engine::server::Engine::start_with(engine_config, engine_tls, snapshot_rx, listeners)
+            .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     control.set_engine_sessions(engine.sessions());
     let public_addr = advertised(&public_addr_hint, engine.local_addr().port());
     control.set_public_addr(&public_addr);
@@ -289,6 +348,60 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         format!("{public_addr}\n").as_bytes(),
     )?;
 
+    // The takeover socket: inherited, or made now. Requests are served on their own thread;
+    // a confirmed one reaches the loop below.
+    let takeover_listener = match inherited.as_ref() {
+        Some(inherited) => inherited.takeover.try_clone()?,
+        None => crate::takeover::bind(&cfg.data_dir)?,
+    };
+    if let Some(inherited) = inherited.as_mut() {
+        // Booted: the old process stops accepting, then this one starts.
+        inherited.ready()?;
+        engine
+            .start_accepting(crate::takeover::AGENT_GRACE)
+            .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
+        control_server.start_accepting();
+        println!(
+            "Took over from jaunt pid {}: it drains its live sessions and exits.",
+            inherited.old_pid
+        );
+    }
+    drop(inherited);
+    let offer_sockets = Arc::new(std::sync::Mutex::new(Some(OfferSockets {
+        lock: lock.share()?,
+        takeover: std::os::fd::OwnedFd::from(takeover_listener.try_clone()?),
+        control: std::os::fd::OwnedFd::from(control_socket),
+        shards: engine.listeners()?,
+        diag: engine.diag_listener(),
+    })));
+    let (handover_tx, handover_rx) = crossbeam_channel::bounded::<crate::takeover::Handover>(1);
+    // Held here so the channel never disconnects, whatever the takeover thread does.
+    let _handover_tx = handover_tx.clone();
+    {
+        let offer_sockets = Arc::clone(&offer_sockets);
+        let expected = (
+            cfg.public_listen.clone(),
+            cfg.control_listen.clone(),
+            cfg.engine.shards,
+            cfg.engine.diag_addr.clone(),
+        );
+        std::thread::Builder::new()
+            .name("takeover".into())
+            .spawn(move || {
+                let offer = |hello: &crate::takeover::Hello| {
+                    check_takeover(hello, &expected)?;
+                    offer_sockets
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .ok_or_else(|| anyhow::anyhow!("this jaunt is stopping"))?
+                        .dup()
+                };
+                crate::takeover::serve(&takeover_listener, &offer, &handover_tx)
+            })?;
+    }
+    notify_systemd();
+
     print_banner(
         &cfg,
         engine.diag_addr(),
@@ -316,7 +429,55 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         reload_after_rotation(control, &cfg, &names, &control_server, &engine)?;
         write_admin_identity(control, &cfg, &control_addr)
     };
-    serve_until_shutdown(&control, &cfg, &names, &engine, &rotated_rx, &on_rotation)?;
+    let mut drain_timeout = cfg.drain_timeout;
+    let mut handed_over = false;
+    while let Some(handover) = serve_until_shutdown(
+        &control,
+        &cfg,
+        &names,
+        &engine,
+        &rotated_rx,
+        &handover_rx,
+        &on_rotation,
+    )? {
+        // A new process is ready on our sockets: stop accepting, let it start, then drain.
+        let stopped = engine
+            .stop_accepting(STOP_ACCEPTING_TIMEOUT)
+            .map_err(|e| anyhow::anyhow!("engine: {e}"))
+            .and_then(|()| {
+                control_server
+                    .stop_accepting()
+                    .context("control API: stopping the acceptor")
+            });
+        match stopped {
+            Ok(()) => {
+                drain_timeout = Duration::from_secs(handover.hello.drain_timeout_secs);
+                let _ = handover.stopped.send(Ok(()));
+                handed_over = true;
+                tracing::info!(
+                    pid = handover.hello.pid,
+                    ?drain_timeout,
+                    "taken over: draining"
+                );
+                println!(
+                    "taken over by jaunt pid {}: draining live sessions (at most {:?})",
+                    handover.hello.pid, drain_timeout
+                );
+                break;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "takeover: cannot stop accepting");
+                let _ = handover.stopped.send(Err(e));
+            }
+        }
+    }
+    offer_sockets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if !handed_over {
+        let _ = std::fs::remove_file(crate::takeover::socket_path(&cfg.data_dir));
+    }
     drop(grace_stop);
     let _ = grace.join();
     tracing::info!("shutting down: draining the engine");
@@ -325,7 +486,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         tracing::warn!("the heartbeat thread panicked");
     }
     beat(&store, &member, "draining");
-    match engine.shutdown(DRAIN_TIMEOUT) {
+    match engine.shutdown(drain_timeout) {
         Ok(report) if report.aborted_connections > 0 => {
             tracing::warn!(
                 aborted = report.aborted_connections,
@@ -350,8 +511,101 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     beat(&store, &member, "stopped");
     control_server.shutdown();
+    drop(lock);
     println!("jaunt stopped");
     Ok(())
+}
+
+/// How long a daemon being taken over waits for its shards to stop accepting.
+const STOP_ACCEPTING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The sockets a takeover hands over (see `takeover.rs`); copies are made per request.
+struct OfferSockets {
+    lock: std::os::fd::OwnedFd,
+    takeover: std::os::fd::OwnedFd,
+    control: std::os::fd::OwnedFd,
+    shards: Vec<std::os::fd::OwnedFd>,
+    diag: Option<std::os::fd::OwnedFd>,
+}
+
+impl OfferSockets {
+    fn dup(&self) -> anyhow::Result<crate::takeover::Sockets> {
+        Ok(crate::takeover::Sockets {
+            lock: self.lock.try_clone()?,
+            takeover: self.takeover.try_clone()?,
+            control: self.control.try_clone()?,
+            shards: self
+                .shards
+                .iter()
+                .map(std::os::fd::OwnedFd::try_clone)
+                .collect::<Result<_, _>>()?,
+            diag: self
+                .diag
+                .as_ref()
+                .map(std::os::fd::OwnedFd::try_clone)
+                .transpose()?,
+        })
+    }
+}
+
+/// A takeover needs the same addresses and shard count (the sockets are this daemon's).
+fn check_takeover(
+    hello: &crate::takeover::Hello,
+    (public_listen, control_listen, shards, diag): &(String, String, usize, Option<String>),
+) -> anyhow::Result<()> {
+    if &hello.diag_addr != diag {
+        anyhow::bail!(
+            "engine.diag_addr differs: {} here, {} in the new process",
+            diag.as_deref().unwrap_or("none"),
+            hello.diag_addr.as_deref().unwrap_or("none")
+        );
+    }
+    if &hello.public_listen != public_listen {
+        anyhow::bail!(
+            "the public listen address differs: {} here, {} in the new process",
+            public_listen,
+            hello.public_listen
+        );
+    }
+    if &hello.control_listen != control_listen {
+        anyhow::bail!(
+            "control.listen_addr differs: {} here, {} in the new process",
+            control_listen,
+            hello.control_listen
+        );
+    }
+    if hello.shards != *shards {
+        anyhow::bail!(
+            "engine.shards differs: {} here, {} in the new process",
+            shards,
+            hello.shards
+        );
+    }
+    Ok(())
+}
+
+/// Tells systemd (`Type=notify`, `NotifyAccess=all`) that this process serves and is the
+/// service's main process now (after a takeover too); nothing without `NOTIFY_SOCKET`.
+fn notify_systemd() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message = format!("READY=1\nMAINPID={}\n", std::process::id());
+    let sent = (|| -> std::io::Result<()> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt as _;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            socket.send_to_addr(message.as_bytes(), &addr)?;
+        } else {
+            socket.send_to(message.as_bytes(), &path)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// How often a control polls a shared store's revision: a change made through another control
@@ -752,8 +1006,9 @@ fn serve_until_shutdown(
     names: &[String],
     engine: &jaunt_engine::server::EngineHandle,
     rotated: &crossbeam_channel::Receiver<crossbeam_channel::Sender<()>>,
+    handover: &crossbeam_channel::Receiver<crate::takeover::Handover>,
     on_rotation: &dyn Fn(&Control) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<crate::takeover::Handover>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
@@ -788,6 +1043,10 @@ fn serve_until_shutdown(
                 }
                 continue;
             }
+            recv(handover) -> request => match request {
+                Ok(request) => return Ok(Some(request)),
+                Err(_) => continue,
+            },
             default(Duration::from_secs(600)) => Err(crossbeam_channel::RecvTimeoutError::Timeout),
         };
         let reload = match received {
@@ -798,12 +1057,12 @@ fn serve_until_shutdown(
             }
             Ok(sig) => {
                 tracing::info!(signal = sig, "signal received");
-                return Ok(());
+                return Ok(None);
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 cfg.engine.tls_files.is_none() && unix_now() >= renew_at
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(None),
         };
         if reload {
             match engine_tls_configs(control, cfg, names, None)

@@ -8,8 +8,8 @@
 //!   connections), a plain bind probes the port; if another process listens there, start-up is
 //!   refused naming the port and, where `/proc` tells, the process.
 //!
-//! Not here: binding the engine's listeners (engine `shard.rs`), and any deliberate takeover of
-//! a port from a running daemon, which would skip the probe on purpose.
+//! Not here: binding the engine's listeners (engine `listen.rs`), and the deliberate takeover
+//! of the lock and the sockets from a running daemon (`takeover.rs`), which skips the probe.
 
 use std::fs::File;
 use std::io::{Read as _, Seek as _, Write as _};
@@ -26,6 +26,25 @@ pub const LOCK_FILE: &str = "jaunt.lock";
 pub struct DataDirLock {
     _file: File,
     pub path: PathBuf,
+}
+
+impl DataDirLock {
+    /// The lock file, for the process that takes this daemon over (`jaunt start --takeover`):
+    /// the same open file, so the lock never lapses between the two.
+    pub fn share(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        self._file.try_clone().map(Into::into)
+    }
+
+    /// The lock a replaced daemon handed over (already held by this open file); records this
+    /// process's pid in it.
+    pub fn inherited(mut file: File, dir: &Path) -> anyhow::Result<DataDirLock> {
+        let path = dir.join(LOCK_FILE);
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(DataDirLock { _file: file, path })
+    }
 }
 
 /// Locks `dir` for this process, or explains who holds it. `what` names the daemon for the

@@ -254,10 +254,13 @@ impl Stats {
 pub struct ServerHandle {
     pub local_addr: SocketAddr,
     shared: Arc<Shared>,
-    acceptor: Option<JoinHandle<()>>,
+    /// Taken by whoever stops it ([`ServerHandle::stop_accepting`] or shutdown).
+    acceptor: Mutex<Option<JoinHandle<()>>>,
     workers: Vec<JoinHandle<()>>,
     /// Never sent on: dropping it tells idle workers to exit, even if the acceptor is stuck.
     stop_workers: Option<Sender<()>>,
+    /// Never sent on: while held, a paused acceptor waits ([`serve_with`]).
+    gate: Option<Sender<()>>,
 }
 
 impl ServerHandle {
@@ -277,7 +280,15 @@ impl ServerHandle {
 
     fn stop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        if let Some(acceptor) = self.acceptor.take() {
+        if let Some(gate) = self.gate.take() {
+            // Paused: the acceptor wakes, sees `stopping` and returns without accepting.
+            drop(gate);
+            if let Some(acceptor) = lock(&self.acceptor).take() {
+                let _ = acceptor.join();
+            }
+        }
+        let acceptor = lock(&self.acceptor).take();
+        if let Some(acceptor) = acceptor {
             match TcpStream::connect_timeout(&wake_addr(self.local_addr), WAKE_TIMEOUT) {
                 Ok(_) => {
                     if acceptor.join().is_err() {
@@ -311,6 +322,32 @@ impl ServerHandle {
 }
 
 impl ServerHandle {
+    /// Starts the acceptor of a server made paused ([`serve_with`]).
+    pub fn start_accepting(&mut self) {
+        self.gate = None;
+    }
+
+    /// Stops accepting without leaving a connection unserved in the listener's queue (another
+    /// process takes the listener over, `jaunt start --takeover`): the acceptor stops at a
+    /// marker connection made here, after handing what it accepted before to the workers.
+    /// Live connections go on until [`ServerHandle::shutdown`].
+    pub fn stop_accepting(&self) -> io::Result<()> {
+        let Some(acceptor) = lock(&self.acceptor).take() else {
+            return Ok(());
+        };
+        let markers = Arc::clone(self.shared.stop_at.get_or_init(Default::default));
+        let marker = markers.connect(wake_addr(self.local_addr));
+        if marker.is_err() {
+            *lock(&self.acceptor) = Some(acceptor);
+            return marker.map(drop);
+        }
+        if acceptor.join().is_err() {
+            tracing::error!("the control API acceptor thread panicked");
+        }
+        drop(marker);
+        Ok(())
+    }
+
     /// New connections use `tls` from now on (the server certificate and the client roots
     /// after a CA rotation phase change); live ones keep theirs.
     pub fn reload_tls(&self, tls: Arc<ServerConfig>) {
@@ -331,6 +368,21 @@ pub fn serve(
     handler: Handler,
     limits: Limits,
 ) -> io::Result<ServerHandle> {
+    serve_with(listener, tls, handler, limits, false)
+}
+
+/// [`serve`], accepting only after [`ServerHandle::start_accepting`] when `paused`: a process
+/// that takes the listener over from another one (`jaunt start --takeover`) waits until that
+/// one has stopped accepting.
+pub fn serve_with(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    handler: Handler,
+    limits: Limits,
+    paused: bool,
+) -> io::Result<ServerHandle> {
+    let (gate_tx, gate) = crossbeam_channel::bounded::<()>(0);
+    let gate_tx = paused.then_some(gate_tx);
     if limits.workers == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -350,14 +402,16 @@ pub fn serve(
             .map(|_| Mutex::new(Slot::default()))
             .collect(),
         limits,
+        stop_at: std::sync::OnceLock::new(),
     });
 
     let mut handle = ServerHandle {
         local_addr,
         shared: Arc::clone(&shared),
-        acceptor: None,
+        acceptor: Mutex::new(None),
         workers: Vec::new(),
         stop_workers: Some(stop_workers),
+        gate: gate_tx,
     };
     for index in 0..shared.limits.workers {
         let (shared, rx, stopped) = (Arc::clone(&shared), rx.clone(), stopped.clone());
@@ -369,10 +423,14 @@ pub fn serve(
     }
     drop((rx, stopped));
     let acceptor_shared = Arc::clone(&shared);
-    handle.acceptor = Some(
+    *lock(&handle.acceptor) = Some(
         thread::Builder::new()
             .name("jaunt-api-accept".to_owned())
-            .spawn(move || accept_loop(&listener, &acceptor_shared, &tx))?,
+            .spawn(move || {
+                // Returns at once unless paused; then when the handle drops the sender.
+                let _ = gate.recv();
+                accept_loop(&listener, &acceptor_shared, &tx)
+            })?,
     );
     Ok(handle)
 }
@@ -430,6 +488,9 @@ struct Shared {
     stopping: AtomicBool,
     /// One per worker: the connection it serves, so that shutdown can close idle ones.
     slots: Vec<Mutex<Slot>>,
+    /// Set by [`ServerHandle::stop_accepting`]: the acceptor stops at a connection from one of
+    /// these addresses, serving what it accepted before.
+    stop_at: std::sync::OnceLock<Arc<jaunt_engine::server::listen::Markers>>,
 }
 
 impl Shared {
@@ -445,14 +506,22 @@ struct Slot {
     idle: bool,
 }
 
-fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+fn lock<T>(slot: &Mutex<T>) -> MutexGuard<'_, T> {
     // A slot holds no invariant a panic could break halfway.
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn accept_loop(listener: &TcpListener, shared: &Shared, tx: &Sender<(TcpStream, SocketAddr)>) {
     loop {
+        if shared.stopping() {
+            return;
+        }
         let accepted = listener.accept();
+        if let (Ok((_, peer)), Some(markers)) = (&accepted, shared.stop_at.get()) {
+            if markers.contains(peer) {
+                return;
+            }
+        }
         if shared.stopping() {
             return;
         }

@@ -43,4 +43,5 @@ pub mod rotation;
 pub mod service;
 pub mod ssh_cmd;
 pub mod store;
+pub mod takeover;
 pub mod web;

@@ -192,6 +192,27 @@ impl Cluster {
         self.child.wait().unwrap()
     }
 
+    /// `jaunt start --dev ... --takeover` with the arguments of [`Cluster::dev`] on this
+    /// cluster's data directory: a new process that takes this one's sockets over. Ready (its
+    /// banner printed) once the old process has stopped accepting and it accepts. Its own
+    /// `$JAUNT_HOME`; `self.child` stays the old process.
+    pub fn takeover(&self, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "start".to_string(),
+            "--dev".to_string(),
+            "--data-dir".to_string(),
+            self.data_dir.display().to_string(),
+            "--public-addr".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--diag-addr".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--takeover".to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Cluster::spawn(dir, self.data_dir.clone(), args)
+    }
+
     /// A new `jaunt start --dev` on an existing data directory (after a stop).
     pub fn dev_on(data_dir: &Path) -> Cluster {
         let dir = tempfile::tempdir().unwrap();

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::server::listen::Markers;
 use crate::server::metrics::{render, ShardMetrics};
 use crate::server::EngineError;
 
@@ -49,7 +50,11 @@ impl DiagState {
 pub(crate) struct Diag {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// Set by [`Diag::stop_at_marker`]: the thread stops at a connection from one of these.
+    markers: Arc<std::sync::OnceLock<Arc<Markers>>>,
     thread: Option<JoinHandle<()>>,
+    /// A copy of the listening socket, for a takeover.
+    exported: Option<TcpListener>,
 }
 
 impl Diag {
@@ -57,14 +62,26 @@ impl Diag {
     pub fn start(addr: SocketAddr, state: Arc<DiagState>) -> Result<Diag, EngineError> {
         let listener =
             TcpListener::bind(addr).map_err(|source| EngineError::DiagBind { addr, source })?;
+        Diag::serve_on(listener, addr, state)
+    }
+
+    /// Serves on a listener already bound (inherited in a takeover); `addr` names it in errors.
+    pub fn serve_on(
+        listener: TcpListener,
+        addr: SocketAddr,
+        state: Arc<DiagState>,
+    ) -> Result<Diag, EngineError> {
         let addr = listener
             .local_addr()
             .map_err(|source| EngineError::DiagBind { addr, source })?;
+        let exported = listener.try_clone().ok();
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
+        let markers = Arc::new(std::sync::OnceLock::new());
+        let thread_markers = Arc::clone(&markers);
         let thread = std::thread::Builder::new()
             .name("jaunt-diag".into())
-            .spawn(move || serve(listener, state, thread_stop))
+            .spawn(move || serve(listener, state, thread_stop, thread_markers))
             .map_err(|source| EngineError::Thread {
                 name: "jaunt-diag".into(),
                 source,
@@ -72,7 +89,9 @@ impl Diag {
         Ok(Diag {
             addr,
             stop,
+            markers,
             thread: Some(thread),
+            exported,
         })
     }
 
@@ -81,8 +100,37 @@ impl Diag {
         self.addr
     }
 
+    /// A copy of the listening socket (for the process that takes this one over).
+    pub fn listener(&self) -> Option<std::os::fd::OwnedFd> {
+        self.exported
+            .as_ref()
+            .and_then(|l| l.try_clone().ok())
+            .map(Into::into)
+    }
+
+    /// Stops accepting, leaving what comes later in the socket's queue for the process that
+    /// takes it over (see `listen.rs`).
+    pub fn stop_at_marker(&mut self) -> std::io::Result<()> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let markers = Arc::clone(self.markers.get_or_init(Default::default));
+        let marker = markers.connect(crate::server::listen::reach_addr(self.addr));
+        if marker.is_err() {
+            self.thread = Some(thread);
+            return marker.map(drop);
+        }
+        let _ = thread.join();
+        self.exported = None;
+        Ok(())
+    }
+
     /// Stops the thread and closes the socket.
     pub fn stop(&mut self) {
+        self.exported = None;
+        if self.thread.is_none() {
+            return;
+        }
         self.stop.store(true, Ordering::Release);
         // Wake the blocking accept; failure means it is already gone.
         let _ = TcpStream::connect_timeout(&self.addr, DIAG_IO_TIMEOUT);
@@ -98,10 +146,20 @@ impl Drop for Diag {
     }
 }
 
-fn serve(listener: TcpListener, state: Arc<DiagState>, stop: Arc<AtomicBool>) {
+fn serve(
+    listener: TcpListener,
+    state: Arc<DiagState>,
+    stop: Arc<AtomicBool>,
+    markers: Arc<std::sync::OnceLock<Arc<Markers>>>,
+) {
     for conn in listener.incoming() {
         if stop.load(Ordering::Acquire) {
             return;
+        }
+        if let (Ok(conn), Some(markers)) = (&conn, markers.get()) {
+            if conn.peer_addr().is_ok_and(|peer| markers.contains(&peer)) {
+                return;
+            }
         }
         match conn {
             Ok(conn) => {

@@ -51,6 +51,7 @@ pub(crate) mod hop;
 mod http;
 mod inventory;
 mod io;
+pub mod listen;
 pub mod metrics;
 mod shard;
 pub mod snapshot;
@@ -96,6 +97,10 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SHARD: usize = 10_000;
 pub const DEFAULT_IO_MEMORY: usize = 64 << 10;
 
 pub use jaunt_config::wire::MAX_SHARDS;
+
+/// How long [`EngineHandle::stop_accepting`] waits for the shards that got a marker before it
+/// sends more (the kernel may have hashed two markers to the same shard).
+const MARKER_ROUND: Duration = Duration::from_millis(25);
 
 /// How long [`EngineHandle::reload_tls`] waits for every shard to acknowledge.
 pub const COMMAND_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -376,7 +381,51 @@ impl Engine {
         tls: TlsConfigs,
         snapshots: crossbeam_channel::Receiver<Arc<Snapshot>>,
     ) -> Result<EngineHandle, EngineError> {
+        Engine::start_with(config, tls, snapshots, Listeners::Bind)
+    }
+
+    /// [`Engine::start`] with the public port's sockets as `listeners` says: bound here, or
+    /// inherited from the process this one replaces (`jaunt start --takeover`), in which case
+    /// the shards accept only after [`EngineHandle::start_accepting`].
+    pub fn start_with(
+        config: EngineConfig,
+        tls: TlsConfigs,
+        snapshots: crossbeam_channel::Receiver<Arc<Snapshot>>,
+        listeners: Listeners,
+    ) -> Result<EngineHandle, EngineError> {
         config.validate()?;
+        let paused = matches!(listeners, Listeners::Inherited { .. });
+        let mut inherited_diag = None;
+        let sockets = match listeners {
+            Listeners::Bind => bind_shards(&config)?,
+            Listeners::Inherited {
+                shards: sockets,
+                diag,
+            } => {
+                inherited_diag = diag;
+                if sockets.len() != config.shards {
+                    return Err(EngineError::Config {
+                        key: "engine.shards",
+                        message: format!(
+                            "the running engine has {} shards and this one {}: a takeover needs \
+                             the same engine.shards",
+                            sockets.len(),
+                            config.shards
+                        ),
+                    });
+                }
+                sockets
+            }
+        };
+        let exported = sockets
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| EngineError::Bind {
+                shard: 0,
+                addr: config.listen_addr,
+                source,
+            })?;
         let metrics: Vec<Arc<ShardMetrics>> = (0..config.shards)
             .map(|_| Arc::new(ShardMetrics::default()))
             .collect();
@@ -390,10 +439,13 @@ impl Engine {
                 shards: metrics.clone(),
                 draining: std::sync::atomic::AtomicBool::new(false),
             }),
-            diag: None,
+            diag: std::sync::Mutex::new(None),
+            pending_diag: std::sync::Mutex::new(None),
             feeder: None,
             stopped: false,
+            exported,
         };
+        let mut sockets = sockets.into_iter();
         // One channel per ordered shard pair for cross-shard hops, made before any shard runs.
         let mut hop_boots = hop::mesh(config.shards).into_iter();
         for (index, shard_metrics) in metrics.iter().enumerate() {
@@ -403,7 +455,8 @@ impl Engine {
                 index,
                 shard_count: config.shards,
                 config: config.clone(),
-                bind_addr: handle.local_addr,
+                listener: sockets.next(),
+                paused,
                 placement: cpus.as_ref().and_then(|cpus| cpus.get(index).copied()),
                 tls: tls.clone(),
                 metrics: Arc::clone(shard_metrics),
@@ -433,9 +486,19 @@ impl Engine {
                 source,
             })?;
         handle.feeder = Some((stop_tx, feeder));
-        if let Some(addr) = config.diag_addr {
-            handle.diag = Some(Diag::start(addr, Arc::clone(&handle.state))?);
+        match (config.diag_addr, inherited_diag) {
+            (Some(addr), None) if !paused => {
+                *lock(&handle.diag) = Some(Diag::start(addr, Arc::clone(&handle.state))?);
+            }
+            // Inherited shards but no diag socket (the replaced process had none): bound when
+            // accepting starts.
+            (Some(addr), None) => *lock(&handle.pending_diag) = Some((addr, None)),
+            (Some(addr), Some(listener)) => {
+                *lock(&handle.pending_diag) = Some((addr, Some(listener)));
+            }
+            (None, _) => {}
         }
+
         tracing::info!(
             addr = %handle.local_addr,
             shards = config.shards,
@@ -444,6 +507,44 @@ impl Engine {
         );
         Ok(handle)
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where the engine's listening sockets come from.
+#[derive(Debug)]
+pub enum Listeners {
+    /// Bind `listen_addr` once per shard (`SO_REUSEPORT`; port 0: the first one's port).
+    Bind,
+    /// One listening socket per shard (and the diag endpoint's, if it has one), handed over by
+    /// the process this one replaces; nothing is accepted before
+    /// [`EngineHandle::start_accepting`].
+    Inherited {
+        shards: Vec<std::net::TcpListener>,
+        diag: Option<std::net::TcpListener>,
+    },
+}
+
+/// One `SO_REUSEPORT` socket per shard on `listen_addr`.
+fn bind_shards(config: &EngineConfig) -> Result<Vec<std::net::TcpListener>, EngineError> {
+    let mut addr = config.listen_addr;
+    let mut sockets = Vec::with_capacity(config.shards);
+    for shard in 0..config.shards {
+        let socket = listen::bind_reuseport(addr).map_err(|source| EngineError::Bind {
+            shard,
+            addr,
+            source,
+        })?;
+        addr = socket.local_addr().map_err(|source| EngineError::Bind {
+            shard,
+            addr,
+            source,
+        })?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
 }
 
 /// CPUs to pin shards to, or `None` to run them unpinned.
@@ -540,9 +641,16 @@ pub struct EngineHandle {
     shards: Vec<ShardHandle>,
     state: Arc<DiagState>,
     directory: Arc<Directory>,
-    diag: Option<Diag>,
+    /// Stopped by a takeover ([`EngineHandle::stop_accepting`]) or the shutdown.
+    diag: std::sync::Mutex<Option<Diag>>,
+    /// A takeover's diag endpoint, started with the accept loops: its address, and the socket
+    /// handed over if there was one.
+    pending_diag: std::sync::Mutex<Option<(SocketAddr, Option<std::net::TcpListener>)>>,
     feeder: Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>,
     stopped: bool,
+    /// Copies of the shards' listening sockets, for a takeover ([`EngineHandle::listeners`]);
+    /// dropped when the engine stops, so that the port closes.
+    exported: Vec<std::net::TcpListener>,
 }
 
 impl EngineHandle {
@@ -553,7 +661,15 @@ impl EngineHandle {
 
     /// The diag endpoint's address, if one is configured.
     pub fn diag_addr(&self) -> Option<SocketAddr> {
-        self.diag.as_ref().map(Diag::addr)
+        lock(&self.diag)
+            .as_ref()
+            .map(Diag::addr)
+            .or_else(|| lock(&self.pending_diag).as_ref().map(|(addr, _)| *addr))
+    }
+
+    /// A copy of the diag endpoint's listening socket, for the process that replaces this one.
+    pub fn diag_listener(&self) -> Option<std::os::fd::OwnedFd> {
+        lock(&self.diag).as_ref().and_then(Diag::listener)
     }
 
     /// Every shard listens and has applied a snapshot, and no shutdown has begun (what
@@ -637,6 +753,84 @@ impl EngineHandle {
         Ok(())
     }
 
+    /// Copies of the shards' listening sockets, in shard order, for the process that replaces
+    /// this one (`jaunt start --takeover`).
+    pub fn listeners(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.exported
+            .iter()
+            .map(|l| l.try_clone().map(std::os::fd::OwnedFd::from))
+            .collect()
+    }
+
+    /// Starts the shards' accept loops (an engine started with inherited listeners). Until
+    /// `agent_grace` has passed, a dial whose agent has no tunnel here yet waits for it (the
+    /// agents are moving over from the replaced process).
+    pub fn start_accepting(&self, agent_grace: Duration) -> Result<(), EngineError> {
+        if let Some((addr, listener)) = lock(&self.pending_diag).take() {
+            let diag = match listener {
+                Some(listener) => Diag::serve_on(listener, addr, Arc::clone(&self.state))?,
+                None => Diag::start(addr, Arc::clone(&self.state))?,
+            };
+            *lock(&self.diag) = Some(diag);
+        }
+        let until = Some(Instant::now() + agent_grace);
+        self.command_all(|ack| Command::StartAccepting {
+            agent_grace_until: until,
+            ack,
+        })
+    }
+
+    /// Stops accepting without leaving a connection behind in the sockets' queues: each shard
+    /// stops at a marker connection (see `listen.rs`), having served what it accepted before;
+    /// what arrives after waits for the process that takes the sockets over. Returns once
+    /// every shard has stopped, or an error after `timeout` (those shards go on accepting).
+    pub fn stop_accepting(&self, timeout: Duration) -> Result<(), EngineError> {
+        let markers = Arc::new(listen::Markers::default());
+        let (stopped_tx, stopped_rx) = crossbeam_channel::unbounded();
+        self.command_all(|ack| Command::StopAccepting {
+            markers: Arc::clone(&markers),
+            stopped: stopped_tx.clone(),
+            ack,
+        })?;
+        drop(stopped_tx);
+        let target = listen::reach_addr(self.local_addr);
+        let deadline = Instant::now() + timeout;
+        let mut stopped = vec![false; self.shards.len()];
+        // Open until every shard stopped: a marker closed earlier could reach a shard as EOF
+        // before it is accepted, which is still a marker, but keep them simple.
+        let mut held = Vec::new();
+        while stopped.iter().any(|s| !s) {
+            if Instant::now() >= deadline {
+                let shard = stopped.iter().position(|s| !s).unwrap_or(0);
+                return Err(EngineError::ShardUnresponsive { shard, timeout });
+            }
+            // The kernel picks the shard of each marker: send one per shard still accepting,
+            // then collect who stopped.
+            for _ in 0..stopped.iter().filter(|s| !**s).count() {
+                match markers.connect(target) {
+                    Ok(stream) => held.push(stream),
+                    Err(e) => tracing::warn!(%target, error = %e, "stop marker: cannot connect"),
+                }
+            }
+            let round = (Instant::now() + MARKER_ROUND).min(deadline);
+            while let Ok(index) = stopped_rx.recv_deadline(round) {
+                if let Some(slot) = stopped.get_mut(index) {
+                    *slot = true;
+                }
+                if stopped.iter().all(|s| *s) {
+                    break;
+                }
+            }
+        }
+        tracing::info!(markers = held.len(), "every shard stopped accepting");
+        if let Some(diag) = lock(&self.diag).as_mut() {
+            if let Err(e) = diag.stop_at_marker() {
+                tracing::warn!(error = %e, "diag endpoint: cannot stop at a marker");
+            }
+        }
+        Ok(())
+    }
+
     /// SIGTERM: stop accepting at once (the port closes), close agent tunnels, let open
     /// connections finish until `drain_timeout`, then close the rest. Returns when every shard
     /// has stopped.
@@ -649,6 +843,7 @@ impl EngineHandle {
             return Ok(ShutdownReport::default());
         }
         self.stopped = true;
+        self.exported.clear();
         self.state.draining.store(true, Ordering::Release);
         let drain_deadline = Instant::now() + drain_timeout;
         for shard in &self.shards {
@@ -668,7 +863,7 @@ impl EngineHandle {
             drop(stop);
             let _ = feeder.join();
         }
-        if let Some(mut diag) = self.diag.take() {
+        if let Some(mut diag) = lock(&self.diag).take() {
             diag.stop();
         }
         tracing::info!(aborted = report.aborted_connections, "engine stopped");

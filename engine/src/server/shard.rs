@@ -45,6 +45,7 @@ use jaunt_config::identity::Identity;
 use crate::server::authorize::{matching_lock, revoked};
 use crate::server::hop::{self, HopBoot, Hops};
 use crate::server::inventory::{Directory, HeartbeatApplied, InventoryEvent};
+use crate::server::listen::Markers;
 use crate::server::metrics::{Refusal, ShardMetrics};
 use crate::server::snapshot::{Snapshot, Target};
 use crate::server::table::{TunnelEntry, TunnelTable};
@@ -60,6 +61,9 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// Back-off after a failed `accept` (e.g. `EMFILE`), so a shard out of descriptors does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(20);
+
+/// How often a drain looks whether the connections still dialing are done.
+const SETTLE_POLL: Duration = Duration::from_millis(5);
 
 // ---------------------------------------------------------------------------------------------
 // Mailbox
@@ -78,6 +82,20 @@ pub(crate) enum Command {
     Sessions(crossbeam_channel::Sender<Vec<LiveSessionInfo>>),
     /// End the live session with this id; answer whether this shard had it.
     EndSession(String, crossbeam_channel::Sender<bool>),
+    /// Start accepting (a shard booted paused, `jaunt start --takeover`); until
+    /// `agent_grace_until`, a dial whose agent has no tunnel yet waits for it. Acknowledge with
+    /// the shard index.
+    StartAccepting {
+        agent_grace_until: Option<Instant>,
+        ack: crossbeam_channel::Sender<usize>,
+    },
+    /// Stop accepting at the first marker connection (`listen.rs`); report the shard index on
+    /// `stopped` then. Acknowledge with the shard index once the markers are watched for.
+    StopAccepting {
+        markers: Arc<Markers>,
+        stopped: crossbeam_channel::Sender<usize>,
+        ack: crossbeam_channel::Sender<usize>,
+    },
 }
 
 /// A live user session as `jaunt sessions ls` shows it.
@@ -340,6 +358,13 @@ pub(crate) struct Shard {
     pub abort: Signal,
     /// Fired when the last connection closes while draining.
     all_closed: Signal,
+    /// After a takeover, until then a dial whose agent has no tunnel yet waits for one.
+    agent_grace_until: Cell<Option<Instant>>,
+    /// Connections accepted that have not yet opened their session's stream (or been routed
+    /// elsewhere): a drain lets them dial before it sends agents away.
+    dialing: Cell<usize>,
+    /// Set by [`Command::StopAccepting`]: the markers to stop at, and where to say so.
+    stop_at: RefCell<Option<(Arc<Markers>, crossbeam_channel::Sender<usize>)>>,
 }
 
 impl Shard {
@@ -362,6 +387,25 @@ impl Shard {
             draining: Signal::default(),
             abort: Signal::default(),
             all_closed: Signal::default(),
+            agent_grace_until: Cell::new(None),
+            dialing: Cell::new(0),
+            stop_at: RefCell::new(None),
+        }
+    }
+
+    /// Whether dials should still wait for agents to (re)connect (see
+    /// [`Command::StartAccepting`]).
+    pub fn awaiting_agents(&self) -> Option<Instant> {
+        self.agent_grace_until
+            .get()
+            .filter(|until| Instant::now() < *until)
+    }
+
+    /// Counts a connection as dialing until the returned token is dropped.
+    pub(crate) fn dialing(self: &Rc<Shard>) -> Dialing {
+        self.dialing.set(self.dialing.get() + 1);
+        Dialing {
+            shard: Rc::clone(self),
         }
     }
 
@@ -804,6 +848,12 @@ impl Shard {
     /// Stops everything: tunnels close, open connections get until `deadline` to finish, then
     /// are aborted. Returns how many were aborted.
     async fn drain(&self, deadline: Instant) -> u64 {
+        // Connections accepted just before the stop get to open their stream first (bounded by
+        // the handshake timeout): agents are told to go away only after.
+        let settle = deadline.min(Instant::now() + self.limits().handshake_timeout);
+        while self.dialing.get() > 0 && Instant::now() < settle {
+            glommio::timer::Timer::new(SETTLE_POLL).await;
+        }
         self.draining.fire();
         let tunnels: Vec<Tunnel> = self
             .tunnels
@@ -846,6 +896,19 @@ fn announced_target(host_id: &str, agent: &AgentHello, kind: ResourceKind, name:
     }
 }
 
+/// A connection that has not opened its session's stream yet (see [`Shard::dialing`]).
+pub(crate) struct Dialing {
+    shard: Rc<Shard>,
+}
+
+impl Drop for Dialing {
+    fn drop(&mut self) {
+        self.shard
+            .dialing
+            .set(self.shard.dialing.get().saturating_sub(1));
+    }
+}
+
 /// Counts one connection as active for as long as it lives.
 pub(crate) struct ConnGuard {
     shard: Rc<Shard>,
@@ -877,7 +940,10 @@ pub(crate) struct ShardBoot {
     pub index: usize,
     pub shard_count: usize,
     pub config: EngineConfig,
-    pub bind_addr: SocketAddr,
+    /// This shard's listening socket (bound by the engine handle, or inherited).
+    pub listener: Option<std::net::TcpListener>,
+    /// Accept only once told to ([`Command::StartAccepting`]).
+    pub paused: bool,
     pub placement: Option<usize>,
     pub tls: TlsConfigs,
     pub metrics: Arc<ShardMetrics>,
@@ -937,28 +1003,24 @@ fn make_executor(boot: &ShardBoot) -> Result<glommio::LocalExecutor, EngineError
 }
 
 async fn serve(mut boot: ShardBoot) -> u64 {
-    let listener = match TcpListener::bind(boot.bind_addr) {
-        Ok(listener) => listener,
-        Err(e) => {
-            let _ = boot.report.send(Err(EngineError::Bind {
-                shard: boot.index,
-                addr: boot.bind_addr,
-                source: e.into(),
-            }));
-            return 0;
-        }
+    let Some(std_listener) = boot.listener.take() else {
+        let _ = boot
+            .report
+            .send(Err(EngineError::ShardDied { shard: boot.index }));
+        return 0;
     };
-    let local_addr = match listener.local_addr() {
+    let local_addr = match std_listener.local_addr() {
         Ok(addr) => addr,
         Err(e) => {
             let _ = boot.report.send(Err(EngineError::Bind {
                 shard: boot.index,
-                addr: boot.bind_addr,
-                source: e.into(),
+                addr: boot.config.listen_addr,
+                source: e,
             }));
             return 0;
         }
     };
+    let listener = glommio_listener(std_listener);
     let shard = Rc::new(Shard::new(&boot));
     let hop_tasks = match boot.hops.take() {
         Some(hops) => hop::start(&shard, hops),
@@ -968,7 +1030,13 @@ async fn serve(mut boot: ShardBoot) -> u64 {
     let _ = boot.report.send(Ok(local_addr));
     tracing::info!(shard = shard.index, %local_addr, "shard listening");
 
-    let acceptor = glommio::spawn_local(accept_loop(Rc::clone(&shard), listener));
+    let mut listener = Some(listener);
+    let mut acceptor = None;
+    if !boot.paused {
+        acceptor = listener
+            .take()
+            .map(|l| glommio::spawn_local(accept_loop(Rc::clone(&shard), l)));
+    }
     let deadline = loop {
         match boot.mailbox.recv().await {
             Some(Command::Snapshot(snapshot)) => shard.apply_snapshot(snapshot),
@@ -987,11 +1055,38 @@ async fn serve(mut boot: ShardBoot) -> u64 {
             Some(Command::EndSession(id, reply)) => {
                 let _ = reply.send(shard.end_session(&id));
             }
+            Some(Command::StartAccepting {
+                agent_grace_until,
+                ack,
+            }) => {
+                shard.agent_grace_until.set(agent_grace_until);
+                if let Some(l) = listener.take() {
+                    tracing::info!(shard = shard.index, "accepting");
+                    acceptor = Some(glommio::spawn_local(accept_loop(Rc::clone(&shard), l)));
+                }
+                let _ = ack.send(shard.index);
+            }
+            Some(Command::StopAccepting {
+                markers,
+                stopped,
+                ack,
+            }) => {
+                if acceptor.is_none() {
+                    // Never accepted: nothing to stop at.
+                    listener = None;
+                    let _ = stopped.send(shard.index);
+                } else {
+                    *shard.stop_at.borrow_mut() = Some((markers, stopped));
+                }
+                let _ = ack.send(shard.index);
+            }
             None => break Instant::now(),
         }
     };
-    // Dropping the accept task cancels it and closes this shard's listening socket.
+    // Dropping the accept task cancels it and closes this shard's listening socket (one that
+    // stopped at its marker has ended already).
     drop(acceptor);
+    drop(listener);
     shard.metrics.set_listening(false);
     let aborted = shard.drain(deadline).await;
     for task in hop_tasks {
@@ -1015,10 +1110,35 @@ impl hop::HopShard for Shard {
     }
 }
 
+/// Takes ownership of a listening socket for this executor.
+#[allow(unsafe_code)]
+fn glommio_listener(listener: std::net::TcpListener) -> TcpListener {
+    use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+    // SAFETY: `into_raw_fd` gives up ownership of an open, listening TCP socket; glommio's
+    // listener takes it over and is its only owner from here on (it closes it when dropped).
+    unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) }
+}
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                let stop = shard
+                    .stop_at
+                    .borrow()
+                    .as_ref()
+                    .and_then(|(markers, stopped)| {
+                        let peer = stream.peer_addr().ok()?;
+                        markers.contains(&peer).then(|| stopped.clone())
+                    });
+                if let Some(stopped) = stop {
+                    // A takeover: the next process accepts what comes after the marker.
+                    drop(stream);
+                    shard.metrics.set_listening(false);
+                    tracing::info!(shard = shard.index, "stopped accepting");
+                    let _ = stopped.send(shard.index);
+                    return;
+                }
                 // Read per accept: a reload lowers or raises the bound for the next one; the
                 // connections above a lowered bound stay until they end.
                 let max = shard.limits().max_connections_per_shard as u64;

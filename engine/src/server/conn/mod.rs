@@ -208,6 +208,15 @@ struct Ctx<'a> {
     deadline: Instant,
     /// Time of the last byte to or from the client.
     last_activity: Rc<Cell<Instant>>,
+    /// Held until the connection opened its session's stream or took another route.
+    dialing: std::cell::RefCell<Option<crate::server::shard::Dialing>>,
+}
+
+impl Ctx<'_> {
+    /// The connection no longer holds up a drain's goodbye to the agents.
+    fn settled(&self) {
+        self.dialing.borrow_mut().take();
+    }
 }
 
 /// Serves one accepted connection until it ends, then accounts for how it ended.
@@ -222,6 +231,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard)
         accepted_at,
         deadline: accepted_at + shard.limits().handshake_timeout,
         last_activity: Rc::new(Cell::new(accepted_at)),
+        dialing: std::cell::RefCell::new(Some(shard.dialing())),
     };
     let end = futures_lite::future::or(handle(&ctx, stream), async {
         shard.abort.wait().await;
@@ -278,6 +288,9 @@ async fn handle(ctx: &Ctx<'_>, mut stream: TcpStream) -> End {
             last_activity: Rc::clone(&ctx.last_activity),
         },
     );
+    if !matches!(routed, Routed::User(_) | Routed::App(_)) {
+        ctx.settled();
+    }
     match routed {
         Routed::Control => pass_through(ctx, client, hello).await,
         Routed::Web => web(ctx, client, hello).await,

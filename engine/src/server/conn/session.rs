@@ -35,6 +35,9 @@ use crate::server::shard::{Resolved, Shard, Signal};
 use crate::server::snapshot::Snapshot;
 use crate::tunnel::{self, MuxStream, OpenError, Tunnel};
 
+/// How often a dial waiting for its agent after a takeover looks again.
+const AGENT_WAIT_POLL: Duration = Duration::from_millis(20);
+
 struct OpenStream<'a>(&'a Shard);
 
 impl<'a> OpenStream<'a> {
@@ -143,9 +146,24 @@ pub(super) async fn connect(
     session_cert: Option<Vec<u8>>,
 ) -> End {
     let shard = ctx.shard;
-    let routed = {
-        let snapshot = shard.snapshot();
-        route_dial(shard, &snapshot, &identity, &request)
+    let routed = loop {
+        let routed = {
+            let snapshot = shard.snapshot();
+            route_dial(shard, &snapshot, &identity, &request)
+        };
+        // Just after a takeover the agents are moving over from the replaced process: a dial
+        // whose agent has no tunnel here yet waits for it (bounded by the grace and the
+        // handshake deadline).
+        let missed = matches!(
+            routed,
+            Err((Refusal::UnknownTarget | Refusal::AgentOffline, _))
+        );
+        match shard.awaiting_agents() {
+            Some(until) if missed && Instant::now() + AGENT_WAIT_POLL < until.min(ctx.deadline) => {
+                glommio::timer::Timer::new(AGENT_WAIT_POLL).await;
+            }
+            _ => break routed,
+        }
     };
     let Dialable {
         host_id,
@@ -201,6 +219,7 @@ pub(super) async fn connect(
     };
     let opening = Instant::now();
     let opened = open_upstream(ctx, &host_id, via, &header, &request).await;
+    ctx.settled();
     shard.metrics.stream_open(opening.elapsed());
     let mut upstream = match opened {
         Ok(upstream) => upstream,
