@@ -120,6 +120,30 @@ fn systemd_unit_has_what_an_edge_host_needs() {
     );
 }
 
+#[test]
+fn systemd_takeover_dropin_makes_reload_a_takeover() {
+    let dropin = std::fs::read_to_string(example("jaunt-takeover.conf")).unwrap();
+    let lines: Vec<&str> = dropin.lines().collect();
+    for line in [
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=all",
+        "ExecReload=",
+    ] {
+        assert!(lines.contains(&line), "missing {line:?}");
+    }
+    let reload = lines
+        .iter()
+        .position(|l| *l == "ExecReload=")
+        .and_then(|i| lines.get(i + 1))
+        .unwrap();
+    assert!(
+        reload.starts_with("ExecReload=")
+            && reload.contains("jaunt start --config /etc/jaunt/jaunt.yaml --takeover"),
+        "{reload}"
+    );
+}
+
 const ENGINE: &str =
     "engine:\n  public_addr: proxy.example.com:443\n  control_addr: c.example.com:3025\n";
 const AGENT: &str = "agent:\n  proxy_addr: proxy.example.com:443\n  name: node1\n";

@@ -185,7 +185,11 @@ pub fn request(data_dir: &Path, hello: &Hello) -> anyhow::Result<Inherited> {
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         .map_err(std::io::Error::from)
         .context("--takeover: the inherited lock file is not locked by this open file")?;
-    let shards = fds.by_ref().take(offer.shards).map(TcpListener::from).collect();
+    let shards = fds
+        .by_ref()
+        .take(offer.shards)
+        .map(TcpListener::from)
+        .collect();
     Ok(Inherited {
         lock,
         takeover: UnixListener::from(takeover),
