@@ -27,12 +27,13 @@
 //! A malformed or hostile peer (bad packets, a wrong certificate, too many channels) ends its
 //! own connection only; each refusal is logged with a stable `reason` label ([`Fail::label`]).
 //!
-//! Not here: the recording format and spool (`recording/`), sftp operation decoding, per-channel
+//! Not here: the recording format and spool (`recording/`), per-channel
 //! RBAC re-checks (a lock ends the whole session, through `policy.rs`), agent forwarding and
 //! `ssh -L` beyond what sshd itself allows with the certificate's `permit-*` extensions (the
 //! login certificate carries the user's).
 
 mod channels;
+mod sftp;
 mod watch;
 
 pub use watch::LiveSessions;

@@ -223,10 +223,17 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
         None,
     ));
     assert_eq!(sha256_file(&src), sha256_file(&back));
-    let (sftp, _) = wait_for_recording(&c, &data, "of the sftp upload", |m, _| {
+    let (sftp, cast) = wait_for_recording(&c, &data, "of the sftp upload", |m, _| {
         m["meta"]["kind"] == "sftp" && m["end"]["bytes_in"].as_u64().is_some_and(|b| b >= 4 << 20)
     });
     assert_eq!(sftp["meta"]["command"], "subsystem sftp", "{sftp}");
+    // scp's file operation, with its path and size.
+    assert!(
+        notes(&cast, "sftp").iter().any(|n| n["op"] == "write"
+            && n["path"] == remote.to_str().unwrap()
+            && n["bytes"] == 4u64 << 20),
+        "{cast}"
+    );
     wait_for_recording(&c, &data, "of the sftp download", |m, _| {
         m["meta"]["kind"] == "sftp" && m["end"]["bytes_out"].as_u64().is_some_and(|b| b >= 4 << 20)
     });
@@ -647,6 +654,97 @@ fn an_observer_joins_a_live_shell_read_only_and_the_user_is_told() {
         m["meta"]["kind"] == "shell" && cast.contains("seen-by-42")
     });
     assert!(cast.contains(r#"\"joined\":\"bob\""#), "{cast}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// The `m` notes of a cast file whose `note` is `kind`, as JSON objects.
+fn notes(cast: &str, kind: &str) -> Vec<serde_json::Value> {
+    cast.lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e[1] == "m")
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e[2].as_str()?).ok())
+        .filter(|n| n["note"] == kind)
+        .collect()
+}
+
+/// Real `sftp` (through the `jaunt config` block) both ways through the terminating agent, with
+/// checksums; the sftp channel's recording names the files with the bytes moved, and the
+/// rename and remove.
+#[test]
+fn sftp_both_ways_is_recorded_with_paths_and_byte_counts() {
+    let (c, _sshd, (mut agent, data)) = ssh_setup();
+    let config = c.dir.path().join("ssh_config");
+    std::fs::write(&config, ok(run_jaunt(&c.home, &["config"], None))).unwrap();
+    let src = c.dir.path().join("sftp-src.bin");
+    let block: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i.wrapping_mul(2246822519) >> 9) as u8)
+        .collect();
+    std::fs::write(&src, &block).unwrap();
+    let remote_dir = c.dir.path().join("remote");
+    std::fs::create_dir_all(&remote_dir).unwrap();
+    let kept = remote_dir.join("kept.bin");
+    let moved = remote_dir.join("moved.bin");
+    let renamed = remote_dir.join("renamed.bin");
+    let back = c.dir.path().join("sftp-back.bin");
+    let batch = c.dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {src} {kept}\nput {src} {moved}\nget {kept} {back}\nrename {moved} {renamed}\n\
+             rm {renamed}\n",
+            src = src.display(),
+            kept = kept.display(),
+            moved = moved.display(),
+            back = back.display(),
+            renamed = renamed.display(),
+        ),
+    )
+    .unwrap();
+    let o = Command::new("sftp")
+        .env("HOME", &c.home)
+        .env("JAUNT_HOME", &c.home)
+        .args([
+            "-F",
+            config.to_str().unwrap(),
+            "-b",
+            batch.to_str().unwrap(),
+            "root@node1.dev.jaunt.local",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha256_file(&src), sha256_file(&kept), "upload");
+    assert_eq!(sha256_file(&src), sha256_file(&back), "download");
+    assert!(!renamed.exists() && !moved.exists());
+
+    let size = 3u64 << 20;
+    let (meta, cast) = wait_for_recording(&c, &data, "of the sftp session", |m, cast| {
+        m["meta"]["kind"] == "sftp" && cast.contains("remove")
+    });
+    assert!(
+        meta["end"]["bytes_in"].as_u64().unwrap() >= 2 * size,
+        "{meta}"
+    );
+    let ops = notes(&cast, "sftp");
+    let has = |op: &str, path: &Path, bytes: Option<u64>| {
+        ops.iter().any(|n| {
+            n["op"] == op
+                && n["path"] == path.to_str().unwrap()
+                && bytes.is_none_or(|b| n["bytes"] == b)
+        })
+    };
+    assert!(has("write", &kept, Some(size)), "{ops:?}");
+    assert!(has("write", &moved, Some(size)), "{ops:?}");
+    assert!(has("read", &kept, Some(size)), "{ops:?}");
+    assert!(has("rename", &moved, None), "{ops:?}");
+    assert!(
+        ops.iter()
+            .any(|n| n["op"] == "rename" && n["to"] == renamed.to_str().unwrap()),
+        "{ops:?}"
+    );
+    assert!(has("remove", &renamed, None), "{ops:?}");
     let _ = agent.kill();
     let _ = agent.wait();
 }

@@ -15,8 +15,11 @@
 //! A malformed message is a [`Malformed`] error: the driver ends that connection. The table is
 //! bounded ([`MAX_CHANNELS`]); more session channels are refused the same way.
 //!
-//! Not here: the SSH transport (sunset, driven by `ssh_term.rs`), sftp operation decoding
-//! (sftp channels record that the subsystem ran, not the file operations).
+//! sftp channels record their byte counts and, through `sftp.rs`, their file operations as
+//! `sftp` notes. Observers of `jaunt join` get the terminal output ([`Channels::tap`]) and the
+//! user a notice when one joins ([`Channels::inject`]).
+//!
+//! Not here: the SSH transport (sunset, driven by `ssh_term.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -85,6 +88,8 @@ struct Chan {
     started: bool,
     /// An sftp channel: a binary protocol, so its data is counted, not recorded.
     binary: bool,
+    /// An sftp channel's file operations, decoded for the recording.
+    sftp: Option<Box<super::sftp::Sftp>>,
     /// The user asked for a terminal (`pty-req`): observers' notices go to it.
     pty: bool,
     /// The window the user's ssh granted for sshd's data on this channel, as it stands.
@@ -199,6 +204,7 @@ impl<S: Starter> Channels<S> {
                     recorder: None,
                     started: false,
                     binary: false,
+                    sftp: None,
                     pty: false,
                     user_window: u64::from(window),
                     owed: 0,
@@ -216,6 +222,14 @@ impl<S: Starter> Channels<S> {
                     c.bytes_in += data.len() as u64;
                     if let Some(rec) = c.recorder.as_mut().filter(|_| !c.binary) {
                         outcome = rec.input(data);
+                    }
+                    if let Some(sftp) = c.sftp.as_mut() {
+                        let notes = sftp.on_user(data);
+                        if let Some(rec) = c.recorder.as_mut() {
+                            for note in notes {
+                                outcome = outcome.and(rec.note("sftp", &note));
+                            }
+                        }
                     }
                 }
             }
@@ -313,6 +327,9 @@ impl<S: Starter> Channels<S> {
                     }
                 };
                 self.chans[idx].binary = kind == RecordingKind::Sftp;
+                if kind == RecordingKind::Sftp {
+                    self.chans[idx].sftp = Some(Box::default());
+                }
                 let c = &self.chans[idx];
                 let meta = RecordingMeta {
                     session_id: who.session_id,
@@ -383,6 +400,9 @@ impl<S: Starter> Channels<S> {
                     if let Some(rec) = c.recorder.as_mut().filter(|_| !c.binary) {
                         outcome = rec.output(data);
                     }
+                    if let Some(sftp) = c.sftp.as_mut().filter(|_| kind == MSG_CHANNEL_DATA) {
+                        sftp.on_node(data);
+                    }
                 }
             }
             MSG_CHANNEL_REQUEST => {
@@ -429,7 +449,10 @@ impl<S: Starter> Channels<S> {
         let mut outcome = Ok(());
         for c in &mut self.chans {
             if (c.node_closed || c.user_closed) && c.recorder.is_some() {
-                if let Some(rec) = c.recorder.take() {
+                if let Some(mut rec) = c.recorder.take() {
+                    for note in c.sftp.as_mut().map(|s| s.finish()).unwrap_or_default() {
+                        let _ = rec.note("sftp", &note);
+                    }
                     match rec.finish(RecordingEnd {
                         exit_status: c.exit_status,
                         bytes_in: c.bytes_in,
