@@ -748,3 +748,89 @@ fn sftp_both_ways_is_recorded_with_paths_and_byte_counts() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// An agent killed while a recorded session runs leaves the recording in its spool; restarted,
+/// it closes it as interrupted and uploads it, and `jaunt play` shows what the session printed.
+#[test]
+fn recordings_spooled_when_the_agent_dies_are_uploaded_after_its_restart() {
+    let (c, sshd, (mut agent, data)) = ssh_setup();
+    let mut session = Command::new(jaunt_bin())
+        .args(["ssh", "root@node1", "--", "echo before-the-crash; sleep 60"])
+        .env("JAUNT_HOME", &c.home)
+        .env("HOME", &c.home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(session.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "before-the-crash");
+    let live: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None))).unwrap();
+    let session_id = live[0]["id"].as_str().unwrap().to_string();
+
+    // The agent dies mid-session: the recording stays in its spool, unfinished.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let _ = session.kill();
+    let _ = session.wait();
+    let spooled: Vec<PathBuf> = std::fs::read_dir(spool(&data))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("cast"))
+        .collect();
+    assert!(
+        spooled.iter().any(|p| std::fs::read_to_string(p)
+            .unwrap()
+            .contains("before-the-crash")),
+        "{spooled:?}"
+    );
+
+    // Restarted on the same data directory: the recording reaches control, marked interrupted,
+    // and leaves the spool.
+    let _agent = spawn_agent(&c, &data, "node1", None, &["--ssh", &sshd.addr]);
+    let stored = c.data_dir.join("recordings");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (id, info) = loop {
+        let found = std::fs::read_dir(&stored).ok().and_then(|entries| {
+            entries.flatten().find_map(|e| {
+                let p = e.path();
+                let info: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
+                (info["session_id"] == session_id.as_str()).then(|| {
+                    let id = p.file_stem().unwrap().to_string_lossy().to_string();
+                    (id, info)
+                })
+            })
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spooled recording never reached control"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(info["interrupted"], true, "{info}");
+    assert_eq!(info["user"], "alice", "{info}");
+    let played = ok(c.admin(&["play", &id], None));
+    assert!(played.contains("before-the-crash"), "{played}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(spool(&data)).unwrap().flatten().any(|e| {
+        let p = e.path();
+        matches!(
+            p.extension().and_then(|x| x.to_str()),
+            Some("cast") | Some("json")
+        )
+    }) {
+        assert!(Instant::now() < deadline, "the spool never emptied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
