@@ -42,6 +42,9 @@ pub(crate) struct Limits {
 pub(crate) struct IssueCache<K, V> {
     slots: Rc<RefCell<HashMap<K, Slot<V>>>>,
     limits: Limits,
+    /// Moved by [`IssueCache::forget`]: a request started before answers its waiters but is
+    /// not cached.
+    epoch: Rc<std::cell::Cell<u64>>,
 }
 
 impl<K, V> IssueCache<K, V>
@@ -53,7 +56,18 @@ where
         IssueCache {
             slots: Rc::new(RefCell::new(HashMap::new())),
             limits,
+            epoch: Rc::new(std::cell::Cell::new(0)),
         }
+    }
+
+    /// Drops every cached value (what was issued under a CA that is rotating away); requests
+    /// in flight still answer their waiters, but what they bring is not cached.
+    pub(crate) fn forget(&self) -> usize {
+        self.epoch.set(self.epoch.get().wrapping_add(1));
+        let mut slots = self.slots.borrow_mut();
+        let before = slots.len();
+        slots.retain(|_, s| matches!(s, Slot::Pending(_)));
+        before - slots.len()
     }
 
     /// Keys held (ready or pending).
@@ -149,30 +163,32 @@ where
             });
         if let Err(e) = spawned {
             let result = settle(Err(format!("cannot start a {what} request thread: {e}")));
-            complete(&self.slots, key, result);
+            complete(&self.slots, key, result, true);
             return Ok(rx);
         }
         let slots = self.slots.clone();
         let key = key.clone();
+        let (epoch, started) = (self.epoch.clone(), self.epoch.get());
         glommio::spawn_local(async move {
             let result = match net::timeout(timeout, done_rx).await {
                 None => Err(format!("control did not issue a {what} within {timeout:?}")),
                 Some(Err(_)) => Err(format!("the {what} request stopped without an answer")),
                 Some(Ok(issued)) => issued,
             };
-            complete(&slots, &key, settle(result));
+            complete(&slots, &key, settle(result), epoch.get() == started);
         })
         .detach();
         Ok(rx)
     }
 }
 
-/// Ends the pending request for `key`: caches a success still usable, forgets a failure, and
-/// answers every waiter.
+/// Ends the pending request for `key`: caches a success still usable (unless `cache` is false:
+/// the cache was told to forget meanwhile), forgets a failure, and answers every waiter.
 fn complete<K: Clone + Eq + Hash, V: Clone>(
     slots: &RefCell<HashMap<K, Slot<V>>>,
     key: &K,
     result: Result<(V, u64), String>,
+    cache: bool,
 ) {
     let mut map = slots.borrow_mut();
     let waiters = match map.remove(key) {
@@ -184,7 +200,7 @@ fn complete<K: Clone + Eq + Hash, V: Clone>(
         None => Vec::new(),
     };
     let answer = result.map(|(value, use_until)| {
-        if use_until > unix_now() {
+        if cache && use_until > unix_now() {
             map.insert(
                 key.clone(),
                 Slot::Ready {
@@ -198,5 +214,90 @@ fn complete<K: Clone + Eq + Hash, V: Clone>(
     drop(map);
     for waiter in waiters {
         let _ = waiter.send(answer.clone());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn cache() -> IssueCache<String, u64> {
+        IssueCache::new(Limits {
+            max_pending: 8,
+            max_cached: 8,
+            timeout: Duration::from_secs(10),
+            what: "certificate",
+            thread: "test-issue",
+        })
+    }
+
+    fn executor() -> glommio::LocalExecutor {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(64 << 10)
+            .make()
+            .unwrap()
+    }
+
+    /// Issues from a counter: the value says which request made it.
+    async fn get(cache: &IssueCache<String, u64>, issued: &Arc<AtomicUsize>) -> u64 {
+        let issued = Arc::clone(issued);
+        cache
+            .get(
+                &"alice".to_string(),
+                move || Ok(issued.fetch_add(1, Ordering::SeqCst) as u64 + 1),
+                |r| r.map(|v| (v, unix_now() + 3600)),
+            )
+            .await
+            .unwrap()
+    }
+
+    #[test]
+    fn forget_drops_what_was_issued_and_the_next_use_issues_anew() {
+        executor().run(async {
+            let cache = cache();
+            let issued = Arc::new(AtomicUsize::new(0));
+            assert_eq!(get(&cache, &issued).await, 1);
+            assert_eq!(get(&cache, &issued).await, 1, "cached");
+            assert_eq!(cache.forget(), 1);
+            assert_eq!(get(&cache, &issued).await, 2, "issued again after forget");
+            assert_eq!(get(&cache, &issued).await, 2, "and cached again");
+        });
+    }
+
+    #[test]
+    fn a_request_in_flight_at_forget_answers_but_is_not_cached() {
+        executor().run(async {
+            let cache = Rc::new(cache());
+            let issued = Arc::new(AtomicUsize::new(0));
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let slow = {
+                let (cache, issued) = (Rc::clone(&cache), Arc::clone(&issued));
+                glommio::spawn_local(async move {
+                    cache
+                        .get(
+                            &"alice".to_string(),
+                            move || {
+                                let _ = released.recv();
+                                Ok(issued.fetch_add(1, Ordering::SeqCst) as u64 + 1)
+                            },
+                            |r| r.map(|v| (v, unix_now() + 3600)),
+                        )
+                        .await
+                        .unwrap()
+                })
+            };
+            glommio::executor().yield_now().await;
+            assert_eq!(cache.forget(), 0, "nothing ready yet");
+            release.send(()).unwrap();
+            assert_eq!(slow.await, 1, "the waiter is answered");
+            assert_eq!(
+                get(&cache, &issued).await,
+                2,
+                "but what it brought was not kept"
+            );
+        });
     }
 }

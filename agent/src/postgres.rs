@@ -222,6 +222,12 @@ impl DbState {
         map.insert(service.to_owned(), version.to_owned());
     }
 
+    /// Drops every cached client certificate (a CA rotation, see
+    /// [`crate::AgentCommand::ForgetDbCerts`]); returns how many.
+    pub(crate) fn forget_certificates(&self) -> usize {
+        self.certs.forget()
+    }
+
     pub(crate) fn has_provider(&self) -> bool {
         self.provider.is_some()
     }

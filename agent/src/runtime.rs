@@ -114,6 +114,10 @@ pub enum AgentCommand {
     /// through any engine and an engine that stops or drains leaves it reachable through the
     /// others. Engines no longer listed are drained like at a shutdown.
     SetEngines(Vec<String>),
+    /// A CA rotation phase changed: drop the cached database client certificates (the db CA
+    /// may sign with another key now, or the old one may be gone from the servers' trust);
+    /// the next session of each database user gets a new one.
+    ForgetDbCerts,
     /// Stop (SIGTERM): no new tunnels, no new streams; open streams get
     /// [`crate::Timeouts::shutdown_grace`] to finish, then the tunnels close and [`run`] returns.
     Shutdown,
@@ -706,6 +710,13 @@ impl Supervisor {
             }
             // The fleet's business (`Fleet::dispatch`); a supervisor has one engine.
             Event::Command(AgentCommand::SetEngines(_)) => {}
+            Event::Command(AgentCommand::ForgetDbCerts) => {
+                let dropped = self.prepared.db.forget_certificates();
+                tracing::info!(
+                    dropped,
+                    "CA rotation: cached database client certificates dropped"
+                );
+            }
             Event::Command(AgentCommand::Shutdown) => {
                 tracing::info!("shutdown requested");
                 self.stopping = true;

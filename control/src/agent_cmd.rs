@@ -210,6 +210,13 @@ impl PolicyPoller {
                 if response.ca_generation != self.confirmed {
                     match follow_rotation(opts, &response, tx) {
                         Ok(true) => {
+                            // Database certificates issued before the phase change may come
+                            // from a CA that signs no more or is no longer trusted.
+                            if !self.confirmed.is_empty()
+                                && tx.send(jaunt_agent::AgentCommand::ForgetDbCerts).is_err()
+                            {
+                                return false;
+                            }
                             self.confirmed = response.ca_generation.clone();
                             // Confirm at once rather than at the next poll.
                             let _ = fetch_policy(opts, user, &self.confirmed, &self.engines);
