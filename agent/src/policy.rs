@@ -594,6 +594,7 @@ impl Guard {
             end,
             deadline: decision.session_deadline(),
             recording: crate::recording::recording_policy(&decision),
+            permit_port_forwarding: decision.permit_port_forwarding,
             policy,
         }))
     }
@@ -614,6 +615,9 @@ pub(crate) struct Session {
     deadline: Option<u64>,
     /// Whether and how the session is recorded (the decision's `record_session`/`record_input`).
     pub(crate) recording: crate::recording::RecordingPolicy,
+    /// The roles permit SSH port forwarding (a terminated session refuses `ssh -L`/`-R`
+    /// otherwise).
+    pub(crate) permit_port_forwarding: bool,
     /// The policy that admitted it (its SSH CA keys check a terminated SSH session's
     /// certificates).
     pub(crate) policy: Arc<ClusterPolicy>,

@@ -292,6 +292,7 @@ async fn serve_routed(
                 .available()
                 .then(|| crate::ssh_term::Terminate {
                     recording: session.recording,
+                    permit_port_forwarding: session.permit_port_forwarding,
                     policy: session.policy.clone(),
                     client_cert: client_cert.clone().unwrap_or_default(),
                 })

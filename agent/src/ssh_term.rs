@@ -28,9 +28,10 @@
 //! own connection only; each refusal is logged with a stable `reason` label ([`Fail::label`]).
 //!
 //! Not here: the recording format and spool (`recording/`), per-channel
-//! RBAC re-checks (a lock ends the whole session, through `policy.rs`), agent forwarding and
-//! `ssh -L` beyond what sshd itself allows with the certificate's `permit-*` extensions (the
-//! login certificate carries the user's).
+//! RBAC re-checks (a lock ends the whole session, through `policy.rs`), agent forwarding
+//! beyond what sshd itself allows with the certificate's `permit-agent-forwarding` (the login
+//! certificate carries the user's). Port forwarding (`ssh -L`/`-R`) is refused here unless the
+//! roles permit it (`channels.rs`), and by sshd as well.
 
 mod channels;
 mod sftp;
@@ -635,7 +636,8 @@ where
     let mut to_user: Option<Vec<u8>> = None;
     let mut user_done = false;
     let mut node_done = false;
-    // Notices for the user's terminal (an observer joined or left), waiting for `to_user`.
+    // Messages of the agent's own for the user's ssh (notices that an observer joined or left,
+    // refusals of forwarding the roles do not permit), waiting for `to_user`.
     let mut notices: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
     futures_lite::future::poll_fn(|cx| loop {
         let mut moved = false;
@@ -680,6 +682,7 @@ where
                         }
                         Ok(Ok(Verdict::Forward)) => to_node = Some(p.to_vec()),
                         Ok(Ok(Verdict::Replace(m))) => to_node = Some(m),
+                        Ok(Ok(Verdict::Reply(m))) => notices.push_back(m),
                         Ok(Ok(Verdict::Drop)) => {}
                     }
                     moved = true;
@@ -709,7 +712,7 @@ where
                         }
                         Ok(Ok(Verdict::Forward)) => to_user = Some(p.to_vec()),
                         Ok(Ok(Verdict::Replace(m))) => to_user = Some(m),
-                        Ok(Ok(Verdict::Drop)) => {}
+                        Ok(Ok(Verdict::Reply(_))) | Ok(Ok(Verdict::Drop)) => {}
                     }
                     moved = true;
                 }
@@ -783,6 +786,7 @@ pub fn fuzz_relay(data: &[u8]) {
 /// What `serve.rs` hands over for a session to terminate.
 pub(crate) struct Terminate {
     pub(crate) recording: RecordingPolicy,
+    pub(crate) permit_port_forwarding: bool,
     pub(crate) policy: Arc<ClusterPolicy>,
     pub(crate) client_cert: Vec<u8>,
 }
@@ -943,6 +947,7 @@ pub(crate) async fn serve(
     let registered = (!who.session_id.is_empty()).then(|| rec.live.register(&who.session_id));
     let mut channels = Channels::new(who, term.recording, rec.spool.clone());
     channels.tap = registered.as_ref().map(|r| r.live.clone());
+    channels.permit_port_forwarding = term.permit_port_forwarding;
     let ended = relay(
         &mut user,
         &mut node,

@@ -834,3 +834,163 @@ fn recordings_spooled_when_the_agent_dies_are_uploaded_after_its_restart() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A TCP echo server on 127.0.0.1 (one thread per connection); its address.
+fn echo_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = conn.try_clone().unwrap();
+                let mut writer = conn;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    addr
+}
+
+/// Whether a line sent through the Unix socket `path` comes back.
+fn echoes_through(path: &Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if s.write_all(b"ping-through-L\n").is_err() {
+        return false;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while got.len() < 15 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got == b"ping-through-L\n"
+}
+
+/// Plain `ssh -N -L SOCK:ECHO` with the `jaunt config` block of `home`; returns the child, whose
+/// stderr goes to `log`.
+fn forward(home: &Path, sock: &Path, echo: &str, log: &Path) -> std::process::Child {
+    let config = home.join("ssh_config");
+    std::fs::write(&config, ok(run_jaunt(home, &["config"], None))).unwrap();
+    Command::new("ssh")
+        .args([
+            "-F",
+            config.to_str().unwrap(),
+            "-N",
+            "-L",
+            &format!("{}:{echo}", sock.display()),
+            "root@node1.dev.jaunt.local",
+        ])
+        .env("HOME", home)
+        .env("JAUNT_HOME", home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_file(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ssh -L` to a TCP echo through the terminating agent: served for a role that permits port
+/// forwarding (the built-in access role), refused by the agent itself, with the reason, for one
+/// whose role sets `permit_port_forwarding: false`.
+#[test]
+fn port_forwarding_through_the_agent_follows_the_roles() {
+    let (c, _sshd, (mut agent, _data)) = ssh_setup();
+    let echo = echo_server();
+
+    let sock = c.dir.path().join("alice-L.sock");
+    let log = c.dir.path().join("alice-L.log");
+    let mut alice = forward(&c.home, &sock, &echo, &log);
+    wait_for_file(&sock);
+    let served = echoes_through(&sock);
+    let _ = alice.kill();
+    let _ = alice.wait();
+    assert!(served, "{}", std::fs::read_to_string(&log).unwrap());
+
+    let role = c.dir.path().join("noforward.yaml");
+    std::fs::write(
+        &role,
+        "kind: role\nversion: v1\nmetadata:\n  name: noforward\nspec:\n  options:\n    \
+         permit_port_forwarding: false\n    record_session: best_effort\n  allow:\n    \
+         logins: [root]\n    node_labels: {'*': '*'}\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "carol",
+            "--roles",
+            "noforward",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let carol = c.dir.path().join("home-carol");
+    std::fs::create_dir_all(&carol).unwrap();
+    ok(run_jaunt(
+        &carol,
+        &[
+            "login",
+            "--proxy",
+            &c.public_addr,
+            "--user",
+            "carol",
+            "--password-stdin",
+            "--ca-pin",
+            &c.pin,
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+    // The agent has the new role once carol's ssh gets in.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run_jaunt(&carol, &["ssh", "root@node1", "--", "true"], None)
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "carol never got in");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sock = c.dir.path().join("carol-L.sock");
+    let log = c.dir.path().join("carol-L.log");
+    let mut child = forward(&carol, &sock, &echo, &log);
+    wait_for_file(&sock);
+    let served = echoes_through(&sock);
+    // ssh logs the refusal when the channel open fails; poll its log for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("open failed") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!served, "forwarded without permit_port_forwarding");
+    assert!(
+        text.contains("administratively prohibited")
+            && text.contains("not permitted by your roles (permit_port_forwarding)"),
+        "{text}"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

@@ -34,6 +34,7 @@ use crate::recording::{
 pub(crate) const MAX_CHANNELS: usize = 256;
 
 const MSG_GLOBAL_REQUEST: u8 = 80;
+const MSG_REQUEST_FAILURE: u8 = 82;
 const MSG_CHANNEL_OPEN: u8 = 90;
 const MSG_CHANNEL_OPEN_CONFIRMATION: u8 = 91;
 const MSG_CHANNEL_OPEN_FAILURE: u8 = 92;
@@ -54,6 +55,8 @@ pub(crate) enum Verdict {
     Drop,
     /// Send this instead (a window adjust less what an injected notice used).
     Replace(Vec<u8>),
+    /// Do not forward it; answer the sender with this (a refusal).
+    Reply(Vec<u8>),
 }
 
 /// Who a connection's recordings are of.
@@ -118,6 +121,9 @@ pub(crate) struct Channels<S: Starter> {
     pub(crate) failures: BTreeMap<&'static str, u64>,
     /// Where terminal output also goes: the observers of `jaunt join`.
     pub(crate) tap: Option<std::sync::Arc<super::watch::Live>>,
+    /// The roles permit port forwarding: `direct-tcpip` channels (`ssh -L`) and `tcpip-forward`
+    /// requests (`ssh -R`) are refused here otherwise, whatever sshd would do.
+    pub(crate) permit_port_forwarding: bool,
 }
 
 /// Why a session must end because of its recording (strict mode).
@@ -165,6 +171,7 @@ impl<S: Starter> Channels<S> {
             failure: None,
             failures: BTreeMap::new(),
             tap: None,
+            permit_port_forwarding: false,
         }
     }
 
@@ -189,6 +196,18 @@ impl<S: Starter> Channels<S> {
                 let ty = r.string()?;
                 let sender = r.u32()?;
                 let window = r.u32()?;
+                let forwarding = matches!(ty, b"direct-tcpip" | b"direct-streamlocal@openssh.com");
+                if forwarding && !self.permit_port_forwarding {
+                    let why =
+                        b"port forwarding is not permitted by your roles (permit_port_forwarding)";
+                    let mut reply = vec![MSG_CHANNEL_OPEN_FAILURE];
+                    reply.extend_from_slice(&sender.to_be_bytes());
+                    reply.extend_from_slice(&1u32.to_be_bytes()); // administratively prohibited
+                    reply.extend_from_slice(&(why.len() as u32).to_be_bytes());
+                    reply.extend_from_slice(why);
+                    reply.extend_from_slice(&0u32.to_be_bytes()); // language tag
+                    return Ok(Ok(Verdict::Reply(reply)));
+                }
                 if self.chans.len() >= MAX_CHANNELS {
                     return Err(Malformed("too many channels"));
                 }
@@ -231,6 +250,19 @@ impl<S: Starter> Channels<S> {
                             }
                         }
                     }
+                }
+            }
+            MSG_GLOBAL_REQUEST => {
+                let name = r.string()?;
+                let want_reply = r.bool()?;
+                let forwarding =
+                    matches!(name, b"tcpip-forward" | b"streamlocal-forward@openssh.com");
+                if forwarding && !self.permit_port_forwarding {
+                    return Ok(Ok(if want_reply {
+                        Verdict::Reply(vec![MSG_REQUEST_FAILURE])
+                    } else {
+                        Verdict::Drop
+                    }));
                 }
             }
             MSG_CHANNEL_WINDOW_ADJUST => {
