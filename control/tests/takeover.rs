@@ -61,6 +61,8 @@ fn echo_once(conn: &mut std::net::TcpStream, what: &[u8]) -> std::io::Result<()>
 struct Tally {
     ok: AtomicUsize,
     failed: Mutex<Vec<String>>,
+    /// When each successful connection started, and how long it took.
+    timings: Mutex<Vec<(Instant, Duration)>>,
 }
 
 #[test]
@@ -168,9 +170,12 @@ fn a_takeover_under_a_connect_loop_refuses_nothing_and_the_old_process_drains() 
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
                     let message = format!("ping {id}.{n}");
+                    let started = Instant::now();
                     match connect(&local).and_then(|mut c| echo_once(&mut c, message.as_bytes())) {
                         Ok(()) => {
                             tally.ok.fetch_add(1, Ordering::SeqCst);
+                            let took = started.elapsed();
+                            tally.timings.lock().unwrap().push((started, took));
                         }
                         Err(e) => tally.failed.lock().unwrap().push(format!("{message}: {e}")),
                     }
@@ -183,7 +188,9 @@ fn a_takeover_under_a_connect_loop_refuses_nothing_and_the_old_process_drains() 
     let tunnels_before = tunnels_opened();
 
     // The takeover.
+    let takeover_started = Instant::now();
     let new = old.takeover(&[]);
+    let takeover_done = Instant::now();
     assert_eq!(new.public_addr, old.public_addr);
     // The diag endpoint's socket moved over too.
     assert_eq!(new.diag_addr(), old.diag_addr());
@@ -259,6 +266,26 @@ fn a_takeover_under_a_connect_loop_refuses_nothing_and_the_old_process_drains() 
         looper.join().unwrap();
     }
     let failed = tally.failed.lock().unwrap();
+    // Not asserted (a shared, loaded test machine): the worst round trip before the takeover
+    // and of those that overlapped the switch, for the record.
+    let timings = tally.timings.lock().unwrap();
+    let worst = |during: bool| {
+        timings
+            .iter()
+            .filter(|(at, took)| {
+                let overlaps = *at <= takeover_done && *at + *took >= takeover_started;
+                overlaps == during && (during || *at < takeover_started)
+            })
+            .map(|(_, took)| *took)
+            .max()
+            .unwrap_or_default()
+    };
+    eprintln!(
+        "worst connect+echo: {:?} before the takeover, {:?} while it ran ({:?} from spawn to ready)",
+        worst(false),
+        worst(true),
+        takeover_done - takeover_started
+    );
     eprintln!(
         "connect loop: {} ok ({at_takeover} before the takeover, {after_exit} before the old \
          process exited), {} failed; agent tunnels opened: {tunnels_before} before, {} in all",
