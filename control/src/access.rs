@@ -28,6 +28,20 @@ use crate::profile::{Profile, ProfileInfo};
 /// How long to wait for the engine to answer a dial.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long to wait for the engine to answer an SSH dial: longer than the engine's own bound
+/// for the agent's answer (`SSH_ANSWER_TIMEOUT`, 45 s, since an agent that records the session
+/// logs in to sshd before it answers), so that under a burst the engine's answer, not this
+/// client's impatience, decides.
+pub const SSH_DIAL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long to wait for the engine to answer a dial of `kind`.
+pub fn dial_timeout(kind: DialKind) -> Duration {
+    match kind {
+        DialKind::Ssh => SSH_DIAL_TIMEOUT,
+        _ => DIAL_TIMEOUT,
+    }
+}
+
 /// A TLS stream to the engine, connected to a target.
 pub type Session = StreamOwned<ClientConnection, TcpStream>;
 
@@ -96,7 +110,7 @@ impl Dialer {
         let alpn = request.kind.alpn();
         let tcp = self.connect_proxy()?;
         tcp.set_nodelay(true)?;
-        tcp.set_read_timeout(Some(DIAL_TIMEOUT))?;
+        tcp.set_read_timeout(Some(dial_timeout(request.kind)))?;
         let conn = ClientConnection::new(self.config(alpn)?, self.server_name.clone())?;
         let mut tls = StreamOwned::new(conn, tcp);
         tls.write_all(&request.encode())
