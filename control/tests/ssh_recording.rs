@@ -857,7 +857,7 @@ fn echoes_through(path: &Path) -> bool {
     let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
         return false;
     };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     if s.write_all(b"ping-through-L\n").is_err() {
         return false;
     }
