@@ -7,7 +7,7 @@
 //!   `TrustedUserCAKeys`; one login, [`NODE_LOGIN_CERT_TTL_SECS`]), after
 //!   [`verify_forwarded_user`] checked the user's X.509 certificate the engine forwarded to the
 //!   agent and that it carries the login. The HTTP handlers (`POST /v1/agent/ssh/host-cert`,
-//!   `POST /v1/agent/ssh/user-cert`) are in `service.rs`.
+//!   `POST /v1/agent/ssh/user-cert`) are in `service/agent.rs`.
 //! - the agent's [`jaunt_agent::SshCertProvider`] ([`ControlSshCerts`]): blocking control-API
 //!   calls with the agent's host identity, through the proxy.
 //!

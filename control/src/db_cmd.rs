@@ -2,7 +2,8 @@
 //!
 //! - the API bodies of `POST /v1/db/cert` (an agent gets a client certificate for a database
 //!   user from the db CA) and `POST /v1/ca/sign-db` (an admin gets a server certificate for a
-//!   database host from the db CA); the handlers are in `service.rs`;
+//!   database host from the db CA); the handlers are in `service/agent.rs` and
+//!   `service/certs.rs`;
 //! - the agent's [`jaunt_agent::DbCertProvider`] ([`ControlDbCerts`]): a blocking control-API
 //!   call with the agent's host identity, through the proxy;
 //! - `jaunt ca sign-db`, `jaunt proxy db` and `jaunt db connect`.

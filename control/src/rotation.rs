@@ -19,7 +19,7 @@
 //! agent to renew its host certificate when it is not from the signing host CA).
 //!
 //! Not in this file: the store's SQL (`store.rs`), signing (`ca.rs`), the HTTP routing
-//! (`service.rs` calls [`Control::rotate`] and [`note_confirmation`]).
+//! (`service/` calls [`Control::rotate`] and [`note_confirmation`]).
 
 use std::sync::Arc;
 use std::time::Duration;

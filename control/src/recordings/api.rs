@@ -1,4 +1,4 @@
-//! The recordings endpoints of the control API (routes in `service.rs`):
+//! The recordings endpoints of the control API (routes in `service/mod.rs`):
 //! - agents (host certificates): `POST /v1/recordings/uploads`,
 //!   `PUT /v1/recordings/uploads/ID?offset=N`, `POST /v1/recordings/uploads/ID/complete`;
 //! - users (role rule `recording`): `GET /v1/recordings` (`list`; filters `user`, `node`,

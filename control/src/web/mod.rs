@@ -23,7 +23,7 @@
 //!   come from `/web/assets/` only) and `frame-ancestors 'none'`; the playback page's admits
 //!   xterm.js's `<style>` elements by a nonce and allows style attributes ([`player_csp`]).
 //! - The control API does not accept the cookie: it authenticates client certificates only
-//!   (`service.rs`), and this module never forwards to it.
+//!   (`service/`), and this module never forwards to it.
 //! - Which resources a user sees is decided by [`jaunt_config::rbac::authorize`], the function
 //!   the engine calls on every dial, over the roles and locks in the store now.
 //!

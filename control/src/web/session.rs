@@ -10,7 +10,7 @@
 //! ends that user's oldest session). Sessions are lost when control restarts (users log in
 //! again), and are not shared between controls.
 //!
-//! Not here: cookies and CSRF checks on requests (`mod.rs`), the login itself (`service.rs`).
+//! Not here: cookies and CSRF checks on requests (`mod.rs`), the login itself (`service/login.rs`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
