@@ -18,6 +18,13 @@ use std::fmt;
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header fields in one head.
 pub const MAX_HEADERS: usize = 100;
+/// Fields the proxy may add to a forwarded request (Host, framing, Connection, Upgrade, three
+/// `X-Forwarded-*`, the JWT): a request is refused when the app would get more than
+/// [`MAX_HEADERS`] fields, so what is forwarded stays within the bounds the proxy itself
+/// accepts.
+const ADDED_FIELDS: usize = 8;
+/// Bytes the proxy may add to a forwarded request's head (the added fields, the JWT among them).
+const ADDED_HEAD_BYTES: usize = 8 * 1024;
 /// Longest chunk-size line (size and extensions).
 pub const MAX_CHUNK_LINE: usize = 4096;
 /// Most bytes of trailer fields after the last chunk.
@@ -386,6 +393,31 @@ fn absolute_form(target: &str) -> Option<(&str, String)> {
 pub(crate) fn plan_request(head: &RequestHead) -> Result<RequestPlan, Reject> {
     if head.method == "CONNECT" {
         return Err(reject(405, "CONNECT is not supported by the app proxy"));
+    }
+    if head.headers.len() > MAX_HEADERS - ADDED_FIELDS {
+        return Err(reject(
+            431,
+            format!(
+                "more than {} header fields (the proxy adds up to {ADDED_FIELDS})",
+                MAX_HEADERS - ADDED_FIELDS
+            ),
+        ));
+    }
+    let head_bytes: usize = head.method.len()
+        + head.target.len()
+        + head
+            .headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len() + 4)
+            .sum::<usize>();
+    if head_bytes > MAX_HEAD_BYTES - ADDED_HEAD_BYTES {
+        return Err(reject(
+            431,
+            format!(
+                "the request head is larger than {} bytes",
+                MAX_HEAD_BYTES - ADDED_HEAD_BYTES
+            ),
+        ));
     }
     let hosts: Vec<&[u8]> = values(&head.headers, "host").collect();
     if hosts.len() > 1 {
@@ -1213,6 +1245,43 @@ mod tests {
             scan_all(trailers.as_bytes(), 1000),
             Err(ChunkError::TooLong)
         );
+    }
+
+    /// Found by the http_head fuzz target: a request at the parser's field limit was forwarded
+    /// with the proxy's own fields on top, so the app got more fields than the proxy accepts.
+    #[test]
+    fn a_request_the_added_fields_would_push_past_the_limits_is_refused_with_431() {
+        let at = |n: usize| {
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+                "A: b\r\n".repeat(n - 1)
+            )
+        };
+        let (head, _) = parse_request(at(MAX_HEADERS).as_bytes()).unwrap().unwrap();
+        let refused = plan_request(&head).unwrap_err();
+        assert_eq!(refused.status, 431, "{refused:?}");
+        assert!(refused.message.contains("header fields"), "{refused:?}");
+        let (head, _) = parse_request(at(MAX_HEADERS - ADDED_FIELDS).as_bytes())
+            .unwrap()
+            .unwrap();
+        let plan = plan_request(&head).unwrap();
+        let fwd = Forwarding {
+            host: "10.0.0.7:8080",
+            jwt: "eyJhbGciOiJFUzI1NiJ9.e30.c2ln",
+            client_ip: Some("192.0.2.1"),
+        };
+        let out = rewrite_request(&head, &plan, &fwd);
+        assert!(matches!(parse_request(&out), Ok(Some((_, n))) if n == out.len()));
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nA: {}\r\n\r\n",
+            "b".repeat(MAX_HEAD_BYTES - 1024)
+        );
+        let (head, _) = parse_request(big.as_bytes()).unwrap().unwrap();
+        assert_eq!(plan_request(&head).unwrap_err().status, 431);
+        // The fuzzer's input itself.
+        fuzz_parse(include_bytes!(
+            "../../../fuzz/corpus/http_head/too_many_after_rewrite"
+        ));
     }
 
     #[test]
