@@ -750,6 +750,36 @@ mod tests {
     }
 
     #[test]
+    fn port_forwarding_is_refused_unless_the_roles_permit_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ch = channels(dir.path(), false);
+        let open = msg(
+            90,
+            &[
+                s(b"direct-tcpip"),
+                u(4),
+                u(1000),
+                u(1000),
+                s(b"127.0.0.1"),
+                u(7),
+                s(b"::1"),
+                u(5),
+            ],
+        );
+        let Verdict::Reply(reply) = fwd(ch.on_user(&open)) else {
+            panic!("not refused");
+        };
+        assert_eq!(&reply[..9], &msg(92, &[u(4), u(1)])[..]);
+        assert!(String::from_utf8_lossy(&reply).contains("permit_port_forwarding"));
+        assert!(ch.chans.is_empty());
+        let remote = msg(80, &[s(b"tcpip-forward"), vec![1], s(b""), u(8080)]);
+        assert_eq!(fwd(ch.on_user(&remote)), Verdict::Reply(vec![82]));
+        ch.permit_port_forwarding = true;
+        assert_eq!(fwd(ch.on_user(&open)), Verdict::Forward);
+        assert_eq!(fwd(ch.on_user(&remote)), Verdict::Forward);
+    }
+
+    #[test]
     fn malformed_messages_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
         let mut ch = channels(dir.path(), false);
