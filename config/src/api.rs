@@ -59,6 +59,10 @@ pub struct Certs {
     pub host_ca_ssh: String,
     /// OpenSSH public key line of the user CA (for sshd `TrustedUserCAKeys`).
     pub user_ca_ssh: String,
+    /// The public addresses (HOST:PORT) of the engines healthy at issue time: where a client
+    /// dials when the engine it logged in through refuses connections (drained, down).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engines: Vec<String>,
 }
 
 /// `POST /v1/join`: a host proves a join token and receives host certificates.

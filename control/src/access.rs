@@ -48,6 +48,8 @@ pub type Session = StreamOwned<ClientConnection, TcpStream>;
 /// Dials targets as the logged-in user.
 pub struct Dialer {
     proxy: String,
+    /// The other engines learned at login, tried in order when `proxy` cannot be reached.
+    fallbacks: Vec<String>,
     server_name: ServerName<'static>,
     roots: Arc<RootCertStore>,
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -80,6 +82,7 @@ impl Dialer {
         Ok((
             Dialer {
                 proxy: info.proxy.clone(),
+                fallbacks: info.engines.clone(),
                 server_name,
                 roots: Arc::new(roots),
                 chain,
@@ -108,23 +111,20 @@ impl Dialer {
             return self.dial_app(&request.target);
         }
         let alpn = request.kind.alpn();
-        let tcp = self.connect_proxy()?;
-        tcp.set_nodelay(true)?;
-        tcp.set_read_timeout(Some(dial_timeout(request.kind)))?;
-        let conn = ClientConnection::new(self.config(alpn)?, self.server_name.clone())?;
-        let mut tls = StreamOwned::new(conn, tcp);
+        let (mut tls, proxy) = self.reach_engine(alpn)?;
+        tls.sock
+            .set_read_timeout(Some(dial_timeout(request.kind)))?;
         tls.write_all(&request.encode())
-            .map_err(|e| handshake_error(e, &self.proxy))?;
+            .map_err(|e| handshake_error(e, proxy))?;
         tls.flush()?;
         let response = read_dial_response(&mut tls).map_err(|e| match e {
-            ResponseError::Io(e) => handshake_error(e, &self.proxy),
+            ResponseError::Io(e) => handshake_error(e, proxy),
             ResponseError::Closed => {
                 anyhow!("the proxy closed the connection before answering the dial")
             }
-            ResponseError::Gibberish(e) => anyhow!(
-                "the proxy answered gibberish ({e}): is {} a Jaunt proxy?",
-                self.proxy
-            ),
+            ResponseError::Gibberish(e) => {
+                anyhow!("the proxy answered gibberish ({e}): is {proxy} a Jaunt proxy?")
+            }
         })?;
         if !response.ok {
             bail!(
@@ -175,24 +175,52 @@ fn read_dial_response(stream: &mut impl Read) -> Result<DialResponse, ResponseEr
 }
 
 impl Dialer {
-    /// A TCP connection to the proxy: every address it resolves to, in order (`localhost` may
-    /// resolve to `::1` first while the engine listens on 127.0.0.1 only).
-    fn connect_proxy(&self) -> anyhow::Result<TcpStream> {
-        let addrs = self
-            .proxy
-            .to_socket_addrs()
-            .with_context(|| format!("cannot resolve the proxy {}", self.proxy))?;
-        let mut last = None;
-        for addr in addrs {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-                Ok(tcp) => return Ok(tcp),
-                Err(e) => last = Some(e),
+    /// A TLS connection (handshake done) for a dial: to the engine logged in through, else to
+    /// the other engines learned at login, in order. An engine that drains (SIGTERM) closes its
+    /// port at once, so its refusal, or a reset before the handshake ends, sends the dial to the
+    /// next engine; nothing was dialed yet. When none answers, the error is the first engine's.
+    fn reach_engine(&self, alpn: &[u8]) -> anyhow::Result<(Session, &str)> {
+        let config = self.config(alpn)?;
+        let mut first_error = None;
+        for proxy in std::iter::once(&self.proxy).chain(&self.fallbacks) {
+            let attempt = || -> anyhow::Result<Session> {
+                let server_name = if *proxy == self.proxy {
+                    self.server_name.clone()
+                } else {
+                    let host = crate::daemon::host_part(proxy).to_string();
+                    ServerName::try_from(host.clone())
+                        .map_err(|_| anyhow!("{host} is not a valid server name"))?
+                };
+                let tcp = connect(proxy)?;
+                tcp.set_nodelay(true)?;
+                tcp.set_read_timeout(Some(DIAL_TIMEOUT))?;
+                let conn = ClientConnection::new(config.clone(), server_name)?;
+                let mut tls = StreamOwned::new(conn, tcp);
+                finish_handshake(&mut tls).map_err(|e| handshake_error(e, proxy))?;
+                Ok(tls)
+            };
+            match attempt() {
+                Ok(tls) => {
+                    if *proxy != self.proxy {
+                        tracing::info!(
+                            engine = %proxy,
+                            unreachable = %self.proxy,
+                            "dialing through another engine"
+                        );
+                    }
+                    return Ok((tls, proxy.as_str()));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Err(match last {
-            Some(e) => anyhow!(e).context(format!("cannot reach the proxy at {}", self.proxy)),
-            None => anyhow!("the proxy {} resolves to no address", self.proxy),
-        })
+        Err(first_error.unwrap_or_else(|| anyhow!("no engine to dial through")))
+    }
+
+    /// A TCP connection to the proxy logged in through.
+    fn connect_proxy(&self) -> anyhow::Result<TcpStream> {
+        connect(&self.proxy)
     }
 
     /// Whether web apps are dialed by TLS name (`<app>.<proxy host>`): when the proxy was
@@ -245,6 +273,25 @@ impl Dialer {
         finish_handshake(&mut tls).map_err(|e| handshake_error(e, &self.proxy))?;
         Ok(tls)
     }
+}
+
+/// A TCP connection to `proxy`: every address it resolves to, in order (`localhost` may resolve
+/// to `::1` first while the engine listens on 127.0.0.1 only).
+fn connect(proxy: &str) -> anyhow::Result<TcpStream> {
+    let addrs = proxy
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve the proxy {proxy}"))?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => anyhow!(e).context(format!("cannot reach the proxy at {proxy}")),
+        None => anyhow!("the proxy {proxy} resolves to no address"),
+    })
 }
 
 /// Verifies the engine's certificate (chain to the cluster's host CA, validity) for the
@@ -538,6 +585,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let dialer = Dialer {
             proxy: format!("localhost:{port}"),
+            fallbacks: Vec::new(),
             server_name: ServerName::try_from("localhost").unwrap(),
             roots: Arc::new(roots),
             chain: vec![CertificateDer::from(client_cert.der().to_vec())],
@@ -562,6 +610,40 @@ mod tests {
     /// The engine's answer and the node's first bytes in one TLS record (one read for the
     /// client), as happens under load: the session starts with those bytes, and they reach the
     /// local side although the node then waits for our answer (no further socket data).
+    #[test]
+    fn a_refused_engine_sends_the_dial_to_the_next_one_learned_at_login() {
+        let (listener, server, mut dialer) = engine_and_dialer();
+        // The engine logged in through drained: its port is closed.
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let live = std::mem::replace(&mut dialer.proxy, format!("localhost:{closed_port}"));
+        let err = dialer
+            .dial(&ssh_request())
+            .err()
+            .expect("no engine to reach");
+        assert!(
+            format!("{err:#}").contains("cannot reach the proxy"),
+            "{err:#}"
+        );
+        dialer.fallbacks = vec![live];
+        let engine = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let conn = ServerConnection::new(server).unwrap();
+            let mut tls = StreamOwned::new(conn, tcp);
+            let mut prefix = [0u8; 2];
+            tls.read_exact(&mut prefix).unwrap();
+            let mut body = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
+            tls.read_exact(&mut body).unwrap();
+            tls.write_all(&DialResponse::ok().encode()).unwrap();
+            tls.flush().unwrap();
+        });
+        dialer
+            .dial(&ssh_request())
+            .expect("the dial goes to the other engine");
+        engine.join().unwrap();
+    }
+
     #[test]
     fn bytes_after_the_dial_response_belong_to_the_session() {
         let (listener, server, dialer) = engine_and_dialer();

@@ -792,6 +792,7 @@ fn write_admin_identity(
         user_ca_tls: cas.trusted_pem(ca::CaKind::User),
         host_ca_ssh: cas.ssh_lines(ca::CaKind::Host).join("\n"),
         user_ca_ssh: cas.ssh_lines(ca::CaKind::User).join("\n"),
+        engines: Vec::new(),
     };
     Profile::admin(&cfg.data_dir).save(control_addr, &keys, &certs)?;
     Ok(())

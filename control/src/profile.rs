@@ -33,6 +33,10 @@ pub struct ProfileInfo {
     pub user: String,
     pub cluster: String,
     pub identity: Identity,
+    /// The other engines' public addresses as of the login: new dials go there, in order, when
+    /// `proxy` refuses connections (it drains or is down).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engines: Vec<String>,
 }
 
 /// A directory holding one identity's keys and certificates.
@@ -127,6 +131,12 @@ impl Profile {
             user,
             cluster: certs.identity.cluster.clone(),
             identity: certs.identity.clone(),
+            engines: certs
+                .engines
+                .iter()
+                .filter(|e| *e != proxy)
+                .cloned()
+                .collect(),
         };
         write_private(
             &self.info_path(),

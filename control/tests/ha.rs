@@ -715,6 +715,11 @@ fn echo_server() -> std::net::SocketAddr {
 /// One round trip to TCP app `echo` with the identity logged in under `home`: Ok when the
 /// bytes come back, Err with the refusal otherwise.
 fn echo_through(home: &Path) -> Result<(), String> {
+    echo_app(home, "echo")
+}
+
+/// One round trip to TCP app `target`, as [`echo_through`].
+fn echo_app(home: &Path, target: &str) -> Result<(), String> {
     use std::io::{Read, Write};
     let profile = jaunt_control::profile::Profile {
         dir: home.to_path_buf(),
@@ -725,7 +730,7 @@ fn echo_through(home: &Path) -> Result<(), String> {
         .dial(&jaunt_config::wire::dial::DialRequest {
             join: None,
             kind: jaunt_config::wire::dial::DialKind::Tcp,
-            target: "echo".into(),
+            target: target.into(),
             login: None,
             db_user: None,
             db_name: None,
@@ -854,6 +859,10 @@ fn an_agent_joined_through_a_is_reached_through_b_and_locks_follow_within_a_seco
     let out = ok(b.run(&["ssh", "root@apphost", "--", "echo", "via-b"], None));
     assert_eq!(out.trim(), "via-b");
 
+    // alice also logs in through C: her profile names C, and B as the other engine.
+    ok(c.login("alice", PASSWORD, &[]));
+    echo_through(&c.home).unwrap();
+
     // SIGTERM of C (its engine drains) during a live session through B: the session goes on
     // and new dials through B still reach the agent.
     use std::io::{Read, Write};
@@ -877,11 +886,26 @@ fn an_agent_joined_through_a_is_reached_through_b_and_locks_follow_within_a_seco
     let mut back = [0u8; 3];
     live.write_all(b"one").unwrap();
     live.read_exact(&mut back).unwrap();
-    assert!(c.terminate().success());
+    let pid = c.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // C closes its public port at once, so a load balancer or the kernel sends nobody there.
+    within(Duration::from_secs(10), "C's public port closed", || {
+        std::net::TcpStream::connect(&c.public_addr).is_err()
+    });
     live.write_all(b"two").unwrap();
     live.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"two");
     echo_through(&b.home).unwrap();
+    // New dials of the user logged in through C go to B, the engine her login named: a TCP app
+    // and `jaunt ssh` (its ProxyCommand dials), with no new login.
+    echo_through(&c.home).unwrap();
+    let out = ok(c.run(&["ssh", "root@apphost", "--", "echo", "via-c"], None));
+    assert_eq!(out.trim(), "via-c");
+    assert!(c.child.wait().unwrap().success());
     let status = ok(b.admin(&["status"], None));
     assert!(
         status
@@ -926,4 +950,193 @@ fn audit_retention_prunes_postgres_under_one_lease() {
         "SELECT count(*) FROM leases WHERE name = 'audit-retention'",
     );
     assert_eq!(holders.trim(), "1");
+}
+
+/// An agent joined through `on` serving TCP app `app` (an echo server).
+fn app_agent(on: &Cluster, app: &str) -> Reaped {
+    let echo = echo_server();
+    let token = ok(on.admin(&["tokens", "add", "--type", "app"], None));
+    let token = token.lines().next().unwrap().trim().to_string();
+    Reaped(
+        Command::new(jaunt_bin())
+            .args([
+                "agent",
+                "--proxy",
+                &on.public_addr,
+                "--ca-pin",
+                &on.pin,
+                "--data-dir",
+                on.dir.path().join(format!("agent-{app}")).to_str().unwrap(),
+                "--name",
+                app,
+                "--token",
+                &token,
+                "--app",
+                &format!("{app}=tcp://{echo}"),
+            ])
+            .env(
+                "JAUNT_HOME",
+                on.dir.path().join(format!("agent-home-{app}")),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// `n` calls of `f(i)` on `threads` threads: calls per second.
+fn per_second(n: usize, threads: usize, f: impl Fn(usize) + Sync) -> f64 {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                f(i);
+            });
+        }
+    });
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Logins and dials per second, PostgreSQL against SQLite and two controls against one, and
+/// the time until every agent is reachable again for a user logged in through an engine that
+/// drains. Same-run ratios; numbers in BENCHMARKS.md.
+/// `cargo test -p jaunt-control --test ha -- --ignored --nocapture measure`
+#[test]
+#[ignore]
+fn measure_logins_dials_and_drain() {
+    const LOGINS: usize = 40;
+    const DIALS: usize = 200;
+    const THREADS: usize = 4;
+    let pg = Pg::start();
+    let conn = pg.conn_string(DB_PASSWORD);
+    let sqlite_yaml = host_config(&conn)
+        .split("storage:")
+        .next()
+        .unwrap()
+        .to_string();
+    let lite = Cluster::with_config(&sqlite_yaml);
+    let mut a = Cluster::with_config(&host_config(&conn));
+    for c in [&lite, &a] {
+        ok(c.admin(
+            &[
+                "users",
+                "add",
+                "alice",
+                "--roles",
+                "access",
+                "--password-stdin",
+            ],
+            Some(&format!("{PASSWORD}\n")),
+        ));
+    }
+    let _lite_agent = app_agent(&lite, "lite");
+    let _agents: Vec<Reaped> = ["app1", "app2", "app3"]
+        .iter()
+        .map(|app| app_agent(&a, app))
+        .collect();
+    let homes = tempfile::tempdir().unwrap();
+    let login = |c: &Cluster, home: &Path| {
+        ok(run_jaunt(
+            home,
+            &[
+                "login",
+                "--proxy",
+                &c.public_addr,
+                "--user",
+                "alice",
+                "--password-stdin",
+                "--ca-pin",
+                &c.pin,
+            ],
+            Some(&format!("{PASSWORD}\n")),
+        ));
+    };
+    let home = |name: &str, i: usize| homes.path().join(format!("{name}-{}", i % THREADS));
+    // One profile per thread and cluster, and every agent reachable before timing.
+    for i in 0..THREADS {
+        login(&lite, &home("lite", i));
+        login(&a, &home("a", i));
+    }
+    within(Duration::from_secs(60), "the agents", || {
+        echo_app(&home("lite", 0), "lite").is_ok()
+            && ["app1", "app2", "app3"]
+                .iter()
+                .all(|app| echo_app(&home("a", 0), app).is_ok())
+    });
+
+    let login_lite = per_second(LOGINS, THREADS, |i| {
+        login(&lite, &homes.path().join(format!("l-lite-{i}")))
+    });
+    let login_pg = per_second(LOGINS, THREADS, |i| {
+        login(&a, &homes.path().join(format!("l-a-{i}")))
+    });
+    let dial_lite = per_second(DIALS, THREADS, |i| {
+        echo_app(&home("lite", i), "lite").unwrap()
+    });
+    let dial_pg = per_second(DIALS, THREADS, |i| echo_app(&home("a", i), "app1").unwrap());
+
+    // A second control+engine on the same PostgreSQL; half the work goes to each.
+    let b = Cluster::with_config(&host_config(&conn));
+    for i in 0..THREADS {
+        login(&b, &home("b", i));
+    }
+    within(Duration::from_secs(60), "the agents through B", || {
+        ["app1", "app2", "app3"]
+            .iter()
+            .all(|app| echo_app(&home("b", 0), app).is_ok())
+    });
+    let on = |i: usize| if i % 2 == 0 { ("a", &a) } else { ("b", &b) };
+    let login_two = per_second(LOGINS, THREADS, |i| {
+        let (name, c) = on(i);
+        login(c, &homes.path().join(format!("l-two-{name}-{i}")));
+    });
+    let dial_two = per_second(DIALS, THREADS, |i| {
+        let (name, _) = on(i);
+        echo_app(&home(name, i), "app1").unwrap()
+    });
+    // A's engine drains: how long until a user logged in through A reaches every agent again,
+    // and whether any dial through B failed meanwhile.
+    let mut failed_through_b = 0;
+    let pid = a.child.id().to_string();
+    let start = Instant::now();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    within(Duration::from_secs(10), "A's port closed", || {
+        std::net::TcpStream::connect(&a.public_addr).is_err()
+    });
+    let closed = start.elapsed();
+    let mut pending: Vec<&str> = vec!["app1", "app2", "app3"];
+    while !pending.is_empty() {
+        pending.retain(|app| echo_app(&home("a", 0), app).is_err());
+        for app in ["app1", "app2", "app3"] {
+            if echo_app(&home("b", 0), app).is_err() {
+                failed_through_b += 1;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{pending:?}");
+    }
+    let all_back = start.elapsed();
+    a.child.wait().unwrap();
+
+    println!(
+        "logins/s: sqlite {login_lite:.1}, postgres {login_pg:.1} (postgres/sqlite {:.2}x), \
+         two controls {login_two:.1} (two/one {:.2}x)",
+        login_pg / login_lite,
+        login_two / login_pg
+    );
+    println!(
+        "dials/s: sqlite {dial_lite:.1}, postgres {dial_pg:.1} (postgres/sqlite {:.2}x), \
+         two engines {dial_two:.1} (two/one {:.2}x)",
+        dial_pg / dial_lite,
+        dial_two / dial_pg
+    );
+    println!(
+        "drain of A: port closed after {closed:?}; all 3 agents reachable for a user logged in \
+         through A after {all_back:?}; {failed_through_b} dials through B failed meanwhile"
+    );
 }

@@ -303,6 +303,7 @@ impl Control {
             user_ca_tls: cas.trusted_pem(CaKind::User),
             host_ca_ssh: cas.ssh_lines(CaKind::Host).join("\n"),
             user_ca_ssh: cas.ssh_lines(CaKind::User).join("\n"),
+            engines: self.healthy_engines().unwrap_or_default(),
         })
     }
 }
