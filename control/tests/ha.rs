@@ -1100,6 +1100,8 @@ fn measure_logins_dials_and_drain() {
         let (name, _) = on(i);
         echo_app(&home(name, i), "app1").unwrap()
     });
+    // The drain part's user logs in through A now that B is up, so her login names B.
+    login(&a, &home("a", 0));
     // A's engine drains: how long until a user logged in through A reaches every agent again,
     // and whether any dial through B failed meanwhile.
     let mut failed_through_b = 0;
