@@ -326,7 +326,9 @@ fn fan_out(
     if args.tty > 0 {
         bail!("-t: a label fan-out runs commands without a terminal");
     }
-    let inventory: Vec<ResourceInfo> = user_client(profile, info)?.get_json("/v1/inventory")?;
+    // Only the nodes this user may reach (an older control ignores the parameter).
+    let inventory: Vec<ResourceInfo> =
+        user_client(profile, info)?.get_json("/v1/inventory?reachable=1")?;
     let nodes: Vec<String> = inventory
         .iter()
         .filter(|r| r.kind == "node" && filter.matches(r))

@@ -532,6 +532,41 @@ fn label_fan_out_and_label_filters() {
     assert!(err.contains("no node has the labels env=dev"), "{err}");
     let err = fails(c.run(&["ssh", "root@env=prod"], None));
     assert!(err.contains("COMMAND"), "{err}");
+
+    // A user whose roles reach only team=a fans out to node1 only, and succeeds: nodes the
+    // roles do not allow are not "every node the user may reach".
+    let role = c.dir.path().join("team-a.yaml");
+    std::fs::write(
+        &role,
+        "kind: role\nversion: v1\nmetadata:\n  name: team-a\nspec:\n  allow:\n    \
+         logins: [root]\n    node_labels: {team: a}\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "carol",
+            "--roles",
+            "team-a",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let carol = login_home(&c, "carol");
+    let o = run_jaunt(
+        &carol,
+        &["ssh", "root@env=prod", "--", "printenv", "JAUNT_TEST_NODE"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sorted_lines(&stdout(&o)), ["node1: node1"]);
+    assert!(
+        stderr(&o).contains("1 nodes: 1 succeeded"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// `ansible` from ansible-core (PyPI; `.ci/run` installs it).

@@ -12,7 +12,7 @@ use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use super::{internal, Control, Reply, MEMBER_STALE_SECS};
 use crate::audit;
 use crate::ca::CaKind;
-use crate::http::Response;
+use crate::http::{Request, Response};
 
 impl Control {
     /// Connected agents that polled within [`crate::rotation::AGENT_CONFIRM_WINDOW_SECS`] and
@@ -228,9 +228,18 @@ impl Control {
 
     /// What the caller may see: every connected resource for now; the authorization issue
     /// filters it by the caller's roles.
-    pub(super) fn list_inventory(&self, caller: &Identity) -> Reply {
+    /// `GET /v1/inventory`: every connected resource; with `?reachable=1`, only those the
+    /// caller's roles let them reach now (a node with at least one allowed login, a database
+    /// with one allowed database user), decided by the engine's authorization function as the
+    /// web UI's list is: what `jaunt ssh LOGIN@KEY=VALUE` fans out to.
+    pub(super) fn list_inventory(&self, req: &Request, caller: &Identity) -> Reply {
         if caller.kind != IdentityKind::User {
             return Err(Response::error(403, "only users list resources"));
+        }
+        if req.query_param("reachable").is_some() {
+            let visible = crate::web::visible_resources(self, caller, unix_now())?;
+            let infos: Vec<_> = visible.into_iter().map(|v| v.info).collect();
+            return Ok(Response::json(200, &infos));
         }
         Ok(Response::json(200, &self.inventory()))
     }

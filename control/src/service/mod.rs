@@ -396,7 +396,7 @@ impl Control {
         match (req.method.as_str(), seg) {
             ("GET", ["v1", "status"]) => self.status(caller),
             ("GET", ["v1", "whoami"]) => Ok(Response::json(200, caller)),
-            ("GET", ["v1", "inventory"]) => self.list_inventory(caller),
+            ("GET", ["v1", "inventory"]) => self.list_inventory(req, caller),
             ("POST", ["v1", "hosts", "renew"]) => self.renew(req, caller),
             ("GET", ["v1", "hosts"]) => self.list_hosts(caller),
             ("DELETE", ["v1", "hosts", name]) => self.delete_host(caller, name),

@@ -499,82 +499,9 @@ impl WebUi {
         }
     }
 
-    /// The connected resources `identity` may reach now, each with the logins (nodes) or
-    /// database users (databases) it may use there, decided by the engine's authorization
-    /// function over the store's roles and locks.
+    /// See [`visible_resources`].
     fn visible_resources(&self, identity: &Identity, now: u64) -> Result<Vec<Visible>, Response> {
-        let (policy, locks) = self.policy(now).map_err(|e| {
-            tracing::error!(error = %e, "web: cannot compile the roles");
-            Response::error(500, "the roles cannot be evaluated; see the server log")
-        })?;
-        let allowed = |info: &ResourceInfo, kind: ResourceKind, request: rbac::Request<'_>| {
-            let resource = rbac::Resource {
-                kind,
-                name: &info.name,
-                labels: &info.labels,
-            };
-            rbac::authorize(&policy, identity, &resource, &request, &locks, now).is_ok()
-        };
-        let mut out = Vec::new();
-        for info in self.control.inventory() {
-            let (kind, choices) = match info.kind.as_str() {
-                "node" => {
-                    let logins: Vec<String> = identity
-                        .logins
-                        .iter()
-                        .filter(|l| allowed(&info, ResourceKind::Node, rbac::Request::ssh(l)))
-                        .cloned()
-                        .collect();
-                    (ResourceKind::Node, Some(logins))
-                }
-                "db" => {
-                    let users: Vec<String> = identity
-                        .db_users
-                        .iter()
-                        .filter(|u| allowed(&info, ResourceKind::Db, rbac::Request::db(u, None)))
-                        .cloned()
-                        .collect();
-                    (ResourceKind::Db, Some(users))
-                }
-                "app" => (ResourceKind::App, None),
-                "tcp" => (ResourceKind::Tcp, None),
-                _ => continue,
-            };
-            let visible = match &choices {
-                Some(list) => !list.is_empty(),
-                None => allowed(&info, kind, rbac::Request::default()),
-            };
-            if visible {
-                out.push(Visible {
-                    choices: choices.unwrap_or_default(),
-                    info,
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    /// The roles and locks in the store, compiled as control's snapshot compiles them.
-    fn policy(&self, now: u64) -> anyhow::Result<(Policy, Vec<ActiveLock>)> {
-        let store = &self.control.store;
-        let roles = store
-            .list_roles()?
-            .into_iter()
-            .map(|(name, spec)| {
-                serde_json::from_str::<Role>(&spec)
-                    .map_err(|e| anyhow::anyhow!("stored role {name} does not parse: {e}"))
-            })
-            .collect::<anyhow::Result<Vec<Role>>>()?;
-        let policy = Policy::compile(&roles)?;
-        let locks = store
-            .list_locks(now)?
-            .iter()
-            .filter_map(|l| {
-                let lock: Lock = serde_json::from_str(&l.spec).ok()?;
-                Some(ActiveLock::from_lock(&lock, l.expires))
-            })
-            .collect();
-        Ok((policy, locks))
+        visible_resources(&self.control, identity, now)
     }
 }
 
@@ -696,6 +623,88 @@ fn page_error(ctx: &Ctx<'_>, status: u16, message: &str) -> Response {
         csrf: String::new(),
     });
     html_response(status, pages::error(&frame, message))
+}
+
+/// The connected resources `identity` may reach now, each with the logins (nodes) or
+/// database users (databases) it may use there, decided by the engine's authorization
+/// function over the store's roles and locks.
+pub(crate) fn visible_resources(
+    control: &Control,
+    identity: &Identity,
+    now: u64,
+) -> Result<Vec<Visible>, Response> {
+    let (policy, locks) = policy(control, now).map_err(|e| {
+        tracing::error!(error = %e, "web: cannot compile the roles");
+        Response::error(500, "the roles cannot be evaluated; see the server log")
+    })?;
+    let allowed = |info: &ResourceInfo, kind: ResourceKind, request: rbac::Request<'_>| {
+        let resource = rbac::Resource {
+            kind,
+            name: &info.name,
+            labels: &info.labels,
+        };
+        rbac::authorize(&policy, identity, &resource, &request, &locks, now).is_ok()
+    };
+    let mut out = Vec::new();
+    for info in control.inventory() {
+        let (kind, choices) = match info.kind.as_str() {
+            "node" => {
+                let logins: Vec<String> = identity
+                    .logins
+                    .iter()
+                    .filter(|l| allowed(&info, ResourceKind::Node, rbac::Request::ssh(l)))
+                    .cloned()
+                    .collect();
+                (ResourceKind::Node, Some(logins))
+            }
+            "db" => {
+                let users: Vec<String> = identity
+                    .db_users
+                    .iter()
+                    .filter(|u| allowed(&info, ResourceKind::Db, rbac::Request::db(u, None)))
+                    .cloned()
+                    .collect();
+                (ResourceKind::Db, Some(users))
+            }
+            "app" => (ResourceKind::App, None),
+            "tcp" => (ResourceKind::Tcp, None),
+            _ => continue,
+        };
+        let visible = match &choices {
+            Some(list) => !list.is_empty(),
+            None => allowed(&info, kind, rbac::Request::default()),
+        };
+        if visible {
+            out.push(Visible {
+                choices: choices.unwrap_or_default(),
+                info,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The roles and locks in the store, compiled as control's snapshot compiles them.
+fn policy(control: &Control, now: u64) -> anyhow::Result<(Policy, Vec<ActiveLock>)> {
+    let store = &control.store;
+    let roles = store
+        .list_roles()?
+        .into_iter()
+        .map(|(name, spec)| {
+            serde_json::from_str::<Role>(&spec)
+                .map_err(|e| anyhow::anyhow!("stored role {name} does not parse: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<Role>>>()?;
+    let policy = Policy::compile(&roles)?;
+    let locks = store
+        .list_locks(now)?
+        .iter()
+        .filter_map(|l| {
+            let lock: Lock = serde_json::from_str(&l.spec).ok()?;
+            Some(ActiveLock::from_lock(&lock, l.expires))
+        })
+        .collect();
+    Ok((policy, locks))
 }
 
 #[cfg(test)]
