@@ -71,6 +71,9 @@
     if (op.reset) {
       term.reset();
       done();
+    } else if (op.call) {
+      op.call();
+      done();
     } else if (op.resize) {
       term.resize(op.resize[0], op.resize[1]);
       done();
@@ -138,7 +141,9 @@
       position = duration;
       applyUntil(position);
       pause();
-      setState("ended");
+      // "ended" once the last output is in the terminal, not when it was queued.
+      queue.push({ call: function () { setState("ended"); } });
+      pump();
     } else {
       applyUntil(position);
     }
