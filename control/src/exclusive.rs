@@ -90,6 +90,10 @@ pub fn lock_data_dir(dir: &Path, what: &str) -> anyhow::Result<DataDirLock> {
     Ok(DataDirLock { _file: file, path })
 }
 
+/// How long [`check_port_free`] waits for a listening socket that no process holds (a daemon
+/// killed a moment ago) to be released by the kernel.
+const ORPHAN_LISTENER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Refuses `addr` if another process already listens on it (see the module doc). Port 0 is
 /// always free. `key` names the setting for the message (`--public-addr`, `engine.listen_addr`).
 pub fn check_port_free(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
@@ -109,7 +113,20 @@ pub fn check_port_free(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
             if nobody_listens(addr.port()) {
                 return Ok(());
             }
-            let who = listener_process(addr.port())
+            // A listener no process holds is one a killed daemon's io_uring still references:
+            // the kernel releases it shortly after the process is gone (about 250 ms seen
+            // here). Joining it with SO_REUSEPORT would hand new connections to a socket that
+            // nobody accepts on, so wait for it to go, bounded.
+            let deadline = std::time::Instant::now() + ORPHAN_LISTENER_WAIT;
+            let mut holder = listener_process(addr.port());
+            while holder.is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if nobody_listens(addr.port()) {
+                    return Ok(());
+                }
+                holder = listener_process(addr.port());
+            }
+            let who = holder
                 .map(|(pid, name)| format!("{name} (pid {pid})"))
                 .unwrap_or_else(|| "another process".to_string());
             bail!(

@@ -509,7 +509,9 @@ fn recordings_are_listed_and_played_back_in_chromium() {
         b.find("#player[data-state='ended']").is_some()
     });
     // xterm.js renders what it has parsed on its next animation frame.
-    b.wait_until("the last line shown", |b| screen_text(b).contains("played-42"));
+    b.wait_until("the last line shown", |b| {
+        screen_text(b).contains("played-42")
+    });
     // xterm.js's <style> elements were admitted by the page's nonce (a refused one has no sheet).
     let styles = b.execute(
         "return Array.from(document.querySelectorAll('style')).map(s => s.sheet !== null);",
