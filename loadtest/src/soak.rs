@@ -1522,6 +1522,7 @@ fn report(
             "events": audit.events, "sessions": audit.sessions,
             "oldest_age_s": audit.oldest_age_s, "store_bytes": audit.db_bytes,
             "used_bytes": audit.used_bytes,
+            "sessions_at_stop": stop_sessions,
             "bytes_per_session": per_session,
         },
         "trends": trends.iter().map(|t| json!({
