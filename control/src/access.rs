@@ -29,10 +29,11 @@ use crate::profile::{Profile, ProfileInfo};
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long to wait for the engine to answer an SSH dial: longer than the engine's own bound
-/// for the agent's answer (`SSH_ANSWER_TIMEOUT`, 45 s, since an agent that records the session
-/// logs in to sshd before it answers), so that under a burst the engine's answer, not this
-/// client's impatience, decides.
-pub const SSH_DIAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// for the agent's answer ([`jaunt_engine::server::SSH_ANSWER_TIMEOUT`], since an agent that
+/// records the session logs in to sshd before it answers), so that under a burst the engine's
+/// answer, not this client's impatience, decides.
+pub const SSH_DIAL_TIMEOUT: Duration =
+    Duration::from_secs(jaunt_engine::server::SSH_ANSWER_TIMEOUT.as_secs() + 15);
 
 /// How long to wait for the engine to answer a dial of `kind`.
 pub fn dial_timeout(kind: DialKind) -> Duration {

@@ -366,33 +366,7 @@ fn wait_for_pane_of(sock: &str, target: &str, want: &str) {
 #[test]
 fn an_interactive_shell_in_a_real_pty_is_recorded_with_what_was_typed_and_a_resize() {
     let (c, _sshd, (mut agent, data)) = ssh_setup();
-    let sock = format!("jaunt-rec-{}", std::process::id());
-    let command = format!(
-        "env JAUNT_HOME={} {} ssh root@node1",
-        c.home.display(),
-        jaunt_bin()
-    );
-    let o = tmux(
-        &sock,
-        &[
-            "new-session",
-            "-d",
-            "-s",
-            "rec",
-            "-x",
-            "100",
-            "-y",
-            "30",
-            &command,
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cleanup = scopeguard(&sock);
-    ok(tmux(
-        &sock,
-        &["send-keys", "-t", "rec", "stty size", "Enter"],
-    ));
-    wait_for_pane(&sock, "30 100");
+    let (sock, cleanup) = shell_in_tmux(&c, "jaunt-rec");
     ok(tmux(
         &sock,
         &["send-keys", "-t", "rec", "echo typed-$((40+2))", "Enter"],
@@ -426,6 +400,39 @@ fn an_interactive_shell_in_a_real_pty_is_recorded_with_what_was_typed_and_a_resi
 }
 
 /// Kills a tmux server when dropped (a failed assertion must not leave it running).
+/// `jaunt ssh root@node1` as `c`'s user in a 100x30 tmux session `rec` on a socket of its own
+/// (named from `prefix`), once its shell answers: the socket and the guard that kills it.
+fn shell_in_tmux(c: &Cluster, prefix: &str) -> (String, TmuxGuard) {
+    let sock = format!("{prefix}-{}", std::process::id());
+    let command = format!(
+        "env JAUNT_HOME={} {} ssh root@node1",
+        c.home.display(),
+        jaunt_bin()
+    );
+    let o = tmux(
+        &sock,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "rec",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &command,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let guard = scopeguard(&sock);
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "rec", "stty size", "Enter"],
+    ));
+    wait_for_pane(&sock, "30 100");
+    (sock, guard)
+}
+
 struct TmuxGuard(String);
 
 fn scopeguard(sock: &str) -> TmuxGuard {
@@ -538,33 +545,7 @@ fn an_observer_joins_a_live_shell_read_only_and_the_user_is_told() {
     ));
 
     // alice's shell, in a real PTY.
-    let sock = format!("jaunt-join-{}", std::process::id());
-    let user_cmd = format!(
-        "env JAUNT_HOME={} {} ssh root@node1",
-        c.home.display(),
-        jaunt_bin()
-    );
-    let o = tmux(
-        &sock,
-        &[
-            "new-session",
-            "-d",
-            "-s",
-            "rec",
-            "-x",
-            "100",
-            "-y",
-            "30",
-            &user_cmd,
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let _cleanup = scopeguard(&sock);
-    ok(tmux(
-        &sock,
-        &["send-keys", "-t", "rec", "stty size", "Enter"],
-    ));
-    wait_for_pane(&sock, "30 100");
+    let (sock, _cleanup) = shell_in_tmux(&c, "jaunt-join");
     let listed: Vec<serde_json::Value> =
         serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None))).unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");

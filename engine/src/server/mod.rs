@@ -67,6 +67,7 @@ use std::time::{Duration, Instant};
 
 pub use audit::{AuditEvent, AuditOverflow};
 pub use authorize::{authorize, Denied, DeniedKind};
+pub use conn::SSH_ANSWER_TIMEOUT;
 pub use inventory::{AgentInventory, InventoryEvent};
 pub use shard::LiveSessionInfo;
 pub use snapshot::{Lock, Snapshot, Target, Targets};

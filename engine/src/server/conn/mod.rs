@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 mod agent;
 mod session;
+pub use session::SSH_ANSWER_TIMEOUT;
 
 use futures_lite::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::server::TlsStream;
