@@ -183,22 +183,6 @@ fn wait_for_path(path: &Path, what: &str) {
     }
 }
 
-/// A TCP echo server on 127.0.0.1:0.
-fn echo_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { break };
-            std::thread::spawn(move || {
-                let mut r = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut conn);
-            });
-        }
-    });
-    addr
-}
-
 /// Whether bytes written to the Unix socket at `path` come back (through an ssh -L forward).
 fn echoes_through(path: &Path) -> bool {
     let Ok(mut conn) = UnixStream::connect(path) else {
@@ -301,7 +285,7 @@ fn ssh_flags_default_login_and_unknown_nodes() {
     assert!(err.contains("KEY=VALUE"), "{err}");
 
     // -L: a TCP echo behind the node, through a local Unix socket (no local port to pick).
-    let echo = echo_server();
+    let echo = echo_server().to_string();
     let sock = c.dir.path().join("fwd.sock");
     let _forward = Reaped(
         Command::new(jaunt_bin())

@@ -697,21 +697,6 @@ fn a_wrong_database_password_stops_jaunt_start_with_a_clear_error() {
     );
 }
 
-fn echo_server() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut reader = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut reader, &mut conn);
-            });
-        }
-    });
-    addr
-}
-
 /// One round trip to TCP app `echo` with the identity logged in under `home`: Ok when the
 /// bytes come back, Err with the refusal otherwise.
 fn echo_through(home: &Path) -> Result<(), String> {

@@ -22,21 +22,6 @@ use support::*;
 
 const PASSWORD: &str = "correct horse battery";
 
-fn echo_server() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut reader = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut reader, &mut conn);
-            });
-        }
-    });
-    addr
-}
-
 /// `jaunt agent` serving `echo`, its stderr in `data/agent.log`.
 fn start_agent(c: &Cluster, echo: std::net::SocketAddr) -> (Reaped, PathBuf) {
     start_agent_with(c, echo, &[])

@@ -7,7 +7,6 @@
 mod support;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -222,22 +221,6 @@ fn agent_restarts_without_the_token() {
     c.assert_sessions_paired();
 }
 
-/// A TCP echo server on 127.0.0.1:0 (a thread per connection).
-fn echo_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { break };
-            std::thread::spawn(move || {
-                let mut r = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut conn);
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
     use std::io::{BufRead, BufReader, Read};
@@ -254,7 +237,7 @@ fn tcp_app_through_jaunt_proxy_tcp_and_agent_death_ends_the_stream() {
         Some(PASSWORD),
     ));
     ok(c.login("alice", PASSWORD, &[]));
-    let echo = echo_server();
+    let echo = echo_server().to_string();
     let app = format!("echo=tcp://{echo}");
     let (mut agent, _data) = start_agent(&c, "apphost", &["--app", &app]);
 

@@ -816,22 +816,6 @@ fn recordings_spooled_when_the_agent_dies_are_uploaded_after_its_restart() {
     }
 }
 
-/// A TCP echo server on 127.0.0.1 (one thread per connection); its address.
-fn echo_server() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = conn.try_clone().unwrap();
-                let mut writer = conn;
-                let _ = std::io::copy(&mut reader, &mut writer);
-            });
-        }
-    });
-    addr
-}
-
 /// Whether a line sent through the Unix socket `path` comes back.
 fn echoes_through(path: &Path) -> bool {
     use std::io::{Read, Write};
@@ -894,7 +878,7 @@ fn wait_for_file(path: &Path) {
 #[test]
 fn port_forwarding_through_the_agent_follows_the_roles() {
     let (c, _sshd, (mut agent, _data)) = ssh_setup();
-    let echo = echo_server();
+    let echo = echo_server().to_string();
 
     let sock = c.dir.path().join("alice-L.sock");
     let log = c.dir.path().join("alice-L.log");

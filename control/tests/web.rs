@@ -77,26 +77,6 @@ fn start_agent(c: &Cluster, name: &str, labels: &str, apps: &[&str]) -> Reaped {
     )
 }
 
-/// A TCP echo server (the TCP app whose session the sessions page ends).
-fn echo_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// curl against the public host; returns the status line and headers, and the body.
 fn curl(c: &Cluster, args: &[&str], path: &str) -> (String, String) {
     let url = format!("https://{}{path}", c.public_addr);

@@ -391,3 +391,21 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// A TCP echo server on 127.0.0.1:0, a thread per connection, for the life of the test.
+pub fn echo_server() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let Ok(mut reader) = conn.try_clone() else {
+                    return;
+                };
+                let _ = std::io::copy(&mut reader, &mut conn);
+            });
+        }
+    });
+    addr
+}
