@@ -799,3 +799,194 @@ fn start_agent_labelled(
             .unwrap(),
     )
 }
+
+/// `jaunt ca rotate --type db --phase PHASE`, retried while the agent has not confirmed the
+/// previous phase (the refusal names it; it polls every 5 s), bounded.
+fn rotate_db(c: &Cluster, phase: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = c.admin(&["ca", "rotate", "--type", "db", "--phase", phase], None);
+        if o.status.success() {
+            return;
+        }
+        let err = stderr(&o);
+        assert!(
+            err.contains("have not confirmed") && Instant::now() < deadline,
+            "ca rotate --type db --phase {phase}: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// psql straight to the server (not through the cluster) with the client certificate in
+/// `dir` (`alice.crt`, `alice.key`), TLS required, the server's certificate not checked.
+fn psql_direct_with_cert(pg: &Postgres, dir: &Path) -> Output {
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=alice dbname=postgres sslmode=require sslcert={} sslkey={}",
+        pg.port,
+        dir.join("alice.crt").display(),
+        dir.join("alice.key").display(),
+    );
+    Command::new("psql")
+        .args([&conninfo, "-tAc", "select 'direct ' || current_user"])
+        // No ~/.postgresql/root.crt that would make libpq verify the server.
+        .env("HOME", dir)
+        .output()
+        .unwrap()
+}
+
+/// Issue 13: the db CA rotates through every phase while PostgreSQL's `ssl_ca_file` is
+/// rewritten from `jaunt ca export --type db` and its server certificate re-signed with `jaunt
+/// ca sign-db` in `update_servers`: `jaunt db connect` works in each phase, a client
+/// certificate of the old CA works until `standby` and is refused by the server after it.
+#[test]
+fn db_ca_rotation_keeps_psql_working_and_refuses_the_old_ca_after_standby() {
+    let c = Cluster::dev();
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--db-users",
+            "alice",
+            "--db-names",
+            "postgres",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("alice", PASSWORD, &[]));
+    let mut pg = Postgres::init(&c);
+    pg.start();
+    pg.superuser_sql("CREATE ROLE alice LOGIN");
+    let agent_log = c.dir.path().join("agent.log");
+    let _agent = start_agent(
+        &c,
+        "dbhost",
+        &[format!("pg1=postgres://127.0.0.1:{}", pg.port)],
+        &agent_log,
+    );
+    wait_for_db(&c, "pg1");
+    let connect = |phase: &str| {
+        let o = c.run(
+            &[
+                "db",
+                "connect",
+                "pg1",
+                "--db-user",
+                "alice",
+                "--db-name",
+                "postgres",
+                "--",
+                "-tAc",
+                "select 'ok ' || current_user",
+            ],
+            None,
+        );
+        assert!(
+            o.status.success(),
+            "jaunt db connect in phase {phase}: {}\nagent log:\n{}",
+            stderr(&o),
+            strip_ansi(&std::fs::read_to_string(&agent_log).unwrap_or_default())
+        );
+        assert_eq!(stdout(&o).trim(), "ok alice", "phase {phase}");
+    };
+    connect("standby (before the rotation)");
+
+    // A client certificate of the old db CA, issued to the agent's host identity as the agent
+    // gets its own, kept for after the rotation.
+    let old = c.dir.path().join("old-db-cert");
+    std::fs::create_dir_all(&old).unwrap();
+    {
+        let profile = jaunt_control::agent_cmd::host_profile(&c.dir.path().join("agent-dbhost"));
+        let info = profile.load().unwrap().unwrap();
+        let client = jaunt_control::client::Client::new(
+            &c.public_addr,
+            jaunt_control::client::Trust::Roots(profile.host_ca().unwrap()),
+            Some(profile.tls_identity(&info.user).unwrap()),
+        )
+        .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let resp: jaunt_control::db_cmd::DbCertResponse = client
+            .post_json(
+                "/v1/db/cert",
+                &jaunt_control::db_cmd::DbCertRequest {
+                    db_user: "alice".into(),
+                    tls_public_key: key.public_key_pem(),
+                    ttl_secs: None,
+                    requested_by: None,
+                },
+            )
+            .unwrap();
+        std::fs::write(old.join("alice.crt"), resp.tls_cert).unwrap();
+        let key_path = old.join("alice.key");
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let direct = ok(psql_direct_with_cert(&pg, &old));
+    assert_eq!(direct.trim(), "direct alice");
+
+    // What an operator does at each phase: ssl_ca_file from `jaunt ca export`, then a reload.
+    let certs = pg.certs();
+    let export_ca_file = || {
+        let text = ok(c.admin(&["ca", "export", "--type", "db"], None));
+        std::fs::write(certs.join("db-ca.crt"), &text).unwrap();
+        pg.give_to_postgres();
+        pg.superuser_sql("select pg_reload_conf()");
+        text.matches("BEGIN CERTIFICATE").count()
+    };
+
+    rotate_db(&c, "init");
+    assert_eq!(export_ca_file(), 2, "init: the server trusts both db CAs");
+    connect("init");
+
+    // New client certificates come from the new CA; the server trusts both.
+    rotate_db(&c, "update_clients");
+    connect("update_clients");
+
+    // The server's certificate re-signed by the new CA (it signs now).
+    rotate_db(&c, "update_servers");
+    ok(c.admin(
+        &[
+            "ca",
+            "sign-db",
+            "--host",
+            "localhost",
+            "--out",
+            certs.to_str().unwrap(),
+        ],
+        None,
+    ));
+    pg.give_to_postgres();
+    pg.superuser_sql("select pg_reload_conf()");
+    connect("update_servers");
+    // The old CA is still trusted before standby.
+    assert_eq!(ok(psql_direct_with_cert(&pg, &old)).trim(), "direct alice");
+
+    rotate_db(&c, "standby");
+    assert_eq!(export_ca_file(), 1, "standby: only the new db CA");
+    connect("standby");
+    // The reload takes effect for connections after it is processed: wait for the refusal,
+    // then check why.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let o = psql_direct_with_cert(&pg, &old);
+        if !o.status.success() {
+            break stderr(&o);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a client certificate of the old db CA is still accepted after standby"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        refused.contains("unknown ca") || refused.contains("certificate verify failed"),
+        "{refused}"
+    );
+    // And through the cluster it still works.
+    connect("standby (after the refusal)");
+}

@@ -286,3 +286,99 @@ fn a_takeover_under_a_connect_loop_refuses_nothing_and_the_old_process_drains() 
     );
     drop(new);
 }
+
+/// `jaunt start` with `NOTIFY_SOCKET` (the environment systemd gives a `Type=notify` service):
+/// reads stdout until the banner ends; the process and its lines so far.
+fn start_notified(args: &[String], notify: &std::path::Path, home: &std::path::Path) -> Reaped {
+    let mut child = Command::new(jaunt_bin())
+        .args(args)
+        .env("JAUNT_HOME", home)
+        .env("NOTIFY_SOCKET", notify)
+        .env_remove("JAUNT_DATA_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("jaunt start printed no banner");
+        if line.starts_with("Admin commands on this host") {
+            break;
+        }
+    }
+    Reaped(child)
+}
+
+/// What config/examples/jaunt-takeover.conf relies on (systemd cannot run as PID 1 where the
+/// tests run, so systemd itself is not exercised): with `NOTIFY_SOCKET` set, a daemon sends
+/// `READY=1` and `MAINPID=` its own pid once it serves, and so does the process that takes it
+/// over, so systemd (`NotifyAccess=all`) follows the new main process.
+#[test]
+fn systemd_notify_names_the_new_main_process_after_a_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let receive = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("no sd_notify message");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let data_dir = dir.path().join("data");
+    let args = |takeover: bool| {
+        let mut a: Vec<String> = [
+            "start",
+            "--dev",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--public-addr",
+            "127.0.0.1:0",
+            "--diag-addr",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if takeover {
+            a.push("--takeover".into());
+        }
+        a
+    };
+    let mut first = start_notified(&args(false), &notify, &dir.path().join("home1"));
+    let message = receive();
+    assert_eq!(
+        message,
+        format!("READY=1\nMAINPID={}\n", first.0.id()),
+        "the first daemon"
+    );
+    let second = start_notified(&args(true), &notify, &dir.path().join("home2"));
+    let message = receive();
+    assert_eq!(
+        message,
+        format!("READY=1\nMAINPID={}\n", second.0.id()),
+        "the process that took over"
+    );
+    // The old one drains (nothing is connected) and exits cleanly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = first.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the old daemon did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "old daemon: {status}");
+}

@@ -414,6 +414,40 @@ impl Spawned {
             .to_string())
     }
 
+    /// After a host or user CA rotation: the host CA's pin as `jaunt status` gives it now, and
+    /// both users logged in again with it (their certificates and trust came from the old CAs).
+    pub fn relogin(&mut self) -> anyhow::Result<()> {
+        let text = self.admin(&["status", "--format", "json"], None)?;
+        let st: serde_json::Value = serde_json::from_str(&text)?;
+        self.pin = st["cas"]
+            .as_array()
+            .and_then(|cas| cas.iter().find(|c| c["type"] == "host-tls"))
+            .and_then(|c| c["fingerprint"].as_str())
+            .ok_or_else(|| anyhow!("no host-tls CA in jaunt status: {text}"))?
+            .to_string();
+        for (user, home) in [
+            (USER, self.home.clone()),
+            (LOCK_USER, self.lock_home.clone()),
+        ] {
+            run_jaunt(
+                &self.jaunt,
+                &home,
+                &[
+                    "login",
+                    "--proxy",
+                    &self.public_addr,
+                    "--user",
+                    user,
+                    "--password-stdin",
+                    "--ca-pin",
+                    &self.pin,
+                ],
+                Some(&format!("{PASSWORD}\n")),
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(|a| a.pid())
     }

@@ -1,39 +1,64 @@
-//! Emulated agents for the `agents` scenario: each joins once with the token (its own host id
-//! and certificate, so the engine keeps one tunnel per emulated host), then holds one tunnel
-//! with the real protocol (TLS with ALPN `jaunt-tunnel`, the engine's TunnelHello, an
-//! AgentHello, then the sans-IO mux core of `jaunt_engine::mux` as `Role::Client`, answering
-//! keepalives and refusing stream opens). On loss it redials on the real agent's schedule
-//! (`jaunt_agent::backoff`: capped exponential with full jitter). One thread per emulated agent
-//! with a small stack: lighter than a `jaunt agent` process (no glommio executors, one tunnel
-//! instead of one per shard), the same wire behaviour for what the scenario measures.
+//! Emulated agents for the `agents` and `rotation` scenarios: each joins once with the token
+//! (its own host id and certificate, so the engine keeps one tunnel per emulated host), then
+//! holds one tunnel with the real protocol (TLS with ALPN `jaunt-tunnel`, the engine's
+//! TunnelHello, an AgentHello, then the sans-IO mux core of `jaunt_engine::mux` as
+//! `Role::Client`, answering keepalives, reading the policies the engine pushes
+//! (`jaunt-policy/1`) and refusing every other stream). On loss it redials on the real agent's
+//! schedule (`jaunt_agent::backoff`: capped exponential with full jitter). One thread per
+//! emulated agent with a small stack: lighter than a `jaunt agent` process (no glommio
+//! executors, one tunnel instead of one per shard), the same wire behaviour for what the
+//! scenarios measure.
+//!
+//! With `follow` (the `rotation` scenario) each agent also runs the real agent's policy poll
+//! (`jaunt agent`'s `PolicyPoller` in `control/src/agent_cmd.rs`, the same requests): `GET
+//! /v1/agent/policy[?confirmed=GENERATION]` with its host certificate every
+//! `agent_cmd::policy_delay` (5 s, backing off on failures); a new version is compiled
+//! (`ClusterPolicy::from_response`); a new CA generation is followed (the host CAs written to
+//! the profile's trust file, the host certificate renewed through `agent_cmd::renew` when
+//! control says so, the tunnel's TLS rebuilt for the next dial) and confirmed at once with a
+//! second fetch. The polls run on a few threads, each serving its share of the agents in turn.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use jaunt_agent::backoff::Backoff;
 use jaunt_agent::BackoffConfig;
-use jaunt_config::api::{Certs, JoinRequest};
+use jaunt_config::api::{AgentPolicyResponse, Certs, JoinRequest};
 use jaunt_config::wire::agent_hello::AgentHello;
 use jaunt_config::wire::dial::TunnelHello;
+use jaunt_control::agent_cmd::{self, AgentOptions};
 use jaunt_control::ca::LocalKeys;
 use jaunt_control::client::{Client, Trust};
-use jaunt_control::profile::Profile;
-use jaunt_engine::mux::{Config as MuxConfig, Conn as Mux, Event, Role};
+use jaunt_control::profile::{Profile, ProfileInfo};
+use jaunt_engine::mux::{Config as MuxConfig, Conn as Mux, Event, Role, StreamId};
+use jaunt_engine::tunnel::policy_push::POLICY_OPEN;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
+
+use crate::cluster::Spawned;
+use crate::progress::Progress;
 
 /// One joined emulated agent.
 pub struct Identity {
     pub name: String,
     pub tls: Arc<ClientConfig>,
+    /// Its data directory (the host profile is `agent_cmd::host_profile(dir)`, as for `jaunt
+    /// agent --data-dir`).
+    pub dir: PathBuf,
+    /// The identity's user name in the profile (the host id).
+    pub user: String,
+    /// The proxy it joined through.
+    pub proxy: String,
 }
 
-/// Joins agent `name` with `token`, keeping its files under `dir`.
+/// Joins agent `name` with `token`, keeping its files under `dir` as `jaunt agent --data-dir
+/// DIR` does.
 pub fn join(
     proxy: &str,
     pin: &str,
@@ -54,17 +79,68 @@ pub fn join(
             },
         )
         .with_context(|| format!("joining {name}"))?;
-    let profile = Profile {
-        dir: dir.to_path_buf(),
-    };
+    let profile = agent_cmd::host_profile(dir);
     let info = profile.save(proxy, &keys, &certs)?;
-    let (chain, key) = profile.tls_identity(&info.user)?;
-    let roots = profile.host_ca()?;
-    let tls = jaunt_agent::client_config(chain, key, &roots).map_err(|e| anyhow!("{e}"))?;
     Ok(Identity {
         name: name.to_string(),
-        tls,
+        tls: tls_config(&profile, &info)?,
+        dir: dir.to_path_buf(),
+        user: info.user,
+        proxy: proxy.to_string(),
     })
+}
+
+/// Joins `k` emulated agents `lt-emu-I` to `spawned` with a fresh `node` token (two threads;
+/// `label` names the progress line), each with its data directory under the cluster's.
+pub fn join_all(spawned: &Spawned, k: usize, label: &str) -> anyhow::Result<Vec<Identity>> {
+    let token = spawned.token("node")?;
+    let dir = spawned.dir.path().join("emulated");
+    let progress = Progress::new(&format!("{label}: joining"), Some(k as u64));
+    let next = AtomicUsize::new(0);
+    let ids: Mutex<Vec<Identity>> = Mutex::new(Vec::new());
+    let err: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= k {
+                    break;
+                }
+                let name = format!("lt-emu-{i}");
+                match join(
+                    &spawned.public_addr,
+                    &spawned.pin,
+                    &token,
+                    &name,
+                    &dir.join(&name),
+                ) {
+                    Ok(id) => {
+                        if let Ok(mut v) = ids.lock() {
+                            v.push(id);
+                        }
+                        progress.add(1);
+                    }
+                    Err(e) => {
+                        if let Ok(mut er) = err.lock() {
+                            er.get_or_insert(e);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = err.into_inner().ok().flatten() {
+        return Err(e.context("joining the emulated agents"));
+    }
+    Ok(ids.into_inner().unwrap_or_default())
+}
+
+/// The tunnel's TLS from the profile as it is on disk (the real agent's `tls_config`).
+fn tls_config(profile: &Profile, info: &ProfileInfo) -> anyhow::Result<Arc<ClientConfig>> {
+    let (chain, key) = profile.tls_identity(&info.user)?;
+    let roots = profile.host_ca()?;
+    jaunt_agent::client_config(chain, key, &roots).map_err(|e| anyhow!("{e}"))
 }
 
 /// What the emulated agents share with the scenario.
@@ -77,26 +153,91 @@ pub struct Shared {
     pub ups: Mutex<Vec<(usize, Instant)>>,
     /// When a tunnel that was up ended, every time one did.
     pub downs: Mutex<Vec<Instant>>,
+    /// Policies the engine pushed over the tunnels and the agents read to the end.
+    pub pushes: AtomicUsize,
+    /// With `follow`: (agent index, CA generation, when control acknowledged the agent's
+    /// `?confirmed=` of it), once per generation and agent.
+    pub confirms: Mutex<Vec<(usize, String, Instant)>>,
+    /// With `follow`: policy fetches that failed.
+    pub poll_errors: AtomicUsize,
+    /// With `follow`: rotation phases an agent failed to follow (retried at its next poll).
+    pub follow_errors: AtomicUsize,
+    /// With `follow`: host certificates renewed because control asked (`renew_host_cert`).
+    pub renewals: AtomicUsize,
+    /// With `follow`: the first errors seen, for the report.
+    pub first_errors: Mutex<Vec<String>>,
 }
 
-/// Starts one thread per identity; they run until `shared.stop`.
+impl Shared {
+    fn error(&self, what: String) {
+        if let Ok(mut e) = self.first_errors.lock() {
+            if e.len() < 5 {
+                e.push(what);
+            }
+        }
+    }
+}
+
+/// How many agents one policy-poll thread serves.
+const AGENTS_PER_POLL_THREAD: usize = 20;
+
+/// Starts one thread per identity (and with `follow`, the policy-poll threads); they run until
+/// `shared.stop`.
 pub fn start(
     ids: Vec<Identity>,
     addr: SocketAddr,
     server_name: ServerName<'static>,
     shared: Arc<Shared>,
+    follow: bool,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut handles = Vec::new();
+    let k = ids.len();
+    let threads = k.div_ceil(AGENTS_PER_POLL_THREAD).max(1);
+    let mut followers: Vec<Vec<Follower>> = (0..threads).map(|_| Vec::new()).collect();
+    let started = Instant::now();
     for (i, id) in ids.into_iter().enumerate() {
         let shared = shared.clone();
         let name = server_name.clone();
         let hello = AgentHello::new(&id.name, Default::default(), Vec::new())
             .encode()
             .map_err(|e| anyhow!("agent hello: {e}"))?;
+        let tls = Arc::new(Mutex::new(id.tls.clone()));
+        if follow {
+            // Spread over one poll interval, as agents started at different times are.
+            let offset = agent_cmd::policy_delay(0).mul_f64(i as f64 / k.max(1) as f64);
+            followers[i % threads].push(Follower {
+                i,
+                opts: AgentOptions {
+                    proxy: id.proxy.clone(),
+                    token: None,
+                    ca_pin: None,
+                    insecure: false,
+                    data_dir: id.dir.clone(),
+                    name: id.name.clone(),
+                },
+                user: id.user.clone(),
+                tls: tls.clone(),
+                current: None,
+                confirmed: String::new(),
+                acknowledged: String::new(),
+                failures: 0,
+                due: started + offset,
+            });
+        }
         let h = std::thread::Builder::new()
             .name(format!("emu-{i}"))
             .stack_size(256 * 1024)
-            .spawn(move || run(i, id.tls, addr, name, hello, shared))?;
+            .spawn(move || run(i, tls, addr, name, hello, shared))?;
+        handles.push(h);
+    }
+    for (t, mut mine) in followers.into_iter().enumerate() {
+        if mine.is_empty() {
+            continue;
+        }
+        let shared = shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("emu-poll-{t}"))
+            .spawn(move || poll_loop(&mut mine, &shared))?;
         handles.push(h);
     }
     Ok(handles)
@@ -108,7 +249,7 @@ fn seed(i: usize) -> u64 {
 
 fn run(
     i: usize,
-    tls: Arc<ClientConfig>,
+    tls: Arc<Mutex<Arc<ClientConfig>>>,
     addr: SocketAddr,
     name: ServerName<'static>,
     hello: Vec<u8>,
@@ -117,7 +258,13 @@ fn run(
     let mut backoff = Backoff::new(BackoffConfig::default(), seed(i));
     while !shared.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        let up = tunnel(i, &tls, addr, &name, &hello, &shared);
+        // The TLS in force now: a followed rotation replaces it for the next tunnel (as the real
+        // agent's `ReplaceTls`), never the tunnel that is up.
+        let config = match tls.lock() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let up = tunnel(i, &config, addr, &name, &hello, &shared);
         if shared.stop.load(Ordering::Relaxed) {
             break;
         }
@@ -176,11 +323,30 @@ fn tunnel(
     let _ = s.sock.set_read_timeout(Some(Duration::from_millis(200)));
     let mut ok = leftover.is_empty() || mux.handle_input(&leftover, now).is_ok();
     let mut out = Vec::new();
+    // Policy pushes being read (`jaunt-policy/1`): read to the end, then our FIN, as the real
+    // agent's `receive_push` (which also compiles it; the poll does that here).
+    let mut pushes: HashSet<StreamId> = HashSet::new();
+    let mut scratch = vec![0u8; 16 * 1024];
     while ok && !shared.stop.load(Ordering::Relaxed) {
         while let Some(ev) = mux.poll_event() {
             match ev {
+                Event::StreamOpened { id, dial_header } if dial_header == POLICY_OPEN => {
+                    if mux.open_result(id, Ok(())).is_ok() {
+                        pushes.insert(id);
+                    }
+                }
                 Event::StreamOpened { id, .. } => {
                     let _ = mux.open_result(id, Err("emulated agent: no resources"));
+                }
+                Event::Readable { id } if pushes.contains(&id) => {
+                    while mux.recv(id, &mut scratch).is_ok_and(|n| n > 0) {}
+                }
+                Event::StreamFinished { id } if pushes.remove(&id) => {
+                    let _ = mux.finish(id);
+                    shared.pushes.fetch_add(1, Ordering::Relaxed);
+                }
+                Event::StreamReset { id, .. } => {
+                    pushes.remove(&id);
                 }
                 Event::Closed { .. } => ok = false,
                 _ => {}
@@ -218,4 +384,149 @@ fn tunnel(
         downs.push(Instant::now());
     }
     true
+}
+
+/// One emulated agent's policy poller: the state of `jaunt agent`'s `PolicyPoller`.
+struct Follower {
+    i: usize,
+    opts: AgentOptions,
+    user: String,
+    /// The TLS the agent's next tunnel dials with.
+    tls: Arc<Mutex<Arc<ClientConfig>>>,
+    /// The policy version in force.
+    current: Option<String>,
+    /// The CA generation applied (sent back as `?confirmed=`).
+    confirmed: String,
+    /// The generation control has acknowledged (a fetch carrying it succeeded).
+    acknowledged: String,
+    failures: u32,
+    /// When the next fetch is due.
+    due: Instant,
+}
+
+/// Serves `followers` in turn until `shared.stop`: each fetch when due, the next due after
+/// `agent_cmd::policy_delay` (the real agent's interval and back-off).
+fn poll_loop(followers: &mut [Follower], shared: &Shared) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        for f in followers.iter_mut() {
+            if shared.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if f.due <= Instant::now() {
+                poll(f, shared);
+                f.due = Instant::now() + agent_cmd::policy_delay(f.failures);
+            }
+        }
+        let next = followers.iter().map(|f| f.due).min();
+        let wait = next.map_or(Duration::from_millis(100), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        std::thread::sleep(wait.min(Duration::from_millis(100)));
+    }
+}
+
+/// One `GET /v1/agent/policy` with the host identity on disk now (the real agent's
+/// `fetch_policy`, without the other engines to fall back to: the scenario has one).
+fn fetch(f: &mut Follower, shared: &Shared) -> anyhow::Result<AgentPolicyResponse> {
+    let profile = agent_cmd::host_profile(&f.opts.data_dir);
+    let path = if f.confirmed.is_empty() {
+        "/v1/agent/policy".to_string()
+    } else {
+        format!("/v1/agent/policy?confirmed={}", f.confirmed)
+    };
+    let client = Client::new(
+        &f.opts.proxy,
+        Trust::Roots(profile.host_ca()?),
+        Some(profile.tls_identity(&f.user)?),
+    )?;
+    let response: AgentPolicyResponse = client.get_json(&path)?;
+    if !f.confirmed.is_empty() && f.acknowledged != f.confirmed {
+        f.acknowledged = f.confirmed.clone();
+        if let Ok(mut c) = shared.confirms.lock() {
+            c.push((f.i, f.confirmed.clone(), Instant::now()));
+        }
+    }
+    Ok(response)
+}
+
+/// One poll of the real agent (`PolicyPoller::poll`): fetch; a new version is compiled; a new
+/// CA generation is followed and confirmed at once.
+fn poll(f: &mut Follower, shared: &Shared) {
+    let fetched = fetch(f, shared).and_then(|response| {
+        if f.current.as_deref() == Some(response.version.as_str()) {
+            return Ok(None);
+        }
+        jaunt_agent::ClusterPolicy::from_response(&response)
+            .map_err(|e| anyhow!("the cluster's policy is not usable: {e}"))?;
+        Ok(Some(response))
+    });
+    match fetched {
+        Ok(None) => f.failures = 0,
+        Ok(Some(response)) => {
+            f.failures = 0;
+            if response.ca_generation != f.confirmed {
+                if let Err(e) = follow_rotation(f, &response, shared) {
+                    shared.follow_errors.fetch_add(1, Ordering::Relaxed);
+                    shared.error(format!("{}: following the rotation: {e:#}", f.opts.name));
+                    f.failures = f.failures.saturating_add(1);
+                    return;
+                }
+                f.confirmed = response.ca_generation.clone();
+                // Confirm at once rather than at the next poll (its failure waits for that).
+                if let Err(e) = fetch(f, shared) {
+                    shared.poll_errors.fetch_add(1, Ordering::Relaxed);
+                    shared.error(format!("{}: confirming: {e:#}", f.opts.name));
+                }
+            }
+            f.current = Some(response.version);
+        }
+        Err(e) => {
+            shared.poll_errors.fetch_add(1, Ordering::Relaxed);
+            shared.error(format!("{}: policy fetch: {e:#}", f.opts.name));
+            f.failures = f.failures.saturating_add(1);
+        }
+    }
+}
+
+/// The real agent's `follow_rotation`: the host CAs the policy names become the trust for the
+/// engine's certificate (written to the profile), the host certificate is renewed when control
+/// says it is not from the signing host CA, and the next tunnel dials with the result.
+fn follow_rotation(
+    f: &Follower,
+    response: &AgentPolicyResponse,
+    shared: &Shared,
+) -> anyhow::Result<()> {
+    let profile = agent_cmd::host_profile(&f.opts.data_dir);
+    let Some(mut info) = profile.load()? else {
+        bail!("the host identity is gone from {}", profile.dir.display());
+    };
+    let mut changed = false;
+    if !response.host_ca.is_empty() {
+        let bundle: String = response
+            .host_ca
+            .iter()
+            .map(|pem| format!("{}\n", pem.trim_end()))
+            .collect();
+        let path = profile.host_ca_path();
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(bundle.as_str()) {
+            jaunt_control::profile::write_private(&path, bundle.as_bytes())?;
+            changed = true;
+        }
+    }
+    if response.renew_host_cert {
+        info = agent_cmd::renew(&f.opts, &info)?;
+        shared.renewals.fetch_add(1, Ordering::Relaxed);
+        changed = true;
+    }
+    if changed {
+        let tls = tls_config(&profile, &info)?;
+        match f.tls.lock() {
+            Ok(mut t) => *t = tls,
+            Err(p) => {
+                let mut t = p.into_inner();
+                *t = tls;
+            }
+        }
+    }
+    Ok(())
 }

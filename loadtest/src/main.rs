@@ -11,9 +11,11 @@ mod peers;
 mod procfs;
 mod progress;
 mod report;
+mod rotation;
 mod scenarios;
 mod soak;
 mod soak_env;
+mod takeover;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,6 +53,11 @@ enum Scenario {
     Idle,
     Lock,
     Agents,
+    /// CA rotation phases followed by `--agents` emulated agents (only when asked for).
+    Rotation,
+    /// A connect loop's latency across `jaunt start --takeover` (only when asked for; it
+    /// replaces the spawned daemon).
+    Takeover,
     /// The long mixed run (only when asked for; on its own cluster).
     Soak,
 }
@@ -78,7 +85,8 @@ struct Cli {
     /// Where the loadtest's own backend listens (the TCP app's target with --proxy).
     #[arg(long, default_value = "127.0.0.1:0")]
     backend: String,
-    /// Scenarios to run (repeatable); default: all (compare: handshake, bulk, rr).
+    /// Scenarios to run (repeatable); default: all but rotation, takeover and soak (compare:
+    /// handshake, bulk, rr).
     #[arg(long = "scenario", value_enum)]
     scenarios: Vec<Scenario>,
     /// Reduced sizes: every scenario in a few seconds (CI).
@@ -105,7 +113,7 @@ struct Cli {
     /// Idle sessions (idle) and live sessions (lock).
     #[arg(long)]
     sessions: Option<usize>,
-    /// Emulated agents.
+    /// Emulated agents (agents and rotation scenarios).
     #[arg(long)]
     agents: Option<usize>,
     /// How the agents scenario restarts the engine: `term` (SIGTERM, drain, start) or `crash`
@@ -197,7 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Mode::Run => Scenario::value_variants()
                 .iter()
                 .copied()
-                .filter(|s| *s != Scenario::Soak)
+                .filter(|s| !matches!(s, Scenario::Soak | Scenario::Rotation | Scenario::Takeover))
                 .collect(),
             Mode::Compare => vec![Scenario::Handshake, Scenario::Bulk, Scenario::Rr],
         }
@@ -378,6 +386,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     &cli.out,
                 ),
                 None => Err(anyhow!("skipped: needs --spawn (engine restart)")),
+            },
+            Scenario::Rotation => match setup.spawned.as_mut() {
+                Some(s) => rotation::rotation(s, &jaunt_watch, &sizes, &cli.out),
+                None => Err(anyhow!("skipped: needs --spawn (admin access)")),
+            },
+            Scenario::Takeover => match setup.spawned.as_mut() {
+                Some(s) => takeover::takeover(s, &setup.app, &mut jaunt_watch, &sizes, &cli.out),
+                None => Err(anyhow!("skipped: needs --spawn (replaces the daemon)")),
             },
             // Handled before the shared cluster starts (run_soak).
             Scenario::Soak => Err(anyhow!("skipped: soak runs alone")),

@@ -575,52 +575,10 @@ pub fn agents(
     use crate::emul;
     use std::sync::atomic::Ordering::SeqCst;
     let k = sizes.agents;
-    let token = spawned.token("node")?;
-    let dir = spawned.dir.path().join("emulated");
-    let ids = {
-        let progress = Progress::new("agents: joining", Some(k as u64));
-        let next = AtomicU64::new(0);
-        let ids: Mutex<Vec<emul::Identity>> = Mutex::new(Vec::new());
-        let err: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, SeqCst) as usize;
-                    if i >= k {
-                        break;
-                    }
-                    let name = format!("lt-emu-{i}");
-                    match emul::join(
-                        &spawned.public_addr,
-                        &spawned.pin,
-                        &token,
-                        &name,
-                        &dir.join(&name),
-                    ) {
-                        Ok(id) => {
-                            if let Ok(mut v) = ids.lock() {
-                                v.push(id);
-                            }
-                            progress.add(1);
-                        }
-                        Err(e) => {
-                            if let Ok(mut er) = err.lock() {
-                                er.get_or_insert(e);
-                            }
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = err.into_inner().ok().flatten() {
-            return Err(e.context("joining the emulated agents"));
-        }
-        ids.into_inner().unwrap_or_default()
-    };
+    let ids = emul::join_all(spawned, k, "agents")?;
     let user = JauntUser::from_home(&spawned.home)?;
     let shared = Arc::new(emul::Shared::default());
-    let handles = emul::start(ids, user.addr, user.name.clone(), shared.clone())?;
+    let handles = emul::start(ids, user.addr, user.name.clone(), shared.clone(), false)?;
     let result = (|| -> anyhow::Result<Vec<Row>> {
         let deadline = Instant::now() + Duration::from_secs(60 + k as u64 / 20);
         {

@@ -180,3 +180,73 @@ fn smoke_run_with_every_scenario() {
         );
     }
 }
+
+/// The issue-13 scenarios at smoke size (10 emulated agents, 1 s windows): every emulated agent
+/// confirms each rotation phase and the guard sees them all; the connect loop loses no
+/// connection across the takeover (the scenario fails the run otherwise).
+#[test]
+fn smoke_run_of_rotation_and_takeover() {
+    let loadtest = PathBuf::from(env!("CARGO_BIN_EXE_loadtest"));
+    let jaunt = jaunt_bin(&loadtest);
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(&loadtest)
+        .args([
+            "--spawn",
+            "--smoke",
+            "--scenario",
+            "rotation",
+            "--scenario",
+            "takeover",
+            "--out",
+        ])
+        .arg(out.path())
+        .arg("--jaunt")
+        .arg(&jaunt)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "loadtest failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        o.status
+    );
+    let text = std::fs::read_to_string(out.path().join("results.json")).unwrap();
+    let results: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(results["errors"].as_array().unwrap().len(), 0, "{text}");
+
+    let rotation = rows(&results, "rotation");
+    assert_eq!(rotation.len(), 4, "{text}");
+    for r in &rotation {
+        assert_eq!(num(r, "agents"), 10.0, "{r}");
+        let all = num(r, "all_confirmed_s");
+        assert!(all > 0.0 && num(r, "confirmed_p50_s") <= all, "{r}");
+        assert!(num(r, "guard_all_confirmed_s") > 0.0, "{r}");
+    }
+    // update_servers re-issues the host certificates: every emulated agent renewed its own.
+    let servers = rotation
+        .iter()
+        .find(|r| r["variant"].as_str().unwrap().ends_with("update_servers"))
+        .unwrap();
+    assert_eq!(num(servers, "host_certs_renewed"), 10.0, "{servers}");
+
+    let takeover = rows(&results, "takeover");
+    assert_eq!(takeover.len(), 3, "{text}");
+    for r in &takeover {
+        assert_eq!(num(r, "failed"), 0.0, "{r}");
+        assert!(num(r, "connections") > 0.0, "{r}");
+    }
+    let during = takeover
+        .iter()
+        .find(|r| r["variant"] == "during takeover")
+        .unwrap();
+    assert!(num(during, "max_ms") > 0.0, "{during}");
+    num(during, "added_p99_ms");
+    for svg in ["rotation-confirmed.svg", "takeover-latency.svg"] {
+        let s = std::fs::read_to_string(out.path().join(svg)).unwrap();
+        assert!(
+            s.starts_with("<svg") && s.trim_end().ends_with("</svg>"),
+            "{svg}"
+        );
+    }
+}
