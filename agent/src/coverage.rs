@@ -1,16 +1,18 @@
-//! [`Coverage`]: which engine shards this agent has a tunnel to, and what to do with the next
-//! connection. Pure: fed tunnel hellos and tunnel ends, it answers keep / close / reset and
-//! whether to dial again.
+//! [`Coverage`]: which engine shards this agent has a tunnel to, which one the next dial asks
+//! for, and what to do with the next connection. Pure: fed tunnel hellos and tunnel ends, it
+//! answers keep / close / reset and whether to dial again.
 //!
-//! The agent cannot choose the shard it lands on: every shard listens on the same port with
-//! `SO_REUSEPORT`, and the kernel hashes each new connection (its source port, in practice) to
-//! one of them. So the agent dials, reads which shard accepted ([`TunnelHello`]), keeps the
-//! connection if that shard had no tunnel yet and closes it otherwise, and dials again until
-//! every shard `0..shards` is covered. Covering `n` shards takes about `n · H(n)` dials (the
-//! coupon collector's problem: 1 for one shard, about 8 for 4, 22 for 8, 300 for 64); one
-//! round allows twice the expected count for the shards still missing ([`Coverage::round_budget`])
-//! before the agent backs off, so a kernel that keeps hashing to the same shard cannot make it
-//! spin.
+//! Every shard listens on the same port with `SO_REUSEPORT`, and the kernel hashes each new
+//! connection to one of them. Once the first tunnel hello has told the shard count, each dial
+//! asks for the lowest shard still missing ([`Coverage::wanted`], sent as a `jaunt-shard.<k>`
+//! ALPN entry); an engine that honours it hands the connection to that shard, so `n` shards
+//! take `n` dials. An engine that does not (an older one) leaves the connection where the
+//! kernel put it: the agent reads which shard accepted ([`TunnelHello`]), keeps the connection
+//! if that shard had no tunnel yet and closes it otherwise, and dials again until every shard
+//! `0..shards` is covered. That fallback takes about `n · H(n)` dials (the coupon collector's
+//! problem: 1 for one shard, about 8 for 4, 22 for 8, 300 for 64); one round allows twice the
+//! expected count for the shards still missing ([`Coverage::round_budget`]) before the agent
+//! backs off, so a kernel that keeps hashing to the same shard cannot make it spin.
 //!
 //! A hello with another shard count than the tunnels so far means the engine restarted with
 //! another layout (or a second engine answers behind the same address): the set starts over
@@ -81,6 +83,14 @@ impl Coverage {
     /// Whether to dial again.
     pub fn needs_dial(&self) -> bool {
         !self.is_complete()
+    }
+
+    /// The shard the next dial asks the engine for (a `jaunt-shard.<k>` ALPN entry): the lowest
+    /// one without a tunnel, once the count is known. An engine that honours the hint hands the
+    /// connection to that shard, so `n` shards take `n` dials; one that does not lands it where
+    /// the kernel's hash does, and [`Coverage::offer`] sorts it out as before.
+    pub fn wanted(&self) -> Option<usize> {
+        self.by_shard.iter().position(Option::is_none)
     }
 
     /// The tunnel serving `shard`.
@@ -226,6 +236,30 @@ mod tests {
         c.offer(1, &hello(2, 0));
         c.remove(1);
         assert_eq!(c.offer(2, &hello(1, 0)), Verdict::Keep);
+        assert!(c.is_complete());
+    }
+
+    #[test]
+    fn the_wanted_shard_is_the_lowest_missing_one() {
+        let mut c = Coverage::new();
+        assert_eq!(c.wanted(), None, "unknown count: no hint");
+        assert_eq!(c.offer(1, &hello(3, 1)), Verdict::Keep);
+        assert_eq!(c.wanted(), Some(0));
+        assert_eq!(c.offer(2, &hello(3, 0)), Verdict::Keep);
+        assert_eq!(c.wanted(), Some(2));
+        assert_eq!(c.offer(3, &hello(3, 2)), Verdict::Keep);
+        assert_eq!(c.wanted(), None, "complete");
+        c.remove(2);
+        assert_eq!(c.wanted(), Some(0));
+        // An engine that honours every hint: n shards, n dials, no duplicate.
+        let mut c = Coverage::new();
+        let mut dials = 1;
+        c.offer(1, &hello(64, 17));
+        while let Some(shard) = c.wanted() {
+            dials += 1;
+            assert_eq!(c.offer(dials, &hello(64, shard)), Verdict::Keep);
+        }
+        assert_eq!(dials, 64);
         assert!(c.is_complete());
     }
 

@@ -16,7 +16,7 @@ use glommio::net::TcpStream;
 use jaunt_config::wire::dial::{
     DialError, LENGTH_PREFIX_BYTES, MAX_TUNNEL_HELLO_BYTES, TUNNEL_HELLO_VERSION,
 };
-use jaunt_config::wire::ALPN_TUNNEL;
+use jaunt_config::wire::{shard_hint_alpn, ALPN_TUNNEL};
 use jaunt_config::wire::{TunnelHello, MAX_SHARDS};
 use jaunt_engine::tunnel::CLOSE_TIMEOUT;
 use rustls::ClientConfig;
@@ -33,6 +33,15 @@ pub(crate) struct Handshaked {
     pub(crate) tls: Transport,
     pub(crate) hello: TunnelHello,
     pub(crate) peer: SocketAddr,
+}
+
+/// `tls` with the ALPN entry that asks the engine for shard `shard` after `jaunt-tunnel`
+/// ([`shard_hint_alpn`]). A clone shares the original's session cache, so resumption works
+/// across hinted dials.
+pub(crate) fn asking_for_shard(tls: &Arc<ClientConfig>, shard: usize) -> Arc<ClientConfig> {
+    let mut config = ClientConfig::clone(tls);
+    config.alpn_protocols.push(shard_hint_alpn(shard));
+    Arc::new(config)
 }
 
 /// Dials the proxy and reads its tunnel hello, each step bounded by the settings' timeouts.

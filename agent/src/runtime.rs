@@ -582,7 +582,11 @@ impl Supervisor {
             dials += 1;
             // This dial uses the newest TLS configuration.
             self.retry_now = false;
-            let attempt = dial::handshake(self.prepared.clone(), self.tls.clone());
+            let tls = match self.coverage.wanted() {
+                Some(shard) => dial::asking_for_shard(&self.tls, shard),
+                None => self.tls.clone(),
+            };
+            let attempt = dial::handshake(self.prepared.clone(), tls);
             let Some(result) = self.racing_events(attempt).await else {
                 return;
             };

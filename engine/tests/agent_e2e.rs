@@ -143,7 +143,17 @@ fn start_engine(
     host: &Ca,
     inventory: crossbeam_channel::Sender<InventoryEvent>,
 ) -> (EngineHandle, crossbeam_channel::Sender<Arc<Snapshot>>) {
-    let mut config = engine_config(CLUSTER, 2);
+    start_engine_with(web, user, host, inventory, 2)
+}
+
+fn start_engine_with(
+    web: &Ca,
+    user: &Ca,
+    host: &Ca,
+    inventory: crossbeam_channel::Sender<InventoryEvent>,
+    shards: usize,
+) -> (EngineHandle, crossbeam_channel::Sender<Arc<Snapshot>>) {
+    let mut config = engine_config(CLUSTER, shards);
     config.inventory = Some(inventory);
     let tls = tls_configs(web, &[PUBLIC_HOST], user, host);
     let (engine, snapshots) =
@@ -262,5 +272,92 @@ fn real_agent_serves_announced_resources_on_every_shard() {
         ssh_user.dial_error(&request(DialKind::Ssh, "e2e-node")),
         r#"no such node "e2e-node" in cluster "e2e-cluster""#
     );
+    engine.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// The sum of a metric family's samples whose labels include `label` (`name="value"`).
+fn metric_sum(text: &str, family: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The agent asks each shard for its tunnel (a `jaunt-shard.<k>` ALPN entry) and the engine
+/// hands a connection that landed elsewhere to the shard it asked for: four shards, four tunnel
+/// connections, no duplicate. (Without the hand-over, four dials cover four shards with
+/// probability 4!/4^4, under 10%.) User dials work from every shard afterwards.
+#[test]
+fn the_real_agent_covers_four_shards_with_four_connections() {
+    let (web, user_ca, host_ca) = (
+        Ca::new("E2E Web CA"),
+        Ca::new("E2E User CA"),
+        Ca::new("E2E Host CA"),
+    );
+    let (inventory_tx, inventory) = crossbeam_channel::unbounded();
+    let (engine, _snapshots) = start_engine_with(&web, &user_ca, &host_ca, inventory_tx, 4);
+    let echo = echo_server();
+    let (chain, key) = identity_cert(&host_ca, IdentityKind::Host, "host-e2e");
+    let tls = jaunt_agent::client_config(chain, key, &[web.der()]).unwrap();
+    let settings = AgentSettings {
+        name: "e2e-node".into(),
+        services: AgentServices {
+            ssh: None,
+            apps: vec![tcp_app("echo", echo)],
+            dbs: vec![],
+        },
+        ..settings(engine.local_addr(), tls, AgentServices::default())
+    };
+    let (control, control_rx) = crossbeam_channel::unbounded();
+    let agent = std::thread::spawn(move || jaunt_agent::run(settings, control_rx));
+
+    let mut up = Vec::new();
+    while up.len() < 4 {
+        match inventory.recv_timeout(WAIT).expect("TunnelUp events") {
+            InventoryEvent::TunnelUp { shard, .. } => up.push(shard),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    up.sort_unstable();
+    assert_eq!(up, vec![0, 1, 2, 3], "one tunnel per shard");
+    let metrics = engine.metrics_text();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "jaunt_connections_accepted_total",
+            "route=\"tunnel\""
+        ),
+        4,
+        "one connection per shard: {metrics}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "jaunt_tunnels_duplicate_total", "shard="),
+        0,
+        "{metrics}"
+    );
+    let handed = metric_sum(&metrics, "jaunt_tunnels_handed_over_total", "shard=");
+    assert!(handed <= 3, "at most the three hinted dials: {handed}");
+
+    let tcp_user = User::new(engine.local_addr(), &web, &user_ca, ALPN_TCP);
+    for _ in 0..8 {
+        let (response, mut tls) = tcp_user.dial(&request(DialKind::Tcp, "echo"));
+        assert!(response.ok, "{response:?}");
+        tls.write_all(b"ping\n").unwrap();
+        tls.flush().unwrap();
+        let mut line = String::new();
+        BufReader::new(&mut tls).read_line(&mut line).unwrap();
+        assert_eq!(line, "ping\n");
+    }
+    assert_eq!(
+        metric_sum(
+            &engine.metrics_text(),
+            "jaunt_cross_shard_hops_total",
+            "result=\"ok\""
+        ),
+        0,
+        "every user dial found its tunnel on its own shard"
+    );
+    control.send(AgentCommand::Shutdown).unwrap();
+    agent.join().unwrap().unwrap();
     engine.shutdown(Duration::from_secs(5)).unwrap();
 }

@@ -50,3 +50,66 @@ pub const MAX_DIAL_HEADER_LEN: usize = 4 * 1024;
 
 /// Most shards one engine runs (and so the largest shard count a [`TunnelHello`] may name).
 pub const MAX_SHARDS: usize = 1024;
+
+/// Prefix of the shard hint an agent offers after [`ALPN_TUNNEL`]: `jaunt-shard.<k>` asks the
+/// engine to serve this tunnel on shard `k` ([`shard_hint_alpn`], [`parse_shard_hint`]).
+///
+/// The hint rides in the ALPN list because it is the only part of the ClientHello an agent can
+/// fill that the engine reads before choosing who terminates TLS, and it survives NAT (a source
+/// port chosen to steer a `SO_REUSEPORT` BPF program does not). It is never selected: the
+/// engine selects [`ALPN_TUNNEL`], and an engine that does not know the hint skips it as an
+/// unknown protocol, so old engines and new agents still talk.
+pub const ALPN_SHARD_HINT_PREFIX: &[u8] = b"jaunt-shard.";
+
+/// The ALPN entry asking for shard `shard`.
+pub fn shard_hint_alpn(shard: usize) -> Vec<u8> {
+    let mut id = ALPN_SHARD_HINT_PREFIX.to_vec();
+    id.extend_from_slice(shard.to_string().as_bytes());
+    id
+}
+
+/// The shard a `jaunt-shard.<k>` ALPN entry asks for: `None` for any other entry, a `k` with
+/// leading zeros, a sign, or a `k` of [`MAX_SHARDS`] or more.
+pub fn parse_shard_hint(id: &[u8]) -> Option<usize> {
+    let digits = id.strip_prefix(ALPN_SHARD_HINT_PREFIX)?;
+    if digits.is_empty() || digits.len() > 4 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if digits.len() > 1 && digits[0] == b'0' {
+        return None;
+    }
+    let shard = digits
+        .iter()
+        .fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+    (shard < MAX_SHARDS).then_some(shard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_hints_round_trip_and_refuse_what_is_not_one() {
+        for shard in [0, 1, 9, 10, 63, 1023] {
+            assert_eq!(parse_shard_hint(&shard_hint_alpn(shard)), Some(shard));
+        }
+        for id in [
+            &b"jaunt-shard."[..],
+            b"jaunt-shard.01",
+            b"jaunt-shard.+1",
+            b"jaunt-shard.-1",
+            b"jaunt-shard.1024",
+            b"jaunt-shard.99999999999999999999",
+            b"jaunt-shard.1a",
+            b"jaunt-tunnel",
+            b"jaunt-shard1",
+        ] {
+            assert_eq!(
+                parse_shard_hint(id),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(id)
+            );
+        }
+    }
+}

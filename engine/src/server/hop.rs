@@ -72,6 +72,22 @@ pub(crate) trait HopShard: 'static {
     fn index(&self) -> usize;
     /// This shard's usable tunnel to agent `host_id`, unless the shard is draining.
     fn serving_tunnel(&self, host_id: &str) -> Option<Tunnel>;
+    /// Serves a connection another shard accepted and handed over ([`Hops::hand_over`]).
+    fn adopt(self: &Rc<Self>, adopted: Adopted);
+}
+
+/// A connection accepted by one shard and handed to another: an agent's tunnel connection
+/// whose ClientHello asked for that shard (`jaunt_config::wire::parse_shard_hint`). The
+/// accepting shard read the ClientHello and nothing else; the adopting shard serves it from
+/// there as if it had accepted it.
+#[derive(Debug)]
+pub(crate) struct Adopted {
+    /// The socket (a duplicate of the accepting shard's descriptor, which it closed).
+    pub stream: std::net::TcpStream,
+    /// The bytes read so far: the complete ClientHello.
+    pub hello: Vec<u8>,
+    /// When the accepting shard accepted it: its handshake deadline counts from here.
+    pub accepted_at: Instant,
 }
 
 /// Most bytes in one chunk: two TLS records, half a mux DATA frame.
@@ -117,6 +133,10 @@ pub(crate) enum Frame {
     Fin,
     /// The hop is over, both ways.
     Reset,
+    /// Not about a hop: a connection handed over to the receiving shard (its `id` and
+    /// `to_opener` mean nothing). The pair channels are the only shard-to-shard path, so
+    /// hand-overs take them rather than a second mesh.
+    Adopt(Adopted),
 }
 
 /// Why the serving shard opened no stream.
@@ -308,6 +328,18 @@ impl Hops {
         }
     }
 
+    /// Hands connection `adopted` to shard `peer`, which serves it from its ClientHello on
+    /// ([`HopShard::adopt`]). Gives it back if that shard is gone.
+    pub(crate) fn hand_over(&self, peer: usize, adopted: Adopted) -> Result<(), Adopted> {
+        match self.peers.get(peer) {
+            Some(p) if !p.gone.get() => {}
+            _ => return Err(adopted),
+        }
+        let sent = self.send((peer, 0, true), Frame::Adopt(adopted));
+        debug_assert!(sent, "checked just above");
+        Ok(())
+    }
+
     /// Queues `frame` for hop end `key`'s counterpart; `false` if that shard is gone.
     fn send(&self, key: Key, frame: Frame) -> bool {
         let (peer, id, opened_here) = key;
@@ -393,6 +425,10 @@ impl Hops {
 
 /// A message from shard `peer`; an open is served by a task of its own.
 fn dispatch<S: HopShard>(shard: &Rc<S>, peer: usize, msg: HopMsg) {
+    let msg = match msg.frame {
+        Frame::Adopt(adopted) => return shard.adopt(adopted),
+        frame => HopMsg { frame, ..msg },
+    };
     if let Some(open) = shard.hops().deliver(peer, msg) {
         let OpenRequest {
             stream,
@@ -485,6 +521,8 @@ impl Hops {
             }
             Frame::Fin => e.fin_in = true,
             Frame::Reset => e.reset = true,
+            // Taken by `dispatch` before it gets here.
+            Frame::Adopt(_) => {}
         }
         e.wake();
     }

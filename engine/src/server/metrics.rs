@@ -373,6 +373,7 @@ pub struct ShardMetrics {
     bytes: [[Cell64; 2]; RouteKind::ALL.len()],
     tunnels: Cell64,
     tunnels_duplicate: Cell64,
+    tunnels_handed_over: Cell64,
     tunnels_replaced: Cell64,
     streams_open: Cell64,
     sessions_closed_lock: Cell64,
@@ -475,6 +476,16 @@ impl ShardMetrics {
     /// to this shard.
     pub fn tunnel_duplicate(&self) {
         self.tunnels_duplicate.add(1);
+    }
+
+    /// A tunnel connection accepted here was handed to the shard its ClientHello asked for.
+    pub fn handed_over(&self) {
+        self.tunnels_handed_over.add(1);
+    }
+
+    /// Tunnel connections handed to another shard.
+    pub fn handed_over_count(&self) -> u64 {
+        self.tunnels_handed_over.get()
     }
 
     /// A host registered a tunnel while it had one on this shard already; the older drains.
@@ -640,6 +651,15 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         "counter",
         "New agent tunnels the agent closed at once because it already had one to that shard.",
         |s| s.tunnels_duplicate.get(),
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_tunnels_handed_over_total",
+        "counter",
+        "Agent tunnel connections this shard accepted and handed to the shard their ClientHello \
+         asked for (the agent covers N shards with N connections).",
+        |s| s.tunnels_handed_over.get(),
     );
     per_shard(
         &mut out,

@@ -1108,6 +1108,39 @@ impl hop::HopShard for Shard {
     fn serving_tunnel(&self, host_id: &str) -> Option<Tunnel> {
         self.tunnel(host_id).filter(|_| !self.draining.is_fired())
     }
+
+    fn adopt(self: &Rc<Self>, adopted: hop::Adopted) {
+        // A draining shard takes no new tunnels (the agent redials; it would be sent away at
+        // once anyway), and the connection limit holds as for an accept.
+        if self.draining.is_fired() {
+            return;
+        }
+        if self.metrics.active() >= self.limits().max_connections_per_shard as u64 {
+            self.metrics.refused(Refusal::TooManyConnections);
+            return;
+        }
+        let guard = ConnGuard::new(self);
+        let stream = adopted_stream(adopted.stream);
+        glommio::spawn_local(conn::serve_adopted(
+            Rc::clone(self),
+            stream,
+            guard,
+            adopted.hello,
+            adopted.accepted_at,
+        ))
+        .detach();
+    }
+}
+
+/// Takes ownership of a connected socket handed over by another shard for this executor.
+#[allow(unsafe_code)]
+fn adopted_stream(stream: std::net::TcpStream) -> glommio::net::TcpStream {
+    use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+    // SAFETY: `into_raw_fd` gives up ownership of an open, connected TCP socket (a duplicate of
+    // the descriptor glommio's accept gave the other shard, so it shares that one's file status
+    // flags); glommio's stream takes it over and is its only owner from here on (it closes it
+    // when dropped).
+    unsafe { glommio::net::TcpStream::from_raw_fd(stream.into_raw_fd()) }
 }
 
 /// Takes ownership of a listening socket for this executor.

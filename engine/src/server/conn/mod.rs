@@ -16,6 +16,9 @@
 //!      non-TLS bytes, then close;
 //!    - `Control`: connect to control, write the bytes read so far, splice both ways untouched;
 //!    - `Web` / `App`: terminate TLS (no client auth), serve HTTP/1.1 (`http.rs`);
+//!    - `Tunnel` whose ClientHello asks for another shard (`jaunt-shard.<k>`): hand the socket
+//!      and the ClientHello to that shard ([`hand_over`]), which goes on from here
+//!      ([`serve_adopted`]);
 //!    - `Tunnel`: terminate TLS (host certificate), send the tunnel hello, read the agent's
 //!      [`AgentHello`] (a clean EOF instead is a duplicate tunnel: counted, closed, not an
 //!      error), wrap the stream in a [`Tunnel`] (server role), register it with its resources
@@ -54,6 +57,7 @@ use futures_rustls::server::TlsStream;
 use glommio::net::TcpStream;
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use jaunt_config::wire::dial::{DialKind, DialRequest};
+use jaunt_config::wire::parse_shard_hint;
 
 use crate::hello::{self, Parse, MAX_CLIENT_HELLO_BYTES};
 use crate::mux::Blame;
@@ -123,7 +127,11 @@ impl ConnError {
 /// an await (it is ~1 KiB).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Routed {
-    Tunnel,
+    /// An agent's tunnel, with the shard its ClientHello asked for (a `jaunt-shard.<k>` ALPN
+    /// entry), if any.
+    Tunnel {
+        shard: Option<usize>,
+    },
     Control,
     User(DialKind),
     App(String),
@@ -134,7 +142,7 @@ enum Routed {
 impl Routed {
     fn kind(&self) -> Option<RouteKind> {
         Some(match self {
-            Routed::Tunnel => RouteKind::Tunnel,
+            Routed::Tunnel { .. } => RouteKind::Tunnel,
             Routed::Control => RouteKind::Control,
             Routed::User(DialKind::Ssh) => RouteKind::Ssh,
             Routed::User(DialKind::Db) => RouteKind::Postgres,
@@ -156,7 +164,9 @@ fn classify(buf: &[u8], public_host: &str) -> Option<Routed> {
         Parse::NeedMore => None,
         Parse::Invalid(reason) => Some(Routed::Reject(reason)),
         Parse::Done(hello) => Some(match route::decide(&hello, public_host) {
-            Route::Tunnel => Routed::Tunnel,
+            Route::Tunnel => Routed::Tunnel {
+                shard: hello.alpn().find_map(parse_shard_hint),
+            },
             Route::Control => Routed::Control,
             Route::Ssh => Routed::User(DialKind::Ssh),
             Route::Postgres => Routed::User(DialKind::Db),
@@ -221,8 +231,30 @@ impl Ctx<'_> {
 }
 
 /// Serves one accepted connection until it ends, then accounts for how it ended.
+/// Serves a connection this shard accepted.
 pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard) {
-    let accepted_at = Instant::now();
+    serve_from(shard, stream, guard, None, Instant::now()).await;
+}
+
+/// Serves a connection another shard accepted at `accepted_at` and handed over after reading
+/// its ClientHello, `hello` (`hop::Adopted`).
+pub(crate) async fn serve_adopted(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    guard: ConnGuard,
+    hello: Vec<u8>,
+    accepted_at: Instant,
+) {
+    serve_from(shard, stream, guard, Some(hello), accepted_at).await;
+}
+
+async fn serve_from(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    guard: ConnGuard,
+    hello: Option<Vec<u8>>,
+    accepted_at: Instant,
+) {
     let ctx = Ctx {
         shard: &shard,
         conn_id: guard.id,
@@ -234,7 +266,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard)
         last_activity: Rc::new(Cell::new(accepted_at)),
         dialing: std::cell::RefCell::new(Some(shard.dialing())),
     };
-    let end = futures_lite::future::or(handle(&ctx, stream), async {
+    let end = futures_lite::future::or(handle(&ctx, stream, hello), async {
         shard.abort.wait().await;
         End::Refused(Refusal::DrainDeadline)
     })
@@ -254,23 +286,88 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard)
     drop(guard);
 }
 
-async fn handle(ctx: &Ctx<'_>, mut stream: TcpStream) -> End {
+/// `adopted`: the ClientHello another shard read before handing the connection over.
+async fn handle(ctx: &Ctx<'_>, mut stream: TcpStream, adopted: Option<Vec<u8>>) -> End {
     let shard = ctx.shard;
-    let _ = stream.set_nodelay(true);
-    let mut hello = Vec::new();
     let public_host = &shard.config.public_host;
-    let routed = match with_deadline(
-        ctx.deadline,
-        read_hello(&mut stream, &mut hello, public_host),
-    )
-    .await
-    {
-        Err(_) => return End::Refused(Refusal::HandshakeTimeout),
-        Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
-        // EOF before a complete ClientHello: a port scanner or a health check.
-        Ok(Ok(None)) => return End::Done,
-        Ok(Ok(Some(routed))) => routed,
+    let (hello, routed) = match adopted {
+        Some(hello) => {
+            // Complete: the other shard routed it (so `None` cannot happen; it would end the
+            // connection, not loop).
+            let Some(routed) = classify(&hello, public_host) else {
+                return End::Done;
+            };
+            (hello, routed)
+        }
+        None => {
+            let _ = stream.set_nodelay(true);
+            let mut hello = Vec::new();
+            match with_deadline(
+                ctx.deadline,
+                read_hello(&mut stream, &mut hello, public_host),
+            )
+            .await
+            {
+                Err(_) => return End::Refused(Refusal::HandshakeTimeout),
+                Ok(Err(e)) => return End::Failed(ConnError::Client(e)),
+                // EOF before a complete ClientHello: a port scanner or a health check.
+                Ok(Ok(None)) => return End::Done,
+                Ok(Ok(Some(routed))) => (hello, routed),
+            }
+        }
     };
+    // An agent asking for another shard's tunnel slot: that shard serves it, so that an agent
+    // covers N shards with N connections instead of redialing until the kernel's
+    // `SO_REUSEPORT` hash lands it on each. A hint this shard cannot honour (out of range, its
+    // own index, the other shard gone) is ignored: the agent then learns the shard from the
+    // tunnel hello, as without hints.
+    let hello = match routed {
+        Routed::Tunnel { shard: Some(want) } if want != shard.index && want < shard.shard_count => {
+            match hand_over(shard, want, &stream, hello, ctx.accepted_at) {
+                // Our descriptor closes when `stream` drops here; the socket lives on there.
+                Ok(()) => return End::Done,
+                Err(hello) => hello,
+            }
+        }
+        _ => hello,
+    };
+    serve_here(ctx, stream, hello, routed).await
+}
+
+/// Hands a duplicate of `stream`'s socket to shard `to` (`hop::Hops::hand_over`); the caller
+/// then drops its own. Gives the hello back when it cannot.
+fn hand_over(
+    shard: &Rc<Shard>,
+    to: usize,
+    stream: &TcpStream,
+    hello: Vec<u8>,
+    accepted_at: Instant,
+) -> Result<(), Vec<u8>> {
+    use std::os::fd::{AsRawFd as _, BorrowedFd};
+    #[allow(unsafe_code)]
+    // SAFETY: the descriptor is `stream`'s, open for as long as `stream` lives, which outlives
+    // this borrow (it is only duplicated here).
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let Ok(owned) = fd.try_clone_to_owned() else {
+        return Err(hello);
+    };
+    let adopted = crate::server::hop::Adopted {
+        stream: std::net::TcpStream::from(owned),
+        hello,
+        accepted_at,
+    };
+    match shard.hops.hand_over(to, adopted) {
+        Ok(()) => {
+            shard.metrics.handed_over();
+            Ok(())
+        }
+        Err(adopted) => Err(adopted.hello),
+    }
+}
+
+/// Serves a routed connection on this shard.
+async fn serve_here(ctx: &Ctx<'_>, stream: TcpStream, hello: Vec<u8>, routed: Routed) -> End {
+    let shard = ctx.shard;
     let Some(kind) = routed.kind() else {
         let Routed::Reject(reason) = routed else {
             return End::Done;
@@ -296,7 +393,7 @@ async fn handle(ctx: &Ctx<'_>, mut stream: TcpStream) -> End {
         Routed::Control => pass_through(ctx, client, hello).await,
         Routed::Web => web(ctx, client, hello).await,
         Routed::App(name) => app(ctx, client, hello, name).await,
-        Routed::Tunnel => agent_tunnel(ctx, client, hello).await,
+        Routed::Tunnel { .. } => agent_tunnel(ctx, client, hello).await,
         Routed::User(dial_kind) => user(ctx, client, hello, dial_kind).await,
         Routed::Reject(_) => End::Done,
     }
