@@ -223,6 +223,81 @@ impl DenialRecorder for IgnoreDenials {
     fn record(&self, _denial: &AccessDenial) {}
 }
 
+/// Who a terminated SSH session is (its audit events name it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshSession {
+    /// The engine's session id (as in its `session.start`/`session.end`); may be empty.
+    pub session_id: String,
+    /// The Jaunt user.
+    pub user: String,
+    /// The OS login.
+    pub login: String,
+    /// The node's name.
+    pub node: String,
+}
+
+/// Longest command line an [`SshEvent::Exec`] carries (longer ones are cut, `truncated`).
+pub const MAX_AUDITED_COMMAND_BYTES: usize = 16 << 10;
+/// Longest path a [`SshEvent::FileTransfer`] carries (longer ones are cut, `truncated`).
+pub const MAX_AUDITED_PATH_BYTES: usize = 4096;
+
+/// What a terminated SSH session reports for the audit log (`ssh_term`), besides its recording.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SshEvent {
+    /// A command channel ended (`ssh host cmd`, legacy `scp -t`/`-f`, a subsystem other than
+    /// sftp): the command line, how it exited, the channel's bytes and its recording.
+    Exec {
+        command: String,
+        truncated: bool,
+        /// `None`: sshd sent no exit status (a signal, or the connection ended first).
+        exit_status: Option<i32>,
+        exit_signal: Option<String>,
+        bytes_in: u64,
+        bytes_out: u64,
+        recording_id: Option<String>,
+    },
+    /// One file operation of an sftp channel (scp in its default SFTP mode, `sftp`):
+    /// `read`/`write` (a handle closed, with the bytes moved), `open` (nothing moved),
+    /// `remove`, `rename` (with `to`), `mkdir`, `rmdir`, `setstat`.
+    FileTransfer {
+        operation: String,
+        path: String,
+        to: Option<String>,
+        bytes: Option<u64>,
+        truncated: bool,
+    },
+    /// The session ended at the agent: the recordings of its channels and its channels' bytes.
+    Closed {
+        recording_ids: Vec<String>,
+        bytes_in: u64,
+        bytes_out: u64,
+        /// The first recording failure (best effort went on without it), if any.
+        recording_failure: Option<String>,
+    },
+}
+
+/// Receives the audit events of terminated SSH sessions. Called on the agent's executor
+/// thread: it must not block.
+pub trait SshEventRecorder: Send + Sync {
+    fn record(&self, session: &SshSession, event: &SshEvent);
+}
+
+/// The default [`SshEventRecorder`]: one `tracing` event at info level each.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogSshEvents;
+
+impl SshEventRecorder for LogSshEvents {
+    fn record(&self, session: &SshSession, event: &SshEvent) {
+        tracing::info!(
+            user = %session.user,
+            login = %session.login,
+            session = %session.session_id,
+            ?event,
+            "jaunt ssh event"
+        );
+    }
+}
+
 /// An OpenSSH certificate as control issued it.
 #[derive(Clone, Debug)]
 pub struct SshCert {
@@ -292,6 +367,8 @@ pub struct AgentHooks {
     pub denials: Arc<dyn DenialRecorder>,
     /// SSH termination and recording; `None` splices every SSH session.
     pub ssh: Option<SshRecording>,
+    /// Where the exec commands, file transfers and ends of terminated SSH sessions go.
+    pub ssh_events: Arc<dyn SshEventRecorder>,
 }
 
 impl Default for AgentHooks {
@@ -303,6 +380,7 @@ impl Default for AgentHooks {
             app_requests: Arc::new(LogAppRequests),
             denials: Arc::new(IgnoreDenials),
             ssh: None,
+            ssh_events: Arc::new(LogSshEvents),
         }
     }
 }

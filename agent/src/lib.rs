@@ -42,6 +42,7 @@ mod error;
 mod hooks;
 mod http_app;
 mod issue_cache;
+pub mod metrics;
 pub mod mysql;
 mod net;
 pub mod policy;
@@ -59,8 +60,9 @@ pub use error::{AgentError, Blame, TunnelError};
 pub use hooks::{
     AccessDenial, AgentHooks, AppRequest, AppRequestRecorder, AppSession, AppToken,
     AppTokenProvider, DbCertProvider, DbClientCert, DbSession, DenialRecorder, IgnoreDenials,
-    LogAppRequests, LogQueries, QueryRecorder, SshCert, SshCertProvider, SshRecording,
-    SshUserCertRequest,
+    LogAppRequests, LogQueries, LogSshEvents, QueryRecorder, SshCert, SshCertProvider, SshEvent,
+    SshEventRecorder, SshRecording, SshSession, SshUserCertRequest, MAX_AUDITED_COMMAND_BYTES,
+    MAX_AUDITED_PATH_BYTES,
 };
 pub use net::MAX_CONCURRENT_LOOKUPS;
 

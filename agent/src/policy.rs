@@ -595,6 +595,7 @@ impl Guard {
             deadline: decision.session_deadline(),
             recording: crate::recording::recording_policy(&decision),
             permit_port_forwarding: decision.permit_port_forwarding,
+            permit_agent_forwarding: decision.permit_agent_forwarding,
             policy,
         }))
     }
@@ -618,6 +619,9 @@ pub(crate) struct Session {
     /// The roles permit SSH port forwarding (a terminated session refuses `ssh -L`/`-R`
     /// otherwise).
     pub(crate) permit_port_forwarding: bool,
+    /// The roles permit SSH agent forwarding (a terminated session refuses `ssh -A`
+    /// otherwise).
+    pub(crate) permit_agent_forwarding: bool,
     /// The policy that admitted it (its SSH CA keys check a terminated SSH session's
     /// certificates).
     pub(crate) policy: Arc<ClusterPolicy>,

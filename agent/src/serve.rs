@@ -293,6 +293,7 @@ async fn serve_routed(
                 .then(|| crate::ssh_term::Terminate {
                     recording: session.recording,
                     permit_port_forwarding: session.permit_port_forwarding,
+                    permit_agent_forwarding: session.permit_agent_forwarding,
                     policy: session.policy.clone(),
                     client_cert: client_cert.clone().unwrap_or_default(),
                 })

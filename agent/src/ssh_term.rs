@@ -28,10 +28,9 @@
 //! own connection only; each refusal is logged with a stable `reason` label ([`Fail::label`]).
 //!
 //! Not here: the recording format and spool (`recording/`), per-channel
-//! RBAC re-checks (a lock ends the whole session, through `policy.rs`), agent forwarding
-//! beyond what sshd itself allows with the certificate's `permit-agent-forwarding` (the login
-//! certificate carries the user's). Port forwarding (`ssh -L`/`-R`) is refused here unless the
-//! roles permit it (`channels.rs`), and by sshd as well.
+//! RBAC re-checks (a lock ends the whole session, through `policy.rs`). Port forwarding
+//! (`ssh -L`/`-R`) and agent forwarding (`ssh -A`) are refused here unless the roles permit them
+//! (`channels.rs`), and by sshd as well (the login certificate carries the user's extensions).
 
 mod channels;
 mod sftp;
@@ -91,6 +90,8 @@ pub(crate) struct SshState {
     host: IssueCache<u8, Arc<HostKey>>,
     logins: IssueCache<u64, Arc<(SigningKey, Vec<u8>)>>,
     next: Cell<u64>,
+    /// Where exec commands, file transfers and session ends go (the audit log).
+    events: Arc<dyn crate::hooks::SshEventRecorder>,
 }
 
 impl std::fmt::Debug for SshState {
@@ -117,10 +118,12 @@ pub(crate) enum Fail {
     /// sshd refused the agent's login, or its handshake failed.
     NodeLogin(String),
     /// The user's `ssh` did not authenticate (wrong, expired or foreign certificate, other
-    /// user name) or broke the handshake.
-    UserAuth(String),
-    /// A malformed SSH packet or message from either side.
-    Protocol(String),
+    /// user name: the label is [`check_user_cert`]'s; `user_auth` when it left without
+    /// offering a key at all) or broke the handshake.
+    UserAuth(&'static str, String),
+    /// A malformed SSH packet or message from either side, a window overflow or a channel
+    /// flood (the label is one of [`crate::metrics::SSH_REFUSALS`]).
+    Protocol(&'static str, String),
     /// Strict mode: the recording cannot be written.
     Recording(String),
     /// A side's connection failed.
@@ -135,8 +138,7 @@ impl Fail {
             Fail::Certificate(_) => "certificate",
             Fail::NodeHostKey(_) => "node_host_key",
             Fail::NodeLogin(_) => "node_login",
-            Fail::UserAuth(_) => "user_auth",
-            Fail::Protocol(_) => "protocol",
+            Fail::UserAuth(label, _) | Fail::Protocol(label, _) => label,
             Fail::Recording(_) => "recording",
             Fail::Io(_) => "io",
             Fail::Timeout(_) => "timeout",
@@ -150,8 +152,8 @@ impl std::fmt::Display for Fail {
             Fail::Certificate(e)
             | Fail::NodeHostKey(e)
             | Fail::NodeLogin(e)
-            | Fail::UserAuth(e)
-            | Fail::Protocol(e)
+            | Fail::UserAuth(_, e)
+            | Fail::Protocol(_, e)
             | Fail::Recording(e)
             | Fail::Io(e) => f.write_str(e),
             Fail::Timeout(what) => write!(f, "{what} took longer than {HANDSHAKE_TIMEOUT:?}"),
@@ -160,7 +162,21 @@ impl std::fmt::Display for Fail {
 }
 
 fn protocol(e: sunset::Error) -> Fail {
-    Fail::Protocol(format!("SSH: {e}"))
+    Fail::Protocol("malformed_packet", format!("SSH: {e}"))
+}
+
+impl Fail {
+    /// Counts the failure on the agent's metrics if it is bad input from a peer (not an I/O
+    /// error, a missing certificate from control or a client that just left).
+    fn count(&self) {
+        match self {
+            Fail::UserAuth("user_auth", _) => {}
+            Fail::UserAuth(label, _) | Fail::Protocol(label, _) => {
+                crate::metrics::ssh_refused(label)
+            }
+            _ => {}
+        }
+    }
 }
 
 impl SshState {
@@ -185,6 +201,7 @@ impl SshState {
                 MAX_PENDING_LOGIN_CERTS,
             )),
             next: Cell::new(0),
+            events: hooks.ssh_events.clone(),
         }
     }
 
@@ -285,29 +302,67 @@ fn pubkey_blob(key: &sunset::PubKey<'_>) -> Option<Vec<u8>> {
 }
 
 /// Checks a certificate blob: an OpenSSH certificate of one of `cas`, valid at `now`, of
-/// `cert_type`, naming `principal`. Returns the certificate.
+/// `cert_type`, naming `principal`. Returns the certificate, or why not with its metric label
+/// (`not_a_certificate`, `cert_untrusted`, `cert_expired`, `wrong_login`).
 fn check_cert(
     blob: &[u8],
     cas: &[ssh_key::Fingerprint],
     cert_type: ssh_key::certificate::CertType,
     principal: &str,
     now: u64,
-) -> Result<ssh_key::Certificate, String> {
-    let cert = ssh_key::Certificate::from_bytes(blob)
-        .map_err(|e| format!("not an OpenSSH certificate: {e}"))?;
+) -> Result<ssh_key::Certificate, (&'static str, String)> {
+    let cert = ssh_key::Certificate::from_bytes(blob).map_err(|e| {
+        (
+            "not_a_certificate",
+            format!("not an OpenSSH certificate: {e}"),
+        )
+    })?;
     if cas.is_empty() {
-        return Err("the cluster's policy carries no SSH CA key (control is older)".into());
+        return Err((
+            "cert_untrusted",
+            "the cluster's policy carries no SSH CA key (control is older)".into(),
+        ));
     }
-    cert.validate_at(now, cas)
-        .map_err(|e| format!("certificate not valid now or not from the cluster's CA: {e}"))?;
+    let signer = cert.signature_key();
+    if !cas
+        .iter()
+        .any(|ca| signer.fingerprint(ca.algorithm()) == *ca)
+    {
+        return Err((
+            "cert_untrusted",
+            "the certificate is not from the cluster's CA".into(),
+        ));
+    }
+    if now < cert.valid_after() || now >= cert.valid_before() {
+        return Err((
+            "cert_expired",
+            format!(
+                "the certificate is valid from {} to {} (unix seconds), not now ({now})",
+                cert.valid_after(),
+                cert.valid_before()
+            ),
+        ));
+    }
+    cert.validate_at(now, cas).map_err(|e| {
+        (
+            "cert_untrusted",
+            format!("certificate not valid now or not from the cluster's CA: {e}"),
+        )
+    })?;
     if cert.cert_type() != cert_type {
-        return Err(format!(
-            "a {:?} certificate where a {cert_type:?} one was expected",
-            cert.cert_type()
+        return Err((
+            "not_a_certificate",
+            format!(
+                "a {:?} certificate where a {cert_type:?} one was expected",
+                cert.cert_type()
+            ),
         ));
     }
     if !cert.valid_principals().iter().any(|p| p == principal) {
-        return Err(format!("the certificate does not name {principal:?}"));
+        return Err((
+            "wrong_login",
+            format!("the certificate does not name {principal:?}"),
+        ));
     }
     Ok(cert)
 }
@@ -333,8 +388,7 @@ pub(crate) fn check_user_cert(
         ssh_key::certificate::CertType::User,
         login,
         now,
-    )
-    .map_err(|e| ("user_cert", e))?;
+    )?;
     if cert.key_id() != header.user {
         return Err((
             "wrong_user",
@@ -493,6 +547,7 @@ async fn node_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                                 node,
                                 jaunt_config::identity::unix_now(),
                             )
+                            .map_err(|(_, e)| e)
                         });
                     match checked {
                         Ok(_) => h.accept().map_err(protocol)?,
@@ -565,32 +620,45 @@ async fn user_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                             &user,
                             jaunt_config::identity::unix_now(),
                         ),
-                        None => Err(("user_cert", "not a key the agent can read".into())),
+                        None => Err(("not_a_certificate", "not a key the agent can read".into())),
                     };
                     match checked {
                         Ok(()) => a.allow().map_err(protocol)?,
                         Err(why) => {
-                            refused = Some(why);
+                            // ssh offers the certificate and then its plain key: what was wrong
+                            // with a certificate is the reason that counts.
+                            if refused
+                                .as_ref()
+                                .is_none_or(|(label, _)| *label == "not_a_certificate")
+                            {
+                                refused = Some(why);
+                            }
                             a.reject().map_err(protocol)?;
                         }
                     }
                 }
                 Event::Serv(ServEvent::Authenticated) => return Ok(()),
                 Event::Serv(ServEvent::Defunct) | Event::Cli(CliEvent::Defunct) => {
-                    return Err(Fail::UserAuth(match refused {
-                        Some((label, why)) => format!("{label}: {why}"),
-                        None => "the user's ssh left before it authenticated".into(),
-                    }))
+                    return Err(match refused {
+                        Some((label, why)) => Fail::UserAuth(label, format!("{label}: {why}")),
+                        None => Fail::UserAuth(
+                            "user_auth",
+                            "the user's ssh left before it authenticated".into(),
+                        ),
+                    })
                 }
                 Event::None => break,
                 _ => {}
             }
         }
         if let Err(e) = link.step().await {
-            return Err(Fail::UserAuth(match refused {
-                Some((label, why)) => format!("{label}: {why}"),
-                None => format!("the user's ssh left before it authenticated ({e})"),
-            }));
+            return Err(match refused {
+                Some((label, why)) => Fail::UserAuth(label, format!("{label}: {why}")),
+                None => Fail::UserAuth(
+                    "user_auth",
+                    format!("the user's ssh left before it authenticated ({e})"),
+                ),
+            });
         }
     }
 }
@@ -639,6 +707,9 @@ where
     // Messages of the agent's own for the user's ssh (notices that an observer joined or left,
     // refusals of forwarding the roles do not permit), waiting for `to_user`.
     let mut notices: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
+    // Refusals of the agent's own for sshd (an agent-forwarding channel the roles do not
+    // permit), waiting for `to_node`.
+    let mut node_replies: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
     futures_lite::future::poll_fn(|cx| loop {
         let mut moved = false;
         if let Some(live) = live {
@@ -649,6 +720,12 @@ where
         if to_user.is_none() {
             if let Some(m) = notices.pop_front() {
                 to_user = Some(m);
+                moved = true;
+            }
+        }
+        if to_node.is_none() {
+            if let Some(m) = node_replies.pop_front() {
+                to_node = Some(m);
                 moved = true;
             }
         }
@@ -672,17 +749,17 @@ where
                     };
                     match channels.on_user(p) {
                         Err(m) => {
-                            return Poll::Ready(Err(Fail::Protocol(format!(
-                                "from the user: {}",
-                                m.0
-                            ))))
+                            return Poll::Ready(Err(Fail::Protocol(
+                                m.label(),
+                                format!("from the user: {}", m.0),
+                            )))
                         }
                         Ok(Err(end)) => {
                             return Poll::Ready(Err(Fail::Recording(end.0.to_string())))
                         }
                         Ok(Ok(Verdict::Forward)) => to_node = Some(p.to_vec()),
                         Ok(Ok(Verdict::Replace(m))) => to_node = Some(m),
-                        Ok(Ok(Verdict::Reply(m))) => notices.push_back(m),
+                        Ok(Ok(Verdict::Reply(m))) => notices.extend(m),
                         Ok(Ok(Verdict::Drop)) => {}
                     }
                     moved = true;
@@ -705,14 +782,18 @@ where
                     };
                     match channels.on_node(p) {
                         Err(m) => {
-                            return Poll::Ready(Err(Fail::Protocol(format!("from sshd: {}", m.0))))
+                            return Poll::Ready(Err(Fail::Protocol(
+                                m.label(),
+                                format!("from sshd: {}", m.0),
+                            )))
                         }
                         Ok(Err(end)) => {
                             return Poll::Ready(Err(Fail::Recording(end.0.to_string())))
                         }
                         Ok(Ok(Verdict::Forward)) => to_user = Some(p.to_vec()),
                         Ok(Ok(Verdict::Replace(m))) => to_user = Some(m),
-                        Ok(Ok(Verdict::Reply(_))) | Ok(Ok(Verdict::Drop)) => {}
+                        Ok(Ok(Verdict::Reply(m))) => node_replies.extend(m),
+                        Ok(Ok(Verdict::Drop)) => {}
                     }
                     moved = true;
                 }
@@ -787,6 +868,7 @@ pub fn fuzz_relay(data: &[u8]) {
 pub(crate) struct Terminate {
     pub(crate) recording: RecordingPolicy,
     pub(crate) permit_port_forwarding: bool,
+    pub(crate) permit_agent_forwarding: bool,
     pub(crate) policy: Arc<ClusterPolicy>,
     pub(crate) client_cert: Vec<u8>,
 }
@@ -921,14 +1003,16 @@ pub(crate) async fn serve(
     {
         Some(Ok(())) => {}
         Some(Err(e)) => {
+            e.count();
             tracing::warn!(blame = "user", reason = e.label(), error = %e, "SSH session refused");
             user.drain_and_close().await;
             return Ok(());
         }
         None => {
+            crate::metrics::ssh_refused("handshake_timeout");
             tracing::warn!(
                 blame = "user",
-                reason = "timeout",
+                reason = "handshake_timeout",
                 "SSH session refused: no login in time"
             );
             return Ok(());
@@ -948,6 +1032,8 @@ pub(crate) async fn serve(
     let mut channels = Channels::new(who, term.recording, rec.spool.clone());
     channels.tap = registered.as_ref().map(|r| r.live.clone());
     channels.permit_port_forwarding = term.permit_port_forwarding;
+    channels.permit_agent_forwarding = term.permit_agent_forwarding;
+    channels.audit = Some(state.events.clone());
     let ended = relay(
         &mut user,
         &mut node,
@@ -961,16 +1047,19 @@ pub(crate) async fn serve(
         Ok(Ended::User) => node.drain_and_close().await,
         Err(_) => {}
     }
-    let recordings = channels.close_all();
-    let recordings: Vec<&str> = recordings.iter().map(|r| r.as_str()).collect();
+    let recordings: Vec<String> = channels.close_all().into_iter().map(|r| r.0).collect();
+    channels.report_closed(recordings.clone());
     match ended {
         Ok(_) => tracing::info!(
             ?recordings,
             failure = channels.failure.unwrap_or(""),
             "SSH session closed"
         ),
-        Err(e) => tracing::info!(reason = e.label(), error = %e, ?recordings,
-            "SSH session ended with an error"),
+        Err(e) => {
+            e.count();
+            tracing::info!(reason = e.label(), error = %e, ?recordings,
+                "SSH session ended with an error")
+        }
     }
     Ok(())
 }
@@ -1107,28 +1196,28 @@ mod tests {
         assert_eq!(label(&good, "postgres"), "wrong_login");
         assert_eq!(
             label(&cert(&ca, CertType::User, "alice", "root", NOW - 1), "root"),
-            "user_cert"
+            "cert_expired"
         );
         assert_eq!(
             label(
                 &cert(&key(), CertType::User, "alice", "root", NOW + 60),
                 "root"
             ),
-            "user_cert"
+            "cert_untrusted"
         );
         assert_eq!(
             label(
                 &cert(&ca, CertType::User, "alice", "admin", NOW + 60),
                 "root"
             ),
-            "user_cert"
+            "wrong_login"
         );
         assert_eq!(
             label(
                 &cert(&ca, CertType::Host, "alice", "root", NOW + 60),
                 "root"
             ),
-            "user_cert"
+            "not_a_certificate"
         );
         assert_eq!(
             label(
@@ -1137,11 +1226,19 @@ mod tests {
             ),
             "wrong_user"
         );
-        assert_eq!(label(b"junk", "root"), "user_cert");
+        assert_eq!(label(b"junk", "root"), "not_a_certificate");
         assert_eq!(
             check_user_cert(&good, &[], &h, "root", NOW).unwrap_err().0,
-            "user_cert"
+            "cert_untrusted"
         );
+        for reason in [
+            "wrong_login",
+            "wrong_user",
+            "cert_expired",
+            "cert_untrusted",
+        ] {
+            assert!(crate::metrics::SSH_REFUSALS.contains(&reason));
+        }
     }
 
     #[test]

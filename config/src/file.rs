@@ -261,6 +261,9 @@ pub struct AgentConfig {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub services: AgentServices,
+    /// Where the agent serves its own Prometheus `/metrics` (plain HTTP, unauthenticated: a
+    /// loopback or private address); none by default.
+    pub metrics_addr: Option<HostPort>,
 }
 
 /// The join token, inline or in a file (kept out of the config, e.g. a systemd credential).
@@ -906,6 +909,7 @@ pub struct FileAgent {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub services: FileServices,
+    pub metrics_addr: Option<HostPort>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -1385,6 +1389,7 @@ fn validate_agent(
         name,
         labels: file.labels,
         services,
+        metrics_addr: file.metrics_addr,
     })
 }
 

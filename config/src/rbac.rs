@@ -32,7 +32,8 @@
 //!
 //! Options are combined over every known role of the identity, whether or not it matched:
 //! the shortest `client_idle_timeout`; `disconnect_expired_cert` if any role sets it;
-//! `permit_port_forwarding` only if at least one role says true and none says false;
+//! `permit_port_forwarding` and `permit_agent_forwarding` only if at least one role says true
+//! and none says false;
 //! `record_session` the strictest any role sets (`strict` > `best_effort` > `off`; `off` when no
 //! role sets it); `record_input` if any role says true.
 //!
@@ -121,6 +122,8 @@ pub struct Decision {
     pub expires: u64,
     /// SSH port forwarding (some role permits it and none forbids it).
     pub permit_port_forwarding: bool,
+    /// SSH agent forwarding (some role permits it and none forbids it).
+    pub permit_agent_forwarding: bool,
     /// Whether SSH sessions are recorded: the strictest `record_session` of the roles.
     pub record_session: RecordSession,
     /// Whether recordings carry the user's input (some role sets `record_input: true`).
@@ -622,6 +625,7 @@ struct Options {
     idle_timeout: Option<Duration>,
     disconnect_expired_cert: Option<bool>,
     permit_port_forwarding: Option<bool>,
+    permit_agent_forwarding: Option<bool>,
     record_session: Option<RecordSession>,
     record_input: Option<bool>,
 }
@@ -708,6 +712,8 @@ struct Combined {
     disconnect_expired_cert: bool,
     port_forwarding_yes: bool,
     port_forwarding_no: bool,
+    agent_forwarding_yes: bool,
+    agent_forwarding_no: bool,
     record_session: RecordSession,
     record_input: bool,
 }
@@ -722,6 +728,7 @@ impl CompiledRole {
                 idle_timeout: options.client_idle_timeout.map(|d| d.as_std()),
                 disconnect_expired_cert: options.disconnect_expired_cert,
                 permit_port_forwarding: options.permit_port_forwarding,
+                permit_agent_forwarding: options.permit_agent_forwarding,
                 record_session: options.record_session,
                 record_input: options.record_input,
             },
@@ -1027,6 +1034,11 @@ impl Combined {
             Some(false) => self.port_forwarding_no = true,
             None => {}
         }
+        match options.permit_agent_forwarding {
+            Some(true) => self.agent_forwarding_yes = true,
+            Some(false) => self.agent_forwarding_no = true,
+            None => {}
+        }
         if let Some(mode) = options.record_session {
             self.record_session = self.record_session.max(mode);
         }
@@ -1039,6 +1051,7 @@ impl Combined {
             disconnect_expired_cert: self.disconnect_expired_cert,
             expires: identity.expires,
             permit_port_forwarding: self.port_forwarding_yes && !self.port_forwarding_no,
+            permit_agent_forwarding: self.agent_forwarding_yes && !self.agent_forwarding_no,
             record_session: self.record_session,
             record_input: self.record_input,
         }

@@ -505,6 +505,7 @@ fn check(policy: &Policy, case: &Case) -> Option<String> {
                 disconnect_expired_cert: disconnect,
                 expires: EXPIRES,
                 permit_port_forwarding: port_forwarding,
+                permit_agent_forwarding: false,
                 // No role of the table sets the recording options.
                 record_session: RecordSession::Off,
                 record_input: false,

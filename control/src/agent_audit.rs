@@ -1,13 +1,16 @@
-//! Agents' audit events (database queries, HTTP app requests, and the streams the agent's own
-//! authorization check refused) through the control API.
+//! Agents' audit events (database queries, HTTP app requests, the streams the agent's own
+//! authorization check refused, and the exec commands, file transfers and ends of the SSH
+//! sessions it terminates) through the control API.
 //!
 //! Wire: `POST /v1/audit/events` with a JSON list of [`AgentEvent`]s, each tagged by `event`
-//! (`db.query`, `app.request` or `access.denied`), with the agent-made `uid` and `time` and the event's fields.
+//! (`db.query`, `app.request`, `access.denied`, `session.exec`, `file.transfer` or
+//! `session.recorded`), with the agent-made `uid` and `time` and the event's fields.
 //! The host is not in the body: control takes it from the caller's host certificate, so an
 //! agent cannot speak for another host (a `host` field is an unknown field, refused).
 //!
 //! Control side ([`receive`]): host certificates of joined hosts only; `db.query` from hosts
-//! joined with a `db` token, `app.request` with an `app` token, `access.denied` from any; at most [`MAX_BATCH_EVENTS`]
+//! joined with a `db` token, `app.request` with an `app` token, the SSH session events with a
+//! `node` token, `access.denied` from any; at most [`MAX_BATCH_EVENTS`]
 //! events and [`MAX_BATCH_BYTES`] bytes (413 past either); every field checked (400 naming the
 //! event's index and the field; nothing of a refused batch is kept); the batch is one store
 //! transaction, and 200 is answered only once it committed: acknowledged = durable.
@@ -32,7 +35,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use jaunt_agent::postgres::wire::{ClientQuery, QueryKind, MAX_RECORDED_QUERY_BYTES};
 use jaunt_agent::{
     AccessDenial, AppRequest, AppRequestRecorder, AppSession, DbSession, DenialRecorder,
-    LogAppRequests, LogQueries, QueryRecorder,
+    LogAppRequests, LogQueries, LogSshEvents, QueryRecorder, SshEvent, SshEventRecorder,
+    SshSession,
 };
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use serde::{Deserialize, Serialize};
@@ -69,6 +73,7 @@ pub const MAX_AGE_SECS: u64 = 30 * 24 * 3600;
 /// Host roles (join token types) that may send each event type.
 pub const DB_ROLE: &str = crate::db_cmd::DB_HOST_ROLE;
 pub const APP_ROLE: &str = crate::service::APP_HOST_ROLE;
+pub const NODE_ROLE: &str = crate::agent_ssh::NODE_HOST_ROLE;
 
 // ---- wire ----
 
@@ -82,7 +87,95 @@ pub enum AgentEvent {
     AppRequest(AppRequestEvent),
     #[serde(rename = "access.denied")]
     AccessDenied(AccessDeniedEvent),
+    #[serde(rename = "session.exec")]
+    SessionExec(SessionExecEvent),
+    #[serde(rename = "file.transfer")]
+    FileTransfer(FileTransferEvent),
+    #[serde(rename = "session.recorded")]
+    SessionRecorded(SessionRecordedEvent),
 }
+
+/// `session.exec`: a command channel of an SSH session the agent terminated ended (`ssh host
+/// cmd`, legacy `scp -t`/`-f`, a subsystem other than sftp).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionExecEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    /// The engine's session id, as in its `session.start`/`session.end`.
+    pub session_id: String,
+    pub login: String,
+    /// The node.
+    pub target: String,
+    /// The command line, at most 16 KiB.
+    pub command: String,
+    #[serde(default)]
+    pub truncated: bool,
+    /// Absent: sshd sent none (the command was killed by a signal, or the connection ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_signal: Option<String>,
+    /// Channel data bytes from the user, and to the user.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The channel's recording (absent if it could not be recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_id: Option<String>,
+}
+
+/// `file.transfer`: one file operation of an SSH session's sftp channel (scp in its default
+/// SFTP mode, `sftp`), as the agent that terminates the session decoded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTransferEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    pub session_id: String,
+    pub login: String,
+    pub target: String,
+    /// `read` or `write` (a file closed, with the bytes moved), `open` (closed with nothing
+    /// moved), `remove`, `rename`, `mkdir`, `rmdir`, `setstat`.
+    pub operation: String,
+    /// The path as the client sent it (at most 4 KiB).
+    pub path: String,
+    /// `rename`'s new path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Bytes read or written (`read`, `write`, `open`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// `session.recorded`: an SSH session the agent terminated ended there; its recordings (one per
+/// session channel) and its channels' bytes. The engine's `session.end` of the same
+/// `session_id` has the connection's bytes; the engine cannot know the recordings (they are
+/// made at the agent as channels open).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRecordedEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    pub session_id: String,
+    pub login: String,
+    pub target: String,
+    pub recording_ids: Vec<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Why some of it could not be recorded (best effort went on), as a stable label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_failure: Option<String>,
+}
+
+/// Operations a `file.transfer` names.
+pub const FILE_OPERATIONS: [&str; 8] = [
+    "read", "write", "open", "remove", "rename", "mkdir", "rmdir", "setstat",
+];
 
 /// `access.denied`: a stream the agent's own authorization check refused (the engine's
 /// refusals are recorded by the engine; these are the ones it let through).
@@ -171,6 +264,9 @@ impl AgentEvent {
             AgentEvent::DbQuery(_) => audit::DB_QUERY,
             AgentEvent::AppRequest(_) => audit::APP_REQUEST,
             AgentEvent::AccessDenied(_) => audit::ACCESS_DENIED,
+            AgentEvent::SessionExec(_) => audit::SESSION_EXEC,
+            AgentEvent::FileTransfer(_) => audit::FILE_TRANSFER,
+            AgentEvent::SessionRecorded(_) => audit::SESSION_RECORDED,
         }
     }
 
@@ -181,6 +277,9 @@ impl AgentEvent {
             AgentEvent::DbQuery(_) => Some(DB_ROLE),
             AgentEvent::AppRequest(_) => Some(APP_ROLE),
             AgentEvent::AccessDenied(_) => None,
+            AgentEvent::SessionExec(_)
+            | AgentEvent::FileTransfer(_)
+            | AgentEvent::SessionRecorded(_) => Some(NODE_ROLE),
         }
     }
 
@@ -189,6 +288,9 @@ impl AgentEvent {
             AgentEvent::DbQuery(e) => &e.user,
             AgentEvent::AppRequest(e) => &e.user,
             AgentEvent::AccessDenied(e) => &e.user,
+            AgentEvent::SessionExec(e) => &e.user,
+            AgentEvent::FileTransfer(e) => &e.user,
+            AgentEvent::SessionRecorded(e) => &e.user,
         }
     }
 
@@ -197,15 +299,22 @@ impl AgentEvent {
             AgentEvent::DbQuery(e) => e.time,
             AgentEvent::AppRequest(e) => e.time,
             AgentEvent::AccessDenied(e) => e.time,
+            AgentEvent::SessionExec(e) => e.time,
+            AgentEvent::FileTransfer(e) => e.time,
+            AgentEvent::SessionRecorded(e) => e.time,
         }
     }
 
     /// Checks every field; the error names the field.
     pub fn validate(&self, now: u64) -> Result<(), String> {
+        let empty = String::new();
         let (uid, time, user, addr) = match self {
             AgentEvent::DbQuery(e) => (&e.uid, e.time, &e.user, &e.client_addr),
             AgentEvent::AppRequest(e) => (&e.uid, e.time, &e.user, &e.client_addr),
             AgentEvent::AccessDenied(e) => (&e.uid, e.time, &e.user, &e.client_addr),
+            AgentEvent::SessionExec(e) => (&e.uid, e.time, &e.user, &empty),
+            AgentEvent::FileTransfer(e) => (&e.uid, e.time, &e.user, &empty),
+            AgentEvent::SessionRecorded(e) => (&e.uid, e.time, &e.user, &empty),
         };
         if uid.len() != 32 || !uid.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("uid: expected 32 hex characters".into());
@@ -271,6 +380,48 @@ impl AgentEvent {
                 text("db_user", e.db_user.as_deref().unwrap_or(""), 0, 256)?;
                 text("reason", &e.reason, 1, 4096)?;
             }
+            AgentEvent::SessionExec(e) => {
+                ssh_session(&e.session_id, &e.login, &e.target)?;
+                // A command line may hold any byte but NUL; a control character is kept.
+                if e.command.len() > jaunt_agent::MAX_AUDITED_COMMAND_BYTES {
+                    return Err(format!(
+                        "command: {} bytes, more than the {} an agent keeps",
+                        e.command.len(),
+                        jaunt_agent::MAX_AUDITED_COMMAND_BYTES
+                    ));
+                }
+                text("exit_signal", e.exit_signal.as_deref().unwrap_or(""), 0, 64)?;
+                recording_id("recording_id", e.recording_id.as_deref())?;
+            }
+            AgentEvent::FileTransfer(e) => {
+                ssh_session(&e.session_id, &e.login, &e.target)?;
+                if !FILE_OPERATIONS.contains(&e.operation.as_str()) {
+                    return Err(format!(
+                        "operation: {:?}: expected one of {}",
+                        e.operation,
+                        FILE_OPERATIONS.join(", ")
+                    ));
+                }
+                let max = jaunt_agent::MAX_AUDITED_PATH_BYTES;
+                if e.path.len() > max || e.to.as_ref().is_some_and(|t| t.len() > max) {
+                    return Err(format!("path: more than {max} bytes"));
+                }
+            }
+            AgentEvent::SessionRecorded(e) => {
+                ssh_session(&e.session_id, &e.login, &e.target)?;
+                if e.recording_ids.len() > 4096 {
+                    return Err("recording_ids: more than 4096".into());
+                }
+                for id in &e.recording_ids {
+                    recording_id("recording_ids", Some(id))?;
+                }
+                text(
+                    "recording_failure",
+                    e.recording_failure.as_deref().unwrap_or(""),
+                    0,
+                    64,
+                )?;
+            }
         }
         Ok(())
     }
@@ -287,6 +438,9 @@ impl AgentEvent {
             AgentEvent::DbQuery(e) => serde_json::to_value(e),
             AgentEvent::AppRequest(e) => serde_json::to_value(e),
             AgentEvent::AccessDenied(e) => serde_json::to_value(e),
+            AgentEvent::SessionExec(e) => serde_json::to_value(e),
+            AgentEvent::FileTransfer(e) => serde_json::to_value(e),
+            AgentEvent::SessionRecorded(e) => serde_json::to_value(e),
         };
         let fields = match fields {
             Ok(serde_json::Value::Object(f)) => f,
@@ -303,6 +457,22 @@ impl AgentEvent {
             }
         }
         serde_json::Value::Object(out).to_string()
+    }
+}
+
+/// The fields naming a terminated SSH session.
+fn ssh_session(session_id: &str, login: &str, target: &str) -> Result<(), String> {
+    text("session_id", session_id, 0, 128)?;
+    text("login", login, 1, 256)?;
+    text("target", target, 1, 253)
+}
+
+fn recording_id(field: &str, id: Option<&str>) -> Result<(), String> {
+    match id {
+        Some(id) if !jaunt_agent::recording::RecordingId::is_valid(id) => {
+            Err(format!("{field}: {id:?} is not a recording id"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -637,6 +807,80 @@ impl DenialRecorder for AgentAuditRecorder {
             client_addr: denial.client_addr.clone(),
             reason: denial.reason.clone(),
         }));
+    }
+}
+
+impl SshEventRecorder for AgentAuditRecorder {
+    fn record(&self, session: &SshSession, event: &SshEvent) {
+        LogSshEvents.record(session, event);
+        let (uid, time) = (audit::uid(), unix_now());
+        let (user, session_id, login, target) = (
+            session.user.clone(),
+            session.session_id.clone(),
+            session.login.clone(),
+            session.node.clone(),
+        );
+        self.enqueue(match event.clone() {
+            SshEvent::Exec {
+                command,
+                truncated,
+                exit_status,
+                exit_signal,
+                bytes_in,
+                bytes_out,
+                recording_id,
+            } => AgentEvent::SessionExec(SessionExecEvent {
+                uid,
+                time,
+                user,
+                session_id,
+                login,
+                target,
+                command,
+                truncated,
+                exit_status,
+                exit_signal,
+                bytes_in,
+                bytes_out,
+                recording_id,
+            }),
+            SshEvent::FileTransfer {
+                operation,
+                path,
+                to,
+                bytes,
+                truncated,
+            } => AgentEvent::FileTransfer(FileTransferEvent {
+                uid,
+                time,
+                user,
+                session_id,
+                login,
+                target,
+                operation,
+                path,
+                to,
+                bytes,
+                truncated,
+            }),
+            SshEvent::Closed {
+                recording_ids,
+                bytes_in,
+                bytes_out,
+                recording_failure,
+            } => AgentEvent::SessionRecorded(SessionRecordedEvent {
+                uid,
+                time,
+                user,
+                session_id,
+                login,
+                target,
+                recording_ids,
+                bytes_in,
+                bytes_out,
+                recording_failure,
+            }),
+        });
     }
 }
 

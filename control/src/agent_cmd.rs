@@ -165,6 +165,10 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
         info_user(&profile),
         opts.proxy
     );
+    if let Some(addr) = &config.metrics_addr {
+        let bound = crate::agent_metrics::start(&addr.to_string())?;
+        eprintln!("jaunt agent: metrics on http://{bound}/metrics");
+    }
     let mut hooks = crate::db_cmd::agent_hooks(&opts);
     hooks.ssh = crate::agent_ssh::ssh_recording(&opts, ssh_spool);
     jaunt_agent::run_with_policy(settings, hooks, jaunt_agent::PolicyMode::Enforce, rx)

@@ -124,6 +124,24 @@ pub const SESSION_JOINED: EventKind = EventKind {
     code: "JA2003I",
     r#type: "session.join",
 };
+/// A command channel of an SSH session the agent terminated ended: `command`, `exit_status`
+/// (or `exit_signal`), its bytes and `recording_id` (from the agent, `POST /v1/audit/events`).
+pub const SESSION_EXEC: EventKind = EventKind {
+    code: "JA2004I",
+    r#type: "session.exec",
+};
+/// One file operation of an SSH session's sftp channel (scp, sftp): `operation`, `path`,
+/// `bytes` (from the agent that terminates the session).
+pub const FILE_TRANSFER: EventKind = EventKind {
+    code: "JA2005I",
+    r#type: "file.transfer",
+};
+/// An SSH session the agent terminated ended there: `recording_ids` and its channels' bytes
+/// (from the agent; the engine's `session.end` of the same `session_id` cannot know them).
+pub const SESSION_RECORDED: EventKind = EventKind {
+    code: "JA2006I",
+    r#type: "session.recorded",
+};
 /// A session recording reached control's storage (`recording_id`, `session_id`, size).
 pub const RECORDING_UPLOAD: EventKind = EventKind {
     code: "JA2400I",

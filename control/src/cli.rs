@@ -222,6 +222,10 @@ struct AgentArgs {
     /// Serve a database: NAME=postgres://HOST:PORT (repeatable).
     #[arg(long = "db", value_name = "NAME=URI")]
     dbs: Vec<String>,
+    /// Serve the agent's Prometheus /metrics (plain HTTP, unauthenticated) on this address,
+    /// e.g. 127.0.0.1:9101 (port 0: any free port, printed).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -817,6 +821,9 @@ fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         for (k, v) in &labels {
             let _ = writeln!(yaml, "    {}: {}", quote(k), quote(v));
         }
+    }
+    if let Some(addr) = &args.metrics_addr {
+        let _ = writeln!(yaml, "  metrics_addr: {}", quote(addr));
     }
     yaml.push_str("  services:\n");
     if let Some(ssh) = &args.ssh {
@@ -1829,7 +1836,10 @@ fn sessions(client: &Client, cmd: SessionsCommand) -> anyhow::Result<()> {
                             .or_else(|| s.db_user.clone())
                             .unwrap_or_default(),
                         s.target.clone(),
-                        s.kind.as_str().to_string(),
+                        match &s.observing {
+                            Some(watched) => format!("observer of {watched}"),
+                            None => s.kind.as_str().to_string(),
+                        },
                         crate::audit::rfc3339(s.started),
                         if s.recorded { "yes" } else { "no" }.to_string(),
                     ]

@@ -266,6 +266,7 @@ fn audit_hooks(opts: &crate::agent_cmd::AgentOptions) -> AgentHooks {
         Ok(recorder) => AgentHooks {
             db_queries: recorder.clone(),
             app_requests: recorder.clone(),
+            ssh_events: recorder.clone(),
             denials: recorder,
             ..AgentHooks::default()
         },

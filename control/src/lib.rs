@@ -23,6 +23,7 @@
 pub mod access;
 pub mod agent_audit;
 pub mod agent_cmd;
+pub mod agent_metrics;
 pub mod agent_ssh;
 pub mod app_cmd;
 pub mod audit;

@@ -72,6 +72,9 @@ fn uid_of(e: &AgentEvent) -> String {
         AgentEvent::DbQuery(q) => q.uid.clone(),
         AgentEvent::AppRequest(r) => r.uid.clone(),
         AgentEvent::AccessDenied(d) => d.uid.clone(),
+        AgentEvent::SessionExec(e) => e.uid.clone(),
+        AgentEvent::FileTransfer(e) => e.uid.clone(),
+        AgentEvent::SessionRecorded(e) => e.uid.clone(),
     }
 }
 

@@ -85,6 +85,33 @@ fn wait_for_recording(
     }
 }
 
+/// A recording's id, in either shape [`recordings`] gives.
+fn recording_id(meta: &serde_json::Value) -> String {
+    meta["id"]
+        .as_str()
+        .or(meta["meta"]["id"].as_str())
+        .unwrap_or_else(|| panic!("no id: {meta}"))
+        .to_string()
+}
+
+/// Polls the audit log until an event of type `ty` satisfies `check` (the agent posts its
+/// events from a queue, shortly after they happen).
+fn wait_for_event(
+    c: &Cluster,
+    ty: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = c.audit_events(Some(ty));
+        if let Some(found) = events.iter().find(|e| e["event"] == ty && check(e)) {
+            return found.clone();
+        }
+        assert!(Instant::now() < deadline, "no such {ty} event: {events:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn sha256_file(path: &Path) -> String {
     tool("sha256sum", &[path.to_str().unwrap()])
         .split_whitespace()
@@ -130,6 +157,37 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
     );
     let header: serde_json::Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
     assert_eq!(header["version"], 2, "{cast}");
+    // The audit log has the command with its exit status and recording, and the session's end
+    // at the agent lists that recording.
+    let exec_id = recording_id(&meta);
+    let exec = wait_for_event(&c, "session.exec", |e| {
+        e["command"]
+            .as_str()
+            .is_some_and(|c| c.contains("echo recorded"))
+    });
+    assert_eq!(exec["code"], "JA2004I", "{exec}");
+    assert_eq!(exec["exit_status"], 7, "{exec}");
+    assert_eq!(exec["user"], "alice", "{exec}");
+    assert_eq!(exec["login"], "root", "{exec}");
+    assert_eq!(exec["target"], "node1", "{exec}");
+    assert_eq!(exec["recording_id"], exec_id.as_str(), "{exec}");
+    assert!(exec["bytes_out"].as_u64().unwrap() >= 12, "{exec}");
+    let session_id = exec["session_id"].as_str().unwrap().to_string();
+    let closed = wait_for_event(&c, "session.recorded", |e| {
+        e["session_id"] == session_id.as_str()
+    });
+    assert_eq!(closed["code"], "JA2006I", "{closed}");
+    assert_eq!(
+        closed["recording_ids"],
+        serde_json::json!([exec_id]),
+        "{closed}"
+    );
+    let start = c
+        .audit_events(Some("session.start"))
+        .into_iter()
+        .find(|e| e["session_id"] == session_id.as_str())
+        .unwrap_or_else(|| panic!("session.exec's session_id is the engine's: {session_id}"));
+    assert_eq!(start["recorded"], true, "{start}");
 
     // A PTY (ssh -tt): the terminal's size is the recording's, the output is there.
     let o = c.run(
@@ -237,8 +295,45 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
     wait_for_recording(&c, &data, "of the sftp download", |m, _| {
         m["meta"]["kind"] == "sftp" && m["end"]["bytes_out"].as_u64().is_some_and(|b| b >= 4 << 20)
     });
+    // Both transfers are audit events of their own, with path, operation and bytes.
+    for op in ["write", "read"] {
+        let moved = wait_for_event(&c, "file.transfer", |e| {
+            e["operation"] == op && e["path"] == remote.to_str().unwrap()
+        });
+        assert_eq!(moved["code"], "JA2005I", "{moved}");
+        assert_eq!(moved["bytes"], 4u64 << 20, "{moved}");
+        assert_eq!(moved["user"], "alice", "{moved}");
+        assert_eq!(moved["target"], "node1", "{moved}");
+    }
 
     // A certificate from another CA is refused by the agent, whatever it names.
+    let o = ssh_with_foreign_cert(&c);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("should-not-run"));
+
+    // Every terminated session has ended at the engine too (none lingers once ssh exits).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let live: Vec<serde_json::Value> =
+            serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None)))
+                .unwrap();
+        if live.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sessions still live: {live:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// Plain ssh through `jaunt proxy ssh` as root@node1 with a key and certificate of a CA the
+/// cluster does not know (naming alice and root, valid for an hour).
+fn ssh_with_foreign_cert(c: &Cluster) -> std::process::Output {
+    let keys = c.keys_dir();
     let fake = c.dir.path().join("fake");
     std::fs::create_dir_all(&fake).unwrap();
     let keygen = |args: &[&str]| {
@@ -247,37 +342,32 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
     };
     let fake_ca = fake.join("ca");
     let fake_key = fake.join("key");
-    keygen(&[
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        "",
-        "-f",
-        fake_ca.to_str().unwrap(),
-    ]);
-    keygen(&[
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        "",
-        "-f",
-        fake_key.to_str().unwrap(),
-    ]);
-    keygen(&[
-        "-q",
-        "-s",
-        fake_ca.to_str().unwrap(),
-        "-I",
-        "alice",
-        "-n",
-        "root",
-        "-V",
-        "+1h",
-        &format!("{}.pub", fake_key.display()),
-    ]);
-    let o = Command::new("ssh")
+    if !fake_key.exists() {
+        for path in [&fake_ca, &fake_key] {
+            keygen(&[
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-f",
+                path.to_str().unwrap(),
+            ]);
+        }
+        keygen(&[
+            "-q",
+            "-s",
+            fake_ca.to_str().unwrap(),
+            "-I",
+            "alice",
+            "-n",
+            "root",
+            "-V",
+            "+1h",
+            &format!("{}.pub", fake_key.display()),
+        ]);
+    }
+    Command::new("ssh")
         .env("JAUNT_HOME", &c.home)
         .args([
             "-o",
@@ -300,27 +390,7 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
             "echo should-not-run",
         ])
         .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{err}");
-    assert!(err.contains("Permission denied"), "{err}");
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("should-not-run"));
-
-    // Every terminated session has ended at the engine too (none lingers once ssh exits).
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let live: Vec<serde_json::Value> =
-            serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None)))
-                .unwrap();
-        if live.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sessions still live: {live:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
-    let _ = agent.kill();
-    let _ = agent.wait();
+        .unwrap()
 }
 
 /// Runs tmux on its own server socket `sock`.
@@ -628,6 +698,119 @@ fn an_observer_joins_a_live_shell_read_only_and_the_user_is_told() {
         "{joins:?}"
     );
 
+    // An observer is a live session of its own, listed with the session it watches.
+    let live = |c: &Cluster| -> Vec<serde_json::Value> {
+        serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None))).unwrap()
+    };
+    let observer_of = |c: &Cluster, user: &str| {
+        live(c)
+            .into_iter()
+            .find(|s| s["user"] == user && s["observing"] == id.as_str())
+    };
+    let bob_observer = observer_of(&c, "bob").expect("bob's observer session is listed");
+    let text = ok(c.admin(&["sessions", "ls"], None));
+    assert!(text.contains(&format!("observer of {id}")), "{text}");
+    let joined = joins
+        .iter()
+        .find(|e| e["user"] == "bob" && e["session_id"] == id.as_str())
+        .unwrap();
+    assert_eq!(
+        joined["observer_session_id"], bob_observer["id"],
+        "{joined}"
+    );
+    let nested = fails(run_jaunt(
+        &bob,
+        &["join", bob_observer["id"].as_str().unwrap()],
+        None,
+    ));
+    assert!(nested.contains("is an observer of session"), "{nested}");
+
+    // carol, another observer: `sessions kill` ends her observer session, not alice's session
+    // nor bob's; a lock on carol ends her next one.
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "carol",
+            "--roles",
+            "watcher",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let carol = c.dir.path().join("home-carol");
+    std::fs::create_dir_all(&carol).unwrap();
+    ok(run_jaunt(
+        &carol,
+        &[
+            "login",
+            "--proxy",
+            &c.public_addr,
+            "--user",
+            "carol",
+            "--password-stdin",
+            "--ca-pin",
+            &c.pin,
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+    let carol_joins = |window: &str| {
+        let cmd = format!(
+            "env JAUNT_HOME={} {} join {id}; echo join-exited; sleep 600",
+            carol.display(),
+            jaunt_bin()
+        );
+        ok(tmux(
+            &sock,
+            &[
+                "new-session",
+                "-d",
+                "-s",
+                window,
+                "-x",
+                "100",
+                "-y",
+                "30",
+                &cmd,
+            ],
+        ));
+        wait_for_pane_of(&sock, window, &format!("Watching session {id} of alice"));
+        observer_of(&c, "carol").expect("carol's observer session is listed")
+    };
+    let first = carol_joins("carol1");
+    let killed = ok(c.admin(&["sessions", "kill", first["id"].as_str().unwrap()], None));
+    assert!(killed.contains("ended"), "{killed}");
+    wait_for_pane_of(&sock, "carol1", "join-exited");
+    assert!(observer_of(&c, "carol").is_none(), "{:?}", live(&c));
+    assert!(observer_of(&c, "bob").is_some(), "{:?}", live(&c));
+    assert!(
+        live(&c).iter().any(|s| s["id"] == id.as_str()),
+        "alice's session goes on"
+    );
+    let kill = wait_for_event(&c, "session.kill", |e| e["session_id"] == first["id"]);
+    assert_eq!(kill["user"], "carol", "{kill}");
+
+    carol_joins("carol2");
+    let locked = Instant::now();
+    ok(c.admin(
+        &["lock", "--user", "carol", "--message", "no more watching"],
+        None,
+    ));
+    let deadline = locked + Duration::from_secs(3);
+    while observer_of(&c, "carol").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the lock did not end carol's observer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "lock to observer session gone (as `sessions ls` saw it): {:?}",
+        locked.elapsed()
+    );
+    wait_for_pane_of(&sock, "carol2", "join-exited");
+    assert!(observer_of(&c, "bob").is_some(), "{:?}", live(&c));
+
     // alice leaves: bob is told the session ended; the recording notes the observer.
     ok(tmux(&sock, &["send-keys", "-t", "rec", "exit", "Enter"]));
     wait_for_pane_of(&sock, "obs", "The session ended.");
@@ -726,6 +909,14 @@ fn sftp_both_ways_is_recorded_with_paths_and_byte_counts() {
         "{ops:?}"
     );
     assert!(has("remove", &renamed, None), "{ops:?}");
+    // The audit log has them too.
+    let rename = wait_for_event(&c, "file.transfer", |e| {
+        e["operation"] == "rename" && e["path"] == moved.to_str().unwrap()
+    });
+    assert_eq!(rename["to"], renamed.to_str().unwrap(), "{rename}");
+    wait_for_event(&c, "file.transfer", |e| {
+        e["operation"] == "remove" && e["path"] == renamed.to_str().unwrap()
+    });
     let _ = agent.kill();
     let _ = agent.wait();
 }
@@ -860,6 +1051,46 @@ fn forward(home: &Path, sock: &Path, echo: &str, log: &Path) -> std::process::Ch
         .unwrap()
 }
 
+/// Plain `ssh -A` (the `jaunt config` block) as `home`'s user, with an empty ssh-agent of its
+/// own: (stdout, stderr). The command prints what the node sees: `sock=` the forwarded agent's
+/// socket (`none`) and `agent-rc=` of `ssh-add -l` (1: an agent answered, with no keys; 2: no
+/// agent).
+fn ssh_forwarding_agent(home: &Path) -> (String, String) {
+    let config = home.join("ssh_config");
+    std::fs::write(&config, ok(run_jaunt(home, &["config"], None))).unwrap();
+    let sock = home.join("agent.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut agent = Reaped(
+        Command::new("ssh-agent")
+            .args(["-D", "-a", sock.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_file(&sock);
+    let o = Command::new("ssh")
+        .args([
+            "-A",
+            "-F",
+            config.to_str().unwrap(),
+            "root@node1.dev.jaunt.local",
+            "echo sock=${SSH_AUTH_SOCK:-none}; ssh-add -l >/dev/null 2>&1; echo agent-rc=$?",
+        ])
+        .env("HOME", home)
+        .env("JAUNT_HOME", home)
+        .env("SSH_AUTH_SOCK", &sock)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let _ = agent.0.kill();
+    let _ = agent.0.wait();
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
 fn wait_for_file(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
@@ -888,12 +1119,19 @@ fn port_forwarding_through_the_agent_follows_the_roles() {
     let _ = alice.kill();
     let _ = alice.wait();
     assert!(served, "{}", std::fs::read_to_string(&log).unwrap());
+    // alice's `access` role permits agent forwarding: `ssh -A` reaches her agent.
+    let (out, err) = ssh_forwarding_agent(&c.home);
+    assert!(
+        out.contains("agent-rc=1") && !out.contains("sock=none"),
+        "{out}\n{err}"
+    );
 
     let role = c.dir.path().join("noforward.yaml");
     std::fs::write(
         &role,
         "kind: role\nversion: v1\nmetadata:\n  name: noforward\nspec:\n  options:\n    \
-         permit_port_forwarding: false\n    record_session: best_effort\n  allow:\n    \
+         permit_port_forwarding: false\n    permit_agent_forwarding: false\n    \
+         record_session: best_effort\n  allow:\n    \
          logins: [root]\n    node_labels: {'*': '*'}\n",
     )
     .unwrap();
@@ -956,6 +1194,87 @@ fn port_forwarding_through_the_agent_follows_the_roles() {
             && text.contains("not permitted by your roles (permit_port_forwarding)"),
         "{text}"
     );
+    // Nor agent forwarding: the agent refuses `ssh -A` and says why; the node sees no agent.
+    let (out, err) = ssh_forwarding_agent(&carol);
+    assert!(
+        out.contains("sock=none") && out.contains("agent-rc=2"),
+        "{out}\n{err}"
+    );
+    assert!(
+        err.contains("agent forwarding is not permitted by your roles (permit_agent_forwarding)"),
+        "{err}"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// The agent's metrics endpoint (`--metrics-addr`) counts the SSH connections it refused for bad
+/// input by reason: a certificate of a foreign CA is `cert_untrusted`.
+#[test]
+fn a_refused_certificate_is_counted_on_the_agents_metrics() {
+    let (c, sshd, (mut agent, data)) = ssh_setup();
+    // The same agent again (its identity is in `data`), with its metrics endpoint on any port.
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let log = c.dir.path().join("agent-metrics.log");
+    let mut agent = Reaped(
+        Command::new(jaunt_bin())
+            .args([
+                "agent",
+                "--proxy",
+                &c.public_addr,
+                "--ca-pin",
+                &c.pin,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--name",
+                "node1",
+                "--ssh",
+                &sshd.addr,
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .env("JAUNT_HOME", c.dir.path().join("agent-home"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(rest) = text.split("metrics on http://").nth(1) {
+            break rest.split("/metrics").next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no metrics address: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let count = |reason: &str| -> u64 {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        let key = format!("jaunt_agent_ssh_refused_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .unwrap_or_else(|| panic!("no {key}: {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    wait_for_ssh(&c, "root@node1");
+    assert_eq!(count("cert_untrusted"), 0);
+    let o = ssh_with_foreign_cert(&c);
+    assert!(!o.status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count("cert_untrusted") != 1 {
+        assert!(Instant::now() < deadline, "not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(count("wrong_login"), 0);
+    assert_eq!(count("malformed_packet"), 0);
     let _ = agent.kill();
     let _ = agent.wait();
 }

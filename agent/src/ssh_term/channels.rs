@@ -22,7 +22,12 @@
 //! Not here: the SSH transport (sunset, driven by `ssh_term.rs`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
+
+use crate::hooks::{
+    SshEvent, SshEventRecorder, SshSession, MAX_AUDITED_COMMAND_BYTES, MAX_AUDITED_PATH_BYTES,
+};
 
 use crate::recording::{
     CastRecorder, RecordingEnd, RecordingError, RecordingId, RecordingKind, RecordingMeta,
@@ -43,10 +48,26 @@ const MSG_CHANNEL_DATA: u8 = 94;
 const MSG_CHANNEL_EXTENDED_DATA: u8 = 95;
 const MSG_CHANNEL_CLOSE: u8 = 97;
 const MSG_CHANNEL_REQUEST: u8 = 98;
+const MSG_CHANNEL_FAILURE: u8 = 100;
+
+/// What the user's terminal is told when the agent refuses `ssh -A` (on stderr).
+pub(crate) const AGENT_FORWARDING_REFUSED: &str =
+    "[jaunt] agent forwarding is not permitted by your roles (permit_agent_forwarding)\r\n";
 
 /// A message that does not parse; ends the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Malformed(pub(crate) &'static str);
+
+impl Malformed {
+    /// Its label on the agent's metrics ([`crate::metrics::SSH_REFUSALS`]).
+    pub(crate) fn label(&self) -> &'static str {
+        match self.0 {
+            "too many channels" => "channel_flood",
+            "window overflow" => "window_overflow",
+            _ => "malformed_packet",
+        }
+    }
+}
 
 /// What to do with a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +76,8 @@ pub(crate) enum Verdict {
     Drop,
     /// Send this instead (a window adjust less what an injected notice used).
     Replace(Vec<u8>),
-    /// Do not forward it; answer the sender with this (a refusal).
-    Reply(Vec<u8>),
+    /// Do not forward it; send the sender these instead (a refusal, a notice).
+    Reply(Vec<Vec<u8>>),
 }
 
 /// Who a connection's recordings are of.
@@ -97,10 +118,19 @@ struct Chan {
     pty: bool,
     /// The window the user's ssh granted for sshd's data on this channel, as it stands.
     user_window: u64,
+    /// The window sshd granted for the user's data, as it stands: the user's ssh sending more
+    /// is a window overflow, which ends the connection.
+    node_window: u64,
     /// Bytes of notices the agent wrote into the channel that sshd does not know of: taken off
     /// the user's next window adjusts, so sshd's idea of the window stays true.
     owed: u64,
     exit_status: Option<i32>,
+    exit_signal: Option<String>,
+    /// What the channel runs (set by `shell`/`exec`/`subsystem`), for its audit event.
+    kind: Option<RecordingKind>,
+    command: Option<String>,
+    /// Its end was recorded and audited.
+    reported: bool,
     bytes_in: u64,
     bytes_out: u64,
     user_closed: bool,
@@ -124,6 +154,59 @@ pub(crate) struct Channels<S: Starter> {
     /// The roles permit port forwarding: `direct-tcpip` channels (`ssh -L`) and `tcpip-forward`
     /// requests (`ssh -R`) are refused here otherwise, whatever sshd would do.
     pub(crate) permit_port_forwarding: bool,
+    /// The roles permit agent forwarding: `auth-agent-req@openssh.com` (`ssh -A`) is refused
+    /// here otherwise, and sshd's `auth-agent@openssh.com` channels too.
+    pub(crate) permit_agent_forwarding: bool,
+    /// Where exec commands and file transfers are reported for the audit log (`None`: only in
+    /// the recording).
+    pub(crate) audit: Option<Arc<dyn SshEventRecorder>>,
+    /// Channel data bytes from the user, and to the user, over all channels.
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary; says whether it was cut.
+fn bounded(mut text: String, max: usize) -> (String, bool) {
+    if text.len() <= max {
+        return (text, false);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    (text, true)
+}
+
+/// An sftp note (`sftp.rs`) as a file-transfer audit event.
+fn file_event(note: &serde_json::Value) -> Option<SshEvent> {
+    let operation = note.get("op")?.as_str()?.to_string();
+    let (path, cut) = bounded(
+        note.get("path")?.as_str()?.to_string(),
+        MAX_AUDITED_PATH_BYTES,
+    );
+    let to = note
+        .get("to")
+        .and_then(|t| t.as_str())
+        .map(|t| bounded(t.to_string(), MAX_AUDITED_PATH_BYTES));
+    Some(SshEvent::FileTransfer {
+        operation,
+        path,
+        truncated: cut || to.as_ref().is_some_and(|t| t.1),
+        to: to.map(|t| t.0),
+        bytes: note.get("bytes").and_then(|b| b.as_u64()),
+    })
+}
+
+impl Who {
+    fn session(&self) -> SshSession {
+        SshSession {
+            session_id: self.session_id.clone(),
+            user: self.user.clone(),
+            login: self.login.clone(),
+            node: self.node.clone(),
+        }
+    }
 }
 
 /// Why a session must end because of its recording (strict mode).
@@ -172,6 +255,10 @@ impl<S: Starter> Channels<S> {
             failures: BTreeMap::new(),
             tap: None,
             permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+            audit: None,
+            bytes_in: 0,
+            bytes_out: 0,
         }
     }
 
@@ -206,7 +293,7 @@ impl<S: Starter> Channels<S> {
                     reply.extend_from_slice(&(why.len() as u32).to_be_bytes());
                     reply.extend_from_slice(why);
                     reply.extend_from_slice(&0u32.to_be_bytes()); // language tag
-                    return Ok(Ok(Verdict::Reply(reply)));
+                    return Ok(Ok(Verdict::Reply(vec![reply])));
                 }
                 if self.chans.len() >= MAX_CHANNELS {
                     return Err(Malformed("too many channels"));
@@ -226,31 +313,49 @@ impl<S: Starter> Channels<S> {
                     sftp: None,
                     pty: false,
                     user_window: u64::from(window),
+                    node_window: 0,
                     owed: 0,
                     exit_status: None,
+                    exit_signal: None,
+                    kind: None,
+                    command: None,
+                    reported: false,
                     bytes_in: 0,
                     bytes_out: 0,
                     user_closed: false,
                     node_closed: false,
                 });
             }
-            MSG_CHANNEL_DATA => {
+            MSG_CHANNEL_DATA | MSG_CHANNEL_EXTENDED_DATA => {
                 let id = r.u32()?;
+                if kind == MSG_CHANNEL_EXTENDED_DATA {
+                    let _code = r.u32()?;
+                }
                 let data = r.string()?;
+                let mut notes = Vec::new();
                 if let Some(c) = self.by_node_id(id) {
+                    if data.len() as u64 > c.node_window {
+                        return Err(Malformed("window overflow"));
+                    }
+                    c.node_window -= data.len() as u64;
+                    if kind == MSG_CHANNEL_EXTENDED_DATA {
+                        return Ok(Ok(Verdict::Forward));
+                    }
                     c.bytes_in += data.len() as u64;
                     if let Some(rec) = c.recorder.as_mut().filter(|_| !c.binary) {
                         outcome = rec.input(data);
                     }
                     if let Some(sftp) = c.sftp.as_mut() {
-                        let notes = sftp.on_user(data);
+                        notes = sftp.on_user(data);
                         if let Some(rec) = c.recorder.as_mut() {
-                            for note in notes {
-                                outcome = outcome.and(rec.note("sftp", &note));
+                            for note in &notes {
+                                outcome = outcome.and(rec.note("sftp", note));
                             }
                         }
                     }
                 }
+                self.bytes_in += data.len() as u64;
+                self.report_files(&notes);
             }
             MSG_GLOBAL_REQUEST => {
                 let name = r.string()?;
@@ -259,7 +364,7 @@ impl<S: Starter> Channels<S> {
                     matches!(name, b"tcpip-forward" | b"streamlocal-forward@openssh.com");
                 if forwarding && !self.permit_port_forwarding {
                     return Ok(Ok(if want_reply {
-                        Verdict::Reply(vec![MSG_REQUEST_FAILURE])
+                        Verdict::Reply(vec![vec![MSG_REQUEST_FAILURE]])
                     } else {
                         Verdict::Drop
                     }));
@@ -287,7 +392,11 @@ impl<S: Starter> Channels<S> {
             MSG_CHANNEL_REQUEST => {
                 let id = r.u32()?;
                 let ty = r.string()?;
-                let _want_reply = r.bool()?;
+                let want_reply = r.bool()?;
+                let agent = matches!(ty, b"auth-agent-req@openssh.com" | b"auth-agent-req");
+                if agent && !self.permit_agent_forwarding {
+                    return Ok(Ok(self.refuse_agent_forwarding(id, want_reply)));
+                }
                 outcome = self.user_request(id, ty, &mut r)?;
             }
             MSG_CHANNEL_CLOSE => {
@@ -300,6 +409,43 @@ impl<S: Starter> Channels<S> {
             _ => {}
         }
         Ok(self.judge(outcome).map(|()| Verdict::Forward))
+    }
+
+    /// The user's `auth-agent-req` on the node's channel `id`, which the roles do not permit:
+    /// not forwarded; the user's terminal is told on stderr (if the window has room) and a
+    /// `CHANNEL_FAILURE` answers a request that wants a reply.
+    fn refuse_agent_forwarding(&mut self, id: u32, want_reply: bool) -> Verdict {
+        tracing::info!(
+            reason = "agent_forwarding",
+            user = %self.who.user,
+            "SSH agent forwarding refused: the roles do not permit it"
+        );
+        let Some(c) = self.by_node_id(id) else {
+            return Verdict::Drop;
+        };
+        let text = AGENT_FORWARDING_REFUSED.as_bytes();
+        let len = text.len() as u64;
+        let mut out = Vec::new();
+        if c.user_window >= len && !c.user_closed && !c.node_closed {
+            c.user_window -= len;
+            c.owed += len;
+            let mut msg = vec![MSG_CHANNEL_EXTENDED_DATA];
+            msg.extend_from_slice(&c.user_id.to_be_bytes());
+            msg.extend_from_slice(&1u32.to_be_bytes()); // stderr
+            msg.extend_from_slice(&(text.len() as u32).to_be_bytes());
+            msg.extend_from_slice(text);
+            out.push(msg);
+        }
+        if want_reply {
+            let mut msg = vec![MSG_CHANNEL_FAILURE];
+            msg.extend_from_slice(&c.user_id.to_be_bytes());
+            out.push(msg);
+        }
+        if out.is_empty() {
+            Verdict::Drop
+        } else {
+            Verdict::Reply(out)
+        }
     }
 
     fn user_request(
@@ -359,6 +505,8 @@ impl<S: Starter> Channels<S> {
                     }
                 };
                 self.chans[idx].binary = kind == RecordingKind::Sftp;
+                self.chans[idx].kind = Some(kind);
+                self.chans[idx].command = command.clone();
                 if kind == RecordingKind::Sftp {
                     self.chans[idx].sftp = Some(Box::default());
                 }
@@ -403,11 +551,36 @@ impl<S: Starter> Channels<S> {
             MSG_GLOBAL_REQUEST if r.string()? == b"hostkeys-00@openssh.com" => {
                 return Ok(Ok(Verdict::Drop));
             }
+            MSG_CHANNEL_OPEN if !self.permit_agent_forwarding => {
+                // sshd opens one per use of a forwarded agent; refused if `ssh -A` got through
+                // somehow (the request is refused first).
+                let ty = r.string()?;
+                let sender = r.u32()?;
+                if matches!(ty, b"auth-agent@openssh.com" | b"auth-agent") {
+                    let why = b"agent forwarding is not permitted by the user's roles";
+                    let mut reply = vec![MSG_CHANNEL_OPEN_FAILURE];
+                    reply.extend_from_slice(&sender.to_be_bytes());
+                    reply.extend_from_slice(&1u32.to_be_bytes()); // administratively prohibited
+                    reply.extend_from_slice(&(why.len() as u32).to_be_bytes());
+                    reply.extend_from_slice(why);
+                    reply.extend_from_slice(&0u32.to_be_bytes());
+                    return Ok(Ok(Verdict::Reply(vec![reply])));
+                }
+            }
             MSG_CHANNEL_OPEN_CONFIRMATION => {
                 let recipient = r.u32()?;
                 let sender = r.u32()?;
+                let window = r.u32()?;
                 if let Some(c) = self.by_user_id(recipient) {
                     c.node_id = Some(sender);
+                    c.node_window = u64::from(window);
+                }
+            }
+            MSG_CHANNEL_WINDOW_ADJUST => {
+                let recipient = r.u32()?;
+                let add = r.u32()?;
+                if let Some(c) = self.by_user_id(recipient) {
+                    c.node_window = c.node_window.saturating_add(u64::from(add));
                 }
             }
             MSG_CHANNEL_OPEN_FAILURE => {
@@ -421,6 +594,7 @@ impl<S: Starter> Channels<S> {
                     let _code = r.u32()?;
                 }
                 let data = r.string()?;
+                self.bytes_out += data.len() as u64;
                 if let Some(i) = self.chans.iter().position(|c| c.user_id == id) {
                     let c = &mut self.chans[i];
                     c.bytes_out += data.len() as u64;
@@ -454,6 +628,7 @@ impl<S: Starter> Channels<S> {
                         b"exit-signal" => {
                             let signal = String::from_utf8_lossy(r.string()?).into_owned();
                             c.exit_status.get_or_insert(255);
+                            c.exit_signal = Some(bounded(signal.clone(), 64).0);
                             if let Some(rec) = c.recorder.as_mut() {
                                 outcome =
                                     rec.note("exit", &serde_json::json!({ "signal": signal }));
@@ -479,25 +654,73 @@ impl<S: Starter> Channels<S> {
     /// closed.
     fn reap(&mut self) -> Result<(), RecordingError> {
         let mut outcome = Ok(());
+        let mut events = Vec::new();
         for c in &mut self.chans {
-            if (c.node_closed || c.user_closed) && c.recorder.is_some() {
-                if let Some(mut rec) = c.recorder.take() {
-                    for note in c.sftp.as_mut().map(|s| s.finish()).unwrap_or_default() {
-                        let _ = rec.note("sftp", &note);
-                    }
-                    match rec.finish(RecordingEnd {
-                        exit_status: c.exit_status,
-                        bytes_in: c.bytes_in,
-                        bytes_out: c.bytes_out,
-                    }) {
-                        Ok(id) => self.finished.push(id),
-                        Err(e) => outcome = Err(e),
-                    }
+            if !(c.node_closed || c.user_closed) || c.reported {
+                continue;
+            }
+            c.reported = true;
+            let notes = c.sftp.as_mut().map(|s| s.finish()).unwrap_or_default();
+            let mut recording_id = None;
+            if let Some(mut rec) = c.recorder.take() {
+                for note in &notes {
+                    let _ = rec.note("sftp", note);
                 }
+                match rec.finish(RecordingEnd {
+                    exit_status: c.exit_status,
+                    bytes_in: c.bytes_in,
+                    bytes_out: c.bytes_out,
+                }) {
+                    Ok(id) => {
+                        recording_id = Some(id.0.clone());
+                        self.finished.push(id);
+                    }
+                    Err(e) => outcome = Err(e),
+                }
+            }
+            events.extend(notes.iter().filter_map(file_event));
+            if let (Some(RecordingKind::Exec), Some(command)) = (c.kind, c.command.take()) {
+                let (command, truncated) = bounded(command, MAX_AUDITED_COMMAND_BYTES);
+                events.push(SshEvent::Exec {
+                    command,
+                    truncated,
+                    exit_status: c.exit_status.filter(|_| c.exit_signal.is_none()),
+                    exit_signal: c.exit_signal.take(),
+                    bytes_in: c.bytes_in,
+                    bytes_out: c.bytes_out,
+                    recording_id,
+                });
             }
         }
         self.chans.retain(|c| !(c.node_closed && c.user_closed));
+        self.report(&events);
         outcome
+    }
+
+    fn report(&self, events: &[SshEvent]) {
+        if let (Some(audit), false) = (self.audit.as_ref(), events.is_empty()) {
+            let session = self.who.session();
+            for event in events {
+                audit.record(&session, event);
+            }
+        }
+    }
+
+    fn report_files(&self, notes: &[serde_json::Value]) {
+        if !notes.is_empty() {
+            let events: Vec<SshEvent> = notes.iter().filter_map(file_event).collect();
+            self.report(&events);
+        }
+    }
+
+    /// The session's end for the audit log (after [`Channels::close_all`]): its recordings.
+    pub(crate) fn report_closed(&self, recording_ids: Vec<String>) {
+        self.report(&[SshEvent::Closed {
+            recording_ids,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            recording_failure: self.failure.map(str::to_string),
+        }]);
     }
 
     /// Counts a recording failure; says whether the session must end for it.
@@ -604,6 +827,78 @@ mod tests {
             },
             spool,
         )
+    }
+
+    #[derive(Default)]
+    struct Collect(std::sync::Mutex<Vec<SshEvent>>);
+
+    impl SshEventRecorder for Collect {
+        fn record(&self, session: &SshSession, event: &SshEvent) {
+            assert_eq!(session.session_id, "s1");
+            self.0.lock().unwrap().push(event.clone());
+        }
+    }
+
+    #[test]
+    fn exec_commands_and_file_operations_are_audit_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ch = channels(dir.path(), false);
+        let events = Arc::new(Collect::default());
+        ch.audit = Some(events.clone());
+        fwd(ch.on_user(&msg(90, &[s(b"session"), u(0), u(1000), u(1000)])));
+        fwd(ch.on_node(&msg(91, &[u(0), u(4), u(1000), u(1000)])));
+        let long = "x".repeat(MAX_AUDITED_COMMAND_BYTES + 10);
+        fwd(ch.on_user(&msg(98, &[u(4), s(b"exec"), vec![1], s(long.as_bytes())])));
+        fwd(ch.on_node(&msg(94, &[u(0), s(b"out")])));
+        fwd(ch.on_node(&msg(98, &[u(0), s(b"exit-signal"), vec![0], s(b"KILL")])));
+        fwd(ch.on_node(&msg(97, &[u(0)])));
+        // an sftp channel: a mkdir request
+        fwd(ch.on_user(&msg(90, &[s(b"session"), u(1), u(1000), u(1000)])));
+        fwd(ch.on_node(&msg(91, &[u(1), u(5), u(1000), u(1000)])));
+        fwd(ch.on_user(&msg(98, &[u(5), s(b"subsystem"), vec![1], s(b"sftp")])));
+        let mut mkdir = vec![14u8];
+        mkdir.extend_from_slice(&u(9));
+        mkdir.extend_from_slice(&s(b"/tmp/d"));
+        mkdir.extend_from_slice(&u(0));
+        let mut packet = u(mkdir.len() as u32);
+        packet.extend_from_slice(&mkdir);
+        fwd(ch.on_user(&msg(94, &[u(5), s(&packet)])));
+        let ids = ch.close_all();
+        ch.report_closed(ids.iter().map(|i| i.0.clone()).collect());
+        let got = events.0.lock().unwrap().clone();
+        assert!(
+            got.iter().any(
+                |e| matches!(e, SshEvent::FileTransfer { operation, path, .. }
+                if operation == "mkdir" && path == "/tmp/d")
+            ),
+            "{got:?}"
+        );
+        let Some(SshEvent::Exec {
+            command,
+            truncated,
+            exit_status,
+            exit_signal,
+            bytes_out,
+            recording_id,
+            ..
+        }) = got.iter().find(|e| matches!(e, SshEvent::Exec { .. }))
+        else {
+            panic!("no exec event: {got:?}");
+        };
+        assert!(*truncated && command.len() == MAX_AUDITED_COMMAND_BYTES);
+        assert_eq!((*exit_status, exit_signal.as_deref()), (None, Some("KILL")));
+        assert_eq!(*bytes_out, 3);
+        assert!(ids.iter().any(|i| Some(&i.0) == recording_id.as_ref()));
+        let Some(SshEvent::Closed {
+            recording_ids,
+            bytes_out,
+            ..
+        }) = got.last()
+        else {
+            panic!("no end: {got:?}");
+        };
+        assert_eq!(recording_ids.len(), 2);
+        assert_eq!(*bytes_out, 3);
     }
 
     fn fwd(r: Result<Result<Verdict, MustEnd>, Malformed>) -> Verdict {
@@ -774,14 +1069,60 @@ mod tests {
         let Verdict::Reply(reply) = fwd(ch.on_user(&open)) else {
             panic!("not refused");
         };
-        assert_eq!(&reply[..9], &msg(92, &[u(4), u(1)])[..]);
-        assert!(String::from_utf8_lossy(&reply).contains("permit_port_forwarding"));
+        assert_eq!(&reply[0][..9], &msg(92, &[u(4), u(1)])[..]);
+        assert!(String::from_utf8_lossy(&reply[0]).contains("permit_port_forwarding"));
         assert!(ch.chans.is_empty());
         let remote = msg(80, &[s(b"tcpip-forward"), vec![1], s(b""), u(8080)]);
-        assert_eq!(fwd(ch.on_user(&remote)), Verdict::Reply(vec![82]));
+        assert_eq!(fwd(ch.on_user(&remote)), Verdict::Reply(vec![vec![82]]));
         ch.permit_port_forwarding = true;
         assert_eq!(fwd(ch.on_user(&open)), Verdict::Forward);
         assert_eq!(fwd(ch.on_user(&remote)), Verdict::Forward);
+    }
+
+    #[test]
+    fn agent_forwarding_is_refused_unless_the_roles_permit_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ch = channels(dir.path(), false);
+        fwd(ch.on_user(&msg(90, &[s(b"session"), u(2), u(1000), u(1000)])));
+        fwd(ch.on_node(&msg(91, &[u(2), u(8), u(1000), u(1000)])));
+        let req = msg(98, &[u(8), s(b"auth-agent-req@openssh.com"), vec![1]]);
+        let Verdict::Reply(out) = fwd(ch.on_user(&req)) else {
+            panic!("forwarded");
+        };
+        let text = AGENT_FORWARDING_REFUSED.as_bytes();
+        assert_eq!(out[0], msg(95, &[u(2), u(1), s(text)]));
+        assert_eq!(out[1], msg(100, &[u(2)]));
+        // sshd's agent channel is refused back to sshd.
+        let open = msg(90, &[s(b"auth-agent@openssh.com"), u(11), u(1000), u(1000)]);
+        let Verdict::Reply(back) = fwd(ch.on_node(&open)) else {
+            panic!("forwarded");
+        };
+        assert_eq!(&back[0][..9], &msg(92, &[u(11), u(1)])[..]);
+        // The notice's bytes come off the user's next window adjust.
+        let n = text.len() as u32;
+        assert_eq!(
+            fwd(ch.on_user(&msg(93, &[u(8), u(n + 5)]))),
+            Verdict::Replace(msg(93, &[u(8), u(5)]))
+        );
+        ch.permit_agent_forwarding = true;
+        assert_eq!(fwd(ch.on_user(&req)), Verdict::Forward);
+        assert_eq!(fwd(ch.on_node(&open)), Verdict::Forward);
+    }
+
+    #[test]
+    fn user_data_beyond_the_window_sshd_granted_is_a_window_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ch = channels(dir.path(), false);
+        fwd(ch.on_user(&msg(90, &[s(b"session"), u(0), u(1000), u(1000)])));
+        fwd(ch.on_node(&msg(91, &[u(0), u(3), u(10), u(1000)])));
+        fwd(ch.on_user(&msg(94, &[u(3), s(&[b'x'; 10])])));
+        fwd(ch.on_node(&msg(93, &[u(0), u(5)])));
+        fwd(ch.on_user(&msg(95, &[u(3), u(1), s(&[b'y'; 4])])));
+        fwd(ch.on_user(&msg(94, &[u(3), s(b"z")])));
+        let over = ch.on_user(&msg(94, &[u(3), s(b"!")])).err();
+        assert_eq!(over.map(|m| m.label()), Some("window_overflow"));
+        assert_eq!(Malformed("too many channels").label(), "channel_flood");
+        assert_eq!(Malformed("truncated").label(), "malformed_packet");
     }
 
     #[test]

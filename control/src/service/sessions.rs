@@ -47,6 +47,14 @@ impl Control {
                 &format!("no live session {id:?}: see `jaunt sessions ls`"),
             ));
         };
+        if let Some(watched) = &session.observing {
+            return Err(Response::error(
+                409,
+                &format!(
+                    "session {id:?} is an observer of session {watched:?}: join that one instead"
+                ),
+            ));
+        }
         if session.kind != jaunt_config::wire::DialKind::Ssh || !session.recorded {
             return Err(Response::error(
                 409,

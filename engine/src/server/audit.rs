@@ -56,6 +56,8 @@ pub enum AuditEvent {
     /// `session_id` the watched session.
     SessionJoin {
         session_id: String,
+        /// The observer's own live session (`jaunt sessions ls` lists it; `kill` ends it).
+        observer_session_id: String,
         user: String,
         roles: Vec<String>,
         target: String,

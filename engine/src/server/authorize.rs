@@ -158,6 +158,10 @@ pub fn revoked(
         identity.not_before,
         identity.expires.saturating_sub(1).max(identity.not_before),
     );
+    if request.join.is_some() {
+        // An observer needs the `session`/`join` rule still, not a login on the node.
+        return rbac::authorize_rule(&snapshot.policy, identity, "session", "join", &[], at).err();
+    }
     rbac::authorize(
         &snapshot.policy,
         identity,

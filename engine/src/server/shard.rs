@@ -115,6 +115,10 @@ pub struct LiveSessionInfo {
     pub started: u64,
     /// Whether the roles ask for the session to be recorded (an SSH session the agent records).
     pub recorded: bool,
+    /// An observer's session (`jaunt join`): the id of the session it watches. `sessions kill`
+    /// and locks on the observer end it like any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observing: Option<String>,
 }
 
 #[derive(Default)]
@@ -551,6 +555,7 @@ impl Shard {
                 db_user: s.request.db_user.clone(),
                 started: s.started,
                 recorded: s.recorded,
+                observing: s.request.join.clone(),
             })
             .collect()
     }

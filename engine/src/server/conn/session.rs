@@ -226,7 +226,12 @@ pub(super) async fn connect(
         Err((refusal, message)) => return refuse(&mut stream, answer, refusal, &message).await,
     };
     if let Some(joined) = &request.join {
-        return watch(ctx, stream, upstream, &identity, &request, joined, allowed).await;
+        let observed = Observed {
+            joined,
+            allowed,
+            labels,
+        };
+        return watch(ctx, stream, upstream, &identity, &request, observed).await;
     }
     if shard.audit(audit.start_event()).is_err() {
         drop(upstream);
@@ -308,21 +313,62 @@ pub(super) async fn connect(
     }
 }
 
+/// What `jaunt join` watches: the session id, the observer's limits, the node's labels.
+struct Observed<'r> {
+    joined: &'r str,
+    allowed: Allowed,
+    labels: Labels,
+}
+
+/// The observer's own live session, registered with its shard while it lives.
+struct ObserverSession<'a> {
+    shard: &'a Shard,
+    conn_id: u64,
+}
+
+impl Drop for ObserverSession<'_> {
+    fn drop(&mut self) {
+        self.shard.session_ended(self.conn_id);
+    }
+}
+
 /// `jaunt join`: the agent accepted the observer's stream to the live session `joined` (it
 /// checked the session is there and terminated): audit the join, answer, and splice until
-/// either side ends or the observer's certificate expires. The observer's stream is not a live
-/// session of its own (not listed, not ended by `sessions kill` or locks once running).
+/// either side ends or the observer's certificate expires. The observer's stream is a live
+/// session of its own (its `observing` names the watched one): listed by `sessions ls`, ended
+/// by `sessions kill`, a lock on the observer or a role change taking `session`/`join` away.
 async fn watch(
     ctx: &Ctx<'_>,
     mut stream: TlsStream<Prefixed<Client>>,
     upstream: Upstream,
     identity: &Identity,
     request: &DialRequest,
-    joined: &str,
-    allowed: Allowed,
+    observed: Observed<'_>,
 ) -> End {
+    let Observed {
+        joined,
+        allowed,
+        labels,
+    } = observed;
     let shard = ctx.shard;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let observer_session_id = format!("{nanos:x}-{}-{}", shard.index, ctx.conn_id);
+    let end = shard.session_started(
+        ctx.conn_id,
+        &observer_session_id,
+        identity,
+        request,
+        labels,
+        false,
+    );
+    let _registered = ObserverSession {
+        shard,
+        conn_id: ctx.conn_id,
+    };
     let _ = shard.audit(AuditEvent::SessionJoin {
+        observer_session_id: observer_session_id.clone(),
         session_id: joined.to_owned(),
         user: identity.name.clone(),
         roles: identity.roles.clone(),
@@ -340,7 +386,13 @@ async fn watch(
     if let Err(e) = answered.await {
         return End::Failed(ConnError::Client(e));
     }
-    let spliced = splice_upstream(ctx, stream, upstream, shard.limits().idle_timeout);
+    let spliced = futures_lite::future::or(
+        splice_upstream(ctx, stream, upstream, shard.limits().idle_timeout),
+        async {
+            end.wait().await;
+            End::Done
+        },
+    );
     let left = Duration::from_secs(
         allowed
             .session_deadline
