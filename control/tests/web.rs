@@ -1,6 +1,7 @@
 //! The web UI in a real browser: a dev cluster on `localhost`, two `jaunt agent` processes
-//! announcing nodes and an app with different labels, and headless Chromium (Debian's
-//! `chromium` + `chromium-driver`, driven over WebDriver) logging in, listing, filtering,
+//! announcing nodes and an app with different labels, and each test once in headless Chromium
+//! (Debian's `chromium` + `chromium-driver`) and once in headless Firefox (Debian's
+//! `firefox-esr` + `geckodriver`), both driven over WebDriver, logging in, listing, filtering,
 //! searching the audit log and logging out. curl checks what a browser hides (headers, the
 //! server-side end of a session, CSRF refusals). Screenshots of each page go to
 //! `docs/screenshots/` (the README shows them) with `JAUNT_SCREENSHOTS=docs`, else to the
@@ -18,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
-use webdriver::Browser;
+use webdriver::{Browser, Kind};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -26,13 +27,15 @@ const PASSWORD: &str = "correct horse battery";
 const DEV_ROLE: &str = "kind: role\nversion: v1\nmetadata:\n  name: dev-only\nspec:\n  allow:\n    logins: [bob]\n    node_labels:\n      env: dev\n";
 
 /// Where screenshots go: `docs/screenshots/` (what the README shows) when
-/// `JAUNT_SCREENSHOTS=docs`, else the test's scratch directory, so that an ordinary test run
-/// does not modify tracked files.
-fn screenshots() -> PathBuf {
-    if std::env::var("JAUNT_SCREENSHOTS").as_deref() == Ok("docs") {
+/// `JAUNT_SCREENSHOTS=docs` and the browser is Chromium, else the test's scratch directory
+/// (one per browser), so that an ordinary test run does not modify tracked files.
+fn screenshots(kind: Kind) -> PathBuf {
+    if kind == Kind::Chromium && std::env::var("JAUNT_SCREENSHOTS").as_deref() == Ok("docs") {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots")
     } else {
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("screenshots")
+            .join(kind.name())
     }
 }
 
@@ -119,6 +122,15 @@ fn log_in(b: &Browser, c: &Cluster, user: &str, password: &str) {
 
 #[test]
 fn web_ui_login_resources_audit_and_logout_in_chromium() {
+    web_ui_login_resources_audit_and_logout(Kind::Chromium);
+}
+
+#[test]
+fn web_ui_login_resources_audit_and_logout_in_firefox() {
+    web_ui_login_resources_audit_and_logout(Kind::Firefox);
+}
+
+fn web_ui_login_resources_audit_and_logout(kind: Kind) {
     let c = Cluster::dev_at("localhost:0");
     let role_file = c.dir.path().join("dev-only.yaml");
     std::fs::write(&role_file, DEV_ROLE).unwrap();
@@ -180,8 +192,8 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
     assert!(csp.contains("script-src 'self'"), "{csp}");
     assert!(!csp.contains("unsafe-inline"), "{csp}");
 
-    let b = Browser::start();
-    let shots = screenshots();
+    let b = Browser::launch(kind);
+    let shots = screenshots(kind);
     b.goto(&format!("https://{}/", c.public_addr));
     b.wait_until("redirected to the login page", |b| {
         b.url().contains("/web/login")
@@ -204,8 +216,33 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
         .iter()
         .all(|c| c["name"] != "__Host-jaunt_session"));
 
-    // The good password: the resource list, and a session cookie with the promised flags.
-    log_in(&b, &c, "alice", PASSWORD);
+    // The good password, typed with the keyboard alone: the form starts focused on the user
+    // field, Tab moves to the password with a visible focus ring, Enter submits. Then the
+    // resource list, and a session cookie with the promised flags.
+    b.goto(&format!("https://{}/web/login", c.public_addr));
+    b.wait_for("#login-form");
+    let focused = |b: &Browser| {
+        b.execute("var e = document.activeElement; return e ? e.id : '';")
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    b.wait_until("the user field has the focus", |b| focused(b) == "user");
+    b.keys("alice\u{E004}");
+    b.wait_until("Tab moved to the password field", |b| {
+        focused(b) == "password"
+    });
+    let ring = b.execute(
+        "var s = getComputedStyle(document.activeElement); \
+         return [document.activeElement.matches(':focus-visible'), s.outlineStyle, s.outlineWidth];",
+    );
+    assert_eq!(
+        ring[0], true,
+        "no visible focus on the password field: {ring}"
+    );
+    assert_eq!(ring[1], "solid", "{ring}");
+    assert_ne!(ring[2], "0px", "{ring}");
+    b.keys(&format!("{PASSWORD}\u{E007}"));
     b.wait_for("table#resources");
     assert!(b.url().ends_with("/web/"), "{}", b.url());
     let cookies = b.cookies();
@@ -263,6 +300,19 @@ fn web_ui_login_resources_audit_and_logout_in_chromium() {
         "{labels}"
     );
     b.screenshot(&shots.join("resources.png"));
+    // At phone width the table becomes stacked cards and nothing is wider than the screen.
+    // (Chromium's window goes down to 390 px; Firefox's headless window stops at 500 px, still
+    // under the 640 px where the phone layout starts.)
+    b.set_window_size(390, 844);
+    b.wait_until("the page fits a phone's width", |b| {
+        b.execute(
+            "return window.innerWidth <= 500 && \
+             document.documentElement.scrollWidth <= window.innerWidth && \
+             getComputedStyle(document.querySelector('#resources thead')).display === 'none';",
+        ) == true
+    });
+    b.screenshot(&shots.join("resources-phone.png"));
+    b.set_window_size(1280, 800);
 
     // The filter box narrows the list (by label and by name).
     let filter = b.wait_for("#filter");
@@ -399,6 +449,15 @@ fn screen_text(b: &Browser) -> String {
 
 #[test]
 fn recordings_are_listed_and_played_back_in_chromium() {
+    recordings_are_listed_and_played_back(Kind::Chromium);
+}
+
+#[test]
+fn recordings_are_listed_and_played_back_in_firefox() {
+    recordings_are_listed_and_played_back(Kind::Firefox);
+}
+
+fn recordings_are_listed_and_played_back(kind: Kind) {
     let c = Cluster::dev_at("localhost:0");
     for (user, roles) in [("alice", "access,editor"), ("bob", "access")] {
         ok(c.admin(
@@ -447,8 +506,8 @@ fn recordings_are_listed_and_played_back_in_chromium() {
         std::thread::sleep(Duration::from_millis(200));
     };
 
-    let b = Browser::start();
-    let shots = screenshots();
+    let b = Browser::launch(kind);
+    let shots = screenshots(kind);
     log_in(&b, &c, "alice", PASSWORD);
     b.wait_for("table#resources");
     b.goto(&format!("https://{}/web/recordings", c.public_addr));
@@ -638,6 +697,15 @@ fn http_app() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 
 #[test]
 fn an_app_opened_from_the_web_ui_works_without_a_client_certificate() {
+    app_without_a_client_certificate(Kind::Chromium);
+}
+
+#[test]
+fn an_app_opened_from_the_web_ui_works_without_a_client_certificate_in_firefox() {
+    app_without_a_client_certificate(Kind::Firefox);
+}
+
+fn app_without_a_client_certificate(kind: Kind) {
     let c = Cluster::dev_at("localhost:0");
     ok(c.admin(
         &[
@@ -680,7 +748,7 @@ fn an_app_opened_from_the_web_ui_works_without_a_client_certificate() {
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
     assert!(text.contains("jaunt proxy app hello"), "{text}");
 
-    let b = Browser::start();
+    let b = Browser::launch(kind);
     log_in(&b, &c, "alice", PASSWORD);
     let open = b.wait_for("tr[data-name='hello'] a.app");
     assert_eq!(b.attribute(&open, "target").as_deref(), Some("_blank"));

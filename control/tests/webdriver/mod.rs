@@ -1,7 +1,8 @@
-//! A small W3C WebDriver client for browser tests: starts Debian's `chromedriver` on a port
-//! reserved by binding 0, opens one headless Chromium session (fresh profile, insecure
-//! certificates accepted for the dev CA, no network services), and speaks the WebDriver HTTP
-//! API over a plain `TcpStream` (one request per connection). Only what the tests use.
+//! A small W3C WebDriver client for browser tests: starts Debian's `chromedriver` (or
+//! `geckodriver` for Debian's `firefox-esr`) on a port reserved by binding 0, opens one headless
+//! browser session (fresh profile, insecure certificates accepted for the dev CA, no network
+//! services), and speaks the WebDriver HTTP API over a plain `TcpStream` (one request per
+//! connection). Only what the tests use.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -32,20 +33,159 @@ pub struct Browser {
 #[derive(Clone, Debug)]
 pub struct Element(String);
 
+/// Which browser a test drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Debian's `chromium` through `chromium-driver`.
+    Chromium,
+    /// Debian's `firefox-esr` through `geckodriver` (`cargo install geckodriver`).
+    Firefox,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Chromium => "chromium",
+            Kind::Firefox => "firefox",
+        }
+    }
+}
+
+/// Firefox preferences that keep a test browser off the network: no updates, telemetry,
+/// studies, captive-portal or connectivity probes, Safe Browsing lists, remote settings,
+/// add-on or plugin downloads, DNS-over-HTTPS, prefetching or speculative connections.
+/// (geckodriver sets many of these too; these do not depend on its version.)
+fn firefox_prefs() -> Value {
+    let off = [
+        "app.update.auto",
+        "app.update.enabled",
+        "app.update.checkInstallTime",
+        "app.normandy.enabled",
+        "app.shield.optoutstudies.enabled",
+        "browser.discovery.enabled",
+        "browser.newtabpage.enabled",
+        "browser.newtabpage.activity-stream.feeds.telemetry",
+        "browser.newtabpage.activity-stream.telemetry",
+        "browser.ping-centre.telemetry",
+        "browser.region.update.enabled",
+        "browser.safebrowsing.blockedURIs.enabled",
+        "browser.safebrowsing.downloads.enabled",
+        "browser.safebrowsing.downloads.remote.enabled",
+        "browser.safebrowsing.malware.enabled",
+        "browser.safebrowsing.phishing.enabled",
+        "browser.safebrowsing.update.enabled",
+        "browser.search.update",
+        "browser.shell.checkDefaultBrowser",
+        "browser.topsites.contile.enabled",
+        "datareporting.healthreport.uploadEnabled",
+        "datareporting.policy.dataSubmissionEnabled",
+        "extensions.blocklist.enabled",
+        "extensions.getAddons.cache.enabled",
+        "extensions.update.enabled",
+        "geo.enabled",
+        "media.gmp-gmpopenh264.enabled",
+        "media.gmp-manager.updateEnabled",
+        "media.gmp-widevinecdm.enabled",
+        "network.captive-portal-service.enabled",
+        "network.connectivity-service.enabled",
+        "network.dns.disablePrefetch",
+        "network.prefetch-next",
+        "security.remote_settings.crlite_filters.enabled",
+        "security.remote_settings.intermediates.enabled",
+        "services.sync.enabled",
+        "toolkit.telemetry.archive.enabled",
+        "toolkit.telemetry.enabled",
+        "toolkit.telemetry.unified",
+        "toolkit.telemetry.updatePing.enabled",
+    ];
+    let mut prefs = serde_json::Map::new();
+    for name in off {
+        // `network.dns.disablePrefetch` is the one whose "off" is `true`.
+        prefs.insert(name.into(), json!(name == "network.dns.disablePrefetch"));
+    }
+    // Endpoints that would still be asked point nowhere (a closed local port).
+    let nowhere = "http://127.0.0.1:9/";
+    for name in [
+        "app.update.url",
+        "browser.region.network.url",
+        "browser.safebrowsing.provider.google4.updateURL",
+        "browser.safebrowsing.provider.mozilla.updateURL",
+        "browser.search.geoip.url",
+        "captivedetect.canonicalURL",
+        "extensions.getAddons.get.url",
+        "geo.provider.network.url",
+        "media.gmp-manager.url",
+        "network.connectivity-service.IPv4.url",
+        "network.connectivity-service.IPv6.url",
+        "services.settings.server",
+        "toolkit.telemetry.server",
+    ] {
+        prefs.insert(name.into(), json!(nowhere));
+    }
+    prefs.insert("browser.startup.page".into(), json!(0));
+    prefs.insert("browser.startup.homepage".into(), json!("about:blank"));
+    prefs.insert("network.trr.mode".into(), json!(5));
+    prefs.insert("network.http.speculative-parallel-limit".into(), json!(0));
+    prefs.insert("security.OCSP.enabled".into(), json!(0));
+    prefs.insert("network.proxy.type".into(), json!(0));
+    Value::Object(prefs)
+}
+
+/// geckodriver: `$JAUNT_GECKODRIVER`, else on `PATH`, else where `cargo install` puts it.
+pub fn geckodriver() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("JAUNT_GECKODRIVER") {
+        return Some(p.into());
+    }
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        dirs.push(std::path::PathBuf::from(home).join("bin"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(std::path::PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("geckodriver"))
+        .find(|p| p.is_file())
+}
+
 impl Browser {
     /// Starts chromedriver and a headless Chromium at 1280x800.
     pub fn start() -> Browser {
+        Browser::launch(Kind::Chromium)
+    }
+
+    /// Starts the driver for `kind` and a headless browser at 1280x800.
+    pub fn launch(kind: Kind) -> Browser {
         let port = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let driver = Command::new("/usr/bin/chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (Debian package chromium-driver) must be installed");
         let profile = tempfile::tempdir().unwrap();
+        let driver = match kind {
+            Kind::Chromium => Command::new("/usr/bin/chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver (Debian package chromium-driver) must be installed"),
+            Kind::Firefox => {
+                let gecko = geckodriver().expect(
+                    "geckodriver must be installed (`cargo install geckodriver --locked`, as \
+                     .ci/run does), or named by JAUNT_GECKODRIVER",
+                );
+                // geckodriver makes the profile under TMPDIR: inside ours, so it goes with it.
+                Command::new(gecko)
+                    .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                    .env("TMPDIR", profile.path())
+                    .env("MOZ_HEADLESS", "1")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("geckodriver could not start")
+            }
+        };
         let mut browser = Browser {
             driver,
             port,
@@ -54,34 +194,66 @@ impl Browser {
         };
         let deadline = Instant::now() + WAIT;
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not listen");
+            assert!(
+                Instant::now() < deadline,
+                "{} driver did not listen",
+                kind.name()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let args = [
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--window-size=1280,800",
-            &format!("--user-data-dir={}", browser._profile.path().display()),
-        ];
-        let caps = json!({
-            "capabilities": {"alwaysMatch": {
-                "browserName": "chrome",
-                "acceptInsecureCerts": true,
-                "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args},
-            }}
-        });
+        let caps = match kind {
+            Kind::Chromium => {
+                let args = [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                    "--window-size=1280,800",
+                    &format!("--user-data-dir={}", browser._profile.path().display()),
+                ];
+                json!({
+                    "capabilities": {"alwaysMatch": {
+                        "browserName": "chrome",
+                        "acceptInsecureCerts": true,
+                        "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args},
+                    }}
+                })
+            }
+            Kind::Firefox => json!({
+                "capabilities": {"alwaysMatch": {
+                    "browserName": "firefox",
+                    "acceptInsecureCerts": true,
+                    "moz:firefoxOptions": {
+                        "binary": "/usr/bin/firefox-esr",
+                        "args": ["-headless", "-no-remote"],
+                        "prefs": firefox_prefs(),
+                        "env": {"MOZ_HEADLESS": "1"},
+                    },
+                }}
+            }),
+        };
         let created = browser.call("POST", "/session", Some(caps));
         browser.session = created["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no session: {created}"))
             .to_string();
+        if kind == Kind::Firefox {
+            browser.set_window_size(1280, 800);
+        }
         browser
+    }
+
+    /// Resizes the browser window (the outer size, as WebDriver sets it).
+    pub fn set_window_size(&self, width: u32, height: u32) {
+        self.call(
+            "POST",
+            &self.session_path("/window/rect"),
+            Some(json!({"width": width, "height": height})),
+        );
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -284,6 +456,21 @@ impl Browser {
             "POST",
             &self.session_path(&format!("/element/{}/value", e.0)),
             Some(json!({ "text": text })),
+        );
+    }
+
+    /// Presses and releases each key of `text` in turn (`\u{E004}` is Tab, `\u{E007}` Enter),
+    /// sent to whatever has the focus, as a keyboard would.
+    pub fn keys(&self, text: &str) {
+        let mut actions = Vec::new();
+        for c in text.chars() {
+            actions.push(json!({"type": "keyDown", "value": c.to_string()}));
+            actions.push(json!({"type": "keyUp", "value": c.to_string()}));
+        }
+        self.call(
+            "POST",
+            &self.session_path("/actions"),
+            Some(json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]})),
         );
     }
 
