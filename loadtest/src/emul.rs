@@ -158,6 +158,8 @@ pub struct Shared {
     /// With `follow`: (agent index, CA generation, when control acknowledged the agent's
     /// `?confirmed=` of it), once per generation and agent.
     pub confirms: Mutex<Vec<(usize, String, Instant)>>,
+    /// With `follow`: policy fetches that succeeded.
+    pub fetches: AtomicUsize,
     /// With `follow`: policy fetches that failed.
     pub poll_errors: AtomicUsize,
     /// With `follow`: rotation phases an agent failed to follow (retried at its next poll).
@@ -178,8 +180,10 @@ impl Shared {
     }
 }
 
-/// How many agents one policy-poll thread serves.
-const AGENTS_PER_POLL_THREAD: usize = 20;
+/// How many agents one policy-poll thread serves. Few: a thread serves its agents one after
+/// the other, and a follow takes up to three requests (fetch, renewal, confirmation), so with
+/// many per thread the harness, not the cluster, would stretch the agents' 5 s cadence.
+const AGENTS_PER_POLL_THREAD: usize = 4;
 
 /// Starts one thread per identity (and with `follow`, the policy-poll threads); they run until
 /// `shared.stop`.
@@ -237,6 +241,7 @@ pub fn start(
         let shared = shared.clone();
         let h = std::thread::Builder::new()
             .name(format!("emu-poll-{t}"))
+            .stack_size(512 * 1024)
             .spawn(move || poll_loop(&mut mine, &shared))?;
         handles.push(h);
     }
@@ -440,6 +445,7 @@ fn fetch(f: &mut Follower, shared: &Shared) -> anyhow::Result<AgentPolicyRespons
         Some(profile.tls_identity(&f.user)?),
     )?;
     let response: AgentPolicyResponse = client.get_json(&path)?;
+    shared.fetches.fetch_add(1, Ordering::Relaxed);
     if !f.confirmed.is_empty() && f.acknowledged != f.confirmed {
         f.acknowledged = f.confirmed.clone();
         if let Ok(mut c) = shared.confirms.lock() {

@@ -83,9 +83,11 @@ pub fn rotation(
                     .done
                     .store(confirmed.min(connected) as u64, Relaxed);
                 if confirmed >= k && connected >= k {
-                    let (in_guard, unconfirmed) = guard_view(spawned)?;
-                    if in_guard >= k && unconfirmed == 0 {
-                        break;
+                    // A busy control may close a handshake (load shedding): asked again.
+                    if let Ok((in_guard, 0)) = guard_view(spawned) {
+                        if in_guard >= k {
+                            break;
+                        }
                     }
                 }
                 if Instant::now() > deadline {
@@ -107,6 +109,7 @@ pub fn rotation(
         let mut previous: Option<String> = None;
         for phase in PHASES {
             let from = shared.confirms.lock().map(|c| c.len()).unwrap_or(0);
+            let fetches0 = shared.fetches.load(SeqCst);
             let (renewals0, errors0, follow0, pushes0) = (
                 shared.renewals.load(SeqCst),
                 shared.poll_errors.load(SeqCst),
@@ -118,21 +121,35 @@ pub fn rotation(
             let t0 = Instant::now();
             // Without --force: refused if control's guard still counts an agent unconfirmed
             // (it should not: the previous phase ended with the guard seeing every agent).
-            spawned
-                .admin(&["ca", "rotate", "--type", "all", "--phase", phase], None)
-                .map_err(|e| anyhow!("phase {phase}: {e:#}"))?;
+            // A handshake a busy engine closed carried no request: asked again, counted.
+            let mut attempts = 0u64;
+            loop {
+                attempts += 1;
+                match spawned.admin(&["ca", "rotate", "--type", "all", "--phase", phase], None) {
+                    Ok(_) => break,
+                    Err(e)
+                        if attempts < 20 && format!("{e:#}").contains("during the handshake") =>
+                    {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => bail!("phase {phase}: {e:#}"),
+                }
+            }
             let t_cmd = Instant::now();
             let progress = Progress::new(&format!("rotation: {phase} confirmed"), Some(k as u64));
             let mut t_guard = None;
             let mut guard_polls = 0u64;
+            let mut guard_errors = 0u64;
             let firsts = loop {
                 let firsts = firsts_since(&shared, from);
                 progress.done.store(firsts.len() as u64, Relaxed);
                 if t_guard.is_none() {
-                    let (in_guard, unconfirmed) = guard_view(spawned)?;
                     guard_polls += 1;
-                    if in_guard >= k && unconfirmed == 0 {
-                        t_guard = Some(Instant::now());
+                    match guard_view(spawned) {
+                        Ok((in_guard, 0)) if in_guard >= k => t_guard = Some(Instant::now()),
+                        Ok(_) => {}
+                        // A busy control may close a handshake (load shedding): asked again.
+                        Err(_) => guard_errors += 1,
                     }
                 }
                 if firsts.len() >= k && t_guard.is_some() {
@@ -185,6 +202,9 @@ pub fn rotation(
                     .map(|(i, v)| (*v as f64 / 1e3, (i + 1) as f64 * 100.0 / n as f64))
                     .collect::<Vec<_>>(),
             ));
+            // The cadence the agents kept: fetches per agent over the phase (the follow's
+            // confirmation is a fetch too).
+            let fetches = shared.fetches.load(SeqCst) - fetches0;
             let lost = shared
                 .downs
                 .lock()
@@ -194,11 +214,18 @@ pub fn rotation(
                 Row::new("rotation", &format!("{k} emulated, {phase}"), "jaunt")
                     .metric("agents", k as u64)
                     .metric("rotate_command_s", secs(t_cmd))
+                    .metric("rotate_attempts", attempts)
                     .metric("confirmed_p50_s", percentile(&ms, 0.5) / 1e3)
                     .metric("confirmed_p99_s", percentile(&ms, 0.99) / 1e3)
                     .metric("all_confirmed_s", secs(all))
                     .metric("guard_all_confirmed_s", secs(t_guard))
                     .metric("guard_polls", guard_polls)
+                    .metric("guard_poll_errors", guard_errors)
+                    .metric("policy_fetches", fetches as u64)
+                    .metric(
+                        "mean_s_between_fetches",
+                        secs(all) * k as f64 / (fetches.max(1) as f64),
+                    )
                     .metric(
                         "host_certs_renewed",
                         (shared.renewals.load(SeqCst) - renewals0) as u64,
@@ -231,7 +258,7 @@ pub fn rotation(
         std::fs::write(out.join("rotation-confirmed.svg"), svg)?;
         if let Some(last) = rows.last_mut() {
             last.notes.push(format!(
-                "rotation: {k} emulated agents (one thread and tunnel each, as in `agents`) that also run the real agent's policy poll every {} s: `GET /v1/agent/policy?confirmed=GEN` with the host certificate, a new version compiled, a new CA generation followed (host CAs written, host certificate renewed through `POST /v1/hosts/renew` when control asks, the next tunnel's TLS rebuilt) and confirmed at once; pushed policies are read off the tunnel. Times are from the start of `jaunt ca rotate --type all --phase P` (no --force); `all_confirmed_s` when control acknowledged the last agent's confirmation; `guard_all_confirmed_s` the end of the first `jaunt status` that counted every connected agent (the emulated ones and the cluster's own `jaunt agent`) as confirmed, polled back to back; plot: rotation-confirmed.svg",
+                "rotation: {k} emulated agents (one thread and tunnel each, as in `agents`) that also run the real agent's policy poll every {} s: `GET /v1/agent/policy?confirmed=GEN` with the host certificate, a new version compiled, a new CA generation followed (host CAs written, host certificate renewed through `POST /v1/hosts/renew` when control asks, the next tunnel's TLS rebuilt) and confirmed at once; pushed policies are read off the tunnel. Times are from the start of `jaunt ca rotate --type all --phase P` (no --force); `all_confirmed_s` when control acknowledged the last agent's confirmation; `guard_all_confirmed_s` the end of the first `jaunt status` that counted every connected agent (the emulated ones and the cluster's own `jaunt agent`) as confirmed, polled back to back (`guard_polls` of them, `guard_poll_errors` of which failed, e.g. a handshake a busy engine closed, and were asked again); `mean_s_between_fetches` = agents x all_confirmed_s / policy_fetches (the confirmations count as fetches), to see whether the 5 s cadence held; plot: rotation-confirmed.svg",
                 jaunt_control::agent_cmd::policy_delay(0).as_secs()
             ));
         }
