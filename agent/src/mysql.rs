@@ -965,6 +965,7 @@ mod tests {
     ) -> StreamHeader {
         StreamHeader {
             join: None,
+            terminal: false,
             kind: DialKind::Db,
             target: "my1".into(),
             login: None,

@@ -757,6 +757,7 @@ mod tests {
     fn header(user: &str, roles: &[&str], login: &str) -> StreamHeader {
         StreamHeader {
             join: None,
+            terminal: false,
             kind: DialKind::Ssh,
             target: "node1".into(),
             login: Some(login.into()),

@@ -727,6 +727,7 @@ mod tests {
     ) -> StreamHeader {
         StreamHeader {
             join: None,
+            terminal: false,
             kind: DialKind::Db,
             target: "pg1".into(),
             login: None,

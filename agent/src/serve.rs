@@ -275,6 +275,37 @@ async fn serve_routed(
             return;
         }
     };
+    // The web terminal: the agent is the SSH client of sshd (`ssh_term/terminal.rs`).
+    if header.terminal {
+        let Some(admitted) = &session else {
+            let message = "the web terminal needs the agent to check sessions against the \
+                           cluster's roles, and this agent runs without them";
+            tracing::warn!(reason = "no_policy", "web terminal refused");
+            incoming.refuse(message);
+            return;
+        };
+        let term = crate::ssh_term::Terminate {
+            recording: admitted.recording,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+            policy: admitted.policy.clone(),
+            client_cert: client_cert.unwrap_or_default(),
+        };
+        let served = crate::ssh_term::serve_terminal(incoming, header, local, prepared, term);
+        futures_lite::future::or(served, async {
+            match admitted.ended().await {
+                Ended::Locked => tracing::info!("web terminal ended: a lock matches it"),
+                Ended::Revoked => {
+                    tracing::info!("web terminal ended: a role change took the user's access away")
+                }
+                Ended::CertificateExpired => {
+                    tracing::info!("web terminal ended: the user's certificate expired")
+                }
+            }
+        })
+        .await;
+        return;
+    }
     // A session whose role records it is terminated here (`ssh_term.rs`), when it can be.
     let terminate = match (&session, header.kind) {
         (Some(session), DialKind::Ssh) if session.recording.records() => {
@@ -489,6 +520,7 @@ mod tests {
     fn header(kind: DialKind, target: &str) -> StreamHeader {
         StreamHeader {
             join: None,
+            terminal: false,
             kind,
             target: target.into(),
             login: Some("root".into()),

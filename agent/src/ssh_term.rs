@@ -27,6 +27,9 @@
 //! A malformed or hostile peer (bad packets, a wrong certificate, too many channels) ends its
 //! own connection only; each refusal is logged with a stable `reason` label ([`Fail::label`]).
 //!
+//! The web terminal (`/web/terminal/<node>/<login>`) has no user `ssh`: `terminal.rs` logs in to
+//! sshd the same way (steps 2-3) and bridges terminal frames to one session channel.
+//!
 //! Not here: the recording format and spool (`recording/`), per-channel
 //! RBAC re-checks (a lock ends the whole session, through `policy.rs`). Port forwarding
 //! (`ssh -L`/`-R`) and agent forwarding (`ssh -A`) are refused here unless the roles permit them
@@ -34,7 +37,10 @@
 
 mod channels;
 mod sftp;
+mod terminal;
 mod watch;
+
+pub(crate) use terminal::serve_terminal;
 
 pub use watch::LiveSessions;
 
@@ -1170,6 +1176,7 @@ mod tests {
     fn header() -> StreamHeader {
         StreamHeader {
             join: None,
+            terminal: false,
             kind: jaunt_config::wire::dial::DialKind::Ssh,
             target: "node1".into(),
             login: Some("root".into()),

@@ -174,6 +174,7 @@ impl StandIn {
 fn header(kind: DialKind, target: &str) -> Vec<u8> {
     StreamHeader {
         join: None,
+        terminal: false,
         kind,
         target: target.into(),
         login: (kind == DialKind::Ssh).then(|| "root".into()),

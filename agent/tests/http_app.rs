@@ -525,6 +525,7 @@ fn pem(der: &[u8]) -> String {
 fn header(target: &str) -> Vec<u8> {
     StreamHeader {
         join: None,
+        terminal: false,
         kind: DialKind::App,
         target: target.into(),
         login: None,

@@ -117,6 +117,7 @@ fn stand_in(pki: &Pki) -> (SocketAddr, glommio::Task<EngineTunnel>) {
 fn header(target: &str, header_user: &Identity, cert: Option<&[u8]>) -> Vec<u8> {
     let header = StreamHeader {
         join: None,
+        terminal: false,
         kind: DialKind::Tcp,
         target: target.into(),
         login: None,

@@ -835,3 +835,237 @@ fn app_without_a_client_certificate(kind: Kind) {
         .iter()
         .all(|h| !h.contains("/after-logout")));
 }
+
+/// Text the web terminal shows now.
+fn terminal_text(b: &Browser) -> String {
+    b.execute(
+        "var r = document.querySelector('#term-screen .xterm-rows'); \
+         return r ? r.textContent : '';",
+    )
+    .as_str()
+    .unwrap_or("")
+    .to_string()
+}
+
+/// The live sessions `jaunt sessions ls` shows.
+fn live_sessions(c: &Cluster) -> Vec<serde_json::Value> {
+    serde_json::from_str(&ok(c.admin(&["sessions", "ls", "--format", "json"], None))).unwrap()
+}
+
+/// `/web/terminal/NODE/LOGIN`: a shell on a real sshd through the engine's WebSocket and the
+/// agent's SSH client, listed by `jaunt sessions ls` while open, recorded, played back; its size
+/// follows the window; a bad WebSocket message ends only its own connection; a login the
+/// user's roles do not allow is refused on the page.
+#[test]
+fn web_terminal_runs_a_shell_on_a_real_sshd_in_chromium() {
+    web_terminal(Kind::Chromium);
+}
+
+#[test]
+fn web_terminal_runs_a_shell_on_a_real_sshd_in_firefox() {
+    web_terminal(Kind::Firefox);
+}
+
+fn web_terminal(kind: Kind) {
+    let c = Cluster::dev_at("localhost:0");
+    for (user, roles, logins) in [("alice", "access,editor", "root"), ("bob", "access", "bob")] {
+        ok(c.admin(
+            &[
+                "users",
+                "add",
+                user,
+                "--roles",
+                roles,
+                "--logins",
+                logins,
+                "--password-stdin",
+            ],
+            Some(PASSWORD),
+        ));
+    }
+    ok(c.login("alice", PASSWORD, &[]));
+    let sshd = Sshd::start(&c);
+    let _agent = support::sshd::start_agent(&c, "node1", &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    // Typed as `echo MARKER-$((6*7))`, shown as MARKER-42: the output, not the echoed input.
+    let marker = format!("webterm-{nanos:x}");
+
+    let b = Browser::launch(kind);
+    let shots = screenshots(kind);
+    log_in(&b, &c, "alice", PASSWORD);
+    b.wait_for("table#resources");
+    // The login picker of /web/ leads here.
+    let connect = b.wait_for("tr.resource[data-name='node1'] a.ssh");
+    let href = b.attribute(&connect, "href").unwrap_or_default();
+    assert!(href.ends_with("/web/terminal/node1/root"), "{href}");
+    b.goto(&format!(
+        "https://{}/web/terminal/node1/root",
+        c.public_addr
+    ));
+    b.wait_until("the terminal connected", |b| {
+        b.find("#terminal[data-state='open']").is_some()
+    });
+    let session_id = b
+        .attribute(&b.wait_for("#terminal"), "data-session")
+        .unwrap_or_default();
+    assert!(!session_id.is_empty());
+    b.click(&b.wait_for("#term-screen"));
+    b.type_keys(&format!("echo {marker}-$((6*7))\u{E007}"));
+    b.wait_until("the command's output shows in the page", |b| {
+        terminal_text(b).contains(&format!("{marker}-42"))
+    });
+    // The PTY has the size the page computed from its element.
+    let size = |b: &Browser| {
+        let t = b.wait_for("#terminal");
+        (
+            b.attribute(&t, "data-rows").unwrap_or_default(),
+            b.attribute(&t, "data-cols").unwrap_or_default(),
+        )
+    };
+    let (rows, cols) = size(&b);
+    b.type_keys("echo size-$(stty size | tr ' ' x)\u{E007}");
+    b.wait_until("stty shows the page's size", |b| {
+        terminal_text(b).contains(&format!("size-{rows}x{cols}"))
+    });
+    // A narrower window: the terminal follows, and so does the PTY.
+    b.set_window_size(900, 700);
+    b.wait_until("the terminal follows the window", |b| size(b).1 != cols);
+    let (rows2, cols2) = size(&b);
+    assert!(
+        cols2.parse::<u32>().unwrap() < cols.parse::<u32>().unwrap(),
+        "{cols} -> {cols2}"
+    );
+    b.type_keys("clear; echo resized-$(stty size | tr ' ' x)\u{E007}");
+    b.wait_until("stty shows the new size", |b| {
+        terminal_text(b).contains(&format!("resized-{rows2}x{cols2}"))
+    });
+    b.set_window_size(1280, 800);
+    b.wait_until("the terminal grew back", |b| size(b).1 == cols);
+
+    // Listed as a live SSH session of alice while open.
+    let listed = live_sessions(&c);
+    let live = listed
+        .iter()
+        .find(|s| s["id"] == session_id.as_str())
+        .unwrap_or_else(|| panic!("{session_id} not in {listed:?}"));
+    assert_eq!(live["user"], "alice");
+    assert_eq!(live["login"], "root");
+    assert_eq!(live["target"], "node1");
+    assert_eq!(live["kind"], "ssh");
+    assert_eq!(live["recorded"], true);
+
+    // A second WebSocket whose first message is not a ticket gets a typed refusal and a
+    // policy close; the open terminal is not disturbed.
+    b.execute(
+        "window.probe = null; \
+         var ws = new WebSocket('wss://' + location.host + '/webapi/terminal/node1/root'); \
+         var got = {}; \
+         ws.onopen = function () { ws.send('not a ticket'); }; \
+         ws.onmessage = function (e) { got.message = e.data; }; \
+         ws.onclose = function (e) { got.code = e.code; window.probe = got; }; \
+         return null;",
+    );
+    b.wait_until("the bad WebSocket was closed", |b| {
+        !b.execute("return window.probe;").is_null()
+    });
+    let probe = b.execute("return window.probe;");
+    assert_eq!(probe["code"], 1008, "{probe}");
+    let notice: serde_json::Value =
+        serde_json::from_str(probe["message"].as_str().unwrap_or("{}")).unwrap();
+    assert_eq!(notice["type"], "refused", "{notice}");
+    assert_eq!(notice["reason"], "bad_message", "{notice}");
+    b.type_keys(&format!("echo still-{marker}\u{E007}"));
+    b.wait_until("the terminal still works", |b| {
+        terminal_text(b).contains(&format!("still-{marker}"))
+    });
+    b.screenshot(&shots.join("web-terminal.png"));
+    // A cross-site page cannot open it.
+    let (head, _) = curl(
+        &c,
+        &[
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "-H",
+            "Origin: https://evil.example",
+        ],
+        "/webapi/terminal/node1/root",
+    );
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+
+    // Leaving the shell ends the session, in the page and in `jaunt sessions ls`.
+    b.type_keys("exit\u{E007}");
+    b.wait_until("the page says the session ended", |b| {
+        b.find("#terminal[data-state='closed']").is_some()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live_sessions(&c)
+        .iter()
+        .any(|s| s["id"] == session_id.as_str())
+    {
+        assert!(Instant::now() < deadline, "the session is still listed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its recording reaches control and holds the output.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let out = ok(c.admin(&["recordings", "ls", "--format", "json"], None));
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        if let Some(r) = listed
+            .iter()
+            .find(|r| r["session_id"] == session_id.as_str())
+        {
+            break r["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recording never reached control: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let played = ok(c.admin(&["play", &id], None));
+    assert!(played.contains(&format!("{marker}-42")), "{played}");
+    b.goto(&format!("https://{}/web/recordings/{id}", c.public_addr));
+    b.wait_until("the player loaded the recording", |b| {
+        b.find("#player[data-state='ready']").is_some()
+    });
+    b.click(&b.wait_for("#play"));
+    b.wait_until("the recording played back", |b| {
+        screen_text(b).contains(&format!("{marker}-42"))
+    });
+
+    // bob's roles allow login bob only: the engine refuses root, and the page says so.
+    b.click(&b.wait_for("#logout"));
+    b.wait_until("logged out", |b| b.url().contains("/web/login"));
+    log_in(&b, &c, "bob", PASSWORD);
+    b.wait_for("table#resources");
+    b.goto(&format!(
+        "https://{}/web/terminal/node1/root",
+        c.public_addr
+    ));
+    b.wait_until("the terminal was refused", |b| {
+        b.find("#terminal[data-state='refused']").is_some()
+    });
+    let refusal = b.text(&b.wait_for("#terminal-status"));
+    assert!(
+        refusal.contains("root") && refusal.contains("node1"),
+        "{refusal}"
+    );
+    let denied = c.audit_events(Some("access.denied"));
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["user"] == "bob" && e["login"] == "root"),
+        "{denied:?}"
+    );
+    c.assert_sessions_paired();
+}

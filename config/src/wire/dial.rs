@@ -200,6 +200,11 @@ pub struct StreamHeader {
     /// `jaunt join`: the stream watches the live session of this id (see [`DialRequest::join`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
+    /// The web terminal (`/web/terminal/<node>/<login>`): an SSH dial whose stream carries
+    /// [`crate::wire::term`] frames (terminal input and resizes in, terminal output back)
+    /// instead of the user's SSH bytes; the agent is the SSH client of sshd.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminal: bool,
 }
 
 impl StreamHeader {
@@ -223,7 +228,14 @@ impl StreamHeader {
             allowed_db_names: Vec::new(),
             session_id: None,
             join: request.join.clone(),
+            terminal: false,
         }
+    }
+
+    /// Marks an SSH dial as the web terminal's (see [`StreamHeader::terminal`]).
+    pub fn with_terminal(mut self, terminal: bool) -> StreamHeader {
+        self.terminal = terminal && self.kind == DialKind::Ssh;
+        self
     }
 
     /// Carries the engine's session id.

@@ -7,6 +7,7 @@
 //! - [`dial`]: the user's [`DialRequest`] and the engine's [`DialResponse`] (user → engine), the
 //!   [`TunnelHello`] (engine → agent) and the [`StreamHeader`] of every stream the engine opens
 //!   on a tunnel (engine → agent).
+//! - [`term`]: the web terminal's frames (browser → engine → agent) and its WebSocket messages.
 //! - [`agent_hello`]: the [`AgentHello`] an agent announces its resources with, and its
 //!   heartbeats.
 //! - The one mapping from what a user dials to what is authorized: [`DialKind::resource_kind`]
@@ -20,6 +21,7 @@
 
 pub mod agent_hello;
 pub mod dial;
+pub mod term;
 
 pub use agent_hello::{AgentHello, Heartbeat, Resource, ResourceProtocol};
 pub use dial::{DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello};

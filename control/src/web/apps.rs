@@ -156,7 +156,10 @@ impl WebUi {
 
     /// A user certificate for `identity` from the user CA, over a key generated and dropped
     /// here: the engine forwards it to the agent, nobody ever presents it in TLS.
-    fn session_cert(&self, identity: &jaunt_config::identity::Identity) -> anyhow::Result<Vec<u8>> {
+    pub(super) fn session_cert(
+        &self,
+        identity: &jaunt_config::identity::Identity,
+    ) -> anyhow::Result<Vec<u8>> {
         let key = rcgen::KeyPair::generate()?;
         let spki = crate::ca::spki_pem_to_der(&key.public_key_pem())?;
         let der = self.control.cas().user.sign_x509(identity, &spki, &[])?;

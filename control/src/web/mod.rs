@@ -5,8 +5,10 @@
 //! Contract URLs (bookmarks and tests depend on them): `/web/login`, `/web/` (the resources the
 //! user's roles allow), `/web/audit`, `/web/sessions` (live sessions; ending one needs the role
 //! rule `session`/`delete`, as `jaunt sessions kill` does), `/web/recordings` and
-//! `/web/recordings/ID` (rule `recording` `list`/`read`), `/web/apps/APP/open` (`apps.rs`), and
-//! the calls under `/webapi/` (`login`, `logout`, `sessions/ID/end`, `GET recordings/ID/cast`).
+//! `/web/recordings/ID` (rule `recording` `list`/`read`), `/web/apps/APP/open` (`apps.rs`),
+//! `/web/terminal/NODE/LOGIN` (`terminal.rs`), and the calls under `/webapi/` (`login`,
+//! `logout`, `sessions/ID/end`, `GET recordings/ID/cast`, `terminal/NODE/LOGIN/ticket`; the
+//! terminal's WebSocket `/webapi/terminal/NODE/LOGIN` is the engine's).
 //! `GET /` redirects to `/web/`.
 //!
 //! Web security:
@@ -21,7 +23,8 @@
 //!   which is never granted.
 //! - Every response sends a Content-Security-Policy without `unsafe-inline` (scripts and styles
 //!   come from `/web/assets/` only) and `frame-ancestors 'none'`; the playback page's admits
-//!   xterm.js's `<style>` elements by a nonce and allows style attributes ([`player_csp`]).
+//!   xterm.js's `<style>` elements by a nonce and allows style attributes ([`player_csp`]), and
+//!   so does the terminal page's.
 //! - The control API does not accept the cookie: it authenticates client certificates only
 //!   (`service/`), and this module never forwards to it.
 //! - Which resources a user sees is decided by [`jaunt_config::rbac::authorize`], the function
@@ -33,6 +36,7 @@
 mod apps;
 mod pages;
 pub mod session;
+mod terminal;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -41,7 +45,7 @@ use jaunt_config::api::ResourceInfo;
 use jaunt_config::identity::{unix_now, Identity};
 use jaunt_config::rbac::{self, ActiveLock, Policy, ResourceKind};
 use jaunt_config::resource::{Lock, Role};
-use jaunt_engine::server::{AppAccess, WebBackend, WebRequest, WebResponse};
+use jaunt_engine::server::{AppAccess, TerminalGrant, WebBackend, WebRequest, WebResponse};
 
 use crate::http::{parse_query, percent_decode, Response};
 use crate::service::{Control, LoginVia, PasswordLogin};
@@ -91,6 +95,10 @@ impl WebBackend for WebUi {
 
     fn app_access(&self, app: &str, request: &WebRequest) -> Option<AppAccess> {
         self.app_request(app, request)
+    }
+
+    fn terminal_access(&self, request: &WebRequest, ticket: &str) -> Result<TerminalGrant, String> {
+        self.terminal_grant(request, ticket)
     }
 }
 
@@ -180,6 +188,9 @@ impl WebUi {
             ("POST", ["webapi", "logout"]) => self.logout(&ctx),
             ("POST", ["webapi", "sessions", id, "end"]) => self.end_session(&ctx, id),
             ("GET", ["webapi", "recordings", id, "cast"]) => self.recording_cast(&ctx, id),
+            ("POST", ["webapi", "terminal", node, login, "ticket"]) => {
+                self.terminal_ticket(&ctx, node, login)
+            }
             (_, ["webapi", ..]) => Err(Response::error(404, "no such endpoint")),
             ("GET" | "HEAD", ["web", rest @ ..]) => {
                 let Some((token, session)) = &ctx.session else {
@@ -193,6 +204,7 @@ impl WebUi {
                     ["sessions"] => self.sessions_page(session),
                     ["recordings"] => self.recordings_page(&ctx, session),
                     ["recordings", id] => self.playback_page(session, id),
+                    ["terminal", node, login] => self.terminal_page(session, node, login),
                     _ => Err(page_error(&ctx, 404, "There is no such page.")),
                 }
             }

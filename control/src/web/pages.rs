@@ -51,6 +51,11 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("assets/jaunt-player.js"),
     ),
     (
+        "jaunt-terminal.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("assets/jaunt-terminal.js"),
+    ),
+    (
         "xterm.js",
         "text/javascript; charset=utf-8",
         include_bytes!("assets/xterm.js"),
@@ -530,6 +535,31 @@ pub fn playback(frame: &Frame, r: &RecordingInfo, style_nonce: &str) -> String {
         r.kind != "shell",
     );
     page_with(frame, "playback", &content, &extra)
+}
+
+/// `/web/terminal/NODE/LOGIN`: xterm.js connected by `jaunt-terminal.js` over the engine's
+/// WebSocket; `style_nonce` admits xterm.js's `<style>` elements as on the playback page.
+pub fn terminal(frame: &Frame, node: &str, login: &str, style_nonce: &str) -> String {
+    let extra = format!(
+        "<meta name=\"style-nonce\" content=\"{}\">\
+         <link rel=\"stylesheet\" href=\"/web/assets/xterm.css\">\
+         <script src=\"/web/assets/xterm.js\" defer></script>\
+         <script src=\"/web/assets/jaunt-terminal.js\" defer></script>",
+        esc(style_nonce)
+    );
+    let path = format!("{}/{}", query_escape(node), query_escape(login));
+    let content = format!(
+        "<section id=\"terminal\" aria-label=\"Terminal\" data-state=\"connecting\" \
+         data-node=\"{node}\" data-login=\"{login}\" \
+         data-ticket=\"/webapi/terminal/{path}/ticket\" data-ws=\"/webapi/terminal/{path}\">\
+         <p id=\"terminal-status\" role=\"status\">Connecting to {login}@{node}…</p>\
+         <div id=\"term-screen\" class=\"term-screen\" aria-label=\"Terminal on {node} as {login}\"></div>\
+         </section>",
+        node = esc(node),
+        login = esc(login),
+        path = esc(&path),
+    );
+    page_with(frame, "terminal", &content, &extra)
 }
 
 fn what(r: &RecordingInfo) -> String {

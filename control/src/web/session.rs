@@ -244,6 +244,34 @@ impl Sessions {
     }
 
     /// Number of live (not yet purged) sessions.
+    /// A one-time ticket (valid [`APP_EXCHANGE_TTL_SECS`]) for the web terminal's WebSocket to
+    /// `node` as `login`, bound to the web session of `web_token`. It rides on the exchange
+    /// table under the key `terminal/NODE/LOGIN` (app names have no `/`, so it never redeems as
+    /// an app exchange), and ends with its web session as app exchanges do.
+    pub fn create_terminal_ticket(
+        &self,
+        web_token: &str,
+        node: &str,
+        login: &str,
+        now: u64,
+    ) -> Result<String, SessionError> {
+        self.create_exchange(web_token, &terminal_key(node, login), "", now)
+    }
+
+    /// Redeems a terminal ticket, once: the web session, if the ticket is for `node` and
+    /// `login`, unexpired, and of the web session `web_token` (the WebSocket's cookie).
+    pub fn redeem_terminal_ticket(
+        &self,
+        ticket: &str,
+        web_token: &str,
+        node: &str,
+        login: &str,
+        now: u64,
+    ) -> Option<WebSession> {
+        let (web, session, _) = self.redeem_exchange(ticket, &terminal_key(node, login), now)?;
+        (web == key(web_token)).then_some(session)
+    }
+
     pub fn len(&self) -> usize {
         self.map.lock().map_or(0, |m| m.len())
     }
@@ -252,6 +280,10 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn terminal_key(node: &str, login: &str) -> String {
+    format!("terminal/{node}/{login}")
 }
 
 fn key(token: &str) -> [u8; 32] {
@@ -310,6 +342,45 @@ mod tests {
         assert!(sessions.remove(&token));
         assert!(sessions.get(&token, 11).is_none());
         assert!(!sessions.remove(&token));
+    }
+
+    #[test]
+    fn terminal_tickets_are_one_time_and_bound_to_session_node_and_login() {
+        let sessions = Sessions::default();
+        let (web, _) = sessions
+            .create(identity("alice", 1000), 10)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let (other, _) = sessions
+            .create(identity("bob", 1000), 10)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let ticket = |node: &str| {
+            sessions
+                .create_terminal_ticket(&web, node, "root", 10)
+                .unwrap_or_else(|e| unreachable!("{e}"))
+        };
+        let t = ticket("node1");
+        assert!(sessions
+            .redeem_terminal_ticket(&t, &other, "node1", "root", 11)
+            .is_none());
+        assert!(
+            sessions
+                .redeem_terminal_ticket(&t, &web, "node1", "root", 11)
+                .is_none(),
+            "one time only, even after a wrong try"
+        );
+        let t = ticket("node1");
+        assert!(sessions
+            .redeem_terminal_ticket(&t, &web, "node1", "admin", 11)
+            .is_none());
+        let t = ticket("node1");
+        assert!(sessions.redeem_exchange(&t, "node1", 11).is_none());
+        let t = ticket("node1");
+        assert!(sessions
+            .redeem_terminal_ticket(&t, &web, "node1", "root", 10 + APP_EXCHANGE_TTL_SECS)
+            .is_none());
+        let t = ticket("node1");
+        let s = sessions.redeem_terminal_ticket(&t, &web, "node1", "root", 11);
+        assert_eq!(s.map(|s| s.identity.name), Some("alice".to_owned()));
     }
 
     #[test]

@@ -483,6 +483,22 @@ impl Browser {
         )
     }
 
+    /// Types `text` as key presses into whatever has the focus (WebDriver actions: real key
+    /// events, for widgets such as xterm.js whose input element is hidden). `\u{E007}` is Enter.
+    pub fn type_keys(&self, text: &str) {
+        let mut actions = Vec::new();
+        for c in text.chars() {
+            let key = c.to_string();
+            actions.push(json!({ "type": "keyDown", "value": key }));
+            actions.push(json!({ "type": "keyUp", "value": key }));
+        }
+        self.call(
+            "POST",
+            &self.session_path("/actions"),
+            Some(json!({ "actions": [{ "type": "key", "id": "keyboard", "actions": actions }] })),
+        );
+    }
+
     /// The cookies the browser holds for the current page (HttpOnly ones included).
     pub fn cookies(&self) -> Vec<Value> {
         self.call("GET", &self.session_path("/cookie"), None)

@@ -291,6 +291,24 @@ pub enum ServeEnd {
     BadRequest(HttpError),
     /// Reading or writing failed.
     Io(std::io::Error),
+    /// A WebSocket upgrade of the web terminal ([`is_terminal_upgrade`]): nothing was answered;
+    /// the caller takes the stream over. The bytes are what the client sent after the head.
+    Upgrade(RequestHead, Vec<u8>),
+}
+
+/// Where the web terminal's WebSocket lives: `/webapi/terminal/<node>/<login>`.
+pub const TERMINAL_WS_PREFIX: &str = "/webapi/terminal/";
+
+/// Whether `head` asks to upgrade to the web terminal's WebSocket: a `GET` under
+/// [`TERMINAL_WS_PREFIX`] with `Upgrade: websocket`.
+pub fn is_terminal_upgrade(head: &RequestHead) -> bool {
+    head.method == "GET"
+        && head.path.starts_with(TERMINAL_WS_PREFIX)
+        && head.headers.iter().any(|(n, v)| {
+            n == "upgrade"
+                && v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+        })
 }
 
 /// Serves requests on `stream` with `respond` until the client closes, `idle` passes without a
@@ -347,6 +365,9 @@ where
             }
             Ok(Err(ReadError::Io(e))) => return ServeEnd::Io(e),
         };
+        if is_terminal_upgrade(&head) && !head.has_body {
+            return ServeEnd::Upgrade(head, std::mem::take(&mut buf));
+        }
         let refused = if head.chunked {
             Some(HttpError::LengthRequired)
         } else if head.content_length.unwrap_or(0) > MAX_REQUEST_BODY_BYTES {

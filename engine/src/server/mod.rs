@@ -72,7 +72,9 @@ pub use inventory::{AgentInventory, InventoryEvent};
 pub use shard::LiveSessionInfo;
 pub use snapshot::{Lock, Snapshot, Target, Targets};
 pub use tls::{TlsBuildError, TlsConfigs};
-pub use web::{AppAccess, WebBackend, WebRequest, WebResponse, WebUi, APP_SESSION_COOKIE};
+pub use web::{
+    AppAccess, TerminalGrant, WebBackend, WebRequest, WebResponse, WebUi, APP_SESSION_COOKIE,
+};
 
 use diag::{Diag, DiagState};
 use inventory::Directory;

@@ -69,6 +69,20 @@ pub enum AppAccess {
     },
 }
 
+/// What the backend grants a web terminal's WebSocket (`/webapi/terminal/<node>/<login>`) whose
+/// first message carried a good ticket: whom to connect, where, as which login.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TerminalGrant {
+    /// The web session's identity (the engine authorizes the dial with it as any other).
+    pub identity: jaunt_config::identity::Identity,
+    /// A user certificate control made for it, forwarded to the agent (which checks it).
+    pub cert_der: Vec<u8>,
+    /// The node.
+    pub node: String,
+    /// The login on it.
+    pub login: String,
+}
+
 /// The name of the app session cookie on app hosts. The engine takes it out of the request it
 /// forwards: the app never sees it.
 pub const APP_SESSION_COOKIE: &str = "__Host-jaunt_app";
@@ -84,6 +98,14 @@ pub trait WebBackend: Send + Sync {
     fn app_access(&self, app: &str, request: &WebRequest) -> Option<AppAccess> {
         let _ = (app, request);
         None
+    }
+
+    /// Redeems the one-time `ticket` of a web terminal's first WebSocket message. `request` is
+    /// the upgrade request (its path names the node and login, its cookie the web session the
+    /// ticket must belong to). `Err` is what the user reads. The default has no terminal.
+    fn terminal_access(&self, request: &WebRequest, ticket: &str) -> Result<TerminalGrant, String> {
+        let _ = (request, ticket);
+        Err("this engine serves no web terminal".to_owned())
     }
 }
 

@@ -15,7 +15,8 @@
 //!    - `Reject` / invalid hello: a fatal TLS alert ([`RejectReason::alert`]), or nothing for
 //!      non-TLS bytes, then close;
 //!    - `Control`: connect to control, write the bytes read so far, splice both ways untouched;
-//!    - `Web` / `App`: terminate TLS (no client auth), serve HTTP/1.1 (`http.rs`);
+//!    - `Web` / `App`: terminate TLS (no client auth), serve HTTP/1.1 (`http.rs`); on the web
+//!      route, the web terminal's WebSocket upgrade is handed to `terminal.rs`;
 //!    - `Tunnel` whose ClientHello asks for another shard (`jaunt-shard.<k>`): hand the socket
 //!      and the ClientHello to that shard ([`hand_over`]), which goes on from here
 //!      ([`serve_adopted`]);
@@ -50,6 +51,7 @@ use std::time::{Duration, Instant};
 
 mod agent;
 mod session;
+mod terminal;
 pub use session::SSH_ANSWER_TIMEOUT;
 
 use futures_lite::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -598,6 +600,7 @@ async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
     };
     let jwks = Arc::clone(&shard.snapshot().jwks);
     let backend = shard.config.web.clone();
+    let terminal_backend = backend.clone();
     let respond = |head: http::RequestHead, body: Vec<u8>| {
         let own = http::web_response(&head, &ping, &jwks);
         let backend = backend.clone();
@@ -626,6 +629,9 @@ async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
             End::Refused(Refusal::BadHttpRequest)
         }
         http::ServeEnd::Io(e) => End::Failed(ConnError::Client(e)),
+        http::ServeEnd::Upgrade(head, early) => {
+            terminal::serve(ctx, stream, head, early, terminal_backend).await
+        }
     }
 }
 

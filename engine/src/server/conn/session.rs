@@ -103,6 +103,45 @@ pub(super) async fn user(
 pub(super) enum Answer {
     Dial,
     Http,
+    /// The web terminal's WebSocket (`terminal.rs`): refusals and the go-ahead are
+    /// [`TermNotice`](jaunt_config::wire::term::TermNotice) text messages, and the stream to
+    /// the agent carries terminal frames instead of SSH.
+    Terminal,
+}
+
+/// A user's connection as [`connect`] drives it: a TLS stream (whose client certificate, if
+/// any, is forwarded), or the web terminal's WebSocket.
+pub(super) trait UserStream: AsyncRead + AsyncWrite + Unpin + 'static {
+    /// The client certificate the TLS handshake verified (DER), if any.
+    fn client_cert(&self) -> Option<Vec<u8>>;
+
+    /// Tells the user the dial was refused, in the route's terms, and ends the connection.
+    async fn refuse_user(&mut self, answer: Answer, refusal: Refusal, message: &str) -> End;
+
+    /// Tells the user the session is connected (a dial response; nothing for web apps).
+    async fn connected(&mut self, answer: Answer, session_id: &str) -> io::Result<()>;
+}
+
+impl UserStream for TlsStream<Prefixed<Client>> {
+    fn client_cert(&self) -> Option<Vec<u8>> {
+        self.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec())
+    }
+
+    async fn refuse_user(&mut self, answer: Answer, refusal: Refusal, message: &str) -> End {
+        refuse(self, answer, refusal, message).await
+    }
+
+    async fn connected(&mut self, answer: Answer, _session_id: &str) -> io::Result<()> {
+        if answer == Answer::Dial {
+            self.write_all(&DialResponse::ok().encode()).await?;
+            self.flush().await?;
+        }
+        Ok(())
+    }
 }
 
 /// Refuses a user's connection in the route's own terms (see [`Answer`]).
@@ -114,7 +153,7 @@ pub(super) async fn refuse<S: AsyncWrite + Unpin>(
 ) -> End {
     match answer {
         Answer::Dial => refuse_dial(stream, refusal, message).await,
-        Answer::Http => {
+        Answer::Http | Answer::Terminal => {
             let status = match refusal {
                 Refusal::BadIdentity | Refusal::IdentityExpired => 401,
                 Refusal::Forbidden => 403,
@@ -136,9 +175,9 @@ pub(super) async fn refuse<S: AsyncWrite + Unpin>(
 /// agent's tunnel, then splices; `early` holds bytes the client sent after its dial request.
 /// `session_cert` is the user certificate to forward when the client presented none (a
 /// browser's app session: control made it for the web session's identity).
-pub(super) async fn connect(
+pub(super) async fn connect<S: UserStream>(
     ctx: &Ctx<'_>,
-    mut stream: TlsStream<Prefixed<Client>>,
+    mut stream: S,
     identity: Identity,
     request: DialRequest,
     early: Vec<u8>,
@@ -193,29 +232,24 @@ pub(super) async fn connect(
                     time: unix_now(),
                 });
             }
-            return refuse(&mut stream, answer, refusal, &message).await;
+            return stream.refuse_user(answer, refusal, &message).await;
         }
     };
     let audit = SessionAudit::new(ctx, &identity, &request, allowed.recorded);
     let header = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
         .with_db_grants(&identity.db_users, &identity.db_names)
-        .with_session_id(&audit.session_id);
+        .with_session_id(&audit.session_id)
+        .with_terminal(answer == Answer::Terminal);
     // The verified certificate travels too: the agent re-checks authorization against it.
-    let encoded = match stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.as_ref())
-        .or(session_cert.as_deref())
-    {
-        Some(cert) => header.encode_with_client_cert(cert),
+    let encoded = match stream.client_cert().or(session_cert) {
+        Some(cert) => header.encode_with_client_cert(&cert),
         None => header.encode(),
     };
-    drop(session_cert);
     let Some(header) = encoded else {
         let message = "bad dial request: the certificate's identity is too large to forward";
-        return refuse(&mut stream, answer, Refusal::BadDialRequest, message).await;
+        return stream
+            .refuse_user(answer, Refusal::BadDialRequest, message)
+            .await;
     };
     let opening = Instant::now();
     let opened = open_upstream(ctx, &host_id, via, &header, &request).await;
@@ -223,7 +257,7 @@ pub(super) async fn connect(
     shard.metrics.stream_open(opening.elapsed());
     let mut upstream = match opened {
         Ok(upstream) => upstream,
-        Err((refusal, message)) => return refuse(&mut stream, answer, refusal, &message).await,
+        Err((refusal, message)) => return stream.refuse_user(answer, refusal, &message).await,
     };
     if let Some(joined) = &request.join {
         let observed = Observed {
@@ -241,26 +275,17 @@ pub(super) async fn connect(
             target = %request.target,
             "session refused: the audit queue is full"
         );
-        let _ = refuse(
-            &mut stream,
-            answer,
-            Refusal::DialFailed,
-            "audit queue full, try again",
-        )
-        .await;
+        let _ = stream
+            .refuse_user(answer, Refusal::DialFailed, "audit queue full, try again")
+            .await;
         return End::Done;
     }
+    let session_id = audit.session_id.clone();
     // From here on the session has started: the guard reports its end however it ends.
     let session = LiveSession::start(ctx, &identity, &request, labels, audit);
     let _open = OpenStream::new(shard);
-    if answer == Answer::Dial {
-        let answered = async {
-            stream.write_all(&DialResponse::ok().encode()).await?;
-            stream.flush().await
-        };
-        if let Err(e) = answered.await {
-            return End::Failed(ConnError::Client(e));
-        }
+    if let Err(e) = stream.connected(answer, &session_id).await {
+        return End::Failed(ConnError::Client(e));
     }
     if !early.is_empty() {
         let bytes_in = &session.audit.bytes_in;
@@ -337,9 +362,9 @@ impl Drop for ObserverSession<'_> {
 /// either side ends or the observer's certificate expires. The observer's stream is a live
 /// session of its own (its `observing` names the watched one): listed by `sessions ls`, ended
 /// by `sessions kill`, a lock on the observer or a role change taking `session`/`join` away.
-async fn watch(
+async fn watch<S: UserStream>(
     ctx: &Ctx<'_>,
-    mut stream: TlsStream<Prefixed<Client>>,
+    mut stream: S,
     upstream: Upstream,
     identity: &Identity,
     request: &DialRequest,
