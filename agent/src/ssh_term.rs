@@ -679,9 +679,51 @@ enum Step {
     Other,
 }
 
-fn step_of(event: Result<Event<'_, '_>, sunset::Error>) -> Result<Step, Fail> {
+/// What a re-exchange of keys (OpenSSH rekeys after about a GiB, `RekeyLimit`) asks of the
+/// relay once the session runs: the agent's host key again on the user's side, and on sshd's
+/// side the same check of sshd's host certificate as at the start.
+struct Rekey<'k> {
+    hostkey: &'k SignKey,
+    node: &'k str,
+    host_cas: &'k [ssh_key::Fingerprint],
+}
+
+fn step_of(event: Result<Event<'_, '_>, sunset::Error>, rekey: &Rekey<'_>) -> Result<Step, Fail> {
     Ok(match event.map_err(protocol)? {
         Event::Relay => Step::Relay,
+        Event::Serv(ServEvent::Hostkeys(h)) => {
+            h.hostkeys(&[rekey.hostkey]).map_err(protocol)?;
+            Step::Other
+        }
+        Event::Cli(CliEvent::Hostkey(h)) => {
+            let checked = h
+                .hostkey()
+                .ok()
+                .and_then(|k| pubkey_blob(&k))
+                .ok_or_else(|| "sshd presented a plain host key".to_string())
+                .and_then(|blob| {
+                    check_cert(
+                        &blob,
+                        rekey.host_cas,
+                        ssh_key::certificate::CertType::Host,
+                        rekey.node,
+                        jaunt_config::identity::unix_now(),
+                    )
+                    .map_err(|(_, e)| e)
+                });
+            match checked {
+                Ok(_) => h.accept().map_err(protocol)?,
+                Err(e) => {
+                    let _ = h.reject();
+                    return Err(Fail::NodeHostKey(format!(
+                        "sshd's host key changed in a key re-exchange and is not a host \
+                         certificate of this cluster for {}: {e}",
+                        rekey.node
+                    )));
+                }
+            }
+            Step::Other
+        }
         Event::Serv(ServEvent::Defunct) | Event::Cli(CliEvent::Defunct) => Step::Defunct,
         Event::None => Step::Idle,
         _ => Step::Other,
@@ -700,6 +742,7 @@ async fn relay<U, N, St>(
     node: &mut Link<N, sunset::Client>,
     channels: &mut Channels<St>,
     live: Option<&watch::Live>,
+    rekey: &Rekey<'_>,
 ) -> Result<Ended, Fail>
 where
     U: AsyncRead + AsyncWrite + Unpin,
@@ -748,7 +791,7 @@ where
             }
         }
         while to_node.is_none() && !user_done {
-            match step_of(user.runner.progress())? {
+            match step_of(user.runner.progress(), rekey)? {
                 Step::Relay => {
                     let Some(p) = user.runner.relay_payload() else {
                         continue;
@@ -781,7 +824,7 @@ where
             }
         }
         while to_user.is_none() && !node_done {
-            match step_of(node.runner.progress())? {
+            match step_of(node.runner.progress(), rekey)? {
                 Step::Relay => {
                     let Some(p) = node.runner.relay_payload() else {
                         continue;
@@ -1040,11 +1083,24 @@ pub(crate) async fn serve(
     channels.permit_port_forwarding = term.permit_port_forwarding;
     channels.permit_agent_forwarding = term.permit_agent_forwarding;
     channels.audit = Some(state.events.clone());
+    let hostkey = match SignKey::ed25519_with_cert(host.key.clone(), host.cert.clone()) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(reason = "certificate", error = %e, "host certificate unusable");
+            return Ok(());
+        }
+    };
+    let rekey = Rekey {
+        hostkey: &hostkey,
+        node: &prepared.name,
+        host_cas: term.policy.ssh_host_cas(),
+    };
     let ended = relay(
         &mut user,
         &mut node,
         &mut channels,
         registered.as_ref().map(|r| &*r.live),
+        &rekey,
     )
     .await;
     drop(registered);

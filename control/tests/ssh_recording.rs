@@ -207,6 +207,22 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
         c.contains("pty-/dev/pts") && m["meta"]["kind"] == "exec"
     });
 
+    // Key re-exchanges in the middle of a session (OpenSSH rekeys after about a GiB; here
+    // after every MiB, both ways through the agent's user side): the session goes on.
+    let o = c.run(
+        &[
+            "ssh",
+            "-o",
+            "RekeyLimit=1M",
+            "root@node1",
+            "--",
+            "head -c 8000000 /dev/zero",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout.len(), 8_000_000);
+
     // Plain ssh with the ProxyCommand and the user's own known_hosts (its `@cert-authority`
     // line accepts the agent's host certificate for node1), strict host key checking.
     let keys = c.keys_dir();
@@ -1277,4 +1293,294 @@ fn a_refused_certificate_is_counted_on_the_agents_metrics() {
     assert_eq!(count("malformed_packet"), 0);
     let _ = agent.kill();
     let _ = agent.wait();
+}
+
+// ---- measurements (issue 10's speed items; BENCHMARKS.md) ----
+
+/// The agent's resident memory (KiB) and CPU time (seconds) from /proc.
+fn proc_usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `after` starts at field 3.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    (rss, ticks as f64 / 100.0)
+}
+
+/// A second user, `bob`, whose role does not record (`record_session: off`): the unrecorded
+/// Jaunt path (the splice) for the same-run ratios. Returns bob's JAUNT_HOME once his ssh works.
+fn unrecorded_user(c: &Cluster) -> PathBuf {
+    let role = c.dir.path().join("unrecorded.yaml");
+    std::fs::write(
+        &role,
+        "kind: role\nversion: v1\nmetadata:\n  name: unrecorded\nspec:\n  options:\n    \
+         record_session: \"off\"\n  allow:\n    logins: [root]\n    node_labels:\n      \
+         '*': '*'\n",
+    )
+    .unwrap();
+    ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "bob",
+            "--roles",
+            "unrecorded",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let bob = c.dir.path().join("home-bob");
+    std::fs::create_dir_all(&bob).unwrap();
+    ok(run_jaunt(
+        &bob,
+        &[
+            "login",
+            "--proxy",
+            &c.public_addr,
+            "--user",
+            "bob",
+            "--password-stdin",
+            "--ca-pin",
+            &c.pin,
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !run_jaunt(&bob, &["ssh", "root@node1", "--", "true"], None)
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "bob never got in");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bob
+}
+
+/// Median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Issue 10's speed items, in one run (a loaded machine: ratios within the run are what
+/// counts). Prints what it measured; asserts nothing about speed.
+/// `JAUNT_MEASURE_IDLE` sets the number of idle sessions (default 200).
+#[test]
+#[ignore = "measurement: cargo test -p jaunt-control --test ssh_recording -- --ignored --nocapture measure"]
+fn measure_recorded_ssh() {
+    let (c, _sshd, (agent, data)) = ssh_setup();
+    let pid = agent.id();
+    let bob = unrecorded_user(&c);
+    let homes = [("recorded", c.home.clone()), ("unrecorded", bob.clone())];
+
+    // 1. A 1 GiB scp (SFTP) upload, recorded and not, alternating, 2 runs each.
+    let src = c.dir.path().join("gib.bin");
+    {
+        use std::io::Write as _;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&src).unwrap());
+        let block: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        for _ in 0..1024 {
+            f.write_all(&block).unwrap();
+        }
+    }
+    let mut secs: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut rss_growth_kib = 0u64;
+    for _ in 0..2 {
+        for (what, home) in &homes {
+            let (before, _) = proc_usage(pid);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sampler = {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut peak = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        peak = peak.max(proc_usage(pid).0);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    peak
+                })
+            };
+            let started = Instant::now();
+            ok(run_jaunt(
+                home,
+                &["scp", src.to_str().unwrap(), "root@node1:/dev/null"],
+                None,
+            ));
+            let took = started.elapsed().as_secs_f64();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let peak = sampler.join().unwrap();
+            secs.entry(what).or_default().push(took);
+            if *what == "recorded" {
+                rss_growth_kib = rss_growth_kib.max(peak.saturating_sub(before));
+            }
+            eprintln!(
+                "scp 1 GiB {what}: {took:.2} s ({:.0} MiB/s), agent RSS {before} -> peak {peak} KiB",
+                1024.0 / took
+            );
+        }
+    }
+    let rec = median(secs.get_mut("recorded").unwrap());
+    let unrec = median(secs.get_mut("unrecorded").unwrap());
+    eprintln!(
+        "MEASURE scp: recorded {:.0} MiB/s, unrecorded {:.0} MiB/s, ratio {:.2}x; agent RSS growth while recording: {} KiB",
+        1024.0 / rec,
+        1024.0 / unrec,
+        unrec / rec,
+        rss_growth_kib
+    );
+    std::fs::remove_file(&src).unwrap();
+
+    // 2. Agent CPU per MiB of terminal output (32 MiB of base64 text), recorded and not; the
+    //    recorded figure also after the upload to control.
+    let spool_empty = || {
+        std::fs::read_dir(spool(&data))
+            .map(|d| {
+                !d.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "cast"))
+            })
+            .unwrap_or(true)
+    };
+    for (what, home) in &homes {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !spool_empty() {
+            assert!(Instant::now() < deadline, "spool never emptied");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (_, cpu0) = proc_usage(pid);
+        let o = Command::new(jaunt_bin())
+            .env("JAUNT_HOME", home)
+            .args([
+                "ssh",
+                "root@node1",
+                "--",
+                "head -c 25165824 /dev/urandom | base64 -w 100",
+            ])
+            .stdout(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let (_, cpu1) = proc_usage(pid);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !spool_empty() {
+            assert!(Instant::now() < deadline, "spool never emptied");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (_, cpu2) = proc_usage(pid);
+        let mib = 32.0 * 1.0135; // base64 -w 100 adds a newline per 100 characters
+        eprintln!(
+            "MEASURE output {what}: agent CPU {:.1} ms/MiB during the session, {:.1} ms/MiB with the upload",
+            (cpu1 - cpu0) * 1000.0 / mib,
+            (cpu2 - cpu0) * 1000.0 / mib
+        );
+    }
+
+    // 3. Keystroke echo: one byte into `ssh -tt ... cat`, until the node's pty echoes it.
+    for (what, home) in &homes {
+        use std::io::{Read as _, Write as _};
+        let mut child = Reaped(
+            Command::new(jaunt_bin())
+                .env("JAUNT_HOME", home)
+                .args(["ssh", "-t", "-t", "root@node1", "--", "cat"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut stdin = child.0.stdin.take().unwrap();
+        let mut out = child.0.stdout.take().unwrap();
+        let mut echo = |byte: u8| {
+            stdin.write_all(&[byte]).unwrap();
+            stdin.flush().unwrap();
+            let mut buf = [0u8; 256];
+            loop {
+                let n = out.read(&mut buf).unwrap();
+                assert!(n > 0, "ssh ended");
+                if buf[..n].contains(&byte) {
+                    return;
+                }
+            }
+        };
+        echo(b'w'); // the session is up
+        let mut times = Vec::new();
+        for i in 0..300 {
+            if i % 100 == 99 {
+                echo(b'\n');
+            }
+            let t = Instant::now();
+            echo(b'x');
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let p50 = median(&mut times);
+        eprintln!(
+            "MEASURE echo {what}: median {p50:.0} us, p90 {:.0} us (300 keystrokes)",
+            times[times.len() * 9 / 10]
+        );
+    }
+
+    // 4. Idle recorded sessions: a shell-less `sleep` each, held open; agent RSS per session.
+    let n: usize = std::env::var("JAUNT_MEASURE_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let config = c.home.join("ssh_config");
+    std::fs::write(&config, ok(run_jaunt(&c.home, &["config"], None))).unwrap();
+    let live = || -> usize {
+        serde_json::from_str::<Vec<serde_json::Value>>(&ok(
+            c.admin(&["sessions", "ls", "--format", "json"], None)
+        ))
+        .unwrap()
+        .len()
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let (rss0, _) = proc_usage(pid);
+    let mut held = Vec::new();
+    for i in 0..n {
+        held.push(Reaped(
+            Command::new("ssh")
+                .args([
+                    "-F",
+                    config.to_str().unwrap(),
+                    "-T",
+                    "root@node1.dev.jaunt.local",
+                    "sleep 3600",
+                ])
+                .env("HOME", &c.home)
+                .env("JAUNT_HOME", &c.home)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+        if i % 20 == 19 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while live() < i + 1 {
+                assert!(Instant::now() < deadline, "sessions did not open");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while live() < n {
+        assert!(Instant::now() < deadline, "only {} of {n} sessions", live());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let (rss1, _) = proc_usage(pid);
+    eprintln!(
+        "MEASURE idle: {n} recorded sessions open, agent RSS {rss0} -> {rss1} KiB: {:.1} KiB per session",
+        (rss1.saturating_sub(rss0)) as f64 / n as f64
+    );
+    drop(held);
+    drop(agent);
 }

@@ -114,7 +114,11 @@ pub fn spawn_agent(
             .args(&args)
             .env("JAUNT_HOME", c.dir.path().join("agent-home"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match std::env::var_os("JAUNT_TEST_AGENT_LOG") {
+                // for debugging a test: the agent's log in this file
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::null(),
+            })
             .spawn()
             .unwrap(),
     )
