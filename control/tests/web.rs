@@ -1043,6 +1043,31 @@ fn web_terminal(kind: Kind) {
         screen_text(b).contains(&format!("{marker}-42"))
     });
 
+    // `jaunt sessions kill` ends a web terminal as it ends `jaunt ssh`.
+    b.goto(&format!(
+        "https://{}/web/terminal/node1/root",
+        c.public_addr
+    ));
+    b.wait_until("the second terminal connected", |b| {
+        b.find("#terminal[data-state='open']").is_some()
+    });
+    let second = b
+        .attribute(&b.wait_for("#terminal"), "data-session")
+        .unwrap_or_default();
+    assert!(live_sessions(&c).iter().any(|s| s["id"] == second.as_str()));
+    ok(c.admin(&["sessions", "kill", &second], None));
+    b.wait_until("the killed terminal closed", |b| {
+        b.find("#terminal[data-state='closed']").is_some()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live_sessions(&c).iter().any(|s| s["id"] == second.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the killed session is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // bob's roles allow login bob only: the engine refuses root, and the page says so.
     b.click(&b.wait_for("#logout"));
     b.wait_until("logged out", |b| b.url().contains("/web/login"));
@@ -1068,4 +1093,133 @@ fn web_terminal(kind: Kind) {
         "{denied:?}"
     );
     c.assert_sessions_paired();
+}
+
+/// Median and 90th percentile of `samples` (milliseconds).
+fn median_p90(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.9))
+}
+
+/// Keystroke echo latency through the web terminal's path (browser WebSocket → engine → agent,
+/// the SSH client of sshd → the shell's echo → back) against `jaunt ssh -tt` (ssh → jaunt proxy
+/// → engine → agent, terminating and recording → sshd), to the same sshd and shell, in the same
+/// run. The browser side is timed in the page (performance.now() from sending one input message
+/// to the binary message that echoes it; xterm.js's rendering is not included), `jaunt ssh`
+/// from writing one byte to its stdin to reading the echo on its stdout.
+/// `cargo test -p jaunt-control --test web -- --ignored --nocapture measure_web_terminal`
+#[test]
+#[ignore = "benchmark: run by hand, see BENCHMARKS.md"]
+fn measure_web_terminal_echo_latency() {
+    const N: usize = 200;
+    let c = Cluster::dev_at("localhost:0");
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            "root",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    ok(c.login("alice", PASSWORD, &[]));
+    let sshd = Sshd::start(&c);
+    let _agent = support::sshd::start_agent(&c, "node1", &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+
+    // jaunt ssh: a login shell with a PTY; each 'x' typed comes back as readline's echo.
+    let mut ssh = Reaped(
+        Command::new(jaunt_bin())
+            .args(["ssh", "-tt", "root@node1"])
+            .env("JAUNT_HOME", &c.home)
+            .env("HOME", &c.home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = ssh.0.stdin.take().unwrap();
+    let mut stdout = ssh.0.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("# ") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "ssh ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let mut ssh_ms = Vec::with_capacity(N);
+    for _ in 0..N {
+        let start = Instant::now();
+        stdin.write_all(b"x").unwrap();
+        stdin.flush().unwrap();
+        loop {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(n > 0, "ssh ended");
+            if buf[..n].contains(&b'x') {
+                break;
+            }
+        }
+        ssh_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(stdin);
+    drop(ssh);
+
+    // The browser: the page's own ticket and WebSocket, driven by a script in the page.
+    let b = Browser::start();
+    log_in(&b, &c, "alice", PASSWORD);
+    b.wait_for("table#resources");
+    b.goto(&format!(
+        "https://{}/web/terminal/node1/root",
+        c.public_addr
+    ));
+    b.wait_until("the terminal connected", |b| {
+        b.find("#terminal[data-state='open']").is_some()
+    });
+    b.execute(&format!(
+        "window.bench = null; var N = {N}; var samples = []; var t0 = 0; var waiting = false; \
+         var csrf = document.querySelector('meta[name=\"csrf-token\"]').content; \
+         var root = document.getElementById('terminal'); \
+         fetch(root.getAttribute('data-ticket'), {{method: 'POST', credentials: 'same-origin', \
+           headers: {{'Content-Type': 'application/json', 'X-CSRF-Token': csrf}}, body: '{{}}'}}) \
+         .then(function (r) {{ return r.json(); }}).then(function (t) {{ \
+           var ws = new WebSocket('wss://' + location.host + root.getAttribute('data-ws')); \
+           ws.binaryType = 'arraybuffer'; var prompt = false; var text = ''; \
+           function next() {{ \
+             if (samples.length === N) {{ window.bench = samples; ws.close(); return; }} \
+             waiting = true; t0 = performance.now(); ws.send(new Uint8Array([0, 120])); }} \
+           ws.onopen = function () {{ ws.send(JSON.stringify({{ticket: t.ticket}})); }}; \
+           ws.onmessage = function (e) {{ \
+             if (typeof e.data === 'string') {{ \
+               if (JSON.parse(e.data).type === 'ready') ws.send(new Uint8Array([1, 0, 80, 0, 24])); \
+               return; }} \
+             var bytes = new Uint8Array(e.data); \
+             if (!prompt) {{ text += new TextDecoder().decode(bytes); \
+               if (text.indexOf('# ') >= 0) {{ prompt = true; next(); }} return; }} \
+             if (waiting && bytes.indexOf(120) >= 0) {{ \
+               waiting = false; samples.push(performance.now() - t0); next(); }} }}; \
+         }}); return null;"
+    ));
+    b.wait_until("the browser's samples", |b| {
+        !b.execute("return window.bench;").is_null()
+    });
+    let mut web_ms: Vec<f64> = b
+        .execute("return window.bench;")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let (ssh_med, ssh_p90) = median_p90(&mut ssh_ms);
+    let (web_med, web_p90) = median_p90(&mut web_ms);
+    println!(
+        "echo latency over {N} keystrokes: browser median {web_med:.2} ms (p90 {web_p90:.2}), \
+         jaunt ssh median {ssh_med:.2} ms (p90 {ssh_p90:.2}); browser / jaunt ssh = {:.2}x",
+        web_med / ssh_med
+    );
 }
