@@ -429,3 +429,251 @@ pub struct AgentPolicyLock {
     #[serde(default)]
     pub expires: Option<u64>,
 }
+
+// ---- database certificates ----
+
+/// `POST /v1/db/cert` (host mTLS, role `db`): a client certificate for `db_user` over a key the
+/// agent made.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbCertRequest {
+    pub db_user: String,
+    /// PEM SubjectPublicKeyInfo.
+    pub tls_public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// The Jaunt user whose session needs it (for the audit log; the engine authorized them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+}
+
+/// Answer to `POST /v1/db/cert` and `POST /v1/ca/sign-db`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DbCertResponse {
+    /// PEM certificate.
+    pub tls_cert: String,
+    /// The db CA (PEM).
+    pub db_ca: String,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+/// `POST /v1/ca/sign-db` (admin, `ca` `create`): a server certificate for a database host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignDbRequest {
+    /// Host names or IP addresses; the first is the certificate's CN.
+    pub hosts: Vec<String>,
+    /// PEM SubjectPublicKeyInfo.
+    pub tls_public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+// ---- agents' audit events ----
+
+/// `POST /v1/audit/events` (host mTLS): a JSON list of [`AgentEvent`]s. Control's checks and
+/// limits are in `control/src/agent_audit.rs`.
+pub const EVENTS_PATH: &str = "/v1/audit/events";
+
+/// One agent event as posted (the host comes from the certificate, not from here).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event")]
+pub enum AgentEvent {
+    #[serde(rename = "db.query")]
+    DbQuery(DbQueryEvent),
+    #[serde(rename = "app.request")]
+    AppRequest(AppRequestEvent),
+    #[serde(rename = "access.denied")]
+    AccessDenied(AccessDeniedEvent),
+    #[serde(rename = "session.exec")]
+    SessionExec(SessionExecEvent),
+    #[serde(rename = "file.transfer")]
+    FileTransfer(FileTransferEvent),
+    #[serde(rename = "session.recorded")]
+    SessionRecorded(SessionRecordedEvent),
+}
+
+impl AgentEvent {
+    /// The Jaunt user the event is about.
+    pub fn user(&self) -> &str {
+        match self {
+            AgentEvent::DbQuery(e) => &e.user,
+            AgentEvent::AppRequest(e) => &e.user,
+            AgentEvent::AccessDenied(e) => &e.user,
+            AgentEvent::SessionExec(e) => &e.user,
+            AgentEvent::FileTransfer(e) => &e.user,
+            AgentEvent::SessionRecorded(e) => &e.user,
+        }
+    }
+
+    /// Unix seconds, as the agent saw it.
+    pub fn time(&self) -> u64 {
+        match self {
+            AgentEvent::DbQuery(e) => e.time,
+            AgentEvent::AppRequest(e) => e.time,
+            AgentEvent::AccessDenied(e) => e.time,
+            AgentEvent::SessionExec(e) => e.time,
+            AgentEvent::FileTransfer(e) => e.time,
+            AgentEvent::SessionRecorded(e) => e.time,
+        }
+    }
+}
+
+/// `session.exec`: a command channel of an SSH session the agent terminated ended (`ssh host
+/// cmd`, legacy `scp -t`/`-f`, a subsystem other than sftp).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionExecEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    /// The engine's session id, as in its `session.start`/`session.end`.
+    pub session_id: String,
+    pub login: String,
+    /// The node.
+    pub target: String,
+    /// The command line, at most 16 KiB.
+    pub command: String,
+    #[serde(default)]
+    pub truncated: bool,
+    /// Absent: sshd sent none (the command was killed by a signal, or the connection ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_signal: Option<String>,
+    /// Channel data bytes from the user, and to the user.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The channel's recording (absent if it could not be recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_id: Option<String>,
+}
+
+/// `file.transfer`: one file operation of an SSH session's sftp channel (scp in its default
+/// SFTP mode, `sftp`), as the agent that terminates the session decoded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTransferEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    pub session_id: String,
+    pub login: String,
+    pub target: String,
+    /// `read` or `write` (a file closed, with the bytes moved), `open` (closed with nothing
+    /// moved), `remove`, `rename`, `mkdir`, `rmdir`, `setstat`.
+    pub operation: String,
+    /// The path as the client sent it (at most 4 KiB).
+    pub path: String,
+    /// `rename`'s new path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Bytes read or written (`read`, `write`, `open`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// `session.recorded`: an SSH session the agent terminated ended there; its recordings (one per
+/// session channel) and its channels' bytes. The engine's `session.end` of the same
+/// `session_id` has the connection's bytes; the engine cannot know the recordings (they are
+/// made at the agent as channels open).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRecordedEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    pub session_id: String,
+    pub login: String,
+    pub target: String,
+    pub recording_ids: Vec<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Why some of it could not be recorded (best effort went on), as a stable label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_failure: Option<String>,
+}
+
+/// `access.denied`: a stream the agent's own authorization check refused (the engine's
+/// refusals are recorded by the engine; these are the ones it let through).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessDeniedEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The dial kind (`ssh`, `db`, `tcp`, `app`).
+    pub kind: String,
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_user: Option<String>,
+    pub client_addr: String,
+    /// What the user was told (the resource and the rule).
+    pub reason: String,
+}
+
+/// `db.query`: one query of a database session (PostgreSQL `Q` or `P`; MySQL COM_QUERY or
+/// COM_STMT_PREPARE).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbQueryEvent {
+    /// 32 hex characters, made by the agent (shared by resent copies).
+    pub uid: String,
+    /// Unix seconds, when the agent forwarded the query.
+    pub time: u64,
+    /// The Jaunt user.
+    pub user: String,
+    /// The database service (what the user dialed).
+    pub service: String,
+    pub db_user: String,
+    pub database: String,
+    /// The user's address as the engine saw it.
+    pub client_addr: String,
+    /// `query` (simple; MySQL `COM_QUERY`), `parse` (PostgreSQL extended protocol) or
+    /// `prepare` (MySQL `COM_STMT_PREPARE`).
+    pub kind: String,
+    /// The prepared statement's name (`parse` only; empty = unnamed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub statement: String,
+    /// The SQL text, at most 16 KiB.
+    pub query: String,
+    /// The text was longer than what was kept.
+    pub truncated: bool,
+    /// The engine's session id, as in its `session.start`/`session.end` events (absent from
+    /// agents that predate it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub session_id: String,
+}
+
+/// `app.request`: one HTTP request of an app session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRequestEvent {
+    pub uid: String,
+    pub time: u64,
+    pub user: String,
+    pub app: String,
+    pub client_addr: String,
+    pub method: String,
+    pub path: String,
+    /// 0 when the app sent no response.
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub duration_ms: u64,
+    pub upgraded: bool,
+}
+
+/// The answer to `POST /v1/audit/events`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEventsResponse {
+    /// Events committed.
+    pub accepted: usize,
+}

@@ -38,15 +38,18 @@ use jaunt_agent::{
     LogAppRequests, LogQueries, LogSshEvents, QueryRecorder, SshEvent, SshEventRecorder,
     SshSession,
 };
+use jaunt_config::api::{
+    AccessDeniedEvent, AgentEvent, AgentEventsResponse, AppRequestEvent, DbQueryEvent,
+    FileTransferEvent, SessionExecEvent, SessionRecordedEvent,
+};
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
-use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Audit, EventKind};
 use crate::http::Response;
 use crate::store::Store;
 
-/// The endpoint.
-pub const EVENTS_PATH: &str = "/v1/audit/events";
+/// The endpoint (the API's).
+pub use jaunt_config::api::EVENTS_PATH;
 /// Most events in one `POST /v1/audit/events`.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 /// Most body bytes of one `POST /v1/audit/events` (below the API's 1 MiB body bound, so the
@@ -75,191 +78,30 @@ pub const DB_ROLE: &str = crate::db_cmd::DB_HOST_ROLE;
 pub const APP_ROLE: &str = crate::service::APP_HOST_ROLE;
 pub const NODE_ROLE: &str = crate::agent_ssh::NODE_HOST_ROLE;
 
-// ---- wire ----
-
-/// One agent event as posted (the host comes from the certificate, not from here).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event")]
-pub enum AgentEvent {
-    #[serde(rename = "db.query")]
-    DbQuery(DbQueryEvent),
-    #[serde(rename = "app.request")]
-    AppRequest(AppRequestEvent),
-    #[serde(rename = "access.denied")]
-    AccessDenied(AccessDeniedEvent),
-    #[serde(rename = "session.exec")]
-    SessionExec(SessionExecEvent),
-    #[serde(rename = "file.transfer")]
-    FileTransfer(FileTransferEvent),
-    #[serde(rename = "session.recorded")]
-    SessionRecorded(SessionRecordedEvent),
-}
-
-/// `session.exec`: a command channel of an SSH session the agent terminated ended (`ssh host
-/// cmd`, legacy `scp -t`/`-f`, a subsystem other than sftp).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SessionExecEvent {
-    pub uid: String,
-    pub time: u64,
-    pub user: String,
-    /// The engine's session id, as in its `session.start`/`session.end`.
-    pub session_id: String,
-    pub login: String,
-    /// The node.
-    pub target: String,
-    /// The command line, at most 16 KiB.
-    pub command: String,
-    #[serde(default)]
-    pub truncated: bool,
-    /// Absent: sshd sent none (the command was killed by a signal, or the connection ended).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_status: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_signal: Option<String>,
-    /// Channel data bytes from the user, and to the user.
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    /// The channel's recording (absent if it could not be recorded).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recording_id: Option<String>,
-}
-
-/// `file.transfer`: one file operation of an SSH session's sftp channel (scp in its default
-/// SFTP mode, `sftp`), as the agent that terminates the session decoded it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileTransferEvent {
-    pub uid: String,
-    pub time: u64,
-    pub user: String,
-    pub session_id: String,
-    pub login: String,
-    pub target: String,
-    /// `read` or `write` (a file closed, with the bytes moved), `open` (closed with nothing
-    /// moved), `remove`, `rename`, `mkdir`, `rmdir`, `setstat`.
-    pub operation: String,
-    /// The path as the client sent it (at most 4 KiB).
-    pub path: String,
-    /// `rename`'s new path.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<String>,
-    /// Bytes read or written (`read`, `write`, `open`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<u64>,
-    #[serde(default)]
-    pub truncated: bool,
-}
-
-/// `session.recorded`: an SSH session the agent terminated ended there; its recordings (one per
-/// session channel) and its channels' bytes. The engine's `session.end` of the same
-/// `session_id` has the connection's bytes; the engine cannot know the recordings (they are
-/// made at the agent as channels open).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SessionRecordedEvent {
-    pub uid: String,
-    pub time: u64,
-    pub user: String,
-    pub session_id: String,
-    pub login: String,
-    pub target: String,
-    pub recording_ids: Vec<String>,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    /// Why some of it could not be recorded (best effort went on), as a stable label.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recording_failure: Option<String>,
-}
+// ---- control's checks of the wire types ([`jaunt_config::api::AgentEvent`]) ----
 
 /// Operations a `file.transfer` names.
 pub const FILE_OPERATIONS: [&str; 8] = [
     "read", "write", "open", "remove", "rename", "mkdir", "rmdir", "setstat",
 ];
 
-/// `access.denied`: a stream the agent's own authorization check refused (the engine's
-/// refusals are recorded by the engine; these are the ones it let through).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccessDeniedEvent {
-    pub uid: String,
-    pub time: u64,
-    pub user: String,
-    #[serde(default)]
-    pub roles: Vec<String>,
-    /// The dial kind (`ssh`, `db`, `tcp`, `app`).
-    pub kind: String,
-    pub target: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub login: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub db_user: Option<String>,
-    pub client_addr: String,
-    /// What the user was told (the resource and the rule).
-    pub reason: String,
+/// What control checks and stores of an [`AgentEvent`] (the type is the API's, in the config
+/// crate; these are control's rules about it).
+pub trait EventRules {
+    /// The audit event type it is stored as.
+    fn kind(&self) -> EventKind;
+    /// The host role (join token type) an agent needs to send this event; `None`: any joined
+    /// host.
+    fn required_role(&self) -> Option<&'static str>;
+    /// Checks every field; the error names the field.
+    fn validate(&self, now: u64) -> Result<(), String>;
+    /// The stored JSON: `code`, `event`, `time` (RFC 3339), `uid`, then `host` (id, from the
+    /// certificate), `host_name` and the event's own fields.
+    fn to_json(&self, host_id: &str, host_name: &str) -> String;
 }
 
-/// `db.query`: one query of a database session (PostgreSQL `Q` or `P`; MySQL COM_QUERY or
-/// COM_STMT_PREPARE).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DbQueryEvent {
-    /// 32 hex characters, made by the agent (shared by resent copies).
-    pub uid: String,
-    /// Unix seconds, when the agent forwarded the query.
-    pub time: u64,
-    /// The Jaunt user.
-    pub user: String,
-    /// The database service (what the user dialed).
-    pub service: String,
-    pub db_user: String,
-    pub database: String,
-    /// The user's address as the engine saw it.
-    pub client_addr: String,
-    /// `query` (simple; MySQL `COM_QUERY`), `parse` (PostgreSQL extended protocol) or
-    /// `prepare` (MySQL `COM_STMT_PREPARE`).
-    pub kind: String,
-    /// The prepared statement's name (`parse` only; empty = unnamed).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub statement: String,
-    /// The SQL text, at most 16 KiB.
-    pub query: String,
-    /// The text was longer than what was kept.
-    pub truncated: bool,
-    /// The engine's session id, as in its `session.start`/`session.end` events (absent from
-    /// agents that predate it).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub session_id: String,
-}
-
-/// `app.request`: one HTTP request of an app session.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AppRequestEvent {
-    pub uid: String,
-    pub time: u64,
-    pub user: String,
-    pub app: String,
-    pub client_addr: String,
-    pub method: String,
-    pub path: String,
-    /// 0 when the app sent no response.
-    pub status: u16,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    pub duration_ms: u64,
-    pub upgraded: bool,
-}
-
-/// The answer to `POST /v1/audit/events`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentEventsResponse {
-    /// Events committed.
-    pub accepted: usize,
-}
-
-impl AgentEvent {
-    pub fn kind(&self) -> EventKind {
+impl EventRules for AgentEvent {
+    fn kind(&self) -> EventKind {
         match self {
             AgentEvent::DbQuery(_) => audit::DB_QUERY,
             AgentEvent::AppRequest(_) => audit::APP_REQUEST,
@@ -272,7 +114,7 @@ impl AgentEvent {
 
     /// The host role (join token type) an agent needs to send this event; `None`: any joined
     /// host.
-    pub fn required_role(&self) -> Option<&'static str> {
+    fn required_role(&self) -> Option<&'static str> {
         match self {
             AgentEvent::DbQuery(_) => Some(DB_ROLE),
             AgentEvent::AppRequest(_) => Some(APP_ROLE),
@@ -283,30 +125,7 @@ impl AgentEvent {
         }
     }
 
-    pub fn user(&self) -> &str {
-        match self {
-            AgentEvent::DbQuery(e) => &e.user,
-            AgentEvent::AppRequest(e) => &e.user,
-            AgentEvent::AccessDenied(e) => &e.user,
-            AgentEvent::SessionExec(e) => &e.user,
-            AgentEvent::FileTransfer(e) => &e.user,
-            AgentEvent::SessionRecorded(e) => &e.user,
-        }
-    }
-
-    pub fn time(&self) -> u64 {
-        match self {
-            AgentEvent::DbQuery(e) => e.time,
-            AgentEvent::AppRequest(e) => e.time,
-            AgentEvent::AccessDenied(e) => e.time,
-            AgentEvent::SessionExec(e) => e.time,
-            AgentEvent::FileTransfer(e) => e.time,
-            AgentEvent::SessionRecorded(e) => e.time,
-        }
-    }
-
-    /// Checks every field; the error names the field.
-    pub fn validate(&self, now: u64) -> Result<(), String> {
+    fn validate(&self, now: u64) -> Result<(), String> {
         let empty = String::new();
         let (uid, time, user, addr) = match self {
             AgentEvent::DbQuery(e) => (&e.uid, e.time, &e.user, &e.client_addr),
@@ -426,9 +245,7 @@ impl AgentEvent {
         Ok(())
     }
 
-    /// The stored JSON: `code`, `event`, `time` (RFC 3339), `uid`, then `host` (id, from the
-    /// certificate), `host_name` and the event's own fields.
-    pub fn to_json(&self, host_id: &str, host_name: &str) -> String {
+    fn to_json(&self, host_id: &str, host_name: &str) -> String {
         let kind = self.kind();
         let mut out = serde_json::Map::new();
         out.insert("code".into(), kind.code.into());

@@ -1,9 +1,10 @@
 //! Database access (PostgreSQL, MySQL/MariaDB), control and client side:
 //!
-//! - the API bodies of `POST /v1/db/cert` (an agent gets a client certificate for a database
-//!   user from the db CA) and `POST /v1/ca/sign-db` (an admin gets a server certificate for a
-//!   database host from the db CA); the handlers are in `service/agent.rs` and
-//!   `service/certs.rs`;
+//! - what control signs for `POST /v1/db/cert` (an agent gets a client certificate for a
+//!   database user from the db CA) and `POST /v1/ca/sign-db` (an admin gets a server
+//!   certificate for a database host from the db CA); the bodies are the API's
+//!   ([`jaunt_config::api::DbCertRequest`] and the rest), the handlers are in
+//!   `service/agent.rs` and `service/certs.rs`;
 //! - the agent's [`jaunt_agent::DbCertProvider`] ([`ControlDbCerts`]): a blocking control-API
 //!   call with the agent's host identity, through the proxy;
 //! - `jaunt ca sign-db`, `jaunt proxy db` and `jaunt db connect`.
@@ -31,9 +32,9 @@ use anyhow::{anyhow, Context as _};
 use jaunt_agent::mysql::wire as mysql_wire;
 use jaunt_agent::postgres::wire::{self, FirstMessage};
 use jaunt_agent::{AgentHooks, DbCertProvider, DbClientCert};
+use jaunt_config::api::{DbCertRequest, DbCertResponse, SignDbRequest};
 use jaunt_config::identity::{Identity, IdentityKind};
 use jaunt_config::wire::dial::{DialKind, DialRequest};
-use serde::{Deserialize, Serialize};
 
 use crate::access::{self, Dialer};
 use crate::client::{Client, Trust};
@@ -53,46 +54,6 @@ pub const MAX_DB_USER_BYTES: usize = 63;
 pub const DB_HOST_ROLE: &str = "db";
 /// How long the local listener waits for a refused client's startup message.
 const LOCAL_REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
-
-// ---- API bodies ----
-
-/// `POST /v1/db/cert` (host mTLS, role `db`): a client certificate for `db_user` over a key the
-/// agent made.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DbCertRequest {
-    pub db_user: String,
-    /// PEM SubjectPublicKeyInfo.
-    pub tls_public_key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_secs: Option<u64>,
-    /// The Jaunt user whose session needs it (for the audit log; the engine authorized them).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested_by: Option<String>,
-}
-
-/// Answer to `POST /v1/db/cert` and `POST /v1/ca/sign-db`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DbCertResponse {
-    /// PEM certificate.
-    pub tls_cert: String,
-    /// The db CA (PEM).
-    pub db_ca: String,
-    /// Unix seconds.
-    pub expires: u64,
-}
-
-/// `POST /v1/ca/sign-db` (admin, `ca` `create`): a server certificate for a database host.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignDbRequest {
-    /// Host names or IP addresses; the first is the certificate's CN.
-    pub hosts: Vec<String>,
-    /// PEM SubjectPublicKeyInfo.
-    pub tls_public_key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_secs: Option<u64>,
-}
 
 // ---- what control signs ----
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use jaunt_config::api::{Certs, JoinRequest};
 use jaunt_config::identity::unix_now;
-use jaunt_control::agent_audit::{AgentEvent, DbQueryEvent, EVENTS_PATH};
+use jaunt_config::api::{AgentEvent, DbQueryEvent, EVENTS_PATH};
 use jaunt_control::ca::LocalKeys;
 use jaunt_control::client::{Client, Trust};
 use jaunt_control::profile::Profile;
@@ -171,7 +171,7 @@ fn agents_send_their_own_events_and_nothing_else() {
     assert_eq!(c.audit_events(Some("db.query")).len(), 2);
 
     // Any joined host may report a stream its own authorization check refused.
-    let denial = AgentEvent::AccessDenied(jaunt_control::agent_audit::AccessDeniedEvent {
+    let denial = AgentEvent::AccessDenied(jaunt_config::api::AccessDeniedEvent {
         uid: random_uid(),
         time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

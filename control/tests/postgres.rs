@@ -578,7 +578,7 @@ fn db_certificates_are_for_db_agents_only() {
     let refused = client
         .post_json::<_, serde_json::Value>(
             "/v1/db/cert",
-            &jaunt_control::db_cmd::DbCertRequest {
+            &jaunt_config::api::DbCertRequest {
                 db_user: "postgres".into(),
                 tls_public_key: key,
                 ttl_secs: None,
@@ -909,10 +909,10 @@ fn db_ca_rotation_keeps_psql_working_and_refuses_the_old_ca_after_standby() {
         )
         .unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
-        let resp: jaunt_control::db_cmd::DbCertResponse = client
+        let resp: jaunt_config::api::DbCertResponse = client
             .post_json(
                 "/v1/db/cert",
-                &jaunt_control::db_cmd::DbCertRequest {
+                &jaunt_config::api::DbCertRequest {
                     db_user: "alice".into(),
                     tls_public_key: key.public_key_pem(),
                     ttl_secs: None,

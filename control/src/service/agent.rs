@@ -19,7 +19,8 @@ impl Control {
     /// identities with role `db` only (agents joined with a `db` token). The engine authorized
     /// the user's dial and the agent checked the database user against the user's certificate.
     pub(super) fn db_cert(&self, req: &Request, caller: &Identity) -> Reply {
-        use crate::db_cmd::{self, DbCertRequest, DbCertResponse};
+        use crate::db_cmd;
+        use jaunt_config::api::{DbCertRequest, DbCertResponse};
         if caller.kind != IdentityKind::Host
             || !caller.roles.iter().any(|r| r == db_cmd::DB_HOST_ROLE)
         {

@@ -91,7 +91,8 @@ impl Control {
 
     /// `jaunt ca sign-db`: a database server certificate from the db CA over the caller's key.
     pub(super) fn sign_db(&self, req: &Request, caller: &Identity) -> Reply {
-        use crate::db_cmd::{self, DbCertResponse, SignDbRequest};
+        use crate::db_cmd;
+        use jaunt_config::api::{DbCertResponse, SignDbRequest};
         self.require(caller, "ca", "create")?;
         let body: SignDbRequest = req.json()?;
         let names = db_cmd::db_server_names(&body.hosts).map_err(|e| Response::error(400, e))?;
