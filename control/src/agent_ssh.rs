@@ -8,28 +8,21 @@
 //!   [`verify_forwarded_user`] checked the user's X.509 certificate the engine forwarded to the
 //!   agent and that it carries the login. The HTTP handlers (`POST /v1/agent/ssh/host-cert`,
 //!   `POST /v1/agent/ssh/user-cert`) are in `service/agent.rs`.
-//! - the agent's [`jaunt_agent::SshCertProvider`] ([`ControlSshCerts`]): blocking control-API
-//!   calls with the agent's host identity, through the proxy.
 //!
-//! Not here: the SSH protocol (the agent's `ssh_term.rs`), recordings' upload and storage.
+//! Not here: the agent's side of these calls (`agent_host/certs.rs`), the SSH protocol (the
+//! agent's `ssh_term.rs`), recordings' upload and storage.
 //!
 //! Trust note: a host with role `node` can get a user certificate for a login only with a user
 //! certificate (X.509, valid now, from the user CA) that carries that login, so a compromised
 //! agent can mint logins only for users who connected through it, for the rest of their
 //! certificates' lifetime. The certificates it gets live [`NODE_LOGIN_CERT_TTL_SECS`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::anyhow;
 use base64::Engine as _;
-use jaunt_agent::{SshCert, SshCertProvider, SshUserCertRequest};
-use jaunt_config::api::{AgentSshCertResponse, AgentSshHostCertRequest, AgentSshUserCertRequest};
 use jaunt_config::identity::{Identity, IdentityKind};
 use rustls_pki_types::{CertificateDer, UnixTime};
-
-use crate::client::{Client, Trust};
 
 /// Lifetime of the user certificate an agent logs in to its sshd with: sshd checks it at
 /// authentication only, so it need not outlive the login.
@@ -135,93 +128,6 @@ pub fn decode_user_cert(b64: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|e| format!("user_cert is not base64: {e}"))
-}
-
-// ---- the agent's provider ----
-
-/// SSH termination for `jaunt agent`: certificates from control, recordings into `spool`
-/// (the one the uploader drains). `None` (every SSH session spliced, unrecorded; strict roles
-/// refused) without a spool.
-pub fn ssh_recording(
-    opts: &crate::agent_cmd::AgentOptions,
-    spool: Option<jaunt_agent::recording::Spool>,
-) -> Option<jaunt_agent::SshRecording> {
-    let Some(spool) = spool else {
-        eprintln!("jaunt agent: SSH sessions will not be recorded (strict roles refuse them)");
-        return None;
-    };
-    Some(jaunt_agent::SshRecording {
-        certs: Arc::new(ControlSshCerts {
-            proxy: opts.proxy.clone(),
-            data_dir: opts.data_dir.clone(),
-        }),
-        spool,
-        live: jaunt_agent::LiveSessions::default(),
-    })
-}
-
-/// Gets SSH certificates from control with the agent's host identity (read from `DATA_DIR/host`
-/// at each call, so a renewed host certificate is used at once).
-pub struct ControlSshCerts {
-    pub proxy: String,
-    pub data_dir: PathBuf,
-}
-
-impl ControlSshCerts {
-    fn client(&self) -> anyhow::Result<Client> {
-        let profile = crate::agent_cmd::host_profile(&self.data_dir);
-        let info = profile.load()?.ok_or_else(|| {
-            anyhow!(
-                "the agent's host identity is missing from {}",
-                profile.dir.display()
-            )
-        })?;
-        Ok(Client::new(
-            &self.proxy,
-            Trust::Roots(profile.host_ca()?),
-            Some(profile.tls_identity(&info.user)?),
-        )?)
-    }
-}
-
-impl SshCertProvider for ControlSshCerts {
-    fn host_cert(&self, public_key: &str) -> Result<SshCert, String> {
-        let got = self.client().and_then(|client| {
-            let resp: AgentSshCertResponse = client.post_json(
-                "/v1/agent/ssh/host-cert",
-                &AgentSshHostCertRequest {
-                    ssh_public_key: public_key.to_string(),
-                },
-            )?;
-            Ok(resp)
-        });
-        got.map(|r| SshCert {
-            cert: r.ssh_cert,
-            expires: r.expires,
-        })
-        .map_err(|e| format!("cannot get a host certificate from control: {e:#}"))
-    }
-
-    fn user_cert(&self, request: &SshUserCertRequest) -> Result<SshCert, String> {
-        let got = self.client().and_then(|client| {
-            let resp: AgentSshCertResponse = client.post_json(
-                "/v1/agent/ssh/user-cert",
-                &AgentSshUserCertRequest {
-                    login: request.login.clone(),
-                    user_cert: base64::engine::general_purpose::STANDARD
-                        .encode(&request.user_cert_der),
-                    ssh_public_key: request.public_key.clone(),
-                    session_id: request.session_id.clone(),
-                },
-            )?;
-            Ok(resp)
-        });
-        got.map(|r| SshCert {
-            cert: r.ssh_cert,
-            expires: r.expires,
-        })
-        .map_err(|e| format!("cannot get a login certificate from control: {e:#}"))
-    }
 }
 
 #[cfg(test)]

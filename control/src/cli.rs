@@ -815,7 +815,7 @@ fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(name) = &args.name {
         let _ = writeln!(yaml, "  name: {}", quote(name));
     }
-    let labels = crate::agent_cmd::parse_labels(&args.labels)?;
+    let labels = crate::agent_host::parse_labels(&args.labels)?;
     if !labels.is_empty() {
         yaml.push_str("  labels:\n");
         for (k, v) in &labels {
@@ -832,7 +832,7 @@ fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     if !args.apps.is_empty() {
         yaml.push_str("    apps:\n");
         for a in &args.apps {
-            let (n, u) = crate::agent_cmd::parse_named(a, "--app")?;
+            let (n, u) = crate::agent_host::parse_named(a, "--app")?;
             let _ = writeln!(
                 yaml,
                 "      - {{ name: {}, uri: {} }}",
@@ -844,7 +844,7 @@ fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     if !args.dbs.is_empty() {
         yaml.push_str("    dbs:\n");
         for d in &args.dbs {
-            let (n, u) = crate::agent_cmd::parse_named(d, "--db")?;
+            let (n, u) = crate::agent_host::parse_named(d, "--db")?;
             let _ = writeln!(
                 yaml,
                 "      - {{ name: {}, uri: {} }}",
@@ -867,7 +867,7 @@ fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         ),
         (None, None) => None,
     };
-    let opts = crate::agent_cmd::AgentOptions {
+    let opts = crate::agent_host::AgentOptions {
         proxy: agent.proxy_addr.to_string(),
         token,
         ca_pin: args.ca_pin,
@@ -875,7 +875,7 @@ fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         data_dir: data_dir.unwrap_or_else(default_agent_data_dir),
         name: agent.name.clone(),
     };
-    crate::agent_cmd::run(&agent, opts)
+    crate::agent_host::run(&agent, opts)
 }
 
 fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -926,7 +926,7 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
-                let opts = crate::agent_cmd::AgentOptions {
+                let opts = crate::agent_host::AgentOptions {
                     proxy: agent.proxy_addr.to_string(),
                     token,
                     ca_pin: agent.ca_pin.map(|p| format!("sha256:{}", hex::encode(p.0))),
@@ -934,7 +934,7 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
                     data_dir: data_dir.unwrap_or_else(|| config.data_dir.clone()),
                     name: agent.name.clone(),
                 };
-                return crate::agent_cmd::run(agent, opts);
+                return crate::agent_host::run(agent, opts);
             }
         }
         if config.agent.is_some() {

@@ -115,7 +115,8 @@ pub enum ClientError {
     Encode(serde_json::Error),
 }
 
-/// A control API client for one server address.
+/// A control API client for one server address. Cloning shares the TLS configuration.
+#[derive(Clone)]
 pub struct Client {
     addr: String,
     host: String,
@@ -141,16 +142,7 @@ impl Client {
         trust: Trust,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> Result<Client, ClientError> {
-        let (host, port) = split_host_port(addr)?;
-        let server_name = match host.parse::<IpAddr>() {
-            Ok(ip) => ServerName::IpAddress(ip.into()),
-            Err(_) => {
-                ServerName::try_from(host.clone()).map_err(|e| ClientError::InvalidAddress {
-                    addr: addr.to_owned(),
-                    reason: format!("{host:?} is not a valid host name: {e}"),
-                })?
-            }
-        };
+        let (host, port, server_name) = server_address(addr)?;
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -215,6 +207,20 @@ impl Client {
             server_name,
             config: Arc::new(config),
             pin,
+        })
+    }
+
+    /// A client of another server (`host:port`) with this one's TLS configuration (trust and
+    /// client identity), built once: e.g. the agent asking another engine of its cluster.
+    pub fn to(&self, addr: &str) -> Result<Client, ClientError> {
+        let (host, port, server_name) = server_address(addr)?;
+        Ok(Client {
+            addr: addr.to_owned(),
+            host,
+            port,
+            server_name,
+            config: Arc::clone(&self.config),
+            pin: self.pin.clone(),
         })
     }
 
@@ -387,6 +393,19 @@ impl Client {
             _ => ClientError::Io { addr, cause: e },
         }
     }
+}
+
+/// The host, port and TLS server name of `addr` (`host:port`, `[v6]:port`).
+fn server_address(addr: &str) -> Result<(String, u16, ServerName<'static>), ClientError> {
+    let (host, port) = split_host_port(addr)?;
+    let server_name = match host.parse::<IpAddr>() {
+        Ok(ip) => ServerName::IpAddress(ip.into()),
+        Err(_) => ServerName::try_from(host.clone()).map_err(|e| ClientError::InvalidAddress {
+            addr: addr.to_owned(),
+            reason: format!("{host:?} is not a valid host name: {e}"),
+        })?,
+    };
+    Ok((host, port, server_name))
 }
 
 /// `sha256:<hex>` of the SubjectPublicKeyInfo of a DER certificate: the CA pin users pass as

@@ -5,8 +5,6 @@
 //!   certificate for a database host from the db CA); the bodies are the API's
 //!   ([`jaunt_config::api::DbCertRequest`] and the rest), the handlers are in
 //!   `service/agent.rs` and `service/certs.rs`;
-//! - the agent's [`jaunt_agent::DbCertProvider`] ([`ControlDbCerts`]): a blocking control-API
-//!   call with the agent's host identity, through the proxy;
 //! - `jaunt ca sign-db`, `jaunt proxy db` and `jaunt db connect`.
 //!
 //! The user's client speaks plain PostgreSQL or MySQL to a local listener on 127.0.0.1; every
@@ -22,7 +20,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -31,8 +29,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context as _};
 use jaunt_agent::mysql::wire as mysql_wire;
 use jaunt_agent::postgres::wire::{self, FirstMessage};
-use jaunt_agent::{AgentHooks, DbCertProvider, DbClientCert};
-use jaunt_config::api::{DbCertRequest, DbCertResponse, SignDbRequest};
+use jaunt_config::api::{DbCertResponse, SignDbRequest};
 use jaunt_config::identity::{Identity, IdentityKind};
 use jaunt_config::wire::dial::{DialKind, DialRequest};
 
@@ -145,96 +142,6 @@ pub fn db_server_identity(cluster: &str, names: &[String], now: u64, ttl_secs: u
         permit_pty: false,
         permit_port_forwarding: false,
         permit_agent_forwarding: false,
-    }
-}
-
-// ---- the agent's certificate provider ----
-
-/// Gets database client certificates from control with the agent's host identity, through the
-/// proxy (ALPN `jaunt-control`). The identity is read from `DATA_DIR/host` at each call, so a
-/// renewed host certificate is used as soon as it is saved.
-pub struct ControlDbCerts {
-    pub proxy: String,
-    pub data_dir: PathBuf,
-}
-
-impl ControlDbCerts {
-    fn try_issue(&self, db_user: &str, requested_by: &str) -> anyhow::Result<DbClientCert> {
-        let profile = crate::agent_cmd::host_profile(&self.data_dir);
-        let info = profile.load()?.ok_or_else(|| {
-            anyhow!(
-                "the agent's host identity is missing from {}",
-                profile.dir.display()
-            )
-        })?;
-        let client = Client::new(
-            &self.proxy,
-            Trust::Roots(profile.host_ca()?),
-            Some(profile.tls_identity(&info.user)?),
-        )?;
-        let key = rcgen::KeyPair::generate()?;
-        let resp: DbCertResponse = client.post_json(
-            "/v1/db/cert",
-            &DbCertRequest {
-                db_user: db_user.to_string(),
-                tls_public_key: key.public_key_pem(),
-                ttl_secs: None,
-                requested_by: Some(requested_by.to_string()).filter(|u| !u.is_empty()),
-            },
-        )?;
-        Ok(DbClientCert {
-            cert_pem: resp.tls_cert,
-            key_pem: key.serialize_pem(),
-            ca_pem: resp.db_ca,
-            expires: resp.expires,
-        })
-    }
-}
-
-impl DbCertProvider for ControlDbCerts {
-    fn issue(&self, db_user: &str, requested_by: &str) -> Result<DbClientCert, String> {
-        self.try_issue(db_user, requested_by)
-            .map_err(|e| format!("{e:#}"))
-    }
-}
-
-/// The hooks `jaunt agent` runs the agent with.
-pub fn agent_hooks(opts: &crate::agent_cmd::AgentOptions) -> AgentHooks {
-    AgentHooks {
-        db_certs: Some(Arc::new(ControlDbCerts {
-            proxy: opts.proxy.clone(),
-            data_dir: opts.data_dir.clone(),
-        })),
-        app_tokens: Some(Arc::new(crate::app_cmd::ControlAppTokens {
-            proxy: opts.proxy.clone(),
-            data_dir: opts.data_dir.clone(),
-        })),
-        ..audit_hooks(opts)
-    }
-}
-
-/// Query and app-request recorders that send the events to control's audit log (and log them
-/// as the default recorders do); the default recorders alone if the sender cannot start.
-fn audit_hooks(opts: &crate::agent_cmd::AgentOptions) -> AgentHooks {
-    let poster = crate::agent_audit::ControlPoster {
-        proxy: opts.proxy.clone(),
-        data_dir: opts.data_dir.clone(),
-    };
-    match crate::agent_audit::AgentAuditRecorder::start(
-        poster,
-        crate::agent_audit::DEFAULT_QUEUE_CAPACITY,
-    ) {
-        Ok(recorder) => AgentHooks {
-            db_queries: recorder.clone(),
-            app_requests: recorder.clone(),
-            ssh_events: recorder.clone(),
-            denials: recorder,
-            ..AgentHooks::default()
-        },
-        Err(e) => {
-            tracing::error!(error = %e, "audit: cannot start the event sender; queries and app requests are only logged");
-            AgentHooks::default()
-        }
     }
 }
 

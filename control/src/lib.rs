@@ -14,18 +14,20 @@
 //! - [`exclusive`]: one daemon per data directory (flock) and per public port.
 //! - [`profile`]: the user's `$JAUNT_HOME` (keys and certificates after `jaunt login`).
 //! - [`access`]: the user's side of resource access (dial through the engine, carry bytes).
-//! - [`app_cmd`]: web app access: the agent's JWT provider (`jaunt proxy app` is in `access`).
-//! - [`db_cmd`]: PostgreSQL access: db certificates (API bodies, the agent's provider),
-//!   `jaunt ca sign-db`, `jaunt proxy db`, `jaunt db connect`.
+//! - [`agent_host`]: the agent host's side (`jaunt agent`): joining, renewal, the policy poll,
+//!   and every call the agent makes to control, through one host client.
+//! - [`agent_audit`], [`agent_ssh`]: control's side of agents' audit events and of SSH
+//!   termination (what it checks and signs).
+//! - [`db_cmd`]: database access: what control signs for databases, `jaunt ca sign-db`,
+//!   `jaunt proxy db`, `jaunt db connect`.
 //! - [`web`]: the web UI on the public host (login, resources, audit), served through the engine.
 //! - [`cli`]: the `jaunt` command line.
 
 pub mod access;
 pub mod agent_audit;
-pub mod agent_cmd;
+pub mod agent_host;
 pub mod agent_metrics;
 pub mod agent_ssh;
-pub mod app_cmd;
 pub mod audit;
 pub mod audit_file;
 pub mod auth;

@@ -900,7 +900,7 @@ fn db_ca_rotation_keeps_psql_working_and_refuses_the_old_ca_after_standby() {
     let old = c.dir.path().join("old-db-cert");
     std::fs::create_dir_all(&old).unwrap();
     {
-        let profile = jaunt_control::agent_cmd::host_profile(&c.dir.path().join("agent-dbhost"));
+        let profile = jaunt_control::agent_host::host_profile(&c.dir.path().join("agent-dbhost"));
         let info = profile.load().unwrap().unwrap();
         let client = jaunt_control::client::Client::new(
             &c.public_addr,

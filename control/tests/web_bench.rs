@@ -301,7 +301,7 @@ mod emul {
     use jaunt_config::api::{Certs, JoinRequest};
     use jaunt_config::wire::agent_hello::{AgentHello, Resource};
     use jaunt_config::wire::dial::TunnelHello;
-    use jaunt_control::agent_cmd;
+    use jaunt_control::agent_host;
     use jaunt_control::ca::LocalKeys;
     use jaunt_control::client::{Client, Trust};
     use jaunt_engine::mux::{Config as MuxConfig, Conn as Mux, Event, Role, StreamId};
@@ -336,7 +336,7 @@ mod emul {
                 },
             )
             .with_context(|| format!("joining {name}"))?;
-        let profile = agent_cmd::host_profile(dir);
+        let profile = agent_host::host_profile(dir);
         let info = profile.save(proxy, &keys, &certs)?;
         let (chain, key) = profile.tls_identity(&info.user)?;
         let roots = profile.host_ca()?;

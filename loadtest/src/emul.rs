@@ -10,11 +10,11 @@
 //! scenarios measure.
 //!
 //! With `follow` (the `rotation` scenario) each agent also runs the real agent's policy poll
-//! (`jaunt agent`'s `PolicyPoller` in `control/src/agent_cmd.rs`, the same requests): `GET
+//! (`jaunt agent`'s `PolicyPoller` in `control/src/agent_host/mod.rs`, the same requests): `GET
 //! /v1/agent/policy[?confirmed=GENERATION]` with its host certificate every
-//! `agent_cmd::policy_delay` (5 s, backing off on failures); a new version is compiled
+//! `agent_host::policy_delay` (5 s, backing off on failures); a new version is compiled
 //! (`ClusterPolicy::from_response`); a new CA generation is followed (the host CAs written to
-//! the profile's trust file, the host certificate renewed through `agent_cmd::renew` when
+//! the profile's trust file, the host certificate renewed through `HostClient::renew` when
 //! control says so, the tunnel's TLS rebuilt for the next dial) and confirmed at once with a
 //! second fetch. The polls run on a few threads, each serving its share of the agents in turn.
 
@@ -32,7 +32,7 @@ use jaunt_agent::BackoffConfig;
 use jaunt_config::api::{AgentPolicyResponse, Certs, JoinRequest};
 use jaunt_config::wire::agent_hello::AgentHello;
 use jaunt_config::wire::dial::TunnelHello;
-use jaunt_control::agent_cmd::{self, AgentOptions};
+use jaunt_control::agent_host::{self, AgentOptions, HostClient};
 use jaunt_control::ca::LocalKeys;
 use jaunt_control::client::{Client, Trust};
 use jaunt_control::profile::{Profile, ProfileInfo};
@@ -48,7 +48,7 @@ use crate::progress::Progress;
 pub struct Identity {
     pub name: String,
     pub tls: Arc<ClientConfig>,
-    /// Its data directory (the host profile is `agent_cmd::host_profile(dir)`, as for `jaunt
+    /// Its data directory (the host profile is `agent_host::host_profile(dir)`, as for `jaunt
     /// agent --data-dir`).
     pub dir: PathBuf,
     /// The identity's user name in the profile (the host id).
@@ -79,7 +79,7 @@ pub fn join(
             },
         )
         .with_context(|| format!("joining {name}"))?;
-    let profile = agent_cmd::host_profile(dir);
+    let profile = agent_host::host_profile(dir);
     let info = profile.save(proxy, &keys, &certs)?;
     Ok(Identity {
         name: name.to_string(),
@@ -208,7 +208,7 @@ pub fn start(
         let tls = Arc::new(Mutex::new(id.tls.clone()));
         if follow {
             // Spread over one poll interval, as agents started at different times are.
-            let offset = agent_cmd::policy_delay(0).mul_f64(i as f64 / k.max(1) as f64);
+            let offset = agent_host::policy_delay(0).mul_f64(i as f64 / k.max(1) as f64);
             followers[i % threads].push(Follower {
                 i,
                 opts: AgentOptions {
@@ -410,7 +410,7 @@ struct Follower {
 }
 
 /// Serves `followers` in turn until `shared.stop`: each fetch when due, the next due after
-/// `agent_cmd::policy_delay` (the real agent's interval and back-off).
+/// `agent_host::policy_delay` (the real agent's interval and back-off).
 fn poll_loop(followers: &mut [Follower], shared: &Shared) {
     while !shared.stop.load(Ordering::Relaxed) {
         for f in followers.iter_mut() {
@@ -419,7 +419,7 @@ fn poll_loop(followers: &mut [Follower], shared: &Shared) {
             }
             if f.due <= Instant::now() {
                 poll(f, shared);
-                f.due = Instant::now() + agent_cmd::policy_delay(f.failures);
+                f.due = Instant::now() + agent_host::policy_delay(f.failures);
             }
         }
         let next = followers.iter().map(|f| f.due).min();
@@ -433,7 +433,7 @@ fn poll_loop(followers: &mut [Follower], shared: &Shared) {
 /// One `GET /v1/agent/policy` with the host identity on disk now (the real agent's
 /// `fetch_policy`, without the other engines to fall back to: the scenario has one).
 fn fetch(f: &mut Follower, shared: &Shared) -> anyhow::Result<AgentPolicyResponse> {
-    let profile = agent_cmd::host_profile(&f.opts.data_dir);
+    let profile = agent_host::host_profile(&f.opts.data_dir);
     let path = if f.confirmed.is_empty() {
         "/v1/agent/policy".to_string()
     } else {
@@ -502,7 +502,7 @@ fn follow_rotation(
     response: &AgentPolicyResponse,
     shared: &Shared,
 ) -> anyhow::Result<()> {
-    let profile = agent_cmd::host_profile(&f.opts.data_dir);
+    let profile = agent_host::host_profile(&f.opts.data_dir);
     let Some(mut info) = profile.load()? else {
         bail!("the host identity is gone from {}", profile.dir.display());
     };
@@ -520,7 +520,7 @@ fn follow_rotation(
         }
     }
     if response.renew_host_cert {
-        info = agent_cmd::renew(&f.opts, &info)?;
+        info = HostClient::load(&f.opts.proxy, &f.opts.data_dir)?.renew()?;
         shared.renewals.fetch_add(1, Ordering::Relaxed);
         changed = true;
     }

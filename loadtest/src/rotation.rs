@@ -259,7 +259,7 @@ pub fn rotation(
         if let Some(last) = rows.last_mut() {
             last.notes.push(format!(
                 "rotation: {k} emulated agents (one thread and tunnel each, as in `agents`) that also run the real agent's policy poll every {} s: `GET /v1/agent/policy?confirmed=GEN` with the host certificate, a new version compiled, a new CA generation followed (host CAs written, host certificate renewed through `POST /v1/hosts/renew` when control asks, the next tunnel's TLS rebuilt) and confirmed at once; pushed policies are read off the tunnel. Times are from the start of `jaunt ca rotate --type all --phase P` (no --force); `all_confirmed_s` when control acknowledged the last agent's confirmation; `guard_all_confirmed_s` the end of the first `jaunt status` that counted every connected agent (the emulated ones and the cluster's own `jaunt agent`) as confirmed, polled back to back (`guard_polls` of them, `guard_poll_errors` of which failed, e.g. a handshake a busy engine closed, and were asked again); `mean_s_between_fetches` = agents x all_confirmed_s / policy_fetches (the confirmations count as fetches), to see whether the 5 s cadence held; plot: rotation-confirmed.svg",
-                jaunt_control::agent_cmd::policy_delay(0).as_secs()
+                jaunt_control::agent_host::policy_delay(0).as_secs()
             ));
         }
         Ok(rows)

@@ -2,8 +2,7 @@
 //! /v1/agent/ssh/host-cert`, `POST /v1/agent/ssh/user-cert`, `POST /v1/db/cert` and `POST
 //! /v1/app/jwt`.
 //!
-//! Not here: the agent's side of these calls (`agent_cmd.rs`, `db_cmd.rs`, `app_cmd.rs`,
-//! `agent_ssh.rs`), the policy document's building (the snapshot, `mod.rs`), agents' audit
+//! Not here: the agent's side of these calls (`agent_host/`), the policy document's building (the snapshot, `mod.rs`), agents' audit
 //! events (`audit_log.rs`).
 
 use jaunt_config::api::{AgentPolicyResponse, AppJwtRequest, AppJwtResponse};

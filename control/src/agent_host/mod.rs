@@ -1,18 +1,35 @@
-//! `jaunt agent` and `jaunt start --config agent.yaml`: join once with a token, keep the host
-//! identity in the data directory, renew it before it expires, and run the agent (crate
-//! `jaunt-agent`) with it. Joining and renewal are control-API calls on plain threads; the
-//! agent's tunnels run on glommio.
+//! The agent host's side of Jaunt, in one place: `jaunt agent` and `jaunt start --config
+//! agent.yaml` join once with a token, keep the host identity in the data directory, renew it
+//! before it expires, follow CA rotations, and run the agent (crate `jaunt-agent`) with hooks
+//! that call control. Calls to control are blocking, on plain threads; the agent's tunnels run
+//! on glommio.
+//!
+//! - this file: start-up, joining, the policy poll, renewal, following a CA rotation, SIGHUP;
+//! - [`client`]: the one [`HostClient`] every call to control goes through (identity and TLS
+//!   configuration built once, reloaded when renewal or a rotation changes them);
+//! - [`certs`]: the agent's providers of database certificates, app JWTs and SSH certificates;
+//! - [`audit`]: the agent's audit events to control (queue, batches, retries).
+//!
+//! Control's side of each call (handlers, what it signs and checks) is `service/`,
+//! `agent_audit.rs`, `db_cmd.rs` and `agent_ssh.rs`; nothing here is used by them.
 //!
 //! Identity files live in `DATA_DIR/host/` in the `$JAUNT_HOME` layout (see `profile.rs`), keyed
 //! by the host id the cluster assigned.
 
+pub mod audit;
+pub mod certs;
+pub mod client;
+
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use jaunt_config::api::{AgentPolicyResponse, Certs, JoinRequest, PingResponse, RenewRequest};
+use jaunt_agent::AgentHooks;
+use jaunt_config::api::{AgentPolicyResponse, Certs, JoinRequest, PingResponse};
 use jaunt_config::identity::unix_now;
 
+pub use self::client::{host_profile, HostClient};
 use crate::ca::LocalKeys;
 use crate::client::{Client, Trust};
 use crate::profile::{Profile, ProfileInfo};
@@ -49,8 +66,8 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     let _lock = crate::exclusive::lock_data_dir(&opts.data_dir, "jaunt agent")?;
     let mut info = ensure_identity(&opts)?;
     check_services(&info.identity.roles, config)?;
-    let profile = host_profile(&opts.data_dir);
-    let tls = tls_config(&profile, &info)?;
+    let host = Arc::new(HostClient::load(&opts.proxy, &opts.data_dir)?);
+    let tls = tls_config(host.profile(), &info)?;
     let settings = jaunt_agent::AgentSettings::new(config, tls);
     let (tx, rx) = crossbeam_channel::unbounded();
 
@@ -84,15 +101,14 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     // here, off the agent's executor, and swapped in whole.
     {
         let tx = tx.clone();
-        let opts = opts.clone();
-        let user = info.user.clone();
+        let host = Arc::clone(&host);
         let mut poller = PolicyPoller::default();
-        poller.poll(&opts, &user, &tx);
+        poller.poll(&host, &tx);
         std::thread::Builder::new()
             .name("jaunt-agent-policy".into())
             .spawn(move || loop {
                 std::thread::sleep(policy_delay(poller.failures));
-                if !poller.poll(&opts, &user, &tx) {
+                if !poller.poll(&host, &tx) {
                     return;
                 }
             })
@@ -101,14 +117,15 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     // Renewal: look every minute; renew in the last third of the lifetime.
     {
         let tx = tx.clone();
-        let opts = opts.clone();
+        let host = Arc::clone(&host);
         std::thread::spawn(move || loop {
             std::thread::sleep(RENEW_CHECK_INTERVAL);
             if !needs_renewal(&info, unix_now()) {
                 continue;
             }
-            match renew(&opts, &info)
-                .and_then(|fresh| Ok((tls_config(&host_profile(&opts.data_dir), &fresh)?, fresh)))
+            match host
+                .renew()
+                .and_then(|fresh| Ok((tls_config(host.profile(), &fresh)?, fresh)))
             {
                 Ok((tls, fresh)) => {
                     info = fresh;
@@ -135,19 +152,11 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     let ssh_spool = opened.as_ref().ok().cloned();
     match opened {
         Ok(spool) => {
-            let opts = opts.clone();
-            let user = info_user(&profile);
+            let host = Arc::clone(&host);
             std::thread::Builder::new()
                 .name("jaunt-agent-recordings".into())
                 .spawn(move || {
-                    let connect = || -> anyhow::Result<Client> {
-                        let profile = host_profile(&opts.data_dir);
-                        Ok(Client::new(
-                            &opts.proxy,
-                            Trust::Roots(profile.host_ca()?),
-                            Some(profile.tls_identity(&user)?),
-                        )?)
-                    };
+                    let connect = || -> anyhow::Result<Client> { Ok(host.client()) };
                     crate::recordings::upload::run(
                         &spool,
                         &connect,
@@ -162,17 +171,70 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
     eprintln!(
         "jaunt agent: {} serving as {} through {}",
         opts.name,
-        info_user(&profile),
+        host.user(),
         opts.proxy
     );
     if let Some(addr) = &config.metrics_addr {
         let bound = crate::agent_metrics::start(&addr.to_string())?;
         eprintln!("jaunt agent: metrics on http://{bound}/metrics");
     }
-    let mut hooks = crate::db_cmd::agent_hooks(&opts);
-    hooks.ssh = crate::agent_ssh::ssh_recording(&opts, ssh_spool);
+    let mut hooks = agent_hooks(&host);
+    hooks.ssh = ssh_recording(&host, ssh_spool);
     jaunt_agent::run_with_policy(settings, hooks, jaunt_agent::PolicyMode::Enforce, rx)
         .map_err(|e| anyhow!("agent: {e}"))
+}
+
+/// The hooks `jaunt agent` runs the agent with: certificates and tokens from control, and
+/// recorders that send the audit events to control's audit log (and log them as the default
+/// recorders do; the default recorders alone if the sender cannot start).
+pub fn agent_hooks(host: &Arc<HostClient>) -> AgentHooks {
+    let recorders = match audit::AgentAuditRecorder::start(
+        audit::ControlPoster {
+            host: Arc::clone(host),
+        },
+        audit::DEFAULT_QUEUE_CAPACITY,
+    ) {
+        Ok(recorder) => AgentHooks {
+            db_queries: recorder.clone(),
+            app_requests: recorder.clone(),
+            ssh_events: recorder.clone(),
+            denials: recorder,
+            ..AgentHooks::default()
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "audit: cannot start the event sender; queries and app requests are only logged");
+            AgentHooks::default()
+        }
+    };
+    AgentHooks {
+        db_certs: Some(Arc::new(certs::ControlDbCerts {
+            host: Arc::clone(host),
+        })),
+        app_tokens: Some(Arc::new(certs::ControlAppTokens {
+            host: Arc::clone(host),
+        })),
+        ..recorders
+    }
+}
+
+/// SSH termination for `jaunt agent`: certificates from control, recordings into `spool`
+/// (the one the uploader drains). `None` (every SSH session spliced, unrecorded; strict roles
+/// refused) without a spool.
+pub fn ssh_recording(
+    host: &Arc<HostClient>,
+    spool: Option<jaunt_agent::recording::Spool>,
+) -> Option<jaunt_agent::SshRecording> {
+    let Some(spool) = spool else {
+        eprintln!("jaunt agent: SSH sessions will not be recorded (strict roles refuse them)");
+        return None;
+    };
+    Some(jaunt_agent::SshRecording {
+        certs: Arc::new(certs::ControlSshCerts {
+            host: Arc::clone(host),
+        }),
+        spool,
+        live: jaunt_agent::LiveSessions::default(),
+    })
 }
 
 /// The policy thread's state: fetches `GET /v1/agent/policy` (at start and every
@@ -194,12 +256,11 @@ impl PolicyPoller {
     /// One fetch; `false` once the agent is gone.
     fn poll(
         &mut self,
-        opts: &AgentOptions,
-        user: &str,
+        host: &HostClient,
         tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
     ) -> bool {
         let fetched =
-            fetch_policy(opts, user, &self.confirmed, &self.engines).and_then(|response| {
+            fetch_policy(host, &self.confirmed, &self.engines).and_then(|response| {
                 if self.current.as_deref() == Some(response.version.as_str()) {
                     return Ok(None);
                 }
@@ -212,7 +273,7 @@ impl PolicyPoller {
             Ok(Some((response, policy))) => {
                 self.failures = 0;
                 if response.ca_generation != self.confirmed {
-                    match follow_rotation(opts, &response, tx) {
+                    match follow_rotation(host, &response, tx) {
                         Ok(true) => {
                             // Database certificates issued before the phase change may come
                             // from a CA that signs no more or is no longer trusted.
@@ -223,7 +284,7 @@ impl PolicyPoller {
                             }
                             self.confirmed = response.ca_generation.clone();
                             // Confirm at once rather than at the next poll.
-                            let _ = fetch_policy(opts, user, &self.confirmed, &self.engines);
+                            let _ = fetch_policy(host, &self.confirmed, &self.engines);
                         }
                         Ok(false) => return false,
                         Err(e) => {
@@ -305,32 +366,30 @@ pub fn policy_delay(failures: u32) -> Duration {
         .min(POLICY_RETRY_CAP)
 }
 
-/// One `GET /v1/agent/policy` with the host identity as it is on disk now (renewal replaces
-/// it there), confirming the CA generation `confirmed` this agent has applied. Asks the
-/// configured proxy first, then the cluster's other engines: with the configured one down, the
-/// policy still comes from another.
+/// One `GET /v1/agent/policy` with the host client (renewal reloads it), confirming the CA
+/// generation `confirmed` this agent has applied. Asks the configured proxy first, then the
+/// cluster's other engines: with the configured one down, the policy still comes from another.
 fn fetch_policy(
-    opts: &AgentOptions,
-    user: &str,
+    host: &HostClient,
     confirmed: &str,
     engines: &[String],
 ) -> anyhow::Result<AgentPolicyResponse> {
-    let profile = host_profile(&opts.data_dir);
     let path = if confirmed.is_empty() {
         "/v1/agent/policy".to_string()
     } else {
         format!("/v1/agent/policy?confirmed={confirmed}")
     };
     let mut first_error = None;
-    let others = engines.iter().filter(|e| **e != opts.proxy);
-    for proxy in std::iter::once(&opts.proxy).chain(others) {
-        let fetched = Client::new(
-            proxy,
-            Trust::Roots(profile.host_ca()?),
-            Some(profile.tls_identity(user)?),
-        )
-        .map_err(anyhow::Error::from)
-        .and_then(|client| Ok(client.get_json(&path)?));
+    let others = engines.iter().filter(|e| *e != host.proxy());
+    for proxy in std::iter::once(host.proxy()).chain(others.map(String::as_str)) {
+        let client = if proxy == host.proxy() {
+            Ok(host.client())
+        } else {
+            host.client_to(proxy)
+        };
+        let fetched = client
+            .map_err(anyhow::Error::from)
+            .and_then(|client| Ok(client.get_json(&path)?));
         match fetched {
             Ok(response) => return Ok(response),
             Err(e) => {
@@ -345,13 +404,14 @@ fn fetch_policy(
 /// the policy names become the trust for the engine's certificate (written to the host
 /// profile, tunnels' TLS replaced for new tunnels), and when control says the host
 /// certificate is not from the signing host CA (`update_servers`, `rollback`) it is renewed
-/// now. `Ok(false)` once the agent is gone. The user CAs travel in the policy itself.
+/// now. The host client is reloaded with each change. `Ok(false)` once the agent is gone. The
+/// user CAs travel in the policy itself.
 fn follow_rotation(
-    opts: &AgentOptions,
+    host: &HostClient,
     response: &AgentPolicyResponse,
     tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
 ) -> anyhow::Result<bool> {
-    let profile = host_profile(&opts.data_dir);
+    let profile = host.profile();
     let Some(mut info) = profile.load()? else {
         bail!("the host identity is gone from {}", profile.dir.display());
     };
@@ -365,11 +425,12 @@ fn follow_rotation(
         let path = profile.host_ca_path();
         if std::fs::read_to_string(&path).ok().as_deref() != Some(bundle.as_str()) {
             crate::profile::write_private(&path, bundle.as_bytes())?;
+            host.reload()?;
             changed = true;
         }
     }
     if response.renew_host_cert {
-        info = renew(opts, &info)?;
+        info = host.renew()?;
         changed = true;
         eprintln!(
             "jaunt agent: host certificate re-issued by the rotated host CA (until {})",
@@ -377,7 +438,7 @@ fn follow_rotation(
         );
     }
     if changed {
-        let tls = tls_config(&profile, &info)?;
+        let tls = tls_config(profile, &info)?;
         if tx.send(jaunt_agent::AgentCommand::ReplaceTls(tls)).is_err() {
             return Ok(false);
         }
@@ -445,15 +506,6 @@ fn reload_command(running: &jaunt_config::file::AgentConfig) -> Option<jaunt_age
     })
 }
 
-fn info_user(profile: &Profile) -> String {
-    profile
-        .load()
-        .ok()
-        .flatten()
-        .map(|i| i.user)
-        .unwrap_or_default()
-}
-
 fn tls_config(
     profile: &Profile,
     info: &ProfileInfo,
@@ -461,13 +513,6 @@ fn tls_config(
     let (chain, key) = profile.tls_identity(&info.user)?;
     let roots = profile.host_ca()?;
     jaunt_agent::client_config(chain, key, &roots).map_err(|e| anyhow!("host TLS: {e}"))
-}
-
-/// The host identity directory inside the agent's data dir.
-pub fn host_profile(data_dir: &std::path::Path) -> Profile {
-    Profile {
-        dir: data_dir.join("host"),
-    }
 }
 
 /// Refuses, at start, services the host's join token does not cover: control issues database
@@ -610,25 +655,6 @@ fn join(opts: &AgentOptions, profile: &Profile) -> anyhow::Result<ProfileInfo> {
         info.identity.roles.join(",")
     );
     Ok(info)
-}
-
-/// Asks control (through the engine) for fresh host certificates over new keys; saves them.
-pub fn renew(opts: &AgentOptions, info: &ProfileInfo) -> anyhow::Result<ProfileInfo> {
-    let profile = host_profile(&opts.data_dir);
-    let client = Client::new(
-        &opts.proxy,
-        Trust::Roots(profile.host_ca()?),
-        Some(profile.tls_identity(&info.user)?),
-    )?;
-    let keys = LocalKeys::generate()?;
-    let certs: Certs = client.post_json(
-        "/v1/hosts/renew",
-        &RenewRequest {
-            tls_public_key: keys.tls_public_pem.clone(),
-            ssh_public_key: keys.ssh_public_line(),
-        },
-    )?;
-    profile.save(&opts.proxy, &keys, &certs)
 }
 
 /// True when `info`'s certificate should be renewed at `now`.
