@@ -15,6 +15,15 @@ use crate::identity::Identity;
 /// ALPN protocol id of the control API, on the control port and through the engine.
 pub const ALPN_CONTROL: &str = "jaunt-control";
 
+/// Host roles: the join token type a host joined with (`jaunt tokens add --type`), carried in
+/// its certificate, names the agent endpoints it may call. `db`: `POST /v1/db/cert` and
+/// `db.query` events.
+pub const DB_HOST_ROLE: &str = "db";
+/// `app`: `POST /v1/app/jwt` and `app.request` events.
+pub const APP_HOST_ROLE: &str = "app";
+/// `node`: the SSH termination endpoints (`POST /v1/agent/ssh/host-cert`, `/user-cert`).
+pub const NODE_HOST_ROLE: &str = "node";
+
 /// `GET /v1/ping`: who this cluster is, and how to pin its CA.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PingResponse {

@@ -224,6 +224,23 @@ fn unit_duration(unit: &str, value: u64) -> Result<std::time::Duration, ParseDur
     Ok(duration)
 }
 
+/// Seconds for people reading a list, in the two largest units: `12h0m`, `29m59s`, `3d4h`, `5s`
+/// (the CLI's and the web UI's "valid for", "age"). Not a [`Duration`]'s Display, which is exact.
+pub fn human(secs: u64) -> String {
+    let (d, h, m, s) = (
+        secs / 86400,
+        secs % 86400 / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -77,7 +77,7 @@ impl Dialer {
                 .context("the stored host CA is unusable; run `jaunt login` again")?;
         }
         let (chain, key) = profile.tls_identity(&info.user)?;
-        let host = crate::daemon::host_part(&info.proxy).to_string();
+        let host = crate::client::host_part(&info.proxy).to_string();
         let server_name = ServerName::try_from(host.clone())
             .map_err(|_| anyhow!("{host} is not a valid server name"))?;
         Ok((
@@ -188,7 +188,7 @@ impl Dialer {
                 let server_name = if *proxy == self.proxy {
                     self.server_name.clone()
                 } else {
-                    let host = crate::daemon::host_part(proxy).to_string();
+                    let host = crate::client::host_part(proxy).to_string();
                     ServerName::try_from(host.clone())
                         .map_err(|_| anyhow!("{host} is not a valid server name"))?
                 };

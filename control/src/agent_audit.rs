@@ -39,9 +39,9 @@ pub const MAX_FUTURE_SECS: u64 = 300;
 /// Event times older than this are refused: an agent holds its queue in memory only.
 pub const MAX_AGE_SECS: u64 = 30 * 24 * 3600;
 /// Host roles (join token types) that may send each event type.
-pub const DB_ROLE: &str = crate::db_cmd::DB_HOST_ROLE;
-pub const APP_ROLE: &str = crate::service::APP_HOST_ROLE;
-pub const NODE_ROLE: &str = crate::agent_ssh::NODE_HOST_ROLE;
+pub use jaunt_config::api::{
+    APP_HOST_ROLE as APP_ROLE, DB_HOST_ROLE as DB_ROLE, NODE_HOST_ROLE as NODE_ROLE,
+};
 
 // ---- control's checks of the wire types ([`jaunt_config::api::AgentEvent`]) ----
 
@@ -119,7 +119,7 @@ impl EventRules for AgentEvent {
         match self {
             AgentEvent::DbQuery(e) => {
                 text("service", &e.service, 1, 253)?;
-                crate::db_cmd::valid_db_user(&e.db_user)?;
+                crate::db_certs::valid_db_user(&e.db_user)?;
                 // Empty: a MySQL session that opened no database. 256 bytes: MySQL's 64
                 // characters of UTF-8 (PostgreSQL's names are shorter).
                 text("database", &e.database, 0, 256)?;

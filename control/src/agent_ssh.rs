@@ -27,8 +27,9 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 /// Lifetime of the user certificate an agent logs in to its sshd with: sshd checks it at
 /// authentication only, so it need not outlive the login.
 pub const NODE_LOGIN_CERT_TTL_SECS: u64 = 120;
-/// The role a host needs for the SSH termination endpoints (agents joined with a `node` token).
-pub const NODE_HOST_ROLE: &str = "node";
+/// The role a host needs for the SSH termination endpoints (agents joined with a `node` token):
+/// the API's.
+pub use jaunt_config::api::NODE_HOST_ROLE;
 /// Longest login accepted.
 pub const MAX_LOGIN_BYTES: usize = 256;
 

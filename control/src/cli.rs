@@ -874,6 +874,7 @@ fn agent(args: AgentArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         insecure: args.insecure,
         data_dir: data_dir.unwrap_or_else(default_agent_data_dir),
         name: agent.name.clone(),
+        config_file: None,
     };
     crate::agent_host::run(&agent, opts)
 }
@@ -933,6 +934,7 @@ fn start(args: StartArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
                     insecure: false,
                     data_dir: data_dir.unwrap_or_else(|| config.data_dir.clone()),
                     name: agent.name.clone(),
+                    config_file: Some(path.clone()),
                 };
                 return crate::agent_host::run(agent, opts);
             }
@@ -2319,21 +2321,8 @@ fn parse_duration_secs(s: &str) -> anyhow::Result<u64> {
     Ok(d.as_secs())
 }
 
-/// `12h0m`, `29m59s`, `3d4h`.
-pub fn human_duration(secs: u64) -> String {
-    let (d, h, m, s) = (
-        secs / 86400,
-        secs % 86400 / 3600,
-        secs % 3600 / 60,
-        secs % 60,
-    );
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) => format!("{m}m{s}s"),
-        (0, _, _) => format!("{h}h{m}m"),
-        _ => format!("{d}d{h}h"),
-    }
-}
+/// `12h0m`, `29m59s`, `3d4h` (the web UI shows the same).
+pub use jaunt_config::duration::human as human_duration;
 
 /// Percent-encodes a path segment.
 fn encode(s: &str) -> String {

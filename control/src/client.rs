@@ -395,6 +395,12 @@ impl Client {
     }
 }
 
+/// The host of `HOST:PORT` (brackets of an IPv6 literal removed).
+pub fn host_part(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// The host, port and TLS server name of `addr` (`host:port`, `[v6]:port`).
 fn server_address(addr: &str) -> Result<(String, u16, ServerName<'static>), ClientError> {
     let (host, port) = split_host_port(addr)?;

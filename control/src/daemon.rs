@@ -24,6 +24,7 @@ use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 
 use crate::auth;
 use crate::ca::{self, LocalKeys};
+use crate::client::host_part;
 use crate::http::{self, Limits};
 use crate::profile::{self, Profile};
 use crate::service::{Control, Settings, LOCAL_ADMIN};
@@ -714,12 +715,6 @@ fn advertised(addr: &str, bound_port: u16) -> String {
         Some((host, "0")) => format!("{host}:{bound_port}"),
         _ => addr.to_string(),
     }
-}
-
-/// The host of `HOST:PORT` (brackets of an IPv6 literal removed).
-pub fn host_part(addr: &str) -> &str {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// In dev mode, an `admin` user with the `editor` and `access` roles whose password is in

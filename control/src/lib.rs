@@ -18,8 +18,9 @@
 //!   and every call the agent makes to control, through one host client.
 //! - [`agent_audit`], [`agent_ssh`]: control's side of agents' audit events and of SSH
 //!   termination (what it checks and signs).
-//! - [`db_cmd`]: database access: what control signs for databases, `jaunt ca sign-db`,
-//!   `jaunt proxy db`, `jaunt db connect`.
+//! - [`db_certs`]: what control signs for databases (client and server certificates).
+//! - [`db_cmd`]: database access from the user's side: `jaunt ca sign-db`, `jaunt proxy db`,
+//!   `jaunt db connect`.
 //! - [`web`]: the web UI on the public host (login, resources, audit), served through the engine.
 //! - [`cli`]: the `jaunt` command line.
 
@@ -35,6 +36,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod daemon;
+pub mod db_certs;
 pub mod db_cmd;
 pub mod exclusive;
 pub mod http;

@@ -218,6 +218,7 @@ pub fn start(
                     insecure: false,
                     data_dir: id.dir.clone(),
                     name: id.name.clone(),
+                    config_file: None,
                 },
                 user: id.user.clone(),
                 tls: tls.clone(),

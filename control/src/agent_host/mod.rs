@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use jaunt_agent::AgentHooks;
-use jaunt_config::api::{AgentPolicyResponse, Certs, JoinRequest, PingResponse};
+use jaunt_config::api::{
+    AgentPolicyResponse, Certs, JoinRequest, PingResponse, APP_HOST_ROLE, DB_HOST_ROLE,
+};
 use jaunt_config::identity::unix_now;
 
 pub use self::client::{host_profile, HostClient};
@@ -56,6 +58,9 @@ pub struct AgentOptions {
     pub insecure: bool,
     pub data_dir: PathBuf,
     pub name: String,
+    /// The config file it was started from (`jaunt start --config`), which SIGHUP re-reads;
+    /// `None` for `jaunt agent` flags, which cannot change.
+    pub config_file: Option<PathBuf>,
 }
 
 /// Runs the agent described by `config` until SIGTERM/SIGINT: join (or load the identity),
@@ -82,13 +87,14 @@ pub fn run(config: &jaunt_config::file::AgentConfig, opts: AgentOptions) -> anyh
         ])
         .context("installing signal handlers")?;
         let running = config.clone();
+        let config_file = opts.config_file.clone();
         std::thread::spawn(move || {
             for signal in signals.forever() {
                 if signal != signal_hook::consts::SIGHUP {
                     let _ = tx.send(jaunt_agent::AgentCommand::Shutdown);
                     return;
                 }
-                if let Some(command) = reload_command(&running) {
+                if let Some(command) = reload_command(config_file.as_deref(), &running) {
                     if tx.send(command).is_err() {
                         return;
                     }
@@ -450,15 +456,18 @@ fn follow_rotation(
 /// (logged) when there is no file to re-read (`jaunt agent` flags cannot change) or it does not
 /// load. The proxy address and the node name need a restart: a change to them is named and the
 /// rest of the file still applies.
-fn reload_command(running: &jaunt_config::file::AgentConfig) -> Option<jaunt_agent::AgentCommand> {
-    let Some(path) = crate::daemon::config_file() else {
+fn reload_command(
+    path: Option<&std::path::Path>,
+    running: &jaunt_config::file::AgentConfig,
+) -> Option<jaunt_agent::AgentCommand> {
+    let Some(path) = path else {
         eprintln!(
             "jaunt agent: SIGHUP: nothing to reload (started from flags, which cannot change; \
              start from a config file with `jaunt start --config agent.yaml` to reload it)"
         );
         return None;
     };
-    let agent = match jaunt_config::file::load(&path) {
+    let agent = match jaunt_config::file::load(path) {
         Ok(config) => match config.agent {
             Some(agent) => agent,
             None => {
@@ -525,22 +534,19 @@ pub fn check_services(
     use jaunt_config::file::AppProtocol;
     let has = |role: &str| roles.iter().any(|r| r == role);
     let mut missing = Vec::new();
-    if !has(crate::db_cmd::DB_HOST_ROLE) {
+    if !has(DB_HOST_ROLE) {
         if let Some(db) = config.services.dbs.first() {
-            missing.push((crate::db_cmd::DB_HOST_ROLE, format!("database {}", db.name)));
+            missing.push((DB_HOST_ROLE, format!("database {}", db.name)));
         }
     }
-    if !has(crate::service::APP_HOST_ROLE) {
+    if !has(APP_HOST_ROLE) {
         if let Some(app) = config
             .services
             .apps
             .iter()
             .find(|a| a.protocol != AppProtocol::Tcp)
         {
-            missing.push((
-                crate::service::APP_HOST_ROLE,
-                format!("web app {}", app.name),
-            ));
+            missing.push((APP_HOST_ROLE, format!("web app {}", app.name)));
         }
     }
     if missing.is_empty() {

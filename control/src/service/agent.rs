@@ -18,10 +18,10 @@ impl Control {
     /// identities with role `db` only (agents joined with a `db` token). The engine authorized
     /// the user's dial and the agent checked the database user against the user's certificate.
     pub(super) fn db_cert(&self, req: &Request, caller: &Identity) -> Reply {
-        use crate::db_cmd;
-        use jaunt_config::api::{DbCertRequest, DbCertResponse};
+        use crate::db_certs;
+        use jaunt_config::api::{DbCertRequest, DbCertResponse, DB_HOST_ROLE};
         if caller.kind != IdentityKind::Host
-            || !caller.roles.iter().any(|r| r == db_cmd::DB_HOST_ROLE)
+            || !caller.roles.iter().any(|r| r == DB_HOST_ROLE)
         {
             return Err(Response::error(
                 403,
@@ -30,15 +30,15 @@ impl Control {
             ));
         }
         let body: DbCertRequest = req.json()?;
-        db_cmd::valid_db_user(&body.db_user).map_err(|e| Response::error(400, e))?;
+        db_certs::valid_db_user(&body.db_user).map_err(|e| Response::error(400, e))?;
         let spki = ca::spki_pem_to_der(&body.tls_public_key)
             .map_err(|e| Response::error(400, e.to_string()))?;
         let now = unix_now();
         let ttl = body
             .ttl_secs
-            .unwrap_or(db_cmd::DB_CLIENT_CERT_TTL_SECS)
-            .clamp(60, db_cmd::MAX_DB_CLIENT_CERT_TTL_SECS);
-        let identity = db_cmd::db_client_identity(&self.settings.cluster, &body.db_user, now, ttl);
+            .unwrap_or(db_certs::DB_CLIENT_CERT_TTL_SECS)
+            .clamp(60, db_certs::MAX_DB_CLIENT_CERT_TTL_SECS);
+        let identity = db_certs::db_client_identity(&self.settings.cluster, &body.db_user, now, ttl);
         let der = self
             .cas()
             .db

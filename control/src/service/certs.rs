@@ -91,19 +91,19 @@ impl Control {
 
     /// `jaunt ca sign-db`: a database server certificate from the db CA over the caller's key.
     pub(super) fn sign_db(&self, req: &Request, caller: &Identity) -> Reply {
-        use crate::db_cmd;
+        use crate::db_certs;
         use jaunt_config::api::{DbCertResponse, SignDbRequest};
         self.require(caller, "ca", "create")?;
         let body: SignDbRequest = req.json()?;
-        let names = db_cmd::db_server_names(&body.hosts).map_err(|e| Response::error(400, e))?;
+        let names = db_certs::db_server_names(&body.hosts).map_err(|e| Response::error(400, e))?;
         let spki = ca::spki_pem_to_der(&body.tls_public_key)
             .map_err(|e| Response::error(400, e.to_string()))?;
         let now = unix_now();
         let ttl = body
             .ttl_secs
             .unwrap_or(self.settings.host_ttl_secs)
-            .clamp(60, db_cmd::MAX_DB_SERVER_CERT_TTL_SECS);
-        let identity = db_cmd::db_server_identity(&self.settings.cluster, &names, now, ttl);
+            .clamp(60, db_certs::MAX_DB_SERVER_CERT_TTL_SECS);
+        let identity = db_certs::db_server_identity(&self.settings.cluster, &names, now, ttl);
         let der = self
             .cas()
             .db

@@ -53,8 +53,8 @@ pub const DEFAULT_TOKEN_TTL_SECS: u64 = 30 * 60;
 pub const MAX_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
 /// Name of the local administrator identity written to the data directory.
 pub const LOCAL_ADMIN: &str = "admin";
-/// The host role of agents that serve apps (joined with an `app` token).
-pub const APP_HOST_ROLE: &str = "app";
+/// The host role of agents that serve apps (joined with an `app` token): the API's.
+pub use jaunt_config::api::APP_HOST_ROLE;
 /// A host whose heartbeat is older than this is listed as unreachable (heartbeats come every
 /// `daemon::HEARTBEAT_PERIOD`).
 pub const MEMBER_STALE_SECS: u64 = 6;

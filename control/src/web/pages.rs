@@ -572,7 +572,7 @@ fn what(r: &RecordingInfo) -> String {
 fn length(r: &RecordingInfo) -> String {
     r.ended.map_or_else(
         || "?".to_owned(),
-        |e| crate::cli::human_duration(e.saturating_sub(r.started)),
+        |e| jaunt_config::duration::human(e.saturating_sub(r.started)),
     )
 }
 
