@@ -87,7 +87,8 @@ pub fn parse_resources(file_name: &str, text: &str) -> Result<Vec<Resource>, Con
         }
         kinds[index] = Some(kind);
     }
-    let documents = yaml::documents_seeded(file_name, text, |index| {
+    // The same text passed the syntax check in the first pass.
+    let documents = yaml::documents_seeded_checked(file_name, text, |index| {
         DocSeed(kinds.get(index).copied().flatten())
     })?;
     documents
