@@ -30,8 +30,8 @@ use jaunt_config::identity::Identity;
 use jaunt_config::wire::dial::{DialKind, DialRequest};
 
 use crate::access::{self, Dialer};
-use crate::db_certs::{db_server_names, valid_db_user};
 use crate::client::{Client, Trust};
+use crate::db_certs::{db_server_names, valid_db_user};
 use crate::profile::{self, Profile};
 
 /// How long the local listener waits for a refused client's startup message.

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use jaunt_config::api::{AgentEvent, DbQueryEvent, EVENTS_PATH};
 use jaunt_config::api::{Certs, JoinRequest};
 use jaunt_config::identity::unix_now;
-use jaunt_config::api::{AgentEvent, DbQueryEvent, EVENTS_PATH};
 use jaunt_control::ca::LocalKeys;
 use jaunt_control::client::{Client, Trust};
 use jaunt_control::profile::Profile;

@@ -495,7 +495,6 @@ fn backoff(failures: u32) -> Duration {
     exp.mul_f64(0.5 + frac / 2.0)
 }
 
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -640,5 +639,4 @@ mod tests {
             );
         }
     }
-
 }

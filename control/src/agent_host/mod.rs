@@ -265,15 +265,14 @@ impl PolicyPoller {
         host: &HostClient,
         tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
     ) -> bool {
-        let fetched =
-            fetch_policy(host, &self.confirmed, &self.engines).and_then(|response| {
-                if self.current.as_deref() == Some(response.version.as_str()) {
-                    return Ok(None);
-                }
-                let policy = jaunt_agent::ClusterPolicy::from_response(&response)
-                    .map_err(|e| anyhow!("the cluster's policy is not usable: {e}"))?;
-                Ok(Some((response, policy)))
-            });
+        let fetched = fetch_policy(host, &self.confirmed, &self.engines).and_then(|response| {
+            if self.current.as_deref() == Some(response.version.as_str()) {
+                return Ok(None);
+            }
+            let policy = jaunt_agent::ClusterPolicy::from_response(&response)
+                .map_err(|e| anyhow!("the cluster's policy is not usable: {e}"))?;
+            Ok(Some((response, policy)))
+        });
         match fetched {
             Ok(None) => self.failures = 0,
             Ok(Some((response, policy))) => {

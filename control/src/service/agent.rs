@@ -20,9 +20,7 @@ impl Control {
     pub(super) fn db_cert(&self, req: &Request, caller: &Identity) -> Reply {
         use crate::db_certs;
         use jaunt_config::api::{DbCertRequest, DbCertResponse, DB_HOST_ROLE};
-        if caller.kind != IdentityKind::Host
-            || !caller.roles.iter().any(|r| r == DB_HOST_ROLE)
-        {
+        if caller.kind != IdentityKind::Host || !caller.roles.iter().any(|r| r == DB_HOST_ROLE) {
             return Err(Response::error(
                 403,
                 "only agents that joined with a db token (jaunt tokens add --type db) get \
@@ -38,7 +36,8 @@ impl Control {
             .ttl_secs
             .unwrap_or(db_certs::DB_CLIENT_CERT_TTL_SECS)
             .clamp(60, db_certs::MAX_DB_CLIENT_CERT_TTL_SECS);
-        let identity = db_certs::db_client_identity(&self.settings.cluster, &body.db_user, now, ttl);
+        let identity =
+            db_certs::db_client_identity(&self.settings.cluster, &body.db_user, now, ttl);
         let der = self
             .cas()
             .db
