@@ -1320,8 +1320,8 @@ fn unrecorded_user(c: &Cluster) -> PathBuf {
     std::fs::write(
         &role,
         "kind: role\nversion: v1\nmetadata:\n  name: unrecorded\nspec:\n  options:\n    \
-         record_session: \"off\"\n  allow:\n    logins: [root]\n    node_labels:\n      \
-         '*': '*'\n",
+         record_session: \"off\"\n    permit_pty: true\n  allow:\n    logins: [root]\n    \
+         node_labels:\n      '*': '*'\n",
     )
     .unwrap();
     ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
