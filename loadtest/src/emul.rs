@@ -32,6 +32,7 @@ use jaunt_agent::BackoffConfig;
 use jaunt_config::api::{AgentPolicyResponse, Certs, JoinRequest};
 use jaunt_config::wire::agent_hello::AgentHello;
 use jaunt_config::wire::dial::TunnelHello;
+use jaunt_config::wire::shard_hint_alpn;
 use jaunt_control::agent_host::{self, AgentOptions, HostClient};
 use jaunt_control::ca::LocalKeys;
 use jaunt_control::client::{Client, Trust};
@@ -149,8 +150,14 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// Tunnels up right now.
     pub connected: AtomicUsize,
-    /// (agent index, when its tunnel came up), every time one did.
-    pub ups: Mutex<Vec<(usize, Instant)>>,
+    /// (agent index, shard, when that tunnel came up), every time one did.
+    pub ups: Mutex<Vec<(usize, usize, Instant)>>,
+    /// Connections made (TCP connected, then a TLS handshake), including those that landed
+    /// on another shard than asked and were closed.
+    pub dials: AtomicUsize,
+    /// Dials that landed on another shard than the one asked for (an engine that does not
+    /// honour the hint) and were closed, as the real agent closes a duplicate.
+    pub misplaced: AtomicUsize,
     /// When a tunnel that was up ended, every time one did.
     pub downs: Mutex<Vec<Instant>>,
     /// Policies the engine pushed over the tunnels and the agents read to the end.
@@ -185,14 +192,18 @@ impl Shared {
 /// many per thread the harness, not the cluster, would stretch the agents' 5 s cadence.
 const AGENTS_PER_POLL_THREAD: usize = 4;
 
-/// Starts one thread per identity (and with `follow`, the policy-poll threads); they run until
-/// `shared.stop`.
+/// Starts one thread per identity and shard (and with `follow`, the policy-poll threads); they
+/// run until `shared.stop`. With `shards` > 1 each agent holds one tunnel per shard, as the real
+/// agent does: the thread for shard `s` asks for it (`jaunt-shard.<s>` after `jaunt-tunnel`)
+/// and closes a connection that lands elsewhere. `shards` = 1: one tunnel per agent, wherever
+/// it lands.
 pub fn start(
     ids: Vec<Identity>,
     addr: SocketAddr,
     server_name: ServerName<'static>,
     shared: Arc<Shared>,
     follow: bool,
+    shards: usize,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut handles = Vec::new();
     let k = ids.len();
@@ -229,11 +240,16 @@ pub fn start(
                 due: started + offset,
             });
         }
-        let h = std::thread::Builder::new()
-            .name(format!("emu-{i}"))
-            .stack_size(256 * 1024)
-            .spawn(move || run(i, tls, addr, name, hello, shared))?;
-        handles.push(h);
+        for shard in 0..shards.max(1) {
+            let (tls, name, hello, shared) =
+                (tls.clone(), name.clone(), hello.clone(), shared.clone());
+            let want = (shards > 1).then_some(shard);
+            let h = std::thread::Builder::new()
+                .name(format!("emu-{i}-{shard}"))
+                .stack_size(256 * 1024)
+                .spawn(move || run(i, want, tls, addr, name, hello, shared))?;
+            handles.push(h);
+        }
     }
     for (t, mut mine) in followers.into_iter().enumerate() {
         if mine.is_empty() {
@@ -253,8 +269,35 @@ fn seed(i: usize) -> u64 {
     jaunt_agent::backoff::seed() ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+/// The shard count of the engine at `addr`, from the tunnel hello of one dial as `id` (closed
+/// before the agent hello, so the engine counts it as a duplicate and registers nothing).
+pub fn probe_shards(
+    id: &Identity,
+    addr: SocketAddr,
+    server_name: &ServerName<'static>,
+) -> anyhow::Result<usize> {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let conn = ClientConnection::new(id.tls.clone(), server_name.clone())?;
+    let mut s = StreamOwned::new(conn, tcp);
+    let mut buf = vec![0u8; 4096];
+    let mut pending = Vec::new();
+    loop {
+        if let Some((hello, _)) = TunnelHello::parse(&pending).map_err(|e| anyhow!("{e}"))? {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+            return Ok(hello.shards);
+        }
+        match s.read(&mut buf)? {
+            0 => bail!("the engine closed before its tunnel hello"),
+            n => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 fn run(
     i: usize,
+    want: Option<usize>,
     tls: Arc<Mutex<Arc<ClientConfig>>>,
     addr: SocketAddr,
     name: ServerName<'static>,
@@ -262,21 +305,37 @@ fn run(
     shared: Arc<Shared>,
 ) {
     let mut backoff = Backoff::new(BackoffConfig::default(), seed(i));
+    let mut misplaced_in_row = 0usize;
     while !shared.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         // The TLS in force now: a followed rotation replaces it for the next tunnel (as the real
         // agent's `ReplaceTls`), never the tunnel that is up.
-        let config = match tls.lock() {
+        let mut config = match tls.lock() {
             Ok(t) => t.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        let up = tunnel(i, &config, addr, &name, &hello, &shared);
+        if let Some(shard) = want {
+            let mut c = ClientConfig::clone(&config);
+            c.alpn_protocols.push(shard_hint_alpn(shard));
+            config = Arc::new(c);
+        }
+        let up = tunnel(i, want, &config, addr, &name, &hello, &shared);
         if shared.stop.load(Ordering::Relaxed) {
             break;
         }
-        if up {
-            backoff.tunnel_ended(started.elapsed());
+        match up {
+            Tunnel::Up => {
+                backoff.tunnel_ended(started.elapsed());
+            }
+            // The real agent dials again at once within its round (about twice the expected
+            // dials for the missing shards) before it backs off; at most a few here.
+            Tunnel::Misplaced if misplaced_in_row < 2 * want.map_or(1, |s| s + 1).max(8) => {
+                misplaced_in_row += 1;
+                continue;
+            }
+            Tunnel::Misplaced | Tunnel::Failed => {}
         }
+        misplaced_in_row = 0;
         let delay = backoff.next_delay();
         let until = Instant::now() + delay;
         while Instant::now() < until && !shared.stop.load(Ordering::Relaxed) {
@@ -285,45 +344,64 @@ fn run(
     }
 }
 
-/// One tunnel, from dial to end; returns whether it came up.
+/// How one dial ended.
+enum Tunnel {
+    /// It came up (and has ended since).
+    Up,
+    /// It landed on another shard than asked for and was closed.
+    Misplaced,
+    /// It did not come up.
+    Failed,
+}
+
+/// One tunnel, from dial to end.
 fn tunnel(
     i: usize,
+    want: Option<usize>,
     tls: &Arc<ClientConfig>,
     addr: SocketAddr,
     name: &ServerName<'static>,
     hello: &[u8],
     shared: &Shared,
-) -> bool {
+) -> Tunnel {
     let Ok(tcp) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
-        return false;
+        return Tunnel::Failed;
     };
+    shared.dials.fetch_add(1, Ordering::Relaxed);
     let _ = tcp.set_nodelay(true);
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
     let Ok(conn) = ClientConnection::new(tls.clone(), name.clone()) else {
-        return false;
+        return Tunnel::Failed;
     };
     let mut s = StreamOwned::new(conn, tcp);
     let mut buf = vec![0u8; 16 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     // The engine's TunnelHello.
-    let leftover = loop {
+    let (leftover, shard) = loop {
         match TunnelHello::parse(&pending) {
-            Ok(Some((_hello, used))) => break pending.split_off(used),
+            Ok(Some((hello, used))) => break (pending.split_off(used), hello.shard),
             Ok(None) => {}
-            Err(_) => return false,
+            Err(_) => return Tunnel::Failed,
         }
         match s.read(&mut buf) {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return Tunnel::Failed,
             Ok(n) => pending.extend_from_slice(&buf[..n]),
         }
     };
+    if want.is_some_and(|w| w != shard) {
+        // Closed before the agent hello: the engine counts a duplicate, as for the real agent.
+        shared.misplaced.fetch_add(1, Ordering::Relaxed);
+        s.conn.send_close_notify();
+        let _ = s.flush();
+        return Tunnel::Misplaced;
+    }
     if s.write_all(hello).and_then(|_| s.flush()).is_err() {
-        return false;
+        return Tunnel::Failed;
     }
     let now = Instant::now();
     shared.connected.fetch_add(1, Ordering::SeqCst);
     if let Ok(mut ups) = shared.ups.lock() {
-        ups.push((i, now));
+        ups.push((i, shard, now));
     }
     let mut mux = Mux::new(Role::Client, MuxConfig::default(), now);
     let _ = s.sock.set_read_timeout(Some(Duration::from_millis(200)));
@@ -389,7 +467,7 @@ fn tunnel(
     if let Ok(mut downs) = shared.downs.lock() {
         downs.push(Instant::now());
     }
-    true
+    Tunnel::Up
 }
 
 /// One emulated agent's policy poller: the state of `jaunt agent`'s `PolicyPoller`.

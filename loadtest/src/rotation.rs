@@ -69,7 +69,7 @@ pub fn rotation(
     let ids = emul::join_all(spawned, k, "rotation")?;
     let user = JauntUser::from_home(&spawned.home)?;
     let shared = Arc::new(emul::Shared::default());
-    let handles = emul::start(ids, user.addr, user.name.clone(), shared.clone(), true)?;
+    let handles = emul::start(ids, user.addr, user.name.clone(), shared.clone(), true, 1)?;
     let result = (|| -> anyhow::Result<Vec<Row>> {
         // Every agent up and confirming the current phase, and the guard agreeing.
         let deadline = Instant::now() + Duration::from_secs(60 + k as u64 / 10);

@@ -578,15 +578,28 @@ pub fn agents(
     let ids = emul::join_all(spawned, k, "agents")?;
     let user = JauntUser::from_home(&spawned.home)?;
     let shared = Arc::new(emul::Shared::default());
-    let handles = emul::start(ids, user.addr, user.name.clone(), shared.clone(), false)?;
+    // One tunnel per engine shard per agent, as the real agent holds.
+    let shards = match ids.first() {
+        Some(id) => emul::probe_shards(id, user.addr, &user.name)?,
+        None => 1,
+    };
+    let handles = emul::start(
+        ids,
+        user.addr,
+        user.name.clone(),
+        shared.clone(),
+        false,
+        shards,
+    )?;
+    let tunnels = k * shards;
     let result = (|| -> anyhow::Result<Vec<Row>> {
-        let deadline = Instant::now() + Duration::from_secs(60 + k as u64 / 20);
+        let deadline = Instant::now() + Duration::from_secs(60 + tunnels as u64 / 20);
         {
-            let progress = Progress::new("agents: connecting", Some(k as u64));
-            while shared.connected.load(SeqCst) < k {
+            let progress = Progress::new("agents: connecting", Some(tunnels as u64));
+            while shared.connected.load(SeqCst) < tunnels {
                 if Instant::now() > deadline {
                     bail!(
-                        "only {} of {k} emulated agents connected",
+                        "only {} of {tunnels} emulated agent tunnels ({k} agents x {shards} shards) connected",
                         shared.connected.load(SeqCst)
                     );
                 }
@@ -597,6 +610,8 @@ pub fn agents(
             }
         }
         let before = watch.sample();
+        let dials_before = shared.dials.load(SeqCst);
+        let misplaced_before = shared.misplaced.load(SeqCst);
         let (old_cpu, t_kill, t_ready) = spawned.restart_daemon(crash)?;
         watch.add("jaunt", vec![spawned.daemon.pid()]);
         // Each agent's first tunnel after the kill.
@@ -604,15 +619,27 @@ pub fn agents(
         let firsts = {
             let progress = Progress::new("agents: reconnecting", Some(k as u64));
             loop {
+                // An agent is back when each of its shards has a tunnel again: the latest of
+                // its shards' first tunnels after the kill.
                 let firsts: std::collections::BTreeMap<usize, Instant> = {
                     let ups = shared.ups.lock().map(|u| u.clone()).unwrap_or_default();
-                    let mut m = std::collections::BTreeMap::new();
-                    for (i, t) in ups {
+                    let mut per_shard = std::collections::BTreeMap::new();
+                    for (i, shard, t) in ups {
                         if t > t_kill {
-                            m.entry(i).or_insert(t);
+                            per_shard.entry((i, shard)).or_insert(t);
                         }
                     }
-                    m
+                    let mut m: std::collections::BTreeMap<usize, (usize, Instant)> =
+                        std::collections::BTreeMap::new();
+                    for ((i, _), t) in per_shard {
+                        let e = m.entry(i).or_insert((0, t));
+                        e.0 += 1;
+                        e.1 = e.1.max(t);
+                    }
+                    m.into_iter()
+                        .filter(|(_, (n, _))| *n >= shards)
+                        .map(|(i, (_, t))| (i, t))
+                        .collect()
                 };
                 progress.done.store(firsts.len() as u64, Ordering::Relaxed);
                 if firsts.len() >= k {
@@ -679,6 +706,15 @@ pub fn agents(
                 "jaunt",
             )
             .metric("agents", k as u64)
+            .metric("shards", shards as u64)
+            .metric(
+                "dials_per_agent",
+                (shared.dials.load(SeqCst) - dials_before) as f64 / k as f64,
+            )
+            .metric(
+                "misplaced_dials",
+                (shared.misplaced.load(SeqCst) - misplaced_before) as u64,
+            )
             .metric("engine_restart_s", secs(t_kill, t_ready))
             .metric("first_tunnel_lost_s", secs(t_kill, first_down))
             .metric("last_tunnel_lost_s", secs(t_kill, last_down))
@@ -686,7 +722,7 @@ pub fn agents(
             .metric("all_back_after_ready_s", secs(t_ready, last))
             .metric("peak_reconnects_per_s", peak)
             .work(cpu, "1k agents", k as f64 / 1000.0)
-            .note("agents: emulated in-process (one thread and one tunnel per agent, real TLS host certificates, real mux keepalives, the real agent's jittered backoff); times are from the signal to the engine (SIGTERM, or SIGKILL with --restart crash); `engine_restart_s` is signal to the new daemon's banner (the old one's drain, then control + engine start); `*_tunnel_lost_s` when the agents saw their tunnels end; plot: agents-reconnect.svg")])
+            .note("agents: emulated in-process (one thread and one tunnel per agent and engine shard, each dial asking for its shard with `jaunt-shard.<k>` as the real agent does; `dials_per_agent` counts the connections made (TCP connected, TLS handshake) from the restart until all were back, `misplaced_dials` those that landed on another shard; real TLS host certificates, real mux keepalives, the real agent's jittered backoff); times are from the signal to the engine (SIGTERM, or SIGKILL with --restart crash); `engine_restart_s` is signal to the new daemon's banner (the old one's drain, then control + engine start); `*_tunnel_lost_s` when the agents saw their tunnels end; plot: agents-reconnect.svg")])
     })();
     shared.stop.store(true, SeqCst);
     for h in handles {
