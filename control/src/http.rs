@@ -932,18 +932,15 @@ fn parse_head(buf: &[u8], limits: &Limits, started: Instant) -> Result<Option<He
             "chunked request bodies are not supported: send Content-Length".to_owned(),
         ));
     }
-    let mut content_length: Option<usize> = None;
-    for (_, value) in owned
-        .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-    {
-        let parsed = parse_content_length(value).ok_or_else(|| bad("invalid Content-Length"))?;
-        if content_length.is_some_and(|known| known != parsed) {
-            return Err(bad("conflicting Content-Length headers"));
-        }
-        content_length = Some(parsed);
-    }
-    let content_length = content_length.unwrap_or(0);
+    let content_length = jaunt_config::http::content_length(
+        owned
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .map(|(_, value)| value.as_bytes()),
+    )
+    .map_err(|e| bad(e.as_str()))?
+    .map_or(Ok(0), usize::try_from)
+    .map_err(|_| bad("an invalid Content-Length"))?;
     if content_length > limits.max_body_bytes {
         return Err(ReadError::Http(
             413,
@@ -995,13 +992,6 @@ fn too_large_head(limits: &Limits) -> ReadError {
 }
 
 /// Digits only (no sign, no spaces inside), and no overflow.
-fn parse_content_length(value: &str) -> Option<usize> {
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok()
-}
-
 fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -1400,6 +1390,10 @@ mod tests {
         );
         assert_eq!(
             status_of("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status_of("POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n"),
             400
         );
         assert_eq!(

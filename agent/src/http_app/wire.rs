@@ -116,16 +116,6 @@ fn is_text(b: u8) -> bool {
     b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80
 }
 
-fn trim_ows(mut bytes: &[u8]) -> &[u8] {
-    while let Some((b' ' | b'\t', rest)) = bytes.split_first() {
-        bytes = rest;
-    }
-    while let Some((b' ' | b'\t', rest)) = bytes.split_last() {
-        bytes = rest;
-    }
-    bytes
-}
-
 /// httparse as strict as it goes: no whitespace before a header's colon, no obs-fold, no
 /// invalid header lines skipped, single spaces in the start line (these are its defaults,
 /// spelled out so that a change of default cannot loosen them).
@@ -179,7 +169,7 @@ fn finish_head(
     }
     let mut headers = Vec::with_capacity(parsed.len());
     for header in parsed {
-        let value = trim_ows(header.value);
+        let value = jaunt_config::http::trim_ows(header.value);
         if !value.iter().all(|&b| is_text(b)) {
             return Err(HeadError::Malformed(
                 "a control character in a header value",
@@ -295,34 +285,16 @@ fn values<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a 
 fn list(headers: &[Header], name: &str) -> Vec<String> {
     values(headers, name)
         .flat_map(|v| v.split(|&b| b == b','))
-        .map(trim_ows)
+        .map(jaunt_config::http::trim_ows)
         .filter(|e| !e.is_empty())
         .map(|e| String::from_utf8_lossy(e).to_ascii_lowercase())
         .collect()
 }
 
-/// The Content-Length, if any. Repeated fields or list elements must all agree (RFC 9112
-/// §6.3); each must be 1 to 19 digits (no sign, no spaces inside).
+/// The Content-Length, if any: the one reading the three HTTP servers share
+/// ([`jaunt_config::http::content_length`]).
 fn content_length(headers: &[Header]) -> Result<Option<u64>, &'static str> {
-    let mut found: Option<u64> = None;
-    for value in values(headers, "content-length") {
-        for element in value.split(|&b| b == b',') {
-            let digits = trim_ows(element);
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err("an invalid Content-Length");
-            }
-            let n = digits
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            match found {
-                Some(previous) if previous != n => {
-                    return Err("conflicting Content-Length values");
-                }
-                _ => found = Some(n),
-            }
-        }
-    }
-    Ok(found)
+    jaunt_config::http::content_length(values(headers, "content-length")).map_err(|e| e.as_str())
 }
 
 /// The transfer codings, in order, if the message has Transfer-Encoding.

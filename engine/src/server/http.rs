@@ -93,7 +93,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     let version = request.version.unwrap_or(0);
     let mut keep_alive = version >= 1;
     let mut has_body = false;
-    let mut content_length = None;
+    let mut lengths: Vec<&[u8]> = Vec::new();
     let mut chunked = false;
     let mut headers = Vec::with_capacity(request.headers.len());
     for header in request.headers.iter() {
@@ -111,18 +111,20 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
                 }
             }
         } else if header.name.eq_ignore_ascii_case("content-length") {
-            has_body |= value != "0";
-            match (content_length, value.parse::<usize>()) {
-                (None, Ok(n)) => content_length = Some(n),
-                // Two different lengths, or one that is not a number: request smuggling bait.
-                (Some(m), Ok(n)) if m == n => {}
-                _ => return Err(HttpError::Malformed),
-            }
+            lengths.push(header.value);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             has_body = true;
             chunked = true;
         }
     }
+    // Two different lengths, or one that is not digits: request smuggling bait. The reading is
+    // the one all three HTTP servers share.
+    let content_length = match jaunt_config::http::content_length(lengths) {
+        Ok(None) => None,
+        Ok(Some(n)) => Some(usize::try_from(n).map_err(|_| HttpError::Malformed)?),
+        Err(_) => return Err(HttpError::Malformed),
+    };
+    has_body |= content_length.is_some_and(|n| n != 0);
     if has_body && content_length.is_none() && !chunked {
         return Err(HttpError::Malformed);
     }
@@ -539,6 +541,17 @@ mod tests {
         assert_eq!(
             parse_head(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
             Err(HttpError::Malformed)
+        );
+        // A sign is refused here as by control and the agent (one shared reading); agreeing
+        // list elements are one length.
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello"),
+            Err(HttpError::Malformed)
+        );
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello")
+                .map(|h| h.map(|h| h.0.content_length)),
+            Ok(Some(Some(5)))
         );
         let cookie = parse_head(b"GET / HTTP/1.1\r\nCookie: a=b\r\n\r\n");
         assert_eq!(
