@@ -37,6 +37,36 @@ pub(crate) struct LocalTarget {
     pub(crate) addr: HostPort,
 }
 
+/// Connects to `local` within the settings' `local_connect` bound. The error is the message
+/// for the user, naming the service and its address; it is logged here as the local service's
+/// fault, with `reason` as its stable label.
+pub(crate) async fn connect_local(
+    local: &LocalTarget,
+    prepared: &Prepared,
+    reason: &'static str,
+) -> Result<glommio::net::TcpStream, String> {
+    let bound = prepared.timeouts.local_connect;
+    let connected = async {
+        let addrs = net::resolve(&local.addr.host, local.addr.port).await?;
+        net::connect(&addrs, bound).await
+    };
+    let message = match net::timeout(bound, connected).await {
+        Some(Ok(tcp)) => return Ok(tcp),
+        Some(Err(e)) => format!(
+            "cannot reach {} at {}: {}",
+            local.what,
+            local.addr,
+            describe_io(&e)
+        ),
+        None => format!(
+            "cannot reach {} at {}: no answer within {bound:?}",
+            local.what, local.addr
+        ),
+    };
+    tracing::warn!(blame = %Blame::LocalService, reason, error = %message, "stream refused");
+    Err(message)
+}
+
 /// Why a stream is not served: each says what the user (or operator) can do about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -410,29 +440,9 @@ async fn serve_local(
         crate::http_app::serve(incoming, header, local, prepared).await;
         return;
     }
-    let connected = async {
-        let addrs = net::resolve(&local.addr.host, local.addr.port).await?;
-        net::connect(&addrs, prepared.timeouts.local_connect).await
-    };
-    let tcp = match net::timeout(prepared.timeouts.local_connect, connected).await {
-        Some(Ok(tcp)) => tcp,
-        Some(Err(e)) => {
-            let message = format!(
-                "cannot reach {} at {}: {}",
-                local.what,
-                local.addr,
-                describe_io(&e)
-            );
-            tracing::warn!(blame = %Blame::LocalService, error = %message, "stream refused");
-            incoming.refuse(&message);
-            return;
-        }
-        None => {
-            let message = format!(
-                "cannot reach {} at {}: no answer within {:?}",
-                local.what, local.addr, prepared.timeouts.local_connect
-            );
-            tracing::warn!(blame = %Blame::LocalService, error = %message, "stream refused");
+    let tcp = match crate::serve::connect_local(&local, &prepared, "local_unreachable").await {
+        Ok(tcp) => tcp,
+        Err(message) => {
             incoming.refuse(&message);
             return;
         }

@@ -963,29 +963,9 @@ pub(crate) async fn serve(
     };
 
     // sshd, as a client.
-    let connected = async {
-        let addrs = net::resolve(&local.addr.host, local.addr.port).await?;
-        net::connect(&addrs, prepared.timeouts.local_connect).await
-    };
-    let tcp = match net::timeout(prepared.timeouts.local_connect, connected).await {
-        Some(Ok(tcp)) => tcp,
-        Some(Err(e)) => {
-            let message = format!(
-                "cannot reach {} at {}: {}",
-                local.what,
-                local.addr,
-                describe_io(&e)
-            );
-            tracing::warn!(blame = %Blame::LocalService, reason = "node_unreachable", error = %message, "stream refused");
-            incoming.refuse(&message);
-            return Ok(());
-        }
-        None => {
-            let message = format!(
-                "cannot reach {} at {}: no answer within {:?}",
-                local.what, local.addr, prepared.timeouts.local_connect
-            );
-            tracing::warn!(blame = %Blame::LocalService, reason = "node_unreachable", error = %message, "stream refused");
+    let tcp = match crate::serve::connect_local(&local, &prepared, "node_unreachable").await {
+        Ok(tcp) => tcp,
+        Err(message) => {
             incoming.refuse(&message);
             return Ok(());
         }

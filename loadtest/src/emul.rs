@@ -265,6 +265,10 @@ pub fn start(
     Ok(handles)
 }
 
+/// Dials in a row that may land on another shard than asked before an emulated agent backs off
+/// (an engine that ignores the hint: about what the real agent's round allows for 8 shards).
+const MISPLACED_DIALS_BEFORE_BACKOFF: usize = 16;
+
 fn seed(i: usize) -> u64 {
     jaunt_agent::backoff::seed() ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
@@ -327,9 +331,9 @@ fn run(
             Tunnel::Up => {
                 backoff.tunnel_ended(started.elapsed());
             }
-            // The real agent dials again at once within its round (about twice the expected
-            // dials for the missing shards) before it backs off; at most a few here.
-            Tunnel::Misplaced if misplaced_in_row < 2 * want.map_or(1, |s| s + 1).max(8) => {
+            // The real agent dials again at once within its round before it backs off; an
+            // engine that honours the hint never gets here.
+            Tunnel::Misplaced if misplaced_in_row < MISPLACED_DIALS_BEFORE_BACKOFF => {
                 misplaced_in_row += 1;
                 continue;
             }

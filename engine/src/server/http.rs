@@ -93,7 +93,6 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     let version = request.version.unwrap_or(0);
     let mut keep_alive = version >= 1;
     let mut has_body = false;
-    let mut lengths: Vec<&[u8]> = Vec::new();
     let mut chunked = false;
     let mut headers = Vec::with_capacity(request.headers.len());
     for header in request.headers.iter() {
@@ -110,8 +109,6 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
                     keep_alive = true;
                 }
             }
-        } else if header.name.eq_ignore_ascii_case("content-length") {
-            lengths.push(header.value);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             has_body = true;
             chunked = true;
@@ -119,6 +116,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     }
     // Two different lengths, or one that is not digits: request smuggling bait. The reading is
     // the one all three HTTP servers share.
+    let lengths = request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value);
     let content_length = match jaunt_config::http::content_length(lengths) {
         Ok(None) => None,
         Ok(Some(n)) => Some(usize::try_from(n).map_err(|_| HttpError::Malformed)?),

@@ -922,6 +922,17 @@ pub(crate) struct ConnGuard {
 }
 
 impl ConnGuard {
+    /// A new connection's guard, unless the shard is at its connection limit (then counted as
+    /// refused). The limit is read per connection: a reload lowers or raises it for the next
+    /// one; the connections above a lowered limit stay until they end.
+    fn admit(shard: &Rc<Shard>) -> Option<ConnGuard> {
+        if shard.metrics.active() >= shard.limits().max_connections_per_shard as u64 {
+            shard.metrics.refused(Refusal::TooManyConnections);
+            return None;
+        }
+        Some(ConnGuard::new(shard))
+    }
+
     fn new(shard: &Rc<Shard>) -> ConnGuard {
         shard.metrics.connection_opened();
         ConnGuard {
@@ -1120,11 +1131,9 @@ impl hop::HopShard for Shard {
         if self.draining.is_fired() {
             return;
         }
-        if self.metrics.active() >= self.limits().max_connections_per_shard as u64 {
-            self.metrics.refused(Refusal::TooManyConnections);
+        let Some(guard) = ConnGuard::admit(self) else {
             return;
-        }
-        let guard = ConnGuard::new(self);
+        };
         let stream = adopted_stream(adopted.stream);
         glommio::spawn_local(conn::serve_adopted(
             Rc::clone(self),
@@ -1177,15 +1186,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     let _ = stopped.send(shard.index);
                     return;
                 }
-                // Read per accept: a reload lowers or raises the bound for the next one; the
-                // connections above a lowered bound stay until they end.
-                let max = shard.limits().max_connections_per_shard as u64;
-                if shard.metrics.active() >= max {
-                    shard.metrics.refused(Refusal::TooManyConnections);
+                let Some(guard) = ConnGuard::admit(&shard) else {
                     drop(stream);
                     continue;
-                }
-                let guard = ConnGuard::new(&shard);
+                };
                 glommio::spawn_local(conn::serve(Rc::clone(&shard), stream, guard)).detach();
             }
             Err(e) => {
