@@ -637,7 +637,7 @@ impl Session {
                     Ok(None) => {
                         started.get_or_insert_with(|| Instant::now() + HEAD_TIMEOUT);
                     }
-                    Err(e @ (HeadError::TooLarge | HeadError::TooManyHeaders)) => {
+                    Err(e @ (HeadError::TooLarge { .. } | HeadError::TooManyFields { .. })) => {
                         return HeadRead::Reject(431, format!("the request head is refused: {e}"))
                     }
                     Err(e) => return HeadRead::Reject(400, format!("malformed request: {e}")),

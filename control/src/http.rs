@@ -672,7 +672,8 @@ fn serve_connection(shared: &Shared, slot: &Mutex<Slot>, sock: TcpStream, peer: 
         set_idle(slot, false);
         let deadline = head.started + limits.request_timeout;
         if head.expect_continue {
-            if let Err(e) = io.write_all_plain(b"HTTP/1.1 100 Continue\r\n\r\n", deadline) {
+            let interim = jaunt_config::http::HeadWriter::response(100).finish(b"");
+            if let Err(e) = io.write_all_plain(&interim, deadline) {
                 tracing::debug!(%peer, "control API connection dropped: {e}");
                 return;
             }
@@ -820,14 +821,13 @@ fn sniff_plain_http(sock: &TcpStream, deadline: Instant) -> io::Result<bool> {
 
 fn answer_plain_http(mut sock: TcpStream) {
     let body = b"{\"error\":\"this port speaks TLS: use https:// (the jaunt CLI does)\"}";
-    let head = format!(
-        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    let mut head = jaunt_config::http::HeadWriter::response(400);
+    head.field("Content-Type", "application/json")
+        .field("Content-Length", body.len().to_string())
+        .field("Connection", "close");
+    let answer = head.finish(body);
     let _ = sock.set_write_timeout(Some(CLOSE_TIMEOUT));
-    let _ = sock
-        .write_all(head.as_bytes())
-        .and_then(|()| sock.write_all(body));
+    let _ = sock.write_all(&answer);
     let _ = sock.shutdown(Shutdown::Write);
     linger(&mut sock);
 }
@@ -879,36 +879,41 @@ enum ReadError {
     Io(io::Error),
 }
 
-/// Parses a request head from `buf`. `Ok(None)`: incomplete, read more.
+/// Parses a request head from `buf`. `Ok(None)`: incomplete, read more. The tokenizer is the
+/// one the three HTTP servers share ([`jaunt_config::http::parse_request`]); what the API
+/// makes of the head (UTF-8 values, a percent-decoded path, no Transfer-Encoding, the statuses
+/// and words of its refusals) is here.
 fn parse_head(buf: &[u8], limits: &Limits, started: Instant) -> Result<Option<Head>, ReadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let consumed = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() >= limits.max_header_bytes {
-                return Err(too_large_head(limits));
-            }
-            return Ok(None);
-        }
-        Err(httparse::Error::TooManyHeaders) => {
+    use jaunt_config::http::{self, HeadError};
+    let bounds = http::Bounds {
+        head_bytes: limits.max_header_bytes,
+        fields: MAX_HEADERS,
+    };
+    let req = match http::parse_request(buf, bounds) {
+        Ok(Some(req)) => req,
+        Ok(None) => return Ok(None),
+        Err(HeadError::TooLarge { .. }) => return Err(too_large_head(limits)),
+        Err(HeadError::TooManyFields { .. }) => {
             return Err(ReadError::Http(
                 431,
                 format!("more than {MAX_HEADERS} request headers"),
             ));
         }
-        Err(e) => return Err(ReadError::Http(400, format!("malformed request: {e}"))),
+        Err(HeadError::Malformed(m)) => {
+            return Err(ReadError::Http(
+                400,
+                format!("malformed request: {}", m.as_str()),
+            ))
+        }
     };
-    if consumed > limits.max_header_bytes {
-        return Err(too_large_head(limits));
-    }
     let bad = |message: &str| ReadError::Http(400, message.to_owned());
-    let method = req.method.ok_or_else(|| bad("no method"))?.to_owned();
-    let target = req.path.ok_or_else(|| bad("no request target"))?;
-    let version = req.version.ok_or_else(|| bad("no HTTP version"))?;
+    let consumed = req.len;
+    let method = req.method.to_owned();
+    let target = req.target;
+    let version = req.minor;
 
-    let mut owned = Vec::with_capacity(req.headers.len());
-    for header in req.headers.iter() {
+    let mut owned = Vec::with_capacity(req.fields.len());
+    for header in &req.fields {
         let value =
             std::str::from_utf8(header.value).map_err(|_| bad("a header value is not UTF-8"))?;
         owned.push((header.name.to_owned(), value.trim().to_owned()));
@@ -1048,16 +1053,13 @@ fn hex_value(b: u8) -> Option<u8> {
 
 /// The status line, headers and body of `response`.
 fn encode_response(response: &Response, keep_alive: bool, omit_body: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + response.body.len());
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n",
-        response.status,
-        jaunt_config::http::reason_phrase(response.status),
-        response.content_type,
-        response.body.len(),
-        if keep_alive { "keep-alive" } else { "close" },
-    );
+    let mut head = jaunt_config::http::HeadWriter::response(response.status);
+    head.field("Content-Type", response.content_type)
+        .field("Content-Length", response.body.len().to_string())
+        .field(
+            "Connection",
+            if keep_alive { "keep-alive" } else { "close" },
+        );
     for (name, value) in &response.headers {
         let reserved = [
             "content-length",
@@ -1068,18 +1070,14 @@ fn encode_response(response: &Response, keep_alive: bool, omit_body: bool) -> Ve
         .iter()
         .any(|r| name.eq_ignore_ascii_case(r));
         let name_ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
-        let value_ok = value.bytes().all(|b| b != b'\r' && b != b'\n' && b != 0);
+        let value_ok = !jaunt_config::http::could_split(value.as_bytes());
         if reserved || !name_ok || !value_ok {
             tracing::warn!(header = %name, "dropping an invalid or reserved response header");
             continue;
         }
-        let _ = write!(out, "{name}: {value}\r\n");
+        head.field(name, value);
     }
-    out.extend_from_slice(b"\r\n");
-    if !omit_body {
-        out.extend_from_slice(&response.body);
-    }
-    out
+    head.finish(if omit_body { b"" } else { &response.body })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,15 +4,19 @@
 //! [`rewrite_response`]), the incremental chunked-framing scanner ([`ChunkedScanner`]) and the
 //! agent's own error responses ([`error_response`]).
 //!
-//! Heads are parsed by httparse, configured strictly where leniency lets two parsers disagree
-//! (request smuggling): CRLF or LF line ends but no bare CR, no whitespace before a header's
-//! colon, no obs-fold, no invalid header lines skipped. What httparse leaves to its caller is
-//! checked here: the bounds ([`MAX_HEAD_BYTES`], [`MAX_HEADERS`]), no control characters in
-//! values or the reason phrase, a target of visible ASCII, only HTTP/1.0 and 1.1, and the framing
-//! (one Host, valid and agreeing Content-Lengths, never both Content-Length and
-//! Transfer-Encoding in a request).
+//! Heads are tokenized by the tokenizer the three HTTP servers share
+//! ([`jaunt_config::http::parse_request`], [`jaunt_config::http::parse_response`]: httparse as
+//! strict as it goes, where leniency lets two parsers disagree (request smuggling), with the
+//! bounds [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`], no control characters in values or the reason
+//! phrase, only HTTP/1.0 and 1.1) and written by its [`HeadWriter`]. What a proxy that forwards
+//! heads needs on top is here: a target of visible ASCII, and the framing (one Host, valid and
+//! agreeing Content-Lengths, never both Content-Length and Transfer-Encoding in a request).
 
 use std::fmt;
+
+use jaunt_config::http::{Bounds, HeadWriter};
+
+pub(crate) use jaunt_config::http::HeadError;
 
 /// Largest request or response head (start line and headers, with line ends).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -90,170 +94,56 @@ pub(crate) struct ResponseHead {
     pub(crate) headers: Vec<Header>,
 }
 
-/// Why a head could not be parsed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum HeadError {
-    /// Longer than [`MAX_HEAD_BYTES`].
-    TooLarge,
-    /// More than [`MAX_HEADERS`] fields.
-    TooManyHeaders,
-    /// Not HTTP/1.x; says what is wrong.
-    Malformed(&'static str),
+/// The bounds of a head, in either direction.
+const BOUNDS: Bounds = Bounds {
+    head_bytes: MAX_HEAD_BYTES,
+    fields: MAX_HEADERS,
+};
+
+/// The fields copied out of a tokenized head.
+fn owned(fields: &[jaunt_config::http::Field<'_>]) -> Vec<Header> {
+    fields
+        .iter()
+        .map(|field| Header {
+            name: field.name.to_owned(),
+            value: field.value.to_vec(),
+        })
+        .collect()
 }
 
-impl fmt::Display for HeadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HeadError::TooLarge => write!(f, "the head is larger than {MAX_HEAD_BYTES} bytes"),
-            HeadError::TooManyHeaders => write!(f, "more than {MAX_HEADERS} header fields"),
-            HeadError::Malformed(why) => f.write_str(why),
-        }
-    }
-}
-
-/// Field-value and reason-phrase bytes: HTAB, SP, VCHAR, obs-text.
-fn is_text(b: u8) -> bool {
-    b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80
-}
-
-/// httparse as strict as it goes: no whitespace before a header's colon, no obs-fold, no
-/// invalid header lines skipped, single spaces in the start line (these are its defaults,
-/// spelled out so that a change of default cannot loosen them).
-fn parser_config() -> httparse::ParserConfig {
-    let mut config = httparse::ParserConfig::default();
-    config
-        .allow_spaces_after_header_name_in_responses(false)
-        .allow_obsolete_multiline_headers_in_responses(false)
-        .allow_multiple_spaces_in_request_line_delimiters(false)
-        .allow_multiple_spaces_in_response_status_delimiters(false)
-        .allow_space_before_first_header_name(false)
-        .ignore_invalid_headers_in_requests(false)
-        .ignore_invalid_headers_in_responses(false);
-    config
-}
-
-/// What httparse refused, in the proxy's words.
-fn head_error(e: httparse::Error) -> HeadError {
-    HeadError::Malformed(match e {
-        httparse::Error::TooManyHeaders => return HeadError::TooManyHeaders,
-        httparse::Error::HeaderName => {
-            "a header line whose name is not a token (whitespace before its colon, a folded \
-             line (obs-fold is not accepted) or no colon)"
-        }
-        httparse::Error::HeaderValue => "a control character in a header value",
-        httparse::Error::NewLine => "a bare CR or a malformed line end in the head",
-        httparse::Error::Status => "a malformed status line (the status code is not three digits)",
-        httparse::Error::Token => {
-            "the request line is not METHOD TARGET VERSION (a method that is not a token, or \
-             a target with characters a URI cannot have)"
-        }
-        httparse::Error::Version => "not HTTP/1.0 or HTTP/1.1",
-    })
-}
-
-/// The checks httparse leaves to its caller: how large the head is, values free of control
-/// characters (checked here as well, so that the rule does not rest on httparse's internals),
-/// then the fields copied out with their values trimmed of OWS.
-fn finish_head(
-    status: httparse::Status<usize>,
-    buf_len: usize,
-    parsed: &[httparse::Header<'_>],
-) -> Result<Option<(Vec<Header>, usize)>, HeadError> {
-    let used = match status {
-        httparse::Status::Complete(used) => used,
-        httparse::Status::Partial if buf_len >= MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
-    };
-    if used > MAX_HEAD_BYTES {
-        return Err(HeadError::TooLarge);
-    }
-    let mut headers = Vec::with_capacity(parsed.len());
-    for header in parsed {
-        let value = jaunt_config::http::trim_ows(header.value);
-        if !value.iter().all(|&b| is_text(b)) {
-            return Err(HeadError::Malformed(
-                "a control character in a header value",
-            ));
-        }
-        headers.push(Header {
-            name: header.name.to_owned(),
-            value: value.to_vec(),
-        });
-    }
-    Ok(Some((headers, used)))
-}
-
-fn minor(version: Option<u8>) -> Result<u8, HeadError> {
-    match version {
-        Some(minor @ (0 | 1)) => Ok(minor),
-        _ => Err(HeadError::Malformed("not HTTP/1.0 or HTTP/1.1")),
-    }
-}
-
-/// Parses the request head at the front of `buf` (httparse, strict): `Ok(None)` until it is
-/// complete, then the head and how many bytes it used. Empty lines before the request line are
-/// skipped (RFC 9112 §2.2).
+/// Parses the request head at the front of `buf`: `Ok(None)` until it is complete, then the
+/// head and how many bytes it used. Empty lines before the request line are skipped (RFC 9112
+/// §2.2).
 pub(crate) fn parse_request(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut fields);
-    let status = parser_config()
-        .parse_request(&mut request, buf.get(..MAX_HEAD_BYTES).unwrap_or(buf))
-        .map_err(head_error)?;
-    let Some((headers, used)) = finish_head(status, buf.len(), request.headers)? else {
+    let Some(request) = jaunt_config::http::parse_request(buf, BOUNDS)? else {
         return Ok(None);
     };
-    let (Some(method), Some(target)) = (request.method, request.path) else {
-        return Err(HeadError::Malformed(
-            "the request line is not METHOD TARGET VERSION",
-        ));
-    };
     // httparse lets obs-text through in the target; a URI has none.
-    if target.is_empty() || !target.bytes().all(|b| (0x21..0x7f).contains(&b)) {
-        return Err(HeadError::Malformed(
-            "the request target is empty or has characters a URI cannot have",
-        ));
-    }
+    jaunt_config::http::check_target(request.target)?;
     Ok(Some((
         RequestHead {
-            method: method.to_owned(),
-            target: target.to_owned(),
-            minor: minor(request.version)?,
-            headers,
+            method: request.method.to_owned(),
+            target: request.target.to_owned(),
+            minor: request.minor,
+            headers: owned(&request.fields),
         },
-        used,
+        request.len,
     )))
 }
 
 /// Parses the response head at the front of `buf`, as [`parse_request`].
 pub(crate) fn parse_response(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut fields);
-    let status = parser_config()
-        .parse_response(&mut response, buf.get(..MAX_HEAD_BYTES).unwrap_or(buf))
-        .map_err(head_error)?;
-    let Some((headers, used)) = finish_head(status, buf.len(), response.headers)? else {
+    let Some(response) = jaunt_config::http::parse_response(buf, BOUNDS)? else {
         return Ok(None);
     };
-    let Some(code) = response.code else {
-        return Err(HeadError::Malformed("the status line has no status code"));
-    };
-    if code < 100 {
-        return Err(HeadError::Malformed("the status code is below 100"));
-    }
-    let reason = response.reason.unwrap_or_default().as_bytes();
-    if !reason.iter().all(|&b| is_text(b)) {
-        return Err(HeadError::Malformed(
-            "a control character in the reason phrase",
-        ));
-    }
     Ok(Some((
         ResponseHead {
-            minor: minor(response.version)?,
-            status: code,
-            reason: reason.to_vec(),
-            headers,
+            minor: response.minor,
+            status: response.status,
+            reason: response.reason.to_vec(),
+            headers: owned(&response.fields),
         },
-        used,
+        response.len,
     )))
 }
 
@@ -484,29 +374,14 @@ fn dropped(header: &Header, connection: &[String], also: &[&str]) -> bool {
         || connection.contains(&name)
 }
 
-fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// The request head the app receives: every `Jaunt-*` field the user sent removed, hop-by-hop
 /// fields removed (but an upgrade's `Connection: Upgrade` + `Upgrade` kept), Host set to the
 /// app's address with the user's Host in `X-Forwarded-Host`, `X-Forwarded-For` and
 /// `X-Forwarded-Proto: https` set, the JWT added, the body's framing restated.
 pub(crate) fn rewrite_request(head: &RequestHead, plan: &RequestPlan, fwd: &Forwarding) -> Vec<u8> {
     let connection = list(&head.headers, "connection");
-    let mut out = Vec::with_capacity(512 + head.headers.len() * 48);
-    out.extend_from_slice(head.method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(plan.origin_target.as_bytes());
-    out.extend_from_slice(if head.minor == 1 {
-        b" HTTP/1.1\r\n"
-    } else {
-        b" HTTP/1.0\r\n"
-    });
-    push_field(&mut out, "Host", fwd.host.as_bytes());
+    let mut out = HeadWriter::request(&head.method, &plan.origin_target, head.minor);
+    out.field("Host", fwd.host);
     for header in &head.headers {
         let jaunt = header
             .name
@@ -515,32 +390,33 @@ pub(crate) fn rewrite_request(head: &RequestHead, plan: &RequestPlan, fwd: &Forw
         if jaunt || dropped(header, &connection, &PROXY_SET) {
             continue;
         }
-        push_field(&mut out, &header.name, &header.value);
+        out.field(&header.name, &header.value);
     }
     match plan.body {
-        BodyKind::Chunked => push_field(&mut out, "Transfer-Encoding", b"chunked"),
+        BodyKind::Chunked => {
+            out.field("Transfer-Encoding", "chunked");
+        }
         _ => {
             if let Some(n) = plan.content_length {
-                push_field(&mut out, "Content-Length", n.to_string().as_bytes());
+                out.field("Content-Length", n.to_string());
             }
         }
     }
     if let Some(protocol) = &plan.upgrade {
-        push_field(&mut out, "Connection", b"Upgrade");
-        push_field(&mut out, "Upgrade", protocol);
+        out.field("Connection", "Upgrade");
+        out.field("Upgrade", protocol);
     } else if plan.close && head.minor == 1 {
-        push_field(&mut out, "Connection", b"close");
+        out.field("Connection", "close");
     }
     if let Some(host) = &plan.original_host {
-        push_field(&mut out, "X-Forwarded-Host", host);
+        out.field("X-Forwarded-Host", host);
     }
     if let Some(ip) = fwd.client_ip {
-        push_field(&mut out, "X-Forwarded-For", ip.as_bytes());
+        out.field("X-Forwarded-For", ip);
     }
-    push_field(&mut out, "X-Forwarded-Proto", b"https");
-    push_field(&mut out, JWT_HEADER, fwd.jwt.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    out
+    out.field("X-Forwarded-Proto", "https");
+    out.field(JWT_HEADER, fwd.jwt);
+    out.finish(b"")
 }
 
 /// How a response is relayed.
@@ -603,37 +479,33 @@ pub(crate) fn plan_response(
 /// `Upgrade` on a 101.
 pub(crate) fn rewrite_response(head: &ResponseHead, plan: &ResponsePlan, close: bool) -> Vec<u8> {
     let connection = list(&head.headers, "connection");
-    let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
-    out.extend_from_slice(format!("HTTP/1.1 {} ", head.status).as_bytes());
-    out.extend_from_slice(&head.reason);
-    out.extend_from_slice(b"\r\n");
+    let mut out = HeadWriter::response_with_reason(head.status, &head.reason);
     for header in &head.headers {
         if dropped(header, &connection, &[]) {
             continue;
         }
-        push_field(&mut out, &header.name, &header.value);
+        out.field(&header.name, &header.value);
     }
     if head.status == 101 {
-        push_field(&mut out, "Connection", b"Upgrade");
+        out.field("Connection", "Upgrade");
         if let Some(protocol) = values(&head.headers, "upgrade").next() {
-            push_field(&mut out, "Upgrade", protocol);
+            out.field("Upgrade", protocol);
         }
     } else {
         if let Some(n) = plan.content_length {
             if plan.body != BodyKind::Chunked {
-                push_field(&mut out, "Content-Length", n.to_string().as_bytes());
+                out.field("Content-Length", n.to_string());
             }
         }
         if plan.body == BodyKind::Chunked {
             let codings = plan.codings.as_deref().unwrap_or("chunked");
-            push_field(&mut out, "Transfer-Encoding", codings.as_bytes());
+            out.field("Transfer-Encoding", codings);
         }
         if close && head.status >= 200 {
-            push_field(&mut out, "Connection", b"close");
+            out.field("Connection", "close");
         }
     }
-    out.extend_from_slice(b"\r\n");
-    out
+    out.finish(b"")
 }
 
 /// An interim (1xx) response as the user receives it: the status line and the end-to-end
@@ -870,17 +742,12 @@ impl ChunkedScanner {
 /// HEAD request).
 pub(crate) fn error_response(status: u16, message: &str, head_only: bool) -> Vec<u8> {
     let body = format!("{message}\n");
-    let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: \
-         {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        jaunt_config::http::reason_phrase(status),
-        body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        out.extend_from_slice(body.as_bytes());
-    }
-    out
+    let mut head = HeadWriter::response(status);
+    head.field("Content-Type", "text/plain; charset=utf-8")
+        .field("Content-Length", body.len().to_string())
+        .field("Cache-Control", "no-store")
+        .field("Connection", "close");
+    head.finish(if head_only { b"" } else { body.as_bytes() })
 }
 
 #[cfg(test)]
@@ -957,10 +824,15 @@ mod tests {
         );
         assert_eq!(
             parse_request(many.as_bytes()),
-            Err(HeadError::TooManyHeaders)
+            Err(HeadError::TooManyFields { limit: MAX_HEADERS })
         );
         let big = format!("GET / HTTP/1.1\r\nA: {}", "x".repeat(MAX_HEAD_BYTES));
-        assert_eq!(parse_request(big.as_bytes()), Err(HeadError::TooLarge));
+        assert_eq!(
+            parse_request(big.as_bytes()),
+            Err(HeadError::TooLarge {
+                limit: MAX_HEAD_BYTES
+            })
+        );
 
         let (resp, _) = parse_response(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n")
             .unwrap()
@@ -1001,7 +873,7 @@ mod tests {
         );
         assert_eq!(
             parse_response(many.as_bytes()),
-            Err(HeadError::TooManyHeaders)
+            Err(HeadError::TooManyFields { limit: MAX_HEADERS })
         );
         let exactly = format!("HTTP/1.1 200 OK\r\n{}\r\n", "A: b\r\n".repeat(MAX_HEADERS));
         assert_eq!(
@@ -1014,14 +886,24 @@ mod tests {
             MAX_HEADERS
         );
         let big = format!("HTTP/1.1 200 OK\r\nA: {}", "x".repeat(MAX_HEAD_BYTES));
-        assert_eq!(parse_response(big.as_bytes()), Err(HeadError::TooLarge));
+        assert_eq!(
+            parse_response(big.as_bytes()),
+            Err(HeadError::TooLarge {
+                limit: MAX_HEAD_BYTES
+            })
+        );
         // A complete head just over the limit is refused too, even with all of it buffered.
         let over = format!(
             "GET / HTTP/1.1\r\nHost: h\r\nA: {}\r\n\r\n",
             "x".repeat(MAX_HEAD_BYTES - 30)
         );
         assert!(over.len() > MAX_HEAD_BYTES);
-        assert_eq!(parse_request(over.as_bytes()), Err(HeadError::TooLarge));
+        assert_eq!(
+            parse_request(over.as_bytes()),
+            Err(HeadError::TooLarge {
+                limit: MAX_HEAD_BYTES
+            })
+        );
         let fits = format!(
             "GET / HTTP/1.1\r\nHost: h\r\nA: {}\r\n\r\n",
             "x".repeat(MAX_HEAD_BYTES - 40)

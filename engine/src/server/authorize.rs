@@ -76,16 +76,7 @@ pub fn authorize(
     if request.join.is_some() {
         return authorize_join(snapshot, identity);
     }
-    let resource = rbac::Resource {
-        kind: request.kind.resource_kind(),
-        name: &request.target,
-        labels: &target.labels,
-    };
-    let rbac_request = rbac::Request {
-        login: request.login.as_deref(),
-        db_user: request.db_user.as_deref(),
-        db_name: request.db_name.as_deref(),
-    };
+    let (resource, rbac_request) = subject(request, &target.labels);
     let now = jaunt_config::identity::unix_now();
     rbac::authorize(
         &snapshot.policy,
@@ -143,17 +134,7 @@ pub fn revoked(
     now: u64,
 ) -> Option<jaunt_config::rbac::Denied> {
     use jaunt_config::rbac;
-    let kind = request.kind.resource_kind();
-    let resource = rbac::Resource {
-        kind,
-        name: &request.target,
-        labels,
-    };
-    let rbac_request = rbac::Request {
-        login: request.login.as_deref(),
-        db_user: request.db_user.as_deref(),
-        db_name: request.db_name.as_deref(),
-    };
+    let (resource, rbac_request) = subject(request, labels);
     let at = now.clamp(
         identity.not_before,
         identity.expires.saturating_sub(1).max(identity.not_before),
@@ -182,20 +163,32 @@ pub fn matching_lock<'a>(
     labels: &std::collections::BTreeMap<String, String>,
     now: u64,
 ) -> Option<&'a jaunt_config::rbac::ActiveLock> {
-    use jaunt_config::rbac;
-    let resource = rbac::Resource {
+    let (resource, rbac_request) = subject(request, labels);
+    locks.iter().find(|lock| {
+        jaunt_config::rbac::lock_matches(lock, identity, &resource, &rbac_request, now)
+    })
+}
+
+/// What authorization sees of `request` to a target with `labels`: the resource (its kind from
+/// the one mapping, [`jaunt_config::wire::DialKind::resource_kind`]) and what is asked of it.
+fn subject<'a>(
+    request: &'a DialRequest,
+    labels: &'a std::collections::BTreeMap<String, String>,
+) -> (
+    jaunt_config::rbac::Resource<'a>,
+    jaunt_config::rbac::Request<'a>,
+) {
+    let resource = jaunt_config::rbac::Resource {
         kind: request.kind.resource_kind(),
         name: &request.target,
         labels,
     };
-    let rbac_request = rbac::Request {
+    let asked = jaunt_config::rbac::Request {
         login: request.login.as_deref(),
         db_user: request.db_user.as_deref(),
         db_name: request.db_name.as_deref(),
     };
-    locks
-        .iter()
-        .find(|lock| rbac::lock_matches(lock, identity, &resource, &rbac_request, now))
+    (resource, asked)
 }
 
 #[cfg(test)]

@@ -75,27 +75,30 @@ pub enum HttpError {
 }
 
 /// Parses a request head from the front of `buf`: `Ok(None)` until complete, then the head and
-/// the bytes it used.
+/// the bytes it used. The tokenizer is the one the three HTTP servers share
+/// ([`jaunt_config::http::parse_request`]); a head over [`MAX_REQUEST_HEAD_BYTES`] is
+/// [`HttpError::HeadTooLarge`], anything else it refuses (more than [`MAX_REQUEST_HEADERS`]
+/// fields among it) [`HttpError::Malformed`].
 pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    let used = match request.parse(buf) {
-        Ok(httparse::Status::Complete(used)) => used,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD_BYTES => {
-            return Err(HttpError::HeadTooLarge)
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(HttpError::Malformed),
+    use jaunt_config::http::{self, HeadError};
+    let bounds = http::Bounds {
+        head_bytes: MAX_REQUEST_HEAD_BYTES,
+        fields: MAX_REQUEST_HEADERS,
     };
-    if used > MAX_REQUEST_HEAD_BYTES {
-        return Err(HttpError::HeadTooLarge);
-    }
-    let version = request.version.unwrap_or(0);
-    let mut keep_alive = version >= 1;
+    let request = match http::parse_request(buf, bounds) {
+        Ok(Some(request)) => request,
+        Ok(None) => return Ok(None),
+        Err(HeadError::TooLarge { .. }) => return Err(HttpError::HeadTooLarge),
+        Err(HeadError::TooManyFields { .. } | HeadError::Malformed(_)) => {
+            return Err(HttpError::Malformed)
+        }
+    };
+    let used = request.len;
+    let mut keep_alive = request.minor >= 1;
     let mut has_body = false;
     let mut chunked = false;
-    let mut headers = Vec::with_capacity(request.headers.len());
-    for header in request.headers.iter() {
+    let mut headers = Vec::with_capacity(request.fields.len());
+    for header in &request.fields {
         headers.push((
             header.name.to_ascii_lowercase(),
             String::from_utf8_lossy(header.value).trim().to_owned(),
@@ -117,7 +120,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     // Two different lengths, or one that is not digits: request smuggling bait. The reading is
     // the one all three HTTP servers share.
     let lengths = request
-        .headers
+        .fields
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
         .map(|h| h.value);
@@ -132,8 +135,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     }
     Ok(Some((
         RequestHead {
-            method: request.method.unwrap_or("").to_owned(),
-            path: request.path.unwrap_or("").to_owned(),
+            method: request.method.to_owned(),
+            path: request.target.to_owned(),
             keep_alive: keep_alive && !chunked,
             has_body,
             content_length,
@@ -187,41 +190,30 @@ impl Response {
 
     /// The response bytes; `head_only` omits the body (for `HEAD`).
     pub fn encode(&self, head_only: bool) -> Vec<u8> {
-        let mut extra = String::new();
-        let clean = |t: &str| !t.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
-        let mut cache_control = false;
-        for (name, value) in &self.headers {
-            if clean(name) && clean(value) && !name.is_empty() {
-                cache_control |= name.eq_ignore_ascii_case("cache-control");
-                extra.push_str(name);
-                extra.push_str(": ");
-                extra.push_str(value);
-                extra.push_str("\r\n");
-            }
+        use jaunt_config::http::{could_split, HeadWriter};
+        let extra: Vec<&(String, String)> = self
+            .headers
+            .iter()
+            .filter(|(name, value)| {
+                !name.is_empty() && !could_split(name.as_bytes()) && !could_split(value.as_bytes())
+            })
+            .collect();
+        let mut head = HeadWriter::response(self.status);
+        head.field("content-type", self.content_type)
+            .field("content-length", self.body.len().to_string());
+        if !extra
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("cache-control"))
+        {
+            head.field("cache-control", "no-store");
         }
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}{}{}\r\n",
-            self.status,
-            jaunt_config::http::reason_phrase(self.status),
-            self.content_type,
-            self.body.len(),
-            if cache_control {
-                ""
-            } else {
-                "cache-control: no-store\r\n"
-            },
-            extra,
-            if self.close {
-                "connection: close\r\n"
-            } else {
-                ""
-            },
-        )
-        .into_bytes();
-        if !head_only {
-            out.extend_from_slice(&self.body);
+        for (name, value) in extra {
+            head.field(name, value);
         }
-        out
+        if self.close {
+            head.field("connection", "close");
+        }
+        head.finish(if head_only { b"" } else { &self.body })
     }
 }
 

@@ -879,3 +879,13 @@ impl Drop for EngineHandle {
         let _ = self.stop(Duration::ZERO);
     }
 }
+
+/// Fuzz entry point (`fuzz/`, target `http_head`): the web route's reading of a request head
+/// on top of the shared tokenizer. Not an API.
+#[doc(hidden)]
+pub fn fuzz_http_head(data: &[u8]) {
+    if let Ok(Some((head, used))) = http::parse_head(data) {
+        debug_assert!(used <= data.len() && used <= http::MAX_REQUEST_HEAD_BYTES);
+        debug_assert!(!(head.chunked && head.keep_alive));
+    }
+}
