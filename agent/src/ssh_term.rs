@@ -78,8 +78,11 @@ const MAX_PENDING_CERTS: usize = 64;
 /// opens hundreds of sessions at once, and one over this goes unrecorded (best_effort) or is
 /// refused (strict). Each is a thread blocked on control for at most [`CERT_TIMEOUT`].
 const MAX_PENDING_LOGIN_CERTS: usize = 512;
-/// Read buffer per side.
+/// Read buffer per side (allocated while the side is busy, see [`IDLE_RELEASE`]).
 const READ_BUF: usize = 16 << 10;
+/// A relayed session with no traffic for this long frees its read buffers and sunset's packet
+/// buffers (about 100 KiB a session, `Link::release_idle`); they come back on the next byte.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
 /// How long the last messages may take to reach the user once the node closed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -414,7 +417,8 @@ pub(crate) fn check_user_cert(
 struct Link<S, CS: sunset::CliServ> {
     io: S,
     runner: Runner<'static, CS>,
-    buf: Box<[u8]>,
+    /// Empty (unallocated) while idle: see [`Link::release_idle`].
+    buf: Vec<u8>,
     pos: usize,
     len: usize,
     eof: bool,
@@ -426,7 +430,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, CS: sunset::CliServ> Link<S, CS> {
         Link {
             io,
             runner,
-            buf: vec![0u8; READ_BUF].into_boxed_slice(),
+            buf: Vec::new(),
             pos: 0,
             len: 0,
             eof: false,
@@ -476,6 +480,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, CS: sunset::CliServ> Link<S, CS> {
             if self.eof {
                 break;
             }
+            if self.buf.is_empty() {
+                self.buf = vec![0u8; READ_BUF];
+            }
             match Pin::new(&mut self.io).poll_read(cx, &mut self.buf) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     self.eof = true;
@@ -492,6 +499,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin, CS: sunset::CliServ> Link<S, CS> {
             }
         }
         Ok(moved)
+    }
+
+    /// Frees the read buffer and sunset's packet buffers while they hold nothing (an idle
+    /// session then costs no buffers; the next byte brings them back).
+    fn release_idle(&mut self) {
+        if self.pos >= self.len {
+            self.buf = Vec::new();
+            self.pos = 0;
+            self.len = 0;
+        }
+        self.runner.release_idle_buffers();
     }
 
     /// Waits until some bytes moved.
@@ -759,6 +777,11 @@ where
     // Refusals of the agent's own for sshd (an agent-forwarding channel the roles do not
     // permit), waiting for `to_node`.
     let mut node_replies: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
+    // Idle for IDLE_RELEASE: the buffers go (checked by one timer at a time, so a busy session
+    // makes a timer at most once per IDLE_RELEASE).
+    let mut last_moved = std::time::Instant::now();
+    let mut idle_timer: Option<glommio::timer::Timer> = None;
+    let mut released = false;
     futures_lite::future::poll_fn(|cx| loop {
         let mut moved = false;
         if let Some(live) = live {
@@ -868,9 +891,26 @@ where
             Ok(m) => moved |= m,
             Err(e) => return Poll::Ready(Err(Fail::Io(format!("sshd side: {}", describe_io(&e))))),
         }
-        if !moved {
-            return Poll::Pending;
+        if moved {
+            released = false;
+            last_moved = std::time::Instant::now();
+            continue;
         }
+        if !released {
+            let timer = idle_timer.get_or_insert_with(|| glommio::timer::Timer::new(IDLE_RELEASE));
+            if futures_lite::FutureExt::poll(timer, cx).is_ready() {
+                idle_timer = None;
+                if last_moved.elapsed() >= IDLE_RELEASE {
+                    user.release_idle();
+                    node.release_idle();
+                    released = true;
+                } else {
+                    // Traffic since the timer was set: set another.
+                    continue;
+                }
+            }
+        }
+        return Poll::Pending;
     })
     .await
 }
@@ -920,6 +960,32 @@ pub(crate) struct Terminate {
     pub(crate) permit_agent_forwarding: bool,
     pub(crate) policy: Arc<ClusterPolicy>,
     pub(crate) client_cert: Vec<u8>,
+}
+
+/// Names each recording of session `session_id` to the engine as it starts (a
+/// `jaunt-recording/1` stream on the session's tunnel, see `jaunt_config::wire::agent_hello`),
+/// for the engine's `session.end`. An engine that does not know such notes refuses them: the
+/// session goes on, only its `session.end` lacks the ids (`session.recorded` has them anyway).
+fn note_recordings(
+    opener: jaunt_engine::tunnel::Opener,
+    session_id: String,
+) -> Box<dyn FnMut(&crate::recording::RecordingId)> {
+    Box::new(move |id| {
+        let note = jaunt_config::wire::RecordingNote {
+            session_id: session_id.clone(),
+            recording_id: id.as_str().to_owned(),
+        };
+        let opener = opener.clone();
+        glommio::spawn_local(async move {
+            match opener.open(&note.encode()).await {
+                Ok(stream) => drop(stream),
+                Err(e) => tracing::info!(session = %note.session_id,
+                    recording = %note.recording_id, error = %e,
+                    "the engine did not note the recording (its session.end will not name it)"),
+            }
+        })
+        .detach();
+    })
 }
 
 /// Serves one SSH stream by terminating it. Gives the stream back (`Err`) when the session
@@ -1012,6 +1078,7 @@ pub(crate) async fn serve(
     }
 
     // The user's ssh, as a server.
+    let opener = incoming.opener();
     let stream = match incoming.accept() {
         Ok(stream) => stream,
         Err(e) => {
@@ -1058,11 +1125,15 @@ pub(crate) async fn serve(
     };
     // Observers (`jaunt join`) find the session by the engine's id.
     let registered = (!who.session_id.is_empty()).then(|| rec.live.register(&who.session_id));
+    let who_session_id = who.session_id.clone();
     let mut channels = Channels::new(who, term.recording, rec.spool.clone());
     channels.tap = registered.as_ref().map(|r| r.live.clone());
     channels.permit_port_forwarding = term.permit_port_forwarding;
     channels.permit_agent_forwarding = term.permit_agent_forwarding;
     channels.audit = Some(state.events.clone());
+    if !who_session_id.is_empty() {
+        channels.on_started = Some(note_recordings(opener, who_session_id));
+    }
     let hostkey = match SignKey::ed25519_with_cert(host.key.clone(), host.cert.clone()) {
         Ok(k) => k,
         Err(e) => {

@@ -15,7 +15,7 @@ use jaunt_config::identity::{unix_now, Identity};
 use jaunt_config::resource::Resource;
 
 use crate::ca::LocalKeys;
-use crate::client::{Client, Trust};
+use crate::client::{Client, ClientError, Trust};
 use crate::daemon::{self, DaemonConfig};
 use crate::profile::{self, Profile};
 use crate::service::DEFAULT_TOKEN_TTL_SECS;
@@ -1897,9 +1897,51 @@ fn join(id: &str) -> anyhow::Result<()> {
         session.target
     );
     let _ = std::io::stderr().flush();
-    crate::access::pipe_to_stdout(stream)?;
-    eprintln!("\r\nThe session ended.\r");
+    let piped = crate::access::pipe_to_stdout(stream);
+    eprintln!(
+        "\r\n{}\r",
+        why_join_ended(&client, &session.id, piped.err())
+    );
     Ok(())
+}
+
+/// Why the observer's stream of session `id` closed, in words: the watched session ended, or
+/// the observer's own session was ended (`sessions kill`, a lock, a role change) while the
+/// watched one goes on. Asks control whether `id` is still live; a session that is ending may
+/// still be listed for a moment, so a live answer is asked again for up to a second.
+fn why_join_ended(client: &Client, id: &str, pipe: Option<anyhow::Error>) -> String {
+    let path = format!("/v1/sessions/{}", url_path_segment(id));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match client.get_json::<jaunt_engine::server::LiveSessionInfo>(&path) {
+            Ok(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Ok(_) => {
+                return format!(
+                    "You are no longer watching session {id}: your observer session was ended \
+                     (`jaunt sessions kill`, or your roles changed); session {id} goes on."
+                )
+            }
+            Err(ClientError::Api { status: 404, .. }) => return "The session ended.".to_string(),
+            Err(ClientError::Api {
+                status: 401 | 403,
+                message,
+            }) => {
+                return format!(
+                    "You are no longer watching session {id}: your observer session was ended, \
+                     and control now refuses you: {message}"
+                )
+            }
+            Err(e) => {
+                let how = pipe.map_or_else(|| "closed".to_string(), |p| format!("failed: {p:#}"));
+                return format!(
+                    "The connection watching session {id} {how}; cannot tell whether the \
+                     session goes on: {e}"
+                );
+            }
+        }
+    }
 }
 
 /// `text` safe as one URL path segment (percent-encoding everything but unreserved bytes).

@@ -346,6 +346,63 @@ fn ssh_exec_pty_and_scp_are_terminated_and_recorded_at_the_agent() {
     let _ = agent.wait();
 }
 
+/// The engine's `session.end` names the session's recordings (the agent notes each to the
+/// engine as it starts) and `jaunt play` plays the one named; an unrecorded session's
+/// `session.end` names none.
+#[test]
+fn session_end_names_the_recordings_that_play_plays() {
+    let (c, _sshd, (mut agent, _data)) = ssh_setup();
+    let o = c.run(&["ssh", "root@node1", "--", "echo named-$((6*7))"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let exec = wait_for_event(&c, "session.exec", |e| {
+        e["command"]
+            .as_str()
+            .is_some_and(|c| c.contains("echo named"))
+    });
+    let exec_id = exec["recording_id"].as_str().unwrap().to_string();
+    let session_id = exec["session_id"].as_str().unwrap().to_string();
+    let end = wait_for_event(&c, "session.end", |e| {
+        e["session_id"] == session_id.as_str()
+    });
+    assert_eq!(end["code"], "JA2001I", "{end}");
+    assert_eq!(end["recorded"], true, "{end}");
+    assert_eq!(end["recording_ids"], serde_json::json!([exec_id]), "{end}");
+    // The id is the one `jaunt play` takes (once the agent has uploaded it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = c.admin(&["play", &exec_id, "--speed", "0"], None);
+        if o.status.success() && stdout(&o).contains("named-42") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jaunt play {exec_id}: {} {}",
+            stdout(&o),
+            stderr(&o)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // bob's role does not record: his sessions' session.end name no recording.
+    let bob = unrecorded_user(&c);
+    ok(run_jaunt(
+        &bob,
+        &["ssh", "root@node1", "--", "echo unrecorded"],
+        None,
+    ));
+    let end = wait_for_event(&c, "session.end", |e| {
+        e["user"] == "bob" && e["bytes_out"].as_u64().is_some_and(|b| b > 0)
+    });
+    assert_eq!(end["recorded"], false, "{end}");
+    for end in c.audit_events(Some("session.end")) {
+        if end["user"] == "bob" {
+            assert!(end.get("recording_ids").is_none(), "{end}");
+        }
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
 /// Plain ssh through `jaunt proxy ssh` as root@node1 with a key and certificate of a CA the
 /// cluster does not know (naming alice and root, valid for an hour).
 fn ssh_with_foreign_cert(c: &Cluster) -> std::process::Output {
@@ -797,6 +854,12 @@ fn an_observer_joins_a_live_shell_read_only_and_the_user_is_told() {
     let killed = ok(c.admin(&["sessions", "kill", first["id"].as_str().unwrap()], None));
     assert!(killed.contains("ended"), "{killed}");
     wait_for_pane_of(&sock, "carol1", "join-exited");
+    // carol's join says her view was ended, not the session.
+    let said = pane(&sock, "carol1");
+    assert!(
+        said.contains("your observer session was ended") && !said.contains("The session ended."),
+        "{said}"
+    );
     assert!(observer_of(&c, "carol").is_none(), "{:?}", live(&c));
     assert!(observer_of(&c, "bob").is_some(), "{:?}", live(&c));
     assert!(
@@ -825,6 +888,11 @@ fn an_observer_joins_a_live_shell_read_only_and_the_user_is_told() {
         locked.elapsed()
     );
     wait_for_pane_of(&sock, "carol2", "join-exited");
+    let said = pane(&sock, "carol2");
+    assert!(
+        said.contains("no longer watching") && !said.contains("The session ended."),
+        "{said}"
+    );
     assert!(observer_of(&c, "bob").is_some(), "{:?}", live(&c));
 
     // alice leaves: bob is told the session ended; the recording notes the observer.

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use jaunt_config::identity::IdentityKind;
-use jaunt_config::wire::agent_hello::{AgentHello, Heartbeat, HEARTBEAT_OPEN};
+use jaunt_config::wire::agent_hello::{AgentHello, Heartbeat, RecordingNote, HEARTBEAT_OPEN};
 use jaunt_config::wire::DialKind;
 use jaunt_engine::mux::{self, Role};
 use jaunt_engine::route::{ALPN_TCP, ALPN_TUNNEL};
@@ -175,6 +175,19 @@ fn start_agent(
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+        // Recording notes: a malformed one, and one for a session this engine does not have.
+        let unknown = RecordingNote {
+            session_id: "18f3a-0-7".into(),
+            recording_id: "0123456789abcdef".into(),
+        };
+        for note in [b"jaunt-recording/1 NOT-AN-ID x".to_vec(), unknown.encode()] {
+            match tunnel.open(&note).await {
+                Err(OpenError::Refused { message }) => {
+                    events_tx.send(AgentEvent::OtherRefused(message)).unwrap();
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
         let writer = async {
             // The test thread is no executor: look at its channel between short timers.
             loop {
@@ -248,6 +261,23 @@ fn heartbeats_change_what_routes_and_what_control_sees() {
             assert!(message.contains("only heartbeat streams"), "{message}");
         }
         other => panic!("{other:?}"),
+    }
+    // Recording notes the engine cannot note are refused with the reason, and counted.
+    for want in [
+        "bad recording note: invalid field `session_id`",
+        "no live recorded session 18f3a-0-7 of this agent",
+    ] {
+        match events.recv_timeout(WAIT).unwrap() {
+            AgentEvent::OtherRefused(message) => assert!(message.contains(want), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let metrics = cluster.engine.as_ref().unwrap().metrics_text();
+    for line in [
+        "jaunt_recording_notes_total{shard=\"0\",result=\"malformed\"} 1",
+        "jaunt_recording_notes_total{shard=\"0\",result=\"unknown_session\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }
     assert_eq!(cluster.dial_tcp("one"), None);
     let unknown = cluster.dial_tcp("two").unwrap();

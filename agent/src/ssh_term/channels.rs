@@ -163,6 +163,9 @@ pub(crate) struct Channels<S: Starter> {
     /// Channel data bytes from the user, and to the user, over all channels.
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
+    /// Told each recording id as its recording starts (the engine names them in the session's
+    /// `session.end`).
+    pub(crate) on_started: Option<Box<dyn FnMut(&RecordingId)>>,
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary; says whether it was cut.
@@ -259,6 +262,7 @@ impl<S: Starter> Channels<S> {
             audit: None,
             bytes_in: 0,
             bytes_out: 0,
+            on_started: None,
         }
     }
 
@@ -529,6 +533,9 @@ impl<S: Starter> Channels<S> {
                 }
                 Ok(match started {
                     Ok(rec) => {
+                        if let Some(tell) = self.on_started.as_mut() {
+                            tell(rec.id());
+                        }
                         self.chans[idx].recorder = Some(rec);
                         Ok(())
                     }

@@ -26,7 +26,7 @@ use jaunt_config::wire::term::{split_term_frame, TermInput, MAX_TERM_MESSAGE_BYT
 use jaunt_engine::tunnel::Incoming;
 use sunset::{ChanData, ChanHandle, CliEvent, CliSessionExit, Event, Runner};
 
-use super::{node_handshake, Fail, Link, Terminate, HANDSHAKE_TIMEOUT, READ_BUF};
+use super::{node_handshake, Fail, Link, Terminate, HANDSHAKE_TIMEOUT};
 use crate::error::{describe_io, Blame};
 use crate::net;
 use crate::recording::{CastRecorder, RecordingEnd, RecordingKind, RecordingMeta, RecordingMode};
@@ -82,7 +82,7 @@ pub(crate) async fn serve_terminal(
     let mut node = Link {
         io: tcp,
         runner: Runner::new_client_owned(),
-        buf: vec![0u8; READ_BUF].into_boxed_slice(),
+        buf: Vec::new(),
         pos: 0,
         len: 0,
         eof: false,

@@ -17,7 +17,8 @@
 //! ```
 //!
 //! Then, for as long as the tunnel lives, the agent heartbeats its resources on a mux stream
-//! *it* opens (agent ids are even; the engine accepts agent-opened streams only for this):
+//! *it* opens (agent ids are even; the engine accepts agent-opened streams only for this and
+//! for recording notes, below):
 //!
 //! ```text
 //! agent  → engine   OPEN  stream 2k, dial header = b"jaunt-heartbeat/1" (HEARTBEAT_OPEN)
@@ -38,6 +39,19 @@
 //! ([`Heartbeat::split`] then [`AgentHello::parse`]), and an invalid one closes the tunnel, like
 //! an invalid AgentHello refuses it. Closing the heartbeat stream leaves the tunnel and its
 //! announcement as they are.
+//!
+//! A session the agent terminates and records (SSH) gets its recordings named to the engine the
+//! same way, one agent-opened stream per recording as it starts, so that the engine's
+//! `session.end` can carry `recording_ids`:
+//!
+//! ```text
+//! agent  → engine   OPEN  stream 2k, dial header = b"jaunt-recording/1 <session id> <recording id>"
+//!                   (RecordingNote::encode)
+//! engine → agent    OPEN_RESULT OK: noted (the stream carries nothing and is dropped); refused
+//!                   with a reason: not noted (a malformed note, a session this tunnel's agent
+//!                   does not serve on that shard, an engine older than the note, whose
+//!                   refusal is the heartbeat one above)
+//! ```
 //!
 //! An agent that already has a tunnel to the shard named in the TunnelHello does not send an
 //! AgentHello: it closes the connection (TLS close_notify) instead, and the engine should treat a
@@ -308,6 +322,74 @@ pub struct Heartbeat {
     pub hello: AgentHello,
 }
 
+/// Prefix of the dial header of an agent-opened recording note (see the module doc).
+pub const RECORDING_NOTE_OPEN: &[u8] = b"jaunt-recording/1 ";
+
+/// Longest session id or recording id in a [`RecordingNote`].
+pub const MAX_NOTE_ID_BYTES: usize = 128;
+
+/// "The session `session_id` is recorded as `recording_id`": an agent terminating a recorded
+/// session tells the engine each recording id as the recording starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordingNote {
+    /// The engine's session id (the `StreamHeader`'s).
+    pub session_id: String,
+    /// The recording's id, as `jaunt play` takes it.
+    pub recording_id: String,
+}
+
+impl RecordingNote {
+    /// The dial header carrying this note.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = RECORDING_NOTE_OPEN.to_vec();
+        out.extend_from_slice(self.session_id.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.recording_id.as_bytes());
+        out
+    }
+
+    /// `None` if `header` is not a recording note; else the note, or why it is malformed. Both
+    /// ids are 1 to [`MAX_NOTE_ID_BYTES`] characters of `[0-9a-z-]`.
+    pub fn parse(header: &[u8]) -> Option<Result<RecordingNote, DialError>> {
+        let rest = header.strip_prefix(RECORDING_NOTE_OPEN)?;
+        let mut parts = rest.split(|b| *b == b' ');
+        let (Some(session), Some(recording), None) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Some(Err(DialError::Invalid {
+                field: "recording note",
+                why: "not two ids separated by one space",
+            }));
+        };
+        Some(
+            note_id("session_id", session)
+                .and_then(|s| Ok((s, note_id("recording_id", recording)?)))
+                .map(|(session_id, recording_id)| RecordingNote {
+                    session_id,
+                    recording_id,
+                }),
+        )
+    }
+}
+
+fn note_id(field: &'static str, id: &[u8]) -> Result<String, DialError> {
+    if id.is_empty() || id.len() > MAX_NOTE_ID_BYTES {
+        return Err(DialError::Invalid {
+            field,
+            why: "empty or longer than 128 bytes",
+        });
+    }
+    if !id
+        .iter()
+        .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || *b == b'-')
+    {
+        return Err(DialError::Invalid {
+            field,
+            why: "holds characters other than 0-9, a-z and -",
+        });
+    }
+    Ok(String::from_utf8_lossy(id).into_owned())
+}
+
 impl Heartbeat {
     /// The bytes of a heartbeat with sequence `seq` around an already framed (and so already
     /// checked) AgentHello from [`AgentHello::encode`].
@@ -411,6 +493,39 @@ fn check_labels(field: &'static str, labels: &BTreeMap<String, String>) -> Resul
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recording_notes_round_trip_and_refuse_what_is_not_one() {
+        let note = RecordingNote {
+            session_id: "18f3a-0-7".into(),
+            recording_id: "0123456789abcdef".into(),
+        };
+        assert_eq!(
+            note.encode(),
+            b"jaunt-recording/1 18f3a-0-7 0123456789abcdef".to_vec()
+        );
+        assert_eq!(RecordingNote::parse(&note.encode()), Some(Ok(note)));
+        assert_eq!(RecordingNote::parse(HEARTBEAT_OPEN), None);
+        assert_eq!(RecordingNote::parse(b"jaunt-recording/2 a b"), None);
+        let long = format!("jaunt-recording/1 a {}", "b".repeat(129));
+        for bad in [
+            &b"jaunt-recording/1 "[..],
+            b"jaunt-recording/1 a",
+            b"jaunt-recording/1 a  b",
+            b"jaunt-recording/1 a b c",
+            b"jaunt-recording/1 A b",
+            b"jaunt-recording/1 a b\n",
+            b"jaunt-recording/1 a/../x b",
+            b"jaunt-recording/1 a \xff",
+            long.as_bytes(),
+        ] {
+            assert!(
+                matches!(RecordingNote::parse(bad), Some(Err(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -23,7 +23,7 @@ pub mod agent_hello;
 pub mod dial;
 pub mod term;
 
-pub use agent_hello::{AgentHello, Heartbeat, Resource, ResourceProtocol};
+pub use agent_hello::{AgentHello, Heartbeat, RecordingNote, Resource, ResourceProtocol};
 pub use dial::{DialError, DialKind, DialRequest, DialResponse, StreamHeader, TunnelHello};
 
 pub use crate::rbac::ResourceKind;

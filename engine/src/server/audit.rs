@@ -50,6 +50,11 @@ pub enum AuditEvent {
         /// As in its `session.start`.
         #[serde(default)]
         recorded: bool,
+        /// The recordings of a recorded session (one per shell, exec or sftp channel, as its
+        /// agent noted them when they started; `jaunt play ID` plays one). Left out when there
+        /// are none: an unrecorded session, or one whose agent recorded nothing.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        recording_ids: Vec<String>,
         time: u64,
     },
     /// An observer joined a live SSH session (`jaunt join`), read-only: `user` is the observer,

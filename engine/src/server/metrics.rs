@@ -310,6 +310,43 @@ impl HopResult {
     }
 }
 
+/// What became of an agent's recording note (`jaunt_recording_notes_total`): noted for the
+/// session's `session.end`, or refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordingNoteResult {
+    Noted,
+    /// Not two well-formed ids.
+    Malformed,
+    /// No live recorded session of that id served by that agent on this shard.
+    UnknownSession,
+    /// The session has noted as many recordings as it may.
+    TooMany,
+}
+
+impl RecordingNoteResult {
+    /// Every result, in index order.
+    pub const ALL: [RecordingNoteResult; 4] = [
+        RecordingNoteResult::Noted,
+        RecordingNoteResult::Malformed,
+        RecordingNoteResult::UnknownSession,
+        RecordingNoteResult::TooMany,
+    ];
+
+    /// Stable metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingNoteResult::Noted => "noted",
+            RecordingNoteResult::Malformed => "malformed",
+            RecordingNoteResult::UnknownSession => "unknown_session",
+            RecordingNoteResult::TooMany => "too_many",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Upper bounds (seconds) of the handshake histogram: from a local resumption (~0.1 ms) to the
 /// default handshake timeout (10 s).
 pub const HANDSHAKE_BUCKETS_SECONDS: [f64; 14] = [
@@ -380,6 +417,7 @@ pub struct ShardMetrics {
     sessions_closed_role: Cell64,
     dial_misses: [Cell64; DialMiss::ALL.len()],
     cross_shard_hops: [Cell64; HopResult::ALL.len()],
+    recording_notes: [Cell64; RecordingNoteResult::ALL.len()],
     inventory_dropped: Cell64,
     audit_refused: Cell64,
     audit_dropped: Cell64,
@@ -511,6 +549,16 @@ impl ShardMetrics {
     /// How many hops ended with `result`.
     pub fn cross_shard_hop_count(&self, result: HopResult) -> u64 {
         self.cross_shard_hops[result.index()].get()
+    }
+
+    /// An agent noted a recording of a session (or tried to).
+    pub fn recording_note(&self, result: RecordingNoteResult) {
+        self.recording_notes[result.index()].add(1);
+    }
+
+    /// How many recording notes ended with `result`.
+    pub fn recording_note_count(&self, result: RecordingNoteResult) -> u64 {
+        self.recording_notes[result.index()].get()
     }
 
     /// An inventory event for control was dropped (its channel full or closed).
@@ -730,6 +778,24 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             );
         }
     }
+    family(
+        &mut out,
+        "jaunt_recording_notes_total",
+        "counter",
+        "Recording ids agents named for the recorded sessions they terminate (for session.end), \
+         by shard and result: noted, or refused as malformed, for an unknown session (ended, \
+         another agent's, or served through another shard) or as too many.",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        for result in RecordingNoteResult::ALL {
+            let _ = writeln!(
+                out,
+                "jaunt_recording_notes_total{{shard=\"{i}\",result=\"{}\"}} {}",
+                result.as_str(),
+                shard.recording_note_count(result)
+            );
+        }
+    }
     per_shard(
         &mut out,
         shards,
@@ -848,6 +914,7 @@ mod tests {
         a.cross_shard_hop(HopResult::Ok);
         a.cross_shard_hop(HopResult::Ok);
         b.tunnel_replaced();
+        b.recording_note(RecordingNoteResult::Malformed);
         let text = render(&[a, b]);
         for line in [
             "jaunt_connections_accepted_total{shard=\"0\",route=\"web\"} 1",
@@ -866,6 +933,7 @@ mod tests {
             "jaunt_cross_shard_hops_total{shard=\"1\",result=\"miss\"} 1",
             "jaunt_cross_shard_hops_total{shard=\"0\",result=\"ok\"} 2",
             "jaunt_cross_shard_hops_total{shard=\"0\",result=\"error\"} 0",
+            "jaunt_recording_notes_total{shard=\"1\",result=\"malformed\"} 1",
             "jaunt_dial_misses_total{shard=\"0\",reason=\"other_shard\"} 1",
             "jaunt_tunnels_duplicate_total{shard=\"0\"} 0",
             "jaunt_tunnels_replaced_total{shard=\"1\"} 1",

@@ -319,8 +319,47 @@ struct LiveSession {
     labels: BTreeMap<String, String>,
     /// Fired to end the session: its splice is raced against it.
     end: Rc<Signal>,
-    /// The roles ask for it to be recorded (the agent records it).
-    recorded: bool,
+    /// The roles ask for it to be recorded (the agent records it): the recording ids its agent
+    /// notes, for its `session.end`.
+    recordings: Option<Rc<NotedRecordings>>,
+}
+
+/// Most recording ids noted for one session (one per session channel; the agent bounds its
+/// channels far below this).
+pub(crate) const MAX_NOTED_RECORDINGS: usize = 1024;
+
+/// The recordings the agent named for one recorded session (`jaunt-recording/1` notes, see
+/// `jaunt_config::wire::agent_hello`), shared by the shard's registry, which notes them, and
+/// the session's audit, which names them in `session.end`.
+#[derive(Debug)]
+pub(crate) struct NotedRecordings {
+    /// The agent serving the session: notes from another agent's tunnel are refused.
+    host_id: String,
+    ids: RefCell<Vec<String>>,
+}
+
+impl NotedRecordings {
+    pub(crate) fn new(host_id: &str) -> NotedRecordings {
+        NotedRecordings {
+            host_id: host_id.to_owned(),
+            ids: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The ids noted so far, in the order they came.
+    pub(crate) fn ids(&self) -> Vec<String> {
+        self.ids.borrow().clone()
+    }
+}
+
+/// Why a recording note was not noted (its metric label is [`RecordingNoteResult`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoteRefusal {
+    /// No live recorded session of that id on this shard served by this agent (ended already,
+    /// unrecorded, another agent's, or on another shard: a cross-shard hop).
+    UnknownSession,
+    /// [`MAX_NOTED_RECORDINGS`] already.
+    TooMany,
 }
 
 /// One shard's state, owned by its thread.
@@ -517,7 +556,7 @@ impl Shard {
         identity: &Identity,
         request: &DialRequest,
         labels: BTreeMap<String, String>,
-        recorded: bool,
+        recordings: Option<Rc<NotedRecordings>>,
     ) -> Rc<Signal> {
         let end = Rc::new(Signal::default());
         self.sessions.borrow_mut().insert(
@@ -529,10 +568,35 @@ impl Shard {
                 request: request.clone(),
                 labels,
                 end: Rc::clone(&end),
-                recorded,
+                recordings,
             },
         );
         end
+    }
+
+    /// Notes `note`'s recording for its live recorded session, if the agent `host_id` (whose
+    /// tunnel on this shard it came on) serves that session here.
+    pub(crate) fn note_recording(
+        &self,
+        host_id: &str,
+        note: &jaunt_config::wire::RecordingNote,
+    ) -> Result<(), NoteRefusal> {
+        let sessions = self.sessions.borrow();
+        let recordings = sessions
+            .values()
+            .find(|s| s.session_id == note.session_id)
+            .and_then(|s| s.recordings.as_ref())
+            .filter(|r| r.host_id == host_id)
+            .ok_or(NoteRefusal::UnknownSession)?;
+        let mut ids = recordings.ids.borrow_mut();
+        if ids.contains(&note.recording_id) {
+            return Ok(());
+        }
+        if ids.len() >= MAX_NOTED_RECORDINGS {
+            return Err(NoteRefusal::TooMany);
+        }
+        ids.push(note.recording_id.clone());
+        Ok(())
     }
 
     /// The session of connection `conn_id` ended.
@@ -554,7 +618,7 @@ impl Shard {
                 login: s.request.login.clone(),
                 db_user: s.request.db_user.clone(),
                 started: s.started,
-                recorded: s.recorded,
+                recorded: s.recordings.is_some(),
                 observing: s.request.join.clone(),
             })
             .collect()

@@ -147,57 +147,7 @@ impl Tunnel {
     /// Opens a stream carrying `dial_header` (≤ [`mux::MAX_DIAL_HEADER_LEN`] bytes) and waits
     /// for the peer's answer. Dropping the future before it resolves resets the stream.
     pub async fn open(&self, dial_header: &[u8]) -> Result<MuxStream, OpenError> {
-        let shared = &self.inner.shared;
-        let id = future::poll_fn(|cx| {
-            let mut sh = shared.borrow_mut();
-            if let Some(end) = &sh.end {
-                return Poll::Ready(Err(OpenError::Closed(end.clone())));
-            }
-            match sh.conn.open_stream(dial_header) {
-                Ok(id) => {
-                    sh.slots.insert(id, Slot::default());
-                    sh.after_op();
-                    Poll::Ready(Ok(id))
-                }
-                Err(MuxError::ControlQueueFull) => {
-                    sh.wait_control(cx.waker());
-                    sh.wake_driver();
-                    Poll::Pending
-                }
-                Err(MuxError::GoingAway) => Poll::Ready(Err(OpenError::GoingAway)),
-                Err(MuxError::TooManyStreams) => Poll::Ready(Err(OpenError::TooManyStreams)),
-                Err(MuxError::Closed(reason)) => {
-                    Poll::Ready(Err(OpenError::Closed(CloseReason::Mux(reason))))
-                }
-                Err(err) => Poll::Ready(Err(OpenError::Local(err))),
-            }
-        })
-        .await?;
-        // From here on, dropping `stream` (an error below, or the caller giving up) resets it.
-        let stream = MuxStream::new(shared.clone(), id);
-        future::poll_fn(|cx| {
-            let mut sh = shared.borrow_mut();
-            let sh = &mut *sh;
-            let Some(slot) = sh.slots.get_mut(&id) else {
-                return Poll::Ready(Err(OpenError::Reset {
-                    code: mux::ErrorCode::CANCEL,
-                }));
-            };
-            match (&slot.open_result, slot.reset, &sh.end) {
-                (Some(Ok(())), _, _) => Poll::Ready(Ok(())),
-                (Some(Err(message)), _, _) => Poll::Ready(Err(OpenError::Refused {
-                    message: message.clone(),
-                })),
-                (None, Some(code), _) => Poll::Ready(Err(OpenError::Reset { code })),
-                (None, None, Some(end)) => Poll::Ready(Err(OpenError::Closed(end.clone()))),
-                (None, None, None) => {
-                    shared::register(&mut slot.open_waker, cx.waker());
-                    Poll::Pending
-                }
-            }
-        })
-        .await?;
-        Ok(stream)
+        open(&self.inner.shared, dial_header).await
     }
 
     /// The next stream the peer opened; `None` once the tunnel is going away or gone (streams
@@ -299,6 +249,83 @@ impl Tunnel {
         })
         .await
     }
+}
+
+/// A handle that opens streams on a tunnel without keeping it open ([`Incoming::opener`]):
+/// holding one does not delay a drain, and once the tunnel goes away opens fail.
+#[derive(Clone)]
+pub struct Opener {
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl Opener {
+    pub(crate) fn new(shared: Rc<RefCell<Shared>>) -> Opener {
+        Opener { shared }
+    }
+
+    /// As [`Tunnel::open`].
+    pub async fn open(&self, dial_header: &[u8]) -> Result<MuxStream, OpenError> {
+        open(&self.shared, dial_header).await
+    }
+}
+
+impl fmt::Debug for Opener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opener").finish_non_exhaustive()
+    }
+}
+
+async fn open(shared: &Rc<RefCell<Shared>>, dial_header: &[u8]) -> Result<MuxStream, OpenError> {
+    let id = future::poll_fn(|cx| {
+        let mut sh = shared.borrow_mut();
+        if let Some(end) = &sh.end {
+            return Poll::Ready(Err(OpenError::Closed(end.clone())));
+        }
+        match sh.conn.open_stream(dial_header) {
+            Ok(id) => {
+                sh.slots.insert(id, Slot::default());
+                sh.after_op();
+                Poll::Ready(Ok(id))
+            }
+            Err(MuxError::ControlQueueFull) => {
+                sh.wait_control(cx.waker());
+                sh.wake_driver();
+                Poll::Pending
+            }
+            Err(MuxError::GoingAway) => Poll::Ready(Err(OpenError::GoingAway)),
+            Err(MuxError::TooManyStreams) => Poll::Ready(Err(OpenError::TooManyStreams)),
+            Err(MuxError::Closed(reason)) => {
+                Poll::Ready(Err(OpenError::Closed(CloseReason::Mux(reason))))
+            }
+            Err(err) => Poll::Ready(Err(OpenError::Local(err))),
+        }
+    })
+    .await?;
+    // From here on, dropping `stream` (an error below, or the caller giving up) resets it.
+    let stream = MuxStream::new(shared.clone(), id);
+    future::poll_fn(|cx| {
+        let mut sh = shared.borrow_mut();
+        let sh = &mut *sh;
+        let Some(slot) = sh.slots.get_mut(&id) else {
+            return Poll::Ready(Err(OpenError::Reset {
+                code: mux::ErrorCode::CANCEL,
+            }));
+        };
+        match (&slot.open_result, slot.reset, &sh.end) {
+            (Some(Ok(())), _, _) => Poll::Ready(Ok(())),
+            (Some(Err(message)), _, _) => Poll::Ready(Err(OpenError::Refused {
+                message: message.clone(),
+            })),
+            (None, Some(code), _) => Poll::Ready(Err(OpenError::Reset { code })),
+            (None, None, Some(end)) => Poll::Ready(Err(OpenError::Closed(end.clone()))),
+            (None, None, None) => {
+                shared::register(&mut slot.open_waker, cx.waker());
+                Poll::Pending
+            }
+        }
+    })
+    .await?;
+    Ok(stream)
 }
 
 impl Handle {

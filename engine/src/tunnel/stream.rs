@@ -318,6 +318,12 @@ impl Incoming {
         }
     }
 
+    /// Opens streams of our own on the tunnel this one came on, without keeping it open (the
+    /// agent names a session's recordings to the engine this way).
+    pub fn opener(&self) -> super::Opener {
+        super::Opener::new(self.shared.clone())
+    }
+
     /// The stream's id in its tunnel.
     pub fn id(&self) -> StreamId {
         self.id

@@ -102,3 +102,63 @@ fn fuzz_parse_survives_junk_and_truncations() {
     crate::fuzz_parse(&[94, 0, 0, 0, 1, 255, 255, 255, 255, 1]);
     crate::fuzz_parse(&[]);
 }
+
+/// Moves what `from` has to send to the end of `pending`, then gives `to` as much of
+/// `pending` as it takes now.
+#[cfg(feature = "alloc")]
+fn pump<A: crate::CliServ, B: crate::CliServ>(
+    from: &mut crate::Runner<'static, A>,
+    to: &mut crate::Runner<'static, B>,
+    pending: &mut alloc::vec::Vec<u8>,
+) {
+    let out = from.output_buf().to_vec();
+    from.consume_output(out.len());
+    pending.extend_from_slice(&out);
+    while !pending.is_empty() && to.is_input_ready() {
+        let n = to.input(pending).unwrap();
+        if n == 0 {
+            break;
+        }
+        pending.drain(..n);
+    }
+}
+
+// `cargo test -p sunset --features alloc` (the feature the workspace builds it with).
+#[cfg(feature = "alloc")]
+#[test]
+fn released_idle_buffers_come_back_when_written() {
+    use crate::{Event, ServEvent};
+    let mut client = crate::Runner::<crate::client::Client>::new_client_owned();
+    let mut server = crate::Runner::<crate::server::Server>::new_server_owned();
+    let (mut to_server, mut to_client) =
+        (alloc::vec::Vec::new(), alloc::vec::Vec::new());
+    // Released before anything was written, and between every step of the version and
+    // KEXINIT exchange: each write allocates again, and the handshake goes on to the point
+    // where the server asks for its host keys.
+    let mut asked_for_host_keys = false;
+    for _ in 0..50 {
+        client.release_idle_buffers();
+        server.release_idle_buffers();
+        while !matches!(client.progress().unwrap(), Event::None) {}
+        loop {
+            match server.progress().unwrap() {
+                Event::None => break,
+                Event::Serv(ServEvent::Hostkeys(_)) => {
+                    asked_for_host_keys = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if asked_for_host_keys {
+            break;
+        }
+        client.release_idle_buffers();
+        server.release_idle_buffers();
+        pump(&mut client, &mut server, &mut to_server);
+        client.release_idle_buffers();
+        server.release_idle_buffers();
+        pump(&mut server, &mut client, &mut to_client);
+    }
+    assert!(asked_for_host_keys);
+}

@@ -419,6 +419,16 @@ impl<'a, CS: CliServ> Runner<'a, CS> {
         self.conn.relay = true;
     }
 
+    /// Frees the input and output buffers of a runner made with `new_owned()`
+    /// while they hold nothing (no packet half read, nothing waiting to be
+    /// written), zeroized first (jaunt patch 7). They are allocated again when
+    /// next written, so an idle connection costs no packet buffers. Buffers
+    /// given to `new()` are left alone.
+    pub fn release_idle_buffers(&mut self) {
+        self.traf_in.release_if_idle();
+        self.traf_out.release_if_idle();
+    }
+
     /// The payload of the pending [`Event::Relay`] (message number first), until
     /// the next `progress()`.
     pub fn relay_payload(&self) -> Option<&[u8]> {

@@ -31,13 +31,38 @@ const DEFER_COUNT: usize = 10;
 //
 // Zeroize is slow for fuzzing, so skip it.
 // In normal operation one zeroize per connection is fine.
-#[cfg_attr(not(fuzzing), derive(zeroize::ZeroizeOnDrop))]
+//
+// jaunt patch 7: an owned buffer may be released while its traffic state is
+// idle (`Runner::release_idle_buffers`) and is allocated again, zeroed, the
+// first time it is written. Read while released it is a shared all-zero
+// buffer of the full size, so sizes computed from it stay the same.
 enum SliceOrVec<'a> {
     Borrowed(&'a mut [u8]),
 
-    /// `'static` variant
+    /// `'static` variant; `None` while released.
     #[cfg(feature = "alloc")]
-    Owned(Box<[u8; config::SSH_MAX_PACKET]>),
+    Owned(Option<Box<[u8; config::SSH_MAX_PACKET]>>),
+}
+
+/// What a released owned buffer reads as.
+#[cfg(feature = "alloc")]
+static RELEASED: [u8; config::SSH_MAX_PACKET] = [0; config::SSH_MAX_PACKET];
+
+#[cfg(feature = "alloc")]
+fn new_owned_buf() -> Box<[u8; config::SSH_MAX_PACKET]> {
+    Box::new([0; config::SSH_MAX_PACKET])
+}
+
+impl SliceOrVec<'_> {
+    /// Frees an owned buffer (zeroized first) until it is next written.
+    fn release(&mut self) {
+        #[cfg(feature = "alloc")]
+        if let Self::Owned(b) = self {
+            if let Some(mut b) = b.take() {
+                b.zeroize();
+            }
+        }
+    }
 }
 
 impl Deref for SliceOrVec<'_> {
@@ -47,7 +72,9 @@ impl Deref for SliceOrVec<'_> {
         match self {
             Self::Borrowed(r) => r,
             #[cfg(feature = "alloc")]
-            Self::Owned(r) => r.as_ref(),
+            Self::Owned(Some(r)) => r.as_ref(),
+            #[cfg(feature = "alloc")]
+            Self::Owned(None) => RELEASED.as_ref(),
         }
     }
 }
@@ -57,14 +84,29 @@ impl DerefMut for SliceOrVec<'_> {
         match self {
             Self::Borrowed(r) => r,
             #[cfg(feature = "alloc")]
-            Self::Owned(r) => r.as_mut(),
+            Self::Owned(r) => r.get_or_insert_with(new_owned_buf).as_mut(),
         }
+    }
+}
+
+// (jaunt patch 7: by hand, the derived ZeroizeOnDrop does not take the
+// `Option`.)
+#[cfg(not(fuzzing))]
+impl Drop for SliceOrVec<'_> {
+    fn drop(&mut self) {
+        self.zeroize();
     }
 }
 
 impl Zeroize for SliceOrVec<'_> {
     fn zeroize(&mut self) {
-        self.deref_mut().zeroize();
+        match self {
+            Self::Borrowed(r) => r.zeroize(),
+            #[cfg(feature = "alloc")]
+            Self::Owned(Some(r)) => r.zeroize(),
+            #[cfg(feature = "alloc")]
+            Self::Owned(None) => (),
+        }
     }
 }
 
@@ -150,6 +192,13 @@ impl<'a> TrafIn<'a> {
 
         inlen += self.fill_input(keys, buf)?;
         Ok(inlen)
+    }
+
+    /// Frees an owned buffer while no packet is being read (jaunt patch 7).
+    pub(crate) fn release_if_idle(&mut self) {
+        if matches!(self.state, RxState::Idle) {
+            self.buf.release();
+        }
     }
 
     /// Called when `payload()` is complete.
@@ -404,7 +453,7 @@ impl core::fmt::Debug for TrafOut<'_> {
 impl TrafIn<'static> {
     pub fn new_owned() -> Self {
         let mut s = Self::new(&mut []);
-        s.buf = SliceOrVec::Owned(Box::new([0; _]));
+        s.buf = SliceOrVec::Owned(None);
         s
     }
 }
@@ -640,6 +689,16 @@ impl<'a> TrafOut<'a> {
         Ok(())
     }
 
+    /// Frees an owned buffer while nothing is waiting to be written (jaunt
+    /// patch 7).
+    pub(crate) fn release_if_idle(&mut self) {
+        if matches!(self.state, TxState::Idle | TxState::Closed)
+            && self.deferred_packets.is_empty()
+        {
+            self.buf.release();
+        }
+    }
+
     pub fn output_buf(&mut self) -> &[u8] {
         match self.state {
             TxState::Write { ref mut idx, len } => {
@@ -681,7 +740,7 @@ impl<'a> TrafOut<'a> {
 impl TrafOut<'static> {
     pub fn new_owned() -> Self {
         let mut s = Self::new(&mut []);
-        s.buf = SliceOrVec::Owned(Box::new([0; _]));
+        s.buf = SliceOrVec::Owned(None);
         s
     }
 }

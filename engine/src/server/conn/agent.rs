@@ -325,7 +325,7 @@ async fn serve_heartbeats(
     tunnel: Tunnel,
     mut applied_hash: u64,
 ) {
-    use jaunt_config::wire::agent_hello::{Heartbeat, HEARTBEAT_OPEN};
+    use jaunt_config::wire::agent_hello::{Heartbeat, RecordingNote, HEARTBEAT_OPEN};
     let mut current: Option<tunnel::MuxStream> = None;
     let mut buf: Vec<u8> = Vec::new();
     let mut last_seq: Option<u64> = None;
@@ -344,7 +344,9 @@ async fn serve_heartbeats(
         match step {
             HeartbeatStep::Opened(None) => return,
             HeartbeatStep::Opened(Some(incoming)) => {
-                if incoming.header != HEARTBEAT_OPEN {
+                if let Some(note) = RecordingNote::parse(&incoming.header) {
+                    note_recording(shard, host_id, incoming, note);
+                } else if incoming.header != HEARTBEAT_OPEN {
                     incoming.refuse(
                         "this engine accepts only heartbeat streams (jaunt-heartbeat/1) from \
                          agents",
@@ -393,6 +395,47 @@ async fn serve_heartbeats(
                 buf.drain(..used);
             }
         }
+    }
+}
+
+/// An agent's `jaunt-recording/1` note: noted for the session's `session.end` (the stream is
+/// accepted and dropped at once), or refused with the reason; counted either way.
+fn note_recording(
+    shard: &Shard,
+    host_id: &str,
+    incoming: tunnel::Incoming,
+    note: Result<jaunt_config::wire::RecordingNote, DialError>,
+) {
+    use crate::server::metrics::RecordingNoteResult;
+    use crate::server::shard::NoteRefusal;
+    let (result, refusal) = match note {
+        Err(e) => (
+            RecordingNoteResult::Malformed,
+            format!("bad recording note: {e}"),
+        ),
+        Ok(note) => match shard.note_recording(host_id, &note) {
+            Ok(()) => (RecordingNoteResult::Noted, String::new()),
+            Err(NoteRefusal::UnknownSession) => (
+                RecordingNoteResult::UnknownSession,
+                format!(
+                    "no live recorded session {} of this agent on this engine shard",
+                    note.session_id
+                ),
+            ),
+            Err(NoteRefusal::TooMany) => (
+                RecordingNoteResult::TooMany,
+                format!("session {} has too many recordings noted", note.session_id),
+            ),
+        },
+    };
+    shard.metrics.recording_note(result);
+    if result == RecordingNoteResult::Noted {
+        // Nothing more travels on it: accepted means noted, and dropping it ends it.
+        drop(incoming.accept());
+    } else {
+        tracing::debug!(shard = shard.index, host_id, reason = result.as_str(),
+            error = %refusal, "recording note refused");
+        incoming.refuse(&refusal);
     }
 }
 

@@ -31,7 +31,7 @@ use crate::server::hop::{HopRefusal, HopStream};
 use crate::server::http::Response;
 use crate::server::io::{with_deadline, ByteSink, Counted, Prefixed};
 use crate::server::metrics::{DialMiss, HopResult, Refusal};
-use crate::server::shard::{Resolved, Shard, Signal};
+use crate::server::shard::{NotedRecordings, Resolved, Shard, Signal};
 use crate::server::snapshot::Snapshot;
 use crate::tunnel::{self, MuxStream, OpenError, Tunnel};
 
@@ -235,7 +235,10 @@ pub(super) async fn connect<S: UserStream>(
             return stream.refuse_user(answer, refusal, &message).await;
         }
     };
-    let audit = SessionAudit::new(ctx, &identity, &request, allowed.recorded);
+    let recordings = allowed
+        .recorded
+        .then(|| Rc::new(NotedRecordings::new(&host_id)));
+    let audit = SessionAudit::new(ctx, &identity, &request, recordings);
     let header = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
         .with_db_grants(&identity.db_users, &identity.db_names)
         .with_session_id(&audit.session_id)
@@ -386,7 +389,7 @@ async fn watch<S: UserStream>(
         identity,
         request,
         labels,
-        false,
+        None,
     );
     let _registered = ObserverSession {
         shard,
@@ -469,7 +472,7 @@ impl<'a> LiveSession<'a> {
             identity,
             request,
             labels,
-            audit.recorded,
+            audit.recordings.clone(),
         );
         LiveSession {
             shard: ctx.shard,
@@ -498,7 +501,8 @@ struct SessionAudit {
     db_user: Option<String>,
     db_name: Option<String>,
     client_addr: String,
-    recorded: bool,
+    /// `Some` when the roles ask for a recording: the ids the agent notes.
+    recordings: Option<Rc<NotedRecordings>>,
     started: Instant,
     /// Bytes from the client to the target.
     bytes_in: Rc<Cell<u64>>,
@@ -511,7 +515,7 @@ impl SessionAudit {
         ctx: &Ctx<'_>,
         identity: &Identity,
         request: &DialRequest,
-        recorded: bool,
+        recordings: Option<Rc<NotedRecordings>>,
     ) -> SessionAudit {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -526,7 +530,7 @@ impl SessionAudit {
             db_user: request.db_user.clone(),
             db_name: request.db_name.clone(),
             client_addr: ctx.peer.clone(),
-            recorded,
+            recordings,
             started: Instant::now(),
             bytes_in: Rc::new(Cell::new(0)),
             bytes_out: Rc::new(Cell::new(0)),
@@ -544,7 +548,7 @@ impl SessionAudit {
             db_user: self.db_user.clone(),
             db_name: self.db_name.clone(),
             client_addr: self.client_addr.clone(),
-            recorded: self.recorded,
+            recorded: self.recordings.is_some(),
             time: unix_now(),
         }
     }
@@ -563,7 +567,12 @@ impl SessionAudit {
             bytes_in: self.bytes_in.get(),
             bytes_out: self.bytes_out.get(),
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            recorded: self.recorded,
+            recorded: self.recordings.is_some(),
+            recording_ids: self
+                .recordings
+                .as_ref()
+                .map(|r| r.ids())
+                .unwrap_or_default(),
             time: unix_now(),
         }
     }
