@@ -1095,6 +1095,271 @@ fn web_terminal(kind: Kind) {
     c.assert_sessions_paired();
 }
 
+/// tmux on its own server socket `sock` (a real PTY for `jaunt ssh`).
+fn tmux(sock: &str, args: &[&str]) -> std::process::Output {
+    Command::new("tmux")
+        .args(["-L", sock])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The text of the tmux pane of `sock`.
+fn pane(sock: &str) -> String {
+    let o = tmux(
+        sock,
+        &["capture-pane", "-p", "-J", "-S", "-200", "-t", "user"],
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Polls the tmux pane of `sock` until its text contains `want`.
+#[track_caller]
+fn wait_for_pane(sock: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = pane(sock);
+        if text.contains(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{want:?} never showed: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ends the tmux server of a test.
+struct TmuxServer(String);
+
+impl Drop for TmuxServer {
+    fn drop(&mut self) {
+        let _ = tmux(&self.0, &["kill-server"]);
+    }
+}
+
+/// `/web/sessions/ID/join`: bob, whose role has the `session`/`join` rule, watches alice's live
+/// `jaunt ssh` (a real PTY in tmux) from the Join button of `/web/sessions`, read-only: alice is
+/// told, her output shows in bob's page, what bob types reaches nothing. His observer is a live
+/// session of its own (listed, audited, killed from `jaunt sessions kill` with the page saying
+/// by whom), and alice leaving ends his page's stream with a visible message. carol, whose
+/// role lists sessions but has no `join`, gets no Join button and a refusal at the URL.
+#[test]
+fn an_observer_joins_from_the_sessions_page_in_chromium() {
+    web_join(Kind::Chromium);
+}
+
+#[test]
+fn an_observer_joins_from_the_sessions_page_in_firefox() {
+    web_join(Kind::Firefox);
+}
+
+fn web_join(kind: Kind) {
+    let c = Cluster::dev_at("localhost:0");
+    // The roles exist before the agent starts (it fetches the policy before it serves).
+    for (name, verbs) in [("watcher", "[list, join]"), ("lister", "[list]")] {
+        let role = c.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &role,
+            format!(
+                "kind: role\nversion: v1\nmetadata:\n  name: {name}\nspec:\n  allow:\n    rules:\n    \
+                 - resources: [session]\n      verbs: {verbs}\n"
+            ),
+        )
+        .unwrap();
+        ok(c.admin(&["create", "-f", role.to_str().unwrap()], None));
+    }
+    for (user, roles, logins) in [
+        ("alice", "access", "root"),
+        ("bob", "watcher", "bob"),
+        ("carol", "lister", "carol"),
+    ] {
+        ok(c.admin(
+            &[
+                "users",
+                "add",
+                user,
+                "--roles",
+                roles,
+                "--logins",
+                logins,
+                "--password-stdin",
+            ],
+            Some(PASSWORD),
+        ));
+    }
+    ok(c.login("alice", PASSWORD, &[]));
+    let sshd = Sshd::start(&c);
+    let _agent = support::sshd::start_agent(&c, "node1", &["--ssh", &sshd.addr]);
+    wait_for_ssh(&c, "root@node1");
+
+    // alice's shell: `jaunt ssh` in a real PTY.
+    let sock = format!("jaunt-webjoin-{}-{}", kind.name(), std::process::id());
+    let command = format!(
+        "env JAUNT_HOME={} {} ssh root@node1",
+        c.home.display(),
+        jaunt_bin()
+    );
+    let o = tmux(
+        &sock,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "user",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &command,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _tmux = TmuxServer(sock.clone());
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "user", "echo shell-$((20+1))", "Enter"],
+    ));
+    wait_for_pane(&sock, "shell-21");
+    let listed = live_sessions(&c);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let id = listed[0]["id"].as_str().unwrap().to_string();
+
+    let b = Browser::launch(kind);
+    let shots = screenshots(kind);
+    let join_page = format!("https://{}/web/sessions/{id}/join", c.public_addr);
+    let join = |b: &Browser| {
+        b.goto(&format!("https://{}/web/sessions", c.public_addr));
+        let button = b.wait_for(&format!("tr.session[data-id='{id}'] a.join-session"));
+        let href = b.attribute(&button, "href").unwrap_or_default();
+        assert!(
+            href.ends_with(&format!("/web/sessions/{id}/join")),
+            "{href}"
+        );
+        b.click(&button);
+        b.wait_until("the observer's page connected", |b| {
+            b.find("#terminal[data-state='open']").is_some()
+        });
+    };
+    log_in(&b, &c, "bob", PASSWORD);
+    b.wait_for("#logout");
+    join(&b);
+    let status = b.text(&b.wait_for("#terminal-status"));
+    assert!(
+        status.contains("alice") && status.contains("read-only"),
+        "{status}"
+    );
+    wait_for_pane(
+        &sock,
+        "[jaunt] bob joined this session as an observer (read-only)",
+    );
+    // alice's output shows in bob's page.
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "user", "echo seen-by-$((6*7))", "Enter"],
+    ));
+    b.wait_until("alice's output shows in the observer's page", |b| {
+        terminal_text(b).contains("seen-by-42")
+    });
+    // What bob types reaches nothing: not alice's shell, not the node.
+    let marker = c.dir.path().join("typed-by-observer");
+    b.click(&b.wait_for("#term-screen"));
+    b.type_keys(&format!(
+        "touch {}; echo observer-typed\u{E007}",
+        marker.display()
+    ));
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "user", "echo after-$((40+2))", "Enter"],
+    ));
+    b.wait_until("later output shows in the observer's page", |b| {
+        terminal_text(b).contains("after-42")
+    });
+    wait_for_pane(&sock, "after-42");
+    assert!(
+        !marker.exists(),
+        "the observer's keystrokes reached the node"
+    );
+    let user_pane = pane(&sock);
+    assert!(!user_pane.contains("observer-typed"), "{user_pane}");
+    assert!(!terminal_text(&b).contains("observer-typed"));
+    b.screenshot(&shots.join("web-join.png"));
+
+    // The observer is a live session of its own, and the join is audited.
+    let observer = live_sessions(&c)
+        .into_iter()
+        .find(|s| s["user"] == "bob" && s["observing"] == id.as_str())
+        .expect("bob's observer session is listed");
+    let observer_id = observer["id"].as_str().unwrap().to_string();
+    let joins = c.audit_events(Some("session.join"));
+    assert!(
+        joins.iter().any(|e| e["user"] == "bob"
+            && e["session_id"] == id.as_str()
+            && e["observer_session_id"] == observer_id.as_str()),
+        "{joins:?}"
+    );
+    // `jaunt sessions kill` ends the observer (not alice's session); the page says so.
+    ok(c.admin(&["sessions", "kill", &observer_id], None));
+    b.wait_until("the killed observer's page closed", |b| {
+        b.find("#terminal[data-state='closed']").is_some()
+    });
+    let status = b.text(&b.wait_for("#terminal-status"));
+    assert!(status.contains("ended"), "{status}");
+    wait_for_pane(&sock, "[jaunt] observer bob left this session");
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "user", "echo alive-$((50+1))", "Enter"],
+    ));
+    wait_for_pane(&sock, "alive-51");
+
+    // carol lists sessions but may not join: no Join button, and a refusal at the URL.
+    b.click(&b.wait_for("#logout"));
+    b.wait_until("logged out", |b| b.url().contains("/web/login"));
+    log_in(&b, &c, "carol", PASSWORD);
+    b.wait_for("#logout");
+    b.goto(&format!("https://{}/web/sessions", c.public_addr));
+    b.wait_for(&format!("tr.session[data-id='{id}']"));
+    assert!(
+        b.find("a.join-session").is_none(),
+        "carol sees a Join button"
+    );
+    b.goto(&join_page);
+    let refusal = b.text(&b.wait_for("main p.error"));
+    assert!(refusal.contains("join"), "{refusal}");
+    assert!(b.find("#terminal").is_none());
+    b.click(&b.wait_for("#logout"));
+    b.wait_until("logged out", |b| b.url().contains("/web/login"));
+
+    // bob again: alice leaving ends his page's stream, with a message.
+    log_in(&b, &c, "bob", PASSWORD);
+    b.wait_for("#logout");
+    join(&b);
+    ok(tmux(
+        &sock,
+        &["send-keys", "-t", "user", "echo again-$((60+2))", "Enter"],
+    ));
+    b.wait_until("the second observer sees output", |b| {
+        terminal_text(b).contains("again-62")
+    });
+    ok(tmux(&sock, &["send-keys", "-t", "user", "exit", "Enter"]));
+    b.wait_until("the observer's page says the session ended", |b| {
+        b.find("#terminal[data-state='closed']").is_some()
+    });
+    let status = b.text(&b.wait_for("#terminal-status"));
+    assert!(
+        status.contains("alice") && status.contains("ended"),
+        "{status}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !live_sessions(&c).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "sessions still listed: {:?}",
+            live_sessions(&c)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.assert_sessions_paired();
+}
+
 /// Median and 90th percentile of `samples` (milliseconds).
 fn median_p90(samples: &mut [f64]) -> (f64, f64) {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -6,9 +6,11 @@
 //! user's roles allow), `/web/audit`, `/web/sessions` (live sessions; ending one needs the role
 //! rule `session`/`delete`, as `jaunt sessions kill` does), `/web/recordings` and
 //! `/web/recordings/ID` (rule `recording` `list`/`read`), `/web/apps/APP/open` (`apps.rs`),
-//! `/web/terminal/NODE/LOGIN` (`terminal.rs`), and the calls under `/webapi/` (`login`,
-//! `logout`, `sessions/ID/end`, `GET recordings/ID/cast`, `terminal/NODE/LOGIN/ticket`; the
-//! terminal's WebSocket `/webapi/terminal/NODE/LOGIN` is the engine's).
+//! `/web/terminal/NODE/LOGIN` and `/web/sessions/ID/join` (an observer's read-only view, role
+//! rule `session`/`join` as `jaunt join`; `terminal.rs`), and the calls under `/webapi/`
+//! (`login`, `logout`, `sessions/ID/end`, `GET recordings/ID/cast`,
+//! `terminal/NODE/LOGIN/ticket`, `sessions/ID/join/ticket`; the WebSockets
+//! `/webapi/terminal/NODE/LOGIN` and `/webapi/join/ID` are the engine's).
 //! `GET /` redirects to `/web/`.
 //!
 //! Web security:
@@ -191,6 +193,7 @@ impl WebUi {
             ("POST", ["webapi", "terminal", node, login, "ticket"]) => {
                 self.terminal_ticket(&ctx, node, login)
             }
+            ("POST", ["webapi", "sessions", id, "join", "ticket"]) => self.join_ticket(&ctx, id),
             (_, ["webapi", ..]) => Err(Response::error(404, "no such endpoint")),
             ("GET" | "HEAD", ["web", rest @ ..]) => {
                 let Some((token, session)) = &ctx.session else {
@@ -202,6 +205,7 @@ impl WebUi {
                     [""] => self.resources_page(&ctx, session),
                     ["audit"] => self.audit_page(&ctx, session),
                     ["sessions"] => self.sessions_page(session),
+                    ["sessions", id, "join"] => self.join_page(session, id),
                     ["recordings"] => self.recordings_page(&ctx, session),
                     ["recordings", id] => self.playback_page(session, id),
                     ["terminal", node, login] => self.terminal_page(session, node, login),
@@ -315,7 +319,16 @@ impl WebUi {
         };
         let sessions: Vec<serde_json::Value> =
             serde_json::from_slice(&listed.body).unwrap_or_default();
-        Ok(html_response(200, pages::sessions(&frame, &sessions)))
+        // Join buttons only for those whose roles have `session`/`join` (the engine and the
+        // agent decide again when the observer dials, locks included).
+        let can_join = self
+            .control
+            .require(&session.identity, "session", "join")
+            .is_ok();
+        Ok(html_response(
+            200,
+            pages::sessions(&frame, &sessions, can_join),
+        ))
     }
 
     /// `POST /webapi/sessions/ID/end`: ends a live session, as `jaunt sessions kill ID` does

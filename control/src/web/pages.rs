@@ -383,7 +383,7 @@ pub fn audit(
 
 /// `/web/sessions`: the live sessions (as `GET /v1/sessions` lists them), each with an End
 /// button.
-pub fn sessions(frame: &Frame, sessions: &[serde_json::Value]) -> String {
+pub fn sessions(frame: &Frame, sessions: &[serde_json::Value], can_join: bool) -> String {
     let mut content =
         String::from("<p id=\"session-error\" class=\"error\" role=\"alert\" hidden></p>");
     if sessions.is_empty() {
@@ -402,11 +402,25 @@ pub fn sessions(frame: &Frame, sessions: &[serde_json::Value]) -> String {
             (Some(l), _) | (None, Some(l)) => l.to_owned(),
             _ => String::new(),
         };
+        // Only a recorded SSH session (its agent terminates it) can be watched, and not an
+        // observer's own session (the same rule as `jaunt join`).
+        let joinable = can_join
+            && s["kind"] == "ssh"
+            && s["recorded"] == true
+            && s["observing"].as_str().is_none();
+        let join = if joinable {
+            format!(
+                "<a class=\"button join-session\" href=\"/web/sessions/{}/join\">Join</a> ",
+                esc(&query_escape(&id))
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             content,
             "<tr class=\"session\" data-id=\"{id}\"><td class=\"user\">{}</td><td>{}</td>\
              <td class=\"target\">{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{id}</code></td>\
-             <td><button type=\"button\" class=\"end-session\" data-id=\"{id}\">End</button></td></tr>",
+             <td class=\"actions\">{join}<button type=\"button\" class=\"end-session\" data-id=\"{id}\">End</button></td></tr>",
             esc(&text(s, "user")),
             esc(&s["kind"].as_str().map_or_else(|| s["kind"].to_string(), str::to_owned)),
             esc(&text(s, "target")),
@@ -558,6 +572,42 @@ pub fn terminal(frame: &Frame, node: &str, login: &str, style_nonce: &str) -> St
         node = esc(node),
         login = esc(login),
         path = esc(&path),
+    );
+    page_with(frame, "terminal", &content, &extra)
+}
+
+/// `/web/sessions/ID/join`: the terminal page, read-only, watching the live session `watched`
+/// (the same script as the terminal; `data-readonly` keeps it from sending anything).
+pub fn join(
+    frame: &Frame,
+    watched: &jaunt_engine::server::LiveSessionInfo,
+    style_nonce: &str,
+) -> String {
+    let extra = format!(
+        "<meta name=\"style-nonce\" content=\"{}\">\
+         <link rel=\"stylesheet\" href=\"/web/assets/xterm.css\">\
+         <script src=\"/web/assets/xterm.js\" defer></script>\
+         <script src=\"/web/assets/jaunt-terminal.js\" defer></script>",
+        esc(style_nonce)
+    );
+    let id = query_escape(&watched.id);
+    let login = watched.login.clone().unwrap_or_default();
+    let content = format!(
+        "<section id=\"terminal\" aria-label=\"Watching a session\" data-state=\"connecting\" \
+         data-readonly=\"true\" data-node=\"{node}\" data-login=\"{login}\" \
+         data-watched=\"{session}\" data-user=\"{user}\" \
+         data-ticket=\"/webapi/sessions/{id}/join/ticket\" data-ws=\"/webapi/join/{id}\">\
+         <p id=\"terminal-status\" role=\"status\">Joining {user}'s session on {login}@{node}…</p>\
+         <p class=\"note\">Read-only: {user} is told you are watching, and nothing you type is \
+         sent.</p>\
+         <div id=\"term-screen\" class=\"term-screen\" \
+         aria-label=\"{user}'s session on {node} as {login}, read-only\"></div>\
+         </section>",
+        node = esc(&watched.target),
+        login = esc(&login),
+        user = esc(&watched.user),
+        session = esc(&watched.id),
+        id = esc(&id),
     );
     page_with(frame, "terminal", &content, &extra)
 }

@@ -243,7 +243,31 @@ impl Sessions {
         None
     }
 
-    /// Number of live (not yet purged) sessions.
+    /// A one-time ticket for an observer's WebSocket to the live session `session_id`
+    /// (`/web/sessions/ID/join`), bound to the web session of `web_token`; as
+    /// [`Sessions::create_terminal_ticket`], under the key `join/ID`.
+    pub fn create_join_ticket(
+        &self,
+        web_token: &str,
+        session_id: &str,
+        now: u64,
+    ) -> Result<String, SessionError> {
+        self.create_exchange(web_token, &join_key(session_id), "", now)
+    }
+
+    /// Redeems a join ticket, once: the web session, if the ticket is for `session_id`,
+    /// unexpired, and of the web session `web_token`.
+    pub fn redeem_join_ticket(
+        &self,
+        ticket: &str,
+        web_token: &str,
+        session_id: &str,
+        now: u64,
+    ) -> Option<WebSession> {
+        let (web, session, _) = self.redeem_exchange(ticket, &join_key(session_id), now)?;
+        (web == key(web_token)).then_some(session)
+    }
+
     /// A one-time ticket (valid [`APP_EXCHANGE_TTL_SECS`]) for the web terminal's WebSocket to
     /// `node` as `login`, bound to the web session of `web_token`. It rides on the exchange
     /// table under the key `terminal/NODE/LOGIN` (app names have no `/`, so it never redeems as
@@ -272,6 +296,7 @@ impl Sessions {
         (web == key(web_token)).then_some(session)
     }
 
+    /// Number of live (not yet purged) sessions.
     pub fn len(&self) -> usize {
         self.map.lock().map_or(0, |m| m.len())
     }
@@ -284,6 +309,10 @@ impl Sessions {
 
 fn terminal_key(node: &str, login: &str) -> String {
     format!("terminal/{node}/{login}")
+}
+
+fn join_key(session_id: &str) -> String {
+    format!("join/{session_id}")
 }
 
 fn key(token: &str) -> [u8; 32] {
@@ -342,6 +371,34 @@ mod tests {
         assert!(sessions.remove(&token));
         assert!(sessions.get(&token, 11).is_none());
         assert!(!sessions.remove(&token));
+    }
+
+    #[test]
+    fn join_tickets_are_one_time_and_bound_to_session_and_the_watched_id() {
+        let sessions = Sessions::default();
+        let (web, _) = sessions
+            .create(identity("bob", 1000), 10)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let (other, _) = sessions
+            .create(identity("carol", 1000), 10)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let ticket = || {
+            sessions
+                .create_join_ticket(&web, "s1", 10)
+                .unwrap_or_else(|e| unreachable!("{e}"))
+        };
+        let t = ticket();
+        assert!(sessions.redeem_join_ticket(&t, &other, "s1", 11).is_none());
+        assert!(sessions.redeem_join_ticket(&t, &web, "s1", 11).is_none());
+        let t = ticket();
+        assert!(sessions.redeem_join_ticket(&t, &web, "s2", 11).is_none());
+        let t = ticket();
+        assert!(sessions
+            .redeem_terminal_ticket(&t, &web, "join", "s1", 11)
+            .is_none());
+        let t = ticket();
+        let s = sessions.redeem_join_ticket(&t, &web, "s1", 11);
+        assert_eq!(s.map(|s| s.identity.name), Some("bob".to_owned()));
     }
 
     #[test]

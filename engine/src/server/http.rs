@@ -295,11 +295,14 @@ pub enum ServeEnd {
 /// Where the web terminal's WebSocket lives: `/webapi/terminal/<node>/<login>`.
 pub const TERMINAL_WS_PREFIX: &str = "/webapi/terminal/";
 
-/// Whether `head` asks to upgrade to the web terminal's WebSocket: a `GET` under
-/// [`TERMINAL_WS_PREFIX`] with `Upgrade: websocket`.
+/// Where an observer's WebSocket lives (`/web/sessions/<id>/join`): `/webapi/join/<id>`.
+pub const JOIN_WS_PREFIX: &str = "/webapi/join/";
+
+/// Whether `head` asks to upgrade to the web terminal's WebSocket (or an observer's): a `GET`
+/// under [`TERMINAL_WS_PREFIX`] or [`JOIN_WS_PREFIX`] with `Upgrade: websocket`.
 pub fn is_terminal_upgrade(head: &RequestHead) -> bool {
     head.method == "GET"
-        && head.path.starts_with(TERMINAL_WS_PREFIX)
+        && (head.path.starts_with(TERMINAL_WS_PREFIX) || head.path.starts_with(JOIN_WS_PREFIX))
         && head.headers.iter().any(|(n, v)| {
             n == "upgrade"
                 && v.split(',')

@@ -81,6 +81,9 @@ pub struct TerminalGrant {
     pub node: String,
     /// The login on it.
     pub login: String,
+    /// An observer's WebSocket (`/webapi/join/<id>`): the live session it watches, read-only
+    /// (a `jaunt join` dial of `node`); `None` for a terminal of its own.
+    pub join: Option<String>,
 }
 
 /// The name of the app session cookie on app hosts. The engine takes it out of the request it

@@ -10,6 +10,12 @@
 //
 // The size follows the window: columns and rows are computed from the element's size and
 // xterm.js's cell size (no fit addon), on load and on every resize of the element.
+//
+// With data-readonly (an observer on /web/sessions/ID/join) nothing is ever sent after the
+// ticket: no input, no size (the watched session's PTY keeps its own).
+//
+// When the WebSocket closes, the page says so, with the close frame's reason when there is one
+// (who ended the session, or that the watched session ended).
 "use strict";
 (function () {
   var root = document.getElementById("terminal");
@@ -37,9 +43,16 @@
   var status = document.getElementById("terminal-status");
   var screen = document.getElementById("term-screen");
   var target = root.getAttribute("data-login") + "@" + root.getAttribute("data-node");
+  var readOnly = root.getAttribute("data-readonly") === "true";
+  var watchedUser = root.getAttribute("data-user") || "";
   var encoder = new TextEncoder();
 
-  var term = new Terminal({ cursorBlink: true, scrollback: 5000, fontSize: 14 });
+  var term = new Terminal({
+    cursorBlink: !readOnly,
+    disableStdin: readOnly,
+    scrollback: 5000,
+    fontSize: 14,
+  });
   term.open(screen);
 
   var ws = null;
@@ -52,6 +65,7 @@
   }
 
   function send(bytes) {
+    if (readOnly) return;
     if (ws && ready && ws.readyState === WebSocket.OPEN) ws.send(bytes);
   }
 
@@ -154,17 +168,27 @@
       if (notice.type === "ready") {
         ready = true;
         root.setAttribute("data-session", notice.session_id || "");
-        setState("open", "Connected to " + target + ".");
-        sendSize();
+        if (readOnly) {
+          setState("open", "Watching " + watchedUser + "'s session on " + target + " (read-only).");
+        } else {
+          setState("open", "Connected to " + target + ".");
+          sendSize();
+        }
         term.focus();
       } else if (notice.type === "refused") {
         fail("refused", notice.message || "The terminal was refused.");
       }
     };
-    ws.onclose = function () {
+    ws.onclose = function (event) {
       ready = false;
       if (!refused) {
-        setState("closed", "The session to " + target + " ended.");
+        var what = readOnly
+          ? "The session of " + watchedUser + " on " + target + " ended"
+          : "The session to " + target + " ended";
+        var why = event && event.reason ? event.reason : "";
+        setState("closed", why ? what + ": " + why + "." : what + ".");
+        root.setAttribute("data-close-code", String(event ? event.code : ""));
+        root.setAttribute("data-close-reason", why);
         term.options.disableStdin = true;
       }
     };

@@ -268,7 +268,7 @@ pub(super) async fn connect<S: UserStream>(
             allowed,
             labels,
         };
-        return watch(ctx, stream, upstream, &identity, &request, observed).await;
+        return watch(ctx, stream, upstream, &identity, &request, observed, answer).await;
     }
     if shard.audit(audit.start_event()).is_err() {
         drop(upstream);
@@ -372,6 +372,7 @@ async fn watch<S: UserStream>(
     identity: &Identity,
     request: &DialRequest,
     observed: Observed<'_>,
+    answer: Answer,
 ) -> End {
     let Observed {
         joined,
@@ -407,11 +408,8 @@ async fn watch<S: UserStream>(
     tracing::info!(shard = shard.index, user = %identity.name, target = %request.target,
         session = %joined, "observer joined a live session");
     let _open = OpenStream::new(shard);
-    let answered = async {
-        stream.write_all(&DialResponse::ok().encode()).await?;
-        stream.flush().await
-    };
-    if let Err(e) = answered.await {
+    // A dial response for `jaunt join`, the ready notice for a web observer.
+    if let Err(e) = stream.connected(answer, &observer_session_id).await {
         return End::Failed(ConnError::Client(e));
     }
     let spliced = futures_lite::future::or(

@@ -20,7 +20,12 @@
 //!    stream's header is marked [`terminal`](jaunt_config::wire::dial::StreamHeader::terminal):
 //!    the agent logs in to sshd itself, records, and exchanges terminal frames with us.
 //! 5. Browser messages are checked ([`TermInput::parse`]) and framed for the agent; the
-//!    agent's bytes go back as binary messages. A bad message (unknown type, a bad size, text
+//!    agent's bytes go back as binary messages.
+//!
+//! An observer's page (`/web/sessions/<id>/join`) opens `GET /webapi/join/<id>` the same way
+//! (ticket from `POST /webapi/sessions/<id>/join/ticket`); its grant names the watched session,
+//! and the dial is `jaunt join`'s (role rule `session`/`join`, audited `session.join`, a live
+//! session of its own). Its checked input is dropped here: nothing it types leaves the engine. A bad message (unknown type, a bad size, text
 //!    after the ticket, a protocol error) ends this connection only, with a `refused` notice
 //!    and a close frame.
 
@@ -141,13 +146,15 @@ pub(super) async fn serve(
             return ws.refuse_with("bad_ticket", &why).await;
         }
     };
+    // An observer (`/webapi/join/<id>`) reads only: what its page sends goes nowhere.
+    ws.read_only = grant.join.is_some();
     let dial = DialRequest {
         kind: DialKind::Ssh,
         target: grant.node,
         login: Some(grant.login),
         db_user: None,
         db_name: None,
-        join: None,
+        join: grant.join,
     };
     if let Err(e) = dial.validate() {
         return ws
@@ -273,6 +280,8 @@ pub(super) struct WsStream {
     frame_at: usize,
     /// The browser closed (or the socket ended).
     eof: bool,
+    /// An observer's page: its checked input is dropped here, never framed for the agent.
+    read_only: bool,
 }
 
 fn would_block(e: &tungstenite::Error) -> bool {
@@ -294,6 +303,7 @@ impl WsStream {
             frame: Vec::new(),
             frame_at: 0,
             eof: false,
+            read_only: false,
         }
     }
 
@@ -442,6 +452,7 @@ impl AsyncRead for WsStream {
             };
             let refused = match &message {
                 Message::Binary(bytes) => match TermInput::parse(bytes) {
+                    Ok(_) if this.read_only => continue,
                     Ok(input) => {
                         this.frame = input.frame();
                         this.frame_at = 0;
@@ -539,6 +550,11 @@ mod tests {
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ];
         assert!(crate::server::http::is_terminal_upgrade(&head(&good)));
+        let mut join = head(&good);
+        join.path = "/webapi/join/18f-0-7".into();
+        assert!(crate::server::http::is_terminal_upgrade(&join));
+        join.path = "/webapi/sessions".into();
+        assert!(!crate::server::http::is_terminal_upgrade(&join));
         assert_eq!(
             check_upgrade(&head(&good), "jaunt.test:3080"),
             Ok("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_owned())
