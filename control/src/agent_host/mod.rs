@@ -405,6 +405,26 @@ fn fetch_policy(
     Err(first_error.unwrap_or_else(|| anyhow!("no engine to ask")))
 }
 
+/// Writes the host CAs a policy names (`AgentPolicyResponse::host_ca`, PEM) to `profile`'s host
+/// CA file, the trust for the engine's certificate, unless it holds them already; `Ok(true)`
+/// when it wrote. Nothing to write when `host_ca` is empty. The step of [`follow_rotation`]
+/// that the emulated agents of `loadtest` take as well.
+pub fn write_host_ca(profile: &Profile, host_ca: &[String]) -> anyhow::Result<bool> {
+    if host_ca.is_empty() {
+        return Ok(false);
+    }
+    let bundle: String = host_ca
+        .iter()
+        .map(|pem| format!("{}\n", pem.trim_end()))
+        .collect();
+    let path = profile.host_ca_path();
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(bundle.as_str()) {
+        return Ok(false);
+    }
+    crate::profile::write_private(&path, bundle.as_bytes())?;
+    Ok(true)
+}
+
 /// A CA rotation phase as the agent follows it, with no restart and no token: the host CAs
 /// the policy names become the trust for the engine's certificate (written to the host
 /// profile, tunnels' TLS replaced for new tunnels), and when control says the host
@@ -421,18 +441,9 @@ fn follow_rotation(
         bail!("the host identity is gone from {}", profile.dir.display());
     };
     let mut changed = false;
-    if !response.host_ca.is_empty() {
-        let bundle: String = response
-            .host_ca
-            .iter()
-            .map(|pem| format!("{}\n", pem.trim_end()))
-            .collect();
-        let path = profile.host_ca_path();
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(bundle.as_str()) {
-            crate::profile::write_private(&path, bundle.as_bytes())?;
-            host.reload()?;
-            changed = true;
-        }
+    if write_host_ca(profile, &response.host_ca)? {
+        host.reload()?;
+        changed = true;
     }
     if response.renew_host_cert {
         info = host.renew()?;
