@@ -1059,6 +1059,14 @@ fn web_terminal(kind: Kind) {
     b.wait_until("the killed terminal closed", |b| {
         b.find("#terminal[data-state='closed']").is_some()
     });
+    // With a close frame saying who ended it, which the page shows.
+    let closed = b.wait_for("#terminal");
+    assert_eq!(
+        b.attribute(&closed, "data-close-reason").as_deref(),
+        Some("killed by admin")
+    );
+    let status = b.text(&b.wait_for("#terminal-status"));
+    assert!(status.contains("ended: killed by admin"), "{status}");
     let deadline = Instant::now() + Duration::from_secs(20);
     while live_sessions(&c).iter().any(|s| s["id"] == second.as_str()) {
         assert!(
@@ -1302,7 +1310,10 @@ fn web_join(kind: Kind) {
         b.find("#terminal[data-state='closed']").is_some()
     });
     let status = b.text(&b.wait_for("#terminal-status"));
-    assert!(status.contains("ended"), "{status}");
+    assert!(
+        status.contains("Stopped watching alice's session") && status.contains("killed by admin"),
+        "{status}"
+    );
     wait_for_pane(&sock, "[jaunt] observer bob left this session");
     ok(tmux(
         &sock,
@@ -1345,7 +1356,7 @@ fn web_join(kind: Kind) {
     });
     let status = b.text(&b.wait_for("#terminal-status"));
     assert!(
-        status.contains("alice") && status.contains("ended"),
+        status.contains("The session of alice on root@node1 ended."),
         "{status}"
     );
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -79,7 +79,7 @@ impl Control {
                 &format!("no live session {id:?}: see `jaunt sessions ls`"),
             ));
         };
-        if !sessions.end(id) {
+        if !sessions.end(id, &caller.name) {
             return Err(Response::error(
                 404,
                 &format!("session {id:?} ended already"),

@@ -611,14 +611,21 @@ impl EngineSessions {
         all
     }
 
-    /// Ends the live session `id`; `false` if no shard has it. The session's connection closes
-    /// as soon as its shard runs (the same path a lock takes), and its `session.end` follows.
-    pub fn end(&self, id: &str) -> bool {
+    /// Ends the live session `id`, killed by user `by` (a web terminal's page shows who);
+    /// `false` if no shard has it. The session's connection closes as soon as its shard runs
+    /// (the same path a lock takes), and its `session.end` follows.
+    pub fn end(&self, id: &str, by: &str) -> bool {
         let (tx, rx) = crossbeam_channel::bounded(self.mailboxes.len());
         let asked = self
             .mailboxes
             .iter()
-            .filter(|m| m.send(Command::EndSession(id.to_owned(), tx.clone())))
+            .filter(|m| {
+                m.send(Command::EndSession(
+                    id.to_owned(),
+                    by.to_owned(),
+                    tx.clone(),
+                ))
+            })
             .count();
         drop(tx);
         let deadline = Instant::now() + COMMAND_ACK_TIMEOUT;

@@ -80,8 +80,9 @@ pub(crate) enum Command {
     Shutdown { drain_deadline: Instant },
     /// Report this shard's live user sessions.
     Sessions(crossbeam_channel::Sender<Vec<LiveSessionInfo>>),
-    /// End the live session with this id; answer whether this shard had it.
-    EndSession(String, crossbeam_channel::Sender<bool>),
+    /// End the live session with this id, killed by the named user; answer whether this shard
+    /// had it.
+    EndSession(String, String, crossbeam_channel::Sender<bool>),
     /// Start accepting (a shard booted paused, `jaunt start --takeover`); until
     /// `agent_grace_until`, a dial whose agent has no tunnel yet waits for it. Acknowledge with
     /// the shard index.
@@ -217,9 +218,25 @@ pub(crate) struct Signal {
     fired: Cell<bool>,
     next_key: Cell<u64>,
     waiters: RefCell<HashMap<u64, Waker>>,
+    /// Why it fired, when the firer said ([`Signal::fire_because`]).
+    reason: RefCell<Option<String>>,
 }
 
 impl Signal {
+    /// Fires, noting why (the first reason given stays): a live session's end tells its user
+    /// who or what ended it where the stream can say so (the web terminal's close frame).
+    pub fn fire_because(&self, why: String) {
+        if !self.fired.get() {
+            *self.reason.borrow_mut() = Some(why);
+        }
+        self.fire();
+    }
+
+    /// Why it fired, if it was said.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.borrow().clone()
+    }
+
     pub fn fire(&self) {
         if self.fired.replace(true) {
             return;
@@ -524,7 +541,9 @@ impl Shard {
                     lock = %lock.name,
                     "closing a live session: a lock matches it"
                 );
-                session.end.fire();
+                session
+                    .end
+                    .fire_because(format!("a lock matches it ({:?})", lock.name));
                 self.metrics.session_closed_by_lock();
             } else if let Some(denied) = revoked(
                 snapshot,
@@ -541,7 +560,9 @@ impl Shard {
                     reason = %denied.message,
                     "closing a live session: its roles no longer allow it"
                 );
-                session.end.fire();
+                session
+                    .end
+                    .fire_because("the user's roles no longer allow it".to_owned());
                 self.metrics.session_closed_by_role();
             }
         }
@@ -625,7 +646,7 @@ impl Shard {
     }
 
     /// Ends the live session `session_id` if this shard has it (`jaunt sessions kill`).
-    fn end_session(&self, session_id: &str) -> bool {
+    fn end_session(&self, session_id: &str, by: &str) -> bool {
         let sessions = self.sessions.borrow();
         let Some(session) = sessions.values().find(|s| s.session_id == session_id) else {
             return false;
@@ -635,9 +656,10 @@ impl Shard {
             session = session_id,
             user = %session.identity.name,
             target = %session.request.target,
+            by,
             "ending a live session: an administrator killed it"
         );
-        session.end.fire();
+        session.end.fire_because(format!("killed by {by}"));
         true
     }
 
@@ -1132,8 +1154,8 @@ async fn serve(mut boot: ShardBoot) -> u64 {
             Some(Command::Sessions(reply)) => {
                 let _ = reply.send(shard.live_sessions());
             }
-            Some(Command::EndSession(id, reply)) => {
-                let _ = reply.send(shard.end_session(&id));
+            Some(Command::EndSession(id, by, reply)) => {
+                let _ = reply.send(shard.end_session(&id, &by));
             }
             Some(Command::StartAccepting {
                 agent_grace_until,

@@ -182,11 +182,18 @@
     ws.onclose = function (event) {
       ready = false;
       if (!refused) {
-        var what = readOnly
-          ? "The session of " + watchedUser + " on " + target + " ended"
-          : "The session to " + target + " ended";
+        // A reason is given when the session was ended from outside (a kill, a lock): for an
+        // observer, that is its own view that ended, not the watched session.
         var why = event && event.reason ? event.reason : "";
-        setState("closed", why ? what + ": " + why + "." : what + ".");
+        var what;
+        if (readOnly) {
+          what = why
+            ? "Stopped watching " + watchedUser + "'s session on " + target + ": " + why
+            : "The session of " + watchedUser + " on " + target + " ended";
+        } else {
+          what = "The session to " + target + " ended" + (why ? ": " + why : "");
+        }
+        setState("closed", what + ".");
         root.setAttribute("data-close-code", String(event ? event.code : ""));
         root.setAttribute("data-close-reason", why);
         term.options.disableStdin = true;

@@ -120,6 +120,32 @@ pub(super) trait UserStream: AsyncRead + AsyncWrite + Unpin + 'static {
 
     /// Tells the user the session is connected (a dial response; nothing for web apps).
     async fn connected(&mut self, answer: Answer, session_id: &str) -> io::Result<()>;
+
+    /// Where to say why a live session was ended (a kill, a lock, a role change), for a stream
+    /// that can tell its user (the web terminal's WebSocket: a close frame with the reason).
+    fn end_notice(&self) -> Option<EndNotice> {
+        None
+    }
+}
+
+/// Why a live session was ended, for its stream to tell the user ([`UserStream::end_notice`]).
+pub(super) type EndNotice = Rc<std::cell::RefCell<Option<String>>>;
+
+/// How long a stream that tells why its session was ended has to say it (while the splice
+/// winds down) before it is dropped.
+const END_NOTICE_GRACE: Duration = Duration::from_secs(2);
+
+/// A live session was ended by `end` (a kill, a lock, a role change): if its stream can say
+/// why, hand it the reason and give the splice [`END_NOTICE_GRACE`] to pass it on and wind
+/// down; the stream ends its read side once it has sent it.
+async fn tell_why_ended(notice: Option<&EndNotice>, end: &Signal) {
+    let Some(notice) = notice else { return };
+    *notice.borrow_mut() = Some(
+        end.reason()
+            .unwrap_or_else(|| "the session was ended".to_owned()),
+    );
+    futures_lite::future::yield_now().await;
+    glommio::timer::Timer::new(END_NOTICE_GRACE).await;
 }
 
 impl UserStream for TlsStream<Prefixed<Client>> {
@@ -284,6 +310,7 @@ pub(super) async fn connect<S: UserStream>(
         return End::Done;
     }
     let session_id = audit.session_id.clone();
+    let notice = stream.end_notice();
     // From here on the session has started: the guard reports its end however it ends.
     let session = LiveSession::start(ctx, &identity, &request, labels, audit);
     let _open = OpenStream::new(shard);
@@ -321,6 +348,7 @@ pub(super) async fn connect<S: UserStream>(
         });
     let spliced = futures_lite::future::or(splice_upstream(ctx, stream, upstream, idle), async {
         session.end.wait().await;
+        tell_why_ended(notice.as_ref(), &session.end).await;
         End::Done
     });
     let Some(deadline) = allowed.session_deadline else {
@@ -409,6 +437,7 @@ async fn watch<S: UserStream>(
         session = %joined, "observer joined a live session");
     let _open = OpenStream::new(shard);
     // A dial response for `jaunt join`, the ready notice for a web observer.
+    let notice = stream.end_notice();
     if let Err(e) = stream.connected(answer, &observer_session_id).await {
         return End::Failed(ConnError::Client(e));
     }
@@ -416,6 +445,7 @@ async fn watch<S: UserStream>(
         splice_upstream(ctx, stream, upstream, shard.limits().idle_timeout),
         async {
             end.wait().await;
+            tell_why_ended(notice.as_ref(), &end).await;
             End::Done
         },
     );

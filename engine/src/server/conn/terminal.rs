@@ -43,7 +43,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use super::session::{connect, Answer, UserStream};
+use super::session::{connect, Answer, EndNotice, UserStream};
 use super::{write_and_close, Client, ConnError, Ctx, End};
 use crate::server::http::{RequestHead, Response};
 use crate::server::io::{with_deadline, Prefixed};
@@ -282,6 +282,11 @@ pub(super) struct WsStream {
     eof: bool,
     /// An observer's page: its checked input is dropped here, never framed for the agent.
     read_only: bool,
+    /// Why the session was ended (a kill, a lock), once it was: sent as the close frame's
+    /// reason, after which reads end and output is dropped.
+    end_notice: EndNotice,
+    /// That close frame is queued.
+    ended: bool,
 }
 
 fn would_block(e: &tungstenite::Error) -> bool {
@@ -304,6 +309,8 @@ impl WsStream {
             frame_at: 0,
             eof: false,
             read_only: false,
+            end_notice: EndNotice::default(),
+            ended: false,
         }
     }
 
@@ -420,6 +427,10 @@ impl UserStream for WsStream {
         End::Refused(refusal)
     }
 
+    fn end_notice(&self) -> Option<EndNotice> {
+        Some(self.end_notice.clone())
+    }
+
     async fn connected(&mut self, _answer: Answer, session_id: &str) -> io::Result<()> {
         let notice = TermNotice::Ready {
             session_id: session_id.to_owned(),
@@ -437,6 +448,23 @@ impl AsyncRead for WsStream {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if !this.ended {
+            let why = this.end_notice.borrow_mut().take();
+            if let Some(why) = why {
+                // Ended from outside: the page learns why from the close frame.
+                this.ended = true;
+                let _ = this.ws.close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: close_reason(&why).into(),
+                }));
+                if let Poll::Ready(Err(e)) = this.poll_output(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        if this.ended {
+            return Poll::Ready(Ok(0));
+        }
         loop {
             if this.frame_at < this.frame.len() {
                 let n = (this.frame.len() - this.frame_at).min(buf.len());
@@ -476,6 +504,10 @@ impl AsyncWrite for WsStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if this.ended {
+            // The close frame is queued: nothing may follow it.
+            return Poll::Ready(Ok(buf.len()));
+        }
         if this.ws.get_ref().output.len() >= MAX_QUEUED_OUTPUT {
             match this.poll_output(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -500,9 +532,10 @@ impl AsyncWrite for WsStream {
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.ws.can_write() {
+            // No reason: the session ended by itself (the shell, sshd, the watched session).
             let _ = this.ws.close(Some(CloseFrame {
                 code: CloseCode::Normal,
-                reason: "the session ended".into(),
+                reason: "".into(),
             }));
         }
         match this.poll_output(cx) {
@@ -512,9 +545,25 @@ impl AsyncWrite for WsStream {
     }
 }
 
+/// `why` cut to what a close frame's reason may hold (123 bytes), on a character boundary.
+fn close_reason(why: &str) -> &str {
+    let mut end = why.len().min(123);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    &why[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_close_frame() {
+        assert_eq!(close_reason("ended by alice"), "ended by alice");
+        let long = "é".repeat(100);
+        assert_eq!(close_reason(&long).len(), 122);
+    }
 
     fn head(headers: &[(&str, &str)]) -> RequestHead {
         RequestHead {
