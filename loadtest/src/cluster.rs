@@ -167,6 +167,8 @@ pub struct Spawned {
     pub port: u16,
     pub public_addr: String,
     pub pin: String,
+    /// The daemon's diagnostics endpoint (`/metrics`), `HOST:PORT`.
+    pub diag_addr: Option<String>,
     pub daemon: Proc,
     pub agent: Option<Proc>,
     /// `$JAUNT_HOME` of `USER`.
@@ -175,24 +177,50 @@ pub struct Spawned {
     pub lock_home: PathBuf,
 }
 
-/// Starts `jaunt start --dev` on `data_dir`, port `port`; returns the process, public address and
-/// CA pin from its banner.
+/// Starts `jaunt start --dev` on `data_dir`, port `port`, with a diagnostics endpoint on a free
+/// loopback port; returns the process and its banner.
 pub fn start_daemon(
     jaunt: &Path,
     data_dir: &Path,
     port: u16,
     home: &Path,
-) -> anyhow::Result<(Proc, String, String)> {
-    let args = vec![
+) -> anyhow::Result<(Proc, Banner)> {
+    start_daemon_with(jaunt, &dev_args(data_dir, port), home)
+}
+
+/// The dev daemon's command line (a takeover adds `--takeover` to the same).
+pub fn dev_args(data_dir: &Path, port: u16) -> Vec<String> {
+    vec![
         "start".to_string(),
         "--dev".to_string(),
         "--data-dir".to_string(),
         data_dir.display().to_string(),
         "--public-addr".to_string(),
         format!("127.0.0.1:{port}"),
-    ];
-    let (proc_, banner) = start_daemon_with(jaunt, &args, home)?;
-    Ok((proc_, banner.public_addr, banner.pin))
+        "--diag-addr".to_string(),
+        "127.0.0.1:0".to_string(),
+    ]
+}
+
+/// The sum of every series of metric `family` (`jaunt_cross_shard_hops_total`) whose labels
+/// contain `label` (or all of them for ""), from `GET /metrics` on the diagnostics endpoint
+/// `diag`.
+pub fn metric_sum(diag: &str, family: &str, label: &str) -> anyhow::Result<f64> {
+    use std::io::Read;
+    let addr: std::net::SocketAddr = diag.parse().with_context(|| format!("diag addr {diag}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: loadtest\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let prefix = format!("{family}{{");
+    Ok(text
+        .lines()
+        .filter(|l| {
+            (l.starts_with(&prefix) || l.starts_with(&format!("{family} "))) && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 /// What `jaunt start` printed before it was ready.
@@ -336,14 +364,15 @@ impl Spawned {
         let home = dir.path().join("home");
         let lock_home = dir.path().join("home-lock");
         let port = free_port()?;
-        let (daemon, public_addr, pin) = start_daemon(jaunt, &data_dir, port, &home)?;
+        let (daemon, banner) = start_daemon(jaunt, &data_dir, port, &home)?;
         let mut s = Spawned {
             jaunt: jaunt.to_path_buf(),
             dir,
             data_dir,
             port,
-            public_addr,
-            pin,
+            public_addr: banner.public_addr,
+            pin: banner.pin,
+            diag_addr: banner.diag_addr,
             daemon,
             agent: None,
             home,
@@ -467,11 +496,11 @@ impl Spawned {
             // own timeout; SIGKILL after 15 s), start.
             self.daemon.terminate(Duration::from_secs(15));
         }
-        let (daemon, public_addr, _pin) =
-            start_daemon(&self.jaunt, &self.data_dir, self.port, &self.home)?;
+        let (daemon, banner) = start_daemon(&self.jaunt, &self.data_dir, self.port, &self.home)?;
         let t_ready = Instant::now();
         self.daemon = daemon;
-        self.public_addr = public_addr;
+        self.public_addr = banner.public_addr;
+        self.diag_addr = banner.diag_addr;
         Ok((cpu, t_kill, t_ready))
     }
 

@@ -4,21 +4,22 @@
 //! TunnelHello, an AgentHello, then the sans-IO mux core of `jaunt_engine::mux` as
 //! `Role::Client`, answering keepalives, reading the policies the engine pushes
 //! (`jaunt-policy/1`) and refusing every other stream). On loss it redials on the real agent's
-//! schedule (`jaunt_agent::backoff`: capped exponential with full jitter). One thread per
-//! emulated agent with a small stack: lighter than a `jaunt agent` process (no glommio
-//! executors, one tunnel instead of one per shard), the same wire behaviour for what the
-//! scenarios measure.
+//! schedule (`jaunt_agent::backoff`: capped exponential with full jitter). The tunnels run on a
+//! few threads, each driving its share with nonblocking sockets on one epoll set (a thread per
+//! tunnel ran out of memory mappings near 16,000 threads): lighter than a `jaunt agent` process
+//! (no glommio executors, no services), the same wire behaviour for what the scenarios measure.
 //!
 //! With `follow` (the `rotation` scenario) each agent also runs the real agent's policy poll
 //! (`jaunt agent`'s `PolicyPoller` in `control/src/agent_host/mod.rs`, the same requests): `GET
 //! /v1/agent/policy[?confirmed=GENERATION]` with its host certificate every
 //! `agent_host::policy_delay` (5 s, backing off on failures); a new version is compiled
-//! (`ClusterPolicy::from_response`); a new CA generation is followed (the host CAs written to
-//! the profile's trust file, the host certificate renewed through `HostClient::renew` when
-//! control says so, the tunnel's TLS rebuilt for the next dial) and confirmed at once with a
-//! second fetch. The polls run on a few threads, each serving its share of the agents in turn.
+//! (`ClusterPolicy::from_response`); a new CA generation is followed with the real agent's
+//! `agent_host::apply_rotation` (the host CAs written to the profile's trust file, the host
+//! certificate renewed when control says so, the tunnel's TLS rebuilt for the next dial) and
+//! confirmed at once with a second fetch. The polls run on a few threads, each serving its share of the agents in turn.
 
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ use jaunt_config::api::{AgentPolicyResponse, Certs, JoinRequest};
 use jaunt_config::wire::agent_hello::AgentHello;
 use jaunt_config::wire::dial::TunnelHello;
 use jaunt_config::wire::shard_hint_alpn;
-use jaunt_control::agent_host::{self, AgentOptions, HostClient};
+use jaunt_control::agent_host::{self, HostClient};
 use jaunt_control::ca::LocalKeys;
 use jaunt_control::client::{Client, Trust};
 use jaunt_control::profile::{Profile, ProfileInfo};
@@ -52,8 +53,6 @@ pub struct Identity {
     /// Its data directory (the host profile is `agent_host::host_profile(dir)`, as for `jaunt
     /// agent --data-dir`).
     pub dir: PathBuf,
-    /// The identity's user name in the profile (the host id).
-    pub user: String,
     /// The proxy it joined through.
     pub proxy: String,
 }
@@ -86,7 +85,6 @@ pub fn join(
         name: name.to_string(),
         tls: tls_config(&profile, &info)?,
         dir: dir.to_path_buf(),
-        user: info.user,
         proxy: proxy.to_string(),
     })
 }
@@ -192,11 +190,16 @@ impl Shared {
 /// many per thread the harness, not the cluster, would stretch the agents' 5 s cadence.
 const AGENTS_PER_POLL_THREAD: usize = 4;
 
-/// Starts one thread per identity and shard (and with `follow`, the policy-poll threads); they
-/// run until `shared.stop`. With `shards` > 1 each agent holds one tunnel per shard, as the real
-/// agent does: the thread for shard `s` asks for it (`jaunt-shard.<s>` after `jaunt-tunnel`)
-/// and closes a connection that lands elsewhere. `shards` = 1: one tunnel per agent, wherever
-/// it lands.
+/// Threads that drive the tunnels, each its share of them on one epoll set. A thread per
+/// tunnel stopped near 16,000 (`vm.max_map_count`: two mappings per thread stack); a few
+/// threads hold any number, and on this 2-core machine more would only take turns.
+const TUNNEL_THREADS: usize = 4;
+
+/// Starts the tunnels (on [`TUNNEL_THREADS`] threads) and with `follow` the policy-poll
+/// threads; they run until `shared.stop`. With `shards` > 1 each agent holds one tunnel per
+/// shard, as the real agent does: the tunnel for shard `s` asks for it (`jaunt-shard.<s>` after
+/// `jaunt-tunnel`) and closes a connection that lands elsewhere. `shards` = 1: one tunnel per
+/// agent, wherever it lands.
 pub fn start(
     ids: Vec<Identity>,
     addr: SocketAddr,
@@ -209,29 +212,23 @@ pub fn start(
     let k = ids.len();
     let threads = k.div_ceil(AGENTS_PER_POLL_THREAD).max(1);
     let mut followers: Vec<Vec<Follower>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut slots: Vec<Vec<Slot>> = (0..TUNNEL_THREADS).map(|_| Vec::new()).collect();
     let started = Instant::now();
+    let mut n = 0usize;
     for (i, id) in ids.into_iter().enumerate() {
-        let shared = shared.clone();
-        let name = server_name.clone();
-        let hello = AgentHello::new(&id.name, Default::default(), Vec::new())
+        let hello: Arc<[u8]> = AgentHello::new(&id.name, Default::default(), Vec::new())
             .encode()
-            .map_err(|e| anyhow!("agent hello: {e}"))?;
+            .map_err(|e| anyhow!("agent hello: {e}"))?
+            .into();
         let tls = Arc::new(Mutex::new(id.tls.clone()));
         if follow {
             // Spread over one poll interval, as agents started at different times are.
             let offset = agent_host::policy_delay(0).mul_f64(i as f64 / k.max(1) as f64);
             followers[i % threads].push(Follower {
                 i,
-                opts: AgentOptions {
-                    proxy: id.proxy.clone(),
-                    token: None,
-                    ca_pin: None,
-                    insecure: false,
-                    data_dir: id.dir.clone(),
-                    name: id.name.clone(),
-                    config_file: None,
-                },
-                user: id.user.clone(),
+                name: id.name.clone(),
+                host: HostClient::load(&id.proxy, &id.dir)
+                    .with_context(|| format!("{}'s host identity", id.name))?,
                 tls: tls.clone(),
                 current: None,
                 confirmed: String::new(),
@@ -241,15 +238,39 @@ pub fn start(
             });
         }
         for shard in 0..shards.max(1) {
-            let (tls, name, hello, shared) =
-                (tls.clone(), name.clone(), hello.clone(), shared.clone());
-            let want = (shards > 1).then_some(shard);
-            let h = std::thread::Builder::new()
-                .name(format!("emu-{i}-{shard}"))
-                .stack_size(256 * 1024)
-                .spawn(move || run(i, want, tls, addr, name, hello, shared))?;
-            handles.push(h);
+            slots[n % TUNNEL_THREADS].push(Slot {
+                i,
+                want: (shards > 1).then_some(shard),
+                tls: tls.clone(),
+                hello: hello.clone(),
+                backoff: Backoff::new(BackoffConfig::default(), seed(n)),
+                misplaced_in_row: 0,
+                started,
+                state: State::Waiting,
+                due: None,
+            });
+            n += 1;
         }
+    }
+    for (t, mine) in slots.into_iter().enumerate() {
+        if mine.is_empty() {
+            continue;
+        }
+        let epoll = sys::Epoll::new().context("epoll_create1 for the emulated agents")?;
+        let mut worker = Worker {
+            epoll,
+            addr,
+            name: server_name.clone(),
+            shared: shared.clone(),
+            timers: BinaryHeap::new(),
+            buf: vec![0u8; 16 * 1024],
+            plain: Vec::new(),
+            out: Vec::new(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("emu-tunnels-{t}"))
+            .spawn(move || worker.run(mine))?;
+        handles.push(h);
     }
     for (t, mut mine) in followers.into_iter().enumerate() {
         if mine.is_empty() {
@@ -268,6 +289,14 @@ pub fn start(
 /// Dials in a row that may land on another shard than asked before an emulated agent backs off
 /// (an engine that ignores the hint: about what the real agent's round allows for 8 shards).
 const MISPLACED_DIALS_BEFORE_BACKOFF: usize = 16;
+
+/// How long a dial may take to connect, and then to bring the engine's tunnel hello (the
+/// blocking emulation's connect and read timeouts).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest a tunnel thread waits before it looks at `shared.stop` again.
+const MAX_WAIT: Duration = Duration::from_millis(100);
 
 fn seed(i: usize) -> u64 {
     jaunt_agent::backoff::seed() ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -299,186 +328,391 @@ pub fn probe_shards(
     }
 }
 
-fn run(
+/// One tunnel of one emulated agent (one per engine shard): what the real agent's tunnel loop
+/// keeps across dials.
+struct Slot {
+    /// The agent's index.
     i: usize,
+    /// The shard it asks for (`None`: wherever it lands).
     want: Option<usize>,
+    /// The agent's TLS in force now: a followed rotation replaces it for the next dial (as the
+    /// real agent's `ReplaceTls`), never the tunnel that is up.
     tls: Arc<Mutex<Arc<ClientConfig>>>,
+    /// The agent's encoded AgentHello.
+    hello: Arc<[u8]>,
+    backoff: Backoff,
+    misplaced_in_row: usize,
+    /// When the current (or last) dial started.
+    started: Instant,
+    state: State,
+    /// This tunnel's one timer: the backoff is over, the connect or the hello is late, or the
+    /// mux's next timer (keepalives).
+    due: Option<Instant>,
+}
+
+enum State {
+    /// Backing off until `due` (or dialing at once when `due` is now).
+    Waiting,
+    /// A nonblocking connect in progress, with the TLS configuration to dial with.
+    Connecting(TcpStream, Arc<ClientConfig>),
+    /// TLS handshake and the engine's tunnel hello (`pending` holds what arrived of it).
+    Hello(TcpStream, Box<ClientConnection>, Vec<u8>),
+    /// The tunnel is up.
+    Up(Box<Up>),
+}
+
+struct Up {
+    tcp: TcpStream,
+    tls: ClientConnection,
+    mux: Mux,
+    /// Policy pushes being read (`jaunt-policy/1`): read to the end, then our FIN, as the real
+    /// agent's `receive_push` (which also compiles it; the poll does that here).
+    pushes: HashSet<StreamId>,
+}
+
+/// One tunnel thread: nonblocking sockets on an edge-triggered epoll set, and a timer heap.
+struct Worker {
+    epoll: sys::Epoll,
     addr: SocketAddr,
     name: ServerName<'static>,
-    hello: Vec<u8>,
     shared: Arc<Shared>,
-) {
-    let mut backoff = Backoff::new(BackoffConfig::default(), seed(i));
-    let mut misplaced_in_row = 0usize;
-    while !shared.stop.load(Ordering::Relaxed) {
-        let started = Instant::now();
-        // The TLS in force now: a followed rotation replaces it for the next tunnel (as the real
-        // agent's `ReplaceTls`), never the tunnel that is up.
-        let mut config = match tls.lock() {
+    /// (when, slot); stale entries (the slot's `due` moved) are skipped.
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    buf: Vec<u8>,
+    plain: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Worker {
+    fn run(&mut self, mut slots: Vec<Slot>) {
+        // Every tunnel dials at once, as the agents start.
+        let now = Instant::now();
+        for (k, slot) in slots.iter_mut().enumerate() {
+            self.set_due(k, slot, Some(now));
+        }
+        let mut ready = Vec::new();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            while let Some(&Reverse((t, k))) = self.timers.peek() {
+                if t > now {
+                    break;
+                }
+                self.timers.pop();
+                let Some(slot) = slots.get_mut(k) else {
+                    continue;
+                };
+                if slot.due != Some(t) {
+                    continue;
+                }
+                slot.due = None;
+                self.on_timer(k, slot, now);
+            }
+            let wait = self.timers.peek().map_or(MAX_WAIT, |r| {
+                r.0 .0
+                    .saturating_duration_since(Instant::now())
+                    .min(MAX_WAIT)
+            });
+            if let Err(e) = self.epoll.wait(&mut ready, wait) {
+                self.shared
+                    .error(format!("emulated agents: epoll_wait: {e}"));
+                break;
+            }
+            for &k in &ready {
+                if let Some(slot) = slots.get_mut(k) {
+                    self.on_io(k, slot);
+                }
+            }
+        }
+        for slot in &mut slots {
+            if matches!(slot.state, State::Up(_)) {
+                self.shared.connected.fetch_sub(1, Ordering::SeqCst);
+                if let Ok(mut downs) = self.shared.downs.lock() {
+                    downs.push(Instant::now());
+                }
+            }
+            slot.state = State::Waiting;
+        }
+    }
+
+    fn set_due(&mut self, k: usize, slot: &mut Slot, due: Option<Instant>) {
+        if slot.due == due {
+            return;
+        }
+        slot.due = due;
+        if let Some(t) = due {
+            self.timers.push(Reverse((t, k)));
+        }
+    }
+
+    fn on_timer(&mut self, k: usize, slot: &mut Slot, now: Instant) {
+        match &mut slot.state {
+            State::Waiting => self.dial(k, slot),
+            // The connect or the tunnel hello took too long.
+            State::Connecting(..) | State::Hello(..) => self.failed(k, slot),
+            State::Up(up) => {
+                up.mux.handle_timeout(now);
+                self.pump(k, slot);
+            }
+        }
+    }
+
+    fn on_io(&mut self, k: usize, slot: &mut Slot) {
+        match std::mem::replace(&mut slot.state, State::Waiting) {
+            State::Waiting => {}
+            State::Connecting(tcp, config) => {
+                if !matches!(tcp.take_error(), Ok(None)) {
+                    return self.failed(k, slot);
+                }
+                if tcp.peer_addr().is_err() {
+                    // Not connected yet (an early wake-up).
+                    slot.state = State::Connecting(tcp, config);
+                    return;
+                }
+                self.shared.dials.fetch_add(1, Ordering::Relaxed);
+                let _ = tcp.set_nodelay(true);
+                let Ok(tls) = ClientConnection::new(config, self.name.clone()) else {
+                    return self.failed(k, slot);
+                };
+                slot.state = State::Hello(tcp, Box::new(tls), Vec::new());
+                self.set_due(k, slot, Some(Instant::now() + HELLO_TIMEOUT));
+                self.hello(k, slot);
+            }
+            state @ State::Hello(..) => {
+                slot.state = state;
+                self.hello(k, slot);
+            }
+            state @ State::Up(_) => {
+                slot.state = state;
+                self.pump(k, slot);
+            }
+        }
+    }
+
+    /// A new dial: a nonblocking connect, its completion reported by epoll.
+    fn dial(&mut self, k: usize, slot: &mut Slot) {
+        slot.started = Instant::now();
+        let mut config = match slot.tls.lock() {
             Ok(t) => t.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        if let Some(shard) = want {
+        if let Some(shard) = slot.want {
             let mut c = ClientConfig::clone(&config);
             c.alpn_protocols.push(shard_hint_alpn(shard));
             config = Arc::new(c);
         }
-        let up = tunnel(i, want, &config, addr, &name, &hello, &shared);
-        if shared.stop.load(Ordering::Relaxed) {
-            break;
+        let tcp = match sys::connect_nonblocking(self.addr) {
+            Ok(tcp) => tcp,
+            Err(_) => return self.failed(k, slot),
+        };
+        if let Err(e) = self.epoll.add(&tcp, k) {
+            self.shared
+                .error(format!("emulated agents: epoll_ctl: {e}"));
+            return self.failed(k, slot);
         }
-        match up {
-            Tunnel::Up => {
-                backoff.tunnel_ended(started.elapsed());
-            }
-            // The real agent dials again at once within its round before it backs off; an
-            // engine that honours the hint never gets here.
-            Tunnel::Misplaced if misplaced_in_row < MISPLACED_DIALS_BEFORE_BACKOFF => {
-                misplaced_in_row += 1;
-                continue;
-            }
-            Tunnel::Misplaced | Tunnel::Failed => {}
-        }
-        misplaced_in_row = 0;
-        let delay = backoff.next_delay();
-        let until = Instant::now() + delay;
-        while Instant::now() < until && !shared.stop.load(Ordering::Relaxed) {
-            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
-        }
+        slot.state = State::Connecting(tcp, config);
+        self.set_due(k, slot, Some(slot.started + CONNECT_TIMEOUT));
     }
-}
 
-/// How one dial ended.
-enum Tunnel {
-    /// It came up (and has ended since).
-    Up,
-    /// It landed on another shard than asked for and was closed.
-    Misplaced,
-    /// It did not come up.
-    Failed,
-}
+    /// The dial did not bring a tunnel up: back off (the socket, if any, is closed).
+    fn failed(&mut self, k: usize, slot: &mut Slot) {
+        slot.state = State::Waiting;
+        slot.misplaced_in_row = 0;
+        let delay = slot.backoff.next_delay();
+        self.set_due(k, slot, Some(Instant::now() + delay));
+    }
 
-/// One tunnel, from dial to end.
-fn tunnel(
-    i: usize,
-    want: Option<usize>,
-    tls: &Arc<ClientConfig>,
-    addr: SocketAddr,
-    name: &ServerName<'static>,
-    hello: &[u8],
-    shared: &Shared,
-) -> Tunnel {
-    let Ok(tcp) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
-        return Tunnel::Failed;
-    };
-    shared.dials.fetch_add(1, Ordering::Relaxed);
-    let _ = tcp.set_nodelay(true);
-    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
-    let Ok(conn) = ClientConnection::new(tls.clone(), name.clone()) else {
-        return Tunnel::Failed;
-    };
-    let mut s = StreamOwned::new(conn, tcp);
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut pending: Vec<u8> = Vec::new();
-    // The engine's TunnelHello.
-    let (leftover, shard) = loop {
-        match TunnelHello::parse(&pending) {
-            Ok(Some((hello, used))) => break (pending.split_off(used), hello.shard),
-            Ok(None) => {}
-            Err(_) => return Tunnel::Failed,
+    /// TLS handshake, then the engine's TunnelHello; the AgentHello when it is the shard asked
+    /// for, a close (and a new dial) when it is not.
+    fn hello(&mut self, k: usize, slot: &mut Slot) {
+        let State::Hello(mut tcp, mut tls, mut pending) =
+            std::mem::replace(&mut slot.state, State::Waiting)
+        else {
+            return;
+        };
+        let Ok(eof) = transfer(&mut tcp, &mut tls, &mut self.buf, &mut pending) else {
+            return self.failed(k, slot);
+        };
+        let (leftover, shard) = match TunnelHello::parse(&pending) {
+            Ok(Some((hello, used))) => (pending.split_off(used), hello.shard),
+            Ok(None) if !eof => {
+                slot.state = State::Hello(tcp, tls, pending);
+                return;
+            }
+            Ok(None) | Err(_) => return self.failed(k, slot),
+        };
+        if slot.want.is_some_and(|w| w != shard) {
+            // Closed before the agent hello: the engine counts a duplicate, as for the real
+            // agent. The real agent dials again at once within its round before it backs off;
+            // an engine that honours the hint never gets here.
+            self.shared.misplaced.fetch_add(1, Ordering::Relaxed);
+            tls.send_close_notify();
+            let _ = flush(&mut tcp, &mut tls);
+            drop(tcp);
+            if slot.misplaced_in_row < MISPLACED_DIALS_BEFORE_BACKOFF {
+                slot.misplaced_in_row += 1;
+                slot.state = State::Waiting;
+                return self.dial(k, slot);
+            }
+            return self.failed(k, slot);
         }
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return Tunnel::Failed,
-            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        if tls.writer().write_all(&slot.hello).is_err() || flush(&mut tcp, &mut tls).is_err() {
+            return self.failed(k, slot);
         }
-    };
-    if want.is_some_and(|w| w != shard) {
-        // Closed before the agent hello: the engine counts a duplicate, as for the real agent.
-        shared.misplaced.fetch_add(1, Ordering::Relaxed);
-        s.conn.send_close_notify();
-        let _ = s.flush();
-        return Tunnel::Misplaced;
+        let now = Instant::now();
+        self.shared.connected.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut ups) = self.shared.ups.lock() {
+            ups.push((slot.i, shard, now));
+        }
+        let mut mux = Mux::new(Role::Client, MuxConfig::default(), now);
+        let ok = leftover.is_empty() || mux.handle_input(&leftover, now).is_ok();
+        slot.state = State::Up(Box::new(Up {
+            tcp,
+            tls: *tls,
+            mux,
+            pushes: HashSet::new(),
+        }));
+        if ok {
+            self.pump(k, slot);
+        } else {
+            self.end(k, slot);
+        }
     }
-    if s.write_all(hello).and_then(|_| s.flush()).is_err() {
-        return Tunnel::Failed;
-    }
-    let now = Instant::now();
-    shared.connected.fetch_add(1, Ordering::SeqCst);
-    if let Ok(mut ups) = shared.ups.lock() {
-        ups.push((i, shard, now));
-    }
-    let mut mux = Mux::new(Role::Client, MuxConfig::default(), now);
-    let _ = s.sock.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut ok = leftover.is_empty() || mux.handle_input(&leftover, now).is_ok();
-    let mut out = Vec::new();
-    // Policy pushes being read (`jaunt-policy/1`): read to the end, then our FIN, as the real
-    // agent's `receive_push` (which also compiles it; the poll does that here).
-    let mut pushes: HashSet<StreamId> = HashSet::new();
-    let mut scratch = vec![0u8; 16 * 1024];
-    while ok && !shared.stop.load(Ordering::Relaxed) {
-        while let Some(ev) = mux.poll_event() {
+
+    /// An up tunnel: what arrived into the mux, the mux's events answered, its output sent.
+    fn pump(&mut self, k: usize, slot: &mut Slot) {
+        let State::Up(up) = &mut slot.state else {
+            return;
+        };
+        let now = Instant::now();
+        self.plain.clear();
+        let mut open = matches!(
+            transfer(&mut up.tcp, &mut up.tls, &mut self.buf, &mut self.plain),
+            Ok(false)
+        );
+        if !self.plain.is_empty() && up.mux.handle_input(&self.plain, now).is_err() {
+            open = false;
+        }
+        while let Some(ev) = up.mux.poll_event() {
             match ev {
                 Event::StreamOpened { id, dial_header } if dial_header == POLICY_OPEN => {
-                    if mux.open_result(id, Ok(())).is_ok() {
-                        pushes.insert(id);
+                    if up.mux.open_result(id, Ok(())).is_ok() {
+                        up.pushes.insert(id);
                     }
                 }
                 Event::StreamOpened { id, .. } => {
-                    let _ = mux.open_result(id, Err("emulated agent: no resources"));
+                    let _ = up.mux.open_result(id, Err("emulated agent: no resources"));
                 }
-                Event::Readable { id } if pushes.contains(&id) => {
-                    while mux.recv(id, &mut scratch).is_ok_and(|n| n > 0) {}
+                Event::Readable { id } if up.pushes.contains(&id) => {
+                    while up.mux.recv(id, &mut self.buf).is_ok_and(|n| n > 0) {}
                 }
-                Event::StreamFinished { id } if pushes.remove(&id) => {
-                    let _ = mux.finish(id);
-                    shared.pushes.fetch_add(1, Ordering::Relaxed);
+                Event::StreamFinished { id } if up.pushes.remove(&id) => {
+                    let _ = up.mux.finish(id);
+                    self.shared.pushes.fetch_add(1, Ordering::Relaxed);
                 }
                 Event::StreamReset { id, .. } => {
-                    pushes.remove(&id);
+                    up.pushes.remove(&id);
                 }
-                Event::Closed { .. } => ok = false,
+                Event::Closed { .. } => open = false,
                 _ => {}
             }
         }
-        out.clear();
-        mux.poll_transmit(&mut out);
-        if !out.is_empty() && s.write_all(&out).and_then(|_| s.flush()).is_err() {
-            break;
+        self.out.clear();
+        up.mux.poll_transmit(&mut self.out);
+        if !self.out.is_empty() && up.tls.writer().write_all(&self.out).is_err() {
+            open = false;
         }
-        if !ok {
-            break;
+        if flush(&mut up.tcp, &mut up.tls).is_err() {
+            open = false;
         }
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if mux.handle_input(&buf[..n], Instant::now()).is_err() {
+        let next = up.mux.poll_timeout();
+        if open {
+            self.set_due(k, slot, next);
+        } else {
+            self.end(k, slot);
+        }
+    }
+
+    /// An up tunnel ended: the real agent's backoff after a tunnel (reset if it was healthy).
+    fn end(&mut self, k: usize, slot: &mut Slot) {
+        slot.state = State::Waiting;
+        self.shared.connected.fetch_sub(1, Ordering::SeqCst);
+        if let Ok(mut downs) = self.shared.downs.lock() {
+            downs.push(Instant::now());
+        }
+        slot.backoff.tunnel_ended(slot.started.elapsed());
+        slot.misplaced_in_row = 0;
+        let delay = slot.backoff.next_delay();
+        self.set_due(k, slot, Some(Instant::now() + delay));
+    }
+}
+
+/// Moves what the socket has into `tls` and its plaintext onto `plain` (until the socket would
+/// block), then what `tls` has to send onto the socket. `Ok(true)` when the engine closed.
+fn transfer(
+    tcp: &mut TcpStream,
+    tls: &mut ClientConnection,
+    buf: &mut [u8],
+    plain: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    let mut eof = false;
+    loop {
+        // Edge-triggered: read until the socket would block.
+        let got = match tls.read_tls(tcp) {
+            Ok(0) => {
+                eof = true;
+                false
+            }
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = tls.process_new_packets() {
+            let _ = flush(tcp, tls);
+            return Err(std::io::Error::other(e));
+        }
+        loop {
+            match tls.reader().read(buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => plain.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    eof = true;
                     break;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
         }
-        let now = Instant::now();
-        if mux.poll_timeout().is_some_and(|t| t <= now) {
-            mux.handle_timeout(now);
+        if !got || eof {
+            break;
         }
     }
-    shared.connected.fetch_sub(1, Ordering::SeqCst);
-    if let Ok(mut downs) = shared.downs.lock() {
-        downs.push(Instant::now());
+    flush(tcp, tls)?;
+    Ok(eof)
+}
+
+/// Writes what `tls` has to send until the socket would block (epoll says when it can take
+/// more: the set is edge-triggered for writes too).
+fn flush(tcp: &mut TcpStream, tls: &mut ClientConnection) -> std::io::Result<()> {
+    while tls.wants_write() {
+        match tls.write_tls(tcp) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    Tunnel::Up
+    Ok(())
 }
 
 /// One emulated agent's policy poller: the state of `jaunt agent`'s `PolicyPoller`.
 struct Follower {
     i: usize,
-    opts: AgentOptions,
-    user: String,
+    name: String,
+    /// The host's client of control (as the real agent's, reloaded by a renewal).
+    host: HostClient,
     /// The TLS the agent's next tunnel dials with.
     tls: Arc<Mutex<Arc<ClientConfig>>>,
     /// The policy version in force.
@@ -513,21 +747,15 @@ fn poll_loop(followers: &mut [Follower], shared: &Shared) {
     }
 }
 
-/// One `GET /v1/agent/policy` with the host identity on disk now (the real agent's
-/// `fetch_policy`, without the other engines to fall back to: the scenario has one).
+/// One `GET /v1/agent/policy` with the host client (the real agent's `fetch_policy`, without
+/// the other engines to fall back to: the scenario has one).
 fn fetch(f: &mut Follower, shared: &Shared) -> anyhow::Result<AgentPolicyResponse> {
-    let profile = agent_host::host_profile(&f.opts.data_dir);
     let path = if f.confirmed.is_empty() {
         "/v1/agent/policy".to_string()
     } else {
         format!("/v1/agent/policy?confirmed={}", f.confirmed)
     };
-    let client = Client::new(
-        &f.opts.proxy,
-        Trust::Roots(profile.host_ca()?),
-        Some(profile.tls_identity(&f.user)?),
-    )?;
-    let response: AgentPolicyResponse = client.get_json(&path)?;
+    let response: AgentPolicyResponse = f.host.client().get_json(&path)?;
     shared.fetches.fetch_add(1, Ordering::Relaxed);
     if !f.confirmed.is_empty() && f.acknowledged != f.confirmed {
         f.acknowledged = f.confirmed.clone();
@@ -539,7 +767,8 @@ fn fetch(f: &mut Follower, shared: &Shared) -> anyhow::Result<AgentPolicyRespons
 }
 
 /// One poll of the real agent (`PolicyPoller::poll`): fetch; a new version is compiled; a new
-/// CA generation is followed and confirmed at once.
+/// CA generation is followed (`agent_host::apply_rotation`, the real agent's code) and
+/// confirmed at once.
 fn poll(f: &mut Follower, shared: &Shared) {
     let fetched = fetch(f, shared).and_then(|response| {
         if f.current.as_deref() == Some(response.version.as_str()) {
@@ -554,68 +783,171 @@ fn poll(f: &mut Follower, shared: &Shared) {
         Ok(Some(response)) => {
             f.failures = 0;
             if response.ca_generation != f.confirmed {
-                if let Err(e) = follow_rotation(f, &response, shared) {
-                    shared.follow_errors.fetch_add(1, Ordering::Relaxed);
-                    shared.error(format!("{}: following the rotation: {e:#}", f.opts.name));
-                    f.failures = f.failures.saturating_add(1);
-                    return;
+                match agent_host::apply_rotation(&f.host, &response) {
+                    Ok(followed) => {
+                        if followed.renewed.is_some() {
+                            shared.renewals.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Some(tls) = followed.tls {
+                            match f.tls.lock() {
+                                Ok(mut t) => *t = tls,
+                                Err(p) => *p.into_inner() = tls,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        shared.follow_errors.fetch_add(1, Ordering::Relaxed);
+                        shared.error(format!("{}: following the rotation: {e:#}", f.name));
+                        f.failures = f.failures.saturating_add(1);
+                        return;
+                    }
                 }
                 f.confirmed = response.ca_generation.clone();
                 // Confirm at once rather than at the next poll (its failure waits for that).
                 if let Err(e) = fetch(f, shared) {
                     shared.poll_errors.fetch_add(1, Ordering::Relaxed);
-                    shared.error(format!("{}: confirming: {e:#}", f.opts.name));
+                    shared.error(format!("{}: confirming: {e:#}", f.name));
                 }
             }
             f.current = Some(response.version);
         }
         Err(e) => {
             shared.poll_errors.fetch_add(1, Ordering::Relaxed);
-            shared.error(format!("{}: policy fetch: {e:#}", f.opts.name));
+            shared.error(format!("{}: policy fetch: {e:#}", f.name));
             f.failures = f.failures.saturating_add(1);
         }
     }
 }
 
-/// The real agent's `follow_rotation`: the host CAs the policy names become the trust for the
-/// engine's certificate (written to the profile), the host certificate is renewed when control
-/// says it is not from the signing host CA, and the next tunnel dials with the result.
-fn follow_rotation(
-    f: &Follower,
-    response: &AgentPolicyResponse,
-    shared: &Shared,
-) -> anyhow::Result<()> {
-    let profile = agent_host::host_profile(&f.opts.data_dir);
-    let Some(mut info) = profile.load()? else {
-        bail!("the host identity is gone from {}", profile.dir.display());
-    };
-    let mut changed = false;
-    if !response.host_ca.is_empty() {
-        let bundle: String = response
-            .host_ca
-            .iter()
-            .map(|pem| format!("{}\n", pem.trim_end()))
-            .collect();
-        let path = profile.host_ca_path();
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(bundle.as_str()) {
-            jaunt_control::profile::write_private(&path, bundle.as_bytes())?;
-            changed = true;
+/// The few system calls the tunnel threads need that std does not offer: a nonblocking
+/// connect (rustix), epoll, and the open-files limit.
+pub mod sys {
+    use std::net::{SocketAddr, TcpStream};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::Duration;
+
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+    /// Starts a connect to `addr` on a new nonblocking socket.
+    pub fn connect_nonblocking(addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let family = if addr.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let fd = rustix::net::socket_with(
+            family,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(TcpStream::from(fd)),
+            Err(e) => Err(e.into()),
         }
     }
-    if response.renew_host_cert {
-        info = HostClient::load(&f.opts.proxy, &f.opts.data_dir)?.renew()?;
-        shared.renewals.fetch_add(1, Ordering::Relaxed);
-        changed = true;
-    }
-    if changed {
-        let tls = tls_config(&profile, &info)?;
-        match f.tls.lock() {
-            Ok(mut t) => *t = tls,
-            Err(p) => {
-                let mut t = p.into_inner();
-                *t = tls;
+
+    /// An epoll set whose entries report readable, writable and hang-up, edge-triggered, with
+    /// the caller's token.
+    pub struct Epoll(OwnedFd);
+
+    impl Epoll {
+        #[allow(unsafe_code)]
+        pub fn new() -> std::io::Result<Epoll> {
+            // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd that
+            // nothing else owns.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
             }
+            // SAFETY: as above, `fd` is open and owned by no one else.
+            Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+        }
+
+        #[allow(unsafe_code)]
+        pub fn add(&self, fd: &impl AsRawFd, token: usize) -> std::io::Result<()> {
+            let mut event = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+                u64: token as u64,
+            };
+            // SAFETY: both fds are open (borrowed for the call); `event` is a valid
+            // epoll_event the kernel copies.
+            let r = unsafe {
+                libc::epoll_ctl(
+                    self.0.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    fd.as_raw_fd(),
+                    &mut event,
+                )
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        }
+
+        /// Waits up to `timeout` (rounded up to a millisecond) and puts the tokens of the
+        /// entries that became ready in `ready`.
+        #[allow(unsafe_code)]
+        pub fn wait(&self, ready: &mut Vec<usize>, timeout: Duration) -> std::io::Result<()> {
+            const MAX: usize = 512;
+            let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX];
+            let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            ready.clear();
+            // SAFETY: `events` has room for MAX entries, as the call is told.
+            let n = unsafe {
+                libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), MAX as i32, ms)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return if e.kind() == std::io::ErrorKind::Interrupted {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
+            }
+            ready.extend(events[..n as usize].iter().map(|e| {
+                let token = e.u64;
+                token as usize
+            }));
+            Ok(())
         }
     }
-    Ok(())
+
+    /// Makes sure this process (and the processes it starts from now on) may open `want` files:
+    /// raises the soft limit, and the hard one if it is lower (which needs root or
+    /// CAP_SYS_RESOURCE). The limit in force afterwards.
+    #[allow(unsafe_code)]
+    pub fn raise_open_files(want: u64) -> std::io::Result<u64> {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid rlimit to write into.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur >= want {
+            return Ok(lim.rlim_cur);
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max.max(want),
+        };
+        // SAFETY: `raised` is a valid rlimit to read from.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(want);
+        }
+        let err = std::io::Error::last_os_error();
+        // At least up to the hard limit.
+        let soft = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } == 0 {
+            return Ok(lim.rlim_max);
+        }
+        Err(err)
+    }
 }

@@ -227,6 +227,26 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     }
 
     let backend = backend::start(&cli.backend)?;
+    if wanted
+        .iter()
+        .any(|s| matches!(s, Scenario::Agents | Scenario::Rotation))
+    {
+        // One socket per emulated tunnel here and in the daemon (which inherits the limit):
+        // agents x shards (the dev cluster has at most 2), and room for the rest.
+        let want = (sizes.agents as u64) * 2 + 4096;
+        match emul::sys::raise_open_files(want) {
+            Ok(n) if n >= want => {}
+            Ok(n) => eprintln!(
+                "loadtest: warning: open files are limited to {n} and {} emulated agents need \
+                 about {want} (here and in the daemon): as root, `ulimit -n {want}` first",
+                sizes.agents
+            ),
+            Err(e) => eprintln!(
+                "loadtest: warning: could not raise the open-files limit to {want} ({e}): \
+                 as root, `ulimit -n {want}` first"
+            ),
+        }
+    }
     let mut setup = if cli.spawn {
         let jaunt = cluster::find_jaunt(cli.jaunt.as_deref())?;
         eprintln!("loadtest: starting a dev cluster with {}", jaunt.display());

@@ -609,6 +609,7 @@ pub fn agents(
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        let steady_before = steady_hops(spawned, &user, tunnels + shards)?;
         let before = watch.sample();
         let dials_before = shared.dials.load(SeqCst);
         let misplaced_before = shared.misplaced.load(SeqCst);
@@ -655,6 +656,13 @@ pub fn agents(
             }
         };
         let after = watch.sample();
+        // The new daemon's hops while the agents came back (a user's dial may hop while the
+        // target's agent lacks a tunnel on the user's shard), then the steady state's.
+        let reconnect_hops = match spawned.diag_addr.as_deref() {
+            Some(d) => crate::cluster::metric_sum(d, HOPS, "")?,
+            None => f64::NAN,
+        };
+        let steady_after = steady_hops(spawned, &user, tunnels + shards)?;
         let mut cpu = procfs::delta(&before, &after);
         // The daemon was replaced: the old one's share up to the signal, plus the new one's.
         let old_before = before.get("jaunt").copied().unwrap_or(0.0);
@@ -715,6 +723,8 @@ pub fn agents(
                 "misplaced_dials",
                 (shared.misplaced.load(SeqCst) - misplaced_before) as u64,
             )
+            .metric("cross_shard_hops_steady", steady_before + steady_after)
+            .metric("cross_shard_hops_reconnect", reconnect_hops)
             .metric("engine_restart_s", secs(t_kill, t_ready))
             .metric("first_tunnel_lost_s", secs(t_kill, first_down))
             .metric("last_tunnel_lost_s", secs(t_kill, last_down))
@@ -722,13 +732,46 @@ pub fn agents(
             .metric("all_back_after_ready_s", secs(t_ready, last))
             .metric("peak_reconnects_per_s", peak)
             .work(cpu, "1k agents", k as f64 / 1000.0)
-            .note("agents: emulated in-process (one thread and one tunnel per agent and engine shard, each dial asking for its shard with `jaunt-shard.<k>` as the real agent does; `dials_per_agent` counts the connections made (TCP connected, TLS handshake) from the restart until all were back, `misplaced_dials` those that landed on another shard; real TLS host certificates, real mux keepalives, the real agent's jittered backoff); times are from the signal to the engine (SIGTERM, or SIGKILL with --restart crash); `engine_restart_s` is signal to the new daemon's banner (the old one's drain, then control + engine start); `*_tunnel_lost_s` when the agents saw their tunnels end; plot: agents-reconnect.svg")])
+            .note(format!("agents: emulated in-process (one tunnel per agent and engine shard, driven by a few epoll threads, each dial asking for its shard with `jaunt-shard.<k>` as the real agent does; `dials_per_agent` counts the connections made (TCP connected, TLS handshake) from the restart until all were back, `misplaced_dials` those that landed on another shard; real TLS host certificates, real mux keepalives, the real agent's jittered backoff); times are from the signal to the engine (SIGTERM, or SIGKILL with --restart crash); `engine_restart_s` is signal to the new daemon's banner (the old one's drain, then control + engine start); `*_tunnel_lost_s` when the agents saw their tunnels end; `cross_shard_hops_steady`: the engine's `jaunt_cross_shard_hops_total` over {STEADY_DIALS} user dials with every tunnel up, before and after the restart (0: each dial found its tunnel on its own shard); `cross_shard_hops_reconnect`: the new daemon's hops while the agents came back; plot: agents-reconnect.svg"))])
     })();
     shared.stop.store(true, SeqCst);
     for h in handles {
         let _ = h.join();
     }
     result
+}
+
+/// The engine's cross-shard hop counter.
+const HOPS: &str = "jaunt_cross_shard_hops_total";
+
+/// User dials in each steady-state check of the `agents` scenario.
+const STEADY_DIALS: usize = 200;
+
+/// Steady state: once the engine holds `tunnels` tunnels (every emulated agent and the
+/// cluster's own on every shard), [`STEADY_DIALS`] user dials of the cluster's app; how much the
+/// engine's cross-shard hop counter moved over them (each dial should find the app's tunnel on
+/// its own shard).
+fn steady_hops(spawned: &Spawned, user: &JauntUser, tunnels: usize) -> anyhow::Result<f64> {
+    let Some(diag) = spawned.diag_addr.as_deref() else {
+        return Ok(f64::NAN);
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = crate::cluster::metric_sum(diag, "jaunt_tunnels", "")?;
+        if up >= tunnels as f64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the engine holds {up} tunnels, {tunnels} expected, after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = crate::cluster::metric_sum(diag, HOPS, "")?;
+    let target = user.target(crate::cluster::APP);
+    for _ in 0..STEADY_DIALS {
+        target.connect(true)?.close();
+    }
+    Ok(crate::cluster::metric_sum(diag, HOPS, "")? - before)
 }
 
 #[cfg(test)]

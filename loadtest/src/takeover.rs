@@ -92,15 +92,8 @@ pub fn takeover(
         let old_cpu_before = procfs::cpu_seconds(spawned.daemon.pid()).unwrap_or(0.0);
         // The takeover: the same command line as the running daemon, plus --takeover.
         let t_start = Instant::now();
-        let args = vec![
-            "start".to_string(),
-            "--dev".to_string(),
-            "--data-dir".to_string(),
-            spawned.data_dir.display().to_string(),
-            "--public-addr".to_string(),
-            format!("127.0.0.1:{}", spawned.port),
-            "--takeover".to_string(),
-        ];
+        let mut args = cluster::dev_args(&spawned.data_dir, spawned.port);
+        args.push("--takeover".to_string());
         // Its own $JAUNT_HOME, as a second operator shell would have.
         let home = spawned.dir.path().join("takeover-home");
         let (new, banner) = cluster::start_daemon_with(&spawned.jaunt, &args, &home)?;
@@ -112,6 +105,7 @@ pub fn takeover(
                 spawned.public_addr
             );
         }
+        spawned.diag_addr = banner.diag_addr;
         let mut old = std::mem::replace(&mut spawned.daemon, new);
         watch.add("jaunt", vec![spawned.daemon.pid()]);
         // The old process drains (its live connections end at once here) and exits.

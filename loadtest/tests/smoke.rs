@@ -171,6 +171,9 @@ fn smoke_run_with_every_scenario() {
     assert!(num(agents, "agents") > 0.0);
     assert!(num(agents, "all_back_after_kill_s") > 0.0, "{agents}");
     assert!(num(agents, "peak_reconnects_per_s") > 0.0, "{agents}");
+    // One tunnel per shard and agent: the steady state's user dials never hop between shards.
+    assert_eq!(num(agents, "misplaced_dials"), 0.0, "{agents}");
+    assert_eq!(num(agents, "cross_shard_hops_steady"), 0.0, "{agents}");
 
     for svg in ["rr-latency.svg", "agents-reconnect.svg"] {
         let s = std::fs::read_to_string(out.path().join(svg)).unwrap();

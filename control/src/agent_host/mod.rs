@@ -407,8 +407,8 @@ fn fetch_policy(
 
 /// Writes the host CAs a policy names (`AgentPolicyResponse::host_ca`, PEM) to `profile`'s host
 /// CA file, the trust for the engine's certificate, unless it holds them already; `Ok(true)`
-/// when it wrote. Nothing to write when `host_ca` is empty. The step of [`follow_rotation`]
-/// that the emulated agents of `loadtest` take as well.
+/// when it wrote. Nothing to write when `host_ca` is empty. The first step of
+/// [`apply_rotation`].
 pub fn write_host_ca(profile: &Profile, host_ca: &[String]) -> anyhow::Result<bool> {
     if host_ca.is_empty() {
         return Ok(false);
@@ -425,36 +425,63 @@ pub fn write_host_ca(profile: &Profile, host_ca: &[String]) -> anyhow::Result<bo
     Ok(true)
 }
 
-/// A CA rotation phase as the agent follows it, with no restart and no token: the host CAs
-/// the policy names become the trust for the engine's certificate (written to the host
-/// profile, tunnels' TLS replaced for new tunnels), and when control says the host
-/// certificate is not from the signing host CA (`update_servers`, `rollback`) it is renewed
-/// now. The host client is reloaded with each change. `Ok(false)` once the agent is gone. The
-/// user CAs travel in the policy itself.
-fn follow_rotation(
+/// What [`apply_rotation`] changed.
+#[derive(Default)]
+pub struct Followed {
+    /// The TLS for the agent's next tunnels, when the trust or the certificate changed.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The host identity, when its certificate was renewed.
+    pub renewed: Option<ProfileInfo>,
+}
+
+/// A CA rotation phase as an agent follows it, with no restart and no token: the host CAs the
+/// policy names become the trust for the engine's certificate (written to the host profile),
+/// and when control says the host certificate is not from the signing host CA
+/// (`update_servers`, `rollback`) it is renewed now. The host client is reloaded with each
+/// change. The user CAs travel in the policy itself. The one implementation for `jaunt agent`
+/// and loadtest's emulated agents.
+pub fn apply_rotation(
     host: &HostClient,
     response: &AgentPolicyResponse,
-    tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Followed> {
     let profile = host.profile();
     let Some(mut info) = profile.load()? else {
         bail!("the host identity is gone from {}", profile.dir.display());
     };
     let mut changed = false;
+    let mut renewed = None;
     if write_host_ca(profile, &response.host_ca)? {
         host.reload()?;
         changed = true;
     }
     if response.renew_host_cert {
         info = host.renew()?;
+        renewed = Some(info.clone());
         changed = true;
+    }
+    let tls = if changed {
+        Some(tls_config(profile, &info)?)
+    } else {
+        None
+    };
+    Ok(Followed { tls, renewed })
+}
+
+/// [`apply_rotation`] for `jaunt agent`: new tunnels' TLS replaced. `Ok(false)` once the agent
+/// is gone.
+fn follow_rotation(
+    host: &HostClient,
+    response: &AgentPolicyResponse,
+    tx: &crossbeam_channel::Sender<jaunt_agent::AgentCommand>,
+) -> anyhow::Result<bool> {
+    let followed = apply_rotation(host, response)?;
+    if let Some(info) = &followed.renewed {
         eprintln!(
             "jaunt agent: host certificate re-issued by the rotated host CA (until {})",
             crate::audit::rfc3339(info.identity.expires)
         );
     }
-    if changed {
-        let tls = tls_config(profile, &info)?;
+    if let Some(tls) = followed.tls {
         if tx.send(jaunt_agent::AgentCommand::ReplaceTls(tls)).is_err() {
             return Ok(false);
         }
