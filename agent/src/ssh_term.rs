@@ -714,38 +714,48 @@ fn step_of(event: Result<Event<'_, '_>, sunset::Error>, rekey: &Rekey<'_>) -> Re
             Step::Other
         }
         Event::Cli(CliEvent::Hostkey(h)) => {
-            let checked = h
-                .hostkey()
-                .ok()
-                .and_then(|k| pubkey_blob(&k))
-                .ok_or_else(|| "sshd presented a plain host key".to_string())
-                .and_then(|blob| {
-                    check_cert(
-                        &blob,
-                        rekey.host_cas,
-                        ssh_key::certificate::CertType::Host,
-                        rekey.node,
-                        jaunt_config::identity::unix_now(),
-                    )
-                    .map_err(|(_, e)| e)
-                });
-            match checked {
-                Ok(_) => h.accept().map_err(protocol)?,
-                Err(e) => {
-                    let _ = h.reject();
-                    return Err(Fail::NodeHostKey(format!(
-                        "sshd's host key changed in a key re-exchange and is not a host \
-                         certificate of this cluster for {}: {e}",
-                        rekey.node
-                    )));
-                }
-            }
+            check_rekeyed_host_key(h, rekey.node, rekey.host_cas)?;
             Step::Other
         }
         Event::Serv(ServEvent::Defunct) | Event::Cli(CliEvent::Defunct) => Step::Defunct,
         Event::None => Step::Idle,
         _ => Step::Other,
     })
+}
+
+/// sshd's host key in a key re-exchange once a session runs (the relay's, the web
+/// terminal's): the same check as at login, a host certificate of this cluster for `node`.
+/// sunset waits for the answer, so an unanswered one would stall the connection.
+fn check_rekeyed_host_key(
+    h: sunset::event::CheckHostkey<'_, '_>,
+    node: &str,
+    host_cas: &[ssh_key::Fingerprint],
+) -> Result<(), Fail> {
+    let checked = h
+        .hostkey()
+        .ok()
+        .and_then(|k| pubkey_blob(&k))
+        .ok_or_else(|| "sshd presented a plain host key".to_string())
+        .and_then(|blob| {
+            check_cert(
+                &blob,
+                host_cas,
+                ssh_key::certificate::CertType::Host,
+                node,
+                jaunt_config::identity::unix_now(),
+            )
+            .map_err(|(_, e)| e)
+        });
+    match checked {
+        Ok(_) => h.accept().map_err(protocol),
+        Err(e) => {
+            let _ = h.reject();
+            Err(Fail::NodeHostKey(format!(
+                "sshd's host key changed in a key re-exchange and is not a host certificate of \
+                 this cluster for {node}: {e}"
+            )))
+        }
+    }
 }
 
 /// How the relay ended.

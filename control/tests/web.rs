@@ -884,7 +884,15 @@ fn web_terminal(kind: Kind) {
         ));
     }
     ok(c.login("alice", PASSWORD, &[]));
-    let sshd = Sshd::start(&c);
+    // sshd re-exchanges keys after every 32 KiB each way (OpenSSH's default is about a GiB):
+    // the terminal must answer them (a host key check) or it stalls.
+    let sshd_log = c.dir.path().join("sshd.log");
+    let sshd = Sshd::start_configured(
+        &c,
+        "node1",
+        "RekeyLimit 32K\nLogLevel DEBUG1\n",
+        Some(sshd_log.clone()),
+    );
     let _agent = support::sshd::start_agent(&c, "node1", &["--ssh", &sshd.addr]);
     wait_for_ssh(&c, "root@node1");
     let nanos = std::time::SystemTime::now()
@@ -918,6 +926,20 @@ fn web_terminal(kind: Kind) {
     b.wait_until("the command's output shows in the page", |b| {
         terminal_text(b).contains(&format!("{marker}-42"))
     });
+    // About 130 KB of output: sshd rekeys several times on the way, and the output after it
+    // is whole.
+    b.type_keys("clear; seq 1 20000; echo rekeyed-$((6*7))\u{E007}");
+    b.wait_until("the output after key re-exchanges shows in the page", |b| {
+        let text = terminal_text(b);
+        text.contains("19999") && text.contains("20000") && text.contains("rekeyed-42")
+    });
+    let log = std::fs::read_to_string(&sshd_log).unwrap_or_default();
+    let connections = log.matches("Connection from").count();
+    let kexinits = log.matches("SSH2_MSG_KEXINIT received").count();
+    assert!(
+        connections > 0 && kexinits > connections,
+        "sshd did not rekey ({kexinits} key exchanges in {connections} connections)"
+    );
     // The PTY has the size the page computed from its element.
     let size = |b: &Browser| {
         let t = b.wait_for("#terminal");

@@ -13,7 +13,8 @@
 //! A malformed frame ends this stream only.
 //!
 //! sunset's own channel layer is used here (no relay mode): its 1000-byte window and packets
-//! are plenty for a terminal's keystrokes and screens.
+//! are plenty for a terminal's keystrokes and screens. A key re-exchange sshd starts
+//! (`RekeyLimit`) checks sshd's host certificate again, as the recorded relay does.
 
 use std::pin::Pin;
 use std::rc::Rc;
@@ -182,9 +183,11 @@ pub(crate) async fn serve_terminal(
     bridge.tap = registered.as_ref().map(|r| r.live.clone());
     tracing::info!(login = %login, recording = ?term.recording.mode, local = %local.addr,
         "web terminal open");
-    let ended =
-        futures_lite::future::poll_fn(|cx| bridge.poll_run(cx, &mut node, &chan, &mut stream))
-            .await;
+    let host = (prepared.name.as_str(), term.policy.ssh_host_cas());
+    let ended = futures_lite::future::poll_fn(|cx| {
+        bridge.poll_run(cx, &mut node, &chan, &mut stream, host)
+    })
+    .await;
     drop(registered);
     let recording = bridge.recorder.take().map(|recorder| {
         recorder.finish(RecordingEnd {
@@ -300,6 +303,7 @@ impl Bridge {
         node: &mut Link<N, sunset::Client>,
         chan: &ChanHandle,
         stream: &mut S,
+        (node_name, host_cas): (&str, &[ssh_key::Fingerprint]),
     ) -> Poll<Result<&'static str, Fail>>
     where
         N: AsyncRead + AsyncWrite + Unpin,
@@ -331,6 +335,14 @@ impl Bridge {
                             CliSessionExit::Status(s) => i32::try_from(s).unwrap_or(i32::MAX),
                             CliSessionExit::Signal(_) => -1,
                         });
+                        moved = true;
+                    }
+                    Ok(Event::Cli(CliEvent::Hostkey(h))) => {
+                        // A key re-exchange (sshd's RekeyLimit): the same host check as at
+                        // login; unanswered, it would stall the terminal.
+                        if let Err(e) = super::check_rekeyed_host_key(h, node_name, host_cas) {
+                            return Poll::Ready(Err(e));
+                        }
                         moved = true;
                     }
                     Ok(Event::Cli(CliEvent::Defunct)) => {

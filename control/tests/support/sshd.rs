@@ -30,6 +30,12 @@ impl Sshd {
     /// An sshd whose host certificate names `host` (the node name ssh checks it against);
     /// its sessions see `JAUNT_TEST_NODE=<host>`, so output shows which node ran a command.
     pub fn start_named(c: &Cluster, host: &str) -> Sshd {
+        Sshd::start_configured(c, host, "", None)
+    }
+
+    /// [`Sshd::start_named`] with `extra` sshd_config lines ahead of the usual ones (sshd
+    /// takes a keyword's first value, so these win), logging to `log` when given (`-E`).
+    pub fn start_configured(c: &Cluster, host: &str, extra: &str, log: Option<PathBuf>) -> Sshd {
         let dir = c.dir.path().join(format!("sshd-{host}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
@@ -50,7 +56,7 @@ impl Sshd {
         )
         .unwrap();
         let config = format!(
-            "HostKey {d}/{host}\nHostCertificate {d}/{host}-cert.pub\nTrustedUserCAKeys {d}/user_ca.pub\n\
+            "{extra}HostKey {d}/{host}\nHostCertificate {d}/{host}-cert.pub\nTrustedUserCAKeys {d}/user_ca.pub\n\
              AuthorizedKeysFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPidFile none\nLogLevel VERBOSE\n\
              Subsystem sftp internal-sftp\nSetEnv JAUNT_TEST_NODE={host}\n",
@@ -65,8 +71,13 @@ impl Sshd {
                 let Ok(conn) = conn else { break };
                 let fd: std::os::fd::OwnedFd = conn.into();
                 let fd2 = fd.try_clone().unwrap();
+                let mut args = vec!["-i".to_string(), "-f".into(), cfg.display().to_string()];
+                match &log {
+                    Some(log) => args.extend(["-E".to_string(), log.display().to_string()]),
+                    None => args.push("-e".into()),
+                }
                 let _ = Command::new(sshd_binary())
-                    .args(["-i", "-e", "-f", cfg.to_str().unwrap()])
+                    .args(&args)
                     .stdin(Stdio::from(fd))
                     .stdout(Stdio::from(fd2))
                     .stderr(Stdio::null())
