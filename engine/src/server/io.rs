@@ -100,40 +100,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// Largest write [`poll_write_coalesced`] assembles from several buffers (on the stack).
-pub const COALESCE_BYTES: usize = 4 * 1024;
-
-/// A vectored write for a transport without one (glommio's `TcpStream` writes only the first
-/// buffer of a vectored write, so rustls' records would each cost a `send`: a TLS 1.3 server
-/// flight is 5-6 records, the session tickets 2 more). Small buffers are copied into one
-/// stack buffer of at most [`COALESCE_BYTES`] and written with one `poll_write`; a first buffer
-/// of that size or more (bulk data: 16 KiB records) is written on its own, uncopied.
-pub fn poll_write_coalesced<S: AsyncWrite + Unpin>(
-    io: Pin<&mut S>,
-    cx: &mut Context<'_>,
-    bufs: &[IoSlice<'_>],
-) -> Poll<io::Result<usize>> {
-    let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
-    let Some(first) = nonempty.next() else {
-        return io.poll_write(cx, &[]);
-    };
-    let second = nonempty.next();
-    match second {
-        Some(second) if first.len() + second.len() <= COALESCE_BYTES => {}
-        _ => return io.poll_write(cx, first),
-    }
-    let mut scratch = [0u8; COALESCE_BYTES];
-    let mut filled = 0;
-    for buf in bufs.iter().filter(|b| !b.is_empty()) {
-        let Some(room) = scratch.get_mut(filled..filled + buf.len()) else {
-            break;
-        };
-        room.copy_from_slice(buf);
-        filled += buf.len();
-    }
-    io.poll_write(cx, &scratch[..filled])
-}
-
 /// Something that wants to hear about the bytes of one socket.
 pub trait ByteSink {
     /// `n` bytes were read from (`from_peer`) or written to the socket.
@@ -215,14 +181,15 @@ impl<S: AsyncWrite + Unpin, K: ByteSink + Unpin> AsyncWrite for Counted<S, K> {
         Poll::Ready(Ok(n))
     }
 
-    /// Coalesced (see [`poll_write_coalesced`]): the client's socket is a glommio `TcpStream`.
+    /// Forwarded, so rustls' queued records reach the socket in one gathering write (the
+    /// patched glommio's `TcpStream` sends them with one `sendmsg`, vendor/glommio patch 3).
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n = ready!(poll_write_coalesced(Pin::new(&mut this.inner), cx, bufs))?;
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
         this.sink.bytes(false, n);
         Poll::Ready(Ok(n))
     }
@@ -278,7 +245,7 @@ mod tests {
         });
     }
 
-    /// Records each `poll_write` as one write.
+    /// Records each write (vectored or not) as one write.
     #[derive(Default)]
     struct Writes(Vec<Vec<u8>>);
 
@@ -291,6 +258,16 @@ mod tests {
             self.get_mut().0.push(buf.to_vec());
             Poll::Ready(Ok(buf.len()))
         }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = all.len();
+            self.get_mut().0.push(all);
+            Poll::Ready(Ok(n))
+        }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
@@ -299,39 +276,30 @@ mod tests {
         }
     }
 
-    fn coalesced(writes: &mut Writes, bufs: &[&[u8]]) -> usize {
-        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match poll_write_coalesced(Pin::new(writes), &mut cx, &slices) {
-            Poll::Ready(Ok(n)) => n,
-            other => unreachable!("{other:?}"),
+    /// Sums what it is told.
+    #[derive(Default)]
+    struct Tally(Cell<usize>);
+
+    impl ByteSink for &Tally {
+        fn bytes(&self, from_peer: bool, n: usize) {
+            assert!(!from_peer);
+            self.0.set(self.0.get() + n);
         }
     }
 
     #[test]
-    fn small_buffers_coalesce_into_one_write() {
-        let mut writes = Writes::default();
-        assert_eq!(coalesced(&mut writes, &[b"ab", b"", b"cde", b"f"]), 6);
-        assert_eq!(writes.0, vec![b"abcdef".to_vec()]);
-    }
-
-    #[test]
-    fn coalescing_stops_at_the_bound_and_large_buffers_go_alone() {
-        let big = vec![7u8; COALESCE_BYTES];
-        let mut writes = Writes::default();
-        // A first buffer at the bound is written on its own, uncopied.
-        assert_eq!(coalesced(&mut writes, &[&big, b"x"]), COALESCE_BYTES);
-        // Buffers are taken whole while they fit.
-        let half = vec![1u8; COALESCE_BYTES / 2];
-        assert_eq!(
-            coalesced(&mut writes, &[&half, &half, b"y"]),
-            COALESCE_BYTES
-        );
-        // Two that do not fit together: the first alone.
-        assert_eq!(coalesced(&mut writes, &[b"z", &big]), 1);
-        assert_eq!(coalesced(&mut writes, &[b"", b""]), 0);
-        let sizes: Vec<usize> = writes.0.iter().map(Vec::len).collect();
-        assert_eq!(sizes, vec![COALESCE_BYTES, COALESCE_BYTES, 1, 0]);
+    fn counted_hands_vectored_writes_on_whole_and_counts_them() {
+        let tally = Tally::default();
+        let mut counted = Counted::new(Writes::default(), &tally);
+        let big = vec![7u8; 16 * 1024];
+        let bufs = [IoSlice::new(b"ab"), IoSlice::new(&big), IoSlice::new(b"c")];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let wrote = Pin::new(&mut counted).poll_write_vectored(&mut cx, &bufs);
+        assert!(matches!(wrote, Poll::Ready(Ok(n)) if n == big.len() + 3));
+        assert_eq!(tally.0.get(), big.len() + 3);
+        let writes = &counted.get_ref().0;
+        assert_eq!(writes.len(), 1, "one write for the three buffers");
+        assert_eq!(writes[0].len(), big.len() + 3);
     }
 
     #[test]

@@ -171,6 +171,21 @@ pub(crate) fn sendmsg_syscall(
     syscall!(sendmsg(fd, &hdr, flags)).map(|x| x as usize)
 }
 
+/// jaunt patch 3: a gathering send (`sendmsg` with one iovec per buffer, no address), so that a
+/// vectored write to a stream socket is one system call. At most `IOV_MAX` (1024) buffers are
+/// passed; the caller learns from the count how much was sent.
+pub(crate) fn send_vectored_syscall(
+    fd: RawFd,
+    bufs: &[std::io::IoSlice<'_>],
+    flags: i32,
+) -> io::Result<usize> {
+    // `IoSlice` is guaranteed to be ABI compatible with `iovec` on Unix.
+    let mut hdr = unsafe { std::mem::zeroed::<libc::msghdr>() };
+    hdr.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    hdr.msg_iovlen = bufs.len().min(1024) as _;
+    syscall!(sendmsg(fd, &hdr, flags)).map(|x| x as usize)
+}
+
 mod dma_buffer;
 mod membarrier;
 pub(crate) mod source;

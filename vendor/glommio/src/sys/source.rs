@@ -224,6 +224,12 @@ impl Source {
         })
     }
 
+    /// jaunt patch 1: whether the request is queued or in the kernel and its completion has
+    /// not been consumed yet (so dropping the source would cancel it).
+    pub(crate) fn is_in_flight(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(crate) fn result(&self) -> Option<io::Result<usize>> {
         let mut inner = self.inner.borrow_mut();
         let ret = inner

@@ -1050,6 +1050,18 @@ impl SleepableRing {
             0,
             "sleeping with pending SQEs"
         );
+        if link.is_in_flight() {
+            // jaunt patch 2: the link is armed already (its completion, if it came meanwhile,
+            // is waiting in the completion queue, so this returns at once).
+            return self
+                .ring
+                .cq()
+                .wait(1)
+                .map(|_| 1)
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok);
+        }
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1223,8 +1235,15 @@ pub(crate) struct Reactor {
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    // jaunt patch 1: when the armed latency timer fires, and whether the last sleep ended
+    // with it firing (then the next sleep does not keep a preemption timer armed).
+    latency_preemption_deadline: Cell<Option<Instant>>,
+    woke_by_latency_timer: Cell<bool>,
 
     link_fd: RawFd,
+    // jaunt patch 2: the poll on the latency ring's fd that wakes a sleep in the main ring,
+    // kept armed across sleeps until it fires.
+    link_rings_src: Cell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1354,8 +1373,11 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            latency_preemption_deadline: Cell::new(None),
+            woke_by_latency_timer: Cell::new(false),
             blocking_thread,
             link_fd,
+            link_rings_src: Cell::new(None),
             notifier,
             eventfd_src,
             source_map,
@@ -1726,14 +1748,22 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        let link_rings = Source::new(
-            IoRequirements::default(),
-            self.link_fd,
-            SourceType::LinkRings,
-            None,
-            None,
-        );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        // jaunt patch 2: a poll that is still armed from an earlier sleep (the main ring woke
+        // us then, not the latency ring) still links the rings: reuse it instead of leaving it
+        // in the kernel and arming another one per sleep.
+        let link_rings = match self.link_rings_src.take() {
+            Some(armed) if armed.is_in_flight() => armed,
+            _ => Source::new(
+                IoRequirements::default(),
+                self.link_fd,
+                SourceType::LinkRings,
+                None,
+                None,
+            ),
+        };
+        let slept = ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {});
+        self.link_rings_src.set(Some(link_rings));
+        slept
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1814,22 +1844,55 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // jaunt patch 1: upstream cancels the latency timer here on every call and arms a new
+        // one below (and the same for the throughput timer): two cancellations and three new
+        // SQEs per turn of the executor loop, most of the io_uring work of a proxy that wakes
+        // up for every small message. Instead, a timer still armed is kept when it fits:
+        // - running (a preemption timer is wanted, period P): it fires within [P/2, P] from now,
+        //   so the task queues get at least half a slice and are preempted no later than
+        //   before;
+        // - about to sleep: it fires no later than the next user timer (an earlier expiry is
+        //   one spurious wake-up), unless the last sleep already ended with the latency timer
+        //   firing: then it is cancelled as upstream does, so an idle executor does not wake
+        //   up every P.
+        // Otherwise it is cancelled and re-armed as upstream does.
+        let now = Instant::now();
+        let kept = self
+            .latency_preemption_timeout_src
+            .take()
+            .filter(Source::is_in_flight)
+            .zip(self.latency_preemption_deadline.get())
+            .and_then(|(armed, deadline)| {
+                let fits = match preempt_timer() {
+                    Some(preempt) => deadline <= now + preempt && deadline >= now + preempt / 2,
+                    None => {
+                        !self.woke_by_latency_timer.get()
+                            && user_timer.map_or(true, |user| deadline <= now + user)
+                    }
+                };
+                // Dropping a timer that does not fit cancels it.
+                fits.then_some(armed)
+            });
+        let kept_latency_timer = kept.is_some();
+        if !kept_latency_timer {
+            self.latency_preemption_deadline.set(None);
+        }
+        self.latency_preemption_timeout_src.set(kept);
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // up sleeping. jaunt patch 1: its trigger (a number of completions) is the same on
+        // every call, so one still armed is kept.
+        let throughput = self
+            .throughput_preemption_timeout_src
+            .take()
+            .filter(Source::is_in_flight)
+            .unwrap_or_else(|| {
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                )
+            });
+        self.throughput_preemption_timeout_src.set(Some(throughput));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1850,9 +1913,10 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
+            if let Some(dur) = user_timer.filter(|_| !kept_latency_timer) {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                self.latency_preemption_deadline.set(Some(now + dur));
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1867,21 +1931,27 @@ impl Reactor {
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
+                    let timer_armed = self.latency_timer_armed();
                     self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
                     flush_rings!(lat_ring, poll_ring, main_ring)?;
                     consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
+                    // jaunt patch 1
+                    self.woke_by_latency_timer
+                        .set(timer_armed && !self.latency_timer_armed());
                 }
                 // Woke up, so no need to notify us anymore.
                 self.notifier.wake_up();
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
+        if let Some(preempt) = preempt_timer().filter(|_| !kept_latency_timer) {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            self.latency_preemption_deadline
+                .set(Some(Instant::now() + preempt));
             flush_rings!(lat_ring, main_ring)?;
         }
 
@@ -1897,6 +1967,14 @@ impl Reactor {
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
         self.blocking_thread.flush()
+    }
+
+    /// jaunt patch 1: a latency timer is armed and has not completed.
+    fn latency_timer_armed(&self) -> bool {
+        let src = self.latency_preemption_timeout_src.take();
+        let armed = src.as_ref().is_some_and(Source::is_in_flight);
+        self.latency_preemption_timeout_src.set(src);
+        armed
     }
 
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {
