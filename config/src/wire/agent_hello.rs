@@ -48,8 +48,8 @@
 //! agent  → engine   OPEN  stream 2k, dial header = b"jaunt-recording/1 <session id> <recording id>"
 //!                   (RecordingNote::encode)
 //! engine → agent    OPEN_RESULT OK: noted (the stream carries nothing and is dropped); refused
-//!                   with a reason: not noted (a malformed note, a session this tunnel's agent
-//!                   does not serve on that shard, an engine older than the note, whose
+//!                   with a reason: not noted (a malformed note, no live session of that id
+//!                   served by this tunnel's agent, an engine older than the note, whose
 //!                   refusal is the heartbeat one above)
 //! ```
 //!

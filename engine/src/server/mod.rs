@@ -434,6 +434,7 @@ impl Engine {
             .collect();
         let cpus = shard_cpus(&config);
         let directory = Arc::new(Directory::default());
+        let recording_notes = Arc::new(shard::RecordingNotes::default());
         let mut handle = EngineHandle {
             local_addr: config.listen_addr,
             directory: Arc::clone(&directory),
@@ -464,6 +465,7 @@ impl Engine {
                 tls: tls.clone(),
                 metrics: Arc::clone(shard_metrics),
                 directory: Arc::clone(&directory),
+                recording_notes: Arc::clone(&recording_notes),
                 mailbox,
                 hops: hop_boots.next(),
                 report: report_tx,

@@ -337,8 +337,8 @@ struct LiveSession {
     /// Fired to end the session: its splice is raced against it.
     end: Rc<Signal>,
     /// The roles ask for it to be recorded (the agent records it): the recording ids its agent
-    /// notes, for its `session.end`.
-    recordings: Option<Rc<NotedRecordings>>,
+    /// notes, for its `session.end` (also in [`RecordingNotes`] while the session lives).
+    recordings: Option<Arc<NotedRecordings>>,
 }
 
 /// Most recording ids noted for one session (one per session channel; the agent bounds its
@@ -346,34 +346,50 @@ struct LiveSession {
 pub(crate) const MAX_NOTED_RECORDINGS: usize = 1024;
 
 /// The recordings the agent named for one recorded session (`jaunt-recording/1` notes, see
-/// `jaunt_config::wire::agent_hello`), shared by the shard's registry, which notes them, and
-/// the session's audit, which names them in `session.end`.
+/// `jaunt_config::wire::agent_hello`), shared by the engine's [`RecordingNotes`], which notes
+/// them, and the session's audit, which names them in `session.end`.
 #[derive(Debug)]
 pub(crate) struct NotedRecordings {
     /// The agent serving the session: notes from another agent's tunnel are refused.
     host_id: String,
-    ids: RefCell<Vec<String>>,
+    ids: Mutex<Vec<String>>,
 }
 
 impl NotedRecordings {
     pub(crate) fn new(host_id: &str) -> NotedRecordings {
         NotedRecordings {
             host_id: host_id.to_owned(),
-            ids: RefCell::new(Vec::new()),
+            ids: Mutex::new(Vec::new()),
         }
     }
 
     /// The ids noted so far, in the order they came.
     pub(crate) fn ids(&self) -> Vec<String> {
-        self.ids.borrow().clone()
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Engine-wide: the live recorded sessions' [`NotedRecordings`] by session id, so that a note
+/// reaches its session whichever shard's tunnel carried it (a session served through a
+/// cross-shard hop lives on the user's shard, its stream on the tunnel's). Locked once when a
+/// recorded session starts, once when it ends and once per note: never on the data path nor
+/// for unrecorded sessions.
+#[derive(Debug, Default)]
+pub(crate) struct RecordingNotes {
+    by_session: Mutex<HashMap<String, Arc<NotedRecordings>>>,
+}
+
+impl RecordingNotes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<NotedRecordings>>> {
+        self.by_session.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// Why a recording note was not noted (its metric label is [`RecordingNoteResult`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum NoteRefusal {
-    /// No live recorded session of that id on this shard served by this agent (ended already,
-    /// unrecorded, another agent's, or on another shard: a cross-shard hop).
+    /// No live recorded session of that id served by this agent on this engine (ended
+    /// already, unrecorded, or another agent's).
     UnknownSession,
     /// [`MAX_NOTED_RECORDINGS`] already.
     TooMany,
@@ -404,6 +420,8 @@ pub(crate) struct Shard {
     tunnels: RefCell<TunnelTable<Tunnel>>,
     /// Engine-wide: which agent is connected to which shard.
     directory: Arc<Directory>,
+    /// Engine-wide: the recorded sessions' noted recordings.
+    recording_notes: Arc<RecordingNotes>,
     /// Cross-shard hops: streams to agents whose tunnel is on another shard (`hop.rs`).
     pub hops: Rc<Hops>,
     /// A dropped inventory event was logged (once per shard; the metric counts every drop).
@@ -440,6 +458,7 @@ impl Shard {
             tls: RefCell::new(Rc::new(ShardTls::new(&boot.tls))),
             tunnels: RefCell::new(TunnelTable::default()),
             directory: Arc::clone(&boot.directory),
+            recording_notes: Arc::clone(&boot.recording_notes),
             hops: Rc::new(Hops::new(boot.shard_count)),
             inventory_drop_logged: Cell::new(false),
             next_conn_id: Cell::new(0),
@@ -577,9 +596,14 @@ impl Shard {
         identity: &Identity,
         request: &DialRequest,
         labels: BTreeMap<String, String>,
-        recordings: Option<Rc<NotedRecordings>>,
+        recordings: Option<Arc<NotedRecordings>>,
     ) -> Rc<Signal> {
         let end = Rc::new(Signal::default());
+        if let Some(recordings) = &recordings {
+            self.recording_notes
+                .lock()
+                .insert(session_id.to_owned(), Arc::clone(recordings));
+        }
         self.sessions.borrow_mut().insert(
             conn_id,
             LiveSession {
@@ -595,21 +619,21 @@ impl Shard {
         end
     }
 
-    /// Notes `note`'s recording for its live recorded session, if the agent `host_id` (whose
-    /// tunnel on this shard it came on) serves that session here.
+    /// Notes `note`'s recording for its live recorded session (on any shard of this engine), if
+    /// the agent `host_id` (whose tunnel on this shard it came on) serves that session.
     pub(crate) fn note_recording(
         &self,
         host_id: &str,
         note: &jaunt_config::wire::RecordingNote,
     ) -> Result<(), NoteRefusal> {
-        let sessions = self.sessions.borrow();
-        let recordings = sessions
-            .values()
-            .find(|s| s.session_id == note.session_id)
-            .and_then(|s| s.recordings.as_ref())
+        let recordings = self
+            .recording_notes
+            .lock()
+            .get(&note.session_id)
             .filter(|r| r.host_id == host_id)
+            .cloned()
             .ok_or(NoteRefusal::UnknownSession)?;
-        let mut ids = recordings.ids.borrow_mut();
+        let mut ids = recordings.ids.lock().unwrap_or_else(|p| p.into_inner());
         if ids.contains(&note.recording_id) {
             return Ok(());
         }
@@ -622,7 +646,10 @@ impl Shard {
 
     /// The session of connection `conn_id` ended.
     pub fn session_ended(&self, conn_id: u64) {
-        self.sessions.borrow_mut().remove(&conn_id);
+        let ended = self.sessions.borrow_mut().remove(&conn_id);
+        if let Some(ended) = ended.filter(|s| s.recordings.is_some()) {
+            self.recording_notes.lock().remove(&ended.session_id);
+        }
     }
 
     /// This shard's live user sessions.
@@ -1050,6 +1077,7 @@ pub(crate) struct ShardBoot {
     pub tls: TlsConfigs,
     pub metrics: Arc<ShardMetrics>,
     pub directory: Arc<Directory>,
+    pub recording_notes: Arc<RecordingNotes>,
     pub mailbox: Mailbox,
     /// This shard's halves of the cross-shard hop channels (taken when the shard starts).
     pub hops: Option<HopBoot>,

@@ -418,7 +418,7 @@ fn note_recording(
             Err(NoteRefusal::UnknownSession) => (
                 RecordingNoteResult::UnknownSession,
                 format!(
-                    "no live recorded session {} of this agent on this engine shard",
+                    "no live recorded session {} of this agent on this engine",
                     note.session_id
                 ),
             ),

@@ -263,7 +263,7 @@ pub(super) async fn connect<S: UserStream>(
     };
     let recordings = allowed
         .recorded
-        .then(|| Rc::new(NotedRecordings::new(&host_id)));
+        .then(|| std::sync::Arc::new(NotedRecordings::new(&host_id)));
     let audit = SessionAudit::new(ctx, &identity, &request, recordings);
     let header = StreamHeader::new(&request, &identity.name, &identity.roles, &ctx.peer)
         .with_db_grants(&identity.db_users, &identity.db_names)
@@ -530,7 +530,7 @@ struct SessionAudit {
     db_name: Option<String>,
     client_addr: String,
     /// `Some` when the roles ask for a recording: the ids the agent notes.
-    recordings: Option<Rc<NotedRecordings>>,
+    recordings: Option<std::sync::Arc<NotedRecordings>>,
     started: Instant,
     /// Bytes from the client to the target.
     bytes_in: Rc<Cell<u64>>,
@@ -543,7 +543,7 @@ impl SessionAudit {
         ctx: &Ctx<'_>,
         identity: &Identity,
         request: &DialRequest,
-        recordings: Option<Rc<NotedRecordings>>,
+        recordings: Option<std::sync::Arc<NotedRecordings>>,
     ) -> SessionAudit {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
