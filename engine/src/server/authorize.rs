@@ -192,13 +192,15 @@ fn subject<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use jaunt_config::identity::IdentityKind;
 
     use super::*;
     use jaunt_config::wire::dial::DialKind;
 
-    fn alice() -> Identity {
+    /// A user with the built-in `access` role and the login `root` (the session decision's
+    /// tests use her too).
+    pub(crate) fn alice() -> Identity {
         Identity {
             kind: IdentityKind::User,
             name: "alice".into(),

@@ -927,28 +927,9 @@ async fn refuse_dial<S: AsyncWrite + Unpin>(
 mod tests {
     use std::collections::BTreeMap;
 
-    use jaunt_config::identity::IdentityKind;
-
     use super::*;
+    use crate::server::authorize::tests::alice;
     use crate::server::snapshot::Target;
-
-    fn alice() -> Identity {
-        Identity {
-            kind: IdentityKind::User,
-            name: "alice".into(),
-            roles: vec!["access".into()],
-            logins: vec!["root".into()],
-            db_users: vec![],
-            db_names: vec![],
-            traits: Default::default(),
-            cluster: "test".into(),
-            not_before: 0,
-            expires: u64::MAX,
-            permit_pty: true,
-            permit_port_forwarding: false,
-            permit_agent_forwarding: false,
-        }
-    }
 
     fn snapshot() -> Snapshot {
         Snapshot {
