@@ -437,6 +437,89 @@ fn web_ui_login_resources_audit_and_logout(kind: Kind) {
     );
 }
 
+/// `/web/` with more resources than it lays out at once (one agent announcing a node and 120
+/// apps): the first 100 rows show with a "Show all" note, the filter finds rows beyond them,
+/// "Show all" shows every row, and rows the filter hides stay hidden at phone width.
+#[test]
+fn a_long_resource_list_shows_its_first_rows_and_filters_all_in_chromium() {
+    long_resource_list(Kind::Chromium);
+}
+
+#[test]
+fn a_long_resource_list_shows_its_first_rows_and_filters_all_in_firefox() {
+    long_resource_list(Kind::Firefox);
+}
+
+fn long_resource_list(kind: Kind) {
+    let c = Cluster::dev_at("localhost:0");
+    ok(c.admin(
+        &[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            "root",
+            "--password-stdin",
+        ],
+        Some(PASSWORD),
+    ));
+    let apps: Vec<String> = (0..120)
+        .map(|i| format!("app{i:03}=http://127.0.0.1:9"))
+        .collect();
+    let apps: Vec<&str> = apps.iter().map(String::as_str).collect();
+    let _agent = start_agent(&c, "many1", "env=many", &apps);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ok(c.admin(&["get", "apps", "--format", "json"], None));
+        let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if listed.as_array().map_or(0, Vec::len) == 120 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the apps were not announced: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let b = Browser::launch(kind);
+    log_in(&b, &c, "alice", PASSWORD);
+    b.wait_for("table#resources");
+    assert_eq!(visible_rows(&b).len(), 100);
+    let note = b.wait_for("#partial-count");
+    assert!(b.text(&note).contains("100 of 121"), "{}", b.text(&note));
+    // The filter searches the rows not laid out yet.
+    let filter = b.wait_for("#filter");
+    b.type_into(&filter, "app119");
+    b.wait_until("the filter found a row beyond the first 100", |b| {
+        visible_rows(b) == ["app119"]
+    });
+    b.clear(&filter);
+    b.type_into(&filter, "env=many");
+    b.wait_until("a filter matching all shows the first 100", |b| {
+        visible_rows(b).len() == 100
+    });
+    assert!(b
+        .text(&b.wait_for("#partial-count"))
+        .contains("100 of 121 matches"));
+    // Show all (a <button>, so the keyboard reaches it too).
+    b.clear(&filter);
+    b.click(&b.wait_for("button#show-all"));
+    b.wait_until("every row shows", |b| visible_rows(b).len() == 121);
+    assert!(!b.displayed(&b.wait_for("#partial")));
+    // At phone width rows the filter hides stay hidden (the stacked layout is display: block).
+    b.set_window_size(390, 844);
+    b.type_into(&filter, "app007");
+    b.wait_until("one row is on screen at phone width", |b| {
+        b.execute(
+            "return Array.from(document.querySelectorAll('tr.resource'))\
+             .filter(r => r.getClientRects().length > 0).length;",
+        ) == 1
+    });
+}
+
 /// Text the player's terminal shows now.
 fn screen_text(b: &Browser) -> String {
     b.execute(

@@ -106,7 +106,9 @@ fn browser_times(b: &Browser, c: &Cluster, expect_rows: usize) -> Load {
                  if (!n || n.loadEventEnd === 0) return null; \
                  return [n.responseStart - n.startTime, n.domContentLoadedEventEnd - n.startTime, \
                          n.loadEventEnd - n.startTime, \
-                         document.querySelectorAll('tr.resource').length];",
+                         document.querySelectorAll('tr.resource').length + \
+                         (document.getElementById('more-resources') ? document.getElementById('more-resources')\
+                          .content.querySelectorAll('tr.resource').length : 0)];",
             );
             !timing.is_null()
         });
@@ -130,6 +132,14 @@ fn browser_times(b: &Browser, c: &Cluster, expect_rows: usize) -> Load {
         );
     }
     assert_eq!(rows, expect_rows, "rows on /web/");
+    // "Show all" lays out every row (with the filter cleared).
+    let all = b.execute(
+        "var f = document.getElementById('filter'); f.value = ''; \
+         f.dispatchEvent(new Event('input')); \
+         var s = document.getElementById('show-all'); if (s) s.click(); \
+         return Array.from(document.querySelectorAll('tr.resource')).filter(r => !r.hidden).length;",
+    );
+    assert_eq!(all.as_u64(), Some(rows as u64), "rows after Show all");
     Load {
         first_byte: median(first),
         dom_ready: median(dom),

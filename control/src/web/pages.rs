@@ -194,8 +194,15 @@ pub fn login(cluster: &str, token: &str, second_factor: bool, next: &str) -> Str
     html
 }
 
+/// Resource rows `/web/` renders for layout at once; the rest wait in a `<template>` (parsed,
+/// not laid out) until the filter or "Show all" needs them.
+pub const FIRST_RESOURCE_ROWS: usize = 100;
+
 /// `/web/`: the resources the user may reach, with labels, a filter box, a login picker per
-/// node, and apps that open in a new tab.
+/// node, and apps that open in a new tab. Beyond [`FIRST_RESOURCE_ROWS`] rows the rest are in
+/// `<template id="more-resources">` in the table: a page of 1,000 nodes lays out 100 rows, and
+/// `jaunt.js` moves the others in when the filter (which searches all of them) or "Show all"
+/// asks; the filter then shows at most that many matches until "Show all".
 pub fn resources(frame: &Frame, resources: &[Visible], public_addr: &str) -> String {
     let mut content = String::from(
         "<p class=\"filter\"><label for=\"filter\">Filter</label>\
@@ -209,11 +216,17 @@ pub fn resources(frame: &Frame, resources: &[Visible], public_addr: &str) -> Str
         );
         return page(frame, "resources", &content);
     }
-    content.push_str(
-        "<table id=\"resources\"><thead><tr><th scope=\"col\">Kind</th><th scope=\"col\">Name</th>\
+    let _ = write!(
+        content,
+        "<table id=\"resources\" data-total=\"{}\" data-first=\"{FIRST_RESOURCE_ROWS}\"><thead><tr>\
+         <th scope=\"col\">Kind</th><th scope=\"col\">Name</th>\
          <th scope=\"col\">Labels</th><th scope=\"col\">Connect</th></tr></thead><tbody>",
+        resources.len()
     );
-    for r in resources {
+    for (i, r) in resources.iter().enumerate() {
+        if i == FIRST_RESOURCE_ROWS {
+            content.push_str("<template id=\"more-resources\">");
+        }
         let info = &r.info;
         let labels: Vec<String> = info
             .labels
@@ -281,9 +294,21 @@ pub fn resources(frame: &Frame, resources: &[Visible], public_addr: &str) -> Str
         }
         content.push_str("</td></tr>");
     }
+    if resources.len() > FIRST_RESOURCE_ROWS {
+        content.push_str("</template>");
+    }
     content.push_str(
         "</tbody></table><p id=\"no-match\" class=\"empty\" hidden>Nothing matches the filter.</p>",
     );
+    if resources.len() > FIRST_RESOURCE_ROWS {
+        let _ = write!(
+            content,
+            "<p id=\"partial\"><span id=\"partial-count\" role=\"status\">Showing the \
+             first {FIRST_RESOURCE_ROWS} of {}; the filter searches all.</span> \
+             <button type=\"button\" id=\"show-all\">Show all</button></p>",
+            resources.len()
+        );
+    }
     page(frame, "resources", &content)
 }
 
@@ -736,5 +761,34 @@ mod tests {
             app_url("grafana", "jaunt.test:3080"),
             "https://grafana.jaunt.test:3080/"
         );
+        assert!(!html.contains("<template"), "a short list is all laid out");
+        assert!(!html.contains("id=\"partial\""));
+
+        // A long list: the first rows in the table, the rest in the template, all counted.
+        let n = FIRST_RESOURCE_ROWS + 50;
+        let many: Vec<Visible> = (0..n)
+            .map(|i| Visible {
+                info: jaunt_config::api::ResourceInfo {
+                    name: format!("node{i}"),
+                    ..visible[0].info.clone()
+                },
+                choices: vec!["root".into()],
+            })
+            .collect();
+        let html = resources(&frame, &many, "jaunt.test:3080");
+        let (laid_out, rest) = html
+            .split_once("<template id=\"more-resources\">")
+            .unwrap_or_else(|| unreachable!("no template"));
+        let (waiting, after) = rest
+            .split_once("</template>")
+            .unwrap_or_else(|| unreachable!("template not closed"));
+        assert_eq!(
+            laid_out.matches("<tr class=\"resource\"").count(),
+            FIRST_RESOURCE_ROWS
+        );
+        assert_eq!(waiting.matches("<tr class=\"resource\"").count(), 50);
+        assert!(after.starts_with("</tbody></table>"));
+        assert!(html.contains(&format!("data-total=\"{n}\"")));
+        assert!(after.contains("id=\"show-all\""));
     }
 }

@@ -64,12 +64,36 @@
 
   // The resource filter: every word must match the row's kind, name or a label
   // (`key=value` words match labels exactly).
+  // A long list comes with its first rows laid out and the rest in <template
+  // id="more-resources">: they are moved in (hidden) the first time the filter or "Show all"
+  // needs them, and then at most `first` matches show until "Show all".
   var filter = document.getElementById("filter");
   if (filter) {
     var rows = Array.prototype.slice.call(document.querySelectorAll("tr.resource"));
     var none = document.getElementById("no-match");
+    var table = document.getElementById("resources");
+    var more = document.getElementById("more-resources");
+    var partial = document.getElementById("partial");
+    var partialCount = document.getElementById("partial-count");
+    var showAll = document.getElementById("show-all");
+    var total = table ? parseInt(table.getAttribute("data-total"), 10) || rows.length : 0;
+    var first = table ? parseInt(table.getAttribute("data-first"), 10) || total : 0;
+    var everything = false;
+    var expand = function () {
+      if (!more) return;
+      var extra = Array.prototype.slice.call(more.content.querySelectorAll("tr.resource"));
+      extra.forEach(function (row) {
+        row.hidden = true;
+      });
+      more.parentNode.appendChild(more.content);
+      more.parentNode.removeChild(more);
+      more = null;
+      rows = rows.concat(extra);
+    };
     var apply = function () {
       var words = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
+      if (words.length || everything) expand();
+      var matched = 0;
       var shown = 0;
       rows.forEach(function (row) {
         var text = row.getAttribute("data-search") || "";
@@ -77,13 +101,29 @@
         var ok = words.every(function (w) {
           return w.indexOf("=") > 0 ? terms.indexOf(w) >= 0 : text.indexOf(w) >= 0;
         });
-        row.hidden = !ok;
-        if (ok) shown++;
+        if (ok) matched++;
+        var show = ok && (everything || shown < first);
+        row.hidden = !show;
+        if (show) shown++;
       });
-      if (none) none.hidden = shown > 0 || rows.length === 0;
+      // Not moved in yet (no filter): everything matches.
+      if (more) matched = total;
+      if (none) none.hidden = matched > 0 || total === 0;
+      if (partial) {
+        partial.hidden = shown >= matched;
+        partialCount.textContent =
+          "Showing " + shown + " of " + matched + (words.length ? " matches" : "") +
+          "; the filter searches all.";
+      }
     };
+    if (showAll) {
+      showAll.addEventListener("click", function () {
+        everything = true;
+        apply();
+      });
+    }
     filter.addEventListener("input", apply);
-    apply();
+    if (filter.value) apply();
   }
 
   // Live sessions: End posts to the server, then the list is reloaded.
@@ -106,14 +146,17 @@
     });
   });
 
-  // The login picker: the Connect link follows the chosen login.
-  Array.prototype.forEach.call(document.querySelectorAll("select.login-picker"), function (select) {
+  // The login picker: the Connect link follows the chosen login (one listener for all rows,
+  // also those moved in later; on load for pickers a back navigation restored).
+  var pick = function (select) {
     var link = select.parentNode.querySelector("a.ssh");
-    var update = function () {
-      link.href = "/web/terminal/" + encodeURIComponent(select.getAttribute("data-node")) + "/" +
-        encodeURIComponent(select.value);
-    };
-    select.addEventListener("change", update);
-    update();
+    if (!link) return;
+    link.href = "/web/terminal/" + encodeURIComponent(select.getAttribute("data-node")) + "/" +
+      encodeURIComponent(select.value);
+  };
+  document.addEventListener("change", function (event) {
+    var target = event.target;
+    if (target && target.classList && target.classList.contains("login-picker")) pick(target);
   });
+  Array.prototype.forEach.call(document.querySelectorAll("select.login-picker"), pick);
 })();
