@@ -2208,3 +2208,144 @@ fn measure_splice_throughput() {
         (total >> 20) as f64 / took.as_secs_f64()
     );
 }
+
+/// Counts the TLS 1.3 tickets a client is given (and keeps them, so it can resume).
+#[derive(Debug)]
+struct CountingTickets {
+    inner: rustls::client::ClientSessionMemoryCache,
+    tickets: std::sync::atomic::AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for CountingTickets {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+    fn set_tls12_session(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(name, value)
+    }
+    fn tls12_session(
+        &self,
+        name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(name)
+    }
+}
+
+/// One in-memory TLS 1.3 handshake of `client` with `server`, then a byte each way so the
+/// client reads the server's post-handshake tickets.
+fn handshake_in_memory(
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+) -> (rustls::ClientConnection, rustls::ServerConnection) {
+    let name = ServerName::try_from(PUBLIC_HOST).unwrap();
+    let mut c = rustls::ClientConnection::new(client, name).unwrap();
+    let mut s = rustls::ServerConnection::new(server).unwrap();
+    c.writer().write_all(b"?").unwrap();
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        s.read_tls(&mut &wire[..]).unwrap();
+        s.process_new_packets().unwrap();
+        let mut byte = [0u8; 1];
+        if let Ok(1) = s.reader().read(&mut byte) {
+            s.writer().write_all(&byte).unwrap();
+        }
+        let mut wire = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut wire).unwrap();
+        }
+        c.read_tls(&mut &wire[..]).unwrap();
+        c.process_new_packets().unwrap();
+        let mut buf = [0u8; 8];
+        if let Ok(n) = c.reader().read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        if !got.is_empty() {
+            return (c, s);
+        }
+    }
+    panic!("the in-memory handshake did not complete");
+}
+
+/// The TLS policy of the public port (ARCHITECTURE.md, "TLS policy"): a client that prefers
+/// AES-256-GCM (rustls' default order, as most clients) gets TLS_AES_128_GCM_SHA256, and one
+/// session ticket per handshake, with which it resumes; a client that offers only AES-256-GCM
+/// still gets it.
+#[test]
+fn public_port_prefers_aes_128_and_sends_one_ticket() {
+    let pki = Pki::new();
+    let configs = pki.tls_configs(&pki.web);
+    let tickets = Arc::new(CountingTickets {
+        inner: rustls::client::ClientSessionMemoryCache::new(8),
+        tickets: Default::default(),
+    });
+    let mut client = rustls::ClientConfig::clone(&pki.client(&[], None));
+    client.resumption = rustls::client::Resumption::store(tickets.clone());
+    let client = Arc::new(client);
+    let offered = client.crypto_provider().cipher_suites[0].suite();
+    assert_eq!(offered, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+
+    let (c, _) = handshake_in_memory(client.clone(), configs.web.clone());
+    assert_eq!(
+        c.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    assert_eq!(
+        tickets.tickets.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The one ticket resumes, and the resumed handshake hands out the next one.
+    let (c, _) = handshake_in_memory(client.clone(), configs.web.clone());
+    assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    assert_eq!(
+        tickets.tickets.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // A client that offers only AES-256-GCM is served with it.
+    let mut only_256 = rustls::crypto::ring::default_provider();
+    only_256
+        .cipher_suites
+        .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.web.der()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(only_256))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (c, _) = handshake_in_memory(Arc::new(client), configs.web.clone());
+    assert_eq!(
+        c.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+    );
+}

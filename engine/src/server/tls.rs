@@ -33,6 +33,35 @@ use crate::route::{ALPN_APP, ALPN_HTTP1, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN
 /// Sessions each shard's cache remembers, per configuration (rustls' own default size).
 pub const SESSION_CACHE_ENTRIES: usize = 256;
 
+/// TLS 1.3 session tickets sent after each handshake (rustls' default is 2). Every handshake,
+/// resumed ones included, sends a fresh one, so a client that connects one connection after
+/// another always has a ticket; see ARCHITECTURE.md, "TLS policy".
+pub const TLS13_TICKETS: usize = 1;
+
+/// ring's cipher suites with the AES-128-GCM ones first: the server's order decides (see
+/// ARCHITECTURE.md, "TLS policy"). Nothing is added or removed.
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    // A stable sort: AES-128-GCM before everything else, the rest in ring's order.
+    provider.cipher_suites.sort_by_key(|suite| {
+        !matches!(
+            suite.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    provider
+}
+
+/// The policy every server configuration of the public port shares: the server's cipher
+/// suite order and one TLS 1.3 ticket per handshake.
+fn apply_policy(config: &mut ServerConfig, ticketer: &Arc<dyn rustls::server::ProducesTickets>) {
+    config.ticketer = Arc::clone(ticketer);
+    config.ignore_client_order = true;
+    config.send_tls13_tickets = TLS13_TICKETS;
+}
+
 /// The three TLS server configurations of the public port (see the module doc). Built by the
 /// caller, who owns the CAs; cheap to clone.
 #[derive(Clone, Debug)]
@@ -75,14 +104,14 @@ pub enum TlsBuildError {
 impl TlsConfigs {
     /// Builds the three configurations from one server certificate chain and key (the public
     /// address's certificate) and the user and host CA roots: ring only, TLS 1.3 and 1.2,
-    /// stateless session tickets.
+    /// AES-128-GCM preferred, one stateless session ticket per handshake.
     pub fn build(
         server_chain: Vec<CertificateDer<'static>>,
         server_key: PrivateKeyDer<'static>,
         user_roots: &[CertificateDer<'static>],
         host_roots: &[CertificateDer<'static>],
     ) -> Result<TlsConfigs, TlsBuildError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let versions: &[&rustls::SupportedProtocolVersion] =
             &[&rustls::version::TLS13, &rustls::version::TLS12];
         let ticketer = rustls::crypto::ring::Ticketer::new()?;
@@ -91,7 +120,7 @@ impl TlsConfigs {
             .with_protocol_versions(versions)?
             .with_no_client_auth()
             .with_single_cert(server_chain.clone(), server_key.clone_key())?;
-        web.ticketer = Arc::clone(&ticketer);
+        apply_policy(&mut web, &ticketer);
 
         let mtls = |which: &'static str, roots: &[CertificateDer<'static>], optional: bool| {
             if roots.is_empty() {
@@ -114,7 +143,7 @@ impl TlsConfigs {
                 .with_protocol_versions(versions)?
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(server_chain.clone(), server_key.clone_key())?;
-            config.ticketer = Arc::clone(&ticketer);
+            apply_policy(&mut config, &ticketer);
             Ok(config)
         };
         let user = mtls("user", user_roots, false)?;
