@@ -1684,7 +1684,7 @@ fn measure_idle_recorded_sessions() {
     drop(agent);
 }
 
-/// Idle recorded sessions: a shell-less `sleep` each through OpenSSH and `jaunt proxy`, held
+/// Idle recorded sessions: a shell-less `cat` each through OpenSSH and `jaunt proxy`, held
 /// open; the agent's RSS growth per session. `JAUNT_MEASURE_IDLE` sets the number of sessions
 /// (default 200); each costs an ssh, a `jaunt proxy` and an sshd process on this machine.
 fn measure_idle(c: &Cluster, pid: u32) {
@@ -1712,7 +1712,9 @@ fn measure_idle(c: &Cluster, pid: u32) {
                     config.to_str().unwrap(),
                     "-T",
                     "root@node1.dev.jaunt.local",
-                    "sleep 3600",
+                    // Idle until its stdin closes: it ends with the session (a `sleep` would
+                    // outlive it on the node, as commands without a pty do).
+                    "cat >/dev/null",
                 ])
                 .env("HOME", &c.home)
                 .env("JAUNT_HOME", &c.home)
