@@ -558,31 +558,7 @@ async fn node_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 .map_err(|e| Fail::NodeLogin(format!("SSH: {e}")))?
             {
                 Event::Cli(CliEvent::Hostkey(h)) => {
-                    let checked = h
-                        .hostkey()
-                        .ok()
-                        .and_then(|k| pubkey_blob(&k))
-                        .ok_or_else(|| "sshd presented a plain host key".to_string())
-                        .and_then(|blob| {
-                            check_cert(
-                                &blob,
-                                host_cas,
-                                ssh_key::certificate::CertType::Host,
-                                node,
-                                jaunt_config::identity::unix_now(),
-                            )
-                            .map_err(|(_, e)| e)
-                        });
-                    match checked {
-                        Ok(_) => h.accept().map_err(protocol)?,
-                        Err(e) => {
-                            let _ = h.reject();
-                            return Err(Fail::NodeHostKey(format!(
-                                "sshd's host key is not a host certificate of this cluster for \
-                                 {node}: {e} (sign it with `jaunt ca sign-host --host {node}`)"
-                            )));
-                        }
-                    }
+                    check_host_key(h, node, host_cas, HostKeyAt::Login)?
                 }
                 Event::Cli(CliEvent::Username(u)) => u.username(login).map_err(protocol)?,
                 Event::Cli(CliEvent::Pubkey(p)) => {
@@ -714,7 +690,7 @@ fn step_of(event: Result<Event<'_, '_>, sunset::Error>, rekey: &Rekey<'_>) -> Re
             Step::Other
         }
         Event::Cli(CliEvent::Hostkey(h)) => {
-            check_rekeyed_host_key(h, rekey.node, rekey.host_cas)?;
+            check_host_key(h, rekey.node, rekey.host_cas, HostKeyAt::Rekey)?;
             Step::Other
         }
         Event::Serv(ServEvent::Defunct) | Event::Cli(CliEvent::Defunct) => Step::Defunct,
@@ -723,13 +699,21 @@ fn step_of(event: Result<Event<'_, '_>, sunset::Error>, rekey: &Rekey<'_>) -> Re
     })
 }
 
-/// sshd's host key in a key re-exchange once a session runs (the relay's, the web
-/// terminal's): the same check as at login, a host certificate of this cluster for `node`.
-/// sunset waits for the answer, so an unanswered one would stall the connection.
-fn check_rekeyed_host_key(
+/// When sshd shows its host key: at login, or in a key re-exchange once a session runs.
+#[derive(Clone, Copy)]
+enum HostKeyAt {
+    Login,
+    Rekey,
+}
+
+/// sshd's host key (at login; in a key re-exchange, the relay's and the web terminal's) must be
+/// a host certificate of this cluster for `node`. Answers sunset either way: it waits for the
+/// answer, so an unanswered one would stall the connection.
+fn check_host_key(
     h: sunset::event::CheckHostkey<'_, '_>,
     node: &str,
     host_cas: &[ssh_key::Fingerprint],
+    at: HostKeyAt,
 ) -> Result<(), Fail> {
     let checked = h
         .hostkey()
@@ -750,10 +734,16 @@ fn check_rekeyed_host_key(
         Ok(_) => h.accept().map_err(protocol),
         Err(e) => {
             let _ = h.reject();
-            Err(Fail::NodeHostKey(format!(
-                "sshd's host key changed in a key re-exchange and is not a host certificate of \
-                 this cluster for {node}: {e}"
-            )))
+            Err(Fail::NodeHostKey(match at {
+                HostKeyAt::Login => format!(
+                    "sshd's host key is not a host certificate of this cluster for {node}: {e} \
+                     (sign it with `jaunt ca sign-host --host {node}`)"
+                ),
+                HostKeyAt::Rekey => format!(
+                    "sshd's host key changed in a key re-exchange and is not a host \
+                     certificate of this cluster for {node}: {e}"
+                ),
+            }))
         }
     }
 }

@@ -340,7 +340,9 @@ impl Bridge {
                     Ok(Event::Cli(CliEvent::Hostkey(h))) => {
                         // A key re-exchange (sshd's RekeyLimit): the same host check as at
                         // login; unanswered, it would stall the terminal.
-                        if let Err(e) = super::check_rekeyed_host_key(h, node_name, host_cas) {
+                        if let Err(e) =
+                            super::check_host_key(h, node_name, host_cas, super::HostKeyAt::Rekey)
+                        {
                             return Poll::Ready(Err(e));
                         }
                         moved = true;
