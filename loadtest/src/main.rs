@@ -237,13 +237,15 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         match emul::sys::raise_open_files(want) {
             Ok(n) if n >= want => {}
             Ok(n) => eprintln!(
-                "loadtest: warning: open files are limited to {n} and {} emulated agents need \
-                 about {want} (here and in the daemon): as root, `ulimit -n {want}` first",
+                "loadtest: warning: open files are limited to {n} (the hard limit; raising it \
+                 needs CAP_SYS_RESOURCE) and {} emulated agents need about {want} here and in \
+                 the daemon: dials beyond the limit fail. Run with `ulimit -Hn {want}` where \
+                 allowed, or fewer --agents",
                 sizes.agents
             ),
             Err(e) => eprintln!(
                 "loadtest: warning: could not raise the open-files limit to {want} ({e}): \
-                 as root, `ulimit -n {want}` first"
+                 dials beyond the limit fail"
             ),
         }
     }
