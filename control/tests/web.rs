@@ -452,19 +452,7 @@ fn a_long_resource_list_shows_its_first_rows_and_filters_all_in_firefox() {
 
 fn long_resource_list(kind: Kind) {
     let c = Cluster::dev_at("localhost:0");
-    ok(c.admin(
-        &[
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "access",
-            "--logins",
-            "root",
-            "--password-stdin",
-        ],
-        Some(PASSWORD),
-    ));
+    c.add_user("alice", "access", "root", PASSWORD);
     let apps: Vec<String> = (0..120)
         .map(|i| format!("app{i:03}=http://127.0.0.1:9"))
         .collect();
@@ -790,19 +778,7 @@ fn an_app_opened_from_the_web_ui_works_without_a_client_certificate_in_firefox()
 
 fn app_without_a_client_certificate(kind: Kind) {
     let c = Cluster::dev_at("localhost:0");
-    ok(c.admin(
-        &[
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "access",
-            "--logins",
-            "alice",
-            "--password-stdin",
-        ],
-        Some(PASSWORD),
-    ));
+    c.add_user("alice", "access", "alice", PASSWORD);
     let (app_addr, heads) = http_app();
     let _agent = start_agent(
         &c,
@@ -952,19 +928,7 @@ fn web_terminal_runs_a_shell_on_a_real_sshd_in_firefox() {
 fn web_terminal(kind: Kind) {
     let c = Cluster::dev_at("localhost:0");
     for (user, roles, logins) in [("alice", "access,editor", "root"), ("bob", "access", "bob")] {
-        ok(c.admin(
-            &[
-                "users",
-                "add",
-                user,
-                "--roles",
-                roles,
-                "--logins",
-                logins,
-                "--password-stdin",
-            ],
-            Some(PASSWORD),
-        ));
+        c.add_user(user, roles, logins, PASSWORD);
     }
     ok(c.login("alice", PASSWORD, &[]));
     // sshd re-exchanges keys after every 32 KiB each way (OpenSSH's default is about a GiB):
@@ -1285,19 +1249,7 @@ fn web_join(kind: Kind) {
         ("bob", "watcher", "bob"),
         ("carol", "lister", "carol"),
     ] {
-        ok(c.admin(
-            &[
-                "users",
-                "add",
-                user,
-                "--roles",
-                roles,
-                "--logins",
-                logins,
-                "--password-stdin",
-            ],
-            Some(PASSWORD),
-        ));
+        c.add_user(user, roles, logins, PASSWORD);
     }
     ok(c.login("alice", PASSWORD, &[]));
     let sshd = Sshd::start(&c);

@@ -522,17 +522,23 @@ pub fn recordings(frame: &Frame, filter: &RecordingFilter, list: &[RecordingInfo
     page(frame, "recordings", &content)
 }
 
+/// The head of a page running xterm.js: the nonce its `<style>` elements are admitted by
+/// (`style_nonce`), its stylesheet and script, and `script` (an asset) that drives it.
+fn xterm_head(style_nonce: &str, script: &str) -> String {
+    format!(
+        "<meta name=\"style-nonce\" content=\"{}\">\
+         <link rel=\"stylesheet\" href=\"/web/assets/xterm.css\">\
+         <script src=\"/web/assets/xterm.js\" defer></script>\
+         <script src=\"/web/assets/{script}\" defer></script>",
+        esc(style_nonce)
+    )
+}
+
 /// `/web/recordings/ID`: what the recording is, and the player (`assets/jaunt-player.js`,
 /// which fetches the `.cast` from `/webapi/recordings/ID/cast`). `style_nonce` is the nonce
 /// the response's CSP admits xterm.js's `<style>` elements by.
 pub fn playback(frame: &Frame, r: &RecordingInfo, style_nonce: &str) -> String {
-    let extra = format!(
-        "<meta name=\"style-nonce\" content=\"{}\">\
-         <link rel=\"stylesheet\" href=\"/web/assets/xterm.css\">\
-         <script src=\"/web/assets/xterm.js\" defer></script>\
-         <script src=\"/web/assets/jaunt-player.js\" defer></script>",
-        esc(style_nonce)
-    );
+    let extra = xterm_head(style_nonce, "jaunt-player.js");
     let mut content = String::new();
     let _ = write!(
         content,
@@ -579,13 +585,7 @@ pub fn playback(frame: &Frame, r: &RecordingInfo, style_nonce: &str) -> String {
 /// `/web/terminal/NODE/LOGIN`: xterm.js connected by `jaunt-terminal.js` over the engine's
 /// WebSocket; `style_nonce` admits xterm.js's `<style>` elements as on the playback page.
 pub fn terminal(frame: &Frame, node: &str, login: &str, style_nonce: &str) -> String {
-    let extra = format!(
-        "<meta name=\"style-nonce\" content=\"{}\">\
-         <link rel=\"stylesheet\" href=\"/web/assets/xterm.css\">\
-         <script src=\"/web/assets/xterm.js\" defer></script>\
-         <script src=\"/web/assets/jaunt-terminal.js\" defer></script>",
-        esc(style_nonce)
-    );
+    let extra = xterm_head(style_nonce, "jaunt-terminal.js");
     let path = format!("{}/{}", query_escape(node), query_escape(login));
     let content = format!(
         "<section id=\"terminal\" aria-label=\"Terminal\" data-state=\"connecting\" \
@@ -608,13 +608,7 @@ pub fn join(
     watched: &jaunt_engine::server::LiveSessionInfo,
     style_nonce: &str,
 ) -> String {
-    let extra = format!(
-        "<meta name=\"style-nonce\" content=\"{}\">\
-         <link rel=\"stylesheet\" href=\"/web/assets/xterm.css\">\
-         <script src=\"/web/assets/xterm.js\" defer></script>\
-         <script src=\"/web/assets/jaunt-terminal.js\" defer></script>",
-        esc(style_nonce)
-    );
+    let extra = xterm_head(style_nonce, "jaunt-terminal.js");
     let id = query_escape(&watched.id);
     let login = watched.login.clone().unwrap_or_default();
     let content = format!(

@@ -180,6 +180,24 @@ impl Cluster {
         self.run(&args, Some(&format!("{password}\n")))
     }
 
+    /// `jaunt users add USER --roles ROLES --logins LOGINS` with `password` on stdin, checked
+    /// to succeed.
+    pub fn add_user(&self, user: &str, roles: &str, logins: &str, password: &str) {
+        ok(self.admin(
+            &[
+                "users",
+                "add",
+                user,
+                "--roles",
+                roles,
+                "--logins",
+                logins,
+                "--password-stdin",
+            ],
+            Some(password),
+        ));
+    }
+
     pub fn keys_dir(&self) -> PathBuf {
         self.home.join("keys")
     }

@@ -161,19 +161,7 @@ pub fn ssh_setup() -> (Cluster, Sshd, (Reaped, PathBuf)) {
         );
     }
     let c = Cluster::dev();
-    ok(c.admin(
-        &[
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "access",
-            "--logins",
-            "root",
-            "--password-stdin",
-        ],
-        Some(PASSWORD),
-    ));
+    c.add_user("alice", "access", "root", PASSWORD);
     ok(c.login("alice", PASSWORD, &[]));
     let sshd = Sshd::start(&c);
     let agent = start_agent(&c, "node1", &["--ssh", &sshd.addr]);
