@@ -541,15 +541,6 @@ fn ssh_with_foreign_cert(c: &Cluster) -> std::process::Output {
         .unwrap()
 }
 
-/// Runs tmux on its own server socket `sock`.
-fn tmux(sock: &str, args: &[&str]) -> std::process::Output {
-    Command::new("tmux")
-        .args(["-L", sock])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// Polls the pane until its text contains `want`.
 fn wait_for_pane(sock: &str, want: &str) {
     wait_for_pane_of(sock, "rec", want);
@@ -617,50 +608,17 @@ fn an_interactive_shell_in_a_real_pty_is_recorded_with_what_was_typed_and_a_resi
     let _ = agent.wait();
 }
 
-/// Kills a tmux server when dropped (a failed assertion must not leave it running).
 /// `jaunt ssh root@node1` as `c`'s user in a 100x30 tmux session `rec` on a socket of its own
 /// (named from `prefix`), once its shell answers: the socket and the guard that kills it.
-fn shell_in_tmux(c: &Cluster, prefix: &str) -> (String, TmuxGuard) {
+fn shell_in_tmux(c: &Cluster, prefix: &str) -> (String, TmuxServer) {
     let sock = format!("{prefix}-{}", std::process::id());
-    let command = format!(
-        "env JAUNT_HOME={} {} ssh root@node1",
-        c.home.display(),
-        jaunt_bin()
-    );
-    let o = tmux(
-        &sock,
-        &[
-            "new-session",
-            "-d",
-            "-s",
-            "rec",
-            "-x",
-            "100",
-            "-y",
-            "30",
-            &command,
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let guard = scopeguard(&sock);
+    let guard = ssh_in_tmux(c, &sock, "rec");
     ok(tmux(
         &sock,
         &["send-keys", "-t", "rec", "stty size", "Enter"],
     ));
     wait_for_pane(&sock, "30 100");
     (sock, guard)
-}
-
-struct TmuxGuard(String);
-
-fn scopeguard(sock: &str) -> TmuxGuard {
-    TmuxGuard(sock.to_string())
-}
-
-impl Drop for TmuxGuard {
-    fn drop(&mut self) {
-        let _ = tmux(&self.0, &["kill-server"]);
-    }
 }
 
 #[test]

@@ -531,19 +531,7 @@ fn recordings_are_listed_and_played_back_in_firefox() {
 fn recordings_are_listed_and_played_back(kind: Kind) {
     let c = Cluster::dev_at("localhost:0");
     for (user, roles) in [("alice", "access,editor"), ("bob", "access")] {
-        ok(c.admin(
-            &[
-                "users",
-                "add",
-                user,
-                "--roles",
-                roles,
-                "--logins",
-                "root",
-                "--password-stdin",
-            ],
-            Some(PASSWORD),
-        ));
+        c.add_user(user, roles, "root", PASSWORD);
     }
     ok(c.login("alice", PASSWORD, &[]));
     let sshd = Sshd::start(&c);
@@ -1172,15 +1160,6 @@ fn web_terminal(kind: Kind) {
     c.assert_sessions_paired();
 }
 
-/// tmux on its own server socket `sock` (a real PTY for `jaunt ssh`).
-fn tmux(sock: &str, args: &[&str]) -> std::process::Output {
-    Command::new("tmux")
-        .args(["-L", sock])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// The text of the tmux pane of `sock`.
 fn pane(sock: &str) -> String {
     let o = tmux(
@@ -1201,15 +1180,6 @@ fn wait_for_pane(sock: &str, want: &str) {
         }
         assert!(Instant::now() < deadline, "{want:?} never showed: {text}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Ends the tmux server of a test.
-struct TmuxServer(String);
-
-impl Drop for TmuxServer {
-    fn drop(&mut self) {
-        let _ = tmux(&self.0, &["kill-server"]);
     }
 }
 
@@ -1258,27 +1228,7 @@ fn web_join(kind: Kind) {
 
     // alice's shell: `jaunt ssh` in a real PTY.
     let sock = format!("jaunt-webjoin-{}-{}", kind.name(), std::process::id());
-    let command = format!(
-        "env JAUNT_HOME={} {} ssh root@node1",
-        c.home.display(),
-        jaunt_bin()
-    );
-    let o = tmux(
-        &sock,
-        &[
-            "new-session",
-            "-d",
-            "-s",
-            "user",
-            "-x",
-            "100",
-            "-y",
-            "30",
-            &command,
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let _tmux = TmuxServer(sock.clone());
+    let _tmux = ssh_in_tmux(&c, &sock, "user");
     ok(tmux(
         &sock,
         &["send-keys", "-t", "user", "echo shell-$((20+1))", "Enter"],

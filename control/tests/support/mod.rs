@@ -13,6 +13,9 @@ use std::time::Duration;
 pub mod sshd;
 #[allow(unused_imports)]
 pub use sshd::*;
+pub mod tmux;
+#[allow(unused_imports)]
+pub use tmux::*;
 
 /// How long a cluster may take to print its banner (a debug build hashes the admin password).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
