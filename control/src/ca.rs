@@ -334,6 +334,19 @@ impl LocalKeys {
         })
     }
 
+    /// Keys made earlier and saved as PEM (TLS) and OpenSSH (SSH) text, to issue a fresh
+    /// certificate for the same keys: a reader of the files never sees a key that does not
+    /// match the certificate next to it while they are replaced.
+    pub fn from_saved(tls_key_pem: &str, ssh_private_openssh: &str) -> Result<LocalKeys, CaError> {
+        let key = KeyPair::from_pem(tls_key_pem)?;
+        let ssh_key = ssh_key::PrivateKey::from_openssh(ssh_private_openssh)?;
+        Ok(LocalKeys {
+            tls_key_pem: key.serialize_pem(),
+            tls_public_pem: key.public_key_pem(),
+            ssh_key,
+        })
+    }
+
     pub fn ssh_public_line(&self) -> String {
         self.ssh_key.public_key().to_openssh().unwrap_or_default()
     }
@@ -383,6 +396,17 @@ fn time_at(secs: u64) -> time::OffsetDateTime {
 mod tests {
     use super::*;
     use jaunt_config::identity::{unix_now, IdentityKind};
+
+    #[test]
+    fn saved_local_keys_load_back_as_the_same_keys_and_bad_text_is_refused() {
+        let keys = LocalKeys::generate().unwrap();
+        let ssh_text = keys.ssh_key.to_openssh(ssh_key::LineEnding::LF).unwrap();
+        let back = LocalKeys::from_saved(&keys.tls_key_pem, &ssh_text).unwrap();
+        assert_eq!(back.tls_public_pem, keys.tls_public_pem);
+        assert_eq!(back.ssh_public_line(), keys.ssh_public_line());
+        assert!(LocalKeys::from_saved("not a key", &ssh_text).is_err());
+        assert!(LocalKeys::from_saved(&keys.tls_key_pem, "not a key").is_err());
+    }
 
     fn identity(kind: IdentityKind) -> Identity {
         let now = unix_now();

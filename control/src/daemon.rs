@@ -751,13 +751,26 @@ fn ensure_dev_admin(control: &Control, cfg: &DaemonConfig) -> anyhow::Result<Str
     Ok(password)
 }
 
-/// Issues the local admin identity (role `editor`) into `DATA_DIR/admin`.
+/// Issues the local admin identity (role `editor`) into `DATA_DIR/admin`. A re-issue (each CA
+/// rotation phase) keeps the saved keys and replaces only the certificates, so that an admin
+/// command reading the files meanwhile never pairs a new key with the old certificate.
 fn write_admin_identity(
     control: &Control,
     cfg: &DaemonConfig,
     control_addr: &str,
 ) -> anyhow::Result<()> {
-    let keys = LocalKeys::generate()?;
+    let profile = Profile::admin(&cfg.data_dir);
+    let saved = |path: PathBuf| std::fs::read_to_string(path).ok();
+    let keys = match (
+        saved(profile.tls_key_path(LOCAL_ADMIN)),
+        saved(profile.ssh_key_path(LOCAL_ADMIN)),
+    ) {
+        (Some(tls), Some(ssh)) => LocalKeys::from_saved(&tls, &ssh).or_else(|e| {
+            tracing::warn!(error = %e, "the saved admin keys are unusable; making new ones");
+            LocalKeys::generate()
+        })?,
+        _ => LocalKeys::generate()?,
+    };
     let now = unix_now();
     let identity = Identity {
         kind: IdentityKind::User,
@@ -789,7 +802,7 @@ fn write_admin_identity(
         user_ca_ssh: cas.ssh_lines(ca::CaKind::User).join("\n"),
         engines: Vec::new(),
     };
-    Profile::admin(&cfg.data_dir).save(control_addr, &keys, &certs)?;
+    profile.save(control_addr, &keys, &certs)?;
     Ok(())
 }
 
