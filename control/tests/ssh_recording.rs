@@ -546,32 +546,6 @@ fn wait_for_pane(sock: &str, want: &str) {
     wait_for_pane_of(sock, "rec", want);
 }
 
-/// The text of tmux session `target`'s pane.
-fn pane(sock: &str, target: &str) -> String {
-    let o = tmux(
-        sock,
-        &["capture-pane", "-p", "-J", "-S", "-200", "-t", target],
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-/// Polls the pane of tmux session `target` until its text contains `want`.
-fn wait_for_pane_of(sock: &str, target: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let o = tmux(
-            sock,
-            &["capture-pane", "-p", "-J", "-S", "-200", "-t", target],
-        );
-        let text = String::from_utf8_lossy(&o.stdout).to_string();
-        if text.contains(want) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{want:?} never showed: {text}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn an_interactive_shell_in_a_real_pty_is_recorded_with_what_was_typed_and_a_resize() {
     let (c, _sshd, (mut agent, data)) = ssh_setup();

@@ -1160,27 +1160,10 @@ fn web_terminal(kind: Kind) {
     c.assert_sessions_paired();
 }
 
-/// The text of the tmux pane of `sock`.
-fn pane(sock: &str) -> String {
-    let o = tmux(
-        sock,
-        &["capture-pane", "-p", "-J", "-S", "-200", "-t", "user"],
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-/// Polls the tmux pane of `sock` until its text contains `want`.
+/// Polls the tmux pane of `sock` (session `user`) until its text contains `want`.
 #[track_caller]
 fn wait_for_pane(sock: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = pane(sock);
-        if text.contains(want) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{want:?} never showed: {text}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_pane_of(sock, "user", want);
 }
 
 /// `/web/sessions/ID/join`: bob, whose role has the `session`/`join` rule, watches alice's live
@@ -1293,7 +1276,7 @@ fn web_join(kind: Kind) {
         !marker.exists(),
         "the observer's keystrokes reached the node"
     );
-    let user_pane = pane(&sock);
+    let user_pane = pane(&sock, "user");
     assert!(!user_pane.contains("observer-typed"), "{user_pane}");
     assert!(!terminal_text(&b).contains("observer-typed"));
     b.screenshot(&shots.join("web-join.png"));

@@ -2,6 +2,7 @@
 //! socket `-L SOCK`), which [`TmuxServer`] ends when dropped.
 
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use super::{jaunt_bin, Cluster};
 
@@ -48,4 +49,28 @@ pub fn ssh_in_tmux(c: &Cluster, sock: &str, session: &str) -> TmuxServer {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     TmuxServer(sock.to_string())
+}
+
+/// The text of tmux session `target`'s pane on the server `sock` (its last 200 lines of
+/// history too, wrapped lines joined).
+pub fn pane(sock: &str, target: &str) -> String {
+    let o = tmux(
+        sock,
+        &["capture-pane", "-p", "-J", "-S", "-200", "-t", target],
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Polls the pane of tmux session `target` until its text contains `want` (20 s at the most).
+#[track_caller]
+pub fn wait_for_pane_of(sock: &str, target: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = pane(sock, target);
+        if text.contains(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{want:?} never showed: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
