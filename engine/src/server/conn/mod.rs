@@ -223,6 +223,9 @@ struct Ctx<'a> {
     last_activity: Rc<Cell<Instant>>,
     /// Held until the connection opened its session's stream or took another route.
     dialing: std::cell::RefCell<Option<crate::server::shard::Dialing>>,
+    /// The connection's slot, until a user session's splice takes it to a task of its own
+    /// ([`Ctx::detach`]).
+    guard: Cell<Option<ConnGuard>>,
 }
 
 impl Ctx<'_> {
@@ -267,25 +270,59 @@ async fn serve_from(
         deadline: accepted_at + shard.limits().handshake_timeout,
         last_activity: Rc::new(Cell::new(accepted_at)),
         dialing: std::cell::RefCell::new(Some(shard.dialing())),
+        guard: Cell::new(Some(guard)),
     };
     let end = futures_lite::future::or(handle(&ctx, stream, hello), async {
         shard.abort.wait().await;
         End::Refused(Refusal::DrainDeadline)
     })
     .await;
+    account(&shard, ctx.conn_id, &ctx.peer, end);
+    // Unless a detached session took it.
+    drop(ctx.guard.take());
+}
+
+/// Counts or logs how a connection ended.
+fn account(shard: &Shard, conn_id: u64, peer: &str, end: End) {
     match end {
         End::Done => {}
         End::Refused(reason) => shard.metrics.refused(reason),
         End::Failed(error) => tracing::debug!(
             shard = shard.index,
-            conn = ctx.conn_id,
-            peer = %ctx.peer,
+            conn = conn_id,
+            peer = %peer,
             blame = ?error.blame(),
             %error,
             "connection failed"
         ),
     }
-    drop(guard);
+}
+
+impl Ctx<'_> {
+    /// Runs `rest`, a connection's last phase (an idle-prone user session's splice), as a task
+    /// of its own that takes the connection's guard and ends it as [`serve_from`] would (the
+    /// drain's abort, the accounting). The connection's own task then ends and frees its
+    /// future, which is sized for the largest route's handshake phases (about 50 KiB), so an
+    /// idle session keeps only what it splices with. Runs `rest` in place if the guard was
+    /// taken already.
+    async fn detach(&self, rest: impl Future<Output = End> + 'static) -> End {
+        let Some(guard) = self.guard.take() else {
+            return rest.await;
+        };
+        let shard = Rc::clone(self.shard);
+        let peer = self.peer.clone();
+        glommio::spawn_local(async move {
+            let end = futures_lite::future::or(rest, async {
+                shard.abort.wait().await;
+                End::Refused(Refusal::DrainDeadline)
+            })
+            .await;
+            account(&shard, guard.id, &peer, end);
+            drop(guard);
+        })
+        .detach();
+        End::Done
+    }
 }
 
 /// `adopted`: the ClientHello another shard read before handing the connection over.
@@ -449,7 +486,16 @@ async fn splice_with_idle<F>(ctx: &Ctx<'_>, splice: F, idle: Duration) -> End
 where
     F: Future<Output = Result<tunnel::Spliced, tunnel::SpliceError>>,
 {
-    ctx.last_activity.set(Instant::now());
+    splice_idle(&ctx.last_activity, splice, idle).await
+}
+
+/// [`splice_with_idle`] with the connection's last-activity time, for a splice that outlives
+/// its connection's [`Ctx`] ([`Ctx::detach`]).
+async fn splice_idle<F>(last_activity: &Cell<Instant>, splice: F, idle: Duration) -> End
+where
+    F: Future<Output = Result<tunnel::Spliced, tunnel::SpliceError>>,
+{
+    last_activity.set(Instant::now());
     let spliced = async {
         match splice.await {
             Ok(_) => End::Done,
@@ -460,7 +506,7 @@ where
         }
     };
     futures_lite::future::or(spliced, async {
-        idle_timeout(&ctx.last_activity, idle).await;
+        idle_timeout(last_activity, idle).await;
         End::Refused(Refusal::IdleTimeout)
     })
     .await

@@ -22,7 +22,7 @@ use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use jaunt_config::wire::dial::{DialError, DialKind, DialRequest, DialResponse, StreamHeader};
 
 use super::{
-    peer_identity, splice_with_idle, terminate, write_and_close, Client, ConnError, Ctx, End,
+    peer_identity, splice_idle, terminate, write_and_close, Client, ConnError, Ctx, End,
     DIAL_READ_CHUNK,
 };
 use crate::server::audit::AuditEvent;
@@ -38,16 +38,16 @@ use crate::tunnel::{self, MuxStream, OpenError, Tunnel};
 /// How often a dial waiting for its agent after a takeover looks again.
 const AGENT_WAIT_POLL: Duration = Duration::from_millis(20);
 
-struct OpenStream<'a>(&'a Shard);
+struct OpenStream(Rc<Shard>);
 
-impl<'a> OpenStream<'a> {
-    fn new(shard: &'a Shard) -> OpenStream<'a> {
+impl OpenStream {
+    fn new(shard: &Rc<Shard>) -> OpenStream {
         shard.metrics.stream_opened();
-        OpenStream(shard)
+        OpenStream(Rc::clone(shard))
     }
 }
 
-impl Drop for OpenStream<'_> {
+impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0.metrics.stream_closed();
     }
@@ -201,7 +201,7 @@ pub(super) async fn refuse<S: AsyncWrite + Unpin>(
 /// agent's tunnel, then splices; `early` holds bytes the client sent after its dial request.
 /// `session_cert` is the user certificate to forward when the client presented none (a
 /// browser's app session: control made it for the web session's identity).
-pub(super) async fn connect<S: UserStream>(
+pub(super) async fn connect<S: UserStream + 'static>(
     ctx: &Ctx<'_>,
     mut stream: S,
     identity: Identity,
@@ -332,13 +332,15 @@ pub(super) async fn connect<S: UserStream>(
         %host_id,
         "user stream connected"
     );
-    let stream = Counted::new(
+    // Boxed: every layer of the splice's future below holds the client stream by value, some
+    // twice (an async fn keeps its argument and the moved copy), and a TLS stream is 1.4 KiB.
+    let stream = Box::new(Counted::new(
         stream,
         SessionBytes {
             from_client: Rc::clone(&session.audit.bytes_in),
             to_client: Rc::clone(&session.audit.bytes_out),
         },
-    );
+    ));
     // Dropping the splice closes both sides.
     // The roles' client_idle_timeout tightens the engine's own.
     let idle = allowed
@@ -346,27 +348,40 @@ pub(super) async fn connect<S: UserStream>(
         .map_or(shard.limits().idle_timeout, |t| {
             t.min(shard.limits().idle_timeout)
         });
-    let spliced = futures_lite::future::or(splice_upstream(ctx, stream, upstream, idle), async {
-        session.end.wait().await;
-        tell_why_ended(notice.as_ref(), &session.end).await;
-        End::Done
-    });
-    let Some(deadline) = allowed.session_deadline else {
-        return spliced.await;
-    };
-    let left = Duration::from_secs(deadline.saturating_sub(unix_now()));
-    match with_deadline(Instant::now() + left, spliced).await {
-        Ok(end) => end,
-        Err(_) => {
-            tracing::info!(
-                shard = shard.index,
-                user = %identity.name,
-                target = %request.target,
-                "closing a live session: the user's certificate expired"
-            );
-            End::Done
+    let deadline = allowed
+        .session_deadline
+        .map(|at| Instant::now() + Duration::from_secs(at.saturating_sub(unix_now())));
+    let shard_index = shard.index;
+    let last_activity = Rc::clone(&ctx.last_activity);
+    // What an idle session keeps: the splice's own state, not this connection's (see
+    // `Ctx::detach`).
+    let rest = async move {
+        let _open = _open;
+        let spliced = futures_lite::future::or(
+            splice_upstream(&last_activity, stream, upstream, idle),
+            async {
+                session.end.wait().await;
+                tell_why_ended(notice.as_ref(), &session.end).await;
+                End::Done
+            },
+        );
+        let Some(deadline) = deadline else {
+            return spliced.await;
+        };
+        match with_deadline(deadline, spliced).await {
+            Ok(end) => end,
+            Err(_) => {
+                tracing::info!(
+                    shard = shard_index,
+                    user = %identity.name,
+                    target = %request.target,
+                    "closing a live session: the user's certificate expired"
+                );
+                End::Done
+            }
         }
-    }
+    };
+    ctx.detach(rest).await
 }
 
 /// What `jaunt join` watches: the session id, the observer's limits, the node's labels.
@@ -442,7 +457,12 @@ async fn watch<S: UserStream>(
         return End::Failed(ConnError::Client(e));
     }
     let spliced = futures_lite::future::or(
-        splice_upstream(ctx, stream, upstream, shard.limits().idle_timeout),
+        splice_upstream(
+            &ctx.last_activity,
+            stream,
+            upstream,
+            shard.limits().idle_timeout,
+        ),
         async {
             end.wait().await;
             tell_why_ended(notice.as_ref(), &end).await;
@@ -479,21 +499,21 @@ type Labels = std::collections::BTreeMap<String, String>;
 /// long as it lives.
 /// Its drop reports the session's end to the audit log, whatever ended it (the client, the
 /// target, a lock, the idle timeout, expiry, the drain deadline).
-struct LiveSession<'a> {
-    shard: &'a Shard,
+struct LiveSession {
+    shard: Rc<Shard>,
     conn_id: u64,
     end: Rc<Signal>,
     audit: SessionAudit,
 }
 
-impl<'a> LiveSession<'a> {
+impl LiveSession {
     fn start(
-        ctx: &Ctx<'a>,
+        ctx: &Ctx<'_>,
         identity: &Identity,
         request: &DialRequest,
         labels: Labels,
         audit: SessionAudit,
-    ) -> LiveSession<'a> {
+    ) -> LiveSession {
         let end = ctx.shard.session_started(
             ctx.conn_id,
             &audit.session_id,
@@ -503,7 +523,7 @@ impl<'a> LiveSession<'a> {
             audit.recordings.clone(),
         );
         LiveSession {
-            shard: ctx.shard,
+            shard: Rc::clone(ctx.shard),
             conn_id: ctx.conn_id,
             end,
             audit,
@@ -511,7 +531,7 @@ impl<'a> LiveSession<'a> {
     }
 }
 
-impl Drop for LiveSession<'_> {
+impl Drop for LiveSession {
     fn drop(&mut self) {
         self.shard.session_ended(self.conn_id);
         let _ = self.shard.audit(self.audit.end_event());
@@ -748,17 +768,24 @@ impl Upstream {
     }
 }
 
-/// [`splice_with_idle`] with the upstream's own type, so that a tunnel stream gets the splice's
+/// [`splice_idle`] with the upstream's own type, so that a tunnel stream gets the splice's
 /// copy-free path.
-async fn splice_upstream<A>(ctx: &Ctx<'_>, client: A, upstream: Upstream, idle: Duration) -> End
+async fn splice_upstream<A>(
+    last_activity: &Cell<Instant>,
+    client: A,
+    upstream: Upstream,
+    idle: Duration,
+) -> End
 where
     A: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     match upstream {
-        Upstream::Mux(stream) => splice_with_idle(ctx, tunnel::splice(client, stream), idle).await,
+        Upstream::Mux(stream) => {
+            splice_idle(last_activity, tunnel::splice(client, stream), idle).await
+        }
         // A hop end lends its chunks like a tunnel stream lends its buffers.
         Upstream::Hop(stream) => {
-            splice_with_idle(ctx, tunnel::splice_lending(client, stream), idle).await
+            splice_idle(last_activity, tunnel::splice_lending(client, stream), idle).await
         }
     }
 }
