@@ -103,6 +103,32 @@ pub fn unix_now() -> u64 {
 }
 
 impl Identity {
+    /// An identity to issue now for `ttl_secs`: valid from a minute ago (clock skew) and
+    /// carrying nothing else; callers add roles, logins and permits with struct update syntax.
+    pub fn issued(
+        kind: IdentityKind,
+        name: &str,
+        cluster: &str,
+        now: u64,
+        ttl_secs: u64,
+    ) -> Identity {
+        Identity {
+            kind,
+            name: name.to_string(),
+            roles: vec![],
+            logins: vec![],
+            db_users: vec![],
+            db_names: vec![],
+            traits: Default::default(),
+            cluster: cluster.to_string(),
+            not_before: now.saturating_sub(60),
+            expires: now + ttl_secs,
+            permit_pty: false,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+        }
+    }
+
     /// Refuses an identity outside its validity window at `now` (unix seconds).
     pub fn check_valid_at(&self, now: u64) -> Result<(), IdentityError> {
         if now < self.not_before {

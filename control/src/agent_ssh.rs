@@ -53,19 +53,9 @@ pub fn host_cert_identity(
         return Err("the host certificate names no node".into());
     };
     Ok(Identity {
-        kind: IdentityKind::Host,
-        name: node.clone(),
         roles: vec![NODE_HOST_ROLE.into()],
         logins: vec![node.clone(), format!("{node}.{cluster}")],
-        db_users: vec![],
-        db_names: vec![],
-        traits: Default::default(),
-        cluster: cluster.to_string(),
-        not_before: now.saturating_sub(60),
-        expires: now + ttl_secs,
-        permit_pty: false,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
+        ..Identity::issued(IdentityKind::Host, node, cluster, now, ttl_secs)
     })
 }
 

@@ -773,19 +773,14 @@ fn write_admin_identity(
     };
     let now = unix_now();
     let identity = Identity {
-        kind: IdentityKind::User,
-        name: LOCAL_ADMIN.into(),
         roles: vec!["editor".into()],
-        logins: vec![],
-        db_users: vec![],
-        db_names: vec![],
-        traits: Default::default(),
-        cluster: cfg.cluster.clone(),
-        not_before: now.saturating_sub(60),
-        expires: now + ADMIN_TTL_SECS,
-        permit_pty: false,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
+        ..Identity::issued(
+            IdentityKind::User,
+            LOCAL_ADMIN,
+            &cfg.cluster,
+            now,
+            ADMIN_TTL_SECS,
+        )
     };
     let cas = control.cas();
     let tls = cas
@@ -1101,19 +1096,14 @@ fn issue_server_cert(
     let keys = LocalKeys::generate()?;
     let now = unix_now();
     let identity = Identity {
-        kind: IdentityKind::Host,
-        name: "jaunt-proxy".into(),
         roles: vec!["proxy".into()],
-        logins: vec![],
-        db_users: vec![],
-        db_names: vec![],
-        traits: Default::default(),
-        cluster: cluster.to_string(),
-        not_before: now.saturating_sub(60),
-        expires: now + SERVER_CERT_TTL_SECS,
-        permit_pty: false,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
+        ..Identity::issued(
+            IdentityKind::Host,
+            "jaunt-proxy",
+            cluster,
+            now,
+            SERVER_CERT_TTL_SECS,
+        )
     };
     let cas = control.cas();
     let leaf = cas.host.sign_x509(

@@ -42,19 +42,8 @@ pub fn valid_db_user(name: &str) -> Result<(), String> {
 /// `cert` authentication compares with the user name), valid `ttl_secs` from `now`.
 pub fn db_client_identity(cluster: &str, db_user: &str, now: u64, ttl_secs: u64) -> Identity {
     Identity {
-        kind: IdentityKind::User,
-        name: db_user.to_string(),
-        roles: vec![],
-        logins: vec![],
         db_users: vec![db_user.to_string()],
-        db_names: vec![],
-        traits: Default::default(),
-        cluster: cluster.to_string(),
-        not_before: now.saturating_sub(60),
-        expires: now + ttl_secs,
-        permit_pty: false,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
+        ..Identity::issued(IdentityKind::User, db_user, cluster, now, ttl_secs)
     }
 }
 
@@ -95,20 +84,11 @@ pub fn db_server_names(hosts: &[String]) -> Result<Vec<String>, String> {
 
 /// The identity of a database server certificate (a host identity, so it carries ServerAuth).
 pub fn db_server_identity(cluster: &str, names: &[String], now: u64, ttl_secs: u64) -> Identity {
+    let name = names.first().map(String::as_str).unwrap_or_default();
     Identity {
-        kind: IdentityKind::Host,
-        name: names.first().cloned().unwrap_or_default(),
         roles: vec!["db-server".into()],
         logins: names.to_vec(),
-        db_users: vec![],
-        db_names: vec![],
-        traits: Default::default(),
-        cluster: cluster.to_string(),
-        not_before: now.saturating_sub(60),
-        expires: now + ttl_secs,
-        permit_pty: false,
-        permit_port_forwarding: false,
-        permit_agent_forwarding: false,
+        ..Identity::issued(IdentityKind::Host, name, cluster, now, ttl_secs)
     }
 }
 

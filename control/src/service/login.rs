@@ -6,8 +6,6 @@
 //! Not here: the password and one-time-code checks themselves (`auth.rs`), the signing
 //! (`ca.rs`), and join tokens' creation and listing (`tokens.rs`).
 
-use std::collections::BTreeMap;
-
 use jaunt_config::api::{Certs, JoinRequest, LoginRequest, PingResponse, RenewRequest};
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 
@@ -205,19 +203,15 @@ impl Control {
         };
         let id = random_hex(16).map_err(internal)?;
         let identity = Identity {
-            kind: IdentityKind::Host,
-            name: id.clone(),
             roles: token.types.clone(),
             logins: vec![body.host_name.clone(), id.clone()],
-            db_users: vec![],
-            db_names: vec![],
-            traits: BTreeMap::new(),
-            cluster: self.settings.cluster.clone(),
-            not_before: now.saturating_sub(60),
-            expires: now + self.settings.host_ttl_secs,
-            permit_pty: false,
-            permit_port_forwarding: false,
-            permit_agent_forwarding: false,
+            ..Identity::issued(
+                IdentityKind::Host,
+                &id,
+                &self.settings.cluster,
+                now,
+                self.settings.host_ttl_secs,
+            )
         };
         let certs = self.issue(
             &identity,

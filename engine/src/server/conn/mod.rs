@@ -481,16 +481,8 @@ async fn reject(mut stream: TcpStream, reason: RejectReason) -> End {
 }
 
 /// Runs `splice` (of the client, side A, and its upstream, side B) until both directions
-/// finish, an error, or `idle` passes without traffic.
-async fn splice_with_idle<F>(ctx: &Ctx<'_>, splice: F, idle: Duration) -> End
-where
-    F: Future<Output = Result<tunnel::Spliced, tunnel::SpliceError>>,
-{
-    splice_idle(&ctx.last_activity, splice, idle).await
-}
-
-/// [`splice_with_idle`] with the connection's last-activity time, for a splice that outlives
-/// its connection's [`Ctx`] ([`Ctx::detach`]).
+/// finish, an error, or `idle` passes without `last_activity` moving (the connection's, which a
+/// splice detached from its [`Ctx`] keeps: [`Ctx::detach`]).
 async fn splice_idle<F>(last_activity: &Cell<Instant>, splice: F, idle: Duration) -> End
 where
     F: Future<Output = Result<tunnel::Spliced, tunnel::SpliceError>>,
@@ -545,7 +537,7 @@ async fn pass_through(ctx: &Ctx<'_>, mut client: Client, hello: Vec<u8>) -> End 
     }
     drop(hello);
     let idle = ctx.shard.limits().idle_timeout;
-    splice_with_idle(ctx, tunnel::splice(client, upstream), idle).await
+    splice_idle(&ctx.last_activity, tunnel::splice(client, upstream), idle).await
 }
 
 // ---------------------------------------------------------------------------------------------
