@@ -35,13 +35,71 @@ pub(crate) struct Handshaked {
     pub(crate) peer: SocketAddr,
 }
 
+/// Sessions one shard's tunnel configuration remembers (one server name; rustls keeps up to 8
+/// TLS 1.3 tickets for it).
+const SHARD_SESSION_CACHE_ENTRIES: usize = 4;
+
 /// `tls` with the ALPN entry that asks the engine for shard `shard` after `jaunt-tunnel`
-/// ([`shard_hint_alpn`]). A clone shares the original's session cache, so resumption works
-/// across hinted dials.
+/// ([`shard_hint_alpn`]), and a session cache of its own: the engine sends one ticket per
+/// handshake, so a cache shared by every shard's dials would hold one ticket after a round of
+/// them (each dial takes the one the previous left), and after an engine restart only the
+/// first tunnel would resume. With one cache per shard, each tunnel's next dial (after the
+/// restart) takes the ticket its own last handshake left. Made once per shard and TLS
+/// configuration (the caller keeps it; a new certificate gets new caches, so no session of the
+/// old one is resumed).
 pub(crate) fn asking_for_shard(tls: &Arc<ClientConfig>, shard: usize) -> Arc<ClientConfig> {
     let mut config = ClientConfig::clone(tls);
     config.alpn_protocols.push(shard_hint_alpn(shard));
+    config.resumption = rustls::client::Resumption::in_memory_sessions(SHARD_SESSION_CACHE_ENTRIES);
     Arc::new(config)
+}
+
+/// The per-shard tunnel configurations made from one TLS configuration ([`asking_for_shard`]).
+#[derive(Default)]
+pub(crate) struct ShardConfigs {
+    base: Option<Arc<ClientConfig>>,
+    shards: Vec<Option<Arc<ClientConfig>>>,
+}
+
+impl ShardConfigs {
+    /// Shard `shard`'s configuration for `tls`: the one made before if `tls` is the same.
+    pub(crate) fn get(&mut self, tls: &Arc<ClientConfig>, shard: usize) -> Arc<ClientConfig> {
+        if !self.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, tls)) {
+            self.base = Some(Arc::clone(tls));
+            self.shards.clear();
+        }
+        if self.shards.len() <= shard {
+            self.shards.resize(shard + 1, None);
+        }
+        Arc::clone(self.shards[shard].get_or_insert_with(|| asking_for_shard(tls, shard)))
+    }
+
+    /// A dial made with `tls` itself (no hint: the shard count was not known yet) landed on
+    /// `shard`: that shard's dials use `tls`'s session cache from now on, where the ticket of
+    /// this handshake goes, so the tunnel's redial after an engine restart resumes too.
+    pub(crate) fn landed(
+        &mut self,
+        tls: &Arc<ClientConfig>,
+        shard: usize,
+        used: &Arc<ClientConfig>,
+    ) {
+        if !Arc::ptr_eq(tls, used) || shard >= MAX_SHARDS {
+            return;
+        }
+        if !self.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, tls)) {
+            self.base = Some(Arc::clone(tls));
+            self.shards.clear();
+        }
+        if self.shards.len() <= shard {
+            self.shards.resize(shard + 1, None);
+        }
+        if self.shards[shard].is_none() {
+            // A clone shares `tls`'s session cache.
+            let mut config = ClientConfig::clone(tls);
+            config.alpn_protocols.push(shard_hint_alpn(shard));
+            self.shards[shard] = Some(Arc::new(config));
+        }
+    }
 }
 
 /// Dials the proxy and reads its tunnel hello, each step bounded by the settings' timeouts.

@@ -455,6 +455,8 @@ struct Supervisor {
     hooks: AgentHooks,
     announcer: Rc<Announcer>,
     tls: Arc<ClientConfig>,
+    /// `tls` per shard, each with its own session cache (`dial::asking_for_shard`).
+    shard_tls: dial::ShardConfigs,
     coverage: Coverage,
     backoff: Backoff,
     /// A failure or a lost tunnel happened: sleep before the next dial.
@@ -487,6 +489,7 @@ impl Supervisor {
             announcer: Rc::new(Announcer::new(prepared.clone())),
             prepared,
             tls: settings.tls.clone(),
+            shard_tls: dial::ShardConfigs::default(),
             settings,
             hooks,
             coverage: Coverage::new(),
@@ -583,15 +586,19 @@ impl Supervisor {
             // This dial uses the newest TLS configuration.
             self.retry_now = false;
             let tls = match self.coverage.wanted() {
-                Some(shard) => dial::asking_for_shard(&self.tls, shard),
+                Some(shard) => self.shard_tls.get(&self.tls, shard),
                 None => self.tls.clone(),
             };
-            let attempt = dial::handshake(self.prepared.clone(), tls);
+            let attempt = dial::handshake(self.prepared.clone(), Arc::clone(&tls));
             let Some(result) = self.racing_events(attempt).await else {
                 return;
             };
             let placed = match result {
-                Ok(handshaked) => self.place(handshaked).await,
+                Ok(handshaked) => {
+                    self.shard_tls
+                        .landed(&self.tls, handshaked.hello.shard, &tls);
+                    self.place(handshaked).await
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = placed {

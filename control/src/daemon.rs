@@ -253,6 +253,14 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     engine_config.handshake_timeout = cfg.engine.handshake_timeout;
     engine_config.idle_timeout = cfg.engine.idle_timeout;
     engine_config.max_connections_per_shard = cfg.engine.max_connections_per_shard;
+    if let Some(bound) = std::env::var("JAUNT_MAX_HANDSHAKES_PER_SHARD")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|v| *v > 0)
+    {
+        // For measurements (BENCHMARKS.md); no configuration key yet.
+        engine_config.max_handshakes_per_shard = bound;
+    }
     let (inventory_tx, inventory_rx) = crossbeam_channel::bounded(4096);
     engine_config.inventory = Some(inventory_tx);
     engine_config.web = Some(jaunt_engine::server::WebUi(Arc::new(
@@ -1134,12 +1142,38 @@ fn engine_tls_configs(
         (None, None) => issue_server_cert(control, &cfg.cluster, names)?,
     };
     let cas = control.cas();
-    Ok(jaunt_engine::server::TlsConfigs::build(
+    Ok(jaunt_engine::server::TlsConfigs::build_with_ticket_secret(
         chain,
         key,
         &cas.trusted_der(ca::CaKind::User),
         &cas.trusted_der(ca::CaKind::Host),
+        &ticket_secret(&cfg.data_dir)?,
     )?)
+}
+
+/// The file in the data dir that keeps the engine's session-ticket secret.
+pub const TICKET_SECRET_FILE: &str = "tls-tickets.key";
+
+/// The engine's session-ticket secret (`jaunt_engine::server::tickets`), made on the first
+/// start and kept in the data dir (mode 0600), so agents' tunnels resume their TLS sessions
+/// after a restart or a takeover. An unreadable one is replaced (the only loss: one round of
+/// full handshakes).
+fn ticket_secret(data_dir: &std::path::Path) -> anyhow::Result<jaunt_engine::server::TicketSecret> {
+    use jaunt_engine::server::TicketSecret;
+    let path = data_dir.join(TICKET_SECRET_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => match TicketSecret::from_bytes(&bytes) {
+            Ok(secret) => return Ok(secret),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "replacing the session-ticket secret")
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+    let secret = TicketSecret::generate()?;
+    crate::profile::write_private(&path, secret.as_bytes())?;
+    Ok(secret)
 }
 
 /// The control API's TLS config: `chain` as its certificate, and client certificates from

@@ -153,6 +153,8 @@ pub struct Shared {
     /// Connections made (TCP connected, then a TLS handshake), including those that landed
     /// on another shard than asked and were closed.
     pub dials: AtomicUsize,
+    /// Tunnels that came up with a resumed TLS session (a session ticket).
+    pub resumed: AtomicUsize,
     /// Dials that landed on another shard than the one asked for (an engine that does not
     /// honour the hint) and were closed, as the real agent closes a duplicate.
     pub misplaced: AtomicUsize,
@@ -245,6 +247,7 @@ pub fn start(
                 hello: hello.clone(),
                 backoff: Backoff::new(BackoffConfig::default(), seed(n)),
                 misplaced_in_row: 0,
+                hinted: None,
                 started,
                 state: State::Waiting,
                 due: None,
@@ -342,6 +345,9 @@ struct Slot {
     hello: Arc<[u8]>,
     backoff: Backoff,
     misplaced_in_row: usize,
+    /// The TLS configuration in force and this tunnel's hinted copy of it, with its own
+    /// session cache.
+    hinted: Option<(Arc<ClientConfig>, Arc<ClientConfig>)>,
     /// When the current (or last) dial started.
     started: Instant,
     state: State,
@@ -496,9 +502,25 @@ impl Worker {
             Err(p) => p.into_inner().clone(),
         };
         if let Some(shard) = slot.want {
-            let mut c = ClientConfig::clone(&config);
-            c.alpn_protocols.push(shard_hint_alpn(shard));
-            config = Arc::new(c);
+            // As the real agent (`jaunt_agent`'s `dial::asking_for_shard`): the hint, and a
+            // session cache of this tunnel's own, made once per TLS configuration, so each
+            // tunnel's redial after an engine restart resumes with its own last ticket.
+            let made = slot
+                .hinted
+                .as_ref()
+                .filter(|(base, _)| Arc::ptr_eq(base, &config))
+                .map(|(_, hinted)| hinted.clone());
+            config = match made {
+                Some(hinted) => hinted,
+                None => {
+                    let mut c = ClientConfig::clone(&config);
+                    c.alpn_protocols.push(shard_hint_alpn(shard));
+                    c.resumption = rustls::client::Resumption::in_memory_sessions(4);
+                    let hinted = Arc::new(c);
+                    slot.hinted = Some((config, hinted.clone()));
+                    hinted
+                }
+            };
         }
         let tcp = match sys::connect_nonblocking(self.addr) {
             Ok(tcp) => tcp,
@@ -559,6 +581,9 @@ impl Worker {
             return self.failed(k, slot);
         }
         let now = Instant::now();
+        if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            self.shared.resumed.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared.connected.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut ups) = self.shared.ups.lock() {
             ups.push((slot.i, shard, now));

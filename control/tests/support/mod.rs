@@ -234,6 +234,23 @@ impl Cluster {
         Cluster::spawn(dir, self.data_dir.clone(), args)
     }
 
+    /// A new `jaunt start --dev` on an existing data directory and public address (after a
+    /// stop or a kill: agents redial the same port), with a diagnostics endpoint.
+    pub fn dev_on_at(data_dir: &Path, public_addr: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let args = vec![
+            "start".to_string(),
+            "--dev".to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--public-addr".to_string(),
+            public_addr.to_string(),
+            "--diag-addr".to_string(),
+            "127.0.0.1:0".to_string(),
+        ];
+        Cluster::spawn(dir, data_dir.to_path_buf(), args)
+    }
+
     /// A new `jaunt start --dev` on an existing data directory (after a stop).
     pub fn dev_on(data_dir: &Path) -> Cluster {
         let dir = tempfile::tempdir().unwrap();

@@ -125,6 +125,11 @@ impl<S, K: ByteSink> Counted<S, K> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// Where the bytes are counted.
+    pub fn sink(&self) -> &K {
+        &self.sink
+    }
 }
 
 /// A PROXY protocol v2 header (command PROXY, TCP) naming `source` (the client) and `destination`

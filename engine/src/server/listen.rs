@@ -20,9 +20,12 @@ use std::sync::Mutex;
 
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
-/// Listen backlog of each shard's socket (glommio's own choice too): connections wait there
-/// while a takeover hands the sockets over.
-pub const LISTEN_BACKLOG: i32 = 1024;
+/// Listen backlog asked for each shard's socket; the kernel caps it at `net.core.somaxconn`
+/// (4096 by default since Linux 5.4). Connections wait there while a takeover hands the sockets
+/// over, and while a shard is at its bound of handshakes in flight (`admission.rs`): after an
+/// engine restart every agent reconnects at once, and a connection that finds the queue full
+/// has its SYN dropped and retried by the client's kernel only after 1 s, then 3 s.
+pub const LISTEN_BACKLOG: i32 = 65_535;
 
 /// A TCP socket bound to `addr` with `SO_REUSEPORT`, listening.
 pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

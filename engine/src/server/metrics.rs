@@ -424,6 +424,11 @@ pub struct ShardMetrics {
     snapshot_version: Cell64,
     snapshot_applied: AtomicBool,
     listening: AtomicBool,
+    handshakes_in_flight: Cell64,
+    handshake_admission_waits: Cell64,
+    handshake_admission_expired: Cell64,
+    /// TLS sessions established, by route: [full, resumed].
+    tls_handshakes: [[Cell64; 2]; RouteKind::ALL.len()],
 }
 
 impl ShardMetrics {
@@ -598,6 +603,47 @@ impl ShardMetrics {
     pub fn listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
     }
+
+    /// Connections between accept and an established TLS session (`admission.rs`).
+    pub fn set_handshakes_in_flight(&self, n: u64) {
+        self.handshakes_in_flight.set(n);
+    }
+
+    /// See [`ShardMetrics::set_handshakes_in_flight`].
+    pub fn handshakes_in_flight(&self) -> u64 {
+        self.handshakes_in_flight.get()
+    }
+
+    /// The accept loop paused at the handshake bound.
+    pub fn handshake_admission_wait(&self) {
+        self.handshake_admission_waits.add(1);
+    }
+
+    /// How often the accept loop paused at the handshake bound.
+    pub fn handshake_admission_waits(&self) -> u64 {
+        self.handshake_admission_waits.get()
+    }
+
+    /// A handshake slot was released by the admission hold, its handshake not done.
+    pub fn handshake_admission_expired(&self) {
+        self.handshake_admission_expired.add(1);
+    }
+
+    /// How many handshake slots the admission hold released.
+    pub fn handshake_admission_expired_count(&self) -> u64 {
+        self.handshake_admission_expired.get()
+    }
+
+    /// A TLS session was established on a connection of `kind`: `resumed` (a session ticket)
+    /// or full.
+    pub fn tls_handshake(&self, kind: RouteKind, resumed: bool) {
+        self.tls_handshakes[kind.index()][usize::from(resumed)].add(1);
+    }
+
+    /// TLS sessions established on `kind`, resumed or full.
+    pub fn tls_handshake_count(&self, kind: RouteKind, resumed: bool) -> u64 {
+        self.tls_handshakes[kind.index()][usize::from(resumed)].get()
+    }
 }
 
 /// Renders every shard's counters in the Prometheus text exposition format (version 0.0.4).
@@ -655,6 +701,54 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         "jaunt_handshake_seconds",
         "Time from accept to an established TLS session, for routes that terminate TLS.",
         |s| &s.handshake,
+    );
+    family(
+        &mut out,
+        "jaunt_tls_handshakes_total",
+        "counter",
+        "TLS sessions established on the public port, by shard, route and kind (full, or \
+         resumed with a session ticket).",
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        for kind in RouteKind::ALL {
+            if kind == RouteKind::Control {
+                continue;
+            }
+            for (resumed, label) in [(false, "full"), (true, "resumed")] {
+                let _ = writeln!(
+                    out,
+                    "jaunt_tls_handshakes_total{{shard=\"{i}\",route=\"{}\",kind=\"{label}\"}} {}",
+                    kind.as_str(),
+                    shard.tls_handshake_count(kind, resumed)
+                );
+            }
+        }
+    }
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_handshakes_in_flight",
+        "gauge",
+        "Connections between accept and an established TLS session (bounded per shard by \
+         engine.max_handshakes_per_shard; more wait in the listen backlog).",
+        |s| s.handshakes_in_flight.get(),
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_handshake_admission_waits_total",
+        "counter",
+        "Times the shard stopped accepting because its handshakes in flight were at the bound.",
+        |s| s.handshake_admission_waits.get(),
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_handshake_admission_expired_total",
+        "counter",
+        "Handshakes that stopped counting against the bound because they took longer than the \
+         admission hold (a stalled or very slow peer).",
+        |s| s.handshake_admission_expired.get(),
     );
     Histogram::render(
         &mut out,

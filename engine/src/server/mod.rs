@@ -43,6 +43,7 @@
 //! feeder thread (one `Receiver` in, one mailbox per shard out) and the diag thread. Any failure
 //! stops what was started and returns an [`EngineError`] naming what to change.
 
+mod admission;
 pub mod audit;
 mod authorize;
 mod conn;
@@ -56,6 +57,7 @@ pub mod metrics;
 mod shard;
 pub mod snapshot;
 mod table;
+pub mod tickets;
 mod tls;
 pub mod web;
 
@@ -71,6 +73,7 @@ pub use conn::SSH_ANSWER_TIMEOUT;
 pub use inventory::{AgentInventory, InventoryEvent};
 pub use shard::LiveSessionInfo;
 pub use snapshot::{Lock, Snapshot, Target, Targets};
+pub use tickets::{TicketSecret, TicketSecretError};
 pub use tls::{TlsBuildError, TlsConfigs};
 pub use web::{
     AppAccess, TerminalGrant, WebBackend, WebRequest, WebResponse, WebUi, APP_SESSION_COOKIE,
@@ -93,6 +96,12 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// Default connection bound per shard: about 100 KiB each (TLS and splice buffers) keeps a
 /// full shard near 1 GiB.
 pub const DEFAULT_MAX_CONNECTIONS_PER_SHARD: usize = 10_000;
+
+/// Default bound of the TLS handshakes in flight per shard (`admission.rs`): beyond it a shard
+/// stops accepting and new connections wait in the listen backlog. At about 0.3 ms of CPU per
+/// full mTLS handshake, a full shard's handshakes finish within a few tens of milliseconds of
+/// CPU, and it is far above what a shard completes per round trip of a distant agent.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SHARD: usize = 128;
 
 /// Default memory glommio registers per shard for its io_uring buffers. TCP does not use them
 /// (only file I/O does), and glommio locks three times this much per executor, so keep it at
@@ -134,6 +143,9 @@ pub struct EngineConfig {
     pub idle_timeout: Duration,
     /// Connections one shard holds at most; more are refused at accept.
     pub max_connections_per_shard: usize,
+    /// Connections one shard holds between accept and an established TLS session; while at
+    /// the bound it accepts no more (they wait in the listen backlog). See `admission.rs`.
+    pub max_handshakes_per_shard: usize,
     /// Heartbeats of agent tunnels: a PING after `keepalive_interval` without a byte from the
     /// agent, and the tunnel closed (and reported down) after `dead_peer_timeout` of silence.
     pub tunnel_timers: crate::mux::Config,
@@ -229,6 +241,7 @@ impl EngineConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections_per_shard: DEFAULT_MAX_CONNECTIONS_PER_SHARD,
+            max_handshakes_per_shard: DEFAULT_MAX_HANDSHAKES_PER_SHARD,
             tunnel_timers: crate::mux::Config::default(),
             inventory: None,
             audit: None,
@@ -243,6 +256,12 @@ impl EngineConfig {
             return bad(
                 "engine.shards",
                 format!("must be 1..={MAX_SHARDS}, not {}", self.shards),
+            );
+        }
+        if self.max_handshakes_per_shard == 0 {
+            return bad(
+                "engine.max_handshakes_per_shard",
+                "must be above zero".into(),
             );
         }
         if self.public_host.trim().is_empty() {

@@ -42,6 +42,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use jaunt_config::identity::Identity;
 
+use crate::server::admission::{Admission, Slot};
 use crate::server::authorize::{matching_lock, revoked};
 use crate::server::hop::{self, HopBoot, Hops};
 use crate::server::inventory::{Directory, HeartbeatApplied, InventoryEvent};
@@ -443,6 +444,8 @@ pub(crate) struct Shard {
     dialing: Cell<usize>,
     /// Set by [`Command::StopAccepting`]: the markers to stop at, and where to say so.
     stop_at: RefCell<Option<(Arc<Markers>, crossbeam_channel::Sender<usize>)>>,
+    /// The bound of handshakes in flight (`admission.rs`).
+    admission: Rc<Admission>,
 }
 
 impl Shard {
@@ -469,7 +472,17 @@ impl Shard {
             agent_grace_until: Cell::new(None),
             dialing: Cell::new(0),
             stop_at: RefCell::new(None),
+            admission: Admission::new(
+                boot.config.max_handshakes_per_shard,
+                crate::server::admission::ADMISSION_HOLD,
+                Arc::clone(&boot.metrics),
+            ),
         }
+    }
+
+    /// A handshake slot for a connection accepted or adopted now (`admission.rs`).
+    pub(crate) fn handshake_slot(&self) -> Slot {
+        self.admission.take()
     }
 
     /// Whether dials should still wait for agents to (re)connect (see
@@ -1249,10 +1262,12 @@ impl hop::HopShard for Shard {
             return;
         };
         let stream = adopted_stream(adopted.stream);
+        let slot = self.handshake_slot();
         glommio::spawn_local(conn::serve_adopted(
             Rc::clone(self),
             stream,
             guard,
+            slot,
             adopted.hello,
             adopted.accepted_at,
         ))
@@ -1282,6 +1297,8 @@ fn glommio_listener(listener: std::net::TcpListener) -> TcpListener {
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
+        // At the handshake bound, connections wait in the listen backlog (`admission.rs`).
+        shard.admission.room().await;
         match listener.accept().await {
             Ok(stream) => {
                 let stop = shard
@@ -1304,7 +1321,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     drop(stream);
                     continue;
                 };
-                glommio::spawn_local(conn::serve(Rc::clone(&shard), stream, guard)).detach();
+                let slot = shard.handshake_slot();
+                glommio::spawn_local(conn::serve(Rc::clone(&shard), stream, guard, slot)).detach();
             }
             Err(e) => {
                 tracing::warn!(shard = shard.index, error = %e, "accept failed");

@@ -14,7 +14,8 @@
 //! rustls' default `ServerSessionMemoryCache` is one `Mutex` shared by every clone of a config,
 //! which would put a contended lock on every handshake of every shard. A TLS 1.2 or stateful
 //! TLS 1.3 resumption therefore only succeeds on the shard that issued it; stateless tickets
-//! (when the caller installs a `Ticketer`, as [`TlsConfigs::build`] does) work on every shard.
+//! (which [`TlsConfigs::build`] installs, `tickets.rs`) work on every shard, and with the
+//! caller's [`TicketSecret`] ([`TlsConfigs::build_with_ticket_secret`]) after a restart too.
 //! The engine also sets each copy's ALPN list to the protocols of its routes, since the routing
 //! table, not the caller, decides which protocol a config serves.
 //!
@@ -29,6 +30,7 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::route::{ALPN_APP, ALPN_HTTP1, ALPN_POSTGRES, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL};
+use crate::server::tickets::{binding, TicketSecret, TicketSecretError, Tickets};
 
 /// Sessions each shard's cache remembers, per configuration (rustls' own default size).
 pub const SESSION_CACHE_ENTRIES: usize = 256;
@@ -55,9 +57,9 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
 }
 
 /// The policy every server configuration of the public port shares: the server's cipher
-/// suite order and one TLS 1.3 ticket per handshake.
-fn apply_policy(config: &mut ServerConfig, ticketer: &Arc<dyn rustls::server::ProducesTickets>) {
-    config.ticketer = Arc::clone(ticketer);
+/// suite order and one TLS 1.3 ticket per handshake, from its own ticket keys.
+fn apply_policy(config: &mut ServerConfig, ticketer: Tickets) {
+    config.ticketer = Arc::new(ticketer);
     config.ignore_client_order = true;
     config.send_tls13_tickets = TLS13_TICKETS;
 }
@@ -99,30 +101,52 @@ pub enum TlsBuildError {
     /// The server certificate or key was refused.
     #[error("the server certificate or key is not usable: {0}")]
     Config(#[from] rustls::Error),
+    /// No session-ticket secret could be made.
+    #[error("session tickets: {0}")]
+    Tickets(#[from] TicketSecretError),
 }
 
 impl TlsConfigs {
     /// Builds the three configurations from one server certificate chain and key (the public
     /// address's certificate) and the user and host CA roots: ring only, TLS 1.3 and 1.2,
-    /// AES-128-GCM preferred, one stateless session ticket per handshake.
+    /// AES-128-GCM preferred, one stateless session ticket per handshake (keys from a random
+    /// secret: tickets do not survive the process).
     pub fn build(
         server_chain: Vec<CertificateDer<'static>>,
         server_key: PrivateKeyDer<'static>,
         user_roots: &[CertificateDer<'static>],
         host_roots: &[CertificateDer<'static>],
     ) -> Result<TlsConfigs, TlsBuildError> {
+        let secret = TicketSecret::generate()?;
+        Self::build_with_ticket_secret(server_chain, server_key, user_roots, host_roots, &secret)
+    }
+
+    /// [`TlsConfigs::build`] with ticket keys derived from `secret` and bound to the roots
+    /// (`tickets.rs`): a ticket issued before a restart resumes after it, as long as the same
+    /// CA roots are trusted.
+    pub fn build_with_ticket_secret(
+        server_chain: Vec<CertificateDer<'static>>,
+        server_key: PrivateKeyDer<'static>,
+        user_roots: &[CertificateDer<'static>],
+        host_roots: &[CertificateDer<'static>],
+        secret: &TicketSecret,
+    ) -> Result<TlsConfigs, TlsBuildError> {
         let provider = Arc::new(provider());
         let versions: &[&rustls::SupportedProtocolVersion] =
             &[&rustls::version::TLS13, &rustls::version::TLS12];
-        let ticketer = rustls::crypto::ring::Ticketer::new()?;
+        let binding = binding(user_roots, host_roots);
+        let ticketer = |label| Tickets::new(secret, &binding, label);
 
         let mut web = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(versions)?
             .with_no_client_auth()
             .with_single_cert(server_chain.clone(), server_key.clone_key())?;
-        apply_policy(&mut web, &ticketer);
+        apply_policy(&mut web, ticketer("web"));
 
-        let mtls = |which: &'static str, roots: &[CertificateDer<'static>], optional: bool| {
+        let mtls = |label: &'static str,
+                    which: &'static str,
+                    roots: &[CertificateDer<'static>],
+                    optional: bool| {
             if roots.is_empty() {
                 return Err(TlsBuildError::NoRoots { which });
             }
@@ -143,12 +167,12 @@ impl TlsConfigs {
                 .with_protocol_versions(versions)?
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(server_chain.clone(), server_key.clone_key())?;
-            apply_policy(&mut config, &ticketer);
+            apply_policy(&mut config, ticketer(label));
             Ok(config)
         };
-        let user = mtls("user", user_roots, false)?;
-        let app = mtls("user", user_roots, true)?;
-        let tunnel = mtls("host", host_roots, false)?;
+        let user = mtls("user", "user", user_roots, false)?;
+        let app = mtls("app", "user", user_roots, true)?;
+        let tunnel = mtls("tunnel", "host", host_roots, false)?;
         Ok(TlsConfigs {
             web: Arc::new(web),
             app: Arc::new(app),

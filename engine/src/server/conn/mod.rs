@@ -64,6 +64,7 @@ use jaunt_config::wire::parse_shard_hint;
 use crate::hello::{self, Parse, MAX_CLIENT_HELLO_BYTES};
 use crate::mux::Blame;
 use crate::route::{self, RejectReason, Route};
+use crate::server::admission::Slot;
 use crate::server::http::{self, PingBody, Response};
 use crate::server::io::{idle_timeout, with_deadline, ByteSink, Counted, Prefixed};
 use crate::server::metrics::{Direction, Refusal, RouteKind};
@@ -226,6 +227,9 @@ struct Ctx<'a> {
     /// The connection's slot, until a user session's splice takes it to a task of its own
     /// ([`Ctx::detach`]).
     guard: Cell<Option<ConnGuard>>,
+    /// Its handshake admission slot (`admission.rs`), released once TLS is established here or
+    /// the connection took a route without a handshake here.
+    handshake: Slot,
 }
 
 impl Ctx<'_> {
@@ -237,8 +241,8 @@ impl Ctx<'_> {
 
 /// Serves one accepted connection until it ends, then accounts for how it ended.
 /// Serves a connection this shard accepted.
-pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard) {
-    serve_from(shard, stream, guard, None, Instant::now()).await;
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard, slot: Slot) {
+    serve_from(shard, stream, guard, slot, None, Instant::now()).await;
 }
 
 /// Serves a connection another shard accepted at `accepted_at` and handed over after reading
@@ -247,16 +251,18 @@ pub(crate) async fn serve_adopted(
     shard: Rc<Shard>,
     stream: TcpStream,
     guard: ConnGuard,
+    slot: Slot,
     hello: Vec<u8>,
     accepted_at: Instant,
 ) {
-    serve_from(shard, stream, guard, Some(hello), accepted_at).await;
+    serve_from(shard, stream, guard, slot, Some(hello), accepted_at).await;
 }
 
 async fn serve_from(
     shard: Rc<Shard>,
     stream: TcpStream,
     guard: ConnGuard,
+    handshake: Slot,
     hello: Option<Vec<u8>>,
     accepted_at: Instant,
 ) {
@@ -271,6 +277,7 @@ async fn serve_from(
         last_activity: Rc::new(Cell::new(accepted_at)),
         dialing: std::cell::RefCell::new(Some(shard.dialing())),
         guard: Cell::new(Some(guard)),
+        handshake,
     };
     let end = futures_lite::future::or(handle(&ctx, stream, hello), async {
         shard.abort.wait().await;
@@ -407,6 +414,9 @@ fn hand_over(
 /// Serves a routed connection on this shard.
 async fn serve_here(ctx: &Ctx<'_>, stream: TcpStream, hello: Vec<u8>, routed: Routed) -> End {
     let shard = ctx.shard;
+    if matches!(routed, Routed::Control | Routed::Reject(_)) {
+        ctx.handshake.release();
+    }
     let Some(kind) = routed.kind() else {
         let Routed::Reject(reason) = routed else {
             return End::Done;
@@ -551,7 +561,10 @@ async fn terminate(
     hello: Vec<u8>,
 ) -> Result<TlsStream<Prefixed<Client>>, End> {
     let shard = ctx.shard;
-    match with_deadline(ctx.deadline, acceptor.accept(Prefixed::new(hello, client))).await {
+    let kind = client.sink().kind;
+    let accepted = with_deadline(ctx.deadline, acceptor.accept(Prefixed::new(hello, client))).await;
+    ctx.handshake.release();
+    match accepted {
         Err(_) => Err(End::Refused(Refusal::HandshakeTimeout)),
         Ok(Err(e)) => {
             tracing::debug!(shard = shard.index, peer = %ctx.peer, error = %e, "TLS handshake failed");
@@ -559,6 +572,9 @@ async fn terminate(
         }
         Ok(Ok(stream)) => {
             shard.metrics.handshake(ctx.accepted_at.elapsed());
+            let resumed =
+                stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            shard.metrics.tls_handshake(kind, resumed);
             Ok(stream)
         }
     }
