@@ -18,15 +18,16 @@ use jaunt_config::wire::dial::{
 };
 use jaunt_config::wire::{shard_hint_alpn, ALPN_TUNNEL};
 use jaunt_config::wire::{TunnelHello, MAX_SHARDS};
-use jaunt_engine::tunnel::CLOSE_TIMEOUT;
+use jaunt_engine::tunnel::{ReadAhead, CLOSE_TIMEOUT};
 use rustls::ClientConfig;
 
 use crate::error::TunnelError;
 use crate::net;
 use crate::settings::Prepared;
 
-/// The agent's end of a tunnel connection.
-pub(crate) type Transport = TlsStream<TcpStream>;
+/// The agent's end of a tunnel connection; the socket is read in large reads under rustls
+/// ([`ReadAhead`]).
+pub(crate) type Transport = TlsStream<ReadAhead<TcpStream>>;
 
 /// A connection that completed TLS and delivered the engine's hello.
 pub(crate) struct Handshaked {
@@ -127,7 +128,7 @@ pub(crate) async fn handshake(
     net::timeout(after, async {
         let connector = TlsConnector::from(tls);
         let mut tls = connector
-            .connect(prepared.server_name.clone(), tcp)
+            .connect(prepared.server_name.clone(), ReadAhead::new(Vec::new(), tcp))
             .await
             .map_err(TunnelError::tls)?;
         let selected = tls.get_ref().1.alpn_protocol();

@@ -1,5 +1,5 @@
 //! Byte-moving helpers of the connection shell: [`Prefixed`] (replay the bytes read while
-//! routing, then read the socket), [`Counted`] (report a socket's bytes, for metrics and the
+//! routing, then read the socket in large reads), [`Counted`] (report a socket's bytes, for metrics and the
 //! idle timeout), [`idle_timeout`], [`with_deadline`] and [`proxy_v2_header`]. Splicing itself is
 //! [`crate::tunnel::splice`], shared with the agent.
 //!
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
 
+pub use crate::tunnel::ReadAhead;
+
 /// The deadline passed before the future completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimedOut;
@@ -31,74 +33,10 @@ pub async fn with_deadline<F: Future>(deadline: Instant, fut: F) -> Result<F::Ou
     futures_lite::future::or(async { Ok(fut.await) }, timer).await
 }
 
-/// A stream that first yields `prefix` (bytes already read from `inner` while routing) and then
-/// reads `inner`. Writes go straight to `inner`. Used to hand a TLS acceptor a ClientHello the
-/// router has already consumed.
-#[derive(Debug)]
-pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    at: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    /// Replays `prefix`, then reads `inner`.
-    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
-        Prefixed {
-            prefix,
-            at: 0,
-            inner,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(rest) = this.prefix.get(this.at..).filter(|r| !r.is_empty()) {
-            let n = rest.len().min(buf.len());
-            buf[..n].copy_from_slice(&rest[..n]);
-            this.at += n;
-            if this.at == this.prefix.len() {
-                // The ClientHello is not needed any more: give its memory back.
-                this.prefix = Vec::new();
-                this.at = 0;
-            }
-            return Poll::Ready(Ok(n));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_close(cx)
-    }
-}
+/// The stream a TLS acceptor gets: it first yields `prefix` (the ClientHello the router has
+/// already read from the socket), then reads the socket in large reads ([`ReadAhead`]: rustls
+/// asks for at most 4 KiB at a time). Writes go straight to the socket.
+pub type Prefixed<S> = ReadAhead<S>;
 
 /// Something that wants to hear about the bytes of one socket.
 pub trait ByteSink {
@@ -223,32 +161,7 @@ pub async fn idle_timeout(last_activity: &Cell<Instant>, idle: Duration) {
 
 #[cfg(test)]
 mod tests {
-    use futures_lite::io::{AsyncReadExt, Cursor};
-
     use super::*;
-
-    #[test]
-    fn prefixed_replays_then_reads_inner() {
-        futures_lite::future::block_on(async {
-            let mut stream = Prefixed::new(b"hello ".to_vec(), Cursor::new(b"world".to_vec()));
-            let mut small = [0u8; 4];
-            assert_eq!(stream.read(&mut small).await.ok(), Some(4));
-            assert_eq!(&small, b"hell");
-            let mut rest = Vec::new();
-            assert_eq!(stream.read_to_end(&mut rest).await.ok(), Some(7));
-            assert_eq!(rest, b"o world");
-        });
-    }
-
-    #[test]
-    fn prefixed_with_empty_prefix_is_transparent() {
-        futures_lite::future::block_on(async {
-            let mut stream = Prefixed::new(Vec::new(), Cursor::new(b"abc".to_vec()));
-            let mut all = Vec::new();
-            assert_eq!(stream.read_to_end(&mut all).await.ok(), Some(3));
-            assert_eq!(all, b"abc");
-        });
-    }
 
     /// Records each write (vectored or not) as one write.
     #[derive(Default)]

@@ -74,6 +74,7 @@
 mod driver;
 mod error;
 pub mod policy_push;
+mod read_ahead;
 mod shared;
 mod splice;
 mod stream;
@@ -88,6 +89,7 @@ use futures_lite::{future, AsyncRead, AsyncWrite};
 
 pub use driver::{TunnelDriver, CLOSE_TIMEOUT, DRIVER_ROUNDS_PER_POLL, READ_BUF_BYTES};
 pub use error::{AcceptError, CloseReason, OpenError};
+pub use read_ahead::{ReadAhead, READ_AHEAD_BYTES};
 pub use splice::{splice, splice_lending, Lend, Side, SpliceError, Spliced, SPLICE_BUF_BYTES};
 pub use stream::{Incoming, MuxStream};
 
