@@ -131,7 +131,7 @@
 //! whose [`MuxError::blame`] is [`Blame::Local`] and leaves the tunnel alone.
 
 mod conn;
-mod copy;
+pub(crate) mod copy;
 mod error;
 mod frame;
 mod hash;
