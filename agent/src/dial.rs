@@ -128,7 +128,10 @@ pub(crate) async fn handshake(
     net::timeout(after, async {
         let connector = TlsConnector::from(tls);
         let mut tls = connector
-            .connect(prepared.server_name.clone(), ReadAhead::new(Vec::new(), tcp))
+            .connect(
+                prepared.server_name.clone(),
+                ReadAhead::new(Vec::new(), tcp),
+            )
             .await
             .map_err(TunnelError::tls)?;
         let selected = tls.get_ref().1.alpn_protocol();

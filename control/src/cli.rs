@@ -632,6 +632,10 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if matches!(cli.command, Command::Start(_) | Command::Agent(_)) {
+        // The data path's processes: glibc's `rep movsb` copies off (see `memcpy.rs`).
+        crate::memcpy::reexec_without_rep_movsb();
+    }
     init_logging(&cli.log);
     match run(cli) {
         Ok(code) => code,

@@ -41,6 +41,7 @@ pub mod db_cmd;
 pub mod exclusive;
 pub mod http;
 pub mod jwt;
+mod memcpy;
 pub mod profile;
 pub mod rbac;
 pub mod recordings;

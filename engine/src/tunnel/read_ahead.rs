@@ -260,7 +260,8 @@ mod tests {
             ) -> Poll<io::Result<usize>> {
                 let this = self.get_mut();
                 let piece = this.next.get() % 23_000 + 1;
-                this.next.set(this.next.get().wrapping_mul(31).wrapping_add(17) % 1_000_003);
+                this.next
+                    .set(this.next.get().wrapping_mul(31).wrapping_add(17) % 1_000_003);
                 let n = piece.min(buf.len()).min(this.data.len() - this.at);
                 buf[..n].copy_from_slice(&this.data[this.at..this.at + n]);
                 this.at += n;
