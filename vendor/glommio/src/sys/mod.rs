@@ -187,7 +187,6 @@ pub(crate) fn send_vectored_syscall(
 }
 
 mod dma_buffer;
-mod membarrier;
 pub(crate) mod source;
 pub(crate) mod sysfs;
 mod uring;
@@ -320,7 +319,17 @@ impl SleepNotifier {
         self.id
     }
 
+    /// Wakes this notifier's executor if it is asleep (or about to sleep), or always with
+    /// `force`. Call it after publishing what the executor should see (a shared channel's
+    /// slot, a queued waker, a blocking-thread result).
+    ///
+    /// jaunt patch 4: the `SeqCst` fence pairs with the one in `Reactor::wait` between
+    /// `prepare_to_sleep` and the last check of the remote queues (a Dekker pattern): either
+    /// the sleeper's re-check sees what was published before this fence, or the load of
+    /// `should_notify` below sees the sleeper's `true` and the eventfd is written. Upstream
+    /// has no fence here and relies on `membarrier()` in the sleeper instead.
     pub(crate) fn notify(&self, force: bool) {
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
@@ -354,6 +363,8 @@ impl SleepNotifier {
         processed
     }
 
+    /// jaunt patch 4: followed by a `SeqCst` fence (in `Reactor::wait`) before the remote
+    /// queues are checked one last time; see `notify`.
     pub(super) fn prepare_to_sleep(&self) {
         // This will allow this `eventfd` to be notified. This should not happen
         // for the placeholder (disconnected) case.

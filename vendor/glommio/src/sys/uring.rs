@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1924,10 +1924,13 @@ impl Reactor {
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // jaunt patch 4: a `SeqCst` fence, paired with the one every remote waker issues
+            // in `SleepNotifier::notify` after publishing and before reading `should_notify`
+            // (PATCHES.md has the argument). Upstream issues `membarrier()` here
+            // (`MEMBARRIER_CMD_PRIVATE_EXPEDITED`: a system call that interrupts every CPU
+            // running a thread of the process) before every sleep, and no fence on the waker's
+            // side; see https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
@@ -1942,9 +1945,11 @@ impl Reactor {
                     self.woke_by_latency_timer
                         .set(timer_armed && !self.latency_timer_armed());
                 }
-                // Woke up, so no need to notify us anymore.
-                self.notifier.wake_up();
             }
+            // Woke up, or did not sleep after all: no need to notify us anymore. jaunt patch 4:
+            // upstream clears this only when `events == 0`, so after a sleep abandoned for a
+            // remote event the next remote `notify` wrote the eventfd for nothing.
+            self.notifier.wake_up();
         }
 
         if let Some(preempt) = preempt_timer().filter(|_| !kept_latency_timer) {
