@@ -92,6 +92,18 @@ impl Harness {
         sum_metric(&self.engine().metrics_text(), name, labels)
     }
 
+    /// Starts a stand-in agent for `host_id` and waits until the engine has registered its
+    /// tunnel: the agent learns its shard from the engine's tunnel hello, before the engine has
+    /// read the AgentHello, so a dial right away could race the registration ("no such app").
+    fn agent(&self, host_id: &str, node: &str) -> HopAgent {
+        let agent = HopAgent::start(self.addr(), self.agent_config(host_id), node);
+        let shard = agent.shard.to_string();
+        wait_for("the agent's tunnel", || {
+            self.metric("jaunt_tunnels", &[("shard", &shard)]) == 1
+        });
+        agent
+    }
+
     fn agent_config(&self, host_id: &str) -> Arc<rustls::ClientConfig> {
         let cert = self.host.identity(&identity(IdentityKind::Host, host_id));
         client_config(&self.web, &[ALPN_TUNNEL], Some(cert))
@@ -215,11 +227,8 @@ fn a_user_on_the_other_shard_reaches_the_agent_through_a_hop() {
     /// Sent without waiting for its echo, then the half-close.
     const TAIL: usize = 200_000;
     let h = Harness::start();
-    let agent = HopAgent::start(h.addr(), h.agent_config("host-7"), "node7");
+    let agent = h.agent("host-7", "node7");
     let other = 1 - agent.shard;
-    wait_for("the agent's tunnel", || {
-        h.metric("jaunt_tunnels", &[("shard", &agent.shard.to_string())]) == 1
-    });
     let mut tls = h.dial_through_hop(other, "echo");
 
     let (mut sent_hash, mut echo_hash) = (FNV_START, FNV_START);
@@ -287,7 +296,7 @@ fn a_user_on_the_other_shard_reaches_the_agent_through_a_hop() {
 #[test]
 fn concurrent_hops_keep_streams_apart() {
     let h = Harness::start();
-    let agent = HopAgent::start(h.addr(), h.agent_config("host-8"), "node8");
+    let agent = h.agent("host-8", "node8");
     let other = 1 - agent.shard;
     let conns: Vec<Tls> = (0..4).map(|_| h.dial_through_hop(other, "echo")).collect();
     let threads: Vec<_> = conns
@@ -319,7 +328,7 @@ fn concurrent_hops_keep_streams_apart() {
 #[test]
 fn killing_the_tunnel_ends_a_hopped_stream_promptly() {
     let h = Harness::start();
-    let mut agent = HopAgent::start(h.addr(), h.agent_config("host-9"), "node9");
+    let mut agent = h.agent("host-9", "node9");
     let other = 1 - agent.shard;
     let mut tls = h.dial_through_hop(other, "echo");
     tls.write_all(b"ping").unwrap();
@@ -379,7 +388,7 @@ fn echo_lockstep(tls: &mut Tls, total: usize) -> Duration {
 fn measure_hop_against_local() {
     const TOTAL: usize = 16 * 1024 * 1024;
     let h = Harness::start();
-    let agent = HopAgent::start(h.addr(), h.agent_config("host-m"), "nodem");
+    let agent = h.agent("host-m", "nodem");
     let mut hopped = h.dial_through_hop(1 - agent.shard, "echo");
     let mut local = loop {
         let before = h.metric("jaunt_cross_shard_hops_total", &[("result", "ok")]);
@@ -414,7 +423,7 @@ fn measure_hop_against_local() {
 #[test]
 fn a_refusal_through_a_hop_reaches_the_user() {
     let h = Harness::start();
-    let agent = HopAgent::start(h.addr(), h.agent_config("host-r"), "noder");
+    let agent = h.agent("host-r", "noder");
     let other = (1 - agent.shard).to_string();
     let errors = || {
         h.metric(
