@@ -1475,9 +1475,18 @@ impl LocalExecutor {
                 // requests that are latency sensitive we want them out of the
                 // ring ASAP (before we run the task queues). We will also use
                 // the opportunity to install the timer.
-                this.parker
-                    .poll_io(|| Some(this.preempt_timer_duration()))
-                    .expect("Failed to poll io! This is actually pretty bad!");
+                //
+                // jaunt patch 5: only when a task queue has something to run. With none (the
+                // turn after the last runnable task finished), this poll would submit what
+                // those tasks queued (typically a socket poll) in an `io_uring_enter` of its
+                // own, right before `park` enters the kernel again to sleep. `park` submits it
+                // with its wait instead, and it consumes completions first and does not sleep
+                // if they woke a task.
+                if !this.queues.borrow().active_executors.is_empty() {
+                    this.parker
+                        .poll_io(|| Some(this.preempt_timer_duration()))
+                        .expect("Failed to poll io! This is actually pretty bad!");
+                }
 
                 // run user code
                 let run = this.run_task_queues();
@@ -1493,6 +1502,15 @@ impl LocalExecutor {
                         // test again here. We can't test *just* here because the main
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
+                    } else if spin_before_park.is_zero() {
+                        // jaunt patch 5: nothing to spin for. `park` polls the rings, timers
+                        // and remote channels itself and does not sleep if they woke
+                        // anything; a `spin_poll_io` first (upstream) would submit the
+                        // pending SQEs that the sleep submits with its wait.
+                        this.parker
+                            .park()
+                            .expect("Failed to park! This is actually pretty bad!");
+                        pre_time = Instant::now();
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {

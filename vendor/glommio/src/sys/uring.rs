@@ -1044,15 +1044,46 @@ impl SleepableRing {
         }
     }
 
+    /// jaunt patch 5: moves the submission queue into the SQ ring without entering the kernel
+    /// (unless the SQ ring fills up), so that `sleep` can submit them together with its wait.
+    fn stage_submissions(&mut self) -> io::Result<usize> {
+        let q = self.submission_queue();
+        let mut queue = q.borrow_mut();
+        self.consume_sqe_queue(&mut queue.submissions, false)
+    }
+
+    /// jaunt patch 5: `can_sleep`, except that SQEs prepared in the SQ ring are allowed: `sleep`
+    /// submits them with its wait.
+    fn can_sleep_submitting(&self) -> bool {
+        self.submission_queue.borrow().is_empty() && self.waiting_kernel_collection() == 0
+    }
+
+    /// jaunt patch 5: submits the prepared SQEs and, if all of them were submitted, waits for
+    /// `wait_for` completions, in one `io_uring_enter`. Returns the number submitted (also when
+    /// the wait was interrupted).
+    fn submit_sqes_and_wait(&mut self, wait_for: u32) -> io::Result<usize> {
+        let x = self.ring.submit_sqes_and_wait(wait_for)? as usize;
+        self.in_kernel += x;
+        Ok(x)
+    }
+
     fn sleep(&mut self, link: &Source) -> io::Result<usize> {
-        assert_eq!(
-            self.waiting_kernel_submission(),
-            0,
-            "sleeping with pending SQEs"
-        );
+        // jaunt patch 5: SQEs staged by `Reactor::wait` (upstream asserts there are none, as
+        // it submitted them just before, in an `io_uring_enter` of their own) go to the kernel
+        // with the wait. The kernel submits them first and only waits if all went in; an SQE
+        // that completes at once (a poll on a socket that is readable already) ends the wait
+        // at once, as if it had been submitted before.
+        let staged = self.waiting_kernel_submission();
         if link.is_in_flight() {
             // jaunt patch 2: the link is armed already (its completion, if it came meanwhile,
             // is waiting in the completion queue, so this returns at once).
+            if staged > 0 {
+                return self
+                    .submit_sqes_and_wait(1)
+                    .or_else(Reactor::busy_ok)
+                    .or_else(Reactor::again_ok)
+                    .or_else(Reactor::intr_ok);
+            }
             return self
                 .ring
                 .cq()
@@ -1082,14 +1113,15 @@ impl SleepableRing {
             );
 
             // We have now prepared the SQE that links the two rings. We now need to submit
-            // it successfully to be able to safely sleep.
-
+            // it successfully to be able to safely sleep. jaunt patch 5: it goes last, after
+            // the staged SQEs, in the same `io_uring_enter` as the wait; the kernel waits only
+            // if all of them (so the link too) were submitted.
             if self
-                .submit_sqes()
+                .submit_sqes_and_wait(1)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)?
-                != 1
+                != staged + 1
             {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
                 // Waiting here is unsafe because we could end up waiting much longer than
@@ -1098,14 +1130,8 @@ impl SleepableRing {
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                // The rings were linked, and we slept. Good morning!
+                Ok(1)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1899,7 +1925,20 @@ impl Reactor {
         flush_cancellations!(into &mut woke; lat_ring, poll_ring, main_ring);
         // ... which happens right here. If you ever reorder this code just
         // be careful about this dependency.
-        flush_rings!(lat_ring, poll_ring, main_ring)?;
+        // jaunt patch 5: except for the main ring, whose SQEs are only staged in its SQ ring
+        // (without entering the kernel) when we may sleep: the sleep submits them with its
+        // wait, one `io_uring_enter` instead of two. They are submitted below on every path
+        // that does not sleep.
+        flush_rings!(lat_ring, poll_ring)?;
+        if preempt_timer().is_none() && woke == 0 {
+            main_ring
+                .stage_submissions()
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok)?;
+        } else {
+            flush_rings!(main_ring)?;
+        }
         // pick up the results of any cancellations
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
@@ -1907,8 +1946,13 @@ impl Reactor {
         let should_sleep = preempt_timer().is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
-            && main_ring.can_sleep()
+            && main_ring.can_sleep_submitting()
             && lat_ring.can_sleep();
+        if !should_sleep {
+            // jaunt patch 5: submit what was staged (nothing, if flushed above).
+            flush_rings!(main_ring)?;
+            consume_rings!(into &mut woke; main_ring);
+        }
 
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
@@ -1946,6 +1990,9 @@ impl Reactor {
                         .set(timer_armed && !self.latency_timer_armed());
                 }
             }
+            // jaunt patch 5: if we did not sleep after all, the SQEs staged for the sleep are
+            // still in the SQ ring (after a sleep this finds nothing to submit).
+            flush_rings!(main_ring)?;
             // Woke up, or did not sleep after all: no need to notify us anymore. jaunt patch 4:
             // upstream clears this only when `events == 0`, so after a sleep abandoned for a
             // remote event the next remote `notify` wrote the eventfd for nothing.
