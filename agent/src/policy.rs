@@ -104,6 +104,11 @@ impl ClusterPolicy {
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .map_err(|e| format!("cannot build the user CA verifier: {e}"))?;
+        // A user's next stream with the same certificate skips the chain verification (this
+        // thread remembers it: jaunt_engine::verified, ARCHITECTURE.md).
+        let verifier: Arc<dyn ClientCertVerifier> = Arc::new(
+            jaunt_engine::verified::CachedClientVerifier::new(verifier, user_ca_roots),
+        );
         Ok(ClusterPolicy {
             version: version.to_owned(),
             seq: 0,
@@ -209,8 +214,8 @@ impl ClusterPolicy {
         self.verifier
             .verify_client_cert(&end_entity, &[], at)
             .map_err(|e| format!("the user's certificate is not valid for this cluster: {e}"))?;
-        let identity =
-            Identity::from_x509_der(der).map_err(|e| format!("the user's certificate: {e}"))?;
+        let identity = jaunt_engine::verified::identity_of(der)
+            .map_err(|e| format!("the user's certificate: {e}"))?;
         if identity.kind != IdentityKind::User {
             return Err(format!(
                 "the certificate forwarded for user {:?} is a host certificate",

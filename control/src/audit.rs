@@ -165,6 +165,14 @@ pub const APP_REQUEST: EventKind = EventKind {
 /// Most engine events written in one store transaction.
 pub const ENGINE_BATCH_MAX: usize = 1024;
 
+/// How long the engine writer waits after an event for more to arrive before it writes them in
+/// one transaction. Without it, sessions arriving a millisecond apart cost a transaction (and a
+/// wake-up of the writer by the shard that queued them) each: at 900 user connections per
+/// second that was 12% of the daemon's and agent's CPU (BENCHMARKS.md, issue 14). The events
+/// are queued in memory either way (the engine never waits for the store), so this widens what
+/// a crash of the daemon loses from what is queued to at most this much more.
+pub const ENGINE_BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// One event ready for the store: unix time, kind, the user it is about, its JSON text.
 pub type Row<'a> = (u64, &'a str, &'a str, Option<&'a str>, &'a str);
 
@@ -200,9 +208,9 @@ impl Audit {
         }
     }
 
-    /// Drains the engine's audit queue until every sender is gone: waits for one event, takes
-    /// whatever else is queued (up to [`ENGINE_BATCH_MAX`]) and appends the batch in one
-    /// transaction.
+    /// Drains the engine's audit queue until every sender is gone: waits for one event, then
+    /// [`ENGINE_BATCH_LINGER`] for more, takes what is queued (up to [`ENGINE_BATCH_MAX`]) and
+    /// appends the batch in one transaction.
     pub fn run_engine_writer(&self, events: &crossbeam_channel::Receiver<AuditEvent>) {
         self.run_engine_writer_until(events, &crossbeam_channel::never());
     }
@@ -238,6 +246,11 @@ impl Audit {
                 },
             };
             batch.push(first);
+            // Let more arrive, unless a batch is waiting already; a stop ends the wait (the
+            // next turn of the loop sees it, after this batch is written).
+            if events.len() < ENGINE_BATCH_MAX {
+                let _ = stop.recv_timeout(ENGINE_BATCH_LINGER);
+            }
             while batch.len() < ENGINE_BATCH_MAX {
                 match events.try_recv() {
                     Ok(event) => batch.push(event),

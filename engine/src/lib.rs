@@ -5,3 +5,4 @@ pub mod mux;
 pub mod route;
 pub mod server;
 pub mod tunnel;
+pub mod verified;

@@ -163,6 +163,8 @@ impl TlsConfigs {
             } else {
                 verifier.build()?
             };
+            // Remembers verified chains per shard (crate::verified; ARCHITECTURE.md).
+            let verifier = Arc::new(crate::verified::CachedClientVerifier::new(verifier, roots));
             let mut config = ServerConfig::builder_with_provider(Arc::clone(&provider))
                 .with_protocol_versions(versions)?
                 .with_client_cert_verifier(verifier)

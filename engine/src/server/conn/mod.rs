@@ -50,6 +50,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod agent;
+mod held;
 mod session;
 mod terminal;
 pub use session::SSH_ANSWER_TIMEOUT;
@@ -72,6 +73,7 @@ use crate::server::shard::{ConnGuard, Shard};
 use crate::server::web::{AppAccess, WebRequest, WebUi, APP_SESSION_COOKIE};
 use crate::tunnel::{self, CloseReason, Side};
 use agent::agent_tunnel;
+use held::Held;
 use session::{connect, refuse, user, Answer};
 
 /// Bytes read per `read` while waiting for the ClientHello: a typical hello fits in one read.
@@ -210,6 +212,10 @@ impl ByteSink for RouteBytes {
 }
 
 type Client = Counted<TcpStream, RouteBytes>;
+
+/// A TLS-terminated client connection: the bytes read while routing replayed first, the
+/// session ticket held back to leave with the server's next write ([`held`]).
+type Tls = TlsStream<Held<Prefixed<Client>>>;
 
 /// What every phase of one connection needs.
 struct Ctx<'a> {
@@ -559,10 +565,11 @@ async fn terminate(
     acceptor: &futures_rustls::TlsAcceptor,
     client: Client,
     hello: Vec<u8>,
-) -> Result<TlsStream<Prefixed<Client>>, End> {
+) -> Result<Tls, End> {
     let shard = ctx.shard;
     let kind = client.sink().kind;
-    let accepted = with_deadline(ctx.deadline, acceptor.accept(Prefixed::new(hello, client))).await;
+    let io = Held::new(Prefixed::new(hello, client));
+    let accepted = with_deadline(ctx.deadline, acceptor.accept(io)).await;
     ctx.handshake.release();
     match accepted {
         Err(_) => Err(End::Refused(Refusal::HandshakeTimeout)),
@@ -570,11 +577,12 @@ async fn terminate(
             tracing::debug!(shard = shard.index, peer = %ctx.peer, error = %e, "TLS handshake failed");
             Err(End::Refused(Refusal::TlsHandshake))
         }
-        Ok(Ok(stream)) => {
+        Ok(Ok(mut stream)) => {
             shard.metrics.handshake(ctx.accepted_at.elapsed());
             let resumed =
                 stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
             shard.metrics.tls_handshake(kind, resumed);
+            stream.get_mut().0.release();
             Ok(stream)
         }
     }
@@ -596,7 +604,7 @@ fn peer_identity<S>(
                 "a client certificate is required".to_owned(),
             )
         })?;
-    let identity = Identity::from_x509_der(leaf.as_ref())
+    let identity = crate::verified::identity_of(leaf.as_ref())
         .map_err(|e| (Refusal::BadIdentity, e.to_string()))?;
     if identity.kind != kind {
         let (want, got) = match kind {
@@ -633,7 +641,8 @@ async fn write_and_close<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
 
 async fn web(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) -> End {
     let shard = ctx.shard;
-    let peer = client.get_ref().peer_addr().ok();
+    // The address `serve_from` looked up already (saves a `getpeername` per connection).
+    let peer = ctx.peer.parse().ok();
     let tls = shard.tls();
     let mut stream = match terminate(ctx, &tls.web, client, hello).await {
         Ok(stream) => stream,
@@ -790,7 +799,7 @@ enum BrowserApp {
 /// app session cookie, or the one-time exchange that sets it; control's `web::apps`).
 async fn browser_app_session(
     ctx: &Ctx<'_>,
-    stream: &mut TlsStream<Prefixed<Client>>,
+    stream: &mut Tls,
     backend: WebUi,
     name: &str,
 ) -> BrowserApp {

@@ -17,19 +17,18 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use futures_rustls::server::TlsStream;
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
 use jaunt_config::wire::dial::{DialError, DialKind, DialRequest, DialResponse, StreamHeader};
 
 use super::{
-    peer_identity, splice_idle, terminate, write_and_close, Client, ConnError, Ctx, End,
+    peer_identity, splice_idle, terminate, write_and_close, Client, ConnError, Ctx, End, Tls,
     DIAL_READ_CHUNK,
 };
 use crate::server::audit::AuditEvent;
 use crate::server::authorize::{authorize, Allowed, Denied, DeniedKind};
 use crate::server::hop::{HopRefusal, HopStream};
 use crate::server::http::Response;
-use crate::server::io::{with_deadline, ByteSink, Counted, Prefixed};
+use crate::server::io::{with_deadline, ByteSink, Counted};
 use crate::server::metrics::{DialMiss, HopResult, Refusal};
 use crate::server::shard::{NotedRecordings, Resolved, Shard, Signal};
 use crate::server::snapshot::Snapshot;
@@ -148,7 +147,7 @@ async fn tell_why_ended(notice: Option<&EndNotice>, end: &Signal) {
     glommio::timer::Timer::new(END_NOTICE_GRACE).await;
 }
 
-impl UserStream for TlsStream<Prefixed<Client>> {
+impl UserStream for Tls {
     fn client_cert(&self) -> Option<Vec<u8>> {
         self.get_ref()
             .1

@@ -36,7 +36,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures_lite::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use futures_rustls::server::TlsStream;
 use jaunt_config::wire::dial::{DialKind, DialRequest};
 use jaunt_config::wire::term::{TermAuth, TermInput, TermNotice, MAX_TERM_MESSAGE_BYTES};
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -44,9 +43,9 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use super::session::{connect, Answer, EndNotice, UserStream};
-use super::{write_and_close, Client, ConnError, Ctx, End};
+use super::{write_and_close, ConnError, Ctx, End, Tls};
 use crate::server::http::{RequestHead, Response};
-use crate::server::io::{with_deadline, Prefixed};
+use crate::server::io::with_deadline;
 use crate::server::metrics::Refusal;
 use crate::server::web::{WebRequest, WebUi};
 
@@ -61,8 +60,6 @@ const MAX_QUEUED_OUTPUT: usize = 256 * 1024;
 
 /// The GUID of RFC 6455 §1.3 for `Sec-WebSocket-Accept`.
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-
-type Tls = TlsStream<Prefixed<Client>>;
 
 /// Serves one upgrade request of the web terminal (see the module doc). `early` holds bytes the
 /// client sent after the request head.
