@@ -90,6 +90,7 @@ struct Options {
     handshake_timeout: Duration,
     idle_timeout: Duration,
     max_connections_per_shard: usize,
+    max_handshakes_per_shard: usize,
     send_snapshot: bool,
     targets: Targets,
     inventory: Option<crossbeam_channel::Sender<InventoryEvent>>,
@@ -105,6 +106,7 @@ impl Default for Options {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections_per_shard: 1000,
+            max_handshakes_per_shard: jaunt_engine::server::DEFAULT_MAX_HANDSHAKES_PER_SHARD,
             send_snapshot: true,
             targets: Targets::default()
                 .with(DialKind::Ssh, "web1", Target::on_host("host-1"))
@@ -130,6 +132,7 @@ impl Options {
         config.handshake_timeout = self.handshake_timeout;
         config.idle_timeout = self.idle_timeout;
         config.max_connections_per_shard = self.max_connections_per_shard;
+        config.max_handshakes_per_shard = self.max_handshakes_per_shard;
         config.inventory = self.inventory;
         config.audit = self.audit;
         config.audit_overflow = self.audit_overflow;
@@ -1728,6 +1731,40 @@ fn slowloris_is_closed_after_the_handshake_timeout() {
         "jaunt_connections_refused_total",
         &[("reason", "handshake_timeout")],
         1,
+    );
+}
+
+/// At its handshake bound a shard accepts no more: the next connection waits in the listen
+/// backlog. A client that gave up while waiting there costs no TLS handshake once accepted: it is
+/// counted as abandoned.
+#[test]
+fn at_the_handshake_bound_clients_wait_and_those_gone_cost_no_handshake() {
+    let h = Options {
+        shards: 1,
+        max_handshakes_per_shard: 1,
+        ..Options::default()
+    }
+    .start();
+    let hello = client_hello_bytes(&h.pki, &[ALPN_SSH]);
+    // Takes the only slot (for up to the 1 s admission hold): connected, nothing sent.
+    let staller = TcpStream::connect(h.addr()).unwrap();
+    h.wait_metric("jaunt_handshake_admission_waits_total", &[], 1);
+    // Waits in the backlog, sends its ClientHello and leaves.
+    let mut quitter = TcpStream::connect(h.addr()).unwrap();
+    quitter.write_all(&hello).unwrap();
+    drop(quitter);
+    // The slot frees: the quitter is accepted, found gone, and no handshake is tried.
+    drop(staller);
+    h.wait_metric("jaunt_handshakes_abandoned_total", &[], 1);
+    wait_for("no handshake in flight", || {
+        h.metric("jaunt_handshakes_in_flight", &[]) == 0
+    });
+    assert_eq!(
+        h.metric(
+            "jaunt_connections_refused_total",
+            &[("reason", "tls_handshake")]
+        ),
+        0
     );
 }
 

@@ -427,6 +427,7 @@ pub struct ShardMetrics {
     handshakes_in_flight: Cell64,
     handshake_admission_waits: Cell64,
     handshake_admission_expired: Cell64,
+    handshakes_abandoned: Cell64,
     /// TLS sessions established, by route: [full, resumed].
     tls_handshakes: [[Cell64; 2]; RouteKind::ALL.len()],
 }
@@ -629,6 +630,12 @@ impl ShardMetrics {
         self.handshake_admission_expired.add(1);
     }
 
+    /// A client had closed its connection before its TLS handshake started (it waited in the
+    /// listen backlog past its own timeout); no handshake work was spent on it.
+    pub fn handshake_abandoned(&self) {
+        self.handshakes_abandoned.add(1);
+    }
+
     /// How many handshake slots the admission hold released.
     pub fn handshake_admission_expired_count(&self) -> u64 {
         self.handshake_admission_expired.get()
@@ -749,6 +756,15 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         "Handshakes that stopped counting against the bound because they took longer than the \
          admission hold (a stalled or very slow peer).",
         |s| s.handshake_admission_expired.get(),
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_handshakes_abandoned_total",
+        "counter",
+        "Connections whose client had closed them before their TLS handshake started (they \
+         waited in the listen backlog past the client's timeout); no handshake work spent.",
+        |s| s.handshakes_abandoned.get(),
     );
     Histogram::render(
         &mut out,

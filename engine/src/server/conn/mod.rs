@@ -568,6 +568,11 @@ async fn terminate(
 ) -> Result<Tls, End> {
     let shard = ctx.shard;
     let kind = client.sink().kind;
+    if peer_gone(client.get_ref()) {
+        ctx.handshake.release();
+        shard.metrics.handshake_abandoned();
+        return Err(End::Done);
+    }
     let io = Held::new(Prefixed::new(hello, client));
     let accepted = with_deadline(ctx.deadline, acceptor.accept(io)).await;
     ctx.handshake.release();
@@ -585,6 +590,28 @@ async fn terminate(
             stream.get_mut().0.release();
             Ok(stream)
         }
+    }
+}
+
+/// Whether the client has closed its side already (a FIN, or a reset, after its ClientHello):
+/// a connection that waited in the listen backlog past the client's own timeout, while the
+/// shard was at its handshake bound (`admission.rs`), for instance after an engine restart.
+/// Checked before the TLS handshake, so no handshake CPU is spent on a client that is gone
+/// (FIFO backlogs otherwise make every handshake of an overloaded shard one for a client that
+/// has left). One nonblocking `recv(MSG_PEEK)`: a live client has sent nothing after its
+/// ClientHello and waits for the server's answer.
+fn peer_gone(stream: &TcpStream) -> bool {
+    use std::os::fd::{AsRawFd as _, BorrowedFd};
+    #[allow(unsafe_code)]
+    // SAFETY: the descriptor is `stream`'s, open for as long as `stream` lives, which outlives
+    // this borrow (it is only read with MSG_PEEK here).
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let mut byte = [0u8; 1];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    match rustix::net::recv(fd, &mut byte[..], flags) {
+        Ok((_, 0)) => true,
+        Ok(_) => false,
+        Err(e) => e == rustix::io::Errno::CONNRESET,
     }
 }
 
