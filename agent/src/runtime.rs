@@ -661,6 +661,9 @@ impl Supervisor {
             self.coverage.remove(id);
             return Err(e);
         }
+        tls.get_mut()
+            .1
+            .set_buffer_limit(Some(jaunt_engine::tunnel::TLS_BUFFER_LIMIT));
         let (tunnel, driver) = Tunnel::spawn(tls, Role::Client, self.prepared.mux);
         self.tracker.insert(id, tunnel.clone());
         self.live.insert(

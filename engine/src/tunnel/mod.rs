@@ -93,6 +93,13 @@ pub use read_ahead::{ReadAhead, READ_AHEAD_BYTES};
 pub use splice::{splice, splice_lending, Lend, Side, SpliceError, Spliced, SPLICE_BUF_BYTES};
 pub use stream::{Incoming, MuxStream};
 
+/// rustls' limit on the TLS records it queues for a connection (its default: 64 KiB) on the
+/// data path: tunnels (both ends) and the engine's user sessions. A write of bulk data then
+/// goes out as up to 16 records in one `sendmsg` instead of 4, so a transfer takes a quarter of
+/// the sends and of the peer's wake-ups. Memory: the records wait here only while the socket
+/// takes no more (a slow peer), at most this much per connection.
+pub const TLS_BUFFER_LIMIT: usize = 256 * 1024;
+
 use crate::mux::{self, Conn, MuxError, Role};
 use shared::{Deferred, Shared, Slot};
 

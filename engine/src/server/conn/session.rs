@@ -161,6 +161,9 @@ impl UserStream for Tls {
     }
 
     async fn connected(&mut self, answer: Answer, _session_id: &str) -> io::Result<()> {
+        self.get_mut()
+            .1
+            .set_buffer_limit(Some(crate::tunnel::TLS_BUFFER_LIMIT));
         if answer == Answer::Dial {
             self.write_all(&DialResponse::ok().encode()).await?;
             self.flush().await?;
