@@ -1768,6 +1768,68 @@ fn at_the_handshake_bound_clients_wait_and_those_gone_cost_no_handshake() {
     );
 }
 
+/// A TCP connection to `addr` from `source` (an address of this host's loopback /8).
+fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    let source: SocketAddr = format!("{source}:0").parse().unwrap();
+    rustix::net::bind(&fd, &source).unwrap();
+    rustix::net::connect(&fd, &addr).unwrap();
+    TcpStream::from(std::os::fd::OwnedFd::from(fd))
+}
+
+/// One address that opens connections and stalls their handshakes holds at most its share of a
+/// shard's handshake slots (an eighth of the bound): the accept loop never waits on its account,
+/// and a client from another address gets through.
+#[test]
+fn a_peer_stalling_handshakes_holds_only_its_share_of_the_slots() {
+    let h = Options {
+        shards: 1,
+        max_handshakes_per_shard: 8,
+        ..Options::default()
+    }
+    .start();
+    // Eight connections from 127.0.0.2, nothing sent: as many as the bound.
+    let stalled: Vec<TcpStream> = (0..8)
+        .map(|_| connect_from("127.0.0.2", h.addr()))
+        .collect();
+    h.wait_metric("jaunt_handshake_admission_over_share_total", &[], 7);
+    // One counted (none once the 1 s admission hold has expired it).
+    assert!(h.metric("jaunt_handshakes_in_flight", &[]) <= 1);
+    assert_eq!(h.metric("jaunt_handshake_admission_waits_total", &[]), 0);
+    // Someone else (curl, from 127.0.0.1) is served while they stall.
+    let ca = h.write_file("ca.pem", &h.pki.web.pem());
+    let port = h.addr().port();
+    let resolve = format!("{PUBLIC_HOST}:{port}:127.0.0.1");
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(&ca)
+        .args(["--resolve", &resolve])
+        .arg(format!("https://{PUBLIC_HOST}:{port}/webapi/ping"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(h.metric("jaunt_handshake_admission_waits_total", &[]), 0);
+    drop(stalled);
+    wait_for("no handshake in flight", || {
+        h.metric("jaunt_handshakes_in_flight", &[]) == 0
+    });
+}
+
 /// A spliced connection that stays silent for the idle timeout is closed and counted.
 #[test]
 fn idle_spliced_connection_is_closed() {

@@ -522,7 +522,7 @@ impl Worker {
                 }
             };
         }
-        let tcp = match sys::connect_nonblocking(self.addr) {
+        let tcp = match sys::connect_nonblocking(self.addr, sys::agent_source(self.addr, slot.i)) {
             Ok(tcp) => tcp,
             Err(_) => return self.failed(k, slot),
         };
@@ -853,8 +853,27 @@ pub mod sys {
 
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
-    /// Starts a connect to `addr` on a new nonblocking socket.
-    pub fn connect_nonblocking(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    /// The source address emulated agent `i` dials from: when the engine is on IPv4 loopback,
+    /// an address of its own in 127.0.0.0/8 (127.1.0.1 upwards), as agents on their own hosts
+    /// would have, so the engine's per-peer handshake share (`admission.rs`) sees 10,000
+    /// peers, not one; otherwise whatever the kernel picks.
+    pub fn agent_source(engine: SocketAddr, i: usize) -> Option<SocketAddr> {
+        match engine {
+            SocketAddr::V4(v4) if v4.ip().is_loopback() => {
+                // 250 x 254 addresses: 127.1.0.1 ..= 127.1.249.254, then round again.
+                let n = i % (250 * 254);
+                let ip = std::net::Ipv4Addr::new(127, 1, (n / 254) as u8, (n % 254 + 1) as u8);
+                Some(SocketAddr::from((ip, 0)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts a connect to `addr` on a new nonblocking socket, from `source` when given.
+    pub fn connect_nonblocking(
+        addr: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> std::io::Result<TcpStream> {
         let family = if addr.is_ipv4() {
             AddressFamily::INET
         } else {
@@ -866,6 +885,9 @@ pub mod sys {
             SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
             None,
         )?;
+        if let Some(source) = source {
+            rustix::net::bind(&fd, &source)?;
+        }
         match rustix::net::connect(&fd, &addr) {
             Ok(()) | Err(rustix::io::Errno::INPROGRESS) => Ok(TcpStream::from(fd)),
             Err(e) => Err(e.into()),

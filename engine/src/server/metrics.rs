@@ -424,6 +424,7 @@ pub struct ShardMetrics {
     snapshot_version: Cell64,
     snapshot_applied: AtomicBool,
     listening: AtomicBool,
+    handshake_admission_over_share: Cell64,
     handshakes_in_flight: Cell64,
     handshake_admission_waits: Cell64,
     handshake_admission_expired: Cell64,
@@ -615,6 +616,17 @@ impl ShardMetrics {
         self.handshakes_in_flight.get()
     }
 
+    /// A connection was not counted against the handshake bound: its peer address held its
+    /// share of the slots already (`admission.rs`).
+    pub fn handshake_admission_over_share(&self) {
+        self.handshake_admission_over_share.add(1);
+    }
+
+    /// See [`ShardMetrics::handshake_admission_over_share`].
+    pub fn handshake_admission_over_share_count(&self) -> u64 {
+        self.handshake_admission_over_share.get()
+    }
+
     /// The accept loop paused at the handshake bound.
     pub fn handshake_admission_wait(&self) {
         self.handshake_admission_waits.add(1);
@@ -731,6 +743,15 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             }
         }
     }
+    per_shard(
+        &mut out,
+        shards,
+        "jaunt_handshake_admission_over_share_total",
+        "counter",
+        "Connections not counted against the handshake bound because their peer address (an \
+         IPv4 address or an IPv6 /64) already held its share, an eighth of the bound.",
+        |s| s.handshake_admission_over_share.get(),
+    );
     per_shard(
         &mut out,
         shards,

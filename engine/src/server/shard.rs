@@ -481,8 +481,8 @@ impl Shard {
     }
 
     /// A handshake slot for a connection accepted or adopted now (`admission.rs`).
-    pub(crate) fn handshake_slot(&self) -> Slot {
-        self.admission.take()
+    pub(crate) fn handshake_slot(&self, peer: Option<std::net::IpAddr>) -> Slot {
+        self.admission.take(peer)
     }
 
     /// Whether dials should still wait for agents to (re)connect (see
@@ -1261,8 +1261,9 @@ impl hop::HopShard for Shard {
         let Some(guard) = ConnGuard::admit(self) else {
             return;
         };
+        let peer = adopted.stream.peer_addr().ok().map(|a| a.ip());
         let stream = adopted_stream(adopted.stream);
-        let slot = self.handshake_slot();
+        let slot = self.handshake_slot(peer);
         glommio::spawn_local(conn::serve_adopted(
             Rc::clone(self),
             stream,
@@ -1301,13 +1302,13 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         shard.admission.room().await;
         match listener.accept().await {
             Ok(stream) => {
+                let peer = stream.peer_addr().ok();
                 let stop = shard
                     .stop_at
                     .borrow()
                     .as_ref()
                     .and_then(|(markers, stopped)| {
-                        let peer = stream.peer_addr().ok()?;
-                        markers.contains(&peer).then(|| stopped.clone())
+                        markers.contains(&peer?).then(|| stopped.clone())
                     });
                 if let Some(stopped) = stop {
                     // A takeover: the next process accepts what comes after the marker.
@@ -1321,8 +1322,9 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     drop(stream);
                     continue;
                 };
-                let slot = shard.handshake_slot();
-                glommio::spawn_local(conn::serve(Rc::clone(&shard), stream, guard, slot)).detach();
+                let slot = shard.handshake_slot(peer.map(|a| a.ip()));
+                glommio::spawn_local(conn::serve(Rc::clone(&shard), stream, guard, slot, peer))
+                    .detach();
             }
             Err(e) => {
                 tracing::warn!(shard = shard.index, error = %e, "accept failed");

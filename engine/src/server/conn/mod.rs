@@ -247,8 +247,14 @@ impl Ctx<'_> {
 
 /// Serves one accepted connection until it ends, then accounts for how it ended.
 /// Serves a connection this shard accepted.
-pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream, guard: ConnGuard, slot: Slot) {
-    serve_from(shard, stream, guard, slot, None, Instant::now()).await;
+pub(crate) async fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    guard: ConnGuard,
+    slot: Slot,
+    peer: Option<std::net::SocketAddr>,
+) {
+    serve_from(shard, stream, guard, slot, None, Instant::now(), peer).await;
 }
 
 /// Serves a connection another shard accepted at `accepted_at` and handed over after reading
@@ -261,7 +267,8 @@ pub(crate) async fn serve_adopted(
     hello: Vec<u8>,
     accepted_at: Instant,
 ) {
-    serve_from(shard, stream, guard, slot, Some(hello), accepted_at).await;
+    let peer = stream.peer_addr().ok();
+    serve_from(shard, stream, guard, slot, Some(hello), accepted_at, peer).await;
 }
 
 async fn serve_from(
@@ -271,13 +278,12 @@ async fn serve_from(
     handshake: Slot,
     hello: Option<Vec<u8>>,
     accepted_at: Instant,
+    peer: Option<std::net::SocketAddr>,
 ) {
     let ctx = Ctx {
         shard: &shard,
         conn_id: guard.id,
-        peer: stream
-            .peer_addr()
-            .map_or_else(|_| "unknown".to_owned(), |a| a.to_string()),
+        peer: peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
         accepted_at,
         deadline: accepted_at + shard.limits().handshake_timeout,
         last_activity: Rc::new(Cell::new(accepted_at)),
