@@ -41,9 +41,19 @@ pub const SESSION_CACHE_ENTRIES: usize = 256;
 pub const TLS13_TICKETS: usize = 1;
 
 /// ring's cipher suites with the AES-128-GCM ones first: the server's order decides (see
-/// ARCHITECTURE.md, "TLS policy"). Nothing is added or removed.
+/// ARCHITECTURE.md, "TLS policy"). Nothing is added or removed. On x86-64 CPUs with the
+/// instructions it needs, the X25519 key exchange is graviola's (formally verified s2n-bignum
+/// code, about half of ring's CPU here) instead of ring's: same group, same wire bytes
+/// ([`x25519`]; ARCHITECTURE.md, "TLS policy").
 pub fn provider() -> rustls::crypto::CryptoProvider {
     let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(fast) = x25519::group() {
+        for group in &mut provider.kx_groups {
+            if group.name() == rustls::NamedGroup::X25519 {
+                *group = fast;
+            }
+        }
+    }
     // A stable sort: AES-128-GCM before everything else, the rest in ring's order.
     provider.cipher_suites.sort_by_key(|suite| {
         !matches!(
@@ -54,6 +64,174 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
         )
     });
     provider
+}
+
+/// X25519 (RFC 7748) for rustls from graviola, whose x86-64 routines are s2n-bignum's,
+/// machine-checked for functional correctness (`curve25519_x25519base`, `curve25519_x25519`).
+/// Only the arithmetic is graviola's; the key exchange's contract is rustls' and is kept as
+/// ring's group keeps it: a fresh private key from the OS's random source per handshake
+/// (zeroed when dropped), a 32-byte public key, a peer key of exactly 32 bytes, and an all-zero
+/// shared secret (a small-order peer point) refused as an invalid key share, as RFC 8446
+/// §7.4.2 requires.
+mod x25519 {
+    use rustls::crypto::{ActiveKeyExchange, SharedSecret, SupportedKxGroup};
+    use rustls::{Error, NamedGroup, PeerMisbehaved};
+
+    /// The group, where graviola can run: x86-64 with the instructions its routines use
+    /// (graviola panics without them); `None` elsewhere, and ring's group stays.
+    pub(super) fn group() -> Option<&'static dyn SupportedKxGroup> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("aes")
+                && has!("pclmulqdq")
+                && has!("ssse3")
+                && has!("avx")
+                && has!("avx2")
+                && has!("bmi1")
+                && has!("bmi2")
+                && has!("adx")
+            {
+                return Some(&Graviola);
+            }
+        }
+        None
+    }
+
+    #[derive(Debug)]
+    struct Graviola;
+
+    #[cfg(target_arch = "x86_64")]
+    impl SupportedKxGroup for Graviola {
+        fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, Error> {
+            use graviola::key_agreement::x25519::PrivateKey;
+            let private = PrivateKey::new_random().map_err(|_| rustls::crypto::GetRandomFailed)?;
+            let public = private.public_key().as_bytes();
+            Ok(Box::new(Exchange { private, public }))
+        }
+
+        fn name(&self) -> NamedGroup {
+            NamedGroup::X25519
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    impl SupportedKxGroup for Graviola {
+        fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, Error> {
+            // `group()` never hands this out off x86-64.
+            Err(Error::General("X25519 from graviola needs x86-64".into()))
+        }
+
+        fn name(&self) -> NamedGroup {
+            NamedGroup::X25519
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    struct Exchange {
+        private: graviola::key_agreement::x25519::PrivateKey,
+        public: [u8; 32],
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    impl ActiveKeyExchange for Exchange {
+        fn complete(self: Box<Self>, peer: &[u8]) -> Result<SharedSecret, Error> {
+            use graviola::key_agreement::x25519::PublicKey;
+            let peer: &[u8; 32] = peer
+                .try_into()
+                .map_err(|_| Error::from(PeerMisbehaved::InvalidKeyShare))?;
+            let shared = self
+                .private
+                .diffie_hellman(&PublicKey::from_array(peer))
+                .map_err(|_| Error::from(PeerMisbehaved::InvalidKeyShare))?;
+            Ok(SharedSecret::from(&shared.0[..]))
+        }
+
+        fn pub_key(&self) -> &[u8] {
+            &self.public
+        }
+
+        fn group(&self) -> NamedGroup {
+            NamedGroup::X25519
+        }
+    }
+
+    #[cfg(all(test, target_arch = "x86_64"))]
+    #[allow(clippy::unwrap_used)]
+    mod tests {
+        use super::*;
+
+        fn ours() -> &'static dyn SupportedKxGroup {
+            group().unwrap_or_else(|| unreachable!("this CPU runs graviola's X25519"))
+        }
+
+        #[test]
+        fn agrees_with_rings_x25519_both_ways() {
+            let ring = rustls::crypto::ring::kx_group::X25519;
+            for _ in 0..20 {
+                let (a, b) = (ours().start().unwrap(), ring.start().unwrap());
+                let (a_pub, b_pub) = (a.pub_key().to_vec(), b.pub_key().to_vec());
+                assert_eq!(a_pub.len(), 32);
+                let from_ours = a.complete(&b_pub).unwrap();
+                let from_ring = b.complete(&a_pub).unwrap();
+                assert_eq!(from_ours.secret_bytes(), from_ring.secret_bytes());
+            }
+            // The peer key's top bit is ignored (RFC 7748 §5), as ring does.
+            let (a, b) = (ours().start().unwrap(), ring.start().unwrap());
+            let (a_pub, mut b_pub) = (a.pub_key().to_vec(), b.pub_key().to_vec());
+            let from_ring = b.complete(&a_pub).unwrap();
+            b_pub[31] |= 0x80;
+            let from_ours = a.complete(&b_pub).unwrap();
+            assert_eq!(from_ours.secret_bytes(), from_ring.secret_bytes());
+            // Fresh keys every time.
+            assert_ne!(
+                ours().start().unwrap().pub_key(),
+                ours().start().unwrap().pub_key()
+            );
+        }
+
+        #[test]
+        fn refuses_bad_key_shares() {
+            let invalid = Error::from(PeerMisbehaved::InvalidKeyShare);
+            for peer in [&[9u8; 31][..], &[9u8; 33][..], &[][..]] {
+                let e = ours().start().unwrap().complete(peer).err();
+                assert_eq!(e.as_ref(), Some(&invalid), "length {}", peer.len());
+            }
+            // Small-order points (RFC 7748 §6.1: the all-zero output): 0, 1 and a point of
+            // order 8.
+            let mut order8 = [0u8; 32];
+            order8.copy_from_slice(
+                &[
+                    0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1,
+                    0x9f, 0xc4, 0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62,
+                    0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00,
+                ][..],
+            );
+            let mut one = [0u8; 32];
+            one[0] = 1;
+            for peer in [[0u8; 32], one, order8] {
+                let e = ours().start().unwrap().complete(&peer).err();
+                assert_eq!(e.as_ref(), Some(&invalid));
+            }
+        }
+
+        #[test]
+        fn the_provider_uses_it_for_x25519_only() {
+            let provider = super::super::provider();
+            let names: Vec<_> = provider.kx_groups.iter().map(|g| g.name()).collect();
+            let ring: Vec<_> = rustls::crypto::ring::default_provider()
+                .kx_groups
+                .iter()
+                .map(|g| g.name())
+                .collect();
+            assert_eq!(names, ring);
+            let x = provider
+                .kx_groups
+                .iter()
+                .find(|g| g.name() == NamedGroup::X25519);
+            assert_eq!(format!("{:?}", x.unwrap()), "Graviola");
+        }
+    }
 }
 
 /// The policy every server configuration of the public port shares: the server's cipher
