@@ -119,6 +119,25 @@ impl Timers {
         self.timers.insert((when, id), waker);
     }
 
+    /// jaunt patch 7: what `insert` would leave, without moving the entry when the timer is
+    /// still registered for the same instant: only the waker is replaced, and only if it
+    /// would not wake the same task. A pending timer is polled again every time the task
+    /// that awaits it is polled (a `select` of an I/O future and an idle timeout: once per
+    /// message), and `insert` removed and re-inserted its `BTreeMap` entry and cloned the
+    /// waker each time.
+    fn refresh(&mut self, id: u64, when: Instant, waker: &Waker) {
+        if self.timers_by_id.get(&id) == Some(&when) {
+            // Absent once fired (`process_timers` drops fired entries from `timers`).
+            if let Some(registered) = self.timers.get_mut(&(when, id)) {
+                if !registered.will_wake(waker) {
+                    *registered = waker.clone();
+                }
+                return;
+            }
+        }
+        self.insert(id, when, waker.clone());
+    }
+
     /// Return the duration until next event and the number of
     /// ready and woke timers.
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
@@ -801,6 +820,12 @@ impl Reactor {
     pub(crate) fn insert_timer(&self, id: u64, when: Instant, waker: Waker) {
         let mut timers = self.timers.borrow_mut();
         timers.insert(id, when, waker);
+    }
+
+    /// jaunt patch 7: [`Reactor::insert_timer`] for a timer polled again (see
+    /// `Timers::refresh`).
+    pub(crate) fn refresh_timer(&self, id: u64, when: Instant, waker: &Waker) {
+        self.timers.borrow_mut().refresh(id, when, waker);
     }
 
     /// Deregisters a timer from the reactor.

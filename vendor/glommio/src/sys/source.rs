@@ -135,6 +135,20 @@ pub(crate) struct InnerSource {
 }
 
 impl InnerSource {
+    /// jaunt patch 6: whether this source's I/O latencies are collected, the only use of the
+    /// `queued_at`, `submitted_at` and `fulfilled_at` timestamps.
+    pub(crate) fn wants_latency(&self) -> bool {
+        matches!(
+            self.stats_collection,
+            Some(StatsCollection {
+                latency: Some(_),
+                ..
+            })
+        )
+    }
+}
+
+impl InnerSource {
     pub(crate) fn update_source_type(&mut self, source_type: SourceType) -> SourceType {
         std::mem::replace(&mut self.source_type, source_type)
     }

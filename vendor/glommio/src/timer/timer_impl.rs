@@ -170,12 +170,13 @@ impl Future for Timer {
             inner.reactor.upgrade().unwrap().remove_timer(inner.id);
             Poll::Ready(inner.when)
         } else {
-            // Register the timer in the reactor.
+            // Register the timer in the reactor (jaunt patch 7: without moving it if it is
+            // registered already for this instant).
             inner
                 .reactor
                 .upgrade()
                 .unwrap()
-                .insert_timer(inner.id, inner.when, cx.waker().clone());
+                .refresh_timer(inner.id, inner.when, cx.waker());
             inner.is_charged = true;
             Poll::Pending
         }
