@@ -358,7 +358,7 @@ async fn handle(ctx: &Ctx<'_>, mut stream: TcpStream, adopted: Option<Vec<u8>>) 
             (hello, routed)
         }
         None => {
-            let _ = stream.set_nodelay(true);
+            // TCP_NODELAY comes from the listening socket (`shard::glommio_listener`).
             let mut hello = Vec::new();
             match with_deadline(
                 ctx.deadline,
