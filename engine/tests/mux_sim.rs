@@ -522,6 +522,11 @@ impl Sim {
                         Err(err) => panic!("seed {seed}: input rejected: {err}"),
                     }
                     ep.drain_events(&mut self.ledger, &mut self.rng, seed);
+                    // The driver's going to sleep, at any moment: the buffers it gives back
+                    // are taken again on the next use.
+                    if self.rng.chance(10) {
+                        ep.conn.release_idle_buffers();
+                    }
                 }
                 done += chunk;
             }

@@ -58,7 +58,7 @@ pub struct Conn {
     rx_control: Vec<u8>,
     /// What the last `input_buf` handed out, until `input_commit`.
     input_target: Option<InputTarget>,
-    /// Zeroed read buffer of `input_buf` (allocated on first use), reused.
+    /// Read buffer of `input_buf` (taken from the thread's pool on use; given back while idle).
     input_scratch: Vec<u8>,
     /// The last DATA frame was big: `input_buf` reads the next header alone so that the payload
     /// after it lands straight in its stream.
@@ -218,11 +218,22 @@ impl Conn {
             },
             InputTarget::Scratch { len } => {
                 if self.input_scratch.len() < INPUT_BUF_LEN {
-                    self.input_scratch.resize(INPUT_BUF_LEN, 0);
+                    self.input_scratch = super::pool::take(INPUT_BUF_LEN);
                 }
                 self.input_scratch.get_mut(..len).unwrap_or(&mut [])
             }
         }
+    }
+
+    /// The driver has nothing to read or write now and goes to sleep: the internal input
+    /// buffer, and transmit buffers at their smallest, go back to the thread's pool (an idle
+    /// tunnel then holds neither; the next use takes them back without allocating). Voids a
+    /// pending [`Conn::input_buf`] and [`Conn::send_buf`] like any other call.
+    pub fn release_idle_buffers(&mut self) {
+        self.input_target = None;
+        self.send_target = None;
+        super::pool::give(&mut self.input_scratch);
+        self.tx.release_idle();
     }
 
     /// Takes in the first `n` bytes written into the buffer of the last [`Conn::input_buf`]

@@ -135,6 +135,7 @@ pub(crate) mod copy;
 mod error;
 mod frame;
 mod hash;
+mod pool;
 mod stream;
 mod tx;
 

@@ -35,7 +35,7 @@ pub(crate) const QUEUE_BOUND: usize = MAX_SEND_QUEUE_BYTES
 const EXTEND_MIN: usize = 4 * 1024;
 
 /// Smallest allocation of a queue buffer.
-const MIN_ALLOC: usize = 16 * 1024;
+pub(crate) const MIN_ALLOC: usize = 16 * 1024;
 
 /// Offset of the flags byte inside a frame header.
 const FLAGS_OFFSET: usize = 5;
@@ -142,6 +142,19 @@ impl TxQueue {
             self.pos = 0;
             self.end = control.len();
             control.clear();
+        }
+    }
+
+    /// With nothing in flight or queued, gives buffers at their smallest size back to the
+    /// thread's pool (`pool.rs`); larger ones (a tunnel that carried bulk) are kept.
+    pub(crate) fn release_idle(&mut self) {
+        if self.in_flight() > 0 || self.queued() > 0 || self.last.is_some() {
+            return;
+        }
+        for buf in &mut self.bufs {
+            if buf.len() <= MIN_ALLOC {
+                super::pool::give(buf);
+            }
         }
     }
 
@@ -309,6 +322,10 @@ impl TxQueue {
 /// Grows `buf` (zeroed, amortized doubling) so that it is at least `len` long.
 fn ensure_len(buf: &mut Vec<u8>, len: usize) {
     if buf.len() >= len {
+        return;
+    }
+    if buf.is_empty() && len <= MIN_ALLOC {
+        *buf = super::pool::take(MIN_ALLOC);
         return;
     }
     let target = (2 * buf.len())

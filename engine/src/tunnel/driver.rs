@@ -172,6 +172,8 @@ where
         if progress {
             Step::Progress
         } else {
+            // Going to sleep: an idle tunnel holds no input or small transmit buffer.
+            self.shared.borrow_mut().conn.release_idle_buffers();
             Step::Idle
         }
     }
