@@ -92,7 +92,6 @@ pub(crate) struct Tickets {
     prk: Prk,
     /// The configuration's name, part of every key's derivation.
     label: &'static str,
-    rng: SystemRandom,
     /// Day keys derived so far (at most [`TICKET_KEY_DAYS`] + 1): a key is a function of the
     /// secret, binding, label and day, so keeping it adds nothing `prk` does not hold already,
     /// and saves its derivation and AES-GCM key setup on every ticket (about 1.5 µs each, one
@@ -132,7 +131,6 @@ impl Tickets {
         Tickets {
             prk: Salt::new(HKDF_SHA256, binding).extract(secret.as_bytes()),
             label,
-            rng: SystemRandom::new(),
             keys: Mutex::new(Vec::new()),
         }
     }
@@ -166,7 +164,7 @@ impl Tickets {
         let day = now / DAY_SECS;
         let key = self.key(day)?;
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).ok()?;
+        crate::server::tls::public_random::fill(&mut nonce).ok()?;
         let mut ticket = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
         ticket.push(VERSION);
         ticket.extend_from_slice(&day.to_be_bytes());

@@ -47,6 +47,7 @@ pub const TLS13_TICKETS: usize = 1;
 /// ([`x25519`]; ARCHITECTURE.md, "TLS policy").
 pub fn provider() -> rustls::crypto::CryptoProvider {
     let mut provider = rustls::crypto::ring::default_provider();
+    provider.secure_random = &public_random::PublicRandom;
     if let Some(fast) = x25519::group() {
         for group in &mut provider.kx_groups {
             if group.name() == rustls::NamedGroup::X25519 {
@@ -64,6 +65,98 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
         )
     });
     provider
+}
+
+/// The random bytes rustls draws for values that go on the wire or only need to be unique
+/// and unpredictable (the server random, a TLS 1.3 ticket's nonce and age mask, a TLS 1.2
+/// session id) and the ticket AEAD nonces of `tickets.rs`: from the same kernel CSPRNG as
+/// ring's `SystemRandom`, fetched [`BATCH`] bytes at a time per thread instead of one
+/// `getrandom` per draw (four per full handshake). Every byte is handed out once and wiped from
+/// the pool as it is; the pool is the thread's own. Keys are not drawn here: the key exchange
+/// (ring, graviola) and the signatures draw from the OS directly. See ARCHITECTURE.md, "TLS
+/// policy".
+pub(crate) mod public_random {
+    use std::cell::RefCell;
+
+    use ring::rand::{SecureRandom as _, SystemRandom};
+
+    /// Bytes fetched per `getrandom`.
+    pub(crate) const BATCH: usize = 256;
+
+    /// Larger draws go to the OS directly.
+    const MAX_DRAW: usize = 64;
+
+    struct Pool {
+        bytes: [u8; BATCH],
+        /// Bytes handed out (and wiped) from the front; `BATCH`: empty.
+        used: usize,
+    }
+
+    thread_local! {
+        static POOL: RefCell<Pool> = const {
+            RefCell::new(Pool {
+                bytes: [0; BATCH],
+                used: BATCH,
+            })
+        };
+    }
+
+    /// Fills `dest` with random bytes (see the module doc).
+    pub(crate) fn fill(dest: &mut [u8]) -> Result<(), ring::error::Unspecified> {
+        if dest.len() > MAX_DRAW {
+            return SystemRandom::new().fill(dest);
+        }
+        POOL.with(|pool| {
+            let Ok(mut pool) = pool.try_borrow_mut() else {
+                return SystemRandom::new().fill(dest);
+            };
+            if BATCH - pool.used < dest.len() {
+                pool.used = BATCH;
+                SystemRandom::new().fill(&mut pool.bytes)?;
+                pool.used = 0;
+            }
+            let (start, end) = (pool.used, pool.used + dest.len());
+            dest.copy_from_slice(&pool.bytes[start..end]);
+            pool.bytes[start..end].fill(0);
+            pool.used = end;
+            Ok(())
+        })
+    }
+
+    /// [`fill`] as rustls' random source.
+    #[derive(Debug)]
+    pub(crate) struct PublicRandom;
+
+    impl rustls::crypto::SecureRandom for PublicRandom {
+        fn fill(&self, buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+            fill(buf).map_err(|_| rustls::crypto::GetRandomFailed)
+        }
+    }
+
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn draws_are_fresh_and_handed_out_once() {
+            let mut seen = std::collections::HashSet::new();
+            for len in [32, 4, 12, 32, 64, 65, 200, 1] {
+                for _ in 0..40 {
+                    let mut a = vec![0u8; len];
+                    fill(&mut a).unwrap();
+                    if len >= 12 {
+                        assert!(seen.insert(a.clone()), "a repeated draw of {len}");
+                        assert!(a.iter().any(|&b| b != 0));
+                    }
+                }
+            }
+            POOL.with(|pool| {
+                let pool = pool.borrow();
+                assert!(pool.bytes[..pool.used].iter().all(|&b| b == 0), "wiped");
+            });
+        }
+    }
 }
 
 /// X25519 (RFC 7748) for rustls from graviola, whose x86-64 routines are s2n-bignum's,
