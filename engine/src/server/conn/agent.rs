@@ -6,6 +6,7 @@
 //! the shard's tables (`server/table.rs`, `server/inventory.rs`), user sessions (`session.rs`).
 
 use std::io;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,13 +24,13 @@ use crate::tunnel::{self, CloseReason, OpenError, Tunnel};
 
 /// Removes a tunnel from its shard's table when the connection carrying it ends, however it
 /// ends (including a drain abort that drops the task).
-struct Registration<'a> {
-    shard: &'a Shard,
+struct Registration {
+    shard: Rc<Shard>,
     host_id: String,
     conn_id: u64,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.shard.unregister_tunnel(&self.host_id, self.conn_id);
     }
@@ -100,8 +101,8 @@ pub(super) async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) 
     let heartbeats = tunnel.clone();
     let pushes = tunnel.clone();
     let registered = shard.register_tunnel(&host_id, ctx.conn_id, &agent, tunnel);
-    let _registration = (registered != Registered::Draining).then(|| Registration {
-        shard,
+    let registration = (registered != Registered::Draining).then(|| Registration {
+        shard: Rc::clone(ctx.shard),
         host_id: host_id.clone(),
         conn_id: ctx.conn_id,
     });
@@ -115,23 +116,32 @@ pub(super) async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) 
         "agent tunnel open"
     );
     drop(agent);
-    // The policy pusher never returns; it stops with the heartbeat task (when the tunnel
-    // stops taking streams), so it never holds the tunnel open either.
-    let reason = futures_lite::future::or(driver, async {
-        futures_lite::future::or(
-            serve_heartbeats(shard, &host_id, ctx.conn_id, heartbeats, hello_hash),
-            push_policy(shard, &host_id, pushes),
-        )
+    // What a live tunnel keeps: its driver and its two helpers, in a task of their own (see
+    // `Ctx::detach`), not this connection task sized for the largest route's handshake phases.
+    let shard = Rc::clone(ctx.shard);
+    let conn_id = ctx.conn_id;
+    let rest = async move {
+        let _registration = registration;
+        let shard = &*shard;
+        // The policy pusher never returns; it stops with the heartbeat task (when the tunnel
+        // stops taking streams), so it never holds the tunnel open either.
+        let reason = futures_lite::future::or(driver, async {
+            futures_lite::future::or(
+                serve_heartbeats(shard, &host_id, conn_id, heartbeats, hello_hash),
+                push_policy(shard, &host_id, pushes),
+            )
+            .await;
+            std::future::pending().await
+        })
         .await;
-        std::future::pending().await
-    })
-    .await;
-    tracing::info!(shard = shard.index, %host_id, %reason, "agent tunnel closed");
-    if reason.is_graceful() || reason == CloseReason::PeerEof {
-        End::Done
-    } else {
-        End::Failed(ConnError::Tunnel(reason))
-    }
+        tracing::info!(shard = shard.index, %host_id, %reason, "agent tunnel closed");
+        if reason.is_graceful() || reason == CloseReason::PeerEof {
+            End::Done
+        } else {
+            End::Failed(ConnError::Tunnel(reason))
+        }
+    };
+    ctx.detach(rest).await
 }
 
 /// Pushes the newest snapshot's agent policy to the agent on `tunnel` (see

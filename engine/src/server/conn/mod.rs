@@ -230,8 +230,8 @@ struct Ctx<'a> {
     last_activity: Rc<Cell<Instant>>,
     /// Held until the connection opened its session's stream or took another route.
     dialing: std::cell::RefCell<Option<crate::server::shard::Dialing>>,
-    /// The connection's slot, until a user session's splice takes it to a task of its own
-    /// ([`Ctx::detach`]).
+    /// The connection's slot, until a user session's splice or an agent tunnel takes it to a
+    /// task of its own ([`Ctx::detach`]).
     guard: Cell<Option<ConnGuard>>,
     /// Its handshake admission slot (`admission.rs`), released once TLS is established here or
     /// the connection took a route without a handshake here.
