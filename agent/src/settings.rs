@@ -196,7 +196,10 @@ pub fn client_config(
             .add(root.clone())
             .map_err(|e| AgentError::Tls(format!("a host CA root is not usable: {e}")))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The engine's provider (ring, with graviola's X25519 where the CPU has it, and wire-only
+    // random values from a per-thread pool): a reconnect costs the agent about half the key
+    // exchange CPU (ARCHITECTURE.md, "TLS policy").
+    let provider = Arc::new(jaunt_engine::server::tls_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| AgentError::Tls(e.to_string()))?

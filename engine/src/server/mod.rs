@@ -74,7 +74,7 @@ pub use inventory::{AgentInventory, InventoryEvent};
 pub use shard::LiveSessionInfo;
 pub use snapshot::{Lock, Snapshot, Target, Targets};
 pub use tickets::{TicketSecret, TicketSecretError};
-pub use tls::{TlsBuildError, TlsConfigs};
+pub use tls::{provider as tls_provider, TlsBuildError, TlsConfigs};
 pub use web::{
     AppAccess, TerminalGrant, WebBackend, WebRequest, WebResponse, WebUi, APP_SESSION_COOKIE,
 };
