@@ -214,6 +214,26 @@ impl Harness {
         });
     }
 
+    /// The HTTP status curl gets for `path` on the web route (SNI = the public host, from
+    /// 127.0.0.1), or its error output.
+    fn curl_status(&self, path: &str) -> String {
+        let ca = self.write_file("ca.pem", &self.pki.web.pem());
+        let port = self.addr().port();
+        let resolve = format!("{PUBLIC_HOST}:{port}:127.0.0.1");
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "--cacert"])
+            .arg(&ca)
+            .args(["--resolve", &resolve])
+            .arg(format!("https://{PUBLIC_HOST}:{port}{path}"))
+            .output()
+            .unwrap();
+        match String::from_utf8_lossy(&output.stdout).into_owned() {
+            code if output.status.success() => code,
+            _ => String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
     fn write_file(&self, name: &str, contents: &str) -> PathBuf {
         let path = self.dir.path().join(name);
         std::fs::write(&path, contents).unwrap();
@@ -522,22 +542,7 @@ fn web_ping_over_curl() {
     assert_eq!(body["public_addr"], PUBLIC_HOST);
     assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
 
-    let output = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--cacert",
-        ])
-        .arg(&ca)
-        .args(["--resolve", &resolve, &url("/nope")])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "404");
+    assert_eq!(h.curl_status("/nope"), "404");
     h.wait_metric("jaunt_connections_accepted_total", &[("route", "web")], 2);
     h.wait_metric("jaunt_handshake_seconds_count", &[], 2);
     assert!(
@@ -1775,7 +1780,7 @@ fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
     let source: SocketAddr = format!("{source}:0").parse().unwrap();
     rustix::net::bind(&fd, &source).unwrap();
     rustix::net::connect(&fd, &addr).unwrap();
-    TcpStream::from(std::os::fd::OwnedFd::from(fd))
+    TcpStream::from(fd)
 }
 
 /// One address that opens connections and stalls their handshakes holds at most its share of a
@@ -1798,31 +1803,7 @@ fn a_peer_stalling_handshakes_holds_only_its_share_of_the_slots() {
     assert!(h.metric("jaunt_handshakes_in_flight", &[]) <= 1);
     assert_eq!(h.metric("jaunt_handshake_admission_waits_total", &[]), 0);
     // Someone else (curl, from 127.0.0.1) is served while they stall.
-    let ca = h.write_file("ca.pem", &h.pki.web.pem());
-    let port = h.addr().port();
-    let resolve = format!("{PUBLIC_HOST}:{port}:127.0.0.1");
-    let output = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-        ])
-        .arg("--cacert")
-        .arg(&ca)
-        .args(["--resolve", &resolve])
-        .arg(format!("https://{PUBLIC_HOST}:{port}/webapi/ping"))
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_eq!(h.curl_status("/webapi/ping"), "200");
     assert_eq!(h.metric("jaunt_handshake_admission_waits_total", &[]), 0);
     drop(stalled);
     wait_for("no handshake in flight", || {
