@@ -1261,9 +1261,9 @@ impl hop::HopShard for Shard {
         let Some(guard) = ConnGuard::admit(self) else {
             return;
         };
-        let peer = adopted.stream.peer_addr().ok().map(|a| a.ip());
+        let peer = adopted.stream.peer_addr().ok();
         let stream = adopted_stream(adopted.stream);
-        let slot = self.handshake_slot(peer);
+        let slot = self.handshake_slot(peer.map(|a| a.ip()));
         glommio::spawn_local(conn::serve_adopted(
             Rc::clone(self),
             stream,
@@ -1271,6 +1271,7 @@ impl hop::HopShard for Shard {
             slot,
             adopted.hello,
             adopted.accepted_at,
+            peer,
         ))
         .detach();
     }

@@ -14,11 +14,15 @@
 //! the first nine bytes authenticated as associated data. A ticket decrypts for
 //! [`TICKET_KEY_DAYS`] days (its day and the six after), and clients are told it lives
 //! [`TICKET_LIFETIME_SECS`], so a key is used to encrypt for one day and to decrypt for a week,
-//! then never again. Each instance keeps the day keys it derived (at most eight), since a
-//! derivation and AES key setup per ticket was about 1% of a handshake's CPU.
+//! then never again. Each thread (each shard is one) keeps the day keys it derived, per
+//! instance (at most eight each), since a derivation and AES key setup per ticket was about 1%
+//! of a handshake's CPU; per thread, because every shard shares one instance and a shared lock
+//! on every handshake would bounce between cores.
 
+use std::cell::RefCell;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -92,11 +96,24 @@ pub(crate) struct Tickets {
     prk: Prk,
     /// The configuration's name, part of every key's derivation.
     label: &'static str,
-    /// Day keys derived so far (at most [`TICKET_KEY_DAYS`] + 1): a key is a function of the
-    /// secret, binding, label and day, so keeping it adds nothing `prk` does not hold already,
-    /// and saves its derivation and AES-GCM key setup on every ticket (about 1.5 µs each, one
-    /// or two per handshake). The lock is held only to look up or insert an entry.
-    keys: Mutex<Vec<(u64, Arc<LessSafeKey>)>>,
+    /// This instance's key in each thread's [`DAY_KEYS`].
+    id: u64,
+}
+
+/// Distinct ids for [`Tickets`] instances (a reload builds new ones).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Most day keys a thread keeps over all instances (four configurations, each at most
+/// [`TICKET_KEY_DAYS`] + 1 days); beyond it the oldest entry goes (an instance a reload
+/// replaced, in practice).
+const THREAD_KEYS: usize = 4 * (TICKET_KEY_DAYS as usize + 1);
+
+thread_local! {
+    /// Day keys derived on this thread, as (instance id, day, key), oldest first. A key is a
+    /// function of the secret, binding, label and day, so keeping it adds nothing `prk` does
+    /// not hold already, and saves its derivation and AES-GCM key setup on every ticket (about
+    /// 1.5 µs each, one or two per handshake).
+    static DAY_KEYS: RefCell<Vec<(u64, u64, Rc<LessSafeKey>)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl fmt::Debug for Tickets {
@@ -131,33 +148,48 @@ impl Tickets {
         Tickets {
             prk: Salt::new(HKDF_SHA256, binding).extract(secret.as_bytes()),
             label,
-            keys: Mutex::new(Vec::new()),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
 
-    fn key(&self, day: u64) -> Option<Arc<LessSafeKey>> {
-        let cached = |keys: &[(u64, Arc<LessSafeKey>)]| {
+    fn key(&self, day: u64) -> Option<Rc<LessSafeKey>> {
+        let id = self.id;
+        let cached = DAY_KEYS.with_borrow(|keys| {
             keys.iter()
-                .find(|(d, _)| *d == day)
-                .map(|(_, key)| Arc::clone(key))
-        };
-        if let Some(key) = cached(&self.keys.lock().unwrap_or_else(|p| p.into_inner())) {
-            return Some(key);
+                .find(|(i, d, _)| (*i, *d) == (id, day))
+                .map(|(_, _, key)| Rc::clone(key))
+        });
+        if cached.is_some() {
+            return cached;
         }
         let day_bytes = day.to_be_bytes();
         let info = [self.label.as_bytes(), &day_bytes[..]];
         let okm = self.prk.expand(&info, &AES_256_GCM).ok()?;
-        let key = Arc::new(LessSafeKey::new(UnboundKey::from(okm)));
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if cached(&keys).is_none() {
+        let key = Rc::new(LessSafeKey::new(UnboundKey::from(okm)));
+        DAY_KEYS.with_borrow_mut(|keys| {
             // Oldest days out first: only the last TICKET_KEY_DAYS ever decrypt.
-            if keys.len() > TICKET_KEY_DAYS as usize {
-                keys.sort_by_key(|(d, _)| *d);
+            if self.kept_days(keys) > TICKET_KEY_DAYS as usize {
+                let oldest = keys
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (i, _, _))| *i == id)
+                    .min_by_key(|(_, (_, d, _))| *d)
+                    .map(|(at, _)| at);
+                if let Some(at) = oldest {
+                    keys.remove(at);
+                }
+            }
+            if keys.len() >= THREAD_KEYS {
                 keys.remove(0);
             }
-            keys.push((day, Arc::clone(&key)));
-        }
+            keys.push((id, day, Rc::clone(&key)));
+        });
         Some(key)
+    }
+
+    /// How many day keys of this instance `keys` holds.
+    fn kept_days(&self, keys: &[(u64, u64, Rc<LessSafeKey>)]) -> usize {
+        keys.iter().filter(|(i, _, _)| *i == self.id).count()
     }
 
     fn encrypt_at(&self, plain: &[u8], now: u64) -> Option<Vec<u8>> {
@@ -253,7 +285,7 @@ mod tests {
                 .encrypt_at(b"s2", now)
                 .unwrap();
             assert_eq!(a.decrypt_at(&other, now).unwrap(), b"s2");
-            assert!(a.keys.lock().unwrap().len() <= TICKET_KEY_DAYS as usize + 1);
+            assert!(DAY_KEYS.with_borrow(|keys| a.kept_days(keys)) <= TICKET_KEY_DAYS as usize + 1);
         }
         // A week-old day whose key was dropped is derived again.
         let old = a.encrypt_at(b"old", NOW).unwrap();

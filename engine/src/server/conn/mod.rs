@@ -266,8 +266,8 @@ pub(crate) async fn serve_adopted(
     slot: Slot,
     hello: Vec<u8>,
     accepted_at: Instant,
+    peer: Option<std::net::SocketAddr>,
 ) {
-    let peer = stream.peer_addr().ok();
     serve_from(shard, stream, guard, slot, Some(hello), accepted_at, peer).await;
 }
 
