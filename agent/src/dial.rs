@@ -23,11 +23,12 @@ use rustls::ClientConfig;
 
 use crate::error::TunnelError;
 use crate::net;
+use crate::placement::Watched;
 use crate::settings::Prepared;
 
 /// The agent's end of a tunnel connection; the socket is read in large reads under rustls
-/// ([`ReadAhead`]).
-pub(crate) type Transport = TlsStream<ReadAhead<TcpStream>>;
+/// ([`ReadAhead`]) and counts its bytes for the executor's placement ([`Watched`]).
+pub(crate) type Transport = TlsStream<ReadAhead<Watched<TcpStream>>>;
 
 /// A connection that completed TLS and delivered the engine's hello.
 pub(crate) struct Handshaked {
@@ -124,6 +125,8 @@ pub(crate) async fn handshake(
         addr: prepared.proxy_addr.clone(),
         source: e.into(),
     })?;
+    let local = tcp.local_addr().ok();
+    let tcp = Watched::new(tcp, peer, local);
     let after = prepared.timeouts.handshake;
     net::timeout(after, async {
         let connector = TlsConnector::from(tls);

@@ -45,6 +45,7 @@ mod issue_cache;
 pub mod metrics;
 pub mod mysql;
 mod net;
+mod placement;
 pub mod policy;
 pub mod postgres;
 pub mod recording;
@@ -85,6 +86,7 @@ pub mod fuzzing {
         crate::mysql::wire::fuzz_parse(data);
     }
 }
+pub use placement::CpuPlacement;
 pub use policy::{ClusterPolicy, PolicyMode};
 pub use runtime::{run, run_with_hooks, run_with_policy, AgentCommand, AGENT_IO_MEMORY};
 pub use settings::{

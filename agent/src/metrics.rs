@@ -2,12 +2,13 @@
 //! (`--metrics-addr` / `agent.metrics_addr`; the `jaunt agent` command serves [`render`]).
 //!
 //! Today: the SSH connections a terminating agent refused or ended for bad input, by a stable
-//! reason ([`SSH_REFUSALS`]): `jaunt_agent_ssh_refused_total{reason="..."}`. Counters are
+//! reason ([`SSH_REFUSALS`]): `jaunt_agent_ssh_refused_total{reason="..."}`; and where the
+//! executor runs (`jaunt_agent_cpu_moves_total{to}`, `jaunt_agent_cpu_pinned`). Counters are
 //! process-wide atomics (one agent per process; tests that run several agents in one process
 //! see their sum).
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// Why a terminated SSH connection was refused or ended, as counted (the `reason` label).
 pub const SSH_REFUSALS: [&str; 10] = [
@@ -54,6 +55,29 @@ pub fn ssh_refused_count(reason: &str) -> u64 {
         .map_or(0, |i| SSH_REFUSED[i].load(Ordering::Relaxed))
 }
 
+static CPU_PINS: AtomicU64 = AtomicU64::new(0);
+static CPU_UNPINS: AtomicU64 = AtomicU64::new(0);
+static CPU_PINNED: AtomicI64 = AtomicI64::new(-1);
+
+/// The executor was pinned to `Some(cpu)` or unpinned (`None`) by `agent.cpu_placement`.
+pub fn cpu_moved(to: Option<usize>) {
+    match to {
+        Some(cpu) => {
+            CPU_PINS.fetch_add(1, Ordering::Relaxed);
+            CPU_PINNED.store(i64::try_from(cpu).unwrap_or(i64::MAX), Ordering::Relaxed);
+        }
+        None => {
+            CPU_UNPINS.fetch_add(1, Ordering::Relaxed);
+            CPU_PINNED.store(-1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The CPU the executor is pinned to, if it is.
+pub fn cpu_pinned() -> Option<usize> {
+    usize::try_from(CPU_PINNED.load(Ordering::Relaxed)).ok()
+}
+
 /// Every counter, in the Prometheus text format (0.0.4).
 pub fn render() -> String {
     let mut out = String::new();
@@ -68,6 +92,18 @@ pub fn render() -> String {
             SSH_REFUSED[i].load(Ordering::Relaxed)
         );
     }
+    let _ = write!(
+        out,
+        "# HELP jaunt_agent_cpu_moves_total Times the executor was pinned beside a local \
+         engine's shard or unpinned (agent.cpu_placement).\n# TYPE jaunt_agent_cpu_moves_total \
+         counter\njaunt_agent_cpu_moves_total{{to=\"pinned\"}} {}\n\
+         jaunt_agent_cpu_moves_total{{to=\"unpinned\"}} {}\n\
+         # HELP jaunt_agent_cpu_pinned The CPU the executor is pinned to, -1 if none.\n\
+         # TYPE jaunt_agent_cpu_pinned gauge\njaunt_agent_cpu_pinned {}\n",
+        CPU_PINS.load(Ordering::Relaxed),
+        CPU_UNPINS.load(Ordering::Relaxed),
+        CPU_PINNED.load(Ordering::Relaxed),
+    );
     out
 }
 

@@ -80,6 +80,7 @@ use crate::dial::{self, Handshaked};
 use crate::error::{AgentError, Blame, TunnelError};
 use crate::hooks::AgentHooks;
 use crate::net;
+use crate::placement::CpuPlacement;
 use crate::policy::{ClusterPolicy, Guard, PolicyMode};
 use crate::serve;
 use crate::settings::{AgentSettings, Announce, Prepared};
@@ -197,9 +198,12 @@ pub fn run_with_policy(
         others: RefCell::new(BTreeMap::new()),
         done: RefCell::new(Vec::new()),
     });
+    let placement = settings.cpu_placement;
     let supervisor =
         Supervisor::new(prepared, settings, hooks, events_tx, events_rx).with_policy(guard, queued);
     executor.run(async move {
+        let placer = (placement == CpuPlacement::FollowEngine)
+            .then(|| glommio::spawn_local(crate::placement::follow_engine()).detach());
         let dispatcher = glommio::spawn_local(Rc::clone(&fleet).dispatch(dispatch_rx)).detach();
         supervisor.run().await;
         // The primary stopped (shutdown): the others got the same command; wait for them.
@@ -212,6 +216,9 @@ pub fn run_with_policy(
             let _ = handle.await;
         }
         dispatcher.cancel();
+        if let Some(placer) = placer {
+            placer.cancel();
+        }
     });
     Ok(())
 }

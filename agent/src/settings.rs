@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jaunt_config::file::{AgentConfig, AgentServices, AppProtocol, DbProtocol, HostPort};
+use jaunt_config::file::{
+    AgentConfig, AgentServices, AppProtocol, CpuPlacement, DbProtocol, HostPort,
+};
 use jaunt_config::wire::agent_hello::{AgentHello, Resource, ResourceKind, ResourceProtocol};
 use jaunt_config::wire::dial::DialError;
 use jaunt_config::wire::ALPN_TUNNEL;
@@ -57,6 +59,8 @@ pub struct AgentSettings {
     pub timeouts: Timeouts,
     /// Keepalive and dead-peer timers of the tunnels.
     pub mux: mux::Config,
+    /// Whether the executor runs beside a local engine's busy shard (`placement.rs`).
+    pub cpu_placement: CpuPlacement,
 }
 
 /// Bounds on the agent's waits.
@@ -126,6 +130,7 @@ impl AgentSettings {
             backoff: BackoffConfig::default(),
             timeouts: Timeouts::default(),
             mux: mux::Config::default(),
+            cpu_placement: config.cpu_placement,
         }
     }
 
@@ -403,6 +408,7 @@ mod tests {
             backoff: BackoffConfig::default(),
             timeouts: Timeouts::default(),
             mux: mux::Config::default(),
+            cpu_placement: CpuPlacement::default(),
         }
     }
 

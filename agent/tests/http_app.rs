@@ -31,7 +31,7 @@ use jaunt_agent::{
     AgentCommand, AgentError, AgentHooks, AgentSettings, AppRequest, AppRequestRecorder,
     AppSession, AppToken, AppTokenProvider, BackoffConfig, Timeouts,
 };
-use jaunt_config::file::{AgentServices, AppProtocol, AppService, HostPort};
+use jaunt_config::file::{AgentServices, AppProtocol, AppService, CpuPlacement, HostPort};
 use jaunt_config::wire::dial::{DialKind, StreamHeader};
 use jaunt_engine::mux::{self};
 use jaunt_engine::tunnel::{MuxStream, Tunnel};
@@ -725,6 +725,7 @@ impl Agent {
             backoff: BackoffConfig::default(),
             timeouts: Timeouts::default(),
             mux: mux::Config::default(),
+            cpu_placement: CpuPlacement::default(),
         };
         let (control, control_rx) = crossbeam_channel::unbounded();
         let (done_tx, done) = crossbeam_channel::bounded(1);

@@ -264,6 +264,22 @@ pub struct AgentConfig {
     /// Where the agent serves its own Prometheus `/metrics` (plain HTTP, unauthenticated: a
     /// loopback or private address); none by default.
     pub metrics_addr: Option<HostPort>,
+    /// Whether the agent's executor runs beside a local engine's busy shard.
+    pub cpu_placement: CpuPlacement,
+}
+
+/// Whether the agent's executor follows the engine's shard CPU (`agent.cpu_placement`). Only
+/// an engine on the same host matters: the agent pins its executor thread beside the shard that
+/// carries its traffic, so a request's wake-ups stay on one CPU (`jaunt_agent`'s `placement.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuPlacement {
+    /// `follow-engine` (the default): pin beside a local engine's busy shard while the
+    /// traffic is small requests through one shard; unpinned otherwise.
+    #[default]
+    FollowEngine,
+    /// `off`: never pin; the scheduler places the executor.
+    Off,
 }
 
 /// The join token, inline or in a file (kept out of the config, e.g. a systemd credential).
@@ -910,6 +926,8 @@ pub struct FileAgent {
     #[serde(default)]
     pub services: FileServices,
     pub metrics_addr: Option<HostPort>,
+    #[serde(default)]
+    pub cpu_placement: CpuPlacement,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -1390,6 +1408,7 @@ fn validate_agent(
         labels: file.labels,
         services,
         metrics_addr: file.metrics_addr,
+        cpu_placement: file.cpu_placement,
     })
 }
 
@@ -2066,6 +2085,32 @@ mod tests {
         assert_eq!(
             error(&format!("{base}audit:\n  retension: 30d\n")),
             "jaunt.yaml:3:3: audit.retension: unknown key (expected one of: on_overflow, queue_capacity, file, retention)"
+        );
+    }
+
+    #[test]
+    fn agent_cpu_placement_defaults_to_follow_engine_and_names_a_bad_value() {
+        let agent = |text: &str| config(text).agent.unwrap().cpu_placement;
+        assert_eq!(
+            agent("agent: { proxy_addr: 'p:443' }\n"),
+            CpuPlacement::FollowEngine
+        );
+        assert_eq!(
+            agent("agent:\n  proxy_addr: p:443\n  cpu_placement: off\n"),
+            CpuPlacement::Off
+        );
+        assert_eq!(
+            agent("agent:\n  proxy_addr: p:443\n  cpu_placement: follow-engine\n"),
+            CpuPlacement::FollowEngine
+        );
+        let bad = error("agent:\n  proxy_addr: p:443\n  cpu_placement: pinned\n");
+        assert!(
+            bad.starts_with("jaunt.yaml:3:") && bad.contains("agent.cpu_placement"),
+            "{bad}"
+        );
+        assert!(
+            bad.contains("follow-engine") && bad.contains("off"),
+            "{bad}"
         );
     }
 

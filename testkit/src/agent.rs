@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use jaunt_agent::{AgentSettings, BackoffConfig, Timeouts};
-use jaunt_config::file::{AgentServices, AppProtocol, AppService, HostPort};
+use jaunt_config::file::{AgentServices, AppProtocol, AppService, CpuPlacement, HostPort};
 use jaunt_engine::mux;
 
 use crate::PUBLIC_HOST;
@@ -49,5 +49,6 @@ pub fn settings(
         backoff: BackoffConfig::default(),
         timeouts: Timeouts::default(),
         mux: mux::Config::default(),
+        cpu_placement: CpuPlacement::default(),
     }
 }
