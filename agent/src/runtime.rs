@@ -670,7 +670,7 @@ impl Supervisor {
         }
         tls.get_mut()
             .1
-            .set_buffer_limit(Some(jaunt_engine::tunnel::TLS_BUFFER_LIMIT));
+            .set_buffer_limit(Some(jaunt_engine::tunnel::TUNNEL_TLS_BUFFER_LIMIT));
         let (tunnel, driver) = Tunnel::spawn(tls, Role::Client, self.prepared.mux);
         self.tracker.insert(id, tunnel.clone());
         self.live.insert(

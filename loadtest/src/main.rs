@@ -49,6 +49,13 @@ enum Restart {
     Crash,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BulkDirection {
+    Both,
+    Upload,
+    Download,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 enum Scenario {
     Handshake,
@@ -112,6 +119,9 @@ struct Cli {
     /// MiB per bulk direction.
     #[arg(long)]
     bulk_mib: Option<u64>,
+    /// Bulk directions to run: `both` (default), or only `upload` or `download` (to profile one).
+    #[arg(long, value_enum, default_value = "both")]
+    bulk_direction: BulkDirection,
     /// Requests in rr.
     #[arg(long)]
     requests: Option<usize>,
@@ -195,6 +205,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Some(v) = cli.bulk_mib {
         sizes.bulk_bytes = v << 20;
     }
+    sizes.bulk_variants = match cli.bulk_direction {
+        BulkDirection::Both => &["upload", "download"],
+        BulkDirection::Upload => &["upload"],
+        BulkDirection::Download => &["download"],
+    };
     if let Some(v) = cli.requests {
         sizes.requests = v;
     }

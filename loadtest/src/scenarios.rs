@@ -24,6 +24,8 @@ pub struct Sizes {
     pub threads: usize,
     /// Bytes per bulk direction.
     pub bulk_bytes: u64,
+    /// The bulk directions run, in order: `upload`, `download`.
+    pub bulk_variants: &'static [&'static str],
     /// Requests of the rr scenario.
     pub requests: usize,
     /// Bytes per rr message.
@@ -42,6 +44,7 @@ impl Sizes {
             seconds: 1.0,
             threads: 2,
             bulk_bytes: 8 << 20,
+            bulk_variants: &["upload", "download"],
             requests: 1000,
             message: 64,
             idle: 40,
@@ -55,6 +58,7 @@ impl Sizes {
             seconds: 8.0,
             threads: 2,
             bulk_bytes: 1 << 30,
+            bulk_variants: &["upload", "download"],
             requests: 20_000,
             message: 64,
             idle: 1000,
@@ -248,7 +252,7 @@ pub fn handshake_web(user: &JauntUser, watch: &Watch, sizes: &Sizes) -> anyhow::
 pub fn bulk(path: &str, target: &Target, watch: &Watch, sizes: &Sizes) -> anyhow::Result<Vec<Row>> {
     let n = sizes.bulk_bytes;
     let mut rows = Vec::new();
-    for variant in ["upload", "download"] {
+    for &variant in sizes.bulk_variants {
         let progress = Progress::new(&format!("bulk {variant} via {path}"), Some(n >> 20));
         let (secs, cpu) = measure(watch, || {
             let mut c = target.connect(false)?;

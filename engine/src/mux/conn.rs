@@ -16,13 +16,13 @@ use super::hash::IdHashBuilder;
 use super::stream::{OpenState, Stream};
 use super::tx::{Reservation, TxQueue};
 use super::{
-    Config, ErrorCode, Event, Role, StreamId, CONN_WINDOW, DIRECT_INPUT_MIN, INITIAL_STREAM_WINDOW,
-    INPUT_BUF_LEN, MAX_DIAL_HEADER_LEN, MAX_OPEN_ERROR_LEN, MAX_QUEUED_CONTROL_FRAMES,
-    MAX_QUEUED_EVENTS, MAX_SEND_QUEUE_BYTES, MAX_STREAMS, MAX_WINDOW,
+    Config, ErrorCode, Event, Role, StreamId, CONN_WINDOW, DIRECT_INPUT_MIN, INPUT_BUF_LEN,
+    MAX_DIAL_HEADER_LEN, MAX_OPEN_ERROR_LEN, MAX_QUEUED_CONTROL_FRAMES, MAX_QUEUED_EVENTS,
+    MAX_SEND_QUEUE_BYTES, MAX_STREAMS, MAX_STREAM_WINDOW, MAX_WINDOW,
 };
 // Only the invariant checks (debug builds) and the tests use it.
 #[cfg(any(debug_assertions, test))]
-use super::MAX_FRAME_PAYLOAD;
+use super::{INITIAL_STREAM_WINDOW, MAX_FRAME_PAYLOAD};
 
 /// One tunnel's multiplexer state. See the module docs of [`crate::mux`] for how to drive it.
 #[derive(Debug)]
@@ -351,8 +351,17 @@ impl Conn {
             };
             s.update_queued = false;
             if !s.recv_fin && s.recv_unacked > 0 {
-                encode::window_update(out, id, s.recv_unacked);
-                s.recv_window += s.recv_unacked;
+                // The peer holds less than a quarter of the window and the reader has taken
+                // everything: the window limits the stream, so it doubles (MAX_STREAM_WINDOW).
+                let grow = if s.recv.is_empty() && s.recv_window < s.recv_limit / 4 {
+                    s.recv_limit
+                        .min(MAX_STREAM_WINDOW.saturating_sub(s.recv_limit))
+                } else {
+                    0
+                };
+                encode::window_update(out, id, s.recv_unacked + grow);
+                s.recv_window += s.recv_unacked + grow;
+                s.recv_limit += grow;
                 s.recv_unacked = 0;
             }
         }
@@ -1088,7 +1097,7 @@ impl Conn {
             self.conn_buffered -= n;
             self.conn_recv_unacked += n32;
             s.recv_unacked += n32;
-            if !s.recv_fin && !s.update_queued && s.recv_unacked >= INITIAL_STREAM_WINDOW / 2 {
+            if !s.recv_fin && !s.update_queued && s.recv_unacked >= s.recv_limit / 2 {
                 s.update_queued = true;
                 self.window_updates.push(id);
             }
@@ -1280,11 +1289,8 @@ impl Conn {
                 + s.recv.len() as u64
                 + u64::from(s.recv_unacked)
                 + in_flight(id);
-            assert_eq!(
-                accounted,
-                u64::from(INITIAL_STREAM_WINDOW),
-                "stream {id} window"
-            );
+            assert_eq!(accounted, u64::from(s.recv_limit), "stream {id} window");
+            assert!((INITIAL_STREAM_WINDOW..=MAX_STREAM_WINDOW).contains(&s.recv_limit));
             assert!(s.send_credit <= MAX_WINDOW);
             assert!(!s.is_done(), "stream {id} is done but still live");
             assert!(!s.fin_signaled || (s.recv_fin && s.recv.is_empty()));
@@ -1293,7 +1299,7 @@ impl Conn {
             assert!(!s.listed || self.blocked.contains(&id));
             assert!(!s.update_queued || self.window_updates.contains(&id));
             // Compaction keeps the allocation within the window plus one frame.
-            assert!(s.recv.allocated() <= INITIAL_STREAM_WINDOW as usize + MAX_FRAME_PAYLOAD);
+            assert!(s.recv.allocated() <= s.recv_limit as usize + MAX_FRAME_PAYLOAD);
             buffered += s.recv.len();
         }
         assert_eq!(buffered, self.conn_buffered);
@@ -1446,6 +1452,34 @@ mod tests {
             }]
         );
         assert_eq!(engine.stream_count(), 0);
+    }
+
+    /// A reader that takes everything while the sender uses up its credit (bulk) doubles the
+    /// stream's window with each update up to MAX_STREAM_WINDOW; the buffer never holds more.
+    #[test]
+    fn the_window_grows_while_the_reader_keeps_up() {
+        let now = t0();
+        let (mut engine, mut agent, id) = established(now);
+        let queue_room = MAX_SEND_QUEUE_BYTES - HEADER_LEN;
+        let mut credits = Vec::new();
+        let mut buf = vec![0u8; MAX_STREAM_WINDOW as usize];
+        for round in 0..4u8 {
+            let cap = engine.send_capacity(id).unwrap();
+            credits.push(cap);
+            assert_eq!(engine.send(id, &vec![round; cap]).unwrap(), cap);
+            assert_eq!(engine.send(id, b"x").unwrap(), 0, "no credit left");
+            pump(&mut engine, &mut agent, now).unwrap();
+            assert_eq!(agent.recv(id, &mut buf).unwrap(), cap);
+            assert!(buf[..cap].iter().all(|&b| b == round));
+            pump(&mut agent, &mut engine, now).unwrap();
+            agent.check_invariants();
+            engine.check_invariants();
+        }
+        let (w0, max) = (INITIAL_STREAM_WINDOW as usize, MAX_STREAM_WINDOW as usize);
+        assert_eq!(
+            credits,
+            [w0, 2 * w0, queue_room.min(max), queue_room.min(max)]
+        );
     }
 
     #[test]

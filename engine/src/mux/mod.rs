@@ -117,10 +117,12 @@
 //! [`INITIAL_STREAM_WINDOW`] bytes of credit in each direction and the tunnel with
 //! [`CONN_WINDOW`]; DATA consumes both. The receiver returns stream credit with a WINDOW_UPDATE
 //! once the application has read half a window, so a stream whose reader stalls stops at one
-//! window while the others keep flowing. Tunnel credit comes back the same way, and eagerly
+//! window while the others keep flowing. When the peer has used up most of its credit and the
+//! reader has taken everything (the window limits the stream, not the reader), the update also
+//! doubles the stream's window, up to [`MAX_STREAM_WINDOW`]. Tunnel credit comes back the same way, and eagerly
 //! (on every transmit) once less than half of it is left, so the tunnel window only bounds memory:
 //! it is exhausted only when [`CONN_WINDOW`] / [`INITIAL_STREAM_WINDOW`] (64) streams are all
-//! stalled with full buffers. Exceeding either window is a protocol error.
+//! stalled with full buffers (16 with grown windows). Exceeding either window is a protocol error.
 //!
 //! # Bounds and errors
 //!
@@ -176,8 +178,17 @@ pub const DIRECT_INPUT_MIN: usize = 4 * 1024;
 pub const MAX_STREAMS: usize = 4096;
 
 /// Credit each stream starts with in each direction, and so the most bytes a stream buffers on
-/// receive: 256 KiB covers a 1 Gbit/s × 2 ms bandwidth-delay product per stream.
+/// receive until its window grows ([`MAX_STREAM_WINDOW`]): 256 KiB covers a 1 Gbit/s × 2 ms
+/// bandwidth-delay product per stream.
 pub const INITIAL_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Largest receive window a stream grows to. A receiver whose reader keeps up while the peer
+/// uses up its credit (a bulk transfer: the window, not the reader, limits the stream) returns
+/// the credit with a WINDOW_UPDATE that also doubles the window, up to this. With the initial
+/// 256 KiB a bulk transfer stops once per window for the update's round trip (about 4,000 waits
+/// and wake-ups of both ends per GiB); with more credit in flight it keeps flowing. Only the
+/// receiver's own accounting changes: the peer just sees larger WINDOW_UPDATEs.
+pub const MAX_STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// Credit the tunnel starts with, and so the most received bytes one tunnel buffers across all of
 /// its streams: 64 full stream windows.

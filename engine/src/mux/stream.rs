@@ -30,6 +30,11 @@ pub(crate) struct Stream {
     pub(crate) send_credit: u32,
     /// Bytes we let the peer send (credit it holds as we see it).
     pub(crate) recv_window: u32,
+    /// The stream's receive window: what `recv_window`, the buffered bytes, `recv_unacked` and
+    /// the payload still on its way in add up to. [`super::INITIAL_STREAM_WINDOW`] at first,
+    /// grown up to [`super::MAX_STREAM_WINDOW`] while the window, not the reader, limits the
+    /// stream (`Conn`'s window updates).
+    pub(crate) recv_limit: u32,
     /// Bytes read by the application and not yet returned to the peer in a WINDOW_UPDATE.
     pub(crate) recv_unacked: u32,
     pub(crate) recv: RecvBuf,
@@ -53,6 +58,7 @@ impl Stream {
             fin_signaled: false,
             send_credit: INITIAL_STREAM_WINDOW,
             recv_window: INITIAL_STREAM_WINDOW,
+            recv_limit: INITIAL_STREAM_WINDOW,
             recv_unacked: 0,
             recv: RecvBuf::default(),
             readable_signaled: false,
@@ -72,7 +78,8 @@ impl Stream {
 /// (zeroed when it grows), so the free tail can be handed out for the shell to read socket bytes
 /// straight into ([`RecvBuf::spare`] + [`RecvBuf::commit`]) without `unsafe`. The live bytes move
 /// to the front only when the tail is too short, so steady streaming neither allocates nor copies
-/// more than once per byte. Flow control bounds the live bytes to [`INITIAL_STREAM_WINDOW`].
+/// more than once per byte. Flow control bounds the live bytes to the stream's receive window
+/// (at most [`super::MAX_STREAM_WINDOW`]).
 #[derive(Debug, Default)]
 pub(crate) struct RecvBuf {
     buf: Vec<u8>,

@@ -100,6 +100,15 @@ pub use stream::{Incoming, MuxStream};
 /// takes no more (a slow peer), at most this much per connection.
 pub const TLS_BUFFER_LIMIT: usize = 256 * 1024;
 
+/// rustls' limit on the TLS records it queues for a tunnel (both ends): one whole transmit
+/// batch of the mux ([`crate::mux::MAX_SEND_QUEUE_BYTES`] of DATA plus its frame headers and
+/// the control frames sent with it). The driver hands rustls one batch per write; under a
+/// smaller limit a batch just over it (a stream window of 256 KiB plus a few 12-byte frame
+/// headers, the usual batch of a bulk transfer) went out as two `sendmsg`s, the second one a
+/// record of a few dozen bytes, with a wake-up of the peer for each. Memory: records wait here
+/// only while the socket takes no more, at most one batch per tunnel.
+pub const TUNNEL_TLS_BUFFER_LIMIT: usize = crate::mux::MAX_SEND_QUEUE_BYTES + 128 * 1024;
+
 use crate::mux::{self, Conn, MuxError, Role};
 use shared::{Deferred, Shared, Slot};
 

@@ -36,11 +36,16 @@ use futures_lite::{AsyncRead, AsyncWrite};
 
 use super::MuxStream;
 
-/// Bytes per read or write of a direction: two TLS records, or half a mux DATA frame. A
-/// direction between two plain streams holds a buffer of this size (2 × 32 KiB per session at
-/// most); a direction into a tunnel stream reads at most this much into the send queue per
-/// read.
+/// Bytes per read or write of a buffered direction: two TLS records, or half a mux DATA frame.
+/// A direction between two plain streams holds a buffer of this size (2 × 32 KiB per session at
+/// most).
 pub const SPLICE_BUF_BYTES: usize = 32 * 1024;
+
+/// Most bytes a direction into a lending stream reads per read: one whole mux DATA frame
+/// ([`crate::mux::MAX_FRAME_PAYLOAD`]), read straight into the tunnel's send queue. The agent's
+/// read of a local service's socket is one `recv` per frame, half as many as with
+/// [`SPLICE_BUF_BYTES`] (each also acknowledges the service's bytes, which wakes its sends).
+pub const LEND_READ_BYTES: usize = crate::mux::MAX_FRAME_PAYLOAD;
 
 /// Reads per direction per poll before yielding to the executor's other tasks.
 const SPLICE_READS_PER_POLL: usize = 16;
@@ -319,7 +324,7 @@ impl Half {
             // Whether `fill` ran: its result is then the reader's (the stream's own errors
             // come without calling it).
             let mut read = false;
-            let sent = w.poll_write_with(cx, SPLICE_BUF_BYTES, |cx, room| {
+            let sent = w.poll_write_with(cx, LEND_READ_BYTES, |cx, room| {
                 read = true;
                 Pin::new(&mut *r).poll_read(cx, room)
             });

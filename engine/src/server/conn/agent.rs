@@ -93,7 +93,7 @@ pub(super) async fn agent_tunnel(ctx: &Ctx<'_>, client: Client, hello: Vec<u8>) 
     stream
         .get_mut()
         .1
-        .set_buffer_limit(Some(crate::tunnel::TLS_BUFFER_LIMIT));
+        .set_buffer_limit(Some(crate::tunnel::TUNNEL_TLS_BUFFER_LIMIT));
     let (tunnel, driver) = Tunnel::new(stream, Role::Server, shard.limits().tunnel_timers);
     // Besides the table's handle, the heartbeat task below holds one until the tunnel stops
     // taking streams: so a replacement or a drain drains the tunnel with an explicit
