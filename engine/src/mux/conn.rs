@@ -82,6 +82,10 @@ pub struct Conn {
     events: VecDeque<Event>,
 
     last_input: Instant,
+    /// The peer has been silent for a keepalive interval: the next time the driver sleeps,
+    /// buffers grown by bulk (transmit queue, empty receive buffers) are freed, not kept at
+    /// their high-water mark. Cleared by input.
+    release_large: bool,
     /// Our PING in flight: sequence number and when it was queued.
     ping_outstanding: Option<(u64, Instant)>,
     ping_seq: u64,
@@ -140,6 +144,7 @@ impl Conn {
             blocked: Vec::new(),
             events: VecDeque::new(),
             last_input: now,
+            release_large: false,
             ping_outstanding: None,
             ping_seq: 0,
         };
@@ -176,6 +181,7 @@ impl Conn {
         self.input_target = None;
         if !bytes.is_empty() {
             self.last_input = now;
+            self.release_large = false;
         }
         let result = self.process_input(bytes, now);
         self.finish_input(result)
@@ -227,13 +233,22 @@ impl Conn {
 
     /// The driver has nothing to read or write now and goes to sleep: the internal input
     /// buffer, and transmit buffers at their smallest, go back to the thread's pool (an idle
-    /// tunnel then holds neither; the next use takes them back without allocating). Voids a
+    /// tunnel then holds neither; the next use takes them back without allocating). Once the
+    /// peer has been silent for a keepalive interval, larger transmit buffers (grown by bulk)
+    /// and the streams' empty receive buffers are freed too, so a tunnel that carried bulk does
+    /// not keep its high-water mark while idle; a busy tunnel keeps them (no allocation or
+    /// zeroing per wake-up). Voids a
     /// pending [`Conn::input_buf`] and [`Conn::send_buf`] like any other call.
     pub fn release_idle_buffers(&mut self) {
         self.input_target = None;
         self.send_target = None;
         super::pool::give(&mut self.input_scratch);
-        self.tx.release_idle();
+        if self.tx.release_idle(self.release_large) && self.release_large {
+            self.release_large = false;
+            for s in self.streams.values_mut() {
+                s.recv.release_if_empty();
+            }
+        }
     }
 
     /// Takes in the first `n` bytes written into the buffer of the last [`Conn::input_buf`]
@@ -250,6 +265,7 @@ impl Conn {
         };
         if n > 0 {
             self.last_input = now;
+            self.release_large = false;
         }
         let result = match target {
             InputTarget::Stream { id, len } => {
@@ -415,6 +431,7 @@ impl Conn {
             let keepalive = self.last_input.checked_add(self.config.keepalive_interval);
             if keepalive.is_some_and(|at| now >= at) {
                 self.queue_ping(now);
+                self.release_large = true;
             }
         }
         self.settle();
@@ -1480,6 +1497,65 @@ mod tests {
             credits,
             [w0, 2 * w0, queue_room.min(max), queue_room.min(max)]
         );
+    }
+
+    /// Buffers grown by bulk stay while the tunnel is busy and go once the peer has been silent
+    /// for a keepalive interval; the tunnel works on after.
+    #[test]
+    fn a_quiet_tunnel_frees_what_bulk_grew() {
+        let now = t0();
+        let (mut engine, mut agent, id) = established(now);
+        let mut buf = vec![0u8; MAX_STREAM_WINDOW as usize];
+        let mut bulk = |engine: &mut Conn, agent: &mut Conn, now| {
+            for _ in 0..3 {
+                let cap = engine.send_capacity(id).unwrap();
+                assert_eq!(engine.send(id, &vec![1u8; cap]).unwrap(), cap);
+                pump(engine, agent, now).unwrap();
+                assert_eq!(agent.recv(id, &mut buf).unwrap(), cap);
+                pump(agent, engine, now).unwrap();
+            }
+        };
+        bulk(&mut engine, &mut agent, now);
+        let grown = 256 * 1024;
+        let recv_allocated = |agent: &Conn| agent.streams[&id.get()].recv.allocated();
+        engine.release_idle_buffers();
+        agent.release_idle_buffers();
+        assert!(
+            engine.tx.allocated() > grown,
+            "a busy tunnel keeps its queue"
+        );
+        assert!(recv_allocated(&agent) > grown);
+
+        // Input clears the wish: the timer fired, but bytes (a PING) came in before the
+        // driver slept.
+        let later = now + Config::default().keepalive_interval;
+        agent.handle_timeout(later);
+        engine.ping(later).unwrap();
+        pump(&mut engine, &mut agent, later).unwrap();
+        agent.release_idle_buffers();
+        assert!(recv_allocated(&agent) > grown);
+        // The pings answered both ways.
+        pump(&mut agent, &mut engine, later).unwrap();
+        pump(&mut engine, &mut agent, later).unwrap();
+
+        let later = later + Config::default().keepalive_interval;
+        engine.handle_timeout(later);
+        agent.handle_timeout(later);
+        engine.release_idle_buffers();
+        agent.release_idle_buffers();
+        assert_eq!(engine.tx.allocated(), 0);
+        assert_eq!(recv_allocated(&agent), 0);
+        engine.check_invariants();
+        agent.check_invariants();
+
+        // Pings answered, bulk flows again.
+        pump(&mut engine, &mut agent, later).unwrap();
+        pump(&mut agent, &mut engine, later).unwrap();
+        pump(&mut engine, &mut agent, later).unwrap();
+        bulk(&mut engine, &mut agent, later);
+        engine.check_invariants();
+        agent.check_invariants();
+        assert!(!engine.is_closed() && !agent.is_closed());
     }
 
     #[test]

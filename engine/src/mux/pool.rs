@@ -8,8 +8,9 @@
 //! zeroing, so a busy tunnel pays a thread-local push and pop per wake-up.
 //!
 //! The core stays sans-IO: this is memory, not I/O, and a pool per thread (each glommio
-//! executor is one) needs no lock. Not here: larger transmit buffers (a tunnel that carried
-//! bulk keeps its queue's high-water mark, see `tx.rs`).
+//! executor is one) needs no lock. Not here: larger transmit buffers (grown by bulk), which a
+//! busy tunnel keeps and a quiet one frees (after a keepalive interval of silence, see
+//! `Conn::release_idle_buffers`).
 
 use std::cell::RefCell;
 

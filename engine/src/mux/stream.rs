@@ -152,8 +152,15 @@ impl RecvBuf {
         self.consume(n)
     }
 
+    /// Frees the allocation if nothing is buffered (it grows again on the next bytes).
+    pub(crate) fn release_if_empty(&mut self) {
+        if self.is_empty() {
+            *self = RecvBuf::default();
+        }
+    }
+
     /// Bytes allocated (for bounds checks).
-    #[cfg(debug_assertions)]
+    #[cfg(any(debug_assertions, test))]
     pub(crate) fn allocated(&self) -> usize {
         self.buf.len()
     }

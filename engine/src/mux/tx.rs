@@ -12,8 +12,9 @@
 //!   there for them (a batch with more control than that sends the control alone first), and
 //!   the two buffers trade roles.
 //!
-//! Both buffers stay allocated and initialized at their high-water mark, so handing out room
-//! for a payload costs neither an allocation nor zeroing. Each holds at most one bound's worth
+//! Both buffers stay allocated and initialized at their high-water mark while the tunnel is
+//! busy, so handing out room for a payload costs neither an allocation nor zeroing (a quiet
+//! tunnel frees them: [`TxQueue::release_idle`]). Each holds at most one bound's worth
 //! of frames ([`QUEUE_BOUND`]), as the queue and the caller's batch did before.
 
 use super::copy::copy;
@@ -146,16 +147,27 @@ impl TxQueue {
     }
 
     /// With nothing in flight or queued, gives buffers at their smallest size back to the
-    /// thread's pool (`pool.rs`); larger ones (a tunnel that carried bulk) are kept.
-    pub(crate) fn release_idle(&mut self) {
+    /// thread's pool (`pool.rs`); larger ones (a tunnel that carried bulk) are kept, unless
+    /// `large` (the tunnel has been quiet for a while): then they are freed. Returns whether the
+    /// queue was idle (so `large` took effect).
+    pub(crate) fn release_idle(&mut self, large: bool) -> bool {
         if self.in_flight() > 0 || self.queued() > 0 || self.last.is_some() {
-            return;
+            return false;
         }
         for buf in &mut self.bufs {
             if buf.len() <= MIN_ALLOC {
                 super::pool::give(buf);
+            } else if large {
+                *buf = Vec::new();
             }
         }
+        true
+    }
+
+    /// Bytes allocated by both buffers (for tests).
+    #[cfg(test)]
+    pub(crate) fn allocated(&self) -> usize {
+        self.bufs.iter().map(Vec::len).sum()
     }
 
     /// Drops the queued DATA frames (not the batch in flight: it is written to its end, so the

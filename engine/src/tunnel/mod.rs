@@ -49,7 +49,8 @@
 //! peer can make us hold, so the driver reads whenever the transport has bytes (it must, to see
 //! credit coming back). Memory per tunnel is then: no read buffer or outgoing batch of its
 //! own; the received bytes in the core, at most [`crate::mux::CONN_WINDOW`] (16 MiB) across
-//! streams and [`crate::mux::INITIAL_STREAM_WINDOW`] per stream; the send side, at most
+//! streams and a stream's window ([`crate::mux::INITIAL_STREAM_WINDOW`], grown up to
+//! [`crate::mux::MAX_STREAM_WINDOW`] while its reader keeps up) per stream; the send side, at most
 //! [`crate::mux::MAX_SEND_QUEUE_BYTES`] of DATA in the core's double-buffered send queue (the
 //! batch being written is one of its two buffers, not a copy) plus
 //! [`crate::mux::MAX_QUEUED_CONTROL_FRAMES`] control frames; and rustls's own buffer. A writer
