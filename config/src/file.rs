@@ -77,6 +77,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_hours(1);
 /// host, most of the unit's 1M file descriptors for connections.
 pub const DEFAULT_MAX_CONNECTIONS_PER_SHARD: u32 = 20_000;
 
+/// `engine.max_handshakes_per_shard` when unset: the engine's own default
+/// (`jaunt_engine::server::DEFAULT_MAX_HANDSHAKES_PER_SHARD`; control's tests hold them equal).
+pub const DEFAULT_MAX_HANDSHAKES_PER_SHARD: u32 = 128;
+
 /// Audit events waiting for the store: a few seconds of bursts at high connection rates, and a
 /// bounded memory cost (events are a few hundred bytes).
 pub const DEFAULT_AUDIT_QUEUE_CAPACITY: usize = 65_536;
@@ -105,6 +109,9 @@ pub const SHARDS_MAX: usize = 1024;
 pub const IO_MEMORY_BYTES_MAX: u64 = 1024 * MIB;
 /// A shard cannot hold more connections than a process has file descriptors.
 pub const MAX_CONNECTIONS_PER_SHARD_MAX: u32 = 1 << 20;
+
+/// The largest `engine.max_handshakes_per_shard` accepted.
+pub const MAX_HANDSHAKES_PER_SHARD_MAX: u32 = 1 << 16;
 /// Audit queue entries: 16M events is already gigabytes of memory.
 pub const AUDIT_QUEUE_CAPACITY_MAX: usize = 1 << 24;
 /// Rotated audit files kept: each rotation renames them all, so thousands would make every
@@ -221,6 +228,8 @@ pub struct EngineConfig {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections_per_shard: u32,
+    /// TLS handshakes one shard runs at once; more connections wait in the listen backlog.
+    pub max_handshakes_per_shard: u32,
     /// Certificate for the public port; `None` means one issued by the cluster's host CA.
     pub tls: Option<TlsFiles>,
     /// Where control is, for an engine host that does not run control; `None` when it does.
@@ -410,6 +419,7 @@ impl Config {
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
                 max_connections_per_shard: DEFAULT_MAX_CONNECTIONS_PER_SHARD,
+                max_handshakes_per_shard: DEFAULT_MAX_HANDSHAKES_PER_SHARD,
                 tls: None,
                 control_addr: None,
             }),
@@ -885,6 +895,7 @@ pub struct FileEngine {
     pub handshake_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub max_connections_per_shard: Option<u32>,
+    pub max_handshakes_per_shard: Option<u32>,
     pub tls: Option<FileTls>,
     pub control_addr: Option<HostPort>,
 }
@@ -1249,6 +1260,15 @@ fn validate_engine(file: FileEngine, runs_control: bool) -> Result<EngineConfig,
             format!("expected a number from 1 to {MAX_CONNECTIONS_PER_SHARD_MAX}"),
         ));
     }
+    let max_handshakes_per_shard = file
+        .max_handshakes_per_shard
+        .unwrap_or(DEFAULT_MAX_HANDSHAKES_PER_SHARD);
+    if max_handshakes_per_shard == 0 || max_handshakes_per_shard > MAX_HANDSHAKES_PER_SHARD_MAX {
+        return Err(Invalid::new(
+            "engine.max_handshakes_per_shard",
+            format!("expected a number from 1 to {MAX_HANDSHAKES_PER_SHARD_MAX}"),
+        ));
+    }
     let tls = match file.tls {
         None
         | Some(FileTls {
@@ -1294,6 +1314,7 @@ fn validate_engine(file: FileEngine, runs_control: bool) -> Result<EngineConfig,
         handshake_timeout,
         idle_timeout,
         max_connections_per_shard,
+        max_handshakes_per_shard,
         tls,
         control_addr,
     })
@@ -1768,6 +1789,10 @@ mod tests {
         assert_eq!(engine.handshake_timeout, Duration::from_secs(10));
         assert_eq!(engine.idle_timeout, Duration::from_hours(1));
         assert_eq!(engine.max_connections_per_shard, 20_000);
+        assert_eq!(
+            engine.max_handshakes_per_shard,
+            DEFAULT_MAX_HANDSHAKES_PER_SHARD
+        );
         assert_eq!(engine.tls, None);
         assert_eq!(engine.control_addr, None);
         assert_eq!(config.audit, AuditConfig::default());
@@ -1786,6 +1811,7 @@ mod tests {
   handshake_timeout: 5s
   idle_timeout: 30m
   max_connections_per_shard: 1000
+  max_handshakes_per_shard: 64
   tls: { cert_file: /etc/jaunt/tls.crt, key_file: /etc/jaunt/tls.key }
   control_addr: control.internal:3025
 ",
@@ -1806,6 +1832,7 @@ mod tests {
         assert_eq!(engine.handshake_timeout, Duration::from_secs(5));
         assert_eq!(engine.idle_timeout, Duration::from_mins(30));
         assert_eq!(engine.max_connections_per_shard, 1000);
+        assert_eq!(engine.max_handshakes_per_shard, 64);
         assert_eq!(
             engine.tls.unwrap().key_file,
             PathBuf::from("/etc/jaunt/tls.key")
@@ -1914,6 +1941,12 @@ mod tests {
 
     #[test]
     fn errors_name_key_and_line() {
+        assert_eq!(
+            error("engine:\n  public_addr: p:443\n  control_addr: c:1\n  max_handshakes_per_shard: 0\n"),
+            format!(
+                "jaunt.yaml:4:3: engine.max_handshakes_per_shard: expected a number from 1 to {MAX_HANDSHAKES_PER_SHARD_MAX}"
+            )
+        );
         assert_eq!(
             error("engine:\n  public_addr: p:443\n  control_addr: c:1\n  shards: lots\n"),
             "jaunt.yaml:4:11: engine.shards: expected a number or \"auto\""

@@ -163,7 +163,7 @@ fn bad_configs() -> Vec<(String, &'static str)> {
             format!("{ENGINE}  sharts: 4\n"),
             "jaunt.yaml:4:3: engine.sharts: unknown key (expected one of: public_addr, \
              listen_addr, shards, io_memory, diag_addr, handshake_timeout, idle_timeout, \
-             max_connections_per_shard, tls, control_addr)",
+             max_connections_per_shard, max_handshakes_per_shard, tls, control_addr)",
         ),
         (
             format!("{ENGINE}clustr_name: x\n"),

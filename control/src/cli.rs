@@ -987,6 +987,7 @@ fn daemon_config_from_file(
             handshake_timeout: engine.handshake_timeout.as_std(),
             idle_timeout: engine.idle_timeout.as_std(),
             max_connections_per_shard: engine.max_connections_per_shard as usize,
+            max_handshakes_per_shard: engine.max_handshakes_per_shard as usize,
             tls_files: engine
                 .tls
                 .as_ref()

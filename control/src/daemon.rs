@@ -74,6 +74,8 @@ pub struct EngineSettings {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections_per_shard: usize,
+    /// `engine.max_handshakes_per_shard`: TLS handshakes one shard runs at once.
+    pub max_handshakes_per_shard: usize,
     /// An operator-provided certificate and key for the public port (e.g. a public CA's);
     /// otherwise the host CA issues one.
     pub tls_files: Option<(PathBuf, PathBuf)>,
@@ -95,6 +97,7 @@ impl EngineSettings {
             handshake_timeout: jaunt_engine::server::DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: jaunt_engine::server::DEFAULT_IDLE_TIMEOUT,
             max_connections_per_shard: jaunt_engine::server::DEFAULT_MAX_CONNECTIONS_PER_SHARD,
+            max_handshakes_per_shard: jaunt_engine::server::DEFAULT_MAX_HANDSHAKES_PER_SHARD,
             tls_files: None,
             audit_queue_capacity: jaunt_config::file::DEFAULT_AUDIT_QUEUE_CAPACITY,
             audit_overflow: jaunt_config::file::AuditOverflow::Reject,
@@ -253,12 +256,14 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     engine_config.handshake_timeout = cfg.engine.handshake_timeout;
     engine_config.idle_timeout = cfg.engine.idle_timeout;
     engine_config.max_connections_per_shard = cfg.engine.max_connections_per_shard;
+    engine_config.max_handshakes_per_shard = cfg.engine.max_handshakes_per_shard;
     if let Some(bound) = std::env::var("JAUNT_MAX_HANDSHAKES_PER_SHARD")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|v| *v > 0)
     {
-        // For measurements (BENCHMARKS.md); no configuration key yet.
+        // Kept for the measurements that used it (BENCHMARKS.md); the configuration key is
+        // `engine.max_handshakes_per_shard`, and the environment wins over it.
         engine_config.max_handshakes_per_shard = bound;
     }
     let (inventory_tx, inventory_rx) = crossbeam_channel::bounded(4096);
@@ -934,6 +939,11 @@ fn read_reload(cfg: &DaemonConfig, path: &std::path::Path) -> anyhow::Result<Rel
             != cfg.engine.tls_files,
     );
     changed(
+        "engine.max_handshakes_per_shard",
+        usize::try_from(engine.max_handshakes_per_shard).unwrap_or(usize::MAX)
+            != cfg.engine.max_handshakes_per_shard,
+    );
+    changed(
         "audit.queue_capacity",
         config.audit.queue_capacity != cfg.engine.audit_queue_capacity,
     );
@@ -1219,5 +1229,13 @@ mod tests {
         );
         assert_eq!(host_part("[::1]:443"), "::1");
         assert_eq!(host_part("proxy.example.com:443"), "proxy.example.com");
+    }
+
+    #[test]
+    fn the_config_files_handshake_bound_is_the_engines_default() {
+        assert_eq!(
+            jaunt_config::file::DEFAULT_MAX_HANDSHAKES_PER_SHARD as usize,
+            jaunt_engine::server::DEFAULT_MAX_HANDSHAKES_PER_SHARD
+        );
     }
 }
