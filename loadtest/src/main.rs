@@ -325,6 +325,23 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             w.add("loadtest", vec![me]);
             peer_targets.push(("nginx".into(), n.one_hop.clone(), w.clone()));
             peer_targets.push(("nginx-2hop".into(), n.two_hop.clone(), w));
+            // The same chain with each hop in its own nginx (its own master and workers), as
+            // Jaunt's engine and agent are two processes: in `nginx-2hop` one worker may serve
+            // both hops of a connection, which no two-host deployment can.
+            if let Some(front) = peers::Nginx::start_front(
+                peer_dir.path(),
+                &cert,
+                &setup.backend,
+                workers,
+                n.inner_port,
+            )? {
+                let mut w = Watch::new();
+                w.add("nginx", n.pids());
+                w.add("nginx-front", front.pids());
+                w.add("loadtest", vec![me]);
+                peer_targets.push(("nginx-2proc".into(), front.two_hop.clone(), w));
+                _peer_procs.push(Box::new(front));
+            }
             _peer_procs.push(Box::new(n));
         }
         if let Some(h) = peers::Haproxy::start(peer_dir.path(), &cert, &setup.backend, workers)? {
@@ -562,7 +579,7 @@ fn proxy_cpu(row: &Row) -> f64 {
 
 /// The comparison: proxy CPU per unit and latencies side by side, with ratios to nginx.
 fn compare_table(rows: &[Row]) -> String {
-    let paths = ["jaunt", "nginx", "nginx-2hop", "haproxy"];
+    let paths = ["jaunt", "nginx", "nginx-2hop", "nginx-2proc", "haproxy"];
     let mut lines: Vec<(String, BTreeMap<&str, f64>)> = Vec::new();
     let find = |scenario: &str, variant: &str, path: &str| {
         rows.iter()
@@ -606,7 +623,7 @@ fn compare_table(rows: &[Row]) -> String {
         if let Some(r) = find("handshake", jv, "jaunt-web") {
             m.insert("jaunt", proxy_cpu(r) * 1000.0);
         }
-        for p in ["nginx", "nginx-2hop", "haproxy"] {
+        for p in ["nginx", "nginx-2hop", "nginx-2proc", "haproxy"] {
             if let Some(r) = find("handshake", pv, p) {
                 m.insert(p, proxy_cpu(r) * 1000.0);
             }
@@ -640,7 +657,7 @@ fn compare_table(rows: &[Row]) -> String {
         lines.push((label.to_string(), m));
     }
     let mut out = String::from("## Comparison (proxy processes only; same run)\n\n");
-    out.push_str("| measure | jaunt | nginx | nginx 2 hops | haproxy | jaunt / nginx | jaunt / nginx 2 hops | jaunt / haproxy |\n|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| measure | jaunt | nginx | nginx 2 hops | nginx 2 processes | haproxy | jaunt / nginx | jaunt / nginx 2 hops | jaunt / nginx 2 processes | jaunt / haproxy |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (label, m) in lines {
         let cell = |p: &str| {
             m.get(p)
@@ -652,16 +669,18 @@ fn compare_table(rows: &[Row]) -> String {
             _ => "—".into(),
         };
         out.push_str(&format!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             cell("jaunt"),
             cell("nginx"),
             cell("nginx-2hop"),
+            cell("nginx-2proc"),
             cell("haproxy"),
             ratio("nginx"),
             ratio("nginx-2hop"),
+            ratio("nginx-2proc"),
             ratio("haproxy")
         ));
     }
-    out.push_str("\nJaunt's CPU is the daemon (control + engine) plus the agent; nginx's is its master and workers (both hops for `nginx 2 hops`); HAProxy's its one process. The loadtest's own CPU (clients and backend) is excluded here and listed per scenario above.\n\n");
+    out.push_str("\nJaunt's CPU is the daemon (control + engine) plus the agent; nginx's is its master and workers (both hops for `nginx 2 hops`; both instances for `nginx 2 processes`, one instance per hop); HAProxy's its one process. The loadtest's own CPU (clients and backend) is excluded here and listed per scenario above.\n\n");
     out
 }

@@ -97,14 +97,45 @@ pub struct Nginx {
     pub proc_: Proc,
     pub one_hop: Target,
     pub two_hop: Target,
+    /// The port of this instance's inner hop (TLS in, clear to the backend).
+    pub inner_port: u16,
 }
 
 impl Nginx {
+    /// nginx with both hops in one instance (its workers serve either hop).
     pub fn start(
         dir: &Path,
         cert: &Cert,
         backend: &str,
         workers: usize,
+    ) -> anyhow::Result<Option<Nginx>> {
+        Self::start_with(&dir.join("nginx"), cert, backend, workers, None)
+    }
+
+    /// A second instance whose two-hop target forwards to `inner`, another instance's inner
+    /// hop: the chain `nginx-2proc`, each hop in its own processes (as Jaunt's engine and agent).
+    pub fn start_front(
+        dir: &Path,
+        cert: &Cert,
+        backend: &str,
+        workers: usize,
+        inner: u16,
+    ) -> anyhow::Result<Option<Nginx>> {
+        Self::start_with(
+            &dir.join("nginx-front"),
+            cert,
+            backend,
+            workers,
+            Some(inner),
+        )
+    }
+
+    fn start_with(
+        dir: &Path,
+        cert: &Cert,
+        backend: &str,
+        workers: usize,
+        inner_target: Option<u16>,
     ) -> anyhow::Result<Option<Nginx>> {
         let Some(bin) = which("nginx") else {
             eprintln!("loadtest: nginx is not installed, skipping it ({INSTALL_HINT})");
@@ -122,7 +153,7 @@ impl Nginx {
             );
             return Ok(None);
         };
-        let dir = dir.join("nginx");
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let (one, two, inner) = (free_port()?, free_port()?, free_port()?);
         let is_root = std::fs::read_to_string("/proc/self/status")
@@ -138,6 +169,10 @@ impl Nginx {
             .replace("{{KEY}}", &cert.key.display().to_string())
             .replace("{{PORT_ONE}}", &one.to_string())
             .replace("{{PORT_TWO}}", &two.to_string())
+            .replace(
+                "{{PORT_INNER_TARGET}}",
+                &inner_target.unwrap_or(inner).to_string(),
+            )
             .replace("{{PORT_INNER}}", &inner.to_string())
             .replace("{{BACKEND}}", backend);
         let path = dir.join("nginx.conf");
@@ -165,6 +200,7 @@ impl Nginx {
             proc_,
             one_hop: tls_target(one, cert, b"lt-tcp")?,
             two_hop: tls_target(two, cert, b"lt-tcp")?,
+            inner_port: inner,
         }))
     }
 

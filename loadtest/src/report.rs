@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 pub struct Row {
     pub scenario: String,
     pub variant: String,
-    /// Which path: `jaunt`, `direct`, `nginx`, `nginx-2hop`, `haproxy`.
+    /// Which path: `jaunt`, `direct`, `nginx`, `nginx-2hop`, `nginx-2proc`, `haproxy`.
     pub path: String,
     pub metrics: Map<String, Value>,
     /// CPU seconds per process group.
