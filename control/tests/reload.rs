@@ -200,8 +200,14 @@ fn sighup_reloads_engine_limits_without_dropping_connections() {
         l.starts_with("Admin commands on this host")
     });
 
-    // A connection in its handshake phase (no ClientHello yet): held open for 5 minutes.
-    let mut held = TcpStream::connect(&public).unwrap();
+    // A connection in its handshake phase (the first byte of a ClientHello, no more): held
+    // open for 5 minutes. (The engine defers accepts until a client's first bytes.)
+    let started_hello = |public: &str| {
+        let mut tcp = TcpStream::connect(public).unwrap();
+        tcp.write_all(&[22]).unwrap();
+        tcp
+    };
+    let mut held = started_hello(&public);
     wait_for("the held connection to count", || {
         metric(&diag, "jaunt_connections_active", &[]) == 1
     });
@@ -224,7 +230,7 @@ fn sighup_reloads_engine_limits_without_dropping_connections() {
         "an unchanged setting was reported as changed: {:#?}",
         daemon.seen
     );
-    let mut extra = TcpStream::connect(&public).unwrap();
+    let mut extra = started_hello(&public);
     assert!(
         closed_within(&mut extra, WAIT),
         "a new connection was let in"
@@ -245,7 +251,7 @@ fn sighup_reloads_engine_limits_without_dropping_connections() {
     assert!(error.contains("failed"), "{error}");
     assert!(error.contains("jaunt.yaml:11:"), "{error}");
     assert!(error.contains("engine.idle_timeout"), "{error}");
-    let mut extra = TcpStream::connect(&public).unwrap();
+    let mut extra = started_hello(&public);
     assert!(
         closed_within(&mut extra, WAIT),
         "the bad file raised the bound"
@@ -260,7 +266,7 @@ fn sighup_reloads_engine_limits_without_dropping_connections() {
     daemon.wait_line("the second reload", |l| {
         l.contains("reloaded") && l.contains("max_connections_per_shard 2,")
     });
-    let mut second = TcpStream::connect(&public).unwrap();
+    let mut second = started_hello(&public);
     assert!(!closed_within(&mut second, Duration::from_millis(300)));
     wait_for("two live connections", || {
         metric(&diag, "jaunt_connections_active", &[]) == 2

@@ -342,6 +342,15 @@ fn closed_by_peer(stream: &mut TcpStream) -> bool {
     }
 }
 
+/// A connection that sent the first byte of a TLS record and stalls there. The engine's
+/// listening sockets defer accepts until a client's first bytes arrive (`TCP_DEFER_ACCEPT`), so
+/// a connection that sends nothing is only accepted a second or more later.
+fn started_hello(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.write_all(&[22]).unwrap();
+    tcp
+}
+
 /// The first flight of a rustls client with `alpn`: a real ClientHello.
 fn client_hello_bytes(pki: &Pki, alpn: &[&[u8]]) -> Vec<u8> {
     let mut conn = rustls::ClientConnection::new(
@@ -1751,8 +1760,8 @@ fn at_the_handshake_bound_clients_wait_and_those_gone_cost_no_handshake() {
     }
     .start();
     let hello = client_hello_bytes(&h.pki, &[ALPN_SSH]);
-    // Takes the only slot (for up to the 1 s admission hold): connected, nothing sent.
-    let staller = TcpStream::connect(h.addr()).unwrap();
+    // Takes the only slot (for up to the 1 s admission hold): connected, a first byte sent.
+    let staller = started_hello(h.addr());
     h.wait_metric("jaunt_handshake_admission_waits_total", &[], 1);
     // Waits in the backlog, sends its ClientHello and leaves.
     let mut quitter = TcpStream::connect(h.addr()).unwrap();
@@ -1794,9 +1803,13 @@ fn a_peer_stalling_handshakes_holds_only_its_share_of_the_slots() {
         ..Options::default()
     }
     .start();
-    // Eight connections from 127.0.0.2, nothing sent: as many as the bound.
+    // Eight connections from 127.0.0.2, stalled after a first byte: as many as the bound.
     let stalled: Vec<TcpStream> = (0..8)
-        .map(|_| connect_from("127.0.0.2", h.addr()))
+        .map(|_| {
+            let mut tcp = connect_from("127.0.0.2", h.addr());
+            tcp.write_all(&[22]).unwrap();
+            tcp
+        })
         .collect();
     h.wait_metric("jaunt_handshake_admission_over_share_total", &[], 7);
     // One counted (none once the 1 s admission hold has expired it).
@@ -1866,11 +1879,11 @@ fn connection_limit_is_enforced_per_shard() {
         ..Options::default()
     }
     .start();
-    let _first = TcpStream::connect(h.addr()).unwrap();
+    let _first = started_hello(h.addr());
     wait_for("one active connection", || {
         h.metric("jaunt_connections_active", &[]) == 1
     });
-    let mut second = TcpStream::connect(h.addr()).unwrap();
+    let mut second = started_hello(h.addr());
     assert!(closed_by_peer(&mut second));
     h.wait_metric(
         "jaunt_connections_refused_total",
