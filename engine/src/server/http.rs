@@ -259,12 +259,22 @@ pub trait BufferFinal {
     fn buffer_final(&mut self, _bytes: &[u8]) -> usize {
         0
     }
+
+    /// What is written from now on is the connection's last, and the close follows.
+    fn closing(&mut self) {}
+}
+
+/// The transport under a TLS stream, told by [`BufferFinal::closing`] that the connection's last
+/// bytes (the closing response and close_notify) come next and then its close, so that it can
+/// send them with the end of stream in one segment.
+pub trait FinalSend {
+    fn final_send(&mut self) {}
 }
 
 /// Most bytes [`BufferFinal`] hands to rustls at once (far below rustls' own buffer limit).
 const BUFFER_FINAL_BYTES: usize = 4 * 1024;
 
-impl<S> BufferFinal for futures_rustls::server::TlsStream<S> {
+impl<S: FinalSend> BufferFinal for futures_rustls::server::TlsStream<S> {
     fn buffer_final(&mut self, bytes: &[u8]) -> usize {
         let session = self.get_mut().1;
         // Only behind nothing unwritten (the flight, tickets and earlier responses are out) and
@@ -273,6 +283,10 @@ impl<S> BufferFinal for futures_rustls::server::TlsStream<S> {
             return 0;
         }
         std::io::Write::write(&mut session.writer(), bytes).unwrap_or(0)
+    }
+
+    fn closing(&mut self) {
+        self.get_mut().0.final_send();
     }
 }
 
@@ -398,7 +412,8 @@ where
         let bytes = response.encode(head_only);
         if response.close {
             // The last response: buffered where the stream allows, it leaves in one write with
-            // the end of stream that `close` adds.
+            // the end of stream that `close` adds, and in one TCP segment with the FIN.
+            stream.closing();
             let taken = stream.buffer_final(&bytes);
             if let Err(e) = stream.write_all(&bytes[taken..]).await {
                 return ServeEnd::Io(e);

@@ -1342,9 +1342,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         // At the handshake bound, connections wait in the listen backlog (`admission.rs`).
         shard.admission.room().await;
-        match listener.accept().await {
-            Ok(stream) => {
-                let peer = stream.peer_addr().ok();
+        match listener.accept_with_peer().await {
+            Ok((stream, peer)) => {
                 let stop = shard
                     .stop_at
                     .borrow()

@@ -523,6 +523,21 @@ impl SockAddrStorage {
         let len = mem::size_of::<nix::sys::socket::sockaddr_storage>();
         SockAddrStorage { storage, len }
     }
+
+    /// jaunt patch 10: the IP address the kernel wrote here (an accept's peer), if it wrote
+    /// one. Call only after the operation that fills it completed successfully.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        let len = nix::libc::socklen_t::try_from(self.len).ok()?;
+        // SAFETY: after a successful accept the kernel has written `len` bytes of `storage`
+        // (and `len` itself); `from_raw` checks `len` against the size of a `sockaddr_storage`
+        // and copies only those bytes.
+        let addr = unsafe { SockaddrStorage::from_raw(self.storage.as_ptr().cast(), Some(len)) }?;
+        if let Some(v4) = addr.as_sockaddr_in() {
+            return Some(std::net::SocketAddrV4::from(*v4).into());
+        }
+        addr.as_sockaddr_in6()
+            .map(|v6| std::net::SocketAddrV6::from(*v6).into())
+    }
 }
 
 #[derive(Copy, Clone, Eq, PartialEq, Ord, PartialOrd, Hash)]

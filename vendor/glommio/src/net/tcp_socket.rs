@@ -9,6 +9,7 @@ use crate::{
         stream::{Buffered, NonBuffered, Preallocated, RxBuf},
     },
     reactor::Reactor,
+    sys::SourceType,
 };
 use futures_lite::{
     future::poll_fn,
@@ -170,7 +171,15 @@ impl TcpListener {
         // anyway, and only arms a poll when nothing is queued.
         let source = reactor.accept(self.listener.as_raw_fd());
         let fd = source.collect_rw().await?;
-        Ok(AcceptedTcpStream { fd: fd as RawFd })
+        // jaunt patch 10: the peer's address as the accept gave it.
+        let peer = match source.extract_source_type() {
+            SourceType::Accept(addr) => addr.socket_addr(),
+            _ => None,
+        };
+        Ok(AcceptedTcpStream {
+            fd: fd as RawFd,
+            peer,
+        })
     }
 
     /// Accepts a new incoming TCP connection in this executor
@@ -200,6 +209,14 @@ impl TcpListener {
     pub async fn accept(&self) -> Result<TcpStream> {
         let a = self.shared_accept().await?;
         Ok(a.bind_to_executor())
+    }
+
+    /// [`accept`](TcpListener::accept), with the peer's address as the accept returned it
+    /// (jaunt patch 10: no `getpeername` for it; `None` if the kernel gave no IP address).
+    pub async fn accept_with_peer(&self) -> Result<(TcpStream, Option<SocketAddr>)> {
+        let a = self.shared_accept().await?;
+        let peer = a.peer;
+        Ok((a.bind_to_executor(), peer))
     }
 
     /// Creates a stream of incoming connections
@@ -300,6 +317,8 @@ impl TcpListener {
 /// [`bind_to_executor`]: AcceptedTcpStream::bind_to_executor
 pub struct AcceptedTcpStream {
     fd: RawFd,
+    /// jaunt patch 10: the peer's address, from the accept itself.
+    peer: Option<SocketAddr>,
 }
 
 impl AcceptedTcpStream {

@@ -2076,10 +2076,11 @@ impl Reactor {
                 PollableStatus::Pollable => self.poll_ring.borrow_mut(),
                 PollableStatus::NonPollable(_) => self.main_ring.borrow_mut(),
             },
-            SourceType::SockRecv(_)
-            | SourceType::SockRecvMsg(_, _, _, _)
-            | SourceType::Accept(_)
-            | SourceType::Connect(_) => self.latency_ring.borrow_mut(),
+            // jaunt patch 11: accepts go to the main ring, submitted with the executor's
+            // next `io_uring_enter` (usually the one it sleeps in) instead of one of their own.
+            SourceType::SockRecv(_) | SourceType::SockRecvMsg(_, _, _, _) | SourceType::Connect(_) => {
+                self.latency_ring.borrow_mut()
+            }
             SourceType::Invalid => {
                 unreachable!("called ring_for_source on invalid source")
             }
