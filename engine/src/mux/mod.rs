@@ -119,10 +119,11 @@
 //! once the application has read half a window, so a stream whose reader stalls stops at one
 //! window while the others keep flowing. When the peer has used up most of its credit and the
 //! reader has taken everything (the window limits the stream, not the reader), the update also
-//! doubles the stream's window, up to [`MAX_STREAM_WINDOW`]. Tunnel credit comes back the same way, and eagerly
-//! (on every transmit) once less than half of it is left, so the tunnel window only bounds memory:
-//! it is exhausted only when [`CONN_WINDOW`] / [`INITIAL_STREAM_WINDOW`] (64) streams are all
-//! stalled with full buffers (16 with grown windows). Exceeding either window is a protocol error.
+//! doubles the stream's window, up to [`MAX_STREAM_WINDOW`]. Tunnel credit comes back the same
+//! way, and eagerly (on every transmit) once less than half of it is left, so the tunnel window
+//! only bounds memory: it is exhausted only when [`CONN_WINDOW`] / [`INITIAL_STREAM_WINDOW`] (64)
+//! streams are all stalled with full buffers (32 with grown windows). Exceeding either window is
+//! a protocol error.
 //!
 //! # Bounds and errors
 //!
@@ -187,8 +188,11 @@ pub const INITIAL_STREAM_WINDOW: u32 = 256 * 1024;
 /// the credit with a WINDOW_UPDATE that also doubles the window, up to this. With the initial
 /// 256 KiB a bulk transfer stops once per window for the update's round trip (about 4,000 waits
 /// and wake-ups of both ends per GiB); with more credit in flight it keeps flowing. Only the
-/// receiver's own accounting changes: the peer just sees larger WINDOW_UPDATEs.
-pub const MAX_STREAM_WINDOW: u32 = 1024 * 1024;
+/// receiver's own accounting changes: the peer just sees larger WINDOW_UPDATEs. 512 KiB and
+/// not more: with 1 MiB the sender's batches (up to a window of plaintext, and as much again of
+/// TLS records) outgrow a core's 1 MiB L2 cache here, and the bulk load test on a busy machine
+/// measured lower throughput and no lower CPU than with 512 KiB (BENCHMARKS.md, issue 14).
+pub const MAX_STREAM_WINDOW: u32 = 512 * 1024;
 
 /// Credit the tunnel starts with, and so the most received bytes one tunnel buffers across all of
 /// its streams: 64 full stream windows.
