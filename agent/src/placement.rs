@@ -20,7 +20,8 @@
 //! peer, the CPU the sending shard runs on). It pins the executor thread to one CPU when
 //! tunnels served from that CPU carried at least 90% of the tick's bytes for [`HOLD`] ticks in
 //! a row, and unpins it (back to the mask it started with) at once when the traffic spreads
-//! over several shards or becomes bulk ([`BULK_BYTES`] a tick: a transfer that wants the agent
+//! over several shards or becomes bulk ([`BULK_BYTES_PER_OP`] per socket read or write, or
+//! [`BULK_BYTES`] a tick: a transfer that wants the agent
 //! and the shard on two CPUs at once, not one). An idle tick changes nothing.
 //!
 //! # What is not here
@@ -56,6 +57,12 @@ pub const MIN_BYTES: u64 = 2 * 1024;
 /// at 200 ms): the agent and the shard then do more on two CPUs than on one, so unpin.
 pub const BULK_BYTES: u64 = 4 << 20;
 
+/// Bytes per socket read or write at or above which a tick's traffic is bulk, whatever its rate:
+/// requests and keystrokes move a TLS record of a few hundred bytes per call, a transfer fills
+/// the 16 KiB records rustls writes and reads many at once (the tunnel's reads and writes are
+/// batched up to hundreds of KiB).
+pub const BULK_BYTES_PER_OP: u64 = 8 * 1024;
+
 /// Ticks in a row the same CPU must qualify before the executor is pinned there.
 pub const HOLD: u32 = 2;
 
@@ -66,6 +73,8 @@ pub struct Reading {
     pub id: u64,
     /// Bytes moved both ways since the probe was made (monotonic).
     pub bytes: u64,
+    /// Socket reads and writes that moved bytes, since the probe was made (monotonic).
+    pub ops: u64,
     /// The CPU its engine shard runs on: `Some` only if the engine is on this host, the kernel
     /// knows the CPU, and this thread may run there.
     pub cpu: Option<usize>,
@@ -83,8 +92,8 @@ pub enum Move {
 /// The decision: pure, fed one tick's [`Reading`]s at a time.
 #[derive(Debug, Default)]
 pub struct Placer {
-    /// Bytes of each live probe at the previous tick.
-    last: BTreeMap<u64, u64>,
+    /// Bytes and operations of each live probe at the previous tick.
+    last: BTreeMap<u64, (u64, u64)>,
     pinned: Option<usize>,
     candidate: Option<usize>,
     streak: u32,
@@ -101,15 +110,17 @@ impl Placer {
     /// says whether to move.
     pub fn tick(&mut self, readings: &[Reading]) -> Option<Move> {
         let mut total = 0u64;
+        let mut ops = 0u64;
         let mut by_cpu: BTreeMap<usize, u64> = BTreeMap::new();
         let mut next = BTreeMap::new();
         for r in readings {
             // A new probe's first tick counts from zero: its handshake bytes are in it, which
             // is traffic through that shard like any other.
-            let before = self.last.get(&r.id).copied().unwrap_or(0);
-            let delta = r.bytes.saturating_sub(before);
-            next.insert(r.id, r.bytes);
+            let (bytes_before, ops_before) = self.last.get(&r.id).copied().unwrap_or((0, 0));
+            let delta = r.bytes.saturating_sub(bytes_before);
+            next.insert(r.id, (r.bytes, r.ops));
             total = total.saturating_add(delta);
+            ops = ops.saturating_add(r.ops.saturating_sub(ops_before));
             if let Some(cpu) = r.cpu {
                 *by_cpu.entry(cpu).or_default() += delta;
             }
@@ -127,8 +138,9 @@ impl Placer {
             }
         });
         let concentrated = top_bytes.saturating_mul(10) >= total.saturating_mul(9);
+        let bulk = top_bytes >= BULK_BYTES || total >= ops.max(1).saturating_mul(BULK_BYTES_PER_OP);
         let want = match top_cpu {
-            Some(cpu) if concentrated && top_bytes < BULK_BYTES => Some(cpu),
+            Some(cpu) if concentrated && !bulk => Some(cpu),
             _ => None,
         };
         if want == self.pinned {
@@ -172,6 +184,7 @@ struct Probe {
     /// Whether the engine is on this host (set once, at connect).
     local: bool,
     bytes: Cell<u64>,
+    ops: Cell<u64>,
     /// Set by the transport's drop, before the socket closes: the placer never reads `fd`
     /// after that (it could be another socket's by then).
     closed: Cell<bool>,
@@ -202,6 +215,7 @@ impl<S: AsRawFd> Watched<S> {
             fd: inner.as_raw_fd(),
             local: engine_is_local(peer, local),
             bytes: Cell::new(0),
+            ops: Cell::new(0),
             closed: Cell::new(false),
         });
         PROBES.with(|p| p.borrow_mut().push(Rc::clone(&probe)));
@@ -288,7 +302,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
 impl Probe {
     fn count(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
         self.bytes.set(self.bytes.get().wrapping_add(n as u64));
+        self.ops.set(self.ops.get().wrapping_add(1));
     }
 }
 
@@ -384,6 +402,7 @@ pub(crate) async fn follow_engine() {
                 .map(|probe| Reading {
                     id: probe.id,
                     bytes: probe.bytes.get(),
+                    ops: probe.ops.get(),
                     cpu: if probe.local {
                         incoming_cpu(probe.fd).filter(|&cpu| mask_has(&start, cpu))
                     } else {
@@ -426,8 +445,14 @@ pub(crate) async fn follow_engine() {
 mod tests {
     use super::*;
 
+    /// A reading of small traffic: 200 bytes per socket operation, as requests move.
     fn r(id: u64, bytes: u64, cpu: Option<usize>) -> Reading {
-        Reading { id, bytes, cpu }
+        Reading {
+            id,
+            bytes,
+            ops: bytes / 200,
+            cpu,
+        }
     }
 
     /// Feeds `ticks` ticks of `per_tick` bytes on tunnel 0 (served from `cpu`) and returns the
@@ -475,6 +500,28 @@ mod tests {
             run(&mut p, &mut b, HOLD, 50_000, Some(0)),
             vec![Move::Pin(0)]
         );
+    }
+
+    #[test]
+    fn large_reads_and_writes_are_bulk_at_any_rate() {
+        let mut p = Placer::default();
+        let mut b = 0;
+        run(&mut p, &mut b, HOLD, 100_000, Some(1));
+        assert_eq!(p.pinned(), Some(1));
+        // 1 MiB a tick, far under BULK_BYTES, in 64 KiB operations: a transfer.
+        let (mut bytes, mut ops) = (b, b / 200);
+        let mut moves = Vec::new();
+        for _ in 0..3 {
+            bytes += 1 << 20;
+            ops += 16;
+            moves.extend(p.tick(&[Reading {
+                id: 0,
+                bytes,
+                ops,
+                cpu: Some(1),
+            }]));
+        }
+        assert_eq!(moves, vec![Move::Unpin]);
     }
 
     #[test]
