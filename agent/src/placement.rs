@@ -1,5 +1,7 @@
 //! Where the agent's executor thread runs: beside the engine shard that carries its traffic,
-//! when that engine is on the same host ([`CpuPlacement::FollowEngine`], the default).
+//! when that engine is on the same host ([`CpuPlacement::FollowEngine`], opt-in: the default
+//! is [`CpuPlacement::Off`], since on an idle host the co-located chain costs latency; see
+//! BENCHMARKS.md, "rr and the agent's CPU").
 //!
 //! # Why
 //!
@@ -21,8 +23,8 @@
 //! tunnels served from that CPU carried at least 90% of the tick's bytes for [`HOLD`] ticks in
 //! a row, and unpins it (back to the mask it started with) at once when the traffic spreads
 //! over several shards or becomes bulk ([`BULK_BYTES_PER_OP`] per socket read or write, or
-//! [`BULK_BYTES`] a tick: a transfer that wants the agent
-//! and the shard on two CPUs at once, not one). An idle tick changes nothing.
+//! [`BULK_BYTES`] a tick: a transfer that wants the agent and the shard on two CPUs at once,
+//! not one). An idle tick changes nothing.
 //!
 //! # What is not here
 //!

@@ -11,9 +11,9 @@
 //! later run a few executors, each owning a subset of the shards' tunnels; nothing below
 //! assumes there is only one, since all state lives in the task that owns it.
 //!
-//! Where that thread runs is `placement.rs`'s call (`agent.cpu_placement`): beside a local
-//! engine's busy shard while the traffic is small requests through one shard, wherever the
-//! scheduler likes otherwise.
+//! Where that thread runs is the scheduler's call, or with `agent.cpu_placement: follow-engine`
+//! `placement.rs`'s: beside a local engine's busy shard while the traffic is small requests
+//! through one shard.
 //!
 //! # Tasks
 //!

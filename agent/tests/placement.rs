@@ -1,4 +1,4 @@
-//! `agent.cpu_placement` end to end: the real agent ([`jaunt_agent::run`], default
+//! `agent.cpu_placement` end to end: the real agent ([`jaunt_agent::run`] with
 //! `follow-engine`) with tunnels to both pinned shards of a real [`Engine`] on 127.0.0.1. While
 //! a user's small requests go through one shard, the agent's executor thread comes to run only
 //! on that shard's CPU (the kernel's own view: `/proc/self/task/*/status`); with `off`, it

@@ -283,11 +283,12 @@ pub struct AgentConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CpuPlacement {
-    /// `follow-engine` (the default): pin beside a local engine's busy shard while the
-    /// traffic is small requests through one shard; unpinned otherwise.
-    #[default]
+    /// `follow-engine`: pin beside a local engine's busy shard while the traffic is small
+    /// requests through one shard; unpinned otherwise. Saves CPU per request when the host's
+    /// CPUs are busy with other work, costs latency when they are idle (BENCHMARKS.md).
     FollowEngine,
-    /// `off`: never pin; the scheduler places the executor.
+    /// `off` (the default): never pin; the scheduler places the executor.
+    #[default]
     Off,
 }
 
@@ -2122,12 +2123,9 @@ mod tests {
     }
 
     #[test]
-    fn agent_cpu_placement_defaults_to_follow_engine_and_names_a_bad_value() {
+    fn agent_cpu_placement_defaults_to_off_and_names_a_bad_value() {
         let agent = |text: &str| config(text).agent.unwrap().cpu_placement;
-        assert_eq!(
-            agent("agent: { proxy_addr: 'p:443' }\n"),
-            CpuPlacement::FollowEngine
-        );
+        assert_eq!(agent("agent: { proxy_addr: 'p:443' }\n"), CpuPlacement::Off);
         assert_eq!(
             agent("agent:\n  proxy_addr: p:443\n  cpu_placement: off\n"),
             CpuPlacement::Off
