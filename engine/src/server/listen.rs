@@ -12,11 +12,10 @@
 //! marker stops without arming another accept; what it accepted before is served as usual, and
 //! what arrives after waits in the socket's queue for the next process. Markers that land on a
 //! shard that already stopped are closed unread and reach the next process as empty
-//! connections, which it drops. Each marker sends one byte, [`MARKER_BYTE`], as it connects:
-//! the shards' sockets defer accepts until the client's first bytes (`TCP_DEFER_ACCEPT`,
-//! `shard.rs`), and a marker that sent nothing would reach its shard only a second or more
-//! later. The byte is the first of a TLS handshake record, so a marker served by the next
-//! process reads as a ClientHello cut short by EOF: dropped, as an empty connection is.
+//! connections, which it drops. Each marker sends one byte, [`MARKER_BYTE`], as it connects
+//! (from when the public port deferred accepts until a client's first bytes; harmless now). The
+//! byte is the first of a TLS handshake record, so a marker served by the next process reads as
+//! a ClientHello cut short by EOF: dropped, as an empty connection is.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -1291,51 +1291,17 @@ fn adopted_stream(stream: std::net::TcpStream) -> glommio::net::TcpStream {
 /// Takes ownership of a listening socket for this executor, with `TCP_NODELAY` set: Linux
 /// copies it to every socket accepted from it, which saves a `setsockopt` per connection (a
 /// socket received in a takeover gets it here too; connections its kernel had already queued
-/// keep what the previous process set). And with `TCP_DEFER_ACCEPT` ([`DEFER_ACCEPT_SECS`]).
+/// keep what the previous process set). Not with `TCP_DEFER_ACCEPT`: ARCHITECTURE.md says why
+/// (a reconnect storm overflows the SYN queue of deferred connections).
 #[allow(unsafe_code)]
 fn glommio_listener(listener: std::net::TcpListener) -> TcpListener {
     use std::os::fd::{FromRawFd as _, IntoRawFd as _};
     if let Err(e) = rustix::net::sockopt::set_tcp_nodelay(&listener, true) {
         tracing::warn!(error = %e, "TCP_NODELAY on the listening socket");
     }
-    if let Err(e) = set_defer_accept(&listener, DEFER_ACCEPT_SECS) {
-        tracing::warn!(error = %e, "TCP_DEFER_ACCEPT on the listening socket");
-    }
     // SAFETY: `into_raw_fd` gives up ownership of an open, listening TCP socket; glommio's
     // listener takes it over and is its only owner from here on (it closes it when dropped).
     unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) }
-}
-
-/// `TCP_DEFER_ACCEPT` of the public port's listening sockets, in seconds: the kernel completes
-/// an accept only once the client's first bytes (its ClientHello: every route of the public
-/// port starts with the client speaking) have arrived, so a shard wakes up once per new
-/// connection instead of once for the connection and again for its ClientHello, and the first
-/// read finds the bytes there. A client that connects and sends nothing is accepted only after
-/// this long (Linux then completes the connection at the next ACK, which its retransmitted
-/// SYN-ACK asks for), and its handshake timeout runs from then; it takes no handshake slot
-/// before (`admission.rs`).
-const DEFER_ACCEPT_SECS: i32 = 1;
-
-/// Sets `TCP_DEFER_ACCEPT` on a listening socket (rustix has no setter for it).
-#[allow(unsafe_code)]
-fn set_defer_accept(listener: &std::net::TcpListener, secs: i32) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: `listener`'s descriptor is open for the call; the option value is an `int` read
-    // by the kernel from a live local of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            std::ptr::from_ref(&secs).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
@@ -1398,7 +1364,7 @@ mod tests {
             let listener = glommio_listener(std_listener);
             let mut client =
                 std::net::TcpStream::connect(addr).unwrap_or_else(|e| unreachable!("{e}"));
-            // Accepts wait for the client's first bytes (`TCP_DEFER_ACCEPT`).
+            // What a client's first bytes look like (the start of a TLS record).
             std::io::Write::write_all(&mut client, &[22]).unwrap_or_else(|e| unreachable!("{e}"));
             let accepted = listener
                 .accept()
