@@ -220,7 +220,13 @@ impl<S: AsRawFd> Watched<S> {
             ops: Cell::new(0),
             closed: Cell::new(false),
         });
-        PROBES.with(|p| p.borrow_mut().push(Rc::clone(&probe)));
+        PROBES.with(|p| {
+            let mut probes = p.borrow_mut();
+            // Closed probes go here too, not only in the placer's loop, which does not run with
+            // `agent.cpu_placement: off`: the list holds live sockets only.
+            probes.retain(|probe| !probe.closed.get());
+            probes.push(Rc::clone(&probe));
+        });
         Watched { inner, probe }
     }
 }
@@ -396,10 +402,10 @@ pub(crate) async fn follow_engine() {
     }
     let mut placer = Placer::default();
     loop {
-        let readings: Vec<Reading> = PROBES.with(|p| {
+        let (readings, any_local): (Vec<Reading>, bool) = PROBES.with(|p| {
             let mut probes = p.borrow_mut();
             probes.retain(|probe| !probe.closed.get());
-            probes
+            let readings = probes
                 .iter()
                 .map(|probe| Reading {
                     id: probe.id,
@@ -411,9 +417,9 @@ pub(crate) async fn follow_engine() {
                         None
                     },
                 })
-                .collect()
+                .collect();
+            (readings, probes.iter().any(|probe| probe.local))
         });
-        let any_local = PROBES.with(|p| p.borrow().iter().any(|probe| probe.local));
         match placer.tick(&readings) {
             Some(Move::Pin(cpu)) => match set_mask(&only(cpu)) {
                 Ok(()) => {

@@ -201,7 +201,7 @@ fn sighup_reloads_engine_limits_without_dropping_connections() {
     });
 
     // A connection in its handshake phase (the first byte of a ClientHello, no more): held
-    // open for 5 minutes. (The engine defers accepts until a client's first bytes.)
+    // open for 5 minutes.
     let started_hello = |public: &str| {
         let mut tcp = TcpStream::connect(public).unwrap();
         tcp.write_all(&[22]).unwrap();

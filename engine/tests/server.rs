@@ -342,9 +342,8 @@ fn closed_by_peer(stream: &mut TcpStream) -> bool {
     }
 }
 
-/// A connection that sent the first byte of a TLS record and stalls there. The engine's
-/// listening sockets defer accepts until a client's first bytes arrive (`TCP_DEFER_ACCEPT`), so
-/// a connection that sends nothing is only accepted a second or more later.
+/// A connection that sent the first byte of a TLS record and stalls there: in its handshake
+/// phase, holding a handshake slot.
 fn started_hello(addr: SocketAddr) -> TcpStream {
     let mut tcp = TcpStream::connect(addr).unwrap();
     tcp.write_all(&[22]).unwrap();

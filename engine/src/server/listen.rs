@@ -12,10 +12,7 @@
 //! marker stops without arming another accept; what it accepted before is served as usual, and
 //! what arrives after waits in the socket's queue for the next process. Markers that land on a
 //! shard that already stopped are closed unread and reach the next process as empty
-//! connections, which it drops. Each marker sends one byte, [`MARKER_BYTE`], as it connects
-//! (from when the public port deferred accepts until a client's first bytes; harmless now). The
-//! byte is the first of a TLS handshake record, so a marker served by the next process reads as
-//! a ClientHello cut short by EOF: dropped, as an empty connection is.
+//! connections, which it drops.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -59,9 +56,6 @@ pub fn reach_addr(local: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, local.port())
 }
 
-/// What a marker sends (see the module doc): a TLS handshake record's content type.
-pub const MARKER_BYTE: u8 = 22;
-
 /// The stop markers' source addresses (see the module doc).
 #[derive(Debug, Default)]
 pub struct Markers(Mutex<HashSet<SocketAddr>>);
@@ -101,7 +95,6 @@ impl Markers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(bound);
         rustix::net::connect(&fd, &target)?;
-        rustix::net::send(&fd, &[MARKER_BYTE], rustix::net::SendFlags::NOSIGNAL)?;
         Ok(std::net::TcpStream::from(fd))
     }
 }
