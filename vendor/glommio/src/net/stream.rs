@@ -378,21 +378,8 @@ where
     S: AsRawFd + From<socket2::Socket> + Unpin,
 {
     fn from(socket: socket2::Socket) -> Self {
-        let mut stream = Self::unarmed(socket);
-        stream.stream.init();
-        stream
-    }
-}
-
-impl<S> GlommioStream<S, NonBuffered>
-where
-    S: AsRawFd + From<socket2::Socket> + Unpin,
-{
-    /// jaunt patch 9: a stream with no read poll armed: its first `poll_read` tries the
-    /// `recv` at once and arms a poll only if that would block (as every later read does).
-    pub(crate) fn unarmed(socket: socket2::Socket) -> Self {
         let reactor = crate::executor().reactor();
-        let stream = NonBufferedStream {
+        let mut stream = NonBufferedStream {
             reactor: Rc::downgrade(&reactor),
             stream: socket.into(),
             source_tx: None,
@@ -400,6 +387,7 @@ where
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };
+        stream.init();
         GlommioStream {
             stream,
             rx_buf: NonBuffered,

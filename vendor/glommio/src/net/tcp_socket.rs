@@ -365,12 +365,8 @@ impl AcceptedTcpStream {
     /// });
     /// ```
     pub fn bind_to_executor(self) -> TcpStream {
-        // jaunt patch 9: no read poll armed up front (upstream arms one for every new stream).
-        // On a listener with `TCP_DEFER_ACCEPT`, or whenever the client spoke first and its
-        // bytes arrived by the time the accept completed, the first read is a plain `recv`
-        // that succeeds; otherwise it fails with EAGAIN and arms the poll then.
         TcpStream {
-            stream: GlommioStream::unarmed(unsafe { socket2::Socket::from_raw_fd(self.fd) }),
+            stream: unsafe { GlommioStream::from_raw_fd(self.fd) },
         }
     }
 }
