@@ -74,7 +74,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_hours(1);
 
 /// Bounds a shard's buffer memory (buffers are per connection) while leaving, on a 48-core
-/// host, most of the unit's 1M file descriptors for connections.
+/// host, most of the unit's 1M file descriptors for connections. The engine's own default
+/// (`jaunt_engine::server::DEFAULT_MAX_CONNECTIONS_PER_SHARD`, which a daemon started without
+/// a config file uses) is the same; control's tests hold them equal.
 pub const DEFAULT_MAX_CONNECTIONS_PER_SHARD: u32 = 20_000;
 
 /// `engine.max_handshakes_per_shard` when unset: the engine's own default

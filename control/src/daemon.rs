@@ -1232,6 +1232,20 @@ mod tests {
     }
 
     #[test]
+    fn the_config_files_connection_bound_is_the_engines_default() {
+        // A daemon started without a config file (the dev cluster) takes the engine's default;
+        // one with a file that leaves the key out takes the file's. They must be one number.
+        assert_eq!(
+            jaunt_config::file::DEFAULT_MAX_CONNECTIONS_PER_SHARD as usize,
+            jaunt_engine::server::DEFAULT_MAX_CONNECTIONS_PER_SHARD
+        );
+        assert_eq!(
+            EngineSettings::dev(None).max_connections_per_shard,
+            jaunt_config::file::DEFAULT_MAX_CONNECTIONS_PER_SHARD as usize
+        );
+    }
+
+    #[test]
     fn the_config_files_handshake_bound_is_the_engines_default() {
         assert_eq!(
             jaunt_config::file::DEFAULT_MAX_HANDSHAKES_PER_SHARD as usize,

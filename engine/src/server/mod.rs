@@ -93,9 +93,12 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// keepalives (`ssh -o ServerAliveInterval`, the agent's pings) never reach it.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
-/// Default connection bound per shard: about 100 KiB each (TLS and splice buffers) keeps a
-/// full shard near 1 GiB.
-pub const DEFAULT_MAX_CONNECTIONS_PER_SHARD: usize = 10_000;
+/// Default connection bound per shard, the same as the config file's
+/// (`jaunt_config::file::DEFAULT_MAX_CONNECTIONS_PER_SHARD`; control's tests hold them equal).
+/// An idle tunneled session costs about 18 KiB (BENCHMARKS.md), so a full shard of idle
+/// sessions is about 360 MiB; buffers grow only while a connection moves bytes. On a 48-core
+/// host, 48 full shards leave a few of the unit's 1M file descriptors for the rest.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SHARD: usize = 20_000;
 
 /// Default bound of the TLS handshakes in flight per shard (`admission.rs`): beyond it a shard
 /// stops accepting and new connections wait in the listen backlog. At about 0.3 ms of CPU per
