@@ -28,7 +28,7 @@ impl Control {
         let num = |k: &str| -> Result<Option<u64>, Response> {
             q(k).map(|v| {
                 v.parse::<u64>()
-                    .map_err(|_| Response::error(400, &format!("{k} must be unix seconds")))
+                    .map_err(|_| Response::error(400, format!("{k} must be unix seconds")))
             })
             .transpose()
         };

@@ -30,7 +30,7 @@ impl Control {
             "host-tls" => cas.trusted_pem(CaKind::Host),
             "db" | "db-tls" => cas.trusted_pem(CaKind::Db),
             other => {
-                return Err(Response::error(400, &format!("unknown CA type {other:?}: expected user-ssh, host-ssh, user-tls, host-tls or db")));
+                return Err(Response::error(400, format!("unknown CA type {other:?}: expected user-ssh, host-ssh, user-tls, host-tls or db")));
             }
         };
         Ok(Response::json(
@@ -47,7 +47,7 @@ impl Control {
         let body: SignHostRequest = req.json()?;
         valid_name("host", &body.host)?;
         let public = ssh_key::PublicKey::from_openssh(&body.ssh_public_key)
-            .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+            .map_err(|e| Response::error(400, format!("ssh_public_key: {e}")))?;
         let now = unix_now();
         let identity = Identity {
             kind: IdentityKind::Host,

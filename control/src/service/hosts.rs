@@ -263,12 +263,12 @@ impl Control {
             if connected.is_empty() {
                 return Err(Response::error(
                     404,
-                    &format!("no such node: {target} (see `jaunt status --data-dir DIR`)"),
+                    format!("no such node: {target} (see `jaunt status --data-dir DIR`)"),
                 ));
             }
             return Err(Response::error(
                 409,
-                &format!(
+                format!(
                     "node {target} is connected (host {}): stop its agent first; to refuse it \
                      now, `jaunt lock --node {target}`",
                     connected.join(", ")

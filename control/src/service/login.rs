@@ -87,7 +87,7 @@ impl Control {
                 );
                 return Err(Response::error(
                     429,
-                    &format!("too many failed logins; try again in {wait} s"),
+                    format!("too many failed logins; try again in {wait} s"),
                 ));
             }
         }
@@ -145,7 +145,7 @@ impl Control {
             );
             return Err(Response::error(
                 403,
-                &format!("user {name} is locked: {}", lock.1),
+                format!("user {name} is locked: {}", lock.1),
             ));
         }
         self.limiter.clear(&user_key);
@@ -176,7 +176,7 @@ impl Control {
         if let Some(wait) = self.limiter.blocked(&addr_key, now) {
             return Err(Response::error(
                 429,
-                &format!("too many failed joins; try again in {wait} s"),
+                format!("too many failed joins; try again in {wait} s"),
             ));
         }
         valid_name("host name", &body.host_name)?;
@@ -273,10 +273,10 @@ impl Control {
         ssh_public: &str,
         dns_names: &[String],
     ) -> Result<Certs, Response> {
-        let spki = ca::spki_pem_to_der(tls_public_pem)
-            .map_err(|e| Response::error(400, &e.to_string()))?;
+        let spki =
+            ca::spki_pem_to_der(tls_public_pem).map_err(|e| Response::error(400, e.to_string()))?;
         let ssh_public = ssh_key::PublicKey::from_openssh(ssh_public)
-            .map_err(|e| Response::error(400, &format!("ssh_public_key: {e}")))?;
+            .map_err(|e| Response::error(400, format!("ssh_public_key: {e}")))?;
         let cas = self.cas();
         let ca = match identity.kind {
             IdentityKind::User => &cas.user,
@@ -284,7 +284,7 @@ impl Control {
         };
         let tls = ca
             .sign_x509(identity, &spki, dns_names)
-            .map_err(|e| Response::error(400, &e.to_string()))?;
+            .map_err(|e| Response::error(400, e.to_string()))?;
         let ssh = ca.sign_ssh(identity, &ssh_public).map_err(internal)?;
         self.audit.emit(audit::CERT_ISSUED, Some(&identity.name), &serde_json::json!({
             "user": identity.name, "kind": identity.kind, "roles": identity.roles, "expires": identity.expires,

@@ -442,7 +442,7 @@ impl Control {
             }
             _ => Err(Response::error(
                 404,
-                &format!("no such endpoint: {} {}", req.method, req.path),
+                format!("no such endpoint: {} {}", req.method, req.path),
             )),
         }
     }
@@ -462,18 +462,18 @@ impl Control {
         let Some(leaf) = req.peer_certs.first() else {
             return Err(Response::error(401, "this endpoint needs a client certificate: run `jaunt login`, or pass --data-dir on the control host"));
         };
-        let id = Identity::from_x509_der(leaf).map_err(|e| Response::error(401, &e.to_string()))?;
+        let id = Identity::from_x509_der(leaf).map_err(|e| Response::error(401, e.to_string()))?;
         if id.cluster != self.settings.cluster {
             return Err(Response::error(
                 401,
-                &format!(
+                format!(
                     "certificate is for cluster {}, not {}",
                     id.cluster, self.settings.cluster
                 ),
             ));
         }
         id.check_valid_at(unix_now())
-            .map_err(|e| Response::error(401, &e.to_string()))?;
+            .map_err(|e| Response::error(401, e.to_string()))?;
         Ok(id)
     }
 
@@ -493,7 +493,7 @@ impl Control {
         } else {
             Err(Response::error(
                 403,
-                &format!(
+                format!(
                     "access denied: none of your roles ({}) allows {verb} on {resource}",
                     caller.roles.join(", ")
                 ),
@@ -509,7 +509,7 @@ impl Control {
                     .store
                     .get_role(n)
                     .map_err(internal)?
-                    .ok_or_else(|| Response::error(400, &format!("no such role: {n}")))?;
+                    .ok_or_else(|| Response::error(400, format!("no such role: {n}")))?;
                 serde_json::from_str(&spec).map_err(internal)
             })
             .collect()
@@ -542,7 +542,7 @@ fn valid_name(what: &str, name: &str) -> Result<(), Response> {
     } else {
         Err(Response::error(
             400,
-            &format!(
+            format!(
                 "invalid {what} {name:?}: use letters, digits, '.', '_', '-' or '@' (at most 253)"
             ),
         ))
@@ -551,7 +551,7 @@ fn valid_name(what: &str, name: &str) -> Result<(), Response> {
 
 fn internal(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "control: internal error");
-    Response::error(500, &format!("internal error: {e}"))
+    Response::error(500, format!("internal error: {e}"))
 }
 
 /// Serializes `value` for a JSON response body.

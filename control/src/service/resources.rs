@@ -42,11 +42,11 @@ impl Control {
         if !in_use.is_empty() {
             return Err(Response::error(
                 409,
-                &format!("role {name} is still assigned to: {}", in_use.join(", ")),
+                format!("role {name} is still assigned to: {}", in_use.join(", ")),
             ));
         }
         if !self.store.delete_role(name).map_err(internal)? {
-            return Err(Response::error(404, &format!("no such role: {name}")));
+            return Err(Response::error(404, format!("no such role: {name}")));
         }
         self.audit.emit(
             audit::ROLE_DELETED,
@@ -71,7 +71,7 @@ impl Control {
     pub(super) fn delete_lock(&self, caller: &Identity, id: &str) -> Reply {
         self.require(caller, "lock", "delete")?;
         if !self.store.delete_lock(id).map_err(internal)? {
-            return Err(Response::error(404, &format!("no such lock: {id}")));
+            return Err(Response::error(404, format!("no such lock: {id}")));
         }
         self.audit.emit(
             audit::LOCK_DELETED,

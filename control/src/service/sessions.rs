@@ -44,13 +44,13 @@ impl Control {
         else {
             return Err(Response::error(
                 404,
-                &format!("no live session {id:?}: see `jaunt sessions ls`"),
+                format!("no live session {id:?}: see `jaunt sessions ls`"),
             ));
         };
         if let Some(watched) = &session.observing {
             return Err(Response::error(
                 409,
-                &format!(
+                format!(
                     "session {id:?} is an observer of session {watched:?}: join that one instead"
                 ),
             ));
@@ -58,7 +58,7 @@ impl Control {
         if session.kind != jaunt_config::wire::DialKind::Ssh || !session.recorded {
             return Err(Response::error(
                 409,
-                &format!(
+                format!(
                     "session {id:?} cannot be watched: only recorded SSH sessions (the agent \
                      terminates them) can be joined, and this is an unrecorded {} session",
                     session.kind.as_str()
@@ -76,13 +76,13 @@ impl Control {
         let Some(session) = sessions.list().into_iter().find(|s| s.id == id) else {
             return Err(Response::error(
                 404,
-                &format!("no live session {id:?}: see `jaunt sessions ls`"),
+                format!("no live session {id:?}: see `jaunt sessions ls`"),
             ));
         };
         if !sessions.end(id, &caller.name) {
             return Err(Response::error(
                 404,
-                &format!("session {id:?} ended already"),
+                format!("session {id:?} ended already"),
             ));
         }
         self.audit.emit(

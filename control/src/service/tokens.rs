@@ -48,7 +48,7 @@ impl Control {
             if !TOKEN_TYPES.contains(&t.as_str()) {
                 return Err(Response::error(
                     400,
-                    &format!(
+                    format!(
                         "unknown token type {t:?}: expected one of {}",
                         TOKEN_TYPES.join(", ")
                     ),
@@ -58,7 +58,7 @@ impl Control {
         if body.ttl_secs == 0 || body.ttl_secs > MAX_TOKEN_TTL_SECS {
             return Err(Response::error(
                 400,
-                &format!(
+                format!(
                     "token ttl must be between 1s and {}h",
                     MAX_TOKEN_TTL_SECS / 3600
                 ),
@@ -106,7 +106,7 @@ impl Control {
             .filter(|t| t.hash == by_secret || (id.len() >= 8 && t.hash.starts_with(id)))
             .collect();
         match targets.as_slice() {
-            [] => Err(Response::error(404, &format!("no such token: {id}"))),
+            [] => Err(Response::error(404, format!("no such token: {id}"))),
             [one] => {
                 self.store
                     .delete_tokens_by_prefix(&one.hash)
@@ -123,7 +123,7 @@ impl Control {
             }
             _ => Err(Response::error(
                 409,
-                &format!("{id} matches several tokens; give more of the id"),
+                format!("{id} matches several tokens; give more of the id"),
             )),
         }
     }

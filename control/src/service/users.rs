@@ -79,7 +79,7 @@ impl Control {
             None => auth::random_password().map_err(internal)?,
         };
         let hash =
-            auth::hash_password(&password).map_err(|e| Response::error(400, &e.to_string()))?;
+            auth::hash_password(&password).map_err(|e| Response::error(400, e.to_string()))?;
         let otp_secret = if self.settings.second_factor {
             Some(auth::new_otp_secret().map_err(internal)?)
         } else {
@@ -95,7 +95,7 @@ impl Control {
         if !self.store.insert_user(&stored).map_err(internal)? {
             return Err(Response::error(
                 409,
-                &format!("user {} already exists", user.metadata.name),
+                format!("user {} already exists", user.metadata.name),
             ));
         }
         self.audit.emit(
@@ -135,7 +135,7 @@ impl Control {
     pub(super) fn delete_user(&self, caller: &Identity, name: &str) -> Reply {
         self.require(caller, "user", "delete")?;
         if !self.store.delete_user(name).map_err(internal)? {
-            return Err(Response::error(404, &format!("no such user: {name}")));
+            return Err(Response::error(404, format!("no such user: {name}")));
         }
         self.audit.emit(
             audit::USER_DELETED,
@@ -158,7 +158,7 @@ impl Control {
             None => auth::random_password().map_err(internal)?,
         };
         let hash =
-            auth::hash_password(&password).map_err(|e| Response::error(400, &e.to_string()))?;
+            auth::hash_password(&password).map_err(|e| Response::error(400, e.to_string()))?;
         let otp_secret = if self.settings.second_factor {
             Some(auth::new_otp_secret().map_err(internal)?)
         } else {
@@ -169,7 +169,7 @@ impl Control {
             .set_user_credentials(name, &hash, otp_secret.as_deref())
             .map_err(internal)?
         {
-            return Err(Response::error(404, &format!("no such user: {name}")));
+            return Err(Response::error(404, format!("no such user: {name}")));
         }
         self.audit.emit(
             audit::USER_UPDATED,
