@@ -450,6 +450,7 @@ pub(crate) async fn follow_engine() {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 

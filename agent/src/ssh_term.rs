@@ -969,7 +969,7 @@ pub(crate) struct Terminate {
 fn note_recordings(
     opener: jaunt_engine::tunnel::Opener,
     session_id: String,
-) -> Box<dyn FnMut(&crate::recording::RecordingId)> {
+) -> channels::OnRecordingStarted {
     Box::new(move |id| {
         let note = jaunt_config::wire::RecordingNote {
             session_id: session_id.clone(),

@@ -15,7 +15,6 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jaunt_agent::{AgentCommand, AgentSettings, CpuPlacement};

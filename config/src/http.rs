@@ -460,11 +460,13 @@ pub fn reason_phrase(status: u16) -> &'static str {
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
-        100..=199 => "Informational",
-        200..=299 => "Success",
-        300..=399 => "Redirection",
-        400..=499 => "Client Error",
-        _ => "Server Error",
+        _ => match status / 100 {
+            1 => "Informational",
+            2 => "Success",
+            3 => "Redirection",
+            4 => "Client Error",
+            _ => "Server Error",
+        },
     }
 }
 
@@ -480,6 +482,12 @@ mod tests {
         assert_eq!(reason_phrase(299), "Success");
         assert_eq!(reason_phrase(418), "Client Error");
         assert_eq!(reason_phrase(599), "Server Error");
+        // A name wins over its class; a class covers the rest of its hundred.
+        assert_eq!(reason_phrase(101), "Switching Protocols");
+        assert_eq!(reason_phrase(199), "Informational");
+        assert_eq!(reason_phrase(307), "Temporary Redirect");
+        assert_eq!(reason_phrase(399), "Redirection");
+        assert_eq!(reason_phrase(504), "Gateway Timeout");
     }
 }
 

@@ -619,10 +619,7 @@ mod tests {
         let closed_port = closed.local_addr().unwrap().port();
         drop(closed);
         let live = std::mem::replace(&mut dialer.proxy, format!("localhost:{closed_port}"));
-        let err = dialer
-            .dial(&ssh_request())
-            .err()
-            .expect("no engine to reach");
+        let err = dialer.dial(&ssh_request()).expect_err("no engine to reach");
         assert!(
             format!("{err:#}").contains("cannot reach the proxy"),
             "{err:#}"

@@ -393,6 +393,7 @@ fn time_at(secs: u64) -> time::OffsetDateTime {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
     use jaunt_config::identity::{unix_now, IdentityKind};

@@ -1076,7 +1076,13 @@ fn measure_logins_dials_and_drain() {
             .iter()
             .all(|app| echo_app(&home("b", 0), app).is_ok())
     });
-    let on = |i: usize| if i % 2 == 0 { ("a", &a) } else { ("b", &b) };
+    let on = |i: usize| {
+        if i.is_multiple_of(2) {
+            ("a", &a)
+        } else {
+            ("b", &b)
+        }
+    };
     let login_two = per_second(LOGINS, THREADS, |i| {
         let (name, c) = on(i);
         login(c, &homes.path().join(format!("l-two-{name}-{i}")));

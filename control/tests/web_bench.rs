@@ -431,7 +431,9 @@ mod emul {
             while let Some(ev) = mux.poll_event() {
                 match ev {
                     Event::StreamOpened { id, dial_header } if dial_header == POLICY_OPEN => {
-                        if mux.open_result(id, Ok(())).is_ok() {
+                        // Answered once: a failed answer must not fall to the refusal arm below.
+                        let accepted = mux.open_result(id, Ok(())).is_ok();
+                        if accepted {
                             pushes.insert(id);
                         }
                     }

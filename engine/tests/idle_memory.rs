@@ -196,7 +196,7 @@ fn measure_idle_sessions_engine_only() {
     let (chain, key) = read_identity(dir.path(), "host");
     let mut roots = rustls::RootCertStore::empty();
     roots.add(web.clone()).unwrap();
-    let tls = jaunt_agent::client_config(chain, key, &[web.clone()]).unwrap();
+    let tls = jaunt_agent::client_config(chain, key, std::slice::from_ref(&web)).unwrap();
     let agent_settings = AgentSettings {
         name: "idle-node".into(),
         services: AgentServices {

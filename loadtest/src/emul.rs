@@ -620,7 +620,9 @@ impl Worker {
         while let Some(ev) = up.mux.poll_event() {
             match ev {
                 Event::StreamOpened { id, dial_header } if dial_header == POLICY_OPEN => {
-                    if up.mux.open_result(id, Ok(())).is_ok() {
+                    // Answered once: a failed answer must not fall to the refusal arm below.
+                    let accepted = up.mux.open_result(id, Ok(())).is_ok();
+                    if accepted {
                         up.pushes.insert(id);
                     }
                 }

@@ -1274,7 +1274,7 @@ fn report(
     let daemon_split = |f: &dyn Fn(&Sample) -> f64| -> Vec<(f64, f64)> {
         samples.iter().map(|s| (s.t, f(s))).collect()
     };
-    let mut panels: Vec<(String, String, Vec<(String, Vec<(f64, f64)>)>)> = vec![
+    let mut panels: Vec<report::Panel> = vec![
         (
             "resident memory".into(),
             "MiB".into(),

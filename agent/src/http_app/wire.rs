@@ -750,6 +750,88 @@ pub(crate) fn error_response(status: u16, message: &str, head_only: bool) -> Vec
     head.finish(if head_only { b"" } else { body.as_bytes() })
 }
 
+/// Fuzz entry point: a hostile user's request head, or a hostile app's response head, and the
+/// body bytes after it. The first byte picks the direction. What the proxy forwards must parse
+/// again with the same framing, and a forwarded request carries exactly one `Jaunt-*` field
+/// (the JWT the agent added; never one the user smuggled in). Checked with `debug_assert!`,
+/// live in cargo-fuzz builds.
+pub(crate) fn fuzz_parse(data: &[u8]) {
+    let Some((&which, bytes)) = data.split_first() else {
+        return;
+    };
+    let fwd = Forwarding {
+        host: "10.0.0.7:8080",
+        jwt: "eyJhbGciOiJFUzI1NiJ9.e30.c2ln",
+        client_ip: Some("192.0.2.1"),
+    };
+    let (rest, request_plan) = match parse_request(if which & 1 == 0 { bytes } else { b"" }) {
+        Ok(Some((head, used))) => {
+            let Ok(plan) = plan_request(&head) else {
+                return;
+            };
+            let out = rewrite_request(&head, &plan, &fwd);
+            let again = parse_request(&out);
+            debug_assert!(
+                matches!(again, Ok(Some((_, n))) if n == out.len()),
+                "{again:?}"
+            );
+            if let Ok(Some((forwarded, _))) = again {
+                let jaunt = forwarded
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.to_ascii_lowercase().starts_with("jaunt-"))
+                    .count();
+                debug_assert_eq!(jaunt, 1);
+                // Planned again (as a second Jaunt hop would): the same framing, unless the
+                // fields this hop added leave no room for the next hop's (431).
+                let replanned = plan_request(&forwarded);
+                debug_assert!(
+                    matches!(&replanned, Ok(p) if p.body == plan.body)
+                        || matches!(&replanned, Err(r) if r.status == 431),
+                    "{plan:?} became {replanned:?}"
+                );
+            }
+            (bytes.get(used..).unwrap_or_default(), plan)
+        }
+        _ => {
+            let Ok(Some((head, used))) = parse_response(bytes) else {
+                return;
+            };
+            let request = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                .ok()
+                .flatten()
+                .and_then(|(h, _)| plan_request(&h).ok());
+            let Some(request) = request else {
+                return;
+            };
+            let Ok(plan) = plan_response(&head, &request) else {
+                return;
+            };
+            let out = rewrite_response(&head, &plan, false);
+            let again = parse_response(&out);
+            debug_assert!(
+                matches!(again, Ok(Some((_, n))) if n == out.len()),
+                "{again:?}"
+            );
+            if let Ok(Some((relayed, _))) = again {
+                let replanned = plan_response(&relayed, &request);
+                debug_assert!(
+                    matches!(&replanned, Ok(p) if p.body == plan.body),
+                    "{plan:?} became {replanned:?}"
+                );
+            }
+            (bytes.get(used..).unwrap_or_default(), request)
+        }
+    };
+    if request_plan.body == BodyKind::Chunked || which & 2 != 0 {
+        let mut scanner = ChunkedScanner::new();
+        if let Ok(n) = scanner.scan(rest) {
+            debug_assert!(n <= rest.len());
+            debug_assert!(n == rest.len() || scanner.done());
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,
@@ -1150,87 +1232,5 @@ mod tests {
         assert!(out.ends_with("\r\n\r\ncannot reach app x\n"), "{out}");
         let head = String::from_utf8(error_response(502, "x", true)).unwrap();
         assert!(head.ends_with("\r\n\r\n"), "{head}");
-    }
-}
-
-/// Fuzz entry point: a hostile user's request head, or a hostile app's response head, and the
-/// body bytes after it. The first byte picks the direction. What the proxy forwards must parse
-/// again with the same framing, and a forwarded request carries exactly one `Jaunt-*` field
-/// (the JWT the agent added; never one the user smuggled in). Checked with `debug_assert!`,
-/// live in cargo-fuzz builds.
-pub(crate) fn fuzz_parse(data: &[u8]) {
-    let Some((&which, bytes)) = data.split_first() else {
-        return;
-    };
-    let fwd = Forwarding {
-        host: "10.0.0.7:8080",
-        jwt: "eyJhbGciOiJFUzI1NiJ9.e30.c2ln",
-        client_ip: Some("192.0.2.1"),
-    };
-    let (rest, request_plan) = match parse_request(if which & 1 == 0 { bytes } else { b"" }) {
-        Ok(Some((head, used))) => {
-            let Ok(plan) = plan_request(&head) else {
-                return;
-            };
-            let out = rewrite_request(&head, &plan, &fwd);
-            let again = parse_request(&out);
-            debug_assert!(
-                matches!(again, Ok(Some((_, n))) if n == out.len()),
-                "{again:?}"
-            );
-            if let Ok(Some((forwarded, _))) = again {
-                let jaunt = forwarded
-                    .headers
-                    .iter()
-                    .filter(|h| h.name.to_ascii_lowercase().starts_with("jaunt-"))
-                    .count();
-                debug_assert_eq!(jaunt, 1);
-                // Planned again (as a second Jaunt hop would): the same framing, unless the
-                // fields this hop added leave no room for the next hop's (431).
-                let replanned = plan_request(&forwarded);
-                debug_assert!(
-                    matches!(&replanned, Ok(p) if p.body == plan.body)
-                        || matches!(&replanned, Err(r) if r.status == 431),
-                    "{plan:?} became {replanned:?}"
-                );
-            }
-            (bytes.get(used..).unwrap_or_default(), plan)
-        }
-        _ => {
-            let Ok(Some((head, used))) = parse_response(bytes) else {
-                return;
-            };
-            let request = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-                .ok()
-                .flatten()
-                .and_then(|(h, _)| plan_request(&h).ok());
-            let Some(request) = request else {
-                return;
-            };
-            let Ok(plan) = plan_response(&head, &request) else {
-                return;
-            };
-            let out = rewrite_response(&head, &plan, false);
-            let again = parse_response(&out);
-            debug_assert!(
-                matches!(again, Ok(Some((_, n))) if n == out.len()),
-                "{again:?}"
-            );
-            if let Ok(Some((relayed, _))) = again {
-                let replanned = plan_response(&relayed, &request);
-                debug_assert!(
-                    matches!(&replanned, Ok(p) if p.body == plan.body),
-                    "{plan:?} became {replanned:?}"
-                );
-            }
-            (bytes.get(used..).unwrap_or_default(), request)
-        }
-    };
-    if request_plan.body == BodyKind::Chunked || which & 2 != 0 {
-        let mut scanner = ChunkedScanner::new();
-        if let Ok(n) = scanner.scan(rest) {
-            debug_assert!(n <= rest.len());
-            debug_assert!(n == rest.len() || scanner.done());
-        }
     }
 }

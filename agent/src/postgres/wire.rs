@@ -483,6 +483,38 @@ pub fn message(kind: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Fuzz entry point: a hostile client's first message, then its message stream. The first
+/// message is parsed as the agent does; the rest is fed to a [`QueryScanner`] in pieces whose
+/// size the first byte picks, so split headers and bodies are covered. A recorded query is never
+/// longer than [`MAX_RECORDED_QUERY_BYTES`] (checked with `debug_assert!`, live in cargo-fuzz
+/// builds).
+pub fn fuzz_parse(data: &[u8]) {
+    let Some((&control, bytes)) = data.split_first() else {
+        return;
+    };
+    let rest = match parse_first(bytes) {
+        Ok(Some((_, used))) => {
+            debug_assert!(used <= bytes.len() && used <= MAX_STARTUP_BYTES);
+            bytes.get(used..).unwrap_or_default()
+        }
+        Ok(None) => return,
+        Err(e) => {
+            std::hint::black_box(e.to_string());
+            bytes
+        }
+    };
+    let mut scanner = QueryScanner::new();
+    let mut out = Vec::new();
+    for piece in rest.chunks(1 + usize::from(control)) {
+        scanner.feed(piece, &mut out);
+        for query in out.drain(..) {
+            // Invalid UTF-8 is replaced (up to 3 bytes per byte), so bound by that.
+            debug_assert!(query.text.len() <= 3 * MAX_RECORDED_QUERY_BYTES);
+            std::hint::black_box(&query);
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
 mod tests {
@@ -776,37 +808,5 @@ mod tests {
         let mut scanner = QueryScanner::new();
         scanner.feed(&message(b'Q', b"select '\xff'\0"), &mut got);
         assert_eq!(got[0].text, "select '\u{FFFD}'");
-    }
-}
-
-/// Fuzz entry point: a hostile client's first message, then its message stream. The first
-/// message is parsed as the agent does; the rest is fed to a [`QueryScanner`] in pieces whose
-/// size the first byte picks, so split headers and bodies are covered. A recorded query is never
-/// longer than [`MAX_RECORDED_QUERY_BYTES`] (checked with `debug_assert!`, live in cargo-fuzz
-/// builds).
-pub fn fuzz_parse(data: &[u8]) {
-    let Some((&control, bytes)) = data.split_first() else {
-        return;
-    };
-    let rest = match parse_first(bytes) {
-        Ok(Some((_, used))) => {
-            debug_assert!(used <= bytes.len() && used <= MAX_STARTUP_BYTES);
-            bytes.get(used..).unwrap_or_default()
-        }
-        Ok(None) => return,
-        Err(e) => {
-            std::hint::black_box(e.to_string());
-            bytes
-        }
-    };
-    let mut scanner = QueryScanner::new();
-    let mut out = Vec::new();
-    for piece in rest.chunks(1 + usize::from(control)) {
-        scanner.feed(piece, &mut out);
-        for query in out.drain(..) {
-            // Invalid UTF-8 is replaced (up to 3 bytes per byte), so bound by that.
-            debug_assert!(query.text.len() <= 3 * MAX_RECORDED_QUERY_BYTES);
-            std::hint::black_box(&query);
-        }
     }
 }

@@ -137,6 +137,9 @@ struct Chan {
     node_closed: bool,
 }
 
+/// Told each recording id as its recording starts ([`Channels::on_started`]).
+pub(crate) type OnRecordingStarted = Box<dyn FnMut(&RecordingId)>;
+
 /// See the module doc.
 pub(crate) struct Channels<S: Starter> {
     who: Who,
@@ -165,7 +168,7 @@ pub(crate) struct Channels<S: Starter> {
     pub(crate) bytes_out: u64,
     /// Told each recording id as its recording starts (the engine names them in the session's
     /// `session.end`).
-    pub(crate) on_started: Option<Box<dyn FnMut(&RecordingId)>>,
+    pub(crate) on_started: Option<OnRecordingStarted>,
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary; says whether it was cut.

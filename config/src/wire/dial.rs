@@ -610,6 +610,48 @@ impl TunnelHello {
     }
 }
 
+/// Fuzz entry point for every message of this module. The first byte picks the parser; the
+/// rest is what a hostile peer sent. Whatever parses must encode back to something that parses
+/// to the same value (checked with `debug_assert!`, live in cargo-fuzz builds), so a message the
+/// engine accepted reaches the agent unchanged.
+pub fn fuzz_parse(data: &[u8]) {
+    let Some((&which, bytes)) = data.split_first() else {
+        return;
+    };
+    match which % 4 {
+        0 => {
+            if let Ok(Some((request, used))) = DialRequest::parse(bytes) {
+                debug_assert!(used <= bytes.len());
+                let again = DialRequest::parse(&request.encode());
+                debug_assert!(matches!(again, Ok(Some((ref r, _))) if *r == request));
+            }
+        }
+        1 => {
+            if let Ok((header, cert)) = StreamHeader::parse_with_client_cert(bytes) {
+                let encoded = match &cert {
+                    Some(der) => header.encode_with_client_cert(der),
+                    None => header.encode(),
+                };
+                if let Some(encoded) = encoded {
+                    let again = StreamHeader::parse_with_client_cert(&encoded);
+                    debug_assert!(again == Ok((header, cert)));
+                }
+            }
+        }
+        2 => {
+            if let Ok(Some((response, used))) = DialResponse::parse(bytes) {
+                debug_assert!(used <= bytes.len());
+                std::hint::black_box(response);
+            }
+        }
+        _ => {
+            if let Ok(Some((hello, _))) = TunnelHello::parse(bytes) {
+                debug_assert!(hello.shard < hello.shards);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -835,48 +877,6 @@ mod tests {
             let _ = TunnelHello::parse(&bytes);
             let _ = StreamHeader::parse(&bytes);
             let _ = StreamHeader::parse_with_client_cert(&bytes);
-        }
-    }
-}
-
-/// Fuzz entry point for every message of this module. The first byte picks the parser; the
-/// rest is what a hostile peer sent. Whatever parses must encode back to something that parses
-/// to the same value (checked with `debug_assert!`, live in cargo-fuzz builds), so a message the
-/// engine accepted reaches the agent unchanged.
-pub fn fuzz_parse(data: &[u8]) {
-    let Some((&which, bytes)) = data.split_first() else {
-        return;
-    };
-    match which % 4 {
-        0 => {
-            if let Ok(Some((request, used))) = DialRequest::parse(bytes) {
-                debug_assert!(used <= bytes.len());
-                let again = DialRequest::parse(&request.encode());
-                debug_assert!(matches!(again, Ok(Some((ref r, _))) if *r == request));
-            }
-        }
-        1 => {
-            if let Ok((header, cert)) = StreamHeader::parse_with_client_cert(bytes) {
-                let encoded = match &cert {
-                    Some(der) => header.encode_with_client_cert(der),
-                    None => header.encode(),
-                };
-                if let Some(encoded) = encoded {
-                    let again = StreamHeader::parse_with_client_cert(&encoded);
-                    debug_assert!(again == Ok((header, cert)));
-                }
-            }
-        }
-        2 => {
-            if let Ok(Some((response, used))) = DialResponse::parse(bytes) {
-                debug_assert!(used <= bytes.len());
-                std::hint::black_box(response);
-            }
-        }
-        _ => {
-            if let Ok(Some((hello, _))) = TunnelHello::parse(bytes) {
-                debug_assert!(hello.shard < hello.shards);
-            }
         }
     }
 }

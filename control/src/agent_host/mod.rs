@@ -735,6 +735,7 @@ pub fn parse_named(text: &str, what: &str) -> anyhow::Result<(String, String)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 

@@ -192,6 +192,7 @@ fn subject<'a>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
 pub(crate) mod tests {
     use jaunt_config::identity::IdentityKind;
 

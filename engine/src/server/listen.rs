@@ -87,9 +87,8 @@ impl Markers {
         // Bound first (to the listener's own address: it is local), so the source address is
         // known before the connection exists.
         rustix::net::bind(&fd, &SocketAddr::new(target.ip(), 0))?;
-        let bound = SocketAddr::try_from(rustix::net::getsockname(&fd)?).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::Other, "marker socket has no IP address")
-        })?;
+        let bound = SocketAddr::try_from(rustix::net::getsockname(&fd)?)
+            .map_err(|_| std::io::Error::other("marker socket has no IP address"))?;
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())

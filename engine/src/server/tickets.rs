@@ -267,8 +267,8 @@ mod tests {
     const NOW: u64 = 1_765_000_000;
 
     fn tickets(secret: &TicketSecret, roots: &[u8], label: &'static str) -> Tickets {
-        let root = CertificateDer::from(roots.to_vec());
-        Tickets::new(secret, &binding(&[root.clone()], &[root]), label)
+        let roots = [CertificateDer::from(roots.to_vec())];
+        Tickets::new(secret, &binding(&roots, &roots), label)
     }
 
     #[test]

@@ -953,6 +953,7 @@ async fn refuse_dial<S: AsyncWrite + Unpin>(
 }
 
 #[cfg(test)]
+#[allow(clippy::panic, reason = "tests")]
 mod tests {
     use std::collections::BTreeMap;
 
