@@ -1,20 +1,33 @@
-//! Reconnect backoff: capped exponential with full jitter, and the tiny random source it needs.
+//! Reconnect backoff: capped exponential with full jitter, no longer than the outage so far,
+//! and the tiny random source it needs.
 //!
 //! After the `n`-th consecutive failure the agent sleeps a uniformly random time in
-//! `[0, min(cap, base × 2ⁿ)]` ("full jitter", as in the AWS architecture blog's comparison of
-//! backoff schemes). When an engine restarts, every agent notices in the same second; with full
-//! jitter their first redials spread over `[0, base]`, their second over `[0, 2·base]`, and so on,
-//! so a thousand agents arrive as a trickle rather than a wave. The failure count resets once a
-//! tunnel has stayed up for [`BackoffConfig::healthy_after`]: a tunnel that dies right after
-//! opening (an engine in a crash loop, a certificate it accepts and then rejects) keeps growing
-//! the delay instead of resetting it.
+//! `[0, ceiling]`, where the ceiling is `min(cap, base × 2ⁿ, max(base, outage))` and `outage` is
+//! how long the agent has been failing (since the first failure after its last healthy tunnel).
+//! "Full jitter", as in the AWS architecture blog's comparison of backoff schemes: when an
+//! engine restarts, every agent notices in the same second; their first redials spread over
+//! `[0, base]`, their second over `[0, 2·base]`, and so on, so a thousand agents arrive as a
+//! trickle rather than a wave.
 //!
-//! Pure: no clock, no I/O. The random source is a xorshift64* seeded once per agent from
-//! `/dev/urandom` (or the clock and pid if that fails); it needs to be different per agent, not
-//! unpredictable, so no `rand` crate.
-
+//! The outage bound is what keeps the tail short. Exponential growth by count alone lets an
+//! agent whose early draws were small (several quick refusals while the engine was still
+//! starting) reach a ceiling many times the outage: after a 1.3 s restart, 9,900 emulated
+//! agents were back within 5 s but for a few that waited 7-12 s more (BENCHMARKS.md, "Reconnect
+//! storm: the backoff's tail"). With the bound, an agent that failed until time `t` of an
+//! outage is back by about `2t` (plus the engine's queue), whatever its draws; the spread and the
+//! growth of a long outage stay as they were (the bound grows with the outage, about 1.5x per
+//! retry, up to the cap).
+//!
+//! The failure count and the outage reset once a tunnel has stayed up for
+//! [`BackoffConfig::healthy_after`]: a tunnel that dies right after opening (an engine in a crash
+//! loop, a certificate it accepts and then rejects) keeps growing the delay instead of resetting
+//! it.
+//!
+//! Pure: no clock read (callers pass `now`), no I/O. The random source is a xorshift64* seeded
+//! once per agent from `/dev/urandom` (or the clock and pid if that fails); it needs to be
+//! different per agent, not unpredictable, so no `rand` crate.
 use std::io::Read;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// First backoff ceiling: short enough that a brief blip costs little, long enough that a
 /// thousand agents' first redials spread over 200 ms instead of arriving in one.
@@ -73,6 +86,8 @@ pub struct Backoff {
     config: BackoffConfig,
     /// Consecutive failures since the last reset.
     failures: u32,
+    /// When the first failure since the last reset was recorded: the outage's start.
+    failing_since: Option<Instant>,
     rng: XorShift64,
 }
 
@@ -83,6 +98,7 @@ impl Backoff {
         Backoff {
             config,
             failures: 0,
+            failing_since: None,
             rng: XorShift64::new(seed),
         }
     }
@@ -92,21 +108,28 @@ impl Backoff {
         self.failures
     }
 
-    /// The ceiling of the next delay: `min(cap, base × 2^failures)`.
-    pub fn ceiling(&self) -> Duration {
+    /// The ceiling of a delay drawn at `now`: `min(cap, base × 2^failures, max(base, outage))`,
+    /// the outage being `now` less the first failure since the last reset (zero if none yet).
+    pub fn ceiling(&self, now: Instant) -> Duration {
         let exponent = self.failures.min(MAX_EXPONENT);
         let grown = self
             .config
             .base
             .checked_mul(1u32 << exponent)
             .unwrap_or(self.config.cap);
-        grown.min(self.config.cap)
+        let outage = self
+            .failing_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+        grown.min(outage.max(self.config.base)).min(self.config.cap)
     }
 
-    /// Records a failure and returns how long to wait before the next attempt: uniform in
-    /// `[0, ceiling]`, the ceiling taken before this failure is counted.
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.ceiling();
+    /// Records a failure at `now` and returns how long to wait before the next attempt: uniform
+    /// in `[0, ceiling]`, the ceiling taken before this failure is counted.
+    pub fn next_delay(&mut self, now: Instant) -> Duration {
+        if self.failing_since.is_none() {
+            self.failing_since = Some(now);
+        }
+        let ceiling = self.ceiling(now);
         self.failures = self.failures.saturating_add(1);
         let ceiling_nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
         let delay = Duration::from_nanos(self.rng.below(ceiling_nanos.saturating_add(1)));
@@ -117,6 +140,7 @@ impl Backoff {
     /// Starts over, as after a healthy tunnel.
     pub fn reset(&mut self) {
         self.failures = 0;
+        self.failing_since = None;
     }
 
     /// A tunnel ended after `lived`: if it was healthy, start over. Returns whether it reset.
@@ -196,13 +220,26 @@ mod tests {
         Backoff::new(BackoffConfig::default(), seed)
     }
 
+    /// Failures a minute apart: the outage never bounds the ceiling, so it is the exponential.
+    fn slow_failures(b: &mut Backoff, t0: Instant, n: u32) -> Instant {
+        let mut now = t0;
+        for _ in 0..n {
+            b.next_delay(now);
+            now += Duration::from_secs(60);
+        }
+        now
+    }
+
     #[test]
     fn ceiling_doubles_from_base_to_cap() {
         let mut b = backoff(1);
+        let t0 = Instant::now();
         let mut ceilings = Vec::new();
+        let mut now = t0;
         for _ in 0..12 {
-            ceilings.push(b.ceiling());
-            b.next_delay();
+            ceilings.push(b.ceiling(now));
+            b.next_delay(now);
+            now += Duration::from_secs(60);
         }
         let expected: Vec<Duration> = [
             200, 400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 30_000, 30_000, 30_000, 30_000,
@@ -212,20 +249,65 @@ mod tests {
         .collect();
         assert_eq!(ceilings, expected);
         // Far past the exponent bound, still the cap and no overflow.
-        for _ in 0..100 {
-            b.next_delay();
-        }
-        assert_eq!(b.ceiling(), DEFAULT_BACKOFF_CAP);
+        let now = slow_failures(&mut b, now, 100);
+        assert_eq!(b.ceiling(now), DEFAULT_BACKOFF_CAP);
         assert_eq!(b.failures(), 112);
+    }
+
+    #[test]
+    fn the_ceiling_is_never_above_the_outage_so_far() {
+        // Eight refusals within 80 ms (an engine still starting): the count alone would allow
+        // 51 s (capped to 30 s); the outage allows the base.
+        let mut b = backoff(5);
+        let t0 = Instant::now();
+        for k in 0..8 {
+            b.next_delay(t0 + k * 10 * MS);
+        }
+        assert_eq!(b.failures(), 8);
+        assert_eq!(b.ceiling(t0 + 80 * MS), DEFAULT_BACKOFF_BASE);
+        // 1.3 s into the outage the ceiling is the outage; much later, the exponential (8
+        // failures: 51.2 s, capped at 30 s).
+        assert_eq!(b.ceiling(t0 + 1_300 * MS), 1_300 * MS);
+        assert_eq!(b.ceiling(t0 + Duration::from_secs(600)), DEFAULT_BACKOFF_CAP);
+    }
+
+    #[test]
+    fn ten_thousand_agents_are_back_within_twice_the_outage() {
+        // The engine is down for 1.3 s from t0 (every dial before then is refused at once), as
+        // in the reconnect storm. Each agent noticed at t0 and redials on its own schedule.
+        let outage = 1_300 * MS;
+        let t0 = Instant::now();
+        let mut seeds = XorShift64::new(17);
+        let mut latest = Duration::ZERO;
+        let mut total = Duration::ZERO;
+        for _ in 0..10_000 {
+            let mut b = backoff(seeds.next_u64());
+            let mut now = t0;
+            loop {
+                now += b.next_delay(now);
+                if now >= t0 + outage {
+                    break;
+                }
+            }
+            latest = latest.max(now - t0);
+            total += now - t0;
+        }
+        // The last failure was before 1.3 s and waited at most the outage so far.
+        assert!(latest <= 2 * outage, "the last agent came back after {latest:?}");
+        // And they do not all pile up at the end of the outage: the mean is well inside.
+        let mean = total / 10_000;
+        assert!(mean < outage + outage / 2, "mean {mean:?}");
     }
 
     #[test]
     fn every_delay_is_within_its_ceiling() {
         for seed in 1..200 {
             let mut b = backoff(seed);
-            for _ in 0..20 {
-                let ceiling = b.ceiling();
-                let delay = b.next_delay();
+            let t0 = Instant::now();
+            for k in 0..20u32 {
+                let now = t0 + k * 150 * MS;
+                let ceiling = b.ceiling(now);
+                let delay = b.next_delay(now);
                 assert!(delay <= ceiling, "{delay:?} > {ceiling:?}");
             }
         }
@@ -238,8 +320,9 @@ mod tests {
         let mut seeds = XorShift64::new(42);
         let mut buckets = [0usize; 21];
         let mut total = Duration::ZERO;
+        let now = Instant::now();
         for _ in 0..1000 {
-            let delay = backoff(seeds.next_u64()).next_delay();
+            let delay = backoff(seeds.next_u64()).next_delay(now);
             buckets[(delay.as_millis() / 10) as usize] += 1;
             total += delay;
         }
@@ -252,18 +335,20 @@ mod tests {
     #[test]
     fn grows_while_failing_and_resets_after_a_healthy_tunnel() {
         let mut b = backoff(7);
-        for _ in 0..5 {
-            b.next_delay();
-        }
-        assert_eq!(b.ceiling(), 6_400 * MS);
-        // A tunnel that died quickly does not reset the schedule.
+        let t0 = Instant::now();
+        let now = slow_failures(&mut b, t0, 5);
+        assert_eq!(b.ceiling(now), 6_400 * MS);
+        // A tunnel that died quickly does not reset the schedule (nor the outage).
         assert!(!b.tunnel_ended(Duration::from_secs(2)));
-        assert_eq!(b.ceiling(), 6_400 * MS);
+        assert_eq!(b.ceiling(now), 6_400 * MS);
         // One that stayed up does.
         assert!(b.tunnel_ended(DEFAULT_HEALTHY_AFTER));
         assert_eq!(b.failures(), 0);
-        assert_eq!(b.ceiling(), DEFAULT_BACKOFF_BASE);
-        assert!(b.next_delay() <= DEFAULT_BACKOFF_BASE);
+        assert_eq!(b.ceiling(now), DEFAULT_BACKOFF_BASE);
+        assert!(b.next_delay(now) <= DEFAULT_BACKOFF_BASE);
+        // The new outage starts at that failure: a second one 50 ms later is still bounded
+        // by the base, not by the minutes since t0.
+        assert_eq!(b.ceiling(now + 50 * MS), DEFAULT_BACKOFF_BASE);
     }
 
     #[test]

@@ -557,7 +557,7 @@ impl Supervisor {
                     tracing::info!("retrying at once with the new TLS configuration");
                 } else if self.backoff_pending {
                     self.backoff_pending = false;
-                    let delay = self.backoff.next_delay();
+                    let delay = self.backoff.next_delay(Instant::now());
                     tracing::info!(
                         ?delay,
                         failures = self.backoff.failures(),

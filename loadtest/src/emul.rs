@@ -539,7 +539,7 @@ impl Worker {
     fn failed(&mut self, k: usize, slot: &mut Slot) {
         slot.state = State::Waiting;
         slot.misplaced_in_row = 0;
-        let delay = slot.backoff.next_delay();
+        let delay = slot.backoff.next_delay(Instant::now());
         self.set_due(k, slot, Some(Instant::now() + delay));
     }
 
@@ -668,7 +668,7 @@ impl Worker {
         }
         slot.backoff.tunnel_ended(slot.started.elapsed());
         slot.misplaced_in_row = 0;
-        let delay = slot.backoff.next_delay();
+        let delay = slot.backoff.next_delay(Instant::now());
         self.set_due(k, slot, Some(Instant::now() + delay));
     }
 }
