@@ -268,7 +268,10 @@ mod tests {
         // 1.3 s into the outage the ceiling is the outage; much later, the exponential (8
         // failures: 51.2 s, capped at 30 s).
         assert_eq!(b.ceiling(t0 + 1_300 * MS), 1_300 * MS);
-        assert_eq!(b.ceiling(t0 + Duration::from_secs(600)), DEFAULT_BACKOFF_CAP);
+        assert_eq!(
+            b.ceiling(t0 + Duration::from_secs(600)),
+            DEFAULT_BACKOFF_CAP
+        );
     }
 
     #[test]
@@ -293,7 +296,10 @@ mod tests {
             total += now - t0;
         }
         // The last failure was before 1.3 s and waited at most the outage so far.
-        assert!(latest <= 2 * outage, "the last agent came back after {latest:?}");
+        assert!(
+            latest <= 2 * outage,
+            "the last agent came back after {latest:?}"
+        );
         // And they do not all pile up at the end of the outage: the mean is well inside.
         let mean = total / 10_000;
         assert!(mean < outage + outage / 2, "mean {mean:?}");

@@ -326,6 +326,19 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         },
         None => jaunt_engine::server::Listeners::Bind,
     };
+    // The public port's listen queue: a production host with many agents wants all of it; a dev
+    // cluster hears about it once, quietly.
+    let shards = engine_config.shards;
+    if let Some(advice) = jaunt_engine::server::listen::backlog_advice(
+        jaunt_engine::server::listen::somaxconn(),
+        shards,
+    ) {
+        if cfg.dev {
+            tracing::info!("{advice}");
+        } else {
+            tracing::warn!("{advice}");
+        }
+    }
     let engine =
         jaunt_engine::server::Engine::start_with(engine_config, engine_tls, snapshot_rx, listeners)
             .map_err(|e| anyhow::anyhow!("engine: {e}"))?;

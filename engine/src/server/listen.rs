@@ -27,6 +27,31 @@ use rustix::net::{AddressFamily, SocketFlags, SocketType};
 /// has its SYN dropped and retried by the client's kernel only after 1 s, then 3 s.
 pub const LISTEN_BACKLOG: i32 = 65_535;
 
+/// The kernel's cap on listen backlogs (`/proc/sys/net/core/somaxconn`), if readable.
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What to tell the operator about the backlog the public port gets, if it is below what the
+/// engine asks for: `None` when the kernel grants all of [`LISTEN_BACKLOG`] (or cannot say).
+pub fn backlog_advice(somaxconn: Option<u32>, shards: usize) -> Option<String> {
+    let cap = somaxconn?;
+    if i64::from(cap) >= i64::from(LISTEN_BACKLOG) {
+        return None;
+    }
+    Some(format!(
+        "net.core.somaxconn is {cap}, so each shard's listen queue holds {cap} connections \
+         ({} for {shards} shards): when more agents than that reconnect at once (after an engine \
+         restart), the kernel drops their SYNs and they retry only after 1 s, then 3 s, then 7 s; \
+         raise it to {LISTEN_BACKLOG} (config/examples/jaunt-sysctl.conf, into /etc/sysctl.d/)",
+        u64::from(cap) * shards as u64
+    ))
+}
+
 /// A TCP socket bound to `addr` with `SO_REUSEPORT`, listening.
 pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let family = if addr.is_ipv6() {
@@ -102,6 +127,17 @@ impl Markers {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backlog_advice_only_below_what_the_engine_asks_for() {
+        assert_eq!(backlog_advice(None, 2), None);
+        assert_eq!(backlog_advice(Some(65_535), 2), None);
+        assert_eq!(backlog_advice(Some(1 << 20), 2), None);
+        let advice = backlog_advice(Some(4096), 2).unwrap();
+        assert!(advice.contains("net.core.somaxconn is 4096"), "{advice}");
+        assert!(advice.contains("8192 for 2 shards"), "{advice}");
+        assert!(advice.contains("jaunt-sysctl.conf"), "{advice}");
+    }
 
     #[test]
     fn sockets_share_a_port_and_markers_are_recognized() {
