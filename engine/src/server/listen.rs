@@ -140,6 +140,23 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_sysctl_file_grants_the_whole_backlog() {
+        // The file the advice names must be enough to silence it.
+        let file = include_str!("../../../config/examples/jaunt-sysctl.conf");
+        let value = |key: &str| -> u32 {
+            file.lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .find_map(|l| {
+                    let (k, v) = l.split_once('=')?;
+                    (k.trim() == key).then(|| v.trim().parse().unwrap())
+                })
+                .unwrap_or_else(|| panic!("{key} is not set"))
+        };
+        assert_eq!(backlog_advice(Some(value("net.core.somaxconn")), 64), None);
+        assert!(i64::from(value("net.ipv4.tcp_max_syn_backlog")) >= i64::from(LISTEN_BACKLOG));
+    }
+
+    #[test]
     fn sockets_share_a_port_and_markers_are_recognized() {
         let first = bind_reuseport("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = first.local_addr().unwrap();
