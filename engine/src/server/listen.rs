@@ -124,7 +124,7 @@ impl Markers {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 mod tests {
     use super::*;
 
@@ -150,7 +150,7 @@ mod tests {
                     let (k, v) = l.split_once('=')?;
                     (k.trim() == key).then(|| v.trim().parse().unwrap())
                 })
-                .unwrap_or_else(|| panic!("{key} is not set"))
+                .expect("every key the test asks for is set")
         };
         assert_eq!(backlog_advice(Some(value("net.core.somaxconn")), 64), None);
         assert!(i64::from(value("net.ipv4.tcp_max_syn_backlog")) >= i64::from(LISTEN_BACKLOG));
