@@ -711,6 +711,14 @@ pub fn agents(
             hist[b] += 1;
         }
         let peak = hist.iter().copied().max().unwrap_or(0) as f64 * 10.0;
+        // When 99% of the agents were back: one straggler (a SYN the kernel dropped and retries
+        // after seconds) moves `all_back_*` but not this.
+        let mut back: Vec<Instant> = firsts.values().copied().collect();
+        back.sort_unstable();
+        let p99 = back
+            .get((back.len() * 99).div_ceil(100).saturating_sub(1))
+            .copied()
+            .unwrap_or(t_kill);
         let points: Vec<(f64, f64)> = hist
             .iter()
             .enumerate()
@@ -767,9 +775,10 @@ pub fn agents(
             .metric("last_tunnel_lost_s", secs(t_kill, last_down))
             .metric("all_back_after_kill_s", secs(t_kill, last))
             .metric("all_back_after_ready_s", secs(t_ready, last))
+            .metric("p99_back_after_kill_s", secs(t_kill, p99))
             .metric("peak_reconnects_per_s", peak)
             .work(cpu, "1k agents", k as f64 / 1000.0)
-            .note(format!("agents: emulated in-process (one tunnel per agent and engine shard, driven by a few epoll threads, each dial asking for its shard with `jaunt-shard.<k>` as the real agent does; `dials_per_agent` counts the connections made (TCP connected, TLS handshake) from the restart until all were back, `misplaced_dials` those that landed on another shard; `resumed_tunnels` the tunnels that came back with a resumed TLS session (each tunnel keeps its own session cache, as the real agent), `engine_tunnel_handshakes_*` the new daemon's count of full and resumed tunnel handshakes, `engine_admission_*` its handshake admission's pauses at the bound and slots released by the hold, `engine_handshakes_abandoned` the connections whose client had left before their handshake started; `engine_inventory_events_dropped` the tunnel ups and downs the new daemon's engine could not queue for control's inventory (0: control lists every agent); `somaxconn` the kernel's cap on the engine's listen queues (`net.core.somaxconn`; below 65,535 a storm larger than the queues loses SYNs, which retry after 1-7 s: config/examples/jaunt-sysctl.conf); real TLS host certificates, real mux keepalives, the real agent's jittered backoff); times are from the signal to the engine (SIGTERM, or SIGKILL with --restart crash); `engine_restart_s` is signal to the new daemon's banner (the old one's drain, then control + engine start); `*_tunnel_lost_s` when the agents saw their tunnels end; `cross_shard_hops_steady`: the engine's `jaunt_cross_shard_hops_total` over {STEADY_DIALS} user dials with every tunnel up, before and after the restart (0: each dial found its tunnel on its own shard); `cross_shard_hops_reconnect`: the new daemon's hops while the agents came back; plot: agents-reconnect.svg"))])
+            .note(format!("agents: emulated in-process (one tunnel per agent and engine shard, driven by a few epoll threads, each dial asking for its shard with `jaunt-shard.<k>` as the real agent does; `dials_per_agent` counts the connections made (TCP connected, TLS handshake) from the restart until all were back, `misplaced_dials` those that landed on another shard; `resumed_tunnels` the tunnels that came back with a resumed TLS session (each tunnel keeps its own session cache, as the real agent), `engine_tunnel_handshakes_*` the new daemon's count of full and resumed tunnel handshakes, `engine_admission_*` its handshake admission's pauses at the bound and slots released by the hold, `engine_handshakes_abandoned` the connections whose client had left before their handshake started; `engine_inventory_events_dropped` the tunnel ups and downs the new daemon's engine could not queue for control's inventory (0: control lists every agent); `somaxconn` the kernel's cap on the engine's listen queues (`net.core.somaxconn`; below 65,535 a storm larger than the queues loses SYNs, which retry after 1-7 s: config/examples/jaunt-sysctl.conf); real TLS host certificates, real mux keepalives, the real agent's jittered backoff); times are from the signal to the engine (SIGTERM, or SIGKILL with --restart crash); `p99_back_after_kill_s` when 99% of the agents were back; `engine_restart_s` is signal to the new daemon's banner (the old one's drain, then control + engine start); `*_tunnel_lost_s` when the agents saw their tunnels end; `cross_shard_hops_steady`: the engine's `jaunt_cross_shard_hops_total` over {STEADY_DIALS} user dials with every tunnel up, before and after the restart (0: each dial found its tunnel on its own shard); `cross_shard_hops_reconnect`: the new daemon's hops while the agents came back; plot: agents-reconnect.svg"))])
     })();
     shared.stop.store(true, SeqCst);
     for h in handles {
