@@ -1257,21 +1257,19 @@ fn validate_engine(file: FileEngine, runs_control: bool) -> Result<EngineConfig,
     let max_connections_per_shard = file
         .max_connections_per_shard
         .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SHARD);
-    if max_connections_per_shard == 0 || max_connections_per_shard > MAX_CONNECTIONS_PER_SHARD_MAX {
-        return Err(Invalid::new(
-            "engine.max_connections_per_shard",
-            format!("expected a number from 1 to {MAX_CONNECTIONS_PER_SHARD_MAX}"),
-        ));
-    }
+    one_to(
+        max_connections_per_shard,
+        MAX_CONNECTIONS_PER_SHARD_MAX,
+        "engine.max_connections_per_shard",
+    )?;
     let max_handshakes_per_shard = file
         .max_handshakes_per_shard
         .unwrap_or(DEFAULT_MAX_HANDSHAKES_PER_SHARD);
-    if max_handshakes_per_shard == 0 || max_handshakes_per_shard > MAX_HANDSHAKES_PER_SHARD_MAX {
-        return Err(Invalid::new(
-            "engine.max_handshakes_per_shard",
-            format!("expected a number from 1 to {MAX_HANDSHAKES_PER_SHARD_MAX}"),
-        ));
-    }
+    one_to(
+        max_handshakes_per_shard,
+        MAX_HANDSHAKES_PER_SHARD_MAX,
+        "engine.max_handshakes_per_shard",
+    )?;
     let tls = match file.tls {
         None
         | Some(FileTls {
@@ -1325,12 +1323,11 @@ fn validate_engine(file: FileEngine, runs_control: bool) -> Result<EngineConfig,
 
 fn validate_audit(file: FileAudit) -> Result<AuditConfig, Invalid> {
     let queue_capacity = file.queue_capacity.unwrap_or(DEFAULT_AUDIT_QUEUE_CAPACITY);
-    if queue_capacity == 0 || queue_capacity > AUDIT_QUEUE_CAPACITY_MAX {
-        return Err(Invalid::new(
-            "audit.queue_capacity",
-            format!("expected a number from 1 to {AUDIT_QUEUE_CAPACITY_MAX}"),
-        ));
-    }
+    one_to(
+        queue_capacity,
+        AUDIT_QUEUE_CAPACITY_MAX,
+        "audit.queue_capacity",
+    )?;
     let file_sink = match file.file {
         None => None,
         Some(sink) => {
@@ -1350,12 +1347,7 @@ fn validate_audit(file: FileAudit) -> Result<AuditConfig, Invalid> {
                 ));
             }
             let max_files = sink.max_files.unwrap_or(DEFAULT_AUDIT_FILE_MAX_FILES);
-            if max_files == 0 || max_files > AUDIT_FILE_MAX_FILES_MAX {
-                return Err(Invalid::new(
-                    "audit.file.max_files",
-                    format!("expected a number from 1 to {AUDIT_FILE_MAX_FILES_MAX}"),
-                ));
-            }
+            one_to(max_files, AUDIT_FILE_MAX_FILES_MAX, "audit.file.max_files")?;
             Some(AuditFileConfig {
                 path,
                 max_size_bytes,
@@ -1583,6 +1575,20 @@ fn dialable(addr: &HostPort, path: &str) -> Result<(), Invalid> {
         return Err(Invalid::new(
             path,
             "port 0 cannot be dialed: give the real port",
+        ));
+    }
+    Ok(())
+}
+
+/// A count that must be from 1 to `max`; the error names the key and the range.
+fn one_to<T>(value: T, max: T, path: &str) -> Result<(), Invalid>
+where
+    T: PartialOrd + From<u8> + std::fmt::Display,
+{
+    if value < T::from(1) || value > max {
+        return Err(Invalid::new(
+            path,
+            format!("expected a number from 1 to {max}"),
         ));
     }
     Ok(())
