@@ -7,8 +7,8 @@
 //! immutable snapshots (CA roots, roles, locks) over a crossbeam channel: once at boot and again
 //! after every change.
 //!
-//! Files written to the data directory: `jaunt.lock` (held while the daemon runs, see
-//! `exclusive.rs`), `jaunt.db` (the store), `control.addr` and `public.addr`
+//! Files written to the data directory: `jaunt.lock` (held while the daemon runs, with the
+//! public port's listener inodes; see `exclusive.rs`), `jaunt.db` (the store), `control.addr` and `public.addr`
 //! (the bound addresses, so port 0 works), `admin/` (the local admin identity the admin verbs use
 //! on this host), `takeover.sock` (where `jaunt start --takeover` asks for the sockets, see
 //! `takeover.rs`) and, in dev mode, `admin-password` (0600).
@@ -111,7 +111,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     profile::create_private_dir(&cfg.data_dir)?;
     // One daemon per data directory and per public port (see `exclusive.rs`), unless this one
     // takes the running one's place (`takeover.rs`): then it inherits the lock and the sockets.
-    let (lock, mut inherited) = if cfg.takeover {
+    let (mut lock, mut inherited) = if cfg.takeover {
         match crate::exclusive::lock_data_dir(&cfg.data_dir, "jaunt start") {
             Ok(lock) => {
                 println!(
@@ -146,14 +146,38 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     };
     let public_listen = resolve(&cfg.public_listen, "engine.listen_addr")?;
     if inherited.is_none() {
-        crate::exclusive::check_port_free(
+        let state = crate::exclusive::check_port_free(
             public_listen,
             if cfg.dev {
                 "--public-addr"
             } else {
                 "engine.listen_addr"
             },
+            &lock.previous_listeners,
         )?;
+        if let crate::exclusive::PortState::Orphans {
+            count,
+            joined,
+            waited,
+        } = state
+        {
+            if joined {
+                tracing::info!(
+                    listeners = count,
+                    "the public port's listeners of a killed daemon are still closing: joining \
+                     them (net.ipv4.tcp_migrate_req = 1 hands their queued connections to the \
+                     new ones)"
+                );
+            } else {
+                tracing::info!(
+                    listeners = count,
+                    waited_ms = waited.as_millis() as u64,
+                    "waited for the public port's listeners of a killed daemon to close \
+                     (net.ipv4.tcp_migrate_req = 1 would let the engine start beside them: \
+                     config/examples/jaunt-sysctl.conf)"
+                );
+            }
+        }
     }
     let store = Arc::new(match &cfg.storage {
         jaunt_config::file::StorageConfig::Sqlite => Store::open(&cfg.data_dir.join("jaunt.db"))
@@ -343,6 +367,14 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         jaunt_engine::server::Engine::start_with(engine_config, engine_tls, snapshot_rx, listeners)
             .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     control.set_engine_sessions(engine.sessions());
+    // The public port's listeners, for the next start on this directory after a crash.
+    let inodes: Vec<u64> = engine
+        .listeners()?
+        .iter()
+        .filter_map(|fd| rustix::fs::fstat(fd).ok())
+        .map(|st| st.st_ino)
+        .collect();
+    lock.record_listeners(&inodes)?;
     let public_addr = advertised(&public_addr_hint, engine.local_addr().port());
     control.set_public_addr(&public_addr);
 

@@ -482,9 +482,12 @@ impl Spawned {
     }
 
     /// SIGTERM the daemon, start it again on the same data dir and port. Returns the CPU seconds
-    /// the old daemon had spent (sampled just before the signal), the instant of the signal, and
-    /// the instant the new one printed its banner.
-    pub fn restart_daemon(&mut self, crash: bool) -> anyhow::Result<(f64, Instant, Instant)> {
+    /// the old daemon had spent (sampled just before the signal), the instant of the signal, the
+    /// instant the old one was reaped, and the instant the new one printed its banner.
+    pub fn restart_daemon(
+        &mut self,
+        crash: bool,
+    ) -> anyhow::Result<(f64, Instant, Instant, Instant)> {
         let cpu = crate::procfs::cpu_seconds(self.daemon.pid()).unwrap_or(0.0);
         let t_kill = Instant::now();
         if crash {
@@ -496,12 +499,13 @@ impl Spawned {
             // own timeout; SIGKILL after 15 s), start.
             self.daemon.terminate(Duration::from_secs(15));
         }
+        let t_exited = Instant::now();
         let (daemon, banner) = start_daemon(&self.jaunt, &self.data_dir, self.port, &self.home)?;
         let t_ready = Instant::now();
         self.daemon = daemon;
         self.public_addr = banner.public_addr;
         self.diag_addr = banner.diag_addr;
-        Ok((cpu, t_kill, t_ready))
+        Ok((cpu, t_kill, t_exited, t_ready))
     }
 
     /// Stops the agent and the daemon cleanly.

@@ -624,7 +624,7 @@ pub fn agents(
         let dials_before = shared.dials.load(SeqCst);
         let misplaced_before = shared.misplaced.load(SeqCst);
         let resumed_before = shared.resumed.load(SeqCst);
-        let (old_cpu, t_kill, t_ready) = spawned.restart_daemon(crash)?;
+        let (old_cpu, t_kill, t_exited, t_ready) = spawned.restart_daemon(crash)?;
         watch.add("jaunt", vec![spawned.daemon.pid()]);
         // Each agent's first tunnel after the kill.
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -768,9 +768,17 @@ pub fn agents(
                 "somaxconn",
                 jaunt_engine::server::listen::somaxconn().map_or(-1.0, f64::from),
             )
+            .metric(
+                "tcp_migrate_req",
+                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(-1.0),
+            )
             .metric("cross_shard_hops_steady", steady_before + steady_after)
             .metric("cross_shard_hops_reconnect", reconnect_hops)
             .metric("engine_restart_s", secs(t_kill, t_ready))
+            .metric("engine_exit_s", secs(t_kill, t_exited))
             .metric("first_tunnel_lost_s", secs(t_kill, first_down))
             .metric("last_tunnel_lost_s", secs(t_kill, last_down))
             .metric("all_back_after_kill_s", secs(t_kill, last))
@@ -778,7 +786,7 @@ pub fn agents(
             .metric("p99_back_after_kill_s", secs(t_kill, p99))
             .metric("peak_reconnects_per_s", peak)
             .work(cpu, "1k agents", k as f64 / 1000.0)
-            .note(format!("agents: emulated in-process (one tunnel per agent and engine shard, driven by a few epoll threads, each dial asking for its shard with `jaunt-shard.<k>` as the real agent does; `dials_per_agent` counts the connections made (TCP connected, TLS handshake) from the restart until all were back, `misplaced_dials` those that landed on another shard; `resumed_tunnels` the tunnels that came back with a resumed TLS session (each tunnel keeps its own session cache, as the real agent), `engine_tunnel_handshakes_*` the new daemon's count of full and resumed tunnel handshakes, `engine_admission_*` its handshake admission's pauses at the bound and slots released by the hold, `engine_handshakes_abandoned` the connections whose client had left before their handshake started; `engine_inventory_events_dropped` the tunnel ups and downs the new daemon's engine could not queue for control's inventory (0: control lists every agent); `somaxconn` the kernel's cap on the engine's listen queues (`net.core.somaxconn`; below 65,535 a storm larger than the queues loses SYNs, which retry after 1-7 s: config/examples/jaunt-sysctl.conf); real TLS host certificates, real mux keepalives, the real agent's jittered backoff); times are from the signal to the engine (SIGTERM, or SIGKILL with --restart crash); `p99_back_after_kill_s` when 99% of the agents were back; `engine_restart_s` is signal to the new daemon's banner (the old one's drain, then control + engine start); `*_tunnel_lost_s` when the agents saw their tunnels end; `cross_shard_hops_steady`: the engine's `jaunt_cross_shard_hops_total` over {STEADY_DIALS} user dials with every tunnel up, before and after the restart (0: each dial found its tunnel on its own shard); `cross_shard_hops_reconnect`: the new daemon's hops while the agents came back; plot: agents-reconnect.svg"))])
+            .note(format!("agents: emulated in-process (one tunnel per agent and engine shard, driven by a few epoll threads, each dial asking for its shard with `jaunt-shard.<k>` as the real agent does; `dials_per_agent` counts the connections made (TCP connected, TLS handshake) from the restart until all were back, `misplaced_dials` those that landed on another shard; `resumed_tunnels` the tunnels that came back with a resumed TLS session (each tunnel keeps its own session cache, as the real agent), `engine_tunnel_handshakes_*` the new daemon's count of full and resumed tunnel handshakes, `engine_admission_*` its handshake admission's pauses at the bound and slots released by the hold, `engine_handshakes_abandoned` the connections whose client had left before their handshake started; `engine_inventory_events_dropped` the tunnel ups and downs the new daemon's engine could not queue for control's inventory (0: control lists every agent); `somaxconn` the kernel's cap on the engine's listen queues (`net.core.somaxconn`; below 65,535 a storm larger than the queues loses SYNs, which retry after 1-7 s: config/examples/jaunt-sysctl.conf); real TLS host certificates, real mux keepalives, the real agent's jittered backoff); times are from the signal to the engine (SIGTERM, or SIGKILL with --restart crash); `p99_back_after_kill_s` when 99% of the agents were back; `engine_restart_s` is signal to the new daemon's banner (the old one's drain, then control + engine start), `engine_exit_s` signal to the old daemon's exit (its drain, or the kernel's teardown of a killed one); `tcp_migrate_req` the kernel setting that lets a new daemon start beside a killed one's listeners while they close (0: it waits for them; config/examples/jaunt-sysctl.conf); `*_tunnel_lost_s` when the agents saw their tunnels end; `cross_shard_hops_steady`: the engine's `jaunt_cross_shard_hops_total` over {STEADY_DIALS} user dials with every tunnel up, before and after the restart (0: each dial found its tunnel on its own shard); `cross_shard_hops_reconnect`: the new daemon's hops while the agents came back; plot: agents-reconnect.svg"))])
     })();
     shared.stop.store(true, SeqCst);
     for h in handles {
