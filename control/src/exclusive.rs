@@ -165,9 +165,9 @@ pub enum PortState {
     /// new ones).
     Free,
     /// `count` listeners no process holds were open: a daemon killed a moment ago, whose
-    /// io_uring the kernel tears down after the process is gone (a quarter of a second or
-    /// more; it held the listeners' accepts). With `joined`, the engine binds beside them and
-    /// `net.ipv4.tcp_migrate_req = 1` hands it their queued connections when they close;
+    /// io_uring the kernel tears down after the process is gone (it held the listeners'
+    /// accepts; 14-47 ms in the storms logged here). With `joined`, the engine binds beside
+    /// them and `net.ipv4.tcp_migrate_req = 1` hands it their queued connections when they close;
     /// otherwise they were waited out for `waited`, so that no connection the new daemon's
     /// banner invites lands in a queue nobody accepts from.
     Orphans {
