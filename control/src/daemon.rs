@@ -9,9 +9,9 @@
 //!
 //! Files written to the data directory: `jaunt.lock` (held while the daemon runs, with the
 //! public port's listener inodes; see `exclusive.rs`), `jaunt.db` (the store), `control.addr`
-//! and `public.addr` (the bound addresses, so port 0 works), `admin/` (the local admin identity the admin verbs use
-//! on this host), `takeover.sock` (where `jaunt start --takeover` asks for the sockets, see
-//! `takeover.rs`) and, in dev mode, `admin-password` (0600).
+//! and `public.addr` (the bound addresses, so port 0 works), `admin/` (the local admin identity
+//! the admin verbs use on this host), `takeover.sock` (where `jaunt start --takeover` asks for
+//! the sockets, see `takeover.rs`) and, in dev mode, `admin-password` (0600).
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
