@@ -154,10 +154,6 @@ const ORPHAN_LISTENER_WAIT: Duration = Duration::from_secs(5);
 /// table of listening sockets.
 const ORPHAN_POLL: Duration = Duration::from_millis(5);
 
-/// The kernel setting that moves a closing listener's queued connections to another listener
-/// of its `SO_REUSEPORT` group (Linux 5.14 and later), instead of resetting them.
-const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-
 /// What [`check_port_free`] found on a port the engine may bind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortState {
@@ -182,7 +178,8 @@ pub enum PortState {
 /// `ours`: the listener inodes the data directory's previous daemon recorded
 /// ([`DataDirLock::previous_listeners`]); listeners among them need no search for a holder.
 pub fn check_port_free(addr: SocketAddr, key: &str, ours: &[u64]) -> anyhow::Result<PortState> {
-    check_port_free_with(addr, key, ours, migrate_req_enabled(), ORPHAN_LISTENER_WAIT)
+    let migrate = jaunt_engine::server::listen::tcp_migrate_req() == Some(1);
+    check_port_free_with(addr, key, ours, migrate, ORPHAN_LISTENER_WAIT)
 }
 
 /// [`check_port_free`] with the kernel's `tcp_migrate_req` and the wait for orphans given.
@@ -264,11 +261,6 @@ fn check_port_free_with(
         }
         Err(e) => Err(e).with_context(|| format!("{key} {addr}: cannot listen")),
     }
-}
-
-/// True when `net.ipv4.tcp_migrate_req` is set (see [`MIGRATE_REQ`]).
-fn migrate_req_enabled() -> bool {
-    std::fs::read_to_string(MIGRATE_REQ).is_ok_and(|v| v.trim() == "1")
 }
 
 /// The inodes of the TCP sockets (IPv4 and IPv6) listening on `port`, or `None` if the kernel

@@ -770,10 +770,7 @@ pub fn agents(
             )
             .metric(
                 "tcp_migrate_req",
-                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
-                    .ok()
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .unwrap_or(-1.0),
+                jaunt_engine::server::listen::tcp_migrate_req().map_or(-1.0, f64::from),
             )
             .metric("cross_shard_hops_steady", steady_before + steady_after)
             .metric("cross_shard_hops_reconnect", reconnect_hops)

@@ -13,6 +13,10 @@
 //! what arrives after waits in the socket's queue for the next process. Markers that land on a
 //! shard that already stopped are closed unread and reach the next process as empty
 //! connections, which it drops.
+//!
+//! Also here: the kernel settings that bound the public port's queues (`somaxconn`,
+//! `tcp_migrate_req`) and the advice logged when they fall short. Not here: deciding whether
+//! the port is free to bind at start-up (control's `exclusive.rs`).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -27,13 +31,25 @@ use rustix::net::{AddressFamily, SocketFlags, SocketType};
 /// has its SYN dropped and retried by the client's kernel only after 1 s, then 3 s.
 pub const LISTEN_BACKLOG: i32 = 65_535;
 
-/// The kernel's cap on listen backlogs (`/proc/sys/net/core/somaxconn`), if readable.
-pub fn somaxconn() -> Option<u32> {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+/// An integer kernel setting, by its path under `/proc/sys`, if readable.
+fn sysctl(path: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/sys/{path}"))
         .ok()?
         .trim()
         .parse()
         .ok()
+}
+
+/// The kernel's cap on listen backlogs (`net.core.somaxconn`), if readable.
+pub fn somaxconn() -> Option<u32> {
+    sysctl("net/core/somaxconn")
+}
+
+/// `net.ipv4.tcp_migrate_req` (Linux 5.14 and later), if readable: at 1, a closing listener's
+/// queued connections move to another listener of its `SO_REUSEPORT` group instead of being
+/// reset (control's `exclusive.rs` starts the engine beside a killed daemon's listeners then).
+pub fn tcp_migrate_req() -> Option<u32> {
+    sysctl("net/ipv4/tcp_migrate_req")
 }
 
 /// What to tell the operator about the backlog the public port gets, if it is below what the
