@@ -192,6 +192,14 @@ pub(crate) struct Reactor {
     /// refcell) every time. Acquire during initialization
     preempt_ptr_head: *const u32,
     preempt_ptr_tail: *const AtomicU32,
+
+    /// jaunt patch 12: the main ring's completion queue. When `throughput_depth` completions
+    /// wait in it, the task queues are preempted so the reactor consumes them (upstream armed
+    /// a counting timeout in the kernel for this, whose eventfd write went through a worker
+    /// thread).
+    main_cq_head: *const u32,
+    main_cq_tail: *const AtomicU32,
+    throughput_depth: u32,
 }
 
 impl Reactor {
@@ -204,6 +212,8 @@ impl Reactor {
     ) -> io::Result<Reactor> {
         let sys = sys::Reactor::new(notifier, io_memory, ring_depth, blocking_thread)?;
         let (preempt_ptr_head, preempt_ptr_tail) = sys.preempt_pointers();
+        let (main_cq_head, main_cq_tail) = sys.throughput_pointers();
+        let throughput_depth = u32::try_from(sys.ring_depth()).unwrap_or(u32::MAX).max(1);
         Ok(Reactor {
             sys,
             timers: RefCell::new(Timers::new()),
@@ -212,6 +222,9 @@ impl Reactor {
             record_io_latencies,
             preempt_ptr_head,
             preempt_ptr_tail: preempt_ptr_tail as _,
+            main_cq_head,
+            main_cq_tail: main_cq_tail as _,
+            throughput_depth,
         })
     }
 
@@ -225,7 +238,13 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
+        unsafe {
+            *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire)
+                || (*self.main_cq_tail)
+                    .load(Ordering::Acquire)
+                    .wrapping_sub(*self.main_cq_head)
+                    >= self.throughput_depth
+        }
     }
 
     pub(crate) fn id(&self) -> usize {

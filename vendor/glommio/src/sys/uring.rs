@@ -961,49 +961,6 @@ impl SleepableRing {
         source
     }
 
-    /// This function prepares a timer that fires only after a given number of
-    /// CQEs are available on the main ring. This timer is linked with a write
-    /// to the latency ring's event fd such that this timer triggers a
-    /// preemption via the latency ring.
-    fn prepare_throughput_preemption_timer(&mut self, min_events: u32, event_fd: RawFd) -> Source {
-        assert!(min_events >= 1, "min_events should be at least 1");
-        let timer_source = Source::new(
-            IoRequirements::default(),
-            -1,
-            SourceType::Timeout(TimeSpec64::MAX, min_events),
-            None,
-            None,
-        );
-
-        const EVENTFD_WAKEUP: &[u64; 1] = &[1u64; 1];
-        let write_op = UringDescriptor {
-            fd: event_fd,
-            flags: SubmissionFlags::empty(),
-            user_data: 0,
-            args: UringOpDescriptor::Write(EVENTFD_WAKEUP as *const u64 as _, 8, 0),
-        };
-
-        let op = match &*timer_source.source_type() {
-            SourceType::Timeout(ts, events) => {
-                UringOpDescriptor::Timeout(&ts.raw as *const _, *events)
-            }
-            _ => unreachable!(),
-        };
-        let queue = self.submission_queue();
-        queue.borrow_mut().submissions.push_front(write_op);
-        queue.borrow_mut().submissions.push_front(UringDescriptor {
-            args: op,
-            fd: -1,
-            flags: SubmissionFlags::IO_LINK,
-            user_data: to_user_data(
-                self.source_map
-                    .borrow_mut()
-                    .add_source(&timer_source, queue.clone()),
-            ),
-        });
-        timer_source
-    }
-
     fn install_eventfd(&mut self, eventfd_src: &Source) -> bool {
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             // Now must wait on the `eventfd` in case someone wants to wake us up.
@@ -1266,7 +1223,6 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    throughput_preemption_timeout_src: Cell<Option<Source>>,
     // jaunt patch 1: when the armed latency timer fires, and whether the last sleep ended
     // with it firing (then the next sleep does not keep a preemption timer armed).
     latency_preemption_deadline: Cell<Option<Instant>>,
@@ -1404,7 +1360,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            throughput_preemption_timeout_src: Cell::new(None),
             latency_preemption_deadline: Cell::new(None),
             woke_by_latency_timer: Cell::new(false),
             blocking_thread,
@@ -1911,20 +1866,13 @@ impl Reactor {
         }
         self.latency_preemption_timeout_src.set(kept);
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping. jaunt patch 1: its trigger (a number of completions) is the same on
-        // every call, so one still armed is kept.
-        let throughput = self
-            .throughput_preemption_timeout_src
-            .take()
-            .filter(Source::is_in_flight)
-            .unwrap_or_else(|| {
-                main_ring.prepare_throughput_preemption_timer(
-                    self.ring_depth() as u32,
-                    self.eventfd_src.raw(),
-                )
-            });
-        self.throughput_preemption_timeout_src.set(Some(throughput));
+        // jaunt patch 12: no throughput timer. Upstream armed a timeout here that completes
+        // after `ring_depth` completions on the main ring, linked to a write of the executor's
+        // eventfd so that the latency ring (which `need_preempt` watches) gets an event. The
+        // kernel cannot write an eventfd without blocking, so every firing went through an
+        // io-wq worker thread (a wake-up, a context switch and the eventfd's own wake-up).
+        // `need_preempt` now reads the main ring's completion queue instead
+        // (`throughput_pointers`): the same trigger, from memory.
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -2033,6 +1981,14 @@ impl Reactor {
         let armed = src.as_ref().is_some_and(Source::is_in_flight);
         self.latency_preemption_timeout_src.set(src);
         armed
+    }
+
+    /// jaunt patch 12: the head and tail of the main ring's completion queue, for
+    /// `need_preempt`'s throughput check (completions waiting to be consumed).
+    pub(crate) fn throughput_pointers(&self) -> (*const u32, *const u32) {
+        let mut main_ring = self.main_ring.borrow_mut();
+        let cq = unsafe { &main_ring.ring.raw_mut().cq };
+        (cq.khead, cq.ktail)
     }
 
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {
