@@ -368,13 +368,7 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     control.set_engine_sessions(engine.sessions());
     // The public port's listeners, for the next start on this directory after a crash.
-    let inodes: Vec<u64> = engine
-        .listeners()?
-        .iter()
-        .filter_map(|fd| rustix::fs::fstat(fd).ok())
-        .map(|st| st.st_ino)
-        .collect();
-    lock.record_listeners(&inodes)?;
+    lock.record_listeners(&engine.listener_inodes())?;
     let public_addr = advertised(&public_addr_hint, engine.local_addr().port());
     control.set_public_addr(&public_addr);
 

@@ -50,10 +50,7 @@ impl DataDirLock {
     /// process's pid in it.
     pub fn inherited(mut file: File, dir: &Path) -> anyhow::Result<DataDirLock> {
         let path = dir.join(LOCK_FILE);
-        file.set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| writeln!(file, "{}", std::process::id()))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_holder(&mut file, &path, &[])?;
         Ok(DataDirLock {
             _file: file,
             path,
@@ -64,20 +61,22 @@ impl DataDirLock {
     /// Records this process's public-port listeners (their socket inodes) after its pid, for
     /// the next `jaunt start` on the directory (see [`check_port_free`]).
     pub fn record_listeners(&mut self, inodes: &[u64]) -> anyhow::Result<()> {
-        let list: Vec<String> = inodes.iter().map(u64::to_string).collect();
-        let file = &mut self._file;
-        file.set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| {
-                write!(
-                    file,
-                    "{}\n{LISTENERS_LINE} {}\n",
-                    std::process::id(),
-                    list.join(" ")
-                )
-            })
-            .with_context(|| format!("cannot write {}", self.path.display()))
+        write_holder(&mut self._file, &self.path, inodes)
     }
+}
+
+/// Rewrites the lock file: this process's pid on the first line (what a refused second daemon
+/// prints), then, if there are any, the public port's listener inodes on a `listeners:` line.
+fn write_holder(file: &mut File, path: &Path, listeners: &[u64]) -> anyhow::Result<()> {
+    let mut content = format!("{}\n", std::process::id());
+    if !listeners.is_empty() {
+        let list: Vec<String> = listeners.iter().map(u64::to_string).collect();
+        content.push_str(&format!("{LISTENERS_LINE} {}\n", list.join(" ")));
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(content.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The lock file's line that lists the holder's public-port listener inodes.
@@ -135,10 +134,7 @@ pub fn lock_data_dir(dir: &Path, what: &str) -> anyhow::Result<DataDirLock> {
     // daemon prints.
     let mut previous = String::new();
     let _ = file.read_to_string(&mut previous);
-    file.set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| writeln!(file, "{}", std::process::id()))
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_holder(&mut file, &path, &[])?;
     Ok(DataDirLock {
         _file: file,
         path,

@@ -787,6 +787,16 @@ impl EngineHandle {
         Ok(())
     }
 
+    /// The socket inodes of the shards' listeners, in shard order (those `fstat` can read), for
+    /// the next daemon on the data directory after a crash (control's `exclusive.rs`).
+    pub fn listener_inodes(&self) -> Vec<u64> {
+        self.exported
+            .iter()
+            .filter_map(|l| rustix::fs::fstat(l).ok())
+            .map(|st| st.st_ino)
+            .collect()
+    }
+
     /// Copies of the shards' listening sockets, in shard order, for the process that replaces
     /// this one (`jaunt start --takeover`).
     pub fn listeners(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
