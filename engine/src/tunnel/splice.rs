@@ -47,8 +47,15 @@ pub const SPLICE_BUF_BYTES: usize = 32 * 1024;
 /// [`SPLICE_BUF_BYTES`] (each also acknowledges the service's bytes, which wakes its sends).
 pub const LEND_READ_BYTES: usize = crate::mux::MAX_FRAME_PAYLOAD;
 
-/// Reads per direction per poll before yielding to the executor's other tasks.
-const SPLICE_READS_PER_POLL: usize = 16;
+/// Reads per direction per poll before yielding to the executor's other tasks. Into a tunnel
+/// stream that is 4 frames, 256 KiB: half of a grown stream window
+/// ([`crate::mux::MAX_STREAM_WINDOW`]). Yielding there lets the tunnel driver send that half
+/// while the splice reads the other, so the peer starts on the first half instead of waiting
+/// for a whole window in one write. With 16 reads (1 MiB, more than a window) a bulk download
+/// went out in one 512 KiB write per window and the two processes took turns: 514-608 MiB/s
+/// against 656-740 MiB/s with 4, for the same CPU per GiB (BENCHMARKS.md, "bulk: the floor of a
+/// two-process chain").
+const SPLICE_READS_PER_POLL: usize = 4;
 
 /// Bytes moved by a [`splice`], each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
