@@ -300,8 +300,11 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("inventory".into())
             .spawn(move || {
-                for event in inventory_rx {
-                    control.apply_inventory(event);
+                // What has queued up meanwhile goes in one batch (one store transaction).
+                for first in &inventory_rx {
+                    let mut batch = vec![first];
+                    batch.extend(inventory_rx.try_iter().take(INVENTORY_BATCH - 1));
+                    control.apply_inventory_batch(batch);
                 }
             })?;
     }
@@ -568,6 +571,10 @@ pub fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     println!("jaunt stopped");
     Ok(())
 }
+
+/// Inventory events applied together (in one store transaction) when that many have queued up
+/// while the last batch was written.
+const INVENTORY_BATCH: usize = 1024;
 
 /// How long a daemon being taken over waits for its shards to stop accepting.
 const STOP_ACCEPTING_TIMEOUT: Duration = Duration::from_secs(5);

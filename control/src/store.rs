@@ -259,6 +259,11 @@ pub trait Backend: Send + Sync {
 
     fn get_host(&self, id: &str) -> Result<Option<StoredHost>>;
 
+    /// Sets `last_seen` to `now` for those of `ids` that are joined hosts, in one transaction
+    /// (the engine's tunnel-up events, a batch at a time); returns how many rows changed. An id
+    /// with no host record (removed with `jaunt rm node/NAME`) is left out, not created.
+    fn touch_hosts(&self, ids: &[&str], now: u64) -> Result<usize>;
+
     fn list_hosts(&self) -> Result<Vec<StoredHost>>;
 
     /// Removes a joined host's record (`jaunt rm node/NAME`); false if there was none.
@@ -405,6 +410,7 @@ impl Store {
         list_tokens() -> Vec<StoredToken>;
         upsert_host(h: &StoredHost) -> ();
         get_host(id: &str) -> Option<StoredHost>;
+        touch_hosts(ids: &[&str], now: u64) -> usize;
         list_hosts() -> Vec<StoredHost>;
         delete_host(id: &str) -> bool;
         list_locks(now: u64) -> Vec<StoredLock>;

@@ -381,6 +381,27 @@ fn postgres_backend_is_shared_consistent_and_refuses_clearly() {
     assert_eq!(b.key_or_insert("jwt", "p1", 1).unwrap(), "p1");
     assert_eq!(a.key_or_insert("jwt", "p2", 1).unwrap(), "p1");
 
+    // Hosts: last_seen refreshed for a batch through one, read by the other; an unknown id is
+    // not created. Ids past 1,000 go in a second statement of the same transaction.
+    for id in ["h1", "h2"] {
+        a.upsert_host(&jaunt_control::store::StoredHost {
+            id: id.into(),
+            name: id.into(),
+            types: vec!["node".into()],
+            joined: 10,
+            last_seen: 10,
+        })
+        .unwrap();
+    }
+    let mut many: Vec<String> = (0..1500).map(|i| format!("nobody{i}")).collect();
+    many.push("h2".into());
+    let ids: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert_eq!(b.touch_hosts(&ids, 77).unwrap(), 1);
+    assert_eq!(a.get_host("h2").unwrap().unwrap().last_seen, 77);
+    assert_eq!(a.get_host("h1").unwrap().unwrap().last_seen, 10);
+    assert!(a.get_host("nobody3").unwrap().is_none());
+    assert_eq!(b.touch_hosts(&[], 78).unwrap(), 0);
+
     // A single-use token redeemed by both controls at once joins exactly once.
     for round in 0..5 {
         let hash = format!("tok{round}");

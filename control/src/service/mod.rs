@@ -675,6 +675,66 @@ mod tests {
             "spec": {"allow": {"logins": ["root"], "node_labels": {"*": "*"}}}})
     }
 
+    /// The engine's tunnel-up and -down events, applied as one batch: the inventory follows
+    /// them in order, `last_seen` is written for every host that came up (once, however many of
+    /// its tunnels did), and an agent without a host record is listed but not given one.
+    #[test]
+    fn a_batch_of_tunnel_events_updates_the_inventory_and_last_seen() {
+        use jaunt_engine::server::InventoryEvent;
+        let h = Harness::new();
+        let old = unix_now() - 3000;
+        for id in ["h1", "h2", "h3"] {
+            h.control
+                .store
+                .upsert_host(&StoredHost {
+                    id: id.into(),
+                    name: format!("node-{id}"),
+                    types: vec!["node".into()],
+                    joined: old,
+                    last_seen: old,
+                })
+                .unwrap();
+        }
+        let up = |id: &str, shard| InventoryEvent::TunnelUp {
+            shard,
+            host_id: id.into(),
+            name: format!("node-{id}"),
+            labels: Default::default(),
+            resources: Vec::new(),
+        };
+        let before = unix_now();
+        h.control.apply_inventory_batch(vec![
+            up("h1", 0),
+            up("h1", 1),
+            up("h2", 0),
+            up("ghost", 0),
+            InventoryEvent::TunnelDown {
+                shard: 0,
+                host_id: "h2".into(),
+            },
+        ]);
+        assert!(h.control.is_connected("h1"));
+        assert!(
+            !h.control.is_connected("h2"),
+            "its only tunnel went down after it came up"
+        );
+        assert!(h.control.is_connected("ghost"));
+        assert!(!h.control.is_connected("h3"));
+        let seen = |id: &str| {
+            h.control
+                .store
+                .get_host(id)
+                .unwrap()
+                .map(|host| host.last_seen)
+        };
+        assert!(seen("h1").unwrap() >= before);
+        assert!(seen("h2").unwrap() >= before, "it came up in this batch");
+        assert_eq!(seen("h3"), Some(old), "no event, no write");
+        assert_eq!(seen("ghost"), None, "no host record is created");
+        let inventory = h.control.inventory.read().unwrap();
+        assert_eq!(inventory["h1"].shards, vec![0, 1]);
+    }
+
     /// Issue 15: a stale agent stayed listed as "not connected" forever and `jaunt rm node/NAME`
     /// was refused. A host whose certificate must have expired (not seen for a host TTL) is no
     /// longer listed; `DELETE /v1/hosts/NAME` removes a disconnected one at once.

@@ -683,6 +683,34 @@ impl Backend for Postgres {
         )
     }
 
+    fn touch_hosts(&self, ids: &[&str], now: u64) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // One UPDATE per 1,000 ids (`id IN (...)`), all in one transaction.
+        Ok(self.pool.with(|c| {
+            c.transaction(|c| {
+                let mut changed = 0;
+                for chunk in ids.chunks(1000) {
+                    let mut sql =
+                        String::from("UPDATE hosts SET last_seen = $1::bigint WHERE id IN (");
+                    let mut ps = Vec::with_capacity(chunk.len() + 1);
+                    ps.extend(params![now]);
+                    for (i, id) in chunk.iter().enumerate() {
+                        if i > 0 {
+                            sql.push(',');
+                        }
+                        sql.push_str(&format!("${}", i + 2));
+                        ps.extend(params![*id]);
+                    }
+                    sql.push(')');
+                    changed += c.query(&sql, &ps)?.affected as usize;
+                }
+                Ok(changed)
+            })
+        })?)
+    }
+
     fn list_hosts(&self) -> Result<Vec<StoredHost>> {
         self.rows(
             "SELECT id, name, types, joined, last_seen FROM hosts ORDER BY name",

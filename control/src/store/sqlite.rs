@@ -495,6 +495,24 @@ impl Backend for Sqlite {
         })
     }
 
+    fn touch_hosts(&self, ids: &[&str], now: u64) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut changed = 0;
+            {
+                let mut st = tx.prepare_cached("UPDATE hosts SET last_seen = ?1 WHERE id = ?2")?;
+                for id in ids {
+                    changed += st.execute(params![now as i64, id])?;
+                }
+            }
+            tx.commit()?;
+            Ok(changed)
+        })
+    }
+
     fn list_hosts(&self) -> Result<Vec<StoredHost>> {
         self.with(|c| {
             let mut st =
@@ -779,6 +797,27 @@ mod tests {
         };
         assert!(s.put_ca_rotation(&jwt, 0, Some(&key)).unwrap());
         assert_eq!(s.key_or_insert("jwt", "j3", 2).unwrap(), "j2");
+    }
+
+    #[test]
+    fn touch_hosts_refreshes_only_joined_hosts_in_one_call() {
+        let s = Sqlite::memory().unwrap();
+        for id in ["a", "b"] {
+            s.upsert_host(&StoredHost {
+                id: id.into(),
+                name: id.into(),
+                types: vec!["node".into()],
+                joined: 10,
+                last_seen: 10,
+            })
+            .unwrap();
+        }
+        assert_eq!(s.touch_hosts(&[], 99).unwrap(), 0);
+        assert_eq!(s.touch_hosts(&["a", "missing"], 99).unwrap(), 1);
+        assert_eq!(s.get_host("a").unwrap().unwrap().last_seen, 99);
+        assert_eq!(s.get_host("b").unwrap().unwrap().last_seen, 10);
+        assert_eq!(s.get_host("a").unwrap().unwrap().joined, 10);
+        assert!(s.get_host("missing").unwrap().is_none());
     }
 
     #[test]
