@@ -26,38 +26,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "floor.h"
+
 static int mode;
 static size_t bufsize = 262144;
-
-static void die(const char *what) {
-  perror(what);
-  _exit(1);
-}
-
-static int listener(unsigned short *port) {
-  int l = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-  socklen_t al = sizeof a;
-  if (l < 0 || bind(l, (void *)&a, sizeof a) || listen(l, 4) || getsockname(l, (void *)&a, &al))
-    die("listen");
-  *port = ntohs(a.sin_port);
-  return l;
-}
-
-static int dial(unsigned short port) {
-  int c = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
-                          .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-  if (c < 0 || connect(c, (void *)&a, sizeof a)) die("connect");
-  return c;
-}
-
-static int take(int l) {
-  int s = accept(l, 0, 0);
-  if (s < 0) die("accept");
-  close(l);
-  return s;
-}
 
 // Waits until `fd` is ready for `events` (mode 1 only).
 static void wait_for(int ep, int fd, unsigned events) {
@@ -100,11 +72,6 @@ static void relay(int from, int to) {
   _exit(0);
 }
 
-static long cpu_us(struct rusage *r) {
-  return r->ru_utime.tv_sec * 1000000L + r->ru_utime.tv_usec + r->ru_stime.tv_sec * 1000000L +
-         r->ru_stime.tv_usec;
-}
-
 int main(int argc, char **argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: bulk_floor MODE(0 blocking, 1 epoll) MIB [BUF]\n");
@@ -121,7 +88,7 @@ int main(int argc, char **argv) {
   int ls = listener(&ps), l2 = listener(&p2), l1 = listener(&p1);
   pid_t sink = fork();
   if (sink == 0) {
-    int s = take(ls);
+    int s = take(ls, 0);
     char *b = malloc(bufsize);
     long long total = 0;
     ssize_t k;
@@ -132,17 +99,17 @@ int main(int argc, char **argv) {
   close(ls);
   pid_t r2 = fork();
   if (r2 == 0) {
-    int down = take(l2);
-    relay(down, dial(ps));
+    int down = take(l2, 0);
+    relay(down, dial(ps, 0));
   }
   close(l2);
   pid_t r1 = fork();
   if (r1 == 0) {
-    int down = take(l1);
-    relay(down, dial(p2));
+    int down = take(l1, 0);
+    relay(down, dial(p2, 0));
   }
   close(l1);
-  int c = dial(p1);
+  int c = dial(p1, 0);
   char *b = malloc(bufsize);
   if (!b) die("malloc");
   memset(b, 7, bufsize);

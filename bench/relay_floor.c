@@ -24,44 +24,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "floor.h"
+
 static int mode;
-
-static void die(const char *what) {
-  perror(what);
-  _exit(1);
-}
-
-static int listener(unsigned short *port) {
-  int l = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-  socklen_t al = sizeof a;
-  if (l < 0 || bind(l, (void *)&a, sizeof a) || listen(l, 4) || getsockname(l, (void *)&a, &al))
-    die("listen");
-  *port = ntohs(a.sin_port);
-  return l;
-}
-
-static void nodelay(int fd) {
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
-
-static int dial(unsigned short port) {
-  int c = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
-                          .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-  if (c < 0 || connect(c, (void *)&a, sizeof a)) die("connect");
-  nodelay(c);
-  return c;
-}
-
-static int take(int l) {
-  int s = accept(l, 0, 0);
-  if (s < 0) die("accept");
-  nodelay(s);
-  close(l);
-  return s;
-}
 
 // Moves exactly 64 bytes from `from` to `to`; 0 when `from` closed.
 static int hop(int ep, int from, int to) {
@@ -100,11 +65,6 @@ static void relay(int down, int up) {
   _exit(0);
 }
 
-static long cpu_us(struct rusage *r) {
-  return r->ru_utime.tv_sec * 1000000L + r->ru_utime.tv_usec + r->ru_stime.tv_sec * 1000000L +
-         r->ru_stime.tv_usec;
-}
-
 int main(int argc, char **argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: relay_floor MODE(0 blocking, 1 epoll) REQUESTS\n");
@@ -116,7 +76,7 @@ int main(int argc, char **argv) {
   int le = listener(&pe), l2 = listener(&p2), l1 = listener(&p1);
   pid_t echo = fork();
   if (echo == 0) {
-    int s = take(le);
+    int s = take(le, 1);
     char b[64];
     for (;;) {
       int got = 0;
@@ -131,17 +91,17 @@ int main(int argc, char **argv) {
   close(le);
   pid_t r2 = fork();
   if (r2 == 0) {
-    int down = take(l2);
-    relay(down, dial(pe));
+    int down = take(l2, 1);
+    relay(down, dial(pe, 1));
   }
   close(l2);
   pid_t r1 = fork();
   if (r1 == 0) {
-    int down = take(l1);
-    relay(down, dial(p2));
+    int down = take(l1, 1);
+    relay(down, dial(p2, 1));
   }
   close(l1);
-  int c = dial(p1);
+  int c = dial(p1, 1);
   char b[64];
   memset(b, 7, sizeof b);
   struct timespec t0, t1;
