@@ -36,11 +36,6 @@ impl Control {
             .collect()
     }
 
-    /// Applies one inventory event from the engine (see [`Control::apply_inventory_batch`]).
-    pub fn apply_inventory(&self, event: jaunt_engine::server::InventoryEvent) {
-        self.apply_inventory_batch(vec![event]);
-    }
-
     /// Applies inventory events from the engine, in order: the in-memory inventory under one
     /// hold of its lock, then one store transaction that sets `last_seen` for the hosts whose
     /// tunnels came up. After an engine restart every agent's tunnels come up within seconds
