@@ -53,19 +53,21 @@ fn pair(
         while c.wants_write() {
             c.write_tls(&mut wire).unwrap();
         }
-        if !wire.is_empty() {
-            s.read_tls(&mut wire.as_slice()).unwrap();
+        let mut at = wire.as_slice();
+        while !at.is_empty() {
+            s.read_tls(&mut at).unwrap();
             s.process_new_packets().unwrap();
-            wire.clear();
         }
+        wire.clear();
         while s.wants_write() {
             s.write_tls(&mut wire).unwrap();
         }
-        if !wire.is_empty() {
-            c.read_tls(&mut wire.as_slice()).unwrap();
+        let mut at = wire.as_slice();
+        while !at.is_empty() {
+            c.read_tls(&mut at).unwrap();
             c.process_new_packets().unwrap();
-            wire.clear();
         }
+        wire.clear();
     }
     assert_eq!(
         c.negotiated_cipher_suite().unwrap().suite(),
