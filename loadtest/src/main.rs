@@ -6,6 +6,7 @@
 mod backend;
 mod client;
 mod cluster;
+mod compare;
 mod emul;
 mod peers;
 mod procfs;
@@ -22,7 +23,6 @@ mod takeover;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -101,6 +101,12 @@ struct Cli {
     /// handshake, bulk, rr).
     #[arg(long = "scenario", value_enum)]
     scenarios: Vec<Scenario>,
+    /// Run the scenarios this many times. In `compare`, every other round runs the baselines
+    /// before Jaunt, and the comparison gives each path's median and Jaunt's ratio to each
+    /// baseline per round (median and range): this host's speed moves between minutes, and a
+    /// ratio is only taken within a round.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Reduced sizes: every scenario in a few seconds (CI).
     #[arg(long)]
     smoke: bool,
@@ -360,53 +366,81 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut rows: Vec<Row> = Vec::new();
     let mut errors: Vec<serde_json::Value> = Vec::new();
     let mut skipped: Vec<serde_json::Value> = Vec::new();
-    for sc in &wanted {
+    for (round, sc) in (1..=cli.rounds).flat_map(|r| wanted.iter().map(move |sc| (r, sc))) {
         let name = format!("{sc:?}").to_lowercase();
-        eprintln!("loadtest: {name}");
+        if cli.rounds > 1 {
+            eprintln!("loadtest: {name}, round {round} of {}", cli.rounds);
+        } else {
+            eprintln!("loadtest: {name}");
+        }
+        // Rounds alternate the order of Jaunt and the baselines, so that neither always runs
+        // in the earlier minutes.
+        let jaunt_first = round % 2 == 1;
         let started = Instant::now();
         let result: anyhow::Result<Vec<Row>> = match sc {
             Scenario::Handshake => (|| {
-                let mut r = scenarios::handshake_web(&setup.user, &jaunt_watch, &sizes)?;
-                r.extend(scenarios::handshake_echo(
-                    "jaunt",
-                    &jaunt_target,
-                    &jaunt_watch,
-                    &sizes,
-                )?);
+                let mut r = Vec::new();
+                let jaunt = |r: &mut Vec<Row>| -> anyhow::Result<()> {
+                    r.extend(scenarios::handshake_web(&setup.user, &jaunt_watch, &sizes)?);
+                    r.extend(scenarios::handshake_echo(
+                        "jaunt",
+                        &jaunt_target,
+                        &jaunt_watch,
+                        &sizes,
+                    )?);
+                    Ok(())
+                };
+                if jaunt_first {
+                    jaunt(&mut r)?;
+                }
                 for (path, t, w) in &peer_targets {
                     r.extend(scenarios::handshake_echo(path, t, w, &sizes)?);
+                }
+                if !jaunt_first {
+                    jaunt(&mut r)?;
                 }
                 Ok(r)
             })(),
             Scenario::Bulk => (|| {
                 let mut r = scenarios::bulk("direct", &direct, &self_watch, &sizes)?;
-                r.extend(scenarios::bulk(
-                    "jaunt",
-                    &jaunt_target,
-                    &jaunt_watch,
-                    &sizes,
-                )?);
+                let jaunt = || scenarios::bulk("jaunt", &jaunt_target, &jaunt_watch, &sizes);
+                if jaunt_first {
+                    r.extend(jaunt()?);
+                }
                 for (path, t, w) in &peer_targets {
                     r.extend(scenarios::bulk(path, t, w, &sizes)?);
+                }
+                if !jaunt_first {
+                    r.extend(jaunt()?);
                 }
                 Ok(r)
             })(),
             Scenario::Rr => (|| {
                 let (base_row, base) = scenarios::rr("direct", &direct, &self_watch, &sizes)?;
-                let (row, lat) = scenarios::rr("jaunt", &jaunt_target, &jaunt_watch, &sizes)?;
-                let mut series = vec![
-                    ("direct TCP".to_string(), scenarios::cdf(&base)),
-                    (
+                let mut series = vec![("direct TCP".to_string(), scenarios::cdf(&base))];
+                let mut r = vec![base_row];
+                let mut jaunt = |r: &mut Vec<Row>| -> anyhow::Result<()> {
+                    let (row, lat) = scenarios::rr("jaunt", &jaunt_target, &jaunt_watch, &sizes)?;
+                    series.push((
                         "jaunt (engine + tunnel + agent)".to_string(),
                         scenarios::cdf(&lat),
-                    ),
-                ];
-                let mut r = vec![base_row, scenarios::added_latency(row, &lat, &base)];
+                    ));
+                    r.push(scenarios::added_latency(row, &lat, &base));
+                    Ok(())
+                };
+                if jaunt_first {
+                    jaunt(&mut r)?;
+                }
+                let mut peer_series = Vec::new();
                 for (path, t, w) in &peer_targets {
                     let (row, lat) = scenarios::rr(path, t, w, &sizes)?;
-                    series.push((path.clone(), scenarios::cdf(&lat)));
+                    peer_series.push((path.clone(), scenarios::cdf(&lat)));
                     r.push(scenarios::added_latency(row, &lat, &base));
                 }
+                if !jaunt_first {
+                    jaunt(&mut r)?;
+                }
+                series.extend(peer_series);
                 let svg = report::svg_chart(
                     &format!("rr: {} B echo latency, one connection", sizes.message),
                     "latency (µs, log scale)",
@@ -463,7 +497,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     "loadtest: {name} done in {:.1}s",
                     started.elapsed().as_secs_f64()
                 );
-                rows.extend(r);
+                rows.extend(r.into_iter().map(|mut row| {
+                    row.round = round;
+                    row
+                }));
             }
             Err(e) if setup.spawned.is_none() && format!("{e}").starts_with("skipped") => {
                 eprintln!("loadtest: {name} {e}");
@@ -471,7 +508,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Err(e) => {
                 eprintln!("loadtest: {name} failed: {e:#}");
-                errors.push(json!({"scenario": name, "error": format!("{e:#}")}));
+                errors.push(json!({"scenario": name, "round": round, "error": format!("{e:#}")}));
             }
         }
     }
@@ -479,7 +516,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     let machine = procfs::machine();
     let mut md = report::markdown(&machine, &rows, &command);
     if mode == Mode::Compare {
-        md.push_str(&compare_table(&rows));
+        md.push_str(&compare::table(&rows, cli.rounds));
     }
     if !errors.is_empty() {
         md.push_str("## Errors\n\n");
@@ -498,7 +535,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             "lock": sizes.lock, "agents": sizes.agents,
         },
         "scenarios": wanted.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>(),
+        "rounds": cli.rounds,
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
+        "compare": if mode == Mode::Compare { compare::to_json(&rows) } else { json!([]) },
         "errors": errors,
         "skipped": skipped,
     });
@@ -566,121 +605,4 @@ fn run_soak(cli: &Cli, command: &str) -> anyhow::Result<bool> {
     println!("{md}");
     eprintln!("loadtest: results in {}", cli.out.display());
     Ok(ok)
-}
-
-/// Proxy CPU (every group but the loadtest itself) per unit of `row`.
-fn proxy_cpu(row: &Row) -> f64 {
-    let per = row.cpu_per_unit();
-    per.iter()
-        .filter(|(k, _)| k.as_str() != "loadtest")
-        .map(|(_, v)| v)
-        .sum()
-}
-
-/// The comparison: proxy CPU per unit and latencies side by side, with ratios to nginx.
-fn compare_table(rows: &[Row]) -> String {
-    let paths = ["jaunt", "nginx", "nginx-2hop", "nginx-2proc", "haproxy"];
-    let mut lines: Vec<(String, BTreeMap<&str, f64>)> = Vec::new();
-    let find = |scenario: &str, variant: &str, path: &str| {
-        rows.iter()
-            .find(|r| r.scenario == scenario && r.variant == variant && r.path == path)
-    };
-    for (scenario, variant, label) in [
-        (
-            "handshake",
-            "full+echo",
-            "CPU µs per full handshake (+ echo)",
-        ),
-        (
-            "handshake",
-            "resumed+echo",
-            "CPU µs per resumed handshake (+ echo)",
-        ),
-    ] {
-        let mut m = BTreeMap::new();
-        for p in paths {
-            if let Some(r) = find(scenario, variant, p) {
-                m.insert(p, proxy_cpu(r) * 1000.0);
-            }
-        }
-        lines.push((label.to_string(), m));
-    }
-    // The engine alone (TLS + a ping answered by the engine, no backend) against the peers'
-    // one-hop TLS termination with an echo from the backend.
-    for (jv, pv, label) in [
-        (
-            "full+ping",
-            "full+echo",
-            "CPU µs per full handshake; jaunt = engine web route (ping, no tunnel)",
-        ),
-        (
-            "resumed+ping",
-            "resumed+echo",
-            "CPU µs per resumed handshake; jaunt = engine web route",
-        ),
-    ] {
-        let mut m = BTreeMap::new();
-        if let Some(r) = find("handshake", jv, "jaunt-web") {
-            m.insert("jaunt", proxy_cpu(r) * 1000.0);
-        }
-        for p in ["nginx", "nginx-2hop", "nginx-2proc", "haproxy"] {
-            if let Some(r) = find("handshake", pv, p) {
-                m.insert(p, proxy_cpu(r) * 1000.0);
-            }
-        }
-        lines.push((label.to_string(), m));
-    }
-    for (variant, label) in [
-        ("upload", "CPU s per GiB, upload"),
-        ("download", "CPU s per GiB, download"),
-    ] {
-        let mut m = BTreeMap::new();
-        for p in paths {
-            if let Some(r) = find("bulk", variant, p) {
-                m.insert(p, proxy_cpu(r));
-            }
-        }
-        lines.push((label.to_string(), m));
-    }
-    for (key, label) in [
-        ("added_p50_us", "rr added p50 µs"),
-        ("added_p99_us", "rr added p99 µs"),
-    ] {
-        let mut m = BTreeMap::new();
-        for p in paths {
-            if let Some(r) = rows.iter().find(|r| r.scenario == "rr" && r.path == p) {
-                if let Some(v) = r.metrics.get(key).and_then(|v| v.as_f64()) {
-                    m.insert(p, v);
-                }
-            }
-        }
-        lines.push((label.to_string(), m));
-    }
-    let mut out = String::from("## Comparison (proxy processes only; same run)\n\n");
-    out.push_str("| measure | jaunt | nginx | nginx 2 hops | nginx 2 processes | haproxy | jaunt / nginx | jaunt / nginx 2 hops | jaunt / nginx 2 processes | jaunt / haproxy |\n|---|---|---|---|---|---|---|---|---|---|\n");
-    for (label, m) in lines {
-        let cell = |p: &str| {
-            m.get(p)
-                .map(|v| format!("{v:.2}"))
-                .unwrap_or_else(|| "—".into())
-        };
-        let ratio = |p: &str| match (m.get("jaunt"), m.get(p)) {
-            (Some(j), Some(o)) if *o > 0.0 => format!("{:.2}x", j / o),
-            _ => "—".into(),
-        };
-        out.push_str(&format!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            cell("jaunt"),
-            cell("nginx"),
-            cell("nginx-2hop"),
-            cell("nginx-2proc"),
-            cell("haproxy"),
-            ratio("nginx"),
-            ratio("nginx-2hop"),
-            ratio("nginx-2proc"),
-            ratio("haproxy")
-        ));
-    }
-    out.push_str("\nJaunt's CPU is the daemon (control + engine) plus the agent; nginx's is its master and workers (both hops for `nginx 2 hops`; both instances for `nginx 2 processes`, one instance per hop); HAProxy's its one process. The loadtest's own CPU (clients and backend) is excluded here and listed per scenario above.\n\n");
-    out
 }

@@ -21,6 +21,8 @@ pub struct Row {
     pub unit: String,
     pub units: f64,
     pub notes: Vec<String>,
+    /// Which round of `--rounds` measured it (from 1).
+    pub round: u32,
 }
 
 impl Row {
@@ -34,6 +36,7 @@ impl Row {
             unit: String::new(),
             units: 0.0,
             notes: Vec::new(),
+            round: 1,
         }
     }
 
@@ -82,6 +85,7 @@ impl Row {
             "units": self.units,
             "cpu_seconds_per_unit": self.cpu_per_unit(),
             "notes": self.notes,
+            "round": self.round,
         })
     }
 }
@@ -175,7 +179,11 @@ pub fn markdown(machine: &Value, rows: &[Row], command: &str) -> String {
                 }
             }
         }
+        let rounds = rows.iter().any(|r| r.round > 1);
         let mut header = vec!["path".to_string(), "variant".to_string()];
+        if rounds {
+            header.push("round".into());
+        }
         header.extend(keys.iter().cloned());
         header.push("CPU per".into());
         header.extend(groups.iter().map(|g| format!("CPU {g}")));
@@ -183,6 +191,9 @@ pub fn markdown(machine: &Value, rows: &[Row], command: &str) -> String {
         let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
         for r in &rows {
             let mut cells = vec![r.path.clone(), r.variant.clone()];
+            if rounds {
+                cells.push(r.round.to_string());
+            }
             for k in &keys {
                 cells.push(r.metrics.get(k).map(fmt_value).unwrap_or_default());
             }
@@ -486,6 +497,28 @@ mod tests {
             md.contains("| jaunt | upload | 100 | GiB | 0.500 s |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn rows_of_several_rounds_say_which_round() {
+        let mut rows = Vec::new();
+        for round in [1, 2] {
+            let mut cpu = BTreeMap::new();
+            cpu.insert("jaunt".to_string(), round as f64);
+            let mut r = Row::new("bulk", "upload", "jaunt").work(cpu, "GiB", 1.0);
+            r.round = round;
+            rows.push(r);
+        }
+        let md = markdown(&crate::procfs::machine(), &rows, "loadtest");
+        assert!(
+            md.contains("| path | variant | round | CPU per | CPU jaunt |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| jaunt | upload | 2 | GiB | 2.000 s |"),
+            "{md}"
+        );
+        assert_eq!(rows[1].to_json()["round"], 2);
     }
 
     #[test]
