@@ -633,7 +633,9 @@ pub fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     if matches!(cli.command, Command::Start(_) | Command::Agent(_)) {
-        // The data path's processes: glibc's `rep movsb` copies off (see `memcpy.rs`).
+        // The data path's processes: transparent huge pages off (see `thp.rs`; before the
+        // re-exec, which keeps it), and glibc's `rep movsb` copies off (see `memcpy.rs`).
+        crate::thp::disable_transparent_huge_pages();
         crate::memcpy::reexec_without_rep_movsb();
     }
     init_logging(&cli.log);

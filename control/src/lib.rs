@@ -50,4 +50,5 @@ pub mod service;
 pub mod ssh_cmd;
 pub mod store;
 pub mod takeover;
+mod thp;
 pub mod web;

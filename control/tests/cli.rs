@@ -585,6 +585,31 @@ fn sigterm_stops_cleanly_and_state_survives_restart() {
     ok(c2.login("alice", PASSWORD, &[]));
 }
 
+/// `THP_enabled` of a process's `/proc/PID/status`: whether the kernel may give it transparent
+/// huge pages.
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status: {status}"))
+}
+
+#[test]
+fn the_daemon_runs_without_transparent_huge_pages() {
+    // The daemon turns THP off for itself (a reconnect storm's new daemon spent about a fifth of
+    // its CPU zeroing huge pages), unless the operator set mimalloc's MIMALLOC_ALLOW_THP.
+    assert!(
+        std::env::var_os("MIMALLOC_ALLOW_THP").is_none(),
+        "this test needs MIMALLOC_ALLOW_THP unset in its environment"
+    );
+    let c = Cluster::dev();
+    assert_eq!(thp_enabled(c.child.id()), "0", "jaunt start");
+    // A one-shot command keeps the kernel's default: this test process has it on.
+    assert_eq!(thp_enabled(std::process::id()), "1", "the test process");
+}
+
 #[test]
 fn kill_9_leaves_a_store_that_opens_and_passes_integrity_check() {
     let c = Cluster::dev();
