@@ -109,6 +109,25 @@ fn path_key(path: &str) -> Option<&'static str> {
     PATHS.iter().copied().find(|p| *p == path)
 }
 
+/// Proxy CPU per unit × `scale` of the rows of `scenario` (and `variant`, if given), per round
+/// and path.
+fn cpu_measure(
+    rows: &[Row],
+    label: &'static str,
+    scenario: &str,
+    variant: Option<&str>,
+    scale: f64,
+) -> Measure {
+    let mut m = Measure::new(label);
+    let wanted = |r: &&Row| r.scenario == scenario && variant.is_none_or(|v| r.variant == v);
+    for r in rows.iter().filter(wanted) {
+        if let Some(p) = path_key(&r.path) {
+            m.put(r.round, p, proxy_cpu(r) * scale);
+        }
+    }
+    m
+}
+
 /// The summary's measures from all rows of all rounds.
 pub fn measures(rows: &[Row]) -> Vec<Measure> {
     let mut out = Vec::new();
@@ -117,16 +136,7 @@ pub fn measures(rows: &[Row]) -> Vec<Measure> {
         ("full+echo", "CPU µs per full handshake (+ echo)"),
         ("resumed+echo", "CPU µs per resumed handshake (+ echo)"),
     ] {
-        let mut m = Measure::new(label);
-        for r in rows
-            .iter()
-            .filter(|r| r.scenario == "handshake" && r.variant == variant)
-        {
-            if let Some(p) = path_key(&r.path) {
-                m.put(r.round, p, proxy_cpu(r) * 1000.0);
-            }
-        }
-        out.push(m);
+        out.push(cpu_measure(rows, label, "handshake", Some(variant), 1000.0));
     }
     // The engine alone (TLS + a ping answered by the engine, no backend) against the peers'
     // one-hop TLS termination with an echo from the backend.
@@ -161,25 +171,16 @@ pub fn measures(rows: &[Row]) -> Vec<Measure> {
         ("upload", "CPU s per GiB, upload"),
         ("download", "CPU s per GiB, download"),
     ] {
-        let mut m = Measure::new(label);
-        for r in rows
-            .iter()
-            .filter(|r| r.scenario == "bulk" && r.variant == variant)
-        {
-            if let Some(p) = path_key(&r.path) {
-                m.put(r.round, p, proxy_cpu(r));
-            }
-        }
-        out.push(m);
+        out.push(cpu_measure(rows, label, "bulk", Some(variant), 1.0));
     }
     // rr's unit is 1k requests: CPU seconds per 1k requests are ms, × 1000 µs per request.
-    let mut m = Measure::new("rr CPU µs per request");
-    for r in rows.iter().filter(|r| r.scenario == "rr") {
-        if let Some(p) = path_key(&r.path) {
-            m.put(r.round, p, proxy_cpu(r) * 1000.0);
-        }
-    }
-    out.push(m);
+    out.push(cpu_measure(
+        rows,
+        "rr CPU µs per request",
+        "rr",
+        None,
+        1000.0,
+    ));
     for (key, label) in [
         ("added_p50_us", "rr added p50 µs"),
         ("added_p99_us", "rr added p99 µs"),
@@ -356,6 +357,36 @@ mod tests {
             ),
             "{md}"
         );
+    }
+
+    #[test]
+    fn rr_lines_are_cpu_per_request_and_added_latency() {
+        let mut rows = Vec::new();
+        for (path, cpu_s, p50) in [("jaunt", 0.25, 40.0), ("nginx-2proc", 0.5, 32.0)] {
+            let mut c = BTreeMap::new();
+            c.insert("p".to_string(), cpu_s);
+            c.insert("loadtest".to_string(), 4.0);
+            // 2,000 requests: 2 units of 1k requests.
+            let mut r = Row::new("rr", "64B echo", path)
+                .metric("added_p50_us", p50)
+                .work(c, "1k requests", 2.0);
+            r.round = 1;
+            rows.push(r);
+        }
+        let ms = measures(&rows);
+        let cpu = ms
+            .iter()
+            .find(|m| m.label == "rr CPU µs per request")
+            .unwrap();
+        assert_eq!(cpu.of("jaunt"), vec![125.0]);
+        assert_eq!(cpu.ratios("nginx-2proc").unwrap().median, 0.5);
+        let p50 = ms.iter().find(|m| m.label == "rr added p50 µs").unwrap();
+        assert_eq!(p50.ratios("nginx-2proc").unwrap().median, 1.25);
+        // No bulk rows: the bulk lines have nothing.
+        assert!(ms
+            .iter()
+            .filter(|m| m.label.starts_with("CPU s per GiB"))
+            .all(|m| m.values.is_empty()));
     }
 
     #[test]
