@@ -97,6 +97,56 @@ impl Watch {
     }
 }
 
+/// Current CPU seconds of every watched process, per group (processes that are gone are left
+/// out).
+pub type PidSample = BTreeMap<String, Vec<(u32, f64)>>;
+
+impl Watch {
+    /// Current CPU seconds per process, by group.
+    pub fn sample_pids(&self) -> PidSample {
+        self.groups
+            .iter()
+            .map(|(name, pids)| {
+                let per: Vec<(u32, f64)> = pids
+                    .iter()
+                    .filter_map(|p| cpu_seconds(*p).map(|s| (*p, s)))
+                    .collect();
+                (name.clone(), per)
+            })
+            .collect()
+    }
+}
+
+/// For each group of more than one process: how many of its processes spent at least a tenth of
+/// the group's CPU between two samples. Which processes did the work: nginx's chain served by one
+/// worker (both hops in one process, 2 sleeps per request) reads 1, by two workers 2.
+pub fn busy(before: &PidSample, after: &PidSample) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for (group, now) in after {
+        let Some(then) = before.get(group) else {
+            continue;
+        };
+        if now.len() < 2 {
+            continue;
+        }
+        let spent: Vec<f64> = now
+            .iter()
+            .map(|(pid, s)| {
+                let was = then.iter().find(|(p, _)| p == pid).map_or(0.0, |(_, v)| *v);
+                (s - was).max(0.0)
+            })
+            .collect();
+        let total: f64 = spent.iter().sum();
+        let n = if total > 0.0 {
+            spent.iter().filter(|s| **s >= total / 10.0).count()
+        } else {
+            0
+        };
+        out.insert(group.clone(), n);
+    }
+    out
+}
+
 /// CPU seconds spent per group between two samples.
 pub fn delta(
     before: &BTreeMap<String, f64>,
@@ -151,4 +201,32 @@ pub fn loadavg() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod busy_tests {
+    use super::*;
+
+    #[test]
+    fn busy_counts_the_processes_that_did_the_work() {
+        let g = |v: &[(u32, f64)]| -> PidSample {
+            let mut m = BTreeMap::new();
+            m.insert("nginx".to_string(), v.to_vec());
+            m.insert("jaunt".to_string(), vec![(9, 1.0)]);
+            m
+        };
+        let before = g(&[(1, 0.1), (2, 5.0), (3, 7.0)]);
+        // One worker served both hops: the master and the other worker barely moved.
+        let one = g(&[(1, 0.1), (2, 9.0), (3, 7.05)]);
+        assert_eq!(busy(&before, &one)["nginx"], 1);
+        // Two workers shared it.
+        let two = g(&[(1, 0.1), (2, 7.0), (3, 9.0)]);
+        assert_eq!(busy(&before, &two)["nginx"], 2);
+        // Single-process groups are not counted; idle groups count 0.
+        assert!(!busy(&before, &two).contains_key("jaunt"));
+        assert_eq!(busy(&before, &before)["nginx"], 0);
+        // A process that appeared in between counts from 0.
+        let new = g(&[(1, 0.1), (2, 5.0), (3, 7.0), (4, 3.0)]);
+        assert_eq!(busy(&before, &new)["nginx"], 1);
+    }
 }

@@ -52,6 +52,15 @@ impl Row {
         self
     }
 
+    /// `busy_<group>` for each multi-process group ([`crate::procfs::busy`]).
+    pub fn busy(mut self, busy: &BTreeMap<String, usize>) -> Row {
+        for (group, n) in busy {
+            self.metrics
+                .insert(format!("busy_{group}"), Value::from(*n as u64));
+        }
+        self
+    }
+
     pub fn note(mut self, n: impl Into<String>) -> Row {
         self.notes.push(n.into());
         self

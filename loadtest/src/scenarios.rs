@@ -77,6 +77,23 @@ fn measure<T>(
     Ok((out, procfs::delta(&before, &watch.sample())))
 }
 
+/// CPU seconds per group, and how many processes of each multi-process group did the work.
+type Spent = (
+    std::collections::BTreeMap<String, f64>,
+    std::collections::BTreeMap<String, usize>,
+);
+
+/// [`measure`], and which processes of each multi-process group did the work
+/// ([`procfs::busy`]).
+fn measure_busy<T>(
+    watch: &Watch,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Spent)> {
+    let pids = watch.sample_pids();
+    let (out, cpu) = measure(watch, f)?;
+    Ok((out, (cpu, procfs::busy(&pids, &watch.sample_pids()))))
+}
+
 /// Result of a timed loop of operations on several threads.
 struct Ops {
     count: u64,
@@ -254,7 +271,7 @@ pub fn bulk(path: &str, target: &Target, watch: &Watch, sizes: &Sizes) -> anyhow
     let mut rows = Vec::new();
     for &variant in sizes.bulk_variants {
         let progress = Progress::new(&format!("bulk {variant} via {path}"), Some(n >> 20));
-        let (secs, cpu) = measure(watch, || {
+        let (secs, (cpu, busy)) = measure_busy(watch, || {
             let mut c = target.connect(false)?;
             let start = Instant::now();
             let mut buf = vec![0x5au8; 64 * 1024];
@@ -296,6 +313,7 @@ pub fn bulk(path: &str, target: &Target, watch: &Watch, sizes: &Sizes) -> anyhow
         let gib = n as f64 / (1u64 << 30) as f64;
         rows.push(
             Row::new("bulk", variant, path)
+                .busy(&busy)
                 .metric("MiB_per_s", n as f64 / (1 << 20) as f64 / secs)
                 .metric("MiB", (n >> 20) as f64)
                 .work(cpu, "GiB", gib),
@@ -352,7 +370,7 @@ pub fn rr(
     watch: &Watch,
     sizes: &Sizes,
 ) -> anyhow::Result<(Row, Vec<u64>)> {
-    let (mut lat, cpu) = measure(watch, || {
+    let (mut lat, (cpu, busy)) = measure_busy(watch, || {
         rr_latencies(
             target,
             sizes.requests,
@@ -369,6 +387,7 @@ pub fn rr(
         .metric("p99.9_us", us(0.999))
         .metric("mean_us", total * 1e6 / lat.len().max(1) as f64)
         .metric("per_second", lat.len() as f64 / total.max(1e-9))
+        .busy(&busy)
         .work(cpu, "1k requests", lat.len() as f64 / 1000.0);
     Ok((row, lat))
 }
