@@ -504,7 +504,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Err(e) if setup.spawned.is_none() && format!("{e}").starts_with("skipped") => {
                 eprintln!("loadtest: {name} {e}");
-                skipped.push(json!({"scenario": name, "why": format!("{e}")}));
+                if round == 1 {
+                    skipped.push(json!({"scenario": name, "why": format!("{e}")}));
+                }
             }
             Err(e) => {
                 eprintln!("loadtest: {name} failed: {e:#}");

@@ -213,7 +213,13 @@ pub fn markdown(machine: &Value, rows: &[Row], command: &str) -> String {
             }
             let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
-        let notes: Vec<&String> = rows.iter().flat_map(|r| r.notes.iter()).collect();
+        // Each note once (rows of several rounds repeat them).
+        let mut notes: Vec<&String> = Vec::new();
+        for n in rows.iter().flat_map(|r| r.notes.iter()) {
+            if !notes.contains(&n) {
+                notes.push(n);
+            }
+        }
         if !notes.is_empty() {
             let _ = writeln!(out);
             for n in notes {
@@ -514,11 +520,14 @@ mod tests {
         for round in [1, 2] {
             let mut cpu = BTreeMap::new();
             cpu.insert("jaunt".to_string(), round as f64);
-            let mut r = Row::new("bulk", "upload", "jaunt").work(cpu, "GiB", 1.0);
+            let mut r = Row::new("bulk", "upload", "jaunt")
+                .work(cpu, "GiB", 1.0)
+                .note("a note");
             r.round = round;
             rows.push(r);
         }
         let md = markdown(&crate::procfs::machine(), &rows, "loadtest");
+        assert_eq!(md.matches("- a note").count(), 1, "{md}");
         assert!(
             md.contains("| path | variant | round | CPU per | CPU jaunt |"),
             "{md}"
