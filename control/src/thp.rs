@@ -6,8 +6,9 @@
 //! of each 2 MiB then faults in a whole huge page that the kernel zeroes, however little of it is
 //! used. In a reconnect storm (9,900 agents after a crashed daemon's restart) that zeroing was
 //! about a fifth of the new daemon's CPU (`clear_page_erms` under `do_huge_pmd_anonymous_page`
-//! from mimalloc's free-list set-up); with THP off the agents were back sooner and the daemon
-//! used less CPU in every alternated round, while bulk and rr did not change. It also takes the
+//! from mimalloc's free-list set-up); with THP off the daemon used less CPU in all nine
+//! alternated rounds and the agents were back sooner in eight (level in the ninth), while bulk
+//! and rr did not change. It also takes the
 //! occasional 60-150 ms of zeroing out of a start and about 25 MB out of the baseline RSS
 //! (BENCHMARKS.md, "Reconnect storm: huge pages").
 //!

@@ -44,6 +44,11 @@ impl Cluster {
     /// `jaunt start --dev --public-addr PUBLIC_ADDR` (e.g. `localhost:0`: web apps need a DNS
     /// name).
     pub fn dev_at(public_addr: &str) -> Cluster {
+        Cluster::dev_env(public_addr, &[])
+    }
+
+    /// [`Cluster::dev_at`] with `envs` added to the daemon's environment.
+    pub fn dev_env(public_addr: &str, envs: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let args = vec![
@@ -56,7 +61,7 @@ impl Cluster {
             "--diag-addr".to_string(),
             "127.0.0.1:0".to_string(),
         ];
-        Cluster::spawn(dir, data_dir, args)
+        Cluster::spawn_with(dir, data_dir, args, envs)
     }
 
     /// The engine's diagnostics address from the banner, if it printed one.
@@ -98,11 +103,24 @@ impl Cluster {
     }
 
     fn spawn(dir: tempfile::TempDir, data_dir: PathBuf, args: Vec<String>) -> Cluster {
+        Cluster::spawn_with(dir, data_dir, args, &[])
+    }
+
+    /// The daemon's environment is the test's, without the variables that change what it does
+    /// (`JAUNT_DATA_DIR`, mimalloc's `MIMALLOC_ALLOW_THP`), plus `envs`.
+    fn spawn_with(
+        dir: tempfile::TempDir,
+        data_dir: PathBuf,
+        args: Vec<String>,
+        envs: &[(&str, &str)],
+    ) -> Cluster {
         let home = dir.path().join("home");
         let mut child = Command::new(jaunt_bin())
             .args(&args)
             .env("JAUNT_HOME", &home)
             .env_remove("JAUNT_DATA_DIR")
+            .env_remove("MIMALLOC_ALLOW_THP")
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
