@@ -278,6 +278,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The measure whose label starts with `label`.
+    fn find<'a>(ms: &'a [Measure], label: &str) -> &'a Measure {
+        ms.iter().find(|m| m.label.starts_with(label)).unwrap()
+    }
+
     fn bulk(round: u32, path: &str, variant: &str, cpu_s_per_gib: f64) -> Row {
         let mut cpu = BTreeMap::new();
         cpu.insert("proxy".to_string(), cpu_s_per_gib * 2.0);
@@ -310,10 +315,7 @@ mod tests {
             bulk(4, "jaunt", "upload", 9.0),
         ];
         let ms = measures(&rows);
-        let up = ms
-            .iter()
-            .find(|m| m.label == "CPU s per GiB, upload")
-            .unwrap();
+        let up = find(&ms, "CPU s per GiB, upload");
         // The loadtest's own CPU is left out.
         assert_eq!(up.of("jaunt"), vec![1.0, 1.0, 1.5, 9.0]);
         assert_eq!(up.median("jaunt"), Some(1.25));
@@ -374,13 +376,10 @@ mod tests {
             rows.push(r);
         }
         let ms = measures(&rows);
-        let cpu = ms
-            .iter()
-            .find(|m| m.label == "rr CPU µs per request")
-            .unwrap();
+        let cpu = find(&ms, "rr CPU µs per request");
         assert_eq!(cpu.of("jaunt"), vec![125.0]);
         assert_eq!(cpu.ratios("nginx-2proc").unwrap().median, 0.5);
-        let p50 = ms.iter().find(|m| m.label == "rr added p50 µs").unwrap();
+        let p50 = find(&ms, "rr added p50 µs");
         assert_eq!(p50.ratios("nginx-2proc").unwrap().median, 1.25);
         // No bulk rows: the bulk lines have nothing.
         assert!(ms
@@ -404,19 +403,10 @@ mod tests {
             rows.push(r);
         }
         let ms = measures(&rows);
-        let web = ms
-            .iter()
-            .find(|m| {
-                m.label
-                    .starts_with("CPU µs per full handshake; jaunt = engine web")
-            })
-            .unwrap();
+        let web = find(&ms, "CPU µs per full handshake; jaunt = engine web");
         assert_eq!(web.of("jaunt"), vec![125.0]);
         assert_eq!(web.ratios("nginx").unwrap().median, 0.25);
-        let user = ms
-            .iter()
-            .find(|m| m.label == "CPU µs per full handshake (+ echo)")
-            .unwrap();
+        let user = find(&ms, "CPU µs per full handshake (+ echo)");
         assert_eq!(user.of("jaunt"), vec![375.0]);
         assert_eq!(user.ratios("nginx").unwrap().median, 0.75);
     }
