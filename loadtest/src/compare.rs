@@ -283,13 +283,26 @@ mod tests {
         ms.iter().find(|m| m.label.starts_with(label)).unwrap()
     }
 
-    fn bulk(round: u32, path: &str, variant: &str, cpu_s_per_gib: f64) -> Row {
+    /// A row of 2 units at `per_unit` proxy CPU seconds each (and the loadtest's own CPU, which
+    /// the summary leaves out).
+    fn row(
+        round: u32,
+        scenario: &str,
+        variant: &str,
+        path: &str,
+        unit: &str,
+        per_unit: f64,
+    ) -> Row {
         let mut cpu = BTreeMap::new();
-        cpu.insert("proxy".to_string(), cpu_s_per_gib * 2.0);
+        cpu.insert("proxy".to_string(), per_unit * 2.0);
         cpu.insert("loadtest".to_string(), 9.0);
-        let mut r = Row::new("bulk", variant, path).work(cpu, "GiB", 2.0);
+        let mut r = Row::new(scenario, variant, path).work(cpu, unit, 2.0);
         r.round = round;
         r
+    }
+
+    fn bulk(round: u32, path: &str, variant: &str, cpu_s_per_gib: f64) -> Row {
+        row(round, "bulk", variant, path, "GiB", cpu_s_per_gib)
     }
 
     #[test]
@@ -363,18 +376,13 @@ mod tests {
 
     #[test]
     fn rr_lines_are_cpu_per_request_and_added_latency() {
-        let mut rows = Vec::new();
-        for (path, cpu_s, p50) in [("jaunt", 0.25, 40.0), ("nginx-2proc", 0.5, 32.0)] {
-            let mut c = BTreeMap::new();
-            c.insert("p".to_string(), cpu_s);
-            c.insert("loadtest".to_string(), 4.0);
-            // 2,000 requests: 2 units of 1k requests.
-            let mut r = Row::new("rr", "64B echo", path)
-                .metric("added_p50_us", p50)
-                .work(c, "1k requests", 2.0);
-            r.round = 1;
-            rows.push(r);
-        }
+        // CPU seconds per 1k requests.
+        let rows: Vec<Row> = [("jaunt", 0.125, 40.0), ("nginx-2proc", 0.25, 32.0)]
+            .into_iter()
+            .map(|(path, cpu, p50)| {
+                row(1, "rr", "64B echo", path, "1k requests", cpu).metric("added_p50_us", p50)
+            })
+            .collect();
         let ms = measures(&rows);
         let cpu = find(&ms, "rr CPU µs per request");
         assert_eq!(cpu.of("jaunt"), vec![125.0]);
@@ -390,18 +398,14 @@ mod tests {
 
     #[test]
     fn the_web_route_line_pairs_jaunt_web_with_the_peers_echo() {
-        let mut rows = Vec::new();
-        for (path, variant, cpu) in [
+        let rows: Vec<Row> = [
             ("jaunt-web", "full+ping", 0.125),
             ("jaunt", "full+echo", 0.375),
             ("nginx", "full+echo", 0.5),
-        ] {
-            let mut c = BTreeMap::new();
-            c.insert("p".to_string(), cpu);
-            let mut r = Row::new("handshake", variant, path).work(c, "1k handshakes", 1.0);
-            r.round = 1;
-            rows.push(r);
-        }
+        ]
+        .into_iter()
+        .map(|(path, variant, cpu)| row(1, "handshake", variant, path, "1k handshakes", cpu))
+        .collect();
         let ms = measures(&rows);
         let web = find(&ms, "CPU µs per full handshake; jaunt = engine web");
         assert_eq!(web.of("jaunt"), vec![125.0]);
