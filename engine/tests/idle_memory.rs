@@ -7,7 +7,11 @@
 //! dial of the app answered through the tunnel, and one byte each way so every session has
 //! carried data. Then it reads the child's memory (`/proc/PID/status` VmRSS and
 //! `/proc/PID/smaps_rollup`) before and after, so control, the agent and the clients are not in
-//! the number (the daemon's `idle` row of loadtest has control's share too).
+//! the number (the daemon's `idle` row of loadtest has control's share too). Both processes
+//! allocate with mimalloc, the `jaunt` binary's allocator, and the child runs with transparent
+//! huge pages off, as `jaunt start` does (`MIMALLOC_ALLOW_THP=0`: mimalloc then makes the same
+//! `prctl(PR_SET_THP_DISABLE)` as `control/src/thp.rs`). Until 2026-12-08 this test measured
+//! glibc's malloc (18.18 KiB per session).
 //!
 //! ```sh
 //! cargo test --profile bench -p jaunt-engine --test idle_memory -- --ignored --nocapture
@@ -41,6 +45,10 @@ use jaunt_testkit::net::{dial_frame, request, tls_connect};
 use jaunt_testkit::pki::{identity, Ca, CertAndKey};
 use jaunt_testkit::PUBLIC_HOST;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+// The `jaunt` binary's allocator (see the module docs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CLUSTER: &str = "idle-cluster";
 const SHARDS: usize = 2;
@@ -173,6 +181,8 @@ fn measure_idle_sessions_engine_only() {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, dir.path())
+        // THP off, as in `jaunt start` (see the module docs).
+        .env("MIMALLOC_ALLOW_THP", "0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
