@@ -6,8 +6,11 @@
 //! Not here: joining and renewing (`login.rs`), what the agents poll (`agent.rs`), the
 //! heartbeats' writing (`daemon.rs`).
 
+use std::collections::BTreeMap;
+
 use jaunt_config::api::{CaInfo, HostInfo, ResourceInfo, StatusResponse};
 use jaunt_config::identity::{unix_now, Identity, IdentityKind};
+use jaunt_engine::server::{AgentInventory, InventoryEvent};
 
 use super::{internal, Control, Reply, MEMBER_STALE_SECS};
 use crate::audit;
@@ -45,7 +48,6 @@ impl Control {
     /// leaves the inventory applied and is logged; the host's next tunnel-up writes `last_seen`
     /// again.
     pub fn apply_inventory_batch(&self, events: Vec<jaunt_engine::server::InventoryEvent>) {
-        use jaunt_engine::server::InventoryEvent;
         let now = unix_now();
         let mut seen: Vec<String> = Vec::new();
         {
@@ -53,42 +55,7 @@ impl Control {
                 return;
             };
             for event in events {
-                match event {
-                    InventoryEvent::TunnelUp {
-                        shard,
-                        host_id,
-                        name,
-                        labels,
-                        resources,
-                    } => {
-                        let entry = inv.entry(host_id.clone()).or_insert_with(|| {
-                            jaunt_engine::server::AgentInventory {
-                                host_id: host_id.clone(),
-                                name: name.clone(),
-                                labels: labels.clone(),
-                                resources: resources.clone(),
-                                shards: Vec::new(),
-                                connected_since: now,
-                            }
-                        });
-                        entry.name = name;
-                        entry.labels = labels;
-                        entry.resources = resources;
-                        if !entry.shards.contains(&shard) {
-                            entry.shards.push(shard);
-                            entry.shards.sort_unstable();
-                        }
-                        seen.push(host_id);
-                    }
-                    InventoryEvent::TunnelDown { shard, host_id } => {
-                        if let Some(entry) = inv.get_mut(&host_id) {
-                            entry.shards.retain(|s| *s != shard);
-                            if entry.shards.is_empty() {
-                                inv.remove(&host_id);
-                            }
-                        }
-                    }
-                }
+                seen.extend(apply_inventory_event(&mut inv, event, now));
             }
         }
         seen.sort_unstable();
@@ -341,5 +308,50 @@ impl Control {
             .filter(|m| m.health == "healthy")
             .map(|m| m.public_addr)
             .collect())
+    }
+}
+
+/// Applies one inventory event to the connected agents; returns the host whose tunnel came up.
+fn apply_inventory_event(
+    inv: &mut BTreeMap<String, AgentInventory>,
+    event: InventoryEvent,
+    now: u64,
+) -> Option<String> {
+    match event {
+        InventoryEvent::TunnelUp {
+            shard,
+            host_id,
+            name,
+            labels,
+            resources,
+        } => {
+            let entry = inv
+                .entry(host_id.clone())
+                .or_insert_with(|| AgentInventory {
+                    host_id: host_id.clone(),
+                    name: name.clone(),
+                    labels: labels.clone(),
+                    resources: resources.clone(),
+                    shards: Vec::new(),
+                    connected_since: now,
+                });
+            entry.name = name;
+            entry.labels = labels;
+            entry.resources = resources;
+            if !entry.shards.contains(&shard) {
+                entry.shards.push(shard);
+                entry.shards.sort_unstable();
+            }
+            Some(host_id)
+        }
+        InventoryEvent::TunnelDown { shard, host_id } => {
+            if let Some(entry) = inv.get_mut(&host_id) {
+                entry.shards.retain(|s| *s != shard);
+                if entry.shards.is_empty() {
+                    inv.remove(&host_id);
+                }
+            }
+            None
+        }
     }
 }
