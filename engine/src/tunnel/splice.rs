@@ -54,7 +54,10 @@ pub const LEND_READ_BYTES: usize = crate::mux::MAX_FRAME_PAYLOAD;
 /// for a whole window in one write. With 16 reads (1 MiB, more than a window) a bulk download
 /// went out in one 512 KiB write per window and the two processes took turns: 514-608 MiB/s
 /// against 656-740 MiB/s with 4, for the same CPU per GiB (BENCHMARKS.md, "bulk: the floor of a
-/// two-process chain").
+/// two-process chain"). The count is of reads, not bytes: from a TLS stream, whose `poll_read`
+/// yields one 16 KiB record, a poll moves 64 KiB. A budget of 256 KiB in bytes made those
+/// tunnel writes 4x larger for the same CPU per GiB and a lower upload rate, so it was not
+/// taken (BENCHMARKS.md, "bulk: the splice's budget in bytes").
 const SPLICE_READS_PER_POLL: usize = 4;
 
 /// Bytes moved by a [`splice`], each way.
