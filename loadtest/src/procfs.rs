@@ -87,21 +87,9 @@ impl Watch {
 
     /// Current CPU seconds per group (processes that are gone count 0).
     pub fn sample(&self) -> BTreeMap<String, f64> {
-        self.groups
-            .iter()
-            .map(|(name, pids)| {
-                let s: f64 = pids.iter().filter_map(|p| cpu_seconds(*p)).sum();
-                (name.clone(), s)
-            })
-            .collect()
+        group_sums(&self.sample_pids())
     }
-}
 
-/// Current CPU seconds of every watched process, per group (processes that are gone are left
-/// out).
-pub type PidSample = BTreeMap<String, Vec<(u32, f64)>>;
-
-impl Watch {
     /// Current CPU seconds per process, by group.
     pub fn sample_pids(&self) -> PidSample {
         self.groups
@@ -115,6 +103,18 @@ impl Watch {
             })
             .collect()
     }
+}
+
+/// Current CPU seconds of every watched process, per group (processes that are gone are left
+/// out).
+pub type PidSample = BTreeMap<String, Vec<(u32, f64)>>;
+
+/// CPU seconds per group of a per-process sample.
+pub fn group_sums(sample: &PidSample) -> BTreeMap<String, f64> {
+    sample
+        .iter()
+        .map(|(name, per)| (name.clone(), per.iter().map(|(_, s)| s).sum()))
+        .collect()
 }
 
 /// For each group of more than one process: how many of its processes spent at least a tenth of

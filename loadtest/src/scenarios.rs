@@ -89,9 +89,12 @@ fn measure_busy<T>(
     watch: &Watch,
     f: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<(T, Spent)> {
-    let pids = watch.sample_pids();
-    let (out, cpu) = measure(watch, f)?;
-    Ok((out, (cpu, procfs::busy(&pids, &watch.sample_pids()))))
+    // One reading of /proc per process before and after, for both answers.
+    let before = watch.sample_pids();
+    let out = f()?;
+    let after = watch.sample_pids();
+    let cpu = procfs::delta(&procfs::group_sums(&before), &procfs::group_sums(&after));
+    Ok((out, (cpu, procfs::busy(&before, &after))))
 }
 
 /// Result of a timed loop of operations on several threads.
